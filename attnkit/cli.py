@@ -1,0 +1,57 @@
+"""The ``attnkit`` command line. Each subcommand imports its machinery lazily, so ``--help`` is quick."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_seq2seq(sub: argparse._SubParsersAction) -> None:
+    from .train.seq2seq_cli import add_commands
+
+    add_commands(sub)
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks that print a table and JSON (see benchmarks/)")
+    p.add_argument("name", choices=["parallelism"], help="which benchmark")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / f"{args.name}.py"
+    if not script.exists():
+        print(f"attnkit bench: {script} not found (benchmarks ship with the source tree)", file=sys.stderr)
+        return 2
+    sys.argv = [str(script), *args.rest]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attnkit", description="The Transformer from first principles.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_seq2seq, _add_bench):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Scaled dot-product attention and multi-head attention.
+
+Attention(Q, K, V) = softmax(QKᵀ/√d_k + M)·V            (Vaswani et al. 2017, eq. 1)
+MultiHead(Q, K, V) = Concat(head_1, …, head_h)·W^O,
+    head_i = Attention(Q·W_i^Q, K·W_i^K, V·W_i^V)         (§3.2.2)
+
+Grouped-query attention (Ainslie et al. 2023) shares each K/V head among ``n_heads // n_kv_heads``
+query heads; multi-query attention (Shazeer 2019) is the case ``n_kv_heads == 1``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+AttentionImpl = Literal["math", "sdpa"]
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            "attention expects q, k, v of shape (B, n_heads, T, head_dim); got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"attention: q head_dim {q.shape[-1]} != k head_dim {k.shape[-1]}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"attention: k has {k.shape[-2]} positions but v has {v.shape[-2]}")
+    if q.shape[0] != k.shape[0] or k.shape[0] != v.shape[0]:
+        raise ValueError(f"attention: batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
+    if q.shape[1] % k.shape[1] != 0 or k.shape[1] != v.shape[1]:
+        raise ValueError(
+            f"attention: n_heads ({q.shape[1]}) must be a multiple of n_kv_heads (k {k.shape[1]}, v {v.shape[1]})"
+        )
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """Expand K/V heads for grouped-query attention: (B, n_kv, T, hd) → (B, n_kv·n_rep, T, hd)."""
+    if n_rep == 1:
+        return x
+    B, n_kv, T, hd = x.shape
+    return x[:, :, None].expand(B, n_kv, n_rep, T, hd).reshape(B, n_kv * n_rep, T, hd)
+
+
+def scaled_dot_product_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    impl: AttentionImpl = "math",
+    need_weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """softmax(QKᵀ/√d_k + bias + M)·V, with M = 0 where ``mask`` is True and −∞ where it is False.
+
+    q: (B, nh, T_q, hd); k, v: (B, n_kv, T_k, hd) with nh a multiple of n_kv (GQA).
+    mask: bool, broadcastable to (B, nh, T_q, T_k), True = may attend.
+    bias: float additive bias broadcastable to the scores (ALiBi, T5 relative bias).
+
+    ``impl="math"`` writes the equation out; ``impl="sdpa"`` calls torch's fused kernel. Both
+    return zeros for a query row whose keys are all masked. Returns ``(out, weights)``; weights
+    (B, nh, T_q, T_k) only with ``need_weights`` (which forces the math path).
+    """
+    _check_qkv(q, k, v)
+    if mask is not None and mask.dtype != torch.bool:
+        raise TypeError(f"attention mask must be bool (True = may attend), got {mask.dtype}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    n_rep = q.shape[1] // k.shape[1]
+    row_has_key = None if mask is None else mask.any(dim=-1, keepdim=True)  # (..., T_q, 1)
+
+    if impl == "sdpa" and not need_weights:
+        attn_mask = mask
+        if bias is not None:
+            attn_mask = bias.to(q.dtype) if mask is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale, enable_gqa=n_rep > 1
+        )
+        if row_has_key is not None:
+            out = out.masked_fill(~row_has_key, 0.0)
+        return out, None
+    if impl not in ("math", "sdpa"):
+        raise ValueError(f"unknown attention impl {impl!r}; expected 'math' or 'sdpa'")
+
+    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, nh, T_q, T_k)
+    if bias is not None:
+        scores = scores + bias
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    if row_has_key is not None:
+        weights = weights.masked_fill(~row_has_key, 0.0)  # softmax of an all −∞ row is NaN
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    out = weights @ v  # (B, nh, T_q, hd)
+    return out, (weights if need_weights else None)
+
+
+class KVCacheLike(Protocol):
+    """What :class:`MultiHeadAttention` needs from a cache: append new K/V, return all of them."""
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class RotaryLike(Protocol):
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head (and grouped-/multi-query) attention, for self- and cross-attention.
+
+    Self-attention: ``forward(x)``. Cross-attention: ``forward(x, context=memory)``: queries from
+    ``x``, keys and values from ``context`` (``kv_dim`` may differ from ``d_model``).
+    Projections are named q_proj/k_proj/v_proj/o_proj, the names most checkpoints use.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        bias: bool = True,
+        out_bias: bool | None = None,
+        dropout: float = 0.0,
+        kv_dim: int | None = None,
+        impl: AttentionImpl = "sdpa",
+    ) -> None:
+        super().__init__()
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if n_heads % n_kv_heads != 0:
+            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+        if head_dim is None:
+            if d_model % n_heads != 0:
+                raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+            head_dim = d_model // n_heads
+        kv_dim = d_model if kv_dim is None else kv_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.dropout, self.impl = dropout, impl
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(kv_dim, n_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(kv_dim, n_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias if out_bias is None else out_bias)
+        self.last_weights: torch.Tensor | None = None  # filled when forward(need_weights=True)
+
+    def _split(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, n, self.head_dim).transpose(1, 2)  # (B, n, T, hd)
+
+    def project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of ``context`` (B, T, kv_dim) → two (B, n_kv, T, hd); cached once for cross-attention."""
+        return self._split(self.k_proj(context), self.n_kv_heads), self._split(self.v_proj(context), self.n_kv_heads)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        rotary: RotaryLike | None = None,
+        positions: torch.Tensor | None = None,
+        cache: KVCacheLike | None = None,
+        static_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        need_weights: bool = False,
+    ) -> torch.Tensor:
+        """x: (B, T, d_model) → (B, T, d_model).
+
+        cache: a self-attention cache; the new K/V are appended and attention runs over all.
+        static_kv: precomputed (K, V) of the encoder memory for cross-attention (computed once).
+        rotary + positions: RoPE applied to q and k at the given absolute positions (T,) or (B, T).
+        """
+        if x.dim() != 3:
+            raise ValueError(f"MultiHeadAttention expects x of shape (B, T, d_model), got {tuple(x.shape)}")
+        q = self._split(self.q_proj(x), self.n_heads)  # (B, nh, T, hd)
+        if static_kv is not None:
+            k, v = static_kv
+        else:
+            k, v = self.project_kv(x if context is None else context)  # (B, n_kv, T_k, hd)
+            if rotary is not None:
+                if positions is None:
+                    raise ValueError("rotary embeddings need the absolute positions of the new tokens")
+                q, k = rotary(q, k, positions)
+            if cache is not None:
+                k, v = cache.update(k, v)
+        out, weights = scaled_dot_product_attention(
+            q, k, v, mask=mask, bias=bias, dropout_p=self.dropout if self.training else 0.0,
+            impl=self.impl, need_weights=need_weights,
+        )
+        self.last_weights = weights
+        B, _, T, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

@@ -1,0 +1,63 @@
+"""Position-wise feed-forward networks.
+
+FFN(x) = act(x·W1 + b1)·W2 + b2 with act = ReLU (Vaswani et al. 2017, eq. 2) or GELU (BERT, GPT-2).
+SwiGLU(x) = (SiLU(x·W_gate) ⊙ x·W_up)·W_down (Shazeer 2020, "GLU Variants Improve Transformer").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+}
+
+
+def get_activation(name: str):
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}") from None
+
+
+class FeedForward(nn.Module):
+    """act(x·W1 + b1)·W2 + b2, applied to each position independently."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "relu", dropout: float = 0.0, bias: bool = True) -> None:
+        super().__init__()
+        self.act = get_activation(activation)
+        self.up = nn.Linear(d_model, d_ff, bias=bias)
+        self.down = nn.Linear(d_ff, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.dropout(self.act(self.up(x))))
+
+
+class SwiGLU(nn.Module):
+    """(act(x·W_gate) ⊙ x·W_up)·W_down; act = SiLU gives SwiGLU, GELU gives GeGLU."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "silu", bias: bool = False, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.act = get_activation(activation)
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.dropout(self.act(self.gate_proj(x)) * self.up_proj(x)))
+
+
+def make_ffn(kind: str, d_model: int, d_ff: int, dropout: float = 0.0, bias: bool = True) -> nn.Module:
+    """kind: 'relu' | 'gelu' | 'gelu_tanh' (FeedForward) or 'swiglu' | 'geglu' (gated)."""
+    if kind == "swiglu":
+        return SwiGLU(d_model, d_ff, "silu", bias=bias, dropout=dropout)
+    if kind == "geglu":
+        return SwiGLU(d_model, d_ff, "gelu_tanh", bias=bias, dropout=dropout)
+    return FeedForward(d_model, d_ff, kind, dropout=dropout, bias=bias)

@@ -1,0 +1,49 @@
+"""Normalisation layers.
+
+LayerNorm (Ba et al. 2016): y = (x − μ) / √(σ² + ε) · γ + β, μ and σ² over the feature dimension.
+RMSNorm (Zhang & Sennrich 2019): y = x / √(mean(x²) + ε) · γ — no centring, no bias (Llama, Qwen).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LayerNorm(nn.Module):
+    """(x − μ)/√(σ² + ε)·γ + β over the last dimension (computed by torch's fused kernel)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(nn.Module):
+    """x/√(mean(x²) + ε)·γ over the last dimension, computed in float32.
+
+    ``offset`` = 1 gives the (1 + γ) parameterisation some checkpoints use (Gemma).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, offset: float = 0.0) -> None:
+        super().__init__()
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (self.weight.float() + self.offset)).to(x.dtype)
+
+
+def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    if kind == "layernorm":
+        return LayerNorm(dim, eps)
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps)
+    raise ValueError(f"unknown norm {kind!r}; expected 'layernorm' or 'rmsnorm'")

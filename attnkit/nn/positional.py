@@ -1,0 +1,169 @@
+"""Positional information: absolute encodings added to embeddings, and relative schemes applied
+inside attention.
+
+- Sinusoidal (Vaswani et al. 2017, §3.5): PE(pos, 2i) = sin(pos / 10000^(2i/d)),
+  PE(pos, 2i+1) = cos(pos / 10000^(2i/d)).
+- Learned absolute (GPT-2, BERT): a trained table of one vector per position.
+- Rotary, RoPE (Su et al. 2021): rotate each (x_i, x_{i+d/2}) pair of q and k by angle
+  pos·θ_i, θ_i = base^(−2i/d) ("half-split" layout of Llama checkpoints), so q·k depends only on
+  the offset between positions.
+- ALiBi (Press et al. 2022): add −m_h·|i − j| to the scores of head h, with slopes m_h the
+  geometric sequence 2^(−8/n), 2^(−16/n), … .
+- T5 relative bias (Raffel et al. 2020, §2.1): a learned scalar per head and per bucket of the
+  relative distance j − i; exact buckets for small distances, logarithmic ones up to max_distance.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def sinusoidal_table(max_len: int, d_model: int) -> torch.Tensor:
+    """The paper's table PE of shape (max_len, d_model)."""
+    if d_model % 2 != 0:
+        raise ValueError(f"sinusoidal encoding needs an even d_model, got {d_model}")
+    pos = torch.arange(max_len, dtype=torch.float64)[:, None]  # (L, 1)
+    inv_freq = torch.pow(10000.0, -torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)  # (d/2,)
+    pe = torch.zeros(max_len, d_model, dtype=torch.float64)
+    pe[:, 0::2] = torch.sin(pos * inv_freq)
+    pe[:, 1::2] = torch.cos(pos * inv_freq)
+    return pe.float()
+
+
+class SinusoidalPositionalEncoding(nn.Module):
+    """x + PE[offset : offset + T] for x of shape (B, T, d_model)."""
+
+    def __init__(self, d_model: int, max_len: int = 4096) -> None:
+        super().__init__()
+        self.register_buffer("pe", sinusoidal_table(max_len, d_model), persistent=False)
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        T = x.shape[1]
+        if offset + T > self.pe.shape[0]:
+            raise ValueError(f"sequence of {offset + T} positions exceeds max_len {self.pe.shape[0]}")
+        return x + self.pe[offset : offset + T].to(x.dtype)
+
+
+class LearnedPositionalEmbedding(nn.Module):
+    """x + P[offset : offset + T] with P a trained (max_len, d_model) table."""
+
+    def __init__(self, max_len: int, d_model: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(max_len, d_model) * 0.02)
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        T = x.shape[1]
+        if offset + T > self.weight.shape[0]:
+            raise ValueError(f"sequence of {offset + T} positions exceeds max_len {self.weight.shape[0]}")
+        return x + self.weight[offset : offset + T].to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) → (−x2, x1) on the two halves of the last dimension."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE in the half-split convention: x·cos(pos·θ) + rotate_half(x)·sin(pos·θ).
+
+    ``inv_freq`` may be passed in precomputed (e.g. Llama-3 frequency scaling); ``rotary_dim`` < head_dim
+    rotates only the first dimensions (partial rotary).
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0, rotary_dim: int | None = None,
+                 inv_freq: torch.Tensor | None = None) -> None:
+        super().__init__()
+        rotary_dim = head_dim if rotary_dim is None else rotary_dim
+        if rotary_dim % 2 != 0:
+            raise ValueError(f"rotary_dim must be even, got {rotary_dim}")
+        if inv_freq is None:
+            inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
+        self.rotary_dim = rotary_dim
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (T,) or (B, T) → cos, sin of shape (T, rd) or (B, 1, T, rd), broadcastable to q."""
+        angles = positions.to(torch.float32)[..., None] * self.inv_freq  # (..., T, rd/2)
+        emb = torch.cat((angles, angles), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        if positions.dim() == 2:
+            cos, sin = cos[:, None], sin[:, None]
+        return cos, sin
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rd = self.rotary_dim
+        x_rot, x_pass = x[..., :rd], x[..., rd:]
+        x_rot = (x_rot.float() * cos + rotate_half(x_rot.float()) * sin).to(x.dtype)
+        return torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: (B, nh, T, hd), k: (B, n_kv, T, hd), positions: (T,) or (B, T)."""
+        cos, sin = self.cos_sin(positions)
+        return self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """Head slopes m_h from the ALiBi paper (§3 and its reference code).
+
+    For n a power of two: m_h = 2^(−8h/n), h = 1…n. Otherwise the slopes of the closest smaller
+    power of two, followed by every other slope of the next power of two.
+    """
+    def pow2_slopes(n: int) -> list[float]:
+        start = 2 ** (-8 / n)
+        return [start ** (h + 1) for h in range(n)]
+
+    if math.log2(n_heads).is_integer():
+        return torch.tensor(pow2_slopes(n_heads))
+    closest = 2 ** math.floor(math.log2(n_heads))
+    extra = pow2_slopes(2 * closest)[0::2][: n_heads - closest]
+    return torch.tensor(pow2_slopes(closest) + extra)
+
+
+def alibi_bias(n_heads: int, q_len: int, k_len: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    """ALiBi bias −m_h·|i − j| of shape (1, n_heads, q_len, k_len); queries are the last q_len positions."""
+    k_len = q_len if k_len is None else k_len
+    i = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+    j = torch.arange(k_len, device=device)[None, :]
+    dist = (i - j).abs().float()  # (T_q, T_k)
+    return -alibi_slopes(n_heads).to(device)[None, :, None, None] * dist[None, None]
+
+
+def t5_relative_bucket(relative_position: torch.Tensor, bidirectional: bool = True,
+                       num_buckets: int = 32, max_distance: int = 128) -> torch.Tensor:
+    """Bucket index of relative_position = key_pos − query_pos (T5's scheme)."""
+    buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).long() * num_buckets
+        n = relative_position.abs()
+    else:
+        n = -torch.clamp(relative_position, max=0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    # log-spaced buckets for max_exact ≤ n < max_distance; clamp(min=1) only avoids log(0) in unused lanes
+    large = max_exact + (
+        torch.log(n.float().clamp(min=1) / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).long()
+    large = torch.clamp(large, max=num_buckets - 1)
+    return buckets + torch.where(is_small, n, large)
+
+
+class T5RelativePositionBias(nn.Module):
+    """Learned per-head scalar bias b_h(bucket(j − i)), returned as (1, n_heads, T_q, T_k)."""
+
+    def __init__(self, n_heads: int, num_buckets: int = 32, max_distance: int = 128, bidirectional: bool = True) -> None:
+        super().__init__()
+        self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
+        self.embedding = nn.Embedding(num_buckets, n_heads)
+
+    def forward(self, q_len: int, k_len: int | None = None) -> torch.Tensor:
+        k_len = q_len if k_len is None else k_len
+        device = self.embedding.weight.device
+        i = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+        j = torch.arange(k_len, device=device)[None, :]
+        buckets = t5_relative_bucket(j - i, self.bidirectional, self.num_buckets, self.max_distance)
+        return self.embedding(buckets).permute(2, 0, 1)[None]  # (1, nh, T_q, T_k)
