@@ -1,0 +1,5 @@
+"""Sequential decoding: greedy and beam search over an encoder–decoder with a KV cache."""
+
+from .search import beam_search, greedy_decode, length_penalty
+
+__all__ = ["beam_search", "greedy_decode", "length_penalty"]

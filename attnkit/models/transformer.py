@@ -190,6 +190,8 @@ class Seq2SeqTransformer(nn.Module):
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: logits (B, T_tgt, V) for every target position in one parallel pass."""
+        self._check_tokens(src, self.config.src_vocab_size, "source")
+        self._check_tokens(tgt_in, self.config.tgt_vocab_size, "target")
         if src.shape[0] != tgt_in.shape[0]:
             raise ValueError(f"batch sizes differ: source {src.shape[0]}, target {tgt_in.shape[0]}")
         memory, src_mask = self.encode(src)

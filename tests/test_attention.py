@@ -1,0 +1,116 @@
+"""Scaled dot-product attention: the written-out equation, torch's SDPA, masks, GQA/MQA, bad input."""
+
+import math
+
+import pytest
+import torch
+
+from attnkit.nn import MultiHeadAttention, causal_mask, combine_masks, lengths_mask, scaled_dot_product_attention
+
+torch.manual_seed(0)
+
+
+def reference_attention(q, k, v, allowed):
+    """Loop over (batch, head, query) with the paper's formula and Python floats."""
+    B, H, Tq, D = q.shape
+    out = torch.zeros_like(q)
+    for b in range(B):
+        for h in range(H):
+            for i in range(Tq):
+                logits = [float(q[b, h, i] @ k[b, h, j]) / math.sqrt(D) if allowed[b, h, i, j] else -math.inf
+                          for j in range(k.shape[2])]
+                m = max(logits)
+                if m == -math.inf:
+                    continue
+                w = [math.exp(x - m) for x in logits]
+                s = sum(w)
+                out[b, h, i] = sum((wj / s) * v[b, h, j] for j, wj in enumerate(w))
+    return out
+
+
+@pytest.mark.parametrize("impl", ["math", "sdpa"])
+def test_matches_the_equation_with_causal_and_padding_masks(impl):
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)
+    mask = combine_masks(causal_mask(5)[None, None], lengths_mask(torch.tensor([5, 3]), 5))
+    got, _ = scaled_dot_product_attention(q, k, v, mask=mask, impl=impl)
+    want = reference_attention(q, k, v, mask.expand(2, 3, 5, 5))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_math_and_sdpa_agree_with_bias_and_gqa():
+    q, k, v = torch.randn(2, 8, 7, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    bias = torch.randn(1, 8, 7, 9)
+    mask = lengths_mask(torch.tensor([9, 4]), 9)
+    a, _ = scaled_dot_product_attention(q, k, v, mask=mask, bias=bias, impl="math")
+    b, _ = scaled_dot_product_attention(q, k, v, mask=mask, bias=bias, impl="sdpa")
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["math", "sdpa"])
+def test_fully_masked_rows_give_zeros_not_nan(impl):
+    q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
+    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    mask[..., 2, :] = False  # query 2 may attend nowhere
+    out, _ = scaled_dot_product_attention(q, k, v, mask=mask, impl=impl)
+    assert not torch.isnan(out).any()
+    assert torch.equal(out[..., 2, :], torch.zeros_like(out[..., 2, :]))
+    assert out[..., 1, :].abs().sum() > 0
+
+
+def test_fully_masked_rows_have_finite_gradients():
+    q = torch.randn(1, 1, 3, 4, requires_grad=True)
+    k, v = torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4)
+    mask = torch.tensor([[True, True, True], [False, False, False], [True, False, True]])
+    out, _ = scaled_dot_product_attention(q, k, v, mask=mask, impl="math")
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()
+
+
+def test_weights_are_a_distribution_and_respect_the_mask():
+    q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8)
+    _, w = scaled_dot_product_attention(q, k, v, mask=causal_mask(6), need_weights=True)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, 6))
+    assert torch.all(w.masked_select(~causal_mask(6)) == 0)
+
+
+def test_grouped_query_equals_multi_head_with_repeated_kv_heads():
+    torch.manual_seed(1)
+    gqa = MultiHeadAttention(32, n_heads=8, n_kv_heads=2, bias=False)
+    mha = MultiHeadAttention(32, n_heads=8, bias=False)
+    hd = 4
+    with torch.no_grad():
+        mha.q_proj.weight.copy_(gqa.q_proj.weight)
+        mha.o_proj.weight.copy_(gqa.o_proj.weight)
+        for src, dst in ((gqa.k_proj, mha.k_proj), (gqa.v_proj, mha.v_proj)):
+            w = src.weight.view(2, hd, 32)  # (n_kv, hd, d)
+            dst.weight.copy_(w.repeat_interleave(4, dim=0).reshape(32, 32))  # each kv head serves 4 q heads
+    x = torch.randn(3, 5, 32)
+    torch.testing.assert_close(gqa(x, mask=causal_mask(5)), mha(x, mask=causal_mask(5)), atol=1e-6, rtol=1e-6)
+    assert gqa.k_proj.weight.shape == (8, 32)  # 2 kv heads × 4 dims: 4× fewer K/V parameters
+
+
+def test_multi_query_attention_runs_and_is_causal():
+    mqa = MultiHeadAttention(16, n_heads=4, n_kv_heads=1)
+    x = torch.randn(1, 6, 16)
+    y = mqa(x, mask=causal_mask(6))
+    x2 = x.clone()
+    x2[:, 4:] = torch.randn(1, 2, 16)
+    torch.testing.assert_close(mqa(x2, mask=causal_mask(6))[:, :4], y[:, :4])
+
+
+def test_bad_input_errors_name_the_problem():
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="head_dim"):
+        scaled_dot_product_attention(q, torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
+    with pytest.raises(TypeError, match="dtypes differ"):
+        scaled_dot_product_attention(q, q.double(), q)
+    with pytest.raises(ValueError, match=r"\(B, n_heads, T, head_dim\)"):
+        scaled_dot_product_attention(q[0], q[0], q[0])
+    with pytest.raises(TypeError, match="bool"):
+        scaled_dot_product_attention(q, q, q, mask=torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="multiple of n_kv_heads"):
+        MultiHeadAttention(32, n_heads=8, n_kv_heads=3)
+    with pytest.raises(ValueError, match="divisible"):
+        MultiHeadAttention(30, n_heads=8)
+    with pytest.raises(ValueError, match=r"\(B, T, d_model\)"):
+        MultiHeadAttention(16, 4)(torch.randn(16))
