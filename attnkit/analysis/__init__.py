@@ -1,0 +1,1 @@
+"""Analytic cost models (operation counts) used by the benchmarks and checked against torch's FLOP counter."""
