@@ -12,6 +12,12 @@ def _add_seq2seq(sub: argparse._SubParsersAction) -> None:
     add_commands(sub)
 
 
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    from .models_cli import add_commands
+
+    add_commands(sub)
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks that print a table and JSON (see benchmarks/)")
     p.add_argument("name", choices=["parallelism"], help="which benchmark")
@@ -35,7 +41,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnkit", description="The Transformer from first principles.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_seq2seq, _add_bench):
+    for add in (_add_seq2seq, _add_models, _add_bench):
         add(sub)
     return parser
 

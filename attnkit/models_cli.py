@@ -1,0 +1,196 @@
+"""``attnkit generate`` / ``chat`` / ``embed``: pretrained models from the command line.
+
+Every command takes ``--model PATH`` (a GGUF file or a Hugging Face directory); without it the
+embedded default is used (SmolLM2-135M-Instruct for text, all-MiniLM-L6-v2 for embeddings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Iterator, TextIO
+
+_INTRO = "chat with {name} — /reset clears the conversation, /quit (or Ctrl-D) leaves, Ctrl-C stops a reply"
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    g = sub.add_parser("generate", help="continue a prompt with a language model, streaming the tokens")
+    g.add_argument("prompt", help="the text to continue")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn of the model's chat template")
+    _sampling_args(g)
+    g.set_defaults(func=run_generate)
+
+    c = sub.add_parser("chat", help="interactive multi-turn chat with the model's chat template")
+    c.add_argument("--system", default=None, help="system prompt (default: the template's own, if any)")
+    _sampling_args(c)
+    c.set_defaults(func=run_chat)
+
+    e = sub.add_parser("embed", help="sentence embeddings (vectors or pairwise cosine similarities)")
+    e.add_argument("texts", nargs="+", help="one or more texts")
+    e.add_argument("--model", default=None, help="HF directory of a BERT-family model (default: all-MiniLM-L6-v2)")
+    e.add_argument("--output", choices=["auto", "vectors", "similarity"], default="auto",
+                   help="auto: cosine similarity matrix for 2+ texts, the vector for one")
+    e.set_defaults(func=run_embed)
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M-Instruct Q4_1)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _load(args: argparse.Namespace):
+    import torch
+
+    from .loading import load_causal_lm
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    lm = load_causal_lm(args.model)
+    return lm, time.perf_counter() - t0
+
+
+def _params(args: argparse.Namespace):
+    from .generation import SamplingParams
+
+    return SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+
+
+def _chat_prompt(lm, messages: list[dict[str, str]]) -> list[int]:
+    from .text.chat_template import render_chat
+
+    tok = lm.tokenizer
+    text = render_chat(tok.chat_template, messages, add_generation_prompt=True, source=str(lm.path),
+                       bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
+    return tok.encode(text, add_special_tokens=False)
+
+
+def stream(lm, prompt: list[int], params, out: TextIO) -> Iterator[int]:
+    """Generate from ``prompt``, writing the text to ``out`` as it forms; yields the token ids."""
+    from .generation import generate
+    from .text.detokenize import IncrementalDetokenizer
+
+    detok = IncrementalDetokenizer(lm.tokenizer, context=prompt[-4:])
+    stop = lm.stop_ids
+    max_len = getattr(lm.model.cfg, "max_seq_len", None)
+    try:
+        for tok in generate(lm.model, prompt, params, stop, max_len=max_len):
+            if tok not in stop:
+                out.write(detok.push(tok))
+                out.flush()
+            yield tok
+    finally:
+        out.write(detok.flush())
+        out.flush()
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from .loading import ModelLoadError
+    from .text.chat_template import ChatTemplateError
+
+    try:
+        lm, load_s = _load(args)
+        prompt = _chat_prompt(lm, [{"role": "user", "content": args.prompt}]) if args.chat else lm.tokenizer.encode(args.prompt)
+    except (ModelLoadError, ChatTemplateError) as e:
+        print(f"attnkit generate: error: {e}", file=sys.stderr)
+        return 2
+    if not args.chat:
+        sys.stdout.write(args.prompt)
+    t0 = time.perf_counter()
+    first = None
+    n = 0
+    for _ in stream(lm, prompt, _params(args), sys.stdout):
+        n += 1
+        if first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    decode_tps = (n - 1) / (end - first) if first is not None and n > 1 else 0.0
+    print(file=sys.stdout)
+    print(f"[{n} tokens in {end - t0:.2f} s: {decode_tps:.1f} tokens/s decoding; load {load_s:.2f} s, "
+          f"prompt {len(prompt)} tokens, first token after {((first or end) - t0) * 1000:.0f} ms]", file=sys.stderr)
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from .loading import ModelLoadError
+    from .text.chat_template import ChatTemplateError
+
+    try:
+        lm, _ = _load(args)
+        if not lm.tokenizer.chat_template:
+            _chat_prompt(lm, [])  # raises the ChatTemplateError explaining the missing template
+    except (ModelLoadError, ChatTemplateError) as e:
+        print(f"attnkit chat: error: {e}", file=sys.stderr)
+        return 2
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    interactive = sys.stdin.isatty()
+    print(_INTRO.format(name=lm.path.name), file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            return 0
+        except KeyboardInterrupt:  # at the prompt: a fresh line, like Python's REPL
+            print(file=sys.stderr)
+            continue
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            messages = list(system)
+            print("[conversation cleared]", file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            prompt = _chat_prompt(lm, messages)
+        except ChatTemplateError as e:
+            print(f"attnkit chat: error: {e}", file=sys.stderr)
+            messages.pop()
+            continue
+        ids: list[int] = []
+        t0 = time.perf_counter()
+        try:
+            for tok in stream(lm, prompt, _params(args), sys.stdout):
+                ids.append(tok)
+        except KeyboardInterrupt:
+            print("\n[reply stopped]", file=sys.stderr)
+        reply = lm.tokenizer.decode([t for t in ids if t not in lm.stop_ids])
+        messages.append({"role": "assistant", "content": reply})
+        dt = time.perf_counter() - t0
+        print(file=sys.stdout)
+        print(f"[{len(ids)} tokens, {len(ids) / dt:.1f} tokens/s]", file=sys.stderr)
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    from .embeddings import cosine_matrix
+    from .loading import ModelLoadError, load_sentence_encoder
+
+    try:
+        emb = load_sentence_encoder(args.model)
+    except ModelLoadError as e:
+        print(f"attnkit embed: error: {e}", file=sys.stderr)
+        return 2
+    vecs = emb.embed(args.texts)
+    mode = args.output if args.output != "auto" else ("similarity" if len(args.texts) > 1 else "vectors")
+    if mode == "vectors":
+        for text, v in zip(args.texts, vecs.tolist()):
+            print(json.dumps({"text": text, "embedding": [round(x, 6) for x in v]}, ensure_ascii=False))
+        return 0
+    sim = cosine_matrix(vecs)
+    width = max(len(f"[{i}]") for i in range(len(args.texts)))
+    for i, t in enumerate(args.texts):
+        print(f"{f'[{i}]':>{width}} {t}")
+    print(" " * width + "".join(f"{f'[{j}]':>8}" for j in range(len(args.texts))))
+    for i in range(len(args.texts)):
+        print(f"{f'[{i}]':>{width}}" + "".join(f"{sim[i, j].item():8.4f}" for j in range(len(args.texts))))
+    return 0
