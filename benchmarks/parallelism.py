@@ -304,6 +304,15 @@ def part_d(args: argparse.Namespace) -> dict:
 
 
 # -- plotting ----------------------------------------------------------------------------------------
+def _log_n_axis(ax, ns: list[int]) -> None:
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log")
+    ax.set_xticks(ns)
+    ax.set_xticklabels([str(n) for n in ns])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def plot(res: dict, path: Path) -> None:
     import matplotlib
 
@@ -322,10 +331,9 @@ def plot(res: dict, path: Path) -> None:
             ax.plot([r["n"] for r in rs], [r["forward_s"] * 1e3 for r in rs], style, alpha=0.4,
                     label=f"{model} forward")
         cfg = res["a"]["config"]
-        ax.set(xscale="log", yscale="log", xlabel="sequence length n", ylabel="ms",
+        ax.set(yscale="log", xlabel="sequence length n", ylabel="ms (median)",
                title=f"(a) encoder, d={cfg['d_model']}, {cfg['n_layers']} layers, batch {cfg['batch']}")
-        ax.set_xticks(args_lengths := [r["n"] for r in res["a"]["rows"] if r["model"] == "lstm"])
-        ax.set_xticklabels([str(n) for n in args_lengths])
+        _log_n_axis(ax, [r["n"] for r in res["a"]["rows"] if r["model"] == "lstm"])
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     if "b" in res:
@@ -340,11 +348,10 @@ def plot(res: dict, path: Path) -> None:
                                   ("lstm_steps_s", "LSTM: n steps", "D-")):
             ax.plot(ns, [r[key] * 1e3 for r in rs], style, label=label)
         cfg = res["b"]["config"]
-        ax.set(xscale="log", yscale="log", xlabel="target tokens n", ylabel="ms",
+        ax.set(yscale="log", xlabel="target tokens n", ylabel="ms (median)",
                title=f"(b) decoder, d={cfg['d_model']}, {cfg['n_layers']} layers, batch {cfg['batch']}, "
                      f"source {cfg['src_len']}")
-        ax.set_xticks(ns)
-        ax.set_xticklabels([str(n) for n in ns])
+        _log_n_axis(ax, ns)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     if "c" in res:
@@ -356,11 +363,16 @@ def plot(res: dict, path: Path) -> None:
         ax.plot(ns, [r["lstm_layer"] for r in rs], "s-", label="LSTM layer 8nd²")
         ax.plot(ns, [r["attn_scores_n2d"] for r in rs], ":", label="Table 1: n²d")
         ax.plot(ns, [r["recurrence_nd2"] for r in rs], ":", label="Table 1: nd²")
+        ax.set(yscale="log", xlabel="sequence length n", ylabel="multiply-adds per layer (batch 1)",
+               title=f"(c) counted cost per layer, d={res['c']['d_model']}")
+        _log_n_axis(ax, ns)
         cx = res["c"]["analytic_crossover"]["attention_sublayer_vs_lstm_layer"]
         ax.axvline(cx, color="gray", lw=0.8)
-        ax.text(cx, ax.get_ylim()[0] * 2, f" n=2d={cx:.0f}", fontsize=8)
-        ax.set(xscale="log", yscale="log", xlabel="sequence length n", ylabel="multiply-adds per layer (batch 1)",
-               title=f"(c) counted cost per layer, d={res['c']['d_model']}")
+        ax.text(cx, ax.get_ylim()[0] * 3, f" attention = LSTM\n at n = 2d = {cx:.0f}", fontsize=8)
+        mx = res["c"].get("measured_crossover_step")
+        if mx is not None:
+            ax.axvline(mx, color="tab:blue", lw=0.8, ls="--")
+            ax.text(mx, ax.get_ylim()[0] * 30, f" measured (a):\n n ≈ {mx:.0f}", fontsize=8, color="tab:blue")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     if "d" in res:
@@ -371,11 +383,9 @@ def plot(res: dict, path: Path) -> None:
                 if rs:
                     ax.plot([r["n"] for r in rs], [r["forward_backward_s"] * 1e3 for r in rs], style,
                             alpha=1.0 if impl == "sdpa" else 0.5, label=f"{heads}×{512 // heads} ({impl}) fwd+bwd")
-        ax.set(xscale="log", yscale="log", xlabel="sequence length n", ylabel="ms",
+        ax.set(yscale="log", xlabel="sequence length n", ylabel="ms (median)",
                title=f"(d) MultiHeadAttention d=512, batch {res['d']['batch']}: counted MACs identical")
-        ns = sorted({r["n"] for r in res["d"]["rows"]})
-        ax.set_xticks(ns)
-        ax.set_xticklabels([str(n) for n in ns])
+        _log_n_axis(ax, sorted({r["n"] for r in res["d"]["rows"]}))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -470,12 +480,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, help="untimed runs before timing (default 2; quick 1)")
     p.add_argument("--repeats", type=int, help="timed runs; the median is reported (default 5; quick 2)")
     p.add_argument("--out-json", type=Path, help="default docs/results/parallelism.json (quick: parallelism_quick.json)")
+    p.add_argument("--from-json", type=Path, help="re-print the tables and redraw the plot of a saved run "
+                   "(no measuring); writes --out-png (default: the JSON's name with .png under docs/img/)")
     p.add_argument("--out-png", type=Path, help="default docs/img/parallelism.png (quick: parallelism_quick.png)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.from_json is not None:
+        try:
+            res = json.loads(args.from_json.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"parallelism: cannot read {args.from_json}: {e}", file=sys.stderr)
+            return 2
+        print_tables(res)
+        out_png = args.out_png or ROOT / "docs" / "img" / (args.from_json.stem + ".png")
+        plot(res, out_png)
+        print(f"\nwrote {out_png}")
+        return 0
     q = args.quick
     args.lengths = args.lengths or ([32, 64, 128] if q else [32, 64, 128, 256, 512, 1024])
     args.dec_lengths = args.dec_lengths or ([16, 32] if q else [16, 32, 64, 128, 256])
