@@ -52,8 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 1
+    from .loading.errors import ModelLoadError
+    from .train.checkpoint import CheckpointError
+
     try:
         return int(args.func(args) or 0)
+    except (CheckpointError, ModelLoadError, ValueError) as e:  # bad input: a message, not a traceback
+        print(f"attnkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -83,6 +83,8 @@ def decode_batch(model: nn.Module, src: torch.Tensor, max_len: int, beam: int = 
     """Ids (B, ≤ max_len) from greedy (beam ≤ 1) or beam search."""
     model.eval()
     if beam > 1:
+        if not hasattr(model, "init_cache"):
+            raise ValueError(f"beam search needs a Transformer checkpoint; {type(model).__name__} decodes greedily only")
         return beam_search(model, src, beam_size=beam, max_len=max_len, alpha=alpha)[0]
     if hasattr(model, "greedy_decode"):  # models with their own step function (the LSTM baseline)
         return model.greedy_decode(src, max_len)
