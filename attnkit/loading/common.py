@@ -11,8 +11,9 @@ checkpoint cannot load "successfully" with part of its weights dropped).
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 from torch import nn
@@ -24,9 +25,33 @@ Loader = Callable[[], torch.Tensor]
 Plan = dict[str, tuple[str, Loader]]
 
 
+_INITS = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "xavier_uniform_", "zeros_", "ones_", "constant_")
+
+
+@contextmanager
+def _no_init() -> Iterator[None]:
+    """Make torch.nn.init a no-op while a model is built on the meta device.
+
+    There is nothing to initialise there, and a meta ``normal_`` goes through torch's Python
+    reference ops, whose first use imports torch._dynamo (~1.8 s) — most of a cold load.
+    """
+    saved = {n: getattr(nn.init, n) for n in _INITS}
+    randn = torch.randn  # LearnedPositionalEmbedding draws (and scales) its table with torch.randn
+    try:
+        for n in _INITS:
+            setattr(nn.init, n, lambda t, *a, **k: t)
+        # an uninitialised CPU table instead (replaced on load): scaling it is then not a meta op
+        torch.randn = lambda *a, generator=None, **k: torch.empty(*a, **{**k, "device": "cpu"})  # type: ignore[assignment]
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+        torch.randn = randn
+
+
 def expected_shapes(model_cls: Callable[..., M], cfg: object) -> tuple[M, dict[str, torch.Size]]:
     """The model on the meta device and the shapes of its state dict (parameters and persistent buffers)."""
-    with torch.device("meta"):
+    with torch.device("meta"), _no_init():
         model = model_cls(cfg)
     return model, {k: v.shape for k, v in model.state_dict().items()}
 
