@@ -38,9 +38,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M-Instruct Q4_1)")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy; default: the model's generation_config.json if it samples, else greedy")
+    p.add_argument("--top-k", type=int, default=None, help="0 = off (default: generation_config.json, else off)")
+    p.add_argument("--top-p", type=float, default=None, help="default: generation_config.json, else 1.0")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
@@ -57,10 +58,20 @@ def _load(args: argparse.Namespace):
     return lm, time.perf_counter() - t0
 
 
-def _params(args: argparse.Namespace):
+def _params(args: argparse.Namespace, generation: dict | None = None):
+    """Sampling settings: command-line flags, else the checkpoint's generation_config.json, else greedy."""
     from .generation import SamplingParams
 
-    return SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    gen = generation or {}
+    sampling = bool(gen.get("do_sample", False))
+
+    def pick(flag, key: str, off):
+        if flag is not None:
+            return flag
+        return gen.get(key, off) if sampling and gen.get(key) is not None else off
+
+    return SamplingParams(args.max_new_tokens, pick(args.temperature, "temperature", 0.0), pick(args.top_k, "top_k", 0),
+                          pick(args.top_p, "top_p", 1.0), args.seed)
 
 
 def _chat_prompt(lm, messages: list[dict[str, str]]) -> list[int]:
@@ -106,7 +117,7 @@ def run_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     first = None
     n = 0
-    for _ in stream(lm, prompt, _params(args), sys.stdout):
+    for _ in stream(lm, prompt, _params(args, lm.generation), sys.stdout):
         n += 1
         if first is None:
             first = time.perf_counter()
@@ -160,7 +171,7 @@ def run_chat(args: argparse.Namespace) -> int:
         ids: list[int] = []
         t0 = time.perf_counter()
         try:
-            for tok in stream(lm, prompt, _params(args), sys.stdout):
+            for tok in stream(lm, prompt, _params(args, lm.generation), sys.stdout):
                 ids.append(tok)
         except KeyboardInterrupt:
             print("\n[reply stopped]", file=sys.stderr)

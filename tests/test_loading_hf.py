@@ -130,3 +130,18 @@ def test_wrong_kind_of_model(llama_dir, tmp_path):
                                                    num_attention_heads=4, intermediate_size=48)).save_pretrained(b)
     with pytest.raises(ModelLoadError, match="encoder, not a language model"):
         load_causal_lm(b)
+
+
+def test_sampling_defaults_from_generation_config():
+    import argparse
+
+    from attnkit.models_cli import _params
+
+    flags = dict(max_new_tokens=5, temperature=None, top_k=None, top_p=None, seed=None)
+    gen = {"do_sample": True, "temperature": 0.6, "top_p": 0.9}
+    p = _params(argparse.Namespace(**flags), gen)
+    assert (p.temperature, p.top_k, p.top_p) == (0.6, 0, 0.9)
+    p = _params(argparse.Namespace(**{**flags, "temperature": 0.0}), gen)  # a flag wins
+    assert (p.temperature, p.top_p) == (0.0, 0.9)
+    p = _params(argparse.Namespace(**flags), {"do_sample": False, "temperature": 0.6})  # greedy checkpoint
+    assert (p.temperature, p.top_k, p.top_p) == (0.0, 0, 1.0)

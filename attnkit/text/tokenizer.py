@@ -7,8 +7,8 @@ Two vocabularies appear in GGUF files (``tokenizer.ggml.model``):
   llama.cpp's ``llama-vocab.cpp``), and pieces are merged by the file's ranked merge list.
 - ``llama``: SentencePiece BPE (Kudo & Richardson 2018). Spaces become "▁" (plus one in front of the
   text), pieces merge in the order of their scores, and a character missing from the vocabulary
-  falls back to its UTF-8 bytes ``<0xNN>``. The merge list is rebuilt from the scores, as
-  transformers' converter does.
+  falls back to its UTF-8 bytes ``<0xNN>``. Unless the file lists merges, the merge list is rebuilt
+  from the scores, as transformers' converter does.
 
 Control tokens (type 3) become special added tokens (matched whole, skipped when decoding),
 user-defined ones (type 4) plain added tokens.
@@ -127,7 +127,9 @@ class Tokenizer:
         elif kind == "llama":
             scores: list[float] = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
             unk = meta.get("tokenizer.ggml.unknown_token_id")
-            tk = HFTokenizer(models.BPE(vocab, sentencepiece_merges(vocab, dict(zip(tokens, scores))), fuse_unk=True,
+            listed = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+            merges = listed or sentencepiece_merges(vocab, dict(zip(tokens, scores)))
+            tk = HFTokenizer(models.BPE(vocab, merges, fuse_unk=True,
                                         byte_fallback=True, unk_token=None if unk is None else tokens[unk]))
             prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
             tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if prefix else "never", split=False)
