@@ -145,3 +145,22 @@ def test_sampling_defaults_from_generation_config():
     assert (p.temperature, p.top_p) == (0.0, 0.9)
     p = _params(argparse.Namespace(**flags), {"do_sample": False, "temperature": 0.6})  # greedy checkpoint
     assert (p.temperature, p.top_k, p.top_p) == (0.0, 0, 1.0)
+
+
+def test_sentence_transformers_pooling_config(tmp_path):
+    from attnkit.loading.hf import sentence_transformers_config
+
+    assert sentence_transformers_config(tmp_path, 512) == ("mean", False, 512)  # a plain model
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "modules.json").write_text(json.dumps([
+        {"idx": 0, "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    pool = {"word_embedding_dimension": 32, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(pool))
+    (tmp_path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 128}))
+    assert sentence_transformers_config(tmp_path, 512) == ("cls", True, 128)
+    pool.update(pooling_mode_cls_token=False, pooling_mode_max_tokens=True)
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(pool))
+    with pytest.raises(UnsupportedModelError, match="pooling_mode_max_tokens"):
+        sentence_transformers_config(tmp_path, 512)

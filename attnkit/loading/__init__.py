@@ -76,7 +76,7 @@ def load_sentence_encoder(path: str | Path | None = None) -> Embedder:
     from ..models.bert import Bert, SentenceEncoder
     from ..text.tokenizer import Tokenizer
     from .defaults import default_embedding_model
-    from .hf import load_hf_model, read_json
+    from .hf import load_hf_model, sentence_transformers_config
 
     path = default_embedding_model() if path is None else Path(path)
     if _kind(path) != "hf":
@@ -84,21 +84,5 @@ def load_sentence_encoder(path: str | Path | None = None) -> Embedder:
     model = load_hf_model(path)
     if not isinstance(model, Bert):
         raise ModelLoadError(path, f"{type(model).__name__} is not an encoder; embeddings need a BERT-family model")
-    pooling, normalize, max_len = "mean", False, model.cfg.max_seq_len  # sentence-transformers' defaults
-    if (path / "modules.json").exists():
-        for mod in read_json(path / "modules.json"):
-            kind = mod.get("type", "")
-            if kind.endswith("Pooling"):
-                pc = read_json(path / mod.get("path", "") / "config.json")
-                modes = [m for m in ("mean", "cls") if pc.get(f"pooling_mode_{m}_tokens" if m == "mean" else "pooling_mode_cls_token")]
-                others = [k for k, v in pc.items() if k.startswith("pooling_mode") and v and not k.startswith(("pooling_mode_mean", "pooling_mode_cls"))]
-                if len(modes) != 1 or others:
-                    raise UnsupportedModelError(path / mod.get("path", ""), f"pooling config {pc} is not supported (one of mean, cls)")
-                pooling = modes[0]
-            elif kind.endswith("Normalize"):
-                normalize = True
-            elif not kind.endswith("Transformer"):
-                raise UnsupportedModelError(path / "modules.json", f"sentence-transformers module {kind!r} is not supported")
-    if (path / "sentence_bert_config.json").exists():
-        max_len = read_json(path / "sentence_bert_config.json").get("max_seq_length") or max_len
-    return Embedder(SentenceEncoder(model, pooling, normalize), Tokenizer.from_dir(path), min(max_len, model.cfg.max_seq_len))
+    pooling, normalize, max_len = sentence_transformers_config(path, model.cfg.max_seq_len)
+    return Embedder(SentenceEncoder(model, pooling, normalize), Tokenizer.from_dir(path), max_len)

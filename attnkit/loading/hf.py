@@ -229,3 +229,29 @@ def load_hf_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> 
     check_present(directory, plan, names)
     check_leftovers(directory, plan, names, ignore)
     return materialize(model, shapes, plan, directory, dtype, file_of=lambda s: source.file_of.get(s, directory))
+
+
+_POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
+
+
+def sentence_transformers_config(directory: Path, max_len: int) -> tuple[str, bool, int]:
+    """(pooling, normalize, max tokens) from sentence-transformers' modules.json, 1_Pooling/config.json
+    and sentence_bert_config.json; without them its defaults for a plain model: mean pooling, no
+    normalisation, the model's own length limit."""
+    pooling, normalize = "mean", False
+    if (directory / "modules.json").exists():
+        for mod in read_json(directory / "modules.json"):
+            kind = mod.get("type", "")
+            if kind.endswith("Pooling"):
+                file = directory / mod.get("path", "") / "config.json"
+                on = [k for k, v in read_json(file).items() if k.startswith("pooling_mode") and v is True]
+                if len(on) != 1 or on[0] not in _POOLING_MODES:
+                    raise UnsupportedModelError(file, f"pooling {on} is not supported (one of {sorted(_POOLING_MODES)})")
+                pooling = _POOLING_MODES[on[0]]
+            elif kind.endswith("Normalize"):
+                normalize = True
+            elif not kind.endswith("Transformer"):
+                raise UnsupportedModelError(directory / "modules.json", f"sentence-transformers module {kind!r} is not supported")
+    if (directory / "sentence_bert_config.json").exists():
+        max_len = min(max_len, read_json(directory / "sentence_bert_config.json").get("max_seq_length") or max_len)
+    return pooling, normalize, max_len
