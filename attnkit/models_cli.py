@@ -108,7 +108,10 @@ def run_generate(args: argparse.Namespace) -> int:
 
     try:
         lm, load_s = _load(args)
-        prompt = _chat_prompt(lm, [{"role": "user", "content": args.prompt}]) if args.chat else lm.tokenizer.encode(args.prompt)
+        if args.chat:
+            prompt = _chat_prompt(lm, [{"role": "user", "content": args.prompt}])
+        else:
+            prompt = lm.tokenizer.encode(args.prompt)
     except (ModelLoadError, ChatTemplateError) as e:
         print(f"attnkit generate: error: {e}", file=sys.stderr)
         return 2

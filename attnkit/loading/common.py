@@ -87,7 +87,8 @@ def materialize(model: M, shapes: dict[str, torch.Size], plan: Plan, file: str |
             raise ModelLoadError(file, f"maps to {ours}, which the configured model does not have", tensor=src)
         t = load()
         if t.shape != shapes[ours]:
-            raise ModelLoadError(file if file_of is None else file_of(src), f"shape mismatch: checkpoint gives {tuple(t.shape)} for {ours}, the config "
+            where = file if file_of is None else file_of(src)
+            raise ModelLoadError(where, f"shape mismatch: checkpoint gives {tuple(t.shape)} for {ours}, the config "
                                        f"implies {tuple(shapes[ours])}", tensor=src)
         state[ours] = t.to(dtype).contiguous()
     model.load_state_dict(state, strict=True, assign=True)

@@ -74,7 +74,8 @@ def gguf_config(g: GGUFFile) -> LlamaConfig:
     if kind == "linear":
         scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor", 1.0))}
     elif kind not in ("none", None):
-        raise UnsupportedModelError(g.path, f"RoPE scaling {kind!r} is not supported (supported: none, linear, llama3 via rope_freqs)")
+        raise UnsupportedModelError(
+            g.path, f"RoPE scaling {kind!r} is not supported (supported: none, linear, llama3 via rope_freqs)")
     factors = g.load("rope_freqs.weight").astype(np.float64).tolist() if "rope_freqs.weight" in t else None
     return LlamaConfig(
         vocab_size=t["token_embd.weight"].shape[0], d_model=d, n_layers=get("block_count", required=True),

@@ -104,8 +104,10 @@ class GGUFFile:
             block, type_size = GGML_QUANT_SIZES[qtype]
             n = int(np.prod(dims)) if dims else 1
             if dims and dims[0] % block:
-                raise ModelLoadError(self.path, f"row length {dims[0]} is not a multiple of the {qtype.name} block size {block}", tensor=name)
-            info = TensorInfo(name, tuple(int(d) for d in reversed(dims)), qtype, data_start + offset, n // block * type_size)
+                raise ModelLoadError(
+                    self.path, f"row length {dims[0]} is not a multiple of the {qtype.name} block size {block}", tensor=name)
+            shape = tuple(int(d) for d in reversed(dims))
+            info = TensorInfo(name, shape, qtype, data_start + offset, n // block * type_size)
             if info.offset + info.nbytes > size:
                 raise ModelLoadError(
                     self.path, f"file is truncated: the tensor's data ends at byte {info.offset + info.nbytes} "

@@ -251,7 +251,8 @@ def sentence_transformers_config(directory: Path, max_len: int) -> tuple[str, bo
             elif kind.endswith("Normalize"):
                 normalize = True
             elif not kind.endswith("Transformer"):
-                raise UnsupportedModelError(directory / "modules.json", f"sentence-transformers module {kind!r} is not supported")
+                raise UnsupportedModelError(directory / "modules.json",
+                                            f"sentence-transformers module {kind!r} is not supported")
     if (directory / "sentence_bert_config.json").exists():
         max_len = min(max_len, read_json(directory / "sentence_bert_config.json").get("max_seq_length") or max_len)
     return pooling, normalize, max_len

@@ -132,7 +132,8 @@ class Tokenizer:
             tk = HFTokenizer(models.BPE(vocab, merges, fuse_unk=True,
                                         byte_fallback=True, unk_token=None if unk is None else tokens[unk]))
             prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-            tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if prefix else "never", split=False)
+            tk.pre_tokenizer = pre_tokenizers.Metaspace(
+                replacement="▁", prepend_scheme="first" if prefix else "never", split=False)
             steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
             tk.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
             add_bos_default = True
