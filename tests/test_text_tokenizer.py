@@ -213,3 +213,54 @@ def test_detokenizer_random_token_streams(smol_ours):
         ids = [rng.randrange(3, smol_ours.vocab_size) for _ in range(rng.randrange(1, 20))]
         pieces = _stream(smol_ours, ids)
         assert "".join(pieces) == smol_ours.decode(ids)  # append-only pieces: nothing emitted was ever wrong
+
+
+# -- the pre-tokenizers named by tokenizer.ggml.pre ------------------------------------------------
+@pytest.fixture(scope="module")
+def trained_bpe():
+    """A small byte-level BPE trained here, with merges across digits, spaces and punctuation."""
+    import json
+
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
+
+    tk = HFTokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator([t for t in CORPUS if t] * 30 + ["2024-01-01 12:30, 3.14159 and 1234567"] * 30, trainer)
+    m = json.loads(tk.to_str())["model"]
+    tokens = [t for t, _ in sorted(m["vocab"].items(), key=lambda kv: kv[1])]
+    return tokens, [" ".join(x) if isinstance(x, list) else x for x in m["merges"]]
+
+
+@pytest.mark.parametrize("pre", ["gpt2", "llama-bpe", "qwen2", "smollm"])
+def test_gguf_pre_tokenizers_match_transformers(trained_bpe, tmp_path, pre):
+    from tokenizers import pre_tokenizers
+
+    tokens, merges = trained_bpe
+    w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    for k, v in dict(block_count=1, context_length=64, embedding_length=32, feed_forward_length=64, head_count=2).items():
+        getattr(w, f"add_{k}")(v)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_merges(merges)
+    w.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    w.add_eot_token_id(2)
+    w.add_add_bos_token(pre == "llama-bpe")
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    ours = Tokenizer.from_gguf(GGUFFile(tmp_path / "t.gguf").metadata)
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="t.gguf")
+    if pre == "smollm":  # transformers ignores this name; llama.cpp isolates numerals first (see above)
+        ref.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    texts = CORPUS + ["2024-01-01 12:30, 3.14159 and 1234567", "<|begin_of_text|>hi<|eot_id|>"]
+    for text in texts:
+        assert ours.encode(text) == ref(text)["input_ids"], text
+    assert ours.eos_ids == {1, 2}  # EOS and end-of-turn both stop generation
+    assert (ours.encode("hi")[0] == 0) == (pre == "llama-bpe")
+    if pre in ("gpt2", "llama-bpe"):  # the pre-tokenizer matters: splitting digits changes these ids
+        meta = dict(GGUFFile(tmp_path / "t.gguf").metadata, **{"tokenizer.ggml.pre": "smollm"})
+        assert Tokenizer.from_gguf(meta).encode(texts[-2]) != ours.encode(texts[-2])
