@@ -33,20 +33,17 @@ def _no_init() -> Iterator[None]:
     """Make torch.nn.init a no-op while a model is built on the meta device.
 
     There is nothing to initialise there, and a meta ``normal_`` goes through torch's Python
-    reference ops, whose first use imports torch._dynamo (~1.8 s) — most of a cold load.
+    reference ops, whose first use imports torch._dynamo (~1.8 s) — most of a cold load. (The same
+    practice as transformers' ``no_init_weights``; the functions are restored on exit.)
     """
     saved = {n: getattr(nn.init, n) for n in _INITS}
-    randn = torch.randn  # LearnedPositionalEmbedding draws (and scales) its table with torch.randn
     try:
         for n in _INITS:
             setattr(nn.init, n, lambda t, *a, **k: t)
-        # an uninitialised CPU table instead (replaced on load): scaling it is then not a meta op
-        torch.randn = lambda *a, generator=None, **k: torch.empty(*a, **{**k, "device": "cpu"})  # type: ignore[assignment]
         yield
     finally:
         for n, f in saved.items():
             setattr(nn.init, n, f)
-        torch.randn = randn
 
 
 def expected_shapes(model_cls: Callable[..., M], cfg: object) -> tuple[M, dict[str, torch.Size]]:

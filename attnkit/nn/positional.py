@@ -52,7 +52,10 @@ class LearnedPositionalEmbedding(nn.Module):
 
     def __init__(self, max_len: int, d_model: int) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(max_len, d_model) * 0.02)
+        table = torch.randn(max_len, d_model)
+        # on the meta device (checkpoint loaders build models there) there is nothing to scale, and the
+        # meta multiply would run a reference op whose first use imports torch._dynamo (~1.5 s)
+        self.weight = nn.Parameter(table if table.is_meta else table * 0.02)
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         T = x.shape[1]
