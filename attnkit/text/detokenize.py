@@ -41,7 +41,7 @@ class IncrementalDetokenizer:
         self.ids.append(token_id)
         before = self._decode(self.ids[self.prefix : self.read])
         text = self._decode(self.ids[self.prefix :])
-        if len(text) > len(before) and not text.endswith(REPLACEMENT) and text.startswith(before):
+        if len(text) > len(before) and not text.endswith(REPLACEMENT):
             self.prefix, self.read = self.read, len(self.ids)
             return text[len(before) :]
         return ""
@@ -51,4 +51,4 @@ class IncrementalDetokenizer:
         before = self._decode(self.ids[self.prefix : self.read])
         text = self._decode(self.ids[self.prefix :])
         self.prefix = self.read = len(self.ids)
-        return text[len(before) :] if text.startswith(before) else ""
+        return text[len(before) :]
