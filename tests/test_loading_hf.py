@@ -111,6 +111,10 @@ def test_unsupported_model_type(llama_dir, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError, match="model_type 'mamba' is not supported"):
         load_causal_lm(d)
+    cfg.update(model_type="llama", rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="RoPE scaling 'yarn'"):
+        load_causal_lm(d)
 
 
 def test_pickle_checkpoints_are_refused(llama_dir, tmp_path):

@@ -74,6 +74,8 @@ def _llama_config(c: dict[str, Any], file: Path) -> LlamaConfig:
     theta = c.get("rope_theta", rope.get("rope_theta", 10000.0))
     scaling = c.get("rope_scaling") or rope
     kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+    if kind not in ("default", "linear", "llama3"):
+        raise UnsupportedModelError(file, f"RoPE scaling {kind!r} is not supported (supported: default, linear, llama3)")
     nh = c["num_attention_heads"]
     attn_bias = bool(c.get("attention_bias", False))
     return LlamaConfig(
