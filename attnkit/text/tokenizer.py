@@ -109,38 +109,14 @@ class Tokenizer:
         tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
         if not tokens:
             raise ModelLoadError(file, "GGUF has no tokenizer.ggml.tokens")
-        types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-        vocab = {t: i for i, t in enumerate(tokens)}
         if kind == "gpt2":
-            pre = meta.get("tokenizer.ggml.pre", "default")
-            if pre not in PRE_TOKENIZERS:
-                raise UnsupportedModelError(file, f"tokenizer.ggml.pre {pre!r} is not supported "
-                                                  f"(supported: {', '.join(sorted(PRE_TOKENIZERS))})")
-            regexes, ignore_merges = PRE_TOKENIZERS[pre]
-            merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-            tk = HFTokenizer(models.BPE(vocab, merges, ignore_merges=ignore_merges))
-            tk.pre_tokenizer = pre_tokenizers.Sequence(
-                [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
-                + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-            tk.decoder = decoders.ByteLevel()
-            add_bos_default = pre in ("llama3", "llama-v3", "llama-bpe")
+            tk, add_bos_default = _byte_level_bpe(meta, tokens, file)
         elif kind == "llama":
-            scores: list[float] = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
-            unk = meta.get("tokenizer.ggml.unknown_token_id")
-            listed = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-            merges = listed or sentencepiece_merges(vocab, dict(zip(tokens, scores)))
-            tk = HFTokenizer(models.BPE(vocab, merges, fuse_unk=True,
-                                        byte_fallback=True, unk_token=None if unk is None else tokens[unk]))
-            prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-            tk.pre_tokenizer = pre_tokenizers.Metaspace(
-                replacement="▁", prepend_scheme="first" if prefix else "never", split=False)
-            steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-            tk.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
-            add_bos_default = True
+            tk, add_bos_default = _sentencepiece_bpe(meta, tokens), True
         else:
             raise UnsupportedModelError(file, f"tokenizer.ggml.model {kind!r} is not supported (supported: gpt2, llama)")
-        tk.add_special_tokens([AddedToken(t, normalized=False, special=True)
-                               for t, ty in zip(tokens, types) if ty == CONTROL])
+        types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        tk.add_special_tokens([AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types) if ty == CONTROL])
         tk.add_tokens([AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED])
 
         def tok(key: str) -> str | None:
@@ -148,11 +124,43 @@ class Tokenizer:
             return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
         bos, eos = tok("bos_token_id"), tok("eos_token_id")
-        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default))
+        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default))  # llama.cpp's defaults
         add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
         _set_bos_eos(tk, bos if add_bos else None, eos if add_eos else None)
         eos_list = [eos] + [t for t in (tok("eot_token_id"), tok("eom_token_id")) if t not in (None, eos)]
         return cls(tk, bos, eos_list, tok("padding_token_id"), meta.get("tokenizer.chat_template"), source=str(file))
+
+
+def _byte_level_bpe(meta: dict[str, Any], tokens: list[str], file: str | Path) -> tuple[HFTokenizer, bool]:
+    """``gpt2`` vocabularies: byte-level BPE with the file's merges, split by the regexes of its ``pre``."""
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise UnsupportedModelError(file, f"tokenizer.ggml.pre {pre!r} is not supported "
+                                          f"(supported: {', '.join(sorted(PRE_TOKENIZERS))})")
+    regexes, ignore_merges = PRE_TOKENIZERS[pre]
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    tk = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, ignore_merges=ignore_merges))
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    return tk, pre in ("llama3", "llama-v3", "llama-bpe")  # llama.cpp adds BOS for Llama 3's vocabulary
+
+
+def _sentencepiece_bpe(meta: dict[str, Any], tokens: list[str]) -> HFTokenizer:
+    """``llama`` vocabularies: SentencePiece BPE with byte fallback, "▁" for spaces (and one in front)."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    scores: list[float] = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    listed = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    merges = listed or sentencepiece_merges(vocab, dict(zip(tokens, scores)))
+    tk = HFTokenizer(models.BPE(vocab, merges, fuse_unk=True, byte_fallback=True,
+                                unk_token=None if unk is None else tokens[unk]))
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if prefix else "never", split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tk.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    return tk
 
 
 def _token_str(v: Any) -> str | None:
