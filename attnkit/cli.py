@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+# Before torch is imported: idle OpenMP threads sleep instead of spinning. With spinning threads a
+# 2-core machine that runs anything else besides slows down several-fold.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _add_seq2seq(sub: argparse._SubParsersAction) -> None:

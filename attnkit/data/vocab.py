@@ -59,8 +59,11 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
 
 
 def make_batch(examples: Sequence[Example], vocab: Vocab) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(src, tgt_in, tgt_out): tgt_in = <bos> y₁…yₙ, tgt_out = y₁…yₙ <eos> (teacher forcing)."""
-    src = pad_batch([vocab.encode(s) for s, _ in examples], vocab.pad_id)
+    """(src, tgt_in, tgt_out): src = x₁…xₘ <eos>, tgt_in = <bos> y₁…yₙ, tgt_out = y₁…yₙ <eos>.
+
+    The source's <eos> marks where it ends, which position-based tasks (reverse) need.
+    """
+    src = pad_batch([vocab.encode(s) + [vocab.eos_id] for s, _ in examples], vocab.pad_id)
     tgt = [vocab.encode(t) for _, t in examples]
     tgt_in = pad_batch([[vocab.bos_id] + t for t in tgt], vocab.pad_id)
     tgt_out = pad_batch([t + [vocab.eos_id] for t in tgt], vocab.pad_id)

@@ -117,7 +117,7 @@ def _attention(args: argparse.Namespace) -> int:
         model.decode(tgt_in, memory, src_mask, need_weights=True)
     weights = [w[0].mean(0)[:, :] for w in model.cross_attention_weights()]  # head-averaged (T_tgt+1, T_src)
     # row i is the query that *predicts* target token i (its input is token i-1, or <bos>)
-    out = plot_attention([w[: len(pred)] for w in weights], list(args.source), pred, args.out,
+    out = plot_attention([w[: len(pred)] for w in weights], list(args.source) + ["<eos>"], pred, args.out,
                          title=f"encoder-decoder attention: {args.source} → {' '.join(pred)}")
     print(out)
     return 0
