@@ -37,14 +37,14 @@ class TrainArgs:
     model: str = "transformer"  # 'transformer' | 'lstm'
     d_model: int = 128
     n_heads: int = 4
-    n_layers: int = 3
+    n_layers: int = 2
     d_ff: int = 512
     dropout: float = 0.1
     norm_first: bool = False
     steps: int = 3000
     batch_size: int = 64
     warmup: int = 400
-    lr_factor: float = 1.0
+    lr_factor: float = 0.5
     label_smoothing: float = 0.1
     clip: float = 1.0
     seed: int = 0

@@ -128,8 +128,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     task = get_task(args.task)
     print(f"training a small Transformer on '{task.name}' ({task.description}) for {args.steps} steps...")
-    result = train(TrainArgs(task=args.task, steps=args.steps, d_model=64, n_heads=4, n_layers=2, d_ff=256,
-                             warmup=200, lr_factor=2.0, eval_examples=300), args.out)
+    result = train(TrainArgs(task=args.task, steps=args.steps, d_model=128, n_heads=4, n_layers=2, d_ff=256,
+                             warmup=200, eval_examples=300), args.out)
     print(f"held-out exact match: greedy {result['greedy']['exact_match']:.1%}, beam-4 "
           f"{result['beam4']['exact_match']:.1%} ({result['train_seconds']} s of training)")
     model, vocab, _ = _load(args.out)
