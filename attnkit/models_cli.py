@@ -60,7 +60,7 @@ def _load(args: argparse.Namespace):
 
 def _params(args: argparse.Namespace, generation: dict | None = None):
     """Sampling settings: command-line flags, else the checkpoint's generation_config.json, else greedy."""
-    from .generation import SamplingParams
+    from .engine import SamplingParams
 
     gen = generation or {}
     sampling = bool(gen.get("do_sample", False))
@@ -70,8 +70,17 @@ def _params(args: argparse.Namespace, generation: dict | None = None):
             return flag
         return gen.get(key, off) if sampling and gen.get(key) is not None else off
 
-    return SamplingParams(args.max_new_tokens, pick(args.temperature, "temperature", 0.0), pick(args.top_k, "top_k", 0),
-                          pick(args.top_p, "top_p", 1.0), args.seed)
+    return SamplingParams(max_tokens=args.max_new_tokens, temperature=pick(args.temperature, "temperature", 0.0),
+                          top_k=pick(args.top_k, "top_k", 0), top_p=pick(args.top_p, "top_p", 1.0), seed=args.seed)
+
+
+def _engine(lm):
+    """An inference engine on the loaded model, its KV pool sized for one full-length conversation."""
+    from .engine import EngineConfig, LLMEngine
+
+    max_len = min(getattr(lm.model.cfg, "max_seq_len", 8192), 32768)
+    return LLMEngine(lm.model, lm.tokenizer, EngineConfig(num_blocks=-(-max_len // 16) + 1, max_model_len=max_len),
+                     lm.stop_ids)
 
 
 def _chat_prompt(lm, messages: list[dict[str, str]]) -> list[int]:
@@ -83,23 +92,21 @@ def _chat_prompt(lm, messages: list[dict[str, str]]) -> list[int]:
     return tok.encode(text, add_special_tokens=False)
 
 
-def stream(lm, prompt: list[int], params, out: TextIO) -> Iterator[int]:
-    """Generate from ``prompt``, writing the text to ``out`` as it forms; yields the token ids."""
-    from .generation import generate
-    from .text.detokenize import IncrementalDetokenizer
-
-    detok = IncrementalDetokenizer(lm.tokenizer, context=prompt[-4:])
-    stop = lm.stop_ids
-    max_len = getattr(lm.model.cfg, "max_seq_len", None)
+def stream(engine, prompt: list[int], params, out: TextIO) -> Iterator[int]:
+    """Generate from ``prompt`` on the engine, writing the text to ``out`` as it forms; yields the token ids."""
+    shown = n = 0
+    outputs = engine.stream(prompt, params)
     try:
-        for tok in generate(lm.model, prompt, params, stop, max_len=max_len):
-            if tok not in stop:
-                out.write(detok.push(tok))
+        for o in outputs:
+            c = o.outputs[0]
+            if len(c.text) > shown:
+                out.write(c.text[shown:])
                 out.flush()
-            yield tok
+                shown = len(c.text)
+            yield from c.token_ids[n:]
+            n = len(c.token_ids)
     finally:
-        out.write(detok.flush())
-        out.flush()
+        outputs.close()  # aborts the request if it was interrupted
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -120,7 +127,7 @@ def run_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     first = None
     n = 0
-    for _ in stream(lm, prompt, _params(args, lm.generation), sys.stdout):
+    for _ in stream(_engine(lm), prompt, _params(args, lm.generation), sys.stdout):
         n += 1
         if first is None:
             first = time.perf_counter()
@@ -143,6 +150,7 @@ def run_chat(args: argparse.Namespace) -> int:
     except (ModelLoadError, ChatTemplateError) as e:
         print(f"attnkit chat: error: {e}", file=sys.stderr)
         return 2
+    engine = _engine(lm)  # one engine for the session: each turn reuses the cached prefix of the conversation
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     interactive = sys.stdin.isatty()
@@ -174,7 +182,7 @@ def run_chat(args: argparse.Namespace) -> int:
         ids: list[int] = []
         t0 = time.perf_counter()
         try:
-            for tok in stream(lm, prompt, _params(args, lm.generation), sys.stdout):
+            for tok in stream(engine, prompt, _params(args, lm.generation), sys.stdout):
                 ids.append(tok)
         except KeyboardInterrupt:
             print("\n[reply stopped]", file=sys.stderr)

@@ -11,7 +11,6 @@ import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import attnkit.generation as generation  # noqa: E402
 import attnkit.loading as loading  # noqa: E402
 import attnkit.loading.defaults  # noqa: E402,F401
 from attnkit.cli import main  # noqa: E402
@@ -95,17 +94,23 @@ def test_chat_keeps_history(cached, monkeypatch, capsys):
 
 
 def test_ctrl_c_stops_the_reply_not_the_program(cached, monkeypatch, capsys):
-    calls = {"n": 0}
-    real = generation.generate
+    from attnkit.engine import LLMEngine
 
-    def interrupted(*a, **k):
+    calls = {"n": 0, "steps": 0}
+    real_add, real_step = LLMEngine.add_request, LLMEngine.step
+
+    def add(self, *a, **k):
         calls["n"] += 1
-        for i, tok in enumerate(real(*a, **k)):
-            if calls["n"] == 1 and i == 3:
-                raise KeyboardInterrupt
-            yield tok
+        return real_add(self, *a, **k)
 
-    monkeypatch.setattr(generation, "generate", interrupted)
+    def step(self):
+        calls["steps"] += 1
+        if calls["n"] == 1 and calls["steps"] == 4:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(LLMEngine, "add_request", add)
+    monkeypatch.setattr(LLMEngine, "step", step)
     monkeypatch.setattr("sys.stdin", io.StringIO("Tell me a long story.\nThanks!\n"))
     assert main(["chat", "--max-new-tokens", "6", "--threads", "1"]) == 0
     out, err = capsys.readouterr()

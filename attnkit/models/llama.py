@@ -107,18 +107,26 @@ class Llama(nn.Module):
     def new_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
 
-    def forward(self, idx: torch.Tensor, cache: list[KVCache] | None = None, last_only: bool = False) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: list[KVCache] | None = None, last_only: bool = False,
+                positions: torch.Tensor | None = None, logits_indices: torch.Tensor | None = None) -> torch.Tensor:
         """idx: (B, T) token ids → logits (B, T, vocab) (or (B, 1, vocab) with ``last_only``).
 
         With ``cache`` the tokens continue the cached sequence: their positions start at its length.
+        The inference engine passes explicit ``positions`` (T,) of its packed row of many sequences,
+        a per-layer cache that masks by itself, and ``logits_indices``: the only rows it needs logits of.
         """
         B, T = idx.shape
-        start = cache[0].length if cache is not None else 0
-        positions = torch.arange(start, start + T, device=idx.device)  # (T,)
-        mask = self._mask(T, start + T, idx.device)  # (T, start+T) or None
+        if positions is None:
+            start = cache[0].length if cache is not None else 0
+            positions = torch.arange(start, start + T, device=idx.device)  # (T,)
+            mask = self._mask(T, start + T, idx.device)  # (T, start+T) or None
+        else:
+            mask = None  # the cache (the engine's paged KV) knows which keys each token may see
         x = self.tok_embeddings(idx)  # (B, T, d)
         for i, layer in enumerate(self.layers):
             x = layer(x, mask=mask, rotary=self.rotary, positions=positions, cache=None if cache is None else cache[i])
+        if logits_indices is not None:
+            x = x[:, logits_indices]
         x = self.norm(x[:, -1:] if last_only else x)
         w = self.tok_embeddings.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, w)  # (B, T, vocab)

@@ -105,7 +105,11 @@ def scaled_dot_product_attention(
 
 
 class KVCacheLike(Protocol):
-    """What :class:`MultiHeadAttention` needs from a cache: append new K/V, return all of them."""
+    """What :class:`MultiHeadAttention` needs from a cache: append new K/V, return all of them.
+
+    A cache with ``attends = True`` instead provides ``attend(q, k, v) -> out`` (B, n_heads, T, hd):
+    it stores k, v and computes the attention itself (the engine's paged KV cache).
+    """
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -188,6 +192,13 @@ class MultiHeadAttention(nn.Module):
                 if positions is None:
                     raise ValueError("rotary embeddings need the absolute positions of the new tokens")
                 q, k = rotary(q, k, positions)
+            if cache is not None and getattr(cache, "attends", False):
+                # a cache that attends itself (the engine's paged KV: many sequences in one packed row)
+                # stores the new K/V and returns the attention output; mask and bias are its business
+                out = cache.attend(q, k, v)  # type: ignore[attr-defined]
+                B, _, T, _ = out.shape
+                self.last_weights = None
+                return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
             if cache is not None:
                 k, v = cache.update(k, v)
         out, weights = scaled_dot_product_attention(

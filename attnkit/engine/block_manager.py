@@ -1,0 +1,171 @@
+"""The KV cache in fixed-size blocks with reference counts (PagedAttention, Kwon et al. 2023, §4).
+
+A sequence's keys/values live in blocks of ``block_size`` token slots, anywhere in the pool; its
+block table maps logical block i to a physical block. Blocks are shared by reference counting:
+
+- prefix caching (vLLM's automatic prefix caching, SGLang's RadixAttention idea): a full block is
+  registered under a *chained* hash h_i = hash(h_{i-1}, tokens of block i), so equal hashes mean
+  equal prefixes; the token ids are compared on a hit all the same. Freed blocks keep their hash
+  and are reused least-recently-freed first, so a later request with the same prefix still hits.
+- copy-on-write: the n completions of a request share the prompt's blocks; writing into a shared
+  (partial) block first copies it (the copy is done by the model runner before the forward).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .sequence import Sequence
+
+
+@dataclass(eq=False)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None
+    token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class BlockStats:
+    num_blocks: int
+    free_blocks: int
+    used_blocks: int
+    prefix_queries: int  # full prompt blocks looked up
+    prefix_hits: int
+    hit_rate: float
+
+
+@dataclass
+class BlockManager:
+    num_blocks: int
+    block_size: int
+    enable_prefix_caching: bool = True
+    blocks: list[Block] = field(init=False)
+    free: deque[int] = field(init=False)
+    cached: dict[int, int] = field(init=False, default_factory=dict)  # hash -> block id
+    queries: int = 0
+    hits: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_blocks < 1 or self.block_size < 1:
+            raise ValueError(f"BlockManager: num_blocks ({self.num_blocks}) and block_size ({self.block_size}) must be >= 1")
+        self.blocks = [Block(i) for i in range(self.num_blocks)]
+        self.free = deque(range(self.num_blocks))
+        self._free_set = set(self.free)
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def stats(self) -> BlockStats:
+        return BlockStats(self.num_blocks, self.num_free, self.num_blocks - self.num_free, self.queries, self.hits,
+                          self.hits / self.queries if self.queries else 0.0)
+
+    @staticmethod
+    def chain_hash(prev: int | None, tokens: tuple[int, ...]) -> int:
+        return hash((prev, tokens))
+
+    def _take(self, block_id: int) -> Block:
+        b = self.blocks[block_id]
+        if b.ref_count == 0:
+            self.free.remove(block_id)
+            self._free_set.discard(block_id)
+        b.ref_count += 1
+        return b
+
+    def _new_block(self) -> int:
+        block_id = self.free.popleft()
+        self._free_set.discard(block_id)
+        b = self.blocks[block_id]
+        if b.hash is not None and self.cached.get(b.hash) == block_id:
+            del self.cached[b.hash]  # its old content is about to be overwritten
+        b.hash, b.token_ids, b.ref_count = None, (), 1
+        return block_id
+
+    def match_prefix(self, seq: Sequence) -> None:
+        """Start a block-less sequence on the longest cached prefix (at least its last token is computed)."""
+        assert not seq.block_table and seq.num_computed == 0
+        if not self.enable_prefix_caching:
+            return
+        bs, h = self.block_size, None
+        for i in range((len(seq) - 1) // bs):
+            tokens = tuple(seq.tokens[i * bs:(i + 1) * bs])
+            h = self.chain_hash(h, tokens)
+            self.queries += 1
+            block_id = self.cached.get(h)
+            if block_id is None or self.blocks[block_id].token_ids != tokens:
+                break
+            self.hits += 1
+            self._take(block_id)
+            seq.block_table.append(block_id)
+        seq.num_computed = seq.num_hashed_blocks = len(seq.block_table)
+        seq.num_computed *= bs
+
+    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        """New blocks to hold ``num_tokens`` more tokens after the computed ones (counting a copy-on-write)."""
+        end = seq.num_computed + num_tokens
+        need = -(-end // self.block_size) - len(seq.block_table)
+        first = seq.num_computed // self.block_size  # the block the first new token is written into
+        if first < len(seq.block_table) and self.blocks[seq.block_table[first]].ref_count > 1:
+            need += 1
+        return max(need, 0)
+
+    def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        return self.blocks_needed(seq, num_tokens) <= self.num_free
+
+    def allocate(self, seq: Sequence, num_tokens: int) -> list[tuple[int, int]]:
+        """Give ``seq`` slots for ``num_tokens`` more tokens; returns the (src, dst) block copies to make."""
+        copies = []
+        bs = self.block_size
+        for i in range(seq.num_computed // bs, len(seq.block_table)):  # blocks about to be written
+            b = self.blocks[seq.block_table[i]]
+            if b.ref_count > 1:  # copy-on-write
+                b.ref_count -= 1
+                new = self._new_block()
+                copies.append((b.block_id, new))
+                seq.block_table[i] = new
+        end = seq.num_computed + num_tokens
+        while len(seq.block_table) * bs < end:
+            seq.block_table.append(self._new_block())
+        return copies
+
+    def register_full_blocks(self, seq: Sequence) -> None:
+        """Hash the blocks that are now full of computed tokens, so later prompts can reuse them."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        n_full = min(seq.num_computed // bs, len(seq.block_table))
+        h = None if seq.num_hashed_blocks == 0 else self.blocks[seq.block_table[seq.num_hashed_blocks - 1]].hash
+        for i in range(seq.num_hashed_blocks, n_full):
+            b = self.blocks[seq.block_table[i]]
+            tokens = tuple(seq.tokens[i * bs:(i + 1) * bs])
+            h = self.chain_hash(h, tokens)
+            if b.hash is None:
+                b.hash, b.token_ids = h, tokens
+                self.cached.setdefault(h, b.block_id)
+        seq.num_hashed_blocks = max(seq.num_hashed_blocks, n_full)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Share all of the parent's blocks with the child (copy-on-write when either writes)."""
+        assert not child.block_table
+        for block_id in parent.block_table:
+            self.blocks[block_id].ref_count += 1
+        child.block_table = list(parent.block_table)
+        child.num_hashed_blocks = parent.num_hashed_blocks
+
+    def free_seq(self, seq: Sequence) -> None:
+        """Drop the sequence's references; blocks no one uses go back to the pool (hash kept for reuse)."""
+        for block_id in reversed(seq.block_table):
+            b = self.blocks[block_id]
+            b.ref_count -= 1
+            assert b.ref_count >= 0
+            if b.ref_count == 0:
+                if b.hash is None:
+                    self.free.appendleft(block_id)  # nothing to reuse: hand it out first
+                else:
+                    self.free.append(block_id)
+                self._free_set.add(block_id)
+        seq.block_table = []
+        seq.num_computed = seq.num_hashed_blocks = 0

@@ -1,0 +1,123 @@
+"""The user-facing API, as in vLLM: ``LLM(model).generate(prompts, SamplingParams(...))``.
+
+``LLM(None)`` runs the embedded default model (SmolLM2-135M-Instruct); a path loads a GGUF file or
+a Hugging Face directory. ``generate`` takes one prompt or many (text or token ids) and one
+SamplingParams or one per prompt and returns a :class:`RequestOutput` per prompt, in order;
+``chat`` renders conversations with the model's chat template first; ``stream`` yields outputs as
+they grow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Union
+
+import torch
+from torch import nn
+
+from .llm_engine import EngineConfig, LLMEngine
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from ..text.tokenizer import Tokenizer
+
+Prompt = Union[str, list[int]]
+Messages = list[dict[str, str]]
+
+
+class LLM:
+    def __init__(self, model: str | Path | None = None, dtype: torch.dtype = torch.float32,
+                 config: EngineConfig | None = None, **engine_kw) -> None:
+        from ..loading import load_causal_lm
+
+        lm = load_causal_lm(model, dtype)
+        self.path = lm.path
+        self._setup(lm.model, lm.tokenizer, config or EngineConfig(**engine_kw), lm.stop_ids)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None,
+                   eos_ids: set[int] | None = None, **engine_kw) -> LLM:
+        """An LLM around an already built model (tests, custom checkpoints)."""
+        self = cls.__new__(cls)
+        self.path = None
+        self._setup(model, tokenizer, config or EngineConfig(**engine_kw), eos_ids)
+        return self
+
+    def _setup(self, model: nn.Module, tokenizer: Tokenizer | None, config: EngineConfig,
+               eos_ids: set[int] | None) -> None:
+        self.tokenizer = tokenizer
+        self.engine = LLMEngine(model, tokenizer, config, eos_ids)
+
+    @staticmethod
+    def _prompts(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            return [prompts]  # type: ignore[list-item]
+        return list(prompts)  # type: ignore[arg-type]
+
+    def _add(self, prompts: Prompt | Sequence[Prompt],
+             params: SamplingParams | Sequence[SamplingParams] | None) -> list[str]:
+        ps = self._prompts(prompts)
+        if params is None or isinstance(params, SamplingParams):
+            plist = [params or SamplingParams()] * len(ps)
+        else:
+            plist = list(params)
+            if len(plist) != len(ps):
+                raise ValueError(f"{len(plist)} SamplingParams for {len(ps)} prompts")
+        for p in plist:
+            if not isinstance(p, SamplingParams):
+                raise TypeError(f"sampling_params must be SamplingParams, got {type(p).__name__}")
+        ids = []
+        try:
+            for prompt, p in zip(ps, plist):
+                ids.append(self.engine.add_request(prompt, p))
+        except BaseException:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+        return ids
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Run the prompts to completion, batched; one output per prompt, in the prompts' order."""
+        ids = self._add(prompts, sampling_params)
+        done: dict[str, RequestOutput] = {}
+        for out in self._stream_ids(ids):
+            if out.finished:
+                done[out.request_id] = out
+        return [done[r] for r in ids]
+
+    def _stream_ids(self, ids: list[str]) -> Iterator[RequestOutput]:
+        pending = set(ids)
+        try:
+            while pending:
+                for out in self.engine.step():
+                    if out.request_id in pending:
+                        if out.finished:
+                            pending.discard(out.request_id)
+                        yield out
+        finally:
+            for rid in pending:
+                self.engine.abort_request(rid)
+
+    def stream(self, prompts: Prompt | Sequence[Prompt],
+               sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> Iterator[RequestOutput]:
+        """Yield each request's (cumulative) output whenever it grows; stopping early aborts the rest."""
+        yield from self._stream_ids(self._add(prompts, sampling_params))
+
+    def render_chat(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
+        from ..text.chat_template import render_chat
+
+        tok = self.tokenizer
+        if tok is None:
+            raise ValueError("chat needs a tokenizer with a chat template")
+        text = render_chat(tok.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                           source=str(self.path), bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
+        return tok.encode(text, add_special_tokens=False)
+
+    def chat(self, messages: Messages | Sequence[Messages],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"}) or a list of them → one reply each."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)  # type: ignore[list-item]
+        return self.generate([self.render_chat(c) for c in convs], sampling_params)  # type: ignore[arg-type]

@@ -1,0 +1,226 @@
+"""LLMEngine: the step loop joining scheduler, model runner and sampler (vLLM's ``LLMEngine``).
+
+``add_request`` validates and queues; every ``step`` schedules one batch, runs ONE forward for it,
+samples one token for each sequence whose input is complete, detokenises incrementally, checks the
+stop conditions (EOS, stop token ids, stop strings matched across token boundaries and cut from the
+text, max_tokens, the context length), frees finished sequences' blocks, and returns the outputs of
+the requests that progressed. ``abort_request`` frees a request's blocks at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from ..text.detokenize import IncrementalDetokenizer
+from .block_manager import BlockManager, BlockStats
+from .model_runner import ModelRunner
+from .outputs import CompletionOutput, RequestMetrics, RequestOutput
+from .sampler import sample
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+if TYPE_CHECKING:
+    from ..text.tokenizer import Tokenizer
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    num_blocks: int | None = None  # default: kv_cache_bytes worth of blocks
+    kv_cache_bytes: int = 1 << 30
+    max_num_seqs: int = 64  # sequences per step
+    max_num_batched_tokens: int = 512  # tokens per step (prefill chunks + decodes)
+    max_model_len: int | None = None  # default: the model's context, capped by the pool
+    max_waiting: int = 100_000
+    enable_prefix_caching: bool = True
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    arrival: float
+    detoks: list[IncrementalDetokenizer | None] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None,
+                 eos_ids: set[int] | None = None) -> None:
+        self.config = cfg = config or EngineConfig()
+        self.model, self.tokenizer = model, tokenizer
+        self.vocab_size = model.cfg.vocab_size
+        self.eos_ids = set(eos_ids if eos_ids is not None else (tokenizer.eos_ids if tokenizer is not None else ()))
+        num_blocks = cfg.num_blocks or max(1, cfg.kv_cache_bytes // ModelRunner.bytes_per_block(model, cfg.block_size))
+        self.max_model_len = min(cfg.max_model_len or model.cfg.max_seq_len, num_blocks * cfg.block_size)
+        self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_waiting)
+        self.runner = ModelRunner(model, num_blocks, cfg.block_size)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self.num_steps = 0
+
+    @classmethod
+    def from_pretrained(cls, path: str | None = None, config: EngineConfig | None = None, **kw) -> LLMEngine:
+        """Load a GGUF file or HF directory (None: the embedded default) and start an engine on it."""
+        from ..loading import load_causal_lm
+
+        lm = load_causal_lm(path, **kw)
+        return cls(lm.model, lm.tokenizer, config, lm.stop_ids)
+
+    # requests
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        params.check_vocab(self.vocab_size)
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer; pass token ids instead")
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty (it needs at least one token)")
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            raise ValueError(f"prompt token ids must lie in [0, {self.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; the engine's max_model_len is {self.max_model_len}")
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("SamplingParams.stop: stop strings need a tokenizer")
+        request_id = str(next(self._ids)) if request_id is None else request_id
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        now = time.perf_counter()
+        seqs = [Sequence(request_id, i, ids, params, arrival=now) for i in range(params.n)]
+        for child in seqs[1:]:
+            child.parent = seqs[0]
+        seqs[0].children = seqs[1:]
+        self.scheduler.add(seqs)
+        detoks = [IncrementalDetokenizer(self.tokenizer, ids[-4:], params.skip_special_tokens)
+                  if self.tokenizer is not None else None for _ in seqs]
+        self.requests[request_id] = Request(request_id, text, ids, params, seqs, now, detoks)
+        return request_id
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now; its blocks go back to the pool immediately."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.finished:
+                self.scheduler.finish(seq, "abort")
+                seq.finish_time = time.perf_counter()
+        return self._output(req)
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Add one request and step the engine until it finishes, yielding its output after every step.
+
+        Other requests in the engine progress too. Leaving the loop early (``break``, Ctrl-C) aborts it.
+        """
+        rid = self.add_request(prompt, params)
+        try:
+            while rid in self.requests:
+                for out in self.step():
+                    if out.request_id == rid:
+                        yield out
+        finally:
+            self.abort_request(rid)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    def stats(self) -> BlockStats:
+        return self.block_manager.stats()
+
+    # the step loop
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            if not self.scheduler.has_work():
+                return []
+            if self.scheduler._release_waiting_blocks():
+                batch = self.scheduler.schedule()
+            if not batch.seqs:
+                if batch.num_preempted:
+                    return []
+                raise RuntimeError("the engine cannot schedule any sequence: the KV cache is too small")
+        self.num_steps += 1
+        logits, rows = self.runner.run(batch)
+        self.scheduler.computed(batch)
+        touched = {s.request_id for s in batch.seqs}
+        if rows:
+            seqs = [batch.seqs[r] for r in rows]
+            tokens, lps = sample(logits, seqs, self.eos_ids)
+            for seq, tok, lp in zip(seqs, tokens, lps):
+                seq.append(tok)
+                if lp is not None:
+                    seq.logprobs.append(lp)
+                self._check_stop(seq, tok)
+        outs = []
+        for rid in touched:
+            req = self.requests.get(rid)
+            if req is None:
+                continue
+            out = self._output(req)
+            outs.append(out)
+            if out.finished:
+                del self.requests[rid]
+        return outs
+
+    def _check_stop(self, seq: Sequence, tok: int) -> None:
+        p = seq.params
+        req = self.requests[seq.request_id]
+        detok = req.detoks[seq.index]
+        if not p.ignore_eos and tok in self.eos_ids and len(seq.output_ids) >= p.min_tokens:
+            return self._finish(seq, "stop", None)
+        if tok in (p.stop_token_ids or ()) and len(seq.output_ids) >= p.min_tokens:
+            return self._finish(seq, "stop", tok)
+        if detok is not None:
+            new = detok.push(tok)
+            if new:
+                before = len(seq.text)
+                seq.text += new
+                for s in p.stop_strings:
+                    at = seq.text.find(s, max(0, before - len(s) + 1))
+                    if at >= 0:
+                        seq.text = seq.text[:at]
+                        return self._finish(seq, "stop", s)
+        if len(seq.output_ids) >= p.max_tokens or len(seq) >= self.max_model_len:
+            self._finish(seq, "length", None)
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
+        req = self.requests[seq.request_id]
+        detok = req.detoks[seq.index]
+        if detok is not None and not isinstance(stop_reason, str):  # a stop string already cut the text
+            seq.text += detok.flush()
+        self.scheduler.finish(seq, reason, stop_reason)
+        seq.finish_time = time.perf_counter()
+
+    def _output(self, req: Request) -> RequestOutput:
+        hold = max((len(s) for s in req.params.stop_strings), default=1) - 1
+        outs = []
+        for s in req.seqs:
+            text = s.text if s.finished or not hold else s.text[: max(0, len(s.text) - hold)]
+            outs.append(CompletionOutput(s.index, text, list(s.output_ids), s.finish_reason, s.stop_reason,
+                                         list(s.logprobs) if req.params.logprobs is not None else None))
+        metrics = RequestMetrics(req.arrival, min((s.first_token_time for s in req.seqs if s.first_token_time),
+                                                  default=None),
+                                 max((s.finish_time or 0 for s in req.seqs), default=0) or None,
+                                 sum(s.num_preemptions for s in req.seqs))
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, all(s.finished for s in req.seqs),
+                             metrics)

@@ -1,0 +1,102 @@
+"""The model runner: turns a scheduled batch into ONE forward pass and returns next-token logits.
+
+It owns the KV block pool (per layer, (num_blocks, block_size, n_kv_heads, head_dim) for K and V),
+lays the step's tokens out packed, builds the attention metadata (slots, block tables, masks) once
+for all layers, performs the copy-on-write block copies, and asks the model only for the logits of
+sequences whose input is complete (a prefill chunk in the middle of a prompt samples nothing).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .paged_attention import AttentionMetadata, PagedKVCache, PrefillChunk
+from .scheduler import ScheduledBatch
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int) -> None:
+        cfg = model.cfg
+        if not hasattr(cfg, "n_kv_heads") or not hasattr(model, "rotary"):
+            raise TypeError(f"the engine runs Llama-family models; got {type(model).__name__}")
+        self.model = model.eval()
+        self.block_size = block_size
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.window: int | None = getattr(cfg, "sliding_window", None)
+        shape = (len(model.layers), num_blocks, block_size, cfg.n_kv_heads, cfg.hd)
+        self.k_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.caches = [PagedKVCache(self.k_pool[i], self.v_pool[i]) for i in range(shape[0])]
+
+    @staticmethod
+    def bytes_per_block(model: nn.Module, block_size: int) -> int:
+        cfg = model.cfg
+        elt = next(model.parameters()).element_size()
+        return 2 * len(model.layers) * block_size * cfg.n_kv_heads * cfg.hd * elt
+
+    def _mask(self, q_pos: torch.Tensor, k_len: int) -> torch.Tensor:
+        """(n, k_len): key j visible to the query at absolute position p iff j <= p (and p - j < window)."""
+        j = torch.arange(k_len, device=self.device)[None, :]
+        m = j <= q_pos[:, None]
+        if self.window is not None:
+            m &= q_pos[:, None] - j < self.window
+        return m
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
+        """Forward the batch; returns (logits (S, vocab) float32, indices into batch.seqs of the S sampling rows)."""
+        if batch.copies:
+            src = torch.tensor([s for s, _ in batch.copies], device=self.device)
+            dst = torch.tensor([d for _, d in batch.copies], device=self.device)
+            self.k_pool[:, dst] = self.k_pool[:, src]
+            self.v_pool[:, dst] = self.v_pool[:, src]
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        dec_idx: list[int] = []
+        dec_tables: list[list[int]] = []
+        dec_lens: list[int] = []
+        prefills: list[PrefillChunk] = []
+        sample_rows: list[int] = []
+        logits_idx: list[int] = []
+        for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
+            start, t0 = seq.num_computed, len(ids)
+            p = list(range(start, start + n))
+            ids += seq.tokens[start:start + n]
+            pos += p
+            table = seq.block_table
+            slots += [table[i // bs] * bs + i % bs for i in p]
+            ctx = start + n
+            n_blocks = -(-ctx // bs)
+            if n == 1:
+                dec_idx.append(t0)
+                dec_tables.append(table[:n_blocks])
+                dec_lens.append(ctx)
+            else:
+                q_pos = torch.arange(start, ctx, device=self.device)
+                prefills.append(PrefillChunk(t0, t0 + n, ctx, torch.tensor(table[:n_blocks], device=self.device),
+                                             self._mask(q_pos, ctx)))
+            if ctx == len(seq):
+                sample_rows.append(row)
+                logits_idx.append(len(ids) - 1)
+        meta = AttentionMetadata(torch.tensor(slots, device=self.device), prefills=prefills)
+        if dec_idx:
+            width = max(len(t) for t in dec_tables)
+            meta.decode_index = torch.tensor(dec_idx, device=self.device)
+            meta.decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables], device=self.device)
+            lens = torch.tensor(dec_lens, device=self.device)
+            meta.decode_mask = self._mask(lens - 1, width * bs)[:, None, None, :] & (
+                torch.arange(width * bs, device=self.device)[None, None, None, :] < lens[:, None, None, None])
+        for c in self.caches:
+            c.meta = meta
+        try:
+            logits = self.model(torch.tensor([ids], device=self.device), cache=self.caches,
+                                positions=torch.tensor(pos, device=self.device),
+                                logits_indices=torch.tensor(logits_idx, device=self.device, dtype=torch.long))
+        finally:
+            for c in self.caches:
+                c.meta = None
+        return logits[0].float(), sample_rows

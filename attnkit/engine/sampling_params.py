@@ -1,0 +1,97 @@
+"""Per-request sampling settings, validated before anything runs (the vLLM ``SamplingParams`` idea).
+
+temperature 0 is greedy decoding; otherwise logits/temperature are filtered by top-k (Fan et al.
+2018), top-p / nucleus (Holtzman et al. 2020) and min-p (Nguyen et al. 2024), after the repetition
+penalty (Keskar et al. 2019, CTRL §4.1) and the OpenAI presence/frequency penalties.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+class SamplingParamsError(ValueError):
+    """An invalid sampling setting; the message names the field."""
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1  # completions per prompt (they share the prompt's KV blocks)
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 or -1 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and the output
+    presence_penalty: float = 0.0  # subtracted once from each token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the output
+    seed: int | None = None  # reproducible per request whatever else is batched
+    stop: list[str] | str | None = None  # stop strings, matched on the text; never shown
+    stop_token_ids: list[int] | None = None
+    max_tokens: int = 16
+    min_tokens: int = 0  # EOS and stop tokens are masked until this many tokens
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top alternatives returned per token (0 = only the sampled one)
+    logit_bias: dict[int, float] | None = None
+    skip_special_tokens: bool = True
+    stop_strings: tuple[str, ...] = field(init=False, repr=False, default=())
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> SamplingParamsError:
+            return SamplingParamsError(f"SamplingParams.{name}: {why} (got {getattr(self, name)!r})")
+
+        def is_int(x: object) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        def is_num(x: object) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        if not is_int(self.n) or self.n < 1:
+            raise bad("n", "must be an integer >= 1")
+        if not is_num(self.temperature) or self.temperature < 0:
+            raise bad("temperature", "must be a finite number >= 0 (0 = greedy)")
+        if not is_int(self.top_k) or self.top_k < -1:
+            raise bad("top_k", "must be an integer >= 0 (0 or -1 = off)")
+        if self.top_k == -1:
+            self.top_k = 0
+        if not is_num(self.top_p) or not 0 < self.top_p <= 1:
+            raise bad("top_p", "must be in (0, 1]")
+        if not is_num(self.min_p) or not 0 <= self.min_p <= 1:
+            raise bad("min_p", "must be in [0, 1]")
+        if not is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "must be a finite number > 0 (1 = off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not is_num(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
+                raise bad(name, "must be in [-2, 2]")
+        if self.seed is not None and not is_int(self.seed):
+            raise bad("seed", "must be an integer or None")
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise bad("stop", "must be a non-empty string or a list of non-empty strings")
+        self.stop_strings = tuple(stop)
+        ids = list(self.stop_token_ids or [])
+        if any(not is_int(t) or t < 0 for t in ids):
+            raise bad("stop_token_ids", "must be a list of non-negative token ids")
+        self.stop_token_ids = ids
+        if not is_int(self.max_tokens) or self.max_tokens < 1:
+            raise bad("max_tokens", "must be an integer >= 1")
+        if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise bad("min_tokens", "must be an integer in [0, max_tokens]")
+        if not isinstance(self.ignore_eos, bool):
+            raise bad("ignore_eos", "must be a bool")
+        if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
+            raise bad("logprobs", "must be None or an integer in [0, 20]")
+        bias = dict(self.logit_bias or {})
+        if any(not is_int(t) or t < 0 or not is_num(b) or not -100 <= b <= 100 for t, b in bias.items()):
+            raise bad("logit_bias", "must map token ids (>= 0) to biases in [-100, 100]")
+        self.logit_bias = {int(t): float(b) for t, b in bias.items()}
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Token ids named in the settings must exist in the model's vocabulary."""
+        for name, ids in (("stop_token_ids", self.stop_token_ids or []), ("logit_bias", list(self.logit_bias or {}))):
+            if any(t >= vocab_size for t in ids):
+                raise SamplingParamsError(f"SamplingParams.{name}: token id out of range for vocab size {vocab_size}")

@@ -1,0 +1,83 @@
+"""A sequence: one stream of tokens being generated, and the state the engine keeps for it.
+
+The prompt and the generated tokens live in one list; ``num_computed`` counts the tokens whose
+keys/values are in the KV cache (prefix-cache hits and prefill chunks advance it), and
+``block_table`` maps the sequence's logical KV blocks to physical ones (vLLM, Kwon et al. 2023, §4.2).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    index: int  # which of the request's n completions
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival: float = field(default_factory=time.perf_counter)
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    status: SequenceStatus = SequenceStatus.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V are cached
+    block_table: list[int] = field(default_factory=list)
+    num_hashed_blocks: int = 0  # leading blocks already registered for prefix caching
+    parent: Sequence | None = None  # n > 1: waits for its parent's prefill, then forks its blocks
+    children: list[Sequence] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    text: str = ""  # detokenised output (stop strings removed)
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    num_preemptions: int = 0
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    def __post_init__(self) -> None:
+        self.tokens = list(self.prompt_ids)  # prompt + output, the model's input
+        if self.params.seed is not None:
+            seed = self.params.seed if self.index == 0 else hash((self.params.seed, self.index)) & (2**63 - 1)
+            self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.tokens) - self.num_computed
+
+    @property
+    def in_prefill(self) -> bool:
+        """True while more than the newest token still has to go through the model."""
+        return self.num_uncomputed > 1
+
+    def append(self, token: int) -> None:
+        self.tokens.append(token)
+        self.output_ids.append(token)
+        if self.first_token_time is None:
+            self.first_token_time = time.perf_counter()

@@ -1,0 +1,40 @@
+"""Shared fixtures for the engine tests: a tiny random Llama and a greedy reference decoder."""
+
+from __future__ import annotations
+
+import torch
+
+from attnkit.engine import LLM, EngineConfig, SamplingParams
+from attnkit.models.llama import Llama, LlamaConfig
+
+
+def tiny_llama(vocab: int = 320, seed: int = 0, **kw) -> Llama:
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=vocab, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=1024)
+    cfg.update(kw)
+    m = Llama(LlamaConfig(**cfg)).eval()
+    with torch.no_grad():  # sharper logits than the default init: fewer near-ties in argmax
+        m.tok_embeddings.weight.mul_(20)
+    return m
+
+
+@torch.inference_mode()
+def greedy_reference(model: Llama, prompt: list[int], n: int) -> list[int]:
+    """Plain full-recompute greedy decoding, no cache at all."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def random_prompts(n: int, vocab: int, lo: int = 1, hi: int = 80, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    return [torch.randint(0, vocab, (L,), generator=g).tolist() for L in lens]
+
+
+def make_llm(model: Llama, tokenizer=None, eos_ids=frozenset(), **cfg) -> LLM:
+    return LLM.from_model(model, tokenizer, EngineConfig(**cfg), eos_ids=set(eos_ids))
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=8)
