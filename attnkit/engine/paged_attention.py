@@ -39,6 +39,7 @@ class AttentionMetadata:
     decode_tables: torch.Tensor | None = None  # (B_d, max_blocks)
     decode_mask: torch.Tensor | None = None  # (B_d, 1, 1, max_blocks * block_size)
     prefills: list[PrefillChunk] = field(default_factory=list)
+    scratch: list[torch.Tensor] = field(default_factory=list)  # the decode gather's buffers, reused by every layer
 
 
 class PagedKVCache:
@@ -58,13 +59,25 @@ class PagedKVCache:
         self.k_pool.view(-1, n_kv, hd).index_copy_(0, slots, k[0].transpose(0, 1))
         self.v_pool.view(-1, n_kv, hd).index_copy_(0, slots, v[0].transpose(0, 1))
 
-    def _gather(self, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, nb) block ids → K, V of shape (B, n_kv, nb * block_size, hd)."""
+    def _gather(self, tables: torch.Tensor, scratch: list[torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, nb) block ids → K, V of shape (B, n_kv, nb * block_size, hd).
+
+        ``index_select`` on the flattened pool copies whole blocks (several times faster than
+        advanced indexing on the CPU); ``scratch`` (two buffers shared by all layers of a step)
+        saves allocating the copies again for every layer.
+        """
         B, nb = tables.shape
         bs, n_kv, hd = self.k_pool.shape[1:]
-        k = self.k_pool[tables].view(B, nb * bs, n_kv, hd).transpose(1, 2)
-        v = self.v_pool[tables].view(B, nb * bs, n_kv, hd).transpose(1, 2)
-        return k, v
+        flat_k, flat_v, idx = self.k_pool.view(-1, bs * n_kv * hd), self.v_pool.view(-1, bs * n_kv * hd), tables.view(-1)
+        if scratch is None:
+            k, v = flat_k.index_select(0, idx), flat_v.index_select(0, idx)
+        else:
+            if not scratch:
+                scratch += [flat_k.new_empty(B * nb, bs * n_kv * hd), flat_v.new_empty(B * nb, bs * n_kv * hd)]
+            k = torch.index_select(flat_k, 0, idx, out=scratch[0])
+            v = torch.index_select(flat_v, 0, idx, out=scratch[1])
+        return k.view(B, nb * bs, n_kv, hd).transpose(1, 2), v.view(B, nb * bs, n_kv, hd).transpose(1, 2)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (1, nh, T, hd), new k/v (1, n_kv, T, hd) → attention output (1, nh, T, hd)."""
@@ -74,7 +87,7 @@ class PagedKVCache:
         out = torch.empty_like(q)
         if meta.decode_index is not None:
             assert meta.decode_tables is not None
-            kd, vd = self._gather(meta.decode_tables)
+            kd, vd = self._gather(meta.decode_tables, meta.scratch)
             qd = q[0][:, meta.decode_index].transpose(0, 1).unsqueeze(2)  # (B_d, nh, 1, hd)
             od, _ = scaled_dot_product_attention(qd, kd, vd, mask=meta.decode_mask, impl="sdpa")
             out[0][:, meta.decode_index] = od.squeeze(2).transpose(0, 1)
