@@ -25,7 +25,7 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks that print a table and JSON (see benchmarks/)")
-    p.add_argument("name", choices=["parallelism", "seq2seq_tasks", "load", "parity"], help="which benchmark")
+    p.add_argument("name", choices=["parallelism", "seq2seq_tasks", "load", "parity", "engine"], help="which benchmark")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     p.set_defaults(func=_run_bench)
 

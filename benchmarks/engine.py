@@ -1,0 +1,263 @@
+"""The inference engine against its peers on the default model (SmolLM2-135M-Instruct), same machine.
+
+Measured for each system installed — attnkit's engine, HF transformers (``generate``, batched with
+left padding) and llama.cpp (through ``llama-cpp-python``, optional; requests run one by one) —
+each in a fresh process, on the same random token ids:
+
+- single stream: time to first token (TTFT) and decode tokens/s, for a 32- and a 512-token prompt;
+- offline throughput: N requests (default 64), input 32–512 and output 32–256 tokens (uniform),
+  greedy with ignore_eos: output tokens/s and total (input + output) tokens/s;
+- model load time and peak RSS.
+
+Prints a table and the JSON (``--json FILE`` also writes it).
+
+    python benchmarks/engine.py [--quick] [--no-hf] [--threads N] [--json FILE]
+    attnkit bench engine -- --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def workload(quick: bool, n_requests: int, seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    tok = lambda n: [rng.randrange(1000, 40000) for _ in range(n)]  # noqa: E731 (ordinary-text ids of SmolLM2)
+    lo_in, hi_in, lo_out, hi_out = (32, 128, 16, 64) if quick else (32, 512, 32, 256)
+    n = 16 if quick and n_requests == 64 else n_requests
+    return {
+        "single": [tok(32), tok(512)],
+        "single_new": 32 if quick else 128,
+        "offline": [(tok(rng.randint(lo_in, hi_in)), rng.randint(lo_out, hi_out)) for _ in range(n)],
+    }
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bar(total: int, desc: str):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit="tok", file=sys.stderr, leave=False)
+    except ImportError:  # pragma: no cover
+        return None
+
+
+def run_attnkit(w: dict) -> dict:
+    from attnkit import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    llm = LLM()
+    res: dict = {"load_s": time.perf_counter() - t0}
+    llm.generate([1, 2, 3], SamplingParams(temperature=0, max_tokens=2))  # warm-up
+    n_new = w["single_new"]
+    for prompt in w["single"]:
+        o = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True))[0]
+        m = o.metrics
+        res[f"ttft_{len(prompt)}_s"] = m.ttft
+        res[f"decode_{len(prompt)}_tok_s"] = (n_new - 1) / (m.finish_time - m.first_token_time)
+    reqs = w["offline"]
+    total_out = sum(n for _, n in reqs)
+    pb = bar(total_out, "attnkit offline")
+    t = time.perf_counter()
+    seen: dict[str, int] = {}
+    for out in llm.stream([p for p, _ in reqs], [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+                                                  for _, n in reqs]):
+        if pb is not None:
+            pb.update(len(out.token_ids) - seen.get(out.request_id, 0))
+        seen[out.request_id] = len(out.token_ids)
+    dt = time.perf_counter() - t
+    if pb is not None:
+        pb.close()
+    assert sum(seen.values()) == total_out
+    res.update(offline_s=dt, offline_out_tok_s=total_out / dt,
+               offline_total_tok_s=(total_out + sum(len(p) for p, _ in reqs)) / dt,
+               preemptions=llm.engine.scheduler.num_preemptions, steps=llm.engine.num_steps)
+    return res
+
+
+def run_transformers(w: dict, batch: int) -> dict:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import torch
+    import transformers
+
+    from attnkit.loading.defaults import default_chat_model
+
+    p = default_chat_model()
+    t0 = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+    model.eval()
+    res: dict = {"load_s": time.perf_counter() - t0, "batch": batch}
+    pad = model.config.eos_token_id if model.config.pad_token_id is None else model.config.pad_token_id
+    pad = pad[0] if isinstance(pad, list) else pad
+
+    def gen(prompts: list[list[int]], new: int) -> None:
+        width = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (width - len(q)) + q for q in prompts])
+        mask = torch.tensor([[0] * (width - len(q)) + [1] * len(q) for q in prompts])
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                           do_sample=False, pad_token_id=pad)
+
+    gen([[1, 2, 3]], 2)  # warm-up
+    n_new = w["single_new"]
+    for prompt in w["single"]:
+        t = time.perf_counter()
+        gen([prompt], 1)
+        ttft = time.perf_counter() - t
+        t = time.perf_counter()
+        gen([prompt], n_new)
+        res[f"ttft_{len(prompt)}_s"] = ttft
+        res[f"decode_{len(prompt)}_tok_s"] = (n_new - 1) / (time.perf_counter() - t - ttft)
+    reqs = w["offline"]
+    total_out = sum(n for _, n in reqs)
+    pb = bar(total_out, "transformers offline")
+    t = time.perf_counter()
+    for i in range(0, len(reqs), batch):
+        chunk = reqs[i:i + batch]
+        gen([q for q, _ in chunk], max(n for _, n in chunk))  # each row to the batch's longest; only its own count
+        if pb is not None:
+            pb.update(sum(n for _, n in chunk))
+    dt = time.perf_counter() - t
+    if pb is not None:
+        pb.close()
+    res.update(offline_s=dt, offline_out_tok_s=total_out / dt,
+               offline_total_tok_s=(total_out + sum(len(q) for q, _ in reqs)) / dt)
+    return res
+
+
+def run_llama_cpp(w: dict, threads: int) -> dict:  # pragma: no cover - optional peer, not installed in CI
+    import llama_cpp
+
+    from attnkit.loading.defaults import default_chat_model
+
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=str(default_chat_model()), n_ctx=1024, n_threads=threads or None, verbose=False)
+    res: dict = {"load_s": time.perf_counter() - t0}
+
+    def gen(prompt: list[int], new: int) -> tuple[float, float]:
+        llm.reset()
+        t = time.perf_counter()
+        first = None
+        for i, _ in enumerate(llm.generate(prompt, temp=0.0, top_k=1)):
+            if first is None:
+                first = time.perf_counter()
+            if i + 1 == new:
+                break
+        return first - t, time.perf_counter() - first
+
+    n_new = w["single_new"]
+    for prompt in w["single"]:
+        ttft, rest = gen(prompt, n_new)
+        res[f"ttft_{len(prompt)}_s"] = ttft
+        res[f"decode_{len(prompt)}_tok_s"] = (n_new - 1) / rest
+    reqs = w["offline"]
+    t = time.perf_counter()
+    for q, n in reqs:
+        gen(q, n)
+    dt = time.perf_counter() - t
+    total_out = sum(n for _, n in reqs)
+    res.update(offline_s=dt, offline_out_tok_s=total_out / dt,
+               offline_total_tok_s=(total_out + sum(len(q) for q, _ in reqs)) / dt)
+    return res
+
+
+def child(name: str, args: argparse.Namespace) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    w = workload(args.quick, args.requests)
+    if name == "attnkit":
+        res = run_attnkit(w)
+    elif name == "transformers":
+        res = run_transformers(w, args.hf_batch)
+    else:
+        res = run_llama_cpp(w, args.threads)
+    res["peak_rss_mb"] = peak_rss_mb()
+    print("RESULT " + json.dumps(res))
+    return 0
+
+
+def installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+COLUMNS = [("load_s", "load s", 2), ("peak_rss_mb", "peak RSS MB", 0), ("ttft_32_s", "TTFT 32 s", 3),
+           ("decode_32_tok_s", "decode tok/s (32)", 1), ("ttft_512_s", "TTFT 512 s", 3),
+           ("decode_512_tok_s", "decode tok/s (512)", 1), ("offline_out_tok_s", "offline out tok/s", 1),
+           ("offline_total_tok_s", "offline total tok/s", 1)]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a smaller workload (16 requests, shorter texts): ~2 minutes")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--no-hf", action="store_true", help="skip HF transformers")
+    ap.add_argument("--hf-batch", type=int, default=16, help="HF generate batch size (padded)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    ap.add_argument("--json", default=None, help="also write the JSON report to this file")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args.child, args)
+
+    systems = ["attnkit"]
+    skipped = {}
+    if not args.no_hf:
+        systems.append("transformers") if installed("transformers") else skipped.setdefault("transformers", "not installed")
+    systems.append("llama.cpp") if installed("llama_cpp") else skipped.setdefault("llama.cpp", "llama-cpp-python not installed")
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
+    results: dict = {}
+    for i, name in enumerate(systems):
+        print(f"[{i + 1}/{len(systems)}] {name} …", file=sys.stderr, flush=True)
+        cmd = [sys.executable, __file__, "--child", name, "--requests", str(args.requests), "--threads", str(args.threads),
+               "--hf-batch", str(args.hf_batch)] + (["--quick"] if args.quick else [])
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+        line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if r.returncode != 0 or line is None:
+            skipped[name] = f"failed (exit {r.returncode})"
+            continue
+        results[name] = json.loads(line[len("RESULT "):])
+
+    print("| system | " + " | ".join(c[1] for c in COLUMNS) + " |")
+    print("|---|" + "---|" * len(COLUMNS))
+    for name, res in results.items():
+        print(f"| {name} | " + " | ".join(f"{res[k]:.{d}f}" if res.get(k) is not None else "—" for k, _, d in COLUMNS) + " |")
+    for name, why in skipped.items():
+        print(f"| {name} | {why} |")
+    w = workload(args.quick, args.requests)
+    report = {
+        "results": results, "skipped": skipped,
+        "workload": {"quick": args.quick, "requests": len(w["offline"]), "single_new_tokens": w["single_new"],
+                     "offline_input_tokens": sum(len(p) for p, _ in w["offline"]),
+                     "offline_output_tokens": sum(n for _, n in w["offline"]), "hf_batch": args.hf_batch},
+        "machine": {"cpus": os.cpu_count(), "processor": platform.machine(), "python": platform.python_version(),
+                    "threads": args.threads or "default"},
+    }
+    if "attnkit" in results and "transformers" in results:
+        a, h = results["attnkit"], results["transformers"]
+        report["speedup_vs_transformers"] = {k: a[k] / h[k] for k in ("offline_out_tok_s", "decode_32_tok_s",
+                                                                       "decode_512_tok_s")}
+    print(json.dumps(report, indent=2))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0 if results else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
