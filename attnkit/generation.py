@@ -5,7 +5,9 @@ likely tokens (Fan et al. 2018) and/or the smallest set whose probability reache
 (nucleus sampling, Holtzman et al. 2020). temperature = 0 is greedy decoding (argmax).
 
 The prompt is run once (prefill), then one token per step, reusing the cached keys and values.
-This small loop is the whole decoder for now; the batched engine (issue 4) replaces it.
+This small loop is the reference decoder: ``attnkit generate/chat`` and :class:`attnkit.LLM` run on
+the batched engine (:mod:`attnkit.engine`), which is tested against it; models the engine does not
+run yet (GPT-2) still decode here.
 """
 
 from __future__ import annotations

@@ -59,7 +59,8 @@ def apply_penalties_and_bias(logits: torch.Tensor, seqs: Seq[Sequence], eos_ids:
 def sample(logits: torch.Tensor, seqs: Seq[Sequence], eos_ids: set[int] = frozenset()
            ) -> tuple[list[int], list[dict[int, float] | None]]:
     """logits (B, V) → one token per row, and per row its log-probabilities if requested."""
-    logits = apply_penalties_and_bias(logits.float().clone(), seqs, set(eos_ids))
+    # on the CPU: (B, vocab) is small, and seeded rows draw from CPU generators
+    logits = apply_penalties_and_bias(logits.detach().float().cpu().clone(), seqs, set(eos_ids))
     B, V = logits.shape
     want_lp = [r for r, s in enumerate(seqs) if s.params.logprobs is not None]
     logprobs = torch.log_softmax(logits[want_lp], -1) if want_lp else None

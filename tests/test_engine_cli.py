@@ -1,0 +1,50 @@
+"""`attnkit generate/chat` on the engine: Llama models run on it, GPT-2 keeps the single-stream decoder."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+
+import attnkit.loading as loading
+import attnkit.loading.defaults  # noqa: F401
+from attnkit.engine import SamplingParams
+from attnkit.generation import SamplingParams as SimpleParams
+from attnkit.generation import generate
+from attnkit.loading import CausalLM
+from attnkit.models.gpt2 import GPT2, GPT2Config
+from attnkit.models_cli import _engine, stream
+from engine_helpers import tiny_llama
+
+try:
+    loading.defaults.default_chat_model()
+except loading.ModelLoadError as e:  # pragma: no cover
+    pytest.skip(f"default model not installed: {e}", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from attnkit.loading.gguf_file import GGUFFile
+    from attnkit.text.tokenizer import Tokenizer
+
+    path = loading.defaults.default_chat_model()
+    return Tokenizer.from_gguf(GGUFFile(path).metadata, path)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_cli_stream_matches_single_stream_decoding(tokenizer, family):
+    torch.manual_seed(0)
+    if family == "gpt2":
+        model = GPT2(GPT2Config(vocab_size=tokenizer.vocab_size, max_seq_len=128, d_model=32, n_layers=2, n_heads=2,
+                                d_ff=64)).eval()
+    else:
+        model = tiny_llama(tokenizer.vocab_size, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64)
+    lm = CausalLM(model, tokenizer, Path("tiny"))
+    prompt = tokenizer.encode("Hello there")
+    ref = list(generate(model, prompt, SimpleParams(max_new_tokens=10), lm.stop_ids))
+    out = io.StringIO()
+    ids = list(stream(_engine(lm), prompt, SamplingParams(temperature=0, max_tokens=10), out))
+    assert ids == ref
+    assert out.getvalue() == tokenizer.decode([t for t in ref if t not in lm.stop_ids])
