@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from attnkit import loading
 from attnkit.engine import LLM, EngineConfig, SamplingParams
+from attnkit.loading import defaults
 from attnkit.models.llama import Llama, LlamaConfig
+
+
+def skip_module_without_default_model() -> None:
+    """Call at import time of a test module that needs the embedded SmolLM2."""
+    try:
+        defaults.default_chat_model()
+    except loading.ModelLoadError as e:  # pragma: no cover
+        pytest.skip(f"default model not installed: {e}", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The default model's tokenizer, built from its GGUF metadata."""
+    from attnkit.loading.gguf_file import GGUFFile
+    from attnkit.text.tokenizer import Tokenizer
+
+    path = defaults.default_chat_model()
+    return Tokenizer.from_gguf(GGUFFile(path).metadata, path)
 
 
 def tiny_llama(vocab: int = 320, seed: int = 0, **kw) -> Llama:

@@ -8,29 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import attnkit.loading as loading
-import attnkit.loading.defaults  # noqa: F401
 from attnkit.engine import SamplingParams
 from attnkit.generation import SamplingParams as SimpleParams
 from attnkit.generation import generate
 from attnkit.loading import CausalLM
 from attnkit.models.gpt2 import GPT2, GPT2Config
 from attnkit.models_cli import _engine, stream
-from engine_helpers import tiny_llama
+from engine_helpers import skip_module_without_default_model, tiny_llama, tokenizer  # noqa: F401
 
-try:
-    loading.defaults.default_chat_model()
-except loading.ModelLoadError as e:  # pragma: no cover
-    pytest.skip(f"default model not installed: {e}", allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from attnkit.loading.gguf_file import GGUFFile
-    from attnkit.text.tokenizer import Tokenizer
-
-    path = loading.defaults.default_chat_model()
-    return Tokenizer.from_gguf(GGUFFile(path).metadata, path)
+skip_module_without_default_model()
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

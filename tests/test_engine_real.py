@@ -13,21 +13,9 @@ import attnkit.loading.defaults  # noqa: E402,F401
 from attnkit import LLM, SamplingParams  # noqa: E402
 from attnkit.generation import SamplingParams as SimpleParams  # noqa: E402
 from attnkit.generation import generate  # noqa: E402
-from engine_helpers import make_llm, tiny_llama  # noqa: E402
+from engine_helpers import make_llm, skip_module_without_default_model, tiny_llama, tokenizer  # noqa: E402,F401
 
-try:
-    loading.defaults.default_chat_model()
-except loading.ModelLoadError as e:  # pragma: no cover
-    pytest.skip(f"default model not installed: {e}", allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from attnkit.loading.gguf_file import GGUFFile
-    from attnkit.text.tokenizer import Tokenizer
-
-    path = loading.defaults.default_chat_model()
-    return Tokenizer.from_gguf(GGUFFile(path).metadata, path)
+skip_module_without_default_model()
 
 
 @pytest.fixture(scope="module")
