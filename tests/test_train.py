@@ -105,3 +105,16 @@ def test_unknown_task_and_bad_args():
         TrainArgs(label_smoothing=1.5)
     with pytest.raises(ValueError, match="model must be"):
         TrainArgs(model="gru")
+
+
+def test_resume_keeps_the_runs_recipe(tmp_path):
+    """Resuming with different model flags continues the saved run instead of mixing recipes."""
+    out = tmp_path / "ck"
+    train(TrainArgs(task="reverse", steps=2, **TINY), out, progress=False)
+    train(TrainArgs(task="copy", steps=4, **{**TINY, "d_model": 64, "warmup": 7}), out, resume=True, progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["task"] == "reverse"
+    assert config["train_args"]["d_model"] == 32 and config["train_args"]["warmup"] == 400
+    assert config["train_args"]["steps"] == 4
+    with pytest.raises(ValueError, match="unknown TrainArgs fields: \\['bogus'\\]"):
+        TrainArgs.from_dict({"bogus": 1})

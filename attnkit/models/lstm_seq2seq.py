@@ -26,15 +26,17 @@ never read) and attention gives pads −∞, so pad tokens cannot influence any 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from ..config import JsonConfig
+
 
 @dataclass
-class LSTMSeq2SeqConfig:
+class LSTMSeq2SeqConfig(JsonConfig):
     src_vocab_size: int
     tgt_vocab_size: int
     d_model: int = 256
@@ -54,17 +56,6 @@ class LSTMSeq2SeqConfig:
             raise ValueError(f"a bidirectional encoder needs an even d_model, got {self.d_model}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LSTMSeq2SeqConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown LSTMSeq2SeqConfig fields: {sorted(unknown)}")
-        return cls(**d)
 
 
 class LuongAttention(nn.Module):

@@ -13,11 +13,12 @@ Training runs the decoder over the whole shifted target in one pass under the ca
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..config import JsonConfig
 from ..nn import (
     DecoderCache,
     DecoderLayer,
@@ -32,7 +33,7 @@ from ..nn import (
 
 
 @dataclass
-class Seq2SeqConfig:
+class Seq2SeqConfig(JsonConfig):
     src_vocab_size: int
     tgt_vocab_size: int
     d_model: int = 512
@@ -68,17 +69,6 @@ class Seq2SeqConfig:
         """Table 3, "base": N=6, d_model=512, d_ff=2048, h=8, P_drop=0.1, shared BPE vocabulary."""
         return cls(vocab_size, vocab_size, d_model=512, n_heads=8, n_encoder_layers=6, n_decoder_layers=6,
                    d_ff=2048, dropout=0.1, share_embeddings=True, tie_output=True)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Seq2SeqConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown Seq2SeqConfig fields: {sorted(unknown)}")
-        return cls(**d)
 
 
 class Encoder(nn.Module):
@@ -190,12 +180,10 @@ class Seq2SeqTransformer(nn.Module):
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: logits (B, T_tgt, V) for every target position in one parallel pass."""
-        self._check_tokens(src, self.config.src_vocab_size, "source")
-        self._check_tokens(tgt_in, self.config.tgt_vocab_size, "target")
-        if src.shape[0] != tgt_in.shape[0]:
+        memory, src_mask = self.encode(src)  # validates src
+        if tgt_in.dim() == 2 and src.shape[0] != tgt_in.shape[0]:
             raise ValueError(f"batch sizes differ: source {src.shape[0]}, target {tgt_in.shape[0]}")
-        memory, src_mask = self.encode(src)
-        return self.decode(tgt_in, memory, src_mask)
+        return self.decode(tgt_in, memory, src_mask)  # validates tgt_in
 
     def init_cache(self, memory: torch.Tensor) -> DecoderCache:
         """A decoder cache whose cross-attention K/V are computed once from the encoder memory."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config import JsonConfig
 from ..data import Seq2SeqTask, Vocab, get_task, make_batch
 from ..data.vocab import batches
 from ..decoding import beam_search, greedy_decode
@@ -32,7 +33,7 @@ from .schedule import noam_lr, noam_scheduler, paper_adam
 
 
 @dataclass
-class TrainArgs:
+class TrainArgs(JsonConfig):
     task: str = "reverse"
     model: str = "transformer"  # 'transformer' | 'lstm'
     d_model: int = 128
@@ -60,10 +61,6 @@ class TrainArgs:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainArgs":
-        return cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
 
 
 def new_model(args: TrainArgs, vocab: Vocab) -> nn.Module:
@@ -116,8 +113,12 @@ def train(args: TrainArgs, out_dir: str | Path, resume: bool = False, progress: 
     vocab = Vocab(task.symbols)
     torch.manual_seed(args.seed)
     start_step, elapsed = 0, 0.0
-    if resume:
-        model, _ = load_checkpoint(out_dir)
+    if resume:  # the run's own recipe; only the schedule's length and the bookkeeping may change
+        model, config = load_checkpoint(out_dir)
+        args = replace(TrainArgs.from_dict(config["train_args"]), steps=args.steps, save_every=args.save_every,
+                       eval_examples=args.eval_examples)
+        task = get_task(args.task)
+        vocab = Vocab.from_dict(config["vocab"])
         state = read_trainer_state(out_dir)
         start_step, elapsed = int(state["step"]), float(state.get("elapsed_s", 0.0))
     else:
@@ -135,7 +136,7 @@ def train(args: TrainArgs, out_dir: str | Path, resume: bool = False, progress: 
     for _ in range(start_step * args.batch_size):  # resume where the data stream stood
         next(stream)
     data = batches(stream, vocab, args.batch_size)
-    meta = {"vocab": vocab.to_dict(), "task": args.task, "train_args": asdict(args)}
+    meta = {"vocab": vocab.to_dict(), "task": args.task, "train_args": args.to_dict()}
 
     def checkpoint(step: int) -> None:
         save_checkpoint(out_dir, model, meta, optimizer, {"step": step, "elapsed_s": elapsed})
