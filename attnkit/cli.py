@@ -11,16 +11,18 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def _add_seq2seq(sub: argparse._SubParsersAction) -> None:
-    from .train.seq2seq_cli import add_commands
+# Each module here has ``add_commands(subparsers)``; imported when the parser is built.
+_COMMAND_MODULES = (
+    "attnkit.train.seq2seq_cli",  # seq2seq train|eval|translate|...
+    "attnkit.models_cli",  # generate, chat, embed
+)
 
-    add_commands(sub)
 
+def _add_modules(sub: argparse._SubParsersAction) -> None:
+    import importlib
 
-def _add_models(sub: argparse._SubParsersAction) -> None:
-    from .models_cli import add_commands
-
-    add_commands(sub)
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).add_commands(sub)
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -46,8 +48,8 @@ def _run_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnkit", description="The Transformer from first principles.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_seq2seq, _add_models, _add_bench):
-        add(sub)
+    _add_modules(sub)
+    _add_bench(sub)
     return parser
 
 
