@@ -27,7 +27,10 @@ def _add_modules(sub: argparse._SubParsersAction) -> None:
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks that print a table and JSON (see benchmarks/)")
-    p.add_argument("name", choices=["parallelism", "seq2seq_tasks", "load", "parity", "engine"], help="which benchmark")
+    from pathlib import Path
+
+    names = sorted(f.stem for f in (Path(__file__).resolve().parent.parent / "benchmarks").glob("[a-z]*.py"))
+    p.add_argument("name", choices=names, help="which benchmark (a script in benchmarks/)")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     p.set_defaults(func=_run_bench)
 
