@@ -107,22 +107,27 @@ class Llama(nn.Module):
     def new_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
 
-    def forward(self, idx: torch.Tensor, cache: list[KVCache] | None = None, last_only: bool = False,
-                positions: torch.Tensor | None = None, logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor | None, cache: list[KVCache] | None = None, last_only: bool = False,
+                positions: torch.Tensor | None = None, logits_indices: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """idx: (B, T) token ids → logits (B, T, vocab) (or (B, 1, vocab) with ``last_only``).
 
         With ``cache`` the tokens continue the cached sequence: their positions start at its length.
         The inference engine passes explicit ``positions`` (T,) of its packed row of many sequences,
         a per-layer cache that masks by itself, and ``logits_indices``: the only rows it needs logits of.
+        ``inputs_embeds`` (B, T, d) replaces the embedding lookup (soft prompts, P-tuning).
         """
-        B, T = idx.shape
+        if (idx is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of idx (token ids) and inputs_embeds")
+        B, T = idx.shape if idx is not None else inputs_embeds.shape[:2]  # type: ignore[union-attr]
+        device = idx.device if idx is not None else inputs_embeds.device  # type: ignore[union-attr]
         if positions is None:
             start = cache[0].length if cache is not None else 0
-            positions = torch.arange(start, start + T, device=idx.device)  # (T,)
-            mask = self._mask(T, start + T, idx.device)  # (T, start+T) or None
+            positions = torch.arange(start, start + T, device=device)  # (T,)
+            mask = self._mask(T, start + T, device)  # (T, start+T) or None
         else:
             mask = None  # the cache (the engine's paged KV) knows which keys each token may see
-        x = self.tok_embeddings(idx)  # (B, T, d)
+        x = self.tok_embeddings(idx) if inputs_embeds is None else inputs_embeds  # (B, T, d)
         for i, layer in enumerate(self.layers):
             x = layer(x, mask=mask, rotary=self.rotary, positions=positions, cache=None if cache is None else cache[i])
         if logits_indices is not None:
