@@ -52,12 +52,18 @@ class Bert(nn.Module):
             for _ in range(cfg.n_layers)
         )
 
-    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """idx, attention_mask (1 = token, 0 = padding), token_type_ids: (B, T) → (B, T, d_model)."""
+    def forward(self, idx: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """idx, attention_mask (1 = token, 0 = padding), token_type_ids: (B, T) → (B, T, d_model).
+
+        ``inputs_embeds`` (B, T, d) replaces the token embedding lookup (soft prompts, P-tuning).
+        """
+        if (idx is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of idx (token ids) and inputs_embeds")
+        tok = self.tok_embeddings(idx) if inputs_embeds is None else inputs_embeds  # (B, T, d)
         if token_type_ids is None:
-            token_type_ids = torch.zeros_like(idx)
-        x = self.pos_embeddings(self.tok_embeddings(idx)) + self.type_embeddings(token_type_ids)
+            token_type_ids = torch.zeros(tok.shape[:2], dtype=torch.long, device=tok.device)
+        x = self.pos_embeddings(tok) + self.type_embeddings(token_type_ids)
         x = self.emb_norm(x)  # (B, T, d)
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
         for layer in self.layers:

@@ -50,12 +50,19 @@ class GPT2(nn.Module):
     def new_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
 
-    def forward(self, idx: torch.Tensor, cache: list[KVCache] | None = None, last_only: bool = False) -> torch.Tensor:
-        """idx: (B, T) → logits (B, T, vocab); with ``cache`` the tokens continue the cached sequence."""
-        B, T = idx.shape
+    def forward(self, idx: torch.Tensor | None, cache: list[KVCache] | None = None, last_only: bool = False,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """idx: (B, T) → logits (B, T, vocab); with ``cache`` the tokens continue the cached sequence.
+
+        ``inputs_embeds`` (B, T, d) replaces the token embedding lookup (soft prompts, P-tuning).
+        """
+        if (idx is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of idx (token ids) and inputs_embeds")
+        tok = self.tok_embeddings(idx) if inputs_embeds is None else inputs_embeds  # (B, T, d)
+        B, T = tok.shape[:2]
         start = cache[0].length if cache is not None else 0
-        x = self.pos_embeddings(self.tok_embeddings(idx), offset=start)  # (B, T, d)
-        mask = None if T == 1 else causal_mask(T, start + T, device=idx.device)  # (T, start+T)
+        x = self.pos_embeddings(tok, offset=start)  # (B, T, d)
+        mask = None if T == 1 else causal_mask(T, start + T, device=tok.device)  # (T, start+T)
         for i, layer in enumerate(self.layers):
             x = layer(x, mask=mask, cache=None if cache is None else cache[i])
         x = self.norm(x[:, -1:] if last_only else x)
