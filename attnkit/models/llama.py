@@ -101,6 +101,7 @@ class Llama(nn.Module):
         )
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.output_head: nn.Module | None = None  # replaces the LM head when set (attnkit.quant: a quantized head)
         # inv_freq is built on the CPU explicitly so the model can be constructed on the meta device
         self.rotary = RotaryEmbedding(cfg.hd, inv_freq=rope_inv_freq(cfg))
 
@@ -133,6 +134,8 @@ class Llama(nn.Module):
         if logits_indices is not None:
             x = x[:, logits_indices]
         x = self.norm(x[:, -1:] if last_only else x)
+        if self.output_head is not None:
+            return self.output_head(x)  # (B, T, vocab)
         w = self.tok_embeddings.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, w)  # (B, T, vocab)
 
