@@ -1,0 +1,4 @@
+from .config import PromptEncoderConfig
+from .model import PromptEncoder
+
+__all__ = ["PromptEncoder", "PromptEncoderConfig"]

@@ -1,0 +1,4 @@
+from .config import PromptTuningConfig
+from .model import PromptEmbedding
+
+__all__ = ["PromptEmbedding", "PromptTuningConfig"]

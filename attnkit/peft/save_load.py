@@ -1,0 +1,281 @@
+"""Adapters on disk in HF PEFT's format: adapter_config.json + adapter_model.safetensors.
+
+Tensor keys are PEFT's: ``base_model.model.<HF module name>.<tensor>`` for LoRA (``lora_A.weight``,
+``lora_B.weight``) and IA³ (``ia3_l``), and the single ``prompt_embeddings`` for prompt, P- and prefix
+tuning (the prompt encoder's *output*: a loaded prompt adapter is a plain table). Bottleneck adapters,
+which PEFT does not have, use attnkit's module names under the same scheme.
+
+GPT-2 checkpoints fuse q, k, v into one ``c_attn``. A PEFT LoRA on c_attn (A: (r, d), B: (3d, r)) becomes
+three LoRAs sharing A, each with a third of B; attnkit's separate q/k/v LoRAs are saved as one c_attn
+LoRA of rank Σr with A stacked and B block-diagonal — the same ΔW exactly, with α scaled to keep α/r.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .adapter import AdapterLayer, BottleneckConfig
+from .config import PeftConfig, pattern_value
+from .families import family_of, hf_name_table
+from .ia3 import IA3Config, IA3Linear
+from .lora import LoraConfig, LoraLinear
+from .tuner import tuner_layers
+
+if TYPE_CHECKING:
+    from .peft_model import PeftModel
+
+CONFIG_FILE, WEIGHTS_FILE, ROOT = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
+
+
+# -- saving -----------------------------------------------------------------------------------------
+def save_adapter(peft: PeftModel, directory: str | Path, name: str) -> Path:
+    """Write adapter ``name`` of ``peft`` to ``directory`` (atomically: both files or neither)."""
+    peft._check(name)
+    config = peft.peft_config[name]
+    if config.is_prompt_learning:
+        tensors = {"prompt_embeddings": peft.prompt_encoders[name].prompt_embeddings()}
+        cfg = config.to_dict()
+    else:
+        tensors, cfg = _layer_tensors(peft, name, config)
+    cfg["inference_mode"] = True
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp_w = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    os.close(fd)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp_w)
+    tmp_c = directory / (CONFIG_FILE + ".tmp")
+    tmp_c.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    os.replace(tmp_w, directory / WEIGHTS_FILE)
+    os.replace(tmp_c, directory / CONFIG_FILE)
+    return directory
+
+
+def _layer_tensors(peft: PeftModel, name: str, config: PeftConfig) -> tuple[dict[str, torch.Tensor], dict]:
+    model = peft.base_model
+    table = hf_name_table(model)
+    tensors: dict[str, torch.Tensor] = {}
+    fused: dict[str, dict[int, TunerLayerState]] = {}  # GPT-2 c_attn → {part: state}
+    ranks: dict[str, tuple[int, float]] = {}  # HF module → (r, α) for LoRA
+    for ours, layer in tuner_layers(model):
+        if name not in layer.adapter_names():
+            continue
+        state = {k: v.detach() for k, v in layer.adapter_state(name).items()}
+        if isinstance(layer, AdapterLayer):
+            tensors.update({f"{ROOT}{ours}.{k}": v for k, v in state.items()})
+            continue
+        hf, part = table[ours]
+        if part is not None:
+            fused.setdefault(hf, {})[part] = (layer, state)
+            continue
+        tensors.update({f"{ROOT}{hf}.{k}": v for k, v in state.items()})
+        if isinstance(layer, LoraLinear):
+            ranks[hf] = (state["lora_A.weight"].shape[0], _alpha(layer, name, config))
+    for hf, parts in fused.items():
+        if isinstance(config, LoraConfig):
+            A, B, r = _fuse_lora(parts, name, config)
+            tensors[f"{ROOT}{hf}.lora_A.weight"], tensors[f"{ROOT}{hf}.lora_B.weight"] = A, B
+            ranks[hf] = (r, _scaling_of(parts, name) * (math.sqrt(r) if config.use_rslora else r))
+        else:  # IA³ on k, v: c_attn's vector, with ones for the part not adapted
+            d = next(iter(parts.values()))[1]["ia3_l"].shape[0]
+            tensors[f"{ROOT}{hf}.ia3_l"] = torch.cat([parts[j][1]["ia3_l"] if j in parts else torch.ones(d, 1)
+                                                     for j in range(3)])
+    cfg = config.to_dict()
+    adapted = sorted({k[len(ROOT):].rsplit(".lora_", 1)[0].removesuffix(".ia3_l").split(".adapter_")[0]
+                      for k in tensors})
+    if not isinstance(config, BottleneckConfig):
+        all_hf = sorted({hf for hf, _ in table.values()})
+        cfg["target_modules"] = _suffixes(adapted, all_hf)
+    if isinstance(config, IA3Config):
+        ff = [hf for hf in adapted if tensors[f"{ROOT}{hf}.ia3_l"].shape[0] == 1]
+        cfg["feedforward_modules"] = _suffixes(ff, sorted({hf for hf, _ in table.values()}))
+    if isinstance(config, LoraConfig):
+        cfg["rank_pattern"] = {hf: r for hf, (r, _) in ranks.items() if r != config.r}
+        cfg["alpha_pattern"] = {hf: a for hf, (_, a) in ranks.items() if not math.isclose(a, config.lora_alpha)}
+        cfg["fan_in_fan_out"] = family_of(model).name == "gpt2"  # HF GPT-2's Conv1D layers
+    return tensors, cfg
+
+
+TunerLayerState = tuple  # (layer, {tensor name: tensor})
+
+
+def _alpha(layer: LoraLinear, name: str, config: LoraConfig) -> float:
+    r = layer.lora_A[name].weight.shape[0]
+    return layer.scaling[name] * (math.sqrt(r) if config.use_rslora else r)
+
+
+def _scaling_of(parts: dict[int, TunerLayerState], name: str) -> float:
+    scalings = {parts[j][0].scaling[name] for j in parts}
+    if len(scalings) != 1:
+        raise ValueError("GPT-2 q/k/v LoRAs with different α/r cannot be saved as one fused c_attn LoRA")
+    return scalings.pop()
+
+
+def _fuse_lora(parts: dict[int, TunerLayerState], name: str, config: LoraConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Stack A (Σr, d) and place each B (d, r_j) in rows of its third, columns of its rank block."""
+    As = [parts[j][1]["lora_A.weight"] for j in sorted(parts)]
+    d_out = parts[next(iter(parts))][1]["lora_B.weight"].shape[0]
+    r = sum(a.shape[0] for a in As)
+    B = torch.zeros(3 * d_out, r)
+    col = 0
+    for j in sorted(parts):
+        b = parts[j][1]["lora_B.weight"]
+        B[j * d_out:(j + 1) * d_out, col:col + b.shape[1]] = b
+        col += b.shape[1]
+    return torch.cat(As), B, r
+
+
+def _suffixes(chosen: list[str], every: list[str]) -> list[str]:
+    """The shortest dotted suffixes naming exactly the ``chosen`` modules among ``every`` (PEFT's list rule)."""
+    out = set()
+    others = [e for e in every if e not in chosen]
+    for c in chosen:
+        parts = c.split(".")
+        for n in range(1, len(parts) + 1):
+            s = ".".join(parts[-n:])
+            if not any(o == s or o.endswith("." + s) for o in others):
+                out.add(s)
+                break
+    return sorted(out)
+
+
+# -- loading ------------------------------------------------------------------------------------------
+class AdapterLoadError(ValueError):
+    """An adapter directory that is missing, corrupt, or does not fit the model."""
+
+
+def read_adapter(directory: str | Path, model: nn.Module) -> tuple[PeftConfig, dict]:
+    """(config for attnkit, tensors) of an adapter directory. For LoRA / IA³ / bottleneck the tensors are
+    ``{attnkit module name: {tensor name: tensor}}``; for prompt methods ``{"prompt_embeddings": t}``."""
+    directory = Path(directory)
+    cfg_file, w_file = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    for f in (cfg_file, w_file):
+        if not f.is_file():
+            hint = " (pickled adapter_model.bin files are not loaded)" if f == w_file else ""
+            raise AdapterLoadError(f"{f}: missing{hint}")
+    try:
+        raw = json.loads(cfg_file.read_text())
+        config = PeftConfig.from_dict(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as e:
+        raise AdapterLoadError(f"{cfg_file}: {e}") from None
+    for flag in ("use_dora", "use_qalora", "lora_bias"):
+        if raw.get(flag):
+            raise AdapterLoadError(f"{cfg_file}: {flag}=true is not supported")
+    try:
+        flat = load_file(str(w_file))
+    except (SafetensorError, OSError) as e:
+        raise AdapterLoadError(f"{w_file}: corrupt or truncated safetensors file ({e})") from None
+    if config.is_prompt_learning:
+        if set(flat) != {"prompt_embeddings"}:
+            raise AdapterLoadError(f"{w_file}: expected only 'prompt_embeddings', found {sorted(flat)}")
+        cfg = replace(config, prompt_tuning_init="RANDOM") if hasattr(config, "prompt_tuning_init") else config
+        return cfg, {"prompt_embeddings": flat["prompt_embeddings"].float()}
+    tensors, alphas = _to_ours(flat, model, w_file, config)
+    return _config_for(config, tensors, alphas), tensors
+
+
+_SUFFIXES = {"LORA": (".lora_A.weight", ".lora_B.weight"), "IA3": (".ia3_l",), "BOTTLENECK": (".adapter_",)}
+
+
+def _to_ours(flat: dict[str, torch.Tensor], model: nn.Module, file: Path, config: PeftConfig
+             ) -> tuple[dict, dict[str, float]]:
+    """Tensors by attnkit module name, and for LoRA each module's α (from the file's alpha_pattern)."""
+    fam = family_of(model)
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in flat.items():
+        if not key.startswith(ROOT):
+            raise AdapterLoadError(f"{file}: tensor {key!r} does not start with {ROOT!r}")
+        rest = key[len(ROOT):]
+        cut = next((rest.index(s) for s in _SUFFIXES[config.peft_type] if s in rest), None)
+        if cut is None:
+            raise AdapterLoadError(f"{file}: tensor {key!r} is not a {config.peft_type} tensor attnkit supports")
+        by_module.setdefault(rest[:cut], {})[rest[cut + 1:]] = t.float()
+    if config.peft_type == "BOTTLENECK":
+        return by_module, {}
+    candidates = [fam.hf_prefix, "", "bert."] if fam.name == "bert" else [fam.hf_prefix]
+    for prefix in candidates:
+        inverse: dict[str, list[tuple[str, int | None]]] = {}
+        for ours, (hf, part) in hf_name_table(model, prefix).items():
+            inverse.setdefault(hf, []).append((ours, part))
+        if all(m in inverse for m in by_module):
+            break
+    else:
+        missing = next(m for m in by_module if m not in inverse)
+        raise AdapterLoadError(f"{file}: module {missing!r} does not exist in this {type(model).__name__} "
+                               "(adapter trained for another architecture or size?)")
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    alphas: dict[str, float] = {}
+    for hf, state in by_module.items():
+        for ours, part in inverse[hf]:
+            out[ours] = state if part is None else _split_fused(state, part)
+            if isinstance(config, LoraConfig):
+                alphas[ours] = float(pattern_value(hf, config.alpha_pattern, config.lora_alpha))
+    return out, alphas
+
+
+def _split_fused(state: dict[str, torch.Tensor], part: int) -> dict[str, torch.Tensor]:
+    """Part (0 q, 1 k, 2 v) of a tensor set on GPT-2's fused c_attn."""
+    if "ia3_l" in state:
+        d = state["ia3_l"].shape[0] // 3
+        return {"ia3_l": state["ia3_l"][part * d:(part + 1) * d]}
+    B = state["lora_B.weight"]
+    d = B.shape[0] // 3
+    return {"lora_A.weight": state["lora_A.weight"], "lora_B.weight": B[part * d:(part + 1) * d]}
+
+
+def _config_for(config: PeftConfig, tensors: dict, alphas: dict[str, float]) -> PeftConfig:
+    """The file's config aimed at exactly the modules its tensors adapt (in attnkit's names)."""
+    names = sorted(tensors)
+    if isinstance(config, LoraConfig):
+        ranks = {n: tensors[n]["lora_A.weight"].shape[0] for n in names}
+        return replace(config, target_modules=names, rank_pattern={n: r for n, r in ranks.items() if r != config.r},
+                       alpha_pattern={n: a for n, a in alphas.items() if not math.isclose(a, config.lora_alpha)})
+    if isinstance(config, IA3Config):
+        ff = [n for n in names if tensors[n]["ia3_l"].shape[0] == 1]
+        return replace(config, target_modules=names, feedforward_modules=ff)
+    if isinstance(config, BottleneckConfig):
+        subs = sorted({n.rsplit(".", 1)[1] for n in names})
+        size = next(iter(tensors.values()))["adapter_down.weight"].shape[0]
+        return replace(config, target_modules=subs, bottleneck_size=size)
+    return config
+
+
+def fill_adapter(peft: PeftModel, name: str, tensors: dict, source: str | Path) -> None:
+    """Copy the tensors read by :func:`read_adapter` into adapter ``name`` (already added)."""
+    try:
+        if peft.peft_config[name].is_prompt_learning:
+            enc = peft.prompt_encoders[name]
+            want = enc().shape
+            got = tensors["prompt_embeddings"].shape
+            if tuple(got) != tuple(want):
+                raise ValueError(f"prompt_embeddings has shape {tuple(got)}, this model needs {tuple(want)}")
+            enc.load_prompt_embeddings(tensors["prompt_embeddings"])
+            return
+        layers = dict(tuner_layers(peft.base_model))
+        for module, state in tensors.items():
+            layer = layers[module]
+            while name not in layer.adapter_names():
+                layer = layer.base_layer  # type: ignore[assignment]
+            layer.load_adapter_state(name, state)
+    except ValueError as e:
+        peft.delete_adapter(name)
+        raise AdapterLoadError(f"{source}: {e}") from None
+
+
+def load_adapter(peft: PeftModel, directory: str | Path, name: str, is_trainable: bool = False) -> None:
+    """Add the adapter saved in ``directory`` to ``peft`` under ``name``."""
+    config, tensors = read_adapter(directory, peft.base_model)
+    peft.add_adapter(name, replace(config, inference_mode=not is_trainable))
+    fill_adapter(peft, name, tensors, directory)
+    if peft.active_adapter is not None:
+        peft.set_adapter(peft.active_adapter)

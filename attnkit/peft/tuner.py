@@ -1,0 +1,102 @@
+"""Injected adapter layers: a wrapper around a base module that holds several named adapters.
+
+The wrapper replaces the base module in its parent (``parent.q_proj = LoraLinear(parent.q_proj)``)
+and keeps it as ``base_layer``; each adapter's parameters live in ModuleDicts/ParameterDicts keyed by
+the adapter's name. One adapter is active at a time; a disabled or foreign adapter leaves the base's
+output untouched. Wrappers nest (a LoRA around an IA³ around the Linear), each ignoring the others' names.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+class TunerLayer(nn.Module):
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active_adapter: str | None = None
+        self.disabled = False
+
+    def adapter_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def delete(self, name: str) -> None:
+        """Remove every parameter container entry of adapter ``name``."""
+        for child in self.children():
+            if isinstance(child, (nn.ModuleDict, nn.ParameterDict)) and name in child:
+                del child[name]
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``name``'s tensors with PEFT's key names (``lora_A.weight``, ``ia3_l``, ...)."""
+        raise NotImplementedError
+
+    def load_adapter_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        own = self.adapter_state(name)
+        if set(own) != set(state):
+            raise ValueError(f"adapter {name!r}: expected tensors {sorted(own)}, got {sorted(state)}")
+        with torch.no_grad():
+            for k, t in state.items():
+                if own[k].shape != t.shape:
+                    raise ValueError(f"adapter {name!r}: {k} has shape {tuple(t.shape)}, expected {tuple(own[k].shape)}")
+                own[k].copy_(t)
+
+    def active(self) -> str | None:
+        """The adapter that acts in this forward pass, or None."""
+        if self.disabled or self.active_adapter not in self.adapter_names():
+            return None
+        return self.active_adapter
+
+
+def base_linear(module: nn.Module) -> nn.Linear:
+    """The nn.Linear under any number of wrappers."""
+    while isinstance(module, TunerLayer):
+        module = module.base_layer
+    if not isinstance(module, nn.Linear):
+        raise ValueError(f"expected an nn.Linear under the adapters, found {type(module).__name__}")
+    return module
+
+
+def clean_name(name: str) -> str:
+    """Module name without the wrappers' ``.base_layer`` segments: ``layers.0.self_attn.q_proj``."""
+    return name.replace(".base_layer", "")
+
+
+def innermost(module: nn.Module) -> nn.Module:
+    while isinstance(module, TunerLayer):
+        module = module.base_layer
+    return module
+
+
+def inject(model: nn.Module, select: Callable[[str, nn.Module], bool], kind: type[TunerLayer],
+           add: Callable[[TunerLayer, str], None]) -> list[str]:
+    """Call ``add(layer, module_name)`` for every module that ``select(module_name, base_module)`` picks.
+
+    A module whose wrapper chain already has a ``kind`` layer gets the adapter added there; otherwise
+    its outermost wrapper (or the module itself) is wrapped in a new ``kind`` layer. Returns the names
+    of the adapted modules.
+    """
+    wrappers = [n for n, m in model.named_modules() if isinstance(m, TunerLayer)]
+
+    def inside_adapter(name: str) -> bool:  # an adapter's own Linear layers are never targets
+        return any(name.startswith(w + ".") and not name.startswith(w + ".base_layer") for w in wrappers)
+
+    chosen = [(n, m) for n, m in model.named_modules()
+              if n and ".base_layer" not in n and not inside_adapter(n) and select(n, innermost(m))]
+    for name, module in chosen:
+        layer = module
+        while isinstance(layer, TunerLayer) and not isinstance(layer, kind):
+            layer = layer.base_layer
+        if not isinstance(layer, kind):
+            parent_name, _, child = name.rpartition(".")
+            layer = kind(module)
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        add(layer, name)
+    return [n for n, _ in chosen]
+
+
+def tuner_layers(model: nn.Module) -> list[tuple[str, TunerLayer]]:
+    return [(clean_name(n), m) for n, m in model.named_modules() if isinstance(m, TunerLayer)]
