@@ -287,6 +287,7 @@ class PeftModel(nn.Module):
         config, tensors = read_adapter(directory, model)
         peft = cls(model, replace(config, inference_mode=not is_trainable), adapter_name)
         fill_adapter(peft, adapter_name, tensors, directory)
+        peft.set_adapter(adapter_name)  # a loaded prompt table is a new parameter
         return peft
 
 
