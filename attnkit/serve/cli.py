@@ -1,0 +1,87 @@
+"""``attnkit serve``: the OpenAI-compatible server on uvicorn.
+
+Binds 127.0.0.1 unless ``--host`` says otherwise. SIGTERM (or Ctrl-C) stops accepting connections,
+answers requests that still arrive on open connections with 503, lets the in-flight ones finish
+(at most ``--drain-timeout`` seconds), then exits with status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, embeddings, metrics)")
+    p.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M-Instruct Q4_1)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the file's name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("ATTNKIT_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on /v1 routes (default: $ATTNKIT_API_KEY)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences batched per engine step")
+    p.add_argument("--max-waiting", type=int, default=512,
+                   help="queued sequences beyond which requests get 503 (retry later)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--kv-cache-mb", type=int, default=1024, help="KV-cache pool size in MiB")
+    p.add_argument("--embedding-model", default=None, help="HF directory of a BERT-family model "
+                   "(default: all-MiniLM-L6-v2)")
+    p.add_argument("--no-embeddings", action="store_true", help="serve no /v1/embeddings model")
+    p.add_argument("--drain-timeout", type=float, default=60.0, help="seconds in-flight requests get at shutdown")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=run_serve)
+
+
+def build_from_args(args: argparse.Namespace):
+    """Load the models and build the app (separate from serving, for tests and embedding)."""
+    import torch
+
+    from ..engine import EngineConfig, LLMEngine
+    from ..loading import load_causal_lm, load_sentence_encoder
+    from ..models.llama import Llama
+    from .app import build_app
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for name in ("port", "max_num_seqs", "max_waiting", "kv_cache_mb"):
+        if getattr(args, name) < (0 if name == "port" else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    lm = load_causal_lm(args.model)
+    if not isinstance(lm.model, Llama):
+        raise ValueError(f"{lm.path}: the engine runs Llama-family models; {type(lm.model).__name__} is not one")
+    cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting, max_model_len=args.max_model_len,
+                       kv_cache_bytes=args.kv_cache_mb << 20)
+    engine = LLMEngine(lm.model, lm.tokenizer, cfg, lm.stop_ids)
+    embedder, embedding_name = None, None
+    if not args.no_embeddings:
+        embedder = load_sentence_encoder(args.embedding_model)
+        embedding_name = (os.path.basename(os.path.normpath(args.embedding_model)) if args.embedding_model
+                          else "all-MiniLM-L6-v2")
+    name = args.served_model_name or (lm.path.stem if lm.path.is_file() else lm.path.name)
+    return build_app(engine, name, embedder=embedder, embedding_name=embedding_name, api_key=args.api_key,
+                     drain_timeout=args.drain_timeout), engine
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    app, _ = build_from_args(args)
+    engine = app.state.serve.engine
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame) -> None:
+            engine.draining = True  # requests still arriving on open connections get 503
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.drain_timeout)
+    server = Server(config)
+    # uvicorn re-raises the signal it caught once it has shut down; after a clean drain that is not a failure
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    print(f"attnkit serve: {app.state.serve.model_name} on http://{args.host}:{args.port}/v1"
+          f"{' (API key required)' if args.api_key else ''}", file=sys.stderr)
+    server.run()
+    return 0

@@ -1,0 +1,84 @@
+"""POST /v1/completions: text (or token-id) prompts continued by the engine (OpenAI's legacy API).
+
+``prompt`` is a string, a list of strings, a list of token ids or a list of those; choice
+``i * n + j`` is completion j of prompt i. ``logprobs: k`` returns the sampled tokens' log-probabilities
+and the top k alternatives in the legacy shape (``tokens``, ``token_logprobs``, ``top_logprobs``,
+``text_offset``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from ..engine.outputs import CompletionOutput
+from .errors import bad_request, parse_body
+from .generation import Tally, max_new_tokens, sampling_params, start
+from .protocol import CompletionRequest
+from .responses import Format, respond
+
+if TYPE_CHECKING:
+    from .app import ServerState
+
+
+class CompletionFormat(Format):
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.offsets: dict[int, int] = {}
+
+    def logprobs(self, index: int, out: CompletionOutput, start: int) -> dict[str, Any] | None:
+        if self.top is None or out.logprobs is None:
+            return None
+        lp: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for tid, d in zip(out.token_ids[start:], out.logprobs[start:]):
+            s = self.token(tid)
+            lp["tokens"].append(s)
+            lp["token_logprobs"].append(d.get(tid))
+            best = sorted(d.items(), key=lambda kv: -kv[1])[: self.top]
+            lp["top_logprobs"].append({self.token(t): v for t, v in best} if self.top else None)
+            lp["text_offset"].append(self.offsets.get(index, 0))
+            self.offsets[index] = self.offsets.get(index, 0) + len(s)
+        return lp
+
+    def choice(self, index: int, out: CompletionOutput) -> dict[str, Any]:
+        return {"index": index, "text": out.text, "logprobs": self.logprobs(index, out, 0),
+                "finish_reason": out.finish_reason}
+
+    def delta(self, index: int, text: str, out: CompletionOutput, start: int) -> dict[str, Any]:
+        return {"index": index, "text": text, "logprobs": self.logprobs(index, out, start),
+                "finish_reason": out.finish_reason}
+
+
+async def _prompt_ids(state: ServerState, prompt: Any) -> list[list[int]]:
+    if isinstance(prompt, str):
+        prompts: list[Any] = [prompt]
+    elif prompt and isinstance(prompt[0], int):
+        prompts = [prompt]
+    else:
+        prompts = list(prompt)
+    if len(prompts) > 256:
+        raise bad_request(f"prompt has {len(prompts)} prompts; at most 256 per request", "prompt")
+    ids = [await asyncio.to_thread(state.tokenizer.encode, p) if isinstance(p, str) else list(p) for p in prompts]
+    for i, p in enumerate(ids):
+        if not p:
+            raise bad_request(f"prompt {i} is empty (it needs at least one token)", "prompt")
+        if any(not 0 <= t < state.vocab_size for t in p):
+            raise bad_request(f"prompt {i} has token ids outside [0, {state.vocab_size})", "prompt")
+    return ids
+
+
+async def create_completion(request: Request) -> Response:
+    state: ServerState = request.app.state.serve
+    req = await parse_body(request, CompletionRequest)
+    model = state.check_model(req.model)
+    prompts = await _prompt_ids(state, req.prompt)
+    tally = Tally(sum(len(p) for p in prompts))
+    params = sampling_params(req, max_new_tokens(state, [len(p) for p in prompts], req.max_tokens, "prompt"),
+                             req.logprobs)
+    fmt = CompletionFormat(state, model, req.n, req.logprobs)
+    streams = await start(state, prompts, params, fmt.id)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return await respond(request, fmt, streams, tally, req.stream, include_usage)
