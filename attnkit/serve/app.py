@@ -44,6 +44,8 @@ class ServerState:
             raise ValueError("the server needs an engine with a tokenizer")
         self.max_model_len = engine.engine.max_model_len
         self.vocab_size = engine.engine.vocab_size
+        self.max_token_chars = max(1, max(len(self.tokenizer.decode([i], skip_special_tokens=False))
+                                          for i in range(self.tokenizer.vocab_size)))
         self.embedder, self.embedding_name = embedder, embedding_name or "embeddings"
         self.embedding_dim = embedder.encoder.encoder.cfg.d_model if embedder is not None else 0
         self.embed_lock = asyncio.Lock()

@@ -16,7 +16,7 @@ from fastapi.responses import Response
 from ..engine.outputs import CompletionOutput
 from ..text.chat_template import ChatTemplateError, render_chat
 from .errors import bad_request, parse_body
-from .generation import Tally, max_new_tokens, sampling_params, start
+from .generation import Tally, check_chars, encode, max_new_tokens, sampling_params, start
 from .protocol import ChatCompletionRequest
 from .responses import Format, respond
 
@@ -55,7 +55,7 @@ class ChatFormat(Format):
                 "finish_reason": out.finish_reason}
 
 
-def _render(state: ServerState, req: ChatCompletionRequest) -> list[int]:
+def _render(state: ServerState, req: ChatCompletionRequest) -> str:
     tok = state.tokenizer
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in req.messages]
     try:
@@ -63,19 +63,21 @@ def _render(state: ServerState, req: ChatCompletionRequest) -> list[int]:
                            bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
     except ChatTemplateError as e:
         raise bad_request(str(e), "messages") from None
-    return tok.encode(text, add_special_tokens=False)
+    return text
 
 
 async def create_chat_completion(request: Request) -> Response:
     state: ServerState = request.app.state.serve
     req = await parse_body(request, ChatCompletionRequest)
     model = state.check_model(req.model)
-    prompt = await asyncio.to_thread(_render, state, req)
+    check_chars(state, sum(len(m.text) for m in req.messages), "messages")
+    prompt = await encode(state, await asyncio.to_thread(_render, state, req), "messages", add_special_tokens=False)
     if not prompt:
         raise bad_request("the rendered conversation is empty", "messages")
     tally = Tally(len(prompt))
     top = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling_params(req, max_new_tokens(state, [len(prompt)], req.max_new_tokens, "messages"), top)
+    max_tokens = max_new_tokens(state, [len(prompt)], req.max_new_tokens, "messages")
+    params = sampling_params(req, max_tokens, top, state.vocab_size)
     fmt = ChatFormat(state, model, req.n, top)
     streams = await start(state, [prompt], params, fmt.id)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)

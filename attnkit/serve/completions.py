@@ -8,7 +8,6 @@ and the top k alternatives in the legacy shape (``tokens``, ``token_logprobs``, 
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
@@ -16,7 +15,7 @@ from fastapi.responses import Response
 
 from ..engine.outputs import CompletionOutput
 from .errors import bad_request, parse_body
-from .generation import Tally, max_new_tokens, sampling_params, start
+from .generation import Tally, encode, max_new_tokens, sampling_params, start
 from .protocol import CompletionRequest
 from .responses import Format, respond
 
@@ -61,7 +60,7 @@ async def _prompt_ids(state: ServerState, prompt: Any) -> list[list[int]]:
         prompts = list(prompt)
     if len(prompts) > 256:
         raise bad_request(f"prompt has {len(prompts)} prompts; at most 256 per request", "prompt")
-    ids = [await asyncio.to_thread(state.tokenizer.encode, p) if isinstance(p, str) else list(p) for p in prompts]
+    ids = [await encode(state, p, "prompt") if isinstance(p, str) else list(p) for p in prompts]
     for i, p in enumerate(ids):
         if not p:
             raise bad_request(f"prompt {i} is empty (it needs at least one token)", "prompt")
@@ -77,7 +76,7 @@ async def create_completion(request: Request) -> Response:
     prompts = await _prompt_ids(state, req.prompt)
     tally = Tally(sum(len(p) for p in prompts))
     params = sampling_params(req, max_new_tokens(state, [len(p) for p in prompts], req.max_tokens, "prompt"),
-                             req.logprobs)
+                             req.logprobs, state.vocab_size)
     fmt = CompletionFormat(state, model, req.n, req.logprobs)
     streams = await start(state, prompts, params, fmt.id)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -49,7 +49,7 @@ def _reject_constant(name: str) -> float:
 def _describe(model: type[BaseModel], errors: list[dict[str, Any]]) -> APIError:
     """One clear message for a pydantic error list: the field's path and what is wrong with it."""
     e = errors[0]
-    loc = [str(p) for p in e["loc"]]
+    loc = [str(p) if len(str(p)) <= 64 else str(p)[:64] + "…" for p in e["loc"]]
     if e["type"] == "extra_forbidden":
         return bad_request(f"unknown field `{'.'.join(loc)}` (this server does not support it)", ".".join(loc))
     if e["type"] == "missing":

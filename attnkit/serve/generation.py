@@ -27,20 +27,22 @@ class ClientGone(Exception):
     """The client disconnected before its (non-streaming) response was ready."""
 
 
-def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None, vocab_size: int) -> SamplingParams:
     """The request's settings as SamplingParams; a bad value is a 400 naming the field."""
     bias: dict[int, float] = {}
     for k, v in (req.logit_bias or {}).items():
-        if not k.isdigit():
+        if not (k.isascii() and k.isdigit() and len(k) <= 12):
             raise bad_request(f"logit_bias: keys must be token ids (decimal integers), got {k!r}", "logit_bias")
         bias[int(k)] = v
     try:
-        return SamplingParams(n=req.n, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
-                              min_p=req.min_p, repetition_penalty=req.repetition_penalty,
-                              presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                              seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids, max_tokens=max_tokens,
-                              min_tokens=req.min_tokens, ignore_eos=req.ignore_eos, logprobs=logprobs,
-                              logit_bias=bias, skip_special_tokens=req.skip_special_tokens)
+        params = SamplingParams(n=req.n, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                                min_p=req.min_p, repetition_penalty=req.repetition_penalty,
+                                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                                seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids,
+                                max_tokens=max_tokens, min_tokens=req.min_tokens, ignore_eos=req.ignore_eos,
+                                logprobs=logprobs, logit_bias=bias, skip_special_tokens=req.skip_special_tokens)
+        params.check_vocab(vocab_size)
+        return params
     except SamplingParamsError as e:
         name = str(e).removeprefix("SamplingParams.").split(":", 1)[0]
         raise bad_request(str(e).removeprefix("SamplingParams."), name) from None
@@ -64,6 +66,21 @@ def max_new_tokens(state: ServerState, prompt_lens: list[int], requested: int | 
                           "Please reduce the length of the prompt or the completion.", "max_tokens",
                           "context_length_exceeded")
     return requested
+
+
+def check_chars(state: ServerState, num_chars: int, param: str) -> None:
+    """Refuse, without tokenising it, a text too long to fit the context however it is tokenised
+    (no token is longer than ``state.max_token_chars`` characters; twice that bound, to be safe)."""
+    if num_chars > 2 * state.max_token_chars * state.max_model_len:
+        raise bad_request(f"This model's maximum context length is {state.max_model_len} tokens, but the prompt "
+                          f"has {num_chars} characters, far more than fit. Please reduce the length of the prompt.",
+                          param, "context_length_exceeded")
+
+
+async def encode(state: ServerState, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+    """Tokenise off the event loop (after :func:`check_chars`)."""
+    check_chars(state, len(text), param)
+    return await asyncio.to_thread(state.tokenizer.encode, text, add_special_tokens)
 
 
 async def start(state: ServerState, prompts: list[list[int]], params: SamplingParams, rid: str) -> list[RequestStream]:
@@ -167,6 +184,10 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         watch.cancel()
         if not task.done():
             task.cancel()
-    if task.cancelled():
+    if not task.done() or task.cancelled():
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
         raise ClientGone()
     return task.result()
