@@ -15,6 +15,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 _COMMAND_MODULES = (
     "attnkit.train.seq2seq_cli",  # seq2seq train|eval|translate|...
     "attnkit.models_cli",  # generate, chat, embed
+    "attnkit.train.finetune_cli",
     "attnkit.serve.cli",  # serve
 )
 

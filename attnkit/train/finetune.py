@@ -1,0 +1,314 @@
+"""Fine-tuning a pretrained causal LM with a PEFT method (or all its weights) on JSONL data.
+
+Each optimiser step averages the gradients of ``grad_accum`` micro-batches; the loss is the
+next-token cross-entropy over the positions whose label is not −100 (the response tokens), computed
+in float32 even under bf16 autocast. The learning rate warms up linearly for ``warmup`` steps, then
+decays to zero along a cosine (Loshchilov & Hutter 2017) or a line. Every ``eval_every`` steps the
+held-out loss and perplexity exp(loss) are measured; checkpoints (adapter in HF PEFT's format,
+optimizer state in safetensors, trainer state in JSON) are written atomically and resume exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file, save_model
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import JsonConfig
+from ..peft import METHODS, PeftConfig, PeftModel, get_peft_model
+from .checkpoint import CheckpointError, load_optimizer_state, read_trainer_state
+from .sft_data import IGNORE, Example, collate, load_examples, micro_batches, pack
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class FinetuneArgs(JsonConfig):
+    method: str = "lora"  # lora | adapter | prefix | prompt | ptuning | ia3 | full
+    data: str = ""
+    eval_data: str | None = None  # default: the last eval_fraction of data
+    eval_fraction: float = 0.1
+    model: str | None = None  # GGUF file or HF directory; None = the embedded default model
+    steps: int = 200
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    schedule: str = "cosine"
+    warmup: int = 20
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    seq_len: int = 256
+    packing: bool = False
+    bf16: bool = False
+    seed: int = 0
+    eval_every: int = 50
+    save_every: int = 0
+    # method hyperparameters
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: str | None = None  # comma-separated; default: the method's defaults
+    num_virtual_tokens: int = 20
+    prefix_projection: bool = True
+    encoder_hidden_size: int = 128
+    encoder_type: str = "MLP"
+    prompt_init_text: str | None = None
+    bottleneck_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.method not in (*METHODS, "full"):
+            raise ValueError(f"method must be one of {', '.join([*METHODS, 'full'])}, got {self.method!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        for name in ("steps", "batch_size", "grad_accum", "seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.warmup < 0 or self.lr <= 0:
+            raise ValueError("warmup must be ≥ 0 and lr > 0")
+        if not self.data:
+            raise ValueError("data: a JSONL file is required")
+
+
+def peft_config(args: FinetuneArgs) -> PeftConfig | None:
+    """The PEFT config the arguments describe (None for full fine-tuning)."""
+    targets = None if args.target_modules is None else [t.strip() for t in args.target_modules.split(",") if t.strip()]
+    tm = {} if targets is None else {"target_modules": targets}
+    P = args.num_virtual_tokens
+    return {
+        "lora": lambda: METHODS["lora"](r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, **tm),
+        "ia3": lambda: METHODS["ia3"](**tm),
+        "adapter": lambda: METHODS["adapter"](bottleneck_size=args.bottleneck_size, adapter_dropout=args.dropout, **tm),
+        "prefix": lambda: METHODS["prefix"](num_virtual_tokens=P, prefix_projection=args.prefix_projection,
+                                            encoder_hidden_size=args.encoder_hidden_size),
+        "prompt": lambda: METHODS["prompt"](num_virtual_tokens=P, prompt_tuning_init="TEXT" if args.prompt_init_text else "RANDOM",
+                                            prompt_tuning_init_text=args.prompt_init_text),
+        "ptuning": lambda: METHODS["ptuning"](num_virtual_tokens=P, encoder_hidden_size=args.encoder_hidden_size,
+                                              encoder_reparameterization_type=args.encoder_type),
+        "full": lambda: None,
+    }[args.method]()
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Linear warm-up to 1 over ``warmup`` steps, then cosine / linear decay to 0 at ``total`` (or constant)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of position t's logits (B, T, V) against label t+1 (B, T), ignoring −100."""
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE, reduction=reduction)
+
+
+def autocast(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, rows: list[Example], pad_id: int, batch_size: int = 8, bf16: bool = False) -> dict:
+    """Token-weighted mean loss over ``rows`` and its perplexity."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        x, y = collate(rows[i:i + batch_size], pad_id)
+        with autocast(bf16):
+            logits = model(x)
+        total += float(lm_loss(logits, y, reduction="sum"))
+        count += int((y[:, 1:] != IGNORE).sum())
+    model.train(was)
+    loss = total / max(count, 1)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}
+
+
+# -- checkpoints ------------------------------------------------------------------------------------
+def save_state(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """out/checkpoint/: adapter (or trainable weights), optimizer.safetensors, trainer_state.json — atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=out))
+    try:
+        # every trainable tensor (a prompt encoder's reparameterising network too): resume is exact
+        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                  str(tmp / "trainable.safetensors"))
+        names = {id(p): n for n, p in model.named_parameters()}
+        save_file({f"{names[id(p)]}::{k}": v.detach().contiguous() for p, s in optimizer.state.items()
+                   for k, v in s.items() if torch.is_tensor(v)}, str(tmp / "optimizer.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        final = out / "checkpoint"
+        old = out / ".checkpoint.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _restore(ckpt: Path, model: nn.Module) -> None:
+    """Load the trainable tensors of ``ckpt`` into ``model`` (built as for the original run)."""
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt}: no checkpoint to resume")
+    try:
+        saved = load_file(str(ckpt / "trainable.safetensors"))
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{ckpt / 'trainable.safetensors'}: cannot read ({e})") from None
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(saved) != set(params):
+        raise CheckpointError(f"{ckpt}: trainable tensors differ from this run's "
+                              f"(missing {sorted(set(params) - set(saved))[:3]}, unexpected {sorted(set(saved) - set(params))[:3]})")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(saved[n])
+
+
+# -- the run --------------------------------------------------------------------------------------------
+def split_rows(args: FinetuneArgs, tok: Any) -> tuple[list[Example], list[Example]]:
+    train = load_examples(args.data, tok, args.seq_len)
+    if args.eval_data:
+        return train, load_examples(args.eval_data, tok, args.seq_len)
+    n_eval = max(1, int(len(train) * args.eval_fraction)) if len(train) > 1 else 0
+    return train[:len(train) - n_eval], train[len(train) - n_eval:]
+
+
+def finetune(args: FinetuneArgs, out_dir: str | Path, resume: bool = False, progress: bool = True,
+             lm: Any = None, stop_after: int | None = None) -> dict:
+    """Train per ``args`` into ``out_dir``; returns the metrics (also written to metrics.json).
+
+    ``lm``: an already loaded :class:`~attnkit.loading.CausalLM` (else ``args.model`` is loaded).
+    ``stop_after``: leave after this many steps with a checkpoint (``resume`` continues the run).
+    """
+    from ..loading import load_causal_lm
+
+    out = Path(out_dir)
+    if resume:
+        saved = FinetuneArgs.from_dict(json.loads((out / "finetune_args.json").read_text()))
+        args = FinetuneArgs.from_dict({**saved.to_dict(), "steps": args.steps, "save_every": args.save_every,
+                                       "eval_every": args.eval_every})
+    torch.manual_seed(args.seed)
+    lm = load_causal_lm(args.model) if lm is None else lm
+    tok = lm.tokenizer
+    pad_id = tok.pad_id if tok.pad_id is not None else min(tok.eos_ids or {0})
+    train_rows, eval_rows = split_rows(args, tok)
+    if args.packing:
+        train_rows = pack(train_rows, args.seq_len)
+    cfg = peft_config(args)
+    if cfg is None:
+        model: nn.Module = lm.model.requires_grad_(True)
+    else:
+        model = get_peft_model(lm.model, cfg, tokenizer=tok)
+    state: dict = {"step": 0, "micro_batches": 0, "elapsed_s": 0.0, "history": [], "evals": []}
+    if resume:
+        _restore(out / "checkpoint", model)
+        state = read_trainer_state(out / "checkpoint")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "finetune_args.json").write_text(json.dumps(args.to_dict(), indent=2))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    if resume:
+        load_optimizer_state(out / "checkpoint", model, optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args.warmup, args.steps, args.schedule))
+    scheduler.last_epoch = state["step"]  # resume: the learning rate of the step about to run
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lr_factor(state["step"], args.warmup, args.steps, args.schedule)
+    trainable, total = (model.trainable_parameters() if isinstance(model, PeftModel)
+                        else (sum(p.numel() for p in params), sum(p.numel() for p in params)))
+    data = micro_batches(train_rows, args.batch_size, pad_id, args.seed, start=state["micro_batches"])
+    if state["step"] == 0 and not state["evals"]:
+        state["evals"].append({"step": 0, **evaluate_loss(model, eval_rows, pad_id, bf16=args.bf16)})
+
+    def checkpoint() -> None:
+        save_state(out, model, optimizer, state)
+
+    model.train()
+    bar = tqdm(total=args.steps, initial=state["step"], disable=not progress, unit="step", dynamic_ncols=True)
+    end = args.steps if stop_after is None else min(args.steps, stop_after)
+    while state["step"] < end:
+        t0 = time.perf_counter()
+        step_loss, tokens = 0.0, 0
+        for _ in range(args.grad_accum):
+            x, y = next(data)
+            with autocast(args.bf16):
+                logits = model(x)
+            loss = lm_loss(logits, y) / args.grad_accum
+            loss.backward()
+            step_loss += float(loss.detach())
+            tokens += int((y != IGNORE).sum())
+            state["micro_batches"] += 1
+        if args.clip > 0:
+            nn.utils.clip_grad_norm_(params, args.clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        state["elapsed_s"] += time.perf_counter() - t0
+        state["history"].append({"step": state["step"], "loss": step_loss, "lr": scheduler.get_last_lr()[0]})
+        bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
+        bar.update(1)
+        s = state["step"]
+        if (args.eval_every and s % args.eval_every == 0) or s == args.steps:
+            state["evals"].append({"step": s, **evaluate_loss(model, eval_rows, pad_id, bf16=args.bf16)})
+            if progress:
+                bar.write(f"step {s}: eval loss {state['evals'][-1]['eval_loss']:.4f} "
+                          f"ppl {state['evals'][-1]['eval_ppl']:.2f}", file=sys.stderr)
+        if args.save_every and s % args.save_every == 0 and s < args.steps:
+            checkpoint()
+    bar.close()
+    checkpoint()
+    model.eval()
+    if state["step"] < args.steps:  # interrupted on purpose: the checkpoint is the result
+        return {"method": args.method, "steps": state["step"], "stopped": True, "model": model}
+    if isinstance(model, PeftModel):
+        model.save_pretrained(out / "adapter")
+    else:
+        save_model(model, str(out / "model.safetensors"))
+    plot_losses(state, out / "loss_curve.png", f"{args.method} fine-tuning")
+    result = {"method": args.method, "steps": state["step"], "train_seconds": round(state["elapsed_s"], 1),
+              "trainable_params": trainable, "total_params": total, "trainable_percent": 100 * trainable / total,
+              "train_examples": len(train_rows), "eval_examples": len(eval_rows),
+              "final_train_loss": state["history"][-1]["loss"] if state["history"] else None,
+              "eval_before": state["evals"][0], "eval_after": state["evals"][-1]}
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    result["model"] = model
+    return result
+
+
+def plot_losses(state: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    h = state["history"]
+    if h:
+        ax.plot([r["step"] for r in h], [r["loss"] for r in h], lw=0.8, alpha=0.6, label="train loss")
+    ev = state["evals"]
+    ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,56 @@
+"""``attnkit finetune`` (PEFT or full fine-tuning of a causal LM on JSONL) and ``attnkit distill``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import MISSING, fields
+from typing import Any
+
+_TYPES = {"int": int, "float": float, "str": str, "str | None": str, "int | None": int}
+
+
+def _add_fields(p: argparse.ArgumentParser, cls: Any, skip: tuple[str, ...] = (), help: dict[str, str] | None = None) -> None:
+    """One --option per dataclass field (booleans as --x/--no-x)."""
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        default = None if f.default is MISSING else f.default
+        kw: dict = {"default": default, "help": (help or {}).get(f.name, "") + f" (default: {default})"}
+        if str(f.type) in ("bool", "<class 'bool'>"):
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = _TYPES[str(f.type)]
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    from .finetune import FinetuneArgs
+
+    p = sub.add_parser("finetune", help="fine-tune a causal LM on JSONL (LoRA, adapters, prefix/prompt/P-tuning, IA3, full)",
+                       description="JSONL rows: {\"text\"}, {\"prompt\", \"completion\"} or {\"messages\"} (chat template; "
+                                   "loss on the assistant turns). Writes OUT/adapter (HF PEFT format), OUT/checkpoint, "
+                                   "OUT/metrics.json and OUT/loss_curve.png.")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_fields(p, FinetuneArgs, help={
+        "method": "lora | adapter | prefix | prompt | ptuning | ia3 | full", "data": "training JSONL (required)",
+        "model": "GGUF file or HF directory; default: the embedded SmolLM2", "schedule": "cosine | linear | constant",
+        "target_modules": "comma-separated module names", "encoder_type": "P-tuning encoder: MLP | LSTM"})
+    p.set_defaults(func=_finetune)
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    import torch
+
+    from .finetune import FinetuneArgs, finetune
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fa = FinetuneArgs(**{f.name: getattr(args, f.name) for f in fields(FinetuneArgs)})
+    result = finetune(fa, args.out, resume=args.resume, progress=not args.quiet)
+    result.pop("model")
+    print(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,138 @@
+"""Supervised fine-tuning data for causal LMs: JSONL → token ids with a loss mask, packed or padded.
+
+One JSON object per line, one of
+    {"text": "..."}                                   plain text; loss on every token
+    {"prompt": "...", "completion": "..."}            loss on the completion only
+    {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...]}
+                                                      rendered by the model's chat template; loss on the
+                                                      assistant turns only
+Labels are the token ids where the loss applies and −100 elsewhere (PyTorch's ``ignore_index``).
+
+Packing concatenates the examples (each ending in EOS) into one stream cut into rows of ``seq_len``,
+so no compute is spent on padding; tokens may attend across an example boundary inside a row (the
+common "naive" packing — the EOS tells the model a new text starts).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from ..text.chat_template import render_chat
+from ..text.tokenizer import Tokenizer
+
+IGNORE = -100
+Example = tuple[list[int], list[int]]  # (input ids, labels)
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such data file")
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not ({"text"} <= set(row) or {"prompt", "completion"} <= set(row)
+                                             or "messages" in row):
+            raise ValueError(f'{path}:{i}: expected an object with "text", "prompt" + "completion", or "messages"')
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no examples")
+    return rows
+
+
+def _segments(row: dict[str, Any], tok: Tokenizer, source: str) -> list[tuple[str, bool]]:
+    """The example as (text, loss?) pieces in order."""
+    if "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+            raise ValueError(f"{source}: messages must be a list of {{role, content}} objects")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise ValueError(f"{source}: no assistant message to learn from")
+        kw = dict(source=source, bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
+        out, done = [], ""
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            prompt = render_chat(tok.chat_template, msgs[:i], add_generation_prompt=True, **kw)
+            full = render_chat(tok.chat_template, msgs[:i + 1], add_generation_prompt=False, **kw)
+            if not (prompt.startswith(done) and full.startswith(prompt)):
+                raise ValueError(f"{source}: the chat template does not render turn by turn as prefixes; "
+                                 "cannot mark the assistant tokens")
+            out += [(prompt[len(done):], False), (full[len(prompt):], True)]
+            done = full
+        return out
+    if "prompt" in row:
+        return [(row["prompt"], False), (row["completion"], True)]
+    return [(row["text"], True)]
+
+
+def tokenize(row: dict[str, Any], tok: Tokenizer, max_len: int, source: str = "example") -> Example:
+    """(ids, labels) of one row; plain text and prompt/completion rows get BOS as the tokenizer adds it
+    and an EOS at the end; chat rows are exactly what the template renders."""
+    chat = "messages" in row
+    ids: list[int] = []
+    labels: list[int] = []
+    for k, (text, loss) in enumerate(_segments(row, tok, source)):
+        piece = tok.encode(text, add_special_tokens=not chat and k == 0)
+        ids += piece
+        labels += piece if loss else [IGNORE] * len(piece)
+    if not chat and tok.eos_ids:
+        eos = min(tok.eos_ids)
+        ids.append(eos)
+        labels.append(eos)
+    return ids[:max_len], labels[:max_len]
+
+
+def load_examples(path: str | Path, tok: Tokenizer, max_len: int) -> list[Example]:
+    out = [tokenize(r, tok, max_len, f"{path}:{i + 1}") for i, r in enumerate(read_jsonl(path))]
+    if not any(l != IGNORE for _, labels in out for l in labels):
+        raise ValueError(f"{path}: no token carries a loss (empty completions / assistant turns?)")
+    return out
+
+
+def pack(examples: list[Example], seq_len: int) -> list[Example]:
+    """Concatenate and cut into rows of exactly ``seq_len`` (the tail shorter than a row is dropped
+    unless it is all there is)."""
+    ids = [t for e in examples for t in e[0]]
+    labels = [t for e in examples for t in e[1]]
+    rows = [(ids[i:i + seq_len], labels[i:i + seq_len]) for i in range(0, len(ids), seq_len)]
+    if len(rows) > 1 and len(rows[-1][0]) < seq_len:
+        rows.pop()
+    return rows
+
+
+def collate(batch: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and labels (B, T); padding sits after every real token, so the causal mask keeps
+    the real tokens from seeing it, and its labels are ignored."""
+    T = max(len(ids) for ids, _ in batch)
+    x = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    y = torch.full((len(batch), T), IGNORE, dtype=torch.long)
+    for i, (ids, labels) in enumerate(batch):
+        x[i, :len(ids)] = torch.tensor(ids)
+        y[i, :len(labels)] = torch.tensor(labels)
+    return x, y
+
+
+def micro_batches(rows: list[Example], batch_size: int, pad_id: int, seed: int, start: int = 0
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless shuffled micro-batches, epoch after epoch (epoch e shuffled with seed + e), from the
+    ``start``-th micro-batch on (resume)."""
+    per_epoch = max(1, len(rows) // batch_size)
+    k = start
+    while True:
+        epoch, i = divmod(k, per_epoch)
+        order = list(range(len(rows)))
+        random.Random(seed + epoch).shuffle(order)
+        chunk = [rows[j] for j in order[i * batch_size:(i + 1) * batch_size]] or [rows[order[0]]]
+        yield collate(chunk, pad_id)
+        k += 1

@@ -1,0 +1,39 @@
+"""A tiny chat model for the trainer tests: random Llama, word-level tokenizer, ChatML-like template."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken, Tokenizer as HFTokenizer, models, pre_tokenizers
+
+from attnkit.loading import CausalLM
+from attnkit.models.llama import Llama, LlamaConfig
+from attnkit.text.tokenizer import Tokenizer
+
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+WORDS = ["<pad>", "<s>", "<|im_start|>", "<|im_end|>", "user", "assistant", "system", "yes", "no", "is", "it", "red",
+         "blue", "green", "sky", "grass", "fire", "colour", "?", "the", "of", "what"] + [f"w{i}" for i in range(42)]
+
+
+def tiny_tokenizer() -> Tokenizer:
+    tk = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.add_special_tokens([AddedToken(t, special=True) for t in ("<pad>", "<s>", "<|im_start|>", "<|im_end|>")])
+    return Tokenizer(tk, bos_token="<s>", eos_tokens=["<|im_end|>"], pad_token="<pad>", chat_template=TEMPLATE)
+
+
+def tiny_lm(seed: int = 0, tmp: Path | None = None) -> CausalLM:
+    torch.manual_seed(seed)
+    model = Llama(LlamaConfig(vocab_size=len(WORDS), d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                              max_seq_len=128, tie_embeddings=True)).eval()
+    return CausalLM(model, tiny_tokenizer(), tmp or Path("tiny"))
+
+
+QA = [("what colour is the sky ?", "blue"), ("what colour is the grass ?", "green"), ("what colour is fire ?", "red")]
+
+
+def chat_rows(n: int = 12) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in (QA * n)[:n]]
