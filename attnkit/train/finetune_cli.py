@@ -41,6 +41,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "target_modules": "comma-separated module names", "encoder_type": "P-tuning encoder: MLP | LSTM"})
     p.set_defaults(func=_finetune)
 
+    from .distill import DistillArgs
+
+    d = sub.add_parser("distill", help="shrink a causal LM by dropping layers, distilling from the original at each stage",
+                       description="Progressive shrinking with knowledge distillation (Hinton et al. 2015). Reports teacher "
+                                   "vs student perplexity, parameters and decode speed; writes OUT/distill_report.json "
+                                   "and the student as an HF directory OUT/student.")
+    d.add_argument("--out", required=True, help="output directory")
+    d.add_argument("--threads", type=int, default=None)
+    d.add_argument("--quiet", action="store_true")
+    _add_fields(d, DistillArgs, help={
+        "data": "training JSONL (required)", "model": "the teacher (GGUF or HF dir); default: the embedded SmolLM2",
+        "stages": "layer counts per stage, e.g. 24,18 ('half': one stage to half the layers)",
+        "selection": "importance (Block Influence) | every-other"})
+    d.set_defaults(func=_distill)
+
 
 def _finetune(args: argparse.Namespace) -> int:
     import torch
@@ -53,4 +68,18 @@ def _finetune(args: argparse.Namespace) -> int:
     result = finetune(fa, args.out, resume=args.resume, progress=not args.quiet)
     result.pop("model")
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def _distill(args: argparse.Namespace) -> int:
+    import torch
+
+    from .distill import DistillArgs, distill
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    da = DistillArgs(**{f.name: getattr(args, f.name) for f in fields(DistillArgs)})
+    report = distill(da, args.out, progress=not args.quiet)
+    report.pop("student")
+    print(json.dumps(report, indent=2))
     return 0

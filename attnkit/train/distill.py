@@ -1,0 +1,152 @@
+"""Knowledge distillation (Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network", §2)
+and progressive shrinking of a causal LM.
+
+    L = α · T² · KL(softmax(z_t / T) ‖ softmax(z_s / T)) + (1 − α) · CE(z_s, y)
+
+The soft targets at temperature T carry the teacher's relative probabilities of wrong answers; their
+gradients scale as 1/T², hence the T² (§2.1). Progressive shrinking: the student is the teacher with
+layers dropped (:mod:`attnkit.train.shrink`), a few at a time; after each stage it is distilled from
+the original teacher before the next layers go. Reported per stage: held-out perplexity, parameters and
+greedy decode speed of teacher and student.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..config import JsonConfig
+from ..generation import SamplingParams, generate
+from .finetune import autocast, evaluate_loss, lr_factor
+from .sft_data import IGNORE, collate, load_examples, micro_batches
+from .shrink import block_influence, by_importance, drop_layers, evenly_kept, param_count
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float = 2.0,
+                 alpha: float = 0.5) -> torch.Tensor:
+    """Hinton et al.'s loss over the positions whose next-token label is not −100; logits (B, T, V)."""
+    keep = labels[:, 1:] != IGNORE  # (B, T−1)
+    s = student[:, :-1][keep].float()  # (N, V)
+    t = teacher[:, :-1][keep].float()
+    soft = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True,
+                    reduction="batchmean") * temperature ** 2
+    hard = F.cross_entropy(s, labels[:, 1:][keep])
+    return alpha * soft + (1 - alpha) * hard
+
+
+@dataclass
+class DistillArgs(JsonConfig):
+    data: str = ""
+    eval_data: str | None = None
+    eval_fraction: float = 0.1
+    model: str | None = None  # the teacher; None = the embedded default model
+    stages: str = "half"  # comma-separated layer counts, e.g. "24,18", or "half"
+    selection: str = "importance"  # importance | every-other
+    steps_per_stage: int = 50
+    batch_size: int = 4
+    lr: float = 1e-4
+    warmup: int = 5
+    temperature: float = 2.0
+    alpha: float = 0.5
+    seq_len: int = 128
+    seed: int = 0
+    speed_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        if self.selection not in ("importance", "every-other"):
+            raise ValueError(f"selection must be 'importance' or 'every-other', got {self.selection!r}")
+        if self.temperature <= 0 or not 0 <= self.alpha <= 1:
+            raise ValueError("temperature must be > 0 and alpha in [0, 1]")
+        if not self.data:
+            raise ValueError("data: a JSONL file is required")
+
+    def stage_sizes(self, n_layers: int) -> list[int]:
+        sizes = [n_layers // 2] if self.stages == "half" else [int(s) for s in self.stages.split(",") if s.strip()]
+        if not sizes or any(b >= a for a, b in zip([n_layers, *sizes], sizes)) or sizes[-1] < 1:
+            raise ValueError(f"stages must be decreasing layer counts below {n_layers}, got {self.stages!r}")
+        return sizes
+
+
+@torch.inference_mode()
+def decode_speed(model: Any, prompt: list[int], n: int) -> float:
+    """Greedy decode tokens per second (single stream, KV cache), after one warm-up run."""
+    params = SamplingParams(max_new_tokens=n, temperature=0.0)
+    list(generate(model, prompt, SamplingParams(max_new_tokens=4, temperature=0.0)))
+    t0 = time.perf_counter()
+    got = len(list(generate(model, prompt, params)))
+    return got / (time.perf_counter() - t0)
+
+
+def distill(args: DistillArgs, out_dir: str | Path, progress: bool = True, lm: Any = None) -> dict:
+    """Shrink the teacher stage by stage with distillation; returns (and writes) the report."""
+    from ..loading import load_causal_lm
+
+    torch.manual_seed(args.seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lm = load_causal_lm(args.model) if lm is None else lm
+    teacher, tok = lm.model.eval().requires_grad_(False), lm.tokenizer
+    pad = tok.pad_id if tok.pad_id is not None else min(tok.eos_ids or {0})
+    rows = load_examples(args.data, tok, args.seq_len)
+    if args.eval_data:
+        eval_rows = load_examples(args.eval_data, tok, args.seq_len)
+    else:
+        n_eval = max(1, int(len(rows) * args.eval_fraction))
+        rows, eval_rows = rows[:-n_eval], rows[-n_eval:]
+    prompt = eval_rows[0][0][:16]
+    report: dict[str, Any] = {"args": args.to_dict(), "teacher": {
+        "layers": len(teacher.layers), "params": param_count(teacher),
+        "eval_ppl": evaluate_loss(teacher, eval_rows, pad)["eval_ppl"],
+        "decode_tok_s": decode_speed(teacher, prompt, args.speed_tokens)}, "stages": []}
+    student = teacher
+    batches = micro_batches(rows, args.batch_size, pad, args.seed)
+    for n_keep in args.stage_sizes(len(teacher.layers)):
+        if args.selection == "importance":
+            scores = block_influence(student, [collate(eval_rows[i:i + 8], pad)[0] for i in range(0, min(len(eval_rows), 32), 8)])
+            keep = by_importance(scores, n_keep)
+        else:
+            keep = evenly_kept(len(student.layers), n_keep)
+        student = drop_layers(student, keep).requires_grad_(True)
+        before = evaluate_loss(student, eval_rows, pad)["eval_ppl"]
+        opt = torch.optim.AdamW(student.parameters(), lr=args.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.warmup, args.steps_per_stage, "cosine"))
+        student.train()
+        t0 = time.perf_counter()
+        bar = tqdm(range(args.steps_per_stage), disable=not progress, desc=f"{n_keep} layers", file=sys.stderr)
+        for _ in bar:
+            x, y = next(batches)
+            with torch.no_grad():
+                t_logits = teacher(x)
+            with autocast(False):
+                loss = distill_loss(student(x), t_logits, y, args.temperature, args.alpha)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        student.eval().requires_grad_(False)
+        report["stages"].append({
+            "layers": n_keep, "kept": keep, "params": param_count(student), "eval_ppl_after_drop": before,
+            "eval_ppl": evaluate_loss(student, eval_rows, pad)["eval_ppl"], "train_seconds": round(time.perf_counter() - t0, 1),
+            "decode_tok_s": decode_speed(student, prompt, args.speed_tokens)})
+        print(json.dumps(report["stages"][-1]), file=sys.stderr)
+    from .hf_export import save_hf_llama
+
+    if hasattr(student.cfg, "rope_theta"):
+        save_hf_llama(student, tok, out / "student")
+        report["student_dir"] = str(out / "student")
+    (out / "distill_report.json").write_text(json.dumps(report, indent=2))
+    report["student"] = student
+    return report
+
+
+__all__ = ["DistillArgs", "distill", "distill_loss"]
