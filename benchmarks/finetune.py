@@ -7,6 +7,11 @@ the share of trainable parameters, training time and eval loss/perplexity; write
 per method and merges its row into the JSON (so methods can run one at a time).
 
     python benchmarks/finetune.py --methods base lora adapter prefix prompt ptuning
+    python benchmarks/finetune.py --methods distill     # progressive shrinking of the same model
+
+``distill``: the student is SmolLM2 with layers dropped in stages (by Block Influence), distilled
+from the full model on English prose (Python's standard-library docstrings) between stages; teacher
+vs student held-out perplexity, parameters and greedy decode speed go to docs/results/finetune_distill.json.
 """
 
 from __future__ import annotations
@@ -42,10 +47,35 @@ RECIPES: dict[str, dict] = {
 }
 
 
+def run_distill(args: argparse.Namespace, lm, runs: Path) -> None:
+    from attnkit.data.text_corpus import docstring_paragraphs
+    from attnkit.train.distill import DistillArgs, distill
+
+    train = sft_tasks.write_jsonl(runs / "prose_train.jsonl", [{"text": t} for t in docstring_paragraphs("train", 800)])
+    test = sft_tasks.write_jsonl(runs / "prose_test.jsonl", [{"text": t} for t in docstring_paragraphs("test", 48)])
+    da = DistillArgs(data=str(train), eval_data=str(test), stages=args.stages, steps_per_stage=args.steps_per_stage,
+                     batch_size=4, seq_len=96, lr=1e-4, warmup=4, temperature=2.0, alpha=0.5)
+    t0 = time.perf_counter()
+    report = distill(da, runs / "distill", progress=sys.stderr.isatty(), lm=lm)
+    report.pop("student")
+    report["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    report["machine"] = f"{platform.machine()}, {os.cpu_count()} CPU cores (shared with other processes), torch {torch.__version__}"
+    out = Path(args.out_json).with_name("finetune_distill.json")
+    out.write_text(json.dumps(report, indent=2))
+    t = report["teacher"]
+    print("| model | layers | params | held-out ppl | decode tok/s |\n|---|---|---|---|---|")
+    print(f"| teacher | {t['layers']} | {t['params'] / 1e6:.1f} M | {t['eval_ppl']:.2f} | {t['decode_tok_s']:.1f} |")
+    for s in report["stages"]:
+        print(f"| student ({s['layers']} layers; ppl {s['eval_ppl_after_drop']:.1f} right after dropping) | {s['layers']} | "
+              f"{s['params'] / 1e6:.1f} M | {s['eval_ppl']:.2f} | {s['decode_tok_s']:.1f} |")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=["base", "lora", "adapter", "prefix", "prompt", "ptuning"],
-                   choices=["base", *RECIPES])
+                   choices=["base", "distill", *RECIPES])
+    p.add_argument("--stages", default="24,18", help="distill: layer counts per stage")
+    p.add_argument("--steps-per-stage", type=int, default=40)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--train-n", type=int, default=600)
@@ -72,6 +102,9 @@ def main() -> int:
     for method in args.methods:
         print(f"== {method}", file=sys.stderr)
         lm = load_causal_lm(None)
+        if method == "distill":
+            run_distill(args, lm, runs)
+            continue
         if method == "base":
             acc = task_accuracy(lm.model, lm.tokenizer, lm.stop_ids, heldout, sft_tasks.prompt_messages,
                                 sft_tasks.score, max_new_tokens=24)

@@ -66,10 +66,10 @@ def hf_module_name(model: nn.Module, ours: str, prefix: str | None = None) -> tu
 
 def hf_name_table(model: nn.Module, prefix: str | None = None) -> dict[str, tuple[str, int | None]]:
     """Every Linear / sublayer of ``model`` → its HF name (see :func:`hf_module_name`)."""
-    from .tuner import clean_name
+    from .tuner import base_modules, clean_name
 
     table = {}
-    for name, module in model.named_modules():
+    for name, module in base_modules(model):
         name = clean_name(name)
         if isinstance(module, nn.Linear) and name.startswith("layers.") and name not in table:
             try:

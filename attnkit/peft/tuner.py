@@ -79,13 +79,7 @@ def inject(model: nn.Module, select: Callable[[str, nn.Module], bool], kind: typ
     its outermost wrapper (or the module itself) is wrapped in a new ``kind`` layer. Returns the names
     of the adapted modules.
     """
-    wrappers = [n for n, m in model.named_modules() if isinstance(m, TunerLayer)]
-
-    def inside_adapter(name: str) -> bool:  # an adapter's own Linear layers are never targets
-        return any(name.startswith(w + ".") and not name.startswith(w + ".base_layer") for w in wrappers)
-
-    chosen = [(n, m) for n, m in model.named_modules()
-              if n and ".base_layer" not in n and not inside_adapter(n) and select(n, innermost(m))]
+    chosen = [(n, m) for n, m in base_modules(model) if ".base_layer" not in n and select(n, innermost(m))]
     for name, module in chosen:
         layer = module
         while isinstance(layer, TunerLayer) and not isinstance(layer, kind):
@@ -96,6 +90,16 @@ def inject(model: nn.Module, select: Callable[[str, nn.Module], bool], kind: typ
             setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         add(layer, name)
     return [n for n, _ in chosen]
+
+
+def base_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every module of the base model, wrappers included, adapters' own layers not."""
+    wrappers = [n for n, m in model.named_modules() if isinstance(m, TunerLayer)]
+
+    def inside_adapter(name: str) -> bool:
+        return any(name.startswith(w + ".") and not name.startswith(w + ".base_layer") for w in wrappers)
+
+    return [(n, m) for n, m in model.named_modules() if n and not inside_adapter(n)]
 
 
 def tuner_layers(model: nn.Module) -> list[tuple[str, TunerLayer]]:
