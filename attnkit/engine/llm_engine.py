@@ -40,6 +40,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's context, capped by the pool
     max_waiting: int = 100_000
     enable_prefix_caching: bool = True
+    compile: bool = False  # torch.compile the decode step (see ModelRunner)
 
 
 @dataclass
@@ -64,7 +65,7 @@ class LLMEngine:
         self.max_model_len = min(cfg.max_model_len or model.cfg.max_seq_len, num_blocks * cfg.block_size)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_waiting)
-        self.runner = ModelRunner(model, num_blocks, cfg.block_size)
+        self.runner = ModelRunner(model, num_blocks, cfg.block_size, compile=cfg.compile)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.num_steps = 0

@@ -16,7 +16,7 @@ from .scheduler import ScheduledBatch
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, compile: bool = False) -> None:
         cfg = model.cfg
         if not hasattr(cfg, "n_kv_heads") or not hasattr(model, "rotary"):
             raise TypeError(f"the engine runs Llama-family models; got {type(model).__name__}")
@@ -25,10 +25,19 @@ class ModelRunner:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.window: int | None = getattr(cfg, "sliding_window", None)
-        shape = (len(model.layers), num_blocks, block_size, cfg.n_kv_heads, cfg.hd)
+        shape = (len(model.layers), cfg.n_kv_heads, num_blocks, block_size, cfg.hd)  # head-major, see PagedKVCache
         self.k_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.caches = [PagedKVCache(self.k_pool[i], self.v_pool[i]) for i in range(shape[0])]
+        # decode-only steps run the model compiled (inductor): the per-operation overhead of an eager
+        # step of small products is gone and the paged attention reads K/V through the block tables
+        self.compiled_decode = None
+        if compile:
+            import functools
+            layer_fwd = torch.compile(type(model.layers[0]).forward, dynamic=True)
+            self.eager_fwd = [layer.forward for layer in model.layers]
+            self.compiled_fwd = [functools.partial(layer_fwd, layer) for layer in model.layers]
+            self.compiled_decode = self.model
 
     @staticmethod
     def bytes_per_block(model: nn.Module, block_size: int) -> int:
@@ -50,8 +59,8 @@ class ModelRunner:
         if batch.copies:
             src = torch.tensor([s for s, _ in batch.copies], device=self.device)
             dst = torch.tensor([d for _, d in batch.copies], device=self.device)
-            self.k_pool[:, dst] = self.k_pool[:, src]
-            self.v_pool[:, dst] = self.v_pool[:, src]
+            self.k_pool[:, :, dst] = self.k_pool[:, :, src]
+            self.v_pool[:, :, dst] = self.v_pool[:, :, src]
         bs = self.block_size
         ids: list[int] = []
         pos: list[int] = []
@@ -88,12 +97,18 @@ class ModelRunner:
             meta.decode_index = torch.tensor(dec_idx, device=self.device)
             meta.decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables], device=self.device)
             lens = torch.tensor(dec_lens, device=self.device)
-            meta.decode_mask = self._mask(lens - 1, width * bs)[:, None, None, :] & (
-                torch.arange(width * bs, device=self.device)[None, None, None, :] < lens[:, None, None, None])
+            visible = self._mask(lens - 1, width * bs) & (torch.arange(width * bs, device=self.device)[None, :] < lens[:, None])
+            meta.decode_bias = torch.zeros(visible.shape, device=self.device).masked_fill_(~visible, float("-inf"))
+        model = self.model
+        meta.decode_only = not prefills
+        if self.compiled_decode is not None:
+            meta.fused_gather = meta.decode_only
+            for layer, f in zip(model.layers, self.compiled_fwd if meta.decode_only else self.eager_fwd):
+                layer.forward = f
         for c in self.caches:
             c.meta = meta
         try:
-            logits = self.model(torch.tensor([ids], device=self.device), cache=self.caches,
+            logits = model(torch.tensor([ids], device=self.device), cache=self.caches,
                                 positions=torch.tensor(pos, device=self.device),
                                 logits_indices=torch.tensor(logits_idx, device=self.device, dtype=torch.long))
         finally:

@@ -37,66 +37,127 @@ class AttentionMetadata:
     slots: torch.Tensor  # (T_total,) flat slot (block * block_size + offset) of each new token
     decode_index: torch.Tensor | None = None  # (B_d,) positions in the packed row
     decode_tables: torch.Tensor | None = None  # (B_d, max_blocks)
-    decode_mask: torch.Tensor | None = None  # (B_d, 1, 1, max_blocks * block_size)
+    decode_bias: torch.Tensor | None = None  # (B_d, max_blocks * block_size): 0 = visible, −∞ = not
     prefills: list[PrefillChunk] = field(default_factory=list)
+    decode_only: bool = False  # every token is a decode: the output is the decode attention's, in order
+    fused_gather: bool = False  # inside torch.compile: index the pool in the attention kernel itself
     scratch: list[torch.Tensor] = field(default_factory=list)  # the decode gather's buffers, reused by every layer
 
 
+@torch.library.custom_op("attnkit::write_kv", mutates_args=("k_pool", "v_pool"))
+def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store the new tokens' K/V (n_kv, T, hd) in their slots of the pools (n_kv, num_blocks, block_size, hd).
+
+    An opaque operator that declares what it mutates, so that torch.compile writes the pool in
+    place instead of copying the whole pool to keep the graph functional.
+    """
+    n_kv, _, _, hd = k_pool.shape
+    k_pool.view(n_kv, -1, hd).index_copy_(1, slots, k.to(k_pool.dtype))
+    v_pool.view(n_kv, -1, hd).index_copy_(1, slots, v.to(v_pool.dtype))
+
+
 class PagedKVCache:
-    """One layer's view of the block pool; implements the ``attends`` side of the cache protocol."""
+    """One layer's view of the block pool; implements the ``attends`` side of the cache protocol.
+
+    The pool is head-major, (n_kv, num_blocks, block_size, hd): gathering a sequence's blocks along
+    dim 1 gives each KV head's keys contiguous, (n_kv, B, L, hd), ready for batched matrix products
+    without a transpose copy.
+    """
 
     attends = True
 
     def __init__(self, k_pool: torch.Tensor, v_pool: torch.Tensor) -> None:
-        self.k_pool, self.v_pool = k_pool, v_pool  # (num_blocks, block_size, n_kv, hd)
+        self.k_pool, self.v_pool = k_pool, v_pool  # (n_kv, num_blocks, block_size, hd)
         self.meta: AttentionMetadata | None = None
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise TypeError("PagedKVCache attends itself: MultiHeadAttention calls attend(), not update()")
 
     def _write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        n_kv, hd = self.k_pool.shape[2:]
-        self.k_pool.view(-1, n_kv, hd).index_copy_(0, slots, k[0].transpose(0, 1))
-        self.v_pool.view(-1, n_kv, hd).index_copy_(0, slots, v[0].transpose(0, 1))
+        write_kv(self.k_pool, self.v_pool, k[0], v[0], slots)
 
     def _gather(self, tables: torch.Tensor, scratch: list[torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, nb) block ids → K, V of shape (B, n_kv, nb * block_size, hd).
+        """(B, nb) block ids → K, V of shape (n_kv, B, nb * block_size, hd).
 
-        ``index_select`` on the flattened pool copies whole blocks (several times faster than
-        advanced indexing on the CPU); ``scratch`` (two buffers shared by all layers of a step)
-        saves allocating the copies again for every layer.
+        ``index_select`` copies whole blocks (several times faster than advanced indexing on the
+        CPU); ``scratch`` (two buffers shared by all layers of a step) saves allocating them per layer.
         """
         B, nb = tables.shape
-        bs, n_kv, hd = self.k_pool.shape[1:]
-        flat_k, flat_v, idx = self.k_pool.view(-1, bs * n_kv * hd), self.v_pool.view(-1, bs * n_kv * hd), tables.view(-1)
+        n_kv, _, bs, hd = self.k_pool.shape
+        flat_k, flat_v, idx = self.k_pool.view(n_kv, -1, bs * hd), self.v_pool.view(n_kv, -1, bs * hd), tables.view(-1)
         if scratch is None:
-            k, v = flat_k.index_select(0, idx), flat_v.index_select(0, idx)
+            k, v = flat_k.index_select(1, idx), flat_v.index_select(1, idx)
         else:
             if not scratch:
-                scratch += [flat_k.new_empty(B * nb, bs * n_kv * hd), flat_v.new_empty(B * nb, bs * n_kv * hd)]
-            k = torch.index_select(flat_k, 0, idx, out=scratch[0])
-            v = torch.index_select(flat_v, 0, idx, out=scratch[1])
-        return k.view(B, nb * bs, n_kv, hd).transpose(1, 2), v.view(B, nb * bs, n_kv, hd).transpose(1, 2)
+                scratch += [flat_k.new_empty(n_kv, B * nb, bs * hd), flat_v.new_empty(n_kv, B * nb, bs * hd)]
+            k = torch.index_select(flat_k, 1, idx, out=scratch[0])
+            v = torch.index_select(flat_v, 1, idx, out=scratch[1])
+        return k.view(n_kv, B, nb * bs, hd), v.view(n_kv, B, nb * bs, hd)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (1, nh, T, hd), new k/v (1, n_kv, T, hd) → attention output (1, nh, T, hd)."""
         meta = self.meta
         assert meta is not None, "the model runner sets the step's metadata before the forward"
         self._write(k, v, meta.slots)
+        if meta.decode_only:
+            assert meta.decode_tables is not None and meta.decode_bias is not None
+            if meta.fused_gather:
+                return paged_decode_attention(q[0], self.k_pool, self.v_pool, meta.decode_tables, meta.decode_bias)[None]
+            kd, vd = self._gather(meta.decode_tables, meta.scratch)
+            return decode_attention(q[0], kd, vd, meta.decode_bias)[None]
         out = torch.empty_like(q)
         if meta.decode_index is not None:
-            assert meta.decode_tables is not None
+            assert meta.decode_tables is not None and meta.decode_bias is not None
             kd, vd = self._gather(meta.decode_tables, meta.scratch)
-            qd = q[0][:, meta.decode_index].transpose(0, 1).unsqueeze(2)  # (B_d, nh, 1, hd)
-            od, _ = scaled_dot_product_attention(qd, kd, vd, mask=meta.decode_mask, impl="sdpa")
-            out[0][:, meta.decode_index] = od.squeeze(2).transpose(0, 1)
+            out[0][:, meta.decode_index] = decode_attention(q[0][:, meta.decode_index], kd, vd, meta.decode_bias)
         for p in meta.prefills:
             qp = q[:, :, p.start:p.end]
             if p.context_len == p.end - p.start:  # nothing cached before: the chunk's own K/V
                 kp, vp = k[:, :, p.start:p.end], v[:, :, p.start:p.end]
             else:
                 kp, vp = self._gather(p.block_table[None])
-                kp, vp = kp[:, :, :p.context_len], vp[:, :, :p.context_len]
-            out[:, :, p.start:p.end], _ = scaled_dot_product_attention(qp, kp, vp, mask=p.mask, impl="sdpa")
+                kp, vp = kp[:, :, :p.context_len].transpose(0, 1), vp[:, :, :p.context_len].transpose(0, 1)
+            out[:, :, p.start:p.end], _ = scaled_dot_product_attention(qp, kp.to(q.dtype), vp.to(q.dtype), mask=p.mask,
+                                                                       impl="sdpa")
         return out
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """One query token per sequence: softmax(q·Kᵀ/√d + bias)·V with grouped-query heads, as batched products.
+
+    q (nh, B, hd); k, v (n_kv, B, L, hd); bias (B, L), 0 where a key may be seen and −∞ elsewhere
+    (padding of shorter contexts, the sliding window) → (nh, B, hd). The g = nh / n_kv query heads
+    that share a KV head form the rows of one (g, hd) × (hd, L) product; no K/V is repeated. For one
+    token per sequence this is faster on the CPU than SDPA's flash kernel, which tiles for long queries.
+    """
+    nh, B, hd = q.shape
+    n_kv, _, L, _ = k.shape
+    g = nh // n_kv
+    qg = q.view(n_kv, g, B, hd).transpose(1, 2).reshape(n_kv * B, g, hd)  # (n_kv·B, g, hd)
+    scores = torch.baddbmm(bias.repeat(n_kv, 1)[:, None, :].to(k.dtype), qg.to(k.dtype), k.view(n_kv * B, L, hd).transpose(1, 2),
+                           alpha=hd ** -0.5)  # (n_kv·B, g, L)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    out = torch.bmm(probs, v.view(n_kv * B, L, hd))  # (n_kv·B, g, hd)
+    return out.view(n_kv, B, g, hd).transpose(1, 2).reshape(nh, B, hd).to(q.dtype)
+
+
+def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
+                           bias: torch.Tensor) -> torch.Tensor:
+    """:func:`decode_attention` reading K/V through the block tables, written for torch.compile.
+
+    q (nh, B, hd); pools (n_kv, num_blocks, block_size, hd); tables (B, nb); bias (B, nb·block_size).
+    Compiled, the gather ``k_pool[:, tables[b, t // bs], t % bs]`` becomes an indirect load inside
+    the score loop: no copy of the context is made. (Eagerly it would materialise the gather.)
+    """
+    nh, B, hd = q.shape
+    n_kv, _, bs, _ = k_pool.shape
+    g = nh // n_kv
+    t = torch.arange(tables.shape[1] * bs, device=q.device)
+    blk, off = tables[:, t // bs], t % bs  # (B, L)
+    k, v = k_pool[:, blk, off].float(), v_pool[:, blk, off].float()  # (n_kv, B, L, hd)
+    qg = q.view(n_kv, g, B, hd).transpose(1, 2).float() * hd ** -0.5  # (n_kv, B, g, hd)
+    scores = (qg[:, :, :, None, :] * k[:, :, None]).sum(-1) + bias[None, :, None, :]  # (n_kv, B, g, L)
+    probs = torch.softmax(scores, dim=-1)
+    out = (probs[..., None] * v[:, :, None]).sum(-2)  # (n_kv, B, g, hd)
+    return out.transpose(1, 2).reshape(nh, B, hd).to(q.dtype)

@@ -129,8 +129,9 @@ class Llama(nn.Module):
         else:
             mask = None  # the cache (the engine's paged KV) knows which keys each token may see
         x = self.tok_embeddings(idx) if inputs_embeds is None else inputs_embeds  # (B, T, d)
+        rotary = self.rotary.at(positions)  # the angles once for all layers
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask=mask, rotary=self.rotary, positions=positions, cache=None if cache is None else cache[i])
+            x = layer(x, mask=mask, rotary=rotary, positions=positions, cache=None if cache is None else cache[i])
         if logits_indices is not None:
             x = x[:, logits_indices]
         x = self.norm(x[:, -1:] if last_only else x)

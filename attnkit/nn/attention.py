@@ -153,7 +153,16 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(kv_dim, n_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(kv_dim, n_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias if out_bias is None else out_bias)
+        self.qkv_proj: nn.Module | None = None  # set by fuse(): [W_Q | W_K | W_V] in one product
         self.last_weights: torch.Tensor | None = None  # filled when forward(need_weights=True)
+
+    def fuse(self) -> None:
+        """Replace q/k/v_proj by one ``qkv_proj`` (inference only; see :mod:`attnkit.nn.fused`)."""
+        from .fused import cat_out_features
+
+        if self.qkv_proj is None:
+            self.qkv_proj = cat_out_features([self.q_proj, self.k_proj, self.v_proj])
+            del self.q_proj, self.k_proj, self.v_proj
 
     def _split(self, x: torch.Tensor, n: int) -> torch.Tensor:
         B, T, _ = x.shape
@@ -183,24 +192,36 @@ class MultiHeadAttention(nn.Module):
         """
         if x.dim() != 3:
             raise ValueError(f"MultiHeadAttention expects x of shape (B, T, d_model), got {tuple(x.shape)}")
+        if self.qkv_proj is not None and context is None and static_kv is None:
+            nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([nq, nkv, nkv], dim=-1)
+            q, k, v = self._split(q, self.n_heads), self._split(k, self.n_kv_heads), self._split(v, self.n_kv_heads)
+            return self._attend(q, k, v, mask, bias, rotary, positions, cache, need_weights)
         q = self._split(self.q_proj(x), self.n_heads)  # (B, nh, T, hd)
         if static_kv is not None:
             k, v = static_kv
         else:
             k, v = self.project_kv(x if context is None else context)  # (B, n_kv, T_k, hd)
-            if rotary is not None:
-                if positions is None:
-                    raise ValueError("rotary embeddings need the absolute positions of the new tokens")
-                q, k = rotary(q, k, positions)
-            if cache is not None and getattr(cache, "attends", False):
-                # a cache that attends itself (the engine's paged KV: many sequences in one packed row)
-                # stores the new K/V and returns the attention output; mask and bias are its business
-                out = cache.attend(q, k, v)  # type: ignore[attr-defined]
-                B, _, T, _ = out.shape
-                self.last_weights = None
-                return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-            if cache is not None:
-                k, v = cache.update(k, v)
+        return self._attend(q, k, v, mask, bias, None if static_kv is not None else rotary, positions,
+                                 None if static_kv is not None else cache, need_weights)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     bias: torch.Tensor | None, rotary: RotaryLike | None, positions: torch.Tensor | None,
+                     cache: KVCacheLike | None, need_weights: bool) -> torch.Tensor:
+        """Rotary, the cache, attention and the output projection, from the projected q (B, nh, T, hd), k, v."""
+        if rotary is not None:
+            if positions is None:
+                raise ValueError("rotary embeddings need the absolute positions of the new tokens")
+            q, k = rotary(q, k, positions)
+        if cache is not None and getattr(cache, "attends", False):
+            # a cache that attends itself (the engine's paged KV: many sequences in one packed row)
+            # stores the new K/V and returns the attention output; mask and bias are its business
+            out = cache.attend(q, k, v)  # type: ignore[attr-defined]
+            B, _, T, _ = out.shape
+            self.last_weights = None
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        if cache is not None:
+            k, v = cache.update(k, v)
         out, weights = scaled_dot_product_attention(
             q, k, v, mask=mask, bias=bias, dropout_p=self.dropout if self.training else 0.0,
             impl=self.impl, need_weights=need_weights,

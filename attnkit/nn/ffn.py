@@ -49,8 +49,20 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
         self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
+        self.gate_up_proj: nn.Module | None = None  # set by fuse(): [W_gate | W_up] in one product
+
+    def fuse(self) -> None:
+        """Replace gate/up_proj by one ``gate_up_proj`` (inference only; see :mod:`attnkit.nn.fused`)."""
+        from .fused import cat_out_features
+
+        if self.gate_up_proj is None:
+            self.gate_up_proj = cat_out_features([self.gate_proj, self.up_proj])
+            del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(self.dropout(self.act(gate) * up))
         return self.down_proj(self.dropout(self.act(self.gate_proj(x)) * self.up_proj(x)))
 
 

@@ -108,6 +108,22 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self.cos_sin(positions)
         return self.rotate(q, cos, sin), self.rotate(k, cos, sin)
 
+    def at(self, positions: torch.Tensor) -> BoundRotary:
+        """cos/sin of ``positions`` computed once, for every layer of one forward pass."""
+        return BoundRotary(self, positions, *self.cos_sin(positions))
+
+
+class BoundRotary:
+    """A :class:`RotaryEmbedding` with the angles of one set of positions precomputed."""
+
+    def __init__(self, rotary: RotaryEmbedding, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        self.rotary, self.positions, self.cos, self.sin = rotary, positions, cos, sin
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions is not self.positions:
+            return self.rotary(q, k, positions)
+        return self.rotary.rotate(q, self.cos, self.sin), self.rotary.rotate(k, self.cos, self.sin)
+
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
     """Head slopes m_h from the ALiBi paper (§3 and its reference code).

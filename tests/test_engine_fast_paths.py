@@ -1,0 +1,98 @@
+"""The inference fast paths compute the same function as the plain blocks: fused projections,
+decode attention by batched products, the paged (block-table) decode attention, the compiled step."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnkit.engine import LLM, SamplingParams
+from attnkit.engine.paged_attention import decode_attention, paged_decode_attention, write_kv
+from attnkit.nn import MultiHeadAttention, SwiGLU
+from attnkit.nn.fused import cat_out_features, fuse_for_inference
+
+from engine_helpers import greedy_reference, tiny_llama
+
+
+def test_fused_model_equals_unfused() -> None:
+    for kw in ({}, {"qkv_bias": True}):  # Llama; Qwen2 (bias on q, k, v only)
+        model = tiny_llama(**kw)
+        if kw:
+            with torch.no_grad():
+                for layer in model.layers:
+                    for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                        p.bias.normal_()
+        fused = fuse_for_inference(copy.deepcopy(model))
+        assert fused.layers[0].self_attn.qkv_proj is not None and not hasattr(fused.layers[0].self_attn, "q_proj")
+        assert fused.layers[0].ffn.gate_up_proj is not None
+        x = torch.randint(0, 320, (2, 11))
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_is_idempotent_and_rejects_mixed_layers() -> None:
+    mha = MultiHeadAttention(32, 4, 2)
+    mha.fuse()
+    w = mha.qkv_proj.weight.clone()
+    mha.fuse()
+    assert torch.equal(mha.qkv_proj.weight, w) and w.shape == (32 + 16 + 16, 32)
+    with pytest.raises(TypeError, match="different types"):
+        cat_out_features([torch.nn.Linear(4, 4), torch.nn.Identity()])
+    with pytest.raises(ValueError, match="input size"):
+        cat_out_features([torch.nn.Linear(4, 4), torch.nn.Linear(5, 4)])
+    ffn = SwiGLU(16, 24)
+    x = torch.randn(3, 16)
+    ref = ffn(x)
+    ffn.fuse()
+    torch.testing.assert_close(ffn(x), ref)
+
+
+def _reference(q, k, v, lens):
+    """q (nh, B, hd), k/v (n_kv, B, L, hd): SDPA with K/V repeated per group and a padding mask."""
+    nh, B, hd = q.shape
+    n_kv, _, L, _ = k.shape
+    kk = k.transpose(0, 1).repeat_interleave(nh // n_kv, dim=1)  # (B, nh, L, hd)
+    vv = v.transpose(0, 1).repeat_interleave(nh // n_kv, dim=1)
+    mask = (torch.arange(L)[None, :] < lens[:, None])[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[:, :, None], kk, vv, attn_mask=mask)  # (B, nh, 1, hd)
+    return out[:, :, 0].transpose(0, 1)
+
+
+@pytest.mark.parametrize("n_kv,g", [(3, 3), (2, 1), (1, 4)])
+def test_decode_attention_matches_sdpa(n_kv: int, g: int) -> None:
+    torch.manual_seed(0)
+    B, L, hd = 5, 37, 16
+    q, k, v = torch.randn(n_kv * g, B, hd), torch.randn(n_kv, B, L, hd), torch.randn(n_kv, B, L, hd)
+    lens = torch.tensor([37, 1, 20, 36, 5])
+    bias = torch.zeros(B, L).masked_fill_(torch.arange(L)[None, :] >= lens[:, None], float("-inf"))
+    torch.testing.assert_close(decode_attention(q, k, v, bias), _reference(q, k, v, lens), rtol=1e-5, atol=1e-5)
+
+
+def test_paged_decode_attention_reads_through_block_tables() -> None:
+    torch.manual_seed(1)
+    n_kv, g, bs, hd, num_blocks = 2, 2, 4, 8, 20
+    k_pool, v_pool = torch.zeros(n_kv, num_blocks, bs, hd), torch.zeros(n_kv, num_blocks, bs, hd)
+    tables = torch.tensor([[7, 3, 12], [0, 19, 5]])  # scattered blocks
+    lens = torch.tensor([10, 12])
+    k, v = torch.randn(n_kv, 2, 12, hd), torch.randn(n_kv, 2, 12, hd)
+    for b in range(2):  # write each sequence's tokens into its slots, as the engine does
+        slots = torch.tensor([int(tables[b, i // bs]) * bs + i % bs for i in range(12)])
+        write_kv(k_pool, v_pool, k[:, b], v[:, b], slots)
+    q = torch.randn(n_kv * g, 2, hd)
+    bias = torch.zeros(2, 12).masked_fill_(torch.arange(12)[None, :] >= lens[:, None], float("-inf"))
+    ref = _reference(q, k, v, lens)
+    torch.testing.assert_close(paged_decode_attention(q, k_pool, v_pool, tables, bias), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_same_greedy_tokens() -> None:
+    """EngineConfig(compile=True): decode-only steps run through torch.compile; outputs unchanged."""
+    model = tiny_llama()
+    prompts = [[5, 9, 33, 2], list(range(40, 75)), [7] * 18]
+    want = [greedy_reference(model, p, 12) for p in prompts]
+    llm = LLM.from_model(model, compile=True, block_size=8)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in outs] == want
