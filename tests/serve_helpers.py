@@ -45,6 +45,7 @@ def running(app) -> Iterator[str]:
 
 def tiny_engine(tokenizer, **cfg) -> LLMEngine:
     model = tiny_llama(tokenizer.vocab_size, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=1024)
+    cfg.setdefault("kv_cache_bytes", 16 << 20)  # plenty for a 1024-token context; allocating 1 GiB takes seconds
     return LLMEngine(model, tokenizer, EngineConfig(**cfg), tokenizer.eos_ids)
 
 

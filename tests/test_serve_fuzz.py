@@ -32,7 +32,8 @@ NOT_A_NUMBER = st.one_of(st.text(max_size=5), st.booleans(), st.none(), st.lists
 NOT_AN_INT = st.one_of(NOT_A_NUMBER.filter(lambda v: v is not None), st.floats(allow_nan=False, allow_infinity=False))
 # per field: values that must be refused (out of range, wrong type, huge)
 BAD = {
-    "temperature": st.one_of(NOT_A_NUMBER.filter(lambda v: v is not None), st.floats(max_value=-1e-6), INFINITE),
+    "temperature": st.one_of(NOT_A_NUMBER.filter(lambda v: v is not None), st.floats(max_value=-1e-6),
+                             INFINITE),
     "top_p": st.one_of(NOT_A_NUMBER.filter(lambda v: v is not None), st.floats(max_value=0), st.floats(min_value=1.0001),
                        HUGE),
     "min_p": st.one_of(st.floats(max_value=-1e-6), st.floats(min_value=1.0001), HUGE),

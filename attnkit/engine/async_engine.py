@@ -44,6 +44,7 @@ class EngineStats:
     prefix_queries: int  # full prompt blocks looked up in the prefix cache
     prefix_hits: int
     preemptions: int
+    aborted: int = 0  # requests stopped before finishing (their blocks freed at once)
 
     @property
     def kv_usage(self) -> float:
@@ -107,6 +108,7 @@ class AsyncLLMEngine:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._ids = itertools.count()
+        self._num_aborted = 0
         self._stats = self._snapshot()
 
     def _ensure_loop(self) -> None:
@@ -155,7 +157,7 @@ class AsyncLLMEngine:
         s = self._stats
         pending = sum(1 for *_, f in self._adds if not f.done())
         return EngineStats(s.running, s.waiting + pending, s.kv_blocks, s.kv_blocks_used, s.prefix_queries,
-                           s.prefix_hits, s.preemptions)
+                           s.prefix_hits, s.preemptions, s.aborted)
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -189,7 +191,7 @@ class AsyncLLMEngine:
         b = e.block_manager.stats()
         running = sum(1 for r in e.requests.values() if any(s.status is SequenceStatus.RUNNING for s in r.seqs))
         return EngineStats(running, len(e.requests) - running, b.num_blocks, b.used_blocks, b.prefix_queries,
-                           b.prefix_hits, e.scheduler.num_preemptions)
+                           b.prefix_hits, e.scheduler.num_preemptions, self._num_aborted)
 
     def _apply_adds_and_aborts(self) -> None:
         while self._adds:
@@ -203,7 +205,8 @@ class AsyncLLMEngine:
             else:
                 accepted.set_result(None)
         while self._aborts:
-            self.engine.abort_request(self._aborts.popleft())
+            if self.engine.abort_request(self._aborts.popleft()) is not None:
+                self._num_aborted += 1
         self._stats = self._snapshot()
 
     async def _run(self) -> None:

@@ -42,6 +42,8 @@ class _EngineCollector(Collector):
             ("attnkit_prefix_cache_queries", "Full prompt blocks looked up in the prefix cache.", s.prefix_queries),
             ("attnkit_prefix_cache_hits", "Full prompt blocks found in the prefix cache.", s.prefix_hits),
             ("attnkit_num_preemptions", "Sequences preempted (recomputed later) for lack of KV blocks.", s.preemptions),
+            ("attnkit_num_aborted_requests", "Requests aborted in the engine before finishing (client gone); "
+             "their KV blocks are freed at once.", s.aborted),
         ):
             yield CounterMetricFamily(name, doc, value=value)
 

@@ -59,11 +59,25 @@ class Format:
                 "choices": choices, **extra}
 
 
+class _EventStream(StreamingResponse):
+    """Server-sent events that abort their engine requests however the response ends (even unstarted)."""
+
+    def __init__(self, events: AsyncIterator[str], streams: list[RequestStream]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.streams = streams
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for s in self.streams:
+                s.close()
+
+
 async def respond(request: Request, fmt: Format, streams: list[RequestStream], tally: Tally, stream: bool,
                   include_usage: bool) -> Response:
     if stream:
-        return StreamingResponse(_events(fmt, streams, tally, include_usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return _EventStream(_events(fmt, streams, tally, include_usage), streams)
     try:
         finals = await unless_disconnected(request, _collect(streams, tally, fmt.n))
     except ClientGone:
