@@ -103,11 +103,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_sigterm_stops_accepting_drains_the_stream_then_exits(tmp_path):
+def test_sigterm_stops_accepting_drains_the_stream_then_exits():
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "attnkit.cli", "serve", "--port", str(port), "--no-embeddings",
-                             "--kv-cache-mb", "64", "--log-level", "warning"],
+                             "--kv-cache-mb", "64", "--log-level", "warning", "--api-key", "k3y"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     try:
@@ -119,12 +119,15 @@ def test_sigterm_stops_accepting_drains_the_stream_then_exits(tmp_path):
                 return False
 
         wait_for(up, timeout=120, what="attnkit serve to start")
+        refused = httpx.post(f"{base}/v1/completions", json={"prompt": "Hi"})  # --api-key: no key, no service
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
         first, chunks = threading.Event(), []
 
         def consume() -> None:
             body = {"prompt": "Once upon a time", "max_tokens": 40, "ignore_eos": True, "temperature": 0,
                     "stream": True, "stream_options": {"include_usage": True}}
-            with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as r:
+            with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120,
+                              headers={"Authorization": "Bearer k3y"}) as r:
                 for line in r.iter_lines():
                     if line.startswith("data:"):
                         chunks.append(line[5:].strip())
