@@ -12,6 +12,8 @@ import sys
 import time
 from typing import Iterator, TextIO
 
+from .inference_options import InferenceOptions
+
 _INTRO = "chat with {name} — /reset clears the conversation, /quit (or Ctrl-D) leaves, Ctrl-C stops a reply"
 
 
@@ -43,18 +45,14 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None, help="0 = off (default: generation_config.json, else off)")
     p.add_argument("--top-p", type=float, default=None, help="default: generation_config.json, else 1.0")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    InferenceOptions.add_flags(p)
 
 
 def _load(args: argparse.Namespace):
-    import torch
-
-    from .loading import load_causal_lm
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    lm = load_causal_lm(args.model)
+    opts = InferenceOptions.from_args(args)
+    lm = opts.load(args.model)
+    lm.compile = opts.compile  # type: ignore[attr-defined]
     return lm, time.perf_counter() - t0
 
 
@@ -85,8 +83,8 @@ def _engine(lm):
     if not isinstance(lm.model, Llama):
         return _SingleStream(lm)
     max_len = min(getattr(lm.model.cfg, "max_seq_len", 8192), 32768)
-    return LLMEngine(lm.model, lm.tokenizer, EngineConfig(num_blocks=-(-max_len // 16) + 1, max_model_len=max_len),
-                     lm.stop_ids)
+    cfg = EngineConfig(num_blocks=-(-max_len // 16) + 1, max_model_len=max_len, compile=getattr(lm, "compile", False))
+    return LLMEngine(lm.model, lm.tokenizer, cfg, lm.stop_ids)
 
 
 def _chat_prompt(lm, messages: list[dict[str, str]]) -> list[int]:

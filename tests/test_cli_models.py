@@ -39,7 +39,7 @@ def lm():
 @pytest.fixture
 def cached(lm, monkeypatch):
     real = loading.load_causal_lm
-    monkeypatch.setattr(loading, "load_causal_lm", lambda path=None, dtype=torch.float32: lm if path is None else real(path, dtype))
+    monkeypatch.setattr(loading, "load_causal_lm", lambda path=None, dtype=torch.float32, **kw: lm if path is None else real(path, dtype, **kw))
     return lm
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Union
 import torch
 from torch import nn
 
+from ..inference_options import InferenceOptions
 from .llm_engine import EngineConfig, LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -28,13 +29,18 @@ Messages = list[dict[str, str]]
 
 
 class LLM:
-    def __init__(self, model: str | Path | None = None, dtype: torch.dtype = torch.float32,
-                 config: EngineConfig | None = None, **engine_kw) -> None:
-        from ..loading import load_causal_lm
-
-        lm = load_causal_lm(model, dtype)
+    def __init__(self, model: str | Path | None = None, dtype: torch.dtype | str = torch.float32,
+                 config: EngineConfig | None = None, quantize: str | None = None, threads: int | None = None,
+                 fuse: bool = True, **engine_kw) -> None:
+        """Load ``model`` (None: the embedded default) prepared as :class:`InferenceOptions` say:
+        ``quantize`` None | "auto" | "int8" | "int4", ``dtype`` of the activations, ``fuse``d
+        projections, ``threads``; ``engine_kw`` are :class:`EngineConfig` fields (e.g. ``compile=True``)."""
+        name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+        config = config or EngineConfig(**engine_kw)
+        opts = InferenceOptions(dtype=name, quantize=quantize, fuse=fuse, threads=threads, compile=config.compile)
+        lm = opts.load(model)
         self.path = lm.path
-        self._setup(lm.model, lm.tokenizer, config or EngineConfig(**engine_kw), lm.stop_ids)
+        self._setup(lm.model, lm.tokenizer, config, lm.stop_ids)
 
     @classmethod
     def from_model(cls, model: nn.Module, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None,

@@ -1,0 +1,79 @@
+"""How a model is prepared for serving: activation dtype, weight quantization, fusion, threads, compile.
+
+One home for these choices, shared by ``LLM``, ``attnkit generate/chat/serve`` and the benchmarks:
+
+- ``dtype``: activations and every weight left in floating point (float32, bfloat16);
+- ``quantize``: ``"auto"`` keeps a GGUF file's own quantization in memory (Q4_0/Q4_1 → int4,
+  Q8_0 → int8; see :mod:`attnkit.quant`), ``"int8"``/``"int4"`` quantize whatever was loaded,
+  ``None`` dequantizes to ``dtype``;
+- ``fuse``: q/k/v and gate/up projections as one product each (:mod:`attnkit.nn.fused`);
+- ``threads``: torch's CPU threads (default: torch's choice, the physical cores);
+- ``compile``: decode-only steps through torch.compile (:class:`~attnkit.engine.model_runner.ModelRunner`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported only when a model is loaded: the CLI's --help stays quick
+    import torch
+
+    from .loading import CausalLM
+
+DTYPES = ("bfloat16", "float32")
+QUANTIZE = ("auto", "int8", "int4", "none")
+
+
+@dataclass
+class InferenceOptions:
+    dtype: str = "float32"
+    quantize: str | None = None
+    fuse: bool = True
+    threads: int | None = None
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.quantize == "none":
+            self.quantize = None
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {QUANTIZE}, got {self.quantize!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    def load(self, path: str | Path | None) -> CausalLM:
+        """Set the threads, load the checkpoint (None: the embedded default) and prepare its model."""
+        import torch
+
+        from .loading import load_causal_lm
+        from .nn.fused import fuse_for_inference
+
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        lm = load_causal_lm(path, self.torch_dtype, quantize=self.quantize)
+        if self.fuse:
+            fuse_for_inference(lm.model)
+        return lm
+
+    @staticmethod
+    def add_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="activation dtype (default float32)")
+        p.add_argument("--quantize", choices=QUANTIZE, default=None,
+                       help="weights in memory: auto = the GGUF file's own (Q4 → int4, Q8_0 → int8); "
+                            "int8/int4 = quantize; none = dequantize to --dtype (default)")
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+        p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slower start-up)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> InferenceOptions:
+        return cls(dtype=args.dtype, quantize=args.quantize, threads=args.threads, compile=args.compile)
