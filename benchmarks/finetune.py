@@ -76,10 +76,10 @@ def main() -> int:
                    choices=["base", "distill", *RECIPES])
     p.add_argument("--stages", default="24,18", help="distill: layer counts per stage")
     p.add_argument("--steps-per-stage", type=int, default=40)
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--train-n", type=int, default=600)
-    p.add_argument("--eval-n", type=int, default=60, help="held-out reviews for accuracy")
+    p.add_argument("--eval-n", type=int, default=40, help="held-out reviews for accuracy")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--runs", default="runs/finetune")
     p.add_argument("--out-json", default="docs/results/finetune.json")
@@ -91,13 +91,12 @@ def main() -> int:
     train_file = sft_tasks.write_jsonl(runs / "train.jsonl",
                                        [sft_tasks.chat_row(r, l) for r, l in sft_tasks.examples("train", args.train_n)])
     eval_file = sft_tasks.write_jsonl(runs / "eval.jsonl",
-                                      [sft_tasks.chat_row(r, l) for r, l in sft_tasks.examples("test", 100, seed=1)])
+                                      [sft_tasks.chat_row(r, l) for r, l in sft_tasks.examples("test", 48, seed=1)])
     heldout = sft_tasks.examples("test", args.eval_n)
     out_json = Path(args.out_json)
     results = json.loads(out_json.read_text()) if out_json.exists() else {"rows": {}}
     results["machine"] = f"{platform.machine()}, {os.cpu_count()} CPU cores (shared with other processes), torch {torch.__version__}"
-    results["task"] = {"train_examples": args.train_n, "heldout_examples": args.eval_n, "steps": args.steps,
-                       "batch_size": args.batch_size}
+    results["task"] = "review → {\"sentiment\", \"topic\"} JSON (attnkit/data/sft_tasks.py); loss on the answer tokens only"
 
     for method in args.methods:
         print(f"== {method}", file=sys.stderr)
@@ -108,7 +107,7 @@ def main() -> int:
         if method == "base":
             acc = task_accuracy(lm.model, lm.tokenizer, lm.stop_ids, heldout, sft_tasks.prompt_messages,
                                 sft_tasks.score, max_new_tokens=24)
-            results["rows"]["base"] = {"method": "base (no fine-tuning)", "heldout_accuracy": acc["accuracy"],
+            results["rows"]["base"] = {"method": "base (no fine-tuning)", "heldout_accuracy": acc["accuracy"], "heldout_n": acc["n"],
                                        "valid_json": acc["valid_format"], "samples": acc["samples"]}
         else:
             fa = FinetuneArgs(method=method, data=str(train_file), eval_data=str(eval_file), steps=args.steps,
@@ -123,7 +122,8 @@ def main() -> int:
             img.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(runs / method / "loss_curve.png", img)
             results["rows"][method] = {
-                "method": method, "recipe": RECIPES[method], "heldout_accuracy": acc["accuracy"],
+                "method": method, "recipe": RECIPES[method], "steps": args.steps, "batch_size": args.batch_size,
+                "heldout_accuracy": acc["accuracy"], "heldout_n": acc["n"],
                 "valid_json": acc["valid_format"], "trainable_params": r["trainable_params"],
                 "total_params": r["total_params"], "trainable_percent": round(r["trainable_percent"], 4),
                 "train_seconds": r["train_seconds"], "wall_seconds_incl_eval": round(wall, 1),

@@ -233,6 +233,9 @@ def finetune(args: FinetuneArgs, out_dir: str | Path, resume: bool = False, prog
         group["lr"] = group["initial_lr"] * lr_factor(state["step"], args.warmup, args.steps, args.schedule)
     trainable, total = (model.trainable_parameters() if isinstance(model, PeftModel)
                         else (sum(p.numel() for p in params), sum(p.numel() for p in params)))
+    if progress:
+        print(f"{args.method}: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.4f}%); "
+              f"{len(train_rows)} training rows, {len(eval_rows)} eval rows", file=sys.stderr)
     data = micro_batches(train_rows, args.batch_size, pad_id, args.seed, start=state["micro_batches"])
     if state["step"] == 0 and not state["evals"]:
         state["evals"].append({"step": 0, **evaluate_loss(model, eval_rows, pad_id, bf16=args.bf16)})
