@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import signal
 import socket
 import subprocess
@@ -157,6 +158,7 @@ def start_attnkit(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
         cmd += ["--model", args.model]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    cmd += shlex.split(args.serve_args)
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -202,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-ignore-eos", action="store_true", help="for servers that reject ignore_eos")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--serve-args", default="", help='more flags for attnkit serve, e.g. "--quantize auto"')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="16 prompts, 64 in / 16 out")
     p.add_argument("--json", default=None, help="also write the results here")

@@ -12,6 +12,8 @@ import os
 import signal
 import sys
 
+from ..inference_options import InferenceOptions
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, embeddings, metrics)")
@@ -30,30 +32,27 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    "(default: all-MiniLM-L6-v2)")
     p.add_argument("--no-embeddings", action="store_true", help="serve no /v1/embeddings model")
     p.add_argument("--drain-timeout", type=float, default=60.0, help="seconds in-flight requests get at shutdown")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    InferenceOptions.add_flags(p)  # --dtype, --quantize, --threads, --compile
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run_serve)
 
 
 def build_from_args(args: argparse.Namespace):
     """Load the models and build the app (separate from serving, for tests and embedding)."""
-    import torch
-
     from ..engine import EngineConfig, LLMEngine
-    from ..loading import load_causal_lm, load_sentence_encoder
+    from ..loading import load_sentence_encoder
     from ..models.llama import Llama
     from .app import build_app
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    opts = InferenceOptions.from_args(args)
     for name in ("port", "max_num_seqs", "max_waiting", "kv_cache_mb"):
         if getattr(args, name) < (0 if name == "port" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    lm = load_causal_lm(args.model)
+    lm = opts.load(args.model)
     if not isinstance(lm.model, Llama):
         raise ValueError(f"{lm.path}: the engine runs Llama-family models; {type(lm.model).__name__} is not one")
     cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting, max_model_len=args.max_model_len,
-                       kv_cache_bytes=args.kv_cache_mb << 20)
+                       kv_cache_bytes=args.kv_cache_mb << 20, compile=opts.compile)
     engine = LLMEngine(lm.model, lm.tokenizer, cfg, lm.stop_ids)
     embedder, embedding_name = None, None
     if not args.no_embeddings:
