@@ -1,17 +1,20 @@
 """The inference engine against its peers on the default model (SmolLM2-135M-Instruct), same machine.
 
-Measured for each system installed — attnkit's engine, HF transformers (``generate``, batched with
-left padding) and llama.cpp (through ``llama-cpp-python``, optional; requests run one by one) —
-each in a fresh process, on the same random token ids:
+Measured for each system installed — attnkit's engine (one or more ``--variants``: float32, bf16,
+int8, int4 = the GGUF's own Q4_1 blocks kept in memory, with or without torch.compile), HF
+transformers (``generate``, batched with left padding), llama.cpp through ``llama-cpp-python``
+(optional; requests one by one) and, given ``--llama-server PATH``, llama.cpp's own server with
+parallel slots for the offline workload — each in a fresh process, on the same random token ids:
 
 - single stream: time to first token (TTFT) and decode tokens/s, for a 32- and a 512-token prompt;
 - offline throughput: N requests (default 64), input 32–512 and output 32–256 tokens (uniform),
   greedy with ignore_eos: output tokens/s and total (input + output) tokens/s;
-- model load time and peak RSS.
+- prefill speed of the 512-token prompt (512 / its TTFT), model load time and peak RSS.
 
 Prints a table and the JSON (``--json FILE`` also writes it).
 
-    python benchmarks/engine.py [--quick] [--no-hf] [--threads N] [--json FILE]
+    python benchmarks/engine.py [--quick] [--no-hf] [--threads N] [--variants default,int4,...]
+                                [--llama-server PATH] [--json FILE]
     attnkit bench engine -- --quick
 """
 
@@ -54,13 +57,27 @@ def bar(total: int, desc: str):
         return None
 
 
-def run_attnkit(w: dict) -> dict:
+VARIANTS = {  # attnkit configurations: LLM(**kwargs)
+    "default": {},
+    "float32": {"quantize": None},
+    "bf16": {"quantize": None, "dtype": "bfloat16"},
+    "int8": {"quantize": "int8"},
+    "int4": {"quantize": "auto"},  # the GGUF's Q4_1 blocks kept as int4
+    "int4-compile": {"quantize": "auto", "compile": True},
+    "float32-compile": {"quantize": None, "compile": True},
+}
+
+
+def run_attnkit(w: dict, variant: str) -> dict:
     from attnkit import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM()
+    llm = LLM(**VARIANTS[variant])
     res: dict = {"load_s": time.perf_counter() - t0}
-    llm.generate([1, 2, 3], SamplingParams(temperature=0, max_tokens=2))  # warm-up
+    t0 = time.perf_counter()
+    for n in (3, 40):  # warm-up; with compile=True this compiles the decode step
+        llm.generate([list(range(1, n))], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    res["warmup_s"] = time.perf_counter() - t0
     n_new = w["single_new"]
     for prompt in w["single"]:
         o = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True))[0]
@@ -69,7 +86,7 @@ def run_attnkit(w: dict) -> dict:
         res[f"decode_{len(prompt)}_tok_s"] = (n_new - 1) / (m.finish_time - m.first_token_time)
     reqs = w["offline"]
     total_out = sum(n for _, n in reqs)
-    pb = bar(total_out, "attnkit offline")
+    pb = bar(total_out, f"attnkit {variant} offline")
     t = time.perf_counter()
     seen: dict[str, int] = {}
     for out in llm.stream([p for p, _ in reqs], [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
@@ -173,19 +190,94 @@ def run_llama_cpp(w: dict, threads: int) -> dict:  # pragma: no cover - optional
     return res
 
 
+def run_llama_server(w: dict, binary: str, threads: int, slots: int) -> dict:  # pragma: no cover - optional peer
+    """llama.cpp's own server with ``slots`` parallel sequences (continuous batching): the offline workload
+    sent over HTTP with ``slots`` requests in flight, greedy, ignore_eos, no prompt cache reuse."""
+    import socket
+    import threading
+    import urllib.request
+
+    from attnkit.loading.defaults import default_chat_model
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    reqs = w["offline"]
+    ctx = slots * max(len(q) + n for q, n in reqs)
+    cmd = [binary, "-m", str(default_chat_model()), "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
+           "-c", str(ctx), "-t", str(threads or os.cpu_count()), "--no-webui"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if proc.poll() is not None or time.perf_counter() - t0 > 120:
+                    raise RuntimeError("llama-server did not start") from None
+                time.sleep(0.2)
+        res: dict = {"load_s": time.perf_counter() - t0, "slots": slots}
+        total_out = sum(n for _, n in reqs)
+        pb = bar(total_out, "llama-server offline")
+        todo = list(reqs)
+        lock = threading.Lock()
+        got: list[int] = []
+
+        def worker() -> None:
+            while True:
+                with lock:
+                    if not todo:
+                        return
+                    q, n = todo.pop(0)
+                body = json.dumps({"prompt": q, "n_predict": n, "ignore_eos": True, "temperature": 0.0,
+                                   "cache_prompt": False}).encode()
+                req = urllib.request.Request(url + "/completion", body, {"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=3600) as r:
+                    out = json.loads(r.read())
+                with lock:
+                    got.append(out["tokens_predicted"])
+                    if pb is not None:
+                        pb.update(out["tokens_predicted"])
+
+        t = time.perf_counter()
+        workers = [threading.Thread(target=worker) for _ in range(slots)]
+        for th in workers:
+            th.start()
+        for th in workers:
+            th.join()
+        dt = time.perf_counter() - t
+        if pb is not None:
+            pb.close()
+        res.update(offline_s=dt, offline_out_tok_s=sum(got) / dt,
+                   offline_total_tok_s=(sum(got) + sum(len(q) for q, _ in reqs)) / dt, completed=len(got))
+        with open(f"/proc/{proc.pid}/status") as f:  # the server's own peak RSS (VmHWM)
+            res["peak_rss_mb"] = next(int(x.split()[1]) for x in f if x.startswith("VmHWM")) / 1024
+        return res
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def child(name: str, args: argparse.Namespace) -> int:
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     w = workload(args.quick, args.requests)
-    if name == "attnkit":
-        res = run_attnkit(w)
+    if name.startswith("attnkit"):
+        res = run_attnkit(w, name.partition(":")[2] or "default")
     elif name == "transformers":
         res = run_transformers(w, args.hf_batch)
+    elif name == "llama-server":
+        res = run_llama_server(w, args.llama_server, args.threads, args.llama_slots)
     else:
         res = run_llama_cpp(w, args.threads)
-    res["peak_rss_mb"] = peak_rss_mb()
+    res.setdefault("peak_rss_mb", peak_rss_mb())
+    if "ttft_512_s" in res:
+        res["prefill_512_tok_s"] = 512 / res["ttft_512_s"]
     print("RESULT " + json.dumps(res))
     return 0
 
@@ -198,6 +290,7 @@ def installed(module: str) -> bool:
 
 COLUMNS = [("load_s", "load s", 2), ("peak_rss_mb", "peak RSS MB", 0), ("ttft_32_s", "TTFT 32 s", 3),
            ("decode_32_tok_s", "decode tok/s (32)", 1), ("ttft_512_s", "TTFT 512 s", 3),
+           ("prefill_512_tok_s", "prefill tok/s (512)", 0),
            ("decode_512_tok_s", "decode tok/s (512)", 1), ("offline_out_tok_s", "offline out tok/s", 1),
            ("offline_total_tok_s", "offline total tok/s", 1)]
 
@@ -208,24 +301,36 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--no-hf", action="store_true", help="skip HF transformers")
     ap.add_argument("--hf-batch", type=int, default=16, help="HF generate batch size (padded)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    ap.add_argument("--threads", type=int, default=0, help="threads for every system (0 = each one's default)")
+    ap.add_argument("--variants", default="default",
+                    help=f"comma-separated attnkit configurations, each measured in its own process: {', '.join(VARIANTS)}")
+    ap.add_argument("--llama-server", default=None, metavar="PATH",
+                    help="llama.cpp's llama-server binary: also run the offline workload through it")
+    ap.add_argument("--llama-slots", type=int, default=16, help="llama-server parallel slots (-np)")
     ap.add_argument("--json", default=None, help="also write the JSON report to this file")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args.child, args)
 
-    systems = ["attnkit"]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in variants:
+        if v not in VARIANTS:
+            ap.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    systems = [f"attnkit:{v}" for v in variants]
     skipped = {}
     if not args.no_hf:
         systems.append("transformers") if installed("transformers") else skipped.setdefault("transformers", "not installed")
     systems.append("llama.cpp") if installed("llama_cpp") else skipped.setdefault("llama.cpp", "llama-cpp-python not installed")
+    if args.llama_server:
+        systems.append("llama-server")
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
     results: dict = {}
     for i, name in enumerate(systems):
         print(f"[{i + 1}/{len(systems)}] {name} …", file=sys.stderr, flush=True)
         cmd = [sys.executable, __file__, "--child", name, "--requests", str(args.requests), "--threads", str(args.threads),
-               "--hf-batch", str(args.hf_batch)] + (["--quick"] if args.quick else [])
+               "--hf-batch", str(args.hf_batch), "--llama-slots", str(args.llama_slots)] + (
+                   ["--quick"] if args.quick else []) + (["--llama-server", args.llama_server] if args.llama_server else [])
         r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
         line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
         if r.returncode != 0 or line is None:
@@ -248,10 +353,12 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "processor": platform.machine(), "python": platform.python_version(),
                     "threads": args.threads or "default"},
     }
-    if "attnkit" in results and "transformers" in results:
-        a, h = results["attnkit"], results["transformers"]
-        report["speedup_vs_transformers"] = {k: a[k] / h[k] for k in ("offline_out_tok_s", "decode_32_tok_s",
-                                                                       "decode_512_tok_s")}
+    keys = ("offline_out_tok_s", "decode_32_tok_s", "decode_512_tok_s", "prefill_512_tok_s")
+    for peer in ("transformers", "llama.cpp", "llama-server"):
+        if peer in results:
+            report[f"ratio_vs_{peer}"] = {
+                a: {k: results[a][k] / results[peer][k] for k in keys + ("peak_rss_mb",) if k in results[a] and k in results[peer]}
+                for a in results if a.startswith("attnkit")}
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
