@@ -8,11 +8,27 @@ sequences whose input is complete (a prefill chunk in the middle of a prompt sam
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from .paged_attention import AttentionMetadata, PagedKVCache, PrefillChunk
 from .scheduler import ScheduledBatch
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled tensor whose memory the OS provides only when first written (on the CPU).
+
+    ``torch.zeros`` writes every byte, so a 1 GiB KV pool would be resident from the start; calloc
+    (numpy's zeros) maps zero pages lazily and the resident size grows with the blocks in use.
+    """
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import numpy as np
+
+    raw = torch.from_numpy(np.zeros(math.prod(shape) * dtype.itemsize, dtype=np.uint8))
+    return raw.view(dtype).view(shape)
 
 
 class ModelRunner:
@@ -26,8 +42,7 @@ class ModelRunner:
         self.device, self.dtype = p.device, p.dtype
         self.window: int | None = getattr(cfg, "sliding_window", None)
         shape = (len(model.layers), cfg.n_kv_heads, num_blocks, block_size, cfg.hd)  # head-major, see PagedKVCache
-        self.k_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.k_pool, self.v_pool = lazy_zeros(shape, self.dtype, self.device), lazy_zeros(shape, self.dtype, self.device)
         self.caches = [PagedKVCache(self.k_pool[i], self.v_pool[i]) for i in range(shape[0])]
         # decode-only steps run the model compiled (inductor): the per-operation overhead of an eager
         # step of small products is gone and the paged attention reads K/V through the block tables
