@@ -50,10 +50,23 @@ def _kind(path: Path) -> str:
     raise ModelLoadError(path, "not a GGUF file nor a Hugging Face directory with config.json")
 
 
-def load_causal_lm(path: str | Path | None = None, dtype: torch.dtype = torch.float32) -> CausalLM:
+QUANTIZE_CHOICES = ("auto", "int8", "int4")
+
+
+def load_causal_lm(path: str | Path | None = None, dtype: torch.dtype = torch.float32,
+                   quantize: str | None = None, group_size: int = 32) -> CausalLM:
+    """A language model and its tokenizer. ``dtype``: the activations (and every weight left in float).
+
+    ``quantize`` keeps weights quantized in memory (:mod:`attnkit.quant`): None — dequantize everything
+    to ``dtype``; "auto" — a GGUF file's own quantization (Q4_0/Q4_1 → int4 exactly, Q8_0 → int8, others
+    float; an HF checkpoint stays float); "int8" / "int4" — quantize whatever was loaded (int4 in groups
+    of ``group_size`` inputs; GGUF Q4 blocks keep their groups of 32). Bad values are a ValueError.
+    """
     from ..text.tokenizer import Tokenizer
     from .defaults import default_chat_model
 
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be one of {', '.join(map(repr, QUANTIZE_CHOICES))} or None; got {quantize!r}")
     path = default_chat_model() if path is None else Path(path)
     if _kind(path) == "gguf":
         from .gguf import load_gguf_model
@@ -61,12 +74,25 @@ def load_causal_lm(path: str | Path | None = None, dtype: torch.dtype = torch.fl
 
         g = GGUFFile(path)
         tokenizer = Tokenizer.from_gguf(g.metadata, path)  # first: a bad vocabulary fails before the weights load
-        return CausalLM(load_gguf_model(path, dtype, g=g), tokenizer, path)
+        return CausalLM(load_gguf_model(path, dtype, g=g, quantize=quantize, group_size=group_size), tokenizer, path)
     from .hf import load_hf_model, read_json
 
+    if quantize in ("int8", "int4"):  # a bad group size fails before the weights load
+        from ..quant.quantize import check_scheme
+
+        check_scheme(quantize)
+        if quantize == "int4":
+            from ..quant.int4 import GROUP_SIZES
+
+            if group_size not in GROUP_SIZES:
+                raise ValueError(f"int4 group size must be one of {GROUP_SIZES}; got {group_size}")
     model = load_hf_model(path, dtype)
     if not hasattr(model, "new_cache"):
         raise ModelLoadError(path, f"{type(model).__name__} is an encoder, not a language model; use `attnkit embed`")
+    if quantize in ("int8", "int4"):
+        from ..quant import quantize_model
+
+        quantize_model(model, quantize, group_size)  # type: ignore[arg-type]
     gen = read_json(path / "generation_config.json") if (path / "generation_config.json").exists() else {}
     return CausalLM(model, Tokenizer.from_dir(path), path, gen)
 

@@ -6,6 +6,12 @@ projections of ``llama`` files so that its RoPE can rotate adjacent pairs (x_{2i
 RotaryEmbedding rotates the half-split pairs (x_i, x_{i+d/2}) of the HF layout, so the permutation
 is undone on load (:func:`unpermute_qk`). Llama-3 frequency scaling arrives as a ``rope_freqs``
 tensor of per-frequency divisors.
+
+With ``quantize`` the linear layers stay quantized in memory (:mod:`attnkit.quant`): Q4_0/Q4_1 blocks
+become :class:`~attnkit.quant.Int4Linear` codes, scales and zeros bit for bit (group 32); other types
+are dequantized and quantized to the scheme asked ("auto": Q8_0 → int8, the rest stay float). The
+permutation moves whole rows, and a quantization group runs along a row, so it applies to codes,
+scales and zeros alike.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
+from torch import nn
 
 from ..models.llama import Llama, LlamaConfig
 from .common import Plan, check_leftovers, check_present, expected_shapes, materialize
@@ -88,21 +96,38 @@ def gguf_config(g: GGUFFile) -> LlamaConfig:
     )
 
 
-def load_gguf_model(path: str | Path, dtype: torch.dtype = torch.float32, g: GGUFFile | None = None) -> Llama:
-    """The model of a GGUF file, fully loaded (dequantised to ``dtype``) or a :class:`ModelLoadError`."""
+def _permuted_heads(cfg: LlamaConfig, src: str) -> int | None:
+    """The head count to un-permute the rows of ``src`` by, or None (not a llama Q/K tensor)."""
+    if cfg.extra["gguf_architecture"] != "llama":
+        return None
+    if src.endswith(("attn_q.weight", "attn_q.bias")):
+        return cfg.n_heads
+    if src.endswith(("attn_k.weight", "attn_k.bias")):
+        return cfg.n_kv_heads
+    return None
+
+
+def load_gguf_model(path: str | Path, dtype: torch.dtype = torch.float32, g: GGUFFile | None = None,
+                    quantize: str | None = None, group_size: int = 32,
+                    compute_dtype: torch.dtype = torch.bfloat16) -> Llama:
+    """The model of a GGUF file, fully loaded or a :class:`ModelLoadError`.
+
+    ``quantize=None``: every weight dequantised to ``dtype``. "auto" | "int8" | "int4": linear layers and
+    the output head quantized (see the module docstring); embeddings, norms and biases in ``dtype``;
+    the quantized kernels run in ``compute_dtype`` (their scales' dtype: bfloat16 is the fast one).
+    """
+    from ..quant.quantize import check_scheme
+
+    check_scheme(quantize, ("auto", "int8", "int4"))
     g = GGUFFile(path) if g is None else g
     cfg = gguf_config(g)
     model, shapes = expected_shapes(Llama, cfg)
-    permuted = cfg.extra["gguf_architecture"] == "llama"
 
     def loader(src: str, ours: str):
         def load() -> torch.Tensor:
             w = torch.from_numpy(g.load(src))
-            if permuted and src.endswith(("attn_q.weight", "attn_q.bias")):
-                w = unpermute_qk(w, cfg.n_heads)
-            elif permuted and src.endswith(("attn_k.weight", "attn_k.bias")):
-                w = unpermute_qk(w, cfg.n_kv_heads)
-            return w
+            heads = _permuted_heads(cfg, src)
+            return w if heads is None else unpermute_qk(w, heads)
         return load
 
     plan: Plan = {}
@@ -113,4 +138,83 @@ def load_gguf_model(path: str | Path, dtype: torch.dtype = torch.float32, g: GGU
     check_leftovers(g.path, plan, g.tensors, _IGNORE)
     for src, _ in plan.values():  # refuse unsupported tensor types before dequantising anything
         g.check_type(src)
-    return materialize(model, shapes, plan, g.path, dtype)
+    if quantize is None:
+        return materialize(model, shapes, plan, g.path, dtype)
+    return _materialize_quantized(model, shapes, plan, g, cfg, dtype, quantize, group_size, compute_dtype)
+
+
+_Q4 = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
+
+
+def quantized_linear(g: GGUFFile, cfg: LlamaConfig, src: str, scheme: str, group_size: int,
+                     bias: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module | None:
+    """The quantized layer of GGUF weight ``src`` (None: "auto" keeps this tensor type in float)."""
+    from ..quant import Int4Linear, Int8Linear, quantize_weight
+
+    kind, heads = g.tensors[src].ggml_type, _permuted_heads(cfg, src)
+
+    def rows(a: torch.Tensor) -> torch.Tensor:
+        return a if heads is None else unpermute_qk(a, heads)
+
+    if kind in _Q4 and scheme in ("auto", "int4"):  # exact: w = d·q + m = d·(q − 8) + (m + 8d)
+        codes, d, m = (None if a is None else torch.from_numpy(a) for a in g.load_q4(src))
+        zeros = 8 * d + m if m is not None else torch.zeros_like(d)
+        return Int4Linear.from_codes(rows(codes), rows(d), rows(zeros), 32, bias, compute_dtype)
+    if scheme == "auto":
+        if kind != GGMLQuantizationType.Q8_0:
+            return None
+        scheme = "int8"
+    w = rows(torch.from_numpy(g.load(src)))
+    if scheme == "int8":
+        return Int8Linear.from_float(w, bias, compute_dtype)
+    return quantize_weight(w, "int4", bias, group_size, compute_dtype)
+
+
+def _materialize_quantized(model: Llama, shapes: dict[str, torch.Size], plan: Plan, g: GGUFFile, cfg: LlamaConfig,
+                           dtype: torch.dtype, scheme: str, group_size: int, compute_dtype: torch.dtype) -> Llama:
+    from ..quant.quantize import check_quantizable
+
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if scheme != "auto":  # bad group sizes before anything is read
+        for name in linears:
+            check_quantizable(name, shapes[f"{name}.weight"][1], scheme, group_size)
+    head_src = "token_embd.weight" if cfg.tie_embeddings else plan["lm_head.weight"][0]
+
+    def scheme_of(src: str) -> str:  # the head is never requantized to int4 (see attnkit.quant.quantize_model)
+        return "int8" if src == head_src and scheme == "int4" and g.tensors[src].ggml_type not in _Q4 else scheme
+
+    quantized: dict[str, nn.Module] = {}
+    for name in linears:
+        src = plan[f"{name}.weight"][0]
+        bias = plan[f"{name}.bias"][1]() if f"{name}.bias" in plan else None
+        q = quantized_linear(g, cfg, src, scheme_of(src), group_size, bias, compute_dtype)
+        if q is None:
+            continue
+        if (q.out_features, q.in_features) != tuple(shapes[f"{name}.weight"]):
+            raise ModelLoadError(g.path, f"shape mismatch: checkpoint gives {(q.out_features, q.in_features)} for "
+                                         f"{name}.weight, the config implies {tuple(shapes[f'{name}.weight'])}", tensor=src)
+        quantized[name] = q
+    head = None
+    if cfg.tie_embeddings:
+        head = quantized_linear(g, cfg, head_src, scheme_of(head_src), group_size, None, compute_dtype)
+    replaced = {f"{n}.{p}" for n in quantized for p in ("weight", "bias")}
+    state = {}
+    for ours, (src, load) in plan.items():
+        if ours in replaced:
+            continue
+        t = load()
+        if t.shape != shapes[ours]:
+            raise ModelLoadError(g.path, f"shape mismatch: checkpoint gives {tuple(t.shape)} for {ours}, the config "
+                                         f"implies {tuple(shapes[ours])}", tensor=src)
+        state[ours] = t.to(dtype).contiguous()
+    model.load_state_dict(state, strict=False, assign=True)
+    for name, q in quantized.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, q)
+    if "lm_head" in quantized:
+        head, model.lm_head = model.lm_head, None
+    model.output_head = head
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # pragma: no cover - a bug in the plan, never a bad file
+        raise ModelLoadError(g.path, f"{left[0]} was not loaded ({len(left)} tensors left unloaded)")
+    return model.eval()

@@ -167,3 +167,23 @@ class GGUFFile:
             e = min(n_blocks, s + step)
             out[s * block : e * block] = dequantize(raw[s * type_size : e * type_size].reshape(1, -1), t.ggml_type).ravel()
         return out.reshape(t.shape)
+
+    def load_q4(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """A Q4_0 / Q4_1 tensor's blocks undecoded: ``(codes, d, m)`` with w = d·q + m (Q4_1), d·(q − 8) (Q4_0).
+
+        codes (rows, cols) uint8 in 0..15; d and m (rows, cols/32) float32 (m is None for Q4_0). A block
+        (ggml's block_q4_0 / block_q4_1) is f16 d [, f16 m], then 16 bytes: byte j holds element j in its
+        low nibble and element j + 16 in its high nibble.
+        """
+        t = self.tensors[name]
+        if t.ggml_type not in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1):
+            raise ValueError(f"{name} is {t.ggml_type.name}, not Q4_0/Q4_1")
+        block, type_size = GGML_QUANT_SIZES[t.ggml_type]  # 32, 18 or 20
+        cols = t.shape[-1]
+        rows = t.nbytes // type_size * block // cols
+        raw = np.frombuffer(self._mm, dtype=np.uint8, count=t.nbytes, offset=t.offset).reshape(rows, cols // block, type_size)
+        d = raw[..., 0:2].copy().view("<f2")[..., 0].astype(np.float32)  # (rows, cols/32)
+        m = raw[..., 2:4].copy().view("<f2")[..., 0].astype(np.float32) if type_size == 20 else None
+        qs = raw[..., type_size - block // 2 :]  # (rows, cols/32, 16)
+        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, cols)
+        return codes, d, m
