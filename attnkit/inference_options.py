@@ -8,7 +8,7 @@ One home for these choices, shared by ``LLM``, ``attnkit generate/chat/serve`` a
   ``None`` dequantizes to ``dtype``;
 - ``fuse``: q/k/v and gate/up projections as one product each (:mod:`attnkit.nn.fused`);
 - ``threads``: torch's CPU threads (default: torch's choice, the physical cores);
-- ``compile``: decode-only steps through torch.compile (:class:`~attnkit.engine.model_runner.ModelRunner`).
+- ``compile``: the decode attention compiled to read K/V through the block tables (torch.compile).
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ class InferenceOptions:
                        help="weights in memory: auto = the GGUF file's own (Q4 → int4, Q8_0 → int8); "
                             "int8/int4 = quantize; none = dequantize to --dtype (default)")
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-        p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slower start-up)")
+        p.add_argument("--compile", action="store_true",
+                       help="decode attention compiled over the block tables (torch.compile; slower start-up)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> InferenceOptions:

@@ -89,7 +89,7 @@ def test_paged_decode_attention_reads_through_block_tables() -> None:
 
 @pytest.mark.slow
 def test_compiled_decode_step_gives_the_same_greedy_tokens() -> None:
-    """EngineConfig(compile=True): decode-only steps run through torch.compile; outputs unchanged."""
+    """EngineConfig(compile=True): decode attention compiled over the block tables; outputs unchanged."""
     model = tiny_llama()
     prompts = [[5, 9, 33, 2], list(range(40, 75)), [7] * 18]
     want = [greedy_reference(model, p, 12) for p in prompts]

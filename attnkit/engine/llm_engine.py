@@ -40,7 +40,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's context, capped by the pool
     max_waiting: int = 100_000
     enable_prefix_caching: bool = True
-    compile: bool = False  # torch.compile the decode step (see ModelRunner)
+    compile: bool = False  # decode attention as one compiled kernel over the block tables (see ModelRunner)
 
 
 @dataclass

@@ -44,15 +44,9 @@ class ModelRunner:
         shape = (len(model.layers), cfg.n_kv_heads, num_blocks, block_size, cfg.hd)  # head-major, see PagedKVCache
         self.k_pool, self.v_pool = lazy_zeros(shape, self.dtype, self.device), lazy_zeros(shape, self.dtype, self.device)
         self.caches = [PagedKVCache(self.k_pool[i], self.v_pool[i]) for i in range(shape[0])]
-        # decode-only steps run the model compiled (inductor): the per-operation overhead of an eager
-        # step of small products is gone and the paged attention reads K/V through the block tables
-        self.compiled_decode = None
-        if compile:
-            import functools
-            layer_fwd = torch.compile(type(model.layers[0]).forward, dynamic=True)
-            self.eager_fwd = [layer.forward for layer in model.layers]
-            self.compiled_fwd = [functools.partial(layer_fwd, layer) for layer in model.layers]
-            self.compiled_decode = self.model
+        # compile: the decode attention reads K/V through the block tables inside one compiled kernel
+        # (inductor) instead of copying every sequence's blocks out of the pool first
+        self.compile = compile
 
     @staticmethod
     def bytes_per_block(model: nn.Module, block_size: int) -> int:
@@ -116,10 +110,7 @@ class ModelRunner:
             meta.decode_bias = torch.zeros(visible.shape, device=self.device).masked_fill_(~visible, float("-inf"))
         model = self.model
         meta.decode_only = not prefills
-        if self.compiled_decode is not None:
-            meta.fused_gather = meta.decode_only
-            for layer, f in zip(model.layers, self.compiled_fwd if meta.decode_only else self.eager_fwd):
-                layer.forward = f
+        meta.fused_gather = self.compile and meta.decode_only
         for c in self.caches:
             c.meta = meta
         try:
