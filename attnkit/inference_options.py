@@ -3,9 +3,10 @@
 One home for these choices, shared by ``LLM``, ``attnkit generate/chat/serve`` and the benchmarks:
 
 - ``dtype``: activations and every weight left in floating point (float32, bfloat16);
-- ``quantize``: ``"auto"`` keeps a GGUF file's own quantization in memory (Q4_0/Q4_1 → int4,
-  Q8_0 → int8; see :mod:`attnkit.quant`), ``"int8"``/``"int4"`` quantize whatever was loaded,
-  ``None`` dequantizes to ``dtype``;
+- ``quantize``: ``"gguf"`` keeps a GGUF file's Q4_0/Q4_1/Q8_0 blocks as they are, multiplied by
+  attnkit's own kernel (:mod:`attnkit.quant.native`); ``"auto"`` maps them onto PyTorch's int4/int8
+  kernels (:mod:`attnkit.quant`); ``"int8"``/``"int4"`` quantize whatever was loaded; ``None``
+  dequantizes to ``dtype``;
 - ``fuse``: q/k/v and gate/up projections as one product each (:mod:`attnkit.nn.fused`);
 - ``threads``: torch's CPU threads (default: torch's choice, the physical cores);
 - ``compile``: the decode attention compiled to read K/V through the block tables (torch.compile).
@@ -24,7 +25,7 @@ if TYPE_CHECKING:  # torch is imported only when a model is loaded: the CLI's --
     from .loading import CausalLM
 
 DTYPES = ("bfloat16", "float32")
-QUANTIZE = ("auto", "int8", "int4", "none")
+QUANTIZE = ("gguf", "auto", "int8", "int4", "none")
 
 
 @dataclass
@@ -69,8 +70,8 @@ class InferenceOptions:
     def add_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="activation dtype (default float32)")
         p.add_argument("--quantize", choices=QUANTIZE, default=None,
-                       help="weights in memory: auto = the GGUF file's own (Q4 → int4, Q8_0 → int8); "
-                            "int8/int4 = quantize; none = dequantize to --dtype (default)")
+                       help="weights in memory: gguf = the GGUF file's own blocks under attnkit's kernel; auto = "
+                            "them on PyTorch's int4/int8 kernels; int8/int4 = quantize; none = dequantize to --dtype")
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
         p.add_argument("--compile", action="store_true",
                        help="decode attention compiled over the block tables (torch.compile; slower start-up)")

@@ -62,8 +62,9 @@ VARIANTS = {  # attnkit configurations: LLM(**kwargs)
     "float32": {"quantize": None},
     "bf16": {"quantize": None, "dtype": "bfloat16"},
     "int8": {"quantize": "int8"},
-    "int4": {"quantize": "auto"},  # the GGUF's Q4_1 blocks kept as int4
-    "int4-compile": {"quantize": "auto", "compile": True},
+    "int4": {"quantize": "auto"},  # the GGUF's Q4_1 blocks on PyTorch's int4 kernel
+    "gguf": {"quantize": "gguf"},  # the GGUF's blocks under attnkit's own kernel
+    "gguf-compile": {"quantize": "gguf", "compile": True},
     "float32-compile": {"quantize": None, "compile": True},
 }
 

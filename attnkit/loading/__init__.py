@@ -50,7 +50,7 @@ def _kind(path: Path) -> str:
     raise ModelLoadError(path, "not a GGUF file nor a Hugging Face directory with config.json")
 
 
-QUANTIZE_CHOICES = ("auto", "int8", "int4")
+QUANTIZE_CHOICES = ("gguf", "auto", "int8", "int4")
 
 
 def load_causal_lm(path: str | Path | None = None, dtype: torch.dtype = torch.float32,
@@ -58,7 +58,8 @@ def load_causal_lm(path: str | Path | None = None, dtype: torch.dtype = torch.fl
     """A language model and its tokenizer. ``dtype``: the activations (and every weight left in float).
 
     ``quantize`` keeps weights quantized in memory (:mod:`attnkit.quant`): None — dequantize everything
-    to ``dtype``; "auto" — a GGUF file's own quantization (Q4_0/Q4_1 → int4 exactly, Q8_0 → int8, others
+    to ``dtype``; "gguf" — a GGUF file's Q4_0/Q4_1/Q8_0 blocks kept byte for byte under attnkit's own
+    kernel (:mod:`attnkit.quant.native`; other tensors and HF checkpoints as "auto"); "auto" — a GGUF file's own quantization (Q4_0/Q4_1 → int4 exactly, Q8_0 → int8, others
     float; an HF checkpoint stays float); "int8" / "int4" — quantize whatever was loaded (int4 in groups
     of ``group_size`` inputs; GGUF Q4 blocks keep their groups of 32). Bad values are a ValueError.
     """

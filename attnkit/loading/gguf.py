@@ -112,13 +112,15 @@ def load_gguf_model(path: str | Path, dtype: torch.dtype = torch.float32, g: GGU
                     compute_dtype: torch.dtype = torch.bfloat16) -> Llama:
     """The model of a GGUF file, fully loaded or a :class:`ModelLoadError`.
 
-    ``quantize=None``: every weight dequantised to ``dtype``. "auto" | "int8" | "int4": linear layers and
+    ``quantize=None``: every weight dequantised to ``dtype``. "gguf": Q4_0/Q4_1/Q8_0 linear layers and head
+    keep the file's blocks under attnkit's own kernel (:mod:`attnkit.quant.native`; other types as "auto").
+    "auto" | "int8" | "int4": linear layers and
     the output head quantized (see the module docstring); embeddings, norms and biases in ``dtype``;
     the quantized kernels run in ``compute_dtype`` (their scales' dtype: bfloat16 is the fast one).
     """
     from ..quant.quantize import check_scheme
 
-    check_scheme(quantize, ("auto", "int8", "int4"))
+    check_scheme(quantize, ("auto", "gguf", "int8", "int4"))
     g = GGUFFile(path) if g is None else g
     cfg = gguf_config(g)
     model, shapes = expected_shapes(Llama, cfg)
@@ -156,6 +158,12 @@ def quantized_linear(g: GGUFFile, cfg: LlamaConfig, src: str, scheme: str, group
     def rows(a: torch.Tensor) -> torch.Tensor:
         return a if heads is None else unpermute_qk(a, heads)
 
+    if scheme == "gguf":  # the file's blocks under attnkit's kernel; else what "auto" would do
+        native = native_linear(g, src, rows, bias)
+        if native is not None:
+            return native
+        scheme = "auto"
+
     if kind in _Q4 and scheme in ("auto", "int4"):  # exact: w = d·q + m = d·(q − 8) + (m + 8d)
         codes, d, m = (None if a is None else torch.from_numpy(a) for a in g.load_q4(src))
         zeros = 8 * d + m if m is not None else torch.zeros_like(d)
@@ -170,12 +178,32 @@ def quantized_linear(g: GGUFFile, cfg: LlamaConfig, src: str, scheme: str, group
     return quantize_weight(w, "int4", bias, group_size, compute_dtype)
 
 
+def native_linear(g: GGUFFile, src: str, rows, bias: torch.Tensor | None) -> nn.Module | None:
+    """The GGUF blocks themselves under attnkit's own kernel (:mod:`attnkit.quant.native`), when it builds.
+
+    Q4_1 and Q8_0 blocks are kept byte for byte; Q4_0 (w = d·(q − 8)) becomes Q4_1 with min = −8d,
+    exactly. Rows are un-permuted like the dense weights (a block never spans two rows).
+    """
+    from ..quant.native import GGUFBlockLinear, library
+
+    kind = g.tensors[src].ggml_type
+    if library() is None or kind not in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0):
+        return None
+    blocks = torch.from_numpy(g.raw_blocks(src))
+    if kind == GGMLQuantizationType.Q4_0:  # 18-byte blocks (d, qs) → 20-byte (d, −8d, qs)
+        b = blocks.view(blocks.shape[0], -1, 18)
+        d = b[..., 0:2].contiguous().view(torch.float16)
+        blocks = torch.cat([b[..., 0:2], (d.float() * -8).half().view(torch.uint8), b[..., 2:]], dim=-1).reshape(blocks.shape[0], -1)
+    name = "Q8_0" if kind == GGMLQuantizationType.Q8_0 else "Q4_1"
+    return GGUFBlockLinear(rows(blocks), name, g.tensors[src].shape[-1], bias)
+
+
 def _materialize_quantized(model: Llama, shapes: dict[str, torch.Size], plan: Plan, g: GGUFFile, cfg: LlamaConfig,
                            dtype: torch.dtype, scheme: str, group_size: int, compute_dtype: torch.dtype) -> Llama:
     from ..quant.quantize import check_quantizable
 
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if scheme != "auto":  # bad group sizes before anything is read
+    if scheme not in ("auto", "gguf"):  # bad group sizes before anything is read
         for name in linears:
             check_quantizable(name, shapes[f"{name}.weight"][1], scheme, group_size)
     head_src = "token_embd.weight" if cfg.tie_embeddings else plan["lm_head.weight"][0]

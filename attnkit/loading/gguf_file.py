@@ -168,6 +168,14 @@ class GGUFFile:
             out[s * block : e * block] = dequantize(raw[s * type_size : e * type_size].reshape(1, -1), t.ggml_type).ravel()
         return out.reshape(t.shape)
 
+    def raw_blocks(self, name: str) -> np.ndarray:
+        """A quantized tensor's blocks as stored: uint8 (rows, cols / block · type_size), a copy."""
+        t = self.tensors[name]
+        block, type_size = GGML_QUANT_SIZES[t.ggml_type]
+        cols = t.shape[-1]
+        raw = np.frombuffer(self._mm, dtype=np.uint8, count=t.nbytes, offset=t.offset)
+        return raw.reshape(-1, cols // block * type_size).copy()
+
     def load_q4(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """A Q4_0 / Q4_1 tensor's blocks undecoded: ``(codes, d, m)`` with w = d·q + m (Q4_1), d·(q − 8) (Q4_0).
 

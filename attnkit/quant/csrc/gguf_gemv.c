@@ -1,0 +1,165 @@
+/* Matrix-vector products straight on GGUF Q4_1 / Q8_0 blocks, for CPU decode steps.
+ *
+ * y[m, n] = sum_k x[m, k] * W[n, k], W kept in the checkpoint's own blocks of 32 weights:
+ *   Q4_1: w = d * q + min,  q in 0..15   (20 bytes: fp16 d, fp16 min, 16 bytes of nibbles)
+ *   Q8_0: w = d * q,        q in -128..127 (34 bytes: fp16 d, 32 int8)
+ * The activations are quantized the same way, per block of 32: x = dx * qx (qx int8), with
+ * sx = dx * sum(qx) kept for Q4_1's min term. One block's dot product is then integer:
+ *   Q4_1: sum w*x = d*dx * sum(q*qx) + min * sx
+ *   Q8_0: sum w*x = d*dx * sum(q*qx)
+ * as llama.cpp does (ggml-quants.c, vec_dot_q4_1_q8_1 / vec_dot_q8_0_q8_0). A decode step reads
+ * 4.5 (Q4_1) or 8.5 (Q8_0) bits per weight instead of 32 and multiplies in 8-bit integers.
+ *
+ * Built at run time by attnkit/quant/native.py with the machine's own instruction set
+ * (-march=native): AVX-512 VNNI or AVX-VNNI when present, else AVX2, else portable C.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX2__) && defined(__F16C__)
+#include <immintrin.h>
+#define AK_AVX2 1
+#endif
+
+typedef struct { uint16_t d, m; uint8_t qs[16]; } block_q4_1;
+typedef struct { uint16_t d; int8_t qs[32]; } block_q8_0;
+typedef struct { float d, s; int8_t qs[32]; } block_q8x; /* activations */
+
+static inline float half_to_float(uint16_t h) {
+#ifdef AK_AVX2
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) bits = sign;
+        else { exp = 127 - 15 + 1; while (!(man & 0x400)) { man <<= 1; exp--; } man &= 0x3ff; bits = sign | (exp << 23) | (man << 13); }
+    } else if (exp == 31) bits = sign | 0x7f800000 | (man << 13);
+    else bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    float f; memcpy(&f, &bits, 4); return f;
+#endif
+}
+
+/* x (k floats, k % 32 == 0) -> k/32 activation blocks */
+static void quantize_row(const float *x, block_q8x *y, int k) {
+    for (int b = 0; b < k / 32; b++) {
+        const float *xb = x + 32 * b;
+        float amax = 0.f;
+        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(xb[i]));
+        float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+        int sum = 0;
+        for (int i = 0; i < 32; i++) { int q = (int)lrintf(xb[i] * id); y[b].qs[i] = (int8_t)q; sum += q; }
+        y[b].d = d; y[b].s = d * (float)sum;
+    }
+}
+
+#ifdef AK_AVX2
+static inline __m256i dot_u8s8(__m256i u, __m256i s) { /* 8 int32 lanes of sums of u*s */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+static float dot_q4_1(const block_q4_1 *w, const block_q8x *x, int nb) {
+#ifdef AK_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    float summ = 0.f;
+    const __m128i low = _mm_set1_epi8(0x0f);
+    for (int b = 0; b < nb; b++) {
+        __m128i q = _mm_loadu_si128((const __m128i *)w[b].qs);
+        __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low), _mm_and_si128(q, low));
+        __m256i s = _mm256_loadu_si256((const __m256i *)x[b].qs);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(u, s)), _mm256_set1_ps(half_to_float(w[b].d) * x[b].d), acc);
+        summ += half_to_float(w[b].m) * x[b].s;
+    }
+    return hsum(acc) + summ;
+#else
+    float sum = 0.f;
+    for (int b = 0; b < nb; b++) {
+        int isum = 0;
+        for (int j = 0; j < 16; j++)
+            isum += (w[b].qs[j] & 0x0f) * x[b].qs[j] + (w[b].qs[j] >> 4) * x[b].qs[j + 16];
+        sum += half_to_float(w[b].d) * x[b].d * (float)isum + half_to_float(w[b].m) * x[b].s;
+    }
+    return sum;
+#endif
+}
+
+static float dot_q8_0(const block_q8_0 *w, const block_q8x *x, int nb) {
+#ifdef AK_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        __m256i q = _mm256_loadu_si256((const __m256i *)w[b].qs);
+        __m256i s = _mm256_loadu_si256((const __m256i *)x[b].qs);
+        /* unsigned x signed: |q| times s with q's sign moved onto s */
+        __m256i p = dot_u8s8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(s, q));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(half_to_float(w[b].d) * x[b].d), acc);
+    }
+    return hsum(acc);
+#else
+    float sum = 0.f;
+    for (int b = 0; b < nb; b++) {
+        int isum = 0;
+        for (int j = 0; j < 32; j++) isum += w[b].qs[j] * x[b].qs[j];
+        sum += half_to_float(w[b].d) * x[b].d * (float)isum;
+    }
+    return sum;
+#endif
+}
+
+/* y (m, n) = x (m, k) . W (n, k)^T ; kind 0 = Q4_1, 1 = Q8_0; scratch holds m * k/32 activation blocks */
+int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads) {
+    if (k % 32 != 0 || m < 1 || n < 1) return 1;
+    const int nb = k / 32;
+    block_q8x *xq = (block_q8x *)scratch;
+    for (int r = 0; r < m; r++) quantize_row(x + (size_t)r * k, xq + (size_t)r * nb, k);
+    const size_t row_bytes = (size_t)nb * (kind == 0 ? sizeof(block_q4_1) : sizeof(block_q8_0));
+    (void)threads;
+#pragma omp parallel for schedule(static) num_threads(threads) if (n >= 64 && threads > 1)
+    for (int j = 0; j < n; j++) {
+        const void *wr = (const char *)w + (size_t)j * row_bytes;
+        for (int r = 0; r < m; r++) /* the row of W stays in L1 while every activation row passes */
+            y[(size_t)r * n + j] = kind == 0 ? dot_q4_1((const block_q4_1 *)wr, xq + (size_t)r * nb, nb)
+                                             : dot_q8_0((const block_q8_0 *)wr, xq + (size_t)r * nb, nb);
+    }
+    return 0;
+}
+
+/* W (n, k) blocks -> dense float32 (n, k) */
+int ak_dequantize(int kind, const void *w, float *out, int n, int k, int threads) {
+    if (k % 32 != 0) return 1;
+    const int nb = k / 32;
+    (void)threads;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int j = 0; j < n; j++) {
+        float *o = out + (size_t)j * k;
+        for (int b = 0; b < nb; b++) {
+            if (kind == 0) {
+                const block_q4_1 *blk = (const block_q4_1 *)w + (size_t)j * nb + b;
+                float d = half_to_float(blk->d), mn = half_to_float(blk->m);
+                for (int i = 0; i < 16; i++) {
+                    o[32 * b + i] = d * (float)(blk->qs[i] & 0x0f) + mn;
+                    o[32 * b + i + 16] = d * (float)(blk->qs[i] >> 4) + mn;
+                }
+            } else {
+                const block_q8_0 *blk = (const block_q8_0 *)w + (size_t)j * nb + b;
+                float d = half_to_float(blk->d);
+                for (int i = 0; i < 32; i++) o[32 * b + i] = d * (float)blk->qs[i];
+            }
+        }
+    }
+    return 0;
+}
+
+int ak_block_bytes(int kind) { return kind == 0 ? (int)sizeof(block_q4_1) : (int)sizeof(block_q8_0); }
+int ak_act_block_bytes(void) { return (int)sizeof(block_q8x); }

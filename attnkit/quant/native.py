@@ -1,0 +1,163 @@
+"""Linear layers that keep a GGUF file's Q4_1 / Q8_0 blocks as they are and multiply with our own kernel.
+
+PyTorch's weight-only CPU kernels (``_weight_int4pack_mm_for_cpu``, ``_weight_int8pack_mm``) are
+compute-bound at batch 1 on an AVX2 machine (see docs/performance.md): slower than reading the
+float32 weights. ``csrc/gguf_gemv.c`` instead quantizes the activations to 8 bits per block of 32
+and takes integer dot products on the blocks (llama.cpp's method), so a decode step is bound by
+the 4.5 or 8.5 bits per weight it reads. It is compiled once per machine with the system C
+compiler (``-O3 -march=native -fopenmp``, ~1 s) into a cache directory and loaded with ctypes; with
+no compiler the layers fall back to dequantize + ``F.linear`` (correct, slower).
+
+Batches of more rows than :attr:`GGUFBlockLinear.kernel_max_rows` (prefill) dequantize the
+weight and use the BLAS matrix product, which is faster once the work is compute-bound.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SOURCE = Path(__file__).with_name("csrc") / "gguf_gemv.c"
+KINDS = {"Q4_1": 0, "Q8_0": 1}
+BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}
+ACT_BLOCK_BYTES = 40
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ATTNKIT_CACHE", Path.home() / ".cache" / "attnkit")) / "kernels"
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel for this machine (built on first use), or None with a warning if it can't be."""
+    if os.environ.get("ATTNKIT_NO_NATIVE"):
+        return None
+    src = SOURCE.read_bytes()
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+    with open("/proc/cpuinfo", "rb") if os.path.exists("/proc/cpuinfo") else open(os.devnull, "rb") as f:
+        cpu = next((line for line in f if line.startswith(b"flags")), b"")
+    key = hashlib.sha256(src + " ".join(flags).encode() + cpu + sys.platform.encode()).hexdigest()[:16]
+    so = cache_dir() / f"gguf_gemv-{key}.so"
+    if not so.exists():
+        so.parent.mkdir(parents=True, exist_ok=True)
+        cc = os.environ.get("CC", "cc")
+        with tempfile.TemporaryDirectory(dir=so.parent) as tmp:  # build aside, then rename: never a half-written .so
+            out = Path(tmp) / so.name
+            try:
+                subprocess.run([cc, *flags, str(SOURCE), "-o", str(out), "-lm"], check=True, capture_output=True, timeout=120)
+            except (OSError, subprocess.SubprocessError) as e:
+                detail = getattr(e, "stderr", b"") or b""
+                warnings.warn(f"attnkit: could not build the GGUF block kernel ({e}; {detail.decode(errors='replace')[:300]}); "
+                              "quantized layers fall back to dequantize + F.linear", RuntimeWarning, stacklevel=2)
+                return None
+            os.replace(out, so)
+    lib = ctypes.CDLL(str(so))
+    vp, i = ctypes.c_void_p, ctypes.c_int
+    lib.ak_gemv.argtypes = [i, vp, vp, vp, i, i, i, vp, i]
+    lib.ak_dequantize.argtypes = [i, vp, vp, i, i, i]
+    assert lib.ak_block_bytes(0) == BLOCK_BYTES["Q4_1"] and lib.ak_block_bytes(1) == BLOCK_BYTES["Q8_0"]
+    assert lib.ak_act_block_bytes() == ACT_BLOCK_BYTES
+    return lib
+
+
+class GGUFBlockLinear(nn.Module):
+    """y = x·Wᵀ (+ b) with W stored as GGUF blocks: ``blocks`` (out, in/32 · block bytes) uint8."""
+
+    kernel_max_rows = 8  # more rows (prefill) → dequantize + BLAS
+
+    def __init__(self, blocks: torch.Tensor, kind: str, in_features: int, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"GGUF block type {kind!r} has no kernel (supported: {', '.join(KINDS)})")
+        if in_features % 32 != 0:
+            raise ValueError(f"in_features ({in_features}) must be a multiple of the block size 32")
+        row = in_features // 32 * BLOCK_BYTES[kind]
+        if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != row:
+            raise ValueError(f"{kind} blocks for {in_features} inputs must be uint8 of shape (out, {row}), "
+                             f"got {blocks.dtype} {tuple(blocks.shape)}")
+        self.kind, self.in_features, self.out_features = kind, in_features, blocks.shape[0]
+        self.register_buffer("blocks", blocks.contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+
+    @classmethod
+    def cat_out(cls, mods: list[GGUFBlockLinear]) -> GGUFBlockLinear:
+        """One layer whose outputs are those of ``mods`` in order (fused q/k/v, gate/up)."""
+        if len({(m.kind, m.in_features) for m in mods}) != 1:
+            raise ValueError("fused GGUF layers must share block type and input size")
+        biases = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in mods]
+        bias = torch.cat(biases) if any(m.bias is not None for m in mods) else None
+        return cls(torch.cat([m.blocks for m in mods]), mods[0].kind, mods[0].in_features, bias)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense (out, in) weight (written into ``out`` when given: a reused float32 buffer)."""
+        lib = library()
+        if lib is None:
+            return _dequantize_torch(self.blocks, self.kind, self.in_features).to(dtype)
+        if out is None:
+            out = torch.empty(self.out_features, self.in_features)
+        lib.ak_dequantize(KINDS[self.kind], self.blocks.data_ptr(), out.data_ptr(), self.out_features,
+                          self.in_features, torch.get_num_threads())
+        return out.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"GGUFBlockLinear: input has {x.shape[-1]} features, expected {self.in_features}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        lib = library()
+        if lib is None or x.device.type != "cpu" or x.requires_grad:
+            y = F.linear(x2, self.dequantize(x.dtype))
+        elif x2.shape[0] > self.kernel_max_rows:  # compute-bound: dense BLAS on the weight decoded into a reused buffer
+            y = F.linear(x2, self.dequantize(x.dtype, out=_scratch(self.out_features, self.in_features)))
+        else:
+            xf = x2.float().contiguous()
+            y = torch.empty(xf.shape[0], self.out_features)
+            scratch = torch.empty(xf.shape[0] * (self.in_features // 32) * ACT_BLOCK_BYTES, dtype=torch.uint8)
+            lib.ak_gemv(KINDS[self.kind], self.blocks.data_ptr(), xf.data_ptr(), y.data_ptr(), xf.shape[0],
+                        self.out_features, self.in_features, scratch.data_ptr(), torch.get_num_threads())
+            y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def weight_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+_SCRATCH: dict[int, torch.Tensor] = {}
+
+
+def _scratch(n: int, k: int) -> torch.Tensor:
+    """A float32 (n, k) view of a buffer reused by every layer of that size: a fresh multi-megabyte
+    tensor per call would cost its page faults every time. (One engine thread runs the model.)"""
+    buf = _SCRATCH.get(n * k)
+    if buf is None:
+        buf = _SCRATCH[n * k] = torch.empty(n * k)
+    return buf.view(n, k)
+
+
+def _dequantize_torch(blocks: torch.Tensor, kind: str, k: int) -> torch.Tensor:
+    """The same dequantization in torch ops (no compiler needed; also the tests' reference)."""
+    n = blocks.shape[0]
+    b = blocks.view(n, k // 32, BLOCK_BYTES[kind])
+    d = b[..., 0:2].contiguous().view(torch.float16).float()  # (n, nb, 1)
+    if kind == "Q8_0":
+        return (b[..., 2:].contiguous().view(torch.int8).float() * d).reshape(n, k)
+    mn = b[..., 2:4].contiguous().view(torch.float16).float()
+    qs = b[..., 4:]
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).float()  # element j in the low nibble, j + 16 in the high
+    return (q * d + mn).reshape(n, k)

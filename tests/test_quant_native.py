@@ -1,0 +1,127 @@
+"""attnkit's own GGUF block kernel (attnkit/quant/csrc/gguf_gemv.c): decoding equals gguf's reference
+bit for bit; products equal the dense product up to the 8-bit activation rounding; the default model
+loaded with quantize="gguf" holds its perplexity within 1% of float32."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize, quantize
+
+from attnkit.quant.native import GGUFBlockLinear, _dequantize_torch, library
+
+needs_kernel = pytest.mark.skipif(library() is None, reason="no C compiler: the kernel could not be built")
+
+
+def _layer(kind: str, n: int, k: int, seed: int = 0) -> tuple[GGUFBlockLinear, torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    blocks = quantize(w, getattr(T, kind))
+    dense = torch.from_numpy(dequantize(blocks, getattr(T, kind)).reshape(n, k).astype(np.float32))
+    return GGUFBlockLinear(torch.from_numpy(blocks.copy()), kind, k), dense
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_decoding_matches_gguf_reference(kind: str) -> None:
+    layer, dense = _layer(kind, 48, 96)
+    assert torch.equal(_dequantize_torch(layer.blocks, kind, 96), dense)
+    if library() is not None:
+        assert torch.equal(layer.dequantize(), dense)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_kernel_product_matches_dense(kind: str, rows: int) -> None:
+    layer, dense = _layer(kind, 200, 576, seed=rows)
+    x = torch.randn(1, rows, 576)
+    ref = x @ dense.T
+    y = layer(x)
+    assert y.shape == (1, rows, 200)
+    rel = ((y - ref).norm() / ref.norm()).item()
+    assert rel < 0.02, rel  # activations are rounded to 8 bits per block of 32, as in llama.cpp
+    assert rel > 0  # the integer path really ran (the dense path would be exact)
+
+
+@needs_kernel
+def test_many_rows_use_the_dense_product_exactly() -> None:
+    layer, dense = _layer("Q4_1", 64, 128)
+    x = torch.randn(GGUFBlockLinear.kernel_max_rows + 5, 128)
+    torch.testing.assert_close(layer(x), x @ dense.T)
+    xb = x.bfloat16()
+    assert layer(xb).dtype == torch.bfloat16
+
+
+def test_cat_out_and_bias() -> None:
+    a, da = _layer("Q4_1", 32, 64, 1)
+    b, db = _layer("Q4_1", 16, 64, 2)
+    b.bias = torch.arange(16.0)
+    fused = GGUFBlockLinear.cat_out([a, b])
+    x = torch.randn(20, 64)  # dense path: exact
+    ref = torch.cat([x @ da.T, x @ db.T + torch.arange(16.0)], dim=-1)
+    torch.testing.assert_close(fused(x), ref)
+    with pytest.raises(ValueError, match="share"):
+        GGUFBlockLinear.cat_out([a, _layer("Q8_0", 16, 64)[0]])
+
+
+def test_bad_inputs_are_named() -> None:
+    layer, _ = _layer("Q4_1", 8, 64)
+    with pytest.raises(ValueError, match="no kernel"):
+        GGUFBlockLinear(layer.blocks, "Q5_K", 64)
+    with pytest.raises(ValueError, match="multiple of the block size"):
+        GGUFBlockLinear(layer.blocks, "Q4_1", 60)
+    with pytest.raises(ValueError, match=r"shape \(out, 40\)"):
+        GGUFBlockLinear(layer.blocks[:, :20], "Q4_1", 64)
+    with pytest.raises(ValueError, match="expected 64"):
+        layer(torch.randn(1, 65))
+
+
+@needs_kernel
+def test_default_model_in_gguf_blocks_holds_perplexity() -> None:
+    from engine_helpers import skip_module_without_default_model
+
+    skip_module_without_default_model()
+    from attnkit.eval import greedy_agreement, perplexity, shipped_text
+    from attnkit.loading import load_causal_lm
+
+    ref = load_causal_lm(None)
+    lm = load_causal_lm(None, quantize="gguf")
+    kinds = {m.kind for m in lm.model.modules() if isinstance(m, GGUFBlockLinear)}
+    assert kinds == {"Q4_1", "Q8_0"} and isinstance(lm.model.output_head, GGUFBlockLinear)  # layers and the tied head
+    ids = ref.tokenizer.encode(shipped_text())[:256]
+    base = perplexity(ref.model, ids, window=256).ppl
+    ppl = perplexity(lm.model, ids, window=256).ppl  # one 256-token window: the dense path, exact weights
+    assert abs(ppl / base - 1) < 0.01, (ppl, base)
+    ag = greedy_agreement(ref.model, lm.model, ref.tokenizer.encode("We hold these truths to be self-evident"), 32)
+    assert ag.rate >= 0.8, ag  # greedy decoding runs one row at a time: the integer kernel
+
+
+@pytest.mark.parametrize("arch,qtype", [("llama", "Q4_0"), ("llama", "Q4_1"), ("qwen2", "Q8_0")])
+def test_gguf_files_load_into_blocks_and_match_the_dequantized_model(tmp_path, arch: str, qtype: str) -> None:
+    """Tiny GGUF files (llama with its Q/K row permutation; qwen2 with q/k/v bias): quantize="gguf" keeps the
+    blocks (Q4_0 rewritten as Q4_1 with min = −8d) and gives the dequantized model's logits."""
+    pytest.importorskip("transformers")
+    from test_loading_gguf import IDS, tiny_hf, write_gguf
+
+    from attnkit.loading.gguf import load_gguf_model
+
+    path = write_gguf(tmp_path / f"{arch}-{qtype}.gguf", tiny_hf(arch), qtype, arch=arch)
+    floaty = load_gguf_model(path)
+    blocks = load_gguf_model(path, quantize="gguf")
+    layers = [m for m in blocks.modules() if isinstance(m, GGUFBlockLinear)]
+    if library() is None:
+        assert not layers
+        return
+    assert layers and {m.kind for m in layers} == {"Q8_0" if qtype == "Q8_0" else "Q4_1"}
+    for name, m in blocks.named_modules():
+        if isinstance(m, GGUFBlockLinear):  # decoded weights: exactly the dequantized ones
+            if name == "output_head":
+                want = floaty.tok_embeddings.weight if floaty.lm_head is None else floaty.lm_head.weight
+            else:
+                want = floaty.get_submodule(name).weight
+            torch.testing.assert_close(m.dequantize(), want, rtol=0, atol=0)
+    with torch.no_grad():
+        long = torch.cat([IDS] * 3, dim=1)[:, :24]  # > kernel_max_rows per row: the dense path, exact weights
+        torch.testing.assert_close(blocks(long), floaty(long), rtol=1e-4, atol=1e-4)
