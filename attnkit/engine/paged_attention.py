@@ -131,10 +131,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     nh, B, hd = q.shape
     n_kv, _, L, _ = k.shape
     g = nh // n_kv
-    qg = q.view(n_kv, g, B, hd).transpose(1, 2).reshape(n_kv * B, g, hd)  # (n_kv·B, g, hd)
-    scores = torch.baddbmm(bias.repeat(n_kv, 1)[:, None, :].to(k.dtype), qg.to(k.dtype), k.view(n_kv * B, L, hd).transpose(1, 2),
-                           alpha=hd ** -0.5)  # (n_kv·B, g, L)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    qg = (q.view(n_kv, g, B, hd).transpose(1, 2) * hd ** -0.5).reshape(n_kv * B, g, hd).to(k.dtype)  # (n_kv·B, g, hd)
+    scores = torch.bmm(qg, k.view(n_kv * B, L, hd).transpose(1, 2)).float()  # (n_kv·B, g, L)
+    scores.view(n_kv, B, g, L).add_(bias[None, :, None, :])
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
     out = torch.bmm(probs, v.view(n_kv * B, L, hd))  # (n_kv·B, g, hd)
     return out.view(n_kv, B, g, hd).transpose(1, 2).reshape(nh, B, hd).to(q.dtype)
 

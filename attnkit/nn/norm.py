@@ -37,8 +37,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * (self.weight.float() + self.offset)).to(x.dtype)
+        w = self.weight.float() if self.offset == 0 else self.weight.float() + self.offset
+        return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(self.eps)) * w).to(x.dtype)
 
 
 def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
