@@ -48,8 +48,10 @@ class AttentionMetadata:
 def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
     """Store the new tokens' K/V (n_kv, T, hd) in their slots of the pools (n_kv, num_blocks, block_size, hd)."""
     n_kv, _, _, hd = k_pool.shape
-    k_pool.view(n_kv, -1, hd).index_copy_(1, slots, k.to(k_pool.dtype))
-    v_pool.view(n_kv, -1, hd).index_copy_(1, slots, v.to(v_pool.dtype))
+    if k.dtype != k_pool.dtype:
+        k, v = k.to(k_pool.dtype), v.to(v_pool.dtype)
+    k_pool.view(n_kv, -1, hd).index_copy_(1, slots, k)
+    v_pool.view(n_kv, -1, hd).index_copy_(1, slots, v)
 
 
 class PagedKVCache:
@@ -131,12 +133,18 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     nh, B, hd = q.shape
     n_kv, _, L, _ = k.shape
     g = nh // n_kv
-    qg = (q.view(n_kv, g, B, hd).transpose(1, 2) * hd ** -0.5).reshape(n_kv * B, g, hd).to(k.dtype)  # (n_kv·B, g, hd)
-    scores = torch.bmm(qg, k.view(n_kv * B, L, hd).transpose(1, 2)).float()  # (n_kv·B, g, L)
+    qg = (q.view(n_kv, g, B, hd).transpose(1, 2) * hd ** -0.5).reshape(n_kv * B, g, hd)  # (n_kv·B, g, hd)
+    if qg.dtype != k.dtype:
+        qg = qg.to(k.dtype)
+    scores = torch.bmm(qg, k.view(n_kv * B, L, hd).transpose(1, 2))  # (n_kv·B, g, L)
+    if scores.dtype != torch.float32:
+        scores = scores.float()
     scores.view(n_kv, B, g, L).add_(bias[None, :, None, :])
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    out = torch.bmm(probs, v.view(n_kv * B, L, hd))  # (n_kv·B, g, hd)
-    return out.view(n_kv, B, g, hd).transpose(1, 2).reshape(nh, B, hd).to(q.dtype)
+    probs = torch.softmax(scores, dim=-1)
+    if probs.dtype != v.dtype:
+        probs = probs.to(v.dtype)
+    out = torch.bmm(probs, v.view(n_kv * B, L, hd)).view(n_kv, B, g, hd).transpose(1, 2).reshape(nh, B, hd)
+    return out if out.dtype == q.dtype else out.to(q.dtype)
 
 
 def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,

@@ -193,9 +193,16 @@ class MultiHeadAttention(nn.Module):
         if x.dim() != 3:
             raise ValueError(f"MultiHeadAttention expects x of shape (B, T, d_model), got {tuple(x.shape)}")
         if self.qkv_proj is not None and context is None and static_kv is None:
-            nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-            q, k, v = self.qkv_proj(x).split([nq, nkv, nkv], dim=-1)
-            q, k, v = self._split(q, self.n_heads), self._split(k, self.n_kv_heads), self._split(v, self.n_kv_heads)
+            B, T, _ = x.shape
+            nh, nkv = self.n_heads, self.n_kv_heads
+            qkv = self.qkv_proj(x).view(B, T, nh + 2 * nkv, self.head_dim)  # (B, T, nh + 2·n_kv, hd)
+            qk = rotary.rotate_heads(qkv[:, :, :nh + nkv]) if hasattr(rotary, "rotate_heads") else None  # type: ignore[union-attr]
+            if qk is None:
+                qk = qkv[:, :, :nh + nkv]
+            else:
+                rotary = None  # q and k rotated together, in one pass
+            q, k = qk[:, :, :nh].transpose(1, 2), qk[:, :, nh:].transpose(1, 2)  # (B, nh, T, hd), (B, n_kv, T, hd)
+            v = qkv[:, :, nh + nkv:].transpose(1, 2)
             return self._attend(q, k, v, mask, bias, rotary, positions, cache, need_weights)
         q = self._split(self.q_proj(x), self.n_heads)  # (B, nh, T, hd)
         if static_kv is not None:

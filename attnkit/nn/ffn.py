@@ -62,8 +62,10 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(self.dropout(self.act(gate) * up))
-        return self.down_proj(self.dropout(self.act(self.gate_proj(x)) * self.up_proj(x)))
+            h = self.act(gate) * up
+        else:
+            h = self.act(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(self.dropout(h) if self.training and self.dropout.p > 0 else h)
 
 
 def make_ffn(kind: str, d_model: int, d_ff: int, dropout: float = 0.0, bias: bool = True) -> nn.Module:

@@ -23,9 +23,12 @@ from .norm import make_norm
 def add_norm(x: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor], norm: nn.Module,
              dropout: nn.Module, norm_first: bool) -> torch.Tensor:
     """Residual connection around ``sublayer`` with normalisation before (pre-norm) or after (post-norm)."""
+    drop = dropout.training and dropout.p > 0  # type: ignore[operator]
     if norm_first:
-        return x + dropout(sublayer(norm(x)))
-    return norm(x + dropout(sublayer(x)))
+        h = sublayer(norm(x))
+        return x + (dropout(h) if drop else h)
+    h = sublayer(x)
+    return norm(x + (dropout(h) if drop else h))
 
 
 class TransformerLayer(nn.Module):

@@ -36,9 +36,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        w = self.weight.float() if self.offset == 0 else self.weight.float() + self.offset
-        return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(self.eps)) * w).to(x.dtype)
+        f32 = torch.float32
+        xf = x if x.dtype == f32 else x.float()
+        w = self.weight if self.weight.dtype == f32 else self.weight.float()
+        if self.offset:
+            w = w + self.offset
+        y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(self.eps)) * w
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def make_norm(kind: str, dim: int, eps: float) -> nn.Module:

@@ -99,9 +99,13 @@ class RotaryEmbedding(nn.Module):
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rd = self.rotary_dim
-        x_rot, x_pass = x[..., :rd], x[..., rd:]
-        x_rot = (x_rot.float() * cos + rotate_half(x_rot.float()) * sin).to(x.dtype)
-        return torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot
+        partial = rd < x.shape[-1]
+        x_rot = x[..., :rd] if partial else x
+        xf = x_rot if x_rot.dtype == torch.float32 else x_rot.float()
+        out = xf * cos + rotate_half(xf) * sin
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        return torch.cat((out, x[..., rd:]), dim=-1) if partial else out
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: (B, nh, T, hd), k: (B, n_kv, T, hd), positions: (T,) or (B, T)."""
@@ -123,6 +127,13 @@ class BoundRotary:
         if positions is not self.positions:
             return self.rotary(q, k, positions)
         return self.rotary.rotate(q, self.cos, self.sin), self.rotary.rotate(k, self.cos, self.sin)
+
+    def rotate_heads(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x (B, T, heads, hd) with heads last-but-one — q and k heads side by side, rotated in one pass.
+        None when the angles are per batch row ((B, T) positions): use ``__call__``."""
+        if self.cos.dim() != 2:
+            return None
+        return self.rotary.rotate(x, self.cos[:, None], self.sin[:, None])
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:

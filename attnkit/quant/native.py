@@ -121,14 +121,16 @@ class GGUFBlockLinear(nn.Module):
         elif x2.shape[0] > self.kernel_max_rows:  # compute-bound: dense BLAS on the weight decoded into a reused buffer
             y = F.linear(x2, self.dequantize(x.dtype, out=_scratch(self.out_features, self.in_features)))
         else:
-            xf = x2.float().contiguous()
-            y = torch.empty(xf.shape[0], self.out_features)
-            scratch = torch.empty(xf.shape[0] * (self.in_features // 32) * ACT_BLOCK_BYTES, dtype=torch.uint8)
-            lib.ak_gemv(KINDS[self.kind], self.blocks.data_ptr(), xf.data_ptr(), y.data_ptr(), xf.shape[0],
-                        self.out_features, self.in_features, scratch.data_ptr(), torch.get_num_threads())
-            y = y.to(x.dtype)
+            xf = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.float().contiguous()
+            m = xf.shape[0]
+            y = torch.empty(m, self.out_features)
+            lib.ak_gemv(KINDS[self.kind], self.blocks.data_ptr(), xf.data_ptr(), y.data_ptr(), m, self.out_features,
+                        self.in_features, _act_scratch(m * (self.in_features // 32) * ACT_BLOCK_BYTES),
+                        torch.get_num_threads())
+            if x.dtype != torch.float32:
+                y = y.to(x.dtype)
         if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+            y = y + (self.bias if self.bias.dtype == y.dtype else self.bias.to(y.dtype))
         return y.reshape(*lead, self.out_features)
 
     def weight_bytes(self) -> int:
@@ -148,6 +150,16 @@ def _scratch(n: int, k: int) -> torch.Tensor:
     if buf is None:
         buf = _SCRATCH[n * k] = torch.empty(n * k)
     return buf.view(n, k)
+
+
+_ACT: list[torch.Tensor] = []
+
+
+def _act_scratch(nbytes: int) -> int:
+    """Address of a reused buffer of at least ``nbytes`` for the quantized activations."""
+    if not _ACT or _ACT[0].numel() < nbytes:
+        _ACT[:] = [torch.empty(max(nbytes, 1 << 16), dtype=torch.uint8)]
+    return _ACT[0].data_ptr()
 
 
 def _dequantize_torch(blocks: torch.Tensor, kind: str, k: int) -> torch.Tensor:
