@@ -3,7 +3,7 @@
 One home for these choices, shared by ``LLM``, ``attnkit generate/chat/serve`` and the benchmarks:
 
 - ``dtype``: activations and every weight left in floating point (float32, bfloat16);
-- ``quantize``: ``"gguf"`` keeps a GGUF file's Q4_0/Q4_1/Q8_0 blocks as they are, multiplied by
+- ``quantize`` (default ``"gguf"``): ``"gguf"`` keeps a GGUF file's Q4_0/Q4_1/Q8_0 blocks as they are, multiplied by
   attnkit's own kernel (:mod:`attnkit.quant.native`); ``"auto"`` maps them onto PyTorch's int4/int8
   kernels (:mod:`attnkit.quant`); ``"int8"``/``"int4"`` quantize whatever was loaded; ``None``
   dequantizes to ``dtype``;
@@ -31,7 +31,7 @@ QUANTIZE = ("gguf", "auto", "int8", "int4", "none")
 @dataclass
 class InferenceOptions:
     dtype: str = "float32"
-    quantize: str | None = None
+    quantize: str | None = "gguf"
     fuse: bool = True
     threads: int | None = None
     compile: bool = False
@@ -69,9 +69,10 @@ class InferenceOptions:
     @staticmethod
     def add_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="activation dtype (default float32)")
-        p.add_argument("--quantize", choices=QUANTIZE, default=None,
+        p.add_argument("--quantize", choices=QUANTIZE, default="gguf",
                        help="weights in memory: gguf = the GGUF file's own blocks under attnkit's kernel; auto = "
-                            "them on PyTorch's int4/int8 kernels; int8/int4 = quantize; none = dequantize to --dtype")
+                            "them on PyTorch's int4/int8 kernels; int8/int4 = quantize; none = dequantize to --dtype "
+                            "(default: gguf)")
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
         p.add_argument("--compile", action="store_true",
                        help="decode attention compiled over the block tables (torch.compile; slower start-up)")

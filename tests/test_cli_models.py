@@ -54,7 +54,7 @@ def _chat_ids(lm, messages):
 
 
 def test_generate_streams_and_reports_speed(lm, capsys):
-    rc = main(["generate", "The capital of France is", "--max-new-tokens", "8", "--threads", "1"])
+    rc = main(["generate", "The capital of France is", "--max-new-tokens", "8", "--threads", "1", "--quantize", "none"])
     out, err = capsys.readouterr()
     assert rc == 0
     want = _greedy_text(lm, lm.tokenizer.encode("The capital of France is"), 8)
@@ -64,7 +64,7 @@ def test_generate_streams_and_reports_speed(lm, capsys):
 
 def test_generate_sampling_is_seeded(cached, capsys):
     args = ["generate", "Once upon a time", "--max-new-tokens", "12", "--temperature", "1.0", "--top-k", "40",
-            "--top-p", "0.9", "--threads", "1"]
+            "--top-p", "0.9", "--threads", "1", "--quantize", "none"]
     outs = []
     for seed in ("1", "1", "2"):
         assert main(args + ["--seed", seed]) == 0
@@ -74,7 +74,7 @@ def test_generate_sampling_is_seeded(cached, capsys):
 
 def test_chat_multi_turn_and_reset(cached, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO("What is 2+2?\n/reset\nName a colour.\n/quit\n"))
-    assert main(["chat", "--max-new-tokens", "12", "--threads", "1"]) == 0
+    assert main(["chat", "--max-new-tokens", "12", "--threads", "1", "--quantize", "none"]) == 0
     out, err = capsys.readouterr()
     first = _greedy_text(cached, _chat_ids(cached, [{"role": "user", "content": "What is 2+2?"}]), 12)
     # after /reset the second question is answered as the first turn of a new conversation
@@ -85,7 +85,7 @@ def test_chat_multi_turn_and_reset(cached, monkeypatch, capsys):
 
 def test_chat_keeps_history(cached, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO("My name is Ada.\nWhat is my name?\n"))
-    assert main(["chat", "--max-new-tokens", "10", "--threads", "1"]) == 0
+    assert main(["chat", "--max-new-tokens", "10", "--threads", "1", "--quantize", "none"]) == 0
     out = capsys.readouterr().out
     reply1 = _greedy_text(cached, _chat_ids(cached, [{"role": "user", "content": "My name is Ada."}]), 10)
     history = [{"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": reply1},
@@ -112,7 +112,7 @@ def test_ctrl_c_stops_the_reply_not_the_program(cached, monkeypatch, capsys):
     monkeypatch.setattr(LLMEngine, "add_request", add)
     monkeypatch.setattr(LLMEngine, "step", step)
     monkeypatch.setattr("sys.stdin", io.StringIO("Tell me a long story.\nThanks!\n"))
-    assert main(["chat", "--max-new-tokens", "6", "--threads", "1"]) == 0
+    assert main(["chat", "--max-new-tokens", "6", "--threads", "1", "--quantize", "none"]) == 0
     out, err = capsys.readouterr()
     assert "[reply stopped]" in err and calls["n"] == 2  # the REPL went on to the second turn
     assert err.count("tokens/s") == 2

@@ -43,7 +43,7 @@ def test_stop_strings_across_token_boundaries_are_never_shown(tiny, tokenizer):
 
 @pytest.fixture(scope="module")
 def smol():
-    return LLM()
+    return LLM(quantize=None)  # float32 weights: exactly the single-stream decoder's numbers
 
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,"]
@@ -58,6 +58,17 @@ def test_engine_greedy_equals_single_stream_on_the_default_model(smol):
     outs = smol.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=16))
     assert [o.token_ids for o in outs] == ref
     assert outs[0].text.strip().startswith("Paris")
+
+
+def test_default_llm_keeps_the_gguf_blocks():
+    """LLM() runs the GGUF's own Q4_1/Q8_0 blocks (attnkit.quant.native) and still answers."""
+    from attnkit.quant.native import GGUFBlockLinear, library
+
+    llm = LLM()
+    blocks = [m for m in llm.engine.model.modules() if isinstance(m, GGUFBlockLinear)]
+    assert bool(blocks) == (library() is not None)
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=8))[0]
+    assert out.text.strip().startswith("Paris")
 
 
 def test_chat_on_the_default_model(smol):

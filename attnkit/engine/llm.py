@@ -30,10 +30,11 @@ Messages = list[dict[str, str]]
 
 class LLM:
     def __init__(self, model: str | Path | None = None, dtype: torch.dtype | str = torch.float32,
-                 config: EngineConfig | None = None, quantize: str | None = None, threads: int | None = None,
+                 config: EngineConfig | None = None, quantize: str | None = "gguf", threads: int | None = None,
                  fuse: bool = True, **engine_kw) -> None:
         """Load ``model`` (None: the embedded default) prepared as :class:`InferenceOptions` say:
-        ``quantize`` None | "auto" | "int8" | "int4", ``dtype`` of the activations, ``fuse``d
+        ``quantize`` "gguf" (a GGUF file's blocks under attnkit's kernel; the default) | "auto" | "int8" |
+        "int4" | None (dequantized to ``dtype``), ``dtype`` of the activations, ``fuse``d
         projections, ``threads``; ``engine_kw`` are :class:`EngineConfig` fields (e.g. ``compile=True``)."""
         name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
         config = config or EngineConfig(**engine_kw)
