@@ -90,13 +90,24 @@ def test_pack_unpack_round_trip(n16, k32, start, length):
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_dense_path_matches_kernel(scheme, monkeypatch):
     g = torch.Generator().manual_seed(1)
-    w = torch.randn(3000, 64, generator=g)  # > one dense chunk of rows
+    monkeypatch.setattr("attnkit.quant.base.DENSE_CHUNK", 64 * 1000)  # slices of 960 rows
+    w = torch.randn(3000, 64, generator=g)
     q = CLASSES[scheme](w, torch.randn(3000, generator=g), torch.float32)
     x = torch.randn(40, 64, generator=g)
+    monkeypatch.setattr(type(q), "dense_min_rows", None)
     y_kernel = q(x)
-    monkeypatch.setattr(QuantLinear, "dense_min_rows", 8)
+    orig, calls = type(q).dequantize, []
+
+    def spy(self, *a):
+        calls.append(a)
+        return orig(self, *a)
+
+    monkeypatch.setattr(type(q), "dequantize", spy)
+    monkeypatch.setattr(type(q), "dense_min_rows", 8)
     torch.testing.assert_close(q(x), y_kernel, rtol=1e-5, atol=1e-4)
-    assert q(x[:4]).shape == (4, 3000)  # below the threshold: the kernel again
+    assert len(calls) > 1  # the dense path, in slices of rows
+    calls.clear()
+    assert q(x[:4]).shape == (4, 3000) and not calls  # below the threshold: the kernel again
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])

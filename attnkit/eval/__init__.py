@@ -1,5 +1,7 @@
-"""Evaluation helpers: perplexity over a shipped public-domain text, greedy agreement between two models."""
+"""Evaluation helpers: perplexity over a shipped public-domain text; KL divergence and greedy agreement between two models."""
 
-from .perplexity import Agreement, Perplexity, greedy_agreement, greedy_tokens, perplexity, shipped_text
+from .perplexity import (Agreement, Divergence, Perplexity, divergence, greedy_agreement, greedy_tokens, perplexity,
+                         shipped_text)
 
-__all__ = ["Agreement", "Perplexity", "greedy_agreement", "greedy_tokens", "perplexity", "shipped_text"]
+__all__ = ["Agreement", "Divergence", "Perplexity", "divergence", "greedy_agreement", "greedy_tokens", "perplexity",
+           "shipped_text"]

@@ -3,7 +3,7 @@
     PPL = exp( −1/N · Σ_i log p(x_i | x_<i) )        over the N scored tokens (all but the first)
 
 A text longer than the model's window is scored with a strided sliding window (the method of the
-transformers docs' "Perplexity of fixed-length models"): windows of ``window`` tokens start every
+transformers docs' "Perplexity of fixed-length models"): windows of ``window`` tokens end every
 ``stride`` tokens, and each scores only the tokens the previous window did not, so every token is
 predicted once, with at least ``window − stride`` tokens of context (except near the start).
 """
@@ -46,25 +46,52 @@ def _ids(ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def perplexity(model: nn.Module, ids: Sequence[int] | torch.Tensor, window: int = 512, stride: int = 256) -> Perplexity:
-    """Perplexity of ``model`` (token ids (1, T) → logits (1, T, vocab)) over ``ids`` with a strided window."""
-    if not 0 < stride <= window:
-        raise ValueError(f"need 0 < stride <= window; got stride={stride}, window={window}")
+def perplexity(model: nn.Module, ids: Sequence[int] | torch.Tensor, window: int = 512,
+               stride: int | None = None) -> Perplexity:
+    """Perplexity of ``model`` (token ids (1, T) → logits (1, T, vocab)) over ``ids`` with a strided window.
+
+    The first window scores its tokens 1 … window−1; each next window ends ``stride`` tokens later (default
+    window // 2) and scores only those, with at least ``window − stride`` tokens of context before them.
+    """
+    stride = window // 2 if stride is None else stride
+    if not 0 < stride < window:
+        raise ValueError(f"need 0 < stride < window; got stride={stride}, window={window}")
     x = _ids(ids)
     L = x.numel()
     total, n, done = 0.0, 0, 1  # done: tokens already scored or unscorable (the first has no context)
-    for start in range(0, L - 1, stride):
-        end = min(start + window, L)
-        logits = model(x[None, start:end])[0].float()  # (T, vocab)
-        targets = x[done:end]  # the tokens this window scores
-        pred = logits[done - 1 - start : end - 1 - start]  # their predictions, one position earlier
-        total += float(F.cross_entropy(pred, targets, reduction="sum"))
-        n += targets.numel()
+    while done < L:
+        end = min(done + (window - 1 if done == 1 else stride), L)
+        begin = max(0, end - window)
+        logits = model(x[None, begin:end])[0].float()  # (end − begin, vocab)
+        pred = logits[done - 1 - begin : end - 1 - begin]  # predictions of tokens done … end−1
+        total += float(F.cross_entropy(pred, x[done:end], reduction="sum"))
+        n += end - done
         done = end
-        if end == L:
-            break
     nll = total / n
     return Perplexity(math.exp(nll), nll, n)
+
+
+@dataclass(frozen=True)
+class Divergence:
+    kl: float  # mean KL(P_a ‖ P_b) over the positions, nats
+    top1: float  # fraction of positions where the two models' most likely next token is the same
+    n_positions: int
+
+
+@torch.inference_mode()
+def divergence(model_a: nn.Module, model_b: nn.Module, ids: Sequence[int] | torch.Tensor) -> Divergence:
+    """How far model_b's next-token distributions are from model_a's on one window of ``ids``.
+
+    KL(P_a ‖ P_b) = Σ_v P_a(v)·(log P_a(v) − log P_b(v)), averaged over positions — the statistic llama.cpp's
+    perplexity tool reports for quantized models (``--kl-divergence``); far less noisy on a short text than
+    a perplexity ratio, which a few tokens can move by a percent.
+    """
+    x = _ids(ids)[None]  # (1, T)
+    la = torch.log_softmax(model_a(x)[0].float(), -1)  # (T, vocab)
+    lb = torch.log_softmax(model_b(x)[0].float(), -1)
+    kl = (la.exp() * (la - lb)).sum(-1)  # (T,)
+    top1 = (la.argmax(-1) == lb.argmax(-1)).float().mean()
+    return Divergence(float(kl.mean()), float(top1), x.shape[1])
 
 
 @dataclass(frozen=True)
@@ -94,15 +121,19 @@ def greedy_tokens(model: nn.Module, prompt_ids: Sequence[int], n: int) -> list[i
 
 
 @torch.inference_mode()
-def greedy_agreement(model_a: nn.Module, model_b: nn.Module, prompt_ids: Sequence[int], n: int = 128) -> Agreement:
+def greedy_agreement(model_a: nn.Module, model_b: nn.Module, prompt_ids: Sequence[int], n: int = 128,
+                     tokens_a: list[int] | None = None) -> Agreement:
     """How often ``model_b`` picks ``model_a``'s greedy token, fed ``model_a``'s continuation (teacher forcing).
 
     The first disagreement is also where B's own greedy continuation would leave A's (``prefix``);
     ``rate`` keeps counting after it, so one early near-tie does not hide that the models otherwise agree.
+    ``tokens_a``: model_a's greedy continuation when already known (comparing many models with one reference).
     """
     if n < 1 or len(prompt_ids) < 1:
         raise ValueError(f"need n >= 1 and a non-empty prompt; got n={n}, {len(prompt_ids)} prompt tokens")
-    a = greedy_tokens(model_a, prompt_ids, n)
+    a = greedy_tokens(model_a, prompt_ids, n) if tokens_a is None else list(tokens_a)[:n]
+    if len(a) != n:
+        raise ValueError(f"tokens_a has {len(a)} tokens, expected n={n}")
     seq = torch.tensor([list(prompt_ids) + a[:-1]])  # (1, P + n − 1)
     b = model_b(seq)[0, len(prompt_ids) - 1 :].argmax(-1).tolist()  # B's choice at each of the n positions
     same = [x == y for x, y in zip(a, b)]

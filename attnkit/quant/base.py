@@ -25,9 +25,10 @@ class QuantLinear(nn.Module):
     in_features: int
     out_features: int
     bias: torch.Tensor | None
-    #: batches of at least this many rows run as dequantize + F.linear in x's dtype instead of the kernel
-    #: (class attribute; None = always the kernel). Chosen from benchmarks/quant.py, see docs/quantization.md.
+    #: batches of at least this many rows run as dequantize + float32 F.linear instead of the kernel (class
+    #: attribute, set per subclass from benchmarks/quant.py; None = always the kernel). See docs/quantization.md.
     dense_min_rows: int | None = None
+    dense_dtype: torch.dtype = torch.float32  # bf16 matmuls are 8× slower than float32 without AVX-512 bf16
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -50,15 +51,16 @@ class QuantLinear(nn.Module):
         raise NotImplementedError
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
-        """x · Ŵᵀ through F.linear, Ŵ dequantized a slice of rows at a time (no full-size float copy)."""
-        n = self.out_features
+        """x · Ŵᵀ through F.linear in ``dense_dtype``, Ŵ dequantized a slice of rows at a time (no full float copy)."""
+        n, dt = self.out_features, self.dense_dtype
+        x = x.to(dt)
         rows = max(64, DENSE_CHUNK // self.in_features // 64 * 64)
         if rows >= n:
-            return F.linear(x, self.dequantize(x.dtype))
+            return F.linear(x, self.dequantize(dt))
         y = x.new_empty(x.shape[0], n)  # (M, N)
         for r in range(0, n, rows):
             e = min(n, r + rows)
-            y[:, r:e] = F.linear(x, self.dequantize(x.dtype, r, e))
+            y[:, r:e] = F.linear(x, self.dequantize(dt, r, e))
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +73,7 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # (M, in)
         m = self.dense_min_rows
         if m is not None and x2.shape[0] >= m:
-            y = self._dense(x2)  # (M, out)
+            y = self._dense(x2).to(x.dtype)  # (M, out)
         else:
             y = self._matmul(x2.to(self.compute_dtype).contiguous())
             if y.shape[1] != self.out_features:

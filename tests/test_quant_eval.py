@@ -1,0 +1,98 @@
+"""attnkit.eval: perplexity with a strided window, KL divergence and greedy agreement, on tiny models where
+the answers are known."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine_helpers import tiny_llama
+
+from attnkit.eval import divergence, greedy_agreement, greedy_tokens, perplexity, shipped_text
+
+
+class Bigram(nn.Module):
+    """Logits depend on the current token only: the perplexity cannot depend on the window."""
+
+    def __init__(self, vocab: int = 50) -> None:
+        super().__init__()
+        self.table = nn.Embedding(vocab, vocab)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.table(idx)  # (B, T, vocab)
+
+
+IDS = torch.randint(0, 50, (300,), generator=torch.Generator().manual_seed(0))
+
+
+def manual_ppl(model: nn.Module, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        logits = model(ids[None])[0]
+    return math.exp(float(F.cross_entropy(logits[:-1], ids[1:])))
+
+
+def test_one_window_is_the_textbook_formula():
+    torch.manual_seed(0)
+    m = tiny_llama(vocab=50)
+    p = perplexity(m, IDS[:100], window=128)
+    assert p.n_tokens == 99 and math.isclose(p.ppl, manual_ppl(m, IDS[:100]), rel_tol=1e-5)
+    assert math.isclose(math.log(p.ppl), p.nll, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("window,stride", [(301, 150), (64, 63), (64, 16), (100, 37), (2, 1)])
+def test_every_token_scored_once_whatever_the_window(window, stride):
+    torch.manual_seed(0)
+    m = Bigram()
+    p = perplexity(m, IDS, window=window, stride=stride)
+    assert p.n_tokens == len(IDS) - 1
+    assert math.isclose(p.ppl, manual_ppl(m, IDS), rel_tol=1e-5)
+
+
+def test_strided_windows_give_context():
+    """A real model scores better with overlapping windows (more context per token) than with disjoint ones."""
+    m = tiny_llama(vocab=50)
+    ids = torch.arange(200) % 7  # a periodic text: predictable from context
+    assert perplexity(m, ids, 32, 8).nll != perplexity(m, ids, 32, 31).nll  # different contexts, same tokens
+    for stride in (0, 32, 64):
+        with pytest.raises(ValueError, match="stride"):
+            perplexity(m, ids, 32, stride)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        perplexity(m, [1], 32, 8)
+
+
+def test_divergence_and_agreement():
+    a, b = tiny_llama(vocab=64, seed=0), tiny_llama(vocab=64, seed=1)
+    ids = torch.randint(0, 64, (40,), generator=torch.Generator().manual_seed(1))
+    same = divergence(a, a, ids)
+    assert abs(same.kl) < 1e-6 and same.top1 == 1.0 and same.n_positions == 40
+    other = divergence(a, b, ids)
+    assert other.kl > 0.01 and other.top1 < 1.0
+    prompt = [1, 2, 3]
+    ag = greedy_agreement(a, a, prompt, 16)
+    assert ag.rate == 1.0 and ag.prefix == 16 and ag.tokens == greedy_tokens(a, prompt, 16)
+    ag2 = greedy_agreement(a, b, prompt, 16)
+    tf = b(torch.tensor([prompt + ag.tokens[:-1]]))[0, 2:].argmax(-1).tolist()  # b fed a's tokens
+    want = [x == y for x, y in zip(ag.tokens, tf)]
+    assert ag2.rate == sum(want) / 16 and ag2.prefix == (want.index(False) if False in want else 16)
+    assert greedy_agreement(a, b, prompt, 16, tokens_a=ag.tokens) == ag2
+    with pytest.raises(ValueError, match="expected n=16"):
+        greedy_agreement(a, b, prompt, 16, tokens_a=ag.tokens[:3])
+
+
+def test_greedy_tokens_with_and_without_cache():
+    m = tiny_llama(vocab=64)
+    no_cache = nn.Module()  # the same model behind a forward without a cache
+    no_cache.forward = lambda idx: m(idx)  # type: ignore[method-assign]
+    assert greedy_tokens(m, [5, 6], 12) == greedy_tokens(no_cache, [5, 6], 12)
+
+
+def test_shipped_text():
+    text = shipped_text()
+    assert text.startswith("IN CONGRESS, July 4, 1776.") and "We hold these truths to be self-evident" in text
+    assert "public domain" not in text  # the header paragraph is not scored
+    with pytest.raises(ValueError, match="no shipped text 'nope'"):
+        shipped_text("nope")
