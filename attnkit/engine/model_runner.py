@@ -9,6 +9,7 @@ sequences whose input is complete (a prefill chunk in the middle of a prompt sam
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -20,15 +21,23 @@ from .scheduler import ScheduledBatch
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A zero-filled tensor whose memory the OS provides only when first written (on the CPU).
 
-    ``torch.zeros`` writes every byte, so a 1 GiB KV pool would be resident from the start; calloc
-    (numpy's zeros) maps zero pages lazily and the resident size grows with the blocks in use.
+    ``torch.zeros`` writes every byte, so a 1 GiB KV pool would be resident from the start. An
+    anonymous mapping is zero pages until written; huge pages are turned off for it (MADV_NOHUGEPAGE),
+    else the first write into each 2 MiB region would make all of it resident: the pool's resident
+    size then grows with the blocks in use, 4 KiB at a time.
     """
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    import numpy as np
+    import mmap
 
-    raw = torch.from_numpy(np.zeros(math.prod(shape) * dtype.itemsize, dtype=np.uint8))
-    return raw.view(dtype).view(shape)
+    nbytes = max(1, math.prod(shape) * dtype.itemsize)
+    mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mm, "madvise") and hasattr(mmap, "MADV_NOHUGEPAGE"):
+        mm.madvise(mmap.MADV_NOHUGEPAGE)
+    with warnings.catch_warnings():  # torch notes that a writable mmap buffer is not copied: that is the point
+        warnings.simplefilter("ignore")
+        raw = torch.frombuffer(mm, dtype=torch.uint8)
+    return raw[: math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
 
 
 class ModelRunner:
