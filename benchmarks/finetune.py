@@ -47,6 +47,9 @@ RECIPES: dict[str, dict] = {
 }
 
 
+DEFAULT_STEPS = 30
+
+
 def run_distill(args: argparse.Namespace, lm, runs: Path) -> None:
     from attnkit.data.text_corpus import docstring_paragraphs
     from attnkit.train.distill import DistillArgs, distill
@@ -76,7 +79,7 @@ def main() -> int:
                    choices=["base", "distill", *RECIPES])
     p.add_argument("--stages", default="24,18", help="distill: layer counts per stage")
     p.add_argument("--steps-per-stage", type=int, default=40)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="other step counts get rows of their own")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--train-n", type=int, default=600)
     p.add_argument("--eval-n", type=int, default=40, help="held-out reviews for accuracy")
@@ -104,6 +107,7 @@ def main() -> int:
         if method == "distill":
             run_distill(args, lm, runs)
             continue
+        key = method
         if method == "base":
             acc = task_accuracy(lm.model, lm.tokenizer, lm.stop_ids, heldout, sft_tasks.prompt_messages,
                                 sft_tasks.score, max_new_tokens=24)
@@ -121,7 +125,8 @@ def main() -> int:
             img = Path(args.img_dir) / f"finetune_{method}.png"
             img.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(runs / method / "loss_curve.png", img)
-            results["rows"][method] = {
+            key = method if args.steps == DEFAULT_STEPS else f"{method} ({args.steps} steps)"
+            results["rows"][key] = {
                 "method": method, "recipe": RECIPES[method], "steps": args.steps, "batch_size": args.batch_size,
                 "heldout_accuracy": acc["accuracy"], "heldout_n": acc["n"],
                 "valid_json": acc["valid_format"], "trainable_params": r["trainable_params"],
@@ -133,7 +138,7 @@ def main() -> int:
             }
         out_json.parent.mkdir(parents=True, exist_ok=True)
         out_json.write_text(json.dumps(results, indent=2))
-        print(json.dumps({k: v for k, v in results["rows"][method].items() if k != "samples"}), file=sys.stderr)
+        print(json.dumps({k: v for k, v in results["rows"][key].items() if k != "samples"}), file=sys.stderr)
 
     header = ["method", "trainable %", "train s", "eval ppl before → after", "held-out acc", "valid JSON"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
