@@ -96,3 +96,23 @@ def test_compiled_decode_step_gives_the_same_greedy_tokens() -> None:
     llm = LLM.from_model(model, compile=True, block_size=8)
     outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
     assert [o.outputs[0].token_ids for o in outs] == want
+
+
+def test_native_paged_attention_matches_the_block_table_reference() -> None:
+    """The C kernel (attnkit.quant.native) reads K/V in place; a sliding window is a per-sequence start."""
+    from attnkit.quant.native import library, paged_decode_attention_native
+
+    if library() is None:
+        pytest.skip("no C compiler: the kernel could not be built")
+    torch.manual_seed(3)
+    n_kv, g, bs, hd, num_blocks = 3, 3, 16, 64, 50
+    k_pool, v_pool = torch.randn(n_kv, num_blocks, bs, hd), torch.randn(n_kv, num_blocks, bs, hd)
+    tables = torch.randint(0, num_blocks, (4, 6))
+    lens, starts = torch.tensor([96, 1, 40, 77]), torch.tensor([0, 0, 10, 0])
+    q = torch.randn(n_kv * g, 4, hd)
+    j = torch.arange(6 * bs)[None]
+    bias = torch.zeros(4, 6 * bs).masked_fill_((j >= lens[:, None]) | (j < starts[:, None]), float("-inf"))
+    ref = paged_decode_attention(q, k_pool, v_pool, tables, bias)
+    torch.testing.assert_close(paged_decode_attention_native(q, k_pool, v_pool, tables, lens, starts), ref,
+                               rtol=1e-5, atol=1e-5)
+    assert paged_decode_attention_native(q.double(), k_pool, v_pool, tables, lens, starts) is None  # float32 only

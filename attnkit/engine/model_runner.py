@@ -115,6 +115,8 @@ class ModelRunner:
             meta.decode_index = torch.tensor(dec_idx, device=self.device)
             meta.decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables], device=self.device)
             lens = torch.tensor(dec_lens, device=self.device)
+            meta.decode_lens = lens
+            meta.decode_starts = (lens - self.window).clamp_(min=0) if self.window is not None else torch.zeros_like(lens)
             visible = self._mask(lens - 1, width * bs) & (torch.arange(width * bs, device=self.device)[None, :] < lens[:, None])
             meta.decode_bias = torch.zeros(visible.shape, device=self.device).masked_fill_(~visible, float("-inf"))
         model = self.model

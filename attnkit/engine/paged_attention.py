@@ -39,6 +39,8 @@ class AttentionMetadata:
     decode_index: torch.Tensor | None = None  # (B_d,) positions in the packed row
     decode_tables: torch.Tensor | None = None  # (B_d, max_blocks)
     decode_bias: torch.Tensor | None = None  # (B_d, max_blocks * block_size): 0 = visible, −∞ = not
+    decode_lens: torch.Tensor | None = None  # (B_d,) keys start ≤ j < len are visible (the native kernel's form)
+    decode_starts: torch.Tensor | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
     decode_only: bool = False  # every token is a decode: the output is the decode attention's, in order
     fused_gather: bool = False  # inside torch.compile: index the pool in the attention kernel itself
@@ -93,23 +95,35 @@ class PagedKVCache:
             v = torch.index_select(flat_v, 1, idx, out=scratch[1])
         return k.view(n_kv, B, nb * bs, hd), v.view(n_kv, B, nb * bs, hd)
 
+    def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q (nh, B_d, hd) of the decoding sequences → their attention output (nh, B_d, hd).
+
+        The C kernel reads K/V in place through the block tables (attnkit.quant.native); without it,
+        ``compile`` runs the compiled block-table kernel, else the blocks are gathered for bmm.
+        """
+        assert meta.decode_tables is not None and meta.decode_bias is not None
+        if meta.decode_lens is not None and meta.decode_starts is not None and not meta.fused_gather:
+            from ..quant.native import paged_decode_attention_native
+
+            out = paged_decode_attention_native(q, self.k_pool, self.v_pool, meta.decode_tables, meta.decode_lens,
+                                                meta.decode_starts)
+            if out is not None:
+                return out
+        if meta.fused_gather:
+            return compiled_paged_decode_attention()(q, self.k_pool, self.v_pool, meta.decode_tables, meta.decode_bias)
+        kd, vd = self._gather(meta.decode_tables, meta.scratch)
+        return decode_attention(q, kd, vd, meta.decode_bias)
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (1, nh, T, hd), new k/v (1, n_kv, T, hd) → attention output (1, nh, T, hd)."""
         meta = self.meta
         assert meta is not None, "the model runner sets the step's metadata before the forward"
         self._write(k, v, meta.slots)
         if meta.decode_only:
-            assert meta.decode_tables is not None and meta.decode_bias is not None
-            if meta.fused_gather:
-                return compiled_paged_decode_attention()(q[0], self.k_pool, self.v_pool, meta.decode_tables,
-                                                         meta.decode_bias)[None]
-            kd, vd = self._gather(meta.decode_tables, meta.scratch)
-            return decode_attention(q[0], kd, vd, meta.decode_bias)[None]
+            return self._decode(q[0], meta)[None]
         out = torch.empty_like(q)
         if meta.decode_index is not None:
-            assert meta.decode_tables is not None and meta.decode_bias is not None
-            kd, vd = self._gather(meta.decode_tables, meta.scratch)
-            out[0][:, meta.decode_index] = decode_attention(q[0][:, meta.decode_index], kd, vd, meta.decode_bias)
+            out[0][:, meta.decode_index] = self._decode(q[0][:, meta.decode_index], meta)
         for p in meta.prefills:
             qp = q[:, :, p.start:p.end]
             if p.context_len == p.end - p.start:  # nothing cached before: the chunk's own K/V

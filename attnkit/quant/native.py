@@ -66,6 +66,7 @@ def library() -> ctypes.CDLL | None:
     vp, i = ctypes.c_void_p, ctypes.c_int
     lib.ak_gemv.argtypes = [i, vp, vp, vp, i, i, i, vp, i]
     lib.ak_dequantize.argtypes = [i, vp, vp, i, i, i]
+    lib.ak_paged_attention.argtypes = [vp, vp, vp, vp, vp, vp, vp, i, i, i, i, i, i, i, ctypes.c_float, vp, i]
     assert lib.ak_block_bytes(0) == BLOCK_BYTES["Q4_1"] and lib.ak_block_bytes(1) == BLOCK_BYTES["Q8_0"]
     assert lib.ak_act_block_bytes() == ACT_BLOCK_BYTES
     return lib
@@ -160,6 +161,32 @@ def _act_scratch(nbytes: int) -> int:
     if not _ACT or _ACT[0].numel() < nbytes:
         _ACT[:] = [torch.empty(max(nbytes, 1 << 16), dtype=torch.uint8)]
     return _ACT[0].data_ptr()
+
+
+def paged_decode_attention_native(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
+                                  lens: torch.Tensor, starts: torch.Tensor) -> torch.Tensor | None:
+    """One query token per sequence over its K/V read in place through the block tables (C kernel).
+
+    q (nh, B, hd) float32; pools (n_kv, num_blocks, block_size, hd) float32, contiguous; tables (B, nb),
+    lens and starts (B,) int64: sequence b attends to keys starts[b] ≤ j < lens[b]. Returns (nh, B, hd),
+    or None when the kernel is not available for these inputs (then the caller gathers and uses bmm).
+    """
+    lib = library()
+    if lib is None or q.dtype != torch.float32 or k_pool.dtype != torch.float32 or q.device.type != "cpu":
+        return None
+    nh, B, hd = q.shape
+    n_kv, num_blocks, bs, _ = k_pool.shape
+    qb = q.transpose(0, 1).contiguous()  # (B, nh, hd)
+    out = torch.empty_like(qb)
+    threads = torch.get_num_threads()
+    scratch = torch.empty(threads * (nh // n_kv) * tables.shape[1] * bs)
+    tables, lens, starts = tables.contiguous(), lens.contiguous(), starts.contiguous()
+    rc = lib.ak_paged_attention(qb.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), tables.data_ptr(), lens.data_ptr(),
+                                starts.data_ptr(), out.data_ptr(), B, nh, n_kv, hd, bs, num_blocks, tables.shape[1],
+                                hd ** -0.5, scratch.data_ptr(), threads)
+    if rc != 0:
+        raise ValueError(f"paged attention: {nh} query heads are not a multiple of {n_kv} KV heads")
+    return out.transpose(0, 1)
 
 
 def _dequantize_torch(blocks: torch.Tensor, kind: str, k: int) -> torch.Tensor:

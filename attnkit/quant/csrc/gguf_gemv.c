@@ -163,3 +163,58 @@ int ak_dequantize(int kind, const void *w, float *out, int n, int k, int threads
 
 int ak_block_bytes(int kind) { return kind == 0 ? (int)sizeof(block_q4_1) : (int)sizeof(block_q8_0); }
 int ak_act_block_bytes(void) { return (int)sizeof(block_q8x); }
+
+/* ---- paged decode attention --------------------------------------------------------------------
+ * One query token per sequence over its K/V in the block pool, read in place through the block
+ * table (no gather copy): out[b, h] = softmax(q[b, h]·K_bᵀ · scale) · V_b over keys start_b ≤ j < len_b.
+ *   q, out  (B, nh, hd) float32;  k_pool, v_pool (n_kv, num_blocks, bs, hd) float32
+ *   tables  (B, max_nb) int64;    lens, starts (B,) int64;  the g = nh / n_kv query heads of one KV
+ *   head share each K/V row read. scratch: threads · g · max_nb · bs floats (the scores).
+ */
+#include <omp.h>
+int ak_paged_attention(const float *q, const float *k_pool, const float *v_pool, const int64_t *tables,
+                       const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
+                       int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads) {
+    if (nh % nkv != 0) return 1;
+    const int g = nh / nkv;
+    const size_t L = (size_t)max_nb * bs;
+#pragma omp parallel for collapse(2) schedule(dynamic) num_threads(threads) if (threads > 1 && B * nkv > 1)
+    for (int b = 0; b < B; b++) {
+        for (int h = 0; h < nkv; h++) {
+            float *s = scratch + (size_t)omp_get_thread_num() * g * L;
+            const float *qb = q + ((size_t)b * nh + (size_t)h * g) * hd;
+            float *ob = out + ((size_t)b * nh + (size_t)h * g) * hd;
+            const int64_t len = lens[b], st = starts[b];
+            const int64_t *tab = tables + (size_t)b * max_nb;
+            for (int i = 0; i < g * hd; i++) ob[i] = 0.f;
+            if (len <= st) continue;
+            for (int64_t t = st; t < len; t++) {
+                const float *kt = k_pool + (((size_t)h * num_blocks + (size_t)tab[t / bs]) * bs + (size_t)(t % bs)) * hd;
+                for (int gi = 0; gi < g; gi++) {
+                    const float *qg = qb + (size_t)gi * hd;
+                    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+                    for (int d = 0; d < hd; d++) acc += qg[d] * kt[d];
+                    s[(size_t)gi * L + t] = acc * scale;
+                }
+            }
+            for (int gi = 0; gi < g; gi++) {
+                float *sg = s + (size_t)gi * L, mx = -INFINITY, sum = 0.f;
+                for (int64_t t = st; t < len; t++) mx = fmaxf(mx, sg[t]);
+                for (int64_t t = st; t < len; t++) { sg[t] = expf(sg[t] - mx); sum += sg[t]; }
+                const float inv = 1.f / sum;
+                for (int64_t t = st; t < len; t++) sg[t] *= inv;
+            }
+            for (int64_t t = st; t < len; t++) {
+                const float *vt = v_pool + (((size_t)h * num_blocks + (size_t)tab[t / bs]) * bs + (size_t)(t % bs)) * hd;
+                for (int gi = 0; gi < g; gi++) {
+                    const float p = s[(size_t)gi * L + t];
+                    float *og = ob + (size_t)gi * hd;
+#pragma omp simd
+                    for (int d = 0; d < hd; d++) og[d] += p * vt[d];
+                }
+            }
+        }
+    }
+    return 0;
+}
