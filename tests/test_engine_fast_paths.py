@@ -100,7 +100,8 @@ def test_compiled_decode_step_gives_the_same_greedy_tokens() -> None:
 
 def test_native_paged_attention_matches_the_block_table_reference() -> None:
     """The C kernel (attnkit.quant.native) reads K/V in place; a sliding window is a per-sequence start."""
-    from attnkit.quant.native import library, paged_decode_attention_native
+    from attnkit.engine.paged_attention import paged_decode_attention_native
+    from attnkit.kernels import library
 
     if library() is None:
         pytest.skip("no C compiler: the kernel could not be built")

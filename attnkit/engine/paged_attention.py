@@ -103,8 +103,6 @@ class PagedKVCache:
         """
         assert meta.decode_tables is not None and meta.decode_bias is not None
         if meta.decode_lens is not None and meta.decode_starts is not None and not meta.fused_gather:
-            from ..quant.native import paged_decode_attention_native
-
             out = paged_decode_attention_native(q, self.k_pool, self.v_pool, meta.decode_tables, meta.decode_lens,
                                                 meta.decode_starts)
             if out is not None:
@@ -186,3 +184,31 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
 def compiled_paged_decode_attention():
     """:func:`paged_decode_attention` compiled once per process (dynamic shapes: any batch, any length)."""
     return torch.compile(paged_decode_attention, dynamic=True)
+
+
+def paged_decode_attention_native(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
+                                  lens: torch.Tensor, starts: torch.Tensor) -> torch.Tensor | None:
+    """One query token per sequence over its K/V read in place through the block tables (C kernel).
+
+    q (nh, B, hd) float32; pools (n_kv, num_blocks, block_size, hd) float32, contiguous; tables (B, nb),
+    lens and starts (B,) int64: sequence b attends to keys starts[b] ≤ j < lens[b]. Returns (nh, B, hd),
+    or None when the kernel is not available for these inputs (then the caller gathers and uses bmm).
+    """
+    from ..kernels import library
+
+    lib = library()
+    if lib is None or q.dtype != torch.float32 or k_pool.dtype != torch.float32 or q.device.type != "cpu":
+        return None
+    nh, B, hd = q.shape
+    n_kv, num_blocks, bs, _ = k_pool.shape
+    qb = q.transpose(0, 1).contiguous()  # (B, nh, hd)
+    out = torch.empty_like(qb)
+    threads = torch.get_num_threads()
+    scratch = torch.empty(threads * (nh // n_kv) * tables.shape[1] * bs)
+    tables, lens, starts = tables.contiguous(), lens.contiguous(), starts.contiguous()
+    rc = lib.ak_paged_attention(qb.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), tables.data_ptr(), lens.data_ptr(),
+                                starts.data_ptr(), out.data_ptr(), B, nh, n_kv, hd, bs, num_blocks, tables.shape[1],
+                                hd ** -0.5, scratch.data_ptr(), threads)
+    if rc != 0:
+        raise ValueError(f"paged attention: {nh} query heads are not a multiple of {n_kv} KV heads")
+    return out.transpose(0, 1)

@@ -2,11 +2,10 @@
 
 PyTorch's weight-only CPU kernels (``_weight_int4pack_mm_for_cpu``, ``_weight_int8pack_mm``) are
 compute-bound at batch 1 on an AVX2 machine (see docs/performance.md): slower than reading the
-float32 weights. ``csrc/gguf_gemv.c`` instead quantizes the activations to 8 bits per block of 32
+float32 weights. attnkit's kernel (:mod:`attnkit.kernels`) instead quantizes the activations to 8 bits per block of 32
 and takes integer dot products on the blocks (llama.cpp's method), so a decode step is bound by
-the 4.5 or 8.5 bits per weight it reads. It is compiled once per machine with the system C
-compiler (``-O3 -march=native -fopenmp``, ~1 s) into a cache directory and loaded with ctypes; with
-no compiler the layers fall back to dequantize + ``F.linear`` (correct, slower).
+the 4.5 or 8.5 bits per weight it reads. With no C compiler the layers fall back to dequantize +
+``F.linear`` (correct, slower).
 
 Batches of more rows than :attr:`GGUFBlockLinear.kernel_max_rows` (prefill) dequantize the
 weight and use the BLAS matrix product, which is faster once the work is compute-bound.
@@ -14,62 +13,15 @@ weight and use the BLAS matrix product, which is faster once the work is compute
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import os
-import subprocess
-import sys
-import tempfile
-import warnings
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-SOURCE = Path(__file__).with_name("csrc") / "gguf_gemv.c"
+from ..kernels import library
+
 KINDS = {"Q4_1": 0, "Q8_0": 1}
 BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}
 ACT_BLOCK_BYTES = 40
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ATTNKIT_CACHE", Path.home() / ".cache" / "attnkit")) / "kernels"
-
-
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    """The compiled kernel for this machine (built on first use), or None with a warning if it can't be."""
-    if os.environ.get("ATTNKIT_NO_NATIVE"):
-        return None
-    src = SOURCE.read_bytes()
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-    with open("/proc/cpuinfo", "rb") if os.path.exists("/proc/cpuinfo") else open(os.devnull, "rb") as f:
-        cpu = next((line for line in f if line.startswith(b"flags")), b"")
-    key = hashlib.sha256(src + " ".join(flags).encode() + cpu + sys.platform.encode()).hexdigest()[:16]
-    so = cache_dir() / f"gguf_gemv-{key}.so"
-    if not so.exists():
-        so.parent.mkdir(parents=True, exist_ok=True)
-        cc = os.environ.get("CC", "cc")
-        with tempfile.TemporaryDirectory(dir=so.parent) as tmp:  # build aside, then rename: never a half-written .so
-            out = Path(tmp) / so.name
-            try:
-                subprocess.run([cc, *flags, str(SOURCE), "-o", str(out), "-lm"], check=True, capture_output=True, timeout=120)
-            except (OSError, subprocess.SubprocessError) as e:
-                detail = getattr(e, "stderr", b"") or b""
-                warnings.warn(f"attnkit: could not build the GGUF block kernel ({e}; {detail.decode(errors='replace')[:300]}); "
-                              "quantized layers fall back to dequantize + F.linear", RuntimeWarning, stacklevel=2)
-                return None
-            os.replace(out, so)
-    lib = ctypes.CDLL(str(so))
-    vp, i = ctypes.c_void_p, ctypes.c_int
-    lib.ak_gemv.argtypes = [i, vp, vp, vp, i, i, i, vp, i]
-    lib.ak_dequantize.argtypes = [i, vp, vp, i, i, i]
-    lib.ak_paged_attention.argtypes = [vp, vp, vp, vp, vp, vp, vp, i, i, i, i, i, i, i, ctypes.c_float, vp, i]
-    assert lib.ak_block_bytes(0) == BLOCK_BYTES["Q4_1"] and lib.ak_block_bytes(1) == BLOCK_BYTES["Q8_0"]
-    assert lib.ak_act_block_bytes() == ACT_BLOCK_BYTES
-    return lib
 
 
 class GGUFBlockLinear(nn.Module):
@@ -161,32 +113,6 @@ def _act_scratch(nbytes: int) -> int:
     if not _ACT or _ACT[0].numel() < nbytes:
         _ACT[:] = [torch.empty(max(nbytes, 1 << 16), dtype=torch.uint8)]
     return _ACT[0].data_ptr()
-
-
-def paged_decode_attention_native(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
-                                  lens: torch.Tensor, starts: torch.Tensor) -> torch.Tensor | None:
-    """One query token per sequence over its K/V read in place through the block tables (C kernel).
-
-    q (nh, B, hd) float32; pools (n_kv, num_blocks, block_size, hd) float32, contiguous; tables (B, nb),
-    lens and starts (B,) int64: sequence b attends to keys starts[b] ≤ j < lens[b]. Returns (nh, B, hd),
-    or None when the kernel is not available for these inputs (then the caller gathers and uses bmm).
-    """
-    lib = library()
-    if lib is None or q.dtype != torch.float32 or k_pool.dtype != torch.float32 or q.device.type != "cpu":
-        return None
-    nh, B, hd = q.shape
-    n_kv, num_blocks, bs, _ = k_pool.shape
-    qb = q.transpose(0, 1).contiguous()  # (B, nh, hd)
-    out = torch.empty_like(qb)
-    threads = torch.get_num_threads()
-    scratch = torch.empty(threads * (nh // n_kv) * tables.shape[1] * bs)
-    tables, lens, starts = tables.contiguous(), lens.contiguous(), starts.contiguous()
-    rc = lib.ak_paged_attention(qb.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), tables.data_ptr(), lens.data_ptr(),
-                                starts.data_ptr(), out.data_ptr(), B, nh, n_kv, hd, bs, num_blocks, tables.shape[1],
-                                hd ** -0.5, scratch.data_ptr(), threads)
-    if rc != 0:
-        raise ValueError(f"paged attention: {nh} query heads are not a multiple of {n_kv} KV heads")
-    return out.transpose(0, 1)
 
 
 def _dequantize_torch(blocks: torch.Tensor, kind: str, k: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-/* Matrix-vector products straight on GGUF Q4_1 / Q8_0 blocks, for CPU decode steps.
+/* attnkit's C kernels for CPU decode steps: matrix-vector products straight on GGUF Q4_1 / Q8_0
+ * blocks (attnkit/quant/native.py) and paged decode attention (attnkit/engine/paged_attention.py).
  *
  * y[m, n] = sum_k x[m, k] * W[n, k], W kept in the checkpoint's own blocks of 32 weights:
  *   Q4_1: w = d * q + min,  q in 0..15   (20 bytes: fp16 d, fp16 min, 16 bytes of nibbles)
@@ -10,7 +11,7 @@
  * as llama.cpp does (ggml-quants.c, vec_dot_q4_1_q8_1 / vec_dot_q8_0_q8_0). A decode step reads
  * 4.5 (Q4_1) or 8.5 (Q8_0) bits per weight instead of 32 and multiplies in 8-bit integers.
  *
- * Built at run time by attnkit/quant/native.py with the machine's own instruction set
+ * Built at run time by attnkit/kernels/__init__.py with the machine's own instruction set
  * (-march=native): AVX-512 VNNI or AVX-VNNI when present, else AVX2, else portable C.
  */
 #include <math.h>

@@ -1,0 +1,60 @@
+"""attnkit's C kernels (``kernels.c``): GGUF block matrix–vector products and paged decode attention.
+
+Compiled once per machine with the system C compiler (``-O3 -march=native -fopenmp``, about a
+second) into a cache directory (``$ATTNKIT_CACHE`` or ~/.cache/attnkit) and loaded with ctypes. The
+build goes to a temporary file that is renamed into place, so a crash never leaves a half-written
+library. Without a compiler (or with ``ATTNKIT_NO_NATIVE=1``) :func:`library` returns None and
+every caller falls back to PyTorch operations.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("kernels.c")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ATTNKIT_CACHE", Path.home() / ".cache" / "attnkit")) / "kernels"
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels for this machine (built on first use), or None with a warning if it can't be."""
+    if os.environ.get("ATTNKIT_NO_NATIVE"):
+        return None
+    src = SOURCE.read_bytes()
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+    with open("/proc/cpuinfo", "rb") if os.path.exists("/proc/cpuinfo") else open(os.devnull, "rb") as f:
+        cpu = next((line for line in f if line.startswith(b"flags")), b"")
+    key = hashlib.sha256(src + " ".join(flags).encode() + cpu + sys.platform.encode()).hexdigest()[:16]
+    so = cache_dir() / f"kernels-{key}.so"
+    if not so.exists():
+        so.parent.mkdir(parents=True, exist_ok=True)
+        cc = os.environ.get("CC", "cc")
+        with tempfile.TemporaryDirectory(dir=so.parent) as tmp:  # build aside, then rename: never a half-written .so
+            out = Path(tmp) / so.name
+            try:
+                subprocess.run([cc, *flags, str(SOURCE), "-o", str(out), "-lm"], check=True, capture_output=True, timeout=120)
+            except (OSError, subprocess.SubprocessError) as e:
+                detail = getattr(e, "stderr", b"") or b""
+                warnings.warn(f"attnkit: could not build its C kernels ({e}; {detail.decode(errors='replace')[:300]}); "
+                              "falling back to PyTorch operations", RuntimeWarning, stacklevel=2)
+                return None
+            os.replace(out, so)
+    lib = ctypes.CDLL(str(so))
+    vp, i = ctypes.c_void_p, ctypes.c_int
+    lib.ak_gemv.argtypes = [i, vp, vp, vp, i, i, i, vp, i]
+    lib.ak_dequantize.argtypes = [i, vp, vp, i, i, i]
+    lib.ak_paged_attention.argtypes = [vp, vp, vp, vp, vp, vp, vp, i, i, i, i, i, i, i, ctypes.c_float, vp, i]
+    # the block layouts attnkit.quant.native assumes (Q4_1, Q8_0, 8-bit activations)
+    assert (lib.ak_block_bytes(0), lib.ak_block_bytes(1), lib.ak_act_block_bytes()) == (20, 34, 40)
+    return lib
