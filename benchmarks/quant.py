@@ -1,10 +1,12 @@
 """Weight-only quantization on the default model (SmolLM2-135M Q4_1 GGUF): quality, memory and kernel speed.
 
 Quality, per kernel choice — float32, bf16, int8 (every layer requantized), int4 straight from the GGUF's Q4_1
-blocks (``quantize="int4"``), int4 requantized from the float32-dequantized model, and ``quantize="auto"``
-(whatever the loader picks: the native GGUF-block kernel when it builds): perplexity over the whole shipped
+blocks (``quantize="int4"``), int4 requantized from the float32-dequantized model, and ``quantize="gguf"`` (the file's blocks under
+attnkit's own C kernel, attnkit.quant.native, which also rounds activations to 8 bits per block of 32): perplexity over the whole shipped
 public-domain text (attnkit/data/texts), KL divergence from float32 on its first window, greedy agreement
-with float32 over 128 tokens, weight memory. The int4/int8 choices keep an int8 output head.
+with float32 over 128 tokens, weight memory. The int4/int8 choices keep an int8 output head. Every row goes
+through the kernels (the numerics of decode; ``--dense`` lets windows take the dense path instead, which
+multiplies the dequantized weights in float32).
 
 Speed: the matrix–vector (batch 1) and matrix–matrix (batch 64, 512) products at SmolLM2's shapes, each
 quantized layer as a user calls it (float32 in, float32 out) through the kernel and through the dense path
@@ -92,7 +94,20 @@ def micro(reps: int) -> list[dict]:
 
 
 @torch.inference_mode()
-def quality(window: int, stride: int, n_greedy: int) -> list[dict]:
+def force_kernels() -> None:
+    """Batch-1 numerics for every row: no dense path (which multiplies the dequantized weights in float32)."""
+    from attnkit.quant import Int4Linear, Int8Linear
+
+    Int4Linear.dense_min_rows = Int8Linear.dense_min_rows = None
+    try:
+        from attnkit.quant.native import GGUFBlockLinear
+
+        GGUFBlockLinear.kernel_max_rows = 1 << 30
+    except ImportError:
+        pass
+
+
+def quality(window: int, stride: int, n_greedy: int, only: list[str]) -> list[dict]:
     from attnkit.eval import divergence, greedy_agreement, greedy_tokens, perplexity, shipped_text
     from attnkit.loading import load_causal_lm
     from attnkit.quant import model_weight_bytes, quantize_model
@@ -110,8 +125,9 @@ def quality(window: int, stride: int, n_greedy: int) -> list[dict]:
         "int8": lambda: load_causal_lm(None, quantize="int8").model,
         "int4-gguf": lambda: load_causal_lm(None, quantize="int4").model,
         "int4-requant": requantized,
-        "auto": lambda: load_causal_lm(None, quantize="auto").model,
+        "gguf-native": lambda: load_causal_lm(None, quantize="gguf").model,
     }
+    choices = {k: v for k, v in choices.items() if k == "float32" or k in only} if only else choices
     ref_greedy = greedy_tokens(ref.model, prompt, n_greedy)
     out = []
     base = None
@@ -142,7 +158,10 @@ def main() -> int:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--stride", type=int, default=256)
     ap.add_argument("--greedy", type=int, default=128, help="greedy tokens compared with float32")
+    ap.add_argument("--choices", default="", help="comma-separated subset of the quality choices (float32 always first)")
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--dense", action="store_true", help="let big batches take the dense path in the quality runs "
+                    "(default: every row through the kernels, i.e. the numerics of decode)")
     ap.add_argument("--skip-micro", action="store_true")
     ap.add_argument("--json", action="store_true", help="print the JSON report at the end")
     ap.add_argument("--out-json", default="docs/results/quant.json")
@@ -156,13 +175,16 @@ def main() -> int:
         print("|---|---|---|---|---|---|---|---|---|")
         report["micro"] = micro(args.reps)
     if not args.skip_quality:
+        if not args.dense:
+            force_kernels()
         print(f"\nperplexity over the shipped text (window {args.window}, stride {args.stride}); "
               f"greedy agreement with float32 over {args.greedy} tokens\n")
         print("| choice | perplexity | vs float32 | KL nats | top-1 | greedy agreement | common prefix | weights MB |"
               " load s | eval s | layers |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
-        report["quality"] = quality(args.window, args.stride, args.greedy)
-        report["quality_settings"] = {"window": args.window, "stride": args.stride, "greedy_tokens": args.greedy}
+        report["quality"] = quality(args.window, args.stride, args.greedy, args.choices.split(",") if args.choices else [])
+        report["quality_settings"] = {"window": args.window, "stride": args.stride, "greedy_tokens": args.greedy,
+                                      "path": "dense allowed" if args.dense else "kernels forced"}
     Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out_json).write_text(json.dumps(report, indent=2))
     if args.json:

@@ -1,9 +1,10 @@
 """The quality guard (issue 6, item 3) on the real default model, against the float32-dequantized model, on the
-first 256 tokens of the shipped public-domain text: perplexity, KL divergence of the next-token distributions,
-and greedy agreement, for every kernel choice. The 1% perplexity criterion itself is measured on the whole
-text (3.5k tokens) by benchmarks/quant.py (docs/quantization.md): on 256 tokens a perplexity ratio is noise at
-the 1% level — plain bf16, whose whole-text perplexity is within 0.1%, moves it by 1.6% — so the short-text
-guard asserts 2% on perplexity and a tight bound on the KL divergence, which is not noisy."""
+first 256 tokens of the shipped public-domain text: perplexity, KL divergence of the next-token distributions
+and greedy agreement, for every kernel choice, every row through the kernels. The 1% perplexity criterion
+itself is measured on the whole text (3.5k tokens) by benchmarks/quant.py (docs/quantization.md): on 256 tokens a perplexity ratio is noise at
+the 1% level — plain bf16, within 0.05% on the whole text, moves it by 1.6% here — so the short-text
+guard asserts 3% on perplexity and bounds on the KL divergence (2-3× the values measured), which is not noisy:
+a misplaced row or a wrong scale costs whole nats."""
 
 from __future__ import annotations
 
@@ -23,6 +24,13 @@ from attnkit.quant import Int4Linear, Int8Linear, QuantLinear, quantize_model  #
 
 N_TOKENS, N_GREEDY = 256, 32
 PROMPT = "We hold these truths to be self-evident, that all men"
+
+
+@pytest.fixture(autouse=True)
+def kernels_only(monkeypatch):
+    """Every row through the bf16 kernels (the numerics of decode), not the dense path big batches take."""
+    monkeypatch.setattr(Int4Linear, "dense_min_rows", None)
+    monkeypatch.setattr(Int8Linear, "dense_min_rows", None)
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +54,12 @@ def check(name: str, model: torch.nn.Module, ref: dict, max_kl: float) -> None:
     base = ref["ppl"]
     print(f"\n{name}: perplexity {ppl:.3f} vs float32 {base:.3f} ({ppl / base - 1:+.2%}); KL {kl:.4f} nats, "
           f"top-1 {top1:.3f}; greedy agreement {ag.rate:.2f} over {N_GREEDY} tokens (common prefix {ag.prefix})")
-    assert abs(ppl / base - 1) < 0.02, f"{name}: perplexity {ppl:.3f} vs float32's {base:.3f}"
+    assert abs(ppl / base - 1) < 0.03, f"{name}: perplexity {ppl:.3f} vs float32's {base:.3f}"
     assert kl < max_kl and top1 >= 0.9, f"{name}: KL {kl:.4f}, top-1 {top1:.3f}"
     assert ag.rate >= 0.8, f"{name}: greedy agreement {ag.rate:.2f}"
 
 
-@pytest.mark.parametrize("quantize,max_kl", [("int4", 0.01), ("int8", 0.03)])
+@pytest.mark.parametrize("quantize,max_kl", [("int4", 0.01), ("int8", 0.04)])
 def test_quantized_kernels(quantize, max_kl, reference):
     """int4: the Q4_1 blocks straight into Int4Linear; int8: every layer requantized. Both: an int8 head."""
     model = load_causal_lm(None, quantize=quantize).model
@@ -67,4 +75,4 @@ def test_bf16(reference):
 
 def test_int4_requantized_from_float(reference):
     model = quantize_model(load_causal_lm(None).model, "int4", group_size=32)
-    check("int4 requantized from float32", model, reference, 0.01)
+    check("int4 requantized from float32", model, reference, 0.015)

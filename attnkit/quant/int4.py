@@ -84,7 +84,7 @@ def unpack(packed: torch.Tensor, n: int, k: int, start: int = 0, stop: int | Non
 class Int4Linear(QuantLinear):
     """y = x · Ŵᵀ + b with Ŵ = s·(Q − 8) + z group-wise; see the module docstring."""
 
-    dense_min_rows = 128  # measured crossover on a 2-core AVX2 machine, docs/quantization.md
+    dense_min_rows = 256  # measured crossover on a 2-core AVX2 machine, docs/quantization.md
 
     def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, out_features: int,
                  bias: torch.Tensor | None = None) -> None:

@@ -20,7 +20,7 @@ K_MULTIPLE = 8
 class Int8Linear(QuantLinear):
     """y = x · (s ⊙ Q)ᵀ + b with Q int8 (out, in) and s (out,) in the compute dtype."""
 
-    dense_min_rows = 64  # measured crossover on a 2-core AVX2 machine, docs/quantization.md
+    dense_min_rows = 128  # measured crossover on a 2-core AVX2 machine, docs/quantization.md
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
                  compute_dtype: torch.dtype = torch.bfloat16) -> None:
