@@ -86,10 +86,18 @@ def test_default_model_in_gguf_blocks_holds_perplexity() -> None:
     from attnkit.eval import greedy_agreement, perplexity, shipped_text
     from attnkit.loading import load_causal_lm
 
+    from attnkit.quant.native import GGUFBlockEmbedding
+
     ref = load_causal_lm(None)
     lm = load_causal_lm(None, quantize="gguf")
     kinds = {m.kind for m in lm.model.modules() if isinstance(m, GGUFBlockLinear)}
     assert kinds == {"Q4_1", "Q8_0"} and isinstance(lm.model.output_head, GGUFBlockLinear)  # layers and the tied head
+    emb = lm.model.tok_embeddings  # the tied table: rows decoded from the head's Q8_0 blocks, no float copy
+    assert isinstance(emb, GGUFBlockEmbedding) and emb.head[0] is lm.model.output_head
+    ids = torch.tensor([[0, 1, 500, 49151], [7, 7, 7, 7]])
+    assert torch.equal(emb(ids), ref.model.tok_embeddings(ids))
+    with pytest.raises(IndexError, match="out of range"):
+        emb(torch.tensor([49152]))
     ids = ref.tokenizer.encode(shipped_text())[:256]
     base = perplexity(ref.model, ids, window=256).ppl
     ppl = perplexity(lm.model, ids, window=256).ppl  # one 256-token window: the dense path, exact weights

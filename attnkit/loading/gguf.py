@@ -226,6 +226,12 @@ def _materialize_quantized(model: Llama, shapes: dict[str, torch.Size], plan: Pl
     if cfg.tie_embeddings:
         head = quantized_linear(g, cfg, head_src, scheme_of(head_src), group_size, None, compute_dtype)
     replaced = {f"{n}.{p}" for n in quantized for p in ("weight", "bias")}
+    embedding = None
+    if scheme == "gguf" and cfg.tie_embeddings and head is not None and hasattr(head, "blocks"):
+        from ..quant.native import GGUFBlockEmbedding
+
+        embedding = GGUFBlockEmbedding(head)  # rows decoded from the head's blocks: no float copy of the table
+        replaced.add("tok_embeddings.weight")
     state = {}
     for ours, (src, load) in plan.items():
         if ours in replaced:
@@ -242,6 +248,8 @@ def _materialize_quantized(model: Llama, shapes: dict[str, torch.Size], plan: Pl
     if "lm_head" in quantized:
         head, model.lm_head = model.lm_head, None
     model.output_head = head
+    if embedding is not None:
+        model.tok_embeddings = embedding
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # pragma: no cover - a bug in the plan, never a bad file
         raise ModelLoadError(g.path, f"{left[0]} was not loaded ({len(left)} tensors left unloaded)")

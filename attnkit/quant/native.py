@@ -93,6 +93,30 @@ class GGUFBlockLinear(nn.Module):
         return f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class GGUFBlockEmbedding(nn.Module):
+    """Token embeddings looked up in a tied output head's GGUF blocks: each step decodes only its rows."""
+
+    def __init__(self, head: GGUFBlockLinear) -> None:
+        super().__init__()
+        self.head = [head]  # shared, not a submodule: the blocks are counted and saved once, as the head's
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense table (decoded on demand; for code that needs the matrix itself)."""
+        return self.head[0].dequantize()
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.head[0]
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= h.out_features):
+            raise IndexError(f"token id out of range for a vocabulary of {h.out_features}")
+        rows = _dequantize_torch(h.blocks[idx.reshape(-1)], h.kind, h.in_features)  # (N, d)
+        return rows.view(*idx.shape, h.in_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.head[0].kind} blocks of the output head"
+
+
 _SCRATCH: dict[int, torch.Tensor] = {}
 
 
