@@ -96,6 +96,27 @@ static float dot_q4_1(const block_q4_1 *w, const block_q8x *x, int nb) {
 #endif
 }
 
+#ifdef AK_AVX2
+/* four Q4_1 rows against one activation row: each activation block is loaded once for four rows */
+static void dot4_q4_1(const block_q4_1 *w0, size_t stride, const block_q8x *x, int nb, float *out) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    float summ[4] = {0.f, 0.f, 0.f, 0.f};
+    const __m128i low = _mm_set1_epi8(0x0f);
+    for (int b = 0; b < nb; b++) {
+        const __m256i s = _mm256_loadu_si256((const __m256i *)x[b].qs);
+        const float dx = x[b].d, sx = x[b].s;
+        for (int r = 0; r < 4; r++) {
+            const block_q4_1 *blk = (const block_q4_1 *)((const char *)w0 + r * stride) + b;
+            __m128i q = _mm_loadu_si128((const __m128i *)blk->qs);
+            __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low), _mm_and_si128(q, low));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(u, s)), _mm256_set1_ps(half_to_float(blk->d) * dx), acc[r]);
+            summ[r] += half_to_float(blk->m) * sx;
+        }
+    }
+    for (int r = 0; r < 4; r++) out[r] = hsum(acc[r]) + summ[r];
+}
+#endif
+
 static float dot_q8_0(const block_q8_0 *w, const block_q8x *x, int nb) {
 #ifdef AK_AVX2
     __m256 acc = _mm256_setzero_ps();
@@ -126,6 +147,20 @@ int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int
     for (int r = 0; r < m; r++) quantize_row(x + (size_t)r * k, xq + (size_t)r * nb, k);
     const size_t row_bytes = (size_t)nb * (kind == 0 ? sizeof(block_q4_1) : sizeof(block_q8_0));
     (void)threads;
+#ifdef AK_AVX2
+    if (kind == 0 && n % 4 == 0) { /* rows of W four at a time */
+#pragma omp parallel for schedule(static) num_threads(threads) if (n >= 64 && threads > 1)
+        for (int j = 0; j < n; j += 4) {
+            const block_q4_1 *wr = (const block_q4_1 *)((const char *)w + (size_t)j * row_bytes);
+            float o[4];
+            for (int r = 0; r < m; r++) {
+                dot4_q4_1(wr, row_bytes, xq + (size_t)r * nb, nb, o);
+                for (int t = 0; t < 4; t++) y[(size_t)r * n + j + t] = o[t];
+            }
+        }
+        return 0;
+    }
+#endif
 #pragma omp parallel for schedule(static) num_threads(threads) if (n >= 64 && threads > 1)
     for (int j = 0; j < n; j++) {
         const void *wr = (const char *)w + (size_t)j * row_bytes;
