@@ -41,6 +41,7 @@ class AttentionMetadata:
     decode_bias: torch.Tensor | None = None  # (B_d, max_blocks * block_size): 0 = visible, −∞ = not
     decode_lens: torch.Tensor | None = None  # (B_d,) keys start ≤ j < len are visible (the native kernel's form)
     decode_starts: torch.Tensor | None = None
+    native: object = None  # NativeDecodeArgs once prepared; False when the C kernel does not apply
     prefills: list[PrefillChunk] = field(default_factory=list)
     decode_only: bool = False  # every token is a decode: the output is the decode attention's, in order
     fused_gather: bool = False  # inside torch.compile: index the pool in the attention kernel itself
@@ -102,11 +103,11 @@ class PagedKVCache:
         ``compile`` runs the compiled block-table kernel, else the blocks are gathered for bmm.
         """
         assert meta.decode_tables is not None and meta.decode_bias is not None
-        if meta.decode_lens is not None and meta.decode_starts is not None and not meta.fused_gather:
-            out = paged_decode_attention_native(q, self.k_pool, self.v_pool, meta.decode_tables, meta.decode_lens,
-                                                meta.decode_starts)
-            if out is not None:
-                return out
+        if meta.native is None:  # first layer of the step: can the C kernel run it?
+            meta.native = NativeDecodeArgs.prepare(meta, q, self.k_pool) or False
+        if meta.native:
+            return paged_decode_attention_native(q, self.k_pool, self.v_pool, meta.decode_tables, meta.decode_lens,
+                                                 meta.decode_starts, meta.native)  # type: ignore[arg-type]
         if meta.fused_gather:
             return compiled_paged_decode_attention()(q, self.k_pool, self.v_pool, meta.decode_tables, meta.decode_bias)
         kd, vd = self._gather(meta.decode_tables, meta.scratch)
@@ -186,29 +187,56 @@ def compiled_paged_decode_attention():
     return torch.compile(paged_decode_attention, dynamic=True)
 
 
+class NativeDecodeArgs:
+    """What the C paged attention needs from one step's metadata, prepared once for all layers."""
+
+    def __init__(self, lib, tables: torch.Tensor, lens: torch.Tensor, starts: torch.Tensor, nh: int, n_kv: int,
+                 bs: int) -> None:
+        self.lib, self.keep = lib, (tables.contiguous(), lens.contiguous(), starts.contiguous())
+        self.threads = torch.get_num_threads()
+        self.scratch = torch.empty(self.threads * (nh // n_kv) * tables.shape[1] * bs)  # the scores
+        self.ptrs = [t.data_ptr() for t in self.keep]
+        self.B, self.max_nb = tables.shape
+
+    @classmethod
+    def prepare(cls, meta: AttentionMetadata, q: torch.Tensor, k_pool: torch.Tensor) -> NativeDecodeArgs | None:
+        """None when the kernel does not apply: not built, not float32 on the CPU, or compile=True."""
+        from ..kernels import library
+
+        lib = library()
+        if (lib is None or meta.fused_gather or meta.decode_lens is None or meta.decode_starts is None
+                or q.dtype != torch.float32 or k_pool.dtype != torch.float32 or q.device.type != "cpu"):
+            return None
+        assert meta.decode_tables is not None
+        return cls(lib, meta.decode_tables, meta.decode_lens, meta.decode_starts, q.shape[0], k_pool.shape[0],
+                   k_pool.shape[2])
+
+
 def paged_decode_attention_native(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
-                                  lens: torch.Tensor, starts: torch.Tensor) -> torch.Tensor | None:
+                                  lens: torch.Tensor, starts: torch.Tensor,
+                                  prepared: NativeDecodeArgs | None = None) -> torch.Tensor | None:
     """One query token per sequence over its K/V read in place through the block tables (C kernel).
 
     q (nh, B, hd) float32; pools (n_kv, num_blocks, block_size, hd) float32, contiguous; tables (B, nb),
     lens and starts (B,) int64: sequence b attends to keys starts[b] ≤ j < lens[b]. Returns (nh, B, hd),
     or None when the kernel is not available for these inputs (then the caller gathers and uses bmm).
+    ``prepared``: the step's arguments made once (:class:`NativeDecodeArgs`), shared by every layer.
     """
-    from ..kernels import library
-
-    lib = library()
-    if lib is None or q.dtype != torch.float32 or k_pool.dtype != torch.float32 or q.device.type != "cpu":
-        return None
     nh, B, hd = q.shape
     n_kv, num_blocks, bs, _ = k_pool.shape
+    if nh % n_kv:
+        raise ValueError(f"paged attention: {nh} query heads are not a multiple of {n_kv} KV heads")
+    if prepared is None:
+        from ..kernels import library
+
+        lib = library()
+        if lib is None or q.dtype != torch.float32 or k_pool.dtype != torch.float32 or q.device.type != "cpu":
+            return None
+        prepared = NativeDecodeArgs(lib, tables, lens, starts, nh, n_kv, bs)
     qb = q.transpose(0, 1).contiguous()  # (B, nh, hd)
     out = torch.empty_like(qb)
-    threads = torch.get_num_threads()
-    scratch = torch.empty(threads * (nh // n_kv) * tables.shape[1] * bs)
-    tables, lens, starts = tables.contiguous(), lens.contiguous(), starts.contiguous()
-    rc = lib.ak_paged_attention(qb.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), tables.data_ptr(), lens.data_ptr(),
-                                starts.data_ptr(), out.data_ptr(), B, nh, n_kv, hd, bs, num_blocks, tables.shape[1],
-                                hd ** -0.5, scratch.data_ptr(), threads)
-    if rc != 0:
-        raise ValueError(f"paged attention: {nh} query heads are not a multiple of {n_kv} KV heads")
+    t, ln, st = prepared.ptrs
+    prepared.lib.ak_paged_attention(qb.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), t, ln, st, out.data_ptr(),
+                                    B, nh, n_kv, hd, bs, num_blocks, prepared.max_nb, hd ** -0.5,
+                                    prepared.scratch.data_ptr(), prepared.threads)
     return out.transpose(0, 1)
