@@ -122,7 +122,8 @@ def main() -> int:
             wall = time.perf_counter() - t0
             acc = task_accuracy(r["model"], lm.tokenizer, lm.stop_ids, heldout, sft_tasks.prompt_messages,
                                 sft_tasks.score, max_new_tokens=24)
-            img = Path(args.img_dir) / f"finetune_{method}.png"
+            suffix = "" if args.steps == DEFAULT_STEPS else f"_{args.steps}steps"
+            img = Path(args.img_dir) / f"finetune_{method}{suffix}.png"
             img.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(runs / method / "loss_curve.png", img)
             key = method if args.steps == DEFAULT_STEPS else f"{method} ({args.steps} steps)"
