@@ -28,7 +28,7 @@ from torch import nn
 from .adapter import AdapterLayer, BottleneckConfig
 from .config import PeftConfig, pattern_value
 from .families import family_of, hf_name_table
-from .ia3 import IA3Config, IA3Linear
+from .ia3 import IA3Config
 from .lora import LoraConfig, LoraLinear
 from .tuner import tuner_layers
 
