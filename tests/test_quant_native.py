@@ -133,3 +133,12 @@ def test_gguf_files_load_into_blocks_and_match_the_dequantized_model(tmp_path, a
     with torch.no_grad():
         long = torch.cat([IDS] * 3, dim=1)[:, :24]  # > kernel_max_rows per row: the dense path, exact weights
         torch.testing.assert_close(blocks(long), floaty(long), rtol=1e-4, atol=1e-4)
+
+
+def test_without_a_compiler_the_kernels_step_aside(tmp_path, monkeypatch) -> None:
+    """No C compiler: library() warns and returns None (callers fall back to PyTorch), no .so is left behind."""
+    monkeypatch.setenv("ATTNKIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    with pytest.warns(RuntimeWarning, match="could not build"):
+        assert library.__wrapped__() is None
+    assert not list(tmp_path.rglob("*.so"))

@@ -37,8 +37,12 @@ def library() -> ctypes.CDLL | None:
         cpu = next((line for line in f if line.startswith(b"flags")), b"")
     key = hashlib.sha256(src + " ".join(flags).encode() + cpu + sys.platform.encode()).hexdigest()[:16]
     so = cache_dir() / f"kernels-{key}.so"
-    if not so.exists():
+    try:
         so.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:  # an unwritable home: build under the temporary directory instead
+        so = Path(tempfile.gettempdir()) / "attnkit-kernels" / so.name
+        so.parent.mkdir(parents=True, exist_ok=True)
+    if not so.exists():
         cc = os.environ.get("CC", "cc")
         with tempfile.TemporaryDirectory(dir=so.parent) as tmp:  # build aside, then rename: never a half-written .so
             out = Path(tmp) / so.name
