@@ -142,3 +142,28 @@ def test_without_a_compiler_the_kernels_step_aside(tmp_path, monkeypatch) -> Non
     with pytest.warns(RuntimeWarning, match="could not build"):
         assert library.__wrapped__() is None
     assert not list(tmp_path.rglob("*.so"))
+
+
+@needs_kernel
+def test_gguf_path_decodes_like_llama_cpp() -> None:
+    """Reference parity: quantize="gguf" multiplies the file's blocks the way llama.cpp does, so greedy
+    decoding gives llama.cpp's tokens (skipped unless llama-cpp-python is installed: it is optional)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from engine_helpers import skip_module_without_default_model
+
+    skip_module_without_default_model()
+    from attnkit import LLM, SamplingParams
+    from attnkit.loading.defaults import default_chat_model
+
+    llm = LLM()
+    ref = llama_cpp.Llama(model_path=str(default_chat_model()), n_ctx=512, n_threads=2, verbose=False)
+    convs = [[{"role": "user", "content": q}] for q in ("What is the capital of France?", "Name three colours.")]
+    for conv in convs:
+        ids = llm.render_chat(conv)
+        theirs = []
+        for t in ref.generate(ids, temp=0.0, top_k=1, reset=True):
+            theirs.append(t)
+            if len(theirs) == 12:
+                break
+        ours = llm.generate(ids, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].token_ids
+        assert ours[:8] == theirs[:8], (llm.tokenizer.decode(ours), llm.tokenizer.decode(theirs))
