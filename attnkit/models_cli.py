@@ -52,7 +52,6 @@ def _load(args: argparse.Namespace):
     t0 = time.perf_counter()
     opts = InferenceOptions.from_args(args)
     lm = opts.load(args.model)
-    lm.compile = opts.compile  # type: ignore[attr-defined]
     return lm, time.perf_counter() - t0
 
 
@@ -72,7 +71,7 @@ def _params(args: argparse.Namespace, generation: dict | None = None):
                           top_k=pick(args.top_k, "top_k", 0), top_p=pick(args.top_p, "top_p", 1.0), seed=args.seed)
 
 
-def _engine(lm):
+def _engine(lm, compile: bool = False):
     """An inference engine on the loaded model, its KV pool sized for one full-length conversation.
 
     Models the engine does not run yet (GPT-2) keep the single-stream decoder behind the same interface.
@@ -83,7 +82,7 @@ def _engine(lm):
     if not isinstance(lm.model, Llama):
         return _SingleStream(lm)
     max_len = min(getattr(lm.model.cfg, "max_seq_len", 8192), 32768)
-    cfg = EngineConfig(num_blocks=-(-max_len // 16) + 1, max_model_len=max_len, compile=getattr(lm, "compile", False))
+    cfg = EngineConfig(num_blocks=-(-max_len // 16) + 1, max_model_len=max_len, compile=compile)
     return LLMEngine(lm.model, lm.tokenizer, cfg, lm.stop_ids)
 
 
@@ -155,7 +154,7 @@ def run_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     first = None
     n = 0
-    for _ in stream(_engine(lm), prompt, _params(args, lm.generation), sys.stdout):
+    for _ in stream(_engine(lm, args.compile), prompt, _params(args, lm.generation), sys.stdout):
         n += 1
         if first is None:
             first = time.perf_counter()
@@ -178,7 +177,7 @@ def run_chat(args: argparse.Namespace) -> int:
     except (ModelLoadError, ChatTemplateError) as e:
         print(f"attnkit chat: error: {e}", file=sys.stderr)
         return 2
-    engine = _engine(lm)  # one engine for the session: each turn reuses the cached prefix of the conversation
+    engine = _engine(lm, args.compile)  # one engine for the session: each turn reuses the cached prefix of the conversation
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     interactive = sys.stdin.isatty()
