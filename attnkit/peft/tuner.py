@@ -92,6 +92,21 @@ def inject(model: nn.Module, select: Callable[[str, nn.Module], bool], kind: typ
     return [n for n, _ in chosen]
 
 
+def linear_selector(targets, method: str) -> Callable[[str, nn.Module], bool]:
+    """``inject``'s ``select`` for methods that adapt Linear layers: the modules ``targets`` match
+    (see :func:`attnkit.peft.config.matches`); a matched module that is not a Linear is an error."""
+    from .config import matches
+
+    def select(module_name: str, module: nn.Module) -> bool:
+        if not matches(module_name, targets):
+            return False
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"{method} target {module_name} is a {type(module).__name__}, not a Linear layer")
+        return True
+
+    return select
+
+
 def base_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every module of the base model, wrappers included, adapters' own layers not."""
     wrappers = [n for n, m in model.named_modules() if isinstance(m, TunerLayer)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import matches
-from ..tuner import TunerLayer, inject
+from ..tuner import TunerLayer, inject, linear_selector
 from .config import IA3Config
 from .layer import IA3Linear
 
@@ -17,15 +17,8 @@ def add_ia3(model: nn.Module, name: str, config: IA3Config, default_targets: lis
     if config.target_modules is not None and config.feedforward_modules is None:
         ff = [t for t in default_feedforward if matches(t, targets)] if isinstance(targets, list) else []
 
-    def select(module_name: str, module: nn.Module) -> bool:
-        if not matches(module_name, targets):
-            return False
-        if not isinstance(module, nn.Linear):
-            raise ValueError(f"IA³ target {module_name} is a {type(module).__name__}, not a Linear layer")
-        return True
-
     def add(layer: TunerLayer, module_name: str) -> None:
         layer.add(name, feedforward=matches(module_name, ff), init_ones=config.init_ia3_weights)  # type: ignore[operator]
 
-    done = inject(model, select, IA3Linear, add)
+    done = inject(model, linear_selector(targets, "IA³"), IA3Linear, add)
     return done
