@@ -45,6 +45,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None, help="0 = off (default: generation_config.json, else off)")
     p.add_argument("--top-p", type=float, default=None, help="default: generation_config.json, else 1.0")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--lora", default=None, metavar="DIR",
+                   help="generate with the LoRA adapter saved in DIR (HF PEFT format), unmerged, on the engine")
     InferenceOptions.add_flags(p)
 
 
@@ -71,8 +73,12 @@ def _params(args: argparse.Namespace, generation: dict | None = None):
                           top_k=pick(args.top_k, "top_k", 0), top_p=pick(args.top_p, "top_p", 1.0), seed=args.seed)
 
 
-def _engine(lm, compile: bool = False):
-    """An inference engine on the loaded model, its KV pool sized for one full-length conversation.
+LORA = "cli-adapter"  # the name --lora's adapter gets in the engine
+
+
+def _engine(lm, compile: bool = False, lora: str | None = None):
+    """An inference engine on the loaded model, its KV pool sized for one full-length conversation,
+    with the LoRA adapter in directory ``lora`` loaded as :data:`LORA`.
 
     Models the engine does not run yet (GPT-2) keep the single-stream decoder behind the same interface.
     """
@@ -80,10 +86,15 @@ def _engine(lm, compile: bool = False):
     from .models.llama import Llama
 
     if not isinstance(lm.model, Llama):
+        if lora is not None:
+            raise ValueError(f"--lora: LoRA serving runs on the engine, which does not run {type(lm.model).__name__}")
         return _SingleStream(lm)
     max_len = min(getattr(lm.model.cfg, "max_seq_len", 8192), 32768)
     cfg = EngineConfig(num_blocks=-(-max_len // 16) + 1, max_model_len=max_len, compile=compile)
-    return LLMEngine(lm.model, lm.tokenizer, cfg, lm.stop_ids)
+    engine = LLMEngine(lm.model, lm.tokenizer, cfg, lm.stop_ids)
+    if lora is not None:
+        engine.add_lora(LORA, lora)
+    return engine
 
 
 def _chat_prompt(lm, messages: list[dict[str, str]]) -> list[int]:
@@ -119,10 +130,10 @@ class _SingleStream:
         yield RequestOutput("0", None, prompt, [CompletionOutput(0, text, list(ids), "stop")], True)
 
 
-def stream(engine, prompt: list[int], params, out: TextIO) -> Iterator[int]:
+def stream(engine, prompt: list[int], params, out: TextIO, lora: str | None = None) -> Iterator[int]:
     """Generate from ``prompt`` on the engine, writing the text to ``out`` as it forms; yields the token ids."""
     shown = n = 0
-    outputs = engine.stream(prompt, params)
+    outputs = engine.stream(prompt, params, lora=lora) if lora is not None else engine.stream(prompt, params)
     try:
         for o in outputs:
             c = o.outputs[0]
@@ -149,12 +160,13 @@ def run_generate(args: argparse.Namespace) -> int:
     except (ModelLoadError, ChatTemplateError) as e:
         print(f"attnkit generate: error: {e}", file=sys.stderr)
         return 2
+    engine = _engine(lm, args.compile, args.lora)
     if not args.chat:
         sys.stdout.write(args.prompt)
     t0 = time.perf_counter()
     first = None
     n = 0
-    for _ in stream(_engine(lm, args.compile), prompt, _params(args, lm.generation), sys.stdout):
+    for _ in stream(engine, prompt, _params(args, lm.generation), sys.stdout, LORA if args.lora else None):
         n += 1
         if first is None:
             first = time.perf_counter()
@@ -177,7 +189,7 @@ def run_chat(args: argparse.Namespace) -> int:
     except (ModelLoadError, ChatTemplateError) as e:
         print(f"attnkit chat: error: {e}", file=sys.stderr)
         return 2
-    engine = _engine(lm, args.compile)  # one engine for the session: each turn reuses the cached prefix of the conversation
+    engine = _engine(lm, args.compile, args.lora)  # one engine for the session: each turn reuses the cached prefix of the conversation
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     interactive = sys.stdin.isatty()
@@ -209,7 +221,7 @@ def run_chat(args: argparse.Namespace) -> int:
         ids: list[int] = []
         t0 = time.perf_counter()
         try:
-            for tok in stream(engine, prompt, _params(args, lm.generation), sys.stdout):
+            for tok in stream(engine, prompt, _params(args, lm.generation), sys.stdout, LORA if args.lora else None):
                 ids.append(tok)
         except KeyboardInterrupt:
             print("\n[reply stopped]", file=sys.stderr)

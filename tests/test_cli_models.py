@@ -147,3 +147,31 @@ def test_embed_similarity_and_vectors(capsys):
     assert main(["embed", "hello", "--output", "vectors"]) == 0
     v = json.loads(capsys.readouterr().out)
     assert v["text"] == "hello" and len(v["embedding"]) == 384
+
+
+def test_generate_with_a_lora_adapter_equals_the_merged_model(tmp_path, capsys):
+    from attnkit.peft import LoraConfig, PeftModel, get_peft_model
+
+    base = loading.load_causal_lm()
+    peft = get_peft_model(base.model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "down_proj"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in peft.adapter_parameters("default").values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    peft.save_pretrained(tmp_path / "lora")
+    merged = PeftModel.from_pretrained(loading.load_causal_lm().model, tmp_path / "lora").merge_and_unload()
+    prompt = "The capital of France is"
+    want = _greedy_text(loading.CausalLM(merged, base.tokenizer, base.path, base.generation),
+                        base.tokenizer.encode(prompt), 8)
+    fresh = loading.load_causal_lm()
+    assert want != _greedy_text(fresh, fresh.tokenizer.encode(prompt), 8)
+    args = ["generate", prompt, "--max-new-tokens", "8", "--threads", "1"]
+    assert main(args + ["--quantize", "none", "--lora", str(tmp_path / "lora")]) == 0
+    assert capsys.readouterr().out == prompt + want + "\n"
+    # on the default GGUF blocks too: the adapter's update is added to the quantized base's products
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--lora", str(tmp_path / "lora")]) == 0
+    assert capsys.readouterr().out not in (plain, "")
+    assert main(args + ["--lora", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err

@@ -103,7 +103,7 @@ class AsyncLLMEngine:
         self.engine = engine
         self.draining = False
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
-        self._adds: deque[tuple[str, str | list[int], SamplingParams | None, asyncio.Future[None]]] = deque()
+        self._adds: deque[tuple[str, str | list[int], SamplingParams | None, str | None, asyncio.Future[None]]] = deque()
         self._aborts: deque[str] = deque()
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -119,8 +119,9 @@ class AsyncLLMEngine:
         self._wake.set()
 
     async def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                          request_id: str | None = None) -> RequestStream:
-        """Hand a request to the engine; returns its stream once accepted, raises if it is refused."""
+                          request_id: str | None = None, lora: str | None = None) -> RequestStream:
+        """Hand a request to the engine (``lora``: a loaded adapter's name); returns its stream once
+        accepted, raises if it is refused."""
         if self.draining:
             raise EngineDrainingError("the server is shutting down and accepts no new requests")
         rid = request_id if request_id is not None else f"async-{next(self._ids)}"
@@ -129,7 +130,7 @@ class AsyncLLMEngine:
         q: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[rid] = q
         accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._adds.append((rid, prompt, params, accepted))
+        self._adds.append((rid, prompt, params, lora, accepted))
         self._ensure_loop()
         try:
             await accepted
@@ -140,8 +141,8 @@ class AsyncLLMEngine:
         return RequestStream(self, rid, q)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        stream = await self.add_request(prompt, params, request_id)
+                       request_id: str | None = None, lora: str | None = None) -> AsyncIterator[RequestOutput]:
+        stream = await self.add_request(prompt, params, request_id, lora)
         try:
             async for out in stream:
                 yield out
@@ -195,11 +196,11 @@ class AsyncLLMEngine:
 
     def _apply_adds_and_aborts(self) -> None:
         while self._adds:
-            rid, prompt, params, accepted = self._adds.popleft()
+            rid, prompt, params, lora, accepted = self._adds.popleft()
             if accepted.done():  # its caller gave up waiting
                 continue
             try:
-                self.engine.add_request(prompt, params, rid)
+                self.engine.add_request(prompt, params, rid, lora)
             except Exception as e:  # an invalid request fails alone, in its caller
                 accepted.set_exception(e)
             else:

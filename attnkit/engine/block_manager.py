@@ -7,6 +7,7 @@ block table maps logical block i to a physical block. Blocks are shared by refer
   registered under a *chained* hash h_i = hash(h_{i-1}, tokens of block i), so equal hashes mean
   equal prefixes; the token ids are compared on a hit all the same. Freed blocks keep their hash
   and are reused least-recently-freed first, so a later request with the same prefix still hits.
+  A request for a LoRA adapter seeds its chain with the adapter's id: its K/V are its own.
 - copy-on-write: the n completions of a request share the prompt's blocks; writing into a shared
   (partial) block first copies it (the copy is done by the model runner before the forward).
 """
@@ -25,6 +26,7 @@ class Block:
     ref_count: int = 0
     hash: int | None = None
     token_ids: tuple[int, ...] = ()
+    adapter: int = 0  # the LoRA adapter whose K/V the block holds (0: the base model)
 
 
 @dataclass
@@ -67,6 +69,11 @@ class BlockManager:
     def chain_hash(prev: int | None, tokens: tuple[int, ...]) -> int:
         return hash((prev, tokens))
 
+    @staticmethod
+    def first_hash(seq: Sequence) -> int | None:
+        """The chain's seed: a LoRA adapter changes every K/V, so each adapter has its own chains."""
+        return None if seq.adapter == 0 else hash(("adapter", seq.adapter))
+
     def _take(self, block_id: int) -> Block:
         b = self.blocks[block_id]
         if b.ref_count == 0:
@@ -81,7 +88,7 @@ class BlockManager:
         b = self.blocks[block_id]
         if b.hash is not None and self.cached.get(b.hash) == block_id:
             del self.cached[b.hash]  # its old content is about to be overwritten
-        b.hash, b.token_ids, b.ref_count = None, (), 1
+        b.hash, b.token_ids, b.adapter, b.ref_count = None, (), 0, 1
         return block_id
 
     def match_prefix(self, seq: Sequence) -> None:
@@ -89,13 +96,13 @@ class BlockManager:
         assert not seq.block_table and seq.num_computed == 0
         if not self.enable_prefix_caching:
             return
-        bs, h = self.block_size, None
+        bs, h = self.block_size, self.first_hash(seq)
         for i in range((len(seq) - 1) // bs):
             tokens = tuple(seq.tokens[i * bs:(i + 1) * bs])
             h = self.chain_hash(h, tokens)
             self.queries += 1
             block_id = self.cached.get(h)
-            if block_id is None or self.blocks[block_id].token_ids != tokens:
+            if block_id is None or self.blocks[block_id].token_ids != tokens or self.blocks[block_id].adapter != seq.adapter:
                 break
             self.hits += 1
             self._take(block_id)
@@ -137,13 +144,13 @@ class BlockManager:
             return
         bs = self.block_size
         n_full = min(seq.num_computed // bs, len(seq.block_table))
-        h = None if seq.num_hashed_blocks == 0 else self.blocks[seq.block_table[seq.num_hashed_blocks - 1]].hash
+        h = self.first_hash(seq) if seq.num_hashed_blocks == 0 else self.blocks[seq.block_table[seq.num_hashed_blocks - 1]].hash
         for i in range(seq.num_hashed_blocks, n_full):
             b = self.blocks[seq.block_table[i]]
             tokens = tuple(seq.tokens[i * bs:(i + 1) * bs])
             h = self.chain_hash(h, tokens)
             if b.hash is None:
-                b.hash, b.token_ids = h, tokens
+                b.hash, b.token_ids, b.adapter = h, tokens, seq.adapter
                 self.cached.setdefault(h, b.block_id)
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, n_full)
 

@@ -4,7 +4,8 @@
 a Hugging Face directory. ``generate`` takes one prompt or many (text or token ids) and one
 SamplingParams or one per prompt and returns a :class:`RequestOutput` per prompt, in order;
 ``chat`` renders conversations with the model's chat template first; ``stream`` yields outputs as
-they grow.
+they grow. ``load_lora(name, directory)`` serves a LoRA adapter saved in HF PEFT's format; each call
+then takes ``lora=name`` (or one name per prompt), and prompts for different adapters run batched together.
 """
 
 from __future__ import annotations
@@ -63,9 +64,21 @@ class LLM:
             return [prompts]  # type: ignore[list-item]
         return list(prompts)  # type: ignore[arg-type]
 
+    def load_lora(self, name: str, directory: str | Path) -> None:
+        """Load the LoRA adapter in ``directory`` (adapter_config.json + adapter_model.safetensors) as ``name``."""
+        self.engine.add_lora(name, directory)
+
     def _add(self, prompts: Prompt | Sequence[Prompt],
-             params: SamplingParams | Sequence[SamplingParams] | None) -> list[str]:
+             params: SamplingParams | Sequence[SamplingParams] | None,
+             lora: str | None | Sequence[str | None] = None) -> list[str]:
         ps = self._prompts(prompts)
+        loras = [lora] * len(ps) if lora is None or isinstance(lora, str) else list(lora)
+        if len(loras) != len(ps):
+            raise ValueError(f"{len(loras)} LoRA names for {len(ps)} prompts")
+        for name in set(loras) - {None}:
+            if name not in self.engine.lora_names():
+                raise ValueError(f"no LoRA adapter named {name!r} is loaded "
+                                 f"(loaded: {', '.join(self.engine.lora_names()) or 'none'})")
         if params is None or isinstance(params, SamplingParams):
             plist = [params or SamplingParams()] * len(ps)
         else:
@@ -77,8 +90,8 @@ class LLM:
                 raise TypeError(f"sampling_params must be SamplingParams, got {type(p).__name__}")
         ids = []
         try:
-            for prompt, p in zip(ps, plist):
-                ids.append(self.engine.add_request(prompt, p))
+            for prompt, p, name in zip(ps, plist, loras):
+                ids.append(self.engine.add_request(prompt, p, lora=name))
         except BaseException:
             for rid in ids:
                 self.engine.abort_request(rid)
@@ -86,9 +99,10 @@ class LLM:
         return ids
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 lora: str | None | Sequence[str | None] = None) -> list[RequestOutput]:
         """Run the prompts to completion, batched; one output per prompt, in the prompts' order."""
-        ids = self._add(prompts, sampling_params)
+        ids = self._add(prompts, sampling_params, lora)
         done: dict[str, RequestOutput] = {}
         for out in self._stream_ids(ids):
             if out.finished:
@@ -109,9 +123,10 @@ class LLM:
                 self.engine.abort_request(rid)
 
     def stream(self, prompts: Prompt | Sequence[Prompt],
-               sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> Iterator[RequestOutput]:
+               sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+               lora: str | None | Sequence[str | None] = None) -> Iterator[RequestOutput]:
         """Yield each request's (cumulative) output whenever it grows; stopping early aborts the rest."""
-        yield from self._stream_ids(self._add(prompts, sampling_params))
+        yield from self._stream_ids(self._add(prompts, sampling_params, lora))
 
     def render_chat(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
         from ..text.chat_template import render_chat
@@ -124,7 +139,8 @@ class LLM:
         return tok.encode(text, add_special_tokens=False)
 
     def chat(self, messages: Messages | Sequence[Messages],
-             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             lora: str | None | Sequence[str | None] = None) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"}) or a list of them → one reply each."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)  # type: ignore[list-item]
-        return self.generate([self.render_chat(c) for c in convs], sampling_params)  # type: ignore[arg-type]
+        return self.generate([self.render_chat(c) for c in convs], sampling_params, lora)  # type: ignore[arg-type]

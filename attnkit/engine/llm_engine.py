@@ -4,7 +4,9 @@
 samples one token for each sequence whose input is complete, detokenises incrementally, checks the
 stop conditions (EOS, stop token ids, stop strings matched across token boundaries and cut from the
 text, max_tokens, the context length), frees finished sequences' blocks, and returns the outputs of
-the requests that progressed. ``abort_request`` frees a request's blocks at once.
+the requests that progressed. ``abort_request`` frees a request's blocks at once. ``add_lora`` loads
+a LoRA adapter that requests then name (``add_request(..., lora=name)``); requests for different
+adapters and for the base share every step (:mod:`attnkit.engine.lora`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -19,6 +22,7 @@ from torch import nn
 
 from ..text.detokenize import IncrementalDetokenizer
 from .block_manager import BlockManager, BlockStats
+from .lora import LoraAdapters
 from .model_runner import ModelRunner
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .sampler import sample
@@ -66,6 +70,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_waiting)
         self.runner = ModelRunner(model, num_blocks, cfg.block_size, compile=cfg.compile)
+        self.loras: LoraAdapters | None = None  # created by the first add_lora
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.num_steps = 0
@@ -78,9 +83,31 @@ class LLMEngine:
         lm = load_causal_lm(path, **kw)
         return cls(lm.model, lm.tokenizer, config, lm.stop_ids)
 
+    # LoRA adapters
+    def add_lora(self, name: str, directory: str | Path) -> None:
+        """Serve the HF PEFT LoRA adapter saved in ``directory`` under ``name``."""
+        if self.loras is None:
+            self.loras = LoraAdapters(self.model)
+            self.runner.lora_step = self.loras.step
+        self.loras.add(name, directory)
+
+    def remove_lora(self, name: str) -> None:
+        """Unload adapter ``name``; refused while a request uses it."""
+        if self.loras is None:
+            raise ValueError(f"no LoRA adapter named {name!r} is loaded (loaded: none)")
+        adapter = self.loras.id_of(name)
+        busy = [r.request_id for r in self.requests.values() if r.seqs[0].adapter == adapter]
+        if busy:
+            raise ValueError(f"LoRA adapter {name!r} is in use by {len(busy)} unfinished request(s)")
+        self.loras.remove(name)
+
+    def lora_names(self) -> list[str]:
+        return self.loras.names() if self.loras is not None else []
+
     # requests
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, lora: str | None = None) -> str:
+        """Queue a request; ``lora`` names a loaded adapter to generate with (None: the base model)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -99,11 +126,14 @@ class LLMEngine:
             raise ValueError(f"the prompt has {len(ids)} tokens; the engine's max_model_len is {self.max_model_len}")
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("SamplingParams.stop: stop strings need a tokenizer")
+        if lora is not None and self.loras is None:
+            raise ValueError(f"no LoRA adapter named {lora!r} is loaded (loaded: none)")
+        adapter = self.loras.id_of(lora) if self.loras is not None else 0
         request_id = str(next(self._ids)) if request_id is None else request_id
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         now = time.perf_counter()
-        seqs = [Sequence(request_id, i, ids, params, arrival=now) for i in range(params.n)]
+        seqs = [Sequence(request_id, i, ids, params, adapter=adapter, arrival=now) for i in range(params.n)]
         for child in seqs[1:]:
             child.parent = seqs[0]
         seqs[0].children = seqs[1:]
@@ -124,12 +154,13 @@ class LLMEngine:
                 seq.finish_time = time.perf_counter()
         return self._output(req)
 
-    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None,
+               lora: str | None = None) -> Iterator[RequestOutput]:
         """Add one request and step the engine until it finishes, yielding its output after every step.
 
         Other requests in the engine progress too. Leaving the loop early (``break``, Ctrl-C) aborts it.
         """
-        rid = self.add_request(prompt, params)
+        rid = self.add_request(prompt, params, lora=lora)
         try:
             while rid in self.requests:
                 for out in self.step():

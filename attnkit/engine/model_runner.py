@@ -14,6 +14,7 @@ import warnings
 import torch
 from torch import nn
 
+from .lora import StepAdapters, group_rows
 from .paged_attention import AttentionMetadata, PagedKVCache, PrefillChunk
 from .scheduler import ScheduledBatch
 
@@ -56,6 +57,7 @@ class ModelRunner:
         # compile: the decode attention reads K/V through the block tables inside one compiled kernel
         # (inductor) instead of copying every sequence's blocks out of the pool first
         self.compile = compile
+        self.lora_step: StepAdapters | None = None  # set once LoRA adapters are loaded (attnkit.engine.lora)
 
     @staticmethod
     def bytes_per_block(model: nn.Module, block_size: int) -> int:
@@ -124,6 +126,8 @@ class ModelRunner:
         meta.fused_gather = self.compile and meta.decode_only
         for c in self.caches:
             c.meta = meta
+        if self.lora_step is not None:
+            self.lora_step.groups = group_rows([s.adapter for s in batch.seqs], batch.num_tokens, self.device)
         try:
             logits = model(torch.tensor([ids], device=self.device), cache=self.caches,
                                 positions=torch.tensor(pos, device=self.device),
@@ -131,4 +135,6 @@ class ModelRunner:
         finally:
             for c in self.caches:
                 c.meta = None
+            if self.lora_step is not None:
+                self.lora_step.groups = []
         return logits[0].float(), sample_rows

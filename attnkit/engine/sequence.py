@@ -32,6 +32,7 @@ class Sequence:
     index: int  # which of the request's n completions
     prompt_ids: list[int]
     params: SamplingParams
+    adapter: int = 0  # the LoRA adapter's id (attnkit.engine.lora); 0 = the base model
     arrival: float = field(default_factory=time.perf_counter)
     seq_id: int = field(default_factory=lambda: next(_ids))
     status: SequenceStatus = SequenceStatus.WAITING

@@ -52,18 +52,29 @@ class ServerState:
         self.metrics = ServerMetrics(engine)
         self.created = int(time.time())
 
-    def check_model(self, name: str | None) -> str:
-        """The served model a request names (None: the default); 404 for any other."""
+    def check_model(self, name: str | None) -> tuple[str, str | None]:
+        """(the model name to answer with, the LoRA adapter or None) of the model a request names: None or
+        the base's name, ``"base:adapter"`` or an adapter's own name; 404 for any other."""
         if name is None or name == self.model_name:
-            return self.model_name
+            return self.model_name, None
+        loras = self.engine.engine.lora_names()
+        base, sep, adapter = name.partition(":")
+        if sep and base == self.model_name and adapter in loras:
+            return name, adapter
+        if name in loras:
+            return name, name
         if self.embedder is not None and name == self.embedding_name:
             raise errors.bad_request(f"`{name}` is an embedding model; use /v1/embeddings", "model")
-        raise APIError(404, f"The model `{name}` does not exist (this server serves `{self.model_name}`)",
+        served = ", ".join([f"`{self.model_name}`"] + [f"`{self.model_name}:{a}`" for a in loras])
+        raise APIError(404, f"The model `{name}` does not exist (this server serves {served})",
                        param="model", code="model_not_found")
 
     def model_cards(self) -> list[dict[str, Any]]:
         cards = [{"id": self.model_name, "object": "model", "created": self.created, "owned_by": "attnkit",
                   "max_model_len": self.max_model_len}]
+        for adapter in self.engine.engine.lora_names():  # as vLLM lists LoRA modules: parent = the base
+            cards.append({"id": f"{self.model_name}:{adapter}", "object": "model", "created": self.created,
+                          "owned_by": "attnkit", "parent": self.model_name, "max_model_len": self.max_model_len})
         if self.embedder is not None:
             cards.append({"id": self.embedding_name, "object": "model", "created": self.created, "owned_by": "attnkit"})
         return cards

@@ -69,7 +69,7 @@ def _render(state: ServerState, req: ChatCompletionRequest) -> str:
 async def create_chat_completion(request: Request) -> Response:
     state: ServerState = request.app.state.serve
     req = await parse_body(request, ChatCompletionRequest)
-    model = state.check_model(req.model)
+    model, lora = state.check_model(req.model)
     check_chars(state, sum(len(m.text) for m in req.messages), "messages")
     prompt = await encode(state, await asyncio.to_thread(_render, state, req), "messages", add_special_tokens=False)
     if not prompt:
@@ -79,6 +79,6 @@ async def create_chat_completion(request: Request) -> Response:
     max_tokens = max_new_tokens(state, [len(prompt)], req.max_new_tokens, "messages")
     params = sampling_params(req, max_tokens, top, state.vocab_size)
     fmt = ChatFormat(state, model, req.n, top)
-    streams = await start(state, [prompt], params, fmt.id)
+    streams = await start(state, [prompt], params, fmt.id, lora)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return await respond(request, fmt, streams, tally, req.stream, include_usage)

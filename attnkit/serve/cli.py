@@ -33,6 +33,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-embeddings", action="store_true", help="serve no /v1/embeddings model")
     p.add_argument("--drain-timeout", type=float, default=60.0, help="seconds in-flight requests get at shutdown")
     InferenceOptions.add_flags(p)  # --dtype, --quantize, --threads, --compile
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
+                   help="serve the LoRA adapter in DIR (HF PEFT format) as model `<model>:NAME`; repeatable")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run_serve)
 
@@ -48,12 +50,20 @@ def build_from_args(args: argparse.Namespace):
     for name in ("port", "max_num_seqs", "max_waiting", "kv_cache_mb"):
         if getattr(args, name) < (0 if name == "port" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    loras = []
+    for spec in args.lora:
+        name, sep, directory = spec.partition("=")
+        if not sep or not name or not directory:
+            raise ValueError(f"--lora {spec!r}: expected NAME=DIR")
+        loras.append((name, directory))
     lm = opts.load(args.model)
     if not isinstance(lm.model, Llama):
         raise ValueError(f"{lm.path}: the engine runs Llama-family models; {type(lm.model).__name__} is not one")
     cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting, max_model_len=args.max_model_len,
                        kv_cache_bytes=args.kv_cache_mb << 20, compile=opts.compile)
     engine = LLMEngine(lm.model, lm.tokenizer, cfg, lm.stop_ids)
+    for name, directory in loras:
+        engine.add_lora(name, directory)
     embedder, embedding_name = None, None
     if not args.no_embeddings:
         embedder = load_sentence_encoder(args.embedding_model)

@@ -72,12 +72,12 @@ async def _prompt_ids(state: ServerState, prompt: Any) -> list[list[int]]:
 async def create_completion(request: Request) -> Response:
     state: ServerState = request.app.state.serve
     req = await parse_body(request, CompletionRequest)
-    model = state.check_model(req.model)
+    model, lora = state.check_model(req.model)
     prompts = await _prompt_ids(state, req.prompt)
     tally = Tally(sum(len(p) for p in prompts))
     params = sampling_params(req, max_new_tokens(state, [len(p) for p in prompts], req.max_tokens, "prompt"),
                              req.logprobs, state.vocab_size)
     fmt = CompletionFormat(state, model, req.n, req.logprobs)
-    streams = await start(state, prompts, params, fmt.id)
+    streams = await start(state, prompts, params, fmt.id, lora)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return await respond(request, fmt, streams, tally, req.stream, include_usage)

@@ -83,12 +83,14 @@ async def encode(state: ServerState, text: str, param: str, add_special_tokens: 
     return await asyncio.to_thread(state.tokenizer.encode, text, add_special_tokens)
 
 
-async def start(state: ServerState, prompts: list[list[int]], params: SamplingParams, rid: str) -> list[RequestStream]:
-    """Hand every prompt to the engine; all are accepted or none is (a refusal closes the others)."""
+async def start(state: ServerState, prompts: list[list[int]], params: SamplingParams, rid: str,
+                lora: str | None = None) -> list[RequestStream]:
+    """Hand every prompt to the engine (for LoRA adapter ``lora``, if named); all are accepted or none is
+    (a refusal closes the others)."""
     streams: list[RequestStream] = []
     try:
         for i, ids in enumerate(prompts):
-            streams.append(await state.engine.add_request(ids, params, f"{rid}-{i}"))
+            streams.append(await state.engine.add_request(ids, params, f"{rid}-{i}", lora))
     except BaseException as e:
         for s in streams:
             s.close()

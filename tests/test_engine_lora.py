@@ -1,0 +1,166 @@
+"""Multi-LoRA serving: several PEFT-format LoRA adapters on one base, picked per request and batched in the
+same engine step; every output equals the corresponding merged model's (plain greedy decoding)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from attnkit.engine import model_runner
+from attnkit.engine.lora import MultiLoraLinear, StepAdapters, group_rows
+from attnkit.nn.fused import fuse_for_inference
+from attnkit.peft import AdapterLoadError, IA3Config, LoraConfig, PeftModel, get_peft_model
+from engine_helpers import greedy_reference, make_llm, random_prompts, tiny_llama
+
+VOCAB, N_NEW = 320, 10
+ADAPTERS = {  # name → config; different targets, ranks and scalings
+    "attn": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "ffn": LoraConfig(r=2, lora_alpha=3, use_rslora=True, target_modules=["gate_proj", "up_proj", "down_proj", "q_proj"]),
+    "all": LoraConfig(r=3, lora_alpha=6, target_modules=["q_proj", "v_proj", "up_proj"], rank_pattern={"v_proj": 5},
+                      alpha_pattern={"up_proj": 1.5}),
+}
+
+
+def _base() -> torch.nn.Module:
+    return tiny_llama(VOCAB, seed=5)
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """{name: (directory, merged model)} for three random LoRA adapters saved in PEFT's format."""
+    out = {}
+    for k, (name, config) in enumerate(ADAPTERS.items()):
+        peft = get_peft_model(_base(), config)
+        g = torch.Generator().manual_seed(10 + k)
+        with torch.no_grad():
+            for p in peft.adapter_parameters("default").values():
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+        directory = tmp_path_factory.mktemp(name)
+        peft.save_pretrained(directory)
+        merged = PeftModel.from_pretrained(_base(), directory).merge_and_unload().eval()
+        out[name] = (directory, merged)
+    return out
+
+
+def _engine(adapters, fuse: bool, **cfg):
+    model = _base()
+    llm = make_llm(fuse_for_inference(model) if fuse else model, **cfg)
+    for name, (directory, _) in adapters.items():
+        llm.load_lora(name, directory)
+    return llm
+
+
+def _greedy(n: int = N_NEW):
+    from attnkit.engine import SamplingParams
+
+    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+def test_mixed_batch_equals_each_merged_model(adapters, monkeypatch, fuse):
+    seen = []
+    real = model_runner.group_rows
+    monkeypatch.setattr(model_runner, "group_rows", lambda a, n, d: seen.append(set(a)) or real(a, n, d))
+    llm = _engine(adapters, fuse, max_num_batched_tokens=256)
+    prompts = random_prompts(12, VOCAB, lo=3, hi=40, seed=7)
+    names = [None, "attn", "ffn", "all"] * 3
+    outs = llm.generate(prompts, _greedy(), lora=names)
+    base = _base()
+    for prompt, name, out in zip(prompts, names, outs):
+        model = base if name is None else adapters[name][1]
+        assert out.outputs[0].token_ids == greedy_reference(model, prompt, N_NEW), name
+    assert max(len(s) for s in seen) == 4, "the base and all three adapters should share a step"
+    # the adapters do change the output (else the equality above proves nothing)
+    differs = [llm.generate([prompts[0]], _greedy(), lora=n)[0].outputs[0].token_ids for n in [None, *ADAPTERS]]
+    assert len({tuple(d) for d in differs}) == 4
+
+
+def test_prefix_cache_is_per_adapter(adapters):
+    llm = _engine(adapters, True, block_size=4)
+    prompt = random_prompts(1, VOCAB, lo=30, hi=30, seed=3)[0]
+    stats = llm.engine.stats
+    want = {n: greedy_reference(_base() if n is None else adapters[n][1], prompt, N_NEW) for n in (None, "attn")}
+    assert llm.generate([prompt], _greedy(), lora=None)[0].outputs[0].token_ids == want[None]
+    hits = stats().prefix_hits
+    # same tokens, other adapter: the base's blocks must not be reused
+    assert llm.generate([prompt], _greedy(), lora="attn")[0].outputs[0].token_ids == want["attn"]
+    assert stats().prefix_hits == hits
+    # same adapter again: its own blocks are
+    assert llm.generate([prompt], _greedy(), lora="attn")[0].outputs[0].token_ids == want["attn"]
+    assert stats().prefix_hits > hits
+    assert stats().used_blocks == 0
+
+
+def test_n_completions_and_preemption_keep_the_adapter(adapters):
+    from attnkit.engine import SamplingParams
+
+    prompts = random_prompts(6, VOCAB, lo=20, hi=40, seed=11)
+    names = ["ffn", "attn", None, "all", "ffn", "attn"]
+    want = [greedy_reference(_base() if n is None else adapters[n][1], p, 24) for p, n in zip(prompts, names)]
+    small = _engine(adapters, True, block_size=4, num_blocks=40)  # too small for all six at once: preemption
+    outs = small.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, n=2), lora=names)
+    assert small.engine.scheduler.num_preemptions > 0
+    for out, w in zip(outs, want):
+        assert [c.token_ids for c in out.outputs] == [w, w]
+
+
+def test_bad_adapters_and_names_are_refused_and_nothing_half_loads(adapters, tmp_path):
+    llm = _engine(adapters, True)
+    prompt = [1, 2, 3, 4]
+    before = llm.generate([prompt], _greedy(), lora="attn")[0].outputs[0].token_ids
+    with pytest.raises(ValueError, match="no LoRA adapter named 'nope'"):
+        llm.generate([prompt], _greedy(), lora="nope")
+    with pytest.raises(ValueError, match="already loaded"):
+        llm.load_lora("attn", adapters["attn"][0])
+    with pytest.raises(ValueError, match="adapter name"):
+        llm.load_lora("a:b", adapters["attn"][0])
+    # an adapter made for a wider model: every shape is checked before any layer changes
+    wide = get_peft_model(tiny_llama(VOCAB, d_model=96, n_heads=4, n_kv_heads=2),
+                          LoraConfig(r=2, target_modules=["o_proj", "down_proj"]))
+    wide.save_pretrained(tmp_path / "wide")
+    with pytest.raises(AdapterLoadError, match="needs A"):
+        llm.load_lora("wide", tmp_path / "wide")
+    ia3 = get_peft_model(_base(), IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                            feedforward_modules=["down_proj"]))
+    ia3.save_pretrained(tmp_path / "ia3")
+    with pytest.raises(AdapterLoadError, match="only LoRA"):
+        llm.load_lora("ia3", tmp_path / "ia3")
+    with pytest.raises(AdapterLoadError, match="missing"):
+        llm.load_lora("gone", tmp_path / "nowhere")
+    assert llm.engine.lora_names() == list(ADAPTERS)
+    assert llm.generate([prompt], _greedy(), lora="attn")[0].outputs[0].token_ids == before
+    assert llm.generate([prompt], _greedy())[0].outputs[0].token_ids == greedy_reference(_base(), prompt, N_NEW)
+
+
+def test_remove_is_refused_while_in_use(adapters):
+    llm = _engine(adapters, True)
+    rid = llm.engine.add_request([5, 6, 7], _greedy(), lora="ffn")
+    with pytest.raises(ValueError, match="in use"):
+        llm.engine.remove_lora("ffn")
+    llm.engine.abort_request(rid)
+    llm.engine.remove_lora("ffn")
+    assert "ffn" not in llm.engine.lora_names()
+    with pytest.raises(ValueError, match="no LoRA adapter named 'ffn'"):
+        llm.generate([[5, 6, 7]], _greedy(), lora="ffn")
+
+
+def test_multi_lora_layer_adds_each_adapters_update_to_its_rows():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(8, 6)
+    step = StepAdapters()
+    layer = MultiLoraLinear(copy.deepcopy(base), step)
+    A1, B1, A2, B2 = torch.randn(2, 8), torch.randn(6, 2), torch.randn(3, 8), torch.randn(6, 3)
+    layer.updates = {1: (A1, B1), 2: (A2, B2)}
+    x = torch.randn(1, 5, 8)
+    ids, counts = [2, 0, 1], [2, 1, 2]  # rows 0-1 adapter 2, row 2 base, rows 3-4 adapter 1
+    step.groups = group_rows(ids, counts, x.device)
+    y = layer(x)[0]
+    ref = base(x)[0]
+    ref[:2] += x[0, :2] @ A2.T @ B2.T
+    ref[3:] += x[0, 3:] @ A1.T @ B1.T
+    torch.testing.assert_close(y, ref)
+    step.groups = group_rows([1, 1], [3, 2], x.device)  # one adapter for every row: no gather
+    torch.testing.assert_close(layer(x)[0], base(x)[0] + x[0] @ A1.T @ B1.T)
+    assert group_rows([0, 0], [3, 2], x.device) == []
