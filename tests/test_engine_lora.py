@@ -8,8 +8,7 @@ import copy
 import pytest
 import torch
 
-from attnkit.engine import model_runner
-from attnkit.engine.lora import MultiLoraLinear, StepAdapters, group_rows
+from attnkit.engine.lora import MultiLoraLinear, StepAdapters
 from attnkit.nn.fused import fuse_for_inference
 from attnkit.peft import AdapterLoadError, IA3Config, LoraConfig, PeftModel, get_peft_model
 from engine_helpers import greedy_reference, make_llm, random_prompts, tiny_llama
@@ -61,8 +60,8 @@ def _greedy(n: int = N_NEW):
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
 def test_mixed_batch_equals_each_merged_model(adapters, monkeypatch, fuse):
     seen = []
-    real = model_runner.group_rows
-    monkeypatch.setattr(model_runner, "group_rows", lambda a, n, d: seen.append(set(a)) or real(a, n, d))
+    real = StepAdapters.set
+    monkeypatch.setattr(StepAdapters, "set", lambda self, a, n, d: seen.append(set(a)) or real(self, a, n, d))
     llm = _engine(adapters, fuse, max_num_batched_tokens=256)
     prompts = random_prompts(12, VOCAB, lo=3, hi=40, seed=7)
     names = [None, "attn", "ffn", "all"] * 3
@@ -146,21 +145,29 @@ def test_remove_is_refused_while_in_use(adapters):
         llm.generate([[5, 6, 7]], _greedy(), lora="ffn")
 
 
-def test_multi_lora_layer_adds_each_adapters_update_to_its_rows():
+@pytest.mark.parametrize("wide", [False, True], ids=["masked", "gathered"])
+def test_multi_lora_layer_adds_each_adapters_update_to_its_rows(wide):
     torch.manual_seed(0)
-    base = torch.nn.Linear(8, 6)
+    base = torch.nn.Linear(8 if not wide else 4, 6)
     step = StepAdapters()
     layer = MultiLoraLinear(copy.deepcopy(base), step)
-    A1, B1, A2, B2 = torch.randn(2, 8), torch.randn(6, 2), torch.randn(3, 8), torch.randn(6, 3)
-    layer.updates = {1: (A1, B1), 2: (A2, B2)}
-    x = torch.randn(1, 5, 8)
-    ids, counts = [2, 0, 1], [2, 1, 2]  # rows 0-1 adapter 2, row 2 base, rows 3-4 adapter 1
-    step.groups = group_rows(ids, counts, x.device)
-    y = layer(x)[0]
+    d = base.in_features
+    A1, B1, A2, B2, A3, B3 = torch.randn(2, d), torch.randn(6, 2), torch.randn(1, d), torch.randn(6, 1), \
+        torch.randn(1, d), torch.randn(6, 1)
+    for a, u in {1: (A1, B1), 2: (A2, B2), 3: (A3, B3)}.items():
+        layer.set_update(a, u)
+    assert len(layer.columns) == 4 and (len(layer.columns) > d // 2) == wide
+    x = torch.randn(1, 5, d)
+    step.set([2, 0, 1], [2, 1, 2], x.device)  # rows 0-1 adapter 2, row 2 the base, rows 3-4 adapter 1
     ref = base(x)[0]
     ref[:2] += x[0, :2] @ A2.T @ B2.T
     ref[3:] += x[0, 3:] @ A1.T @ B1.T
-    torch.testing.assert_close(y, ref)
-    step.groups = group_rows([1, 1], [3, 2], x.device)  # one adapter for every row: no gather
+    torch.testing.assert_close(layer(x)[0], ref)
+    step.set([1, 1], [3, 2], x.device)  # one adapter for every row: its slice only
+    assert step.single == 1
     torch.testing.assert_close(layer(x)[0], base(x)[0] + x[0] @ A1.T @ B1.T)
-    assert group_rows([0, 0], [3, 2], x.device) == []
+    layer.set_update(1, None)
+    torch.testing.assert_close(layer(x)[0], base(x)[0])
+    step.set([0, 0], [3, 2], x.device)
+    assert step.token_adapter is None
+    torch.testing.assert_close(layer(x)[0], base(x)[0])

@@ -32,48 +32,102 @@ _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 
 @dataclass
 class StepAdapters:
-    """Which tokens of the step's packed batch use which adapter: [(adapter id, rows or None = every row)]."""
+    """Which adapter each token of the step's packed batch uses (set by the model runner every step)."""
 
-    groups: list[tuple[int, torch.Tensor | None]] = field(default_factory=list)
+    token_adapter: torch.Tensor | None = None  # (N,) adapter id per token; None: only the base runs this step
+    single: int | None = None  # the adapter id of every token, when they all share one
+    _masks: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
+    _rows: dict[int, torch.Tensor] = field(default_factory=dict)
 
+    def set(self, adapter_ids: list[int], counts: list[int], device: torch.device) -> None:
+        """Per-sequence adapter ids and token counts, in packing order (0 = the base)."""
+        self.clear()
+        if not any(adapter_ids):
+            return
+        if len(set(adapter_ids)) == 1:
+            self.single = adapter_ids[0]
+        self.token_adapter = torch.repeat_interleave(torch.tensor(adapter_ids), torch.tensor(counts)).to(device)
 
-def group_rows(adapter_ids: list[int], counts: list[int], device: torch.device) -> list[tuple[int, torch.Tensor | None]]:
-    """Per-sequence adapter ids and token counts (in packing order) → the step's groups (id 0, the base, omitted)."""
-    if len(set(adapter_ids)) == 1:
-        return [] if adapter_ids[0] == 0 else [(adapter_ids[0], None)]
-    rows: dict[int, list[int]] = {}
-    start = 0
-    for a, n in zip(adapter_ids, counts):
-        if a:
-            rows.setdefault(a, []).extend(range(start, start + n))
-        start += n
-    return [(a, torch.tensor(r, device=device)) for a, r in rows.items()]
+    def clear(self) -> None:
+        self.token_adapter, self.single = None, None
+        self._masks.clear()
+        self._rows.clear()
+
+    def mask(self, columns: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """(N, R): 1 where column r (of adapter ``columns[r]``) belongs to the token's adapter, else 0."""
+        m = self._masks.get(columns)
+        if m is None:
+            assert self.token_adapter is not None
+            cols = torch.tensor(columns, device=self.token_adapter.device)
+            m = self._masks[columns] = (self.token_adapter[:, None] == cols[None, :]).to(dtype)
+        return m
+
+    def rows(self, adapter: int) -> torch.Tensor:
+        """The packed rows of the tokens using ``adapter``."""
+        r = self._rows.get(adapter)
+        if r is None:
+            assert self.token_adapter is not None
+            r = self._rows[adapter] = (self.token_adapter == adapter).nonzero().squeeze(1)
+        return r
 
 
 class MultiLoraLinear(nn.Module):
-    """A base projection plus, per adapter id, a low-rank update ``(A (R, in), B (out, R))`` (scaling folded into B)."""
+    """A base projection plus every loaded adapter's low-rank update, stacked: ``A`` (R, in) holds the adapters'
+    A's one after the other, ``B`` (out, R) their B's (scaling folded in), ``columns[r]`` the adapter of column r.
+
+    A step whose tokens all use one adapter takes that adapter's slice. A mixed step computes x·Aᵀ for every
+    column, zeroes the columns of other adapters per token, and adds the product with Bᵀ: three operations
+    whatever the number of adapters in the batch — or, once the stacked rank outgrows ``in_features / 2``,
+    gathers each present adapter's rows instead.
+    """
 
     def __init__(self, base: nn.Module, step: StepAdapters) -> None:
         super().__init__()
         self.base, self.step = base, step
         self.updates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._stack()
+
+    def set_update(self, adapter: int, update: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        if update is None:
+            self.updates.pop(adapter, None)
+        else:
+            self.updates[adapter] = update
+        self._stack()
+
+    def _stack(self) -> None:
+        ups = self.updates
+        self.columns = tuple(a for a, (A, _) in ups.items() for _ in range(A.shape[0]))
+        self.spans: dict[int, tuple[int, int]] = {}
+        r = 0
+        for a, (A, _) in ups.items():
+            self.spans[a] = (r, r + A.shape[0])
+            r += A.shape[0]
+        self.A = torch.cat([A for A, _ in ups.values()]) if ups else None  # (R, in)
+        self.B = torch.cat([B for _, B in ups.values()], dim=1).contiguous() if ups else None  # (out, R)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if not self.step.groups or not self.updates:
+        step = self.step
+        if step.token_adapter is None or self.A is None:
             return y
         y = y.contiguous()
         x2 = x.reshape(-1, x.shape[-1])  # (N, in): the packed tokens
-        y2 = y.reshape(-1, y.shape[-1])  # (N, out), a view of y
-        for adapter, rows in self.step.groups:
-            update = self.updates.get(adapter)
-            if update is None:
-                continue
-            A, B = update
-            if rows is None:
-                y2.addmm_(x2 @ A.T, B.T)
-            else:
-                y2.index_add_(0, rows, (x2.index_select(0, rows) @ A.T) @ B.T)
+        y2 = y.view(-1, y.shape[-1])  # (N, out), a view of y
+        A, B = self.A, self.B
+        assert B is not None
+        if step.single is not None:
+            span = self.spans.get(step.single)
+            if span is not None:
+                r0, r1 = span
+                y2.addmm_(x2 @ A[r0:r1].T, B[:, r0:r1].T)
+        elif len(self.columns) <= x2.shape[1] // 2:
+            xa = (x2 @ A.T).mul_(step.mask(self.columns, A.dtype))  # (N, R), other adapters' columns zeroed
+            y2.addmm_(xa, B.T)
+        else:
+            for a, (r0, r1) in self.spans.items():
+                rows = step.rows(a)
+                if rows.numel():
+                    y2.index_add_(0, rows, (x2.index_select(0, rows) @ A[r0:r1].T) @ B[:, r0:r1].T)
         return y
 
 
@@ -116,15 +170,16 @@ class LoraAdapters:
                                    "unmerged (merge others into the model with merge_and_unload)")
         updates = self._updates(config, tensors, str(directory))
         adapter = next(self._next)
-        for path, (A, B) in updates.items():
-            self._wrap(path).updates[adapter] = (A, B)
+        for path, update in updates.items():
+            self._wrap(path).set_update(adapter, update)
         self.ids[name], self.sources[name] = adapter, str(directory)
         return adapter
 
     def remove(self, name: str) -> None:
         adapter = self.id_of(name)
         for layer in self._wrapped.values():
-            layer.updates.pop(adapter, None)
+            if adapter in layer.updates:
+                layer.set_update(adapter, None)
         del self.ids[name], self.sources[name]
 
     def _wrap(self, path: str) -> MultiLoraLinear:

@@ -14,7 +14,7 @@ import warnings
 import torch
 from torch import nn
 
-from .lora import StepAdapters, group_rows
+from .lora import StepAdapters
 from .paged_attention import AttentionMetadata, PagedKVCache, PrefillChunk
 from .scheduler import ScheduledBatch
 
@@ -127,7 +127,7 @@ class ModelRunner:
         for c in self.caches:
             c.meta = meta
         if self.lora_step is not None:
-            self.lora_step.groups = group_rows([s.adapter for s in batch.seqs], batch.num_tokens, self.device)
+            self.lora_step.set([s.adapter for s in batch.seqs], batch.num_tokens, self.device)
         try:
             logits = model(torch.tensor([ids], device=self.device), cache=self.caches,
                                 positions=torch.tensor(pos, device=self.device),
@@ -136,5 +136,5 @@ class ModelRunner:
             for c in self.caches:
                 c.meta = None
             if self.lora_step is not None:
-                self.lora_step.groups = []
+                self.lora_step.clear()
         return logits[0].float(), sample_rows
