@@ -78,17 +78,9 @@ LORA = "cli-adapter"  # the name --lora's adapter gets in the engine
 
 def _engine(lm, compile: bool = False, lora: str | None = None):
     """An inference engine on the loaded model, its KV pool sized for one full-length conversation,
-    with the LoRA adapter in directory ``lora`` loaded as :data:`LORA`.
-
-    Models the engine does not run yet (GPT-2) keep the single-stream decoder behind the same interface.
-    """
+    with the LoRA adapter in directory ``lora`` loaded as :data:`LORA`."""
     from .engine import EngineConfig, LLMEngine
-    from .models.llama import Llama
 
-    if not isinstance(lm.model, Llama):
-        if lora is not None:
-            raise ValueError(f"--lora: LoRA serving runs on the engine, which does not run {type(lm.model).__name__}")
-        return _SingleStream(lm)
     max_len = min(getattr(lm.model.cfg, "max_seq_len", 8192), 32768)
     cfg = EngineConfig(num_blocks=-(-max_len // 16) + 1, max_model_len=max_len, compile=compile)
     engine = LLMEngine(lm.model, lm.tokenizer, cfg, lm.stop_ids)
@@ -104,30 +96,6 @@ def _chat_prompt(lm, messages: list[dict[str, str]]) -> list[int]:
     text = render_chat(tok.chat_template, messages, add_generation_prompt=True, source=str(lm.path),
                        bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
     return tok.encode(text, add_special_tokens=False)
-
-
-class _SingleStream:
-    """The engine's ``stream`` interface over :func:`attnkit.generation.generate` (GPT-2)."""
-
-    def __init__(self, lm) -> None:
-        self.lm = lm
-
-    def stream(self, prompt: list[int], params):
-        from .engine.outputs import CompletionOutput, RequestOutput
-        from .generation import SamplingParams, generate
-        from .text.detokenize import IncrementalDetokenizer
-
-        lm, stop = self.lm, self.lm.stop_ids
-        detok = IncrementalDetokenizer(lm.tokenizer, context=prompt[-4:])
-        simple = SamplingParams(params.max_tokens, params.temperature, params.top_k, params.top_p, params.seed)
-        ids: list[int] = []
-        text = ""
-        for tok in generate(lm.model, prompt, simple, stop, max_len=getattr(lm.model.cfg, "max_seq_len", None)):
-            ids.append(tok)
-            text += "" if tok in stop else detok.push(tok)
-            yield RequestOutput("0", None, prompt, [CompletionOutput(0, text, list(ids), None)], False)
-        text += detok.flush()
-        yield RequestOutput("0", None, prompt, [CompletionOutput(0, text, list(ids), "stop")], True)
 
 
 def stream(engine, prompt: list[int], params, out: TextIO, lora: str | None = None) -> Iterator[int]:

@@ -1,4 +1,4 @@
-"""`attnkit generate/chat` on the engine: Llama models run on it, GPT-2 keeps the single-stream decoder."""
+"""`attnkit generate/chat` on the engine, for the Llama family and GPT-2 alike."""
 
 from __future__ import annotations
 

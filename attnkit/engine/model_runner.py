@@ -44,8 +44,8 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, compile: bool = False) -> None:
         cfg = model.cfg
-        if not hasattr(cfg, "n_kv_heads") or not hasattr(model, "rotary"):
-            raise TypeError(f"the engine runs Llama-family models; got {type(model).__name__}")
+        if not hasattr(cfg, "n_kv_heads") or not hasattr(cfg, "hd"):
+            raise TypeError(f"the engine runs decoder-only models (Llama family, GPT-2); got {type(model).__name__}")
         self.model = model.eval()
         self.block_size = block_size
         p = next(model.parameters())

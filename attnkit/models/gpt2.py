@@ -33,6 +33,14 @@ class GPT2Config:
     norm_eps: float = 1e-5
     activation: str = "gelu_tanh"  # HF "gelu_new"
 
+    @property
+    def n_kv_heads(self) -> int:  # every head has its own keys and values (the engine sizes its KV pool by these)
+        return self.n_heads
+
+    @property
+    def hd(self) -> int:
+        return self.d_model // self.n_heads
+
 
 class GPT2(nn.Module):
     def __init__(self, cfg: GPT2Config) -> None:
@@ -51,19 +59,28 @@ class GPT2(nn.Module):
         return [KVCache() for _ in self.layers]
 
     def forward(self, idx: torch.Tensor | None, cache: list[KVCache] | None = None, last_only: bool = False,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                inputs_embeds: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                logits_indices: torch.Tensor | None = None) -> torch.Tensor:
         """idx: (B, T) → logits (B, T, vocab); with ``cache`` the tokens continue the cached sequence.
 
-        ``inputs_embeds`` (B, T, d) replaces the token embedding lookup (soft prompts, P-tuning).
+        ``inputs_embeds`` (B, T, d) replaces the token embedding lookup (soft prompts, P-tuning). The
+        inference engine passes explicit ``positions`` (T,) of its packed row of many sequences, a
+        per-layer cache that masks by itself, and ``logits_indices``: the only rows it needs logits of.
         """
         if (idx is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of idx (token ids) and inputs_embeds")
         tok = self.tok_embeddings(idx) if inputs_embeds is None else inputs_embeds  # (B, T, d)
         B, T = tok.shape[:2]
-        start = cache[0].length if cache is not None else 0
-        x = self.pos_embeddings(tok, offset=start)  # (B, T, d)
-        mask = None if T == 1 else causal_mask(T, start + T, device=tok.device)  # (T, start+T)
+        if positions is not None:
+            x = self.pos_embeddings(tok, positions=positions)  # (B, T, d)
+            mask = None  # the engine's paged cache knows which keys each token may see
+        else:
+            start = cache[0].length if cache is not None else 0
+            x = self.pos_embeddings(tok, offset=start)  # (B, T, d)
+            mask = None if T == 1 else causal_mask(T, start + T, device=tok.device)  # (T, start+T)
         for i, layer in enumerate(self.layers):
             x = layer(x, mask=mask, cache=None if cache is None else cache[i])
+        if logits_indices is not None:
+            x = x[:, logits_indices]
         x = self.norm(x[:, -1:] if last_only else x)
         return F.linear(x, self.tok_embeddings.weight)  # (B, T, vocab)

@@ -57,8 +57,13 @@ class LearnedPositionalEmbedding(nn.Module):
         # meta multiply would run a reference op whose first use imports torch._dynamo (~1.5 s)
         self.weight = nn.Parameter(table if table.is_meta else table * 0.02)
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, offset: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, d) at positions offset … offset+T−1, or at explicit ``positions`` (T,) (a packed batch)."""
         T = x.shape[1]
+        if positions is not None:
+            if positions.numel() and int(positions.max()) >= self.weight.shape[0]:
+                raise ValueError(f"position {int(positions.max())} exceeds max_len {self.weight.shape[0]}")
+            return x + self.weight[positions].to(x.dtype)
         if offset + T > self.weight.shape[0]:
             raise ValueError(f"sequence of {offset + T} positions exceeds max_len {self.weight.shape[0]}")
         return x + self.weight[offset : offset + T].to(x.dtype)

@@ -43,6 +43,7 @@ def build_from_args(args: argparse.Namespace):
     """Load the models and build the app (separate from serving, for tests and embedding)."""
     from ..engine import EngineConfig, LLMEngine
     from ..loading import load_sentence_encoder
+    from ..models.gpt2 import GPT2
     from ..models.llama import Llama
     from .app import build_app
 
@@ -57,8 +58,9 @@ def build_from_args(args: argparse.Namespace):
             raise ValueError(f"--lora {spec!r}: expected NAME=DIR")
         loras.append((name, directory))
     lm = opts.load(args.model)
-    if not isinstance(lm.model, Llama):
-        raise ValueError(f"{lm.path}: the engine runs Llama-family models; {type(lm.model).__name__} is not one")
+    if not isinstance(lm.model, (Llama, GPT2)):
+        raise ValueError(f"{lm.path}: the engine runs decoder-only models (Llama family, GPT-2); "
+                         f"{type(lm.model).__name__} is not one")
     cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting, max_model_len=args.max_model_len,
                        kv_cache_bytes=args.kv_cache_mb << 20, compile=opts.compile)
     engine = LLMEngine(lm.model, lm.tokenizer, cfg, lm.stop_ids)
