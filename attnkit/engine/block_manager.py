@@ -94,8 +94,8 @@ class BlockManager:
     def match_prefix(self, seq: Sequence) -> None:
         """Start a block-less sequence on the longest cached prefix (at least its last token is computed)."""
         assert not seq.block_table and seq.num_computed == 0
-        if not self.enable_prefix_caching:
-            return
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return  # prompt logprobs need the logits of every prompt token: compute them all
         bs, h = self.block_size, self.first_hash(seq)
         for i in range((len(seq) - 1) // bs):
             tokens = tuple(seq.tokens[i * bs:(i + 1) * bs])

@@ -14,10 +14,11 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from ..text.detokenize import IncrementalDetokenizer
@@ -27,7 +28,7 @@ from .model_runner import ModelRunner
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .sampler import sample
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler
+from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence
 
 if TYPE_CHECKING:
@@ -193,6 +194,7 @@ class LLMEngine:
                 raise RuntimeError("the engine cannot schedule any sequence: the KV cache is too small")
         self.num_steps += 1
         logits, rows = self.runner.run(batch)
+        self._prompt_logprobs(batch)
         self.scheduler.computed(batch)
         touched = {s.request_id for s in batch.seqs}
         if rows:
@@ -213,6 +215,31 @@ class LLMEngine:
             if out.finished:
                 del self.requests[rid]
         return outs
+
+    def _prompt_logprobs(self, batch: ScheduledBatch) -> None:
+        """Record log p(prompt token i | tokens before it), with the top alternatives, for the rows computed."""
+        parts, logits = self.runner.prompt_logits
+        if not parts:
+            return
+        lps = torch.log_softmax(logits, -1)  # (P, vocab)
+        at = 0
+        for row, first, count in parts:
+            seq = batch.seqs[row]
+            k = seq.params.prompt_logprobs or 0
+            if not seq.prompt_logprobs:
+                seq.prompt_logprobs = [None]
+            targets = torch.tensor(seq.tokens[first + 1:first + 1 + count])
+            chunk = lps[at:at + count]
+            chosen = chunk.gather(1, targets[:, None])[:, 0].tolist()
+            top = torch.topk(chunk, k) if k else None
+            for i in range(count):
+                if first + 1 + i < len(seq.prompt_logprobs):
+                    continue  # recomputed after a preemption: already recorded
+                d = {int(targets[i]): chosen[i]}
+                if top is not None:
+                    d.update({int(t): float(v) for t, v in zip(top.indices[i], top.values[i]) if int(t) not in d})
+                seq.prompt_logprobs.append(d)
+            at += count
 
     def _check_stop(self, seq: Sequence, tok: int) -> None:
         p = seq.params
@@ -254,5 +281,9 @@ class LLMEngine:
                                                   default=None),
                                  max((s.finish_time or 0 for s in req.seqs), default=0) or None,
                                  sum(s.num_preemptions for s in req.seqs))
+        first = req.seqs[0]
+        prompt_lps = None
+        if req.params.prompt_logprobs is not None:
+            prompt_lps = list(first.prompt_logprobs) if len(req.prompt_ids) > 1 else [None]
         return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, all(s.finished for s in req.seqs),
-                             metrics)
+                             metrics, prompt_lps)

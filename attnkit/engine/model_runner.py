@@ -58,6 +58,7 @@ class ModelRunner:
         # (inductor) instead of copying every sequence's blocks out of the pool first
         self.compile = compile
         self.lora_step: StepAdapters | None = None  # set once LoRA adapters are loaded (attnkit.engine.lora)
+        self.prompt_logits: tuple[list[tuple[int, int, int]], torch.Tensor] = ([], torch.empty(0))
 
     @staticmethod
     def bytes_per_block(model: nn.Module, block_size: int) -> int:
@@ -75,7 +76,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
-        """Forward the batch; returns (logits (S, vocab) float32, indices into batch.seqs of the S sampling rows)."""
+        """Forward the batch; returns (logits (S, vocab) float32, indices into batch.seqs of the S sampling rows).
+
+        Sequences that want prompt logprobs also get the logits of their prompt rows in this step, left in
+        ``prompt_logits``: ([(row in batch, first position, count)], (P, vocab)).
+        """
         if batch.copies:
             src = torch.tensor([s for s, _ in batch.copies], device=self.device)
             dst = torch.tensor([d for _, d in batch.copies], device=self.device)
@@ -91,6 +96,8 @@ class ModelRunner:
         prefills: list[PrefillChunk] = []
         sample_rows: list[int] = []
         logits_idx: list[int] = []
+        prompt_rows: list[tuple[int, int, int]] = []  # (row in batch, first position, count) wanting prompt logprobs
+        prompt_idx: list[int] = []
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
             start, t0 = seq.num_computed, len(ids)
             p = list(range(start, start + n))
@@ -111,6 +118,11 @@ class ModelRunner:
             if ctx == len(seq):
                 sample_rows.append(row)
                 logits_idx.append(len(ids) - 1)
+            if seq.params.prompt_logprobs is not None and start < seq.prompt_len - 1:
+                # the rows at positions start … predict prompt tokens start+1 … (the sampling row excluded)
+                upto = min(ctx, seq.prompt_len - 1)
+                prompt_rows.append((row, start, upto - start))
+                prompt_idx += range(t0, t0 + upto - start)
         meta = AttentionMetadata(torch.tensor(slots, device=self.device), prefills=prefills)
         if dec_idx:
             width = max(len(t) for t in dec_tables)
@@ -131,10 +143,12 @@ class ModelRunner:
         try:
             logits = model(torch.tensor([ids], device=self.device), cache=self.caches,
                                 positions=torch.tensor(pos, device=self.device),
-                                logits_indices=torch.tensor(logits_idx, device=self.device, dtype=torch.long))
+                                logits_indices=torch.tensor(logits_idx + prompt_idx, device=self.device, dtype=torch.long))
         finally:
             for c in self.caches:
                 c.meta = None
             if self.lora_step is not None:
                 self.lora_step.clear()
-        return logits[0].float(), sample_rows
+        logits = logits[0].float()
+        self.prompt_logits = (prompt_rows, logits[len(logits_idx):])  # for the engine's prompt logprobs
+        return logits[:len(logits_idx)], sample_rows

@@ -44,6 +44,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(0.0))
+    # with SamplingParams.prompt_logprobs: per prompt token, None for the first, then {its id: lp, top alternatives...}
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @property
     def text(self) -> str:

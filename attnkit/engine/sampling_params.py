@@ -32,6 +32,7 @@ class SamplingParams:
     min_tokens: int = 0  # EOS and stop tokens are masked until this many tokens
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives returned per token (0 = only the sampled one)
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (no prefix-cache reuse then)
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     stop_strings: tuple[str, ...] = field(init=False, repr=False, default=())
@@ -81,6 +82,8 @@ class SamplingParams:
             raise bad("ignore_eos", "must be a bool")
         if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
             raise bad("logprobs", "must be None or an integer in [0, 20]")
+        if self.prompt_logprobs is not None and (not is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= 20):
+            raise bad("prompt_logprobs", "must be None or an integer in [0, 20]")
         bias = dict(self.logit_bias or {})
         if any(not is_int(t) or t < 0 or not is_num(b) or not -100 <= b <= 100 for t, b in bias.items()):
             raise bad("logit_bias", "must map token ids (>= 0) to biases in [-100, 100]")

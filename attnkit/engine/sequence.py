@@ -47,6 +47,7 @@ class Sequence:
     stop_reason: int | str | None = None
     text: str = ""  # detokenised output (stop strings removed)
     logprobs: list[dict[int, float]] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)  # filled as the prompt is computed
     num_preemptions: int = 0
     first_token_time: float | None = None
     finish_time: float | None = None
