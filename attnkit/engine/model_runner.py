@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .lora import StepAdapters
+from .native_decode import MAX_ROWS, NativeDecoder
 from .paged_attention import AttentionMetadata, PagedKVCache, PrefillChunk
 from .scheduler import ScheduledBatch
 
@@ -42,7 +43,8 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, compile: bool = False) -> None:
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, compile: bool = False,
+                 kv_dtype: torch.dtype | None = None) -> None:
         cfg = model.cfg
         if not hasattr(cfg, "n_kv_heads") or not hasattr(cfg, "hd"):
             raise TypeError(f"the engine runs decoder-only models (Llama family, GPT-2); got {type(model).__name__}")
@@ -52,18 +54,23 @@ class ModelRunner:
         self.device, self.dtype = p.device, p.dtype
         self.window: int | None = getattr(cfg, "sliding_window", None)
         shape = (len(model.layers), cfg.n_kv_heads, num_blocks, block_size, cfg.hd)  # head-major, see PagedKVCache
-        self.k_pool, self.v_pool = lazy_zeros(shape, self.dtype, self.device), lazy_zeros(shape, self.dtype, self.device)
+        kv_dtype = kv_dtype or self.dtype  # the pool's; K/V are converted on writing and read back widened
+        self.k_pool, self.v_pool = lazy_zeros(shape, kv_dtype, self.device), lazy_zeros(shape, kv_dtype, self.device)
         self.caches = [PagedKVCache(self.k_pool[i], self.v_pool[i]) for i in range(shape[0])]
         # compile: the decode attention reads K/V through the block tables inside one compiled kernel
         # (inductor) instead of copying every sequence's blocks out of the pool first
         self.compile = compile
         self.lora_step: StepAdapters | None = None  # set once LoRA adapters are loaded (attnkit.engine.lora)
         self.prompt_logits: tuple[list[tuple[int, int, int]], torch.Tensor] = ([], torch.empty(0))
+        # decode-only steps of few sequences run all layers in one C call when the model allows it
+        # (attnkit.engine.native_decode); built at the first such step; False: eager only
+        self.native: NativeDecoder | bool | None = None
 
     @staticmethod
-    def bytes_per_block(model: nn.Module, block_size: int) -> int:
+    def bytes_per_block(model: nn.Module, block_size: int, kv_dtype: torch.dtype | None = None) -> int:
+        """The K and V bytes of one block over all layers; ``kv_dtype`` None: the model's parameters' dtype."""
         cfg = model.cfg
-        elt = next(model.parameters()).element_size()
+        elt = (kv_dtype or next(model.parameters()).dtype).itemsize
         return 2 * len(model.layers) * block_size * cfg.n_kv_heads * cfg.hd * elt
 
     def _mask(self, q_pos: torch.Tensor, k_len: int) -> torch.Tensor:
@@ -140,6 +147,15 @@ class ModelRunner:
             c.meta = meta
         if self.lora_step is not None:
             self.lora_step.set([s.adapter for s in batch.seqs], batch.num_tokens, self.device)
+        if meta.decode_only and len(ids) <= MAX_ROWS and not self.compile and self.lora_step is None:
+            if self.native is None:
+                self.native = NativeDecoder.build(model, self.k_pool, self.v_pool) or False
+            if self.native:
+                assert meta.decode_tables is not None and meta.decode_lens is not None and meta.decode_starts is not None
+                h = self.native.hidden(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device),
+                                       meta.slots, meta.decode_tables, meta.decode_lens, meta.decode_starts)
+                self.prompt_logits = ([], torch.empty(0))
+                return model.logits(h[None])[0].float(), sample_rows
         try:
             logits = model(torch.tensor([ids], device=self.device), cache=self.caches,
                                 positions=torch.tensor(pos, device=self.device),

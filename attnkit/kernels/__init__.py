@@ -1,4 +1,5 @@
-"""attnkit's C kernels (``kernels.c``): GGUF block matrix–vector products and paged decode attention.
+"""attnkit's C kernels: GGUF block matrix–vector products and paged decode attention (``kernels.c``), and a
+whole decode step of a Llama-family model built on them (``decode_step.c``).
 
 Compiled once per machine with the system C compiler (``-O3 -march=native -fopenmp``, about a
 second) into a cache directory (``$ATTNKIT_CACHE`` or ~/.cache/attnkit) and loaded with ctypes. The
@@ -19,7 +20,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("kernels.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("kernels.c", "decode_step.c")]
 
 
 def cache_dir() -> Path:
@@ -31,7 +32,7 @@ def library() -> ctypes.CDLL | None:
     """The compiled kernels for this machine (built on first use), or None with a warning if it can't be."""
     if os.environ.get("ATTNKIT_NO_NATIVE"):
         return None
-    src = SOURCE.read_bytes()
+    src = b"".join(p.read_bytes() for p in SOURCES)
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
     with open("/proc/cpuinfo", "rb") if os.path.exists("/proc/cpuinfo") else open(os.devnull, "rb") as f:
         cpu = next((line for line in f if line.startswith(b"flags")), b"")
@@ -47,7 +48,7 @@ def library() -> ctypes.CDLL | None:
         with tempfile.TemporaryDirectory(dir=so.parent) as tmp:  # build aside, then rename: never a half-written .so
             out = Path(tmp) / so.name
             try:
-                subprocess.run([cc, *flags, str(SOURCE), "-o", str(out), "-lm"], check=True, capture_output=True, timeout=120)
+                subprocess.run([cc, *flags, *map(str, SOURCES), "-o", str(out), "-lm"], check=True, capture_output=True, timeout=120)
             except (OSError, subprocess.SubprocessError) as e:
                 detail = getattr(e, "stderr", b"") or b""
                 warnings.warn(f"attnkit: could not build its C kernels ({e}; {detail.decode(errors='replace')[:300]}); "
@@ -59,6 +60,9 @@ def library() -> ctypes.CDLL | None:
     lib.ak_gemv.argtypes = [i, vp, vp, vp, i, i, i, vp, i]
     lib.ak_dequantize.argtypes = [i, vp, vp, i, i, i]
     lib.ak_paged_attention.argtypes = [vp, vp, vp, vp, vp, vp, vp, i, i, i, i, i, i, i, ctypes.c_float, vp, i]
+    lib.ak_paged_attention_f16.argtypes = lib.ak_paged_attention.argtypes  # K/V pools of IEEE halves
+    lib.ak_llama_decode.argtypes = [vp, i, vp, i, i, i, i, i, i, ctypes.c_float, vp, vp, vp, vp, vp, vp, i, i, i, i,
+                                    vp, vp, vp, i]
     # the block layouts attnkit.quant.native assumes (Q4_1, Q8_0, 8-bit activations)
     assert (lib.ak_block_bytes(0), lib.ak_block_bytes(1), lib.ak_act_block_bytes()) == (20, 34, 40)
     return lib

@@ -134,7 +134,11 @@ class Llama(nn.Module):
             x = layer(x, mask=mask, rotary=rotary, positions=positions, cache=None if cache is None else cache[i])
         if logits_indices is not None:
             x = x[:, logits_indices]
-        x = self.norm(x[:, -1:] if last_only else x)
+        return self.logits(x[:, -1:] if last_only else x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The last layer's output (B, T, d) → RMSNorm → LM head → logits (B, T, vocab)."""
+        x = self.norm(h)
         if self.output_head is not None:
             return self.output_head(x)  # (B, T, vocab)
         w = self.tok_embeddings.weight if self.lm_head is None else self.lm_head.weight

@@ -1,0 +1,137 @@
+/* A whole decode step of a Llama-family model with GGUF weights in one call (attnkit/engine/native_decode.py).
+ *
+ * For B sequences with one new token each, every layer computes, as attnkit.models.llama does eagerly:
+ *   h   = x + W_o · Attn(RoPE(W_qkv · RMSNorm(x)))        (the new K/V written into the paged pool)
+ *   x'  = h + W_down · (SiLU(W_gate · RMSNorm(h)) ⊙ W_up · RMSNorm(h))
+ * with the projections on the checkpoint's blocks (ak_gemv) and the attention over the block tables
+ * (ak_paged_attention). Eagerly the same step is ~80 PyTorch operations per layer, each with its
+ * Python and dispatch overhead; here it is one call for all layers.
+ */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads);
+int ak_paged_attention(const float *q, const float *k_pool, const float *v_pool, const int64_t *tables,
+                       const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
+                       int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads);
+/* defined by kernels.c once float16 KV pools are supported; weak, so this file links either way */
+__attribute__((weak)) int ak_paged_attention_f16(const float *q, const uint16_t *k_pool, const uint16_t *v_pool, const int64_t *tables,
+                           const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
+                           int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads);
+
+typedef struct {
+    const void *qkv, *o, *gate_up, *down; /* GGUF blocks: (nh+2·nkv)·hd, d, 2·ff, d rows */
+    int qkv_kind, o_kind, gate_up_kind, down_kind; /* 0 = Q4_1, 1 = Q8_0 */
+    const float *qkv_bias; /* (nh+2·nkv)·hd or NULL (Qwen2) */
+    const float *attn_norm, *ffn_norm; /* RMSNorm weights (d,) */
+    void *k_pool, *v_pool; /* this layer's (nkv, num_blocks, bs, hd), float32 or float16 */
+} ak_layer;
+
+static void rmsnorm(const float *x, const float *w, float *y, int d, float eps) {
+    float ss = 0.f;
+    for (int i = 0; i < d; i++) ss += x[i] * x[i];
+    const float r = 1.f / sqrtf(ss / (float)d + eps);
+    for (int i = 0; i < d; i++) y[i] = x[i] * r * w[i];
+}
+
+/* half-split RoPE on n heads of hd: (x1, x2) -> (x1·cos − x2·sin, x2·cos + x1·sin); cos/sin (hd,) */
+static void rope(float *x, int n, int hd, const float *cos, const float *sin) {
+    const int h2 = hd / 2;
+    for (int h = 0; h < n; h++) {
+        float *v = x + (size_t)h * hd;
+        for (int i = 0; i < h2; i++) {
+            const float a = v[i], b = v[i + h2];
+            v[i] = a * cos[i] - b * sin[i];
+            v[i + h2] = b * cos[i + h2] + a * sin[i + h2];
+        }
+    }
+}
+
+static inline uint16_t to_half(float f) {
+#if defined(__F16C__)
+    return _cvtss_sh(f, 0);
+#else
+    /* round-to-nearest-even float -> IEEE half, for compilers without F16C */
+    union { float f; uint32_t u; } v = {f};
+    uint32_t sign = (v.u >> 16) & 0x8000, e = (v.u >> 23) & 0xff, m = v.u & 0x7fffff;
+    if (e == 0xff) return (uint16_t)(sign | 0x7c00 | (m ? 0x200 : 0));
+    int ne = (int)e - 127 + 15;
+    if (ne >= 31) return (uint16_t)(sign | 0x7c00);
+    if (ne <= 0) {
+        if (ne < -10) return (uint16_t)sign;
+        m |= 0x800000;
+        uint32_t shift = (uint32_t)(14 - ne), half = m >> shift, rem = m & ((1u << shift) - 1), mid = 1u << (shift - 1);
+        if (rem > mid || (rem == mid && (half & 1))) half++;
+        return (uint16_t)(sign | half);
+    }
+    uint32_t half = sign | ((uint32_t)ne << 10) | (m >> 13), rem = m & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (half & 1))) half++;
+    return (uint16_t)half;
+#endif
+}
+
+static void store_kv(void *pool, int f16, const float *src, int nkv, int hd, int num_blocks, int bs, int64_t slot) {
+    const int64_t block = slot / bs, off = slot % bs;
+    for (int h = 0; h < nkv; h++) {
+        const size_t at = (((size_t)h * num_blocks + (size_t)block) * bs + (size_t)off) * hd;
+        if (f16)
+            for (int i = 0; i < hd; i++) ((uint16_t *)pool)[at + i] = to_half(src[(size_t)h * hd + i]);
+        else
+            for (int i = 0; i < hd; i++) ((float *)pool)[at + i] = src[(size_t)h * hd + i];
+    }
+}
+
+/* x (B, d) in/out: the residual stream before layer 0 in, after the last layer out.
+ * cos/sin (B, hd); slots (B,) where each new K/V goes; tables (B, max_nb), lens/starts (B,): the keys.
+ * work: B·(2d + 2·qkv + nh·hd + 2·ff) floats; act: the quantized activations (ak_gemv's scratch, for the
+ * widest input: B · max(d, ff)/32 · 40 bytes); scores: ak_paged_attention's scratch. */
+int ak_llama_decode(const ak_layer *layers, int n_layers, float *x, int B, int d, int nh, int nkv, int hd, int ff,
+                    float eps, const float *cos, const float *sin, const int64_t *slots, const int64_t *tables,
+                    const int64_t *lens, const int64_t *starts, int max_nb, int bs, int num_blocks, int kv_f16,
+                    float *work, void *act, float *scores, int threads) {
+    const int nq = nh * hd, nkvd = nkv * hd, nqkv = nq + 2 * nkvd;
+    float *xn = work;                            /* (B, d)     normed input */
+    float *qkv = xn + (size_t)B * d;             /* (B, nqkv)  projections */
+    float *q = qkv + (size_t)B * nqkv;           /* (B, nq)    rotated queries, contiguous */
+    float *att = q + (size_t)B * nq;             /* (B, nq)    attention output */
+    float *gu = att + (size_t)B * nq;            /* (B, 2·ff)  gate | up, then SiLU(gate)·up in the first ff */
+    float *dn = gu + (size_t)B * 2 * ff;         /* (B, d)     a sublayer's output */
+    const float scale = 1.f / sqrtf((float)hd);
+    for (int l = 0; l < n_layers; l++) {
+        const ak_layer *L = layers + l;
+        for (int b = 0; b < B; b++) rmsnorm(x + (size_t)b * d, L->attn_norm, xn + (size_t)b * d, d, eps);
+        if (ak_gemv(L->qkv_kind, L->qkv, xn, qkv, B, nqkv, d, act, threads)) return 1;
+        for (int b = 0; b < B; b++) {
+            float *r = qkv + (size_t)b * nqkv;
+            if (L->qkv_bias)
+                for (int i = 0; i < nqkv; i++) r[i] += L->qkv_bias[i];
+            rope(r, nh + nkv, hd, cos + (size_t)b * hd, sin + (size_t)b * hd); /* q and k heads are adjacent */
+            for (int i = 0; i < nq; i++) q[(size_t)b * nq + i] = r[i];
+            store_kv(L->k_pool, kv_f16, r + nq, nkv, hd, num_blocks, bs, slots[b]);
+            store_kv(L->v_pool, kv_f16, r + nq + nkvd, nkv, hd, num_blocks, bs, slots[b]);
+        }
+        if (kv_f16 && !ak_paged_attention_f16) return 3;
+        int rc = kv_f16 ? ak_paged_attention_f16(q, (const uint16_t *)L->k_pool, (const uint16_t *)L->v_pool, tables,
+                                                 lens, starts, att, B, nh, nkv, hd, bs, num_blocks, max_nb, scale,
+                                                 scores, threads)
+                        : ak_paged_attention(q, (const float *)L->k_pool, (const float *)L->v_pool, tables, lens,
+                                             starts, att, B, nh, nkv, hd, bs, num_blocks, max_nb, scale, scores,
+                                             threads);
+        if (rc) return 2;
+        if (ak_gemv(L->o_kind, L->o, att, dn, B, d, nq, act, threads)) return 1;
+        for (size_t i = 0; i < (size_t)B * d; i++) x[i] += dn[i];
+        for (int b = 0; b < B; b++) rmsnorm(x + (size_t)b * d, L->ffn_norm, xn + (size_t)b * d, d, eps);
+        if (ak_gemv(L->gate_up_kind, L->gate_up, xn, gu, B, 2 * ff, d, act, threads)) return 1;
+        for (int b = 0; b < B; b++) {
+            float *g = gu + (size_t)b * 2 * ff, *u = g + ff, *h = gu + (size_t)b * ff;
+            for (int i = 0; i < ff; i++) h[i] = g[i] / (1.f + expf(-g[i])) * u[i]; /* h overlaps g: row b ≥ its source */
+        }
+        if (ak_gemv(L->down_kind, L->down, gu, dn, B, d, ff, act, threads)) return 1;
+        for (size_t i = 0; i < (size_t)B * d; i++) x[i] += dn[i];
+    }
+    return 0;
+}
