@@ -18,8 +18,10 @@
 #include <stdint.h>
 #include <string.h>
 #if defined(__AVX2__) && defined(__F16C__)
-#include <immintrin.h>
 #define AK_AVX2 1
+#endif
+#if defined(__AVX2__) || defined(__F16C__)
+#include <immintrin.h>
 #endif
 
 typedef struct { uint16_t d, m; uint8_t qs[16]; } block_q4_1;
@@ -203,21 +205,44 @@ int ak_act_block_bytes(void) { return (int)sizeof(block_q8x); }
 /* ---- paged decode attention --------------------------------------------------------------------
  * One query token per sequence over its K/V in the block pool, read in place through the block
  * table (no gather copy): out[b, h] = softmax(q[b, h]·K_bᵀ · scale) · V_b over keys start_b ≤ j < len_b.
- *   q, out  (B, nh, hd) float32;  k_pool, v_pool (n_kv, num_blocks, bs, hd) float32
+ *   q, out  (B, nh, hd) float32;  k_pool, v_pool (n_kv, num_blocks, bs, hd) float32, or IEEE halves
+ *   for ak_paged_attention_f16 (each row converted to float32 once, for all g heads; float32 sums)
  *   tables  (B, max_nb) int64;    lens, starts (B,) int64;  the g = nh / n_kv query heads of one KV
  *   head share each K/V row read. scratch: threads · g · max_nb · bs floats (the scores).
  */
 #include <omp.h>
-int ak_paged_attention(const float *q, const float *k_pool, const float *v_pool, const int64_t *tables,
-                       const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
-                       int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads) {
+
+/* n halves -> floats: 8 at a time with F16C, the rest (and everything without F16C) one by one */
+static inline void halves_to_floats(const uint16_t *h, float *f, int n) {
+    int i = 0;
+#ifdef __F16C__
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+#endif
+    for (; i < n; i++) f[i] = half_to_float(h[i]);
+}
+
+/* row `at` (in elements) of a pool: in place for float32, converted into buf for float16 */
+static inline const float *pool_row(const void *pool, int f16, size_t at, int hd, float *buf) {
+    if (!f16) return (const float *)pool + at;
+    halves_to_floats((const uint16_t *)pool + at, buf, hd);
+    return buf;
+}
+
+/* where key t of KV head h starts in a pool, in elements, through the sequence's block table */
+static inline size_t slot_at(const int64_t *tab, int64_t t, int h, int bs, int num_blocks, int hd) {
+    return (((size_t)h * num_blocks + (size_t)tab[t / bs]) * bs + (size_t)(t % bs)) * hd;
+}
+
+static int paged_attention(const float *q, const void *k_pool, const void *v_pool, int f16, const int64_t *tables,
+                           const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
+                           int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads) {
     if (nh % nkv != 0) return 1;
     const int g = nh / nkv;
     const size_t L = (size_t)max_nb * bs;
 #pragma omp parallel for collapse(2) schedule(dynamic) num_threads(threads) if (threads > 1 && B * nkv > 1)
     for (int b = 0; b < B; b++) {
         for (int h = 0; h < nkv; h++) {
-            float *s = scratch + (size_t)omp_get_thread_num() * g * L;
+            float *s = scratch + (size_t)omp_get_thread_num() * g * L, buf[hd];
             const float *qb = q + ((size_t)b * nh + (size_t)h * g) * hd;
             float *ob = out + ((size_t)b * nh + (size_t)h * g) * hd;
             const int64_t len = lens[b], st = starts[b];
@@ -225,7 +250,7 @@ int ak_paged_attention(const float *q, const float *k_pool, const float *v_pool,
             for (int i = 0; i < g * hd; i++) ob[i] = 0.f;
             if (len <= st) continue;
             for (int64_t t = st; t < len; t++) {
-                const float *kt = k_pool + (((size_t)h * num_blocks + (size_t)tab[t / bs]) * bs + (size_t)(t % bs)) * hd;
+                const float *kt = pool_row(k_pool, f16, slot_at(tab, t, h, bs, num_blocks, hd), hd, buf);
                 for (int gi = 0; gi < g; gi++) {
                     const float *qg = qb + (size_t)gi * hd;
                     float acc = 0.f;
@@ -242,7 +267,7 @@ int ak_paged_attention(const float *q, const float *k_pool, const float *v_pool,
                 for (int64_t t = st; t < len; t++) sg[t] *= inv;
             }
             for (int64_t t = st; t < len; t++) {
-                const float *vt = v_pool + (((size_t)h * num_blocks + (size_t)tab[t / bs]) * bs + (size_t)(t % bs)) * hd;
+                const float *vt = pool_row(v_pool, f16, slot_at(tab, t, h, bs, num_blocks, hd), hd, buf);
                 for (int gi = 0; gi < g; gi++) {
                     const float p = s[(size_t)gi * L + t];
                     float *og = ob + (size_t)gi * hd;
@@ -253,4 +278,18 @@ int ak_paged_attention(const float *q, const float *k_pool, const float *v_pool,
         }
     }
     return 0;
+}
+
+int ak_paged_attention(const float *q, const float *k_pool, const float *v_pool, const int64_t *tables,
+                       const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
+                       int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads) {
+    return paged_attention(q, k_pool, v_pool, 0, tables, lens, starts, out, B, nh, nkv, hd, bs, num_blocks, max_nb,
+                           scale, scratch, threads);
+}
+
+int ak_paged_attention_f16(const float *q, const uint16_t *k_pool, const uint16_t *v_pool, const int64_t *tables,
+                           const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
+                           int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads) {
+    return paged_attention(q, k_pool, v_pool, 1, tables, lens, starts, out, B, nh, nkv, hd, bs, num_blocks, max_nb,
+                           scale, scratch, threads);
 }
