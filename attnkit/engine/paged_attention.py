@@ -120,6 +120,8 @@ class PagedKVCache:
         self._write(k, v, meta.slots)
         if meta.decode_only:
             return self._decode(q[0], meta)[None]
+        if k.dtype != self.k_pool.dtype:  # the chunks attend to their own K/V as the pool holds them, like cached K/V
+            k, v = k.to(self.k_pool.dtype), v.to(self.v_pool.dtype)
         out = torch.empty_like(q)
         if meta.decode_index is not None:
             out[0][:, meta.decode_index] = self._decode(q[0][:, meta.decode_index], meta)
@@ -142,13 +144,16 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     (padding of shorter contexts, the sliding window) → (nh, B, hd). The g = nh / n_kv query heads
     that share a KV head form the rows of one (g, hd) × (hd, L) product; no K/V is repeated. For one
     token per sequence this is faster on the CPU than SDPA's flash kernel, which tiles for long queries.
+    K/V of another dtype than q (a float16 KV cache under float32 activations) are widened first.
     """
     nh, B, hd = q.shape
     n_kv, _, L, _ = k.shape
     g = nh // n_kv
+    dtype = q.dtype
+    if k.dtype != dtype:  # a KV cache of another dtype: compute in the wider one (float32 for float16 vs bfloat16)
+        wide = torch.promote_types(dtype, k.dtype)
+        q, k, v = q.to(wide), k.to(wide), v.to(wide)
     qg = (q.view(n_kv, g, B, hd).transpose(1, 2) * hd ** -0.5).reshape(n_kv * B, g, hd)  # (n_kv·B, g, hd)
-    if qg.dtype != k.dtype:
-        qg = qg.to(k.dtype)
     scores = torch.bmm(qg, k.view(n_kv * B, L, hd).transpose(1, 2))  # (n_kv·B, g, L)
     if scores.dtype != torch.float32:
         scores = scores.float()
@@ -157,7 +162,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     if probs.dtype != v.dtype:
         probs = probs.to(v.dtype)
     out = torch.bmm(probs, v.view(n_kv * B, L, hd)).view(n_kv, B, g, hd).transpose(1, 2).reshape(nh, B, hd)
-    return out if out.dtype == q.dtype else out.to(q.dtype)
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
@@ -187,12 +192,22 @@ def compiled_paged_decode_attention():
     return torch.compile(paged_decode_attention, dynamic=True)
 
 
+def _native_kernel(q: torch.Tensor, k_pool: torch.Tensor):
+    """The C paged attention for float32 queries over a float32 or float16 pool on the CPU, else None."""
+    from ..kernels import library
+
+    lib = library()
+    if lib is None or q.dtype != torch.float32 or q.device.type != "cpu":
+        return None
+    return {torch.float32: lib.ak_paged_attention, torch.float16: lib.ak_paged_attention_f16}.get(k_pool.dtype)
+
+
 class NativeDecodeArgs:
     """What the C paged attention needs from one step's metadata, prepared once for all layers."""
 
-    def __init__(self, lib, tables: torch.Tensor, lens: torch.Tensor, starts: torch.Tensor, nh: int, n_kv: int,
+    def __init__(self, kernel, tables: torch.Tensor, lens: torch.Tensor, starts: torch.Tensor, nh: int, n_kv: int,
                  bs: int) -> None:
-        self.lib, self.keep = lib, (tables.contiguous(), lens.contiguous(), starts.contiguous())
+        self.kernel, self.keep = kernel, (tables.contiguous(), lens.contiguous(), starts.contiguous())
         self.threads = torch.get_num_threads()
         self.scratch = torch.empty(self.threads * (nh // n_kv) * tables.shape[1] * bs)  # the scores
         self.ptrs = [t.data_ptr() for t in self.keep]
@@ -200,15 +215,15 @@ class NativeDecodeArgs:
 
     @classmethod
     def prepare(cls, meta: AttentionMetadata, q: torch.Tensor, k_pool: torch.Tensor) -> NativeDecodeArgs | None:
-        """None when the kernel does not apply: not built, not float32 on the CPU, or compile=True."""
-        from ..kernels import library
-
-        lib = library()
-        if (lib is None or meta.fused_gather or meta.decode_lens is None or meta.decode_starts is None
-                or q.dtype != torch.float32 or k_pool.dtype != torch.float32 or q.device.type != "cpu"):
+        """None when the kernel does not apply: not built, not float32 queries over a float32 or float16 pool
+        on the CPU, or compile=True."""
+        if meta.fused_gather or meta.decode_lens is None or meta.decode_starts is None:
+            return None
+        kernel = _native_kernel(q, k_pool)
+        if kernel is None:
             return None
         assert meta.decode_tables is not None
-        return cls(lib, meta.decode_tables, meta.decode_lens, meta.decode_starts, q.shape[0], k_pool.shape[0],
+        return cls(kernel, meta.decode_tables, meta.decode_lens, meta.decode_starts, q.shape[0], k_pool.shape[0],
                    k_pool.shape[2])
 
 
@@ -217,8 +232,8 @@ def paged_decode_attention_native(q: torch.Tensor, k_pool: torch.Tensor, v_pool:
                                   prepared: NativeDecodeArgs | None = None) -> torch.Tensor | None:
     """One query token per sequence over its K/V read in place through the block tables (C kernel).
 
-    q (nh, B, hd) float32; pools (n_kv, num_blocks, block_size, hd) float32, contiguous; tables (B, nb),
-    lens and starts (B,) int64: sequence b attends to keys starts[b] ≤ j < lens[b]. Returns (nh, B, hd),
+    q (nh, B, hd) float32; pools (n_kv, num_blocks, block_size, hd) float32 or float16, contiguous; tables
+    (B, nb), lens and starts (B,) int64: sequence b attends to keys starts[b] ≤ j < lens[b]. Returns (nh, B, hd),
     or None when the kernel is not available for these inputs (then the caller gathers and uses bmm).
     ``prepared``: the step's arguments made once (:class:`NativeDecodeArgs`), shared by every layer.
     """
@@ -227,16 +242,13 @@ def paged_decode_attention_native(q: torch.Tensor, k_pool: torch.Tensor, v_pool:
     if nh % n_kv:
         raise ValueError(f"paged attention: {nh} query heads are not a multiple of {n_kv} KV heads")
     if prepared is None:
-        from ..kernels import library
-
-        lib = library()
-        if lib is None or q.dtype != torch.float32 or k_pool.dtype != torch.float32 or q.device.type != "cpu":
+        kernel = _native_kernel(q, k_pool)
+        if kernel is None:
             return None
-        prepared = NativeDecodeArgs(lib, tables, lens, starts, nh, n_kv, bs)
+        prepared = NativeDecodeArgs(kernel, tables, lens, starts, nh, n_kv, bs)
     qb = q.transpose(0, 1).contiguous()  # (B, nh, hd)
     out = torch.empty_like(qb)
     t, ln, st = prepared.ptrs
-    prepared.lib.ak_paged_attention(qb.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), t, ln, st, out.data_ptr(),
-                                    B, nh, n_kv, hd, bs, num_blocks, prepared.max_nb, hd ** -0.5,
-                                    prepared.scratch.data_ptr(), prepared.threads)
+    prepared.kernel(qb.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), t, ln, st, out.data_ptr(), B, nh, n_kv, hd,
+                    bs, num_blocks, prepared.max_nb, hd ** -0.5, prepared.scratch.data_ptr(), prepared.threads)
     return out.transpose(0, 1)
