@@ -9,7 +9,9 @@ One home for these choices, shared by ``LLM``, ``attnkit generate/chat/serve`` a
   dequantizes to ``dtype``;
 - ``fuse``: q/k/v and gate/up projections as one product each (:mod:`attnkit.nn.fused`);
 - ``threads``: torch's CPU threads (default: torch's choice, the physical cores);
-- ``compile``: the decode attention compiled to read K/V through the block tables (torch.compile).
+- ``compile``: the decode attention compiled to read K/V through the block tables (torch.compile);
+- ``kv_cache_dtype``: the engine's K/V pool; ``"auto"`` is float16 on the gguf path (llama.cpp's default:
+  Q4 weights with an f16 KV cache, half the bytes of float32 per cached token), else ``dtype``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ if TYPE_CHECKING:  # torch is imported only when a model is loaded: the CLI's --
 
 DTYPES = ("bfloat16", "float32")
 QUANTIZE = ("gguf", "auto", "int8", "int4", "none")
+KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 
 @dataclass
@@ -35,6 +38,7 @@ class InferenceOptions:
     fuse: bool = True
     threads: int | None = None
     compile: bool = False
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -45,12 +49,20 @@ class InferenceOptions:
             raise ValueError(f"quantize must be one of {QUANTIZE}, got {self.quantize!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
         import torch
 
         return getattr(torch, self.dtype)
+
+    def engine_kv_cache_dtype(self) -> str:
+        """The engine's ``kv_cache_dtype``: "auto" is float16 when ``quantize == "gguf"``, else ``dtype``."""
+        if self.kv_cache_dtype != "auto":
+            return self.kv_cache_dtype
+        return "float16" if self.quantize == "gguf" else self.dtype
 
     def load(self, path: str | Path | None) -> CausalLM:
         """Set the threads, load the checkpoint (None: the embedded default) and prepare its model."""
@@ -76,7 +88,11 @@ class InferenceOptions:
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
         p.add_argument("--compile", action="store_true",
                        help="decode attention compiled over the block tables (torch.compile; slower start-up)")
+        p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                       help="dtype of the cached keys and values (default auto: float16 with --quantize gguf, "
+                            "as llama.cpp; else --dtype)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> InferenceOptions:
-        return cls(dtype=args.dtype, quantize=args.quantize, threads=args.threads, compile=args.compile)
+        return cls(dtype=args.dtype, quantize=args.quantize, threads=args.threads, compile=args.compile,
+                   kv_cache_dtype=args.kv_cache_dtype)

@@ -76,13 +76,14 @@ def _params(args: argparse.Namespace, generation: dict | None = None):
 LORA = "cli-adapter"  # the name --lora's adapter gets in the engine
 
 
-def _engine(lm, compile: bool = False, lora: str | None = None):
-    """An inference engine on the loaded model, its KV pool sized for one full-length conversation,
-    with the LoRA adapter in directory ``lora`` loaded as :data:`LORA`."""
+def _engine(lm, compile: bool = False, lora: str | None = None, kv_cache_dtype: str = "auto"):
+    """An inference engine on the loaded model, its KV pool (of ``kv_cache_dtype``) sized for one full-length
+    conversation, with the LoRA adapter in directory ``lora`` loaded as :data:`LORA`."""
     from .engine import EngineConfig, LLMEngine
 
     max_len = min(getattr(lm.model.cfg, "max_seq_len", 8192), 32768)
-    cfg = EngineConfig(num_blocks=-(-max_len // 16) + 1, max_model_len=max_len, compile=compile)
+    cfg = EngineConfig(num_blocks=-(-max_len // 16) + 1, max_model_len=max_len, compile=compile,
+                       kv_cache_dtype=kv_cache_dtype)
     engine = LLMEngine(lm.model, lm.tokenizer, cfg, lm.stop_ids)
     if lora is not None:
         engine.add_lora(LORA, lora)
@@ -128,7 +129,7 @@ def run_generate(args: argparse.Namespace) -> int:
     except (ModelLoadError, ChatTemplateError) as e:
         print(f"attnkit generate: error: {e}", file=sys.stderr)
         return 2
-    engine = _engine(lm, args.compile, args.lora)
+    engine = _engine(lm, args.compile, args.lora, InferenceOptions.from_args(args).engine_kv_cache_dtype())
     if not args.chat:
         sys.stdout.write(args.prompt)
     t0 = time.perf_counter()
@@ -157,7 +158,8 @@ def run_chat(args: argparse.Namespace) -> int:
     except (ModelLoadError, ChatTemplateError) as e:
         print(f"attnkit chat: error: {e}", file=sys.stderr)
         return 2
-    engine = _engine(lm, args.compile, args.lora)  # one engine for the session: each turn reuses the cached prefix of the conversation
+    # one engine for the session: each turn reuses the cached prefix of the conversation
+    engine = _engine(lm, args.compile, args.lora, InferenceOptions.from_args(args).engine_kv_cache_dtype())
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     interactive = sys.stdin.isatty()

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..inference_options import KV_CACHE_DTYPES
 from ..text.detokenize import IncrementalDetokenizer
 from .block_manager import BlockManager, BlockStats
 from .lora import LoraAdapters
@@ -46,6 +47,16 @@ class EngineConfig:
     max_waiting: int = 100_000
     enable_prefix_caching: bool = True
     compile: bool = False  # decode attention as one compiled kernel over the block tables (see ModelRunner)
+    kv_cache_dtype: str = "auto"  # the K/V pool's dtype; "auto": the model's parameters' (vLLM's kv_cache_dtype)
+
+    def kv_dtype(self, model: nn.Module) -> torch.dtype:
+        """The K/V pool's dtype for ``model``: ``kv_cache_dtype``, "auto" resolved to the parameters' dtype."""
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"EngineConfig.kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype == "auto":
+            return next(model.parameters()).dtype
+        return getattr(torch, self.kv_cache_dtype)
 
 
 @dataclass
@@ -66,11 +77,13 @@ class LLMEngine:
         self.model, self.tokenizer = model, tokenizer
         self.vocab_size = model.cfg.vocab_size
         self.eos_ids = set(eos_ids if eos_ids is not None else (tokenizer.eos_ids if tokenizer is not None else ()))
-        num_blocks = cfg.num_blocks or max(1, cfg.kv_cache_bytes // ModelRunner.bytes_per_block(model, cfg.block_size))
+        kv_dtype = cfg.kv_dtype(model)
+        block_bytes = ModelRunner.bytes_per_block(model, cfg.block_size, kv_dtype)
+        num_blocks = cfg.num_blocks or max(1, cfg.kv_cache_bytes // block_bytes)
         self.max_model_len = min(cfg.max_model_len or model.cfg.max_seq_len, num_blocks * cfg.block_size)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_waiting)
-        self.runner = ModelRunner(model, num_blocks, cfg.block_size, compile=cfg.compile)
+        self.runner = ModelRunner(model, num_blocks, cfg.block_size, compile=cfg.compile, kv_dtype=kv_dtype)
         self.loras: LoraAdapters | None = None  # created by the first add_lora
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
