@@ -138,15 +138,8 @@ class ModelRunner:
             lens = torch.tensor(dec_lens, device=self.device)
             meta.decode_lens = lens
             meta.decode_starts = (lens - self.window).clamp_(min=0) if self.window is not None else torch.zeros_like(lens)
-            visible = self._mask(lens - 1, width * bs) & (torch.arange(width * bs, device=self.device)[None, :] < lens[:, None])
-            meta.decode_bias = torch.zeros(visible.shape, device=self.device).masked_fill_(~visible, float("-inf"))
         model = self.model
         meta.decode_only = not prefills
-        meta.fused_gather = self.compile and meta.decode_only
-        for c in self.caches:
-            c.meta = meta
-        if self.lora_step is not None:
-            self.lora_step.set([s.adapter for s in batch.seqs], batch.num_tokens, self.device)
         if meta.decode_only and len(ids) <= MAX_ROWS and not self.compile and self.lora_step is None:
             if self.native is None:
                 self.native = NativeDecoder.build(model, self.k_pool, self.v_pool) or False
@@ -156,6 +149,15 @@ class ModelRunner:
                                        meta.slots, meta.decode_tables, meta.decode_lens, meta.decode_starts)
                 self.prompt_logits = ([], torch.empty(0))
                 return model.logits(h[None])[0].float(), sample_rows
+        if dec_idx:  # the additive mask of the bmm / compiled decode attention (the C kernels take lens and starts)
+            n_keys = meta.decode_tables.shape[1] * bs
+            visible = self._mask(lens - 1, n_keys) & (torch.arange(n_keys, device=self.device)[None, :] < lens[:, None])
+            meta.decode_bias = torch.zeros(visible.shape, device=self.device).masked_fill_(~visible, float("-inf"))
+        meta.fused_gather = self.compile and meta.decode_only
+        for c in self.caches:
+            c.meta = meta
+        if self.lora_step is not None:
+            self.lora_step.set([s.adapter for s in batch.seqs], batch.num_tokens, self.device)
         try:
             logits = model(torch.tensor([ids], device=self.device), cache=self.caches,
                                 positions=torch.tensor(pos, device=self.device),
