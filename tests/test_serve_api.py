@@ -137,7 +137,7 @@ def test_stop_strings_end_the_completion_and_are_not_shown(client):
     (dict(extra_body={"min_tokens": 99}), 400, "min_tokens", None),
     (dict(extra_body={"stop_token_ids": [10**6]}), 400, "stop_token_ids", None),
     (dict(stream_options={"include_usage": True}), 400, "stream_options", None),
-    (dict(echo=True), 400, "echo", None),
+    (dict(suffix="!"), 400, "suffix", None),
     (dict(logit_bias={"abc": 1}), 400, "logit_bias", None),
 ])
 def test_bad_requests_get_openai_shaped_errors(client, kwargs, status, param, code):
@@ -226,3 +226,25 @@ def test_metrics_count_what_happened(tokenizer):
                                      / metric(url, "attnkit_prefix_cache_queries_total"))
         assert metric(url, "attnkit_kv_cache_usage_ratio") == 0 and metric(url, "attnkit_kv_cache_blocks_total") > 0
         assert metric(url, "attnkit_num_requests_waiting") == 0
+
+
+def test_echo_returns_the_prompt_and_its_logprobs(client, offline, base):
+    """echo + logprobs (how evaluation harnesses score a text): the prompt's tokens and log-probabilities
+    come first, equal to the engine's prompt_logprobs; streamed, the same text arrives."""
+    prompt = "The capital of France is"
+    ref = offline.generate([prompt], SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=2, logprobs=2))[0]
+    got = client.completions.create(model=TINY, prompt=prompt, temperature=0, max_tokens=3, logprobs=2, echo=True)
+    c = got.choices[0]
+    assert c.text == prompt + ref.text
+    lp = c.logprobs
+    n_prompt = len(ref.prompt_token_ids)
+    assert len(lp.tokens) == n_prompt + len(ref.token_ids) and "".join(lp.tokens) == c.text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for i in range(1, n_prompt):
+        assert lp.token_logprobs[i] == pytest.approx(ref.prompt_logprobs[i][ref.prompt_token_ids[i]], abs=1e-5)
+        assert len(lp.top_logprobs[i]) == 2
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    assert got.usage.completion_tokens == len(ref.token_ids)
+    chunks = list(client.completions.create(model=TINY, prompt=[ref.prompt_token_ids], temperature=0, max_tokens=3,
+                                            echo=True, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == c.text

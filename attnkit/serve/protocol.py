@@ -62,15 +62,13 @@ class CompletionRequest(_Sampling):
     prompt: Prompt
     max_tokens: int | None = Field(16, **INT64)
     logprobs: int | None = Field(None, ge=0, le=20)
-    # OpenAI fields accepted only at their default: the engine has no suffix/echo/best_of
-    echo: bool = False
+    echo: bool = False  # the prompt before the completion (with logprobs: the prompt tokens' too)
+    # OpenAI fields accepted only at their default: the engine has no suffix/best_of
     best_of: int | None = None
     suffix: str | None = None
 
     @model_validator(mode="after")
     def _unsupported(self):
-        if self.echo:
-            raise ValueError("echo is not supported by this server")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of is not supported by this server (only best_of == n)")
         if self.suffix is not None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..engine.outputs import CompletionOutput
+from ..engine.outputs import CompletionOutput, RequestOutput
 from .errors import APIError
 from .generation import ClientGone, Tally, merge, unless_disconnected
 
@@ -43,6 +43,9 @@ class Format:
 
     def token(self, tid: int) -> str:
         return self.state.tokenizer.decode([tid], skip_special_tokens=False)
+
+    def request_output(self, prompt_index: int, out: RequestOutput) -> None:
+        """Sees every engine output of prompt ``prompt_index`` before its choices are formatted."""
 
     def choice(self, index: int, out: CompletionOutput) -> dict[str, Any]:
         raise NotImplementedError
@@ -79,7 +82,7 @@ async def respond(request: Request, fmt: Format, streams: list[RequestStream], t
     if stream:
         return _EventStream(_events(fmt, streams, tally, include_usage), streams)
     try:
-        finals = await unless_disconnected(request, _collect(streams, tally, fmt.n))
+        finals = await unless_disconnected(request, _collect(streams, tally, fmt))
     except ClientGone:
         tally.record(fmt.state, len(streams) * fmt.n)
         return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
@@ -88,9 +91,11 @@ async def respond(request: Request, fmt: Format, streams: list[RequestStream], t
     return JSONResponse(fmt.envelope(fmt.object, choices, usage=tally.usage()))
 
 
-async def _collect(streams: list[RequestStream], tally: Tally, n: int) -> list[list[CompletionOutput]]:
+async def _collect(streams: list[RequestStream], tally: Tally, fmt: Format) -> list[list[CompletionOutput]]:
+    n = fmt.n
     finals: list[list[CompletionOutput]] = [[] for _ in streams]
     async for i, out in merge(streams):
+        fmt.request_output(i, out)
         for c in out.outputs:
             tally.saw(i * n + c.index, len(c.token_ids), c.finish_reason)
         finals[i] = out.outputs
@@ -109,6 +114,7 @@ async def _events(fmt: Format, streams: list[RequestStream], tally: Tally, inclu
         for chunk in fmt.first_chunks():
             yield _sse(fmt.envelope(fmt.chunk_object, [chunk], **usage_null))
         async for i, out in merge(streams):
+            fmt.request_output(i, out)
             for c in out.outputs:
                 idx = i * fmt.n + c.index
                 if done[idx]:
