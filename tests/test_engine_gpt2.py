@@ -12,10 +12,11 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 transformers = pytest.importorskip("transformers")
 
-from attnkit.engine import SamplingParams  # noqa: E402
-from attnkit.loading.hf import load_hf_model  # noqa: E402
-from attnkit.nn.fused import fuse_for_inference  # noqa: E402
-from engine_helpers import greedy_reference, make_llm, random_prompts  # noqa: E402
+from engine_helpers import greedy_reference, make_llm, random_prompts
+
+from attnkit.engine import SamplingParams
+from attnkit.loading.hf import load_hf_model
+from attnkit.nn.fused import fuse_for_inference
 
 VOCAB, N_NEW = 96, 12
 

@@ -7,11 +7,17 @@ import copy
 
 import pytest
 import torch
+from engine_helpers import greedy_reference, make_llm, random_prompts, tiny_llama
 
 from attnkit.engine.lora import MultiLoraLinear, StepAdapters
 from attnkit.nn.fused import fuse_for_inference
-from attnkit.peft import AdapterLoadError, IA3Config, LoraConfig, PeftModel, get_peft_model
-from engine_helpers import greedy_reference, make_llm, random_prompts, tiny_llama
+from attnkit.peft import (
+    AdapterLoadError,
+    IA3Config,
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+)
 
 VOCAB, N_NEW = 320, 10
 ADAPTERS = {  # name → config; different targets, ranks and scalings

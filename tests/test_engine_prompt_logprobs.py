@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_helpers import make_llm, random_prompts, tiny_llama
 
 from attnkit.engine import SamplingParams
 from attnkit.engine.sampling_params import SamplingParamsError
-from engine_helpers import make_llm, random_prompts, tiny_llama
 
 VOCAB = 320
 

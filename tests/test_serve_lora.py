@@ -4,16 +4,17 @@ concurrent requests for different adapters are answered together, and each answe
 from __future__ import annotations
 
 import asyncio
+
 import openai
 import pytest
 import torch
+from engine_helpers import skip_module_without_default_model, tiny_llama, tokenizer  # noqa: F401
+from serve_helpers import TINY, running
 
 from attnkit.cli import main
-from attnkit.engine import LLM, EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from attnkit.engine import LLM, EngineConfig, LLMEngine, SamplingParams
 from attnkit.peft import LoraConfig, PeftModel, get_peft_model
 from attnkit.serve import build_app
-from engine_helpers import skip_module_without_default_model, tiny_llama, tokenizer  # noqa: E402,F401
-from serve_helpers import TINY, running
 
 skip_module_without_default_model()
 
