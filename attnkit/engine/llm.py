@@ -81,10 +81,6 @@ class LLM:
         loras = [lora] * len(ps) if lora is None or isinstance(lora, str) else list(lora)
         if len(loras) != len(ps):
             raise ValueError(f"{len(loras)} LoRA names for {len(ps)} prompts")
-        for name in set(loras) - {None}:
-            if name not in self.engine.lora_names():
-                raise ValueError(f"no LoRA adapter named {name!r} is loaded "
-                                 f"(loaded: {', '.join(self.engine.lora_names()) or 'none'})")
         if params is None or isinstance(params, SamplingParams):
             plist = [params or SamplingParams()] * len(ps)
         else:
