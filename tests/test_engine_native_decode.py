@@ -35,7 +35,7 @@ def _decode_steps(engine: LLMEngine, steps: int, reference=None):
                     ref = torch.stack([reference(torch.tensor([s.tokens]))[0, -1] for s in batch.seqs])
         logits, rows = runner.run(batch)
         if all(n == 1 for n in batch.num_tokens):
-            assert isinstance(runner.native, NativeDecoder), NativeDecoder.reason
+            assert isinstance(runner.native, NativeDecoder), runner.native_reason
             yield logits, eager, ref
         engine.scheduler.computed(batch)
         seqs = [batch.seqs[r] for r in rows]
@@ -98,4 +98,4 @@ def test_models_it_cannot_run_exactly_stay_eager():
 
     llm = make_llm(tiny_llama(64))  # float32 Linear layers: nothing for the block kernel
     llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3))
-    assert llm.engine.runner.native is False and "not GGUF blocks" in NativeDecoder.reason
+    assert llm.engine.runner.native is False and "not GGUF blocks" in llm.engine.runner.native_reason

@@ -54,6 +54,35 @@ def test_many_rows_use_the_dense_product_exactly() -> None:
     assert layer(xb).dtype == torch.bfloat16
 
 
+@needs_kernel
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_bf16_decoding_rounds_as_torch(kind: str) -> None:
+    layer, dense = _layer(kind, 72, 160, seed=3)  # 72 rows: the threaded loop; 160 inputs: 5 blocks
+    assert torch.equal(layer.dequantize(torch.bfloat16), dense.bfloat16())  # round-to-nearest-even, bit for bit
+    buf = torch.empty(72, 160, dtype=torch.bfloat16)
+    assert layer.dequantize(torch.bfloat16, out=buf).data_ptr() == buf.data_ptr()
+    with pytest.raises(ValueError, match="bfloat16.*72, 160"):
+        layer.dequantize(torch.bfloat16, out=torch.empty(72, 160))  # a float32 buffer for bf16 output
+
+
+@needs_kernel
+def test_bf16_dense_product_is_the_product_of_the_rounded_inputs() -> None:
+    from attnkit.quant.native import set_dense_dtype
+
+    layer, dense = _layer("Q8_0", 64, 128, seed=4)
+    x = torch.randn(GGUFBlockLinear.kernel_max_rows + 5, 128)
+    assert set_dense_dtype(layer, torch.bfloat16) == 1
+    y = layer(x)
+    assert y.dtype == torch.float32
+    exact, rounded = x @ dense.T, x.bfloat16().float() @ dense.bfloat16().float().T
+    torch.testing.assert_close(y, rounded, rtol=8e-3, atol=1e-3)  # bf16 inputs, float32 sums, a bf16 result
+    assert (y - exact).abs().max() > 1e-4  # it really ran in bf16
+    small = x[:3]
+    torch.testing.assert_close(layer(small), GGUFBlockLinear.forward(layer, small))  # the kernel rows are unchanged
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        set_dense_dtype(layer, torch.float16)
+
+
 def test_cat_out_and_bias() -> None:
     a, da = _layer("Q4_1", 32, 64, 1)
     b, db = _layer("Q4_1", 16, 64, 2)

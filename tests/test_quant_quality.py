@@ -76,3 +76,15 @@ def test_bf16(reference):
 def test_int4_requantized_from_float(reference):
     model = quantize_model(load_causal_lm(None).model, "int4", group_size=32)
     check("int4 requantized from float32", model, reference, 0.015)
+
+
+def test_gguf_blocks_with_bf16_prefill_products(reference):
+    """quantize="gguf" with matmul_dtype bfloat16: the 256-row forward takes the dense path, whose product
+    runs on bf16 inputs (the weights decoded from the Q4_1/Q8_0 blocks straight to bf16)."""
+    from attnkit.inference_options import InferenceOptions
+    from attnkit.quant.native import GGUFBlockLinear
+
+    model = InferenceOptions(matmul_dtype="bfloat16").load(None).model
+    layers = [m for m in model.modules() if isinstance(m, GGUFBlockLinear)]
+    assert layers and all(m.dense_dtype == torch.bfloat16 for m in layers)
+    check("gguf blocks, bf16 dense products", model, reference, 0.01)

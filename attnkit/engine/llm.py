@@ -33,17 +33,18 @@ Messages = list[dict[str, str]]
 class LLM:
     def __init__(self, model: str | Path | None = None, dtype: torch.dtype | str = torch.float32,
                  config: EngineConfig | None = None, quantize: str | None = "gguf", threads: int | None = None,
-                 fuse: bool = True, kv_cache_dtype: str = "auto", **engine_kw) -> None:
+                 fuse: bool = True, kv_cache_dtype: str = "auto", matmul_dtype: str = "auto", **engine_kw) -> None:
         """Load ``model`` (None: the embedded default) prepared as :class:`InferenceOptions` say:
         ``quantize`` "gguf" (a GGUF file's blocks under attnkit's kernel; the default) | "auto" | "int8" |
         "int4" | None (dequantized to ``dtype``), ``dtype`` of the activations, ``fuse``d
         projections, ``threads``, the K/V cache's ``kv_cache_dtype`` ("auto": float16 with quantize "gguf", as
-        llama.cpp, else ``dtype``); ``engine_kw`` are :class:`EngineConfig` fields (e.g. ``compile=True``).
+        llama.cpp, else ``dtype``), ``matmul_dtype`` of the GGUF layers' prefill products ("auto": bfloat16 where
+        the CPU has bf16 hardware); ``engine_kw`` are :class:`EngineConfig` fields (e.g. ``compile=True``).
         A ``config`` whose own ``kv_cache_dtype`` is not "auto" keeps it."""
         name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
         config = config or EngineConfig(**engine_kw)
         opts = InferenceOptions(dtype=name, quantize=quantize, fuse=fuse, threads=threads, compile=config.compile,
-                                kv_cache_dtype=kv_cache_dtype)
+                                kv_cache_dtype=kv_cache_dtype, matmul_dtype=matmul_dtype)
         if config.kv_cache_dtype == "auto":  # resolved here, where the quantization is known
             config = dataclasses.replace(config, kv_cache_dtype=opts.engine_kv_cache_dtype())
         lm = opts.load(model)

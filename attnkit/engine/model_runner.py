@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .lora import StepAdapters
-from .native_decode import MAX_ROWS, NativeDecoder
+from .native_decode import MAX_ROWS, NativeDecoder, why_not
 from .paged_attention import AttentionMetadata, PagedKVCache, PrefillChunk
 from .scheduler import ScheduledBatch
 
@@ -65,6 +65,7 @@ class ModelRunner:
         # decode-only steps of few sequences run all layers in one C call when the model allows it
         # (attnkit.engine.native_decode); built at the first such step; False: eager only
         self.native: NativeDecoder | bool | None = None
+        self.native_reason: str | None = None  # why not, when native is False
 
     @staticmethod
     def bytes_per_block(model: nn.Module, block_size: int, kv_dtype: torch.dtype | None = None) -> int:
@@ -142,7 +143,8 @@ class ModelRunner:
         meta.decode_only = not prefills
         if meta.decode_only and len(ids) <= MAX_ROWS and not self.compile and self.lora_step is None:
             if self.native is None:
-                self.native = NativeDecoder.build(model, self.k_pool, self.v_pool) or False
+                self.native_reason = why_not(model, self.k_pool)
+                self.native = NativeDecoder(model, self.k_pool, self.v_pool) if self.native_reason is None else False
             if self.native:
                 assert meta.decode_tables is not None and meta.decode_lens is not None and meta.decode_starts is not None
                 h = self.native.hidden(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device),

@@ -30,7 +30,7 @@ class _Layer(ctypes.Structure):
                 ("v_pool", ctypes.c_void_p)]
 
 
-def _why_not(model: nn.Module, k_pool: torch.Tensor) -> str | None:
+def why_not(model: nn.Module, k_pool: torch.Tensor) -> str | None:
     """Why the C step cannot run this model exactly, or None when it can."""
     from ..models.llama import Llama
     from ..nn.norm import RMSNorm
@@ -61,10 +61,7 @@ def _why_not(model: nn.Module, k_pool: torch.Tensor) -> str | None:
 
 
 class NativeDecoder:
-    """The decode step in C for one model and KV pool; :meth:`build` returns None (with the reason kept in
-    :attr:`reason`) when the model is not one it runs exactly."""
-
-    reason: str | None = None
+    """The decode step in C for one model and KV pool (build it only where :func:`why_not` says None)."""
 
     def __init__(self, model: nn.Module, k_pool: torch.Tensor, v_pool: torch.Tensor) -> None:
         self.model, self.lib = model, library()
@@ -87,14 +84,6 @@ class NativeDecoder:
         self.keep = (k_pool, v_pool)  # the pointers above stay valid while the decoder lives
         self.threads = torch.get_num_threads()
         self._buffers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-    @classmethod
-    def build(cls, model: nn.Module, k_pool: torch.Tensor, v_pool: torch.Tensor) -> NativeDecoder | None:
-        why = _why_not(model, k_pool)
-        if why is not None:
-            cls.reason = why
-            return None
-        return cls(model, k_pool, v_pool)
 
     def _scratch(self, B: int, max_nb: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         key = (B, max_nb)

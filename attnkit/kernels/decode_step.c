@@ -18,8 +18,7 @@ int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int
 int ak_paged_attention(const float *q, const float *k_pool, const float *v_pool, const int64_t *tables,
                        const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
                        int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads);
-/* defined by kernels.c once float16 KV pools are supported; weak, so this file links either way */
-__attribute__((weak)) int ak_paged_attention_f16(const float *q, const uint16_t *k_pool, const uint16_t *v_pool, const int64_t *tables,
+int ak_paged_attention_f16(const float *q, const uint16_t *k_pool, const uint16_t *v_pool, const int64_t *tables,
                            const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
                            int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads);
 
@@ -114,7 +113,6 @@ int ak_llama_decode(const ak_layer *layers, int n_layers, float *x, int B, int d
             store_kv(L->k_pool, kv_f16, r + nq, nkv, hd, num_blocks, bs, slots[b]);
             store_kv(L->v_pool, kv_f16, r + nq + nkvd, nkv, hd, num_blocks, bs, slots[b]);
         }
-        if (kv_f16 && !ak_paged_attention_f16) return 3;
         int rc = kv_f16 ? ak_paged_attention_f16(q, (const uint16_t *)L->k_pool, (const uint16_t *)L->v_pool, tables,
                                                  lens, starts, att, B, nh, nkv, hd, bs, num_blocks, max_nb, scale,
                                                  scores, threads)

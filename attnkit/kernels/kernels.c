@@ -173,26 +173,69 @@ int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int
     return 0;
 }
 
-/* W (n, k) blocks -> dense float32 (n, k) */
-int ak_dequantize(int kind, const void *w, float *out, int n, int k, int threads) {
+/* one block of 32 weights -> 32 floats (d·q and d·q + min are exact products of an fp16 and a small
+ * integer, so the order of the operations cannot change a value) */
+static inline void block_to_floats(int kind, const void *blk, float *o) {
+    if (kind == 0) {
+        const block_q4_1 *b = (const block_q4_1 *)blk;
+        const float d = half_to_float(b->d), mn = half_to_float(b->m);
+#ifdef __AVX512F__
+        const __m128i q = _mm_loadu_si128((const __m128i *)b->qs), low = _mm_set1_epi8(0x0f);
+        const __m512 vd = _mm512_set1_ps(d), vm = _mm512_set1_ps(mn);
+        _mm512_storeu_ps(o, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, low))), vd), vm));
+        _mm512_storeu_ps(o + 16, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(
+            _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), low))), vd), vm));
+#else
+        for (int i = 0; i < 16; i++) {
+            o[i] = d * (float)(b->qs[i] & 0x0f) + mn;
+            o[i + 16] = d * (float)(b->qs[i] >> 4) + mn;
+        }
+#endif
+    } else {
+        const block_q8_0 *b = (const block_q8_0 *)blk;
+        const float d = half_to_float(b->d);
+#ifdef __AVX512F__
+        const __m512 vd = _mm512_set1_ps(d);
+        _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)b->qs))), vd));
+        _mm512_storeu_ps(o + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b->qs + 16)))), vd));
+#else
+        for (int i = 0; i < 32; i++) o[i] = d * (float)b->qs[i];
+#endif
+    }
+}
+
+/* 32 floats -> 32 bfloat16, rounded to nearest even as torch's .to(torch.bfloat16) (weights are finite) */
+static inline void floats_to_bf16(const float *f, uint16_t *h) {
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+    _mm256_storeu_si256((__m256i *)h, (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(f)));
+    _mm256_storeu_si256((__m256i *)(h + 16), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(f + 16)));
+#else
+    for (int i = 0; i < 32; i++) {
+        uint32_t u;
+        memcpy(&u, f + i, 4);
+        h[i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+#endif
+}
+
+/* W (n, k) blocks -> dense (n, k): float32, or bfloat16 when bf16 is set (the dense products of prefill) */
+int ak_dequantize(int kind, const void *w, void *out, int bf16, int n, int k, int threads) {
     if (k % 32 != 0) return 1;
     const int nb = k / 32;
+    const size_t bb = kind == 0 ? sizeof(block_q4_1) : sizeof(block_q8_0);
     (void)threads;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= 64)
     for (int j = 0; j < n; j++) {
-        float *o = out + (size_t)j * k;
+        const char *row = (const char *)w + (size_t)j * nb * bb;
+        float tmp[32];
         for (int b = 0; b < nb; b++) {
-            if (kind == 0) {
-                const block_q4_1 *blk = (const block_q4_1 *)w + (size_t)j * nb + b;
-                float d = half_to_float(blk->d), mn = half_to_float(blk->m);
-                for (int i = 0; i < 16; i++) {
-                    o[32 * b + i] = d * (float)(blk->qs[i] & 0x0f) + mn;
-                    o[32 * b + i + 16] = d * (float)(blk->qs[i] >> 4) + mn;
-                }
+            const size_t at = (size_t)j * k + 32 * (size_t)b;
+            if (bf16) {
+                block_to_floats(kind, row + b * bb, tmp);
+                floats_to_bf16(tmp, (uint16_t *)out + at);
             } else {
-                const block_q8_0 *blk = (const block_q8_0 *)w + (size_t)j * nb + b;
-                float d = half_to_float(blk->d);
-                for (int i = 0; i < 32; i++) o[32 * b + i] = d * (float)blk->qs[i];
+                block_to_floats(kind, row + b * bb, (float *)out + at);
             }
         }
     }
