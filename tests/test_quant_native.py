@@ -176,7 +176,10 @@ def test_without_a_compiler_the_kernels_step_aside(tmp_path, monkeypatch) -> Non
 @needs_kernel
 def test_gguf_path_decodes_like_llama_cpp() -> None:
     """Reference parity: quantize="gguf" multiplies the file's blocks the way llama.cpp does, so greedy
-    decoding gives llama.cpp's tokens (skipped unless llama-cpp-python is installed: it is optional)."""
+    decoding gives llama.cpp's tokens, for at least 8 tokens unless the two part at one of llama.cpp's own
+    near-ties (summation order differs with the instruction set: on one AVX-512 machine both answers part at
+    token 7, where llama.cpp's two candidates are 0.1 nats apart). Skipped unless llama-cpp-python is
+    installed: it is optional."""
     llama_cpp = pytest.importorskip("llama_cpp")
     from engine_helpers import skip_module_without_default_model
 
@@ -184,8 +187,10 @@ def test_gguf_path_decodes_like_llama_cpp() -> None:
     from attnkit import LLM, SamplingParams
     from attnkit.loading.defaults import default_chat_model
 
-    llm = LLM()
-    ref = llama_cpp.Llama(model_path=str(default_chat_model()), n_ctx=512, n_threads=2, verbose=False)
+    # prefill products in float32: bf16 ones (matmul_dtype "auto" on bf16 hardware) round activations once more
+    # than llama.cpp does, enough to flip this first token, a near-tie (logits 25.36 vs 25.31)
+    llm = LLM(matmul_dtype="float32")
+    ref = llama_cpp.Llama(model_path=str(default_chat_model()), n_ctx=512, n_threads=2, logits_all=True, verbose=False)
     convs = [[{"role": "user", "content": q}] for q in ("What is the capital of France?", "Name three colours.")]
     for conv in convs:
         ids = llm.render_chat(conv)
@@ -195,4 +200,12 @@ def test_gguf_path_decodes_like_llama_cpp() -> None:
             if len(theirs) == 12:
                 break
         ours = llm.generate(ids, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].token_ids
-        assert ours[:8] == theirs[:8], (llm.tokenizer.decode(ours), llm.tokenizer.decode(theirs))
+        same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), 12)
+        said = (llm.tokenizer.decode(ours), llm.tokenizer.decode(theirs))
+        assert same >= 4, said
+        if same < 8:  # the paths may part only where llama.cpp itself nearly ties between the two tokens
+            ref.reset()
+            ref.eval(ids + theirs[:same])
+            logp = torch.log_softmax(torch.tensor(ref.scores[ref.n_tokens - 1], dtype=torch.float32), -1)
+            top2 = set(logp.topk(2).indices.tolist())  # llama.cpp's own prefill of the same text may pick either
+            assert {theirs[same], ours[same]} == top2 and abs(float(logp[theirs[same]] - logp[ours[same]])) < 0.3, said
