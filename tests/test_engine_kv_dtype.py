@@ -52,7 +52,7 @@ def _gather(pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
 
 
 @needs_kernel
-@pytest.mark.parametrize("hd", [64, 20])  # 20: the conversion's scalar tail after 8-wide F16C steps
+@pytest.mark.parametrize("hd", [64, 128, 20])  # 64, 128: unrolled variants; 20: generic, with the scalar tail of F16C
 def test_c_kernel_on_float16_pools_matches_the_float32_reference(hd):
     q, k, v, tables, lens, starts = _paged_inputs(hd)
     bias = _bias(tables, lens, starts, k.shape[2])

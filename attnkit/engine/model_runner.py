@@ -120,9 +120,9 @@ class ModelRunner:
                 dec_tables.append(table[:n_blocks])
                 dec_lens.append(ctx)
             else:
-                q_pos = torch.arange(start, ctx, device=self.device)
-                prefills.append(PrefillChunk(t0, t0 + n, ctx, torch.tensor(table[:n_blocks], device=self.device),
-                                             self._mask(q_pos, ctx)))
+                causal = start == 0 and (self.window is None or self.window >= n)  # the mask would be plain causal
+                mask = None if causal else self._mask(torch.arange(start, ctx, device=self.device), ctx)
+                prefills.append(PrefillChunk(t0, t0 + n, ctx, torch.tensor(table[:n_blocks], device=self.device), mask))
             if ctx == len(seq):
                 sample_rows.append(row)
                 logits_idx.append(len(ids) - 1)

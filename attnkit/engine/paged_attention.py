@@ -18,6 +18,7 @@ import functools
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from ..nn.attention import scaled_dot_product_attention
 
@@ -28,7 +29,7 @@ class PrefillChunk:
     end: int
     context_len: int  # keys it attends to: cached prefix + the chunk
     block_table: torch.Tensor  # (n_blocks,) covering context_len
-    mask: torch.Tensor  # (n, context_len) bool
+    mask: torch.Tensor | None  # (n, context_len) bool; None: plainly causal (no cached prefix, no window cut)
 
 
 @dataclass
@@ -132,8 +133,12 @@ class PagedKVCache:
             else:
                 kp, vp = self._gather(p.block_table[None])
                 kp, vp = kp[:, :, :p.context_len].transpose(0, 1), vp[:, :, :p.context_len].transpose(0, 1)
-            out[:, :, p.start:p.end], _ = scaled_dot_product_attention(qp, kp.to(q.dtype), vp.to(q.dtype), mask=p.mask,
-                                                                       impl="sdpa")
+            if p.mask is None:  # SDPA's own causal mask: its flash kernel skips the blocks above the diagonal
+                out[:, :, p.start:p.end] = F.scaled_dot_product_attention(
+                    qp, kp.to(q.dtype), vp.to(q.dtype), is_causal=True, enable_gqa=qp.shape[1] != kp.shape[1])
+            else:
+                out[:, :, p.start:p.end], _ = scaled_dot_product_attention(qp, kp.to(q.dtype), vp.to(q.dtype),
+                                                                           mask=p.mask, impl="sdpa")
         return out
 
 

@@ -276,6 +276,47 @@ static inline size_t slot_at(const int64_t *tab, int64_t t, int h, int bs, int n
     return (((size_t)h * num_blocks + (size_t)tab[t / bs]) * bs + (size_t)(t % bs)) * hd;
 }
 
+/* One (sequence, KV head) task: its g query heads against keys st <= t < len. ``hd`` is a compile-time
+ * constant where the caller passes a literal (always_inline): the row loops then unroll into whole vectors,
+ * the float16 rows are widened in registers and the g output rows stay in L1 across keys. */
+static inline __attribute__((always_inline)) void attend_task(
+        const float *qb, const void *k_pool, const void *v_pool, int f16, const int64_t *tab, int64_t st, int64_t len,
+        int h, int g, const int hd, int bs, int num_blocks, size_t L, float scale, float *s, float *ob) {
+    float kt[hd];
+    for (int i = 0; i < g * hd; i++) ob[i] = 0.f;
+    if (len <= st) return;
+    for (int64_t t = st; t < len; t++) {
+        const size_t at = slot_at(tab, t, h, bs, num_blocks, hd);
+        if (f16) halves_to_floats((const uint16_t *)k_pool + at, kt, hd);
+        const float *k = f16 ? kt : (const float *)k_pool + at;
+        for (int gi = 0; gi < g; gi++) {
+            const float *qg = qb + (size_t)gi * hd;
+            float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+            for (int d = 0; d < hd; d++) acc += qg[d] * k[d];
+            s[(size_t)gi * L + t] = acc * scale;
+        }
+    }
+    for (int gi = 0; gi < g; gi++) {
+        float *sg = s + (size_t)gi * L, mx = -INFINITY, sum = 0.f;
+        for (int64_t t = st; t < len; t++) mx = fmaxf(mx, sg[t]);
+        for (int64_t t = st; t < len; t++) { sg[t] = expf(sg[t] - mx); sum += sg[t]; }
+        const float inv = 1.f / sum;
+        for (int64_t t = st; t < len; t++) sg[t] *= inv;
+    }
+    for (int64_t t = st; t < len; t++) {
+        const size_t at = slot_at(tab, t, h, bs, num_blocks, hd);
+        if (f16) halves_to_floats((const uint16_t *)v_pool + at, kt, hd);
+        const float *v = f16 ? kt : (const float *)v_pool + at;
+        for (int gi = 0; gi < g; gi++) {
+            const float p = s[(size_t)gi * L + t];
+            float *og = ob + (size_t)gi * hd;
+#pragma omp simd
+            for (int d = 0; d < hd; d++) og[d] += p * v[d];
+        }
+    }
+}
+
 static int paged_attention(const float *q, const void *k_pool, const void *v_pool, int f16, const int64_t *tables,
                            const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
                            int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads) {
@@ -285,39 +326,16 @@ static int paged_attention(const float *q, const void *k_pool, const void *v_poo
 #pragma omp parallel for collapse(2) schedule(dynamic) num_threads(threads) if (threads > 1 && B * nkv > 1)
     for (int b = 0; b < B; b++) {
         for (int h = 0; h < nkv; h++) {
-            float *s = scratch + (size_t)omp_get_thread_num() * g * L, buf[hd];
+            float *s = scratch + (size_t)omp_get_thread_num() * g * L;
             const float *qb = q + ((size_t)b * nh + (size_t)h * g) * hd;
             float *ob = out + ((size_t)b * nh + (size_t)h * g) * hd;
-            const int64_t len = lens[b], st = starts[b];
             const int64_t *tab = tables + (size_t)b * max_nb;
-            for (int i = 0; i < g * hd; i++) ob[i] = 0.f;
-            if (len <= st) continue;
-            for (int64_t t = st; t < len; t++) {
-                const float *kt = pool_row(k_pool, f16, slot_at(tab, t, h, bs, num_blocks, hd), hd, buf);
-                for (int gi = 0; gi < g; gi++) {
-                    const float *qg = qb + (size_t)gi * hd;
-                    float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-                    for (int d = 0; d < hd; d++) acc += qg[d] * kt[d];
-                    s[(size_t)gi * L + t] = acc * scale;
-                }
-            }
-            for (int gi = 0; gi < g; gi++) {
-                float *sg = s + (size_t)gi * L, mx = -INFINITY, sum = 0.f;
-                for (int64_t t = st; t < len; t++) mx = fmaxf(mx, sg[t]);
-                for (int64_t t = st; t < len; t++) { sg[t] = expf(sg[t] - mx); sum += sg[t]; }
-                const float inv = 1.f / sum;
-                for (int64_t t = st; t < len; t++) sg[t] *= inv;
-            }
-            for (int64_t t = st; t < len; t++) {
-                const float *vt = pool_row(v_pool, f16, slot_at(tab, t, h, bs, num_blocks, hd), hd, buf);
-                for (int gi = 0; gi < g; gi++) {
-                    const float p = s[(size_t)gi * L + t];
-                    float *og = ob + (size_t)gi * hd;
-#pragma omp simd
-                    for (int d = 0; d < hd; d++) og[d] += p * vt[d];
-                }
-            }
+            if (hd == 64)
+                attend_task(qb, k_pool, v_pool, f16, tab, starts[b], lens[b], h, g, 64, bs, num_blocks, L, scale, s, ob);
+            else if (hd == 128)
+                attend_task(qb, k_pool, v_pool, f16, tab, starts[b], lens[b], h, g, 128, bs, num_blocks, L, scale, s, ob);
+            else
+                attend_task(qb, k_pool, v_pool, f16, tab, starts[b], lens[b], h, g, hd, bs, num_blocks, L, scale, s, ob);
         }
     }
     return 0;
