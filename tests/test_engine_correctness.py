@@ -194,3 +194,21 @@ def test_async_engine(model):
 def test_cpu_and_dtype_of_the_pool(model):
     llm = make_llm(model, num_blocks=10)
     assert llm.engine.runner.k_pool.dtype == torch.float32 and llm.engine.runner.k_pool.device.type == "cpu"
+
+
+@pytest.mark.parametrize("chunk", [512, 7])  # whole prompts (SDPA's causal mask where no window cuts) and chunks
+def test_sliding_window_and_plain_causal_prefill_equal_full_recompute(chunk):
+    """Prompts longer and shorter than a Mistral-style window: a first chunk that the window does not cut takes
+    SDPA's own causal mask, the others an explicit one; every prompt position's logprob and the greedy tokens
+    equal the cache-free model's."""
+    for window in (None, 6):
+        model = tiny_llama(VOCAB, seed=3, sliding_window=window)
+        prompts = random_prompts(6, VOCAB, lo=3, hi=20, seed=5)
+        llm = make_llm(model, max_num_batched_tokens=chunk, block_size=4)
+        params = SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=0)
+        for p, o in zip(prompts, llm.generate(prompts, params)):
+            assert o.token_ids == greedy_reference(model, p, 8), (window, len(p))
+            with torch.inference_mode():
+                want = torch.log_softmax(model(torch.tensor([p]))[0, :-1].float(), -1)
+            got = torch.tensor([lp[t] for lp, t in zip(o.prompt_logprobs[1:], p[1:])])
+            torch.testing.assert_close(got, want[torch.arange(len(p) - 1), p[1:]], rtol=1e-4, atol=1e-4)
