@@ -34,12 +34,13 @@ def test_decoding_matches_gguf_reference(kind: str) -> None:
 @needs_kernel
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
 @pytest.mark.parametrize("rows", [1, 3, 8])
-def test_kernel_product_matches_dense(kind: str, rows: int) -> None:
-    layer, dense = _layer(kind, 200, 576, seed=rows)
+@pytest.mark.parametrize("out", [200, 202])  # 200: four weight rows at a time; 202: one at a time
+def test_kernel_product_matches_dense(kind: str, rows: int, out: int) -> None:
+    layer, dense = _layer(kind, out, 576, seed=rows)
     x = torch.randn(1, rows, 576)
     ref = x @ dense.T
     y = layer(x)
-    assert y.shape == (1, rows, 200)
+    assert y.shape == (1, rows, out)
     rel = ((y - ref).norm() / ref.norm()).item()
     assert rel < 0.02, rel  # activations are rounded to 8 bits per block of 32, as in llama.cpp
     assert rel > 0  # the integer path really ran (the dense path would be exact)
