@@ -116,6 +116,13 @@ def quality(window: int, stride: int, n_greedy: int, only: list[str]) -> list[di
     ids = ref.tokenizer.encode(shipped_text())
     prompt = ref.tokenizer.encode(PROMPT)
 
+    def gguf_bf16_dense() -> torch.nn.Module:
+        from attnkit.quant.native import set_dense_dtype
+
+        model = load_causal_lm(None, quantize="gguf").model
+        set_dense_dtype(model, torch.bfloat16)
+        return model
+
     def requantized() -> torch.nn.Module:
         return quantize_model(load_causal_lm(None).model, "int4", group_size=32)
 
@@ -126,6 +133,7 @@ def quality(window: int, stride: int, n_greedy: int, only: list[str]) -> list[di
         "int4-gguf": lambda: load_causal_lm(None, quantize="int4").model,
         "int4-requant": requantized,
         "gguf-native": lambda: load_causal_lm(None, quantize="gguf").model,
+        "gguf-native-bf16": gguf_bf16_dense,  # the same blocks, dense (prefill) products in bf16: with --dense
     }
     choices = {k: v for k, v in choices.items() if k == "float32" or k in only} if only else choices
     ref_greedy = greedy_tokens(ref.model, prompt, n_greedy)

@@ -336,6 +336,88 @@ static inline __attribute__((always_inline)) void attend_task(
     }
 }
 
+#ifdef __AVX512F__
+/* exp of 16 floats: 2^n · p(r), x = n·ln2 + r, |r| <= ln2/2, p of degree 6 (relative error < 2e-7);
+ * inputs here are scores minus their maximum (<= 0); below -87 the result is 0 */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.f / 720.f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* 64 floats of row `at`: read in place (float32) or widened from halves */
+static inline void row64(const void *pool, int f16, size_t at, __m512 r[4]) {
+    for (int i = 0; i < 4; i++)
+        r[i] = f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)pool + at) + i))
+                   : _mm512_loadu_ps((const float *)pool + at + 16 * i);
+}
+
+/* attend_task for hd = 64 in AVX-512: K and V rows in registers, the softmax 16 scores at a time, and
+ * the output rows of up to 4 query heads accumulated in registers across the keys */
+static void attend_task64(const float *qb, const void *k_pool, const void *v_pool, int f16, const int64_t *tab,
+                          int64_t st, int64_t len, int h, int g, int bs, int num_blocks, size_t L, float scale,
+                          float *s, float *ob) {
+    for (int i = 0; i < g * 64; i++) ob[i] = 0.f;
+    if (len <= st) return;
+    for (int64_t t = st; t < len; t++) {
+        __m512 k[4];
+        row64(k_pool, f16, slot_at(tab, t, h, bs, num_blocks, 64), k);
+        for (int gi = 0; gi < g; gi++) {
+            const float *qg = qb + (size_t)gi * 64;
+            __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qg), k[0]);
+            for (int i = 1; i < 4; i++) a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * i), k[i], a);
+            s[(size_t)gi * L + t] = _mm512_reduce_add_ps(a) * scale;
+        }
+    }
+    const int64_t n = len - st;
+    for (int gi = 0; gi < g; gi++) {
+        float *sg = s + (size_t)gi * L + st;
+        __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+        for (int64_t t = 0; t < n; t += 16) {
+            const __mmask16 m = n - t >= 16 ? 0xffff : (__mmask16)((1u << (n - t)) - 1);
+            mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, m, sg + t));
+        }
+        const __m512 vmx = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        for (int64_t t = 0; t < n; t += 16) {
+            const __mmask16 m = n - t >= 16 ? 0xffff : (__mmask16)((1u << (n - t)) - 1);
+            const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sg + t), vmx));
+            _mm512_mask_storeu_ps(sg + t, m, e);
+            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+        }
+        const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+        for (int64_t t = 0; t < n; t += 16) {
+            const __mmask16 m = n - t >= 16 ? 0xffff : (__mmask16)((1u << (n - t)) - 1);
+            _mm512_mask_storeu_ps(sg + t, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sg + t), inv));
+        }
+    }
+    for (int g0 = 0; g0 < g; g0 += 4) {
+        const int ng = g - g0 < 4 ? g - g0 : 4;
+        __m512 acc[4][4];
+        for (int a = 0; a < 4; a++)
+            for (int i = 0; i < 4; i++) acc[a][i] = _mm512_setzero_ps();
+        for (int64_t t = st; t < len; t++) {
+            __m512 v[4];
+            row64(v_pool, f16, slot_at(tab, t, h, bs, num_blocks, 64), v);
+            for (int a = 0; a < ng; a++) {
+                const __m512 p = _mm512_set1_ps(s[(size_t)(g0 + a) * L + t]);
+                for (int i = 0; i < 4; i++) acc[a][i] = _mm512_fmadd_ps(p, v[i], acc[a][i]);
+            }
+        }
+        for (int a = 0; a < ng; a++)
+            for (int i = 0; i < 4; i++) _mm512_storeu_ps(ob + (size_t)(g0 + a) * 64 + 16 * i, acc[a][i]);
+    }
+}
+#endif
+
 static int paged_attention(const float *q, const void *k_pool, const void *v_pool, int f16, const int64_t *tables,
                            const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
                            int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads) {
@@ -349,8 +431,13 @@ static int paged_attention(const float *q, const void *k_pool, const void *v_poo
             const float *qb = q + ((size_t)b * nh + (size_t)h * g) * hd;
             float *ob = out + ((size_t)b * nh + (size_t)h * g) * hd;
             const int64_t *tab = tables + (size_t)b * max_nb;
+#ifdef __AVX512F__
+            if (hd == 64)
+                attend_task64(qb, k_pool, v_pool, f16, tab, starts[b], lens[b], h, g, bs, num_blocks, L, scale, s, ob);
+#else
             if (hd == 64)
                 attend_task(qb, k_pool, v_pool, f16, tab, starts[b], lens[b], h, g, 64, bs, num_blocks, L, scale, s, ob);
+#endif
             else if (hd == 128)
                 attend_task(qb, k_pool, v_pool, f16, tab, starts[b], lens[b], h, g, 128, bs, num_blocks, L, scale, s, ob);
             else
