@@ -133,7 +133,7 @@ class PagedKVCache:
             else:
                 kp, vp = self._gather(p.block_table[None])
                 kp, vp = kp[:, :, :p.context_len].transpose(0, 1), vp[:, :, :p.context_len].transpose(0, 1)
-            if p.mask is None:  # SDPA's own causal mask: its flash kernel skips the blocks above the diagonal
+            if p.mask is None:  # SDPA's own causal mask: no (n, n) boolean mask built or read
                 out[:, :, p.start:p.end] = F.scaled_dot_product_attention(
                     qp, kp.to(q.dtype), vp.to(q.dtype), is_causal=True, enable_gqa=qp.shape[1] != kp.shape[1])
             else:

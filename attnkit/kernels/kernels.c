@@ -296,8 +296,8 @@ static inline size_t slot_at(const int64_t *tab, int64_t t, int h, int bs, int n
 }
 
 /* One (sequence, KV head) task: its g query heads against keys st <= t < len. ``hd`` is a compile-time
- * constant where the caller passes a literal (always_inline): the row loops then unroll into whole vectors,
- * the float16 rows are widened in registers and the g output rows stay in L1 across keys. */
+ * constant where the caller passes a literal (always_inline), so the row loops have known trip counts; a
+ * float16 row is widened once into kt for all g heads. */
 static inline __attribute__((always_inline)) void attend_task(
         const float *qb, const void *k_pool, const void *v_pool, int f16, const int64_t *tab, int64_t st, int64_t len,
         int h, int g, const int hd, int bs, int num_blocks, size_t L, float scale, float *s, float *ob) {
@@ -338,7 +338,7 @@ static inline __attribute__((always_inline)) void attend_task(
 
 #ifdef __AVX512F__
 /* exp of 16 floats: 2^n · p(r), x = n·ln2 + r, |r| <= ln2/2, p of degree 6 (relative error < 2e-7);
- * inputs here are scores minus their maximum (<= 0); below -87 the result is 0 */
+ * inputs here are scores minus their maximum (<= 0), clamped at -87 (exp(-87) ~ 1.6e-38: a weight of nothing) */
 static inline __m512 exp16(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);

@@ -10,7 +10,7 @@ the 4.5 or 8.5 bits per weight it reads. With no C compiler the layers fall back
 Batches of more rows than :attr:`GGUFBlockLinear.kernel_max_rows` (prefill, large decode batches)
 decode the weight into a reused buffer and use the dense matrix product, which is faster once the
 work is compute-bound. That product runs in :attr:`GGUFBlockLinear.dense_dtype`: float32, or bfloat16
-(activations rounded to bf16, float32 out) — 2–3× faster where the CPU has bf16 hardware
+(inputs rounded to bf16, float32 sums, the bf16 result widened to float32) — 2–3× faster where the CPU has bf16 hardware
 (AVX512-BF16, AMX; :func:`attnkit.kernels.native_bf16`), which is what ``InferenceOptions``'
 ``matmul_dtype="auto"`` picks there.
 """
