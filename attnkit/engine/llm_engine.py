@@ -23,6 +23,7 @@ from torch import nn
 
 from ..inference_options import KV_CACHE_DTYPES
 from ..text.detokenize import IncrementalDetokenizer
+from .allocator import tune_malloc
 from .block_manager import BlockManager, BlockStats
 from .lora import LoraAdapters
 from .model_runner import ModelRunner
@@ -84,6 +85,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_waiting)
         self.runner = ModelRunner(model, num_blocks, cfg.block_size, compile=cfg.compile, kv_dtype=kv_dtype)
+        # on the CPU every step reuses its large activations in place of new mappings (attnkit.engine.allocator)
+        self.malloc_tuned = self.runner.device.type == "cpu" and tune_malloc()
         self.loras: LoraAdapters | None = None  # created by the first add_lora
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
