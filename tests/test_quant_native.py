@@ -15,28 +15,71 @@ from attnkit.quant.native import GGUFBlockLinear, _dequantize_torch, library
 needs_kernel = pytest.mark.skipif(library() is None, reason="no C compiler: the kernel could not be built")
 
 
-def _layer(kind: str, n: int, k: int, seed: int = 0) -> tuple[GGUFBlockLinear, torch.Tensor]:
+def _layer(kind: str, n: int, k: int, seed: int = 0, interleaved: bool | None = None
+           ) -> tuple[GGUFBlockLinear, torch.Tensor]:
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
     blocks = quantize(w, getattr(T, kind))
     dense = torch.from_numpy(dequantize(blocks, getattr(T, kind)).reshape(n, k).astype(np.float32))
-    return GGUFBlockLinear(torch.from_numpy(blocks.copy()), kind, k), dense
+    return GGUFBlockLinear(torch.from_numpy(blocks.copy()), kind, k, interleaved=interleaved), dense
+
+
+needs_x4 = pytest.mark.skipif(library() is None or not library().ak_x4_available(),
+                              reason="the interleaved kernels need AVX-512 VNNI")
 
 
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
 def test_decoding_matches_gguf_reference(kind: str) -> None:
     layer, dense = _layer(kind, 48, 96)
-    assert torch.equal(_dequantize_torch(layer.blocks, kind, 96), dense)
+    assert torch.equal(_dequantize_torch(layer.row_blocks(), kind, 96), dense)
     if library() is not None:
         assert torch.equal(layer.dequantize(), dense)
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_interleaving_is_a_permutation_within_groups_of_four_rows(kind: str) -> None:
+    from attnkit.quant.native import deinterleave, interleave
+
+    layer, dense = _layer(kind, 12, 96, interleaved=False)
+    packed = interleave(layer.blocks, kind)
+    assert packed.shape == layer.blocks.shape and not torch.equal(packed, layer.blocks)
+    for g in range(3):  # each group of four rows keeps its own bytes
+        rows = slice(4 * g, 4 * g + 4)
+        assert torch.equal(packed[rows].flatten().sort().values, layer.blocks[rows].flatten().sort().values)
+    assert torch.equal(deinterleave(packed, kind), layer.blocks)
+    x4 = GGUFBlockLinear(layer.blocks, kind, 96, interleaved=True)
+    assert torch.equal(x4.row_blocks(), layer.blocks)
+    idx = torch.tensor([11, 0, 5, 5, 2])
+    assert torch.equal(x4.row_blocks(idx), layer.blocks[idx])
+    assert torch.equal(_dequantize_torch(x4.row_blocks(), kind, 96), dense)
+    if library() is not None:
+        assert torch.equal(x4.dequantize(), dense)
+        assert torch.equal(x4.dequantize(torch.bfloat16), dense.bfloat16())
+    with pytest.raises(ValueError, match="multiple of 4 rows"):
+        GGUFBlockLinear(layer.blocks[:10], kind, 96, interleaved=True)
+
+
+@needs_x4
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
+def test_interleaved_product_equals_the_row_layout_one(kind: str, rows: int) -> None:
+    """The same integer block sums and scales, added in another order: equal up to float32 rounding."""
+    plain, dense = _layer(kind, 200, 576, seed=rows, interleaved=False)
+    x4 = GGUFBlockLinear(plain.blocks, kind, 576, interleaved=True)
+    assert x4.interleaved and x4.kernel_kind == plain.kernel_kind + 2
+    x = torch.randn(rows, 576)
+    torch.testing.assert_close(x4(x), plain(x), rtol=1e-5, atol=1e-5)
+    ref = x @ dense.T
+    assert ((x4(x) - ref).norm() / ref.norm()).item() < 0.02
 
 
 @needs_kernel
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
 @pytest.mark.parametrize("rows", [1, 3, 8])
-@pytest.mark.parametrize("out", [200, 202])  # 200: four weight rows at a time; 202: one at a time
+@pytest.mark.parametrize("out", [200, 202])  # 200: four weight rows at a time (interleaved where it can); 202: one
 def test_kernel_product_matches_dense(kind: str, rows: int, out: int) -> None:
     layer, dense = _layer(kind, out, 576, seed=rows)
+    assert not layer.interleaved or out % 4 == 0
     x = torch.randn(1, rows, 576)
     ref = x @ dense.T
     y = layer(x)
@@ -92,6 +135,8 @@ def test_cat_out_and_bias() -> None:
     x = torch.randn(20, 64)  # dense path: exact
     ref = torch.cat([x @ da.T, x @ db.T + torch.arange(16.0)], dim=-1)
     torch.testing.assert_close(fused(x), ref)
+    plain = GGUFBlockLinear.cat_out([GGUFBlockLinear(m.row_blocks(), "Q4_1", 64, m.bias, interleaved=False) for m in (a, b)])
+    assert torch.equal(fused.row_blocks(), plain.row_blocks())  # in GGUF's layout, the rows of a then b
     with pytest.raises(ValueError, match="share"):
         GGUFBlockLinear.cat_out([a, _layer("Q8_0", 16, 64)[0]])
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..kernels import library
-from ..quant.native import ACT_BLOCK_BYTES, KINDS, GGUFBlockLinear
+from ..quant.native import ACT_BLOCK_BYTES, GGUFBlockLinear
 
 MAX_ROWS = GGUFBlockLinear.kernel_max_rows  # more sequences: the eager path's dense products are faster
 
@@ -76,7 +76,7 @@ class NativeDecoder:
             attn, ffn = layer.self_attn, layer.ffn
             qkv, o, gu, dn = attn.qkv_proj, attn.o_proj, ffn.gate_up_proj, ffn.down_proj
             layers.append(_Layer(qkv.blocks.data_ptr(), o.blocks.data_ptr(), gu.blocks.data_ptr(), dn.blocks.data_ptr(),
-                                 KINDS[qkv.kind], KINDS[o.kind], KINDS[gu.kind], KINDS[dn.kind],
+                                 qkv.kernel_kind, o.kernel_kind, gu.kernel_kind, dn.kernel_kind,
                                  qkv.bias.data_ptr() if qkv.bias is not None else None,
                                  layer.norm1.weight.data_ptr(), layer.norm2.weight.data_ptr(),
                                  k_pool[i].data_ptr(), v_pool[i].data_ptr()))

@@ -1,5 +1,6 @@
-"""attnkit's C kernels: GGUF block matrix–vector products and paged decode attention (``kernels.c``), and a
-whole decode step of a Llama-family model built on them (``decode_step.c``).
+"""attnkit's C kernels: GGUF block matrix–vector products and paged decode attention (``kernels.c``; the
+products on rows interleaved in fours in ``interleaved.c``), and a whole decode step of a Llama-family
+model built on them (``decode_step.c``).
 
 Compiled once per machine with the system C compiler (``-O3 -march=native -fopenmp``, about a
 second) into a cache directory (``$ATTNKIT_CACHE`` or ~/.cache/attnkit) and loaded with ctypes. The
@@ -20,7 +21,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
-SOURCES = [Path(__file__).with_name(name) for name in ("kernels.c", "decode_step.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("kernels.c", "interleaved.c", "decode_step.c")]
+HEADERS = [Path(__file__).with_name("blocks.h")]
 
 
 def cache_dir() -> Path:
@@ -49,7 +51,7 @@ def library() -> ctypes.CDLL | None:
     """The compiled kernels for this machine (built on first use), or None with a warning if it can't be."""
     if os.environ.get("ATTNKIT_NO_NATIVE"):
         return None
-    src = b"".join(p.read_bytes() for p in SOURCES)
+    src = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
     cpu = " ".join(sorted(cpu_flags())).encode()
     key = hashlib.sha256(src + " ".join(flags).encode() + cpu + sys.platform.encode()).hexdigest()[:16]

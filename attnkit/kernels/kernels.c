@@ -14,33 +14,7 @@
  * Built at run time by attnkit/kernels/__init__.py with the machine's own instruction set
  * (-march=native): AVX-512 VNNI or AVX-VNNI when present, else AVX2, else portable C.
  */
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
-#if defined(__AVX2__) && defined(__F16C__)
-#define AK_AVX2 1
-#endif
-#if defined(__AVX2__) || defined(__F16C__)
-#include <immintrin.h>
-#endif
-
-typedef struct { uint16_t d, m; uint8_t qs[16]; } block_q4_1;
-typedef struct { uint16_t d; int8_t qs[32]; } block_q8_0;
-typedef struct { float d, s; int8_t qs[32]; } block_q8x; /* activations */
-
-static inline float half_to_float(uint16_t h) {
-#ifdef AK_AVX2
-    return _cvtsh_ss(h);
-#else
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0) {
-        if (man == 0) bits = sign;
-        else { exp = 127 - 15 + 1; while (!(man & 0x400)) { man <<= 1; exp--; } man &= 0x3ff; bits = sign | (exp << 23) | (man << 13); }
-    } else if (exp == 31) bits = sign | 0x7f800000 | (man << 13);
-    else bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    float f; memcpy(&f, &bits, 4); return f;
-#endif
-}
+#include "blocks.h"
 
 /* x (k floats, k % 32 == 0) -> k/32 activation blocks */
 static void quantize_row(const float *x, block_q8x *y, int k) {
@@ -159,12 +133,18 @@ static float dot_q8_0(const block_q8_0 *w, const block_q8x *x, int nb) {
 #endif
 }
 
-/* y (m, n) = x (m, k) . W (n, k)^T ; kind 0 = Q4_1, 1 = Q8_0; scratch holds m * k/32 activation blocks */
+/* y (m, n) = x (m, k) . W (n, k)^T ; kind 0 = Q4_1, 1 = Q8_0, 2 / 3 = those interleaved in fours (blocks.h);
+ * scratch holds m * k/32 activation blocks */
 int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads) {
     if (k % 32 != 0 || m < 1 || n < 1) return 1;
     const int nb = k / 32;
     block_q8x *xq = (block_q8x *)scratch;
     for (int r = 0; r < m; r++) quantize_row(x + (size_t)r * k, xq + (size_t)r * nb, k);
+    if (kind == AK_Q4_1X4 || kind == AK_Q8_0X4) { /* rows interleaved in fours (interleaved.c) */
+        if (!ak_x4_available() || n % 4) return 1;
+        gemv_x4(kind, w, xq, y, m, n, nb, threads);
+        return 0;
+    }
     const size_t row_bytes = (size_t)nb * (kind == 0 ? sizeof(block_q4_1) : sizeof(block_q8_0));
     (void)threads;
 #ifdef AK_AVX2
@@ -240,21 +220,28 @@ static inline void floats_to_bf16(const float *f, uint16_t *h) {
 
 /* W (n, k) blocks -> dense (n, k): float32, or bfloat16 when bf16 is set (the dense products of prefill) */
 int ak_dequantize(int kind, const void *w, void *out, int bf16, int n, int k, int threads) {
-    if (k % 32 != 0) return 1;
+    const int x4 = kind == AK_Q4_1X4 || kind == AK_Q8_0X4, base = x4 ? kind - 2 : kind;
+    if (k % 32 != 0 || (x4 && n % 4)) return 1;
     const int nb = k / 32;
-    const size_t bb = kind == 0 ? sizeof(block_q4_1) : sizeof(block_q8_0);
+    const size_t bb = base == AK_Q4_1 ? sizeof(block_q4_1) : sizeof(block_q8_0);
     (void)threads;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= 64)
     for (int j = 0; j < n; j++) {
         const char *row = (const char *)w + (size_t)j * nb * bb;
         float tmp[32];
+        block_q8_0 blk; /* the larger of the two block types: one block of an x4 matrix, in row layout */
         for (int b = 0; b < nb; b++) {
             const size_t at = (size_t)j * k + 32 * (size_t)b;
+            const void *src = row + b * bb;
+            if (x4) {
+                x4_block(kind, w, j, b, nb, &blk);
+                src = &blk;
+            }
             if (bf16) {
-                block_to_floats(kind, row + b * bb, tmp);
+                block_to_floats(base, src, tmp);
                 floats_to_bf16(tmp, (uint16_t *)out + at);
             } else {
-                block_to_floats(kind, row + b * bb, (float *)out + at);
+                block_to_floats(base, src, (float *)out + at);
             }
         }
     }

@@ -13,6 +13,11 @@ work is compute-bound. That product runs in :attr:`GGUFBlockLinear.dense_dtype`:
 (inputs rounded to bf16, float32 sums, the bf16 result widened to float32) — 2–3× faster where the CPU has bf16 hardware
 (AVX512-BF16, AMX; :func:`attnkit.kernels.native_bf16`), which is what ``InferenceOptions``'
 ``matmul_dtype="auto"`` picks there.
+
+Where the CPU has AVX-512 VNNI the blocks are kept with rows interleaved in fours
+(:func:`interleave`, ``attnkit/kernels/interleaved.c``): the same bytes, permuted within each group
+of four rows, so that one 512-bit product covers a block of four rows. ``blocks`` then holds that
+layout; :meth:`GGUFBlockLinear.row_blocks` gives GGUF's own.
 """
 
 from __future__ import annotations
@@ -23,9 +28,37 @@ from torch import nn
 
 from ..kernels import library
 
-KINDS = {"Q4_1": 0, "Q8_0": 1}
+KINDS = {"Q4_1": 0, "Q8_0": 1}  # the kernels' codes; + 2 for the interleaved layout
 BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}
 ACT_BLOCK_BYTES = 40
+
+
+def _fields(kind: str) -> list[int]:
+    """Byte widths of one block's fields: (d, min, quants) for Q4_1, (d, quants) for Q8_0."""
+    return [2, 2, 16] if kind == "Q4_1" else [2, 32]
+
+
+def interleave(blocks: torch.Tensor, kind: str) -> torch.Tensor:
+    """(n, nb · block bytes) blocks in GGUF's row layout → rows interleaved in fours (n % 4 == 0).
+
+    For rows 4g..4g+3 and block column b the interleaved layout holds each field of the four blocks
+    side by side: Q4_1 d[4] min[4] qs[4][16] (80 bytes), Q8_0 d[4] qs[4][32] (136 bytes).
+    """
+    n, row = blocks.shape
+    bb = BLOCK_BYTES[kind]
+    b = blocks.view(n // 4, 4, row // bb, bb).transpose(1, 2)  # (G, nb, 4 rows, bb)
+    parts = b.split(_fields(kind), dim=-1)
+    return torch.cat([p.reshape(*b.shape[:2], -1) for p in parts], dim=-1).reshape(n, row)
+
+
+def deinterleave(blocks: torch.Tensor, kind: str) -> torch.Tensor:
+    """The inverse of :func:`interleave`: GGUF's row layout again."""
+    n, row = blocks.shape
+    bb = BLOCK_BYTES[kind]
+    c = blocks.view(n // 4, row // bb, 4 * bb)  # (G, nb, 4 · bb)
+    parts = c.split([4 * f for f in _fields(kind)], dim=-1)
+    rows = torch.cat([p.reshape(*c.shape[:2], 4, -1) for p in parts], dim=-1)  # (G, nb, 4, bb)
+    return rows.transpose(1, 2).reshape(n, row)
 
 
 class GGUFBlockLinear(nn.Module):
@@ -33,7 +66,10 @@ class GGUFBlockLinear(nn.Module):
 
     kernel_max_rows = 8  # more rows (prefill) → dequantize + BLAS
 
-    def __init__(self, blocks: torch.Tensor, kind: str, in_features: int, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, blocks: torch.Tensor, kind: str, in_features: int, bias: torch.Tensor | None = None,
+                 interleaved: bool | None = None) -> None:
+        """``blocks`` in GGUF's row layout; ``interleaved`` (None: where the kernels have that layout and
+        the rows are a multiple of 4) keeps them interleaved in fours for the 512-bit products."""
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"GGUF block type {kind!r} has no kernel (supported: {', '.join(KINDS)})")
@@ -45,7 +81,13 @@ class GGUFBlockLinear(nn.Module):
                              f"got {blocks.dtype} {tuple(blocks.shape)}")
         self.kind, self.in_features, self.out_features = kind, in_features, blocks.shape[0]
         self.dense_dtype = torch.float32  # of the products above kernel_max_rows (set_dense_dtype)
-        self.register_buffer("blocks", blocks.contiguous())
+        if interleaved is None:
+            lib = library()
+            interleaved = lib is not None and bool(lib.ak_x4_available()) and self.out_features % 4 == 0
+        if interleaved and self.out_features % 4:
+            raise ValueError(f"interleaved GGUF blocks need a multiple of 4 rows, got {self.out_features}")
+        self.interleaved = interleaved
+        self.register_buffer("blocks", interleave(blocks, kind) if interleaved else blocks.contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
 
     @classmethod
@@ -55,19 +97,34 @@ class GGUFBlockLinear(nn.Module):
             raise ValueError("fused GGUF layers must share block type and input size")
         biases = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in mods]
         bias = torch.cat(biases) if any(m.bias is not None for m in mods) else None
-        return cls(torch.cat([m.blocks for m in mods]), mods[0].kind, mods[0].in_features, bias)
+        return cls(torch.cat([m.row_blocks() for m in mods]), mods[0].kind, mods[0].in_features, bias)
+
+    @property
+    def kernel_kind(self) -> int:
+        """The C kernels' code for this layer's blocks and layout."""
+        return KINDS[self.kind] + 2 * self.interleaved
+
+    def row_blocks(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The blocks in GGUF's row layout: all rows, or those at the indices ``rows`` (1-D)."""
+        if not self.interleaved:
+            return self.blocks if rows is None else self.blocks[rows]
+        if rows is None:
+            return deinterleave(self.blocks, self.kind)
+        groups = self.blocks.view(self.out_features // 4, -1)[rows // 4]  # (N, 4 rows' bytes)
+        unpacked = deinterleave(groups.view(4 * len(rows), -1), self.kind).view(len(rows), 4, -1)
+        return unpacked[torch.arange(len(rows)), rows % 4]
 
     def dequantize(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
         """The dense (out, in) weight in ``dtype`` (written into ``out`` when given: a reused buffer of that dtype)."""
         lib = library()
         if lib is None or dtype not in (torch.float32, torch.bfloat16):
-            return _dequantize_torch(self.blocks, self.kind, self.in_features).to(dtype)
+            return _dequantize_torch(self.row_blocks(), self.kind, self.in_features).to(dtype)
         if out is None:
             out = torch.empty(self.out_features, self.in_features, dtype=dtype)
         if out.dtype != dtype or out.shape != (self.out_features, self.in_features) or not out.is_contiguous():
             raise ValueError(f"dequantize: out must be a contiguous {dtype} tensor of shape "
                              f"{(self.out_features, self.in_features)}, got {out.dtype} {tuple(out.shape)}")
-        lib.ak_dequantize(KINDS[self.kind], self.blocks.data_ptr(), out.data_ptr(), int(dtype == torch.bfloat16),
+        lib.ak_dequantize(self.kernel_kind, self.blocks.data_ptr(), out.data_ptr(), int(dtype == torch.bfloat16),
                           self.out_features, self.in_features, torch.get_num_threads())
         return out
 
@@ -88,7 +145,7 @@ class GGUFBlockLinear(nn.Module):
             xf = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.float().contiguous()
             m = xf.shape[0]
             y = torch.empty(m, self.out_features)
-            lib.ak_gemv(KINDS[self.kind], self.blocks.data_ptr(), xf.data_ptr(), y.data_ptr(), m, self.out_features,
+            lib.ak_gemv(self.kernel_kind, self.blocks.data_ptr(), xf.data_ptr(), y.data_ptr(), m, self.out_features,
                         self.in_features, _act_scratch(m * (self.in_features // 32) * ACT_BLOCK_BYTES),
                         torch.get_num_threads())
             if x.dtype != torch.float32:
@@ -102,6 +159,7 @@ class GGUFBlockLinear(nn.Module):
 
     def extra_repr(self) -> str:
         dense = "" if self.dense_dtype == torch.float32 else f", dense_dtype={self.dense_dtype}"
+        dense += ", interleaved" if self.interleaved else ""
         return f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{dense}"
 
 
@@ -133,7 +191,7 @@ class GGUFBlockEmbedding(nn.Module):
         h = self.head[0]
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= h.out_features):
             raise IndexError(f"token id out of range for a vocabulary of {h.out_features}")
-        rows = _dequantize_torch(h.blocks[idx.reshape(-1)], h.kind, h.in_features)  # (N, d)
+        rows = _dequantize_torch(h.row_blocks(idx.reshape(-1)), h.kind, h.in_features)  # (N, d)
         return rows.view(*idx.shape, h.in_features)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,40 @@
+/* What attnkit's kernel files share: the GGUF block layouts, the activation blocks, fp16 widening, and the
+ * four-row interleaved products (interleaved.c) that ak_gemv and ak_dequantize dispatch to. */
+#ifndef AK_BLOCKS_H
+#define AK_BLOCKS_H
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX2__) && defined(__F16C__)
+#define AK_AVX2 1
+#endif
+#if defined(__AVX2__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+typedef struct { uint16_t d, m; uint8_t qs[16]; } block_q4_1;
+typedef struct { uint16_t d; int8_t qs[32]; } block_q8_0;
+typedef struct { float d, s; int8_t qs[32]; } block_q8x; /* activations */
+
+static inline float half_to_float(uint16_t h) {
+#ifdef AK_AVX2
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) bits = sign;
+        else { exp = 127 - 15 + 1; while (!(man & 0x400)) { man <<= 1; exp--; } man &= 0x3ff; bits = sign | (exp << 23) | (man << 13); }
+    } else if (exp == 31) bits = sign | 0x7f800000 | (man << 13);
+    else bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    float f; memcpy(&f, &bits, 4); return f;
+#endif
+}
+
+/* kinds: 0 = Q4_1, 1 = Q8_0 in GGUF's row layout; 2, 3 = the same blocks with rows interleaved in fours */
+enum { AK_Q4_1 = 0, AK_Q8_0 = 1, AK_Q4_1X4 = 2, AK_Q8_0X4 = 3 };
+
+int ak_x4_available(void);
+void gemv_x4(int kind, const void *w, const block_q8x *xq, float *y, int m, int n, int nb, int threads);
+void x4_block(int kind, const void *w, int j, int b, int nb, void *blk);
+
+#endif
