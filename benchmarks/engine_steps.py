@@ -1,9 +1,10 @@
 """Where the engine's time goes on the offline workload of benchmarks/engine.py, by kind of step.
 
 Each forward the model runner makes is timed and put in one of three kinds: a step with prefill chunks
-(mixed with whatever decodes run beside them: the eager path, products above 8 rows dense), a decode-only
-step of more than 8 sequences (eager, dense products), and a decode-only step of up to 8 (all layers in
-one C call). Prints a table and the JSON (``--json FILE`` also writes it).
+(mixed with whatever decodes run beside them: the eager path, products of many rows dense), a decode-only
+step the C decode step takes (all layers in one call: up to its ``max_rows`` sequences, 8 on GGUF's row
+layout and 64 on interleaved blocks), and a larger decode-only step (eager, dense products). Prints a
+table and the JSON (``--json FILE`` also writes it).
 
     python benchmarks/engine_steps.py [--requests 64] [--threads 2] [--matmul-dtype auto] [--json FILE]
     attnkit bench engine_steps
@@ -45,7 +46,9 @@ def main() -> int:
         out = run(batch)
         dt = time.perf_counter() - t
         decode = all(n == 1 for n in batch.num_tokens)
-        kind = ("decode, <= 8 sequences" if len(batch.seqs) <= 8 else "decode, > 8 sequences") if decode else "with prefill"
+        limit = runner.native.max_rows if runner.native else 0
+        kind = (f"decode, <= {limit} sequences (C step)" if len(batch.seqs) <= limit else
+                f"decode, > {limit} sequences (eager)") if decode else "with prefill"
         k = kinds.setdefault(kind, {"steps": 0, "seconds": 0.0, "tokens": 0})
         k["steps"] += 1
         k["seconds"] += dt

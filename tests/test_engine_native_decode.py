@@ -54,11 +54,16 @@ def test_tiny_gguf_models_decode_as_the_eager_model(tmp_path, arch, qtype):
     model = fuse_for_inference(load_gguf_model(path, quantize="gguf"))
     engine = LLMEngine(model, config=EngineConfig(block_size=4, kv_cache_bytes=8 << 20))
     g = torch.Generator().manual_seed(0)
-    for n in (3, 9, 17, 1, 30):  # contexts over several blocks, every sequence its own length
+    # contexts over several blocks, every sequence its own length; 12 of them: more rows than the row-layout
+    # kernel's 8, which the C step takes on interleaved blocks (up to 64 rows)
+    for n in (3, 9, 17, 1, 30, 5, 12, 2, 7, 20, 4, 11):
         engine.add_request(torch.randint(0, model.cfg.vocab_size, (n,), generator=g).tolist(),
                            SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
     rows = same = 0
+    widest = 0
     for native, eager, _ in _decode_steps(engine, 30):
+        if len(native) <= engine.runner.native.max_rows:
+            widest = max(widest, len(native))
         diff = (native - eager).abs().amax(-1)  # (B,)
         # a float-rounding difference can move one activation across an 8-bit rounding boundary: then the
         # row differs by about the quantization noise (≈ 0.1 here); anything larger is a real difference
@@ -66,6 +71,7 @@ def test_tiny_gguf_models_decode_as_the_eager_model(tmp_path, arch, qtype):
         rows += len(diff)
         same += int((diff < 1e-4).sum())
     assert rows >= 80 and same >= 0.9 * rows, (same, rows)
+    assert widest == min(12, engine.runner.native.max_rows)  # the C step ran the widest batch it may take
 
 
 def test_default_model_error_against_float32_is_the_eager_paths():

@@ -92,7 +92,7 @@ def test_kernel_product_matches_dense(kind: str, rows: int, out: int) -> None:
 @needs_kernel
 def test_many_rows_use_the_dense_product_exactly() -> None:
     layer, dense = _layer("Q4_1", 64, 128)
-    x = torch.randn(GGUFBlockLinear.kernel_max_rows + 5, 128)
+    x = torch.randn(layer.max_kernel_rows + 5, 128)
     torch.testing.assert_close(layer(x), x @ dense.T)
     xb = x.bfloat16()
     assert layer(xb).dtype == torch.bfloat16
@@ -114,7 +114,7 @@ def test_bf16_dense_product_is_the_product_of_the_rounded_inputs() -> None:
     from attnkit.quant.native import set_dense_dtype
 
     layer, dense = _layer("Q8_0", 64, 128, seed=4)
-    x = torch.randn(GGUFBlockLinear.kernel_max_rows + 5, 128)
+    x = torch.randn(layer.max_kernel_rows + 5, 128)
     assert set_dense_dtype(layer, torch.bfloat16) == 1
     y = layer(x)
     assert y.dtype == torch.float32
@@ -132,7 +132,7 @@ def test_cat_out_and_bias() -> None:
     b, db = _layer("Q4_1", 16, 64, 2)
     b.bias = torch.arange(16.0)
     fused = GGUFBlockLinear.cat_out([a, b])
-    x = torch.randn(20, 64)  # dense path: exact
+    x = torch.randn(fused.max_kernel_rows + 4, 64)  # dense path: exact
     ref = torch.cat([x @ da.T, x @ db.T + torch.arange(16.0)], dim=-1)
     torch.testing.assert_close(fused(x), ref)
     plain = GGUFBlockLinear.cat_out([GGUFBlockLinear(m.row_blocks(), "Q4_1", 64, m.bias, interleaved=False) for m in (a, b)])
@@ -206,7 +206,7 @@ def test_gguf_files_load_into_blocks_and_match_the_dequantized_model(tmp_path, a
                 want = floaty.get_submodule(name).weight
             torch.testing.assert_close(m.dequantize(), want, rtol=0, atol=0)
     with torch.no_grad():
-        long = torch.cat([IDS] * 3, dim=1)[:, :24]  # > kernel_max_rows per row: the dense path, exact weights
+        long = torch.cat([IDS] * 12, dim=1)[:, :72]  # > max_kernel_rows rows: the dense path, exact weights
         torch.testing.assert_close(blocks(long), floaty(long), rtol=1e-4, atol=1e-4)
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .lora import StepAdapters
-from .native_decode import MAX_ROWS, NativeDecoder, why_not
+from .native_decode import NativeDecoder, why_not
 from .paged_attention import AttentionMetadata, PagedKVCache, PrefillChunk
 from .scheduler import ScheduledBatch
 
@@ -62,7 +62,7 @@ class ModelRunner:
         self.compile = compile
         self.lora_step: StepAdapters | None = None  # set once LoRA adapters are loaded (attnkit.engine.lora)
         self.prompt_logits: tuple[list[tuple[int, int, int]], torch.Tensor] = ([], torch.empty(0))
-        # decode-only steps of few sequences run all layers in one C call when the model allows it
+        # decode-only steps of up to native.max_rows sequences run all layers in one C call when the model allows it
         # (attnkit.engine.native_decode); built at the first such step; False: eager only
         self.native: NativeDecoder | bool | None = None
         self.native_reason: str | None = None  # why not, when native is False
@@ -141,11 +141,11 @@ class ModelRunner:
             meta.decode_starts = (lens - self.window).clamp_(min=0) if self.window is not None else torch.zeros_like(lens)
         model = self.model
         meta.decode_only = not prefills
-        if meta.decode_only and len(ids) <= MAX_ROWS and not self.compile and self.lora_step is None:
+        if meta.decode_only and not self.compile and self.lora_step is None:
             if self.native is None:
                 self.native_reason = why_not(model, self.k_pool)
                 self.native = NativeDecoder(model, self.k_pool, self.v_pool) if self.native_reason is None else False
-            if self.native:
+            if self.native and len(ids) <= self.native.max_rows:
                 assert meta.decode_tables is not None and meta.decode_lens is not None and meta.decode_starts is not None
                 h = self.native.hidden(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device),
                                        meta.slots, meta.decode_tables, meta.decode_lens, meta.decode_starts)

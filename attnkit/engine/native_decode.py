@@ -19,7 +19,6 @@ from torch import nn
 from ..kernels import library
 from ..quant.native import ACT_BLOCK_BYTES, GGUFBlockLinear
 
-MAX_ROWS = GGUFBlockLinear.kernel_max_rows  # more sequences: the eager path's dense products are faster
 
 
 class _Layer(ctypes.Structure):
@@ -61,7 +60,11 @@ def why_not(model: nn.Module, k_pool: torch.Tensor) -> str | None:
 
 
 class NativeDecoder:
-    """The decode step in C for one model and KV pool (build it only where :func:`why_not` says None)."""
+    """The decode step in C for one model and KV pool (build it only where :func:`why_not` says None).
+
+    It takes steps of up to ``max_rows`` sequences: the layers' own limit for their integer kernel (8 on
+    GGUF's row layout, 64 on interleaved blocks); more go to the eager path and its dense products.
+    """
 
     def __init__(self, model: nn.Module, k_pool: torch.Tensor, v_pool: torch.Tensor) -> None:
         self.model, self.lib = model, library()
@@ -72,6 +75,7 @@ class NativeDecoder:
         self.f16 = int(k_pool.dtype == torch.float16)
         _, _, self.num_blocks, self.bs, _ = k_pool.shape
         layers = []
+        self.max_rows = min(m.max_kernel_rows for m in model.modules() if isinstance(m, GGUFBlockLinear))
         for i, layer in enumerate(model.layers):
             attn, ffn = layer.self_attn, layer.ffn
             qkv, o, gu, dn = attn.qkv_proj, attn.o_proj, ffn.gate_up_proj, ffn.down_proj

@@ -30,6 +30,26 @@ static inline float half_to_float(uint16_t h) {
 #endif
 }
 
+#ifdef __AVX512F__
+/* exp of 16 floats: 2^n · p(r), x = n·ln2 + r, |r| <= ln2/2, p of degree 6 (relative error < 2e-7);
+ * inputs here are scores minus their maximum (<= 0), clamped at -87 (exp(-87) ~ 1.6e-38: a weight of nothing) */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.f / 720.f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+
+#endif
+
 /* kinds: 0 = Q4_1, 1 = Q8_0 in GGUF's row layout; 2, 3 = the same blocks with rows interleaved in fours */
 enum { AK_Q4_1 = 0, AK_Q8_0 = 1, AK_Q4_1X4 = 2, AK_Q8_0X4 = 3 };
 

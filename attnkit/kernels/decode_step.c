@@ -10,9 +10,8 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
-#if defined(__F16C__)
-#include <immintrin.h>
-#endif
+
+#include "blocks.h" /* exp16 */
 
 int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads);
 int ak_paged_attention(const float *q, const float *k_pool, const float *v_pool, const int64_t *tables,
@@ -48,6 +47,21 @@ static void rope(float *x, int n, int hd, const float *cos, const float *sin) {
             v[i + h2] = b * cos[i + h2] + a * sin[i + h2];
         }
     }
+}
+
+/* h = SiLU(g) · u for one row: g then u in gu (2·ff), h written over the start of the same row (h[i]
+ * after g[i] and u[i] are read; row b's h begins at or before its gu, so earlier rows are never overwritten) */
+static void silu_mul(const float *gu, float *h, int ff) {
+    const float *g = gu, *u = gu + ff;
+    int i = 0;
+#ifdef __AVX512F__
+    for (; i + 16 <= ff; i += 16) {
+        const __m512 gv = _mm512_loadu_ps(g + i), e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        _mm512_storeu_ps(h + i, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e)),
+                                              _mm512_loadu_ps(u + i)));
+    }
+#endif
+    for (; i < ff; i++) h[i] = g[i] / (1.f + expf(-g[i])) * u[i];
 }
 
 static inline uint16_t to_half(float f) {
@@ -124,10 +138,7 @@ int ak_llama_decode(const ak_layer *layers, int n_layers, float *x, int B, int d
         for (size_t i = 0; i < (size_t)B * d; i++) x[i] += dn[i];
         for (int b = 0; b < B; b++) rmsnorm(x + (size_t)b * d, L->ffn_norm, xn + (size_t)b * d, d, eps);
         if (ak_gemv(L->gate_up_kind, L->gate_up, xn, gu, B, 2 * ff, d, act, threads)) return 1;
-        for (int b = 0; b < B; b++) {
-            float *g = gu + (size_t)b * 2 * ff, *u = g + ff, *h = gu + (size_t)b * ff;
-            for (int i = 0; i < ff; i++) h[i] = g[i] / (1.f + expf(-g[i])) * u[i]; /* h overlaps g: row b ≥ its source */
-        }
+        for (int b = 0; b < B; b++) silu_mul(gu + (size_t)b * 2 * ff, gu + (size_t)b * ff, ff);
         if (ak_gemv(L->down_kind, L->down, gu, dn, B, d, ff, act, threads)) return 1;
         for (size_t i = 0; i < (size_t)B * d; i++) x[i] += dn[i];
     }

@@ -16,15 +16,26 @@
  */
 #include "blocks.h"
 
-/* x (k floats, k % 32 == 0) -> k/32 activation blocks */
+/* x (k floats, k % 32 == 0) -> k/32 activation blocks: q = round-to-nearest-even(x / d), d = max|x| / 127 */
 static void quantize_row(const float *x, block_q8x *y, int k) {
     for (int b = 0; b < k / 32; b++) {
         const float *xb = x + 32 * b;
+#ifdef __AVX512F__ /* the same values: max and products are exact or identically rounded, cvtps rounds as lrintf */
+        const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+        const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+        const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, _mm512_set1_ps(id)));
+        const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, _mm512_set1_ps(id)));
+        _mm_storeu_si128((__m128i *)y[b].qs, _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(y[b].qs + 16), _mm512_cvtepi32_epi8(q1));
+        const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+#else
         float amax = 0.f;
         for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(xb[i]));
-        float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+        const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
         int sum = 0;
         for (int i = 0; i < 32; i++) { int q = (int)lrintf(xb[i] * id); y[b].qs[i] = (int8_t)q; sum += q; }
+#endif
         y[b].d = d; y[b].s = d * (float)sum;
     }
 }
@@ -139,6 +150,7 @@ int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int
     if (k % 32 != 0 || m < 1 || n < 1) return 1;
     const int nb = k / 32;
     block_q8x *xq = (block_q8x *)scratch;
+#pragma omp parallel for schedule(static) num_threads(threads) if (m >= 4 && threads > 1)
     for (int r = 0; r < m; r++) quantize_row(x + (size_t)r * k, xq + (size_t)r * nb, k);
     if (kind == AK_Q4_1X4 || kind == AK_Q8_0X4) { /* rows interleaved in fours (interleaved.c) */
         if (!ak_x4_available() || n % 4) return 1;
@@ -324,23 +336,6 @@ static inline __attribute__((always_inline)) void attend_task(
 }
 
 #ifdef __AVX512F__
-/* exp of 16 floats: 2^n · p(r), x = n·ln2 + r, |r| <= ln2/2, p of degree 6 (relative error < 2e-7);
- * inputs here are scores minus their maximum (<= 0), clamped at -87 (exp(-87) ~ 1.6e-38: a weight of nothing) */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-    __m512 p = _mm512_set1_ps(1.f / 720.f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, n);
-}
-
 /* 64 floats of row `at`: read in place (float32) or widened from halves */
 static inline void row64(const void *pool, int f16, size_t at, __m512 r[4]) {
     for (int i = 0; i < 4; i++)

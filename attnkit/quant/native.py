@@ -7,8 +7,8 @@ and takes integer dot products on the blocks (llama.cpp's method), so a decode s
 the 4.5 or 8.5 bits per weight it reads. With no C compiler the layers fall back to dequantize +
 ``F.linear`` (correct, slower).
 
-Batches of more rows than :attr:`GGUFBlockLinear.kernel_max_rows` (prefill, large decode batches)
-decode the weight into a reused buffer and use the dense matrix product, which is faster once the
+Batches of more rows than :attr:`GGUFBlockLinear.max_kernel_rows` (8; 64 on interleaved blocks: prefill,
+large decode batches) decode the weight into a reused buffer and use the dense matrix product, which is faster once the
 work is compute-bound. That product runs in :attr:`GGUFBlockLinear.dense_dtype`: float32, or bfloat16
 (inputs rounded to bf16, float32 sums, the bf16 result widened to float32) — 2–3× faster where the CPU has bf16 hardware
 (AVX512-BF16, AMX; :func:`attnkit.kernels.native_bf16`), which is what ``InferenceOptions``'
@@ -65,6 +65,7 @@ class GGUFBlockLinear(nn.Module):
     """y = x·Wᵀ (+ b) with W stored as GGUF blocks: ``blocks`` (out, in/32 · block bytes) uint8."""
 
     kernel_max_rows = 8  # more rows (prefill) → dequantize + BLAS
+    interleaved_max_rows = 64  # the same on interleaved blocks, whose kernel stays ahead of bf16 BLAS longer
 
     def __init__(self, blocks: torch.Tensor, kind: str, in_features: int, bias: torch.Tensor | None = None,
                  interleaved: bool | None = None) -> None:
@@ -98,6 +99,12 @@ class GGUFBlockLinear(nn.Module):
         biases = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in mods]
         bias = torch.cat(biases) if any(m.bias is not None for m in mods) else None
         return cls(torch.cat([m.row_blocks() for m in mods]), mods[0].kind, mods[0].in_features, bias)
+
+    @property
+    def max_kernel_rows(self) -> int:
+        """The most rows the integer kernel takes; more go to the dense product (measured crossovers,
+        docs/performance.md)."""
+        return max(self.kernel_max_rows, self.interleaved_max_rows) if self.interleaved else self.kernel_max_rows
 
     @property
     def kernel_kind(self) -> int:
@@ -136,7 +143,7 @@ class GGUFBlockLinear(nn.Module):
         lib = library()
         if lib is None or x.device.type != "cpu" or x.requires_grad:
             y = F.linear(x2, self.dequantize(x.dtype))
-        elif x2.shape[0] > self.kernel_max_rows:  # compute-bound: a dense product on the weight decoded into a reused buffer
+        elif x2.shape[0] > self.max_kernel_rows:  # compute-bound: a dense product on the weight decoded into a reused buffer
             dt = torch.bfloat16 if torch.bfloat16 in (x2.dtype, self.dense_dtype) else torch.float32
             y = F.linear(x2.to(dt), self.dequantize(dt, out=_scratch(self.out_features, self.in_features, dt)))
             if y.dtype != x.dtype:
@@ -164,7 +171,7 @@ class GGUFBlockLinear(nn.Module):
 
 
 def set_dense_dtype(model: nn.Module, dtype: torch.dtype) -> int:
-    """Make every GGUFBlockLinear of ``model`` multiply batches above its kernel_max_rows in ``dtype``
+    """Make every GGUFBlockLinear of ``model`` multiply batches above its max_kernel_rows in ``dtype``
     (float32 or bfloat16); returns how many layers it set."""
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"the dense products of GGUF layers run in float32 or bfloat16, not {dtype}")
