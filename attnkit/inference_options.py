@@ -12,7 +12,7 @@ One home for these choices, shared by ``LLM``, ``attnkit generate/chat/serve`` a
 - ``compile``: the decode attention compiled to read K/V through the block tables (torch.compile);
 - ``kv_cache_dtype``: the engine's K/V pool; ``"auto"`` is float16 on the gguf path (llama.cpp's default:
   Q4 weights with an f16 KV cache, half the bytes of float32 per cached token), else ``dtype``;
-- ``matmul_dtype``: on the gguf path, the dtype of the dense products of batches above the kernel's 8 rows (64 on interleaved blocks)
+- ``matmul_dtype``: on the gguf path, the dtype of the dense products of batches above the kernel's 8 rows
   (prefill, large decode batches); ``"auto"`` is bfloat16 where the CPU has bf16 hardware
   (:func:`attnkit.kernels.native_bf16`: 2–3× the float32 speed there, perplexity +0.06%), else float32.
 """

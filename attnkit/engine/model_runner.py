@@ -150,7 +150,7 @@ class ModelRunner:
                 h = self.native.hidden(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device),
                                        meta.slots, meta.decode_tables, meta.decode_lens, meta.decode_starts)
                 self.prompt_logits = ([], torch.empty(0))
-                return model.logits(h[None])[0].float(), sample_rows
+                return self.native.logits(h).float(), sample_rows
         if dec_idx:  # the additive mask of the bmm / compiled decode attention (the C kernels take lens and starts)
             n_keys = meta.decode_tables.shape[1] * bs
             visible = self._mask(lens - 1, n_keys) & (torch.arange(n_keys, device=self.device)[None, :] < lens[:, None])

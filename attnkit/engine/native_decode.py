@@ -75,7 +75,7 @@ class NativeDecoder:
         self.f16 = int(k_pool.dtype == torch.float16)
         _, _, self.num_blocks, self.bs, _ = k_pool.shape
         layers = []
-        self.max_rows = min(m.max_kernel_rows for m in model.modules() if isinstance(m, GGUFBlockLinear))
+        self.max_rows = min(m.decode_rows for m in model.modules() if isinstance(m, GGUFBlockLinear))
         for i, layer in enumerate(model.layers):
             attn, ffn = layer.self_attn, layer.ffn
             qkv, o, gu, dn = attn.qkv_proj, attn.o_proj, ffn.gate_up_proj, ffn.down_proj
@@ -98,6 +98,15 @@ class NativeDecoder:
             scores = torch.empty(self.threads * (self.nh // self.nkv) * max_nb * self.bs)
             self._buffers = {key: (work, act, scores)}  # one shape at a time: decode steps repeat it
         return self._buffers[key]
+
+    @torch.inference_mode()
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The last layer's output (B, d) → final norm → LM head → logits (B, vocab). A GGUF head takes the
+        B decode rows through its integer kernel, as the layers did (the eager forward would go dense above 8)."""
+        head = getattr(self.model, "output_head", None)
+        if isinstance(head, GGUFBlockLinear) and len(h) <= head.decode_rows:
+            return head.kernel_product(self.model.norm(h))
+        return self.model.logits(h[None])[0]
 
     @torch.inference_mode()
     def hidden(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,

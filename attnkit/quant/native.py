@@ -7,8 +7,7 @@ and takes integer dot products on the blocks (llama.cpp's method), so a decode s
 the 4.5 or 8.5 bits per weight it reads. With no C compiler the layers fall back to dequantize +
 ``F.linear`` (correct, slower).
 
-Batches of more rows than :attr:`GGUFBlockLinear.max_kernel_rows` (8; 64 on interleaved blocks: prefill,
-large decode batches) decode the weight into a reused buffer and use the dense matrix product, which is faster once the
+Batches of more rows than :attr:`GGUFBlockLinear.kernel_max_rows` (8: prefill, large decode batches) decode the weight into a reused buffer and use the dense matrix product, which is faster once the
 work is compute-bound. That product runs in :attr:`GGUFBlockLinear.dense_dtype`: float32, or bfloat16
 (inputs rounded to bf16, float32 sums, the bf16 result widened to float32) — 2–3× faster where the CPU has bf16 hardware
 (AVX512-BF16, AMX; :func:`attnkit.kernels.native_bf16`), which is what ``InferenceOptions``'
@@ -64,8 +63,8 @@ def deinterleave(blocks: torch.Tensor, kind: str) -> torch.Tensor:
 class GGUFBlockLinear(nn.Module):
     """y = x·Wᵀ (+ b) with W stored as GGUF blocks: ``blocks`` (out, in/32 · block bytes) uint8."""
 
-    kernel_max_rows = 8  # more rows (prefill) → dequantize + BLAS
-    interleaved_max_rows = 64  # the same on interleaved blocks, whose kernel stays ahead of bf16 BLAS longer
+    kernel_max_rows = 8  # more rows (prefill) → dequantize + BLAS, whose float products round nothing to 8 bits
+    decode_max_rows = 64  # decode rows the C decode step takes on interleaved blocks (kernel_product)
 
     def __init__(self, blocks: torch.Tensor, kind: str, in_features: int, bias: torch.Tensor | None = None,
                  interleaved: bool | None = None) -> None:
@@ -101,10 +100,10 @@ class GGUFBlockLinear(nn.Module):
         return cls(torch.cat([m.row_blocks() for m in mods]), mods[0].kind, mods[0].in_features, bias)
 
     @property
-    def max_kernel_rows(self) -> int:
-        """The most rows the integer kernel takes; more go to the dense product (measured crossovers,
-        docs/performance.md)."""
-        return max(self.kernel_max_rows, self.interleaved_max_rows) if self.interleaved else self.kernel_max_rows
+    def decode_rows(self) -> int:
+        """The most decode rows worth the integer kernel: on interleaved blocks it stays ahead of the dense
+        bf16 product up to ~64 rows (benchmarks/gguf_kernels.py), on GGUF's layout up to kernel_max_rows."""
+        return max(self.kernel_max_rows, self.decode_max_rows) if self.interleaved else self.kernel_max_rows
 
     @property
     def kernel_kind(self) -> int:
@@ -143,20 +142,32 @@ class GGUFBlockLinear(nn.Module):
         lib = library()
         if lib is None or x.device.type != "cpu" or x.requires_grad:
             y = F.linear(x2, self.dequantize(x.dtype))
-        elif x2.shape[0] > self.max_kernel_rows:  # compute-bound: a dense product on the weight decoded into a reused buffer
+        elif x2.shape[0] > self.kernel_max_rows:  # compute-bound: a dense product on the weight decoded into a reused buffer
             dt = torch.bfloat16 if torch.bfloat16 in (x2.dtype, self.dense_dtype) else torch.float32
             y = F.linear(x2.to(dt), self.dequantize(dt, out=_scratch(self.out_features, self.in_features, dt)))
             if y.dtype != x.dtype:
                 y = y.to(x.dtype)
         else:
-            xf = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.float().contiguous()
-            m = xf.shape[0]
-            y = torch.empty(m, self.out_features)
-            lib.ak_gemv(self.kernel_kind, self.blocks.data_ptr(), xf.data_ptr(), y.data_ptr(), m, self.out_features,
-                        self.in_features, _act_scratch(m * (self.in_features // 32) * ACT_BLOCK_BYTES),
-                        torch.get_num_threads())
-            if x.dtype != torch.float32:
-                y = y.to(x.dtype)
+            return self.kernel_product(x)
+        if self.bias is not None:
+            y = y + (self.bias if self.bias.dtype == y.dtype else self.bias.to(y.dtype))
+        return y.reshape(*lead, self.out_features)
+
+    def kernel_product(self, x: torch.Tensor) -> torch.Tensor:
+        """x·Wᵀ (+ b) through the integer kernel (8-bit activations per block of 32) for any number of rows."""
+        lib = library()
+        if lib is None or x.device.type != "cpu":
+            raise RuntimeError("GGUFBlockLinear.kernel_product needs the C kernels and a CPU tensor")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        xf = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.float().contiguous()
+        m = xf.shape[0]
+        y = torch.empty(m, self.out_features)
+        lib.ak_gemv(self.kernel_kind, self.blocks.data_ptr(), xf.data_ptr(), y.data_ptr(), m, self.out_features,
+                    self.in_features, _act_scratch(m * (self.in_features // 32) * ACT_BLOCK_BYTES),
+                    torch.get_num_threads())
+        if x.dtype != torch.float32:
+            y = y.to(x.dtype)
         if self.bias is not None:
             y = y + (self.bias if self.bias.dtype == y.dtype else self.bias.to(y.dtype))
         return y.reshape(*lead, self.out_features)
@@ -171,7 +182,7 @@ class GGUFBlockLinear(nn.Module):
 
 
 def set_dense_dtype(model: nn.Module, dtype: torch.dtype) -> int:
-    """Make every GGUFBlockLinear of ``model`` multiply batches above its max_kernel_rows in ``dtype``
+    """Make every GGUFBlockLinear of ``model`` multiply batches above its kernel_max_rows in ``dtype``
     (float32 or bfloat16); returns how many layers it set."""
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"the dense products of GGUF layers run in float32 or bfloat16, not {dtype}")
