@@ -32,7 +32,8 @@ static inline float half_to_float(uint16_t h) {
 
 #ifdef __AVX512F__
 /* exp of 16 floats: 2^n · p(r), x = n·ln2 + r, |r| <= ln2/2, p of degree 6 (relative error < 2e-7);
- * inputs here are scores minus their maximum (<= 0), clamped at -87 (exp(-87) ~ 1.6e-38: a weight of nothing) */
+ * clamped below at -87 (exp(-87) ~ 1.6e-38: attention's scores minus their maximum weigh nothing there); above
+ * ~88.7 the result is +inf, which SiLU's g / (1 + exp(-g)) turns into the right 0 */
 static inline __m512 exp16(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
@@ -55,6 +56,21 @@ enum { AK_Q4_1 = 0, AK_Q8_0 = 1, AK_Q4_1X4 = 2, AK_Q8_0X4 = 3 };
 
 int ak_x4_available(void);
 void gemv_x4(int kind, const void *w, const block_q8x *xq, float *y, int m, int n, int nb, int threads);
-void x4_block(int kind, const void *w, int j, int b, int nb, void *blk);
+/* where one block's fields are: fp16 scale d, fp16 min m (Q4_1; 0 for Q8_0) and its quants */
+typedef struct { uint16_t d, m; const uint8_t *qs; } ak_fields;
+#define Q4X4_BYTES 80  /* a block column of four Q4_1 rows: d[4], m[4], qs[4][16] */
+#define Q8X4_BYTES 136 /* of four Q8_0 rows: d[4], qs[4][32] */
+
+/* the fields of block b of row j of an x4 matrix, read in place (for dequantization) */
+static inline ak_fields x4_fields(int kind, const void *w, int j, int b, int nb) {
+    const int q4 = kind == AK_Q4_1X4, r = j % 4;
+    const uint8_t *col = (const uint8_t *)w + ((size_t)(j / 4) * nb + b) * (q4 ? Q4X4_BYTES : Q8X4_BYTES);
+    ak_fields f;
+    memcpy(&f.d, col + 2 * r, 2);
+    if (q4) memcpy(&f.m, col + 8 + 2 * r, 2);
+    else f.m = 0;
+    f.qs = q4 ? col + 16 + 16 * r : col + 8 + 32 * r;
+    return f;
+}
 
 #endif

@@ -13,9 +13,6 @@
  */
 #include "blocks.h"
 
-#define Q4X4_BYTES 80
-#define Q8X4_BYTES 136
-
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && defined(__AVX512DQ__)
 #define AK_X4 1
 #endif
@@ -26,23 +23,6 @@ int ak_x4_available(void) {
 #else
     return 0;
 #endif
-}
-
-/* block b of row j of an x4 matrix, written out in GGUF's block layout (for dequantization) */
-void x4_block(int kind, const void *w, int j, int b, int nb, void *blk) {
-    const int q4 = kind == AK_Q4_1X4, r = j % 4;
-    const size_t gb = q4 ? Q4X4_BYTES : Q8X4_BYTES;
-    const char *col = (const char *)w + ((size_t)(j / 4) * nb + b) * gb;
-    if (q4) {
-        block_q4_1 *o = (block_q4_1 *)blk;
-        memcpy(&o->d, col + 2 * r, 2);
-        memcpy(&o->m, col + 8 + 2 * r, 2);
-        memcpy(o->qs, col + 16 + 16 * r, 16);
-    } else {
-        block_q8_0 *o = (block_q8_0 *)blk;
-        memcpy(&o->d, col + 2 * r, 2);
-        memcpy(o->qs, col + 8 + 32 * r, 32);
-    }
 }
 
 #ifdef AK_X4

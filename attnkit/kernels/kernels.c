@@ -186,34 +186,46 @@ int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int
 
 /* one block of 32 weights -> 32 floats (d·q and d·q + min are exact products of an fp16 and a small
  * integer, so the order of the operations cannot change a value) */
-static inline void block_to_floats(int kind, const void *blk, float *o) {
+static inline void block_to_floats(int kind, const ak_fields *f, float *o) {
     if (kind == 0) {
-        const block_q4_1 *b = (const block_q4_1 *)blk;
-        const float d = half_to_float(b->d), mn = half_to_float(b->m);
+        const float d = half_to_float(f->d), mn = half_to_float(f->m);
 #ifdef __AVX512F__
-        const __m128i q = _mm_loadu_si128((const __m128i *)b->qs), low = _mm_set1_epi8(0x0f);
+        const __m128i q = _mm_loadu_si128((const __m128i *)f->qs), low = _mm_set1_epi8(0x0f);
         const __m512 vd = _mm512_set1_ps(d), vm = _mm512_set1_ps(mn);
         _mm512_storeu_ps(o, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, low))), vd), vm));
         _mm512_storeu_ps(o + 16, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(
             _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), low))), vd), vm));
 #else
         for (int i = 0; i < 16; i++) {
-            o[i] = d * (float)(b->qs[i] & 0x0f) + mn;
-            o[i + 16] = d * (float)(b->qs[i] >> 4) + mn;
+            o[i] = d * (float)(f->qs[i] & 0x0f) + mn;
+            o[i + 16] = d * (float)(f->qs[i] >> 4) + mn;
         }
 #endif
     } else {
-        const block_q8_0 *b = (const block_q8_0 *)blk;
-        const float d = half_to_float(b->d);
+        const float d = half_to_float(f->d);
+        const int8_t *qs = (const int8_t *)f->qs;
 #ifdef __AVX512F__
         const __m512 vd = _mm512_set1_ps(d);
-        _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)b->qs))), vd));
+        _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)qs))), vd));
         _mm512_storeu_ps(o + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(
-            _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b->qs + 16)))), vd));
+            _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qs + 16)))), vd));
 #else
-        for (int i = 0; i < 32; i++) o[i] = d * (float)b->qs[i];
+        for (int i = 0; i < 32; i++) o[i] = d * (float)qs[i];
 #endif
     }
+}
+
+/* the fields of block b of row j in GGUF's row layout */
+static inline ak_fields row_fields(int kind, const void *w, int j, int b, int nb) {
+    ak_fields f;
+    if (kind == 0) {
+        const block_q4_1 *blk = (const block_q4_1 *)w + (size_t)j * nb + b;
+        f.d = blk->d, f.m = blk->m, f.qs = blk->qs;
+    } else {
+        const block_q8_0 *blk = (const block_q8_0 *)w + (size_t)j * nb + b;
+        f.d = blk->d, f.m = 0, f.qs = (const uint8_t *)blk->qs;
+    }
+    return f;
 }
 
 /* 32 floats -> 32 bfloat16, rounded to nearest even as torch's .to(torch.bfloat16) (weights are finite) */
@@ -230,32 +242,32 @@ static inline void floats_to_bf16(const float *f, uint16_t *h) {
 #endif
 }
 
+/* row j of W into out; x4 a literal at each call (always_inline), so each layout gets its own loop */
+static inline __attribute__((always_inline)) void dequantize_row(int kind, int base, const int x4, const void *w,
+                                                                 void *out, int bf16, int j, int k) {
+    const int nb = k / 32;
+    float tmp[32];
+    for (int b = 0; b < nb; b++) {
+        const size_t at = (size_t)j * k + 32 * (size_t)b;
+        const ak_fields f = x4 ? x4_fields(kind, w, j, b, nb) : row_fields(base, w, j, b, nb);
+        if (bf16) {
+            block_to_floats(base, &f, tmp);
+            floats_to_bf16(tmp, (uint16_t *)out + at);
+        } else {
+            block_to_floats(base, &f, (float *)out + at);
+        }
+    }
+}
+
 /* W (n, k) blocks -> dense (n, k): float32, or bfloat16 when bf16 is set (the dense products of prefill) */
 int ak_dequantize(int kind, const void *w, void *out, int bf16, int n, int k, int threads) {
     const int x4 = kind == AK_Q4_1X4 || kind == AK_Q8_0X4, base = x4 ? kind - 2 : kind;
     if (k % 32 != 0 || (x4 && n % 4)) return 1;
-    const int nb = k / 32;
-    const size_t bb = base == AK_Q4_1 ? sizeof(block_q4_1) : sizeof(block_q8_0);
     (void)threads;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= 64)
     for (int j = 0; j < n; j++) {
-        const char *row = (const char *)w + (size_t)j * nb * bb;
-        float tmp[32];
-        block_q8_0 blk; /* the larger of the two block types: one block of an x4 matrix, in row layout */
-        for (int b = 0; b < nb; b++) {
-            const size_t at = (size_t)j * k + 32 * (size_t)b;
-            const void *src = row + b * bb;
-            if (x4) {
-                x4_block(kind, w, j, b, nb, &blk);
-                src = &blk;
-            }
-            if (bf16) {
-                block_to_floats(base, src, tmp);
-                floats_to_bf16(tmp, (uint16_t *)out + at);
-            } else {
-                block_to_floats(base, src, (float *)out + at);
-            }
-        }
+        if (x4) dequantize_row(kind, base, 1, w, out, bf16, j, k);
+        else dequantize_row(kind, base, 0, w, out, bf16, j, k);
     }
     return 0;
 }
