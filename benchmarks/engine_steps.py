@@ -13,7 +13,6 @@ table and the JSON (``--json FILE`` also writes it).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -21,6 +20,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # attnkit bench runs this file with runpy
+
+from _report import write_report  # noqa: E402
 
 from engine import workload  # noqa: E402 (the same 64 requests as the engine benchmark)
 
@@ -71,10 +72,7 @@ def main() -> int:
     report = {"total_s": total, "out_tok_s": out_tokens / total, "kinds": kinds, "matmul_dtype": args.matmul_dtype,
               "machine": {"cpus": os.cpu_count(), "processor": platform.machine(), "threads": args.threads,
                           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}}
-    print(json.dumps(report, indent=2))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    write_report(report, args.json)
     return 0
 
 

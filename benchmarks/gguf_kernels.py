@@ -13,14 +13,18 @@ in cache across repeats (a decode step reads them from memory once).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # attnkit bench runs this file with runpy
+
+from _report import write_report  # noqa: E402
 
 SHAPES = [("Q4_1", 3072, 576, "gate/up"), ("Q4_1", 576, 1536, "down"), ("Q8_0", 49152, 576, "output head")]
 
@@ -77,10 +81,7 @@ def main() -> int:
                   f"{cell(r['dense_ms'])} |")
     report = {"results": results, "dense_dtype": str(dense_dtype), "interleaved_available": x4_ok,
               "machine": {"cpus": os.cpu_count(), "processor": platform.machine(), "threads": args.threads}}
-    print(json.dumps(report, indent=2))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    write_report(report, args.json)
     return 0
 
 

@@ -20,7 +20,6 @@ Prints a table and the JSON (``--json FILE`` also writes it).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -33,6 +32,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # attnkit bench runs this file with runpy
+
+from _report import write_report  # noqa: E402
 
 ADAPTERS = ["a0", "a1", "a2", "a3"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -146,10 +149,7 @@ def main() -> int:
     hf = results.get("HF PEFT 4 adapters mixed")
     if hf:
         report["ratio_vs_hf_peft"] = {k: r["out_tok_s"] / hf["out_tok_s"] for k, r in results.items() if k.startswith("attnkit")}
-    print(json.dumps(report, indent=2))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    write_report(report, args.json)
     return 0
 
 

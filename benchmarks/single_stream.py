@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import platform
 import random
@@ -26,6 +25,10 @@ from pathlib import Path
 # OMP_WAIT_POLICY is left as the user has it: PASSIVE halves both systems' decode speed on a 2-core
 # AVX-512 EPYC (their OpenMP threads then sleep between the many small operations of a token)
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # attnkit bench runs this file with runpy
+
+from _report import write_report  # noqa: E402
 
 
 def main() -> int:
@@ -87,10 +90,7 @@ def main() -> int:
     if "llama.cpp" in med:
         report["ratio_vs_llama.cpp"] = med["attnkit"] / med["llama.cpp"]
         print(f"attnkit / llama.cpp (medians): {report['ratio_vs_llama.cpp']:.2f}×")
-    print(json.dumps(report, indent=2))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    write_report(report, args.json)
     return 0
 
 
