@@ -137,7 +137,6 @@ class GGUFBlockLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"GGUFBlockLinear: input has {x.shape[-1]} features, expected {self.in_features}")
-        lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         lib = library()
         if lib is None or x.device.type != "cpu" or x.requires_grad:
@@ -145,29 +144,28 @@ class GGUFBlockLinear(nn.Module):
         elif x2.shape[0] > self.kernel_max_rows:  # compute-bound: a dense product on the weight decoded into a reused buffer
             dt = torch.bfloat16 if torch.bfloat16 in (x2.dtype, self.dense_dtype) else torch.float32
             y = F.linear(x2.to(dt), self.dequantize(dt, out=_scratch(self.out_features, self.in_features, dt)))
-            if y.dtype != x.dtype:
-                y = y.to(x.dtype)
         else:
-            return self.kernel_product(x)
-        if self.bias is not None:
-            y = y + (self.bias if self.bias.dtype == y.dtype else self.bias.to(y.dtype))
-        return y.reshape(*lead, self.out_features)
+            y = self._kernel(lib, x2)
+        return self._finish(y.to(x.dtype), x.shape[:-1])
 
     def kernel_product(self, x: torch.Tensor) -> torch.Tensor:
         """x·Wᵀ (+ b) through the integer kernel (8-bit activations per block of 32) for any number of rows."""
         lib = library()
         if lib is None or x.device.type != "cpu":
             raise RuntimeError("GGUFBlockLinear.kernel_product needs the C kernels and a CPU tensor")
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        return self._finish(self._kernel(lib, x.reshape(-1, self.in_features)).to(x.dtype), x.shape[:-1])
+
+    def _kernel(self, lib, x2: torch.Tensor) -> torch.Tensor:
+        """(m, in) → (m, out) float32 through ak_gemv."""
         xf = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.float().contiguous()
         m = xf.shape[0]
         y = torch.empty(m, self.out_features)
         lib.ak_gemv(self.kernel_kind, self.blocks.data_ptr(), xf.data_ptr(), y.data_ptr(), m, self.out_features,
                     self.in_features, _act_scratch(m * (self.in_features // 32) * ACT_BLOCK_BYTES),
                     torch.get_num_threads())
-        if x.dtype != torch.float32:
-            y = y.to(x.dtype)
+        return y
+
+    def _finish(self, y: torch.Tensor, lead: torch.Size) -> torch.Tensor:
         if self.bias is not None:
             y = y + (self.bias if self.bias.dtype == y.dtype else self.bias.to(y.dtype))
         return y.reshape(*lead, self.out_features)
