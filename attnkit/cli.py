@@ -17,6 +17,7 @@ _COMMAND_MODULES = (
     "attnkit.models_cli",  # generate, chat, embed
     "attnkit.train.finetune_cli",
     "attnkit.serve.cli",  # serve
+    "attnkit.quant.cli",  # quantize
 )
 
 

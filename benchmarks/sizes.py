@@ -1,0 +1,451 @@
+"""attnkit against llama.cpp at real model sizes: Llama-3.2-1B- and 3B-shaped GGUFs in llama-quantize's presets.
+
+The models are random weights in Llama-3.2's shapes with the default model's tokenizer (SmolLM2's, 49 152
+tokens), written by attnkit.loading.gguf_writer in F16 once and cached under ``--work-dir``, then quantized
+to each ``--presets`` entry by llama.cpp's ``llama-quantize`` when ``--llama-bin`` has it, by attnkit's own
+quantizer (attnkit.quant.gguf_quantize) otherwise (``--quantizer`` forces one); the report says which. Both
+systems then run the same file, each measurement in a fresh process on ``--threads`` threads:
+
+- the machine's read bandwidth, measured in the same run (sum of a 1 GiB float32 tensor, best of 10; a
+  lower bound: a decode step can read a little faster, so a fraction of the roofline may pass 100%);
+- attnkit (``LLM(path)``, as benchmarks/engine.py uses it): load time, time to first token of a 32-token
+  prompt, prefill of a 512-token prompt (512 / its TTFT), decode after the 32-token prompt, the offline
+  workload of benchmarks/engine.py (64 requests, input 32–512, output 32–256 random token ids, greedy,
+  ignore_eos: output tok/s) and peak RSS;
+- llama.cpp: ``llama-bench -p 512 -n N`` (pp512, tgN; its peak RSS) and ``llama-server`` with the same
+  offline workload at each ``--llama-slots`` count (the best is reported; its VmHWM as peak RSS);
+- decode as a fraction of the bandwidth roofline: bandwidth / bytes of weights one decode step reads (every
+  tensor, the token-embedding table only when it is also the output head; KV-cache reads left out).
+
+A system whose tool is missing is skipped and said so; one that fails or passes ``--timeout`` is reported
+as such. attnkit is skipped, with the reason, where the file's tensor types would be dequantized to float32
+beyond the memory available.
+
+    python benchmarks/sizes.py [--sizes 1b,3b] [--presets Q4_K_M,Q5_K_M,Q6_K,Q8_0,Q4_0] [--threads 2]
+                               [--llama-bin DIR] [--work-dir DIR] [--quick] [--timeout S] [--json FILE]
+    attnkit bench sizes -- --sizes 1b --presets Q8_0 --quick --llama-bin /opt/llama.cpp/bin
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # attnkit bench runs this file with runpy
+
+from _report import write_report  # noqa: E402
+
+from engine import workload  # noqa: E402 (the offline workload of the engine benchmark)
+
+SIZES = {"1b": "llama-3.2-1b", "3b": "llama-3.2-3b", "tiny": "tiny"}  # tiny: a smoke test
+DEFAULT_PRESETS = "Q4_K_M,Q5_K_M,Q6_K,Q8_0,Q4_0"
+GIB = 1 << 30
+
+
+# -- the machine ------------------------------------------------------------------------------------------------
+
+def machine_info(threads: int) -> dict:
+    info: dict = {"cpus": os.cpu_count(), "arch": platform.machine(), "python": platform.python_version(),
+                  "threads": threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)")}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")))
+        info["simd"] = sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
+        info["avx512"] = "avx512f" in flags
+        info["avx2"] = "avx2" in flags
+        mem = {line.split(":")[0]: int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()}
+        info["mem_total_gb"] = mem["MemTotal"] / 2**20
+    except (OSError, StopIteration, KeyError, ValueError):  # pragma: no cover - not Linux
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return info
+
+
+def mem_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover
+        pass
+    return 1 << 62
+
+
+# -- the model files ---------------------------------------------------------------------------------------------
+
+def file_info(path: Path) -> dict:
+    """Sizes of a GGUF file: tensor bytes, the bytes a decode step reads, parameter count, types used."""
+    from attnkit.loading.gguf_file import GGUFFile
+
+    g = GGUFFile(path)
+    total = sum(t.nbytes for t in g.tensors.values())
+    tied = "output.weight" not in g.tensors
+    per_token = total - (0 if tied else g.tensors["token_embd.weight"].nbytes)  # an untied table: one row a token
+    types: dict[str, int] = {}
+    for t in g.tensors.values():
+        types[t.ggml_type.name] = types.get(t.ggml_type.name, 0) + 1
+    m = g.metadata
+    kv_per_token = 2 * m["llama.block_count"] * m["llama.attention.head_count_kv"] * (
+        m["llama.embedding_length"] // m["llama.attention.head_count"]) * 2  # float16 K and V
+    return {"file_bytes": path.stat().st_size, "tensor_bytes": total, "decode_bytes_per_token": per_token,
+            "params": sum(int(_prod(t.shape)) for t in g.tensors.values()), "tied_embeddings": tied,
+            "types": types, "kv_bytes_per_token": kv_per_token}
+
+
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def ensure_f16(size: str, work: Path, threads: int) -> tuple[Path, float | None]:
+    path = work / f"{SIZES[size]}-F16.gguf"
+    if path.exists():
+        return path, None
+    from attnkit.loading.gguf_writer import write_llama_gguf
+
+    print(f"writing {path} (random weights, F16) …", file=sys.stderr, flush=True)
+    t = time.perf_counter()
+    write_llama_gguf(path, SIZES[size], "F16", threads=threads, progress=True)
+    return path, time.perf_counter() - t
+
+
+def ensure_preset(size: str, preset: str, f16: Path, work: Path, quantizer: str, llama_quantize: Path | None,
+                  threads: int) -> tuple[Path, str, float | None]:
+    """The file of ``size`` in ``preset``: (path, which quantizer made it, seconds it took or None if cached)."""
+    if preset == "F16":
+        return f16, "attnkit writer", None
+    use_llama = quantizer == "llama" or (quantizer == "auto" and llama_quantize is not None)
+    tag = "llama-quantize" if use_llama else "attnkit"
+    path = work / f"{SIZES[size]}-{preset}.{'lq' if use_llama else 'ak'}.gguf"
+    if path.exists():
+        return path, tag, None
+    tmp = path.with_name(path.name + ".part")
+    print(f"quantizing {f16.name} → {path.name} with {tag} …", file=sys.stderr, flush=True)
+    t = time.perf_counter()
+    if use_llama:
+        if llama_quantize is None:
+            raise FileNotFoundError("--quantizer llama needs llama-quantize in --llama-bin")
+        r = subprocess.run([str(llama_quantize), str(f16), str(tmp), preset, str(threads)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if r.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            raise RuntimeError(f"llama-quantize failed: {r.stderr[-500:]}")
+    else:
+        from attnkit.quant.gguf_quantize import requantize
+
+        requantize(f16, tmp, preset, threads=threads, progress=True)
+    tmp.replace(path)
+    return path, tag, time.perf_counter() - t
+
+
+# -- children: one measurement each, in a fresh process ---------------------------------------------------------------
+
+def child_bandwidth(threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.ones(GIB // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(11):  # the first touches the pages; best of the other 10
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return {"read_gb_s": GIB / best / 1e9, "bytes": GIB, "best_s": best}
+
+
+def _native_types() -> set[str]:
+    try:
+        from attnkit.quant.native import NATIVE_TYPES, library
+
+        return set(NATIVE_TYPES) if library() is not None else set()
+    except ImportError:
+        try:
+            from attnkit.quant.native import library
+
+            return {"Q4_0", "Q4_1", "Q8_0"} if library() is not None else set()
+        except ImportError:  # pragma: no cover
+            return set()
+
+
+def attnkit_memory_estimate(path: Path) -> tuple[int, list[str]]:
+    """Bytes attnkit's model would take (float32 for types without a kernel) and those types."""
+    from attnkit.loading.gguf_file import GGUFFile
+
+    g = GGUFFile(path)
+    native = _native_types()
+    total, slow = 0, set()
+    for t in g.tensors.values():
+        kind = t.ggml_type.name
+        if kind in native or len(t.shape) < 2:
+            total += t.nbytes
+        else:
+            total += 4 * _prod(t.shape)
+            if kind not in ("F32",):
+                slow.add(kind)
+    return total, sorted(slow)
+
+
+def child_attnkit(path: Path, threads: int, quick: bool, requests: int, kv_per_token: int) -> dict:
+    from attnkit import LLM, SamplingParams
+
+    w = workload(quick, requests)
+    need = sum(len(p) + n for p, n in w["offline"]) + 1024
+    kv_bytes = max(GIB, int(need * kv_per_token * 1.1))
+    t0 = time.perf_counter()
+    llm = LLM(str(path), threads=threads, kv_cache_bytes=kv_bytes)
+    res: dict = {"load_s": time.perf_counter() - t0, "kv_cache_bytes": kv_bytes}
+    greedy = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)  # noqa: E731
+    t0 = time.perf_counter()
+    llm.generate([list(range(1000, 1040))], greedy(4))  # warm-up
+    res["warmup_s"] = time.perf_counter() - t0
+    short, long_ = w["single"]
+    n_new = w["single_new"]
+    o = llm.generate(short, greedy(n_new))[0]
+    m = o.metrics
+    res["ttft_32_s"] = m.ttft
+    res["decode_tok_s"] = (n_new - 1) / (m.finish_time - m.first_token_time)
+    res["decode_tokens"] = n_new
+    o = llm.generate(long_, greedy(2))[0]
+    res["ttft_512_s"] = o.metrics.ttft
+    res["prefill_512_tok_s"] = len(long_) / o.metrics.ttft
+    reqs = w["offline"]
+    total_out = sum(n for _, n in reqs)
+    t = time.perf_counter()
+    outs = llm.generate([p for p, _ in reqs], [greedy(n) for _, n in reqs])
+    dt = time.perf_counter() - t
+    assert sum(len(x.token_ids) for x in outs) == total_out
+    res.update(offline_s=dt, offline_out_tok_s=total_out / dt,
+               offline_total_tok_s=(total_out + sum(len(p) for p, _ in reqs)) / dt,
+               preemptions=llm.engine.scheduler.num_preemptions)
+    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return res
+
+
+def child_llama_bench(path: Path, binary: Path, threads: int, quick: bool) -> dict:
+    n_gen = workload(quick, 64)["single_new"]
+    cmd = [str(binary), "-m", str(path), "-t", str(threads), "-p", "512", "-n", str(n_gen), "-o", "json",
+           "-r", "2" if quick else "3"]
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"llama-bench exit {r.returncode}: {r.stderr[-400:]}")
+    rows = json.loads(r.stdout)
+    res: dict = {"decode_tokens": n_gen}
+    for row in rows:
+        if row["n_prompt"] and not row["n_gen"]:
+            res["prefill_512_tok_s"], res["prefill_512_stddev"] = row["avg_ts"], row["stddev_ts"]
+        elif row["n_gen"] and not row["n_prompt"]:
+            res["decode_tok_s"], res["decode_stddev"] = row["avg_ts"], row["stddev_ts"]
+        res["build"] = f"{row.get('build_commit')} ({row.get('build_number')})"
+        res["backend"] = row.get("backends") or row.get("backend")
+    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # llama-bench's own
+    return res
+
+
+def child_llama_server(path: Path, binary: Path, threads: int, quick: bool, requests: int, slots: list[int]) -> dict:
+    import attnkit.loading.defaults as defaults
+    import engine
+
+    defaults.default_chat_model = lambda: path  # engine.run_llama_server serves the default model; here, this file
+    w = workload(quick, requests)
+    runs = {}
+    for n in slots:
+        if n > len(w["offline"]) and n != slots[0]:
+            continue
+        print(f"  llama-server -np {n} …", file=sys.stderr, flush=True)
+        runs[n] = engine.run_llama_server(w, str(binary), threads, n)
+    best = max(runs, key=lambda n: runs[n]["offline_out_tok_s"])
+    return {**runs[best], "by_slots": {str(n): {k: runs[n][k] for k in ("offline_out_tok_s", "load_s", "peak_rss_mb")}
+                                       for n in runs}}
+
+
+def child(args: argparse.Namespace) -> int:
+    if args.child == "bandwidth":
+        res = child_bandwidth(args.threads)
+    elif args.child == "attnkit":
+        res = child_attnkit(Path(args.model), args.threads, args.quick, args.requests, args.kv_per_token)
+    elif args.child == "llama-bench":
+        res = child_llama_bench(Path(args.model), Path(args.llama_bin) / "llama-bench", args.threads, args.quick)
+    else:
+        res = child_llama_server(Path(args.model), Path(args.llama_bin) / "llama-server", args.threads, args.quick,
+                                 args.requests, [int(s) for s in args.llama_slots.split(",")])
+    print("RESULT " + json.dumps(res), flush=True)
+    return 0
+
+
+def run_child(kind: str, args: argparse.Namespace, timeout: float, model: Path | None = None,
+              extra: list[str] | None = None) -> tuple[dict | None, str | None]:
+    """(result, None) or (None, why it failed). The child gets its own process group, killed on timeout."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--threads", str(args.threads),
+           "--requests", str(args.requests), "--llama-slots", args.llama_slots] + (["--quick"] if args.quick else []) + (
+        ["--model", str(model)] if model else []) + (["--llama-bin", args.llama_bin] if args.llama_bin else []) + (extra or [])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return None, f"timed out after {timeout:.0f} s"
+    line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        return None, f"failed (exit {proc.returncode})"
+    return json.loads(line[len("RESULT "):]), None
+
+
+# -- the report --------------------------------------------------------------------------------------------------
+
+COLUMNS = [("load_s", "load s", 1), ("ttft_32_s", "TTFT 32 s", 2), ("prefill_512_tok_s", "prefill 512 tok/s", 1),
+           ("decode_tok_s", "decode tok/s", 2), ("roofline", "decode / roofline", 2),
+           ("offline_out_tok_s", "offline out tok/s", 2), ("peak_rss_mb", "peak RSS GB", 2)]
+
+
+def _cell(res: dict, key: str, digits: int) -> str:
+    v = res.get(key)
+    if v is None:
+        return "—"
+    if key == "peak_rss_mb":
+        return f"{v / 1024:.{digits}f}"
+    if key == "roofline":
+        return f"{v:.0%}"
+    return f"{v:.{digits}f}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1b,3b", help="comma-separated: 1b, 3b (Llama-3.2's shapes; tiny: a smoke test)")
+    ap.add_argument("--presets", default=DEFAULT_PRESETS, help="llama-quantize presets (attnkit.quant.gguf_quantize.PRESETS)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--llama-bin", default=None, metavar="DIR",
+                    help="llama.cpp's bin/ (llama-bench, llama-server, llama-quantize)")
+    ap.add_argument("--quantizer", default="auto", choices=["auto", "llama", "attnkit"],
+                    help="who quantizes the F16 file (auto: llama-quantize when --llama-bin has it)")
+    ap.add_argument("--work-dir", default=str(Path.home() / ".cache" / "attnkit" / "sizes"),
+                    help="where the model files are cached (1B: ~9 GB for F16 and 5 presets; 3B: ~20 GB)")
+    ap.add_argument("--quick", action="store_true", help="16 shorter offline requests, 32 decode tokens, fewer reps")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--llama-slots", default="4,16,64", help="llama-server parallel slot counts to try (-np)")
+    ap.add_argument("--systems", default="attnkit,llama-bench,llama-server", help="which to run")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds each child process may take")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--kv-per-token", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+
+    from attnkit.quant.gguf_quantize import check_preset
+
+    sizes = [s.strip().lower() for s in args.sizes.split(",") if s.strip()]
+    for s in sizes:
+        if s not in SIZES:
+            ap.error(f"unknown size {s!r} (choose from {', '.join(SIZES)})")
+    try:
+        presets = [check_preset(p.strip()) for p in args.presets.split(",") if p.strip()]
+    except ValueError as e:
+        ap.error(str(e))
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    work = Path(args.work_dir).expanduser()
+    work.mkdir(parents=True, exist_ok=True)
+    tools: dict[str, Path | None] = {}
+    for tool in ("llama-quantize", "llama-bench", "llama-server"):
+        p = Path(args.llama_bin) / tool if args.llama_bin else None
+        tools[tool] = p if p is not None and p.is_file() and os.access(p, os.X_OK) else None
+
+    machine = machine_info(args.threads)
+    print(f"machine: {machine.get('cpu')}, {machine['cpus']} CPUs, threads {args.threads}, "
+          f"OMP_WAIT_POLICY={machine['omp_wait_policy']}", file=sys.stderr)
+    bw, bw_why = run_child("bandwidth", args, 300)
+    bandwidth = bw["read_gb_s"] if bw else None
+    print(f"read bandwidth: {bandwidth:.1f} GB/s" if bandwidth else f"bandwidth: {bw_why}", file=sys.stderr)
+
+    rows: list[dict] = []
+    for size in sizes:
+        f16, f16_s = ensure_f16(size, work, args.threads)
+        for preset in presets:
+            entry: dict = {"size": size, "shape": SIZES[size], "preset": preset}
+            try:
+                path, quantizer, q_s = ensure_preset(size, preset, f16, work, args.quantizer, tools["llama-quantize"],
+                                                     args.threads)
+            except (RuntimeError, FileNotFoundError, ValueError) as e:
+                entry["error"] = f"quantization failed: {e}"
+                rows.append(entry)
+                continue
+            info = file_info(path)
+            entry.update(file=str(path), quantizer=quantizer, quantize_s=q_s, f16_write_s=f16_s, **info)
+            entry["roofline_decode_tok_s"] = bandwidth * 1e9 / info["decode_bytes_per_token"] if bandwidth else None
+            entry["results"], entry["skipped"] = {}, {}
+            for system in systems:
+                if system == "attnkit":
+                    need, slow = attnkit_memory_estimate(path)
+                    if need > 0.8 * mem_available():
+                        entry["skipped"][system] = (f"would dequantize {', '.join(slow)} to float32: ~{need / GIB:.1f} GiB "
+                                                    f"> 80% of the {mem_available() / GIB:.1f} GiB available")
+                        continue
+                    if slow:
+                        entry.setdefault("notes", []).append(f"attnkit dequantizes {', '.join(slow)} to float32 (no kernel)")
+                    extra = ["--kv-per-token", str(info["kv_bytes_per_token"])]
+                elif tools.get(system) is None:
+                    entry["skipped"][system] = (f"{system} not found in --llama-bin {args.llama_bin}" if args.llama_bin
+                                                else "no --llama-bin given")
+                    continue
+                else:
+                    extra = []
+                print(f"[{size} {preset}] {system} …", file=sys.stderr, flush=True)
+                res, why = run_child(system, args, args.timeout, path, extra)
+                if res is None:
+                    entry["skipped"][system] = why
+                    continue
+                if res.get("decode_tok_s") and entry["roofline_decode_tok_s"]:
+                    res["roofline"] = res["decode_tok_s"] / entry["roofline_decode_tok_s"]
+                entry["results"][system] = res
+            rows.append(entry)
+
+    w = workload(args.quick, args.requests)
+    print(f"\nread bandwidth {bandwidth or float('nan'):.1f} GB/s; decode after a 32-token prompt "
+          f"({w['single_new']} tokens); offline: {len(w['offline'])} requests, "
+          f"{sum(n for _, n in w['offline'])} output tokens; {args.threads} threads\n")
+    print("| model | preset | GB | quantizer | system | " + " | ".join(c[1] for c in COLUMNS) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(COLUMNS))
+    for e in rows:
+        head = f"| {e['shape']} | {e['preset']} | {e.get('file_bytes', 0) / 1e9:.2f} | {e.get('quantizer', '—')} |"
+        if "error" in e:
+            print(f"{head} — | {e['error']} |")
+            continue
+        res = dict(e["results"])
+        if "llama-bench" in res and "llama-server" in res:  # one llama.cpp row: bench's speeds, server's offline
+            srv = res.pop("llama-server")
+            res["llama-bench"] = {**res["llama-bench"], "offline_out_tok_s": srv["offline_out_tok_s"],
+                                  "load_s": srv["load_s"], "slots": srv.get("slots"),
+                                  "peak_rss_mb": max(res["llama-bench"]["peak_rss_mb"], srv["peak_rss_mb"])}
+            res["llama.cpp"] = res.pop("llama-bench")
+        for name, r in res.items():
+            print(f"{head} {name} | " + " | ".join(_cell(r, k, d) for k, _, d in COLUMNS) + " |")
+        for name, why in e["skipped"].items():
+            print(f"{head} {name} | {why} |")
+    report = {"machine": machine, "bandwidth": bw, "bandwidth_error": bw_why,
+              "workload": {"quick": args.quick, "requests": len(w["offline"]), "decode_tokens": w["single_new"],
+                           "offline_input_tokens": sum(len(p) for p, _ in w["offline"]),
+                           "offline_output_tokens": sum(n for _, n in w["offline"])},
+              "tools": {k: str(v) if v else None for k, v in tools.items()}, "models": rows}
+    write_report(report, args.json)
+    return 0 if any(e.get("results") for e in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
