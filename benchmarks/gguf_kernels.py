@@ -1,12 +1,13 @@
-"""One GGUF layer's product three ways: the integer kernel on rows interleaved in fours, the same kernel on
-GGUF's row layout, and the dense bf16 (or float32) product on the blocks decoded each call.
+"""GGUF block products per block type: attnkit's integer kernels (rows interleaved in fours where the CPU has
+AVX-512 VNNI, else GGUF's row layout) against the dense bf16 (or float32) product on the blocks decoded each call.
 
-The shapes are the default model's (gate/up 3072×576, down 576×1536, the Q8_0 output head 49152×576),
-random weights quantized with gguf; for 1 to 512 rows of activations. It shows where the integer kernel
-stops being faster than the dense product: that sets ``GGUFBlockLinear.decode_max_rows``. Weights are hot
-in cache across repeats (a decode step reads them from memory once).
+The shapes are a Llama-3.2-1B's (2048→8192 gate/up, 8192→2048 down, 2048→2048 q/o, the 49152×2048 tied head),
+random valid blocks of each type (attnkit.quant.native.random_blocks). For m = 1 the table gives GB/s of weight
+bytes read with the weights cold, as in a decode step (the layer cycles through copies that together exceed the
+last-level cache), and hot (the same copy again, from cache); for m = 1, 8, 64 the milliseconds of the kernel
+and of the dense product. Times are the best of five batches (other load on a shared machine only adds time). It also measures the machine's plain read bandwidth (a sum over 512 MB) to compare.
 
-    python benchmarks/gguf_kernels.py [--threads 2] [--rows 1,4,8,16,32,64,512] [--json FILE]
+    python benchmarks/gguf_kernels.py [--threads 2] [--types Q4_K,Q6_K,Q5_K,Q8_0] [--rows 1,8,64] [--json FILE]
     attnkit bench gguf_kernels
 """
 
@@ -19,67 +20,93 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # attnkit bench runs this file with runpy
 
 from _report import write_report  # noqa: E402
 
-SHAPES = [("Q4_1", 3072, 576, "gate/up"), ("Q4_1", 576, 1536, "down"), ("Q8_0", 49152, 576, "output head")]
+SHAPES = [(8192, 2048, "gate/up 2048→8192"), (2048, 8192, "down 8192→2048"), (2048, 2048, "q/o 2048→2048"),
+          (49152, 2048, "head 49152×2048")]
+COLD_BYTES = 160 << 20  # copies of a layer cycled through: well past a 32 MB L3
 
 
-def ms(f, reps: int = 10) -> float:
+def seconds(f, budget: float = 0.3, batches: int = 5) -> float:
+    """Time of one call of f: the best of ``batches`` batch means, about ``budget`` seconds in all (other work on a
+    shared machine only ever adds time)."""
     f()
-    t = time.perf_counter()
-    for _ in range(reps):
-        f()
-    return (time.perf_counter() - t) / reps * 1e3
+    t0 = time.perf_counter()
+    f()
+    reps = max(1, int(budget / batches / max(time.perf_counter() - t0, 1e-6)))
+    best = float("inf")
+    for _ in range(batches):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            f()
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best
+
+
+def read_bandwidth() -> float:
+    """GB/s of a plain 512 MB float32 sum: the machine's read bandwidth as PyTorch sees it."""
+    x = torch.ones(128 << 20)
+    return x.numel() * 4 / seconds(lambda: x.sum(), 1.0) / 1e9
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rows", default="1,4,8,16,32,64,512")
+    ap.add_argument("--types", default="Q4_K,Q6_K,Q5_K,Q8_0")
+    ap.add_argument("--rows", default="1,8,64")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from gguf import GGMLQuantizationType
-    from gguf.quants import quantize
-
     from attnkit.kernels import library, native_bf16
-    from attnkit.quant.native import GGUFBlockLinear
+    from attnkit.quant.native import BLOCK_TYPES, GGUFBlockLinear, random_blocks
 
-    lib = library()
-    if lib is None:
+    if library() is None:
         print("gguf_kernels: the C kernels could not be built")
         return 1
-    x4_ok = bool(lib.ak_x4_available())
     dense_dtype = torch.bfloat16 if native_bf16() else torch.float32
     rows = [int(r) for r in args.rows.split(",")]
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = float("nan")
+    bw = read_bandwidth()
+    print(f"threads {args.threads}, load average {load:.2f}, plain read bandwidth {bw:.1f} GB/s, dense product in "
+          f"{str(dense_dtype)[6:]}")
+    head = "| type | layer | MB | m=1 GB/s cold | m=1 GB/s hot | " + " | ".join(f"m={m} ms" for m in rows)
+    head += " | " + " | ".join(f"dense m={m} ms" for m in rows) + " |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
     results = []
-    print(f"| layer | rows | interleaved ms | row layout ms | dense {str(dense_dtype)[6:]} ms |")
-    print("|---|---|---|---|---|")
-    for kind, n, k, name in SHAPES:
-        w = (np.random.default_rng(0).standard_normal((n, k)) * 0.05).astype(np.float32)
-        blocks = torch.from_numpy(quantize(w, getattr(GGMLQuantizationType, kind)).copy())
-        plain = GGUFBlockLinear(blocks, kind, k, interleaved=False)
-        x4 = GGUFBlockLinear(blocks, kind, k, interleaved=True) if x4_ok else None
-        dense = GGUFBlockLinear(blocks, kind, k, interleaved=False)
-        dense.dense_dtype = dense_dtype
-        dense.kernel_max_rows = 0  # every call through the dense product (an instance attribute: this layer only)
-        for m in rows:
-            x = torch.randn(m, k)
+    for kind in args.types.split(","):
+        t = BLOCK_TYPES[kind]
+        for n, k, name in SHAPES:
+            blocks = random_blocks(kind, n, k)
+            layer = GGUFBlockLinear(blocks, kind, k)
+            nbytes = layer.blocks.numel()
+            copies = [layer] + [GGUFBlockLinear(blocks.clone(), kind, k) for _ in range(max(1, -(-COLD_BYTES // nbytes)) - 1)]
+            dense = GGUFBlockLinear(blocks, kind, k, interleaved=False)
+            dense.dense_dtype, dense.kernel_max_rows = dense_dtype, 0  # every call: decode + dense product
+            r = {"kind": kind, "layer": name, "out": n, "in": k, "mb": nbytes / 1e6, "interleaved": layer.interleaved}
             with torch.inference_mode():
-                r = {"layer": name, "kind": kind, "out": n, "in": k, "rows": m,  # kernel_product: the kernel at any rows
-                     "interleaved_ms": ms(lambda: x4.kernel_product(x)) if x4 is not None else None,
-                     "row_layout_ms": ms(lambda: plain.kernel_product(x)) if m <= 64 else None,  # slow past that
-                     "dense_ms": ms(lambda: dense(x))}
+                x1 = torch.randn(1, k)
+                cold = seconds(lambda: [c.kernel_product(x1) for c in copies]) / len(copies)  # each copy once
+                r["gbs_cold"] = nbytes / cold / 1e9
+                r["gbs_hot"] = nbytes / seconds(lambda: layer.kernel_product(x1)) / 1e9
+                for m in rows:
+                    x = torch.randn(m, k)
+                    r[f"ms_{m}"] = seconds(lambda: layer.kernel_product(x)) * 1e3
+                    r[f"dense_ms_{m}"] = seconds(lambda: dense(x)) * 1e3
             results.append(r)
-            cell = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
-            print(f"| {name} {n}×{k} | {m} | {cell(r['interleaved_ms'])} | {cell(r['row_layout_ms'])} | "
-                  f"{cell(r['dense_ms'])} |")
-    report = {"results": results, "dense_dtype": str(dense_dtype), "interleaved_available": x4_ok,
+            del copies
+            print(f"| {kind} | {name} | {r['mb']:.1f} | {r['gbs_cold']:.1f} | {r['gbs_hot']:.1f} | "
+                  + " | ".join(f"{r[f'ms_{m}']:.3f}" for m in rows) + " | "
+                  + " | ".join(f"{r[f'dense_ms_{m}']:.3f}" for m in rows) + " |", flush=True)
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
+    report = {"results": results, "dense_dtype": str(dense_dtype), "read_bandwidth_gbs": bw, "load_average": load,
               "machine": {"cpus": os.cpu_count(), "processor": platform.machine(), "threads": args.threads}}
     write_report(report, args.json)
     return 0

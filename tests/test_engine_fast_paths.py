@@ -39,7 +39,7 @@ def test_fuse_is_idempotent_and_rejects_mixed_layers() -> None:
     w = mha.qkv_proj.weight.clone()
     mha.fuse()
     assert torch.equal(mha.qkv_proj.weight, w) and w.shape == (32 + 16 + 16, 32)
-    with pytest.raises(TypeError, match="different types"):
+    with pytest.raises(TypeError, match="different types that are not all linear"):
         cat_out_features([torch.nn.Linear(4, 4), torch.nn.Identity()])
     with pytest.raises(ValueError, match="input size"):
         cat_out_features([torch.nn.Linear(4, 4), torch.nn.Linear(5, 4)])

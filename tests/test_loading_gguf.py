@@ -263,9 +263,4 @@ def test_unsupported_architecture(tmp_path):
         load_gguf_model(path)
 
 
-def test_unsupported_tensor_type(tmp_path):
-    q2 = np.zeros((D_FF, D // 256 * 84), dtype=np.uint8)  # valid Q2_K bytes: a type attnkit does not load
-    path = write_gguf(tmp_path / "t.gguf", tiny_hf(), override={"blk.0.ffn_up.weight": (q2, "Q2_K")})
-    with pytest.raises(UnsupportedModelError) as e:
-        load_gguf_model(path)
-    assert e.value.tensor == "blk.0.ffn_up.weight" and "Q2_K" in e.value.reason
+# types without a kernel (Q2_K, …) and unknown type ids: tests/test_loading_gguf_native.py

@@ -49,6 +49,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     compile: bool = False  # decode attention as one compiled kernel over the block tables (see ModelRunner)
     kv_cache_dtype: str = "auto"  # the K/V pool's dtype; "auto": the model's parameters' (vLLM's kv_cache_dtype)
+    # a request's numbers independent of what shares its steps (see ModelRunner.run); False: each step's
+    # products chosen by its row count, as before (vLLM's VLLM_BATCH_INVARIANT, off there by default)
+    batch_invariant: bool = True
 
     def kv_dtype(self, model: nn.Module) -> torch.dtype:
         """The K/V pool's dtype for ``model``: ``kv_cache_dtype``, "auto" resolved to the parameters' dtype."""
@@ -84,7 +87,8 @@ class LLMEngine:
         self.max_model_len = min(cfg.max_model_len or model.cfg.max_seq_len, num_blocks * cfg.block_size)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_waiting)
-        self.runner = ModelRunner(model, num_blocks, cfg.block_size, compile=cfg.compile, kv_dtype=kv_dtype)
+        self.runner = ModelRunner(model, num_blocks, cfg.block_size, compile=cfg.compile, kv_dtype=kv_dtype,
+                                  batch_invariant=cfg.batch_invariant)
         # on the CPU every step reuses its large activations in place of new mappings (attnkit.engine.allocator)
         self.malloc_tuned = self.runner.device.type == "cpu" and tune_malloc()
         self.loras: LoraAdapters | None = None  # created by the first add_lora

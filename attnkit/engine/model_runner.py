@@ -14,6 +14,7 @@ import warnings
 import torch
 from torch import nn
 
+from ..quant.row_kernel import rows_are
 from .lora import StepAdapters
 from .native_decode import NativeDecoder, why_not
 from .paged_attention import AttentionMetadata, PagedKVCache, PrefillChunk
@@ -44,7 +45,7 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
 
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, compile: bool = False,
-                 kv_dtype: torch.dtype | None = None) -> None:
+                 kv_dtype: torch.dtype | None = None, batch_invariant: bool = True) -> None:
         cfg = model.cfg
         if not hasattr(cfg, "n_kv_heads") or not hasattr(cfg, "hd"):
             raise TypeError(f"the engine runs decoder-only models (Llama family, GPT-2); got {type(model).__name__}")
@@ -62,10 +63,11 @@ class ModelRunner:
         self.compile = compile
         self.lora_step: StepAdapters | None = None  # set once LoRA adapters are loaded (attnkit.engine.lora)
         self.prompt_logits: tuple[list[tuple[int, int, int]], torch.Tensor] = ([], torch.empty(0))
-        # decode-only steps of up to native.max_rows sequences run all layers in one C call when the model allows it
+        # decode-only steps run all layers in one C call when the model allows it
         # (attnkit.engine.native_decode); built at the first such step; False: eager only
         self.native: NativeDecoder | bool | None = None
         self.native_reason: str | None = None  # why not, when native is False
+        self.batch_invariant = batch_invariant
 
     @staticmethod
     def bytes_per_block(model: nn.Module, block_size: int, kv_dtype: torch.dtype | None = None) -> int:
@@ -88,13 +90,53 @@ class ModelRunner:
 
         Sequences that want prompt logprobs also get the logits of their prompt rows in this step, left in
         ``prompt_logits``: ([(row in batch, first position, count)], (P, vocab)).
+
+        Batch invariance: a row's numbers depend on what the row is, never on what shares the step. A
+        generated token (one new token past its prompt) always takes the decode path — the C step where the
+        model allows it, else the eager model with GGUF layers on their integer kernel — and prompt rows
+        always the prompt path (GGUF layers' dense products). A step holding both runs them as two passes.
         """
         if batch.copies:
             src = torch.tensor([s for s, _ in batch.copies], device=self.device)
             dst = torch.tensor([d for _, d in batch.copies], device=self.device)
             self.k_pool[:, :, dst] = self.k_pool[:, :, src]
             self.v_pool[:, :, dst] = self.v_pool[:, :, src]
+        if not self.batch_invariant:
+            return self._run(batch)
+        generated = [n == 1 and s.num_computed >= s.prompt_len for s, n in zip(batch.seqs, batch.num_tokens)]
+        if all(generated) or not any(generated):
+            with rows_are("generated" if generated[0] else "prompt"):
+                return self._run(batch, generated[0])
+        parts = [[i for i, g in enumerate(generated) if g], [i for i, g in enumerate(generated) if not g]]
+        logits, rows, prompt_rows, prompt_logits = [], [], [], []
+        for kind, idx in zip(("generated", "prompt"), parts):
+            sub = ScheduledBatch([batch.seqs[i] for i in idx], [batch.num_tokens[i] for i in idx])
+            with rows_are(kind):
+                lg, rs = self._run(sub, kind == "generated")
+            logits.append(lg)
+            rows += [idx[r] for r in rs]
+            if self.prompt_logits[0]:
+                prompt_rows += [(idx[r], first, count) for r, first, count in self.prompt_logits[0]]
+                prompt_logits.append(self.prompt_logits[1])
+        self.prompt_logits = (prompt_rows, torch.cat(prompt_logits) if prompt_rows else torch.empty(0))
+        return torch.cat(logits), rows
+
+    def _row_attention(self) -> bool:
+        """Whether prompt rows can attend one by one through the C paged attention, each exactly as a decode
+        step at its position would (float32 activations over a float32/float16 pool on the CPU)."""
+        from .paged_attention import _native_kernel
+
+        return self.batch_invariant and not self.compile and _native_kernel(
+            torch.empty(0, dtype=self.dtype, device=self.device), self.k_pool) is not None
+
+    def _run(self, batch: ScheduledBatch, generated: bool = True) -> tuple[torch.Tensor, list[int]]:
+        """One forward pass over the batch (its copy-on-write copies already made); ``generated``: its rows are
+        all generated tokens (the decode path), else prompt rows.
+
+        With batch invariance every prompt row attends on its own, as a decode query over its keys in the pool
+        (the chunk's K/V are written first): a row's attention is then the same whatever chunk it came in."""
         bs = self.block_size
+        per_row = not generated and self._row_attention()
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
@@ -115,10 +157,11 @@ class ModelRunner:
             slots += [table[i // bs] * bs + i % bs for i in p]
             ctx = start + n
             n_blocks = -(-ctx // bs)
-            if n == 1:
-                dec_idx.append(t0)
-                dec_tables.append(table[:n_blocks])
-                dec_lens.append(ctx)
+            if n == 1 or per_row:
+                for i, q_pos in enumerate(p):
+                    dec_idx.append(t0 + i)
+                    dec_tables.append(table[:q_pos // bs + 1])
+                    dec_lens.append(q_pos + 1)
             else:
                 causal = start == 0 and (self.window is None or self.window >= n)  # the mask would be plain causal
                 mask = None if causal else self._mask(torch.arange(start, ctx, device=self.device), ctx)
@@ -141,11 +184,11 @@ class ModelRunner:
             meta.decode_starts = (lens - self.window).clamp_(min=0) if self.window is not None else torch.zeros_like(lens)
         model = self.model
         meta.decode_only = not prefills
-        if meta.decode_only and not self.compile and self.lora_step is None:
+        if meta.decode_only and generated and not self.compile and self.lora_step is None:
             if self.native is None:
                 self.native_reason = why_not(model, self.k_pool)
                 self.native = NativeDecoder(model, self.k_pool, self.v_pool) if self.native_reason is None else False
-            if self.native and len(ids) <= self.native.max_rows:
+            if self.native and (self.batch_invariant or len(ids) <= self.native.max_rows):
                 assert meta.decode_tables is not None and meta.decode_lens is not None and meta.decode_starts is not None
                 h = self.native.hidden(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device),
                                        meta.slots, meta.decode_tables, meta.decode_lens, meta.decode_starts)

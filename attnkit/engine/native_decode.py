@@ -5,8 +5,9 @@ write, attention, SiLU, the residual adds), about 4 µs each with Python around 
 overhead is as large as the weight reads themselves. :class:`NativeDecoder` hands the whole stack of
 layers to C for steps in which every sequence decodes one token; the embedding lookup, the final norm,
 the LM head and sampling stay in PyTorch. It computes what the eager model computes (tests compare the
-two), and it only takes models it can run exactly: fused q/k/v and gate/up projections on Q4_1/Q8_0
-blocks, no biases but Qwen2's on q/k/v, RMSNorm without offset, SiLU, full rotary, no LoRA.
+two), and it only takes models it can run exactly: q/k/v and gate/up projections fused (one matrix, or one
+part per block type where they differ) on GGUF blocks of any type the kernels have, no biases but Qwen2's
+on q/k/v, RMSNorm without offset, SiLU, full rotary, no LoRA.
 """
 
 from __future__ import annotations
@@ -21,12 +22,26 @@ from ..quant.native import ACT_BLOCK_BYTES, GGUFBlockLinear
 
 
 
+class _Part(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("kind", ctypes.c_int), ("rows", ctypes.c_int)]
+
+
 class _Layer(ctypes.Structure):
-    _fields_ = [("qkv", ctypes.c_void_p), ("o", ctypes.c_void_p), ("gate_up", ctypes.c_void_p),
-                ("down", ctypes.c_void_p), ("qkv_kind", ctypes.c_int), ("o_kind", ctypes.c_int),
-                ("gate_up_kind", ctypes.c_int), ("down_kind", ctypes.c_int), ("qkv_bias", ctypes.c_void_p),
-                ("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p), ("k_pool", ctypes.c_void_p),
-                ("v_pool", ctypes.c_void_p)]
+    _fields_ = [("qkv", _Part * 3), ("gate_up", _Part * 2), ("o", _Part), ("down", _Part), ("n_qkv", ctypes.c_int),
+                ("n_gate_up", ctypes.c_int), ("qkv_bias", ctypes.c_void_p), ("attn_norm", ctypes.c_void_p),
+                ("ffn_norm", ctypes.c_void_p), ("k_pool", ctypes.c_void_p), ("v_pool", ctypes.c_void_p)]
+
+
+def _parts(m: nn.Module) -> list[GGUFBlockLinear]:
+    """A projection's matrices of GGUF blocks: the layer itself, or the parts of a fused layer whose parts'
+    block types differ (``parts``); empty when it is anything else."""
+    parts = list(getattr(m, "parts", [m]))  # a fused layer's bias is its own (the C step adds qkv_bias)
+    return parts if all(type(p) is GGUFBlockLinear and (p.bias is None or p is m) for p in parts) else []
+
+
+def _c_parts(m: nn.Module, n: int):
+    parts = _parts(m)
+    return (_Part * n)(*(_Part(p.blocks.data_ptr(), p.kernel_kind, p.out_features) for p in parts)), len(parts)
 
 
 def why_not(model: nn.Module, k_pool: torch.Tensor) -> str | None:
@@ -47,10 +62,11 @@ def why_not(model: nn.Module, k_pool: torch.Tensor) -> str | None:
         mods = {"qkv_proj": getattr(attn, "qkv_proj", None), "o_proj": attn.o_proj,
                 "gate_up_proj": getattr(ffn, "gate_up_proj", None), "down_proj": getattr(ffn, "down_proj", None)}
         for name, m in mods.items():
-            if type(m) is not GGUFBlockLinear:
+            if type(m) is GGUFBlockLinear:
+                if m.bias is not None and name != "qkv_proj":
+                    return f"layer {i} {name} has a bias"
+            elif not _parts(m) or len(_parts(m)) > (3 if name == "qkv_proj" else 2 if name == "gate_up_proj" else 1):
                 return f"layer {i} {name} is {type(m).__name__}, not GGUF blocks"
-            if m.bias is not None and name != "qkv_proj":
-                return f"layer {i} {name} has a bias"
         for norm in (layer.norm1, layer.norm2):
             if type(norm) is not RMSNorm or norm.offset or norm.weight.dtype != torch.float32:
                 return f"layer {i}: not a plain float32 RMSNorm"
@@ -75,13 +91,14 @@ class NativeDecoder:
         self.f16 = int(k_pool.dtype == torch.float16)
         _, _, self.num_blocks, self.bs, _ = k_pool.shape
         layers = []
-        self.max_rows = min(m.decode_rows for m in model.modules() if isinstance(m, GGUFBlockLinear))
+        self.max_rows = min(m.decode_rows for m in model.modules() if isinstance(m, GGUFBlockLinear))  # without batch invariance
         for i, layer in enumerate(model.layers):
             attn, ffn = layer.self_attn, layer.ffn
             qkv, o, gu, dn = attn.qkv_proj, attn.o_proj, ffn.gate_up_proj, ffn.down_proj
-            layers.append(_Layer(qkv.blocks.data_ptr(), o.blocks.data_ptr(), gu.blocks.data_ptr(), dn.blocks.data_ptr(),
-                                 qkv.kernel_kind, o.kernel_kind, gu.kernel_kind, dn.kernel_kind,
-                                 qkv.bias.data_ptr() if qkv.bias is not None else None,
+            (qkv_parts, n_qkv), (gu_parts, n_gu) = _c_parts(qkv, 3), _c_parts(gu, 2)
+            bias = getattr(qkv, "bias", None)
+            layers.append(_Layer(qkv_parts, gu_parts, _c_parts(o, 1)[0][0], _c_parts(dn, 1)[0][0], n_qkv, n_gu,
+                                 bias.data_ptr() if bias is not None else None,
                                  layer.norm1.weight.data_ptr(), layer.norm2.weight.data_ptr(),
                                  k_pool[i].data_ptr(), v_pool[i].data_ptr()))
         self.layers = (_Layer * len(layers))(*layers)
@@ -93,7 +110,7 @@ class NativeDecoder:
         key = (B, max_nb)
         if key not in self._buffers:
             nq, nqkv = self.nh * self.hd, (self.nh + 2 * self.nkv) * self.hd
-            work = torch.empty(B * (2 * self.d + nqkv + 2 * nq + 2 * self.ff))
+            work = torch.empty(B * (2 * self.d + nqkv + 2 * nq + 2 * self.ff + max(nqkv, 2 * self.ff)))
             act = torch.empty(B * max(self.d, self.ff, nq) // 32 * ACT_BLOCK_BYTES, dtype=torch.uint8)
             scores = torch.empty(self.threads * (self.nh // self.nkv) * max_nb * self.bs)
             self._buffers = {key: (work, act, scores)}  # one shape at a time: decode steps repeat it
@@ -102,9 +119,9 @@ class NativeDecoder:
     @torch.inference_mode()
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The last layer's output (B, d) → final norm → LM head → logits (B, vocab). A GGUF head takes the
-        B decode rows through its integer kernel, as the layers did (the eager forward would go dense above 8)."""
+        decode rows through its integer kernel, as the layers did, however many there are (batch invariance)."""
         head = getattr(self.model, "output_head", None)
-        if isinstance(head, GGUFBlockLinear) and len(h) <= head.decode_rows:
+        if isinstance(head, GGUFBlockLinear):
             return head.kernel_product(self.model.norm(h))
         return self.model.logits(h[None])[0]
 

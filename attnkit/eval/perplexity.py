@@ -71,6 +71,30 @@ def perplexity(model: nn.Module, ids: Sequence[int] | torch.Tensor, window: int 
     return Perplexity(math.exp(nll), nll, n)
 
 
+@torch.inference_mode()
+def chunked_perplexity(model: nn.Module, ids: Sequence[int] | torch.Tensor, n_ctx: int = 512,
+                       bos: int | None = None) -> Perplexity:
+    """Perplexity as llama.cpp's ``llama-perplexity`` computes it, for figures comparable with its own.
+
+    The text is cut into ⌊L / n_ctx⌋ disjoint chunks (the tail is dropped); each chunk is one forward pass
+    (its first token replaced by ``bos`` when the model's vocabulary adds one), and only the second half of
+    each chunk is scored: the tokens n_ctx/2 + 1 … n_ctx − 1, each with at least n_ctx/2 tokens of context.
+    """
+    x = _ids(ids)
+    chunks = x.numel() // n_ctx
+    if chunks < 1 or n_ctx < 4:
+        raise ValueError(f"need at least one chunk of n_ctx >= 4 tokens; got {x.numel()} tokens, n_ctx={n_ctx}")
+    first, total, n = n_ctx // 2, 0.0, 0
+    for c in range(chunks):
+        chunk = x[c * n_ctx:(c + 1) * n_ctx].clone()
+        if bos is not None:
+            chunk[0] = bos
+        logits = model(chunk[None])[0].float()  # (n_ctx, vocab)
+        total += float(F.cross_entropy(logits[first:-1], chunk[first + 1:], reduction="sum"))
+        n += n_ctx - 1 - first
+    return Perplexity(math.exp(total / n), total / n, n)
+
+
 @dataclass(frozen=True)
 class Divergence:
     kl: float  # mean KL(P_a ‖ P_b) over the positions, nats

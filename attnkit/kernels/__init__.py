@@ -1,9 +1,10 @@
-"""attnkit's C kernels: GGUF block matrix–vector products and paged decode attention (``kernels.c``; the
-products on rows interleaved in fours in ``interleaved.c``), and a whole decode step of a Llama-family
-model built on them (``decode_step.c``).
+"""attnkit's C kernels: GGUF block matrix–vector products and paged decode attention (``kernels.c``, which
+dispatches through the table of block types: one kernel file per type or family, ``legacy.c`` (Q4_0, Q4_1,
+Q5_0, Q5_1), ``q8.c``, ``q4_k.c`` (Q4_K, Q5_K), ``q6_k.c``), and a whole decode step of a Llama-family model
+built on them (``decode_step.c``).
 
-Compiled once per machine with the system C compiler (``-O3 -march=native -fopenmp``, about a
-second) into a cache directory (``$ATTNKIT_CACHE`` or ~/.cache/attnkit) and loaded with ctypes. The
+Compiled once per machine with the system C compiler (``-O3 -march=native -fopenmp``, a few seconds;
+``$ATTNKIT_MARCH`` overrides ``native``, e.g. ``x86-64`` for the portable C) into a cache directory (``$ATTNKIT_CACHE`` or ~/.cache/attnkit) and loaded with ctypes. The
 build goes to a temporary file that is renamed into place, so a crash never leaves a half-written
 library. Without a compiler (or with ``ATTNKIT_NO_NATIVE=1``) :func:`library` returns None and
 every caller falls back to PyTorch operations.
@@ -21,8 +22,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
-SOURCES = [Path(__file__).with_name(name) for name in ("kernels.c", "interleaved.c", "decode_step.c")]
-HEADERS = [Path(__file__).with_name("blocks.h")]
+SOURCES = sorted(Path(__file__).parent.glob("*.c"))
+HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 
 
 def cache_dir() -> Path:
@@ -46,13 +47,25 @@ def native_bf16() -> bool:
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
+def compile_flags(march: str | None = None) -> list[str]:
+    """The compiler's flags for ``-march=march`` (default ``$ATTNKIT_MARCH`` or ``native``)."""
+    return ["-O3", f"-march={march or os.environ.get('ATTNKIT_MARCH') or 'native'}", "-fopenmp", "-shared", "-fPIC"]
+
+
+def build(out: Path, march: str | None = None, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Compile the kernels into ``out`` (raises CalledProcessError with the compiler's messages on failure)."""
+    cc = os.environ.get("CC", "cc")
+    return subprocess.run([cc, *compile_flags(march), *extra, *map(str, SOURCES), "-o", str(out), "-lm"], check=True,
+                          capture_output=True, timeout=180)
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernels for this machine (built on first use), or None with a warning if it can't be."""
     if os.environ.get("ATTNKIT_NO_NATIVE"):
         return None
-    src = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+    src = b"".join(p.name.encode() + p.read_bytes() for p in SOURCES + HEADERS)
+    flags = compile_flags()
     cpu = " ".join(sorted(cpu_flags())).encode()
     key = hashlib.sha256(src + " ".join(flags).encode() + cpu + sys.platform.encode()).hexdigest()[:16]
     so = cache_dir() / f"kernels-{key}.so"
@@ -62,25 +75,31 @@ def library() -> ctypes.CDLL | None:
         so = Path(tempfile.gettempdir()) / "attnkit-kernels" / so.name
         so.parent.mkdir(parents=True, exist_ok=True)
     if not so.exists():
-        cc = os.environ.get("CC", "cc")
         with tempfile.TemporaryDirectory(dir=so.parent) as tmp:  # build aside, then rename: never a half-written .so
             out = Path(tmp) / so.name
             try:
-                subprocess.run([cc, *flags, *map(str, SOURCES), "-o", str(out), "-lm"], check=True, capture_output=True, timeout=120)
+                build(out)
             except (OSError, subprocess.SubprocessError) as e:
                 detail = getattr(e, "stderr", b"") or b""
                 warnings.warn(f"attnkit: could not build its C kernels ({e}; {detail.decode(errors='replace')[:300]}); "
                               "falling back to PyTorch operations", RuntimeWarning, stacklevel=2)
                 return None
             os.replace(out, so)
+    return load(so)
+
+
+def load(so: Path) -> ctypes.CDLL:
+    """A built kernel library with its functions' argument types declared."""
     lib = ctypes.CDLL(str(so))
-    vp, i = ctypes.c_void_p, ctypes.c_int
+    vp, i, ip = ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int)
+    lib.ak_type_info.argtypes = [i, ip, ip]
+    lib.ak_type_x4_fields.argtypes = [i, ip, i]
     lib.ak_gemv.argtypes = [i, vp, vp, vp, i, i, i, vp, i]
     lib.ak_dequantize.argtypes = [i, vp, vp, i, i, i, i]
+    lib.ak_dequantize_rows.argtypes = [i, vp, vp, i, vp, i, i]
     lib.ak_paged_attention.argtypes = [vp, vp, vp, vp, vp, vp, vp, i, i, i, i, i, i, i, ctypes.c_float, vp, i]
     lib.ak_paged_attention_f16.argtypes = lib.ak_paged_attention.argtypes  # K/V pools of IEEE halves
     lib.ak_llama_decode.argtypes = [vp, i, vp, i, i, i, i, i, i, ctypes.c_float, vp, vp, vp, vp, vp, vp, i, i, i, i,
                                     vp, vp, vp, i]
-    # the block layouts attnkit.quant.native assumes (Q4_1, Q8_0, 8-bit activations)
-    assert (lib.ak_block_bytes(0), lib.ak_block_bytes(1), lib.ak_act_block_bytes()) == (20, 34, 40)
+    assert lib.ak_act_block_bytes() == 40  # the activation blocks' size that callers' scratch sizes assume
     return lib

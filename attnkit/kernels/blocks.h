@@ -1,23 +1,66 @@
-/* What attnkit's kernel files share: the GGUF block layouts, the activation blocks, fp16 widening, and the
- * four-row interleaved products (interleaved.c) that ak_gemv and ak_dequantize dispatch to. */
+/* What attnkit's kernel files share: the block-type table's row (ak_type), the activation rows, fp16 widening
+ * and a few vector helpers. One kernel file per block type or family (q4.c, q5.c, q8.c, q4_k.c, q6_k.c) defines
+ * its row; kernels.c lists the rows and dispatches ak_gemv / ak_dequantize through them. */
 #ifndef AK_BLOCKS_H
 #define AK_BLOCKS_H
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
-#if defined(__AVX2__) && defined(__F16C__)
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #define AK_AVX2 1
 #endif
-#if defined(__AVX2__) || defined(__F16C__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && \
+    defined(__AVX512DQ__)
+#define AK_X4 1 /* the 512-bit products on rows interleaved in fours */
+#endif
+#if defined(__AVX2__) || defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
-typedef struct { uint16_t d, m; uint8_t qs[16]; } block_q4_1;
-typedef struct { uint16_t d; int8_t qs[32]; } block_q8_0;
-typedef struct { float d, s; int8_t qs[32]; } block_q8x; /* activations */
+/* ---- activations: each row of x quantized per block of 32, x ≈ d·q (q int8, d = max|x|/127), s = d·Σq.
+ * One row of k inputs takes 40·k/32 bytes of scratch, laid out as qs[k] int8, d[k/32], s[k/32] float (so that
+ * 64 consecutive quants are one load and the scales of a super-block are contiguous). */
+typedef struct { float d, s; int8_t qs[32]; } block_q8x; /* its size is what one block of 32 takes */
+/* off4: for the interleaved products of a type with a quant offset o (its row's `offset`), −o · Σ of each 4
+ * consecutive qs (k/4 int32, the start of the 4-lane dot products: Σ (q − o)·x = Σ q·x − o·Σ x); else NULL */
+typedef struct { const int8_t *qs; const float *d, *s; const int32_t *off4; } ak_act;
 
+static inline ak_act act_row(const void *scratch, int r, int k) {
+    const int8_t *p = (const int8_t *)scratch + (size_t)r * (size_t)(k / 32) * sizeof(block_q8x);
+    ak_act a = {p, (const float *)(p + k), (const float *)(p + k) + k / 32, NULL};
+    return a;
+}
+
+/* ---- one row of the block-type table (ggml's type traits). Kinds are ggml's type ids; AK_X4_FLAG selects the
+ * same blocks with rows interleaved in fours, field by field (x4_fields: a field's offset and bytes in the block,
+ * and the granule in which the four rows' bytes alternate; in the order they lie in a block column), for the
+ * 512-bit products. */
+enum { AK_Q4_0 = 2, AK_Q4_1 = 3, AK_Q5_0 = 6, AK_Q5_1 = 7, AK_Q8_0 = 8, AK_Q4_K = 12, AK_Q5_K = 13, AK_Q6_K = 14 };
+enum { AK_X4_FLAG = 0x100 };
+typedef struct { short offset, bytes, granule; } ak_field;
+/* y[r·ystride + i] = weight row i · activation row x[r], for r < M (<= 4) and the rows i of one row (dot) or of
+ * one interleaved group of four (dot_x4); nb blocks per row. Each activation row's result is computed by the
+ * same instructions in the same order whatever M is (batch invariance). */
+typedef void (*ak_dot_fn)(const uint8_t *w, int nb, const ak_act *x, int M, float *y, size_t ystride);
+typedef struct {
+    int id, block_elems, block_bytes;
+    void (*to_float)(const uint8_t *blocks, int count, float *out); /* count blocks (GGUF layout) → floats */
+    ak_dot_fn dot;    /* one row in GGUF's layout */
+    ak_dot_fn dot_x4; /* four rows interleaved (x4_fields), NULL where this build has no such kernel */
+    ak_field x4_fields[8];
+    int offset; /* dot_x4 takes unsigned quants q and wants ak_act.off4 for w ∝ q − offset (0: no off4) */
+    /* row r of an interleaved group, block columns b0 .. b0 + count − 1 → floats, read in place (NULL: the blocks
+     * are gathered into GGUF's layout for to_float) */
+    void (*to_float_x4)(const uint8_t *group, int r, int b0, int count, float *out);
+} ak_type;
+
+extern const ak_type ak_type_q4_0, ak_type_q4_1, ak_type_q5_0, ak_type_q5_1, ak_type_q8_0, ak_type_q4_k,
+    ak_type_q5_k, ak_type_q6_k;
+
+/* ---- helpers */
 static inline float half_to_float(uint16_t h) {
-#ifdef AK_AVX2
+#ifdef __F16C__
     return _cvtsh_ss(h);
 #else
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
@@ -29,6 +72,68 @@ static inline float half_to_float(uint16_t h) {
     float f; memcpy(&f, &bits, 4); return f;
 #endif
 }
+
+static inline float ld_half(const uint8_t *p) { uint16_t h; memcpy(&h, p, 2); return half_to_float(h); }
+static inline uint32_t ld_u32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+
+/* the 6-bit scale and min of sub-block j of a Q4_K / Q5_K super-block (12 packed bytes q) */
+static inline void k_scale_min(int j, const uint8_t *q, int *sc, int *mn) {
+    if (j < 4) *sc = q[j] & 63, *mn = q[j + 4] & 63;
+    else *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), *mn = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+}
+
+#ifdef AK_AVX2
+static inline __m256i dot_u8s8(__m256i u, __m256i s) { /* 8 int32 lanes of sums of u*s (u <= 128 with |s| <= 127) */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+/* 16 bytes of nibbles → 32 bytes: the low nibbles, then the high ones */
+static inline __m256i nibbles32(const uint8_t *p) {
+    const __m128i q = _mm_loadu_si128((const __m128i *)p), low = _mm_set1_epi8(0x0f);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low), _mm_and_si128(q, low));
+}
+/* 32 bits → 32 bytes: byte i = 0xff where bit i is set, else 0 */
+static inline __m256i bits32(uint32_t b) {
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)b),
+        _mm256_setr_epi64x(0x0000000000000000, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303));
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+}
+#endif
+
+#ifdef AK_X4
+/* out[r] = the sum of the four floats of 128-bit lane r of v (the four rows of an interleaved group) */
+static inline __m128 lane_sums(__m512 v) {
+    __m128 a = _mm512_castps512_ps128(v), b = _mm512_extractf32x4_ps(v, 1), c = _mm512_extractf32x4_ps(v, 2),
+           d = _mm512_extractf32x4_ps(v, 3);
+    _MM_TRANSPOSE4_PS(a, b, c, d);
+    return _mm_add_ps(_mm_add_ps(a, b), _mm_add_ps(c, d));
+}
+/* 16 int8 of x broadcast to the four 128-bit lanes (one per row of an interleaved group) */
+static inline __m512i bcast16(const int8_t *x) { return _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)x)); }
+#endif
+
+/* M (1..4 activation rows) as a literal: each M gets its own unrolled copy of the always_inline body
+ * F(w, nb, x, M, y, ystride) */
+#define AK_DISPATCH_M(F, w, nb, x, M, y, ys)         \
+    switch (M) {                                     \
+        case 1: F(w, nb, x, 1, y, ys); break;        \
+        case 2: F(w, nb, x, 2, y, ys); break;        \
+        case 3: F(w, nb, x, 3, y, ys); break;        \
+        default: F(w, nb, x, 4, y, ys);              \
+    }
+#define AK_INLINE static inline __attribute__((always_inline))
 
 #ifdef __AVX512F__
 /* exp of 16 floats: 2^n · p(r), x = n·ln2 + r, |r| <= ln2/2, p of degree 6 (relative error < 2e-7);
@@ -48,29 +153,6 @@ static inline __m512 exp16(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
     return _mm512_scalef_ps(p, n);
 }
-
 #endif
-
-/* kinds: 0 = Q4_1, 1 = Q8_0 in GGUF's row layout; 2, 3 = the same blocks with rows interleaved in fours */
-enum { AK_Q4_1 = 0, AK_Q8_0 = 1, AK_Q4_1X4 = 2, AK_Q8_0X4 = 3 };
-
-int ak_x4_available(void);
-void gemv_x4(int kind, const void *w, const block_q8x *xq, float *y, int m, int n, int nb, int threads);
-/* where one block's fields are: fp16 scale d, fp16 min m (Q4_1; 0 for Q8_0) and its quants */
-typedef struct { uint16_t d, m; const uint8_t *qs; } ak_fields;
-#define Q4X4_BYTES 80  /* a block column of four Q4_1 rows: d[4], m[4], qs[4][16] */
-#define Q8X4_BYTES 136 /* of four Q8_0 rows: d[4], qs[4][32] */
-
-/* the fields of block b of row j of an x4 matrix, read in place (for dequantization) */
-static inline ak_fields x4_fields(int kind, const void *w, int j, int b, int nb) {
-    const int q4 = kind == AK_Q4_1X4, r = j % 4;
-    const uint8_t *col = (const uint8_t *)w + ((size_t)(j / 4) * nb + b) * (q4 ? Q4X4_BYTES : Q8X4_BYTES);
-    ak_fields f;
-    memcpy(&f.d, col + 2 * r, 2);
-    if (q4) memcpy(&f.m, col + 8 + 2 * r, 2);
-    else f.m = 0;
-    f.qs = q4 ? col + 16 + 16 * r : col + 8 + 32 * r;
-    return f;
-}
 
 #endif

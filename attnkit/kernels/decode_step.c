@@ -10,6 +10,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "blocks.h" /* exp16 */
 
@@ -21,9 +22,14 @@ int ak_paged_attention_f16(const float *q, const uint16_t *k_pool, const uint16_
                            const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
                            int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads);
 
+/* one matrix of GGUF blocks: its kernel kind (ak_gemv) and output rows */
+typedef struct { const void *w; int kind, rows; } ak_part;
+
 typedef struct {
-    const void *qkv, *o, *gate_up, *down; /* GGUF blocks: (nh+2·nkv)·hd, d, 2·ff, d rows */
-    int qkv_kind, o_kind, gate_up_kind, down_kind; /* 0 = Q4_1, 1 = Q8_0 */
+    /* q/k/v ((nh+2·nkv)·hd rows) and gate/up (2·ff rows): one fused matrix, or one part each where their block
+     * types differ (Q4_K_M keeps attn_v in Q6_K in some layers); the outputs of the parts lie side by side */
+    ak_part qkv[3], gate_up[2], o, down;
+    int n_qkv, n_gate_up;
     const float *qkv_bias; /* (nh+2·nkv)·hd or NULL (Qwen2) */
     const float *attn_norm, *ffn_norm; /* RMSNorm weights (d,) */
     void *k_pool, *v_pool; /* this layer's (nkv, num_blocks, bs, hd), float32 or float16 */
@@ -98,9 +104,23 @@ static void store_kv(void *pool, int f16, const float *src, int nkv, int hd, int
     }
 }
 
+/* y (B, n) = x (B, k) · [W_0; W_1; …]ᵀ for the np parts (n their rows together); tmp: B · n floats */
+static int gemv_parts(const ak_part *p, int np, const float *x, float *y, float *tmp, int B, int k, void *act,
+                      int threads) {
+    if (np == 1) return ak_gemv(p[0].kind, p[0].w, x, y, B, p[0].rows, k, act, threads);
+    int n = 0;
+    for (int i = 0; i < np; i++) n += p[i].rows;
+    for (int i = 0, off = 0; i < np; off += p[i].rows, i++) {
+        if (ak_gemv(p[i].kind, p[i].w, x, tmp, B, p[i].rows, k, act, threads)) return 1;
+        for (int b = 0; b < B; b++)
+            memcpy(y + (size_t)b * n + off, tmp + (size_t)b * p[i].rows, sizeof(float) * (size_t)p[i].rows);
+    }
+    return 0;
+}
+
 /* x (B, d) in/out: the residual stream before layer 0 in, after the last layer out.
  * cos/sin (B, hd); slots (B,) where each new K/V goes; tables (B, max_nb), lens/starts (B,): the keys.
- * work: B·(2d + 2·qkv + nh·hd + 2·ff) floats; act: the quantized activations (ak_gemv's scratch, for the
+ * work: B·(2d + nqkv + 2·nh·hd + 2·ff + max(nqkv, 2·ff)) floats; act: the quantized activations (ak_gemv's scratch, for the
  * widest input: B · max(d, ff)/32 · 40 bytes); scores: ak_paged_attention's scratch. */
 int ak_llama_decode(const ak_layer *layers, int n_layers, float *x, int B, int d, int nh, int nkv, int hd, int ff,
                     float eps, const float *cos, const float *sin, const int64_t *slots, const int64_t *tables,
@@ -113,11 +133,12 @@ int ak_llama_decode(const ak_layer *layers, int n_layers, float *x, int B, int d
     float *att = q + (size_t)B * nq;             /* (B, nq)    attention output */
     float *gu = att + (size_t)B * nq;            /* (B, 2·ff)  gate | up, then SiLU(gate)·up in the first ff */
     float *dn = gu + (size_t)B * 2 * ff;         /* (B, d)     a sublayer's output */
+    float *tmp = dn + (size_t)B * d;             /* (B, max(nqkv, 2·ff)) one part's output (gemv_parts) */
     const float scale = 1.f / sqrtf((float)hd);
     for (int l = 0; l < n_layers; l++) {
         const ak_layer *L = layers + l;
         for (int b = 0; b < B; b++) rmsnorm(x + (size_t)b * d, L->attn_norm, xn + (size_t)b * d, d, eps);
-        if (ak_gemv(L->qkv_kind, L->qkv, xn, qkv, B, nqkv, d, act, threads)) return 1;
+        if (gemv_parts(L->qkv, L->n_qkv, xn, qkv, tmp, B, d, act, threads)) return 1;
         for (int b = 0; b < B; b++) {
             float *r = qkv + (size_t)b * nqkv;
             if (L->qkv_bias)
@@ -134,12 +155,12 @@ int ak_llama_decode(const ak_layer *layers, int n_layers, float *x, int B, int d
                                              starts, att, B, nh, nkv, hd, bs, num_blocks, max_nb, scale, scores,
                                              threads);
         if (rc) return 2;
-        if (ak_gemv(L->o_kind, L->o, att, dn, B, d, nq, act, threads)) return 1;
+        if (ak_gemv(L->o.kind, L->o.w, att, dn, B, d, nq, act, threads)) return 1;
         for (size_t i = 0; i < (size_t)B * d; i++) x[i] += dn[i];
         for (int b = 0; b < B; b++) rmsnorm(x + (size_t)b * d, L->ffn_norm, xn + (size_t)b * d, d, eps);
-        if (ak_gemv(L->gate_up_kind, L->gate_up, xn, gu, B, 2 * ff, d, act, threads)) return 1;
+        if (gemv_parts(L->gate_up, L->n_gate_up, xn, gu, tmp, B, d, act, threads)) return 1;
         for (int b = 0; b < B; b++) silu_mul(gu + (size_t)b * 2 * ff, gu + (size_t)b * ff, ff);
-        if (ak_gemv(L->down_kind, L->down, gu, dn, B, d, ff, act, threads)) return 1;
+        if (ak_gemv(L->down.kind, L->down.w, gu, dn, B, d, ff, act, threads)) return 1;
         for (size_t i = 0; i < (size_t)B * d; i++) x[i] += dn[i];
     }
     return 0;

@@ -1,23 +1,71 @@
-/* attnkit's C kernels for CPU decode steps: matrix-vector products straight on GGUF Q4_1 / Q8_0
- * blocks (attnkit/quant/native.py) and paged decode attention (attnkit/engine/paged_attention.py).
+/* attnkit's C kernels for CPU decode steps: matrix-vector products straight on GGUF blocks
+ * (attnkit/quant/native.py) and paged decode attention (attnkit/engine/paged_attention.py).
  *
- * y[m, n] = sum_k x[m, k] * W[n, k], W kept in the checkpoint's own blocks of 32 weights:
- *   Q4_1: w = d * q + min,  q in 0..15   (20 bytes: fp16 d, fp16 min, 16 bytes of nibbles)
- *   Q8_0: w = d * q,        q in -128..127 (34 bytes: fp16 d, 32 int8)
- * The activations are quantized the same way, per block of 32: x = dx * qx (qx int8), with
- * sx = dx * sum(qx) kept for Q4_1's min term. One block's dot product is then integer:
- *   Q4_1: sum w*x = d*dx * sum(q*qx) + min * sx
- *   Q8_0: sum w*x = d*dx * sum(q*qx)
- * as llama.cpp does (ggml-quants.c, vec_dot_q4_1_q8_1 / vec_dot_q8_0_q8_0). A decode step reads
- * 4.5 (Q4_1) or 8.5 (Q8_0) bits per weight instead of 32 and multiplies in 8-bit integers.
+ * y[m, n] = Σ_k x[m, k] · W[n, k], W kept in the checkpoint's own blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
+ * Q5_K, Q6_K). The activations are quantized per block of 32, x = dx·qx (qx int8, dx = max|x|/127), and each
+ * block type's product (its kernel file: legacy.c, q8.c, q4_k.c, q6_k.c) multiplies its quants with qx in 8-bit
+ * integers and applies the scales in float, as llama.cpp does (ggml-cpu's vec_dot_*). A decode step reads the
+ * 4.5–8.5 bits per weight of the blocks instead of 32.
  *
- * Built at run time by attnkit/kernels/__init__.py with the machine's own instruction set
- * (-march=native): AVX-512 VNNI or AVX-VNNI when present, else AVX2, else portable C.
+ * The block types are the rows of TYPES (ggml's type traits: block size, bytes, decoding to float, the product
+ * per instruction set); ak_gemv, ak_dequantize and ak_dequantize_rows dispatch through them, so a new type is one
+ * kernel file and one row here. Built at run time by attnkit/kernels/__init__.py for the machine's instruction
+ * set: AVX-512 VNNI (512-bit products on rows interleaved in fours), AVX2, or portable C.
+ *
+ * Batch invariance: activation row r's outputs are computed by the same instructions in the same order whatever
+ * the number of rows m, the other rows and the thread count (threads split the output columns).
  */
+#include <stdlib.h>
+
 #include "blocks.h"
 
-/* x (k floats, k % 32 == 0) -> k/32 activation blocks: q = round-to-nearest-even(x / d), d = max|x| / 127 */
-static void quantize_row(const float *x, block_q8x *y, int k) {
+static const ak_type *const TYPES[] = {&ak_type_q4_0, &ak_type_q4_1, &ak_type_q5_0, &ak_type_q5_1,
+                                       &ak_type_q8_0, &ak_type_q4_k, &ak_type_q5_k, &ak_type_q6_k};
+
+/* the table row of a kind (a ggml type id, | AK_X4_FLAG for the interleaved layout), NULL if this build has none */
+static const ak_type *find_type(int kind) {
+    for (size_t i = 0; i < sizeof TYPES / sizeof *TYPES; i++)
+        if (TYPES[i]->id == (kind & ~AK_X4_FLAG))
+            return (kind & AK_X4_FLAG) && !TYPES[i]->dot_x4 ? NULL : TYPES[i];
+    return NULL;
+}
+
+/* 0 and the block's elements and bytes when this build multiplies `kind`, -1 otherwise */
+int ak_type_info(int kind, int *block_elems, int *block_bytes) {
+    const ak_type *t = find_type(kind);
+    if (!t || (kind & ~(AK_X4_FLAG | 0xff))) return -1;
+    if (block_elems) *block_elems = t->block_elems;
+    if (block_bytes) *block_bytes = t->block_bytes;
+    return 0;
+}
+
+/* the interleaved layout's fields (offset, bytes, granule triples; n_max at most), for attnkit.quant.native to
+ * check its own packing against; returns how many */
+int ak_type_x4_fields(int kind, int *out, int n_max) {
+    const ak_type *t = find_type(kind | AK_X4_FLAG);
+    int n = 0;
+    if (!t) return -1;
+    for (const ak_field *f = t->x4_fields; f->granule && n < n_max; f++)
+        if (f->bytes) out[3 * n] = f->offset, out[3 * n + 1] = f->bytes, out[3 * n + 2] = f->granule, n++;
+    return n;
+}
+
+int ak_x4_available(void) {
+#ifdef AK_X4
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int ak_act_block_bytes(void) { return (int)sizeof(block_q8x); }
+
+/* activation row r of x (k floats, k % 32 == 0) → its blocks in scratch (act_row): q = round-to-nearest-even(x / d),
+ * d = max|x| / 127, s = d·Σq */
+static void quantize_row(const float *x, void *scratch, int r, int k) {
+    const ak_act a = act_row(scratch, r, k);
+    int8_t *qs = (int8_t *)a.qs;
+    float *ds = (float *)a.d, *ss = (float *)a.s;
     for (int b = 0; b < k / 32; b++) {
         const float *xb = x + 32 * b;
 #ifdef __AVX512F__ /* the same values: max and products are exact or identically rounded, cvtps rounds as lrintf */
@@ -26,254 +74,198 @@ static void quantize_row(const float *x, block_q8x *y, int k) {
         const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
         const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, _mm512_set1_ps(id)));
         const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, _mm512_set1_ps(id)));
-        _mm_storeu_si128((__m128i *)y[b].qs, _mm512_cvtepi32_epi8(q0));
-        _mm_storeu_si128((__m128i *)(y[b].qs + 16), _mm512_cvtepi32_epi8(q1));
+        _mm_storeu_si128((__m128i *)(qs + 32 * b), _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(qs + 32 * b + 16), _mm512_cvtepi32_epi8(q1));
         const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
 #else
         float amax = 0.f;
         for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(xb[i]));
         const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
         int sum = 0;
-        for (int i = 0; i < 32; i++) { int q = (int)lrintf(xb[i] * id); y[b].qs[i] = (int8_t)q; sum += q; }
+        for (int i = 0; i < 32; i++) { int q = (int)lrintf(xb[i] * id); qs[32 * b + i] = (int8_t)q; sum += q; }
 #endif
-        y[b].d = d; y[b].s = d * (float)sum;
+        ds[b] = d, ss[b] = d * (float)sum;
     }
 }
 
-#ifdef AK_AVX2
-static inline __m256i dot_u8s8(__m256i u, __m256i s) { /* 8 int32 lanes of sums of u*s */
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
-#elif defined(__AVXVNNI__)
-    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
-#else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
-#endif
-}
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-#endif
-
-static float dot_q4_1(const block_q4_1 *w, const block_q8x *x, int nb) {
-#ifdef AK_AVX2
-    __m256 acc = _mm256_setzero_ps();
-    float summ = 0.f;
-    const __m128i low = _mm_set1_epi8(0x0f);
-    for (int b = 0; b < nb; b++) {
-        __m128i q = _mm_loadu_si128((const __m128i *)w[b].qs);
-        __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low), _mm_and_si128(q, low));
-        __m256i s = _mm256_loadu_si256((const __m256i *)x[b].qs);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(u, s)), _mm256_set1_ps(half_to_float(w[b].d) * x[b].d), acc);
-        summ += half_to_float(w[b].m) * x[b].s;
-    }
-    return hsum(acc) + summ;
-#else
-    float sum = 0.f;
-    for (int b = 0; b < nb; b++) {
-        int isum = 0;
-        for (int j = 0; j < 16; j++)
-            isum += (w[b].qs[j] & 0x0f) * x[b].qs[j] + (w[b].qs[j] >> 4) * x[b].qs[j + 16];
-        sum += half_to_float(w[b].d) * x[b].d * (float)isum + half_to_float(w[b].m) * x[b].s;
-    }
-    return sum;
-#endif
-}
-
-#ifdef AK_AVX2
-/* four Q4_1 rows against one activation row: each activation block is loaded once for four rows */
-static void dot4_q4_1(const block_q4_1 *w0, size_t stride, const block_q8x *x, int nb, float *out) {
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    float summ[4] = {0.f, 0.f, 0.f, 0.f};
-    const __m128i low = _mm_set1_epi8(0x0f);
-    for (int b = 0; b < nb; b++) {
-        const __m256i s = _mm256_loadu_si256((const __m256i *)x[b].qs);
-        const float dx = x[b].d, sx = x[b].s;
-        for (int r = 0; r < 4; r++) {
-            const block_q4_1 *blk = (const block_q4_1 *)((const char *)w0 + r * stride) + b;
-            __m128i q = _mm_loadu_si128((const __m128i *)blk->qs);
-            __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low), _mm_and_si128(q, low));
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(u, s)), _mm256_set1_ps(half_to_float(blk->d) * dx), acc[r]);
-            summ[r] += half_to_float(blk->m) * sx;
-        }
-    }
-    for (int r = 0; r < 4; r++) out[r] = hsum(acc[r]) + summ[r];
-}
-#endif
-
-#ifdef AK_AVX2
-/* four Q8_0 rows against one activation row (the output head: 49,152 rows), as dot4_q4_1 */
-static void dot4_q8_0(const block_q8_0 *w0, size_t stride, const block_q8x *x, int nb, float *out) {
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int b = 0; b < nb; b++) {
-        const __m256i s = _mm256_loadu_si256((const __m256i *)x[b].qs);
-        const float dx = x[b].d;
-        for (int r = 0; r < 4; r++) {
-            const block_q8_0 *blk = (const block_q8_0 *)((const char *)w0 + r * stride) + b;
-            const __m256i q = _mm256_loadu_si256((const __m256i *)blk->qs);
-            const __m256i p = dot_u8s8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(s, q));
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(half_to_float(blk->d) * dx), acc[r]);
-        }
-    }
-    for (int r = 0; r < 4; r++) out[r] = hsum(acc[r]);
-}
-#endif
-
-static float dot_q8_0(const block_q8_0 *w, const block_q8x *x, int nb) {
-#ifdef AK_AVX2
-    __m256 acc = _mm256_setzero_ps();
-    for (int b = 0; b < nb; b++) {
-        __m256i q = _mm256_loadu_si256((const __m256i *)w[b].qs);
-        __m256i s = _mm256_loadu_si256((const __m256i *)x[b].qs);
-        /* unsigned x signed: |q| times s with q's sign moved onto s */
-        __m256i p = dot_u8s8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(s, q));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(half_to_float(w[b].d) * x[b].d), acc);
-    }
-    return hsum(acc);
-#else
-    float sum = 0.f;
-    for (int b = 0; b < nb; b++) {
-        int isum = 0;
-        for (int j = 0; j < 32; j++) isum += w[b].qs[j] * x[b].qs[j];
-        sum += half_to_float(w[b].d) * x[b].d * (float)isum;
-    }
-    return sum;
-#endif
-}
-
-/* y (m, n) = x (m, k) . W (n, k)^T ; kind 0 = Q4_1, 1 = Q8_0, 2 / 3 = those interleaved in fours (blocks.h);
- * scratch holds m * k/32 activation blocks */
+/* y (m, n) = x (m, k) · W (n, k)ᵀ for W of block type `kind`; scratch holds m · k/32 activation blocks (40 bytes
+ * each). Threads take groups of output rows; each group multiplies activation rows four at a time. */
 int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads) {
-    if (k % 32 != 0 || m < 1 || n < 1) return 1;
-    const int nb = k / 32;
-    block_q8x *xq = (block_q8x *)scratch;
-#pragma omp parallel for schedule(static) num_threads(threads) if (m >= 4 && threads > 1)
-    for (int r = 0; r < m; r++) quantize_row(x + (size_t)r * k, xq + (size_t)r * nb, k);
-    if (kind == AK_Q4_1X4 || kind == AK_Q8_0X4) { /* rows interleaved in fours (interleaved.c) */
-        if (!ak_x4_available() || n % 4) return 1;
-        gemv_x4(kind, w, xq, y, m, n, nb, threads);
-        return 0;
-    }
-    const size_t row_bytes = (size_t)nb * (kind == 0 ? sizeof(block_q4_1) : sizeof(block_q8_0));
-    (void)threads;
-#ifdef AK_AVX2
-    if (n % 4 == 0) { /* rows of W four at a time */
-#pragma omp parallel for schedule(static) num_threads(threads) if (n >= 64 && threads > 1)
-        for (int j = 0; j < n; j += 4) {
-            const char *wr = (const char *)w + (size_t)j * row_bytes;
-            float o[4];
-            for (int r = 0; r < m; r++) {
-                if (kind == 0) dot4_q4_1((const block_q4_1 *)wr, row_bytes, xq + (size_t)r * nb, nb, o);
-                else dot4_q8_0((const block_q8_0 *)wr, row_bytes, xq + (size_t)r * nb, nb, o);
-                for (int t = 0; t < 4; t++) y[(size_t)r * n + j + t] = o[t];
-            }
+    const ak_type *t = find_type(kind);
+    const int R = kind & AK_X4_FLAG ? 4 : 1;
+    if (!t || m < 1 || n < 1 || k % t->block_elems || n % R) return 1;
+    const int nb = k / t->block_elems;
+    const size_t gbytes = (size_t)R * nb * t->block_bytes;
+    const ak_dot_fn dot = R == 4 ? t->dot_x4 : t->dot;
+    for (int r = 0; r < m; r++) quantize_row(x + (size_t)r * k, scratch, r, k);
+    static __thread int32_t *off4; /* −offset · sums of 4 quants, for the types that want them (grown, kept) */
+    static __thread size_t off4_cap;
+    const int want_off4 = R == 4 && t->offset;
+    if (want_off4) {
+        if (off4_cap < (size_t)m * (k / 4)) {
+            int32_t *p = realloc(off4, sizeof(int32_t) * (size_t)m * (k / 4));
+            if (!p) return 2;
+            off4 = p, off4_cap = (size_t)m * (k / 4);
         }
-        return 0;
+        for (int r = 0; r < m; r++) {
+            const int8_t *q = act_row(scratch, r, k).qs;
+            for (int g = 0; g < k / 4; g++) off4[(size_t)r * (k / 4) + g] = -t->offset * (q[4 * g] + q[4 * g + 1] + q[4 * g + 2] + q[4 * g + 3]);
+        }
     }
-#endif
+    const int32_t *const sums = want_off4 ? off4 : NULL; /* off4 is this thread's: the workers take the pointer */
+    (void)threads;
 #pragma omp parallel for schedule(static) num_threads(threads) if (n >= 64 && threads > 1)
-    for (int j = 0; j < n; j++) {
-        const void *wr = (const char *)w + (size_t)j * row_bytes;
-        for (int r = 0; r < m; r++) /* the row of W stays in L1 while every activation row passes */
-            y[(size_t)r * n + j] = kind == 0 ? dot_q4_1((const block_q4_1 *)wr, xq + (size_t)r * nb, nb)
-                                             : dot_q8_0((const block_q8_0 *)wr, xq + (size_t)r * nb, nb);
+    for (int g = 0; g < n / R; g++) {
+        ak_act xs[4];
+        for (int r0 = 0; r0 < m; r0 += 4) { /* the weights of the group stay in L1 while the activation rows pass */
+            const int M = m - r0 < 4 ? m - r0 : 4;
+            for (int i = 0; i < M; i++) {
+                xs[i] = act_row(scratch, r0 + i, k);
+                if (sums) xs[i].off4 = sums + (size_t)(r0 + i) * (k / 4);
+            }
+            dot((const uint8_t *)w + (size_t)g * gbytes, nb, xs, M, y + (size_t)r0 * n + (size_t)g * R, (size_t)n);
+        }
     }
     return 0;
 }
 
-/* one block of 32 weights -> 32 floats (d·q and d·q + min are exact products of an fp16 and a small
- * integer, so the order of the operations cannot change a value) */
-static inline void block_to_floats(int kind, const ak_fields *f, float *o) {
-    if (kind == 0) {
-        const float d = half_to_float(f->d), mn = half_to_float(f->m);
-#ifdef __AVX512F__
-        const __m128i q = _mm_loadu_si128((const __m128i *)f->qs), low = _mm_set1_epi8(0x0f);
-        const __m512 vd = _mm512_set1_ps(d), vm = _mm512_set1_ps(mn);
-        _mm512_storeu_ps(o, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, low))), vd), vm));
-        _mm512_storeu_ps(o + 16, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(
-            _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), low))), vd), vm));
-#else
-        for (int i = 0; i < 16; i++) {
-            o[i] = d * (float)(f->qs[i] & 0x0f) + mn;
-            o[i + 16] = d * (float)(f->qs[i] >> 4) + mn;
-        }
-#endif
-    } else {
-        const float d = half_to_float(f->d);
-        const int8_t *qs = (const int8_t *)f->qs;
-#ifdef __AVX512F__
-        const __m512 vd = _mm512_set1_ps(d);
-        _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)qs))), vd));
-        _mm512_storeu_ps(o + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(
-            _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qs + 16)))), vd));
-#else
-        for (int i = 0; i < 32; i++) o[i] = d * (float)qs[i];
-#endif
-    }
-}
+/* ---- decoding to float32 / bfloat16 */
 
-/* the fields of block b of row j in GGUF's row layout */
-static inline ak_fields row_fields(int kind, const void *w, int j, int b, int nb) {
-    ak_fields f;
-    if (kind == 0) {
-        const block_q4_1 *blk = (const block_q4_1 *)w + (size_t)j * nb + b;
-        f.d = blk->d, f.m = blk->m, f.qs = blk->qs;
-    } else {
-        const block_q8_0 *blk = (const block_q8_0 *)w + (size_t)j * nb + b;
-        f.d = blk->d, f.m = 0, f.qs = (const uint8_t *)blk->qs;
-    }
-    return f;
-}
-
-/* 32 floats -> 32 bfloat16, rounded to nearest even as torch's .to(torch.bfloat16) (weights are finite) */
-static inline void floats_to_bf16(const float *f, uint16_t *h) {
+/* n floats -> n bfloat16, rounded to nearest even as torch's .to(torch.bfloat16) (weights are finite) */
+static inline void floats_to_bf16(const float *f, uint16_t *h, int n) {
+    int i = 0;
 #if defined(__AVX512BF16__) && defined(__AVX512VL__)
-    _mm256_storeu_si256((__m256i *)h, (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(f)));
-    _mm256_storeu_si256((__m256i *)(h + 16), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(f + 16)));
-#else
-    for (int i = 0; i < 32; i++) {
+    for (; i + 16 <= n; i += 16) _mm256_storeu_si256((__m256i *)(h + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(f + i)));
+#endif
+    for (; i < n; i++) {
         uint32_t u;
         memcpy(&u, f + i, 4);
         h[i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
     }
-#endif
 }
 
-/* row j of W into out; x4 a literal at each call (always_inline), so each layout gets its own loop */
-static inline __attribute__((always_inline)) void dequantize_row(int kind, int base, const int x4, const void *w,
-                                                                 void *out, int bf16, int j, int k) {
-    const int nb = k / 32;
-    float tmp[32];
-    for (int b = 0; b < nb; b++) {
-        const size_t at = (size_t)j * k + 32 * (size_t)b;
-        const ak_fields f = x4 ? x4_fields(kind, w, j, b, nb) : row_fields(base, w, j, b, nb);
-        if (bf16) {
-            block_to_floats(base, &f, tmp);
-            floats_to_bf16(tmp, (uint16_t *)out + at);
-        } else {
-            block_to_floats(base, &f, (float *)out + at);
+static inline void copy_granule(uint8_t *d, const uint8_t *s, int g) {
+    switch (g) { /* fixed sizes: moves, not calls */
+        case 1: *d = *s; break;
+        case 2: memcpy(d, s, 2); break;
+        case 4: memcpy(d, s, 4); break;
+        case 16: memcpy(d, s, 16); break;
+        case 32: memcpy(d, s, 32); break;
+        default: memcpy(d, s, (size_t)g);
+    }
+}
+
+/* block b of row j of an interleaved matrix, gathered field by field into buf in GGUF's layout */
+static const uint8_t *x4_block(const ak_type *t, const uint8_t *w, int j, int b, int nb, uint8_t *buf) {
+    const uint8_t *col = w + ((size_t)(j / 4) * nb + b) * 4 * t->block_bytes;
+    const int r = j % 4;
+    int at = 0;
+    for (const ak_field *f = t->x4_fields; f->granule; f++) {
+        for (int c = 0; c < f->bytes; c += f->granule) copy_granule(buf + f->offset + c, col + 4 * (at + c) + r * f->granule, f->granule);
+        at += f->bytes;
+    }
+    return buf;
+}
+
+/* count block columns of an interleaved group → the four rows' blocks in GGUF's layout (dst: 4 rows of count
+ * blocks), field by field; the granule's switch is outside the copy loops, so each loop moves a fixed size */
+static void x4_columns(const ak_type *t, const uint8_t *col, int count, uint8_t *dst) {
+    const size_t bb = (size_t)t->block_bytes, rb = (size_t)count * bb;
+    for (int b = 0; b < count; b++, col += 4 * bb) {
+        int at = 0;
+        for (const ak_field *f = t->x4_fields; f->granule; f++) {
+#define COPY(G)                                                                                      \
+    for (int c = 0; c < f->bytes; c += G)                                                            \
+        for (int r = 0; r < 4; r++) memcpy(dst + r * rb + b * bb + f->offset + c, col + 4 * (at + c) + r * G, G);
+            switch (f->granule) {
+                case 1: COPY(1) break;
+                case 2: COPY(2) break;
+                case 4: COPY(4) break;
+                case 16: COPY(16) break;
+                case 32: COPY(32) break;
+                default: for (int c = 0; c < f->bytes; c += f->granule)
+                        for (int r = 0; r < 4; r++) copy_granule(dst + r * rb + b * bb + f->offset + c, col + 4 * (at + c) + r * f->granule, f->granule);
+            }
+#undef COPY
+            at += f->bytes;
         }
+    }
+}
+
+enum { CHUNK = 1024 }; /* floats decoded at a time */
+
+/* count blocks (GGUF layout) → out32 (floats) or out16 (bfloat16, through tmp) */
+static inline void blocks_out(const ak_type *t, const uint8_t *blocks, int count, float *out32, uint16_t *out16, float *tmp) {
+    t->to_float(blocks, count, out16 ? tmp : out32);
+    if (out16) floats_to_bf16(tmp, out16, count * t->block_elems);
+}
+
+/* rows j0 .. j0 + R − 1 of W (R = 4: one interleaved group, else 1 row) → k floats or bfloat16 each, a chunk at a time */
+static void dequantize_rows_of(const ak_type *t, int x4, const uint8_t *w, int j0, int nb, float *out32, uint16_t *out16) {
+    float tmp[CHUNK];
+    uint8_t buf[4 * (CHUNK / 32) * 34]; /* four rows of CHUNK weights at <= 34/32 bytes a weight (Q8_0's) */
+    const int be = t->block_elems, per = be >= CHUNK ? 1 : CHUNK / be;
+    const size_t k = (size_t)nb * be;
+    for (int b = 0; b < nb; b += per) {
+        const int cnt = nb - b < per ? nb - b : per;
+        if (!x4) {
+            blocks_out(t, w + ((size_t)j0 * nb + b) * t->block_bytes, cnt, out32 ? out32 + (size_t)b * be : NULL,
+                       out16 ? out16 + (size_t)b * be : NULL, tmp);
+            continue;
+        }
+        if (t->to_float_x4) {
+            for (int r = 0; r < 4; r++) {
+                t->to_float_x4(w + (size_t)(j0 / 4) * nb * 4 * t->block_bytes, r, b, cnt, out16 ? tmp : out32 + r * k + (size_t)b * be);
+                if (out16) floats_to_bf16(tmp, out16 + r * k + (size_t)b * be, cnt * be);
+            }
+            continue;
+        }
+        x4_columns(t, w + ((size_t)(j0 / 4) * nb + b) * 4 * t->block_bytes, cnt, buf);
+        for (int r = 0; r < 4; r++)
+            blocks_out(t, buf + (size_t)r * cnt * t->block_bytes, cnt, out32 ? out32 + r * k + (size_t)b * be : NULL,
+                       out16 ? out16 + r * k + (size_t)b * be : NULL, tmp);
     }
 }
 
 /* W (n, k) blocks -> dense (n, k): float32, or bfloat16 when bf16 is set (the dense products of prefill) */
 int ak_dequantize(int kind, const void *w, void *out, int bf16, int n, int k, int threads) {
-    const int x4 = kind == AK_Q4_1X4 || kind == AK_Q8_0X4, base = x4 ? kind - 2 : kind;
-    if (k % 32 != 0 || (x4 && n % 4)) return 1;
+    const ak_type *t = find_type(kind);
+    const int x4 = (kind & AK_X4_FLAG) != 0, R = x4 ? 4 : 1;
+    if (!t || k % t->block_elems || n % R) return 1;
+    const int nb = k / t->block_elems;
     (void)threads;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= 64)
-    for (int j = 0; j < n; j++) {
-        if (x4) dequantize_row(kind, base, 1, w, out, bf16, j, k);
-        else dequantize_row(kind, base, 0, w, out, bf16, j, k);
-    }
+    for (int g = 0; g < n / R; g++)
+        dequantize_rows_of(t, x4, (const uint8_t *)w, g * R, nb, bf16 ? NULL : (float *)out + (size_t)g * R * k,
+                           bf16 ? (uint16_t *)out + (size_t)g * R * k : NULL);
     return 0;
 }
 
-int ak_block_bytes(int kind) { return kind == 0 ? (int)sizeof(block_q4_1) : (int)sizeof(block_q8_0); }
-int ak_act_block_bytes(void) { return (int)sizeof(block_q8x); }
+/* row j of W → k floats: in place for GGUF's layout, block by block gathered for the interleaved one */
+static void dequantize_row(const ak_type *t, int x4, const uint8_t *w, int j, int nb, float *out) {
+    uint8_t buf[256];
+    if (!x4) {
+        t->to_float(w + (size_t)j * nb * t->block_bytes, nb, out);
+        return;
+    }
+    if (t->to_float_x4) {
+        t->to_float_x4(w + (size_t)(j / 4) * nb * 4 * t->block_bytes, j % 4, 0, nb, out);
+        return;
+    }
+    for (int b = 0; b < nb; b++) t->to_float(x4_block(t, w, j, b, nb, buf), 1, out + (size_t)b * t->block_elems);
+}
+
+/* rows[i] of W (n, k) -> out[i] (nrows, k) float32: token embeddings looked up in a tied head's blocks */
+int ak_dequantize_rows(int kind, const void *w, const int64_t *rows, int nrows, float *out, int n, int k) {
+    const ak_type *t = find_type(kind);
+    const int x4 = (kind & AK_X4_FLAG) != 0;
+    if (!t || k % t->block_elems || (x4 && n % 4)) return 1;
+    for (int i = 0; i < nrows; i++)
+        if (rows[i] < 0 || rows[i] >= n) return 2;
+    for (int i = 0; i < nrows; i++)
+        dequantize_row(t, x4, (const uint8_t *)w, (int)rows[i], k / t->block_elems, out + (size_t)i * k);
+    return 0;
+}
 
 /* ---- paged decode attention --------------------------------------------------------------------
  * One query token per sequence over its K/V in the block pool, read in place through the block

@@ -7,7 +7,10 @@ RotaryEmbedding rotates the half-split pairs (x_i, x_{i+d/2}) of the HF layout, 
 is undone on load (:func:`unpermute_qk`). Llama-3 frequency scaling arrives as a ``rope_freqs``
 tensor of per-frequency divisors.
 
-With ``quantize`` the linear layers stay quantized in memory (:mod:`attnkit.quant`): Q4_0/Q4_1 blocks
+With ``quantize="gguf"`` (the default) the linear layers, the output head and the token embeddings keep
+the file's own blocks under attnkit's kernels (:mod:`attnkit.quant.native`: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+Q4_K, Q5_K, Q6_K), viewed in place in the file's mapping or repacked; other quantized types (Q2_K, Q3_K,
+IQ…) are dequantized at load with a warning that names them. With the PyTorch schemes Q4_0/Q4_1 blocks
 become :class:`~attnkit.quant.Int4Linear` codes, scales and zeros bit for bit (group 32); other types
 are dequantized and quantized to the scheme asked ("auto": Q8_0 → int8, the rest stay float). The
 permutation moves whole rows, and a quantization group runs along a row, so it applies to codes,
@@ -17,6 +20,7 @@ scales and zeros alike.
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -178,24 +182,46 @@ def quantized_linear(g: GGUFFile, cfg: LlamaConfig, src: str, scheme: str, group
     return quantize_weight(w, "int4", bias, group_size, compute_dtype)
 
 
-def native_linear(g: GGUFFile, src: str, rows, bias: torch.Tensor | None) -> nn.Module | None:
-    """The GGUF blocks themselves under attnkit's own kernel (:mod:`attnkit.quant.native`), when it builds.
+def native_linear(g: GGUFFile, src: str, rows=None, bias: torch.Tensor | None = None,
+                  interleaved: bool | None = None) -> nn.Module | None:
+    """The GGUF blocks themselves under attnkit's own kernels (:mod:`attnkit.quant.native`), when they build
+    and have the tensor's type (None otherwise).
 
-    Q4_1 and Q8_0 blocks are kept byte for byte; Q4_0 (w = d·(q − 8)) becomes Q4_1 with min = −8d,
-    exactly. Rows are un-permuted like the dense weights (a block never spans two rows).
+    The blocks are kept byte for byte, viewed in place in the file's mapping unless the layer repacks them;
+    rows are un-permuted like the dense weights (a block never spans two rows). The file's pages of a tensor
+    that was copied are dropped from resident memory at once, so loading never holds a model twice.
     """
-    from ..quant.native import GGUFBlockLinear, library
+    from ..quant.native import NATIVE_TYPES, GGUFBlockLinear, library
 
-    kind = g.tensors[src].ggml_type
-    if library() is None or kind not in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0):
+    t = g.tensors[src]
+    if library() is None or t.ggml_type.name not in NATIVE_TYPES:
         return None
-    blocks = torch.from_numpy(g.raw_blocks(src))
-    if kind == GGMLQuantizationType.Q4_0:  # 18-byte blocks (d, qs) → 20-byte (d, −8d, qs)
-        b = blocks.view(blocks.shape[0], -1, 18)
-        d = b[..., 0:2].contiguous().view(torch.float16)
-        blocks = torch.cat([b[..., 0:2], (d.float() * -8).half().view(torch.uint8), b[..., 2:]], dim=-1).reshape(blocks.shape[0], -1)
-    name = "Q8_0" if kind == GGMLQuantizationType.Q8_0 else "Q4_1"
-    return GGUFBlockLinear(rows(blocks), name, g.tensors[src].shape[-1], bias)
+    blocks = torch.from_numpy(g.blocks(src))
+    if rows is not None:
+        blocks = rows(blocks)
+    try:
+        layer = GGUFBlockLinear(blocks, t.ggml_type.name, t.shape[-1], bias, interleaved=interleaved)
+    except ValueError as e:
+        raise ModelLoadError(g.path, str(e), tensor=src) from e
+    if not g.aliases(layer.blocks.data_ptr()):
+        g.release(src)
+    return layer
+
+
+def _warn_dequantized(g: GGUFFile, names) -> None:
+    """Say which quantized tensor types have no kernel here and are decoded to float at load."""
+    from ..quant.native import NATIVE_TYPES
+
+    counts: dict[str, int] = {}
+    for name in names:
+        kind = g.tensors[name].ggml_type.name
+        if kind not in NATIVE_TYPES and kind not in ("F32", "F16", "BF16") and len(g.tensors[name].shape) > 1:
+            counts[kind] = counts.get(kind, 0) + 1
+    if counts:
+        what = ", ".join(f"{k} ({n} tensors)" for k, n in sorted(counts.items()))
+        warnings.warn(f"{g.path.name}: tensor types without an attnkit kernel, dequantized to float32 at load "
+                      f"(more memory, slower): {what}; the kernels take {', '.join(sorted(NATIVE_TYPES))}",
+                      RuntimeWarning, stacklevel=3)
 
 
 def _materialize_quantized(model: Llama, shapes: dict[str, torch.Size], plan: Plan, g: GGUFFile, cfg: LlamaConfig,
@@ -227,11 +253,17 @@ def _materialize_quantized(model: Llama, shapes: dict[str, torch.Size], plan: Pl
         head = quantized_linear(g, cfg, head_src, scheme_of(head_src), group_size, None, compute_dtype)
     replaced = {f"{n}.{p}" for n in quantized for p in ("weight", "bias")}
     embedding = None
-    if scheme == "gguf" and cfg.tie_embeddings and head is not None and hasattr(head, "blocks"):
+    if scheme == "gguf":
         from ..quant.native import GGUFBlockEmbedding
 
-        embedding = GGUFBlockEmbedding(head)  # rows decoded from the head's blocks: no float copy of the table
-        replaced.add("tok_embeddings.weight")
+        _warn_dequantized(g, [src for src, _ in plan.values()])
+        if cfg.tie_embeddings and head is not None and hasattr(head, "blocks"):
+            embedding = GGUFBlockEmbedding(head)  # rows decoded from the head's blocks: no float copy of the table
+        elif not cfg.tie_embeddings:  # the table's own blocks, rows decoded as looked up (kept in GGUF's row layout)
+            table = native_linear(g, "token_embd.weight", interleaved=False)
+            embedding = GGUFBlockEmbedding(table) if table is not None else None
+        if embedding is not None:
+            replaced.add("tok_embeddings.weight")
     state = {}
     for ours, (src, load) in plan.items():
         if ours in replaced:
@@ -248,6 +280,8 @@ def _materialize_quantized(model: Llama, shapes: dict[str, torch.Size], plan: Pl
     if "lm_head" in quantized:
         head, model.lm_head = model.lm_head, None
     model.output_head = head
+    if hasattr(head, "dense_for_prompts"):  # the head sees only the sampled rows: always the integer kernel
+        head.dense_for_prompts = False
     if embedding is not None:
         model.tok_embeddings = embedding
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

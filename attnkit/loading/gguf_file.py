@@ -40,10 +40,14 @@ _STRING, _ARRAY = 8, 9
 _CHUNK = 1 << 18  # values dequantised per call
 _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
 
-#: The tensor types attnkit loads (issue 3); all are decoded by gguf.quants.dequantize.
+#: The tensor types attnkit loads: every type gguf.quants.dequantize decodes. The common ones stay in their
+#: blocks under attnkit's kernels (attnkit.quant.native.NATIVE_TYPES); the rest are dequantized at load.
 SUPPORTED_TYPES = frozenset(
     GGMLQuantizationType[n]
-    for n in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+    for n in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+              "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0",
+              "MXFP4")
+    if n in GGMLQuantizationType.__members__
 )
 
 
@@ -61,9 +65,9 @@ class GGUFFile:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        try:
+        try:  # a private mapping: tensors can view it in place (torch wants a writable buffer); nothing writes to it
             with open(self.path, "rb") as f:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         except (OSError, ValueError) as e:  # ValueError: empty file
             raise ModelLoadError(self.path, f"cannot open as a GGUF file ({e})") from e
         try:
@@ -170,11 +174,30 @@ class GGUFFile:
 
     def raw_blocks(self, name: str) -> np.ndarray:
         """A quantized tensor's blocks as stored: uint8 (rows, cols / block · type_size), a copy."""
+        return self.blocks(name).copy()
+
+    def blocks(self, name: str) -> np.ndarray:
+        """A tensor's blocks as stored, viewed in place in the file's mapping (no copy, nothing read yet):
+        uint8 (rows, cols / block · type_size). Its pages are read from the file as they are first touched."""
         t = self.tensors[name]
         block, type_size = GGML_QUANT_SIZES[t.ggml_type]
-        cols = t.shape[-1]
         raw = np.frombuffer(self._mm, dtype=np.uint8, count=t.nbytes, offset=t.offset)
-        return raw.reshape(-1, cols // block * type_size).copy()
+        return raw.reshape(-1, t.shape[-1] // block * type_size)
+
+    def aliases(self, ptr: int) -> bool:
+        """Whether the address ``ptr`` lies in the file's mapping (a tensor viewing the file in place)."""
+        base = np.frombuffer(self._mm, dtype=np.uint8, count=1).ctypes.data
+        return base <= ptr < base + len(self._mm)
+
+    def release(self, name: str) -> None:
+        """Drop the pages of a tensor that was copied out of the file from this process's resident memory
+        (they stay in the OS page cache). The mapping is private and never written, so a later read of these
+        bytes would fetch them from the file again: nothing is lost."""
+        t = self.tensors[name]
+        page = mmap.PAGESIZE
+        start, end = t.offset // page * page, -(-(t.offset + t.nbytes) // page) * page
+        if hasattr(self._mm, "madvise"):
+            self._mm.madvise(mmap.MADV_DONTNEED, start, min(end, len(self._mm)) - start)
 
     def load_q4(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """A Q4_0 / Q4_1 tensor's blocks undecoded: ``(codes, d, m)`` with w = d·q + m (Q4_1), d·(q − 8) (Q4_0).

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import cat_out_features
+
 AttentionImpl = Literal["math", "sdpa"]
 
 
@@ -158,8 +160,6 @@ class MultiHeadAttention(nn.Module):
 
     def fuse(self) -> None:
         """Replace q/k/v_proj by one ``qkv_proj`` (inference only; see :mod:`attnkit.nn.fused`)."""
-        from .fused import cat_out_features
-
         if self.qkv_proj is None:
             self.qkv_proj = cat_out_features([self.q_proj, self.k_proj, self.v_proj])
             del self.q_proj, self.k_proj, self.v_proj

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import cat_out_features
+
 ACTIVATIONS = {
     "relu": F.relu,
     "gelu": F.gelu,
@@ -53,8 +55,6 @@ class SwiGLU(nn.Module):
 
     def fuse(self) -> None:
         """Replace gate/up_proj by one ``gate_up_proj`` (inference only; see :mod:`attnkit.nn.fused`)."""
-        from .fused import cat_out_features
-
         if self.gate_up_proj is None:
             self.gate_up_proj = cat_out_features([self.gate_proj, self.up_proj])
             del self.gate_proj, self.up_proj

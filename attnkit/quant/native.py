@@ -1,63 +1,135 @@
-"""Linear layers that keep a GGUF file's Q4_1 / Q8_0 blocks as they are and multiply with our own kernel.
+"""Linear layers that keep a GGUF file's blocks as they are and multiply with our own kernels.
 
-PyTorch's weight-only CPU kernels (``_weight_int4pack_mm_for_cpu``, ``_weight_int8pack_mm``) are
-compute-bound at batch 1 on an AVX2 machine (see docs/performance.md): slower than reading the
-float32 weights. attnkit's kernel (:mod:`attnkit.kernels`) instead quantizes the activations to 8 bits per block of 32
-and takes integer dot products on the blocks (llama.cpp's method), so a decode step is bound by
-the 4.5 or 8.5 bits per weight it reads. With no C compiler the layers fall back to dequantize +
+Every common GGUF block type stays quantized in memory: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (blocks of 32) and the
+K-quants Q4_K, Q5_K, Q6_K (super-blocks of 256), one row each of :data:`BLOCK_TYPES` (and of the C kernels'
+table, attnkit/kernels/kernels.c, checked against each other). PyTorch's weight-only CPU kernels are
+compute-bound at batch 1; attnkit's kernels (:mod:`attnkit.kernels`) instead quantize the activations to 8 bits
+per block of 32 and take integer dot products on the blocks (llama.cpp's method), so a decode step is bound by
+the 4.5–8.5 bits per weight it reads. With no C compiler the layers fall back to gguf-py's dequantizers +
 ``F.linear`` (correct, slower).
 
-Batches of more rows than :attr:`GGUFBlockLinear.kernel_max_rows` (8: prefill, large decode batches) decode the weight into a reused buffer and use the dense matrix product, which is faster once the
-work is compute-bound. That product runs in :attr:`GGUFBlockLinear.dense_dtype`: float32, or bfloat16
-(inputs rounded to bf16, float32 sums, the bf16 result widened to float32) — 2–3× faster where the CPU has bf16 hardware
-(AVX512-BF16, AMX; :func:`attnkit.kernels.native_bf16`), which is what ``InferenceOptions``'
-``matmul_dtype="auto"`` picks there.
+Batches of more rows than :attr:`GGUFBlockLinear.kernel_max_rows` (8: prefill, large decode batches) decode the
+weight into a reused buffer and use the dense matrix product, which is faster once the work is compute-bound.
+That product runs in :attr:`GGUFBlockLinear.dense_dtype`: float32, or bfloat16 (inputs rounded to bf16, float32
+sums, the bf16 result widened to float32) — 2–3× faster where the CPU has bf16 hardware (AVX512-BF16, AMX;
+:func:`attnkit.kernels.native_bf16`), which is what ``InferenceOptions``' ``matmul_dtype="auto"`` picks there.
 
-Where the CPU has AVX-512 VNNI the blocks are kept with rows interleaved in fours
-(:func:`interleave`, ``attnkit/kernels/interleaved.c``): the same bytes, permuted within each group
-of four rows, so that one 512-bit product covers a block of four rows. ``blocks`` then holds that
-layout; :meth:`GGUFBlockLinear.row_blocks` gives GGUF's own.
+Where the CPU has AVX-512 VNNI the blocks are kept with rows interleaved in fours (:func:`interleave`): the same
+bytes, permuted within each group of four rows, so that one 512-bit product covers 16 weights of four rows.
+``blocks`` then holds that layout; :meth:`GGUFBlockLinear.row_blocks` gives GGUF's own.
 """
 
 from __future__ import annotations
 
+import ctypes
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import library
-
-KINDS = {"Q4_1": 0, "Q8_0": 1}  # the kernels' codes; + 2 for the interleaved layout
-BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}
-ACT_BLOCK_BYTES = 40
+from ..nn.fused import ConcatLinear
+from .row_kernel import current_rows
 
 
-def _fields(kind: str) -> list[int]:
-    """Byte widths of one block's fields: (d, min, quants) for Q4_1, (d, quants) for Q8_0."""
-    return [2, 2, 16] if kind == "Q4_1" else [2, 32]
+@dataclass(frozen=True)
+class BlockType:
+    """One GGUF block type the C kernels multiply (a row of attnkit/kernels/kernels.c's TYPES): ggml's type id, a
+    block's weights and bytes, and its fields as stored with rows interleaved in fours, (offset, bytes, granule)
+    each, in the order they lie in a block column: the four rows' bytes of a field alternate granule by granule
+    (:func:`interleave`)."""
+
+    name: str
+    ggml_id: int
+    block_elems: int
+    block_bytes: int
+    x4_fields: tuple[tuple[int, int, int], ...]
+    halves: tuple[int, ...]  # where its fp16 scales (d, m / dmin) lie in a block
+
+
+BLOCK_TYPES = {t.name: t for t in (
+    BlockType("Q4_0", 2, 32, 18, ((0, 2, 2), (2, 16, 16)), (0,)),  # w = d·(q − 8): d, qs
+    BlockType("Q4_1", 3, 32, 20, ((0, 2, 2), (2, 2, 2), (4, 16, 16)), (0, 2)),  # w = d·q + m: d, m, qs
+    BlockType("Q5_0", 6, 32, 22, ((0, 2, 2), (2, 4, 4), (6, 16, 16)), (0,)),  # w = d·(q − 16): d, qh, qs
+    BlockType("Q5_1", 7, 32, 24, ((0, 2, 2), (2, 2, 2), (4, 4, 4), (8, 16, 16)), (0, 2)),  # w = d·q + m: d, m, qh, qs
+    BlockType("Q8_0", 8, 32, 34, ((0, 2, 2), (2, 32, 16)), (0,)),  # w = d·q: d, qs
+    # w = d·sc·q − dmin·m: d, dmin, scales, [qh,] qs
+    BlockType("Q4_K", 12, 256, 144, ((0, 2, 2), (2, 2, 2), (4, 12, 4), (16, 128, 16)), (0, 2)),
+    BlockType("Q5_K", 13, 256, 176, ((0, 2, 2), (2, 2, 2), (4, 12, 4), (16, 32, 16), (48, 128, 16)), (0, 2)),
+    # w = d·sc·(q − 32): ql[128], qh[64], scales[16], d; interleaved d, scales, then qh and ql of each half in turn
+    BlockType("Q6_K", 14, 256, 210, ((208, 2, 2), (192, 16, 1), (128, 32, 16), (0, 64, 16), (160, 32, 16), (64, 64, 16)),
+              (208,)),
+)}
+NATIVE_TYPES = frozenset(BLOCK_TYPES)
+X4_FLAG = 0x100  # the kernels' kind for a type's blocks with rows interleaved in fours: ggml id | X4_FLAG
+ACT_BLOCK_BYTES = 40  # the kernels' scratch for one block of 32 quantized activations
+
+
+def _kernels():
+    """library(), checked once against BLOCK_TYPES (a type's size or interleaved fields changed on one side only
+    would silently misread every block)."""
+    lib = library()
+    if lib is not None and not getattr(lib, "_attnkit_types_checked", False):
+        e, b, f = ctypes.c_int(), ctypes.c_int(), (ctypes.c_int * 24)()
+        for t in BLOCK_TYPES.values():
+            if lib.ak_type_info(t.ggml_id, ctypes.byref(e), ctypes.byref(b)) or (e.value, b.value) != (t.block_elems, t.block_bytes):
+                raise RuntimeError(f"attnkit's C kernels disagree with BLOCK_TYPES on {t.name}")
+            n = lib.ak_type_x4_fields(t.ggml_id, f, 8)
+            fields = tuple((f[3 * i], f[3 * i + 1], f[3 * i + 2]) for i in range(n))
+            if n >= 0 and fields != t.x4_fields:
+                raise RuntimeError(f"attnkit's C kernels interleave {t.name} as {fields}, BLOCK_TYPES as {t.x4_fields}")
+        lib._attnkit_types_checked = True
+    return lib
+
+
+def has_x4(kind: str) -> bool:
+    """Whether the built kernels multiply ``kind`` on rows interleaved in fours (AVX-512 VNNI)."""
+    lib = _kernels()
+    return lib is not None and bool(lib.ak_x4_available()) and lib.ak_type_info(BLOCK_TYPES[kind].ggml_id | X4_FLAG, None, None) == 0
 
 
 def interleave(blocks: torch.Tensor, kind: str) -> torch.Tensor:
-    """(n, nb · block bytes) blocks in GGUF's row layout → rows interleaved in fours (n % 4 == 0).
+    """(n, nb · block bytes) blocks in GGUF's row layout → rows interleaved in fours (n % 4 == 0), a new tensor.
 
-    For rows 4g..4g+3 and block column b the interleaved layout holds each field of the four blocks
-    side by side: Q4_1 d[4] min[4] qs[4][16] (80 bytes), Q8_0 d[4] qs[4][32] (136 bytes).
+    For rows 4g..4g+3 and block column b the interleaved layout holds each field of the four blocks in turn, its
+    bytes alternating between the rows granule by granule (BlockType.x4_fields): Q4_1 d[4] m[4] qs[4][16], Q4_K
+    d[4] dmin[4], the 12 scale bytes a 32-bit word of each row at a time, then the quants 16 bytes of each row at a
+    time; so one 512-bit load holds 16 weights of each of the four rows. A permutation within each group of rows.
     """
+    t = BLOCK_TYPES[kind]
     n, row = blocks.shape
-    bb = BLOCK_BYTES[kind]
-    b = blocks.view(n // 4, 4, row // bb, bb).transpose(1, 2)  # (G, nb, 4 rows, bb)
-    parts = b.split(_fields(kind), dim=-1)
-    return torch.cat([p.reshape(*b.shape[:2], -1) for p in parts], dim=-1).reshape(n, row)
+    lib = _kernels()
+    if lib is not None and blocks.is_contiguous() and blocks.device.type == "cpu":  # one pass in C (kernels/repack.c)
+        out = torch.empty_like(blocks)
+        fields = (ctypes.c_int * (3 * len(t.x4_fields)))(*(v for f in t.x4_fields for v in f))
+        vp, i = ctypes.c_void_p, ctypes.c_int
+        lib.ak_interleave.argtypes = [vp, vp, i, i, i, vp, i, i]
+        if lib.ak_interleave(blocks.data_ptr(), out.data_ptr(), n, row, t.block_bytes, fields, len(t.x4_fields),
+                             torch.get_num_threads()):
+            raise ValueError(f"cannot interleave {kind} blocks of shape {tuple(blocks.shape)}")
+        return out
+    b = blocks.reshape(n // 4, 4, row // t.block_bytes, t.block_bytes).transpose(1, 2)  # (G, nb, 4 rows, bb)
+    parts = []
+    for off, width, g in t.x4_fields:
+        f = b[..., off:off + width].reshape(*b.shape[:3], width // g, g).transpose(2, 3)  # (G, nb, width/g, 4, g)
+        parts.append(f.reshape(*b.shape[:2], 4 * width))
+    return torch.cat(parts, dim=-1).reshape(n, row)
 
 
 def deinterleave(blocks: torch.Tensor, kind: str) -> torch.Tensor:
     """The inverse of :func:`interleave`: GGUF's row layout again."""
+    t = BLOCK_TYPES[kind]
     n, row = blocks.shape
-    bb = BLOCK_BYTES[kind]
-    c = blocks.view(n // 4, row // bb, 4 * bb)  # (G, nb, 4 · bb)
-    parts = c.split([4 * f for f in _fields(kind)], dim=-1)
-    rows = torch.cat([p.reshape(*c.shape[:2], 4, -1) for p in parts], dim=-1)  # (G, nb, 4, bb)
-    return rows.transpose(1, 2).reshape(n, row)
+    c = blocks.reshape(n // 4, row // t.block_bytes, 4 * t.block_bytes)  # (G, nb, 4 · bb)
+    rows = torch.empty(*c.shape[:2], 4, t.block_bytes, dtype=blocks.dtype)  # (G, nb, 4, bb)
+    at = 0
+    for off, width, g in t.x4_fields:
+        f = c[..., 4 * at:4 * (at + width)].reshape(*c.shape[:2], width // g, 4, g).transpose(2, 3)
+        rows[..., off:off + width] = f.reshape(*c.shape[:2], 4, width)
+        at += width
+    return rows.transpose(1, 2).reshape(n, row)  # (G, 4, nb, bb) → rows
 
 
 class GGUFBlockLinear(nn.Module):
@@ -71,32 +143,47 @@ class GGUFBlockLinear(nn.Module):
         """``blocks`` in GGUF's row layout; ``interleaved`` (None: where the kernels have that layout and
         the rows are a multiple of 4) keeps them interleaved in fours for the 512-bit products."""
         super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"GGUF block type {kind!r} has no kernel (supported: {', '.join(KINDS)})")
-        if in_features % 32 != 0:
-            raise ValueError(f"in_features ({in_features}) must be a multiple of the block size 32")
-        row = in_features // 32 * BLOCK_BYTES[kind]
+        if kind not in BLOCK_TYPES:
+            raise ValueError(f"GGUF block type {kind!r} has no kernel (supported: {', '.join(BLOCK_TYPES)})")
+        t = BLOCK_TYPES[kind]
+        if in_features % t.block_elems != 0:
+            raise ValueError(f"{kind}: in_features ({in_features}) must be a multiple of the block size {t.block_elems}")
+        row = in_features // t.block_elems * t.block_bytes
         if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != row:
             raise ValueError(f"{kind} blocks for {in_features} inputs must be uint8 of shape (out, {row}), "
                              f"got {blocks.dtype} {tuple(blocks.shape)}")
         self.kind, self.in_features, self.out_features = kind, in_features, blocks.shape[0]
         self.dense_dtype = torch.float32  # of the products above kernel_max_rows (set_dense_dtype)
+        # the engine's prompt rows take the dense product (an output head, which sees only the few rows that
+        # are sampled, takes the integer kernel for them too: no dense copy of a vocabulary-sized matrix)
+        self.dense_for_prompts = True
         if interleaved is None:
-            lib = library()
-            interleaved = lib is not None and bool(lib.ak_x4_available()) and self.out_features % 4 == 0
+            interleaved = self.out_features % 4 == 0 and has_x4(kind)
         if interleaved and self.out_features % 4:
             raise ValueError(f"interleaved GGUF blocks need a multiple of 4 rows, got {self.out_features}")
-        self.interleaved = interleaved
+        if interleaved and _kernels() is not None and not has_x4(kind):
+            raise ValueError(f"the C kernels built here have no product on interleaved {kind} blocks (AVX-512 VNNI)")
+        self.interleaved = bool(interleaved)
+        # the caller's blocks may be read-only (a file's mmap): never written, interleaving makes a new tensor
         self.register_buffer("blocks", interleave(blocks, kind) if interleaved else blocks.contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
 
     @classmethod
     def cat_out(cls, mods: list[GGUFBlockLinear]) -> GGUFBlockLinear:
         """One layer whose outputs are those of ``mods`` in order (fused q/k/v, gate/up)."""
-        if len({(m.kind, m.in_features) for m in mods}) != 1:
-            raise ValueError("fused GGUF layers must share block type and input size")
+        if len({m.in_features for m in mods}) != 1:
+            raise ValueError("fused GGUF layers must share their input size, got "
+                             + ", ".join(f"{m.kind} ({m.out_features}×{m.in_features})" for m in mods))
+        if len({m.kind for m in mods}) != 1:  # e.g. Q4_K_M's Q4_K q/k with a Q6_K v: one part per matrix
+            return ConcatLinear(mods)
         biases = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in mods]
         bias = torch.cat(biases) if any(m.bias is not None for m in mods) else None
+        if all(m.interleaved for m in mods):  # groups of four rows never straddle two parts: join them as they are
+            fused = cls(mods[0].blocks[:0], mods[0].kind, mods[0].in_features, interleaved=False)
+            fused.blocks, fused.interleaved, fused.out_features = torch.cat([m.blocks for m in mods]), True, \
+                sum(m.out_features for m in mods)
+            fused.bias = bias
+            return fused
         return cls(torch.cat([m.row_blocks() for m in mods]), mods[0].kind, mods[0].in_features, bias)
 
     @property
@@ -108,12 +195,14 @@ class GGUFBlockLinear(nn.Module):
     @property
     def kernel_kind(self) -> int:
         """The C kernels' code for this layer's blocks and layout."""
-        return KINDS[self.kind] + 2 * self.interleaved
+        return BLOCK_TYPES[self.kind].ggml_id | (X4_FLAG if self.interleaved else 0)
 
     def row_blocks(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The blocks in GGUF's row layout: all rows, or those at the indices ``rows`` (1-D)."""
         if not self.interleaved:
             return self.blocks if rows is None else self.blocks[rows]
+        if rows is not None:
+            rows = rows.reshape(-1).long()
         if rows is None:
             return deinterleave(self.blocks, self.kind)
         groups = self.blocks.view(self.out_features // 4, -1)[rows // 4]  # (N, 4 rows' bytes)
@@ -122,9 +211,9 @@ class GGUFBlockLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
         """The dense (out, in) weight in ``dtype`` (written into ``out`` when given: a reused buffer of that dtype)."""
-        lib = library()
+        lib = _kernels()
         if lib is None or dtype not in (torch.float32, torch.bfloat16):
-            return _dequantize_torch(self.row_blocks(), self.kind, self.in_features).to(dtype)
+            return dequantize_reference(self.row_blocks(), self.kind, self.in_features).to(dtype)
         if out is None:
             out = torch.empty(self.out_features, self.in_features, dtype=dtype)
         if out.dtype != dtype or out.shape != (self.out_features, self.in_features) or not out.is_contiguous():
@@ -138,19 +227,22 @@ class GGUFBlockLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"GGUFBlockLinear: input has {x.shape[-1]} features, expected {self.in_features}")
         x2 = x.reshape(-1, self.in_features)
-        lib = library()
+        lib = _kernels()
+        rows = current_rows()  # set by the engine: the product follows what the rows are, never how many
+        dense = x2.shape[0] > self.kernel_max_rows if rows is None else rows == "prompt" and self.dense_for_prompts
         if lib is None or x.device.type != "cpu" or x.requires_grad:
             y = F.linear(x2, self.dequantize(x.dtype))
-        elif x2.shape[0] > self.kernel_max_rows:  # compute-bound: a dense product on the weight decoded into a reused buffer
+        elif dense:  # compute-bound: a dense product on the weight decoded into a reused buffer
             dt = torch.bfloat16 if torch.bfloat16 in (x2.dtype, self.dense_dtype) else torch.float32
-            y = F.linear(x2.to(dt), self.dequantize(dt, out=_scratch(self.out_features, self.in_features, dt)))
+            y = F.linear(_batch_rows(x2.to(dt), rows is not None),
+                         self.dequantize(dt, out=_scratch(self.out_features, self.in_features, dt)))[:x2.shape[0]]
         else:
             y = self._kernel(lib, x2)
         return self._finish(y.to(x.dtype), x.shape[:-1])
 
     def kernel_product(self, x: torch.Tensor) -> torch.Tensor:
         """x·Wᵀ (+ b) through the integer kernel (8-bit activations per block of 32) for any number of rows."""
-        lib = library()
+        lib = _kernels()
         if lib is None or x.device.type != "cpu":
             raise RuntimeError("GGUFBlockLinear.kernel_product needs the C kernels and a CPU tensor")
         return self._finish(self._kernel(lib, x.reshape(-1, self.in_features)).to(x.dtype), x.shape[:-1])
@@ -160,9 +252,10 @@ class GGUFBlockLinear(nn.Module):
         xf = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.float().contiguous()
         m = xf.shape[0]
         y = torch.empty(m, self.out_features)
-        lib.ak_gemv(self.kernel_kind, self.blocks.data_ptr(), xf.data_ptr(), y.data_ptr(), m, self.out_features,
-                    self.in_features, _act_scratch(m * (self.in_features // 32) * ACT_BLOCK_BYTES),
-                    torch.get_num_threads())
+        if m and lib.ak_gemv(self.kernel_kind, self.blocks.data_ptr(), xf.data_ptr(), y.data_ptr(), m, self.out_features,
+                       self.in_features, _act_scratch(m * (self.in_features // 32) * ACT_BLOCK_BYTES),
+                       torch.get_num_threads()):
+            raise RuntimeError(f"ak_gemv refused {self.kind} blocks of {self.out_features}×{self.in_features}")
         return y
 
     def _finish(self, y: torch.Tensor, lead: torch.Size) -> torch.Tensor:
@@ -207,11 +300,29 @@ class GGUFBlockEmbedding(nn.Module):
         h = self.head[0]
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= h.out_features):
             raise IndexError(f"token id out of range for a vocabulary of {h.out_features}")
-        rows = _dequantize_torch(h.row_blocks(idx.reshape(-1)), h.kind, h.in_features)  # (N, d)
+        flat = idx.reshape(-1).to(torch.int64).contiguous()
+        lib = _kernels()
+        if lib is None:
+            rows = dequantize_reference(h.row_blocks(flat), h.kind, h.in_features)
+        else:  # only the rows asked for are decoded, in C, from the head's blocks in either layout
+            rows = torch.empty(len(flat), h.in_features)
+            if lib.ak_dequantize_rows(h.kernel_kind, h.blocks.data_ptr(), flat.data_ptr(), len(flat), rows.data_ptr(),
+                                      h.out_features, h.in_features):
+                raise RuntimeError(f"ak_dequantize_rows refused {h.kind} blocks of {h.out_features}×{h.in_features}")
         return rows.view(*idx.shape, h.in_features)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.head[0].kind} blocks of the output head"
+
+
+def _batch_rows(x: torch.Tensor, invariant: bool) -> torch.Tensor:
+    """x, padded with copies of its first row where oneDNN would multiply so few rows by another method than
+    a batch's (a matrix-vector product for one bf16 row; other small-matrix kernels below 16 float32 rows), so
+    that each row is summed in the same order whatever the row count (tests/test_quant_types.py checks it)."""
+    least = 2 if x.dtype == torch.bfloat16 else 16
+    if not invariant or x.shape[0] >= least:
+        return x
+    return torch.cat([x, x[:1].expand(least - x.shape[0], -1)])
 
 
 _SCRATCH: dict[tuple[int, torch.dtype], torch.Tensor] = {}
@@ -236,14 +347,24 @@ def _act_scratch(nbytes: int) -> int:
     return _ACT[0].data_ptr()
 
 
-def _dequantize_torch(blocks: torch.Tensor, kind: str, k: int) -> torch.Tensor:
-    """The same dequantization in torch ops (no compiler needed; also the tests' reference)."""
-    n = blocks.shape[0]
-    b = blocks.view(n, k // 32, BLOCK_BYTES[kind])
-    d = b[..., 0:2].contiguous().view(torch.float16).float()  # (n, nb, 1)
-    if kind == "Q8_0":
-        return (b[..., 2:].contiguous().view(torch.int8).float() * d).reshape(n, k)
-    mn = b[..., 2:4].contiguous().view(torch.float16).float()
-    qs = b[..., 4:]
-    q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).float()  # element j in the low nibble, j + 16 in the high
-    return (q * d + mn).reshape(n, k)
+def random_blocks(kind: str, n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """(n, k / block elems · block bytes) valid random blocks (tests, benchmarks; gguf-py quantizes no K-quants):
+    random quant and scale bytes, fp16 d / m / dmin of either sign with magnitudes in [0.002, 0.02)."""
+    t = BLOCK_TYPES[kind]
+    rng = np.random.default_rng(seed)
+    nb = k // t.block_elems
+    b = rng.integers(0, 256, (n, nb, t.block_bytes), dtype=np.uint8)
+    for off in t.halves:
+        h = (rng.uniform(0.002, 0.02, (n, nb)) * rng.choice([-1, 1], (n, nb))).astype(np.float16)
+        b[..., off:off + 2] = h.view(np.uint8).reshape(n, nb, 2)
+    return torch.from_numpy(b.reshape(n, -1))
+
+
+def dequantize_reference(blocks: torch.Tensor, kind: str, k: int) -> torch.Tensor:
+    """GGUF row-layout blocks (n, k / block elems · block bytes) → (n, k) float32 through gguf-py's dequantizers
+    (no compiler needed; the tests' reference)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    data = np.ascontiguousarray(blocks.numpy())
+    return torch.from_numpy(dequantize(data, GGMLQuantizationType[kind]).reshape(len(data), k).astype(np.float32, copy=False))

@@ -1,0 +1,172 @@
+/* ggml's 32-weight block types Q4_0, Q4_1, Q5_0, Q5_1: fp16 d, [fp16 m], [32 high bits qh], 16 bytes of nibbles
+ * (weight i in the low nibble of qs[i], weight i+16 in the high one; bit i of qh is bit 4 of weight i):
+ *   Q4_0: w = d·(q − 8)    Q4_1: w = d·q + m    (q 4-bit)       18 / 20 bytes
+ *   Q5_0: w = d·(q − 16)   Q5_1: w = d·q + m    (q 5-bit)       22 / 24 bytes
+ * One block against an activation block (x = dx·qx, sx = dx·Σqx):  Σ w·x = d·dx·Σ q·qx + m·sx,
+ * with m = −8d / −16d for the types without a min (llama.cpp's vec_dot_q4_1_q8_1). MIN and HIGH (the min field,
+ * the high bits) are literals at every call of the always_inline bodies, so each type gets its own code. */
+#include "blocks.h"
+
+#define BB(MIN, HIGH) (18 + 2 * (MIN) + 4 * (HIGH))
+
+AK_INLINE float blk_d(const uint8_t *b) { return ld_half(b); }
+AK_INLINE float blk_m(const uint8_t *b, const int MIN, const int HIGH) {
+    return MIN ? ld_half(b + 2) : -(HIGH ? 16.f : 8.f) * ld_half(b);
+}
+AK_INLINE uint32_t blk_qh(const uint8_t *b, const int MIN) { return ld_u32(b + 2 + 2 * MIN); }
+AK_INLINE const uint8_t *blk_qs(const uint8_t *b, const int MIN, const int HIGH) { return b + 2 + 2 * MIN + 4 * HIGH; }
+
+/* weight i of a block as its unsigned quant q */
+AK_INLINE int blk_q(const uint8_t *b, int i, const int MIN, const int HIGH) {
+    const uint8_t *qs = blk_qs(b, MIN, HIGH);
+    int q = i < 16 ? qs[i] & 0xF : qs[i - 16] >> 4;
+    if (HIGH) q |= (int)((blk_qh(b, MIN) >> i) & 1) << 4;
+    return q;
+}
+
+#ifdef AK_AVX2
+/* the 32 unsigned quants of a block, in weight order */
+AK_INLINE __m256i blk_u(const uint8_t *b, const int MIN, const int HIGH) {
+    __m256i u = nibbles32(blk_qs(b, MIN, HIGH));
+    if (HIGH) u = _mm256_or_si256(u, _mm256_and_si256(bits32(blk_qh(b, MIN)), _mm256_set1_epi8(0x10)));
+    return u;
+}
+#endif
+
+/* one block → 32 floats, exactly as gguf-py: d·q + m (d·q is exact, so one rounding), or d·(q − 8|16) (exact);
+ * its fields given where they lie (GGUF's layout or the interleaved one) */
+AK_INLINE void block_floats(float d, float m, const uint8_t *qs, uint32_t qh, float *o, const int MIN, const int HIGH) {
+    const int off = HIGH ? 16 : 8;
+#if defined(__AVX512F__) && defined(AK_AVX2)
+    __m256i u = nibbles32(qs);
+    if (HIGH) u = _mm256_or_si256(u, _mm256_and_si256(bits32(qh), _mm256_set1_epi8(0x10)));
+    for (int h = 0; h < 2; h++) {
+        __m512i q = _mm512_cvtepu8_epi32(h ? _mm256_extracti128_si256(u, 1) : _mm256_castsi256_si128(u));
+        if (!MIN) q = _mm512_sub_epi32(q, _mm512_set1_epi32(off));
+        const __m512 f = _mm512_cvtepi32_ps(q);
+        _mm512_storeu_ps(o + 16 * h, MIN ? _mm512_fmadd_ps(f, _mm512_set1_ps(d), _mm512_set1_ps(m)) : _mm512_mul_ps(f, _mm512_set1_ps(d)));
+    }
+#else
+    for (int i = 0; i < 32; i++) {
+        int q = i < 16 ? qs[i] & 0xF : qs[i - 16] >> 4;
+        if (HIGH) q |= (int)((qh >> i) & 1) << 4;
+        o[i] = MIN ? d * (float)q + m : d * (float)(q - off);
+    }
+#endif
+}
+
+AK_INLINE void to_float(const uint8_t *blocks, int count, float *o, const int MIN, const int HIGH) {
+    for (int k = 0; k < count; k++, o += 32) {
+        const uint8_t *b = blocks + (size_t)k * BB(MIN, HIGH);
+        block_floats(blk_d(b), MIN ? blk_m(b, MIN, HIGH) : 0.f, blk_qs(b, MIN, HIGH), HIGH ? blk_qh(b, MIN) : 0, o, MIN, HIGH);
+    }
+}
+
+/* row r of an interleaved group (d[4], m[4], qh[4], qs[4][16] a block column), block columns b0 .. b0 + count − 1 */
+AK_INLINE void to_float_x4(const uint8_t *group, int r, int b0, int count, float *o, const int MIN, const int HIGH) {
+    for (int k = 0; k < count; k++, o += 32) {
+        const uint8_t *c = group + (size_t)(b0 + k) * 4 * BB(MIN, HIGH);
+        block_floats(ld_half(c + 2 * r), MIN ? ld_half(c + 8 + 2 * r) : 0.f, c + 8 + 8 * MIN + 16 * HIGH + 16 * r,
+                     HIGH ? ld_u32(c + 8 + 8 * MIN + 4 * r) : 0, o, MIN, HIGH);
+    }
+}
+
+/* one row against one activation row */
+AK_INLINE float dot1(const uint8_t *w, int nb, ak_act x, const int MIN, const int HIGH) {
+#ifdef AK_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    float summ = 0.f;
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = w + (size_t)b * BB(MIN, HIGH);
+        const __m256i p = dot_u8s8(blk_u(blk, MIN, HIGH), _mm256_loadu_si256((const __m256i *)(x.qs + 32 * b)));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(blk_d(blk) * x.d[b]), acc);
+        summ += blk_m(blk, MIN, HIGH) * x.s[b];
+    }
+    return hsum(acc) + summ;
+#else
+    float sum = 0.f;
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = w + (size_t)b * BB(MIN, HIGH);
+        int isum = 0;
+        for (int i = 0; i < 32; i++) isum += blk_q(blk, i, MIN, HIGH) * x.qs[32 * b + i];
+        sum += blk_d(blk) * x.d[b] * (float)isum + blk_m(blk, MIN, HIGH) * x.s[b];
+    }
+    return sum;
+#endif
+}
+
+AK_INLINE void dot(const uint8_t *w, int nb, const ak_act *x, int M, float *y, size_t ys, const int MIN, const int HIGH) {
+    for (int r = 0; r < M; r++) y[r * ys] = dot1(w, nb, x[r], MIN, HIGH);
+}
+
+#ifdef AK_X4
+/* Four rows interleaved (fields d[4], m[4], qh[4], qs[4][16]): one 512-bit register holds the nibbles of a block
+ * of each row, lane 4r..4r+3 row r, against the activation block's 16 + 16 quants broadcast to the four lanes. */
+AK_INLINE void dot_x4(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys, const int MIN,
+                      const int HIGH) {
+    const size_t cb = 4 * BB(MIN, HIGH);
+    const __m512i low = _mm512_set1_epi8(0x0f), sixteen = _mm512_set1_epi8(0x10);
+    const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    __m512 acc[4];
+    __m128 accm[4];
+    for (int r = 0; r < M; r++) acc[r] = _mm512_setzero_ps(), accm[r] = _mm_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *col = w + (size_t)b * cb;
+        const __m512i q = _mm512_loadu_si512(col + 8 + 8 * MIN + 16 * HIGH);
+        __m512i lo = _mm512_and_si512(q, low), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), low);
+        if (HIGH) { /* bits 0-15 of row r's qh go to bytes 16r.. of lo, bits 16-31 to those of hi */
+            const __m128i h = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(col + 8 + 8 * MIN)),
+                                               _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15));
+            lo = _mm512_mask_add_epi8(lo, (__mmask64)_mm_cvtsi128_si64(h), lo, sixteen);
+            hi = _mm512_mask_add_epi8(hi, (__mmask64)_mm_extract_epi64(h, 1), hi, sixteen);
+        }
+        const __m128 d4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)col));
+        const __m128 m4 = MIN ? _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(col + 8)))
+                              : _mm_mul_ps(d4, _mm_set1_ps(HIGH ? -16.f : -8.f));
+        for (int r = 0; r < M; r++) {
+            const int8_t *xq = x[r].qs + 32 * b;
+            const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, bcast16(xq)), hi,
+                                                  bcast16(xq + 16));
+            const __m512 sc = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(d4, _mm_set1_ps(x[r].d[b]))));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, acc[r]);
+            accm[r] = _mm_fmadd_ps(m4, _mm_set1_ps(x[r].s[b]), accm[r]);
+        }
+    }
+    for (int r = 0; r < M; r++) _mm_storeu_ps(y + r * ys, _mm_add_ps(lane_sums(acc[r]), accm[r]));
+}
+#endif
+
+#define FIELDS(MIN, HIGH) {{0, 2, 2}, {2, MIN ? 2 : 0, 2}, {2 + 2 * MIN, HIGH ? 4 : 0, 4}, {2 + 2 * MIN + 4 * HIGH, 16, 16}, {0, 0, 0}}
+#ifdef AK_X4
+#define X4(name) name
+#else
+#define X4(name) NULL
+#endif
+/* the four types' functions and table rows */
+#define LEGACY_TYPE(name, ID, MIN, HIGH)                                                                        \
+    static void name##_to_float(const uint8_t *b, int count, float *o) { to_float(b, count, o, MIN, HIGH); } \
+    static void name##_to_float_x4(const uint8_t *g, int r, int b0, int count, float *o) {                 \
+        to_float_x4(g, r, b0, count, o, MIN, HIGH);                                                          \
+    }                                                                                                        \
+    static void name##_dot(const uint8_t *w, int nb, const ak_act *x, int M, float *y, size_t ys) {         \
+        dot(w, nb, x, M, y, ys, MIN, HIGH);                                                                  \
+    }                                                                                                        \
+    LEGACY_X4(name, MIN, HIGH)                                                                               \
+    const ak_type ak_type_##name = {ID, 32, BB(MIN, HIGH), name##_to_float, name##_dot, X4(name##_dot_x4),  \
+                                    FIELDS(MIN, HIGH), 0, name##_to_float_x4};
+#ifdef AK_X4
+#define LEGACY_X4(name, MIN, HIGH)                                                                                \
+    AK_INLINE void name##_x4(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys) {      \
+        dot_x4(w, nb, x, M, y, ys, MIN, HIGH);                                                                 \
+    }                                                                                                          \
+    static void name##_dot_x4(const uint8_t *w, int nb, const ak_act *x, int M, float *y, size_t ys) {           \
+        AK_DISPATCH_M(name##_x4, w, nb, x, M, y, ys)                                                           \
+    }
+#else
+#define LEGACY_X4(name, MIN, HIGH)
+#endif
+
+LEGACY_TYPE(q4_0, AK_Q4_0, 0, 0)
+LEGACY_TYPE(q4_1, AK_Q4_1, 1, 0)
+LEGACY_TYPE(q5_0, AK_Q5_0, 0, 1)
+LEGACY_TYPE(q5_1, AK_Q5_1, 1, 1)

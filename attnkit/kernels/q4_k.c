@@ -1,0 +1,212 @@
+/* ggml's Q4_K and Q5_K: super-blocks of 256 weights in 8 sub-blocks of 32, each with a 6-bit scale sc_j and min
+ * m_j packed in 12 bytes (k_scale_min), under fp16 d and dmin:
+ *   w = d·sc_j · q − dmin·m_j,   q 4-bit (Q4_K: d, dmin, scales[12], qs[128]; 144 bytes)
+ *                                q 5-bit (Q5_K: d, dmin, scales[12], qh[32], qs[128]; 176 bytes)
+ * Sub-block j's quants: the low (j even) or high (j odd) nibbles of qs[32·(j/2) ..], and for Q5_K bit j of qh[l]
+ * as bit 4 of weight l. A sub-block is one activation block (x = dx·qx, sx = dx·Σqx):
+ *   Σ w·x = d·sc_j·dx · Σ q·qx − dmin·m_j · sx.
+ * HIGH (Q5_K's high bits) is a literal at every call of the always_inline bodies. */
+#include "blocks.h"
+
+#define SB(HIGH) (144 + 32 * (HIGH))
+
+/* the 256 unsigned quants of a super-block, in weight order */
+AK_INLINE void quants(const uint8_t *b, uint8_t *u, const int HIGH) {
+    const uint8_t *qh = b + 16, *qs = b + 16 + 32 * HIGH;
+    for (int j = 0; j < 8; j++) {
+#ifdef AK_AVX2
+        const __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * (j / 2)));
+        __m256i v = _mm256_and_si256(j & 1 ? _mm256_srli_epi16(q, 4) : q, _mm256_set1_epi8(0x0f));
+        if (HIGH) {
+            const __m256i h = _mm256_loadu_si256((const __m256i *)qh);
+            v = _mm256_or_si256(v, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(h, j), 4), _mm256_set1_epi8(0x10)));
+        }
+        _mm256_storeu_si256((__m256i *)(u + 32 * j), v);
+#else
+        for (int l = 0; l < 32; l++)
+            u[32 * j + l] = (uint8_t)(((qs[32 * (j / 2) + l] >> (4 * (j & 1))) & 0xF) | (HIGH ? ((qh[l] >> j) & 1) << 4 : 0));
+#endif
+    }
+}
+
+/* count super-blocks → floats as gguf-py: (d·sc)·q − dmin·m (d·sc·q is exact: one rounding) */
+AK_INLINE void to_float(const uint8_t *blocks, int count, float *o, const int HIGH) {
+    uint8_t u[256];
+    for (int k = 0; k < count; k++, o += 256) {
+        const uint8_t *b = blocks + (size_t)k * SB(HIGH);
+        const float d = ld_half(b), dmin = ld_half(b + 2);
+        quants(b, u, HIGH);
+        for (int j = 0; j < 8; j++) {
+            int sc, mn;
+            k_scale_min(j, b + 4, &sc, &mn);
+            const float dj = d * (float)sc, mj = dmin * (float)mn;
+#ifdef __AVX512F__
+            for (int h = 0; h < 2; h++) {
+                const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(u + 32 * j + 16 * h))));
+                _mm512_storeu_ps(o + 32 * j + 16 * h, _mm512_fmsub_ps(q, _mm512_set1_ps(dj), _mm512_set1_ps(mj)));
+            }
+#else
+            for (int l = 0; l < 32; l++) o[32 * j + l] = dj * (float)u[32 * j + l] - mj;
+#endif
+        }
+    }
+}
+
+#ifdef AK_AVX2
+/* one row against M activation rows (256-bit): the scales of a super-block unpacked once (ggml's kmask arithmetic)
+ * and widened to 8 floats d·sc_j, dmin·m_j; each row's dx_j, sx_j are 8 contiguous floats */
+AK_INLINE void dot_rows(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys, const int HIGH) {
+    const uint32_t k1 = 0x3f3f3f3f, k2 = 0x0f0f0f0f, k3 = 0x03030303;
+    const __m256i low = _mm256_set1_epi8(0x0f), sixteen = _mm256_set1_epi8(0x10);
+    __m256 acc[4], accm[4];
+    for (int r = 0; r < M; r++) acc[r] = accm[r] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = w + (size_t)b * SB(HIGH), *qs = blk + 16 + 32 * HIGH;
+        const uint32_t w0 = ld_u32(blk + 4), w1 = ld_u32(blk + 8), w2 = ld_u32(blk + 12);
+        const __m128i sc = _mm_setr_epi32((int)(w0 & k1), (int)((w2 & k2) | (((w0 >> 6) & k3) << 4)), 0, 0);
+        const __m128i mn = _mm_setr_epi32((int)(w1 & k1), (int)(((w2 >> 4) & k2) | (((w1 >> 6) & k3) << 4)), 0, 0);
+        const __m256 S = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sc)), _mm256_set1_ps(ld_half(blk)));
+        const __m256 MN = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mn)), _mm256_set1_ps(ld_half(blk + 2)));
+        __m256 V[4]; /* d·sc_j·dx_j of each activation row */
+        for (int r = 0; r < M; r++) {
+            V[r] = _mm256_mul_ps(S, _mm256_loadu_ps(x[r].d + 8 * (size_t)b));
+            accm[r] = _mm256_fmadd_ps(MN, _mm256_loadu_ps(x[r].s + 8 * (size_t)b), accm[r]);
+        }
+        const __m256i h = HIGH ? _mm256_loadu_si256((const __m256i *)(blk + 16)) : _mm256_setzero_si256();
+        for (int p = 0; p < 4; p++) { /* sub-blocks 2p (low nibbles), 2p + 1 (high) */
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * p));
+            __m256i lo = _mm256_and_si256(q, low), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
+            if (HIGH) {
+                lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(h, 2 * p), 4), sixteen));
+                hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(h, 2 * p + 1), 4), sixteen));
+            }
+            for (int r = 0; r < M; r++) {
+                const int8_t *xq = x[r].qs + 256 * (size_t)b + 64 * p;
+                const __m256 vl = _mm256_permutevar8x32_ps(V[r], _mm256_set1_epi32(2 * p));
+                const __m256 vh = _mm256_permutevar8x32_ps(V[r], _mm256_set1_epi32(2 * p + 1));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(lo, _mm256_loadu_si256((const __m256i *)xq))), vl, acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(hi, _mm256_loadu_si256((const __m256i *)(xq + 32)))), vh, acc[r]);
+            }
+        }
+    }
+    for (int r = 0; r < M; r++) y[r * ys] = hsum(acc[r]) - hsum(accm[r]);
+}
+#define AK_ROWS_M(F, w, nb, x, M, y, ys, HIGH) \
+    switch (M) {                              \
+        case 1: F(w, nb, x, 1, y, ys, HIGH); break; \
+        case 2: F(w, nb, x, 2, y, ys, HIGH); break; \
+        case 3: F(w, nb, x, 3, y, ys, HIGH); break; \
+        default: F(w, nb, x, 4, y, ys, HIGH);       \
+    }
+AK_INLINE void dot(const uint8_t *w, int nb, const ak_act *x, int M, float *y, size_t ys, const int HIGH) {
+    AK_ROWS_M(dot_rows, w, nb, x, M, y, ys, HIGH)
+}
+#else
+/* one row against one activation row, portable C */
+static float dot1(const uint8_t *w, int nb, ak_act x, const int HIGH) {
+    float sum = 0.f;
+    uint8_t u[256];
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = w + (size_t)b * SB(HIGH);
+        const float d = ld_half(blk), dmin = ld_half(blk + 2);
+        quants(blk, u, HIGH);
+        for (int j = 0; j < 8; j++) {
+            int sc, mn, isum = 0;
+            k_scale_min(j, blk + 4, &sc, &mn);
+            const int a = 8 * b + j;
+            for (int l = 0; l < 32; l++) isum += u[32 * j + l] * x.qs[32 * a + l];
+            sum += d * (float)sc * x.d[a] * (float)isum - dmin * (float)mn * x.s[a];
+        }
+    }
+    return sum;
+}
+
+AK_INLINE void dot(const uint8_t *w, int nb, const ak_act *x, int M, float *y, size_t ys, const int HIGH) {
+    for (int r = 0; r < M; r++) y[r * ys] = dot1(w, nb, x[r], HIGH);
+}
+#endif
+
+#ifdef AK_X4
+/* Four rows interleaved: d[4], dmin[4], the scales' three 32-bit words word by word (w0 of rows 0-3, w1, w2),
+ * [qh: 4 rows × 16 bytes, twice], qs: 4 rows × 16 bytes, 8 times. A 512-bit register of nibbles holds 16 weights
+ * of a sub-block for each row (lane 4r..4r+3: row r), against those 16 activations broadcast; the scales are
+ * unpacked four rows at a time (ggml's kmask arithmetic on 32-bit lanes) and widened to floats once per
+ * super-block, shared by every activation row. */
+AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys, const int HIGH) {
+    const __m512i low = _mm512_set1_epi8(0x0f), sixteen = _mm512_set1_epi8(0x10);
+    const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m128i k1 = _mm_set1_epi32(0x3f3f3f3f), k2 = _mm_set1_epi32(0x0f0f0f0f), k3 = _mm_set1_epi32(0x03030303);
+    __m512i pick[4]; /* lane 4r+i ← lane 4r+j: sub-block j's scale of row r in all four lanes of row r */
+    for (int j = 0; j < 4; j++) pick[j] = _mm512_add_epi32(_mm512_slli_epi32(spread, 2), _mm512_set1_epi32(j));
+    __m512 acc[4][2]; /* two sums per row (low-nibble and high-nibble sub-blocks): shorter FMA dependency chains */
+    for (int r = 0; r < M; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *col = w + (size_t)b * 4 * SB(HIGH), *qs = col + 64 + 128 * HIGH;
+        const __m512 D = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)col))));
+        const __m512 DM = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(col + 8)))));
+        const __m128i w0 = _mm_loadu_si128((const __m128i *)(col + 16)), w1 = _mm_loadu_si128((const __m128i *)(col + 32)),
+                      w2 = _mm_loadu_si128((const __m128i *)(col + 48));
+        const __m128i sc03 = _mm_and_si128(w0, k1), m03 = _mm_and_si128(w1, k1);
+        const __m128i sc47 = _mm_or_si128(_mm_and_si128(w2, k2), _mm_slli_epi32(_mm_and_si128(_mm_srli_epi32(w0, 6), k3), 4));
+        const __m128i m47 = _mm_or_si128(_mm_and_si128(_mm_srli_epi32(w2, 4), k2), _mm_slli_epi32(_mm_and_si128(_mm_srli_epi32(w1, 6), k3), 4));
+        const __m512 S[2] = {_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sc03)), D),  /* lane 4r+j: d·sc_j */
+                             _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sc47)), D)}; /* j + 4 */
+        const __m512 m0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(m03)), DM);  /* dmin·m_j */
+        const __m512 m1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(m47)), DM);
+        __m512i h0 = _mm512_setzero_si512(), h1 = h0;
+        if (HIGH) h0 = _mm512_loadu_si512(col + 64), h1 = _mm512_loadu_si512(col + 128);
+        for (int p = 0; p < 4; p++) { /* sub-blocks 2p (low nibbles) and 2p+1 (high), weights 0-15 (a) and 16-31 (b) */
+            const __m512i qa = _mm512_loadu_si512(qs + 128 * p), qb = _mm512_loadu_si512(qs + 128 * p + 64);
+            __m512i la = _mm512_and_si512(qa, low), lb = _mm512_and_si512(qb, low);
+            __m512i ha = _mm512_and_si512(_mm512_srli_epi16(qa, 4), low), hb = _mm512_and_si512(_mm512_srli_epi16(qb, 4), low);
+            if (HIGH) { /* | bit j of qh as bit 4: (qh >> j) << 4 & 0x10 */
+                la = _mm512_ternarylogic_epi32(la, _mm512_slli_epi16(_mm512_srli_epi16(h0, 2 * p), 4), sixteen, 0xF8);
+                lb = _mm512_ternarylogic_epi32(lb, _mm512_slli_epi16(_mm512_srli_epi16(h1, 2 * p), 4), sixteen, 0xF8);
+                ha = _mm512_ternarylogic_epi32(ha, _mm512_slli_epi16(_mm512_srli_epi16(h0, 2 * p + 1), 4), sixteen, 0xF8);
+                hb = _mm512_ternarylogic_epi32(hb, _mm512_slli_epi16(_mm512_srli_epi16(h1, 2 * p + 1), 4), sixteen, 0xF8);
+            }
+            const __m512 vlo = _mm512_permutexvar_ps(pick[(2 * p) & 3], S[p >> 1]);
+            const __m512 vhi = _mm512_permutexvar_ps(pick[(2 * p + 1) & 3], S[p >> 1]);
+            for (int r = 0; r < M; r++) {
+                const int8_t *xq = x[r].qs + 256 * (size_t)b + 64 * p;
+                const float *dx = x[r].d + 8 * (size_t)b + 2 * p;
+                const __m512i ilo = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), la, bcast16(xq)), lb, bcast16(xq + 16));
+                const __m512i ihi = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ha, bcast16(xq + 32)), hb, bcast16(xq + 48));
+                acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ilo), _mm512_mul_ps(vlo, _mm512_set1_ps(dx[0])), acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ihi), _mm512_mul_ps(vhi, _mm512_set1_ps(dx[1])), acc[r][1]);
+            }
+        }
+        for (int r = 0; r < M; r++) { /* − Σ_j dmin·m_j · sx_j, lane 4r+j */
+            const float *s = x[r].s + 8 * (size_t)b;
+            acc[r][0] = _mm512_fnmadd_ps(m0, _mm512_broadcast_f32x4(_mm_loadu_ps(s)), acc[r][0]);
+            acc[r][1] = _mm512_fnmadd_ps(m1, _mm512_broadcast_f32x4(_mm_loadu_ps(s + 4)), acc[r][1]);
+        }
+    }
+    for (int r = 0; r < M; r++) _mm_storeu_ps(y + r * ys, lane_sums(_mm512_add_ps(acc[r][0], acc[r][1])));
+}
+#endif
+
+#ifdef AK_X4
+#define KTYPE_X4(name, HIGH)                                                                                   \
+    AK_INLINE void name##_x4(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys) {  \
+        x4(w, nb, x, M, y, ys, HIGH);                                                                      \
+    }                                                                                                      \
+    static void name##_dot_x4(const uint8_t *w, int nb, const ak_act *x, int M, float *y, size_t ys) {       \
+        AK_DISPATCH_M(name##_x4, w, nb, x, M, y, ys)                                                       \
+    }
+#define X4(name) name
+#else
+#define KTYPE_X4(name, HIGH)
+#define X4(name) NULL
+#endif
+#define KTYPE(name, ID, HIGH)                                                                                   \
+    static void name##_to_float(const uint8_t *b, int count, float *o) { to_float(b, count, o, HIGH); }   \
+    static void name##_dot(const uint8_t *w, int nb, const ak_act *x, int M, float *y, size_t ys) {      \
+        dot(w, nb, x, M, y, ys, HIGH);                                                                    \
+    }                                                                                                     \
+    KTYPE_X4(name, HIGH)                                                                                  \
+    const ak_type ak_type_##name = {ID, 256, SB(HIGH), name##_to_float, name##_dot, X4(name##_dot_x4),   \
+                                    {{0, 2, 2}, {2, 2, 2}, {4, 12, 4}, {16, HIGH ? 32 : 0, 16}, {16 + 32 * HIGH, 128, 16}, {0, 0, 0}}, 0, NULL};
+
+KTYPE(q4_k, AK_Q4_K, 0)
+KTYPE(q5_k, AK_Q5_K, 1)

@@ -1,0 +1,164 @@
+/* ggml's Q6_K: super-blocks of 256 weights, ql[128] (low 4 bits), qh[64] (high 2 bits), 16 int8 scales (one per
+ * 16 weights), fp16 d; 210 bytes.   w = d·sc_g · (q − 32),  q 6-bit.
+ * Weight 128h + 32i + l (h < 2, i < 4, l < 32): the low (i < 2) or high nibble of ql[64h + 32·(i&1) + l] and bits
+ * 2i, 2i+1 of qh[32h + l]; g = its index / 16. Against an activation block of 32 (x = dx·qx):
+ *   Σ w·x = d·dx · (sc_g·Σ_g (q−32)·qx + sc_g+1·Σ_g+1 (q−32)·qx),
+ * the integer sums taken as |q − 32| times qx carrying the sign of q − 32 (vec_dot_q6_K_q8_K). */
+#include "blocks.h"
+
+/* the 256 quants of a super-block minus 32, in weight order */
+static inline void quants(const uint8_t *b, int8_t *q) {
+    const uint8_t *ql = b, *qh = b + 128;
+    for (int h = 0; h < 2; h++)
+        for (int i = 0; i < 4; i++) {
+            const uint8_t *lo = ql + 64 * h + 32 * (i & 1), *hi = qh + 32 * h;
+            int8_t *o = q + 128 * h + 32 * i;
+#ifdef AK_AVX2
+            const __m256i l = _mm256_and_si256(_mm256_srli_epi16(_mm256_loadu_si256((const __m256i *)lo), 4 * (i >> 1)),
+                                               _mm256_set1_epi8(0x0f));
+            const __m256i t = _mm256_srli_epi16(_mm256_loadu_si256((const __m256i *)hi), 2 * i);
+            const __m256i u = _mm256_or_si256(l, _mm256_and_si256(_mm256_slli_epi16(t, 4), _mm256_set1_epi8(0x30)));
+            _mm256_storeu_si256((__m256i *)o, _mm256_sub_epi8(u, _mm256_set1_epi8(32)));
+#else
+            for (int l = 0; l < 32; l++) o[l] = (int8_t)((((lo[l] >> (4 * (i >> 1))) & 0xF) | (((hi[l] >> (2 * i)) & 3) << 4)) - 32);
+#endif
+        }
+}
+
+/* count super-blocks → floats as gguf-py: (d·sc)·(q − 32), exact */
+static void q6_k_to_float(const uint8_t *blocks, int count, float *o) {
+    int8_t q[256];
+    for (int k = 0; k < count; k++, o += 256) {
+        const uint8_t *b = blocks + 210 * (size_t)k;
+        const int8_t *sc = (const int8_t *)(b + 192);
+        const float d = ld_half(b + 208);
+        quants(b, q);
+        for (int g = 0; g < 16; g++) {
+            const float s = d * (float)sc[g];
+#ifdef __AVX512F__
+            _mm512_storeu_ps(o + 16 * g, _mm512_mul_ps(_mm512_set1_ps(s), _mm512_cvtepi32_ps(
+                                             _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16 * g))))));
+#else
+            for (int l = 0; l < 16; l++) o[16 * g + l] = s * (float)q[16 * g + l];
+#endif
+        }
+    }
+}
+
+#ifdef AK_AVX2
+/* one row against M activation rows (256-bit): the 32 quants of an activation block as |q − 32| and its sign
+ * (_mm256_sign_epi8), shared by the rows; the two scales of the block as one vector d·(sc_g ×4, sc_g+1 ×4) */
+AK_INLINE void dot_rows(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys) {
+    const __m256i low = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30), k32 = _mm256_set1_epi8(32);
+    __m256 acc[4];
+    for (int r = 0; r < M; r++) acc[r] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = w + 210 * (size_t)b, *ql = blk, *qh = blk + 128;
+        const __m256 d = _mm256_set1_ps(ld_half(blk + 208));
+        const __m256 S[2] = {_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 192)))), d),
+                             _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 200)))), d)};
+        for (int h = 0; h < 2; h++) {
+            const __m256i hb = _mm256_loadu_si256((const __m256i *)(qh + 32 * h));
+            for (int i = 0; i < 4; i++) {
+                const __m256i l = _mm256_and_si256(_mm256_srli_epi16(_mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32 * (i & 1))), 4 * (i >> 1)), low);
+                const __m256i v = _mm256_sub_epi8(_mm256_or_si256(l, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(hb, 2 * i), 4), m30)), k32);
+                const __m256i av = _mm256_sign_epi8(v, v);
+                const int g = 8 * h + 2 * i, a = 8 * b + 4 * h + i; /* scales g, g + 1; activation block a */
+                const __m256 sc = _mm256_permutevar8x32_ps(S[g >> 3], _mm256_setr_epi32(g & 7, g & 7, g & 7, g & 7, (g & 7) + 1,
+                                                                                       (g & 7) + 1, (g & 7) + 1, (g & 7) + 1));
+                for (int r = 0; r < M; r++) {
+                    const __m256i xs = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x[r].qs + 32 * (size_t)a)), v);
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(av, xs)), _mm256_mul_ps(sc, _mm256_set1_ps(x[r].d[a])), acc[r]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < M; r++) y[r * ys] = hsum(acc[r]);
+}
+static void q6_k_dot(const uint8_t *w, int nb, const ak_act *x, int M, float *y, size_t ys) {
+    AK_DISPATCH_M(dot_rows, w, nb, x, M, y, ys)
+}
+#else
+static float dot1(const uint8_t *w, int nb, ak_act x) {
+    int8_t q[256];
+    float sum = 0.f;
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = w + 210 * (size_t)b;
+        const int8_t *sc = (const int8_t *)(blk + 192);
+        const float d = ld_half(blk + 208);
+        quants(blk, q);
+        for (int j = 0; j < 8; j++) {
+            const int a = 8 * b + j;
+            int s0 = 0, s1 = 0;
+            for (int l = 0; l < 16; l++) s0 += q[32 * j + l] * x.qs[32 * a + l], s1 += q[32 * j + 16 + l] * x.qs[32 * a + 16 + l];
+            sum += d * x.d[a] * (float)(sc[2 * j] * s0 + sc[2 * j + 1] * s1);
+        }
+    }
+    return sum;
+}
+
+static void q6_k_dot(const uint8_t *w, int nb, const ak_act *x, int M, float *y, size_t ys) {
+    for (int r = 0; r < M; r++) y[r * ys] = dot1(w, nb, x[r]);
+}
+#endif
+
+#ifdef AK_X4
+/* Four rows interleaved, in the order the product reads them: d[4], the scales byte by byte (sc_g of rows 0-3,
+ * g = 0..15), then for each half h of the super-block its qh (4 rows × 16 bytes, twice) and ql (4 rows × 16
+ * bytes, 4 times); 840 bytes a block column. A 512-bit register holds 16 unsigned
+ * quants q of each row (lane 4r..4r+3: row r); the dot products start from −32·Σx (ak_act.off4), so they sum
+ * (q − 32)·x. The scales of a super-block are widened to floats once, for every activation row; the two halves
+ * of an activation block (two scales, one dx) are added before dx is applied. */
+AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys) {
+    const __m512i low = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
+    const __m512i rows = _mm512_set_epi32(3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0);
+    __m512i pick[4]; /* lane 4r+i ← lane 4t+r: the scale g = 4q + t of row r in all four lanes of row r */
+    for (int t = 0; t < 4; t++)
+        pick[t] = _mm512_add_epi32(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0), _mm512_set1_epi32(4 * t));
+    __m512 acc[4][4]; /* four sums per row (one per i): shorter FMA dependency chains */
+    for (int r = 0; r < M; r++) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *col = w + (size_t)b * 840;
+        const __m512 D = _mm512_permutexvar_ps(rows, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)col))));
+        __m512 G[4]; /* lane 4t+r: d_r · sc_{4q+t} of row r */
+        for (int q = 0; q < 4; q++)
+            G[q] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(col + 8 + 16 * q)))), D);
+        for (int h = 0; h < 2; h++) {
+            __m512i u[2][4]; /* weights 128h + 32i + 16e + (0..15) */
+            for (int e = 0; e < 2; e++) {
+                const uint8_t *half = col + 72 + 384 * h; /* qh: 2 × 64 bytes, then ql: 4 × 64 */
+                const __m512i hc = _mm512_loadu_si512(half + 64 * e);
+                const __m512i a = _mm512_loadu_si512(half + 128 + 64 * e), c = _mm512_loadu_si512(half + 256 + 64 * e);
+                u[e][0] = _mm512_ternarylogic_epi32(_mm512_and_si512(a, low), _mm512_slli_epi16(hc, 4), m30, 0xF8);
+                u[e][1] = _mm512_ternarylogic_epi32(_mm512_and_si512(c, low), _mm512_slli_epi16(hc, 2), m30, 0xF8);
+                u[e][2] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(a, 4), low), hc, m30, 0xF8);
+                u[e][3] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(c, 4), low), _mm512_srli_epi16(hc, 2), m30, 0xF8);
+            }
+            for (int i = 0; i < 4; i++) {
+                const int g = 8 * h + 2 * i, a = 32 * (4 * h + i); /* scales g, g + 1; activation block 4h + i */
+                const __m512 s0 = _mm512_permutexvar_ps(pick[g & 3], G[g >> 2]);
+                const __m512 s1 = _mm512_permutexvar_ps(pick[(g + 1) & 3], G[g >> 2]);
+                for (int r = 0; r < M; r++) {
+                    const int8_t *xq = x[r].qs + 256 * (size_t)b + a;
+                    const int32_t *o4 = x[r].off4 + 64 * (size_t)b + a / 4;
+                    const __m512i i0 = _mm512_dpbusd_epi32(bcast16((const int8_t *)o4), u[0][i], bcast16(xq));
+                    const __m512i i1 = _mm512_dpbusd_epi32(bcast16((const int8_t *)(o4 + 4)), u[1][i], bcast16(xq + 16));
+                    const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), s1, _mm512_mul_ps(_mm512_cvtepi32_ps(i0), s0));
+                    acc[r][i] = _mm512_fmadd_ps(t, _mm512_set1_ps(x[r].d[8 * (size_t)b + 4 * h + i]), acc[r][i]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < M; r++)
+        _mm_storeu_ps(y + r * ys, lane_sums(_mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3]))));
+}
+static void q6_k_dot_x4(const uint8_t *w, int nb, const ak_act *x, int M, float *y, size_t ys) {
+    AK_DISPATCH_M(x4, w, nb, x, M, y, ys)
+}
+#else
+#define q6_k_dot_x4 NULL
+#endif
+
+const ak_type ak_type_q6_k = {AK_Q6_K, 256, 210, q6_k_to_float, q6_k_dot, q6_k_dot_x4,
+                              {{208, 2, 2}, {192, 16, 1}, {128, 32, 16}, {0, 64, 16}, {160, 32, 16}, {64, 64, 16}, {0, 0, 0}},
+                              32, NULL};

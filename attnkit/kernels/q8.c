@@ -1,0 +1,95 @@
+/* ggml's Q8_0: w = d·q, fp16 d and 32 int8 q (34 bytes). Against an activation block (x = dx·qx):
+ * Σ w·x = d·dx·Σ q·qx, an integer sum taken as |q| times qx carrying q's sign (vec_dot_q8_0_q8_0), or on
+ * interleaved rows as (q + 128)·qx − 128·Σqx. */
+#include "blocks.h"
+
+static void q8_0_to_float(const uint8_t *blocks, int count, float *o) {
+    for (int k = 0; k < count; k++, o += 32) {
+        const uint8_t *b = blocks + 34 * (size_t)k;
+        const float d = ld_half(b);
+        const int8_t *q = (const int8_t *)(b + 2);
+#ifdef __AVX512F__
+        for (int h = 0; h < 2; h++)
+            _mm512_storeu_ps(o + 16 * h, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                             _mm_loadu_si128((const __m128i *)(q + 16 * h)))), _mm512_set1_ps(d)));
+#else
+        for (int i = 0; i < 32; i++) o[i] = (float)q[i] * d;
+#endif
+    }
+}
+
+static void q8_0_to_float_x4(const uint8_t *group, int r, int b0, int count, float *o) {
+    for (int k = 0; k < count; k++, o += 32) {
+        const uint8_t *c = group + (size_t)(b0 + k) * 136;
+        const float d = ld_half(c + 2 * r);
+        for (int h = 0; h < 2; h++) {
+            const int8_t *q = (const int8_t *)(c + 8 + 64 * h + 16 * r); /* weights 16h .. 16h + 15 */
+#ifdef __AVX512F__
+            _mm512_storeu_ps(o + 16 * h, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                             _mm_loadu_si128((const __m128i *)q))), _mm512_set1_ps(d)));
+#else
+            for (int i = 0; i < 16; i++) o[16 * h + i] = (float)q[i] * d;
+#endif
+        }
+    }
+}
+
+static float dot1(const uint8_t *w, int nb, ak_act x) {
+#ifdef AK_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = w + 34 * (size_t)b;
+        const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2));
+        const __m256i s = _mm256_loadu_si256((const __m256i *)(x.qs + 32 * b));
+        const __m256i p = dot_u8s8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(s, q));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(ld_half(blk) * x.d[b]), acc);
+    }
+    return hsum(acc);
+#else
+    float sum = 0.f;
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = w + 34 * (size_t)b;
+        int isum = 0;
+        for (int i = 0; i < 32; i++) isum += (int8_t)blk[2 + i] * x.qs[32 * b + i];
+        sum += ld_half(blk) * x.d[b] * (float)isum;
+    }
+    return sum;
+#endif
+}
+
+static void q8_0_dot(const uint8_t *w, int nb, const ak_act *x, int M, float *y, size_t ys) {
+    for (int r = 0; r < M; r++) y[r * ys] = dot1(w, nb, x[r]);
+}
+
+#ifdef AK_X4
+/* Four rows interleaved: d[4], then the quants 16 bytes of each row at a time (qs[0..15] of rows 0-3, then
+ * qs[16..31]); 136 bytes a block column. A 512-bit register holds 16 weights of each row (lane 4r..4r+3: row r)
+ * as unsigned q + 128, and the dot products start from −128·Σx (ak_act.off4), so they sum q·x. */
+AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    __m512 acc[4][2]; /* even and odd block columns: shorter FMA dependency chains */
+    for (int r = 0; r < M; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *col = w + (size_t)b * 136;
+        const __m512i ua = _mm512_xor_si512(_mm512_loadu_si512(col + 8), flip), ub = _mm512_xor_si512(_mm512_loadu_si512(col + 72), flip);
+        const __m512 D = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)col))));
+        for (int r = 0; r < M; r++) {
+            const int8_t *xq = x[r].qs + 32 * (size_t)b;
+            const int8_t *o4 = (const int8_t *)(x[r].off4 + 8 * (size_t)b);
+            __m512i s = _mm512_dpbusd_epi32(bcast16(o4), ua, bcast16(xq));
+            s = _mm512_add_epi32(_mm512_dpbusd_epi32(s, ub, bcast16(xq + 16)), bcast16(o4 + 16));
+            acc[r][b & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(D, _mm512_set1_ps(x[r].d[b])), acc[r][b & 1]);
+        }
+    }
+    for (int r = 0; r < M; r++) _mm_storeu_ps(y + r * ys, lane_sums(_mm512_add_ps(acc[r][0], acc[r][1])));
+}
+static void q8_0_dot_x4(const uint8_t *w, int nb, const ak_act *x, int M, float *y, size_t ys) {
+    AK_DISPATCH_M(x4, w, nb, x, M, y, ys)
+}
+#else
+#define q8_0_dot_x4 NULL
+#endif
+
+const ak_type ak_type_q8_0 = {AK_Q8_0, 32, 34, q8_0_to_float, q8_0_dot, q8_0_dot_x4, {{0, 2, 2}, {2, 32, 16}, {0, 0, 0}}, 128,
+                              q8_0_to_float_x4};

@@ -1,0 +1,209 @@
+"""Every GGUF block type attnkit multiplies natively (attnkit.quant.native.BLOCK_TYPES, attnkit/kernels/*.c), in
+GGUF's row layout and interleaved in fours, on random valid blocks (random quant and scale bytes, moderate fp16
+d / dmin): decoding equals gguf-py's bit for bit; the integer products equal the product with the activations
+rounded to 8 bits per block of 32 up to float rounding; a row's result never depends on the other rows of the
+call nor on the thread count; the embedding rows are the decoded rows; bad input is named. The kernels also
+build without warnings for x86-64 (portable C), Haswell (AVX2) and Ice Lake (AVX-512 without BF16), and those
+builds give the same answers."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
+
+from attnkit import kernels
+from attnkit.quant import native
+from attnkit.quant.native import (BLOCK_TYPES, NATIVE_TYPES, GGUFBlockEmbedding, GGUFBlockLinear, has_x4,
+                                  interleave, deinterleave)
+
+TYPES = sorted(NATIVE_TYPES, key=lambda t: BLOCK_TYPES[t].ggml_id)
+needs_kernel = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the kernels could not be built")
+
+
+def random_blocks(kind: str, n: int, k: int, seed: int = 0) -> np.ndarray:
+    return native.random_blocks(kind, n, k, seed).numpy()
+
+
+def reference(blocks: np.ndarray, kind: str, k: int) -> torch.Tensor:
+    return torch.from_numpy(dequantize(blocks, GGMLQuantizationType[kind]).reshape(len(blocks), k))
+
+
+def act_rounded(x: torch.Tensor) -> torch.Tensor:
+    """x with each block of 32 rounded as the kernels round it: d = max|x| / 127, q = rint(x / d), x ≈ d·q."""
+    b = x.reshape(len(x), -1, 32)
+    d = b.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    return (torch.round(b * inv) * d).reshape(x.shape)
+
+
+def width(kind: str) -> int:
+    return 512 if BLOCK_TYPES[kind].block_elems == 256 else 160
+
+
+def layouts(lib=None):
+    """(type, interleaved) pairs the kernels have: GGUF's row layout always, four rows interleaved where built."""
+    return [(t, x4) for t in TYPES for x4 in (False, True) if not x4 or has_x4(t)]
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.view(torch.int16 if a.element_size() == 2 else torch.int32),
+                                                                     b.view(torch.int16 if b.element_size() == 2 else torch.int32))
+
+
+def check_type(kind: str, x4: bool, n: int = 68, seed: int = 0) -> None:
+    """Decoding (float32, bf16), embedding rows and products against the references, for one type and layout."""
+    k = width(kind)
+    blocks = random_blocks(kind, n, k, seed)
+    ref = reference(blocks, kind, k)
+    layer = GGUFBlockLinear(torch.from_numpy(blocks), kind, k, interleaved=x4)
+    assert layer.interleaved == x4 and torch.equal(layer.row_blocks(), torch.from_numpy(blocks))
+    assert same_bits(layer.dequantize(), ref)  # bit for bit, signed zeros included
+    assert same_bits(layer.dequantize(torch.bfloat16), ref.bfloat16())  # rounded to nearest even, as torch
+    ids = torch.tensor([[n - 1, 0, 5], [5, 2, n // 2]])
+    assert same_bits(GGUFBlockEmbedding(layer)(ids), ref[ids])
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(seed))
+    y = layer.kernel_product(x)
+    exact = act_rounded(x) @ ref.T  # the same product in float64-free float32: only summation order differs
+    assert ((y - exact).norm() / exact.norm()).item() < 2e-6
+    assert ((y - x @ ref.T).norm() / (x @ ref.T).norm()).item() < 0.012  # 8-bit activations: a few 1e-3
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind,x4", layouts())
+def test_decoding_products_and_embedding_rows(kind: str, x4: bool) -> None:
+    check_type(kind, x4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind,x4", layouts())
+def test_a_rows_result_does_not_depend_on_the_batch(kind: str, x4: bool) -> None:
+    """Batch invariance: row r of ak_gemv bit for bit the same for m = 1..70, any companions, 1 or 2 threads."""
+    k, n = width(kind), 68
+    layer = GGUFBlockLinear(torch.from_numpy(random_blocks(kind, n, k, 1)), kind, k, interleaved=x4)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(70, k, generator=g) * torch.rand(70, 1, generator=g) * 3
+    full = layer.kernel_product(x)
+    threads = torch.get_num_threads()
+    try:
+        for m in (1, 2, 3, 4, 5, 7, 8, 9, 13, 31, 64, 70):
+            rows = torch.randperm(70, generator=g)[:m]
+            torch.set_num_threads(1 + m % 2)
+            assert torch.equal(layer.kernel_product(x[rows]), full[rows]), m
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_interleaving_is_a_permutation_within_groups_of_four(kind: str) -> None:
+    k = width(kind)
+    blocks = torch.from_numpy(random_blocks(kind, 8, k, 2))
+    packed = interleave(blocks, kind)
+    assert packed.shape == blocks.shape and not torch.equal(packed, blocks)
+    for g in range(2):
+        rows = slice(4 * g, 4 * g + 4)
+        assert torch.equal(packed[rows].flatten().sort().values, blocks[rows].flatten().sort().values)
+    assert torch.equal(deinterleave(packed, kind), blocks)
+
+
+def test_read_only_blocks_are_never_written(tmp_path) -> None:
+    """The loader may hand over a read-only mapping of the file: layers read it, or repack into a new tensor."""
+    for kind in ("Q4_K", "Q6_K", "Q8_0"):
+        k = width(kind)
+        src = random_blocks(kind, 8, k, 3)
+        path = tmp_path / f"{kind}.bin"
+        src.tofile(path)
+        mapped = np.memmap(path, dtype=np.uint8, mode="r", shape=src.shape)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch: "The given NumPy array is not writable"
+            blocks = torch.from_numpy(mapped)
+        for x4 in {False, has_x4(kind)}:
+            layer = GGUFBlockLinear(blocks, kind, k, interleaved=x4)
+            y = layer(torch.randn(2, k))
+            assert torch.isfinite(y).all() and torch.equal(layer.dequantize(), reference(src, kind, k))
+        assert np.array_equal(np.fromfile(path, dtype=np.uint8).reshape(src.shape), src)
+
+
+def test_without_the_kernels_every_type_falls_back_to_gguf_py(monkeypatch) -> None:
+    monkeypatch.setattr(native, "library", lambda: None)
+    for kind in TYPES:
+        k = width(kind)
+        blocks = random_blocks(kind, 8, k, 4)
+        ref = reference(blocks, kind, k)
+        layer = GGUFBlockLinear(torch.from_numpy(blocks), kind, k)
+        assert not layer.interleaved
+        assert same_bits(layer.dequantize(), ref) and torch.equal(layer.dequantize(torch.bfloat16), ref.bfloat16())
+        x = torch.randn(3, k)
+        torch.testing.assert_close(layer(x), x @ ref.T)
+        assert torch.equal(GGUFBlockEmbedding(layer)(torch.tensor([7, 1])), ref[[7, 1]])
+
+
+def test_bad_inputs_name_the_type_and_shapes() -> None:
+    q4k = torch.from_numpy(random_blocks("Q4_K", 4, 512))
+    with pytest.raises(ValueError, match="'Q2_K' has no kernel.*Q4_K"):
+        GGUFBlockLinear(q4k, "Q2_K", 512)
+    with pytest.raises(ValueError, match=r"Q4_K: in_features \(320\) must be a multiple of the block size 256"):
+        GGUFBlockLinear(q4k, "Q4_K", 320)
+    with pytest.raises(ValueError, match=r"Q6_K blocks for 512 inputs must be uint8 of shape \(out, 420\), got torch.uint8 \(4, 288\)"):
+        GGUFBlockLinear(q4k, "Q6_K", 512)
+    with pytest.raises(ValueError, match=r"shape \(out, 288\), got torch.int8"):
+        GGUFBlockLinear(q4k.view(torch.int8), "Q4_K", 512)
+    with pytest.raises(ValueError, match="multiple of 4 rows"):
+        GGUFBlockLinear(q4k[:3], "Q4_K", 512, interleaved=True)
+    q6k = GGUFBlockLinear(torch.from_numpy(random_blocks("Q6_K", 4, 512)), "Q6_K", 512)
+    q4k_256 = GGUFBlockLinear(torch.from_numpy(random_blocks("Q4_K", 4, 256)), "Q4_K", 256)
+    with pytest.raises(ValueError, match=r"share their input size.*Q4_K \(4×256\), Q6_K \(4×512\)"):
+        GGUFBlockLinear.cat_out([q4k_256, q6k])
+    fused = GGUFBlockLinear.cat_out([q6k, q6k])
+    assert fused.kind == "Q6_K" and torch.equal(fused.row_blocks(), torch.cat([q6k.row_blocks()] * 2))
+
+
+@needs_kernel
+def test_the_library_agrees_with_the_table() -> None:
+    import ctypes
+
+    lib = native._kernels()
+    e, b = ctypes.c_int(), ctypes.c_int()
+    for t in BLOCK_TYPES.values():
+        assert lib.ak_type_info(t.ggml_id, ctypes.byref(e), ctypes.byref(b)) == 0 and (e.value, b.value) == (t.block_elems, t.block_bytes)
+    assert lib.ak_type_info(10, None, None) == -1  # Q2_K: no kernel
+    assert lib.ak_gemv(10, None, None, None, 1, 4, 256, None, 1) == 1
+
+
+def _build(march: str) -> "kernels.ctypes.CDLL":
+    """The kernels built for ``march`` with -Wall -Wextra -Werror (cached by source), loaded."""
+    src = b"".join(p.read_bytes() for p in kernels.SOURCES + kernels.HEADERS)
+    so = kernels.cache_dir() / f"kernels-test-{march}-{hashlib.sha256(src).hexdigest()[:16]}.so"
+    if not so.exists():
+        so.parent.mkdir(parents=True, exist_ok=True)
+        tmp = so.with_suffix(".tmp.so")
+        try:
+            kernels.build(tmp, march, ("-Wall", "-Wextra", "-Werror"))
+        except subprocess.CalledProcessError as e:
+            pytest.fail(f"-march={march}: {e.stderr.decode(errors='replace')[:2000]}")
+        tmp.replace(so)
+    return kernels.load(so)
+
+
+@needs_kernel
+@pytest.mark.parametrize("march,flag", [("x86-64", None), ("haswell", "avx2"), ("icelake-server", "avx512_vnni")])
+def test_other_instruction_sets_build_cleanly_and_agree(march: str, flag: str | None, monkeypatch) -> None:
+    """Portable C, AVX2 and AVX-512 without BF16 (the latter two run where this CPU has them)."""
+    lib = _build(march)
+    if flag is not None and flag not in kernels.cpu_flags():
+        pytest.skip(f"built; this CPU has no {flag} to run it")
+    assert lib.ak_x4_available() == (march == "icelake-server")
+    monkeypatch.setattr(native, "library", lambda: lib)
+    for kind, x4 in layouts():
+        check_type(kind, x4, n=8, seed=5)
+    kind, k = "Q6_K", 512  # batch invariance on this build too
+    layer = GGUFBlockLinear(torch.from_numpy(random_blocks(kind, 8, k, 6)), kind, k)
+    x = torch.randn(9, k)
+    full = layer.kernel_product(x)
+    assert all(torch.equal(layer.kernel_product(x[:m]), full[:m]) for m in (1, 4, 5))
