@@ -19,6 +19,7 @@ scales and zeros alike.
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from pathlib import Path
@@ -163,7 +164,7 @@ def quantized_linear(g: GGUFFile, cfg: LlamaConfig, src: str, scheme: str, group
         return a if heads is None else unpermute_qk(a, heads)
 
     if scheme == "gguf":  # the file's blocks under attnkit's kernel; else what "auto" would do
-        native = native_linear(g, src, rows, bias)
+        native = native_linear(g, src, rows, bias, interleaved=False if _FUSED.fullmatch(src) else None)
         if native is not None:
             return native
         scheme = "auto"
@@ -203,9 +204,16 @@ def native_linear(g: GGUFFile, src: str, rows=None, bias: torch.Tensor | None = 
         layer = GGUFBlockLinear(blocks, t.ggml_type.name, t.shape[-1], bias, interleaved=interleaved)
     except ValueError as e:
         raise ModelLoadError(g.path, str(e), tensor=src) from e
-    if not g.aliases(layer.blocks.data_ptr()):
+    if g.aliases(layer.blocks.data_ptr()):
+        layer.on_release = functools.partial(g.release, src)  # once fusion has copied it (GGUFBlockLinear.cat_out)
+    else:
         g.release(src)
     return layer
+
+
+#: projections that fusion (attnkit.nn.fused) concatenates: loaded in GGUF's layout, viewing the file, so that
+#: each is repacked once, into the fused layer (see GGUFBlockLinear.cat_out)
+_FUSED = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|ffn_gate|ffn_up)\.weight")
 
 
 def _warn_dequantized(g: GGUFFile, names) -> None:

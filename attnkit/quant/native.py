@@ -22,6 +22,7 @@ bytes, permuted within each group of four rows, so that one 512-bit product cove
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,7 +91,7 @@ def has_x4(kind: str) -> bool:
     return lib is not None and bool(lib.ak_x4_available()) and lib.ak_type_info(BLOCK_TYPES[kind].ggml_id | X4_FLAG, None, None) == 0
 
 
-def interleave(blocks: torch.Tensor, kind: str) -> torch.Tensor:
+def interleave(blocks: torch.Tensor, kind: str, out: torch.Tensor | None = None) -> torch.Tensor:
     """(n, nb · block bytes) blocks in GGUF's row layout → rows interleaved in fours (n % 4 == 0), a new tensor.
 
     For rows 4g..4g+3 and block column b the interleaved layout holds each field of the four blocks in turn, its
@@ -102,7 +103,7 @@ def interleave(blocks: torch.Tensor, kind: str) -> torch.Tensor:
     n, row = blocks.shape
     lib = _kernels()
     if lib is not None and blocks.is_contiguous() and blocks.device.type == "cpu":  # one pass in C (kernels/repack.c)
-        out = torch.empty_like(blocks)
+        out = torch.empty_like(blocks) if out is None else out
         fields = (ctypes.c_int * (3 * len(t.x4_fields)))(*(v for f in t.x4_fields for v in f))
         vp, i = ctypes.c_void_p, ctypes.c_int
         lib.ak_interleave.argtypes = [vp, vp, i, i, i, vp, i, i]
@@ -110,6 +111,8 @@ def interleave(blocks: torch.Tensor, kind: str) -> torch.Tensor:
                              torch.get_num_threads()):
             raise ValueError(f"cannot interleave {kind} blocks of shape {tuple(blocks.shape)}")
         return out
+    if out is not None:
+        return out.copy_(interleave(blocks, kind))
     b = blocks.reshape(n // 4, 4, row // t.block_bytes, t.block_bytes).transpose(1, 2)  # (G, nb, 4 rows, bb)
     parts = []
     for off, width, g in t.x4_fields:
@@ -157,6 +160,7 @@ class GGUFBlockLinear(nn.Module):
         # the engine's prompt rows take the dense product (an output head, which sees only the few rows that
         # are sampled, takes the integer kernel for them too: no dense copy of a vocabulary-sized matrix)
         self.dense_for_prompts = True
+        self.on_release: Callable[[], None] | None = None  # see release_source
         if interleaved is None:
             interleaved = self.out_features % 4 == 0 and has_x4(kind)
         if interleaved and self.out_features % 4:
@@ -175,16 +179,41 @@ class GGUFBlockLinear(nn.Module):
             raise ValueError("fused GGUF layers must share their input size, got "
                              + ", ".join(f"{m.kind} ({m.out_features}×{m.in_features})" for m in mods))
         if len({m.kind for m in mods}) != 1:  # e.g. Q4_K_M's Q4_K q/k with a Q6_K v: one part per matrix
-            return ConcatLinear(mods)
+            return ConcatLinear([m.packed() for m in mods])
         biases = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in mods]
         bias = torch.cat(biases) if any(m.bias is not None for m in mods) else None
-        if all(m.interleaved for m in mods):  # groups of four rows never straddle two parts: join them as they are
-            fused = cls(mods[0].blocks[:0], mods[0].kind, mods[0].in_features, interleaved=False)
-            fused.blocks, fused.interleaved, fused.out_features = torch.cat([m.blocks for m in mods]), True, \
-                sum(m.out_features for m in mods)
-            fused.bias = bias
-            return fused
-        return cls(torch.cat([m.row_blocks() for m in mods]), mods[0].kind, mods[0].in_features, bias)
+        kind, k = mods[0].kind, mods[0].in_features
+        if not all(m.out_features % 4 == 0 for m in mods) or not has_x4(kind):
+            return cls(torch.cat([m.row_blocks() for m in mods]), kind, k, bias, interleaved=False)
+        # groups of four rows never straddle two parts: each part goes into its slice of the fused layout once,
+        # straight from the file's mapping when it was loaded in GGUF's layout for this
+        out = torch.empty(sum(m.out_features for m in mods), mods[0].blocks.shape[1], dtype=torch.uint8)
+        at = 0
+        for m in mods:
+            part = out[at:at + m.out_features]
+            part.copy_(m.blocks) if m.interleaved else interleave(m.blocks, kind, out=part)
+            m.release_source()
+            at += m.out_features
+        fused = cls(out[:0], kind, k, interleaved=False)
+        fused.blocks, fused.interleaved, fused.out_features, fused.bias = out, True, out.shape[0], bias
+        return fused
+
+    def packed(self) -> GGUFBlockLinear:
+        """This layer with its rows interleaved in fours where the kernels have that layout (self if it is, or
+        cannot be)."""
+        if self.interleaved or self.out_features % 4 or not has_x4(self.kind):
+            return self
+        layer = GGUFBlockLinear(self.blocks, self.kind, self.in_features, self.bias, interleaved=True)
+        layer.dense_dtype, layer.dense_for_prompts = self.dense_dtype, self.dense_for_prompts
+        self.release_source()
+        return layer
+
+    def release_source(self) -> None:
+        """Say that the blocks this layer was built from are no longer needed where they lie (a file's pages:
+        the loader sets ``on_release`` to drop them from resident memory)."""
+        if self.on_release is not None:
+            self.on_release()
+            self.on_release = None
 
     @property
     def decode_rows(self) -> int:
