@@ -60,6 +60,7 @@ def bar(total: int, desc: str):
 VARIANTS = {  # attnkit configurations: LLM(**kwargs)
     "default": {},
     "default-f32mm": {"matmul_dtype": "float32"},  # the default with float32 prefill products (auto is bf16 on bf16 hardware)
+    "default-variant": {"batch_invariant": False},  # products chosen by each step's row count: batch invariance's cost
     "float32": {"quantize": None},
     "bf16": {"quantize": None, "dtype": "bfloat16"},
     "int8": {"quantize": "int8"},

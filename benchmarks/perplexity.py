@@ -5,8 +5,9 @@ into each preset — by llama.cpp's ``llama-quantize`` when ``--llama-bin`` has 
 very same bytes), else by attnkit's own quantizer. Each file is scored on the shipped text the way
 ``llama-perplexity`` scores it (disjoint chunks of ``--ctx`` tokens, the second half of each scored:
 :func:`attnkit.eval.perplexity.chunked_perplexity`), by attnkit with the file's blocks kept under its kernels
-(``quantize="gguf"``) and by ``llama-perplexity`` itself when present. The issue's bar: attnkit within 0.5% of
-llama.cpp's figure for every type. (SmolLM2-135M's width 576 is not a multiple of 256, so in the K presets
+(``quantize="gguf"``) — through the engine's prompt path (products on the decoded blocks in bf16/float32) and
+through the integer kernel with 8-bit activations, llama.cpp's own arithmetic — and by ``llama-perplexity``
+itself when present. The issue's bar: attnkit within 0.5% of llama.cpp's figure for every type. (SmolLM2-135M's width 576 is not a multiple of 256, so in the K presets
 llama.cpp — and attnkit's quantizer with it — falls back to Q5_0/Q5_1/Q8_0 for all but the FFN down
 projections: those carry the K types here.)
 
@@ -58,6 +59,7 @@ def main() -> int:
     from attnkit.eval.perplexity import TEXTS, chunked_perplexity, shipped_text
     from attnkit.loading import defaults
     from attnkit.quant.gguf_quantize import requantize
+    from attnkit.quant.row_kernel import rows_are
 
     torch.set_num_threads(args.threads)
     work = Path(args.work_dir)
@@ -83,19 +85,25 @@ def main() -> int:
         t0 = time.perf_counter()
         llm = LLM(path, quantize="gguf")
         ids = llm.tokenizer.encode(shipped_text())
-        ours = chunked_perplexity(llm.engine.runner.model, ids, args.ctx)
+        model = llm.engine.runner.model
+        dense = chunked_perplexity(model, ids, args.ctx)  # the engine's prompt path (bf16 / float32 products)
+        with rows_are("generated"):  # every row through the integer kernel: llama.cpp's arithmetic
+            integer = chunked_perplexity(model, ids, args.ctx)
         t_ours = time.perf_counter() - t0
         theirs = llama_perplexity(scorer, path, text_file, args.ctx, args.threads) if scorer else None
+        diff = (lambda p: None if theirs is None else round(100 * (p / theirs - 1), 3))  # noqa: E731
         rows.append({"preset": preset, "file": path.name, "quantizer": "llama-quantize" if quantizer and preset != "F16"
-                     else "attnkit", "attnkit_ppl": round(ours.ppl, 4), "tokens": ours.n_tokens,
-                     "llama_cpp_ppl": theirs, "diff_pct": None if theirs is None else round(100 * (ours.ppl / theirs - 1), 3),
-                     "attnkit_s": round(t_ours, 1)})
-        print(f"{preset:8s} attnkit {ours.ppl:9.4f}  llama.cpp {theirs if theirs else '-':>9}  "
-              f"{'' if theirs is None else f'{100 * (ours.ppl / theirs - 1):+.2f}%'}", file=sys.stderr)
-    print(f"\n| preset | attnkit PPL | llama.cpp PPL | diff | quantizer |\n|---|---|---|---|---|")
+                     else "attnkit", "attnkit_ppl": round(dense.ppl, 4), "attnkit_integer_ppl": round(integer.ppl, 4),
+                     "tokens": dense.n_tokens, "llama_cpp_ppl": theirs, "diff_pct": diff(dense.ppl),
+                     "integer_diff_pct": diff(integer.ppl), "attnkit_s": round(t_ours, 1)})
+        print(f"{preset:8s} attnkit {dense.ppl:9.4f} (integer {integer.ppl:9.4f})  llama.cpp {theirs or '-'}",
+              file=sys.stderr)
+    pct = (lambda v: "-" if v is None else f"{v:+.2f}%")  # noqa: E731
+    print("\n| preset | attnkit PPL (prompt path) | attnkit PPL (integer kernel) | llama.cpp PPL | diff | diff (integer) "
+          "| quantizer |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        diff = "-" if r["diff_pct"] is None else f"{r['diff_pct']:+.2f}%"
-        print(f"| {r['preset']} | {r['attnkit_ppl']:.4f} | {r['llama_cpp_ppl'] or '-'} | {diff} | {r['quantizer']} |")
+        print(f"| {r['preset']} | {r['attnkit_ppl']:.4f} | {r['attnkit_integer_ppl']:.4f} | {r['llama_cpp_ppl'] or '-'} | "
+              f"{pct(r['diff_pct'])} | {pct(r['integer_diff_pct'])} | {r['quantizer']} |")
     write_report({"benchmark": "perplexity", "ctx": args.ctx, "threads": args.threads, "text": str(TEXTS),
                   "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
                   "rows": rows}, args.json)

@@ -106,7 +106,10 @@ def test_gguf_blocks_through_the_integer_kernel(interleaved, reference, monkeypa
     if not interleaved:
         monkeypatch.setattr(lib, "ak_x4_available", lambda: 0)
     monkeypatch.setattr(GGUFBlockLinear, "kernel_max_rows", 1 << 30)
-    model = load_causal_lm(None, quantize="gguf").model
+    from attnkit.nn.fused import fuse_for_inference
+
+    # fused, as inference runs it: q/k/v and gate/up are loaded in GGUF's layout and repacked into the fused layer
+    model = fuse_for_inference(load_causal_lm(None, quantize="gguf").model)
     layers = [m for m in model.modules() if isinstance(m, GGUFBlockLinear)]
     assert layers and all(m.interleaved == interleaved for m in layers)
     check(f"gguf blocks, integer kernel, {'interleaved' if interleaved else 'row layout'}", model, reference, 0.03)
