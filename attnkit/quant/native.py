@@ -142,9 +142,10 @@ class GGUFBlockLinear(nn.Module):
     decode_max_rows = 64  # decode rows the C decode step takes on interleaved blocks (kernel_product)
 
     def __init__(self, blocks: torch.Tensor, kind: str, in_features: int, bias: torch.Tensor | None = None,
-                 interleaved: bool | None = None) -> None:
+                 interleaved: bool | None = None, packed: bool = False) -> None:
         """``blocks`` in GGUF's row layout; ``interleaved`` (None: where the kernels have that layout and
-        the rows are a multiple of 4) keeps them interleaved in fours for the 512-bit products."""
+        the rows are a multiple of 4) keeps them interleaved in fours for the 512-bit products; ``packed``:
+        ``blocks`` are interleaved in fours already (kept as they are)."""
         super().__init__()
         if kind not in BLOCK_TYPES:
             raise ValueError(f"GGUF block type {kind!r} has no kernel (supported: {', '.join(BLOCK_TYPES)})")
@@ -162,14 +163,16 @@ class GGUFBlockLinear(nn.Module):
         self.dense_for_prompts = True
         self.on_release: Callable[[], None] | None = None  # see release_source
         if interleaved is None:
-            interleaved = self.out_features % 4 == 0 and has_x4(kind)
+            interleaved = packed or (self.out_features % 4 == 0 and has_x4(kind))
+        if packed and not interleaved:
+            raise ValueError("packed blocks are interleaved in fours: interleaved=False contradicts packed=True")
         if interleaved and self.out_features % 4:
             raise ValueError(f"interleaved GGUF blocks need a multiple of 4 rows, got {self.out_features}")
         if interleaved and _kernels() is not None and not has_x4(kind):
             raise ValueError(f"the C kernels built here have no product on interleaved {kind} blocks (AVX-512 VNNI)")
         self.interleaved = bool(interleaved)
         # the caller's blocks may be read-only (a file's mmap): never written, interleaving makes a new tensor
-        self.register_buffer("blocks", interleave(blocks, kind) if interleaved else blocks.contiguous())
+        self.register_buffer("blocks", interleave(blocks, kind) if interleaved and not packed else blocks.contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
 
     @classmethod
@@ -194,9 +197,7 @@ class GGUFBlockLinear(nn.Module):
             part.copy_(m.blocks) if m.interleaved else interleave(m.blocks, kind, out=part)
             m.release_source()
             at += m.out_features
-        fused = cls(out[:0], kind, k, interleaved=False)
-        fused.blocks, fused.interleaved, fused.out_features, fused.bias = out, True, out.shape[0], bias
-        return fused
+        return cls(out, kind, k, bias, interleaved=True, packed=True)
 
     def packed(self) -> GGUFBlockLinear:
         """This layer with its rows interleaved in fours where the kernels have that layout (self if it is, or
