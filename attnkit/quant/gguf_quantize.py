@@ -290,13 +290,6 @@ def quantize_rows(w: np.ndarray, type_name: str, threads: int | None = None) -> 
     return out
 
 
-def dequantize_rows(blocks: np.ndarray, type_name: str, cols: int) -> np.ndarray:
-    """float32 ``(rows, cols)`` of blocks from :func:`quantize_rows` (``gguf.quants.dequantize``)."""
-    from gguf.quants import dequantize
-
-    return dequantize(blocks, GGMLQuantizationType[type_name]).reshape(-1, cols)
-
-
 # -- llama.cpp's choice of types ------------------------------------------------------------------------------
 
 def use_more_bits(i_layer: int, n_layers: int) -> bool:
