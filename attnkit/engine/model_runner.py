@@ -17,7 +17,7 @@ from torch import nn
 from ..quant.row_kernel import rows_are
 from .lora import StepAdapters
 from .native_decode import NativeDecoder, why_not
-from .paged_attention import AttentionMetadata, PagedKVCache, PrefillChunk
+from .paged_attention import AttentionMetadata, PagedKVCache, PrefillChunk, native_kernel
 from .scheduler import ScheduledBatch
 
 
@@ -68,6 +68,10 @@ class ModelRunner:
         self.native: NativeDecoder | bool | None = None
         self.native_reason: str | None = None  # why not, when native is False
         self.batch_invariant = batch_invariant
+        # prompt rows attend one by one through the C paged attention, each exactly as a decode step at its
+        # position would (float32 activations over a float32/float16 pool on the CPU; see _run)
+        self.row_attention = batch_invariant and not compile and native_kernel(
+            torch.empty(0, dtype=self.dtype, device=self.device), self.k_pool) is not None
 
     @staticmethod
     def bytes_per_block(model: nn.Module, block_size: int, kv_dtype: torch.dtype | None = None) -> int:
@@ -121,14 +125,6 @@ class ModelRunner:
         self.prompt_logits = (prompt_rows, torch.cat(prompt_logits) if prompt_rows else torch.empty(0))
         return torch.cat(logits), rows
 
-    def _row_attention(self) -> bool:
-        """Whether prompt rows can attend one by one through the C paged attention, each exactly as a decode
-        step at its position would (float32 activations over a float32/float16 pool on the CPU)."""
-        from .paged_attention import _native_kernel
-
-        return self.batch_invariant and not self.compile and _native_kernel(
-            torch.empty(0, dtype=self.dtype, device=self.device), self.k_pool) is not None
-
     def _run(self, batch: ScheduledBatch, generated: bool = True) -> tuple[torch.Tensor, list[int]]:
         """One forward pass over the batch (its copy-on-write copies already made); ``generated``: its rows are
         all generated tokens (the decode path), else prompt rows.
@@ -136,7 +132,7 @@ class ModelRunner:
         With batch invariance every prompt row attends on its own, as a decode query over its keys in the pool
         (the chunk's K/V are written first): a row's attention is then the same whatever chunk it came in."""
         bs = self.block_size
-        per_row = not generated and self._row_attention()
+        per_row = not generated and self.row_attention
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []

@@ -197,7 +197,7 @@ def compiled_paged_decode_attention():
     return torch.compile(paged_decode_attention, dynamic=True)
 
 
-def _native_kernel(q: torch.Tensor, k_pool: torch.Tensor):
+def native_kernel(q: torch.Tensor, k_pool: torch.Tensor):
     """The C paged attention for float32 queries over a float32 or float16 pool on the CPU, else None."""
     from ..kernels import library
 
@@ -224,7 +224,7 @@ class NativeDecodeArgs:
         on the CPU, or compile=True."""
         if meta.fused_gather or meta.decode_lens is None or meta.decode_starts is None:
             return None
-        kernel = _native_kernel(q, k_pool)
+        kernel = native_kernel(q, k_pool)
         if kernel is None:
             return None
         assert meta.decode_tables is not None
@@ -247,7 +247,7 @@ def paged_decode_attention_native(q: torch.Tensor, k_pool: torch.Tensor, v_pool:
     if nh % n_kv:
         raise ValueError(f"paged attention: {nh} query heads are not a multiple of {n_kv} KV heads")
     if prepared is None:
-        kernel = _native_kernel(q, k_pool)
+        kernel = native_kernel(q, k_pool)
         if kernel is None:
             return None
         prepared = NativeDecodeArgs(kernel, tables, lens, starts, nh, n_kv, bs)
