@@ -1,7 +1,8 @@
 """GGUF checkpoints → attnkit models: metadata → config, tensor names → parameters.
 
-Supported architectures (``general.architecture``): ``llama`` (Llama 1/2/3, Mistral, SmolLM — llama.cpp
-writes them all as llama) and ``qwen2``. llama.cpp's converter permutes the rows of the Q and K
+Supported architectures (``general.architecture``): those of the registered families
+(:mod:`attnkit.models.registry`): ``llama`` (Llama 1/2/3, Mistral, SmolLM — llama.cpp writes them all as
+llama), ``qwen2``, ``qwen3`` and the others each family module names. llama.cpp's converter permutes the rows of the Q and K
 projections of ``llama`` files so that its RoPE can rotate adjacent pairs (x_{2i}, x_{2i+1}); our
 RotaryEmbedding rotates the half-split pairs (x_i, x_{i+d/2}) of the HF layout, so the permutation
 is undone on load (:func:`unpermute_qk`). Llama-3 frequency scaling arrives as a ``rope_freqs``
@@ -30,14 +31,20 @@ import torch
 from gguf import GGMLQuantizationType
 from torch import nn
 
+from ..models import registry
 from ..models.llama import Llama, LlamaConfig
 from .common import Plan, check_leftovers, check_present, expected_shapes, materialize
 from .errors import ModelLoadError, UnsupportedModelError
 from .gguf_file import GGUFFile
 
-ARCHITECTURES = ("llama", "qwen2")
 
-_RULES = [  # (our-name regex, GGUF-name template)
+def architectures() -> tuple[str, ...]:
+    """The ``general.architecture`` values attnkit loads (the registered families')."""
+    return registry.gguf_archs()
+
+
+_RULES = [  # (our-name regex, GGUF-name template); a family's own rules are tried first
+    (r"layers\.(\d+)\.self_attn\.(q|k)_norm\.weight", r"blk.\1.attn_\2_norm.weight"),
     (r"tok_embeddings\.weight", "token_embd.weight"),
     (r"norm\.weight", "output_norm.weight"),
     (r"lm_head\.weight", "output.weight"),
@@ -64,9 +71,10 @@ def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def gguf_config(g: GGUFFile) -> LlamaConfig:
     m, t = g.metadata, g.tensors
     arch = m.get("general.architecture")
-    if arch not in ARCHITECTURES:
+    family = registry.by_gguf_arch(arch) if isinstance(arch, str) else None
+    if family is None:
         raise UnsupportedModelError(g.path, f"architecture {arch!r} is not supported for GGUF files "
-                                            f"(supported: {', '.join(ARCHITECTURES)})")
+                                            f"(supported: {', '.join(architectures())})")
 
     def get(key: str, default: Any = None, required: bool = False) -> Any:
         v = m.get(f"{arch}.{key}", default)
@@ -90,20 +98,34 @@ def gguf_config(g: GGUFFile) -> LlamaConfig:
         raise UnsupportedModelError(
             g.path, f"RoPE scaling {kind!r} is not supported (supported: none, linear, llama3 via rope_freqs)")
     factors = g.load("rope_freqs.weight").astype(np.float64).tolist() if "rope_freqs.weight" in t else None
-    return LlamaConfig(
+    cfg = LlamaConfig(
         vocab_size=t["token_embd.weight"].shape[0], d_model=d, n_layers=get("block_count", required=True),
         n_heads=nh, n_kv_heads=get("attention.head_count_kv", nh), d_ff=get("feed_forward_length", required=True),
         head_dim=head_dim, norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(get("rope.freq_base", 10000.0)), rope_scaling=scaling, rope_freq_factors=factors,
         max_seq_len=int(get("context_length", 4096)), tie_embeddings="output.weight" not in t,
         qkv_bias="blk.0.attn_q.bias" in t, o_bias="blk.0.attn_output.bias" in t,
-        mlp_bias="blk.0.ffn_up.bias" in t, extra={"gguf_architecture": arch},
+        mlp_bias="blk.0.ffn_up.bias" in t, extra={"gguf_architecture": arch, "family": family.name},
     )
+    if family.gguf_config is not None:
+        try:
+            cfg = family.gguf_config(cfg, get, t)
+        except (ValueError, KeyError) as e:
+            raise UnsupportedModelError(g.path, f"{arch}: {e}") from e
+    return cfg
+
+
+def _rules(cfg: LlamaConfig) -> list[tuple[str, str]]:
+    return [*registry.by_name(cfg.extra["family"]).gguf_rules, *_RULES]
+
+
+def _ignore(cfg: LlamaConfig) -> list[str]:
+    return [*registry.by_name(cfg.extra["family"]).gguf_ignore, *_IGNORE]
 
 
 def _permuted_heads(cfg: LlamaConfig, src: str) -> int | None:
     """The head count to un-permute the rows of ``src`` by, or None (not a llama Q/K tensor)."""
-    if cfg.extra["gguf_architecture"] != "llama":
+    if not registry.by_name(cfg.extra["family"]).permute_qk:
         return None
     if src.endswith(("attn_q.weight", "attn_q.bias")):
         return cfg.n_heads
@@ -138,11 +160,12 @@ def load_gguf_model(path: str | Path, dtype: torch.dtype = torch.float32, g: GGU
         return load
 
     plan: Plan = {}
+    rules = _rules(cfg)
     for ours in shapes:
-        src = next(re.fullmatch(p, ours).expand(tpl) for p, tpl in _RULES if re.fullmatch(p, ours))
+        src = next(re.fullmatch(p, ours).expand(tpl) for p, tpl in rules if re.fullmatch(p, ours))
         plan[ours] = (src, loader(src, ours))
     check_present(g.path, plan, g.tensors)
-    check_leftovers(g.path, plan, g.tensors, _IGNORE)
+    check_leftovers(g.path, plan, g.tensors, _ignore(cfg))
     for src, _ in plan.values():  # refuse unsupported tensor types before dequantising anything
         g.check_type(src)
     if quantize is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,8 +23,12 @@ from ..models.llama import Llama, LlamaConfig
 from .common import Plan, check_leftovers, check_present, expected_shapes, materialize
 from .errors import ModelLoadError, UnsupportedModelError
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2")
-SUPPORTED_TYPES = (*LLAMA_TYPES, "gpt2", "bert")
+from ..models import registry
+
+
+def supported_types() -> tuple[str, ...]:
+    """Every config.json model_type attnkit loads: the registered decoder families', GPT-2 and BERT."""
+    return (*registry.hf_types(), "gpt2", "bert")
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -36,10 +41,16 @@ def read_json(path: Path) -> dict[str, Any]:
 # -- config.json → config ---------------------------------------------------------------------
 def model_config(c: dict[str, Any], file: Path) -> LlamaConfig | GPT2Config | BertConfig:
     mt = c.get("model_type")
-    if mt not in SUPPORTED_TYPES:
-        raise UnsupportedModelError(file, f"model_type {mt!r} is not supported (supported: {', '.join(SUPPORTED_TYPES)})")
-    if mt in LLAMA_TYPES:
-        return _llama_config(c, file)
+    family = registry.by_hf_type(mt) if isinstance(mt, str) else None
+    if family is None and mt not in ("gpt2", "bert"):
+        raise UnsupportedModelError(file, f"model_type {mt!r} is not supported (supported: {', '.join(supported_types())})")
+    if family is not None:
+        cfg = _llama_config(c, file)
+        try:
+            cfg = family.hf_config(cfg, c) if family.hf_config is not None else cfg
+        except (ValueError, KeyError) as e:
+            raise UnsupportedModelError(file, f"{mt}: {e}") from e
+        return replace(cfg, extra={**cfg.extra, "family": family.name})
     if mt == "gpt2":
         for flag, ok in (("scale_attn_by_inverse_layer_idx", False), ("scale_attn_weights", True)):
             if c.get(flag, ok) != ok:
@@ -64,11 +75,11 @@ def _activation(name: str, file: Path) -> str:
 
 
 def _llama_config(c: dict[str, Any], file: Path) -> LlamaConfig:
+    """What every decoder family's config.json says the same way (families then set their own options)."""
     mt = c["model_type"]
-    if c.get("hidden_act", "silu") != "silu":
-        raise UnsupportedModelError(file, f"hidden_act {c['hidden_act']!r} is not supported for {mt} (expected silu)")
-    if mt == "qwen2" and c.get("use_sliding_window", False):
-        raise UnsupportedModelError(file, "Qwen2 with use_sliding_window=true is not supported")
+    act = c.get("hidden_act", c.get("hidden_activation", "silu"))
+    if act not in ("silu", "gelu_pytorch_tanh"):
+        raise UnsupportedModelError(file, f"hidden_act {act!r} is not supported for {mt} (expected silu or gelu_pytorch_tanh)")
     # transformers ≥ 5 writes rope_parameters (theta + scaling); older versions rope_theta + rope_scaling
     rope = dict(c.get("rope_parameters") or {})
     theta = c.get("rope_theta", rope.get("rope_theta", 10000.0))
@@ -85,10 +96,8 @@ def _llama_config(c: dict[str, Any], file: Path) -> LlamaConfig:
         rope_scaling=None if kind == "default" else dict(scaling),
         max_seq_len=c.get("max_position_embeddings", 4096),
         tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-        qkv_bias=True if mt == "qwen2" else attn_bias, o_bias=attn_bias if mt == "llama" else False,
-        mlp_bias=bool(c.get("mlp_bias", False)),
-        sliding_window=c.get("sliding_window") if mt == "mistral" else None,
-        extra={"model_type": mt},
+        qkv_bias=attn_bias, mlp_bias=bool(c.get("mlp_bias", False)),
+        act="gelu_tanh" if act == "gelu_pytorch_tanh" else "silu", extra={"model_type": mt},
     )
 
 
@@ -195,11 +204,22 @@ _BERT: list[Rule] = [
 _BERT_IGNORE = [r".*pooler\..*", r".*embeddings\.position_ids", r"cls\..*"]
 
 FAMILIES: dict[type, tuple[type[nn.Module], list[Rule], list[str], tuple[str, ...]]] = {
-    # config type: (model class, rules, ignorable, candidate prefixes)
+    # config type: (model class, rules, ignorable, candidate prefixes); a decoder family adds its own (name_rules)
     LlamaConfig: (Llama, _LLAMA, _LLAMA_IGNORE, ("model.", "")),
     GPT2Config: (GPT2, _GPT2, _GPT2_IGNORE, ("transformer.", "")),
     BertConfig: (Bert, _BERT, _BERT_IGNORE, ("bert.", "")),
 }
+
+
+def name_rules(cfg: Any) -> tuple[type[nn.Module], list[Rule], list[str], tuple[str, ...]]:
+    """(model class, name rules, ignorable names, candidate prefixes) of a config: its family's rules
+    (e.g. Gemma's sandwich norms) before the common ones of its type."""
+    model_cls, rules, ignore, prefixes = FAMILIES[type(cfg)]
+    family = getattr(cfg, "extra", {}).get("family")
+    if family is not None:
+        fam = registry.by_name(family)
+        rules, ignore = [*fam.hf_rules, *rules], [*fam.hf_ignore, *ignore]
+    return model_cls, rules, ignore, prefixes
 
 
 def make_plan(shapes: dict[str, torch.Size], rules: list[Rule], prefix: str,
@@ -222,7 +242,7 @@ def load_hf_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> 
     directory = Path(directory)
     cfg = model_config(read_json(directory / "config.json"), directory / "config.json")
     source = SafetensorsSource(directory)
-    model_cls, rules, ignore, prefixes = FAMILIES[type(cfg)]
+    model_cls, rules, ignore, prefixes = name_rules(cfg)
     model, shapes = expected_shapes(model_cls, cfg)
     names = set(source.names())
     embed_rule = make_plan({"tok_embeddings.weight": torch.Size()}, rules, "", source.load)["tok_embeddings.weight"][0]

@@ -18,7 +18,7 @@ descendants differ only in configuration, so one file covers them all:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import KVCache, RMSNorm, RotaryEmbedding, TransformerLayer, causal_mask
+from .registry import Family, register
 
 
 @dataclass
@@ -47,11 +48,35 @@ class LlamaConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     sliding_window: int | None = None  # Mistral: keys at most this many positions back
+    # -- the options of today's families (defaults: Llama) -----------------------------------------
+    layer_windows: list[int | None] | None = None  # per-layer sliding windows (Gemma 2/3); overrides sliding_window
+    rope_local_theta: float | None = None  # Gemma 3: the base of the windowed layers' RoPE (no scaling)
+    partial_rotary: float = 1.0  # fraction of head_dim rotated (Phi-4-mini: 0.75)
+    qk_norm: str | None = None  # "head": RMSNorm of each q/k head before RoPE (Qwen3, Gemma 3); "full": OLMoE
+    norm_offset: float = 0.0  # 1: RMSNorm weights are (1 + γ) (Gemma)
+    post_norms: bool = False  # sandwich norms around each sublayer (Gemma 2/3)
+    embed_scale: float = 1.0  # embeddings multiplied by this (Gemma: √d_model)
+    act: str = "silu"  # the gated FFN's activation: silu (SwiGLU) | gelu_tanh (GeGLU, Gemma)
+    attn_scale: float | None = None  # softmax scale; None: 1/√head_dim (Gemma: query_pre_attn_scalar^−½)
+    attn_softcap: float | None = None  # attention logit soft-capping (Gemma 2)
+    final_softcap: float | None = None  # output logit soft-capping (Gemma 2)
+    n_experts: int = 0  # > 0: every FFN is a sparse mixture of experts (Mixtral, Qwen3-MoE, OLMoE)
+    n_experts_per_tok: int = 0
+    moe_d_ff: int | None = None  # each expert's hidden size (default d_ff)
+    norm_topk_prob: bool = True  # renormalise the chosen experts' weights (Mixtral, Qwen3-MoE; not OLMoE)
     extra: dict[str, Any] = field(default_factory=dict)  # provenance (e.g. the checkpoint's model_type)
 
     @property
     def hd(self) -> int:
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of layer ``layer`` (None: it sees every earlier key)."""
+        return self.layer_windows[layer] if self.layer_windows is not None else self.sliding_window
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.hd * self.partial_rotary) // 2 * 2
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
@@ -62,7 +87,7 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     ones (< original_context / high_freq_factor) kept, the band between interpolated smoothly —
     as in Meta's reference code for Llama 3.1.
     """
-    d = cfg.hd
+    d = cfg.rotary_dim
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d))  # (d/2,)
     sc = cfg.rope_scaling or {}
     kind = sc.get("rope_type", sc.get("type", "default"))
@@ -91,19 +116,30 @@ class Llama(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        moe = None
+        if cfg.n_experts:
+            moe = {"n_experts": cfg.n_experts, "top_k": cfg.n_experts_per_tok, "d_ff": cfg.moe_d_ff or cfg.d_ff,
+                   "norm_topk_prob": cfg.norm_topk_prob}
         self.layers = nn.ModuleList(
             TransformerLayer(
                 cfg.d_model, cfg.n_heads, cfg.d_ff, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.hd,
-                norm_first=True, norm="rmsnorm", norm_eps=cfg.norm_eps, ffn="swiglu",
-                bias=cfg.mlp_bias, attn_bias=cfg.qkv_bias, attn_out_bias=cfg.o_bias,
+                norm_first=True, norm="rmsnorm", norm_eps=cfg.norm_eps,
+                ffn={"silu": "swiglu", "gelu_tanh": "geglu"}[cfg.act],
+                bias=cfg.mlp_bias, attn_bias=cfg.qkv_bias, attn_out_bias=cfg.o_bias, norm_offset=cfg.norm_offset,
+                post_norms=cfg.post_norms, qk_norm=cfg.qk_norm, attn_scale=cfg.attn_scale,
+                attn_softcap=cfg.attn_softcap, window=cfg.window(i), moe=moe,
             )
-            for _ in range(cfg.n_layers)
+            for i in range(cfg.n_layers)
         )
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.output_head: nn.Module | None = None  # replaces the LM head when set (attnkit.quant: a quantized head)
         # inv_freq is built on the CPU explicitly so the model can be constructed on the meta device
-        self.rotary = RotaryEmbedding(cfg.hd, inv_freq=rope_inv_freq(cfg))
+        self.rotary = RotaryEmbedding(cfg.hd, rotary_dim=cfg.rotary_dim, inv_freq=rope_inv_freq(cfg))
+        self.rotary_local: RotaryEmbedding | None = None  # Gemma 3: the windowed layers' own RoPE
+        if cfg.rope_local_theta is not None:
+            local = replace(cfg, rope_theta=cfg.rope_local_theta, rope_scaling=None, rope_freq_factors=None)
+            self.rotary_local = RotaryEmbedding(cfg.hd, rotary_dim=cfg.rotary_dim, inv_freq=rope_inv_freq(local))
 
     def new_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
@@ -122,16 +158,25 @@ class Llama(nn.Module):
             raise ValueError("pass exactly one of idx (token ids) and inputs_embeds")
         B, T = idx.shape if idx is not None else inputs_embeds.shape[:2]  # type: ignore[union-attr]
         device = idx.device if idx is not None else inputs_embeds.device  # type: ignore[union-attr]
+        masks: dict[int | None, torch.Tensor | None] = {}  # one mask per distinct window
         if positions is None:
             start = cache[0].length if cache is not None else 0
             positions = torch.arange(start, start + T, device=device)  # (T,)
-            mask = self._mask(T, start + T, device)  # (T, start+T) or None
-        else:
-            mask = None  # the cache (the engine's paged KV) knows which keys each token may see
+            for i in range(len(self.layers)):
+                w = self.cfg.window(i)
+                if w not in masks:
+                    masks[w] = self._mask(T, start + T, device, w)  # (T, start+T) or None
         x = self.tok_embeddings(idx) if inputs_embeds is None else inputs_embeds  # (B, T, d)
+        if self.cfg.embed_scale != 1.0:  # Gemma: the normaliser √d rounded to the activations' dtype
+            x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
         rotary = self.rotary.at(positions)  # the angles once for all layers
+        local = self.rotary_local.at(positions) if self.rotary_local is not None else rotary
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask=mask, rotary=rotary, positions=positions, cache=None if cache is None else cache[i])
+            # without explicit positions the mask is ours; with them the cache (the engine's paged KV) knows
+            # which keys each token may see
+            w = self.cfg.window(i)
+            x = layer(x, mask=masks.get(w), rotary=local if w is not None else rotary, positions=positions,
+                      cache=None if cache is None else cache[i])
         if logits_indices is not None:
             x = x[:, logits_indices]
         return self.logits(x[:, -1:] if last_only else x)
@@ -140,12 +185,16 @@ class Llama(nn.Module):
         """The last layer's output (B, T, d) → RMSNorm → LM head → logits (B, T, vocab)."""
         x = self.norm(h)
         if self.output_head is not None:
-            return self.output_head(x)  # (B, T, vocab)
-        w = self.tok_embeddings.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, w)  # (B, T, vocab)
+            logits = self.output_head(x)  # (B, T, vocab)
+        else:
+            w = self.tok_embeddings.weight if self.lm_head is None else self.lm_head.weight
+            logits = F.linear(x, w)  # (B, T, vocab)
+        if self.cfg.final_softcap is not None:  # Gemma 2: c·tanh(logits/c)
+            c = self.cfg.final_softcap
+            logits = torch.tanh(logits / c) * c
+        return logits
 
-    def _mask(self, q_len: int, k_len: int, device: torch.device) -> torch.Tensor | None:
-        w = self.cfg.sliding_window
+    def _mask(self, q_len: int, k_len: int, device: torch.device, w: int | None) -> torch.Tensor | None:
         if q_len == 1 and (w is None or k_len <= w):
             return None  # one new token may attend to every cached one
         mask = causal_mask(q_len, k_len, device=device)
@@ -153,3 +202,28 @@ class Llama(nn.Module):
             i = torch.arange(k_len - q_len, k_len, device=device)[:, None]
             mask = mask & (i - torch.arange(k_len, device=device)[None, :] < w)
         return mask
+
+
+# -- the checkpoints of the family --------------------------------------------------------------
+def _llama_hf(cfg: LlamaConfig, c: dict[str, Any]) -> LlamaConfig:
+    return replace(cfg, o_bias=bool(c.get("attention_bias", False)))
+
+
+def _mistral_hf(cfg: LlamaConfig, c: dict[str, Any]) -> LlamaConfig:
+    return replace(cfg, sliding_window=c.get("sliding_window"))
+
+
+def _qwen2_hf(cfg: LlamaConfig, c: dict[str, Any]) -> LlamaConfig:
+    if c.get("use_sliding_window", False):
+        raise ValueError("Qwen2 with use_sliding_window=true is not supported")
+    return replace(cfg, qkv_bias=True)
+
+
+_ALL = {"HF": "yes", "GGUF": "yes", "engine": "yes", "C step": "yes", "LoRA": "yes"}
+register(Family("llama", hf_types=("llama",), gguf_archs=("llama",), hf_config=_llama_hf, permute_qk=True,
+                supports=_ALL, example="Llama-3.2-1B, SmolLM2"))
+register(Family("mistral", hf_types=("mistral",), hf_config=_mistral_hf,
+                supports={**_ALL, "GGUF": "yes (as llama)", "C step": "yes (window ≥ context)"},
+                example="Mistral-7B-v0.1"))
+register(Family("qwen2", hf_types=("qwen2",), gguf_archs=("qwen2",), hf_config=_qwen2_hf, supports=_ALL,
+                example="Qwen2.5-0.5B"))

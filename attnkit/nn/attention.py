@@ -6,6 +6,10 @@ MultiHead(Q, K, V) = Concat(head_1, …, head_h)·W^O,
 
 Grouped-query attention (Ainslie et al. 2023) shares each K/V head among ``n_heads // n_kv_heads``
 query heads; multi-query attention (Shazeer 2019) is the case ``n_kv_heads == 1``.
+
+Options of today's families: q/k RMSNorm before RoPE (per head: Qwen3, Gemma 3 — Dehghani et al. 2023,
+"Scaling Vision Transformers to 22B"; over the whole projection: OLMoE), a softmax scale other than 1/√d_k
+(Gemma's query_pre_attn_scalar) and logit soft-capping, scores ← c·tanh(scores/c) (Gemma 2).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fused import cat_out_features
+from .norm import RMSNorm
 
 AttentionImpl = Literal["math", "sdpa"]
 
@@ -60,6 +65,7 @@ def scaled_dot_product_attention(
     scale: float | None = None,
     impl: AttentionImpl = "math",
     need_weights: bool = False,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """softmax(QKᵀ/√d_k + bias + M)·V, with M = 0 where ``mask`` is True and −∞ where it is False.
 
@@ -67,6 +73,7 @@ def scaled_dot_product_attention(
     mask: bool, broadcastable to (B, nh, T_q, T_k), True = may attend.
     bias: float additive bias broadcastable to the scores (ALiBi, T5 relative bias).
 
+    ``softcap`` c: scores ← c·tanh(scores/c) before the mask (Gemma 2; forces the math path).
     ``impl="math"`` writes the equation out; ``impl="sdpa"`` calls torch's fused kernel. Both
     return zeros for a query row whose keys are all masked. Returns ``(out, weights)``; weights
     (B, nh, T_q, T_k) only with ``need_weights`` (which forces the math path).
@@ -78,7 +85,7 @@ def scaled_dot_product_attention(
     n_rep = q.shape[1] // k.shape[1]
     row_has_key = None if mask is None else mask.any(dim=-1, keepdim=True)  # (..., T_q, 1)
 
-    if impl == "sdpa" and not need_weights:
+    if impl == "sdpa" and not need_weights and softcap is None:
         attn_mask = mask
         if bias is not None:
             attn_mask = bias.to(q.dtype) if mask is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
@@ -93,6 +100,8 @@ def scaled_dot_product_attention(
 
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, nh, T_q, T_k)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if bias is not None:
         scores = scores + bias
     if mask is not None:
@@ -139,7 +148,17 @@ class MultiHeadAttention(nn.Module):
         dropout: float = 0.0,
         kv_dim: int | None = None,
         impl: AttentionImpl = "sdpa",
+        qk_norm: str | None = None,
+        norm_eps: float = 1e-6,
+        norm_offset: float = 0.0,
+        scale: float | None = None,
+        softcap: float | None = None,
+        window: int | None = None,
     ) -> None:
+        """``qk_norm``: None, "head" (RMSNorm over each head's hd features) or "full" (over all of q's and
+        k's features, OLMoE); ``scale``: the softmax scale (default 1/√head_dim); ``softcap``: score
+        soft-capping; ``window``: the sliding window this layer's keys are limited to (read by the caches and
+        the model's masks; the attention itself applies the mask it is given)."""
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if n_heads % n_kv_heads != 0:
@@ -155,6 +174,18 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(kv_dim, n_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(kv_dim, n_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias if out_bias is None else out_bias)
+        self.scale = head_dim ** -0.5 if scale is None else scale
+        self.softcap, self.window, self.qk_norm = softcap, window, qk_norm
+        self.q_norm: nn.Module | None = None
+        self.k_norm: nn.Module | None = None
+        if qk_norm == "head":
+            self.q_norm = RMSNorm(head_dim, norm_eps, norm_offset)
+            self.k_norm = RMSNorm(head_dim, norm_eps, norm_offset)
+        elif qk_norm == "full":
+            self.q_norm = RMSNorm(n_heads * head_dim, norm_eps, norm_offset)
+            self.k_norm = RMSNorm(n_kv_heads * head_dim, norm_eps, norm_offset)
+        elif qk_norm is not None:
+            raise ValueError(f"qk_norm must be None, 'head' or 'full', got {qk_norm!r}")
         self.qkv_proj: nn.Module | None = None  # set by fuse(): [W_Q | W_K | W_V] in one product
         self.last_weights: torch.Tensor | None = None  # filled when forward(need_weights=True)
 
@@ -195,7 +226,13 @@ class MultiHeadAttention(nn.Module):
         if self.qkv_proj is not None and context is None and static_kv is None:
             B, T, _ = x.shape
             nh, nkv = self.n_heads, self.n_kv_heads
-            qkv = self.qkv_proj(x).view(B, T, nh + 2 * nkv, self.head_dim)  # (B, T, nh + 2·n_kv, hd)
+            qkv = self.qkv_proj(x)
+            if self.qk_norm == "full":
+                nq, nk = nh * self.head_dim, nkv * self.head_dim
+                qkv = torch.cat([self.q_norm(qkv[..., :nq]), self.k_norm(qkv[..., nq:nq + nk]), qkv[..., nq + nk:]], -1)  # type: ignore[misc]
+            qkv = qkv.view(B, T, nh + 2 * nkv, self.head_dim)  # (B, T, nh + 2·n_kv, hd)
+            if self.qk_norm == "head":
+                qkv = torch.cat([self.q_norm(qkv[:, :, :nh]), self.k_norm(qkv[:, :, nh:nh + nkv]), qkv[:, :, nh + nkv:]], 2)  # type: ignore[misc]
             qk = rotary.rotate_heads(qkv[:, :, :nh + nkv]) if hasattr(rotary, "rotate_heads") else None  # type: ignore[union-attr]
             if qk is None:
                 qk = qkv[:, :, :nh + nkv]
@@ -204,11 +241,19 @@ class MultiHeadAttention(nn.Module):
             q, k = qk[:, :, :nh].transpose(1, 2), qk[:, :, nh:].transpose(1, 2)  # (B, nh, T, hd), (B, n_kv, T, hd)
             v = qkv[:, :, nh + nkv:].transpose(1, 2)
             return self._attend(q, k, v, mask, bias, rotary, positions, cache, need_weights)
-        q = self._split(self.q_proj(x), self.n_heads)  # (B, nh, T, hd)
         if static_kv is not None:
-            k, v = static_kv
-        else:
+            q, (k, v) = self._split(self.q_proj(x), self.n_heads), static_kv
+        elif self.qk_norm is None:
+            q = self._split(self.q_proj(x), self.n_heads)  # (B, nh, T, hd)
             k, v = self.project_kv(x if context is None else context)  # (B, n_kv, T_k, hd)
+        else:
+            q, k = self.q_proj(x), self.k_proj(x if context is None else context)
+            if self.qk_norm == "full":
+                q, k = self.q_norm(q), self.k_norm(k)  # type: ignore[misc]
+            q, k = self._split(q, self.n_heads), self._split(k, self.n_kv_heads)
+            if self.qk_norm == "head":
+                q, k = self.q_norm(q), self.k_norm(k)  # type: ignore[misc]
+            v = self._split(self.v_proj(x if context is None else context), self.n_kv_heads)
         return self._attend(q, k, v, mask, bias, None if static_kv is not None else rotary, positions,
                                  None if static_kv is not None else cache, need_weights)
 
@@ -230,8 +275,8 @@ class MultiHeadAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v)
         out, weights = scaled_dot_product_attention(
-            q, k, v, mask=mask, bias=bias, dropout_p=self.dropout if self.training else 0.0,
-            impl=self.impl, need_weights=need_weights,
+            q, k, v, mask=mask, bias=bias, dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
+            impl=self.impl, need_weights=need_weights, softcap=self.softcap,
         )
         self.last_weights = weights
         B, _, T, _ = out.shape

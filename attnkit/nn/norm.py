@@ -45,9 +45,10 @@ class RMSNorm(nn.Module):
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
-def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+def make_norm(kind: str, dim: int, eps: float, offset: float = 0.0) -> nn.Module:
+    """kind: 'layernorm' | 'rmsnorm'; ``offset`` 1: RMSNorm's (1 + γ) form (Gemma)."""
     if kind == "layernorm":
         return LayerNorm(dim, eps)
     if kind == "rmsnorm":
-        return RMSNorm(dim, eps)
+        return RMSNorm(dim, eps, offset)
     raise ValueError(f"unknown norm {kind!r}; expected 'layernorm' or 'rmsnorm'")

@@ -2,7 +2,7 @@
 
 Default targets per method (as HF PEFT's defaults for the same architectures), the shapes prefix
 tuning needs, and the module names of the Hugging Face checkpoint, taken from the loader's own
-name tables (:data:`attnkit.loading.hf.FAMILIES`), so that adapter files use HF PEFT's key names.
+name tables (:func:`attnkit.loading.hf.name_rules`), so that adapter files use HF PEFT's key names.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..loading.hf import FAMILIES
+from ..loading.hf import name_rules
 from ..models.bert import Bert
 from ..models.gpt2 import GPT2
 from ..models.llama import Llama
@@ -51,7 +51,7 @@ def kv_shape(model: nn.Module) -> tuple[int, int, int, int]:
 def hf_module_name(model: nn.Module, ours: str, prefix: str | None = None) -> tuple[str, int | None]:
     """The HF module name of attnkit module ``ours`` and, for GPT-2's fused ``c_attn``, which third
     (0 = q, 1 = k, 2 = v) of it ours is; e.g. ``layers.0.ffn.gate_proj`` → (``model.layers.0.mlp.gate_proj``, None)."""
-    _, rules, _, _ = FAMILIES[type(model.cfg)]  # type: ignore[index]
+    _, rules, _, _ = name_rules(model.cfg)
     prefix = family_of(model).hf_prefix if prefix is None else prefix
     for pattern, template, transform in rules:
         m = re.fullmatch(pattern, ours + ".weight")

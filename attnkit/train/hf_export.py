@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ..loading.hf import FAMILIES, make_plan
+from ..loading.hf import make_plan, name_rules
 from ..models.llama import Llama
 
 
@@ -21,7 +21,7 @@ def save_hf_llama(model: Llama, tokenizer: Any, directory: str | Path) -> Path:
         raise ValueError("per-frequency RoPE factors (GGUF rope_freqs) have no config.json field")
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    _, rules, _, _ = FAMILIES[type(cfg)]
+    _, rules, _, _ = name_rules(cfg)
     state = {k: v for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
     plan = make_plan({k: v.shape for k, v in state.items()}, rules, "model.", lambda s: torch.empty(0))
     save_file({plan[k][0]: v.detach().float().contiguous() for k, v in state.items()}, str(d / "model.safetensors"),

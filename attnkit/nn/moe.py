@@ -1,0 +1,62 @@
+"""Sparse mixture of experts: the feed-forward sublayer of Mixtral, Qwen3-MoE and OLMoE.
+
+    p = softmax(x·W_r)                       router probabilities over E experts   (Shazeer et al. 2017)
+    S = TopK(p, k)                           the k experts each token is sent to
+    w_e = p_e / Σ_{j∈S} p_j  (norm_topk_prob) or p_e (OLMoE)
+    y = Σ_{e∈S} w_e · FFN_e(x),  FFN_e(x) = (act(x·W_gate,e) ⊙ x·W_up,e)·W_down,e
+
+Mixtral (Jiang et al. 2024, "Mixtral of Experts", eq. 1–2) takes the softmax over the k chosen logits,
+which is the renormalised form above. Only the chosen experts run, each once on all the tokens routed to
+it (tokens grouped by expert), so a step reads only the weights of the experts it uses.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ffn import SwiGLU
+
+
+class SparseMoE(nn.Module):
+    """``n_experts`` gated FFNs (``experts.<e>.gate_proj/up_proj/down_proj``) under a top-k ``router``."""
+
+    def __init__(self, d_model: int, n_experts: int, top_k: int, d_ff: int, activation: str = "silu",
+                 norm_topk_prob: bool = True, bias: bool = False) -> None:
+        super().__init__()
+        if not 0 < top_k <= n_experts:
+            raise ValueError(f"top_k must be in 1..n_experts ({n_experts}), got {top_k}")
+        self.n_experts, self.top_k, self.norm_topk_prob = n_experts, top_k, norm_topk_prob
+        self.router = nn.Linear(d_model, n_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(d_model, d_ff, activation, bias=bias) for _ in range(n_experts))
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, d) → the chosen experts (N, k) and their weights (N, k) float32."""
+        probs = torch.softmax(self.router(x).float(), dim=-1)  # (N, E)
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, k)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return chosen, weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., d) → (..., d)."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, d)
+        chosen, weights = self.route(x)
+        flat = chosen.flatten()  # (N·k,)
+        order = flat.argsort(stable=True)  # assignments grouped by expert, tokens in order within each
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        token = order // self.top_k  # the token of each grouped assignment
+        w = weights.flatten()[order].to(x.dtype)[:, None]
+        out = torch.zeros_like(x)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                rows = token[start:start + n]
+                out.index_add_(0, rows, self.experts[e](x[rows]) * w[start:start + n])
+                start += n
+        return out.view(shape)
+
+    def extra_repr(self) -> str:
+        return f"n_experts={self.n_experts}, top_k={self.top_k}, norm_topk_prob={self.norm_topk_prob}"
