@@ -36,6 +36,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="auto: cosine similarity matrix for 2+ texts, the vector for one")
     e.set_defaults(func=run_embed)
 
+    m = sub.add_parser("models", help="the model families attnkit loads, and what it does with each")
+    m.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    m.set_defaults(func=run_models)
+
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M-Instruct Q4_1)")
@@ -224,4 +228,24 @@ def run_embed(args: argparse.Namespace) -> int:
     print(" " * width + "".join(f"{f'[{j}]':>8}" for j in range(len(args.texts))))
     for i in range(len(args.texts)):
         print(f"{f'[{i}]':>{width}}" + "".join(f"{sim[i, j].item():8.4f}" for j in range(len(args.texts))))
+    return 0
+
+
+def run_models(args: argparse.Namespace) -> int:
+    """One row per decoder family (attnkit.models.registry) plus the encoder/GPT-2 ones: HF, GGUF, engine, C step, LoRA."""
+    from .models.registry import COLUMNS, support_table
+
+    rows = support_table() + [
+        {"family": "gpt2", "model_type": "gpt2", "gguf": "-", "example": "GPT-2", "HF": "yes", "GGUF": "no",
+         "engine": "yes", "C step": "no", "LoRA": "yes"},
+        {"family": "bert", "model_type": "bert", "gguf": "-", "example": "all-MiniLM-L6-v2 (embeddings)", "HF": "yes",
+         "GGUF": "no", "engine": "no (encoder)", "C step": "no", "LoRA": "yes"}]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    cols = ["family", "model_type", "gguf", *COLUMNS, "example"]
+    width = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(width[c]) for c in cols))
+    for r in rows:
+        print("  ".join(r[c].ljust(width[c]) for c in cols))
     return 0

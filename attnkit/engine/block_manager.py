@@ -10,6 +10,12 @@ block table maps logical block i to a physical block. Blocks are shared by refer
   A request for a LoRA adapter seeds its chain with the adapter's id: its K/V are its own.
 - copy-on-write: the n completions of a request share the prompt's blocks; writing into a shared
   (partial) block first copies it (the copy is done by the model runner before the forward).
+- sliding windows (Mistral, Gemma 2/3's local layers): a layer that sees only the last ``window`` keys
+  never reads a block again once the window has passed it, so a manager with ``window`` set frees such
+  blocks as the sequence advances (their table entries become -1): the KV memory of a long conversation
+  stops growing at the window. A model whose layers differ (Gemma: local and global layers) keeps one
+  manager per kind of layer, each with its own pool and block table (:class:`BlockGroups`; vLLM's hybrid
+  KV cache manager). The windowed tables hold no prefix cache: their early blocks are gone.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ class BlockManager:
     num_blocks: int
     block_size: int
     enable_prefix_caching: bool = True
+    window: int | None = None  # its layers see the last `window` keys: blocks behind them are freed
+    table: str = "block_table"  # the Sequence attribute holding this manager's block table
     blocks: list[Block] = field(init=False)
     free: deque[int] = field(init=False)
     cached: dict[int, int] = field(init=False, default_factory=dict)  # hash -> block id
@@ -53,9 +61,14 @@ class BlockManager:
     def __post_init__(self) -> None:
         if self.num_blocks < 1 or self.block_size < 1:
             raise ValueError(f"BlockManager: num_blocks ({self.num_blocks}) and block_size ({self.block_size}) must be >= 1")
+        if self.window is not None:
+            self.enable_prefix_caching = False
         self.blocks = [Block(i) for i in range(self.num_blocks)]
         self.free = deque(range(self.num_blocks))
         self._free_set = set(self.free)
+
+    def table_of(self, seq: Sequence) -> list[int]:
+        return getattr(seq, self.table)
 
     @property
     def num_free(self) -> int:
@@ -93,7 +106,7 @@ class BlockManager:
 
     def match_prefix(self, seq: Sequence) -> None:
         """Start a block-less sequence on the longest cached prefix (at least its last token is computed)."""
-        assert not seq.block_table and seq.num_computed == 0
+        assert not self.table_of(seq) and seq.num_computed == 0
         if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return  # prompt logprobs need the logits of every prompt token: compute them all
         bs, h = self.block_size, self.first_hash(seq)
@@ -112,10 +125,10 @@ class BlockManager:
 
     def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
         """New blocks to hold ``num_tokens`` more tokens after the computed ones (counting a copy-on-write)."""
-        end = seq.num_computed + num_tokens
-        need = -(-end // self.block_size) - len(seq.block_table)
+        end, table = seq.num_computed + num_tokens, self.table_of(seq)
+        need = -(-end // self.block_size) - len(table)
         first = seq.num_computed // self.block_size  # the block the first new token is written into
-        if first < len(seq.block_table) and self.blocks[seq.block_table[first]].ref_count > 1:
+        if first < len(table) and table[first] >= 0 and self.blocks[table[first]].ref_count > 1:
             need += 1
         return max(need, 0)
 
@@ -125,18 +138,42 @@ class BlockManager:
     def allocate(self, seq: Sequence, num_tokens: int) -> list[tuple[int, int]]:
         """Give ``seq`` slots for ``num_tokens`` more tokens; returns the (src, dst) block copies to make."""
         copies = []
-        bs = self.block_size
-        for i in range(seq.num_computed // bs, len(seq.block_table)):  # blocks about to be written
-            b = self.blocks[seq.block_table[i]]
+        bs, table = self.block_size, self.table_of(seq)
+        for i in range(seq.num_computed // bs, len(table)):  # blocks about to be written
+            b = self.blocks[table[i]]
             if b.ref_count > 1:  # copy-on-write
                 b.ref_count -= 1
                 new = self._new_block()
                 copies.append((b.block_id, new))
-                seq.block_table[i] = new
+                table[i] = new
         end = seq.num_computed + num_tokens
-        while len(seq.block_table) * bs < end:
-            seq.block_table.append(self._new_block())
+        while len(table) * bs < end:
+            table.append(self._new_block())
         return copies
+
+    def release_behind(self, seq: Sequence) -> None:
+        """Free the blocks no later query of ``seq`` can see through the window (their entries become -1).
+
+        The next query is at position p = num_computed and sees keys j > p − window; one more key is kept, which a
+        sibling forked from this sequence needs: it recomputes the last prompt token (position p − 1)."""
+        if self.window is None:
+            return
+        table, first_key = self.table_of(seq), seq.num_computed - self.window
+        for i in range(min(max(first_key, 0) // self.block_size, len(table))):
+            if table[i] >= 0:
+                self._unref(table[i])
+                table[i] = -1
+
+    def _unref(self, block_id: int) -> None:
+        b = self.blocks[block_id]
+        b.ref_count -= 1
+        assert b.ref_count >= 0
+        if b.ref_count == 0:
+            if b.hash is None:
+                self.free.appendleft(block_id)  # nothing to reuse: hand it out first
+            else:
+                self.free.append(block_id)
+            self._free_set.add(block_id)
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """Hash the blocks that are now full of computed tokens, so later prompts can reuse them."""
@@ -156,23 +193,77 @@ class BlockManager:
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Share all of the parent's blocks with the child (copy-on-write when either writes)."""
-        assert not child.block_table
-        for block_id in parent.block_table:
-            self.blocks[block_id].ref_count += 1
-        child.block_table = list(parent.block_table)
+        assert not self.table_of(child)
+        table = self.table_of(parent)
+        for block_id in table:
+            if block_id >= 0:
+                self.blocks[block_id].ref_count += 1
+        setattr(child, self.table, list(table))
         child.num_hashed_blocks = parent.num_hashed_blocks
 
     def free_seq(self, seq: Sequence) -> None:
         """Drop the sequence's references; blocks no one uses go back to the pool (hash kept for reuse)."""
-        for block_id in reversed(seq.block_table):
-            b = self.blocks[block_id]
-            b.ref_count -= 1
-            assert b.ref_count >= 0
-            if b.ref_count == 0:
-                if b.hash is None:
-                    self.free.appendleft(block_id)  # nothing to reuse: hand it out first
-                else:
-                    self.free.append(block_id)
-                self._free_set.add(block_id)
-        seq.block_table = []
+        for block_id in reversed(self.table_of(seq)):
+            if block_id >= 0:
+                self._unref(block_id)
+        setattr(seq, self.table, [])
         seq.num_computed = seq.num_hashed_blocks = 0
+
+
+class BlockGroups:
+    """The block managers of one model, one per kind of layer KV (all layers alike: one manager).
+
+    Every call goes to each manager for the same sequence, so their tables advance together; a step's
+    copy-on-write copies are tagged with the group whose pool they are in: (group, src, dst).
+    """
+
+    def __init__(self, managers: list[BlockManager]) -> None:
+        if not managers:
+            raise ValueError("BlockGroups needs at least one BlockManager")
+        self.managers = managers
+
+    @property
+    def num_blocks(self) -> int:
+        return self.managers[0].num_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self.managers[0].block_size
+
+    @property
+    def blocks(self) -> list[Block]:
+        return [b for m in self.managers for b in m.blocks]
+
+    @property
+    def num_free(self) -> int:
+        return min(m.num_free for m in self.managers)
+
+    def stats(self) -> BlockStats:
+        if len(self.managers) == 1:
+            return self.managers[0].stats()
+        first, n = self.managers[0], sum(m.num_blocks for m in self.managers)
+        free = sum(m.num_free for m in self.managers)
+        return BlockStats(n, free, n - free, first.queries, first.hits, first.stats().hit_rate)
+
+    def match_prefix(self, seq: Sequence) -> None:
+        if len(self.managers) == 1:  # a prefix hit needs every group's blocks: only the one-group case caches
+            self.managers[0].match_prefix(seq)
+
+    def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        return all(m.can_allocate(seq, num_tokens) for m in self.managers)
+
+    def allocate(self, seq: Sequence, num_tokens: int) -> list[tuple[int, int, int]]:
+        return [(g, src, dst) for g, m in enumerate(self.managers) for src, dst in m.allocate(seq, num_tokens)]
+
+    def register_full_blocks(self, seq: Sequence) -> None:
+        for m in self.managers:
+            m.register_full_blocks(seq)
+            m.release_behind(seq)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        for m in self.managers:
+            m.fork(parent, child)
+
+    def free_seq(self, seq: Sequence) -> None:
+        for m in self.managers:
+            m.free_seq(seq)

@@ -24,7 +24,7 @@ from torch import nn
 from ..inference_options import KV_CACHE_DTYPES
 from ..text.detokenize import IncrementalDetokenizer
 from .allocator import tune_malloc
-from .block_manager import BlockManager, BlockStats
+from .block_manager import BlockGroups, BlockManager, BlockStats
 from .lora import LoraAdapters
 from .model_runner import ModelRunner
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -52,6 +52,9 @@ class EngineConfig:
     # a request's numbers independent of what shares its steps (see ModelRunner.run); False: each step's
     # products chosen by its row count, as before (vLLM's VLLM_BATCH_INVARIANT, off there by default)
     batch_invariant: bool = True
+    # sliding-window layers free the KV blocks the window has passed (their own block tables: BlockGroups);
+    # False keeps every block in one table, as full-attention layers do, so that prefix caching applies
+    free_window_kv: bool = True
 
     def kv_dtype(self, model: nn.Module) -> torch.dtype:
         """The K/V pool's dtype for ``model``: ``kv_cache_dtype``, "auto" resolved to the parameters' dtype."""
@@ -85,10 +88,11 @@ class LLMEngine:
         block_bytes = ModelRunner.bytes_per_block(model, cfg.block_size, kv_dtype)
         num_blocks = cfg.num_blocks or max(1, cfg.kv_cache_bytes // block_bytes)
         self.max_model_len = min(cfg.max_model_len or model.cfg.max_seq_len, num_blocks * cfg.block_size)
-        self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_waiting)
         self.runner = ModelRunner(model, num_blocks, cfg.block_size, compile=cfg.compile, kv_dtype=kv_dtype,
-                                  batch_invariant=cfg.batch_invariant)
+                                  batch_invariant=cfg.batch_invariant, free_window_kv=cfg.free_window_kv)
+        self.block_manager = BlockGroups([BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching, window, table)
+                                          for table, window in self.runner.kv_groups()])
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_waiting)
         # on the CPU every step reuses its large activations in place of new mappings (attnkit.engine.allocator)
         self.malloc_tuned = self.runner.device.type == "cpu" and tune_malloc()
         self.loras: LoraAdapters | None = None  # created by the first add_lora

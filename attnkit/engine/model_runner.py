@@ -19,6 +19,7 @@ from .lora import StepAdapters
 from .native_decode import NativeDecoder, why_not
 from .paged_attention import AttentionMetadata, PagedKVCache, PrefillChunk, native_kernel
 from .scheduler import ScheduledBatch
+from .sequence import Sequence
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -45,7 +46,7 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
 
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, compile: bool = False,
-                 kv_dtype: torch.dtype | None = None, batch_invariant: bool = True) -> None:
+                 kv_dtype: torch.dtype | None = None, batch_invariant: bool = True, free_window_kv: bool = True) -> None:
         cfg = model.cfg
         if not hasattr(cfg, "n_kv_heads") or not hasattr(cfg, "hd"):
             raise TypeError(f"the engine runs decoder-only models (Llama family, GPT-2); got {type(model).__name__}")
@@ -53,11 +54,24 @@ class ModelRunner:
         self.block_size = block_size
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.window: int | None = getattr(cfg, "sliding_window", None)
-        shape = (len(model.layers), cfg.n_kv_heads, num_blocks, block_size, cfg.hd)  # head-major, see PagedKVCache
+        n_layers = len(model.layers)
+        # each layer's sliding window (None: it sees every earlier key)
+        self.windows: list[int | None] = [getattr(layer.self_attn, "window", None) for layer in model.layers]
+        if not any(self.windows) and getattr(cfg, "sliding_window", None) is not None:
+            self.windows = [cfg.sliding_window] * n_layers
+        # the KV groups: layers alike share a block table (BlockGroups); with free_window_kv every distinct window
+        # is a group whose blocks behind the window are freed; else one table for all (prefix caching kept)
+        kinds = sorted(set(self.windows), key=lambda w: -1 if w is None else w) if free_window_kv else [None]
+        self.group_windows: list[int | None] = kinds
+        self.group_of: list[int] = [kinds.index(w) if free_window_kv else 0 for w in self.windows]
+        self.group_tables = ["block_table", "window_table"][:len(kinds)] if len(kinds) <= 2 else None
+        if self.group_tables is None:
+            raise ValueError(f"layers with more than two kinds of attention window ({kinds}): set free_window_kv=False")
+        shape = (n_layers, cfg.n_kv_heads, num_blocks, block_size, cfg.hd)  # head-major, see PagedKVCache
         kv_dtype = kv_dtype or self.dtype  # the pool's; K/V are converted on writing and read back widened
         self.k_pool, self.v_pool = lazy_zeros(shape, kv_dtype, self.device), lazy_zeros(shape, kv_dtype, self.device)
-        self.caches = [PagedKVCache(self.k_pool[i], self.v_pool[i]) for i in range(shape[0])]
+        self.caches = [PagedKVCache(self.k_pool[i], self.v_pool[i], getattr(layer.self_attn, "scale", None),
+                                    getattr(layer.self_attn, "softcap", None)) for i, layer in enumerate(model.layers)]
         # compile: the decode attention reads K/V through the block tables inside one compiled kernel
         # (inductor) instead of copying every sequence's blocks out of the pool first
         self.compile = compile
@@ -80,12 +94,16 @@ class ModelRunner:
         elt = (kv_dtype or next(model.parameters()).dtype).itemsize
         return 2 * len(model.layers) * block_size * cfg.n_kv_heads * cfg.hd * elt
 
-    def _mask(self, q_pos: torch.Tensor, k_len: int) -> torch.Tensor:
+    def kv_groups(self) -> list[tuple[str, int | None]]:
+        """(the Sequence attribute holding the group's block table, the window whose keys it frees) per KV group."""
+        return [(t, w) for t, w in zip(self.group_tables, self.group_windows)]  # type: ignore[arg-type]
+
+    def _mask(self, q_pos: torch.Tensor, k_len: int, window: int | None) -> torch.Tensor:
         """(n, k_len): key j visible to the query at absolute position p iff j <= p (and p - j < window)."""
         j = torch.arange(k_len, device=self.device)[None, :]
         m = j <= q_pos[:, None]
-        if self.window is not None:
-            m &= q_pos[:, None] - j < self.window
+        if window is not None:
+            m &= q_pos[:, None] - j < window
         return m
 
     @torch.inference_mode()
@@ -100,11 +118,12 @@ class ModelRunner:
         model allows it, else the eager model with GGUF layers on their integer kernel — and prompt rows
         always the prompt path (GGUF layers' dense products). A step holding both runs them as two passes.
         """
-        if batch.copies:
-            src = torch.tensor([s for s, _ in batch.copies], device=self.device)
-            dst = torch.tensor([d for _, d in batch.copies], device=self.device)
-            self.k_pool[:, :, dst] = self.k_pool[:, :, src]
-            self.v_pool[:, :, dst] = self.v_pool[:, :, src]
+        for g in {g for g, _, _ in batch.copies}:
+            src = torch.tensor([s for gg, s, _ in batch.copies if gg == g], device=self.device)
+            dst = torch.tensor([d for gg, _, d in batch.copies if gg == g], device=self.device)
+            for layer in (i for i, lg in enumerate(self.group_of) if lg == g):
+                self.k_pool[layer, :, dst] = self.k_pool[layer, :, src]
+                self.v_pool[layer, :, dst] = self.v_pool[layer, :, src]
         if not self.batch_invariant:
             return self._run(batch)
         generated = [n == 1 and s.num_computed >= s.prompt_len for s, n in zip(batch.seqs, batch.num_tokens)]
@@ -131,37 +150,20 @@ class ModelRunner:
 
         With batch invariance every prompt row attends on its own, as a decode query over its keys in the pool
         (the chunk's K/V are written first): a row's attention is then the same whatever chunk it came in."""
-        bs = self.block_size
         per_row = not generated and self.row_attention
         ids: list[int] = []
         pos: list[int] = []
-        slots: list[int] = []
-        dec_idx: list[int] = []
-        dec_tables: list[list[int]] = []
-        dec_lens: list[int] = []
-        prefills: list[PrefillChunk] = []
+        rows: list[tuple[Sequence, int, int, int]] = []  # (sequence, offset in the packed row, first position, count)
         sample_rows: list[int] = []
         logits_idx: list[int] = []
         prompt_rows: list[tuple[int, int, int]] = []  # (row in batch, first position, count) wanting prompt logprobs
         prompt_idx: list[int] = []
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
             start, t0 = seq.num_computed, len(ids)
-            p = list(range(start, start + n))
             ids += seq.tokens[start:start + n]
-            pos += p
-            table = seq.block_table
-            slots += [table[i // bs] * bs + i % bs for i in p]
+            pos += range(start, start + n)
+            rows.append((seq, t0, start, n))
             ctx = start + n
-            n_blocks = -(-ctx // bs)
-            if n == 1 or per_row:
-                for i, q_pos in enumerate(p):
-                    dec_idx.append(t0 + i)
-                    dec_tables.append(table[:q_pos // bs + 1])
-                    dec_lens.append(q_pos + 1)
-            else:
-                causal = start == 0 and (self.window is None or self.window >= n)  # the mask would be plain causal
-                mask = None if causal else self._mask(torch.arange(start, ctx, device=self.device), ctx)
-                prefills.append(PrefillChunk(t0, t0 + n, ctx, torch.tensor(table[:n_blocks], device=self.device), mask))
             if ctx == len(seq):
                 sample_rows.append(row)
                 logits_idx.append(len(ids) - 1)
@@ -170,17 +172,13 @@ class ModelRunner:
                 upto = min(ctx, seq.prompt_len - 1)
                 prompt_rows.append((row, start, upto - start))
                 prompt_idx += range(t0, t0 + upto - start)
-        meta = AttentionMetadata(torch.tensor(slots, device=self.device), prefills=prefills)
-        if dec_idx:
-            width = max(len(t) for t in dec_tables)
-            meta.decode_index = torch.tensor(dec_idx, device=self.device)
-            meta.decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables], device=self.device)
-            lens = torch.tensor(dec_lens, device=self.device)
-            meta.decode_lens = lens
-            meta.decode_starts = (lens - self.window).clamp_(min=0) if self.window is not None else torch.zeros_like(lens)
+        # one metadata per (KV group, window) of the layers: the group's block tables, the window's visibility
+        keys = sorted({(g, w) for g, w in zip(self.group_of, self.windows)}, key=str)
+        metas = {key: self._metadata(rows, self.group_tables[key[0]], key[1], per_row, generated)  # type: ignore[index]
+                 for key in keys}
+        meta = metas[keys[0]]
         model = self.model
-        meta.decode_only = not prefills
-        if meta.decode_only and generated and not self.compile and self.lora_step is None:
+        if meta.decode_only and generated and not self.compile and self.lora_step is None and len(keys) == 1:
             if self.native is None:
                 self.native_reason = why_not(model, self.k_pool)
                 self.native = NativeDecoder(model, self.k_pool, self.v_pool) if self.native_reason is None else False
@@ -190,13 +188,15 @@ class ModelRunner:
                                        meta.slots, meta.decode_tables, meta.decode_lens, meta.decode_starts)
                 self.prompt_logits = ([], torch.empty(0))
                 return self.native.logits(h).float(), sample_rows
-        if dec_idx:  # the additive mask of the bmm / compiled decode attention (the C kernels take lens and starts)
-            n_keys = meta.decode_tables.shape[1] * bs
-            visible = self._mask(lens - 1, n_keys) & (torch.arange(n_keys, device=self.device)[None, :] < lens[:, None])
-            meta.decode_bias = torch.zeros(visible.shape, device=self.device).masked_fill_(~visible, float("-inf"))
-        meta.fused_gather = self.compile and meta.decode_only
-        for c in self.caches:
-            c.meta = meta
+        for key, m in metas.items():
+            if m.decode_tables is not None:  # the additive mask of the bmm / compiled decode attention
+                n_keys = m.decode_tables.shape[1] * self.block_size
+                lens = m.decode_lens
+                visible = self._mask(lens - 1, n_keys, key[1]) & (torch.arange(n_keys, device=self.device)[None, :] < lens[:, None])
+                m.decode_bias = torch.zeros(visible.shape, device=self.device).masked_fill_(~visible, float("-inf"))
+            m.fused_gather = self.compile and m.decode_only
+        for c, key in zip(self.caches, zip(self.group_of, self.windows)):
+            c.meta = metas[key]
         if self.lora_step is not None:
             self.lora_step.set([s.adapter for s in batch.seqs], batch.num_tokens, self.device)
         try:
@@ -211,3 +211,37 @@ class ModelRunner:
         logits = logits[0].float()
         self.prompt_logits = (prompt_rows, logits[len(logits_idx):])  # for the engine's prompt logprobs
         return logits[:len(logits_idx)], sample_rows
+
+    def _metadata(self, rows: list[tuple[Sequence, int, int, int]], table_attr: str, window: int | None,
+                  per_row: bool, generated: bool) -> AttentionMetadata:
+        """The attention metadata of the step's packed rows for the layers whose blocks are in ``table_attr``
+        (entries -1, freed behind a window, are never read: they point at block 0) and see ``window`` keys."""
+        bs = self.block_size
+        slots: list[int] = []
+        dec_idx: list[int] = []
+        dec_tables: list[list[int]] = []
+        dec_lens: list[int] = []
+        prefills: list[PrefillChunk] = []
+        for seq, t0, start, n in rows:
+            table = [max(b, 0) for b in getattr(seq, table_attr)]
+            slots += [table[i // bs] * bs + i % bs for i in range(start, start + n)]
+            ctx = start + n
+            if n == 1 or per_row:
+                for i, q_pos in enumerate(range(start, ctx)):
+                    dec_idx.append(t0 + i)
+                    dec_tables.append(table[:q_pos // bs + 1])
+                    dec_lens.append(q_pos + 1)
+            else:
+                causal = start == 0 and (window is None or window >= n)  # the mask would be plain causal
+                mask = None if causal else self._mask(torch.arange(start, ctx, device=self.device), ctx, window)
+                prefills.append(PrefillChunk(t0, t0 + n, ctx, torch.tensor(table[:-(-ctx // bs)], device=self.device), mask))
+        meta = AttentionMetadata(torch.tensor(slots, device=self.device), prefills=prefills)
+        if dec_idx:
+            width = max(len(t) for t in dec_tables)
+            meta.decode_index = torch.tensor(dec_idx, device=self.device)
+            meta.decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables], device=self.device)
+            lens = torch.tensor(dec_lens, device=self.device)
+            meta.decode_lens = lens
+            meta.decode_starts = (lens - window).clamp_(min=0) if window is not None else torch.zeros_like(lens)
+        meta.decode_only = not prefills
+        return meta

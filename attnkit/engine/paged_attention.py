@@ -68,9 +68,12 @@ class PagedKVCache:
 
     attends = True
 
-    def __init__(self, k_pool: torch.Tensor, v_pool: torch.Tensor) -> None:
+    def __init__(self, k_pool: torch.Tensor, v_pool: torch.Tensor, scale: float | None = None,
+                 softcap: float | None = None) -> None:
         self.k_pool, self.v_pool = k_pool, v_pool  # (n_kv, num_blocks, block_size, hd)
         self.meta: AttentionMetadata | None = None
+        self.scale = k_pool.shape[-1] ** -0.5 if scale is None else scale  # the layer's softmax scale
+        self.softcap = softcap  # the layer's score soft-capping (Gemma 2): the C kernel does not take it
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise TypeError("PagedKVCache attends itself: MultiHeadAttention calls attend(), not update()")
@@ -106,13 +109,14 @@ class PagedKVCache:
         assert meta.decode_tables is not None and meta.decode_bias is not None
         if meta.native is None:  # first layer of the step: can the C kernel run it?
             meta.native = NativeDecodeArgs.prepare(meta, q, self.k_pool) or False
-        if meta.native:
+        if meta.native and self.softcap is None:
             return paged_decode_attention_native(q, self.k_pool, self.v_pool, meta.decode_tables, meta.decode_lens,
-                                                 meta.decode_starts, meta.native)  # type: ignore[arg-type]
-        if meta.fused_gather:
-            return compiled_paged_decode_attention()(q, self.k_pool, self.v_pool, meta.decode_tables, meta.decode_bias)
+                                                 meta.decode_starts, meta.native, self.scale)  # type: ignore[arg-type]
+        if meta.fused_gather and self.softcap is None:
+            return compiled_paged_decode_attention()(q, self.k_pool, self.v_pool, meta.decode_tables, meta.decode_bias,
+                                                     self.scale)
         kd, vd = self._gather(meta.decode_tables, meta.scratch)
-        return decode_attention(q, kd, vd, meta.decode_bias)
+        return decode_attention(q, kd, vd, meta.decode_bias, self.scale, self.softcap)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (1, nh, T, hd), new k/v (1, n_kv, T, hd) → attention output (1, nh, T, hd)."""
@@ -133,16 +137,20 @@ class PagedKVCache:
             else:
                 kp, vp = self._gather(p.block_table[None])
                 kp, vp = kp[:, :, :p.context_len].transpose(0, 1), vp[:, :, :p.context_len].transpose(0, 1)
-            if p.mask is None:  # SDPA's own causal mask: no (n, n) boolean mask built or read
+            if p.mask is None and self.softcap is None:  # SDPA's own causal mask: no (n, n) boolean mask built or read
                 out[:, :, p.start:p.end] = F.scaled_dot_product_attention(
-                    qp, kp.to(q.dtype), vp.to(q.dtype), is_causal=True, enable_gqa=qp.shape[1] != kp.shape[1])
+                    qp, kp.to(q.dtype), vp.to(q.dtype), is_causal=True, enable_gqa=qp.shape[1] != kp.shape[1],
+                    scale=self.scale)
             else:
-                out[:, :, p.start:p.end], _ = scaled_dot_product_attention(qp, kp.to(q.dtype), vp.to(q.dtype),
-                                                                           mask=p.mask, impl="sdpa")
+                mask = p.mask if p.mask is not None else torch.ones(
+                    p.end - p.start, p.context_len, dtype=torch.bool, device=q.device).tril_(p.context_len - (p.end - p.start))
+                out[:, :, p.start:p.end], _ = scaled_dot_product_attention(
+                    qp, kp.to(q.dtype), vp.to(q.dtype), mask=mask, impl="sdpa", scale=self.scale, softcap=self.softcap)
         return out
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                     scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
     """One query token per sequence: softmax(q·Kᵀ/√d + bias)·V with grouped-query heads, as batched products.
 
     q (nh, B, hd); k, v (n_kv, B, L, hd); bias (B, L), 0 where a key may be seen and −∞ elsewhere
@@ -150,18 +158,22 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     that share a KV head form the rows of one (g, hd) × (hd, L) product; no K/V is repeated. For one
     token per sequence this is faster on the CPU than SDPA's flash kernel, which tiles for long queries.
     K/V of another dtype than q (a float16 KV cache under float32 activations) are widened first.
+    ``scale`` replaces 1/√d; ``softcap`` c caps the scores to c·tanh(s/c) before the bias (Gemma 2).
     """
     nh, B, hd = q.shape
+    scale = hd ** -0.5 if scale is None else scale
     n_kv, _, L, _ = k.shape
     g = nh // n_kv
     dtype = q.dtype
     if k.dtype != dtype:  # a KV cache of another dtype: compute in the wider one (float32 for float16 vs bfloat16)
         wide = torch.promote_types(dtype, k.dtype)
         q, k, v = q.to(wide), k.to(wide), v.to(wide)
-    qg = (q.view(n_kv, g, B, hd).transpose(1, 2) * hd ** -0.5).reshape(n_kv * B, g, hd)  # (n_kv·B, g, hd)
+    qg = (q.view(n_kv, g, B, hd).transpose(1, 2) * scale).reshape(n_kv * B, g, hd)  # (n_kv·B, g, hd)
     scores = torch.bmm(qg, k.view(n_kv * B, L, hd).transpose(1, 2))  # (n_kv·B, g, L)
     if scores.dtype != torch.float32:
         scores = scores.float()
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     scores.view(n_kv, B, g, L).add_(bias[None, :, None, :])
     probs = torch.softmax(scores, dim=-1)
     if probs.dtype != v.dtype:
@@ -171,7 +183,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
 
 
 def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
-                           bias: torch.Tensor) -> torch.Tensor:
+                           bias: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """:func:`decode_attention` reading K/V through the block tables, written for torch.compile.
 
     q (nh, B, hd); pools (n_kv, num_blocks, block_size, hd); tables (B, nb); bias (B, nb·block_size).
@@ -184,7 +196,7 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     t = torch.arange(tables.shape[1] * bs, device=q.device)
     blk, off = tables[:, t // bs], t % bs  # (B, L)
     k, v = k_pool[:, blk, off].float(), v_pool[:, blk, off].float()  # (n_kv, B, L, hd)
-    qg = q.view(n_kv, g, B, hd).transpose(1, 2).float() * hd ** -0.5  # (n_kv, B, g, hd)
+    qg = q.view(n_kv, g, B, hd).transpose(1, 2).float() * (hd ** -0.5 if scale is None else scale)  # (n_kv, B, g, hd)
     scores = (qg[:, :, :, None, :] * k[:, :, None]).sum(-1) + bias[None, :, None, :]  # (n_kv, B, g, L)
     probs = torch.softmax(scores, dim=-1)
     out = (probs[..., None] * v[:, :, None]).sum(-2)  # (n_kv, B, g, hd)
@@ -234,7 +246,7 @@ class NativeDecodeArgs:
 
 def paged_decode_attention_native(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
                                   lens: torch.Tensor, starts: torch.Tensor,
-                                  prepared: NativeDecodeArgs | None = None) -> torch.Tensor | None:
+                                  prepared: NativeDecodeArgs | None = None, scale: float | None = None) -> torch.Tensor | None:
     """One query token per sequence over its K/V read in place through the block tables (C kernel).
 
     q (nh, B, hd) float32; pools (n_kv, num_blocks, block_size, hd) float32 or float16, contiguous; tables
@@ -255,5 +267,6 @@ def paged_decode_attention_native(q: torch.Tensor, k_pool: torch.Tensor, v_pool:
     out = torch.empty_like(qb)
     t, ln, st = prepared.ptrs
     prepared.kernel(qb.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), t, ln, st, out.data_ptr(), B, nh, n_kv, hd,
-                    bs, num_blocks, prepared.max_nb, hd ** -0.5, prepared.scratch.data_ptr(), prepared.threads)
+                    bs, num_blocks, prepared.max_nb, hd ** -0.5 if scale is None else scale, prepared.scratch.data_ptr(),
+                    prepared.threads)
     return out.transpose(0, 1)

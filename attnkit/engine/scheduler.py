@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from .block_manager import BlockManager
+from .block_manager import BlockGroups, BlockManager
 from .sequence import Sequence, SequenceStatus
 
 
@@ -25,7 +25,7 @@ class QueueFullError(RuntimeError):
 class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)  # tokens each sequence feeds this step
-    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write block copies
+    copies: list[tuple[int, int, int]] = field(default_factory=list)  # copy-on-write block copies: (group, src, dst)
     num_preempted: int = 0
 
     def __len__(self) -> int:
@@ -33,11 +33,11 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
+    def __init__(self, block_manager: BlockManager | BlockGroups, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
                  max_waiting: int = 100_000) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("Scheduler: max_num_seqs and max_num_batched_tokens must be >= 1")
-        self.bm = block_manager
+        self.bm = block_manager if isinstance(block_manager, BlockGroups) else BlockGroups([block_manager])
         self.max_num_seqs, self.max_num_batched_tokens, self.max_waiting = max_num_seqs, max_num_batched_tokens, max_waiting
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []

@@ -39,6 +39,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are cached
     block_table: list[int] = field(default_factory=list)
+    window_table: list[int] = field(default_factory=list)  # the sliding-window layers' blocks (-1: freed), if apart
     num_hashed_blocks: int = 0  # leading blocks already registered for prefix caching
     parent: Sequence | None = None  # n > 1: waits for its parent's prefill, then forks its blocks
     children: list[Sequence] = field(default_factory=list)
