@@ -46,7 +46,8 @@ from _report import write_report  # noqa: E402
 
 from engine import workload  # noqa: E402 (the offline workload of the engine benchmark)
 
-SIZES = {"1b": "llama-3.2-1b", "3b": "llama-3.2-3b", "tiny": "tiny"}  # tiny: a smoke test
+SIZES = {"1b": "llama-3.2-1b", "3b": "llama-3.2-3b", "qwen3-1.7b": "qwen3-1.7b",  # shapes of attnkit.loading.gguf_writer
+         "moe": "qwen3-moe-2.6b-a0.5b", "tiny": "tiny", "tiny-moe": "tiny-qwen3moe"}  # tiny*: smoke tests
 DEFAULT_PRESETS = "Q4_K_M,Q5_K_M,Q6_K,Q8_0,Q4_0"
 GIB = 1 << 30
 
@@ -93,15 +94,20 @@ def file_info(path: Path) -> dict:
     from attnkit.loading.gguf_file import GGUFFile
 
     g = GGUFFile(path)
+    m = g.metadata
+    arch = m["general.architecture"]
     total = sum(t.nbytes for t in g.tensors.values())
     tied = "output.weight" not in g.tensors
     per_token = total - (0 if tied else g.tensors["token_embd.weight"].nbytes)  # an untied table: one row a token
+    if f"{arch}.expert_count" in m:  # a batch-1 step reads expert_used_count of the expert_count experts
+        E, k = m[f"{arch}.expert_count"], m[f"{arch}.expert_used_count"]
+        experts = sum(t.nbytes for n, t in g.tensors.items() if "_exps." in n)
+        per_token -= experts - experts * k // E
     types: dict[str, int] = {}
     for t in g.tensors.values():
         types[t.ggml_type.name] = types.get(t.ggml_type.name, 0) + 1
-    m = g.metadata
-    kv_per_token = 2 * m["llama.block_count"] * m["llama.attention.head_count_kv"] * (
-        m["llama.embedding_length"] // m["llama.attention.head_count"]) * 2  # float16 K and V
+    head_dim = m.get(f"{arch}.attention.key_length", m[f"{arch}.embedding_length"] // m[f"{arch}.attention.head_count"])
+    kv_per_token = 2 * m[f"{arch}.block_count"] * m[f"{arch}.attention.head_count_kv"] * head_dim * 2  # float16 K, V
     return {"file_bytes": path.stat().st_size, "tensor_bytes": total, "decode_bytes_per_token": per_token,
             "params": sum(int(_prod(t.shape)) for t in g.tensors.values()), "tied_embeddings": tied,
             "types": types, "kv_bytes_per_token": kv_per_token}
@@ -343,7 +349,8 @@ def _cell(res: dict, key: str, digits: int) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="1b,3b", help="comma-separated: 1b, 3b (Llama-3.2's shapes; tiny: a smoke test)")
+    ap.add_argument("--sizes", default="1b,3b", help="comma-separated: 1b, 3b (Llama-3.2's shapes), qwen3-1.7b, "
+                    "moe (Qwen3-MoE, 2.6B total / 0.48B active); tiny, tiny-moe: smoke tests")
     ap.add_argument("--presets", default=DEFAULT_PRESETS, help="llama-quantize presets (attnkit.quant.gguf_quantize.PRESETS)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llama-bin", default=None, metavar="DIR",
