@@ -94,16 +94,25 @@ def test_window_blocks_are_freed_as_the_conversation_grows(kw):
     assert engine.stats().used_blocks == 0
 
 
-def test_keeping_window_blocks_keeps_prefix_caching():
-    """free_window_kv=False: one table for all layers, every block kept; prefix caching hits on a repeat."""
-    model = _model(GEMMA_LIKE)
-    llm = make_llm(model, block_size=4, free_window_kv=False)
+@pytest.mark.parametrize("free", [True, False], ids=["free-window-kv", "keep-window-kv"])
+@pytest.mark.parametrize("kw", [FAMILIES["mistral-window"], GEMMA_LIKE], ids=["all-windowed", "local+global"])
+def test_prefix_caching_with_windows(kw, free):
+    """A repeated 30-token prompt and one sharing its first 20 tokens hit the prefix cache — with freed window
+    blocks too (the windowed table needs only what the window sees at the match's end) — and their tokens equal
+    the cache-free model's. free_window_kv=False: one table for all layers, every block kept."""
+    model = _model(kw)
+    llm = make_llm(model, block_size=4, free_window_kv=free)
     p = random_prompts(1, VOCAB, lo=30, hi=30, seed=4)[0]
+    q = p[:20] + random_prompts(1, VOCAB, lo=9, hi=9, seed=6)[0]
     params = SamplingParams(temperature=0, max_tokens=6)
-    first = llm.generate([p], params)[0].outputs[0].token_ids
-    again = llm.generate([p], params)[0].outputs[0].token_ids
-    assert first == again == greedy_reference(model, p, 6)
-    assert llm.engine.stats().prefix_hits > 0 and len(llm.engine.block_manager.managers) == 1
+    assert llm.generate([p], params)[0].outputs[0].token_ids == greedy_reference(model, p, 6)
+    hits = llm.engine.stats().prefix_hits
+    for prompt, least in ((p, 7), (q, 5)):  # 7 of the 29 / 5 of the 28 leading tokens' blocks
+        assert llm.generate([prompt], params)[0].outputs[0].token_ids == greedy_reference(model, prompt, 6)
+        assert llm.engine.stats().prefix_hits - hits >= least
+        hits = llm.engine.stats().prefix_hits
+    assert len(llm.engine.block_manager.managers) == (1 if not free or "sliding_window" in kw else 2)
+    assert llm.engine.stats().used_blocks == 0
 
 
 @pytest.mark.parametrize("family", ["gemma-like", "qwen3-like", "moe"])

@@ -15,7 +15,8 @@ block table maps logical block i to a physical block. Blocks are shared by refer
   blocks as the sequence advances (their table entries become -1): the KV memory of a long conversation
   stops growing at the window. A model whose layers differ (Gemma: local and global layers) keeps one
   manager per kind of layer, each with its own pool and block table (:class:`BlockGroups`; vLLM's hybrid
-  KV cache manager). The windowed tables hold no prefix cache: their early blocks are gone.
+  KV cache manager). A freed windowed block keeps its hash like any other, so a later prompt with the same
+  prefix still hits: a windowed table needs only the blocks its window sees at the match's end.
 """
 
 from __future__ import annotations
@@ -61,8 +62,6 @@ class BlockManager:
     def __post_init__(self) -> None:
         if self.num_blocks < 1 or self.block_size < 1:
             raise ValueError(f"BlockManager: num_blocks ({self.num_blocks}) and block_size ({self.block_size}) must be >= 1")
-        if self.window is not None:
-            self.enable_prefix_caching = False
         self.blocks = [Block(i) for i in range(self.num_blocks)]
         self.free = deque(range(self.num_blocks))
         self._free_set = set(self.free)
@@ -104,24 +103,48 @@ class BlockManager:
         b.hash, b.token_ids, b.adapter, b.ref_count = None, (), 0, 1
         return block_id
 
+    def hashes(self, seq: Sequence, n: int) -> list[int]:
+        """The chain hashes of the first ``n`` full blocks of ``seq`` (kept on the sequence: tokens never change)."""
+        bs, hs = self.block_size, seq.block_hashes
+        h = hs[-1] if hs else self.first_hash(seq)
+        for i in range(len(hs), n):
+            h = self.chain_hash(h, tuple(seq.tokens[i * bs:(i + 1) * bs]))
+            hs.append(h)
+        return hs[:n]
+
+    def lookup(self, seq: Sequence, i: int, h: int) -> int | None:
+        """The cached block holding block ``i`` of ``seq`` (chain hash ``h``, its tokens compared), or None."""
+        block_id = self.cached.get(h)
+        if block_id is None:
+            return None
+        b = self.blocks[block_id]
+        tokens = tuple(seq.tokens[i * self.block_size:(i + 1) * self.block_size])
+        return block_id if b.token_ids == tokens and b.adapter == seq.adapter else None
+
+    def take_prefix(self, seq: Sequence, ids: list[int | None]) -> None:
+        """Start ``seq``'s table on cached blocks ``ids`` (None: a block behind the window, not needed: -1)."""
+        table = self.table_of(seq)
+        for block_id in ids:
+            if block_id is not None:
+                self._take(block_id)
+            table.append(-1 if block_id is None else block_id)
+
     def match_prefix(self, seq: Sequence) -> None:
         """Start a block-less sequence on the longest cached prefix (at least its last token is computed)."""
         assert not self.table_of(seq) and seq.num_computed == 0
         if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return  # prompt logprobs need the logits of every prompt token: compute them all
-        bs, h = self.block_size, self.first_hash(seq)
-        for i in range((len(seq) - 1) // bs):
-            tokens = tuple(seq.tokens[i * bs:(i + 1) * bs])
-            h = self.chain_hash(h, tokens)
+        ids: list[int | None] = []
+        for i, h in enumerate(self.hashes(seq, (len(seq) - 1) // self.block_size)):
             self.queries += 1
-            block_id = self.cached.get(h)
-            if block_id is None or self.blocks[block_id].token_ids != tokens or self.blocks[block_id].adapter != seq.adapter:
+            block_id = self.lookup(seq, i, h)
+            if block_id is None:
                 break
             self.hits += 1
-            self._take(block_id)
-            seq.block_table.append(block_id)
-        seq.num_computed = seq.num_hashed_blocks = len(seq.block_table)
-        seq.num_computed *= bs
+            ids.append(block_id)
+        self.take_prefix(seq, ids)
+        seq.num_hashed_blocks = len(ids)
+        seq.num_computed = len(ids) * self.block_size
 
     def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
         """New blocks to hold ``num_tokens`` more tokens after the computed ones (counting a copy-on-write)."""
@@ -177,19 +200,23 @@ class BlockManager:
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """Hash the blocks that are now full of computed tokens, so later prompts can reuse them."""
-        if not self.enable_prefix_caching:
-            return
-        bs = self.block_size
-        n_full = min(seq.num_computed // bs, len(seq.block_table))
-        h = self.first_hash(seq) if seq.num_hashed_blocks == 0 else self.blocks[seq.block_table[seq.num_hashed_blocks - 1]].hash
-        for i in range(seq.num_hashed_blocks, n_full):
-            b = self.blocks[seq.block_table[i]]
-            tokens = tuple(seq.tokens[i * bs:(i + 1) * bs])
-            h = self.chain_hash(h, tokens)
-            if b.hash is None:
-                b.hash, b.token_ids, b.adapter = h, tokens, seq.adapter
-                self.cached.setdefault(h, b.block_id)
+        n_full = min(seq.num_computed // self.block_size, len(self.table_of(seq)))
+        self.register(seq, seq.num_hashed_blocks, n_full)
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, n_full)
+
+    def register(self, seq: Sequence, lo: int, hi: int) -> None:
+        """Register blocks lo … hi−1 of ``seq`` (full of computed tokens) under their chain hashes."""
+        if not self.enable_prefix_caching or hi <= lo:
+            return
+        bs, table = self.block_size, self.table_of(seq)
+        hashes = self.hashes(seq, hi)
+        for i in range(lo, hi):
+            if table[i] < 0:
+                continue
+            b = self.blocks[table[i]]
+            if b.hash is None:
+                b.hash, b.token_ids, b.adapter = hashes[i], tuple(seq.tokens[i * bs:(i + 1) * bs]), seq.adapter
+                self.cached.setdefault(hashes[i], b.block_id)
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Share all of the parent's blocks with the child (copy-on-write when either writes)."""
@@ -246,8 +273,36 @@ class BlockGroups:
         return BlockStats(n, free, n - free, first.queries, first.hits, first.stats().hit_rate)
 
     def match_prefix(self, seq: Sequence) -> None:
-        if len(self.managers) == 1:  # a prefix hit needs every group's blocks: only the one-group case caches
+        """The longest cached prefix every group can start from: all of it in the full-attention groups, the
+        blocks the window sees from the prefix's end in the windowed ones (vLLM's hybrid prefix caching)."""
+        if len(self.managers) == 1 and self.managers[0].window is None:
             self.managers[0].match_prefix(seq)
+            return
+        first = self.managers[0]
+        if not all(m.enable_prefix_caching for m in self.managers) or seq.params.prompt_logprobs is not None:
+            return
+        bs = self.block_size
+        hashes = first.hashes(seq, (len(seq) - 1) // bs)
+        hits = [[m.lookup(seq, i, h) for i, h in enumerate(hashes)] for m in self.managers]
+        n = len(hashes)
+        for m, found in zip(self.managers, hits):
+            if m.window is None:
+                n = min(n, next((i for i, b in enumerate(found) if b is None), n))
+
+        def seen_from(m: BlockManager, n: int) -> int:  # the first block the window sees from position n·bs on
+            return max(n * bs - m.window, 0) // bs  # type: ignore[operator]
+
+        for m, found in zip(self.managers, hits):
+            if m.window is not None:
+                while n > 0 and any(b is None for b in found[seen_from(m, n):n]):
+                    n -= 1
+        first.queries += len(hashes)
+        first.hits += n
+        for m, found in zip(self.managers, hits):
+            lo = seen_from(m, n) if m.window is not None else 0
+            m.take_prefix(seq, [None] * lo + found[lo:n])
+        seq.num_hashed_blocks = n
+        seq.num_computed = n * bs
 
     def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
         return all(m.can_allocate(seq, num_tokens) for m in self.managers)
@@ -256,9 +311,11 @@ class BlockGroups:
         return [(g, src, dst) for g, m in enumerate(self.managers) for src, dst in m.allocate(seq, num_tokens)]
 
     def register_full_blocks(self, seq: Sequence) -> None:
+        n_full = seq.num_computed // self.block_size
         for m in self.managers:
-            m.register_full_blocks(seq)
+            m.register(seq, seq.num_hashed_blocks, min(n_full, len(m.table_of(seq))))
             m.release_behind(seq)
+        seq.num_hashed_blocks = max(seq.num_hashed_blocks, n_full)
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         for m in self.managers:

@@ -41,6 +41,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     window_table: list[int] = field(default_factory=list)  # the sliding-window layers' blocks (-1: freed), if apart
     num_hashed_blocks: int = 0  # leading blocks already registered for prefix caching
+    block_hashes: list[int] = field(default_factory=list)  # chain hashes of the leading full blocks (prefix caching)
     parent: Sequence | None = None  # n > 1: waits for its parent's prefill, then forks its blocks
     children: list[Sequence] = field(default_factory=list)
     generator: torch.Generator | None = None
