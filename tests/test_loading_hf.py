@@ -111,9 +111,9 @@ def test_unsupported_model_type(llama_dir, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError, match="model_type 'mamba' is not supported"):
         load_causal_lm(d)
-    cfg.update(model_type="llama", rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    cfg.update(model_type="llama", rope_scaling={"rope_type": "proportional", "factor": 4.0})  # (yarn: test_rope_scaling.py)
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedModelError, match="RoPE scaling 'yarn'"):
+    with pytest.raises(UnsupportedModelError, match="RoPE scaling 'proportional'"):
         load_causal_lm(d)
 
 

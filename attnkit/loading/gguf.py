@@ -21,6 +21,7 @@ scales and zeros alike.
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 import re
 import warnings
 from pathlib import Path
@@ -32,7 +33,7 @@ from gguf import GGMLQuantizationType
 from torch import nn
 
 from ..models import registry
-from ..models.llama import Llama, LlamaConfig
+from ..models.llama import Llama, LlamaConfig, rotary_embedding
 from .common import Plan, check_leftovers, check_present, expected_shapes, materialize
 from .errors import ModelLoadError, UnsupportedModelError
 from .gguf_file import GGUFFile
@@ -56,7 +57,53 @@ _RULES = [  # (our-name regex, GGUF-name template); a family's own rules are tri
     (r"layers\.(\d+)\.self_attn\.o_proj\.(\w+)", r"blk.\1.attn_output.\2"),
     (r"layers\.(\d+)\.ffn\.(gate|up|down)_proj\.(\w+)", r"blk.\1.ffn_\2.\3"),
 ]
-_IGNORE = [r"rope_freqs\.weight"]  # folded into the config
+_IGNORE = [r"rope_freqs\.weight", r"rope_factors_(long|short)\.weight"]  # folded into the config
+
+#: A rule's template may name rows of a fused tensor: ``NAME[part]`` with part q, k, v (llama.cpp's ``attn_qkv``:
+#: rows n_heads·hd, n_kv_heads·hd, n_kv_heads·hd in that order) or gate, up (a fused ``ffn_up`` of 2·d_ff rows:
+#: gate, then up — Phi-3). Such a rule applies only where the file has the fused tensor (else the next rule
+#: that matches: separate attn_q/attn_k/attn_v). A quantization block never spans two rows, so a row slice of
+#: the file's blocks is exactly the blocks of the part, dequantized or kept quantized (``quantize="gguf"``).
+_PART = re.compile(r"(.+)\[(q|k|v|gate|up)\]")
+
+
+def _base(src: str) -> str:
+    """The file's tensor behind a plan source (``blk.0.attn_qkv.weight[k]`` → ``blk.0.attn_qkv.weight``)."""
+    m = _PART.fullmatch(src)
+    return m.group(1) if m else src
+
+
+def _rows(g: GGUFFile, cfg: LlamaConfig, src: str) -> tuple[str, slice | None]:
+    """(file tensor, its rows that are ``src``): the whole tensor unless ``src`` names a part of a fused one."""
+    m = _PART.fullmatch(src)
+    if m is None:
+        return src, None
+    base, part = m.groups()
+    q, kv, ff = cfg.n_heads * cfg.hd, cfg.n_kv_heads * cfg.hd, cfg.d_ff
+    qkv = q + 2 * kv
+    total, (start, stop) = {"q": (qkv, (0, q)), "k": (qkv, (q, q + kv)), "v": (qkv, (q + kv, qkv)),
+                            "gate": (2 * ff, (0, ff)), "up": (2 * ff, (ff, 2 * ff))}[part]
+    rows = g.tensors[base].shape[0]
+    if rows != total:
+        raise ModelLoadError(g.path, f"the fused tensor has {rows} rows, the config implies {total} "
+                                     f"({'q, k, v' if part in 'qkv' else 'gate, up'})", tensor=base)
+    return base, slice(start, stop)
+
+
+def _part_loader(g: GGUFFile, cfg: LlamaConfig, src: str):
+    """A loader of a fused tensor's part (float32): only its rows are read and dequantized."""
+    from gguf.quants import dequantize
+
+    def load() -> torch.Tensor:
+        base, rows = _rows(g, cfg, src)
+        t = g.tensors[base]
+        g.check_type(base)
+        if len(t.shape) == 1:  # a bias: its part of the vector
+            return torch.from_numpy(g.load(base)[rows].copy())
+        data = np.ascontiguousarray(g.blocks(base)[rows])  # (part rows, row bytes)
+        return torch.from_numpy(dequantize(data, t.ggml_type).reshape(-1, *t.shape[1:]).astype(np.float32))
+
+    return load
 
 
 def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -86,22 +133,19 @@ def gguf_config(g: GGUFFile) -> LlamaConfig:
 
     d, nh = get("embedding_length", required=True), get("attention.head_count", required=True)
     head_dim = get("attention.key_length", d // nh)
-    if get("rope.dimension_count", head_dim) != head_dim:
-        raise UnsupportedModelError(g.path, "partial rotary embeddings (rope.dimension_count < head dim) are not supported")
+    n_rot = int(get("rope.dimension_count", head_dim))  # partial rotary (Phi-4-mini) where it is below the head dim
+    if n_rot != head_dim and (family.permute_qk or n_rot % 2 or not 0 < n_rot < head_dim):
+        raise UnsupportedModelError(g.path, f"rope.dimension_count {n_rot} with head dim {head_dim} is not supported "
+                                            "(partial rotary: an even count below the head dim, on an architecture "
+                                            "whose Q/K rows llama.cpp does not permute)")
     if "token_embd.weight" not in t:
         raise ModelLoadError(g.path, "missing tensor", tensor="token_embd.weight")
-    scaling = None
-    kind = get("rope.scaling.type", "none")
-    if kind == "linear":
-        scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor", 1.0))}
-    elif kind not in ("none", None):
-        raise UnsupportedModelError(
-            g.path, f"RoPE scaling {kind!r} is not supported (supported: none, linear, llama3 via rope_freqs)")
+    scaling = _gguf_rope_scaling(g, get)
     factors = g.load("rope_freqs.weight").astype(np.float64).tolist() if "rope_freqs.weight" in t else None
     cfg = LlamaConfig(
         vocab_size=t["token_embd.weight"].shape[0], d_model=d, n_layers=get("block_count", required=True),
         n_heads=nh, n_kv_heads=get("attention.head_count_kv", nh), d_ff=get("feed_forward_length", required=True),
-        head_dim=head_dim, norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        head_dim=head_dim, partial_rotary=n_rot / head_dim, norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(get("rope.freq_base", 10000.0)), rope_scaling=scaling, rope_freq_factors=factors,
         max_seq_len=int(get("context_length", 4096)), tie_embeddings="output.weight" not in t,
         qkv_bias="blk.0.attn_q.bias" in t, o_bias="blk.0.attn_output.bias" in t,
@@ -112,7 +156,59 @@ def gguf_config(g: GGUFFile) -> LlamaConfig:
             cfg = family.gguf_config(cfg, get, t)
         except (ValueError, KeyError) as e:
             raise UnsupportedModelError(g.path, f"{arch}: {e}") from e
+    if cfg.rotary_dim != n_rot:  # n_rot / head_dim · head_dim rounded below n_rot by the float division
+        cfg = replace(cfg, partial_rotary=(n_rot + 0.5) / head_dim)
+    try:
+        rotary_embedding(cfg)  # the RoPE scaling's parameters, checked before any weight is read
+    except (ValueError, KeyError) as e:
+        raise UnsupportedModelError(g.path, f"RoPE: {e}") from e
     return cfg
+
+
+def _gguf_rope_scaling(g: GGUFFile, get) -> dict[str, Any] | None:
+    """The RoPE scaling of a GGUF file, in config.json's terms (:func:`attnkit.models.llama.rope_inv_freq`).
+
+    llama.cpp's converter writes ``rope.scaling.type`` linear (+ ``factor``) or yarn (+ ``factor``,
+    ``original_context_length``, ``yarn_beta_fast`` / ``yarn_beta_slow`` / ``yarn_attn_factor`` where the
+    checkpoint had them); Llama 3's scaling as a ``rope_freqs`` tensor (read by the caller); LongRoPE (Phi-3)
+    as the tensors ``rope_factors_long`` / ``rope_factors_short`` with ``rope.scaling.original_context_length``
+    and ``rope.scaling.attn_factor`` (the type is often not written at all).
+    """
+    t = g.tensors
+    kind = get("rope.scaling.type", "none")
+    orig = get("rope.scaling.original_context_length")
+    if "rope_factors_long.weight" in t or "rope_factors_short.weight" in t:
+        if kind not in ("none", None, "longrope"):
+            raise UnsupportedModelError(g.path, f"rope_factors_long/short tensors with RoPE scaling {kind!r}")
+        if "rope_factors_long.weight" not in t or "rope_factors_short.weight" not in t:
+            raise ModelLoadError(g.path, "LongRoPE needs both rope_factors_long.weight and rope_factors_short.weight")
+        if orig is None:
+            raise ModelLoadError(g.path, "LongRoPE factors without rope.scaling.original_context_length")
+        sc: dict[str, Any] = {"rope_type": "longrope", "original_max_position_embeddings": int(orig),
+                              "long_factor": g.load("rope_factors_long.weight").astype(np.float64).tolist(),
+                              "short_factor": g.load("rope_factors_short.weight").astype(np.float64).tolist()}
+        if get("rope.scaling.attn_factor") is not None:
+            sc["attention_factor"] = float(get("rope.scaling.attn_factor"))
+        return sc
+    if kind in ("none", None):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(get("rope.scaling.factor", 1.0))}
+    if kind == "yarn":
+        if get("rope.scaling.yarn_log_multiplier") is not None or get("rope.scaling.yarn_ext_factor", 1.0) != 1.0:
+            raise UnsupportedModelError(g.path, "YaRN with rope.scaling.yarn_log_multiplier or yarn_ext_factor ≠ 1 "
+                                                "is not supported")
+        sc = {"rope_type": "yarn", "factor": float(get("rope.scaling.factor", required=True))}
+        if orig is not None:
+            sc["original_max_position_embeddings"] = int(orig)
+        for key, ours in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"),
+                          ("yarn_attn_factor", "attention_factor")):
+            if get(f"rope.scaling.{key}") is not None:
+                sc[ours] = float(get(f"rope.scaling.{key}"))
+        return sc
+    raise UnsupportedModelError(
+        g.path, f"RoPE scaling {kind!r} is not supported (supported: none, linear, yarn, llama3 via rope_freqs, "
+                "longrope via rope_factors_long/short)")
 
 
 def _rules(cfg: LlamaConfig) -> list[tuple[str, str]]:
@@ -162,11 +258,18 @@ def load_gguf_model(path: str | Path, dtype: torch.dtype = torch.float32, g: GGU
     plan: Plan = {}
     rules = _rules(cfg)
     for ours in shapes:
-        src = next(re.fullmatch(p, ours).expand(tpl) for p, tpl in rules if re.fullmatch(p, ours))
-        plan[ours] = (src, loader(src, ours))
-    check_present(g.path, plan, g.tensors)
-    check_leftovers(g.path, plan, g.tensors, _ignore(cfg))
-    for src, _ in plan.values():  # refuse unsupported tensor types before dequantising anything
+        srcs = [re.fullmatch(p, ours).expand(tpl) for p, tpl in rules if re.fullmatch(p, ours)]
+        # a rule naming part of a fused tensor (_PART) applies where the file has that tensor
+        src = next((s for s in srcs if not _PART.fullmatch(s) or _base(s) in g.tensors), srcs[0])
+        if _PART.fullmatch(src):
+            plan[ours] = (src, _part_loader(g, cfg, src))
+            continue
+        e = expert_of(ours)  # one expert's rows of a layer's stacked expert tensor
+        plan[ours] = (src, loader(src, ours) if e is None else expert_loader(g, src, e))
+    files = {ours: (_base(src), load) for ours, (src, load) in plan.items()}  # the file's tensors (parts: whole)
+    check_present(g.path, files, g.tensors)
+    check_leftovers(g.path, files, g.tensors, _ignore(cfg))
+    for src, _ in files.values():  # refuse unsupported tensor types before dequantising anything
         g.check_type(src)
     if quantize is None:
         return materialize(model, shapes, plan, g.path, dtype)
@@ -181,13 +284,17 @@ def quantized_linear(g: GGUFFile, cfg: LlamaConfig, src: str, scheme: str, group
     """The quantized layer of GGUF weight ``src`` (None: "auto" keeps this tensor type in float)."""
     from ..quant import Int4Linear, Int8Linear, quantize_weight
 
-    kind, heads = g.tensors[src].ggml_type, _permuted_heads(cfg, src)
+    heads = _permuted_heads(cfg, src)
+    src, part = _rows(g, cfg, src)  # part: the rows of a fused tensor (_PART), or None
+    kind = g.tensors[src].ggml_type
 
     def rows(a: torch.Tensor) -> torch.Tensor:
+        a = a if part is None else a[part]
         return a if heads is None else unpermute_qk(a, heads)
 
     if scheme == "gguf":  # the file's blocks under attnkit's kernel; else what "auto" would do
-        native = native_linear(g, src, rows, bias, interleaved=False if _FUSED.fullmatch(src) else None)
+        fused = _FUSED.fullmatch(src) or part is not None  # a fused tensor's parts are fused again (attnkit.nn.fused)
+        native = native_linear(g, src, rows, bias, interleaved=False if fused else None)
         if native is not None:
             return native
         scheme = "auto"
@@ -266,13 +373,16 @@ def _materialize_quantized(model: Llama, shapes: dict[str, torch.Size], plan: Pl
     head_src = "token_embd.weight" if cfg.tie_embeddings else plan["lm_head.weight"][0]
 
     def scheme_of(src: str) -> str:  # the head is never requantized to int4 (see attnkit.quant.quantize_model)
-        return "int8" if src == head_src and scheme == "int4" and g.tensors[src].ggml_type not in _Q4 else scheme
+        return "int8" if src == head_src and scheme == "int4" and g.tensors[_base(src)].ggml_type not in _Q4 else scheme
 
     quantized: dict[str, nn.Module] = {}
     for name in linears:
         src = plan[f"{name}.weight"][0]
         bias = plan[f"{name}.bias"][1]() if f"{name}.bias" in plan else None
-        q = quantized_linear(g, cfg, src, scheme_of(src), group_size, bias, compute_dtype)
+        if MOE_LINEAR.fullmatch(name):  # a router or one expert's slice of the stacked expert tensors
+            q = moe_linear(g, name, src, scheme, group_size, compute_dtype)
+        else:
+            q = quantized_linear(g, cfg, src, scheme_of(src), group_size, bias, compute_dtype)
         if q is None:
             continue
         if (q.out_features, q.in_features) != tuple(shapes[f"{name}.weight"]):
@@ -287,7 +397,7 @@ def _materialize_quantized(model: Llama, shapes: dict[str, torch.Size], plan: Pl
     if scheme == "gguf":
         from ..quant.native import GGUFBlockEmbedding
 
-        _warn_dequantized(g, [src for src, _ in plan.values()])
+        _warn_dequantized(g, {_base(src) for src, _ in plan.values()})
         if cfg.tie_embeddings and head is not None and hasattr(head, "blocks"):
             embedding = GGUFBlockEmbedding(head)  # rows decoded from the head's blocks: no float copy of the table
         elif not cfg.tie_embeddings:  # the table's own blocks, rows decoded as looked up (kept in GGUF's row layout)
@@ -319,3 +429,133 @@ def _materialize_quantized(model: Llama, shapes: dict[str, torch.Size], plan: Pl
     if left:  # pragma: no cover - a bug in the plan, never a bad file
         raise ModelLoadError(g.path, f"{left[0]} was not loaded ({len(left)} tensors left unloaded)")
     return model.eval()
+
+
+# -- mixtures of experts (attnkit.models.moe): a layer's experts are 3-D tensors in GGUF ------------------------
+#: our MoE projections: the router and expert e's gate/up/down, which read rows e·R … (e+1)·R of the stacked
+#: ``blk.N.ffn_{gate,up,down}_exps.weight`` (PyTorch shape (E, R, C), viewed as (E·R, C))
+MOE_LINEAR = re.compile(r"layers\.\d+\.ffn\.(router|experts\.(\d+)\.(gate|up|down)_proj)")
+_EXPERT_PARAM = re.compile(r"layers\.\d+\.ffn\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
+
+
+def expert_of(ours: str) -> int | None:
+    """The expert whose weight parameter ``ours`` is (``layers.N.ffn.experts.E.gate_proj.weight`` → E), or None."""
+    m = _EXPERT_PARAM.fullmatch(ours)
+    return int(m.group(1)) if m else None
+
+
+def _expert_rows(g: GGUFFile, src: str, e: int) -> tuple[int, int, int]:
+    """(first row, rows, columns) of expert ``e`` in the stacked tensor ``src`` viewed as (E·R, C)."""
+    shape = g.tensors[src].shape
+    if len(shape) != 3 or not 0 <= e < shape[0]:
+        raise ModelLoadError(g.path, f"expected experts stacked in a 3-D tensor (experts, rows, columns) holding "
+                                     f"expert {e}, got shape {shape}", tensor=src)
+    return e * shape[1], shape[1], shape[2]
+
+
+def expert_loader(g: GGUFFile, src: str, e: int):
+    """A loader of expert ``e``'s (R, C) float32 weight: only its rows are read and dequantised."""
+    from gguf.quants import dequantize
+
+    def load() -> torch.Tensor:
+        g.check_type(src)
+        start, n, cols = _expert_rows(g, src, e)
+        kind = g.tensors[src].ggml_type
+        rows = g.blocks(src)[start:start + n]  # (R, row bytes), viewing the file
+        out = np.empty((n, cols), dtype=np.float32)
+        step = max(1, (1 << 18) // cols)  # ~256 k values per call, as GGUFFile.load
+        for r in range(0, n, step):
+            out[r:r + step] = dequantize(np.ascontiguousarray(rows[r:r + step]), kind).reshape(-1, cols)
+        return torch.from_numpy(out)
+
+    return load
+
+
+def moe_linear(g: GGUFFile, name: str, src: str, scheme: str, group_size: int,
+               compute_dtype: torch.dtype) -> nn.Module | None:
+    """The quantized layer of a router or of one expert's projection (None: it stays float).
+
+    "gguf": the file's blocks under attnkit's kernels — an expert's rows of the stacked tensor, viewed in place
+    (gate/up, in GGUF's layout for fusion to repack once, as the dense ffn_gate/ffn_up) or interleaved (down);
+    types without a kernel as "auto". "auto": Q8_0 experts → int8, Q4_0/Q4_1 → int4 exactly (the blocks' codes and
+    scales, as :func:`quantized_linear`), others float. "int8" / "int4": the dequantised rows quantized. The router (E rows)
+    keeps the file's blocks with "gguf" and is never re-quantized: the top-k choice is made on its exact logits.
+    """
+    from ..quant import Int8Linear, quantize_weight
+
+    m = MOE_LINEAR.fullmatch(name)
+    kind = g.tensors[src].ggml_type
+    if m.group(1) == "router":
+        return native_linear(g, src) if scheme == "gguf" else None  # F32 / F16 (the converter's): stays float
+    e = int(m.group(2))
+    if scheme == "gguf":
+        native = _native_expert(g, src, e, interleaved=False if m.group(3) in ("gate", "up") else None)
+        if native is not None:
+            return native
+        scheme = "auto"
+    if kind in _Q4 and scheme in ("auto", "int4"):  # exact, as quantized_linear: the blocks' own codes and scales
+        return _expert_int4(g, src, e, compute_dtype)
+    if scheme == "auto":
+        if kind != GGMLQuantizationType.Q8_0:
+            return None
+        scheme = "int8"
+    w = expert_loader(g, src, e)()
+    if scheme == "int8":
+        return Int8Linear.from_float(w, None, compute_dtype)
+    return quantize_weight(w, "int4", None, group_size, compute_dtype)
+
+
+def _expert_int4(g: GGUFFile, src: str, e: int, compute_dtype: torch.dtype) -> nn.Module:
+    """Expert ``e``'s Q4_0 / Q4_1 rows as an Int4Linear, bit for bit (see :meth:`GGUFFile.load_q4`: a block is
+    f16 d [, f16 m], then 16 bytes holding element j in the low nibble of byte j, element j + 16 in the high one)."""
+    from ..quant import Int4Linear
+
+    t = g.tensors[src]
+    start, n, cols = _expert_rows(g, src, e)
+    size = 20 if t.ggml_type == GGMLQuantizationType.Q4_1 else 18
+    raw = g.blocks(src)[start:start + n].reshape(n, cols // 32, size)
+    d = torch.from_numpy(raw[..., 0:2].copy().view("<f2")[..., 0].astype(np.float32))  # (R, C/32)
+    m = torch.from_numpy(raw[..., 2:4].copy().view("<f2")[..., 0].astype(np.float32)) if size == 20 else None
+    qs = raw[..., size - 16:]
+    codes = torch.from_numpy(np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n, cols))
+    zeros = 8 * d + m if m is not None else torch.zeros_like(d)  # w = d·q + m = d·(q − 8) + (m + 8d)
+    return Int4Linear.from_codes(codes, d, zeros, 32, None, compute_dtype)
+
+
+def _native_expert(g: GGUFFile, src: str, e: int, interleaved: bool | None) -> nn.Module | None:
+    """Expert ``e``'s rows of the stacked blocks under attnkit's kernels (None: no kernel for the type). Viewed in
+    place in the file's mapping unless interleaved; the file's pages of rows that were copied are dropped."""
+    from ..quant.native import NATIVE_TYPES, GGUFBlockLinear, library
+
+    t = g.tensors[src]
+    if library() is None or t.ggml_type.name not in NATIVE_TYPES:
+        return None
+    start, n, cols = _expert_rows(g, src, e)
+    blocks = torch.from_numpy(g.blocks(src))[start:start + n]  # (R, row bytes): contiguous rows, no copy
+    try:
+        layer = GGUFBlockLinear(blocks, t.ggml_type.name, cols, None, interleaved=interleaved)
+    except ValueError as err:
+        raise ModelLoadError(g.path, f"expert {e}: {err}", tensor=src) from err
+    # an expert sees a few of a prompt chunk's rows (k / E of them): the integer kernel beats decoding the whole
+    # expert for the dense product there, and takes every row alike (batch invariance), as for the head
+    layer.dense_for_prompts = False
+    release = functools.partial(_release_rows, g, src, start, n)
+    if g.aliases(layer.blocks.data_ptr()):
+        layer.on_release = release  # once fusion has copied it (GGUFBlockLinear.cat_out)
+    else:
+        release()
+    return layer
+
+
+def _release_rows(g: GGUFFile, src: str, start: int, n: int) -> None:
+    """:meth:`GGUFFile.release` for rows ``start`` … ``start + n`` of ``src`` (one expert's): only the pages
+    wholly inside them, so the neighbouring experts' rows stay resident."""
+    import mmap
+
+    t = g.tensors[src]
+    row = t.nbytes // (t.shape[0] * t.shape[1])
+    page = mmap.PAGESIZE
+    lo = -(-(t.offset + start * row) // page) * page
+    hi = (t.offset + (start + n) * row) // page * page
+    if hi > lo and hasattr(g._mm, "madvise"):
+        g._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)

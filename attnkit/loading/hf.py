@@ -19,7 +19,7 @@ from torch import nn
 
 from ..models.bert import Bert, BertConfig
 from ..models.gpt2 import GPT2, GPT2Config
-from ..models.llama import Llama, LlamaConfig
+from ..models.llama import ROPE_TYPES, Llama, LlamaConfig, rotary_embedding
 from .common import Plan, check_leftovers, check_present, expected_shapes, materialize
 from .errors import ModelLoadError, UnsupportedModelError
 
@@ -48,7 +48,8 @@ def model_config(c: dict[str, Any], file: Path) -> LlamaConfig | GPT2Config | Be
         cfg = _llama_config(c, file)
         try:
             cfg = family.hf_config(cfg, c) if family.hf_config is not None else cfg
-        except (ValueError, KeyError) as e:
+            rotary_embedding(cfg)  # the RoPE scaling's parameters, checked before any weight is read
+        except (ValueError, KeyError, TypeError) as e:
             raise UnsupportedModelError(file, f"{mt}: {e}") from e
         return replace(cfg, extra={**cfg.extra, "family": family.name})
     if mt == "gpt2":
@@ -78,15 +79,22 @@ def _llama_config(c: dict[str, Any], file: Path) -> LlamaConfig:
     """What every decoder family's config.json says the same way (families then set their own options)."""
     mt = c["model_type"]
     act = c.get("hidden_act", c.get("hidden_activation", "silu"))
+    if mt == "gemma" and act == "gelu":  # Gemma 1's legacy value; transformers' GemmaConfig reads it as the tanh GELU
+        act = "gelu_pytorch_tanh"
     if act not in ("silu", "gelu_pytorch_tanh"):
         raise UnsupportedModelError(file, f"hidden_act {act!r} is not supported for {mt} (expected silu or gelu_pytorch_tanh)")
     # transformers ≥ 5 writes rope_parameters (theta + scaling); older versions rope_theta + rope_scaling
     rope = dict(c.get("rope_parameters") or {})
     theta = c.get("rope_theta", rope.get("rope_theta", 10000.0))
-    scaling = c.get("rope_scaling") or rope
+    scaling = dict(c.get("rope_scaling") or rope)
     kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
-    if kind not in ("default", "linear", "llama3"):
-        raise UnsupportedModelError(file, f"RoPE scaling {kind!r} is not supported (supported: default, linear, llama3)")
+    if kind not in ROPE_TYPES:
+        raise UnsupportedModelError(file, f"RoPE scaling {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    if kind in ("llama3", "yarn", "longrope", "su"):  # transformers' standardize_rope_params
+        orig = scaling.get("original_max_position_embeddings") or c.get("original_max_position_embeddings")
+        scaling["original_max_position_embeddings"] = orig or c.get("max_position_embeddings", 4096)
+    if kind in ("linear", "dynamic") and not isinstance(scaling.get("factor"), (int, float)):
+        raise UnsupportedModelError(file, f"RoPE scaling {kind!r} without a numeric factor")
     nh = c["num_attention_heads"]
     attn_bias = bool(c.get("attention_bias", False))
     return LlamaConfig(

@@ -79,18 +79,31 @@ class LlamaConfig:
         return int(self.hd * self.partial_rotary) // 2 * 2
 
 
-def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+def rope_inv_freq(cfg: LlamaConfig, long: bool = False) -> torch.Tensor:
     """θ_i = base^(−2i/d), then the checkpoint's frequency scaling. Computed on the CPU in float64.
 
-    "linear" (position interpolation, Chen et al. 2023): θ_i / factor.
+    As transformers' ``modeling_rope_utils`` (d = the rotated dimensions, s = ``factor``, L = the original
+    context ``original_max_position_embeddings``):
+
+    "linear" (position interpolation, Chen et al. 2023): θ_i / s.
     "llama3": long wavelengths (> original_context / low_freq_factor) are divided by ``factor``, short
     ones (< original_context / high_freq_factor) kept, the band between interpolated smoothly —
     as in Meta's reference code for Llama 3.1.
+    "yarn" (Peng et al. 2023, "YaRN", §3.2 "NTK-by-parts", eq. 17–18): with r_i = L·θ_i/2π rotations
+    in the original context, dimensions turning more than ``beta_fast`` times keep θ_i, those turning
+    less than ``beta_slow`` times are interpolated to θ_i / s, a linear ramp over the dimension index in
+    between (the ramp's ends floored / ceiled unless ``truncate`` is false). The attention factor is
+    :func:`rope_attention_factor`.
+    "longrope" / "su" (Ding et al. 2024, "LongRoPE", §3; Phi-3): θ_i / λ_i with per-frequency rescale
+    factors λ = ``short_factor``, or ``long_factor`` (``long=True``) for sequences longer than L.
+    "dynamic" (dynamic NTK-aware scaling, bloc97/emozilla): θ_i unchanged here — the base depends on the
+    sequence's length, which :class:`~attnkit.nn.RotaryEmbedding` applies at run time (``dynamic_ntk``).
     """
     d = cfg.rotary_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d))  # (d/2,)
+    base = cfg.rope_theta
+    inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d))  # (d/2,)
     sc = cfg.rope_scaling or {}
-    kind = sc.get("rope_type", sc.get("type", "default"))
+    kind = rope_type(cfg)
     if kind == "linear":
         inv = inv / sc["factor"]
     elif kind == "llama3":
@@ -102,11 +115,94 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
         inv = torch.where(medium, smoothed, scaled)
-    elif kind != "default":
-        raise ValueError(f"RoPE scaling {kind!r} is not supported (supported: default, linear, llama3)")
+    elif kind == "yarn":
+        factor, old_ctx = _yarn_factor(cfg), _original_ctx(cfg)
+        beta_fast, beta_slow = sc.get("beta_fast") or 32, sc.get("beta_slow") or 1
+
+        def dim_of(rotations: float) -> float:  # the dimension index turning `rotations` times in L positions
+            return d * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = dim_of(beta_fast), dim_of(beta_slow)
+        if sc.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, d - 1)
+        if low == high:
+            high += 0.001  # as transformers: no division by zero
+        ramp = ((torch.arange(d // 2, dtype=torch.float64, device="cpu") - low) / (high - low)).clamp(0, 1)  # (d/2,)
+        extrapolate = 1 - ramp  # 1: keep θ_i (high frequencies), 0: θ_i / s
+        inv = (inv / factor) * (1 - extrapolate) + inv * extrapolate
+    elif kind == "longrope":
+        key = "long_factor" if long else "short_factor"
+        ext = torch.tensor(sc[key], dtype=torch.float64, device="cpu")
+        if ext.shape != inv.shape:
+            raise ValueError(f"longrope {key} has {ext.numel()} values, the {d} rotated dimensions need {d // 2}")
+        inv = inv / ext
+    elif kind not in ("default", "dynamic"):
+        raise ValueError(f"RoPE scaling {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
     if cfg.rope_freq_factors is not None:
         inv = inv / torch.tensor(cfg.rope_freq_factors, dtype=torch.float64, device="cpu")
     return inv
+
+
+#: the RoPE scaling types :func:`rope_inv_freq` computes ("su": Phi-3's old name of longrope)
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope", "su")
+
+
+def rope_type(cfg: LlamaConfig) -> str:
+    sc = cfg.rope_scaling or {}
+    kind = sc.get("rope_type", sc.get("type", "default"))
+    return "longrope" if kind == "su" else kind
+
+
+def _original_ctx(cfg: LlamaConfig) -> int:
+    return int((cfg.rope_scaling or {}).get("original_max_position_embeddings") or cfg.max_seq_len)
+
+
+def _yarn_factor(cfg: LlamaConfig) -> float:
+    f = (cfg.rope_scaling or {}).get("factor")
+    return float(f) if f is not None else cfg.max_seq_len / _original_ctx(cfg)  # transformers: max / original
+
+
+def rope_attention_factor(cfg: LlamaConfig) -> float:
+    """The factor on cos and sin (so on every attention logit, squared) of the scaled RoPE variants.
+
+    YaRN (Peng et al. 2023, eq. 22, √(1/t) = 0.1·ln s + 1): ``attention_factor`` if given, else
+    mscale(s, ``mscale``) / mscale(s, ``mscale_all_dim``) when both are given (DeepSeek), else mscale(s)
+    with mscale(s, m) = 0.1·m·ln s + 1 (1 for s ≤ 1). LongRoPE (Ding et al. 2024; transformers'
+    ``_compute_longrope_parameters``): ``attention_factor`` if given, else √(1 + ln s / ln L) with
+    s = ``factor`` or max_position_embeddings / L (1 for s ≤ 1). Every other type: 1.
+    """
+    sc, kind = cfg.rope_scaling or {}, rope_type(cfg)
+    if kind not in ("yarn", "longrope"):
+        return 1.0
+    if sc.get("attention_factor") is not None:
+        return float(sc["attention_factor"])
+    factor = _yarn_factor(cfg)
+    if factor <= 1:
+        return 1.0
+    if kind == "longrope":
+        return math.sqrt(1 + math.log(factor) / math.log(_original_ctx(cfg)))
+
+    def mscale(s: float, m: float = 1.0) -> float:
+        return 0.1 * m * math.log(s) + 1.0
+
+    if sc.get("mscale") and sc.get("mscale_all_dim"):
+        return mscale(factor, sc["mscale"]) / mscale(factor, sc["mscale_all_dim"])
+    return mscale(factor)
+
+
+def rotary_embedding(cfg: LlamaConfig) -> RotaryEmbedding:
+    """The model's RoPE: :func:`rope_inv_freq`, the attention factor, and LongRoPE's long frequencies or
+    dynamic NTK's length-dependent base where the checkpoint scales its RoPE so."""
+    kind, sc = rope_type(cfg), cfg.rope_scaling or {}
+    extra: dict[str, Any] = {}
+    if kind == "longrope":
+        extra = {"long_inv_freq": rope_inv_freq(cfg, long=True), "long_after": _original_ctx(cfg)}
+    elif kind == "dynamic":
+        # transformers: the sequence length is compared with max_position_embeddings (not an "original" one)
+        extra = {"dynamic_ntk": (float(sc["factor"]), cfg.max_seq_len)}
+    return RotaryEmbedding(cfg.hd, base=cfg.rope_theta, rotary_dim=cfg.rotary_dim, inv_freq=rope_inv_freq(cfg),
+                           attention_factor=rope_attention_factor(cfg), **extra)
 
 
 class Llama(nn.Module):
@@ -135,7 +231,7 @@ class Llama(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.output_head: nn.Module | None = None  # replaces the LM head when set (attnkit.quant: a quantized head)
         # inv_freq is built on the CPU explicitly so the model can be constructed on the meta device
-        self.rotary = RotaryEmbedding(cfg.hd, rotary_dim=cfg.rotary_dim, inv_freq=rope_inv_freq(cfg))
+        self.rotary = rotary_embedding(cfg)
         self.rotary_local: RotaryEmbedding | None = None  # Gemma 3: the windowed layers' own RoPE
         if cfg.rope_local_theta is not None:
             local = replace(cfg, rope_theta=cfg.rope_local_theta, rope_scaling=None, rope_freq_factors=None)
@@ -152,24 +248,29 @@ class Llama(nn.Module):
         With ``cache`` the tokens continue the cached sequence: their positions start at its length.
         The inference engine passes explicit ``positions`` (T,) of its packed row of many sequences,
         a per-layer cache that masks by itself, and ``logits_indices``: the only rows it needs logits of.
-        ``inputs_embeds`` (B, T, d) replaces the embedding lookup (soft prompts, P-tuning).
+        ``inputs_embeds`` (B, T, d) replaces the embedding lookup and its ``embed_scale`` (soft prompts, P-tuning).
         """
         if (idx is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of idx (token ids) and inputs_embeds")
         B, T = idx.shape if idx is not None else inputs_embeds.shape[:2]  # type: ignore[union-attr]
         device = idx.device if idx is not None else inputs_embeds.device  # type: ignore[union-attr]
         masks: dict[int | None, torch.Tensor | None] = {}  # one mask per distinct window
+        seq_len = None  # the engine's explicit positions: length-dependent RoPE per position (RotaryEmbedding)
         if positions is None:
             start = cache[0].length if cache is not None else 0
+            seq_len = start + T  # as transformers: max(position_ids) + 1 for every token of this pass
             positions = torch.arange(start, start + T, device=device)  # (T,)
             for i in range(len(self.layers)):
                 w = self.cfg.window(i)
                 if w not in masks:
                     masks[w] = self._mask(T, start + T, device, w)  # (T, start+T) or None
-        x = self.tok_embeddings(idx) if inputs_embeds is None else inputs_embeds  # (B, T, d)
-        if self.cfg.embed_scale != 1.0:  # Gemma: the normaliser √d rounded to the activations' dtype
-            x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
-        rotary = self.rotary.at(positions)  # the angles once for all layers
+        if inputs_embeds is None:
+            x = self.tok_embeddings(idx)  # (B, T, d)
+            if self.cfg.embed_scale != 1.0:  # Gemma: the normaliser √d rounded to the activations' dtype
+                x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
+        else:  # taken as they are, already scaled (as transformers' inputs_embeds and llama.cpp's embeddings input)
+            x = inputs_embeds
+        rotary = self.rotary.at(positions, seq_len)  # the angles once for all layers
         local = self.rotary_local.at(positions) if self.rotary_local is not None else rotary
         for i, layer in enumerate(self.layers):
             # without explicit positions the mask is ours; with them the cache (the engine's paged KV) knows
@@ -219,11 +320,18 @@ def _qwen2_hf(cfg: LlamaConfig, c: dict[str, Any]) -> LlamaConfig:
     return replace(cfg, qkv_bias=True)
 
 
+def _llama_gguf(cfg: LlamaConfig, get, tensors: dict[str, Any]) -> LlamaConfig:
+    """A llama file with expert tensors is a Mixtral (:func:`attnkit.models.moe.llama_gguf`)."""
+    from .moe import llama_gguf  # not at import: the moe module registers its families after these
+
+    return llama_gguf(cfg, get, tensors)
+
+
 _ALL = {"HF": "yes", "GGUF": "yes", "engine": "yes", "C step": "yes", "LoRA": "yes"}
-register(Family("llama", hf_types=("llama",), gguf_archs=("llama",), hf_config=_llama_hf, permute_qk=True,
-                supports=_ALL, example="Llama-3.2-1B, SmolLM2"))
+register(Family("llama", hf_types=("llama",), gguf_archs=("llama",), hf_config=_llama_hf, gguf_config=_llama_gguf,
+                permute_qk=True, supports=_ALL, example="Llama-3.2-1B, SmolLM2"))
 register(Family("mistral", hf_types=("mistral",), hf_config=_mistral_hf,
-                supports={**_ALL, "GGUF": "yes (as llama)", "C step": "yes (window ≥ context)"},
+                supports={**_ALL, "GGUF": "yes (as llama)", "C step": "yes"},
                 example="Mistral-7B-v0.1"))
 register(Family("qwen2", hf_types=("qwen2",), gguf_archs=("qwen2",), hf_config=_qwen2_hf, supports=_ALL,
                 example="Qwen2.5-0.5B"))

@@ -108,4 +108,4 @@ def _load_all() -> None:
 
 
 #: the family modules, in the order `attnkit models` lists them
-FAMILY_MODULES = ("llama", "qwen3")
+FAMILY_MODULES = ("llama", "qwen3", "gemma", "moe", "phi3")

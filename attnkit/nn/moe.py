@@ -8,12 +8,17 @@
 Mixtral (Jiang et al. 2024, "Mixtral of Experts", eq. 1–2) takes the softmax over the k chosen logits,
 which is the renormalised form above. Only the chosen experts run, each once on all the tokens routed to
 it (tokens grouped by expert), so a step reads only the weights of the experts it uses.
+
+The module's contract (the GGUF loader and the C decode step rely on it): ``router`` is an ``nn.Linear``
+(E outputs, no bias; float32 unless the model was loaded in another dtype) or a ``GGUFBlockLinear`` (the file's
+blocks); ``top_k``, ``n_experts``, ``norm_topk_prob``; ``experts[e]`` a :class:`~attnkit.nn.ffn.SwiGLU` whose
+``gate_proj``, ``up_proj``, ``down_proj`` are ``GGUFBlockLinear`` on the quantized GGUF path (expert e's rows
+of the file's stacked tensor), and ``gate_up_proj`` instead of gate/up once fused (``SwiGLU.fuse``).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .ffn import SwiGLU
@@ -33,7 +38,10 @@ class SparseMoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, d) → the chosen experts (N, k) and their weights (N, k) float32."""
-        probs = torch.softmax(self.router(x).float(), dim=-1)  # (N, E)
+        w = getattr(self.router, "weight", None)  # a float router computes in its own dtype (float32 as a rule)
+        cast = isinstance(w, torch.Tensor) and w.is_floating_point() and w.dtype != x.dtype
+        logits = self.router(x.to(w.dtype) if cast else x)
+        probs = torch.softmax(logits.float(), dim=-1)  # (N, E)
         weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, k)
         if self.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)
@@ -44,11 +52,18 @@ class SparseMoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, d)
         chosen, weights = self.route(x)
+        weights = weights.to(x.dtype)
+        out = self._one(x, chosen, weights) if x.shape[0] == 1 else self._grouped(x, chosen, weights)
+        return out.view(shape)
+
+    def _grouped(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Each chosen expert once, on all its tokens (one matrix product per projection, not one per token);
+        each token's outputs summed in the order of the expert ids."""
         flat = chosen.flatten()  # (N·k,)
         order = flat.argsort(stable=True)  # assignments grouped by expert, tokens in order within each
         counts = torch.bincount(flat, minlength=self.n_experts).tolist()
         token = order // self.top_k  # the token of each grouped assignment
-        w = weights.flatten()[order].to(x.dtype)[:, None]
+        w = weights.flatten()[order][:, None]
         out = torch.zeros_like(x)
         start = 0
         for e, n in enumerate(counts):
@@ -56,7 +71,16 @@ class SparseMoE(nn.Module):
                 rows = token[start:start + n]
                 out.index_add_(0, rows, self.experts[e](x[rows]) * w[start:start + n])
                 start += n
-        return out.view(shape)
+        return out
+
+    def _one(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """One token (a decode step): its k experts in turn, without the grouping's sort and scatter — the same
+        operations in the same order as :meth:`_grouped`, so the same bits."""
+        ids = chosen[0].tolist()
+        out = torch.zeros_like(x)
+        for j in sorted(range(self.top_k), key=ids.__getitem__):
+            out += self.experts[ids[j]](x) * weights[0, j]
+        return out
 
     def extra_repr(self) -> str:
         return f"n_experts={self.n_experts}, top_k={self.top_k}, norm_topk_prob={self.norm_topk_prob}"

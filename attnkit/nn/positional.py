@@ -78,26 +78,83 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """RoPE in the half-split convention: x·cos(pos·θ) + rotate_half(x)·sin(pos·θ).
 
-    ``inv_freq`` may be passed in precomputed (e.g. Llama-3 frequency scaling); ``rotary_dim`` < head_dim
-    rotates only the first dimensions (partial rotary).
+    ``inv_freq`` may be passed in precomputed (e.g. Llama-3 or YaRN frequency scaling); ``rotary_dim`` < head_dim
+    rotates only the first dimensions (partial rotary). The long-context variants of RoPE add:
+
+    - ``attention_factor``: cos and sin multiplied by it, which scales every q·k logit by its square (YaRN's
+      mscale 0.1·ln s + 1, Peng et al. 2023, eq. 22; LongRoPE's √(1 + ln s / ln L), Ding et al. 2024) —
+      as transformers' ``attention_scaling``.
+    - ``long_inv_freq`` with ``long_after`` = L (LongRoPE, Ding et al. 2024; Phi-3's "su"/"longrope"): the
+      frequencies of a sequence longer than L tokens (``inv_freq`` holds the short ones).
+    - ``dynamic_ntk`` = (s, L) (dynamic NTK-aware scaling, bloc97/emozilla, as transformers'
+      ``_compute_dynamic_ntk_parameters``): a sequence of n > L tokens uses the base
+      b' = b·(s·n/L − (s − 1))^(d/(d−2)), so θ_i = b'^(−2i/d); ``base`` is b.
+
+    Which length "the sequence" has: ``cos_sin(positions, seq_len=n)`` uses n for every position (the model's
+    own forward passes n = its cache length + T, as transformers does with max(position_ids) + 1, so that its
+    KV-cached decoding rotates each new token exactly as transformers' generate). Without ``seq_len`` (the
+    inference engine's packed rows of many sequences) each position p is taken at length p + 1 — what
+    transformers uses when it decodes that token — so a token's rotation never depends on which other
+    sequences share its batch. A prompt longer than L prefilled by the engine therefore rotates its first L
+    positions with the short frequencies where transformers' single forward uses the long ones for all.
     """
 
     def __init__(self, head_dim: int, base: float = 10000.0, rotary_dim: int | None = None,
-                 inv_freq: torch.Tensor | None = None) -> None:
+                 inv_freq: torch.Tensor | None = None, attention_factor: float = 1.0,
+                 long_inv_freq: torch.Tensor | None = None, long_after: int | None = None,
+                 dynamic_ntk: tuple[float, int] | None = None) -> None:
         super().__init__()
         rotary_dim = head_dim if rotary_dim is None else rotary_dim
         if rotary_dim % 2 != 0:
             raise ValueError(f"rotary_dim must be even, got {rotary_dim}")
         if inv_freq is None:
             inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
-        self.rotary_dim = rotary_dim
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        if (long_inv_freq is None) != (long_after is None):
+            raise ValueError("long_inv_freq and long_after go together (LongRoPE)")
+        self.rotary_dim, self.base, self.attention_factor = rotary_dim, float(base), float(attention_factor)
+        self.long_after, self.dynamic_ntk = long_after, dynamic_ntk
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)  # (rd/2,)
+        self.long_inv_freq: torch.Tensor | None
+        self.register_buffer("long_inv_freq", None if long_inv_freq is None else long_inv_freq.float(), persistent=False)
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (T,) or (B, T) → cos, sin of shape (T, rd) or (B, 1, T, rd), broadcastable to q."""
-        angles = positions.to(torch.float32)[..., None] * self.inv_freq  # (..., T, rd/2)
+    @property
+    def length_dependent(self) -> bool:
+        """Whether the frequencies depend on the sequence's length (LongRoPE, dynamic NTK)."""
+        return self.long_inv_freq is not None or self.dynamic_ntk is not None
+
+    def _dynamic_inv_freq(self, n: torch.Tensor) -> torch.Tensor:
+        """Dynamic NTK frequencies at sequence lengths n (...,) → (..., rd/2), in float32 as transformers."""
+        factor, max_len = self.dynamic_ntk  # type: ignore[misc]
+        d = self.rotary_dim
+        n = torch.clamp(n.to(torch.float32), min=float(max_len))
+        base = self.base * (factor * n / max_len - (factor - 1)) ** (d / (d - 2))  # (...,)
+        expo = torch.arange(0, d, 2, dtype=torch.int64, device=n.device).float() / d  # (rd/2,)
+        return 1.0 / (base[..., None] ** expo)
+
+    def freqs(self, positions: torch.Tensor, seq_len: int | None = None) -> torch.Tensor:
+        """The inverse frequencies of ``positions``: (rd/2,) for all, or (..., T, rd/2) one set per position."""
+        if not self.length_dependent:
+            return self.inv_freq
+        if seq_len is not None:
+            n = torch.tensor(seq_len, device=positions.device)
+        else:
+            n = positions + 1  # (..., T): each position at the length at which it is decoded
+        if self.long_inv_freq is not None:
+            long = (n > self.long_after)[..., None]  # LongRoPE: long factors once the sequence is past L
+            return torch.where(long, self.long_inv_freq, self.inv_freq)
+        return self._dynamic_inv_freq(n)
+
+    def cos_sin(self, positions: torch.Tensor, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (T,) or (B, T) → cos, sin of shape (T, rd) or (B, 1, T, rd), broadcastable to q.
+
+        ``seq_len``: the length of the sequence the positions belong to (see the class docstring); it only
+        matters to the length-dependent variants.
+        """
+        angles = positions.to(torch.float32)[..., None] * self.freqs(positions, seq_len)  # (..., T, rd/2)
         emb = torch.cat((angles, angles), dim=-1)
         cos, sin = emb.cos(), emb.sin()
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
         if positions.dim() == 2:
             cos, sin = cos[:, None], sin[:, None]
         return cos, sin
@@ -112,14 +169,15 @@ class RotaryEmbedding(nn.Module):
             out = out.to(x.dtype)
         return torch.cat((out, x[..., rd:]), dim=-1) if partial else out
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """q: (B, nh, T, hd), k: (B, n_kv, T, hd), positions: (T,) or (B, T)."""
-        cos, sin = self.cos_sin(positions)
+        cos, sin = self.cos_sin(positions, seq_len)
         return self.rotate(q, cos, sin), self.rotate(k, cos, sin)
 
-    def at(self, positions: torch.Tensor) -> BoundRotary:
+    def at(self, positions: torch.Tensor, seq_len: int | None = None) -> BoundRotary:
         """cos/sin of ``positions`` computed once, for every layer of one forward pass."""
-        return BoundRotary(self, positions, *self.cos_sin(positions))
+        return BoundRotary(self, positions, *self.cos_sin(positions, seq_len))
 
 
 class BoundRotary:

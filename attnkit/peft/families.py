@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..loading.hf import name_rules
@@ -56,6 +57,10 @@ def hf_module_name(model: nn.Module, ours: str, prefix: str | None = None) -> tu
     for pattern, template, transform in rules:
         m = re.fullmatch(pattern, ours + ".weight")
         if m:
+            if getattr(transform, "fused_part", None) is not None:
+                # rows of an HF module that attnkit keeps apart (Phi-3's qkv_proj, gate_up_proj; see
+                # attnkit.models.phi3): no HF PEFT counterpart, so the adapter keeps attnkit's own module name
+                return prefix + ours, None
             name = m.expand(template.replace("{p}", prefix)).removesuffix(".weight")
             part = None
             if name.endswith("attn.c_attn"):
@@ -83,6 +88,19 @@ def input_embeddings(model: nn.Module) -> nn.Embedding:
     emb = model.tok_embeddings
     assert isinstance(emb, nn.Embedding)
     return emb
+
+
+def embed_scale(model: nn.Module) -> float:
+    """The factor the model multiplies its token embeddings by (Gemma: √d_model; 1 for the others)."""
+    return float(getattr(getattr(model, "cfg", None), "embed_scale", 1.0))
+
+
+def embed_tokens(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+    """Token ids (B, T) → what the model takes as ``inputs_embeds`` (B, T, d): the embedding rows times the
+    model's embedding scale, as HF PEFT's ``word_embeddings(input_ids)`` (Gemma's scaled embedding module)."""
+    x = input_embeddings(model)(idx)
+    scale = embed_scale(model)
+    return x if scale == 1.0 else x * torch.tensor(scale, dtype=x.dtype)
 
 
 def param_count(model: nn.Module) -> tuple[int, int]:

@@ -19,7 +19,7 @@ from torch import nn
 
 from .adapter import BottleneckConfig, add_bottleneck
 from .config import PeftConfig
-from .families import family_of, input_embeddings, kv_shape, param_count
+from .families import embed_scale, embed_tokens, family_of, input_embeddings, kv_shape, param_count
 from .ia3 import IA3Config, IA3Linear, add_ia3
 from .lora import LoraConfig, LoraLinear, add_lora
 from .p_tuning import PromptEncoder, PromptEncoderConfig
@@ -65,7 +65,7 @@ class PeftModel(nn.Module):
                 if tokenizer is None:
                     raise ValueError("prompt_tuning_init='TEXT' needs a tokenizer (pass tokenizer=...)")
                 ids = tokenizer.encode(config.prompt_tuning_init_text, add_special_tokens=False)
-            self.prompt_encoders[name] = PromptEmbedding(config, input_embeddings(m), ids)
+            self.prompt_encoders[name] = PromptEmbedding(config, input_embeddings(m), ids, embed_scale(m))
             done = []
         elif isinstance(config, PromptEncoderConfig):
             self.prompt_encoders[name] = PromptEncoder(config, kv_shape(m)[1]).to(input_embeddings(m).weight)
@@ -220,7 +220,7 @@ class PeftModel(nn.Module):
 
     def _forward_prompt(self, encoder: VirtualTokens, idx: torch.Tensor | None, args: tuple, kw: dict) -> torch.Tensor:
         x = kw.pop("inputs_embeds", None)
-        x = input_embeddings(self.base_model)(idx) if x is None else x  # (B, T, d)
+        x = embed_tokens(self.base_model, idx) if x is None else x  # (B, T, d), scaled as the model's input
         B = x.shape[0]
         prompt = encoder().to(x.dtype)  # (P, d)
         P = prompt.shape[0]

@@ -17,6 +17,10 @@ from ..models.llama import Llama
 
 def save_hf_llama(model: Llama, tokenizer: Any, directory: str | Path) -> Path:
     cfg = model.cfg
+    family = cfg.extra.get("family")
+    if family not in (None, "llama", "mistral", "qwen2"):
+        raise ValueError(f"save_hf_llama writes Llama/Mistral/Qwen2 checkpoints, not {family} "
+                         "(its config.json fields and fused tensors differ)")
     if cfg.rope_freq_factors is not None:
         raise ValueError("per-frequency RoPE factors (GGUF rope_freqs) have no config.json field")
     d = Path(directory)

@@ -11,9 +11,13 @@ from .config import PromptTuningConfig
 
 class PromptEmbedding(VirtualTokens):
     def __init__(self, config: PromptTuningConfig, word_embeddings: nn.Embedding,
-                 init_token_ids: list[int] | None = None) -> None:
+                 init_token_ids: list[int] | None = None, scale: float = 1.0) -> None:
+        """``scale``: the model's embedding scale (Gemma: √d): the soft prompt lives among the scaled input
+        embeddings (as HF PEFT's, initialised from ``word_embeddings(ids)``)."""
         super().__init__(config.num_virtual_tokens, word_embeddings.embedding_dim)
-        w = word_embeddings.weight
+        w = word_embeddings.weight.detach()
+        if scale != 1.0:
+            w = w * torch.tensor(scale, dtype=w.dtype)
         self.embedding.to(device=w.device, dtype=w.dtype)
         with torch.no_grad():
             if config.prompt_tuning_init == "TEXT":
