@@ -264,3 +264,17 @@ def test_gguf_pre_tokenizers_match_transformers(trained_bpe, tmp_path, pre):
     if pre in ("gpt2", "llama-bpe"):  # the pre-tokenizer matters: splitting digits changes these ids
         meta = dict(GGUFFile(tmp_path / "t.gguf").metadata, **{"tokenizer.ggml.pre": "smollm"})
         assert Tokenizer.from_gguf(meta).encode(texts[-2]) != ours.encode(texts[-2])
+
+
+def test_gguf_end_of_turn_tokens_stop_without_an_eot_id(spm_files):
+    """A file with no eot_token_id (Gemma's converter writes none): control tokens that end a turn by their text
+    (<end_of_turn>, <|im_end|>, …) stop generation as llama.cpp's vocabulary makes them; a user token does not."""
+    _, path = spm_files
+    meta = dict(GGUFFile(path).metadata)
+    tokens, types = list(meta["tokenizer.ggml.tokens"]), list(meta["tokenizer.ggml.token_type"])
+    tokens[-2:], types[-2:] = ["<end_of_turn>", "<|im_end|>"], [3, 4]  # control, user-defined
+    meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"] = tokens, types
+    ids = Tokenizer.from_gguf(meta).eos_ids
+    assert len(tokens) - 2 in ids and len(tokens) - 1 not in ids and meta["tokenizer.ggml.eos_token_id"] in ids
+    meta["tokenizer.ggml.eot_token_id"] = meta["tokenizer.ggml.eos_token_id"]  # an explicit one: only that
+    assert len(tokens) - 2 not in Tokenizer.from_gguf(meta).eos_ids

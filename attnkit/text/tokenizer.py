@@ -128,7 +128,14 @@ class Tokenizer:
         add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
         _set_bos_eos(tk, bos if add_bos else None, eos if add_eos else None)
         eos_list = [eos] + [t for t in (tok("eot_token_id"), tok("eom_token_id")) if t not in (None, eos)]
+        if tok("eot_token_id") is None:  # as llama.cpp's vocabulary: end-of-turn control tokens known by their text
+            control = {t for t, ty in zip(tokens, types) if ty == CONTROL}
+            eos_list += [t for t in END_OF_TURN if t in control and t not in eos_list]
         return cls(tk, bos, eos_list, tok("padding_token_id"), meta.get("tokenizer.chat_template"), source=str(file))
+
+
+#: control tokens that end a turn in the chat formats in use (llama.cpp's llama_vocab's list, less <|endoftext|>)
+END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|eom_id|>", "<EOT>")
 
 
 def _byte_level_bpe(meta: dict[str, Any], tokens: list[str], file: str | Path) -> tuple[HFTokenizer, bool]:
