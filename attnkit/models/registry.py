@@ -10,11 +10,12 @@ registers a :class:`Family` here. The loaders ask :func:`by_hf_type` and :func:`
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
+    import re
+
     import torch
 
     from .llama import LlamaConfig
