@@ -1,6 +1,7 @@
-"""attnkit against llama.cpp at real model sizes: Llama-3.2-1B- and 3B-shaped GGUFs in llama-quantize's presets.
+"""attnkit against llama.cpp at real model sizes: Llama-3.2-1B- and 3B-shaped GGUFs in llama-quantize's presets,
+and the Qwen3 shapes of attnkit.loading.gguf_writer (Qwen3-1.7B; a Qwen3-MoE of 2.6B parameters, 0.48B active).
 
-The models are random weights in Llama-3.2's shapes with the default model's tokenizer (SmolLM2's, 49 152
+The models are random weights in these shapes with the default model's tokenizer (SmolLM2's, 49 152
 tokens), written by attnkit.loading.gguf_writer in F16 once and cached under ``--work-dir``, then quantized
 to each ``--presets`` entry by llama.cpp's ``llama-quantize`` when ``--llama-bin`` has it, by attnkit's own
 quantizer (attnkit.quant.gguf_quantize) otherwise (``--quantizer`` forces one); the report says which. Both
@@ -16,13 +17,15 @@ systems then run the same file, each measurement in a fresh process on ``--threa
 - llama.cpp: ``llama-bench -p 512 -n N`` (pp512, tgN; its peak RSS) and ``llama-server`` with the same
   offline workload at each ``--llama-slots`` count (the best is reported; its VmHWM as peak RSS);
 - decode as a fraction of the bandwidth roofline: bandwidth / bytes of weights one decode step reads (every
-  tensor, the token-embedding table only when it is also the output head; KV-cache reads left out).
+  tensor, the token-embedding table only when it is also the output head, of a mixture of experts only the
+  expert_used_count / expert_count share of the experts a batch-1 step runs; KV-cache reads left out). The report
+  prints each shape's parameters, total and active per token.
 
 A system whose tool is missing is skipped and said so; one that fails or passes ``--timeout`` is reported
 as such. attnkit is skipped, with the reason, where the file's tensor types would be dequantized to float32
 beyond the memory available.
 
-    python benchmarks/sizes.py [--sizes 1b,3b] [--presets Q4_K_M,Q5_K_M,Q6_K,Q8_0,Q4_0] [--threads 2]
+    python benchmarks/sizes.py [--sizes 1b,3b,qwen3-1.7b,moe] [--presets Q4_K_M,Q5_K_M,Q6_K,Q8_0,Q4_0] [--threads 2]
                                [--llama-bin DIR] [--work-dir DIR] [--quick] [--timeout S] [--json FILE]
     attnkit bench sizes -- --sizes 1b --presets Q8_0 --quick --llama-bin /opt/llama.cpp/bin
 """
@@ -47,7 +50,8 @@ from _report import write_report  # noqa: E402
 from engine import workload  # noqa: E402 (the offline workload of the engine benchmark)
 
 SIZES = {"1b": "llama-3.2-1b", "3b": "llama-3.2-3b", "qwen3-1.7b": "qwen3-1.7b",  # shapes of attnkit.loading.gguf_writer
-         "moe": "qwen3-moe-2.6b-a0.5b", "tiny": "tiny", "tiny-moe": "tiny-qwen3moe"}  # tiny*: smoke tests
+         "moe": "qwen3-moe-2.6b-a0.5b", "small-moe": "small-qwen3moe",  # small-moe: 131M, measurable on a busy machine
+         "tiny": "tiny", "tiny-moe": "tiny-qwen3moe"}  # tiny*: smoke tests
 DEFAULT_PRESETS = "Q4_K_M,Q5_K_M,Q6_K,Q8_0,Q4_0"
 GIB = 1 << 30
 
@@ -99,17 +103,21 @@ def file_info(path: Path) -> dict:
     total = sum(t.nbytes for t in g.tensors.values())
     tied = "output.weight" not in g.tensors
     per_token = total - (0 if tied else g.tensors["token_embd.weight"].nbytes)  # an untied table: one row a token
+    params = sum(int(_prod(t.shape)) for t in g.tensors.values())
+    active = params  # per token (a batch-1 step): all but the experts that do not run
     if f"{arch}.expert_count" in m:  # a batch-1 step reads expert_used_count of the expert_count experts
         E, k = m[f"{arch}.expert_count"], m[f"{arch}.expert_used_count"]
         experts = sum(t.nbytes for n, t in g.tensors.items() if "_exps." in n)
         per_token -= experts - experts * k // E
+        expert_params = sum(int(_prod(t.shape)) for n, t in g.tensors.items() if "_exps." in n)
+        active -= expert_params - expert_params * k // E
     types: dict[str, int] = {}
     for t in g.tensors.values():
         types[t.ggml_type.name] = types.get(t.ggml_type.name, 0) + 1
     head_dim = m.get(f"{arch}.attention.key_length", m[f"{arch}.embedding_length"] // m[f"{arch}.attention.head_count"])
     kv_per_token = 2 * m[f"{arch}.block_count"] * m[f"{arch}.attention.head_count_kv"] * head_dim * 2  # float16 K, V
     return {"file_bytes": path.stat().st_size, "tensor_bytes": total, "decode_bytes_per_token": per_token,
-            "params": sum(int(_prod(t.shape)) for t in g.tensors.values()), "tied_embeddings": tied,
+            "params": params, "active_params": active, "tied_embeddings": tied,
             "types": types, "kv_bytes_per_token": kv_per_token}
 
 
@@ -350,7 +358,7 @@ def _cell(res: dict, key: str, digits: int) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1b,3b", help="comma-separated: 1b, 3b (Llama-3.2's shapes), qwen3-1.7b, "
-                    "moe (Qwen3-MoE, 2.6B total / 0.48B active); tiny, tiny-moe: smoke tests")
+                    "moe (Qwen3-MoE, 2.6B total / 0.48B active), small-moe (0.13B / 0.04B); tiny, tiny-moe: smoke tests")
     ap.add_argument("--presets", default=DEFAULT_PRESETS, help="llama-quantize presets (attnkit.quant.gguf_quantize.PRESETS)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llama-bin", default=None, metavar="DIR",
@@ -442,7 +450,12 @@ def main() -> int:
     w = workload(args.quick, args.requests)
     print(f"\nread bandwidth {bandwidth or float('nan'):.1f} GB/s; decode after a 32-token prompt "
           f"({w['single_new']} tokens); offline: {len(w['offline'])} requests, "
-          f"{sum(n for _, n in w['offline'])} output tokens; {args.threads} threads\n")
+          f"{sum(n for _, n in w['offline'])} output tokens; {args.threads} threads")
+    for shape in dict.fromkeys(e["shape"] for e in rows if "params" in e):
+        e = next(e for e in rows if e["shape"] == shape and "params" in e)
+        print(f"{shape}: {e['params'] / 1e9:.3f}B parameters, {e['active_params'] / 1e9:.3f}B active per token, "
+              f"{e['decode_bytes_per_token'] / 1e9:.3f} GB read per batch-1 token ({e['preset']})")
+    print()
     print("| model | preset | GB | quantizer | system | " + " | ".join(c[1] for c in COLUMNS) + " |")
     print("|---|---|---|---|---|" + "---|" * len(COLUMNS))
     for e in rows:

@@ -1,4 +1,5 @@
-"""attnkit's GGUF quantizer (attnkit.quant.gguf_quantize) and random Llama-shaped GGUFs (attnkit.loading.gguf_writer)."""
+"""attnkit's GGUF quantizer (attnkit.quant.gguf_quantize) and random Llama-, Qwen3- and Qwen3-MoE-shaped GGUFs
+(attnkit.loading.gguf_writer)."""
 
 from __future__ import annotations
 
@@ -197,6 +198,82 @@ def test_write_quantized_preset_directly(tmp_path):
     assert types["token_embd.weight"] == "Q6_K" and types["blk.0.attn_q.weight"] == "Q4_K"
     assert types["blk.1.attn_v.weight"] == "Q6_K" and types["blk.0.attn_v.weight"] == "Q4_K"  # use_more_bits(1, 2)
     assert np.isfinite(g.load("blk.0.ffn_down.weight")).all()
+
+
+# -- Qwen3 and Qwen3-MoE files (general.architecture qwen3, qwen3moe) ------------------------------------------------
+
+TINY_MOE = {"arch": "qwen3moe", "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 32,
+            "d_ff": 128, "n_experts": 8, "n_experts_per_tok": 2, "moe_d_ff": 32, "context_length": 512, "norm_eps": 1e-6}
+
+
+def test_qwen3_shapes_and_parameter_counts():
+    from attnkit.loading.gguf_writer import param_counts
+
+    # Qwen3-1.7B's config.json with its own 151 936-token vocabulary: 1.72B with tied embeddings
+    total, active = param_counts(llama_shape("qwen3-1.7b"), 151936)
+    assert total == active == 1_720_574_976  # 1.41B of them outside the embeddings
+    names = dict(tensor_shapes(llama_shape("qwen3-1.7b"), 151936))
+    assert names["blk.0.attn_q.weight"] == (2048, 2048) and names["blk.27.attn_k_norm.weight"] == (128,)
+    # the benchmark's MoE: >= 2B parameters, <= 0.6B of them per token (8 of 64 experts)
+    total, active = param_counts(llama_shape("qwen3-moe-2.6b-a0.5b"), 49152)
+    assert total >= 2e9 and active <= 0.6e9
+    s = llama_shape(TINY_MOE)
+    shapes = dict(tensor_shapes(s, 100))
+    assert shapes["blk.1.ffn_gate_inp.weight"] == (8, 64) and shapes["blk.1.ffn_gate_exps.weight"] == (8, 32, 64)
+    assert shapes["blk.1.ffn_down_exps.weight"] == (8, 64, 32) and "blk.0.ffn_gate.weight" not in shapes
+    total, active = param_counts(s, 100)
+    assert total - active == 2 * 3 * (8 - 2) * 32 * 64  # the experts that do not run
+    with pytest.raises(ValueError, match="n_experts"):
+        llama_shape({**TINY_MOE, "n_experts": 0})
+    with pytest.raises(ValueError, match="arch"):
+        llama_shape({**TINY_MOE, "arch": "gpt2"})
+
+
+def test_qwen3moe_file_has_the_converters_keys_and_tensors(tmp_path):
+    p = write_llama_gguf(tmp_path / "moe.gguf", TINY_MOE, "Q8_0", threads=1)
+    g = GGUFFile(p)
+    m = g.metadata
+    assert m["general.architecture"] == "qwen3moe"
+    assert (m["qwen3moe.expert_count"], m["qwen3moe.expert_used_count"], m["qwen3moe.expert_feed_forward_length"]) == (8, 2, 32)
+    assert m["qwen3moe.attention.key_length"] == m["qwen3moe.attention.value_length"] == 32  # ≠ 64 / 4
+    t = g.tensors
+    assert t["blk.0.ffn_gate_inp.weight"].ggml_type.name == "F32"  # the router stays float, as the converter writes it
+    assert t["blk.0.ffn_up_exps.weight"].ggml_type.name == "Q8_0" and t["blk.0.ffn_up_exps.weight"].shape == (8, 32, 64)
+    assert t["blk.0.attn_q_norm.weight"].shape == (32,) and t["blk.0.attn_q_norm.weight"].ggml_type.name == "F32"
+    assert np.isfinite(g.load("blk.1.ffn_down_exps.weight")).all()
+    try:
+        from attnkit.loading.errors import UnsupportedModelError
+
+        model = load_gguf_model(p, quantize="gguf")
+    except (UnsupportedModelError, ImportError) as e:  # pragma: no cover - the MoE loader not here
+        pytest.skip(f"attnkit does not load qwen3moe files here: {e}")
+    ffn = model.layers[0].ffn
+    assert (ffn.n_experts, ffn.top_k) == (8, 2)
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 500, 1000, 2000]]))
+    assert torch.isfinite(logits).all() and logits.std() > 0.05
+
+
+def test_llama_cpp_takes_the_qwen3moe_file(tmp_path):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    bin_dir = Path(os.environ.get("ATTNKIT_LLAMA_BIN", "/opt/llama.cpp/bin"))
+    if not (bin_dir / "llama-quantize").is_file() or not (bin_dir / "llama-bench").is_file():
+        pytest.skip(f"no llama-quantize / llama-bench in {bin_dir} (ATTNKIT_LLAMA_BIN)")
+    f16 = write_llama_gguf(tmp_path / "moe-F16.gguf", TINY_MOE, "F16", threads=1)
+    q = tmp_path / "moe-Q4_K_M.gguf"
+    r = subprocess.run([str(bin_dir / "llama-quantize"), str(f16), str(q), "Q4_K_M", "1"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-1000:]
+    r = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(q), "-t", "1", "-p", "0", "-n", "4", "-r", "1",
+                        "-o", "json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-1000:]
+    import json
+
+    row = json.loads(r.stdout)[0]
+    assert "qwen3moe" in row["model_type"] and row["avg_ts"] > 0
 
 
 # -- requantize and the CLI ---------------------------------------------------------------------------------------

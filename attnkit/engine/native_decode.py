@@ -3,11 +3,14 @@
 Eagerly a decode step is ~80 PyTorch operations per layer (RMSNorm, the projections, RoPE, the KV
 write, attention, SiLU, the residual adds), about 4 µs each with Python around them: at batch 1 that
 overhead is as large as the weight reads themselves. :class:`NativeDecoder` hands the whole stack of
-layers to C for steps in which every sequence decodes one token; the embedding lookup, the final norm,
-the LM head and sampling stay in PyTorch. It computes what the eager model computes (tests compare the
-two), and it only takes models it can run exactly: q/k/v and gate/up projections fused (one matrix, or one
-part per block type where they differ) on GGUF blocks of any type the kernels have, no biases but Qwen2's
-on q/k/v, RMSNorm without offset, SiLU, full rotary, no LoRA.
+layers to C for steps in which every sequence decodes one token; the embedding lookup (and its scale), the
+final norm, the LM head (and its soft-capping) and sampling stay in PyTorch. It computes what the eager model
+computes (tests compare the two), and it only takes models it can run exactly (:func:`why_not` names what it
+cannot): q/k/v and gate/up projections fused (one matrix, or one part per block type where they differ) on
+GGUF blocks of any type the kernels have, no biases but Qwen2's on q/k/v, RMSNorm without offset, q/k RMSNorm per
+head (Qwen3) or over the projection (OLMoE), SiLU, full rotary, the default softmax scale, one sliding window
+for all layers, no sandwich norms, no LoRA; the FFN a SwiGLU or a sparse mixture of SwiGLU experts
+(:class:`attnkit.nn.moe.SparseMoE`: Qwen3-MoE, Mixtral, OLMoE; kernels/moe.c) with a float32 or GGUF router.
 """
 
 from __future__ import annotations
@@ -26,10 +29,23 @@ class _Part(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("kind", ctypes.c_int), ("rows", ctypes.c_int)]
 
 
-class _Layer(ctypes.Structure):
+class _Layer(ctypes.Structure):  # kernels/decode.h's ak_layer
     _fields_ = [("qkv", _Part * 3), ("gate_up", _Part * 2), ("o", _Part), ("down", _Part), ("n_qkv", ctypes.c_int),
                 ("n_gate_up", ctypes.c_int), ("qkv_bias", ctypes.c_void_p), ("attn_norm", ctypes.c_void_p),
-                ("ffn_norm", ctypes.c_void_p), ("k_pool", ctypes.c_void_p), ("v_pool", ctypes.c_void_p)]
+                ("ffn_norm", ctypes.c_void_p), ("k_pool", ctypes.c_void_p), ("v_pool", ctypes.c_void_p),
+                ("qk_norm", ctypes.c_int), ("qk_eps", ctypes.c_float), ("q_norm", ctypes.c_void_p),
+                ("k_norm", ctypes.c_void_p), ("moe", ctypes.c_void_p)]
+
+
+class _Expert(ctypes.Structure):  # ak_expert
+    _fields_ = [("gate_up", _Part * 2), ("down", _Part), ("n_gate_up", ctypes.c_int)]
+
+
+class _Moe(ctypes.Structure):  # ak_moe
+    _fields_ = [("n_experts", ctypes.c_int), ("top_k", ctypes.c_int), ("norm_topk", ctypes.c_int), ("ff", ctypes.c_int),
+                ("router_f32", ctypes.c_void_p), ("router", _Part), ("experts", ctypes.c_void_p)]
+
+_QK_NORM = {None: 0, "head": 1, "full": 2}
 
 
 def _parts(m: nn.Module) -> list[GGUFBlockLinear]:
@@ -44,10 +60,54 @@ def _c_parts(m: nn.Module, n: int):
     return (_Part * n)(*(_Part(p.blocks.data_ptr(), p.kernel_kind, p.out_features) for p in parts)), len(parts)
 
 
-def why_not(model: nn.Module, k_pool: torch.Tensor) -> str | None:
-    """Why the C step cannot run this model exactly, or None when it can."""
-    from ..models.llama import Llama
+def _plain_rmsnorm(norm: nn.Module | None, dim: int) -> bool:
     from ..nn.norm import RMSNorm
+
+    return (type(norm) is RMSNorm and not norm.offset and norm.weight.dtype == torch.float32  # type: ignore[union-attr]
+            and tuple(norm.weight.shape) == (dim,))  # type: ignore[union-attr]
+
+
+def _gate_up(ffn: nn.Module) -> list[GGUFBlockLinear]:
+    """A SwiGLU's gate/up matrices: the fused layer's (one matrix or its parts) or gate_proj, up_proj unfused."""
+    gu = getattr(ffn, "gate_up_proj", None)
+    if gu is not None:
+        return _parts(gu) if getattr(gu, "bias", None) is None else []
+    parts = [getattr(ffn, "gate_proj", None), getattr(ffn, "up_proj", None)]
+    return parts if all(type(p) is GGUFBlockLinear and p.bias is None for p in parts) else []  # type: ignore[misc]
+
+
+def _moe_why_not(i: int, ffn: nn.Module, d: int) -> str | None:
+    from ..nn.ffn import SwiGLU
+    from ..nn.moe import SparseMoE
+
+    if type(ffn) is not SparseMoE:
+        return f"layer {i}: its FFN is {type(ffn).__name__}"
+    r = ffn.router
+    if type(r) is nn.Linear:
+        if r.bias is not None or r.weight.dtype != torch.float32:
+            return f"layer {i}: the router is not a float32 matrix without bias"
+    elif type(r) is not GGUFBlockLinear or r.bias is not None:
+        return f"layer {i}: the router is {type(r).__name__}, not float32 or GGUF blocks"
+    if (r.in_features, r.out_features) != (d, ffn.n_experts) or len(ffn.experts) != ffn.n_experts:
+        return f"layer {i}: the router's shape is not (n_experts, d_model)"
+    ff = None
+    for e, x in enumerate(ffn.experts):
+        if type(x) is not SwiGLU or x.act is not torch.nn.functional.silu:
+            return f"layer {i} expert {e}: not a SwiGLU"
+        gu, dn = _gate_up(x), x.down_proj
+        if not gu or len(gu) > 2 or type(dn) is not GGUFBlockLinear or dn.bias is not None:
+            return f"layer {i} expert {e}: its projections are not GGUF blocks without bias"
+        ff = dn.in_features if ff is None else ff
+        if dn.in_features != ff or dn.out_features != d or sum(p.out_features for p in gu) != 2 * ff \
+                or any(p.in_features != d for p in gu):
+            return f"layer {i} expert {e}: its shapes differ from the other experts'"
+    return None
+
+
+def why_not(model: nn.Module, k_pool: torch.Tensor) -> str | None:
+    """Why the C step cannot run this model exactly, or None when it can: every model feature it does not
+    implement is named here."""
+    from ..models.llama import Llama
 
     if library() is None:
         return "the C kernels are not built"
@@ -55,12 +115,19 @@ def why_not(model: nn.Module, k_pool: torch.Tensor) -> str | None:
         return f"{type(model).__name__} is not a Llama-family model"
     if k_pool.device.type != "cpu" or k_pool.dtype not in (torch.float32, torch.float16):
         return f"KV pool of {k_pool.dtype} on {k_pool.device}"
-    if model.rotary.rotary_dim != model.cfg.hd:
+    cfg = model.cfg
+    if model.rotary.rotary_dim != cfg.hd:
         return "partial rotary"
+    if getattr(model, "rotary_local", None) is not None:
+        return "a second RoPE for the windowed layers (rope_local_theta)"
+    d, hd, nh, nkv = cfg.d_model, cfg.hd, cfg.n_heads, cfg.n_kv_heads
+    dense_ff = set()
     for i, layer in enumerate(model.layers):
         attn, ffn = layer.self_attn, layer.ffn
-        mods = {"qkv_proj": getattr(attn, "qkv_proj", None), "o_proj": attn.o_proj,
-                "gate_up_proj": getattr(ffn, "gate_up_proj", None), "down_proj": getattr(ffn, "down_proj", None)}
+        moe = hasattr(ffn, "experts")
+        mods = {"qkv_proj": getattr(attn, "qkv_proj", None), "o_proj": attn.o_proj}
+        if not moe:
+            mods.update(gate_up_proj=getattr(ffn, "gate_up_proj", None), down_proj=getattr(ffn, "down_proj", None))
         for name, m in mods.items():
             if type(m) is GGUFBlockLinear:
                 if m.bias is not None and name != "qkv_proj":
@@ -68,10 +135,36 @@ def why_not(model: nn.Module, k_pool: torch.Tensor) -> str | None:
             elif not _parts(m) or len(_parts(m)) > (3 if name == "qkv_proj" else 2 if name == "gate_up_proj" else 1):
                 return f"layer {i} {name} is {type(m).__name__}, not GGUF blocks"
         for norm in (layer.norm1, layer.norm2):
-            if type(norm) is not RMSNorm or norm.offset or norm.weight.dtype != torch.float32:
-                return f"layer {i}: not a plain float32 RMSNorm"
-        if not layer.norm_first or getattr(ffn, "act", None) is not torch.nn.functional.silu:
+            if not _plain_rmsnorm(norm, d) or norm.eps != model.layers[0].norm1.eps:
+                return f"layer {i}: not a plain float32 RMSNorm (of the first layer's eps)"
+        if not layer.norm_first:
+            return f"layer {i}: not pre-norm"
+        if getattr(layer, "post_attn_norm", None) is not None or getattr(layer, "post_ffn_norm", None) is not None:
+            return f"layer {i}: sandwich norms (post_norms)"
+        if abs(getattr(attn, "scale", hd ** -0.5) - hd ** -0.5) > 1e-6 * hd ** -0.5:
+            return f"layer {i}: an attention scale other than 1/sqrt(head_dim)"
+        if getattr(attn, "softcap", None) is not None:
+            return f"layer {i}: attention logit soft-capping"
+        if getattr(attn, "window", None) != getattr(model.layers[0].self_attn, "window", None):
+            return f"layer {i}: a sliding window of its own (the step applies one window to every layer)"
+        qk = getattr(attn, "qk_norm", None)
+        if qk not in _QK_NORM:
+            return f"layer {i}: q/k norm {qk!r}"
+        if qk is not None:
+            nq, nk = (hd, hd) if qk == "head" else (nh * hd, nkv * hd)
+            if not (_plain_rmsnorm(attn.q_norm, nq) and _plain_rmsnorm(attn.k_norm, nk)) \
+                    or attn.q_norm.eps != attn.k_norm.eps:
+                return f"layer {i}: q/k norms are not plain float32 RMSNorms"
+        if moe:
+            reason = _moe_why_not(i, ffn, d)
+            if reason:
+                return reason
+        elif getattr(ffn, "act", None) is not torch.nn.functional.silu:
             return f"layer {i}: not pre-norm SwiGLU"
+        else:
+            dense_ff.add(ffn.down_proj.in_features)
+    if len(dense_ff) > 1:
+        return "dense layers of different d_ff"
     return None
 
 
@@ -86,34 +179,73 @@ class NativeDecoder:
         self.model, self.lib = model, library()
         cfg = model.cfg
         self.d, self.nh, self.nkv, self.hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.hd
-        self.ff = model.layers[0].ffn.down_proj.in_features
+        dense = [layer.ffn for layer in model.layers if not hasattr(layer.ffn, "experts")]
+        self.ff = dense[0].down_proj.in_features if dense else 0  # the dense layers' (why_not: all the same)
         self.eps = float(model.layers[0].norm1.eps)
         self.f16 = int(k_pool.dtype == torch.float16)
         _, _, self.num_blocks, self.bs, _ = k_pool.shape
         layers = []
         self.max_rows = min(m.decode_rows for m in model.modules() if isinstance(m, GGUFBlockLinear))  # without batch invariance
+        keep: list = [k_pool, v_pool]  # the pointers below stay valid while the decoder lives
+        self._moe_shapes: list[tuple[int, int, int]] = []  # (n_experts, top_k, ff) of each MoE layer
         for i, layer in enumerate(model.layers):
             attn, ffn = layer.self_attn, layer.ffn
-            qkv, o, gu, dn = attn.qkv_proj, attn.o_proj, ffn.gate_up_proj, ffn.down_proj
-            (qkv_parts, n_qkv), (gu_parts, n_gu) = _c_parts(qkv, 3), _c_parts(gu, 2)
+            qkv, o = attn.qkv_proj, attn.o_proj
+            qkv_parts, n_qkv = _c_parts(qkv, 3)
             bias = getattr(qkv, "bias", None)
-            layers.append(_Layer(qkv_parts, gu_parts, _c_parts(o, 1)[0][0], _c_parts(dn, 1)[0][0], n_qkv, n_gu,
+            qk = _QK_NORM[getattr(attn, "qk_norm", None)]
+            moe = self._moe(ffn, keep) if hasattr(ffn, "experts") else None
+            if moe is None:
+                (gu_parts, n_gu), down = _c_parts(ffn.gate_up_proj, 2), _c_parts(ffn.down_proj, 1)[0][0]
+            else:
+                (gu_parts, n_gu), down = ((_Part * 2)(), 0), _Part()
+            layers.append(_Layer(qkv_parts, gu_parts, _c_parts(o, 1)[0][0], down, n_qkv, n_gu,
                                  bias.data_ptr() if bias is not None else None,
                                  layer.norm1.weight.data_ptr(), layer.norm2.weight.data_ptr(),
-                                 k_pool[i].data_ptr(), v_pool[i].data_ptr()))
+                                 k_pool[i].data_ptr(), v_pool[i].data_ptr(), qk,
+                                 float(attn.q_norm.eps) if qk else 0.0,
+                                 attn.q_norm.weight.data_ptr() if qk else None,
+                                 attn.k_norm.weight.data_ptr() if qk else None,
+                                 ctypes.addressof(moe) if moe is not None else None))
         self.layers = (_Layer * len(layers))(*layers)
-        self.keep = (k_pool, v_pool)  # the pointers above stay valid while the decoder lives
+        self.keep = keep
         self.threads = torch.get_num_threads()
-        self._buffers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._buffers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-    def _scratch(self, B: int, max_nb: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _moe(self, ffn: nn.Module, keep: list) -> _Moe:
+        """The C view of a SparseMoE layer (its structs and router weight kept alive in ``keep``)."""
+        experts = []
+        for x in ffn.experts:
+            gu = _gate_up(x)
+            parts = (_Part * 2)(*(_Part(p.blocks.data_ptr(), p.kernel_kind, p.out_features) for p in gu))
+            dn = x.down_proj
+            experts.append(_Expert(parts, _Part(dn.blocks.data_ptr(), dn.kernel_kind, dn.out_features), len(gu)))
+        arr = (_Expert * len(experts))(*experts)
+        r = ffn.router
+        router_f32, router = None, _Part()
+        if type(r) is GGUFBlockLinear:
+            router = _Part(r.blocks.data_ptr(), r.kernel_kind, r.out_features)
+        else:
+            w = r.weight.detach().contiguous()
+            keep.append(w)
+            router_f32 = w.data_ptr()
+        ff = ffn.experts[0].down_proj.in_features
+        moe = _Moe(ffn.n_experts, ffn.top_k, int(bool(ffn.norm_topk_prob)), ff, router_f32, router,
+                   ctypes.addressof(arr))
+        keep += [arr, moe]
+        self._moe_shapes.append((ffn.n_experts, ffn.top_k, ff))
+        return moe
+
+    def _scratch(self, B: int, max_nb: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         key = (B, max_nb)
         if key not in self._buffers:
             nq, nqkv = self.nh * self.hd, (self.nh + 2 * self.nkv) * self.hd
             work = torch.empty(B * (2 * self.d + nqkv + 2 * nq + 2 * self.ff + max(nqkv, 2 * self.ff)))
             act = torch.empty(B * max(self.d, self.ff, nq) // 32 * ACT_BLOCK_BYTES, dtype=torch.uint8)
             scores = torch.empty(self.threads * (self.nh // self.nkv) * max_nb * self.bs)
-            self._buffers = {key: (work, act, scores)}  # one shape at a time: decode steps repeat it
+            moe = max((self.lib.ak_moe_work_bytes(B, self.d, e, k, ff, self.threads) for e, k, ff in self._moe_shapes),
+                      default=0)
+            self._buffers = {key: (work, act, scores, torch.empty(moe, dtype=torch.uint8))}  # one shape at a time
         return self._buffers[key]
 
     @torch.inference_mode()
@@ -122,23 +254,29 @@ class NativeDecoder:
         decode rows through its integer kernel, as the layers did, however many there are (batch invariance)."""
         head = getattr(self.model, "output_head", None)
         if isinstance(head, GGUFBlockLinear):
-            return head.kernel_product(self.model.norm(h))
+            logits = head.kernel_product(self.model.norm(h))
+            c = self.model.cfg.final_softcap
+            return logits if c is None else torch.tanh(logits / c) * c  # as Llama.logits
         return self.model.logits(h[None])[0]
 
     @torch.inference_mode()
     def hidden(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
                lens: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
         """ids, positions, slots (B,); tables (B, max_nb); lens, starts (B,) → the last layer's output (B, d)."""
-        x = self.model.tok_embeddings(ids).float().contiguous()  # (B, d)
+        x = self.model.tok_embeddings(ids)  # (B, d)
+        if self.model.cfg.embed_scale != 1.0:  # as Llama.forward: the scale rounded to the embeddings' dtype
+            x = x * torch.tensor(self.model.cfg.embed_scale, dtype=x.dtype)
+        x = x.float().contiguous()
         cos, sin = self.model.rotary.cos_sin(positions)  # (B, hd) each
         cos, sin = cos.contiguous(), sin.contiguous()
         B, max_nb = tables.shape
-        work, act, scores = self._scratch(B, max_nb)
+        work, act, scores, moe = self._scratch(B, max_nb)
         keep = [t.contiguous() for t in (slots, tables, lens, starts)]
         rc = self.lib.ak_llama_decode(self.layers, len(self.layers), x.data_ptr(), B, self.d, self.nh, self.nkv, self.hd,
                                       self.ff, ctypes.c_float(self.eps), cos.data_ptr(), sin.data_ptr(),
                                       *(t.data_ptr() for t in keep), max_nb, self.bs, self.num_blocks, self.f16,
-                                      work.data_ptr(), act.data_ptr(), scores.data_ptr(), self.threads)
+                                      work.data_ptr(), act.data_ptr(), scores.data_ptr(),
+                                      moe.data_ptr() if moe.numel() else None, moe.numel(), self.threads)
         if rc:
             raise RuntimeError(f"ak_llama_decode failed (code {rc})")
         return x

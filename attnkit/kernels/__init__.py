@@ -1,7 +1,7 @@
 """attnkit's C kernels: GGUF block matrix–vector products and paged decode attention (``kernels.c``, which
 dispatches through the table of block types: one kernel file per type or family, ``legacy.c`` (Q4_0, Q4_1,
 Q5_0, Q5_1), ``q8.c``, ``q4_k.c`` (Q4_K, Q5_K), ``q6_k.c``), and a whole decode step of a Llama-family model
-built on them (``decode_step.c``).
+built on them (``decode_step.c``, its mixture-of-experts FFN ``moe.c``).
 
 Compiled once per machine with the system C compiler (``-O3 -march=native -fopenmp``, a few seconds;
 ``$ATTNKIT_MARCH`` overrides ``native``, e.g. ``x86-64`` for the portable C) into a cache directory (``$ATTNKIT_CACHE`` or ~/.cache/attnkit) and loaded with ctypes. The
@@ -100,6 +100,9 @@ def load(so: Path) -> ctypes.CDLL:
     lib.ak_paged_attention.argtypes = [vp, vp, vp, vp, vp, vp, vp, i, i, i, i, i, i, i, ctypes.c_float, vp, i]
     lib.ak_paged_attention_f16.argtypes = lib.ak_paged_attention.argtypes  # K/V pools of IEEE halves
     lib.ak_llama_decode.argtypes = [vp, i, vp, i, i, i, i, i, i, ctypes.c_float, vp, vp, vp, vp, vp, vp, i, i, i, i,
-                                    vp, vp, vp, i]
+                                    vp, vp, vp, vp, ctypes.c_size_t, i]
+    lib.ak_moe_work_bytes.argtypes = [i, i, i, i, i, i]
+    lib.ak_moe_work_bytes.restype = ctypes.c_size_t
+    lib.ak_moe_ffn.argtypes = [vp, vp, vp, i, i, vp, ctypes.c_size_t, i]
     assert lib.ak_act_block_bytes() == 40  # the activation blocks' size that callers' scratch sizes assume
     return lib

@@ -6,13 +6,17 @@
  * with the projections on the checkpoint's blocks (ak_gemv) and the attention over the block tables
  * (ak_paged_attention). Eagerly the same step is ~80 PyTorch operations per layer, each with its
  * Python and dispatch overhead; here it is one call for all layers.
+ *
+ * Options of the families: Qwen2's q/k/v bias; q/k RMSNorm before RoPE, per head (Qwen3) or over the whole
+ * projection (OLMoE); and in place of the dense SwiGLU a sparse mixture of experts (moe.c: Qwen3-MoE, Mixtral,
+ * OLMoE).
  */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
-#include "blocks.h" /* exp16 */
+#include "decode.h" /* ak_layer, ak_rmsnorm, ak_silu_mul */
 
 int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads);
 int ak_paged_attention(const float *q, const float *k_pool, const float *v_pool, const int64_t *tables,
@@ -21,26 +25,6 @@ int ak_paged_attention(const float *q, const float *k_pool, const float *v_pool,
 int ak_paged_attention_f16(const float *q, const uint16_t *k_pool, const uint16_t *v_pool, const int64_t *tables,
                            const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
                            int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads);
-
-/* one matrix of GGUF blocks: its kernel kind (ak_gemv) and output rows */
-typedef struct { const void *w; int kind, rows; } ak_part;
-
-typedef struct {
-    /* q/k/v ((nh+2·nkv)·hd rows) and gate/up (2·ff rows): one fused matrix, or one part each where their block
-     * types differ (Q4_K_M keeps attn_v in Q6_K in some layers); the outputs of the parts lie side by side */
-    ak_part qkv[3], gate_up[2], o, down;
-    int n_qkv, n_gate_up;
-    const float *qkv_bias; /* (nh+2·nkv)·hd or NULL (Qwen2) */
-    const float *attn_norm, *ffn_norm; /* RMSNorm weights (d,) */
-    void *k_pool, *v_pool; /* this layer's (nkv, num_blocks, bs, hd), float32 or float16 */
-} ak_layer;
-
-static void rmsnorm(const float *x, const float *w, float *y, int d, float eps) {
-    float ss = 0.f;
-    for (int i = 0; i < d; i++) ss += x[i] * x[i];
-    const float r = 1.f / sqrtf(ss / (float)d + eps);
-    for (int i = 0; i < d; i++) y[i] = x[i] * r * w[i];
-}
 
 /* half-split RoPE on n heads of hd: (x1, x2) -> (x1·cos − x2·sin, x2·cos + x1·sin); cos/sin (hd,) */
 static void rope(float *x, int n, int hd, const float *cos, const float *sin) {
@@ -53,21 +37,6 @@ static void rope(float *x, int n, int hd, const float *cos, const float *sin) {
             v[i + h2] = b * cos[i + h2] + a * sin[i + h2];
         }
     }
-}
-
-/* h = SiLU(g) · u for one row: g then u in gu (2·ff), h written over the start of the same row (h[i]
- * after g[i] and u[i] are read; row b's h begins at or before its gu, so earlier rows are never overwritten) */
-static void silu_mul(const float *gu, float *h, int ff) {
-    const float *g = gu, *u = gu + ff;
-    int i = 0;
-#ifdef __AVX512F__
-    for (; i + 16 <= ff; i += 16) {
-        const __m512 gv = _mm512_loadu_ps(g + i), e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-        _mm512_storeu_ps(h + i, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e)),
-                                              _mm512_loadu_ps(u + i)));
-    }
-#endif
-    for (; i < ff; i++) h[i] = g[i] / (1.f + expf(-g[i])) * u[i];
 }
 
 static inline uint16_t to_half(float f) {
@@ -120,12 +89,15 @@ static int gemv_parts(const ak_part *p, int np, const float *x, float *y, float 
 
 /* x (B, d) in/out: the residual stream before layer 0 in, after the last layer out.
  * cos/sin (B, hd); slots (B,) where each new K/V goes; tables (B, max_nb), lens/starts (B,): the keys.
- * work: B·(2d + nqkv + 2·nh·hd + 2·ff + max(nqkv, 2·ff)) floats; act: the quantized activations (ak_gemv's scratch, for the
- * widest input: B · max(d, ff)/32 · 40 bytes); scores: ak_paged_attention's scratch. */
+ * work: B·(2d + nqkv + 2·nh·hd + 2·ff + max(nqkv, 2·ff)) floats (ff: the dense layers' hidden size, 0 when every
+ * layer is a mixture of experts); act: the quantized activations (ak_gemv's scratch, for the widest input:
+ * B · max(d, ff, nh·hd)/32 · 40 bytes); scores: ak_paged_attention's scratch; moe_work: moe_bytes bytes, at least
+ * ak_moe_work_bytes for the widest MoE layer (NULL, 0 without one). Returns 0, or 1 (a product refused), 2 (the
+ * attention refused), 3–5 (an MoE layer: ak_moe_ffn's code + 2). */
 int ak_llama_decode(const ak_layer *layers, int n_layers, float *x, int B, int d, int nh, int nkv, int hd, int ff,
                     float eps, const float *cos, const float *sin, const int64_t *slots, const int64_t *tables,
                     const int64_t *lens, const int64_t *starts, int max_nb, int bs, int num_blocks, int kv_f16,
-                    float *work, void *act, float *scores, int threads) {
+                    float *work, void *act, float *scores, void *moe_work, size_t moe_bytes, int threads) {
     const int nq = nh * hd, nkvd = nkv * hd, nqkv = nq + 2 * nkvd;
     float *xn = work;                            /* (B, d)     normed input */
     float *qkv = xn + (size_t)B * d;             /* (B, nqkv)  projections */
@@ -137,12 +109,19 @@ int ak_llama_decode(const ak_layer *layers, int n_layers, float *x, int B, int d
     const float scale = 1.f / sqrtf((float)hd);
     for (int l = 0; l < n_layers; l++) {
         const ak_layer *L = layers + l;
-        for (int b = 0; b < B; b++) rmsnorm(x + (size_t)b * d, L->attn_norm, xn + (size_t)b * d, d, eps);
+        for (int b = 0; b < B; b++) ak_rmsnorm(x + (size_t)b * d, L->attn_norm, xn + (size_t)b * d, d, eps);
         if (gemv_parts(L->qkv, L->n_qkv, xn, qkv, tmp, B, d, act, threads)) return 1;
         for (int b = 0; b < B; b++) {
             float *r = qkv + (size_t)b * nqkv;
             if (L->qkv_bias)
                 for (int i = 0; i < nqkv; i++) r[i] += L->qkv_bias[i];
+            if (L->qk_norm == 1) { /* each q head, then each k head (adjacent), over its hd features */
+                for (int h = 0; h < nh; h++) ak_rmsnorm(r + (size_t)h * hd, L->q_norm, r + (size_t)h * hd, hd, L->qk_eps);
+                for (int h = nh; h < nh + nkv; h++) ak_rmsnorm(r + (size_t)h * hd, L->k_norm, r + (size_t)h * hd, hd, L->qk_eps);
+            } else if (L->qk_norm == 2) { /* all of q, all of k */
+                ak_rmsnorm(r, L->q_norm, r, nq, L->qk_eps);
+                ak_rmsnorm(r + nq, L->k_norm, r + nq, nkvd, L->qk_eps);
+            }
             rope(r, nh + nkv, hd, cos + (size_t)b * hd, sin + (size_t)b * hd); /* q and k heads are adjacent */
             for (int i = 0; i < nq; i++) q[(size_t)b * nq + i] = r[i];
             store_kv(L->k_pool, kv_f16, r + nq, nkv, hd, num_blocks, bs, slots[b]);
@@ -157,10 +136,14 @@ int ak_llama_decode(const ak_layer *layers, int n_layers, float *x, int B, int d
         if (rc) return 2;
         if (ak_gemv(L->o.kind, L->o.w, att, dn, B, d, nq, act, threads)) return 1;
         for (size_t i = 0; i < (size_t)B * d; i++) x[i] += dn[i];
-        for (int b = 0; b < B; b++) rmsnorm(x + (size_t)b * d, L->ffn_norm, xn + (size_t)b * d, d, eps);
-        if (gemv_parts(L->gate_up, L->n_gate_up, xn, gu, tmp, B, d, act, threads)) return 1;
-        for (int b = 0; b < B; b++) silu_mul(gu + (size_t)b * 2 * ff, gu + (size_t)b * ff, ff);
-        if (ak_gemv(L->down.kind, L->down.w, gu, dn, B, d, ff, act, threads)) return 1;
+        for (int b = 0; b < B; b++) ak_rmsnorm(x + (size_t)b * d, L->ffn_norm, xn + (size_t)b * d, d, eps);
+        if (L->moe) {
+            if ((rc = ak_moe_ffn(L->moe, xn, dn, B, d, moe_work, moe_bytes, threads))) return rc + 2;
+        } else {
+            if (gemv_parts(L->gate_up, L->n_gate_up, xn, gu, tmp, B, d, act, threads)) return 1;
+            for (int b = 0; b < B; b++) ak_silu_mul(gu + (size_t)b * 2 * ff, gu + (size_t)b * ff, ff);
+            if (ak_gemv(L->down.kind, L->down.w, gu, dn, B, d, ff, act, threads)) return 1;
+        }
         for (size_t i = 0; i < (size_t)B * d; i++) x[i] += dn[i];
     }
     return 0;

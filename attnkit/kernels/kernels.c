@@ -129,6 +129,50 @@ int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int
     return 0;
 }
 
+/* ---- products on activation rows quantized once, for a caller that runs many products on the same rows from
+ * its own threads (kernels/moe.c: each expert on the rows routed to it). Row r's results are those ak_gemv gives
+ * it: the same quantization (ak_quantize_act), the same dot instructions. */
+
+/* m rows of x (k floats each) → scratch rows 0 .. m − 1 (m · k/32 activation blocks) */
+void ak_quantize_act(const float *x, int m, int k, void *scratch) {
+    for (int r = 0; r < m; r++) quantize_row(x + (size_t)r * k, scratch, r, k);
+}
+
+/* the quant offset o whose −o · sums of 4 quants (ak_act.off4) kind's product wants, 0 when it wants none, −1 for
+ * a kind this build cannot multiply */
+int ak_type_offset(int kind) {
+    const ak_type *t = find_type(kind);
+    return !t ? -1 : kind & AK_X4_FLAG ? t->offset : 0;
+}
+
+/* y[i · ystride + j − n0] = W row j · scratch row rows[i] for i < m and n0 <= j < n1 (multiples of 4 for the
+ * interleaved layout), on the calling thread. off4: −ak_type_offset(kind) · the sums of each 4 quants of the
+ * scratch rows (k/4 int32 a row, indexed as the scratch), NULL when the offset is 0. */
+int ak_gemv_rows(int kind, const void *w, int n0, int n1, const void *scratch, const int32_t *off4, const int *rows,
+                 int m, int k, float *y, size_t ystride) {
+    const ak_type *t = find_type(kind);
+    const int R = kind & AK_X4_FLAG ? 4 : 1;
+    if (!t || m < 1 || n0 < 0 || n1 <= n0 || k % t->block_elems || n0 % R || n1 % R ||
+        ((R == 4 && t->offset) != (off4 != NULL)))
+        return 1;
+    const int nb = k / t->block_elems;
+    const size_t gbytes = (size_t)R * nb * t->block_bytes;
+    const ak_dot_fn dot = R == 4 ? t->dot_x4 : t->dot;
+    for (int g = n0 / R; g < n1 / R; g++) {
+        ak_act xs[4];
+        for (int r0 = 0; r0 < m; r0 += 4) {
+            const int M = m - r0 < 4 ? m - r0 : 4;
+            for (int i = 0; i < M; i++) {
+                xs[i] = act_row(scratch, rows[r0 + i], k);
+                if (off4) xs[i].off4 = off4 + (size_t)rows[r0 + i] * (k / 4);
+            }
+            dot((const uint8_t *)w + (size_t)g * gbytes, nb, xs, M, y + (size_t)r0 * ystride + (size_t)(g * R - n0),
+                ystride);
+        }
+    }
+    return 0;
+}
+
 /* ---- decoding to float32 / bfloat16 */
 
 /* n floats -> n bfloat16, rounded to nearest even as torch's .to(torch.bfloat16) (weights are finite) */

@@ -40,6 +40,10 @@ SHAPES: dict[str, dict[str, Any]] = {
                              "rope_theta": 1000000.0, "context_length": 40960, "norm_eps": 1e-6},
     "tiny-qwen3": {"arch": "qwen3", "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 32,
                    "d_ff": 128, "rope_theta": 10000.0, "context_length": 2048, "norm_eps": 1e-6},
+    # a small Qwen3-MoE (131M parameters, 43M active; F16 262 MB) for measuring on a shared machine
+    "small-qwen3moe": {"arch": "qwen3moe", "d_model": 512, "n_layers": 8, "n_heads": 8, "n_kv_heads": 2, "head_dim": 64,
+                       "d_ff": 1024, "n_experts": 32, "n_experts_per_tok": 4, "moe_d_ff": 256, "rope_theta": 1000000.0,
+                       "context_length": 40960, "norm_eps": 1e-6},
     "tiny-qwen3moe": {"arch": "qwen3moe", "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 32,
                       "d_ff": 128, "n_experts": 8, "n_experts_per_tok": 2, "moe_d_ff": 32, "rope_theta": 10000.0,
                       "context_length": 2048, "norm_eps": 1e-6},

@@ -1,0 +1,70 @@
+/* What the C decode step's files share (decode_step.c: the layers; moe.c: the sparse mixture-of-experts FFN):
+ * the structs attnkit/engine/native_decode.py fills through ctypes (keep the two in step), and the row helpers. */
+#ifndef AK_DECODE_H
+#define AK_DECODE_H
+#include "blocks.h" /* exp16 */
+
+/* one matrix of GGUF blocks: its kernel kind (ak_gemv) and output rows */
+typedef struct { const void *w; int kind, rows; } ak_part;
+
+/* one expert's SwiGLU: gate/up (2·ff rows: one fused matrix, or one part each, gate's rows then up's) and down */
+typedef struct {
+    ak_part gate_up[2], down;
+    int n_gate_up;
+} ak_expert;
+
+/* a sparse mixture-of-experts FFN (attnkit.nn.moe.SparseMoE): p = softmax(router · x) over n_experts, the top_k
+ * experts by p (ties: the lower index first, as torch.topk), weights p (norm_topk 0) or p / Σ of the chosen p
+ * (norm_topk 1), y = Σ w_e · down_e(SiLU(gate_e · x) ⊙ up_e · x) */
+typedef struct {
+    int n_experts, top_k, norm_topk, ff; /* ff: each expert's hidden size */
+    const float *router_f32;             /* (n_experts, d) float32, or NULL: the router is `router` (GGUF blocks) */
+    ak_part router;
+    const ak_expert *experts; /* n_experts */
+} ak_moe;
+
+typedef struct {
+    /* q/k/v ((nh+2·nkv)·hd rows) and gate/up (2·ff rows): one fused matrix, or one part each where their block
+     * types differ (Q4_K_M keeps attn_v in Q6_K in some layers); the outputs of the parts lie side by side */
+    ak_part qkv[3], gate_up[2], o, down;
+    int n_qkv, n_gate_up;
+    const float *qkv_bias; /* (nh+2·nkv)·hd or NULL (Qwen2) */
+    const float *attn_norm, *ffn_norm; /* RMSNorm weights (d,) */
+    void *k_pool, *v_pool; /* this layer's (nkv, num_blocks, bs, hd), float32 or float16 */
+    /* q/k RMSNorm before RoPE: 0 none; 1 each head over its hd features (Qwen3: q_norm, k_norm (hd,)); 2 over the
+     * whole projection (OLMoE: q_norm (nh·hd,), k_norm (nkv·hd,)) */
+    int qk_norm;
+    float qk_eps;
+    const float *q_norm, *k_norm;
+    const ak_moe *moe; /* NULL: the dense SwiGLU above (gate_up, down); else this FFN, and gate_up/down are unused */
+} ak_layer;
+
+/* y = x / √(mean(x²) + eps) · w over d features (y may be x: each y[i] is written after x[i] is read) */
+static inline void ak_rmsnorm(const float *x, const float *w, float *y, int d, float eps) {
+    float ss = 0.f;
+    for (int i = 0; i < d; i++) ss += x[i] * x[i];
+    const float r = 1.f / sqrtf(ss / (float)d + eps);
+    for (int i = 0; i < d; i++) y[i] = x[i] * r * w[i];
+}
+
+/* h = SiLU(g) · u for one row: g then u in gu (2·ff); h may overlap the start of gu (h[i] is written after g[i]
+ * and u[i] are read) */
+static inline void ak_silu_mul(const float *gu, float *h, int ff) {
+    const float *g = gu, *u = gu + ff;
+    int i = 0;
+#ifdef __AVX512F__
+    for (; i + 16 <= ff; i += 16) {
+        const __m512 gv = _mm512_loadu_ps(g + i), e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        _mm512_storeu_ps(h + i, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e)),
+                                              _mm512_loadu_ps(u + i)));
+    }
+#endif
+    for (; i < ff; i++) h[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+}
+
+/* the bytes of the MoE scratch (ak_moe_ffn's work) for B rows of d features, experts of `ff`, threads threads */
+size_t ak_moe_work_bytes(int B, int d, int n_experts, int top_k, int ff, int threads);
+/* out (B, d) = the MoE FFN of xn (B, d); 0, or 1 (a product refused), 2 (work too small), 3 (bad shapes) */
+int ak_moe_ffn(const ak_moe *m, const float *xn, float *out, int B, int d, void *work, size_t work_bytes,
+               int threads);
+#endif

@@ -1,0 +1,186 @@
+"""The C decode step (kernels/decode_step.c, kernels/moe.c) on the options of today's families: q/k RMSNorm per
+head (Qwen3) or over the projection (OLMoE), and sparse mixture-of-experts FFNs (Qwen3-MoE, Mixtral, OLMoE) —
+against the eager model on the same GGUF blocks, for one row and for rows that choose different experts; a row's
+result in a batch is bit for bit its result alone (batch invariance); and every feature the step does not
+implement keeps the model eager, with its reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from attnkit.engine import EngineConfig, LLMEngine, SamplingParams
+from attnkit.engine.native_decode import NativeDecoder, why_not
+from attnkit.kernels import library
+from attnkit.models.llama import Llama, LlamaConfig
+from attnkit.nn.fused import fuse_for_inference
+from attnkit.quant.native import GGUFBlockLinear
+
+pytestmark = pytest.mark.skipif(library() is None, reason="no C compiler: the kernels could not be built")
+
+
+def _to_blocks(model: nn.Module, kinds: dict[str, str], router: str) -> None:
+    """Every Linear of the layers → GGUFBlockLinear of its weight quantized (kinds: by the layer's name, e.g.
+    {"up_proj": "Q6_K"}, default kinds["*"]); the MoE router stays float32 unless ``router`` is a block type."""
+    from attnkit.quant.gguf_quantize import quantize_rows
+
+    for parent in list(model.layers.modules()):
+        for name, m in list(parent.named_children()):
+            if type(m) is not nn.Linear:
+                continue
+            kind = router if name == "router" else kinds.get(name, kinds["*"])
+            if kind == "F32":
+                continue
+            blocks = torch.from_numpy(quantize_rows(m.weight.detach().numpy(), kind))
+            setattr(parent, name, GGUFBlockLinear(blocks, kind, m.in_features))
+
+
+def _model(kinds: dict[str, str] | None = None, router: str = "F32", fuse: str = "all", seed: int = 0, d: int = 64,
+           ff: int = 64, **cfg) -> Llama:
+    torch.manual_seed(seed)
+    c = dict(vocab_size=200, d_model=d, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=2 * ff, max_seq_len=512,
+             norm_eps=1e-6)
+    c.update(cfg)
+    if c.get("n_experts"):
+        c.setdefault("moe_d_ff", ff)
+    model = Llama(LlamaConfig(**c)).eval()
+    with torch.no_grad():
+        model.tok_embeddings.weight.mul_(20)  # sharper logits
+        for m in model.modules():  # norms whose weights matter
+            if type(m).__name__ == "RMSNorm":
+                m.weight.normal_(1.0, 0.3)
+    _to_blocks(model, kinds or {"*": "Q8_0"}, router)
+    from attnkit.quant.gguf_quantize import quantize_rows
+
+    # a GGUF head, as the files have: its integer kernel is batch invariant too (a float head's BLAS product is not)
+    model.output_head = GGUFBlockLinear(torch.from_numpy(quantize_rows(model.lm_head.weight.detach().numpy(), "Q8_0")),
+                                        "Q8_0", d)
+    if fuse == "all":
+        return fuse_for_inference(model)
+    for layer in model.layers:  # the experts' gate/up stay apart (the C step takes them as two parts)
+        layer.self_attn.fuse()
+    return model
+
+
+def _run(model: Llama, prompts: list[list[int]], steps: int = 12, check_eager: bool = True):
+    """Greedy decode through the engine; at each decode-only step also the eager step on the same batch.
+    Returns [(native logits, eager logits or None, request ids of the rows)]."""
+    engine = LLMEngine(model, config=EngineConfig(block_size=4, kv_cache_bytes=4 << 20))
+    ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)) for p in prompts]
+    runner, out = engine.runner, []
+    from attnkit.engine.sampler import sample
+
+    for _ in range(steps + 2):
+        batch = engine.scheduler.schedule()
+        if not batch.seqs:
+            break
+        decode = all(n == 1 for n in batch.num_tokens)
+        eager = None
+        if decode and check_eager:
+            runner.native = False
+            eager, _ = runner.run(batch)
+            runner.native = None
+        logits, rows = runner.run(batch)
+        if decode:
+            assert isinstance(runner.native, NativeDecoder), runner.native_reason
+            out.append((logits, eager, [ids.index(s.request_id) for s in batch.seqs]))
+        engine.scheduler.computed(batch)
+        seqs = [batch.seqs[r] for r in rows]
+        for s, t in zip(seqs, sample(logits, seqs, engine.eos_ids)[0]):
+            s.append(t)
+    return out
+
+
+def _assert_like_eager(steps) -> None:
+    rows = same = 0
+    for native, eager, _ in steps:
+        diff = (native - eager).abs().amax(-1)
+        # a rounding difference may move one activation across an 8-bit rounding boundary (≈ the quantization
+        # noise, < 0.1 here); a different expert, head norm or anything else would be far larger
+        assert diff.max() < 0.1, diff
+        rows += len(diff)
+        same += int((diff < 1e-4).sum())
+    assert rows and same >= 0.9 * rows, (same, rows)
+
+
+PROMPTS3 = [[5, 17, 99, 3, 42, 7, 8], [150, 2], [61, 62, 63, 64, 65, 66, 67, 68, 69, 70, 71, 72, 73]]
+
+
+@pytest.fixture(autouse=True)
+def _integer_kernel_everywhere(monkeypatch):
+    # the eager step on the same integer kernel for every row count (it would take a dense product above 8)
+    monkeypatch.setattr(GGUFBlockLinear, "kernel_max_rows", 64)
+
+
+@pytest.mark.parametrize("qk_norm", ["head", "full"])
+def test_qk_norm_decodes_as_the_eager_model(qk_norm):
+    model = _model(qk_norm=qk_norm, head_dim=32)  # Qwen3: head_dim ≠ d_model / n_heads
+    assert why_not(model, torch.empty(1, 1, 1, 4, 32)) is None
+    _assert_like_eager(_run(model, PROMPTS3))
+
+
+def _chosen_experts(model: Llama) -> list[torch.Tensor]:
+    """Record the experts layer 0's router chooses for each row of each eager call."""
+    seen: list[torch.Tensor] = []
+    ffn = model.layers[0].ffn
+    ffn.register_forward_pre_hook(lambda m, args: seen.append(m.route(args[0].reshape(-1, args[0].shape[-1]))[0]))
+    return seen
+
+
+@pytest.mark.parametrize("variant", [
+    dict(),  # Qwen3-MoE: head q/k norm, renormalised top-k, float32 router, fused gate/up
+    dict(norm_topk_prob=False, qk_norm="full", router="Q8_0"),  # OLMoE, with a GGUF router
+    dict(fuse="experts apart", kinds={"*": "Q4_0", "down_proj": "Q8_0"}),  # Mixtral-like, gate/up as two parts
+])
+def test_moe_decodes_as_the_eager_model(variant):
+    v = dict(variant)
+    kw = dict(n_experts=8, n_experts_per_tok=2, qk_norm=v.pop("qk_norm", "head"), **v)
+    model = _model(**kw)
+    seen = _chosen_experts(model)
+    _assert_like_eager(_run(model, [PROMPTS3[0]]))  # B = 1
+    seen.clear()
+    steps = _run(model, PROMPTS3)  # B = 3
+    _assert_like_eager(steps)
+    decode_routes = [c for c in seen if len(c) == 3]
+    assert decode_routes and any(len({tuple(sorted(r.tolist())) for r in c}) == 3 for c in decode_routes), decode_routes
+
+
+def test_moe_k_quants_with_mixed_parts_decode_as_the_eager_model():
+    # Q4_K gate with a Q6_K up: each expert's fused gate/up is two parts (nn.fused.ConcatLinear); top-4 of 8
+    model = _model(kinds={"*": "Q4_K", "up_proj": "Q6_K"}, d=256, ff=256, n_heads=4, n_kv_heads=2, n_experts=8,
+                   n_experts_per_tok=4, qk_norm="head")
+    assert type(model.layers[0].ffn.experts[0].gate_up_proj).__name__ == "ConcatLinear"
+    _assert_like_eager(_run(model, PROMPTS3, steps=6))
+
+
+def test_moe_rows_are_batch_invariant():
+    """A sequence's logits are bit for bit the same decoded alone and beside rows that choose other experts."""
+    model = _model(n_experts=8, n_experts_per_tok=2, qk_norm="head")
+    alone = [lg[0] for lg, _, _ in _run(model, [PROMPTS3[0]], check_eager=False)]
+    batch = _run(model, PROMPTS3, check_eager=False)
+    together = [lg[rows.index(0)] for lg, _, rows in batch if 0 in rows]
+    assert len(alone) == len(together) > 5
+    for a, b in zip(alone, together):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("change,reason", [
+    (lambda m: setattr(m.layers[1].self_attn, "scale", 0.3), "attention scale"),
+    (lambda m: setattr(m.layers[0].self_attn, "softcap", 50.0), "soft-capping"),
+    (lambda m: setattr(m.layers[1].self_attn, "window", 16), "sliding window"),
+    (lambda m: setattr(m.layers[0], "post_ffn_norm", m.layers[0].norm2), "sandwich"),
+    (lambda m: setattr(m.layers[0].norm1, "offset", 1.0), "RMSNorm"),
+    (lambda m: setattr(m.layers[0].self_attn.k_norm, "offset", 1.0), "q/k norms"),
+    (lambda m: setattr(m.layers[0].ffn.experts[3], "act", torch.nn.functional.gelu), "expert 3"),
+    (lambda m: setattr(m.layers[0].ffn, "router", m.layers[0].ffn.router.half()), "router"),
+    (lambda m: setattr(m.layers[1].ffn.experts[0].down_proj, "bias", torch.zeros(64)), "expert 0"),
+    (lambda m: setattr(m, "rotary_local", m.rotary), "rope_local_theta"),
+])
+def test_what_the_step_does_not_implement_stays_eager(change, reason):
+    model = _model(n_experts=4, n_experts_per_tok=2, qk_norm="head")
+    pool = torch.empty(1, 1, 1, 4, 16)
+    assert why_not(model, pool) is None
+    change(model)
+    got = why_not(model, pool)
+    assert got is not None and reason in got, got
