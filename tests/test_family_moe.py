@@ -26,6 +26,7 @@ from attnkit.loading.gguf_file import GGUFFile  # noqa: E402
 from attnkit.loading.hf import load_hf_model  # noqa: E402
 from attnkit.models import registry  # noqa: E402
 from attnkit.nn.moe import SparseMoE  # noqa: E402
+from test_models_families import _randomize  # noqa: E402 (weights drawn wide: a wrong mapping shows)
 
 Q = gguf.GGMLQuantizationType
 TOL = 1e-4
@@ -42,17 +43,6 @@ CONFIGS = {  # model_type → (transformers classes, config keywords)
                    pad_token_id=0, eos_token_id=1)),
 }
 GGUF_ARCH = {"mixtral": "llama", "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}
-
-
-def _randomize(model: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and "norm" in name.lower():
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(std * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def hf_model(model_type: str, seed: int = 0, **kw):

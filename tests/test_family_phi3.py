@@ -26,6 +26,7 @@ from attnkit.loading.gguf import load_gguf_model  # noqa: E402
 from attnkit.loading.hf import load_hf_model  # noqa: E402
 from attnkit.models.llama import rotary_embedding  # noqa: E402
 from attnkit.models.phi3 import needs_reprefill  # noqa: E402
+from test_models_families import _randomize  # noqa: E402 (weights drawn wide: a wrong mapping shows)
 
 TOL = 1e-4
 VOCAB, ORIG, EOS = 128, 16, 2
@@ -46,17 +47,6 @@ def phi3_config(partial: float = 1.0, longrope: bool = True, tie: bool = False, 
                 rope_scaling=rope if longrope else None, partial_rotary_factor=partial)
     args.update(kw)
     return transformers.Phi3Config(**args)
-
-
-def _randomize(model: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and "norm" in name.lower():
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(std * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def _ids(T: int, B: int = 2, seed: int = 1) -> torch.Tensor:

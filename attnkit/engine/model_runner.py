@@ -57,8 +57,6 @@ class ModelRunner:
         n_layers = len(model.layers)
         # each layer's sliding window (None: it sees every earlier key)
         self.windows: list[int | None] = [getattr(layer.self_attn, "window", None) for layer in model.layers]
-        if not any(self.windows) and getattr(cfg, "sliding_window", None) is not None:
-            self.windows = [cfg.sliding_window] * n_layers
         # the KV groups: layers alike share a block table (BlockGroups); with free_window_kv every distinct window
         # is a group whose blocks behind the window are freed; else one table for all (prefix caching kept)
         kinds = sorted(set(self.windows), key=lambda w: -1 if w is None else w) if free_window_kv else [None]
@@ -67,6 +65,8 @@ class ModelRunner:
         self.group_tables = ["block_table", "window_table"][:len(kinds)] if len(kinds) <= 2 else None
         if self.group_tables is None:
             raise ValueError(f"layers with more than two kinds of attention window ({kinds}): set free_window_kv=False")
+        # one attention metadata per (KV group, window) of the layers, built each step
+        self.meta_keys = sorted({(g, w) for g, w in zip(self.group_of, self.windows)}, key=str)
         shape = (n_layers, cfg.n_kv_heads, num_blocks, block_size, cfg.hd)  # head-major, see PagedKVCache
         kv_dtype = kv_dtype or self.dtype  # the pool's; K/V are converted on writing and read back widened
         self.k_pool, self.v_pool = lazy_zeros(shape, kv_dtype, self.device), lazy_zeros(shape, kv_dtype, self.device)
@@ -173,7 +173,7 @@ class ModelRunner:
                 prompt_rows.append((row, start, upto - start))
                 prompt_idx += range(t0, t0 + upto - start)
         # one metadata per (KV group, window) of the layers: the group's block tables, the window's visibility
-        keys = sorted({(g, w) for g, w in zip(self.group_of, self.windows)}, key=str)
+        keys = self.meta_keys
         metas = {key: self._metadata(rows, self.group_tables[key[0]], key[1], per_row, generated)  # type: ignore[index]
                  for key in keys}
         meta = metas[keys[0]]
