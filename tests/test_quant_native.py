@@ -10,7 +10,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize, quantize
 
-from attnkit.quant.native import GGUFBlockLinear, dequantize_reference, library
+from attnkit.quant.native import GGUFBlockLinear, dequantize_reference, has_x4, library
 
 needs_kernel = pytest.mark.skipif(library() is None, reason="no C compiler: the kernel could not be built")
 
@@ -47,6 +47,13 @@ def test_interleaving_is_a_permutation_within_groups_of_four_rows(kind: str) -> 
         rows = slice(4 * g, 4 * g + 4)
         assert torch.equal(packed[rows].flatten().sort().values, layer.blocks[rows].flatten().sort().values)
     assert torch.equal(deinterleave(packed, kind), layer.blocks)
+    if library() is not None and not has_x4(kind):  # an AVX2 build: no interleaved product, said so clearly
+        with pytest.raises(ValueError, match="no product on interleaved"):
+            GGUFBlockLinear(layer.blocks, kind, 96, interleaved=True)
+        assert not GGUFBlockLinear(layer.blocks, kind, 96).interleaved  # the default keeps the row layout
+        with pytest.raises(ValueError, match="multiple of 4 rows"):
+            GGUFBlockLinear(layer.blocks[:10], kind, 96, interleaved=True)
+        return
     x4 = GGUFBlockLinear(layer.blocks, kind, 96, interleaved=True)
     assert torch.equal(x4.row_blocks(), layer.blocks)
     idx = torch.tensor([11, 0, 5, 5, 2])
