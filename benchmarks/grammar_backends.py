@@ -4,12 +4,15 @@ Both libraries compile a JSON schema (or regex, or grammar) against the tokenize
 every step, fill a bitmask of the tokens allowed next. This measures, with the default model's tokenizer
 (SmolLM2, 49 152 tokens) and the same schemas for both:
 
-- import time of the library (xgrammar imports torch, transformers and triton);
+- import time of the library, in a fresh interpreter (xgrammar imports torch, transformers and triton);
 - tokenizer preparation (once per model);
 - schema compile time, first and again (the second shows the library's own cache, if any);
 - per-step mask time for a batch of ``--batch`` sequences (64), each walking its own random path through the
   grammar (uniform over the allowed tokens, seeded), for ``--steps`` steps: one batched fill call per step,
   plus the time to advance every matcher by its token.
+
+llguidance runs twice: with its defaults, and with its JSON token slices and 2 executor threads (its tuning
+for JSON schemas on this machine's 2 cores).
 
     python benchmarks/grammar_backends.py [--batch 64] [--steps 48] [--json FILE]
     attnkit bench grammar_backends
@@ -18,17 +21,20 @@ every step, fill a bitmask of the tokens allowed next. This measures, with the d
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
 import platform
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # attnkit bench runs this file with runpy
 
-from _report import write_report  # noqa: E402
+from _report import cpu_model, write_report  # noqa: E402
 
 SCHEMAS = {
     "person": {"type": "object", "properties": {
@@ -51,23 +57,35 @@ SCHEMAS = {
 }
 
 
-def hf_tokenizer():
-    from attnkit.loading import load_causal_lm
+def default_tokenizer():
+    """The default model's tokenizer and vocabulary size, read from its GGUF metadata (no weights loaded)."""
+    from attnkit.loading.defaults import default_chat_model
+    from attnkit.loading.gguf_file import GGUFFile
+    from attnkit.text.tokenizer import Tokenizer
 
-    lm = load_causal_lm(None)
-    return lm.tokenizer, lm.model.cfg.vocab_size
+    path = default_chat_model()
+    tok = Tokenizer.from_gguf(GGUFFile(path).metadata, path)
+    return tok, tok.vocab_size
+
+
+def import_seconds(module: str) -> float:
+    """Seconds to import ``module`` in a fresh interpreter (the first request's cost in a new server)."""
+    code = f"import time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
 class LLGuidance:
     name = "llguidance"
 
-    def __init__(self, tok, vocab: int) -> None:
+    def __init__(self, tok, vocab: int, json_tuned: bool = False) -> None:
         import llguidance
         import llguidance.torch
 
         self.llg, self.lt = llguidance, llguidance.torch
-        self.tokenizer = llguidance.LLTokenizer(tok.tk.to_str(), n_vocab=vocab, eos_token=sorted(tok.eos_ids))
-        self.executor = llguidance.LLExecutor()
+        slices = llguidance.LLTokenizer.json_slices() if json_tuned else None
+        self.tokenizer = llguidance.LLTokenizer(tok.tk.to_str(), n_vocab=vocab, eos_token=sorted(tok.eos_ids),
+                                                slices=slices)
+        self.executor = llguidance.LLExecutor(num_threads=2 if json_tuned else None)
         self.vocab = vocab
 
     def compile(self, schema: dict):
@@ -91,6 +109,13 @@ class LLGuidance:
 
     def done(self, m) -> bool:
         return m.is_stopped() or m.is_error()
+
+
+class LLGuidanceJSON(LLGuidance):
+    name = "llguidance-json"
+
+    def __init__(self, tok, vocab: int) -> None:
+        super().__init__(tok, vocab, json_tuned=True)
 
 
 class XGrammar:
@@ -183,27 +208,28 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(2)
-    tok, vocab = hf_tokenizer()
-    results = []
-    for mod, cls in (("llguidance", LLGuidance), ("xgrammar", XGrammar)):
+    tok, vocab = default_tokenizer()
+    results, versions = [], {}
+    for mod, cls in (("llguidance", LLGuidance), ("llguidance", LLGuidanceJSON), ("xgrammar", XGrammar)):
         if importlib.util.find_spec(mod) is None:
             print(f"{mod}: not installed, skipped (pip install {mod})")
             continue
-        t0 = time.perf_counter()
-        __import__(mod)
-        imp = time.perf_counter() - t0
+        versions[mod] = importlib.metadata.version(mod)
+        imp = import_seconds(mod)
         r = measure(cls, tok, vocab, args.batch, args.steps)
         r["import_s"] = round(imp, 2)
         results.append(r)
-    print(f"\nbatch {args.batch}, vocab {vocab}, {platform.processor() or platform.machine()}, torch threads 2")
-    print(f"{'backend':<11} {'schema':<10} {'compile ms':>10} {'again ms':>9} {'mask ms/step':>12} {'p90':>7} "
+    machine = f"{cpu_model()}, {os.cpu_count()} cores"
+    print(f"\nbatch {args.batch}, vocab {vocab}, {machine}; {versions}")
+    print(f"{'backend':<15} {'schema':<10} {'compile ms':>10} {'again ms':>9} {'mask ms/step':>12} {'p90':>7} "
           f"{'accept ms':>9}")
     for r in results:
         for name, s in r["schemas"].items():
-            print(f"{r['backend']:<11} {name:<10} {s['compile_ms']:>10} {s['compile_again_ms']:>9} "
+            print(f"{r['backend']:<15} {name:<10} {s['compile_ms']:>10} {s['compile_again_ms']:>9} "
                   f"{s['fill_ms_per_step']:>12} {s['fill_ms_p90']:>7} {s['accept_ms_per_step']:>9}")
-        print(f"{r['backend']:<11} import {r['import_s']} s, tokenizer setup {r['tokenizer_setup_s']} s")
-    write_report({"benchmark": "grammar_backends", "batch": args.batch, "vocab": vocab, "results": results}, args.json)
+        print(f"{r['backend']:<15} import {r['import_s']} s, tokenizer setup {r['tokenizer_setup_s']} s")
+    write_report({"benchmark": "grammar_backends", "machine": machine, "python": platform.python_version(),
+                  "versions": versions, "batch": args.batch, "vocab": vocab, "results": results}, args.json)
     return 0
 
 

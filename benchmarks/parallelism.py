@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -36,6 +35,9 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a source checkout without installing
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # attnkit bench runs this file with runpy
+
+from _report import cpu_model  # noqa: E402
 
 # With more runnable threads than free cores (other jobs on a small machine), OpenMP threads that
 # spin at barriers make multi-threaded CPU timings 10–25× slower; passive waiting avoids that. It only
@@ -91,16 +93,6 @@ def table(title: str, header: list[str], rows: list[list[object]]) -> str:
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     body = ["| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |" for r in cells]
     return "\n".join([f"\n### {title}\n", line, sep, *body])
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def n_params(module: nn.Module) -> int:
