@@ -25,6 +25,7 @@ from ..inference_options import KV_CACHE_DTYPES
 from ..text.detokenize import IncrementalDetokenizer
 from .allocator import tune_malloc
 from .block_manager import BlockGroups, BlockManager, BlockStats
+from .grammar import Grammars
 from .lora import LoraAdapters
 from .model_runner import ModelRunner
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -96,6 +97,7 @@ class LLMEngine:
         # on the CPU every step reuses its large activations in place of new mappings (attnkit.engine.allocator)
         self.malloc_tuned = self.runner.device.type == "cpu" and tune_malloc()
         self.loras: LoraAdapters | None = None  # created by the first add_lora
+        self._grammars: Grammars | None = None  # created by the first constrained request
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.num_steps = 0
@@ -129,6 +131,16 @@ class LLMEngine:
     def lora_names(self) -> list[str]:
         return self.loras.names() if self.loras is not None else []
 
+    # structured outputs
+    @property
+    def grammars(self) -> Grammars:
+        """The grammar compiler for this engine's tokenizer (xgrammar is loaded on first use)."""
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise ValueError("SamplingParams.structured: constrained decoding needs a tokenizer")
+            self._grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_ids)
+        return self._grammars
+
     # requests
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, lora: str | None = None) -> str:
@@ -151,6 +163,7 @@ class LLMEngine:
             raise ValueError(f"the prompt has {len(ids)} tokens; the engine's max_model_len is {self.max_model_len}")
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("SamplingParams.stop: stop strings need a tokenizer")
+        compiled = self.grammars.compile(params.structured) if params.structured is not None else None
         if lora is not None and self.loras is None:
             raise ValueError(f"no LoRA adapter named {lora!r} is loaded (loaded: none)")
         adapter = self.loras.id_of(lora) if self.loras is not None else 0
@@ -159,6 +172,9 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         now = time.perf_counter()
         seqs = [Sequence(request_id, i, ids, params, adapter=adapter, arrival=now) for i in range(params.n)]
+        if compiled is not None:
+            for seq in seqs:
+                seq.grammar = self.grammars.matcher(compiled)
         for child in seqs[1:]:
             child.parent = seqs[0]
         seqs[0].children = seqs[1:]
@@ -217,17 +233,28 @@ class LLMEngine:
                     return []
                 raise RuntimeError("the engine cannot schedule any sequence: the KV cache is too small")
         self.num_steps += 1
+        # the constrained sequences that sample this step: their token masks are filled while the forward runs
+        constrained = [s for s, n in zip(batch.seqs, batch.num_tokens)
+                       if s.grammar is not None and s.num_computed + n == len(s)]
+        masks = self.grammars.fill_async(constrained) if constrained else None
         logits, rows = self.runner.run(batch)
         self._prompt_logprobs(batch)
         self.scheduler.computed(batch)
         touched = {s.request_id for s in batch.seqs}
         if rows:
             seqs = [batch.seqs[r] for r in rows]
-            tokens, lps = sample(logits, seqs, self.eos_ids)
+            allowed = None
+            if masks is not None:
+                at = {id(s): r for r, s in enumerate(seqs)}
+                pairs = [(i, at[id(s)]) for i, s in enumerate(constrained) if id(s) in at]
+                allowed = (masks.result()[[i for i, _ in pairs]], [r for _, r in pairs])
+            tokens, lps = sample(logits, seqs, self.eos_ids, allowed)
             for seq, tok, lp in zip(seqs, tokens, lps):
                 seq.append(tok)
                 if lp is not None:
                     seq.logprobs.append(lp)
+                if seq.grammar is not None and not self._advance_grammar(seq, tok):
+                    continue
                 self._check_stop(seq, tok)
         outs = []
         for rid in touched:
@@ -264,6 +291,19 @@ class LLMEngine:
                     d.update({int(t): float(v) for t, v in zip(top.indices[i], top.values[i]) if int(t) not in d})
                 seq.prompt_logprobs.append(d)
             at += count
+
+    def _advance_grammar(self, seq: Sequence, tok: int) -> bool:
+        """Feed the sampled token to the sequence's matcher; False if that finished the sequence."""
+        if not seq.grammar.accept_token(tok) and tok not in self.eos_ids:
+            # cannot happen with the mask applied; were it to, stop rather than emit text outside the language
+            self._finish(seq, "stop", None)
+            return False
+        if seq.grammar.is_terminated() and tok not in self.eos_ids:
+            self._check_stop(seq, tok)  # the text of this last token, then finish
+            if not seq.finished:
+                self._finish(seq, "stop", None)
+            return False
+        return True
 
     def _check_stop(self, seq: Sequence, tok: int) -> None:
         p = seq.params

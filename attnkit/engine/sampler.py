@@ -2,7 +2,7 @@
 
 Order (as in vLLM): logit bias → min_tokens (EOS/stop tokens masked) → repetition penalty (CTRL,
 Keskar et al. 2019: positive logits divided by r, negative multiplied) → presence/frequency
-penalties (OpenAI) → log-probabilities reported → greedy rows take the argmax; the others divide by
+penalties (OpenAI) → the grammar's token mask (structured outputs) → log-probabilities reported → greedy rows take the argmax; the others divide by
 temperature, keep the top-k, the nucleus top-p (Holtzman et al. 2020) and tokens with p ≥ min_p·p_max
 (Nguyen et al. 2024), and sample with the exponential race argmax(p_i / E_i), E_i ~ Exp(1) — the
 same distribution as multinomial, but each seeded row draws its E from its own generator, so its
@@ -15,6 +15,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
+from .grammar import allowed_tokens, apply_bitmask
 from .sequence import Sequence
 
 
@@ -56,11 +57,25 @@ def apply_penalties_and_bias(logits: torch.Tensor, seqs: Seq[Sequence], eos_ids:
     return logits
 
 
-def sample(logits: torch.Tensor, seqs: Seq[Sequence], eos_ids: set[int] = frozenset()
-           ) -> tuple[list[int], list[dict[int, float] | None]]:
-    """logits (B, V) → one token per row, and per row its log-probabilities if requested."""
+def apply_grammar(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """Mask the tokens the rows' grammars forbid (in place). Should the other processors have left a row
+    nothing its grammar allows (min_tokens banning the EOS a finished grammar asks for), the grammar wins."""
+    if not rows:
+        return
+    apply_bitmask(logits, bitmask, rows)
+    for i, r in enumerate(rows):
+        if bool(torch.isneginf(logits[r]).all()):
+            logits[r, allowed_tokens(bitmask[i], logits.shape[1])] = 0.0
+
+
+def sample(logits: torch.Tensor, seqs: Seq[Sequence], eos_ids: set[int] = frozenset(),
+           allowed: tuple[torch.Tensor, list[int]] | None = None) -> tuple[list[int], list[dict[int, float] | None]]:
+    """logits (B, V) → one token per row, and per row its log-probabilities if requested. ``allowed``: the
+    grammar bitmasks of the constrained rows and which rows they are (:mod:`attnkit.engine.grammar`)."""
     # on the CPU: (B, vocab) is small, and seeded rows draw from CPU generators
     logits = apply_penalties_and_bias(logits.detach().float().cpu().clone(), seqs, set(eos_ids))
+    if allowed is not None:
+        apply_grammar(logits, *allowed)
     B, V = logits.shape
     want_lp = [r for r, s in enumerate(seqs) if s.params.logprobs is not None]
     logprobs = torch.log_softmax(logits[want_lp], -1) if want_lp else None

@@ -7,12 +7,72 @@ penalty (Keskar et al. 2019, CTRL §4.1) and the OpenAI presence/frequency penal
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class SamplingParamsError(ValueError):
     """An invalid sampling setting; the message names the field."""
+
+
+@dataclass
+class StructuredOutputs:
+    """Constrain the output to a language (vLLM's ``StructuredOutputsParams``): exactly one of a JSON schema
+    (``json``, a dict or its JSON text), any JSON object (``json_object``), a regular expression, a grammar
+    (GBNF, recognised by ``::=``, otherwise Lark) or a fixed list of choices. The engine compiles it with
+    xgrammar (:mod:`attnkit.engine.grammar`) and masks every disallowed token before sampling.
+    ``disable_any_whitespace`` makes JSON compact (no free whitespace between tokens)."""
+
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    grammar: str | None = None
+    choice: list[str] | None = None
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> SamplingParamsError:
+            return SamplingParamsError(f"SamplingParams.structured.{name}: {why}")
+
+        given = [k for k in ("json", "regex", "grammar", "choice") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object is True else []
+        if len(given) != 1:
+            raise SamplingParamsError("SamplingParams.structured: give exactly one of json, json_object, regex, "
+                                      f"grammar, choice (got {given or 'none'})")
+        if not isinstance(self.json_object, bool) or not isinstance(self.disable_any_whitespace, bool):
+            raise bad("json_object" if not isinstance(self.json_object, bool) else "disable_any_whitespace",
+                      "must be a bool")
+        if self.json is not None:
+            schema: Any = self.json
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except ValueError as e:
+                    raise bad("json", f"the schema is not valid JSON ({e})") from None
+            if not isinstance(schema, (dict, bool)):
+                raise bad("json", f"a JSON schema is an object or a boolean, got {type(schema).__name__}")
+            self.json = schema if isinstance(schema, dict) else {} if schema else {"not": {}}
+        for name in ("regex", "grammar"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v.strip()):
+                raise bad(name, "must be a non-empty string")
+        if self.choice is not None:
+            if (not isinstance(self.choice, (list, tuple)) or not self.choice
+                    or any(not isinstance(c, str) or not c for c in self.choice)):
+                raise bad("choice", "must be a non-empty list of non-empty strings")
+            self.choice = list(self.choice)
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("json", "json_object", "regex", "grammar", "choice") if getattr(self, k) not in (None, False))
+
+    def key(self) -> tuple[str, str, bool]:
+        """What identifies the compiled grammar (the cache key): kind, canonical text, whitespace."""
+        value = getattr(self, self.kind)
+        text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list, bool)) else value
+        return self.kind, text, self.disable_any_whitespace
 
 
 @dataclass
@@ -35,6 +95,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (no prefix-cache reuse then)
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
+    structured: StructuredOutputs | None = None  # constrained decoding (JSON schema, regex, grammar, choice)
     stop_strings: tuple[str, ...] = field(init=False, repr=False, default=())
 
     def __post_init__(self) -> None:
@@ -88,6 +149,8 @@ class SamplingParams:
         if any(not is_int(t) or t < 0 or not is_num(b) or not -100 <= b <= 100 for t, b in bias.items()):
             raise bad("logit_bias", "must map token ids (>= 0) to biases in [-100, 100]")
         self.logit_bias = {int(t): float(b) for t, b in bias.items()}
+        if self.structured is not None and not isinstance(self.structured, StructuredOutputs):
+            raise bad("structured", "must be a StructuredOutputs or None")
 
     @property
     def greedy(self) -> bool:

@@ -11,6 +11,7 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -45,6 +46,7 @@ class Sequence:
     parent: Sequence | None = None  # n > 1: waits for its parent's prefill, then forks its blocks
     children: list[Sequence] = field(default_factory=list)
     generator: torch.Generator | None = None
+    grammar: Any = None  # the structured-output matcher (attnkit.engine.grammar), if constrained
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     text: str = ""  # detokenised output (stop strings removed)

@@ -2,8 +2,8 @@
 
 One idea per file: :mod:`.protocol` (request bodies), :mod:`.errors` (OpenAI-shaped errors),
 :mod:`.metrics` (Prometheus), :mod:`.generation` (sampling settings, prompt checks, engine streams),
-:mod:`.responses` (JSON bodies and server-sent events), :mod:`.completions`, :mod:`.chat`,
-:mod:`.embeddings` (the routes), :mod:`.app` (``build_app``), :mod:`.cli` (``attnkit serve``).
+:mod:`.formatting` (JSON bodies and server-sent events), :mod:`.completions`, :mod:`.chat`,
+:mod:`.embeddings` (the routes), :mod:`.state` (what the routes share), :mod:`.app` (``build_app``), :mod:`.cli` (``attnkit serve``).
 """
 
 from .app import build_app

@@ -18,10 +18,10 @@ from ..text.chat_template import ChatTemplateError, render_chat
 from .errors import bad_request, parse_body
 from .generation import Tally, check_chars, encode, max_new_tokens, sampling_params, start
 from .protocol import ChatCompletionRequest
-from .responses import Format, respond
+from .formatting import Format, respond
 
 if TYPE_CHECKING:
-    from .app import ServerState
+    from .state import ServerState
 
 
 class ChatFormat(Format):

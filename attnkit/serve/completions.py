@@ -20,10 +20,10 @@ from ..engine.outputs import CompletionOutput, RequestOutput
 from .errors import bad_request, parse_body
 from .generation import Tally, encode, max_new_tokens, sampling_params, start
 from .protocol import CompletionRequest
-from .responses import Format, respond
+from .formatting import Format, respond
 
 if TYPE_CHECKING:
-    from .app import ServerState
+    from .state import ServerState
 
 
 class CompletionFormat(Format):

@@ -19,7 +19,7 @@ from .errors import APIError, bad_request, parse_body
 from .protocol import EmbeddingRequest
 
 if TYPE_CHECKING:
-    from .app import ServerState
+    from .state import ServerState
 
 
 def _embed(state: ServerState, texts: list[str]) -> tuple[np.ndarray, int]:

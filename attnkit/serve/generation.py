@@ -18,7 +18,7 @@ from .errors import APIError, bad_request
 from .protocol import _Sampling
 
 if TYPE_CHECKING:
-    from .app import ServerState
+    from .state import ServerState
 
 T = TypeVar("T")
 

@@ -24,7 +24,7 @@ from .generation import ClientGone, Tally, merge, unless_disconnected
 
 if TYPE_CHECKING:
     from ..engine.async_engine import RequestStream
-    from .app import ServerState
+    from .state import ServerState
 
 log = logging.getLogger("attnkit.serve")
 
