@@ -8,12 +8,14 @@ equals the offline one. OpenAI's ``developer`` role is passed to the template as
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from fastapi.responses import Response
 
 from ..engine.outputs import CompletionOutput
+from ..engine.sampling_params import SamplingParams
 from ..text.chat_template import ChatTemplateError, render_chat
 from .errors import bad_request, parse_body
 from .generation import Tally, check_chars, encode, max_new_tokens, sampling_params, start
@@ -66,19 +68,36 @@ def _render(state: ServerState, req: ChatCompletionRequest) -> str:
     return text
 
 
-async def create_chat_completion(request: Request) -> Response:
-    state: ServerState = request.app.state.serve
-    req = await parse_body(request, ChatCompletionRequest)
+@dataclass
+class ChatJob:
+    """A validated chat request, ready for the engine: what /v1/chat/completions and /v1/responses share."""
+
+    model: str  # the name to answer with
+    lora: str | None
+    prompt: list[int]
+    params: SamplingParams
+    top_logprobs: int | None
+
+
+async def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> ChatJob:
+    """Render, tokenise and check ``req``: any problem is a 400 naming the field before anything runs."""
     model, lora = state.check_model(req.model)
     check_chars(state, sum(len(m.text) for m in req.messages), "messages")
     prompt = await encode(state, await asyncio.to_thread(_render, state, req), "messages", add_special_tokens=False)
     if not prompt:
         raise bad_request("the rendered conversation is empty", "messages")
-    tally = Tally(len(prompt))
     top = (req.top_logprobs or 0) if req.logprobs else None
     max_tokens = max_new_tokens(state, [len(prompt)], req.max_new_tokens, "messages")
     params = sampling_params(req, max_tokens, top, state.vocab_size)
-    fmt = ChatFormat(state, model, req.n, top)
-    streams = await start(state, [prompt], params, fmt.id, lora)
+    return ChatJob(model, lora, prompt, params, top)
+
+
+async def create_chat_completion(request: Request) -> Response:
+    state: ServerState = request.app.state.serve
+    req = await parse_body(request, ChatCompletionRequest)
+    job = await prepare_chat(state, req)
+    tally = Tally(len(job.prompt))
+    fmt = ChatFormat(state, job.model, req.n, job.top_logprobs)
+    streams = await start(state, [job.prompt], job.params, fmt.id, job.lora)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return await respond(request, fmt, streams, tally, req.stream, include_usage)
