@@ -14,7 +14,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Each module here has ``add_commands(subparsers)``; imported when the parser is built.
 _COMMAND_MODULES = (
     "attnkit.train.seq2seq_cli",  # seq2seq train|eval|translate|...
-    "attnkit.models_cli",  # generate, chat, embed
+    "attnkit.engine.cli",  # generate, chat, embed
     "attnkit.train.finetune_cli",
     "attnkit.serve.cli",  # serve
     "attnkit.quant.cli",  # quantize

@@ -175,3 +175,23 @@ def test_generate_with_a_lora_adapter_equals_the_merged_model(tmp_path, capsys):
     assert capsys.readouterr().out not in (plain, "")
     assert main(args + ["--lora", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_generate_json_schema_and_max_tokens(tmp_path, capsys):
+    import jsonschema
+
+    schema = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+              "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}}}
+    path = tmp_path / "person.json"
+    path.write_text(json.dumps(schema))
+    rc = main(["generate", "Describe a person named Bob aged 30 as JSON.", "--chat", "--json-schema", str(path),
+               "--max-tokens", "60", "--threads", "1"])
+    assert rc == 0
+    jsonschema.validate(json.loads(capsys.readouterr().out), schema)
+    assert main(["generate", "hi", "--regex", "(ab", "--max-tokens", "4"]) == 2
+    assert "structured.regex: invalid regex" in capsys.readouterr().err
+    path.write_text("{not json")
+    assert main(["generate", "hi", "--json-schema", str(path)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one constraint at a time
+        main(["generate", "hi", "--regex", "a", "--choice", "a"])

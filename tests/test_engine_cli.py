@@ -13,7 +13,7 @@ from attnkit.generation import SamplingParams as SimpleParams
 from attnkit.generation import generate
 from attnkit.loading import CausalLM
 from attnkit.models.gpt2 import GPT2, GPT2Config
-from attnkit.models_cli import _engine, stream
+from attnkit.engine.cli import _engine, stream
 from engine_helpers import skip_module_without_default_model, tiny_llama, tokenizer  # noqa: F401
 
 skip_module_without_default_model()

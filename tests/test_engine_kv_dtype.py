@@ -200,7 +200,7 @@ def test_the_commands_pass_the_kv_cache_dtype(monkeypatch, capsys):
     from engine_helpers import skip_module_without_default_model
 
     skip_module_without_default_model()
-    from attnkit import models_cli
+    from attnkit.engine import cli as models_cli
     from attnkit.cli import build_parser, main
     from attnkit.serve.cli import build_from_args
 

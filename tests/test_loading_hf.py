@@ -139,7 +139,7 @@ def test_wrong_kind_of_model(llama_dir, tmp_path):
 def test_sampling_defaults_from_generation_config():
     import argparse
 
-    from attnkit.models_cli import _params
+    from attnkit.engine.cli import _params
 
     flags = dict(max_new_tokens=5, temperature=None, top_k=None, top_p=None, seed=None)
     gen = {"do_sample": True, "temperature": 0.6, "top_p": 0.9}

@@ -10,9 +10,10 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Iterator, TextIO
 
-from .inference_options import InferenceOptions
+from ..inference_options import InferenceOptions
 
 _INTRO = "chat with {name} — /reset clears the conversation, /quit (or Ctrl-D) leaves, Ctrl-C stops a reply"
 
@@ -22,6 +23,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("prompt", help="the text to continue")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn of the model's chat template")
     _sampling_args(g)
+    s = g.add_mutually_exclusive_group()
+    s.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="constrain the output to JSON valid under the JSON schema in FILE (structured outputs)")
+    s.add_argument("--json-object", action="store_true", help="constrain the output to a JSON object")
+    s.add_argument("--regex", default=None, help="constrain the output to match this regular expression")
+    s.add_argument("--grammar", metavar="FILE", default=None, help="constrain the output to the GBNF or Lark grammar in FILE")
+    s.add_argument("--choice", action="append", default=None, help="constrain the output to one of these (repeatable)")
     g.set_defaults(func=run_generate)
 
     c = sub.add_parser("chat", help="interactive multi-turn chat with the model's chat template")
@@ -43,7 +51,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M-Instruct Q4_1)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=int, default=256,
+                   help="tokens to generate at most (--max-tokens: the name OpenAI and vLLM use)")
     p.add_argument("--temperature", type=float, default=None,
                    help="0 = greedy; default: the model's generation_config.json if it samples, else greedy")
     p.add_argument("--top-k", type=int, default=None, help="0 = off (default: generation_config.json, else off)")
@@ -63,7 +72,7 @@ def _load(args: argparse.Namespace):
 
 def _params(args: argparse.Namespace, generation: dict | None = None):
     """Sampling settings: command-line flags, else the checkpoint's generation_config.json, else greedy."""
-    from .engine import SamplingParams
+    from . import SamplingParams
 
     gen = generation or {}
     sampling = bool(gen.get("do_sample", False))
@@ -74,7 +83,25 @@ def _params(args: argparse.Namespace, generation: dict | None = None):
         return gen.get(key, off) if sampling and gen.get(key) is not None else off
 
     return SamplingParams(max_tokens=args.max_new_tokens, temperature=pick(args.temperature, "temperature", 0.0),
-                          top_k=pick(args.top_k, "top_k", 0), top_p=pick(args.top_p, "top_p", 1.0), seed=args.seed)
+                          top_k=pick(args.top_k, "top_k", 0), top_p=pick(args.top_p, "top_p", 1.0), seed=args.seed,
+                          structured=_structured(args))
+
+
+def _structured(args: argparse.Namespace):
+    """The --json-schema/--json-object/--regex/--grammar/--choice constraint, if any (files read here)."""
+    from . import StructuredOutputs
+
+    if getattr(args, "json_schema", None):
+        return StructuredOutputs(json=Path(args.json_schema).read_text())
+    if getattr(args, "json_object", False):
+        return StructuredOutputs(json_object=True)
+    if getattr(args, "regex", None) is not None:
+        return StructuredOutputs(regex=args.regex)
+    if getattr(args, "grammar", None):
+        return StructuredOutputs(grammar=Path(args.grammar).read_text())
+    if getattr(args, "choice", None):
+        return StructuredOutputs(choice=args.choice)
+    return None
 
 
 LORA = "cli-adapter"  # the name --lora's adapter gets in the engine
@@ -83,7 +110,7 @@ LORA = "cli-adapter"  # the name --lora's adapter gets in the engine
 def _engine(lm, compile: bool = False, lora: str | None = None, kv_cache_dtype: str = "auto"):
     """An inference engine on the loaded model, its KV pool (of ``kv_cache_dtype``) sized for one full-length
     conversation, with the LoRA adapter in directory ``lora`` loaded as :data:`LORA`."""
-    from .engine import EngineConfig, LLMEngine
+    from . import EngineConfig, LLMEngine
 
     max_len = min(getattr(lm.model.cfg, "max_seq_len", 8192), 32768)
     cfg = EngineConfig(num_blocks=-(-max_len // 16) + 1, max_model_len=max_len, compile=compile,
@@ -95,7 +122,7 @@ def _engine(lm, compile: bool = False, lora: str | None = None, kv_cache_dtype: 
 
 
 def _chat_prompt(lm, messages: list[dict[str, str]]) -> list[int]:
-    from .text.chat_template import render_chat
+    from ..text.chat_template import render_chat
 
     tok = lm.tokenizer
     text = render_chat(tok.chat_template, messages, add_generation_prompt=True, source=str(lm.path),
@@ -121,25 +148,31 @@ def stream(engine, prompt: list[int], params, out: TextIO, lora: str | None = No
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from .loading import ModelLoadError
-    from .text.chat_template import ChatTemplateError
+    from ..loading import ModelLoadError
+    from ..text.chat_template import ChatTemplateError
+
+    from . import SamplingParamsError
 
     try:
+        _structured(args)  # a bad schema file fails before the model loads
         lm, load_s = _load(args)
         if args.chat:
             prompt = _chat_prompt(lm, [{"role": "user", "content": args.prompt}])
         else:
             prompt = lm.tokenizer.encode(args.prompt)
-    except (ModelLoadError, ChatTemplateError) as e:
+        engine = _engine(lm, args.compile, args.lora, InferenceOptions.from_args(args).engine_kv_cache_dtype())
+        params = _params(args, lm.generation)
+        if params.structured is not None:
+            engine.grammars.compile(params.structured)  # an invalid schema, regex or grammar: said here
+    except (ModelLoadError, ChatTemplateError, SamplingParamsError, OSError) as e:
         print(f"attnkit generate: error: {e}", file=sys.stderr)
         return 2
-    engine = _engine(lm, args.compile, args.lora, InferenceOptions.from_args(args).engine_kv_cache_dtype())
-    if not args.chat:
+    if not args.chat and params.structured is None:
         sys.stdout.write(args.prompt)
     t0 = time.perf_counter()
     first = None
     n = 0
-    for _ in stream(engine, prompt, _params(args, lm.generation), sys.stdout, LORA if args.lora else None):
+    for _ in stream(engine, prompt, params, sys.stdout, LORA if args.lora else None):
         n += 1
         if first is None:
             first = time.perf_counter()
@@ -152,8 +185,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    from .loading import ModelLoadError
-    from .text.chat_template import ChatTemplateError
+    from ..loading import ModelLoadError
+    from ..text.chat_template import ChatTemplateError
 
     try:
         lm, _ = _load(args)
@@ -207,8 +240,8 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 def run_embed(args: argparse.Namespace) -> int:
-    from .embeddings import cosine_matrix
-    from .loading import ModelLoadError, load_sentence_encoder
+    from ..embeddings import cosine_matrix
+    from ..loading import ModelLoadError, load_sentence_encoder
 
     try:
         emb = load_sentence_encoder(args.model)
@@ -233,7 +266,7 @@ def run_embed(args: argparse.Namespace) -> int:
 
 def run_models(args: argparse.Namespace) -> int:
     """One row per decoder family (attnkit.models.registry) plus the encoder/GPT-2 ones: HF, GGUF, engine, C step, LoRA."""
-    from .models.registry import COLUMNS, support_table
+    from ..models.registry import COLUMNS, support_table
 
     rows = support_table() + [
         {"family": "gpt2", "model_type": "gpt2", "gguf": "-", "example": "GPT-2", "HF": "yes", "GGUF": "no",
