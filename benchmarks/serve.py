@@ -6,6 +6,11 @@ prompts: N streaming /v1/completions requests at a fixed concurrency (``--concur
 as a Poisson process (``--request-rate`` per second), with fixed or random lengths (``--range-ratio``:
 each length uniform in [len·(1−r), len·(1+r)]), ``ignore_eos`` so every request produces its length.
 
+``--json-schema FILE`` (or ``builtin``: a list of 40 small records) measures structured outputs: each
+server runs the prompts free, then with every request constrained to the schema, then free again, in
+the same process (attnkit gets vLLM's ``structured_outputs`` field, the ``--url`` servers llama.cpp's
+``json_schema`` field); the table adds the constrained run's output tok/s against the mean free run.
+
 Per server: request throughput, output tokens/s, time to first token (TTFT), time per output token
 after the first (TPOT), inter-token latency between streamed chunks (ITL) and end-to-end latency at
 p50 and p99, and the error count. Prints a table and the JSON (``--json FILE`` also writes it).
@@ -59,10 +64,19 @@ def make_prompts(n: int, input_len: int, output_len: int, ratio: float, seed: in
             for _ in range(n)]
 
 
+# long enough that no request's grammar ends before its output length: the engine meets objects, strings,
+# integers, enums and arrays all the way
+BUILTIN_SCHEMA = {"type": "array", "minItems": 40, "maxItems": 40, "items": {
+    "type": "object", "additionalProperties": False, "required": ["name", "age", "role", "tags"],
+    "properties": {"name": {"type": "string", "maxLength": 16}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                   "role": {"enum": ["admin", "user", "guest"]},
+                   "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3}}}}
+
+
 async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int, ignore_eos: bool,
-              headers: dict[str, str]) -> Result:
+              headers: dict[str, str], extra: dict | None = None) -> Result:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **(extra or {})}
     if ignore_eos:
         body["ignore_eos"] = True
     start = last = time.perf_counter()
@@ -97,7 +111,8 @@ async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_
 
 
 async def run_load(url: str, model: str, prompts: list[tuple[str, int]], concurrency: int, rate: float,
-                   ignore_eos: bool, api_key: str | None, seed: int) -> tuple[list[Result], float]:
+                   ignore_eos: bool, api_key: str | None, seed: int, extra: dict | None = None
+                   ) -> tuple[list[Result], float]:
     from tqdm import tqdm
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -109,7 +124,7 @@ async def run_load(url: str, model: str, prompts: list[tuple[str, int]], concurr
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
         async def task(p: tuple[str, int]) -> Result:
             async with sem:
-                res = await one(client, url, model, p[0], p[1], ignore_eos, headers)
+                res = await one(client, url, model, p[0], p[1], ignore_eos, headers, extra)
             bar.update(1)
             return res
 
@@ -185,7 +200,9 @@ def table(rows: list[dict]) -> str:
     cols += [(f"{k}_ms_p{q}", f"{k.upper()} p{q} ms", "{:.0f}")
              for k in ("ttft", "tpot", "itl", "e2e") for q in (50, 99)]
     lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt.format(r[k]) for k, _, fmt in cols) + " |" for r in rows]
+    if any("vs_free" in r for r in rows):
+        cols.insert(5, ("vs_free", "vs free", "{:+.1%}"))
+    lines += ["| " + " | ".join(fmt.format(r[k]) if k in r else "" for k, _, fmt in cols) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -207,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve-args", default="", help='more flags for attnkit serve, e.g. "--quantize auto"')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="16 prompts, 64 in / 16 out")
+    p.add_argument("--json-schema", default=None, metavar="FILE|builtin",
+                   help="also measure every request constrained to this JSON schema (free, constrained, free again)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     if args.quick:
@@ -214,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_prompts < 1 or args.concurrency < 1 or args.request_rate <= 0 or not 0 <= args.range_ratio < 1:
         p.error("--num-prompts and --concurrency must be >= 1, --request-rate > 0, --range-ratio in [0, 1)")
     prompts = make_prompts(args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.seed)
+    schema = None
+    if args.json_schema:
+        schema = BUILTIN_SCHEMA if args.json_schema == "builtin" else json.loads(open(args.json_schema).read())
     targets = [] if args.no_attnkit else [("attnkit", None)]
     targets += [(u.rstrip("/"), u.rstrip("/")) for u in args.url]
     rows = []
@@ -223,9 +245,18 @@ def main(argv: list[str] | None = None) -> int:
             proc, url = start_attnkit(args)
         try:
             key = None if proc else args.api_key
-            results, duration = asyncio.run(run_load(url, model_of(url, key), prompts, args.concurrency,
-                                                     args.request_rate, not args.no_ignore_eos, key, args.seed))
-            rows.append(summarize(name, url, results, duration))
+            model = model_of(url, key)
+            runs = [(name, None)]
+            if schema is not None:
+                field_ = {"structured_outputs": {"json": schema}} if proc else {"json_schema": schema}
+                runs = [(f"{name} free", None), (f"{name} json_schema", field_), (f"{name} free again", None)]
+            for label, extra in runs:
+                results, duration = asyncio.run(run_load(url, model, prompts, args.concurrency, args.request_rate,
+                                                         not args.no_ignore_eos, key, args.seed, extra))
+                rows.append(summarize(label, url, results, duration))
+            if schema is not None:
+                free = (rows[-3]["output_tokens_per_s"] + rows[-1]["output_tokens_per_s"]) / 2
+                rows[-2]["vs_free"] = rows[-2]["output_tokens_per_s"] / free - 1
         finally:
             if proc is not None:
                 proc.send_signal(signal.SIGTERM)

@@ -149,3 +149,11 @@ def test_invalid_specs_name_the_field(model, tokenizer):  # noqa: F811
             StructuredOutputs(**kw)
     with pytest.raises(SamplingParamsError, match="structured"):
         SamplingParams(structured={"regex": "a"})
+
+
+def test_a_complete_grammar_ends_the_sequence_even_under_ignore_eos(model, tokenizer):  # noqa: F811
+    spec = StructuredOutputs(choice=["alpha", "beta"])
+    out = _run(_engine(model, tokenizer), [("Go:", SamplingParams(n=2, temperature=1.0, seed=0, max_tokens=30,
+                                                                  ignore_eos=True, structured=spec))])[0]
+    for c in out.outputs:
+        assert c.text in ("alpha", "beta") and c.finish_reason == "stop"

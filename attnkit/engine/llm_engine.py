@@ -293,12 +293,13 @@ class LLMEngine:
             at += count
 
     def _advance_grammar(self, seq: Sequence, tok: int) -> bool:
-        """Feed the sampled token to the sequence's matcher; False if that finished the sequence."""
+        """Feed the sampled token to the sequence's matcher; False if that finished the sequence (a complete
+        grammar ends it even under ignore_eos: nothing may follow)."""
         if not seq.grammar.accept_token(tok) and tok not in self.eos_ids:
             # cannot happen with the mask applied; were it to, stop rather than emit text outside the language
             self._finish(seq, "stop", None)
             return False
-        if seq.grammar.is_terminated() and tok not in self.eos_ids:
+        if seq.grammar.is_terminated():
             self._check_stop(seq, tok)  # the text of this last token, then finish
             if not seq.finished:
                 self._finish(seq, "stop", None)
