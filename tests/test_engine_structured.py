@@ -157,3 +157,32 @@ def test_a_complete_grammar_ends_the_sequence_even_under_ignore_eos(model, token
                                                                   ignore_eos=True, structured=spec))])[0]
     for c in out.outputs:
         assert c.text in ("alpha", "beta") and c.finish_reason == "stop"
+
+
+def test_lora_requests_are_constrained_by_their_own_model(model, tokenizer, tmp_path):  # noqa: F811
+    """Greedy constrained decoding through a LoRA adapter equals the masked reference on the merged model."""
+    import copy
+
+    from attnkit.peft import LoraConfig, PeftModel, get_peft_model
+
+    peft = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in peft.adapter_parameters("default").values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    peft.save_pretrained(tmp_path)
+    merged = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).merge_and_unload().eval()
+    engine = _engine(model, tokenizer)
+    engine.add_lora("a", tmp_path)
+    spec = StructuredOutputs(json=PERSON, disable_any_whitespace=True)
+    prompt = tokenizer.encode("Someone as JSON: ")
+    params = SamplingParams(temperature=0, max_tokens=50, structured=spec)
+    ids = [engine.add_request(prompt, params, lora="a"), engine.add_request(prompt, params)]
+    final = {}
+    while engine.has_unfinished_requests():
+        final.update({o.request_id: o for o in engine.step()})
+    grammar = engine.grammars.compile(spec)
+    with_lora, base = (final[i].outputs[0].token_ids for i in ids)
+    assert with_lora == _reference_greedy(merged, tokenizer, prompt, grammar, 50)
+    assert base == _reference_greedy(model, tokenizer, prompt, grammar, 50)
+    assert with_lora != base
