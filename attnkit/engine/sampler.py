@@ -63,9 +63,9 @@ def apply_grammar(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) 
     if not rows:
         return
     apply_bitmask(logits, bitmask, rows)
-    for i, r in enumerate(rows):
-        if bool(torch.isneginf(logits[r]).all()):
-            logits[r, allowed_tokens(bitmask[i], logits.shape[1])] = 0.0
+    dead = torch.isneginf(logits[rows]).all(-1)  # (len(rows),)
+    for i in torch.nonzero(dead)[:, 0].tolist():
+        logits[rows[i], allowed_tokens(bitmask[i], logits.shape[1])] = 0.0
 
 
 def sample(logits: torch.Tensor, seqs: Seq[Sequence], eos_ids: set[int] = frozenset(),
