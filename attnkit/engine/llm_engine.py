@@ -12,6 +12,7 @@ adapters and for the base share every step (:mod:`attnkit.engine.lora`).
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -98,6 +99,7 @@ class LLMEngine:
         self.malloc_tuned = self.runner.device.type == "cpu" and tune_malloc()
         self.loras: LoraAdapters | None = None  # created by the first add_lora
         self._grammars: Grammars | None = None  # created by the first constrained request
+        self._grammars_lock = threading.Lock()
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.num_steps = 0
@@ -135,10 +137,11 @@ class LLMEngine:
     @property
     def grammars(self) -> Grammars:
         """The grammar compiler for this engine's tokenizer (xgrammar is loaded on first use)."""
-        if self._grammars is None:
-            if self.tokenizer is None:
-                raise ValueError("SamplingParams.structured: constrained decoding needs a tokenizer")
-            self._grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_ids)
+        with self._grammars_lock:  # a server builds it from a worker thread; the engine may ask at the same time
+            if self._grammars is None:
+                if self.tokenizer is None:
+                    raise ValueError("SamplingParams.structured: constrained decoding needs a tokenizer")
+                self._grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_ids)
         return self._grammars
 
     # requests
