@@ -150,9 +150,9 @@ def test_bad_requests_get_openai_shaped_errors(client, kwargs, status, param, co
 
 
 def test_chat_errors_name_the_problem(client):
-    with pytest.raises(openai.BadRequestError, match="tools"):
+    with pytest.raises(openai.BadRequestError, match="tools"):  # a tool without a name
         client.chat.completions.create(model=TINY, messages=CHAT, tools=[{"type": "function", "function": {
-            "name": "f", "parameters": {}}}])
+            "parameters": {}}}])
     with pytest.raises(openai.BadRequestError, match="role"):
         client.chat.completions.create(model=TINY, messages=[{"role": "wizard", "content": "hi"}])
     with pytest.raises(openai.BadRequestError, match="top_logprobs"):

@@ -23,7 +23,11 @@ class StructuredOutputs:
     (``json``, a dict or its JSON text), any JSON object (``json_object``), a regular expression, a grammar
     (GBNF, recognised by ``::=``, otherwise Lark) or a fixed list of choices. The engine compiles it with
     xgrammar (:mod:`attnkit.engine.grammar`) and masks every disallowed token before sampling.
-    ``disable_any_whitespace`` makes JSON compact (no free whitespace between tokens)."""
+    ``disable_any_whitespace`` makes JSON compact (no whitespace between tokens: ``,`` and ``:`` alone); otherwise
+    a bounded amount of whitespace may stand between JSON tokens (:data:`attnkit.engine.grammar.MAX_JSON_WHITESPACE`).
+    ``strict`` (JSON schemas only; OpenAI's ``json_schema.strict``): no properties or array items beyond those
+    the schema declares unless it allows them explicitly (``additionalProperties``, ``items``); ``strict=False``
+    follows JSON Schema's defaults (an object may carry undeclared properties)."""
 
     json: dict | str | None = None
     json_object: bool = False
@@ -31,6 +35,7 @@ class StructuredOutputs:
     grammar: str | None = None
     choice: list[str] | None = None
     disable_any_whitespace: bool = False
+    strict: bool = True
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> SamplingParamsError:
@@ -41,9 +46,9 @@ class StructuredOutputs:
         if len(given) != 1:
             raise SamplingParamsError("SamplingParams.structured: give exactly one of json, json_object, regex, "
                                       f"grammar, choice (got {given or 'none'})")
-        if not isinstance(self.json_object, bool) or not isinstance(self.disable_any_whitespace, bool):
-            raise bad("json_object" if not isinstance(self.json_object, bool) else "disable_any_whitespace",
-                      "must be a bool")
+        for name in ("json_object", "disable_any_whitespace", "strict"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be a bool")
         if self.json is not None:
             schema: Any = self.json
             if isinstance(schema, str):
@@ -68,11 +73,13 @@ class StructuredOutputs:
     def kind(self) -> str:
         return next(k for k in ("json", "json_object", "regex", "grammar", "choice") if getattr(self, k) not in (None, False))
 
-    def key(self) -> tuple[str, str, bool]:
-        """What identifies the compiled grammar (the cache key): kind, canonical text, whitespace."""
+    def key(self) -> tuple[str, str, bool, bool]:
+        """What identifies the compiled grammar (the cache key): kind, canonical text, whitespace, strictness
+        (the last two matter only to JSON: they are fixed for the other kinds, which compile the same either way)."""
         value = getattr(self, self.kind)
         text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list, bool)) else value
-        return self.kind, text, self.disable_any_whitespace
+        is_json = self.kind in ("json", "json_object")
+        return self.kind, text, self.disable_any_whitespace and is_json, self.strict or self.kind != "json"
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The OpenAI-compatible FastAPI app: ``build_app(engine, model_name, ...)``.
 
 Routes: GET /health, GET /metrics (Prometheus text), GET /v1/models[/{id}], POST /v1/completions,
-POST /v1/chat/completions, POST /v1/embeddings. With an API key every /v1 route needs
+POST /v1/chat/completions, POST /v1/responses (OpenAI's Responses API on the chat pipeline),
+POST /v1/embeddings. With an API key every /v1 route needs
 ``Authorization: Bearer KEY`` (401 otherwise); /health and /metrics stay open for probes and
 scrapers. Shutting down (the app's lifespan end) drains the engine: in-flight requests finish,
 new ones get 503.
@@ -24,6 +25,7 @@ from .completions import create_completion
 from .embeddings import create_embedding
 from .errors import APIError
 from .metrics import CONTENT_TYPE, ServerMetrics
+from .responses import create_response
 from .state import ServerState
 
 if TYPE_CHECKING:
@@ -31,7 +33,8 @@ if TYPE_CHECKING:
 
     from ..embeddings import Embedder
 
-_ENDPOINTS = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings"}
+_ENDPOINTS = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/responses",
+              "/v1/embeddings"}
 
 
 class _CountRequests:
@@ -99,6 +102,7 @@ def build_app(engine: AsyncLLMEngine | LLMEngine, model_name: str = "attnkit", *
 
     v1.add_api_route("/completions", create_completion, methods=["POST"])
     v1.add_api_route("/chat/completions", create_chat_completion, methods=["POST"])
+    v1.add_api_route("/responses", create_response, methods=["POST"])
     v1.add_api_route("/embeddings", create_embedding, methods=["POST"])
     app.include_router(v1)
 

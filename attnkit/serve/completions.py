@@ -20,6 +20,7 @@ from ..engine.outputs import CompletionOutput, RequestOutput
 from .errors import bad_request, parse_body
 from .generation import Tally, encode, max_new_tokens, sampling_params, start
 from .protocol import CompletionRequest
+from .structured import checked_structured
 from .formatting import Format, respond
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ async def create_completion(request: Request) -> Response:
     prompts = await _prompt_ids(state, req.prompt)
     tally = Tally(sum(len(p) for p in prompts))
     params = sampling_params(req, max_new_tokens(state, [len(p) for p in prompts], req.max_tokens, "prompt"),
-                             req.logprobs, state.vocab_size)
+                             req.logprobs, state.vocab_size, await checked_structured(state, req))
     echo = None
     if req.echo:
         texts = req.prompt if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], str) else None

@@ -54,6 +54,11 @@ class Format:
         """A streamed choice: ``text`` new since the last chunk, logprobs of tokens ``start:``."""
         raise NotImplementedError
 
+    def deltas(self, index: int, text: str, out: CompletionOutput, start: int) -> list[dict[str, Any]]:
+        """The streamed choices for ``text`` new since the last chunk: one :meth:`delta`, or none while there is
+        nothing to say; a subclass may hold text back or split it (it has then consumed ``text``)."""
+        return [self.delta(index, text, out, start)] if text or out.finish_reason is not None else []
+
     def first_chunks(self) -> list[dict[str, Any]]:
         return []
 
@@ -120,12 +125,13 @@ async def _events(fmt: Format, streams: list[RequestStream], tally: Tally, inclu
                 if done[idx]:
                     continue
                 tally.saw(idx, len(c.token_ids), c.finish_reason)
-                text = c.text[sent_text[idx]:]
-                if not text and c.finish_reason is None:
-                    continue  # tokens without text yet (a partial character, a held-back stop string)
-                yield _sse(fmt.envelope(fmt.chunk_object, [fmt.delta(idx, text, c, sent_tokens[idx])],
-                                        **usage_null))
-                sent_text[idx], sent_tokens[idx] = len(c.text), len(c.token_ids)
+                # no chunk for tokens without text yet (a partial character, a held-back stop string)
+                chunks = fmt.deltas(idx, c.text[sent_text[idx]:], c, sent_tokens[idx])
+                for chunk in chunks:
+                    yield _sse(fmt.envelope(fmt.chunk_object, [chunk], **usage_null))
+                sent_text[idx] = len(c.text)
+                if chunks:
+                    sent_tokens[idx] = len(c.token_ids)
                 done[idx] = c.finish_reason is not None
         if include_usage:
             yield _sse(fmt.envelope(fmt.chunk_object, [], usage=tally.usage()))

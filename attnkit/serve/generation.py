@@ -13,7 +13,7 @@ from fastapi import Request
 
 from ..engine.async_engine import EngineDrainingError, QueueFullError, RequestStream
 from ..engine.outputs import RequestOutput
-from ..engine.sampling_params import SamplingParams, SamplingParamsError
+from ..engine.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputs
 from .errors import APIError, bad_request
 from .protocol import _Sampling
 
@@ -27,8 +27,10 @@ class ClientGone(Exception):
     """The client disconnected before its (non-streaming) response was ready."""
 
 
-def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None, vocab_size: int) -> SamplingParams:
-    """The request's settings as SamplingParams; a bad value is a 400 naming the field."""
+def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None, vocab_size: int,
+                    structured: StructuredOutputs | None = None) -> SamplingParams:
+    """The request's settings as SamplingParams (``structured``: its output constraint, from
+    :func:`attnkit.serve.structured.checked_structured`); a bad value is a 400 naming the field."""
     bias: dict[int, float] = {}
     for k, v in (req.logit_bias or {}).items():
         if not (k.isascii() and k.isdigit() and len(k) <= 12):
@@ -40,7 +42,8 @@ def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None, vocab
                                 presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                                 seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids,
                                 max_tokens=max_tokens, min_tokens=req.min_tokens, ignore_eos=req.ignore_eos,
-                                logprobs=logprobs, logit_bias=bias, skip_special_tokens=req.skip_special_tokens)
+                                logprobs=logprobs, logit_bias=bias, skip_special_tokens=req.skip_special_tokens,
+                                structured=structured)
         params.check_vocab(vocab_size)
         return params
     except SamplingParamsError as e:
