@@ -7,8 +7,8 @@ as a Poisson process (``--request-rate`` per second), with fixed or random lengt
 each length uniform in [len·(1−r), len·(1+r)]), ``ignore_eos`` so every request produces its length.
 
 ``--json-schema FILE`` (or ``builtin``: a list of 40 small records) measures structured outputs: each
-server runs the prompts free, then with every request constrained to the schema, then free again, in
-the same process (attnkit gets vLLM's ``structured_outputs`` field, the ``--url`` servers llama.cpp's
+server, warmed up both ways, runs the prompts free and with every request constrained to the schema,
+alternately (``--repeats`` constrained runs, each between free ones), in the same process (attnkit gets vLLM's ``structured_outputs`` field, the ``--url`` servers llama.cpp's
 ``json_schema`` field); the table adds the constrained run's output tok/s against the mean free run.
 
 Per server: request throughput, output tokens/s, time to first token (TTFT), time per output token
@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="16 prompts, 64 in / 16 out")
     p.add_argument("--json-schema", default=None, metavar="FILE|builtin",
                    help="also measure every request constrained to this JSON schema (free, constrained, free again)")
+    p.add_argument("--repeats", type=int, default=2, help="with --json-schema: constrained runs, each between free ones")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     if args.quick:
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         schema = BUILTIN_SCHEMA if args.json_schema == "builtin" else json.loads(open(args.json_schema).read())
     targets = [] if args.no_attnkit else [("attnkit", None)]
     targets += [(u.rstrip("/"), u.rstrip("/")) for u in args.url]
-    rows = []
+    rows, summary = [], []
     for name, url in targets:
         proc = None
         if url is None:
@@ -249,21 +250,37 @@ def main(argv: list[str] | None = None) -> int:
             runs = [(name, None)]
             if schema is not None:
                 field_ = {"structured_outputs": {"json": schema}} if proc else {"json_schema": schema}
-                runs = [(f"{name} free", None), (f"{name} json_schema", field_), (f"{name} free again", None)]
+                # warmed up on both, then alternated: the machine's drift falls on both alike
+                asyncio.run(run_load(url, model, prompts[:8], 8, float("inf"), not args.no_ignore_eos, key, args.seed))
+                asyncio.run(run_load(url, model, prompts[:8], 8, float("inf"), not args.no_ignore_eos, key, args.seed,
+                                     field_))
+                runs = [(f"{name} free", None), (f"{name} json_schema", field_)] * args.repeats + [(f"{name} free", None)]
+            first = len(rows)
             for label, extra in runs:
                 results, duration = asyncio.run(run_load(url, model, prompts, args.concurrency, args.request_rate,
                                                          not args.no_ignore_eos, key, args.seed, extra))
                 rows.append(summarize(label, url, results, duration))
             if schema is not None:
-                free = (rows[-3]["output_tokens_per_s"] + rows[-1]["output_tokens_per_s"]) / 2
-                rows[-2]["vs_free"] = rows[-2]["output_tokens_per_s"] / free - 1
+                mine = rows[first:]
+                free = float(np.mean([r["output_tokens_per_s"] for r in mine if r["server"].endswith(" free")]))
+                for r in mine:
+                    if r["server"].endswith("json_schema"):
+                        r["vs_free"] = r["output_tokens_per_s"] / free - 1
+                summary.append({"server": name, "free_tokens_per_s": free, "json_schema_tokens_per_s": float(np.mean(
+                    [r["output_tokens_per_s"] for r in mine if r["server"].endswith("json_schema")])) })
+                summary[-1]["loss"] = 1 - summary[-1]["json_schema_tokens_per_s"] / free
         finally:
             if proc is not None:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(120)
-    report = {"benchmark": "serve", "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # attnkit bench runs this file with runpy
+    from _report import cpu_model
+
+    report = {"benchmark": "serve", "machine": {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
                                                 "python": platform.python_version()},
               "config": {k: v for k, v in vars(args).items() if k not in ("api_key",)}, "results": rows}
+    if summary:
+        report["json_schema_vs_free"] = summary
     try:
         import torch
 
@@ -271,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover
         pass
     print(table(rows))
+    for r in summary:
+        print(f"{r['server']}: json_schema {r['json_schema_tokens_per_s']:.1f} out tok/s vs free {r['free_tokens_per_s']:.1f} "
+              f"(mean of the runs): {r['loss']:+.1%} loss")
     print(json.dumps(report, indent=2, default=str))
     if args.json:
         with open(args.json, "w") as f:
