@@ -41,8 +41,11 @@ def page_faults_per_step(tuning: bool) -> float:
 
 
 def test_tuned_malloc_takes_fewer_page_faults_per_step():
-    tuned, untuned = page_faults_per_step(True), page_faults_per_step(False)
-    assert tuned < untuned / 2, f"page faults per step: {tuned} tuned vs {untuned} untuned"
+    # medians of 3 alternated runs: the kernel's own reclaim (e.g. DAMON) faults some reused heap pages back in
+    # now and then (one run here: 310 tuned vs 438 untuned, where 129 vs 706 is usual)
+    runs = [(page_faults_per_step(True), page_faults_per_step(False)) for _ in range(3)]
+    tuned, untuned = (sorted(r[k] for r in runs)[1] for k in (0, 1))
+    assert tuned < untuned / 2, f"page faults per step (medians of 3): {tuned} tuned vs {untuned} untuned; {runs}"
 
 
 def test_the_engine_tunes_malloc_on_the_cpu():
