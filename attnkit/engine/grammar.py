@@ -5,7 +5,7 @@ A :class:`~attnkit.engine.sampling_params.StructuredOutputs` is compiled once pe
 own matcher. Every step the matchers of the batch fill one bitmask (one bit per token: may it come
 next?) — in a worker thread while the forward runs — the sampler sets every disallowed logit to
 -inf, and each sampled token advances its matcher. xgrammar was chosen over llguidance by
-measurement (``benchmarks/grammar_backends.py``, docs/structured_output.md): its per-step mask for
+measurement (``benchmarks/grammar_backends.py``, docs/engine.md "Structured outputs"): its per-step mask for
 a batch of 64 is 7–12x faster on this machine, and the mask is paid on every token.
 
 xgrammar is imported on the first constrained request (it takes seconds: it imports transformers).
@@ -124,16 +124,13 @@ class Grammars:
 
     def fill_async(self, seqs: Seq[Sequence]) -> Future[torch.Tensor]:
         """Start filling the (len(seqs), ceil(V/32)) int32 bitmask of the sequences' matchers in the worker
-        thread (it runs while the forward does; xgrammar releases the GIL)."""
+        thread: started before the step's forward, collected after it."""
         return self._pool.submit(self.fill, [s.grammar for s in seqs])
 
     def fill(self, matchers: list[Any]) -> torch.Tensor:
         mask = self.xgr.allocate_token_bitmask(len(matchers), self.vocab_size)
         self.batch.batch_fill_next_token_bitmask(matchers, mask)
         return mask
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False)
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
