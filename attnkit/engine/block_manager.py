@@ -234,7 +234,16 @@ class BlockManager:
             if block_id >= 0:
                 self._unref(block_id)
         setattr(seq, self.table, [])
-        seq.num_computed = seq.num_hashed_blocks = 0
+        seq.num_computed = seq.num_hashed_blocks = seq.draft_computed = 0
+
+    def trim(self, seq: Sequence) -> None:
+        """Free the blocks past the sequence's tokens (allocated for draft tokens that were rejected)."""
+        table = self.table_of(seq)
+        keep = -(-len(seq) // self.block_size)
+        while len(table) > keep:
+            block_id = table.pop()
+            if block_id >= 0:
+                self._unref(block_id)
 
 
 class BlockGroups:
@@ -324,3 +333,7 @@ class BlockGroups:
     def free_seq(self, seq: Sequence) -> None:
         for m in self.managers:
             m.free_seq(seq)
+
+    def trim(self, seq: Sequence) -> None:
+        for m in self.managers:
+            m.trim(seq)

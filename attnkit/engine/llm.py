@@ -22,6 +22,7 @@ from ..inference_options import InferenceOptions
 from .llm_engine import EngineConfig, LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
+from .speculative import SpeculativeConfig
 
 if TYPE_CHECKING:
     from ..text.tokenizer import Tokenizer
@@ -49,21 +50,25 @@ class LLM:
             config = dataclasses.replace(config, kv_cache_dtype=opts.engine_kv_cache_dtype())
         lm = opts.load(model)
         self.path = lm.path
-        self._setup(lm.model, lm.tokenizer, config, lm.stop_ids)
+        spec = SpeculativeConfig.parse(config.speculative, config.num_speculative_tokens)
+        # a draft model is prepared as the target is (its quantization, dtype, threads)
+        draft = opts.load(spec.draft_model).model if spec is not None and spec.draft_model is not None else None
+        self._setup(lm.model, lm.tokenizer, config, lm.stop_ids, draft)
 
     @classmethod
     def from_model(cls, model: nn.Module, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None,
-                   eos_ids: set[int] | None = None, **engine_kw) -> LLM:
-        """An LLM around an already built model (tests, custom checkpoints)."""
+                   eos_ids: set[int] | None = None, draft_model: nn.Module | None = None, **engine_kw) -> LLM:
+        """An LLM around an already built model (tests, custom checkpoints); ``draft_model`` for
+        ``speculative="draft"``."""
         self = cls.__new__(cls)
         self.path = None
-        self._setup(model, tokenizer, config or EngineConfig(**engine_kw), eos_ids)
+        self._setup(model, tokenizer, config or EngineConfig(**engine_kw), eos_ids, draft_model)
         return self
 
     def _setup(self, model: nn.Module, tokenizer: Tokenizer | None, config: EngineConfig,
-               eos_ids: set[int] | None) -> None:
+               eos_ids: set[int] | None, draft_model: nn.Module | None = None) -> None:
         self.tokenizer = tokenizer
-        self.engine = LLMEngine(model, tokenizer, config, eos_ids)
+        self.engine = LLMEngine(model, tokenizer, config, eos_ids, draft_model)
 
     @staticmethod
     def _prompts(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

@@ -15,6 +15,7 @@ import itertools
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,6 +35,7 @@ from .sampler import sample
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence
+from .speculative import SpecController, SpeculativeConfig
 
 if TYPE_CHECKING:
     from ..text.tokenizer import Tokenizer
@@ -57,6 +59,9 @@ class EngineConfig:
     # sliding-window layers free the KV blocks the window has passed (their own block tables: BlockGroups);
     # False keeps every block in one table, as full-attention layers do, so that prefix caching applies
     free_window_kv: bool = True
+    # speculative decoding (attnkit.engine.speculative): "ngram" | "draft:PATH" | "layerskip:N" or a SpeculativeConfig
+    speculative: str | SpeculativeConfig | None = None
+    num_speculative_tokens: int | None = None  # the most draft tokens per step (default 5)
 
     def kv_dtype(self, model: nn.Module) -> torch.dtype:
         """The K/V pool's dtype for ``model``: ``kv_cache_dtype``, "auto" resolved to the parameters' dtype."""
@@ -81,13 +86,23 @@ class Request:
 
 class LLMEngine:
     def __init__(self, model: nn.Module, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None,
-                 eos_ids: set[int] | None = None) -> None:
+                 eos_ids: set[int] | None = None, draft_model: nn.Module | None = None) -> None:
+        """``draft_model``: the speculative draft when ``config.speculative`` is "draft" (else loaded from its path)."""
         self.config = cfg = config or EngineConfig()
         self.model, self.tokenizer = model, tokenizer
         self.vocab_size = model.cfg.vocab_size
         self.eos_ids = set(eos_ids if eos_ids is not None else (tokenizer.eos_ids if tokenizer is not None else ()))
         kv_dtype = cfg.kv_dtype(model)
+        spec = SpeculativeConfig.parse(cfg.speculative, cfg.num_speculative_tokens)
+        if spec is not None and spec.method == "draft" and draft_model is None:
+            if spec.draft_model is None:
+                raise ValueError("speculative method 'draft' needs a draft model (draft:PATH or draft_model=)")
+            from ..loading import load_causal_lm
+
+            draft_model = load_causal_lm(spec.draft_model).model
         block_bytes = ModelRunner.bytes_per_block(model, cfg.block_size, kv_dtype)
+        if spec is not None and spec.method == "draft":  # the draft's K/V share the target's blocks
+            block_bytes += ModelRunner.bytes_per_block(draft_model, cfg.block_size, kv_dtype)
         num_blocks = cfg.num_blocks or max(1, cfg.kv_cache_bytes // block_bytes)
         self.max_model_len = min(cfg.max_model_len or model.cfg.max_seq_len, num_blocks * cfg.block_size)
         self.runner = ModelRunner(model, num_blocks, cfg.block_size, compile=cfg.compile, kv_dtype=kv_dtype,
@@ -103,6 +118,27 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.num_steps = 0
+        self.spec = self._speculation(spec, draft_model, num_blocks, kv_dtype) if spec is not None else None
+
+    def _speculation(self, spec: SpeculativeConfig, draft_model: nn.Module | None, num_blocks: int,
+                     kv_dtype: torch.dtype) -> SpecController:
+        from .proposers import DraftModelProposer, LayerSkipProposer, NgramProposer, Proposer, compatible
+
+        controller = SpecController(spec, Proposer())
+        if spec.method != "ngram" and len(self.runner.kv_groups()) > 1:
+            raise ValueError(f"speculative method {spec.method!r}: the model's sliding-window layers keep their own "
+                             "block tables; use free_window_kv=False or the 'ngram' method")
+        if spec.method == "ngram":
+            proposer: Proposer = NgramProposer(spec.ngram_min, spec.ngram_max)
+        elif spec.method == "draft":
+            assert draft_model is not None
+            compatible(self.model, draft_model)
+            proposer = DraftModelProposer(draft_model, num_blocks, self.config.block_size, kv_dtype, controller.draft)
+        else:
+            n = spec.draft_layers or max(1, len(self.model.layers) // 4)
+            proposer = LayerSkipProposer(self.model, self.runner, n, controller.draft)
+        controller.proposer = proposer
+        return controller
 
     @classmethod
     def from_pretrained(cls, path: str | None = None, config: EngineConfig | None = None, **kw) -> LLMEngine:
@@ -236,29 +272,24 @@ class LLMEngine:
                     return []
                 raise RuntimeError("the engine cannot schedule any sequence: the KV cache is too small")
         self.num_steps += 1
+        if self.spec is not None:
+            self._propose(batch)
         # the constrained sequences that sample this step: their token masks are filled while the forward runs
         constrained = [s for s, n in zip(batch.seqs, batch.num_tokens)
-                       if s.grammar is not None and s.num_computed + n == len(s)]
+                       if s.grammar is not None and s.num_computed + n >= len(s)]
         masks = self.grammars.fill_async(constrained) if constrained else None
+        t0 = time.perf_counter()
         logits, rows = self.runner.run(batch)
+        if self.spec is not None and all(s.num_computed >= s.prompt_len and n == 1 + len(s.spec_tokens)
+                                         for s, n in zip(batch.seqs, batch.num_tokens)):
+            self.spec.target.add(sum(batch.num_tokens), time.perf_counter() - t0)  # decode rows only: the cost model
         self._prompt_logprobs(batch)
-        self.scheduler.computed(batch)
+        # a verifying sequence's drafts count as computed only once accepted (_sample)
+        self.scheduler.computed(ScheduledBatch(batch.seqs, [n - len(s.spec_tokens) for s, n in
+                                                            zip(batch.seqs, batch.num_tokens)]))
         touched = {s.request_id for s in batch.seqs}
         if rows:
-            seqs = [batch.seqs[r] for r in rows]
-            allowed = None
-            if masks is not None:
-                at = {id(s): r for r, s in enumerate(seqs)}
-                pairs = [(i, at[id(s)]) for i, s in enumerate(constrained) if id(s) in at]
-                allowed = (masks.result()[[i for i, _ in pairs]], [r for _, r in pairs])
-            tokens, lps = sample(logits, seqs, self.eos_ids, allowed)
-            for seq, tok, lp in zip(seqs, tokens, lps):
-                seq.append(tok)
-                if lp is not None:
-                    seq.logprobs.append(lp)
-                if seq.grammar is not None and not self._advance_grammar(seq, tok):
-                    continue
-                self._check_stop(seq, tok)
+            self._sample(logits, [batch.seqs[r] for r in rows], constrained, masks)
         outs = []
         for rid in touched:
             req = self.requests.get(rid)
@@ -269,6 +300,85 @@ class LLMEngine:
             if out.finished:
                 del self.requests[rid]
         return outs
+
+    def _propose(self, batch: ScheduledBatch) -> None:
+        """Give the step's decoding sequences their draft tokens (speculative decoding) and the blocks to verify
+        them in; the controller decides how many each gets (none when it would not pay)."""
+        spec, bm = self.spec, self.scheduler.bm
+        assert spec is not None
+        k_max = spec.config.num_speculative_tokens
+        dec = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_tokens))
+               if n == 1 and s.num_computed == len(s) - 1 and s.num_computed >= s.prompt_len]
+        if not dec:
+            return
+        seqs = [batch.seqs[i] for i in dec]
+        # never past max_tokens (k drafts emit up to k + 1 tokens) nor the context
+        limits = [max(0, min(k_max, s.params.max_tokens - len(s.output_ids) - 1, self.max_model_len - len(s)))
+                  for s in seqs]
+        caps = [min(c, lim) for c, lim in zip(spec.proposer.caps(seqs, k_max), limits)]
+        ks = spec.plan(seqs, caps, sum(batch.num_tokens) - len(dec))
+        budget = self.config.max_num_batched_tokens - sum(batch.num_tokens)
+        for j, (s, k) in enumerate(zip(seqs, ks)):
+            k = min(k, max(budget, 0))
+            if k and not bm.can_allocate(s, 1 + k):
+                k = 0  # no blocks to spare: decode plainly rather than preempt anyone
+            if k:
+                batch.copies += bm.allocate(s, 1 + k)
+                budget -= k
+            ks[j] = k
+        if not any(ks):
+            return
+        spec.proposer.copy_blocks(batch.copies)
+        drafts = spec.proposer.propose(seqs, ks)
+        for i, s, d, k in zip(dec, seqs, drafts, ks):
+            s.spec_tokens = list(d[:k])
+            batch.num_tokens[i] = 1 + len(s.spec_tokens)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], constrained: list[Sequence],
+                masks: Future | None) -> None:
+        """Sample each sequence's next token; a verifying sequence samples depth by depth from its rows, keeping
+        its drafts while the target's token equals them (exact: see attnkit.engine.speculative)."""
+        offsets, at = [], 0
+        for s in seqs:
+            offsets.append(at)
+            at += 1 + len(s.spec_tokens)
+        active = list(range(len(seqs)))
+        accepted = [0] * len(seqs)
+        depth = 0
+        while active:
+            cur = [seqs[i] for i in active]
+            allowed = None
+            if depth == 0 and masks is not None:  # filled while the forward ran
+                at_row = {id(s): r for r, s in enumerate(cur)}
+                pairs = [(i, at_row[id(s)]) for i, s in enumerate(constrained) if id(s) in at_row]
+                allowed = (masks.result()[[i for i, _ in pairs]], [r for _, r in pairs])
+            elif depth:
+                rows = [r for r, s in enumerate(cur) if s.grammar is not None]
+                if rows:
+                    allowed = (self.grammars.fill([cur[r].grammar for r in rows]), rows)
+            tokens, lps = sample(logits[[offsets[i] + depth for i in active]], cur, self.eos_ids, allowed)
+            nxt = []
+            for i, seq, tok, lp in zip(active, cur, tokens, lps):
+                seq.append(tok)
+                if lp is not None:
+                    seq.logprobs.append(lp)
+                if seq.grammar is None or self._advance_grammar(seq, tok):
+                    self._check_stop(seq, tok)
+                if depth < len(seq.spec_tokens) and tok == seq.spec_tokens[depth] and not seq.finished:
+                    accepted[i] += 1
+                    nxt.append(i)
+            active, depth = nxt, depth + 1
+        for i, seq in enumerate(seqs):
+            if not seq.spec_tokens:
+                continue
+            self.spec.record(seq, len(seq.spec_tokens), accepted[i], accepted[i] + 1)  # type: ignore[union-attr]
+            seq.spec_tokens = []
+            if seq.finished:
+                continue
+            seq.num_computed += accepted[i]  # the accepted drafts' K/V were written by the verification
+            seq.draft_computed = min(seq.draft_computed, seq.num_computed)
+            self.scheduler.bm.register_full_blocks(seq)
+            self.scheduler.bm.trim(seq)
 
     def _prompt_logprobs(self, batch: ScheduledBatch) -> None:
         """Record log p(prompt token i | tokens before it), with the top alternatives, for the rows computed."""
@@ -348,7 +458,9 @@ class LLMEngine:
         metrics = RequestMetrics(req.arrival, min((s.first_token_time for s in req.seqs if s.first_token_time),
                                                   default=None),
                                  max((s.finish_time or 0 for s in req.seqs), default=0) or None,
-                                 sum(s.num_preemptions for s in req.seqs))
+                                 sum(s.num_preemptions for s in req.seqs),
+                                 num_draft_tokens=sum(s.spec_proposed for s in req.seqs),
+                                 num_accepted_tokens=sum(s.spec_accepted for s in req.seqs))
         first = req.seqs[0]
         prompt_lps = None
         if req.params.prompt_logprobs is not None:

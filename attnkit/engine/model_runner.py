@@ -46,7 +46,9 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
 
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, compile: bool = False,
-                 kv_dtype: torch.dtype | None = None, batch_invariant: bool = True, free_window_kv: bool = True) -> None:
+                 kv_dtype: torch.dtype | None = None, batch_invariant: bool = True, free_window_kv: bool = True,
+                 pools: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """``pools``: K and V pools to use instead of new ones (a layer-skipping draft reads its target's)."""
         cfg = model.cfg
         if not hasattr(cfg, "n_kv_heads") or not hasattr(cfg, "hd"):
             raise TypeError(f"the engine runs decoder-only models (Llama family, GPT-2); got {type(model).__name__}")
@@ -69,7 +71,12 @@ class ModelRunner:
         self.meta_keys = sorted({(g, w) for g, w in zip(self.group_of, self.windows)}, key=str)
         shape = (n_layers, cfg.n_kv_heads, num_blocks, block_size, cfg.hd)  # head-major, see PagedKVCache
         kv_dtype = kv_dtype or self.dtype  # the pool's; K/V are converted on writing and read back widened
-        self.k_pool, self.v_pool = lazy_zeros(shape, kv_dtype, self.device), lazy_zeros(shape, kv_dtype, self.device)
+        if pools is not None:
+            if tuple(pools[0].shape) != shape or tuple(pools[1].shape) != shape:
+                raise ValueError(f"ModelRunner: the given K/V pools are {tuple(pools[0].shape)}, the model needs {shape}")
+            self.k_pool, self.v_pool = pools
+        else:
+            self.k_pool, self.v_pool = lazy_zeros(shape, kv_dtype, self.device), lazy_zeros(shape, kv_dtype, self.device)
         self.caches = [PagedKVCache(self.k_pool[i], self.v_pool[i], getattr(layer.self_attn, "scale", None),
                                     getattr(layer.self_attn, "softcap", None)) for i, layer in enumerate(model.layers)]
         # compile: the decode attention reads K/V through the block tables inside one compiled kernel
@@ -117,16 +124,15 @@ class ModelRunner:
         generated token (one new token past its prompt) always takes the decode path — the C step where the
         model allows it, else the eager model with GGUF layers on their integer kernel — and prompt rows
         always the prompt path (GGUF layers' dense products). A step holding both runs them as two passes.
+
+        Speculative decoding: a sequence with ``spec_tokens`` feeds its newest token and those drafts, each row a
+        generated token's decode row, and gets logits for every one of them (1 + len(spec_tokens) rows, in order).
         """
-        for g in {g for g, _, _ in batch.copies}:
-            src = torch.tensor([s for gg, s, _ in batch.copies if gg == g], device=self.device)
-            dst = torch.tensor([d for gg, _, d in batch.copies if gg == g], device=self.device)
-            for layer in (i for i, lg in enumerate(self.group_of) if lg == g):
-                self.k_pool[layer, :, dst] = self.k_pool[layer, :, src]
-                self.v_pool[layer, :, dst] = self.v_pool[layer, :, src]
+        self.copy_blocks(batch.copies)
         if not self.batch_invariant:
             return self._run(batch)
-        generated = [n == 1 and s.num_computed >= s.prompt_len for s, n in zip(batch.seqs, batch.num_tokens)]
+        generated = [n == 1 + len(s.spec_tokens) and s.num_computed >= s.prompt_len
+                     for s, n in zip(batch.seqs, batch.num_tokens)]
         if all(generated) or not any(generated):
             with rows_are("generated" if generated[0] else "prompt"):
                 return self._run(batch, generated[0])
@@ -144,6 +150,15 @@ class ModelRunner:
         self.prompt_logits = (prompt_rows, torch.cat(prompt_logits) if prompt_rows else torch.empty(0))
         return torch.cat(logits), rows
 
+    def copy_blocks(self, copies: list[tuple[int, int, int]]) -> None:
+        """The copy-on-write copies (group, src, dst) of a step, made in every layer of the group."""
+        for g in {g for g, _, _ in copies}:
+            src = torch.tensor([s for gg, s, _ in copies if gg == g], device=self.device)
+            dst = torch.tensor([d for gg, _, d in copies if gg == g], device=self.device)
+            for layer in (i for i, lg in enumerate(self.group_of) if lg == g):
+                self.k_pool[layer, :, dst] = self.k_pool[layer, :, src]
+                self.v_pool[layer, :, dst] = self.v_pool[layer, :, src]
+
     def _run(self, batch: ScheduledBatch, generated: bool = True) -> tuple[torch.Tensor, list[int]]:
         """One forward pass over the batch (its copy-on-write copies already made); ``generated``: its rows are
         all generated tokens (the decode path), else prompt rows.
@@ -160,11 +175,15 @@ class ModelRunner:
         prompt_idx: list[int] = []
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
             start, t0 = seq.num_computed, len(ids)
-            ids += seq.tokens[start:start + n]
+            spec = seq.spec_tokens
+            ids += (seq.tokens + spec if spec else seq.tokens)[start:start + n]
             pos += range(start, start + n)
             rows.append((seq, t0, start, n))
             ctx = start + n
-            if ctx == len(seq):
+            if spec:  # verifying drafts: the logits of every row
+                sample_rows.append(row)
+                logits_idx += range(t0, t0 + n)
+            elif ctx == len(seq):
                 sample_rows.append(row)
                 logits_idx.append(len(ids) - 1)
             if seq.params.prompt_logprobs is not None and start < seq.prompt_len - 1:
@@ -226,7 +245,7 @@ class ModelRunner:
             table = [max(b, 0) for b in getattr(seq, table_attr)]
             slots += [table[i // bs] * bs + i % bs for i in range(start, start + n)]
             ctx = start + n
-            if n == 1 or per_row:
+            if n == 1 or per_row or seq.spec_tokens:  # a verification's rows: each a decode query
                 for i, q_pos in enumerate(range(start, ctx)):
                     dec_idx.append(t0 + i)
                     dec_tables.append(table[:q_pos // bs + 1])

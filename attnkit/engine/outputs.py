@@ -26,6 +26,12 @@ class RequestMetrics:
     finish_time: float | None = None
     num_preemptions: int = 0
     num_cached_prompt_tokens: int = 0
+    num_draft_tokens: int = 0  # speculative decoding: draft tokens verified for this request
+    num_accepted_tokens: int = 0  # … and accepted
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None
 
     @property
     def ttft(self) -> float | None:

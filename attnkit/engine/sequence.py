@@ -53,6 +53,16 @@ class Sequence:
     logprobs: list[dict[int, float]] = field(default_factory=list)
     prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)  # filled as the prompt is computed
     num_preemptions: int = 0
+    # speculative decoding (attnkit.engine.speculative): this step's draft tokens, the tokens whose draft-model K/V
+    # are cached, the prompt-lookup index, decayed accept/reject counts (the controller's α) and totals
+    spec_tokens: list[int] = field(default_factory=list)
+    draft_computed: int = 0
+    ngram_index: list[dict] | None = None
+    ngram_upto: int = 0
+    spec_acc: float = 0.0
+    spec_rej: float = 0.0
+    spec_proposed: int = 0
+    spec_accepted: int = 0
     first_token_time: float | None = None
     finish_time: float | None = None
 
