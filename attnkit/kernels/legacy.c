@@ -71,19 +71,9 @@ AK_INLINE void to_float_x4(const uint8_t *group, int r, int b0, int count, float
     }
 }
 
+#ifndef AK_AVX2
 /* one row against one activation row */
 AK_INLINE float dot1(const uint8_t *w, int nb, ak_act x, const int MIN, const int HIGH) {
-#ifdef AK_AVX2
-    __m256 acc = _mm256_setzero_ps();
-    float summ = 0.f;
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *blk = w + (size_t)b * BB(MIN, HIGH);
-        const __m256i p = dot_u8s8(blk_u(blk, MIN, HIGH), _mm256_loadu_si256((const __m256i *)(x.qs + 32 * b)));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(blk_d(blk) * x.d[b]), acc);
-        summ += blk_m(blk, MIN, HIGH) * x.s[b];
-    }
-    return hsum(acc) + summ;
-#else
     float sum = 0.f;
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk = w + (size_t)b * BB(MIN, HIGH);
@@ -92,12 +82,44 @@ AK_INLINE float dot1(const uint8_t *w, int nb, ak_act x, const int MIN, const in
         sum += blk_d(blk) * x.d[b] * (float)isum + blk_m(blk, MIN, HIGH) * x.s[b];
     }
     return sum;
-#endif
 }
+#endif
 
+#ifdef AK_AVX2
+/* one row against M activation rows: each block unpacked once for all of them; row r's operations are the
+ * same, in the same order, whatever M (batch invariance) */
+AK_INLINE void dot_rows(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys, const int MIN,
+                        const int HIGH) {
+    __m256 acc[4];
+    float summ[4];
+    for (int r = 0; r < M; r++) acc[r] = _mm256_setzero_ps(), summ[r] = 0.f;
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = w + (size_t)b * BB(MIN, HIGH);
+        const __m256i u = blk_u(blk, MIN, HIGH);
+        const float d = blk_d(blk), m = blk_m(blk, MIN, HIGH);
+        for (int r = 0; r < M; r++) {
+            const __m256i p = dot_u8s8(u, _mm256_loadu_si256((const __m256i *)(x[r].qs + 32 * b)));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * x[r].d[b]), acc[r]);
+            summ[r] += m * x[r].s[b];
+        }
+    }
+    for (int r = 0; r < M; r++) y[r * ys] = hsum(acc[r]) + summ[r];
+}
+#define AK_ROWS_M(F, w, nb, x, M, y, ys, MIN, HIGH)       \
+    switch (M) {                                          \
+        case 1: F(w, nb, x, 1, y, ys, MIN, HIGH); break;  \
+        case 2: F(w, nb, x, 2, y, ys, MIN, HIGH); break;  \
+        case 3: F(w, nb, x, 3, y, ys, MIN, HIGH); break;  \
+        default: F(w, nb, x, 4, y, ys, MIN, HIGH);        \
+    }
+AK_INLINE void dot(const uint8_t *w, int nb, const ak_act *x, int M, float *y, size_t ys, const int MIN, const int HIGH) {
+    AK_ROWS_M(dot_rows, w, nb, x, M, y, ys, MIN, HIGH)
+}
+#else
 AK_INLINE void dot(const uint8_t *w, int nb, const ak_act *x, int M, float *y, size_t ys, const int MIN, const int HIGH) {
     for (int r = 0; r < M; r++) y[r * ys] = dot1(w, nb, x[r], MIN, HIGH);
 }
+#endif
 
 #ifdef AK_X4
 /* Four rows interleaved (fields d[4], m[4], qh[4], qs[4][16]): one 512-bit register holds the nibbles of a block

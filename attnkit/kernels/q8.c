@@ -34,18 +34,29 @@ static void q8_0_to_float_x4(const uint8_t *group, int r, int b0, int count, flo
     }
 }
 
-static float dot1(const uint8_t *w, int nb, ak_act x) {
 #ifdef AK_AVX2
-    __m256 acc = _mm256_setzero_ps();
+/* one row against M activation rows: each block's |q| loaded once for all of them; row r's operations are the same,
+ * in the same order, whatever M (batch invariance) */
+AK_INLINE void dot_rows(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys) {
+    __m256 acc[4];
+    for (int r = 0; r < M; r++) acc[r] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk = w + 34 * (size_t)b;
-        const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2));
-        const __m256i s = _mm256_loadu_si256((const __m256i *)(x.qs + 32 * b));
-        const __m256i p = dot_u8s8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(s, q));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(ld_half(blk) * x.d[b]), acc);
+        const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2)), aq = _mm256_sign_epi8(q, q);
+        const float d = ld_half(blk);
+        for (int r = 0; r < M; r++) {
+            const __m256i s = _mm256_loadu_si256((const __m256i *)(x[r].qs + 32 * b));
+            const __m256i p = dot_u8s8(aq, _mm256_sign_epi8(s, q));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * x[r].d[b]), acc[r]);
+        }
     }
-    return hsum(acc);
+    for (int r = 0; r < M; r++) y[r * ys] = hsum(acc[r]);
+}
+static void q8_0_dot(const uint8_t *w, int nb, const ak_act *x, int M, float *y, size_t ys) {
+    AK_DISPATCH_M(dot_rows, w, nb, x, M, y, ys)
+}
 #else
+static float dot1(const uint8_t *w, int nb, ak_act x) {
     float sum = 0.f;
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk = w + 34 * (size_t)b;
@@ -54,12 +65,11 @@ static float dot1(const uint8_t *w, int nb, ak_act x) {
         sum += ld_half(blk) * x.d[b] * (float)isum;
     }
     return sum;
-#endif
 }
-
 static void q8_0_dot(const uint8_t *w, int nb, const ak_act *x, int M, float *y, size_t ys) {
     for (int r = 0; r < M; r++) y[r * ys] = dot1(w, nb, x[r]);
 }
+#endif
 
 #ifdef AK_X4
 /* Four rows interleaved: d[4], then the quants 16 bytes of each row at a time (qs[0..15] of rows 0-3, then
