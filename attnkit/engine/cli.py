@@ -30,6 +30,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--regex", default=None, help="constrain the output to match this regular expression")
     s.add_argument("--grammar", metavar="FILE", default=None, help="constrain the output to the GBNF or Lark grammar in FILE")
     s.add_argument("--choice", action="append", default=None, help="constrain the output to one of these (repeatable)")
+    add_speculative_flags(g)
     g.set_defaults(func=run_generate)
 
     c = sub.add_parser("chat", help="interactive multi-turn chat with the model's chat template")
@@ -61,6 +62,62 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", default=None, metavar="DIR",
                    help="generate with the LoRA adapter saved in DIR (HF PEFT format), unmerged, on the engine")
     InferenceOptions.add_flags(p)
+
+
+def add_speculative_flags(p: argparse.ArgumentParser) -> None:
+    """--speculative and --num-speculative-tokens (``attnkit generate`` and ``serve``)."""
+    p.add_argument("--speculative", default=None, metavar="METHOD",
+                   help="ngram (prompt lookup) | draft:PATH (a smaller model with the same tokenizer, e.g. a student "
+                        "from attnkit distill) | layerskip:N (the model's first N layers)")
+    p.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                   help="the most draft tokens proposed per step (default: 5)")
+
+
+def speculative_config(args: argparse.Namespace):
+    """``--speculative``/``--num-speculative-tokens`` → a SpeculativeConfig, or None; errors name the flag."""
+    from .speculative import SpeculativeConfig
+
+    method, k = args.speculative, args.num_speculative_tokens
+    if method is None:
+        if k is not None:
+            raise ValueError("--num-speculative-tokens needs --speculative METHOD")
+        return None
+    try:
+        return SpeculativeConfig.parse(method, k)
+    except ValueError as e:
+        if str(e).startswith("--"):
+            raise
+        flag = f"--num-speculative-tokens {k}" if str(e).startswith("num_speculative_tokens") else f"--speculative {method}"
+        raise ValueError(f"{flag}: {e}") from None
+
+
+def speculative_draft(spec, opts: InferenceOptions, model):
+    """The draft model ``spec`` names, loaded as ``opts`` say (as the target ``model`` was), or None; a draft that
+    cannot serve ``model`` (another vocabulary, not a decoder, too many layers to skip to) is an error naming
+    --speculative."""
+    from ..loading import ModelLoadError
+    from ..models.gpt2 import GPT2
+    from ..models.llama import Llama
+    from .proposers import compatible
+
+    if spec is None or spec.method == "ngram":
+        return None
+    try:
+        if spec.method == "draft":
+            draft = opts.load(spec.draft_model).model
+            if not isinstance(draft, (Llama, GPT2)):
+                raise ValueError(f"a draft model must be a decoder-only model (Llama family, GPT-2), "
+                                 f"not {type(draft).__name__}")
+            compatible(model, draft)
+            return draft
+        n = len(model.layers)
+        if spec.draft_layers is not None and not 1 <= spec.draft_layers < n:
+            raise ValueError(f"the draft's layers must be in [1, {n - 1}] for this {n}-layer model, "
+                             f"got {spec.draft_layers}")
+    except (ModelLoadError, ValueError) as e:
+        arg = spec.draft_model if spec.method == "draft" else spec.draft_layers
+        raise ValueError(f"--speculative {spec.method}:{arg}: {e}") from None
+    return None
 
 
 def _load(args: argparse.Namespace):
@@ -107,15 +164,17 @@ def _structured(args: argparse.Namespace):
 LORA = "cli-adapter"  # the name --lora's adapter gets in the engine
 
 
-def _engine(lm, compile: bool = False, lora: str | None = None, kv_cache_dtype: str = "auto"):
+def _engine(lm, compile: bool = False, lora: str | None = None, kv_cache_dtype: str = "auto", speculative=None,
+            draft_model=None):
     """An inference engine on the loaded model, its KV pool (of ``kv_cache_dtype``) sized for one full-length
-    conversation, with the LoRA adapter in directory ``lora`` loaded as :data:`LORA`."""
+    conversation, with the LoRA adapter in directory ``lora`` loaded as :data:`LORA`; ``speculative``: a
+    SpeculativeConfig (``draft_model`` for its "draft" method)."""
     from . import EngineConfig, LLMEngine
 
     max_len = min(getattr(lm.model.cfg, "max_seq_len", 8192), 32768)
     cfg = EngineConfig(num_blocks=-(-max_len // 16) + 1, max_model_len=max_len, compile=compile,
-                       kv_cache_dtype=kv_cache_dtype)
-    engine = LLMEngine(lm.model, lm.tokenizer, cfg, lm.stop_ids)
+                       kv_cache_dtype=kv_cache_dtype, speculative=speculative)
+    engine = LLMEngine(lm.model, lm.tokenizer, cfg, lm.stop_ids, draft_model)
     if lora is not None:
         engine.add_lora(LORA, lora)
     return engine
@@ -155,12 +214,15 @@ def run_generate(args: argparse.Namespace) -> int:
 
     try:
         _structured(args)  # a bad schema file fails before the model loads
+        spec = speculative_config(args)
         lm, load_s = _load(args)
         if args.chat:
             prompt = _chat_prompt(lm, [{"role": "user", "content": args.prompt}])
         else:
             prompt = lm.tokenizer.encode(args.prompt)
-        engine = _engine(lm, args.compile, args.lora, InferenceOptions.from_args(args).engine_kv_cache_dtype())
+        opts = InferenceOptions.from_args(args)
+        draft = speculative_draft(spec, opts, lm.model)
+        engine = _engine(lm, args.compile, args.lora, opts.engine_kv_cache_dtype(), spec, draft)
         params = _params(args, lm.generation)
         if params.structured is not None:
             engine.grammars.compile(params.structured)  # an invalid schema, regex or grammar: said here
@@ -181,6 +243,10 @@ def run_generate(args: argparse.Namespace) -> int:
     print(file=sys.stdout)
     print(f"[{n} tokens in {end - t0:.2f} s: {decode_tps:.1f} tokens/s decoding; load {load_s:.2f} s, "
           f"prompt {len(prompt)} tokens, first token after {((first or end) - t0) * 1000:.0f} ms]", file=sys.stderr)
+    if engine.spec is not None:
+        st = engine.spec.stats
+        print(f"[speculative {spec.method}: acceptance rate {st.acceptance_rate:.2f} ({st.accepted}/{st.proposed} "
+              f"draft tokens), mean accepted length {st.mean_accepted_length:.2f} tokens per step]", file=sys.stderr)
     return 0
 
 

@@ -188,12 +188,9 @@ class SpecController:
         seq.spec_rej = 0.8 * seq.spec_rej + (1 if accepted < proposed else 0)
         seq.spec_proposed += proposed
         seq.spec_accepted += accepted
-        st = self.stats
-        st.proposed += proposed
-        st.accepted += accepted
-        st.verifications += 1
-        st.emitted += emitted
-        st.rejected += accepted < proposed
+        old = self.stats  # replaced whole: a reader in another thread (/metrics) never sees half an update
+        self.stats = st = SpecStats(old.proposed + proposed, old.accepted + accepted, old.verifications + 1,
+                                    old.emitted + emitted, old.rejected + (accepted < proposed))
         # the prior for new sequences follows what this engine's proposer achieves
         self.alpha_prior = min(0.9, max(0.1, (st.accepted + 1) / (st.accepted + st.rejected + 2)))
 

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 
+from ..engine.cli import add_speculative_flags, speculative_config, speculative_draft
 from ..inference_options import InferenceOptions
 
 
@@ -33,6 +34,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-embeddings", action="store_true", help="serve no /v1/embeddings model")
     p.add_argument("--drain-timeout", type=float, default=60.0, help="seconds in-flight requests get at shutdown")
     InferenceOptions.add_flags(p)  # --dtype, --quantize, --threads, --compile, --kv-cache-dtype
+    add_speculative_flags(p)
     p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
                    help="serve the LoRA adapter in DIR (HF PEFT format) as model `<model>:NAME`; repeatable")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -57,14 +59,16 @@ def build_from_args(args: argparse.Namespace):
         if not sep or not name or not directory:
             raise ValueError(f"--lora {spec!r}: expected NAME=DIR")
         loras.append((name, directory))
+    spec = speculative_config(args)
     lm = opts.load(args.model)
     if not isinstance(lm.model, (Llama, GPT2)):
         raise ValueError(f"{lm.path}: the engine runs decoder-only models (Llama family, GPT-2); "
                          f"{type(lm.model).__name__} is not one")
+    draft = speculative_draft(spec, opts, lm.model)
     cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting, max_model_len=args.max_model_len,
                        kv_cache_bytes=args.kv_cache_mb << 20, compile=opts.compile,
-                       kv_cache_dtype=opts.engine_kv_cache_dtype())
-    engine = LLMEngine(lm.model, lm.tokenizer, cfg, lm.stop_ids)
+                       kv_cache_dtype=opts.engine_kv_cache_dtype(), speculative=spec)
+    engine = LLMEngine(lm.model, lm.tokenizer, cfg, lm.stop_ids, draft)
     for name, directory in loras:
         engine.add_lora(name, directory)
     embedder, embedding_name = None, None

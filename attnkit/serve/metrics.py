@@ -2,7 +2,8 @@
 
 Counters and histograms are updated as requests finish; the engine's state (running and waiting
 requests, KV-cache usage, prefix-cache queries and hits, preemptions) is read at scrape time from
-:meth:`AsyncLLMEngine.stats`. Each app has its own ``CollectorRegistry``, so several servers in one
+:meth:`AsyncLLMEngine.stats`, and with speculative decoding on, its draft and accepted tokens from the engine's
+``spec.stats``. Each app has its own ``CollectorRegistry``, so several servers in one
 process (tests) do not share counts.
 """
 
@@ -46,6 +47,22 @@ class _EngineCollector(Collector):
              "their KV blocks are freed at once.", s.aborted),
         ):
             yield CounterMetricFamily(name, doc, value=value)
+        spec = self.engine.engine.spec
+        if spec is None:
+            return
+        st = spec.stats  # replaced whole by the engine at each update: one consistent reading
+        for name, doc, value in (
+            ("attnkit_spec_decode_num_draft_tokens", "Speculative draft tokens verified by the target.", st.proposed),
+            ("attnkit_spec_decode_num_accepted_tokens", "Speculative draft tokens the target accepted.", st.accepted),
+            ("attnkit_spec_decode_num_verifications", "Sequence-steps that verified at least one draft token.",
+             st.verifications),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
+        yield GaugeMetricFamily("attnkit_spec_decode_acceptance_rate",
+                                "Accepted / proposed draft tokens since start (0 to 1).", value=st.acceptance_rate)
+        yield GaugeMetricFamily("attnkit_spec_decode_mean_accepted_length",
+                                "Tokens emitted per verifying sequence-step since start (1: nothing gained).",
+                                value=st.mean_accepted_length)
 
 
 class ServerMetrics:
