@@ -14,7 +14,7 @@ from engine_helpers import greedy_reference, make_llm, random_prompts, skip_modu
 from attnkit.engine import LLM, EngineConfig, SamplingParams, StructuredOutputs
 from attnkit.engine.proposers import NgramProposer, first_layers
 from attnkit.engine.sequence import Sequence
-from attnkit.engine.speculative import SpecController, SpeculativeConfig, StepCosts
+from attnkit.engine.speculative import PROBE_EVERY, SpecController, SpeculativeConfig, StepCosts
 
 
 def _always(method: str = "ngram", k: int = 4, **kw) -> SpeculativeConfig:
@@ -63,6 +63,9 @@ def test_controller_speculates_for_one_sequence_and_not_for_a_large_batch():
     for s in cold:
         s.spec_acc = s.spec_rej = 1.0
     assert sum(c.plan(cold, [8] * 64, 0)) == 0
+    for _ in range(PROBE_EVERY - 1):
+        assert sum(c.plan(cold, [8] * 64, 0)) == 0
+    assert c.plan(cold, [8] * 64, 0) == [1] * 64  # then each probes with one draft: its α is measured again
     costs = StepCosts()
     for _ in range(10):
         costs.add(4, 0.02)  # rows never varied: the prior's split

@@ -61,6 +61,7 @@ class Sequence:
     ngram_upto: int = 0
     spec_acc: float = 0.0
     spec_rej: float = 0.0
+    spec_idle: int = 0  # decode steps since it last had drafts (the controller's probe)
     spec_proposed: int = 0
     spec_accepted: int = 0
     first_token_time: float | None = None

@@ -18,7 +18,8 @@ How many tokens to propose (:class:`SpecController`) follows a cost model fitted
 R rows takes ``a + b·R`` seconds (least squares over recent steps), a draft depth ``c + e·rows``; each sequence's
 acceptance rate α is tracked (decayed counts), and the i-th proposed token is worth α^i expected tokens. Proposals
 are added greedily while their expected tokens per second beat the step's, so speculation fades out by itself
-as the batch grows (the rows cost more than they return) or as a sequence's acceptance falls.
+as the batch grows (the rows cost more than they return) or as a sequence's acceptance falls; a sequence left
+without drafts gets one every ``PROBE_EVERY`` steps, so that an estimate that fell low can recover.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from .proposers import Proposer
 
 METHODS = ("ngram", "draft", "layerskip")
+PROBE_EVERY = 16  # decode steps without drafts after which a sequence is given one (its acceptance re-measured)
 
 
 @dataclass
@@ -180,6 +182,13 @@ class SpecController:
             time_now += cost
             tokens += gains[best]
             gains[best] = gains[best] * alphas[best] if ks[best] < min(k_max, caps[best]) else 0.0
+        for i, s in enumerate(seqs):  # a sequence not speculating probes now and then: its α may have changed
+            if ks[i]:
+                s.spec_idle = 0
+            elif caps[i] and s.spec_idle >= PROBE_EVERY:
+                ks[i], s.spec_idle = 1, 0
+            else:
+                s.spec_idle += 1
         return ks
 
     def record(self, seq: Sequence, proposed: int, accepted: int, emitted: int) -> None:
