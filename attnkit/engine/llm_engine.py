@@ -122,7 +122,7 @@ class LLMEngine:
 
     def _speculation(self, spec: SpeculativeConfig, draft_model: nn.Module | None, num_blocks: int,
                      kv_dtype: torch.dtype) -> SpecController:
-        from .proposers import DraftModelProposer, LayerSkipProposer, NgramProposer, Proposer, compatible
+        from .proposers import DraftModelProposer, LayerSkipProposer, NgramProposer, Proposer, as_fast_as_target, compatible
 
         controller = SpecController(spec, Proposer())
         if spec.method != "ngram" and len(self.runner.kv_groups()) > 1:
@@ -133,6 +133,7 @@ class LLMEngine:
         elif spec.method == "draft":
             assert draft_model is not None
             compatible(self.model, draft_model)
+            draft_model = as_fast_as_target(self.model, draft_model)
             proposer = DraftModelProposer(draft_model, num_blocks, self.config.block_size, kv_dtype, controller.draft)
         else:
             n = spec.draft_layers or max(1, len(self.model.layers) // 4)

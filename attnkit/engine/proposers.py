@@ -172,3 +172,16 @@ def compatible(target: nn.Module, draft: nn.Module) -> None:
     if tv != dv:
         raise ValueError(f"the draft model's vocabulary ({dv} tokens) differs from the target's ({tv}): "
                          "a draft model needs the target's tokenizer")
+
+
+def as_fast_as_target(target: nn.Module, draft: nn.Module) -> nn.Module:
+    """A float draft (an HF student) beside a target on GGUF blocks is quantized to Q8_0 blocks in memory: else
+    each of its layers, read in float32, would cost more than one of the target's."""
+    from ..quant.native import GGUFBlockLinear, to_blocks
+
+    def on_blocks(m: nn.Module) -> bool:
+        return any(isinstance(x, GGUFBlockLinear) for x in m.modules())
+
+    if on_blocks(target) and not on_blocks(draft) and next(draft.parameters()).dtype == torch.float32:
+        to_blocks(draft, "Q8_0")
+    return draft

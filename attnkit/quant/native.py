@@ -313,6 +313,30 @@ def set_dense_dtype(model: nn.Module, dtype: torch.dtype) -> int:
     return len(mods)
 
 
+def to_blocks(model: nn.Module, kind: str = "Q8_0") -> int:
+    """Quantize a float model's linear layers (and its LM head) to GGUF ``kind`` blocks in place, so that they run
+    on these kernels and the C decode step (a speculative draft beside a GGUF target); returns how many layers."""
+    from .gguf_quantize import quantize_rows
+
+    def blocks_of(w: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(quantize_rows(w.detach().float().contiguous().numpy(), kind))
+
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and child.in_features % BLOCK_TYPES[kind].block_elems == 0:
+                bias = None if child.bias is None else child.bias.detach().float()
+                setattr(parent, name, GGUFBlockLinear(blocks_of(child.weight), kind, child.in_features, bias))
+                n += 1
+    emb = getattr(model, "tok_embeddings", None)
+    if getattr(model, "output_head", "absent") is None and isinstance(emb, nn.Embedding):
+        head = getattr(model, "lm_head", None)
+        w = emb.weight if head is None else head.weight
+        model.output_head = GGUFBlockLinear(blocks_of(w), kind, w.shape[1])
+        n += 1
+    return n
+
+
 class GGUFBlockEmbedding(nn.Module):
     """Token embeddings looked up in a tied output head's GGUF blocks: each step decodes only its rows."""
 
