@@ -265,3 +265,23 @@ def test_gguf_path_decodes_like_llama_cpp(monkeypatch) -> None:
             logp = torch.log_softmax(torch.tensor(ref.scores[ref.n_tokens - 1], dtype=torch.float32), -1)
             top2 = set(logp.topk(2).indices.tolist())  # llama.cpp's own prefill of the same text may pick either
             assert {theirs[same], ours[same]} == top2 and abs(float(logp[theirs[same]] - logp[ours[same]])) < 0.3, said
+
+
+@needs_kernel
+def test_a_float_model_to_blocks_runs_on_the_kernels() -> None:
+    """quant.native.to_blocks: every linear layer becomes Q8_0 blocks, the head an output_head of them (the float
+    lm_head is left, unused); logits stay close."""
+    from attnkit.models.llama import Llama, LlamaConfig
+    from attnkit.quant.native import to_blocks
+
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=320, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128)).eval()
+    ids = torch.randint(0, 320, (1, 12))
+    with torch.inference_mode():
+        ref = model(ids)
+        n = to_blocks(model, "Q8_0")
+        got = model(ids)
+    linears = [name for name, m in model.named_modules() if type(m) is torch.nn.Linear]
+    assert n == 2 * 7 + 1 and linears == ["lm_head"] and isinstance(model.output_head, GGUFBlockLinear)
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 0.02, rel

@@ -324,6 +324,8 @@ def to_blocks(model: nn.Module, kind: str = "Q8_0") -> int:
     n = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
+            if parent is model and name == "lm_head":
+                continue  # the head: output_head below (Llama.logits reads lm_head.weight)
             if type(child) is nn.Linear and child.in_features % BLOCK_TYPES[kind].block_elems == 0:
                 bias = None if child.bias is None else child.bias.detach().float()
                 setattr(parent, name, GGUFBlockLinear(blocks_of(child.weight), kind, child.in_features, bias))
