@@ -334,8 +334,9 @@ def to_blocks(model: nn.Module, kind: str = "Q8_0") -> int:
     if getattr(model, "output_head", "absent") is None and isinstance(emb, nn.Embedding):
         head = getattr(model, "lm_head", None)
         w = emb.weight if head is None else head.weight
-        model.output_head = GGUFBlockLinear(blocks_of(w), kind, w.shape[1])
-        n += 1
+        if w.shape[1] % BLOCK_TYPES[kind].block_elems == 0:  # else the head stays float, as such layers do
+            model.output_head = GGUFBlockLinear(blocks_of(w), kind, w.shape[1])
+            n += 1
     return n
 
 
