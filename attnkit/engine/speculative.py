@@ -24,7 +24,6 @@ without drafts gets one every ``PROBE_EVERY`` steps, so that an estimate that fe
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -105,21 +104,25 @@ class SpecStats:
 @dataclass
 class StepCosts:
     """Seconds per step as ``a + b·rows``, fitted by least squares over the recent steps (a prior until the rows
-    have varied enough to separate the two)."""
+    have varied enough to separate the two). The window's sums are kept as steps come and go: O(1) a step."""
     a: float = 0.0
     b: float = 0.0
-    samples: deque = field(default_factory=lambda: deque(maxlen=256))
+    window: int = 256
     prior_ratio: float = 0.05  # b/a before there is evidence: one more row ≈ 5% of a step
+    samples: deque = field(default_factory=deque)
+    _sums: list[float] = field(default_factory=lambda: [0.0] * 4)  # Σx, Σy, Σx², Σxy over the window
 
     def add(self, rows: int, seconds: float) -> None:
         self.samples.append((rows, seconds))
-        xs = [r for r, _ in self.samples]
-        n = len(xs)
-        mx = sum(xs) / n
-        my = sum(s for _, s in self.samples) / n
-        var = sum((x - mx) ** 2 for x in xs)
+        self._update(rows, seconds, 1.0)
+        if len(self.samples) > self.window:
+            self._update(*self.samples.popleft(), -1.0)
+        n = len(self.samples)
+        sx, sy, sxx, sxy = self._sums
+        mx, my = sx / n, sy / n
+        var = sxx - n * mx * mx  # Σ(x − x̄)²
         if var >= n * 0.5 and n >= 8:
-            b = sum((x - mx) * (s - my) for x, s in self.samples) / var
+            b = (sxy - n * mx * my) / var
             a = my - b * mx
             if a > 0 and b > 0:
                 self.a, self.b = a, b
@@ -127,6 +130,10 @@ class StepCosts:
         if self.a == 0.0 or var < n * 0.5:  # rows all alike: keep the prior's split of the mean
             self.a = my / (1 + self.prior_ratio * mx)
             self.b = self.a * self.prior_ratio
+
+    def _update(self, x: float, y: float, sign: float) -> None:
+        for i, v in enumerate((x, y, x * x, x * y)):
+            self._sums[i] += sign * v
 
     @property
     def known(self) -> bool:
@@ -202,15 +209,3 @@ class SpecController:
                                     old.emitted + emitted, old.rejected + (accepted < proposed))
         # the prior for new sequences follows what this engine's proposer achieves
         self.alpha_prior = min(0.9, max(0.1, (st.accepted + 1) / (st.accepted + st.rejected + 2)))
-
-    def timed(self) -> _Timer:
-        return _Timer()
-
-
-class _Timer:
-    def __enter__(self) -> _Timer:
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds = time.perf_counter() - self.t0
