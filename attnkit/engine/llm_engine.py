@@ -29,7 +29,7 @@ from .allocator import tune_malloc
 from .block_manager import BlockGroups, BlockManager, BlockStats
 from .grammar import Grammars
 from .lora import LoraAdapters
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, is_generated
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .sampler import sample
 from .sampling_params import SamplingParams
@@ -281,8 +281,7 @@ class LLMEngine:
         masks = self.grammars.fill_async(constrained) if constrained else None
         t0 = time.perf_counter()
         logits, rows = self.runner.run(batch)
-        if self.spec is not None and all(s.num_computed >= s.prompt_len and n == 1 + len(s.spec_tokens)
-                                         for s, n in zip(batch.seqs, batch.num_tokens)):
+        if self.spec is not None and all(is_generated(s, n) for s, n in zip(batch.seqs, batch.num_tokens)):
             self.spec.target.add(sum(batch.num_tokens), time.perf_counter() - t0)  # decode rows only: the cost model
         self._prompt_logprobs(batch)
         # a verifying sequence's drafts count as computed only once accepted (_sample)
@@ -309,7 +308,7 @@ class LLMEngine:
         assert spec is not None
         k_max = spec.config.num_speculative_tokens
         dec = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_tokens))
-               if n == 1 and s.num_computed == len(s) - 1 and s.num_computed >= s.prompt_len]
+               if is_generated(s, n) and s.num_computed == len(s) - 1]
         if not dec:
             return
         seqs = [batch.seqs[i] for i in dec]

@@ -44,6 +44,12 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     return raw[: math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
 
 
+def is_generated(seq: Sequence, n: int) -> bool:
+    """``seq``'s ``n`` rows of this step are generated tokens (the decode path): its newest token past the prompt,
+    followed by its draft tokens if it verifies some (speculative decoding)."""
+    return n == 1 + len(seq.spec_tokens) and seq.num_computed >= seq.prompt_len
+
+
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, compile: bool = False,
                  kv_dtype: torch.dtype | None = None, batch_invariant: bool = True, free_window_kv: bool = True,
@@ -131,8 +137,7 @@ class ModelRunner:
         self.copy_blocks(batch.copies)
         if not self.batch_invariant:
             return self._run(batch)
-        generated = [n == 1 + len(s.spec_tokens) and s.num_computed >= s.prompt_len
-                     for s, n in zip(batch.seqs, batch.num_tokens)]
+        generated = [is_generated(s, n) for s, n in zip(batch.seqs, batch.num_tokens)]
         if all(generated) or not any(generated):
             with rows_are("generated" if generated[0] else "prompt"):
                 return self._run(batch, generated[0])
@@ -176,7 +181,7 @@ class ModelRunner:
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
             start, t0 = seq.num_computed, len(ids)
             spec = seq.spec_tokens
-            ids += (seq.tokens + spec if spec else seq.tokens)[start:start + n]
+            ids += (seq.tokens[start:start + n] + spec)[:n] if spec else seq.tokens[start:start + n]
             pos += range(start, start + n)
             rows.append((seq, t0, start, n))
             ctx = start + n
