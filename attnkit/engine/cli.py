@@ -98,7 +98,7 @@ def speculative_draft(spec, opts: InferenceOptions, model):
     from ..loading import ModelLoadError
     from ..models.gpt2 import GPT2
     from ..models.llama import Llama
-    from .proposers import compatible
+    from .proposers import check_draft_layers, compatible
 
     if spec is None or spec.method == "ngram":
         return None
@@ -110,10 +110,8 @@ def speculative_draft(spec, opts: InferenceOptions, model):
                                  f"not {type(draft).__name__}")
             compatible(model, draft)
             return draft
-        n = len(model.layers)
-        if spec.draft_layers is not None and not 1 <= spec.draft_layers < n:
-            raise ValueError(f"the draft's layers must be in [1, {n - 1}] for this {n}-layer model, "
-                             f"got {spec.draft_layers}")
+        if spec.draft_layers is not None:
+            check_draft_layers(model, spec.draft_layers)
     except (ModelLoadError, ValueError) as e:
         arg = spec.draft_model if spec.method == "draft" else spec.draft_layers
         raise ValueError(f"--speculative {spec.method}:{arg}: {e}") from None

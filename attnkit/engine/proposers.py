@@ -111,13 +111,14 @@ class _GreedyDraft(Proposer):
         return seq.draft_computed
 
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
-        rows = [_DraftRow(list(s.tokens), min(self._computed(s), len(s) - 1), s.block_table) for s in seqs]
+        rows = [_DraftRow(list(s.tokens), min(self._computed(s), len(s) - 1), s.block_table) if k else None
+                for s, k in zip(seqs, ks)]
         drafts: list[list[int]] = [[] for _ in seqs]
         for _ in range(max(ks, default=0)):
             act = [i for i, k in enumerate(ks) if len(drafts[i]) < k]
             if not act:
                 break
-            batch = ScheduledBatch([rows[i] for i in act], [len(rows[i]) - rows[i].num_computed for i in act])
+            batch = ScheduledBatch([rows[i] for i in act], [len(rows[i]) - rows[i].num_computed for i in act])  # type: ignore[misc]
             t0 = time.perf_counter()
             logits, _ = self.runner.run(batch)  # every row's input is complete: one logits row each
             toks = logits.argmax(-1).tolist()
@@ -127,8 +128,8 @@ class _GreedyDraft(Proposer):
                 rows[i].num_computed = len(rows[i])
                 rows[i].tokens.append(toks[j])
                 drafts[i].append(toks[j])
-        for s, r, k in zip(seqs, rows, ks):
-            if k:
+        for s, r in zip(seqs, rows):
+            if r is not None:
                 s.draft_computed = r.num_computed
         return drafts
 
@@ -145,16 +146,20 @@ class DraftModelProposer(_GreedyDraft):
 
 class LayerSkipProposer(_GreedyDraft):
     def __init__(self, target: nn.Module, target_runner: ModelRunner, n_layers: int, costs: StepCosts) -> None:
-        n = len(target.layers)
-        if not 1 <= n_layers < n:
-            raise ValueError(f"layerskip: the draft's layers must be in [1, {n - 1}] for this {n}-layer model, "
-                             f"got {n_layers}")
+        check_draft_layers(target, n_layers)
         super().__init__(ModelRunner(first_layers(target, n_layers), target_runner.k_pool.shape[2],
                                      target_runner.block_size, batch_invariant=False, free_window_kv=False,
                                      pools=(target_runner.k_pool[:n_layers], target_runner.v_pool[:n_layers])), costs)
 
     def _computed(self, seq: Sequence) -> int:
         return seq.num_computed  # the shared layers' K/V are the target's
+
+
+def check_draft_layers(model: nn.Module, n_layers: int) -> None:
+    """A layer-skipping draft keeps at least one of ``model``'s layers and drops at least one."""
+    n = len(model.layers)
+    if not 1 <= n_layers < n:
+        raise ValueError(f"the draft's layers must be in [1, {n - 1}] for this {n}-layer model, got {n_layers}")
 
 
 def first_layers(model: nn.Module, n: int) -> nn.Module:
