@@ -15,7 +15,8 @@ Workloads, all greedy:
 
 Measured per configuration: output tokens/s of each workload and its ratio to ``none``'s, the acceptance
 rate and mean accepted length (tokens per verifying sequence-step) per workload, and the requests whose token
-ids differ from ``none``'s (greedy outputs must be identical: 0). ``--quick``: 8 grounded requests, 4 chat
+ids differ from ``none``'s (greedy outputs must be identical: 0); with ``none``, the C decode step's time for
+1, 2, 4 and 8 rows of one sequence (what verifying drafts costs against one decode row). ``--quick``: 8 grounded requests, 4 chat
 questions, 64 new tokens, the offline workload's quick form. A process runs its workloads in the order above
 after one warm-up (a short chat request); the engine's adaptive draft length learns throughout, its step-cost
 model and acceptance prior carrying from one workload to the next, as in a server. The machine's load average
@@ -192,6 +193,31 @@ def llm_for(config: str, args: argparse.Namespace):
     return LLM(args.model, quantize=None if args.quantize == "none" else "gguf", **kw)
 
 
+def row_costs(llm, rows=(1, 2, 4, 8), position: int = 400) -> dict | None:
+    """Milliseconds of the C decode step (layers, then the head) for 1, 2, 4, 8 rows of one sequence at
+    ``position``: what verifying k drafts costs against one decode row (None off the C step: no such split)."""
+    import torch
+
+    nat = llm.engine.runner.native
+    if not nat:
+        return None
+    out = {}
+    for n in rows:
+        ids = torch.randint(1000, 2000, (n,))
+        pos = torch.arange(position, position + n)
+        tables = torch.arange(-(-(position + n) // llm.engine.config.block_size)).repeat(n, 1)
+        args = (ids, pos, pos.clone(), tables, pos + 1, torch.zeros(n, dtype=torch.long))
+        best_h = best_l = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            h = nat.hidden(*args)
+            t1 = time.perf_counter()
+            nat.logits(h)
+            best_h, best_l = min(best_h, t1 - t), min(best_l, time.perf_counter() - t1)
+        out[n] = {"layers_ms": best_h * 1e3, "head_ms": best_l * 1e3}
+    return out
+
+
 def child(config: str, args: argparse.Namespace) -> int:
     import torch
 
@@ -206,6 +232,8 @@ def child(config: str, args: argparse.Namespace) -> int:
     hello = llm.render_chat([{"role": "user", "content": "Say hello."}])
     llm.generate(hello, SamplingParams(temperature=0, max_tokens=8))
     res["warmup_spec"] = stats_of(llm)
+    if config == "none":
+        res["row_cost"] = row_costs(llm)
     new = 64 if args.quick else 128
     greedy = SamplingParams(temperature=0, max_tokens=new)
     tasks = grounded_tasks(passages(llm.tokenizer), 2 if args.quick else 8)
@@ -300,6 +328,10 @@ def table(results: dict, skipped: dict) -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
     for name, why in skipped.items():
         print(f"| {name} | {why} |")
+    cost = (base or {}).get("row_cost")
+    if cost:
+        print("\nthe C decode step, rows of one sequence at position 400 (ms, best of 5): "
+              + ", ".join(f"{n} rows {c['layers_ms']:.2f} + head {c['head_ms']:.2f}" for n, c in cost.items()))
 
 
 def main() -> int:
