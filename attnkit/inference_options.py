@@ -11,7 +11,9 @@ One home for these choices, shared by ``LLM``, ``attnkit generate/chat/serve`` a
 - ``threads``: torch's CPU threads (default: torch's choice, the physical cores);
 - ``compile``: the decode attention compiled to read K/V through the block tables (torch.compile);
 - ``kv_cache_dtype``: the engine's K/V pool; ``"auto"`` is float16 on the gguf path (llama.cpp's default:
-  Q4 weights with an f16 KV cache, half the bytes of float32 per cached token), else ``dtype``;
+  Q4 weights with an f16 KV cache, half the bytes of float32 per cached token), else ``dtype``; ``"q8_0"``
+  (alias ``"int8"``) and ``"q4_0"`` (``"int4"``) quantize the cached rows as llama.cpp's ``-ctk q8_0/q4_0``
+  (:mod:`attnkit.engine.kv_format`);
 - ``matmul_dtype``: on the gguf path, the dtype of the dense products of batches above the kernel's 8 rows
   (prefill, large decode batches); ``"auto"`` is bfloat16 where the CPU has bf16 hardware
   (:func:`attnkit.kernels.native_bf16`: 2–3× the float32 speed there, perplexity +0.06%), else float32.
@@ -31,7 +33,7 @@ if TYPE_CHECKING:  # torch is imported only when a model is loaded: the CLI's --
 
 DTYPES = ("bfloat16", "float32")
 QUANTIZE = ("gguf", "auto", "int8", "int4", "none")
-KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "float32")
+KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "float32", "q8_0", "q4_0", "int8", "int4")
 MATMUL_DTYPES = ("auto", "bfloat16", "float32")
 
 
@@ -108,7 +110,7 @@ class InferenceOptions:
                        help="decode attention compiled over the block tables (torch.compile; slower start-up)")
         p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                        help="dtype of the cached keys and values (default auto: float16 with --quantize gguf, "
-                            "as llama.cpp; else --dtype)")
+                            "as llama.cpp; else --dtype); q8_0/int8 and q4_0/int4 quantize them (llama.cpp's -ctk)")
         p.add_argument("--matmul-dtype", choices=MATMUL_DTYPES, default="auto",
                        help="with --quantize gguf: dtype of the matrix products of prefill and large batches "
                             "(default auto: bfloat16 where the CPU has bf16 instructions, else float32)")

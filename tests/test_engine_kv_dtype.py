@@ -150,7 +150,8 @@ def test_float16_pool_takes_half_the_bytes(model):
 
 
 def test_bad_kv_cache_dtype_is_named(model):
-    with pytest.raises(ValueError, match=r"kv_cache_dtype must be one of \['auto', 'float16', 'bfloat16', 'float32'\]"):
+    with pytest.raises(ValueError, match=r"kv_cache_dtype must be one of \['auto', 'float16', 'bfloat16', 'float32', 'q8_0', 'q4_0', "
+                       r"'int8', 'int4'\]"):
         LLMEngine(model, config=EngineConfig(kv_cache_dtype="fp8"))
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         InferenceOptions(kv_cache_dtype="half")

@@ -43,8 +43,10 @@ def _decode_steps(engine: LLMEngine, steps: int, reference=None):
             s.append(t)
 
 
-@pytest.mark.parametrize("arch,qtype", [("llama", "Q4_1"), ("qwen2", "Q8_0")])
-def test_tiny_gguf_models_decode_as_the_eager_model(tmp_path, arch, qtype, monkeypatch):
+@pytest.mark.parametrize("arch,qtype,kv", [("llama", "Q4_1", "auto"), ("qwen2", "Q8_0", "auto"), ("llama", "Q4_1", "q8_0"),
+                                           ("qwen2", "Q8_0", "q4_0")])
+def test_tiny_gguf_models_decode_as_the_eager_model(tmp_path, arch, qtype, kv, monkeypatch):
+    """Also over quantized KV caches: the C step quantizes the rows it stores as the eager path does."""
     pytest.importorskip("transformers")
     from attnkit.quant.native import GGUFBlockLinear
 
@@ -56,7 +58,8 @@ def test_tiny_gguf_models_decode_as_the_eager_model(tmp_path, arch, qtype, monke
 
     path = write_gguf(tmp_path / f"{arch}.gguf", tiny_hf(arch), qtype, arch=arch)
     model = fuse_for_inference(load_gguf_model(path, quantize="gguf"))
-    engine = LLMEngine(model, config=EngineConfig(block_size=4, kv_cache_bytes=8 << 20))
+    engine = LLMEngine(model, config=EngineConfig(block_size=4, kv_cache_bytes=8 << 20, kv_cache_dtype=kv))
+    assert engine.runner.kv_format.name == ("float32" if kv == "auto" else kv)
     g = torch.Generator().manual_seed(0)
     # contexts over several blocks, every sequence its own length; 12 of them: more rows than the row-layout
     # kernel's 8, which the C step takes on interleaved blocks (up to 64 rows)
@@ -70,8 +73,9 @@ def test_tiny_gguf_models_decode_as_the_eager_model(tmp_path, arch, qtype, monke
             widest = max(widest, len(native))
         diff = (native - eager).abs().amax(-1)  # (B,)
         # a float-rounding difference can move one activation across an 8-bit rounding boundary: then the
-        # row differs by about the quantization noise (≈ 0.1 here); anything larger is a real difference
-        assert diff.max() < 0.1, diff
+        # row differs by about the quantization noise (≈ 0.1 here; over a quantized cache the flip also moves
+        # the later layers' K/V codes, ≈ 0.15); anything larger is a real difference
+        assert diff.max() < (0.1 if kv == "auto" else 0.25), diff
         rows += len(diff)
         same += int((diff < 1e-4).sum())
     assert rows >= 80 and same >= 0.9 * rows, (same, rows)

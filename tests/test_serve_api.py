@@ -248,3 +248,14 @@ def test_echo_returns_the_prompt_and_its_logprobs(client, offline, base):
     chunks = list(client.completions.create(model=TINY, prompt=[ref.prompt_token_ids], temperature=0, max_tokens=3,
                                             echo=True, stream=True))
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == c.text
+
+
+@pytest.mark.parametrize("extra", [{"kv_window": 64, "attention_sinks": 4}, {"kv_budget": 128}])
+def test_a_kv_budget_takes_prompts_past_the_context(client, extra):
+    """Attention sinks and SnapKV drop K/V: a prompt twice the 1024-token context is served, not refused."""
+    out = client.completions.create(model=TINY, prompt="word " * 2000, max_tokens=4, temperature=0,
+                                    extra_body={"ignore_eos": True, **extra})
+    assert out.usage.prompt_tokens > 1024 and out.usage.completion_tokens == 4
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=TINY, prompt="Hi", max_tokens=4, extra_body={next(iter(extra)): 0})
+    assert e.value.body["param"] == next(iter(extra))

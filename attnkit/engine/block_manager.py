@@ -17,6 +17,13 @@ block table maps logical block i to a physical block. Blocks are shared by refer
   manager per kind of layer, each with its own pool and block table (:class:`BlockGroups`; vLLM's hybrid
   KV cache manager). A freed windowed block keeps its hash like any other, so a later prompt with the same
   prefix still hits: a windowed table needs only the blocks its window sees at the match's end.
+- attention sinks (StreamingLLM, Xiao et al. 2023): a request with ``kv_window`` keeps the blocks of its first
+  ``attention_sinks`` tokens and of its last ``kv_window`` or more, and drops the blocks between from its
+  table (:meth:`BlockManager.slide`), so it runs past the context in bounded memory. Its cache indices then
+  trail its positions by the tokens dropped (``Sequence.kv_shift``); keys keep the rotation of their own
+  position, so a window key's distance to the query is the true one, and the sinks are re-rotated by
+  ``kv_shift`` (into blocks of their own: the originals stay as they were computed, perhaps shared) so that
+  theirs is their distance in the cache, as StreamingLLM assigns positions within the cache.
 """
 
 from __future__ import annotations
@@ -148,9 +155,9 @@ class BlockManager:
 
     def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
         """New blocks to hold ``num_tokens`` more tokens after the computed ones (counting a copy-on-write)."""
-        end, table = seq.num_computed + num_tokens, self.table_of(seq)
+        end, table = seq.num_cached + num_tokens, self.table_of(seq)
         need = -(-end // self.block_size) - len(table)
-        first = seq.num_computed // self.block_size  # the block the first new token is written into
+        first = seq.num_cached // self.block_size  # the block the first new token is written into
         if first < len(table) and table[first] >= 0 and self.blocks[table[first]].ref_count > 1:
             need += 1
         return max(need, 0)
@@ -162,14 +169,14 @@ class BlockManager:
         """Give ``seq`` slots for ``num_tokens`` more tokens; returns the (src, dst) block copies to make."""
         copies = []
         bs, table = self.block_size, self.table_of(seq)
-        for i in range(seq.num_computed // bs, len(table)):  # blocks about to be written
+        for i in range(seq.num_cached // bs, len(table)):  # blocks about to be written
             b = self.blocks[table[i]]
             if b.ref_count > 1:  # copy-on-write
                 b.ref_count -= 1
                 new = self._new_block()
                 copies.append((b.block_id, new))
                 table[i] = new
-        end = seq.num_computed + num_tokens
+        end = seq.num_cached + num_tokens
         while len(table) * bs < end:
             table.append(self._new_block())
         return copies
@@ -186,6 +193,45 @@ class BlockManager:
             if table[i] >= 0:
                 self._unref(table[i])
                 table[i] = -1
+
+    def slide(self, seq: Sequence) -> list[tuple[int, int, int]]:
+        """StreamingLLM: drop ``seq``'s oldest blocks after its sinks while the next token still sees at least
+        ``kv_window`` keys before it; returns the sink blocks to re-rotate, (source, destination, positions on).
+
+        The sinks are the first ⌈attention_sinks / block_size⌉ blocks. At the first drop they move to new blocks
+        (the originals are kept in ``sink_source``); each drop re-rotates them from the originals by the new
+        ``kv_shift``. With no free block for that yet, the sinks wait for one (and keep their old rotation)."""
+        w = seq.params.kv_window
+        if w is None:
+            return []
+        bs, table = self.block_size, self.table_of(seq)
+        n_sink = -(-seq.params.attention_sinks // bs)
+        shift = seq.kv_shift
+        while seq.num_cached - n_sink * bs - bs >= w and len(table) > n_sink + 1:
+            self._unref(table.pop(n_sink))
+            seq.kv_shift += bs
+        if not n_sink or not seq.kv_shift:
+            return []
+        if not seq.sink_source:
+            if self.num_free < n_sink:
+                return []
+            seq.sink_source = table[:n_sink]
+            table[:n_sink] = [self._new_block() for _ in range(n_sink)]
+        elif seq.kv_shift == shift:
+            return []
+        return [(src, dst, seq.kv_shift) for src, dst in zip(seq.sink_source, table[:n_sink])]
+
+    def fresh_blocks(self, n: int) -> list[int] | None:
+        """``n`` new blocks (to compact a sequence's cache into, SnapKV), or None when fewer are free."""
+        return [self._new_block() for _ in range(n)] if self.num_free >= n else None
+
+    def replace_table(self, seq: Sequence, table: list[int]) -> None:
+        """``seq``'s cache now lives in ``table`` (its compacted copy); the old blocks are released."""
+        old = self.table_of(seq)
+        setattr(seq, self.table, table)
+        for block_id in old:
+            if block_id >= 0:
+                self._unref(block_id)
 
     def _unref(self, block_id: int) -> None:
         b = self.blocks[block_id]
@@ -205,8 +251,9 @@ class BlockManager:
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, n_full)
 
     def register(self, seq: Sequence, lo: int, hi: int) -> None:
-        """Register blocks lo … hi−1 of ``seq`` (full of computed tokens) under their chain hashes."""
-        if not self.enable_prefix_caching or hi <= lo:
+        """Register blocks lo … hi−1 of ``seq`` (full of computed tokens) under their chain hashes (none once its
+        cache has dropped tokens: its table's blocks no longer hold the token blocks of the same index)."""
+        if not self.enable_prefix_caching or hi <= lo or seq.kv_shift:
             return
         bs, table = self.block_size, self.table_of(seq)
         hashes = self.hashes(seq, hi)
@@ -227,19 +274,25 @@ class BlockManager:
                 self.blocks[block_id].ref_count += 1
         setattr(child, self.table, list(table))
         child.num_hashed_blocks = parent.num_hashed_blocks
+        for block_id in parent.sink_source:
+            self.blocks[block_id].ref_count += 1
+        child.kv_shift, child.sink_source = parent.kv_shift, list(parent.sink_source)
 
     def free_seq(self, seq: Sequence) -> None:
         """Drop the sequence's references; blocks no one uses go back to the pool (hash kept for reuse)."""
         for block_id in reversed(self.table_of(seq)):
             if block_id >= 0:
                 self._unref(block_id)
+        for block_id in seq.sink_source:
+            self._unref(block_id)
         setattr(seq, self.table, [])
-        seq.num_computed = seq.num_hashed_blocks = seq.draft_computed = 0
+        seq.num_computed = seq.num_hashed_blocks = seq.draft_computed = seq.kv_shift = 0
+        seq.sink_source = []
 
     def trim(self, seq: Sequence) -> None:
         """Free the blocks past the sequence's tokens (allocated for draft tokens that were rejected)."""
         table = self.table_of(seq)
-        keep = -(-len(seq) // self.block_size)
+        keep = -(-(len(seq) - seq.kv_shift) // self.block_size)
         while len(table) > keep:
             block_id = table.pop()
             if block_id >= 0:
@@ -329,6 +382,13 @@ class BlockGroups:
     def fork(self, parent: Sequence, child: Sequence) -> None:
         for m in self.managers:
             m.fork(parent, child)
+
+    def slide(self, seq: Sequence) -> list[tuple[int, int, int]]:
+        if seq.params.kv_window is None:
+            return []
+        if len(self.managers) > 1 or self.managers[0].window is not None:
+            raise ValueError("kv_window (attention sinks) on a model with sliding-window layers")
+        return self.managers[0].slide(seq)
 
     def free_seq(self, seq: Sequence) -> None:
         for m in self.managers:

@@ -61,6 +61,12 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--lora", default=None, metavar="DIR",
                    help="generate with the LoRA adapter saved in DIR (HF PEFT format), unmerged, on the engine")
+    p.add_argument("--kv-window", type=int, default=None, metavar="N",
+                   help="attention sinks (StreamingLLM): keep the K/V of the first --attention-sinks tokens and the "
+                        "last N, and generate past the context in bounded memory")
+    p.add_argument("--attention-sinks", type=int, default=4, metavar="N", help="with --kv-window (default 4)")
+    p.add_argument("--kv-budget", type=int, default=None, metavar="N",
+                   help="SnapKV: keep N keys per layer and head of a long prompt, those its last queries weigh most")
     InferenceOptions.add_flags(p)
 
 
@@ -139,7 +145,8 @@ def _params(args: argparse.Namespace, generation: dict | None = None):
 
     return SamplingParams(max_tokens=args.max_new_tokens, temperature=pick(args.temperature, "temperature", 0.0),
                           top_k=pick(args.top_k, "top_k", 0), top_p=pick(args.top_p, "top_p", 1.0), seed=args.seed,
-                          structured=_structured(args))
+                          structured=_structured(args), kv_window=getattr(args, "kv_window", None),
+                          attention_sinks=getattr(args, "attention_sinks", 4), kv_budget=getattr(args, "kv_budget", None))
 
 
 def _structured(args: argparse.Namespace):

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..inference_options import KV_CACHE_DTYPES
+from .kv_format import KVFormat, kv_format
 from ..text.detokenize import IncrementalDetokenizer
 from .allocator import tune_malloc
 from .block_manager import BlockGroups, BlockManager, BlockStats
@@ -52,7 +53,9 @@ class EngineConfig:
     max_waiting: int = 100_000
     enable_prefix_caching: bool = True
     compile: bool = False  # decode attention as one compiled kernel over the block tables (see ModelRunner)
-    kv_cache_dtype: str = "auto"  # the K/V pool's dtype; "auto": the model's parameters' (vLLM's kv_cache_dtype)
+    # the K/V pool's dtype or quantized format (q8_0/int8, q4_0/int4: attnkit.engine.kv_format); "auto": the model's
+    # parameters' dtype (vLLM's kv_cache_dtype)
+    kv_cache_dtype: str = "auto"
     # a request's numbers independent of what shares its steps (see ModelRunner.run); False: each step's
     # products chosen by its row count, as before (vLLM's VLLM_BATCH_INVARIANT, off there by default)
     batch_invariant: bool = True
@@ -63,14 +66,16 @@ class EngineConfig:
     speculative: str | SpeculativeConfig | None = None
     num_speculative_tokens: int | None = None  # the most draft tokens per step (default 5)
 
-    def kv_dtype(self, model: nn.Module) -> torch.dtype:
-        """The K/V pool's dtype for ``model``: ``kv_cache_dtype``, "auto" resolved to the parameters' dtype."""
+    def kv_dtype(self, model: nn.Module) -> KVFormat:
+        """The K/V pool's row format for ``model``: ``kv_cache_dtype``, "auto" resolved to the parameters' dtype."""
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"EngineConfig.kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")
         if self.kv_cache_dtype == "auto":
-            return next(model.parameters()).dtype
-        return getattr(torch, self.kv_cache_dtype)
+            return kv_format(next(model.parameters()).dtype)
+        fmt = kv_format(self.kv_cache_dtype)
+        fmt.row_width(model.cfg.hd)  # a quantized format needs whole blocks per row: a clear error here
+        return fmt
 
 
 @dataclass
@@ -121,7 +126,7 @@ class LLMEngine:
         self.spec = self._speculation(spec, draft_model, num_blocks, kv_dtype) if spec is not None else None
 
     def _speculation(self, spec: SpeculativeConfig, draft_model: nn.Module | None, num_blocks: int,
-                     kv_dtype: torch.dtype) -> SpecController:
+                     kv_dtype: KVFormat) -> SpecController:
         from .proposers import DraftModelProposer, LayerSkipProposer, NgramProposer, Proposer, as_fast_as_target, compatible
 
         controller = SpecController(spec, Proposer())
@@ -199,7 +204,9 @@ class LLMEngine:
             raise ValueError("the prompt is empty (it needs at least one token)")
         if any(not 0 <= t < self.vocab_size for t in ids):
             raise ValueError(f"prompt token ids must lie in [0, {self.vocab_size})")
-        if len(ids) >= self.max_model_len:
+        if params.kv_window is not None or params.kv_budget is not None:
+            self._check_streaming(params)
+        elif len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; the engine's max_model_len is {self.max_model_len}")
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("SamplingParams.stop: stop strings need a tokenizer")
@@ -284,6 +291,8 @@ class LLMEngine:
         if self.spec is not None and all(is_generated(s, n) for s, n in zip(batch.seqs, batch.num_tokens)):
             self.spec.target.add(sum(batch.num_tokens), time.perf_counter() - t0)  # decode rows only: the cost model
         self._prompt_logprobs(batch)
+        if self.runner.observed:
+            self._evict(batch)
         # a verifying sequence's drafts count as computed only once accepted (_sample)
         self.scheduler.computed(ScheduledBatch(batch.seqs, [n - len(s.spec_tokens) for s, n in
                                                             zip(batch.seqs, batch.num_tokens)]))
@@ -437,8 +446,56 @@ class LLMEngine:
                     if at >= 0:
                         seq.text = seq.text[:at]
                         return self._finish(seq, "stop", s)
-        if len(seq.output_ids) >= p.max_tokens or len(seq) >= self.max_model_len:
+        if len(seq.output_ids) >= p.max_tokens or (len(seq) >= self.max_model_len and p.kv_window is None
+                                                   and p.kv_budget is None):
             self._finish(seq, "length", None)
+
+    def _evict(self, batch: ScheduledBatch) -> None:
+        """SnapKV (attnkit.engine.kv_eviction): a kv_budget sequence whose cache, with this step's chunk, holds more
+        than its budget moves the rows its layers keep into new blocks and releases the old ones — once its prompt is
+        read, after every chunk with ``kv_budget_stream``, or before its cache would outgrow the context. (With too
+        few free blocks it keeps them all until a later chunk.)"""
+        bm = self.scheduler.bm.managers[0]
+        step = self.config.max_num_batched_tokens
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            if seq.seq_id not in self.runner.observed:
+                continue
+            p, cached = seq.params, seq.num_cached + n
+            budget = p.kv_budget
+            due = seq.num_computed + n >= len(seq) or p.kv_budget_stream or cached + step + budget > self.max_model_len
+            new = bm.fresh_blocks(-(-budget // bm.block_size)) if cached > budget and due else None
+            if new is None:
+                del self.runner.observed[seq.seq_id]
+                continue
+            self.runner.compact(seq, bm.table_of(seq), new, cached, budget)
+            bm.replace_table(seq, new)
+            seq.kv_shift += cached - budget
+
+    def _check_streaming(self, params: SamplingParams) -> None:
+        """A request with ``kv_window`` (attention sinks) or ``kv_budget`` (SnapKV) drops K/V and runs past the
+        context: what it needs of the engine."""
+        why = None
+        rot = getattr(self.model, "rotary", None)
+        name = "kv_window" if params.kv_window is not None else "kv_budget"
+        bs, step = self.config.block_size, self.config.max_num_batched_tokens
+        if self.spec is not None:
+            why = "speculative decoding keeps every draft's K/V"
+        elif len(self.runner.kv_groups()) > 1 or any(w is not None for w in self.runner.windows):
+            why = "the model's layers have sliding windows of their own"
+        elif params.kv_window is not None and (rot is None or getattr(self.model, "rotary_local", None) is not None
+                                               or rot.length_dependent):
+            why = "the sinks are re-rotated, which needs one RoPE whose frequencies do not depend on the length"
+        else:
+            if params.kv_window is not None:
+                need = -(-params.attention_sinks // bs) * bs + params.kv_window + bs + step
+                what = f"sinks + window + a block + a step's {step} tokens"
+            else:
+                need = 2 * -(-params.kv_budget // bs) * bs + 2 * step  # type: ignore[operator]
+                what = f"the budget twice (while it is compacted) + two steps' {step} tokens"
+            if need > self.runner.k_pool.shape[2] * bs:
+                why = f"its cache ({what} = {need}) exceeds the KV pool's {self.runner.k_pool.shape[2] * bs} tokens"
+        if why:
+            raise ValueError(f"SamplingParams.{name}: {why}")
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
         req = self.requests[seq.request_id]

@@ -17,6 +17,8 @@ from torch import nn
 from ..quant.row_kernel import rows_are
 from .lora import StepAdapters
 from .native_decode import NativeDecoder, why_not
+from .kv_eviction import OBSERVATION, snapkv_keep
+from .kv_format import KVFormat, kv_format
 from .paged_attention import AttentionMetadata, PagedKVCache, PrefillChunk, native_kernel
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
@@ -52,9 +54,11 @@ def is_generated(seq: Sequence, n: int) -> bool:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, compile: bool = False,
-                 kv_dtype: torch.dtype | None = None, batch_invariant: bool = True, free_window_kv: bool = True,
-                 pools: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """``pools``: K and V pools to use instead of new ones (a layer-skipping draft reads its target's)."""
+                 kv_dtype: torch.dtype | KVFormat | str | None = None, batch_invariant: bool = True,
+                 free_window_kv: bool = True, pools: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """``kv_dtype``: how the pool stores K/V (a float dtype, or a :mod:`~attnkit.engine.kv_format` name such as
+        "q8_0"); None: the parameters' dtype. ``pools``: K and V pools to use instead of new ones (a layer-skipping
+        draft reads its target's)."""
         cfg = model.cfg
         if not hasattr(cfg, "n_kv_heads") or not hasattr(cfg, "hd"):
             raise TypeError(f"the engine runs decoder-only models (Llama family, GPT-2); got {type(model).__name__}")
@@ -75,21 +79,26 @@ class ModelRunner:
             raise ValueError(f"layers with more than two kinds of attention window ({kinds}): set free_window_kv=False")
         # one attention metadata per (KV group, window) of the layers, built each step
         self.meta_keys = sorted({(g, w) for g, w in zip(self.group_of, self.windows)}, key=str)
-        shape = (n_layers, cfg.n_kv_heads, num_blocks, block_size, cfg.hd)  # head-major, see PagedKVCache
-        kv_dtype = kv_dtype or self.dtype  # the pool's; K/V are converted on writing and read back widened
+        # the pool's row format: K/V are converted (or quantized) on writing and read back widened
+        self.kv_format = fmt = kv_format(kv_dtype or self.dtype)
+        shape = (n_layers, cfg.n_kv_heads, num_blocks, block_size, fmt.row_width(cfg.hd))  # head-major, see PagedKVCache
         if pools is not None:
             if tuple(pools[0].shape) != shape or tuple(pools[1].shape) != shape:
                 raise ValueError(f"ModelRunner: the given K/V pools are {tuple(pools[0].shape)}, the model needs {shape}")
             self.k_pool, self.v_pool = pools
         else:
-            self.k_pool, self.v_pool = lazy_zeros(shape, kv_dtype, self.device), lazy_zeros(shape, kv_dtype, self.device)
+            self.k_pool, self.v_pool = (lazy_zeros(shape, fmt.storage, self.device),
+                                        lazy_zeros(shape, fmt.storage, self.device))
         self.caches = [PagedKVCache(self.k_pool[i], self.v_pool[i], getattr(layer.self_attn, "scale", None),
-                                    getattr(layer.self_attn, "softcap", None)) for i, layer in enumerate(model.layers)]
+                                    getattr(layer.self_attn, "softcap", None), fmt) for i, layer in enumerate(model.layers)]
         # compile: the decode attention reads K/V through the block tables inside one compiled kernel
         # (inductor) instead of copying every sequence's blocks out of the pool first
         self.compile = compile
         self.lora_step: StepAdapters | None = None  # set once LoRA adapters are loaded (attnkit.engine.lora)
         self.prompt_logits: tuple[list[tuple[int, int, int]], torch.Tensor] = ([], torch.empty(0))
+        # SnapKV: the queries of each kv_budget sequence's observation window in the last step, per layer, and their
+        # cache indices (seq_id → ([(nh, m, hd) per layer], (m,))), for compact()
+        self.observed: dict[int, tuple[list[torch.Tensor], torch.Tensor]] = {}
         # decode-only steps run all layers in one C call when the model allows it
         # (attnkit.engine.native_decode); built at the first such step; False: eager only
         self.native: NativeDecoder | bool | None = None
@@ -98,14 +107,14 @@ class ModelRunner:
         # prompt rows attend one by one through the C paged attention, each exactly as a decode step at its
         # position would (float32 activations over a float32/float16 pool on the CPU; see _run)
         self.row_attention = batch_invariant and not compile and native_kernel(
-            torch.empty(0, dtype=self.dtype, device=self.device), self.k_pool) is not None
+            torch.empty(0, dtype=self.dtype, device=self.device), self.k_pool, fmt) is not None
 
     @staticmethod
-    def bytes_per_block(model: nn.Module, block_size: int, kv_dtype: torch.dtype | None = None) -> int:
+    def bytes_per_block(model: nn.Module, block_size: int, kv_dtype: torch.dtype | KVFormat | str | None = None) -> int:
         """The K and V bytes of one block over all layers; ``kv_dtype`` None: the model's parameters' dtype."""
         cfg = model.cfg
-        elt = (kv_dtype or next(model.parameters()).dtype).itemsize
-        return 2 * len(model.layers) * block_size * cfg.n_kv_heads * cfg.hd * elt
+        row = kv_format(kv_dtype or next(model.parameters()).dtype).row_bytes(cfg.hd)
+        return 2 * len(model.layers) * block_size * cfg.n_kv_heads * row
 
     def kv_groups(self) -> list[tuple[str, int | None]]:
         """(the Sequence attribute holding the group's block table, the window whose keys it frees) per KV group."""
@@ -135,6 +144,7 @@ class ModelRunner:
         generated token's decode row, and gets logits for every one of them (1 + len(spec_tokens) rows, in order).
         """
         self.copy_blocks(batch.copies)
+        self.rotate_sinks(batch.rotations)
         if not self.batch_invariant:
             return self._run(batch)
         generated = [is_generated(s, n) for s, n in zip(batch.seqs, batch.num_tokens)]
@@ -154,6 +164,49 @@ class ModelRunner:
                 prompt_logits.append(self.prompt_logits[1])
         self.prompt_logits = (prompt_rows, torch.cat(prompt_logits) if prompt_rows else torch.empty(0))
         return torch.cat(logits), rows
+
+    def _observe(self, rows: list[tuple[Sequence, int, int, int]], meta: AttentionMetadata) -> None:
+        """Have every layer keep the queries of the last rows of each kv_budget sequence's prompt chunk (SnapKV)."""
+        for seq, t0, pos0, n in rows:
+            if seq.params.kv_budget is None or is_generated(seq, n):
+                continue
+            m = min(OBSERVATION, n)
+            queries: list[torch.Tensor] = []
+            meta.observe.append((torch.arange(t0 + n - m, t0 + n, device=self.device), queries))
+            end = pos0 - seq.kv_shift + n
+            self.observed[seq.seq_id] = (queries, torch.arange(end - m, end, device=self.device))
+
+    def compact(self, seq: Sequence, old: list[int], new: list[int], n_cached: int, budget: int) -> None:
+        """SnapKV: copy the ``budget`` rows each layer and KV head keeps of ``seq``'s ``n_cached`` (in blocks ``old``)
+        into blocks ``new``, in order (attnkit.engine.kv_eviction.snapkv_keep picks them from the observed queries)."""
+        queries, q_index = self.observed.pop(seq.seq_id)
+        bs, fmt = self.block_size, self.kv_format
+        i = torch.arange(n_cached, device=self.device)
+        src = torch.tensor(old, device=self.device)[i // bs] * bs + i % bs  # (n_cached,) slots in cache order
+        j = torch.arange(budget, device=self.device)
+        dst = torch.tensor(new, device=self.device)[j // bs] * bs + j % bs
+        for layer, cache in enumerate(self.caches):
+            n_kv, width = self.k_pool.shape[1], self.k_pool.shape[-1]
+            kf, vf = self.k_pool[layer].view(n_kv, -1, width), self.v_pool[layer].view(n_kv, -1, width)
+            keep = snapkv_keep(queries[layer], fmt.dequantize(kf[:, src], torch.float32), q_index, cache.scale, budget)
+            rows = src[keep][..., None].expand(-1, -1, width)  # (n_kv, budget, width)
+            kf[:, dst] = kf.gather(1, rows)
+            vf[:, dst] = vf.gather(1, rows)
+
+    def rotate_sinks(self, moves: list[tuple[int, int, int]]) -> None:
+        """StreamingLLM's sinks (BlockManager.slide): block dst ← block src, its keys rotated ``by`` positions on
+        (RoPE composes: R(p + by) = R(by)·R(p)) and requantized if the pool is quantized; values copied as they are."""
+        if not moves:
+            return
+        rot = self.model.rotary
+        src = torch.tensor([m[0] for m in moves], device=self.device)
+        dst = torch.tensor([m[1] for m in moves], device=self.device)
+        cos, sin = rot.cos_sin(torch.tensor([m[2] for m in moves], device=self.device))  # (m, rd)
+        cos, sin = cos[:, None] / rot.attention_factor, sin[:, None] / rot.attention_factor  # a pure rotation
+        fmt = self.kv_format
+        k = rot.rotate(fmt.dequantize(self.k_pool[:, :, src], torch.float32), cos, sin)  # (L, n_kv, m, bs, hd)
+        self.k_pool[:, :, dst] = fmt.quantize(k)
+        self.v_pool[:, :, dst] = self.v_pool[:, :, src]
 
     def copy_blocks(self, copies: list[tuple[int, int, int]]) -> None:
         """The copy-on-write copies (group, src, dst) of a step, made in every layer of the group."""
@@ -204,8 +257,8 @@ class ModelRunner:
         model = self.model
         if meta.decode_only and generated and not self.compile and self.lora_step is None and len(keys) == 1:
             if self.native is None:
-                self.native_reason = why_not(model, self.k_pool)
-                self.native = NativeDecoder(model, self.k_pool, self.v_pool) if self.native_reason is None else False
+                self.native_reason = why_not(model, self.k_pool, self.kv_format)
+                self.native = NativeDecoder(model, self.k_pool, self.v_pool, self.kv_format) if self.native_reason is None else False
             if self.native and (self.batch_invariant or len(ids) <= self.native.max_rows):
                 assert meta.decode_tables is not None and meta.decode_lens is not None and meta.decode_starts is not None
                 h = self.native.hidden(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device),
@@ -219,6 +272,7 @@ class ModelRunner:
                 visible = self._mask(lens - 1, n_keys, key[1]) & (torch.arange(n_keys, device=self.device)[None, :] < lens[:, None])
                 m.decode_bias = torch.zeros(visible.shape, device=self.device).masked_fill_(~visible, float("-inf"))
             m.fused_gather = self.compile and m.decode_only
+        self._observe(rows, meta)
         for c, key in zip(self.caches, zip(self.group_of, self.windows)):
             c.meta = metas[key]
         if self.lora_step is not None:
@@ -239,15 +293,17 @@ class ModelRunner:
     def _metadata(self, rows: list[tuple[Sequence, int, int, int]], table_attr: str, window: int | None,
                   per_row: bool, generated: bool) -> AttentionMetadata:
         """The attention metadata of the step's packed rows for the layers whose blocks are in ``table_attr``
-        (entries -1, freed behind a window, are never read: they point at block 0) and see ``window`` keys."""
+        (entries -1, freed behind a window, are never read: they point at block 0) and see ``window`` keys.
+        Slots, lengths and masks are in cache indices, the rows' positions less the tokens their sequence dropped."""
         bs = self.block_size
         slots: list[int] = []
         dec_idx: list[int] = []
         dec_tables: list[list[int]] = []
         dec_lens: list[int] = []
         prefills: list[PrefillChunk] = []
-        for seq, t0, start, n in rows:
+        for seq, t0, pos0, n in rows:
             table = [max(b, 0) for b in getattr(seq, table_attr)]
+            start = pos0 - seq.kv_shift  # the first new token's cache index (StreamingLLM drops tokens)
             slots += [table[i // bs] * bs + i % bs for i in range(start, start + n)]
             ctx = start + n
             if n == 1 or per_row or seq.spec_tokens:  # a verification's rows: each a decode query

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..kernels import library
 from ..quant.native import ACT_BLOCK_BYTES, GGUFBlockLinear
+from .kv_format import KVFormat, kv_format
 
 
 
@@ -104,17 +105,18 @@ def _moe_why_not(i: int, ffn: nn.Module, d: int) -> str | None:
     return None
 
 
-def why_not(model: nn.Module, k_pool: torch.Tensor) -> str | None:
+def why_not(model: nn.Module, k_pool: torch.Tensor, fmt: KVFormat | None = None) -> str | None:
     """Why the C step cannot run this model exactly, or None when it can: every model feature it does not
-    implement is named here."""
+    implement is named here. ``fmt``: the pool's row format (None: its float dtype's)."""
     from ..models.llama import Llama
 
     if library() is None:
         return "the C kernels are not built"
     if not isinstance(model, Llama):
         return f"{type(model).__name__} is not a Llama-family model"
-    if k_pool.device.type != "cpu" or k_pool.dtype not in (torch.float32, torch.float16):
-        return f"KV pool of {k_pool.dtype} on {k_pool.device}"
+    fmt = fmt or kv_format(k_pool.dtype)
+    if k_pool.device.type != "cpu" or fmt.code < 0:
+        return f"KV pool of {fmt.name} on {k_pool.device}"
     cfg = model.cfg
     if model.rotary.rotary_dim != cfg.hd:
         return "partial rotary"
@@ -175,14 +177,14 @@ class NativeDecoder:
     GGUF's row layout, 64 on interleaved blocks); more go to the eager path and its dense products.
     """
 
-    def __init__(self, model: nn.Module, k_pool: torch.Tensor, v_pool: torch.Tensor) -> None:
+    def __init__(self, model: nn.Module, k_pool: torch.Tensor, v_pool: torch.Tensor, fmt: KVFormat | None = None) -> None:
         self.model, self.lib = model, library()
         cfg = model.cfg
         self.d, self.nh, self.nkv, self.hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.hd
         dense = [layer.ffn for layer in model.layers if not hasattr(layer.ffn, "experts")]
         self.ff = dense[0].down_proj.in_features if dense else 0  # the dense layers' (why_not: all the same)
         self.eps = float(model.layers[0].norm1.eps)
-        self.f16 = int(k_pool.dtype == torch.float16)
+        self.kv_type = (fmt or kv_format(k_pool.dtype)).code  # the C step's: 0 float32, 1 float16, 2 q8_0, 3 q4_0
         _, _, self.num_blocks, self.bs, _ = k_pool.shape
         layers = []
         self.max_rows = min(m.decode_rows for m in model.modules() if isinstance(m, GGUFBlockLinear))  # without batch invariance
@@ -274,7 +276,7 @@ class NativeDecoder:
         keep = [t.contiguous() for t in (slots, tables, lens, starts)]
         rc = self.lib.ak_llama_decode(self.layers, len(self.layers), x.data_ptr(), B, self.d, self.nh, self.nkv, self.hd,
                                       self.ff, ctypes.c_float(self.eps), cos.data_ptr(), sin.data_ptr(),
-                                      *(t.data_ptr() for t in keep), max_nb, self.bs, self.num_blocks, self.f16,
+                                      *(t.data_ptr() for t in keep), max_nb, self.bs, self.num_blocks, self.kv_type,
                                       work.data_ptr(), act.data_ptr(), scores.data_ptr(),
                                       moe.data_ptr() if moe.numel() else None, moe.numel(), self.threads)
         if rc:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..nn.attention import scaled_dot_product_attention
+from .kv_format import KVFormat, kv_format
 
 
 @dataclass
@@ -47,15 +48,21 @@ class AttentionMetadata:
     decode_only: bool = False  # every token is a decode: the output is the decode attention's, in order
     fused_gather: bool = False  # inside torch.compile: index the pool in the attention kernel itself
     scratch: list[torch.Tensor] = field(default_factory=list)  # the decode gather's buffers, reused by every layer
+    # SnapKV's observation windows: (rows in the packed row, the list each layer appends its queries (nh, m, hd) to)
+    observe: list[tuple[torch.Tensor, list[torch.Tensor]]] = field(default_factory=list)
 
 
-def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-    """Store the new tokens' K/V (n_kv, T, hd) in their slots of the pools (n_kv, num_blocks, block_size, hd)."""
-    n_kv, _, _, hd = k_pool.shape
-    if k.dtype != k_pool.dtype:
+def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+             fmt: KVFormat | None = None) -> None:
+    """Store the new tokens' K/V (n_kv, T, hd) in their slots of the pools (n_kv, num_blocks, block_size, width):
+    converted to the pool's dtype, or quantized into rows of ``fmt`` (width = the row's bytes)."""
+    n_kv, _, _, width = k_pool.shape
+    if fmt is not None and fmt.quantized:
+        k, v = fmt.quantize(k), fmt.quantize(v)
+    elif k.dtype != k_pool.dtype:
         k, v = k.to(k_pool.dtype), v.to(v_pool.dtype)
-    k_pool.view(n_kv, -1, hd).index_copy_(1, slots, k)
-    v_pool.view(n_kv, -1, hd).index_copy_(1, slots, v)
+    k_pool.view(n_kv, -1, width).index_copy_(1, slots, k)
+    v_pool.view(n_kv, -1, width).index_copy_(1, slots, v)
 
 
 class PagedKVCache:
@@ -69,17 +76,19 @@ class PagedKVCache:
     attends = True
 
     def __init__(self, k_pool: torch.Tensor, v_pool: torch.Tensor, scale: float | None = None,
-                 softcap: float | None = None) -> None:
-        self.k_pool, self.v_pool = k_pool, v_pool  # (n_kv, num_blocks, block_size, hd)
+                 softcap: float | None = None, fmt: KVFormat | None = None) -> None:
+        self.k_pool, self.v_pool = k_pool, v_pool  # (n_kv, num_blocks, block_size, width): width = hd unless quantized
+        self.fmt = fmt or kv_format(k_pool.dtype)  # how a row is stored
         self.meta: AttentionMetadata | None = None
-        self.scale = k_pool.shape[-1] ** -0.5 if scale is None else scale  # the layer's softmax scale
+        hd = k_pool.shape[-1] // self.fmt.block_bytes * 32 if self.fmt.quantized else k_pool.shape[-1]
+        self.scale = hd ** -0.5 if scale is None else scale  # the layer's softmax scale
         self.softcap = softcap  # the layer's score soft-capping (Gemma 2): the C kernel does not take it
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise TypeError("PagedKVCache attends itself: MultiHeadAttention calls attend(), not update()")
 
     def _write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        write_kv(self.k_pool, self.v_pool, k[0], v[0], slots)
+        write_kv(self.k_pool, self.v_pool, k[0], v[0], slots, self.fmt)
 
     def _gather(self, tables: torch.Tensor, scratch: list[torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +98,7 @@ class PagedKVCache:
         CPU); ``scratch`` (two buffers shared by all layers of a step) saves allocating them per layer.
         """
         B, nb = tables.shape
-        n_kv, _, bs, hd = self.k_pool.shape
+        n_kv, _, bs, hd = self.k_pool.shape  # hd: the row's width (its bytes when quantized)
         flat_k, flat_v, idx = self.k_pool.view(n_kv, -1, bs * hd), self.v_pool.view(n_kv, -1, bs * hd), tables.view(-1)
         if scratch is None:
             k, v = flat_k.index_select(1, idx), flat_v.index_select(1, idx)
@@ -108,14 +117,16 @@ class PagedKVCache:
         """
         assert meta.decode_tables is not None and meta.decode_bias is not None
         if meta.native is None:  # first layer of the step: can the C kernel run it?
-            meta.native = NativeDecodeArgs.prepare(meta, q, self.k_pool) or False
+            meta.native = NativeDecodeArgs.prepare(meta, q, self.k_pool, self.fmt) or False
         if meta.native and self.softcap is None:
             return paged_decode_attention_native(q, self.k_pool, self.v_pool, meta.decode_tables, meta.decode_lens,
                                                  meta.decode_starts, meta.native, self.scale)  # type: ignore[arg-type]
-        if meta.fused_gather and self.softcap is None:
+        if meta.fused_gather and self.softcap is None and not self.fmt.quantized:
             return compiled_paged_decode_attention()(q, self.k_pool, self.v_pool, meta.decode_tables, meta.decode_bias,
                                                      self.scale)
         kd, vd = self._gather(meta.decode_tables, meta.scratch)
+        if self.fmt.quantized:
+            kd, vd = self.fmt.dequantize(kd, q.dtype), self.fmt.dequantize(vd, q.dtype)
         return decode_attention(q, kd, vd, meta.decode_bias, self.scale, self.softcap)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -123,9 +134,13 @@ class PagedKVCache:
         meta = self.meta
         assert meta is not None, "the model runner sets the step's metadata before the forward"
         self._write(k, v, meta.slots)
+        for rows, queries in meta.observe:
+            queries.append(q[0][:, rows])
         if meta.decode_only:
             return self._decode(q[0], meta)[None]
-        if k.dtype != self.k_pool.dtype:  # the chunks attend to their own K/V as the pool holds them, like cached K/V
+        if self.fmt.quantized:  # the chunks attend to their own K/V as the pool holds them, like cached K/V
+            k, v = self.fmt.dequantize(self.fmt.quantize(k), q.dtype), self.fmt.dequantize(self.fmt.quantize(v), q.dtype)
+        elif k.dtype != self.k_pool.dtype:
             k, v = k.to(self.k_pool.dtype), v.to(self.v_pool.dtype)
         out = torch.empty_like(q)
         if meta.decode_index is not None:
@@ -137,6 +152,8 @@ class PagedKVCache:
             else:
                 kp, vp = self._gather(p.block_table[None])
                 kp, vp = kp[:, :, :p.context_len].transpose(0, 1), vp[:, :, :p.context_len].transpose(0, 1)
+                if self.fmt.quantized:
+                    kp, vp = self.fmt.dequantize(kp, q.dtype), self.fmt.dequantize(vp, q.dtype)
             if p.mask is None and self.softcap is None:  # SDPA's own causal mask: no (n, n) boolean mask built or read
                 out[:, :, p.start:p.end] = F.scaled_dot_product_attention(
                     qp, kp.to(q.dtype), vp.to(q.dtype), is_causal=True, enable_gqa=qp.shape[1] != kp.shape[1],
@@ -209,14 +226,22 @@ def compiled_paged_decode_attention():
     return torch.compile(paged_decode_attention, dynamic=True)
 
 
-def native_kernel(q: torch.Tensor, k_pool: torch.Tensor):
-    """The C paged attention for float32 queries over a float32 or float16 pool on the CPU, else None."""
+def native_kernel(q: torch.Tensor, k_pool: torch.Tensor, fmt: KVFormat | None = None):
+    """The C paged attention for float32 queries over a float32, float16, q8_0 or q4_0 pool on the CPU, else None.
+    It is called as ``ak_paged_attention``: (q, k_pool, v_pool, tables, lens, starts, out, B, nh, …)."""
     from ..kernels import library
 
     lib = library()
-    if lib is None or q.dtype != torch.float32 or q.device.type != "cpu":
+    fmt = fmt or kv_format(k_pool.dtype)
+    if lib is None or q.dtype != torch.float32 or q.device.type != "cpu" or fmt.code < 0:
         return None
-    return {torch.float32: lib.ak_paged_attention, torch.float16: lib.ak_paged_attention_f16}.get(k_pool.dtype)
+    if not fmt.quantized:
+        return lib.ak_paged_attention if fmt.code == 0 else lib.ak_paged_attention_f16
+    return functools.partial(_paged_attention_kv, lib, fmt.code)
+
+
+def _paged_attention_kv(lib, kv_type: int, q, k_pool, v_pool, *rest) -> int:
+    return lib.ak_paged_attention_kv(q, k_pool, v_pool, kv_type, *rest)
 
 
 class NativeDecodeArgs:
@@ -231,12 +256,14 @@ class NativeDecodeArgs:
         self.B, self.max_nb = tables.shape
 
     @classmethod
-    def prepare(cls, meta: AttentionMetadata, q: torch.Tensor, k_pool: torch.Tensor) -> NativeDecodeArgs | None:
-        """None when the kernel does not apply: not built, not float32 queries over a float32 or float16 pool
-        on the CPU, or compile=True."""
-        if meta.fused_gather or meta.decode_lens is None or meta.decode_starts is None:
+    def prepare(cls, meta: AttentionMetadata, q: torch.Tensor, k_pool: torch.Tensor,
+                fmt: KVFormat | None = None) -> NativeDecodeArgs | None:
+        """None when the kernel does not apply: not built, not float32 queries over a pool it reads (float32,
+        float16, q8_0, q4_0) on the CPU, or compile=True (on float pools)."""
+        fmt = fmt or kv_format(k_pool.dtype)
+        if (meta.fused_gather and not fmt.quantized) or meta.decode_lens is None or meta.decode_starts is None:
             return None
-        kernel = native_kernel(q, k_pool)
+        kernel = native_kernel(q, k_pool, fmt)
         if kernel is None:
             return None
         assert meta.decode_tables is not None
@@ -246,10 +273,12 @@ class NativeDecodeArgs:
 
 def paged_decode_attention_native(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
                                   lens: torch.Tensor, starts: torch.Tensor,
-                                  prepared: NativeDecodeArgs | None = None, scale: float | None = None) -> torch.Tensor | None:
+                                  prepared: NativeDecodeArgs | None = None, scale: float | None = None,
+                                  fmt: KVFormat | None = None) -> torch.Tensor | None:
     """One query token per sequence over its K/V read in place through the block tables (C kernel).
 
-    q (nh, B, hd) float32; pools (n_kv, num_blocks, block_size, hd) float32 or float16, contiguous; tables
+    q (nh, B, hd) float32; pools (n_kv, num_blocks, block_size, width) float32 or float16 rows, or q8_0/q4_0
+    rows of ``fmt`` (width their bytes), contiguous; tables
     (B, nb), lens and starts (B,) int64: sequence b attends to keys starts[b] ≤ j < lens[b]. Returns (nh, B, hd),
     or None when the kernel is not available for these inputs (then the caller gathers and uses bmm).
     ``prepared``: the step's arguments made once (:class:`NativeDecodeArgs`), shared by every layer.
@@ -259,7 +288,7 @@ def paged_decode_attention_native(q: torch.Tensor, k_pool: torch.Tensor, v_pool:
     if nh % n_kv:
         raise ValueError(f"paged attention: {nh} query heads are not a multiple of {n_kv} KV heads")
     if prepared is None:
-        kernel = native_kernel(q, k_pool)
+        kernel = native_kernel(q, k_pool, fmt)
         if kernel is None:
             return None
         prepared = NativeDecodeArgs(kernel, tables, lens, starts, nh, n_kv, bs)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from .kv_format import KVFormat
 from .model_runner import ModelRunner
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch
@@ -91,6 +92,7 @@ class _DraftRow:
     adapter: int = 0
     spec_tokens: list[int] = field(default_factory=list)
     window_table: list[int] = field(default_factory=list)
+    kv_shift: int = 0  # no K/V dropped (kv_window / kv_budget requests take no speculation)
 
     def __post_init__(self) -> None:
         self.prompt_len = len(self.tokens)
@@ -135,7 +137,7 @@ class _GreedyDraft(Proposer):
 
 
 class DraftModelProposer(_GreedyDraft):
-    def __init__(self, draft: nn.Module, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
+    def __init__(self, draft: nn.Module, num_blocks: int, block_size: int, kv_dtype: torch.dtype | KVFormat,
                  costs: StepCosts) -> None:
         runner = ModelRunner(draft, num_blocks, block_size, kv_dtype=kv_dtype, batch_invariant=False, free_window_kv=False)
         super().__init__(runner, costs)
@@ -148,8 +150,8 @@ class LayerSkipProposer(_GreedyDraft):
     def __init__(self, target: nn.Module, target_runner: ModelRunner, n_layers: int, costs: StepCosts) -> None:
         check_draft_layers(target, n_layers)
         super().__init__(ModelRunner(first_layers(target, n_layers), target_runner.k_pool.shape[2],
-                                     target_runner.block_size, batch_invariant=False, free_window_kv=False,
-                                     pools=(target_runner.k_pool[:n_layers], target_runner.v_pool[:n_layers])), costs)
+                                     target_runner.block_size, kv_dtype=target_runner.kv_format,
+                                     batch_invariant=False, free_window_kv=False, pools=(target_runner.k_pool[:n_layers], target_runner.v_pool[:n_layers])), costs)
 
     def _computed(self, seq: Sequence) -> int:
         return seq.num_computed  # the shared layers' K/V are the target's

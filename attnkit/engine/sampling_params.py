@@ -103,6 +103,16 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     structured: StructuredOutputs | None = None  # constrained decoding (JSON schema, regex, grammar, choice)
+    # StreamingLLM (Xiao et al. 2023): the K/V of the first ``attention_sinks`` tokens (whole blocks) and of the last
+    # ``kv_window`` or more are kept, the rest dropped, so the request may run past the context window in bounded
+    # memory (attnkit.engine.block_manager.BlockManager.slide); None: every token's K/V is kept
+    kv_window: int | None = None
+    attention_sinks: int = 4
+    # SnapKV (Li et al. 2024): once the prompt is read, its cache keeps the ``kv_budget`` keys per layer and head that
+    # its last queries weigh most (attnkit.engine.kv_eviction); earlier only where the context would overflow, or,
+    # with ``kv_budget_stream``, after every prefill chunk (reading a stream in memory bounded by the budget)
+    kv_budget: int | None = None
+    kv_budget_stream: bool = False
     stop_strings: tuple[str, ...] = field(init=False, repr=False, default=())
 
     def __post_init__(self) -> None:
@@ -156,6 +166,14 @@ class SamplingParams:
         if any(not is_int(t) or t < 0 or not is_num(b) or not -100 <= b <= 100 for t, b in bias.items()):
             raise bad("logit_bias", "must map token ids (>= 0) to biases in [-100, 100]")
         self.logit_bias = {int(t): float(b) for t, b in bias.items()}
+        if self.kv_window is not None and (not is_int(self.kv_window) or self.kv_window < 1):
+            raise bad("kv_window", "must be None or an integer >= 1")
+        if not is_int(self.attention_sinks) or self.attention_sinks < 0:
+            raise bad("attention_sinks", "must be an integer >= 0")
+        if self.kv_budget is not None and (not is_int(self.kv_budget) or self.kv_budget < 1):
+            raise bad("kv_budget", "must be None or an integer >= 1")
+        if self.kv_budget is not None and self.kv_window is not None:
+            raise bad("kv_budget", "takes no kv_window as well (eviction by attention or by recency, not both)")
         if self.structured is not None and not isinstance(self.structured, StructuredOutputs):
             raise bad("structured", "must be a StructuredOutputs or None")
 

@@ -26,6 +26,7 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)  # tokens each sequence feeds this step
     copies: list[tuple[int, int, int]] = field(default_factory=list)  # copy-on-write block copies: (group, src, dst)
+    rotations: list[tuple[int, int, int]] = field(default_factory=list)  # sink blocks to re-rotate: (src, dst, by)
     num_preempted: int = 0
 
     def __len__(self) -> int:
@@ -72,6 +73,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed, budget)
+            slid = self.bm.slide(seq)
             while not self.bm.can_allocate(seq, n):
                 if self.running[-1] is seq and self._release_waiting_blocks():
                     continue
@@ -83,6 +85,7 @@ class Scheduler:
             if seq.status is SequenceStatus.WAITING:
                 break
             batch.copies += self.bm.allocate(seq, n)
+            batch.rotations += slid  # only for a sequence in the step (a preempted one's blocks are already freed)
             batch.seqs.append(seq)
             batch.num_tokens.append(n)
             budget -= n

@@ -64,6 +64,11 @@ class Sequence:
     spec_idle: int = 0  # decode steps since it last had drafts (the controller's probe)
     spec_proposed: int = 0
     spec_accepted: int = 0
+    # StreamingLLM (params.kv_window): tokens dropped from the cache after the sinks (whole blocks: a token at
+    # position p ≥ sinks is at cache index p − kv_shift), and the blocks holding the sinks' K/V as first computed
+    # while the table's first blocks hold them rotated kv_shift positions on (BlockManager.slide)
+    kv_shift: int = 0
+    sink_source: list[int] = field(default_factory=list)
     first_token_time: float | None = None
     finish_time: float | None = None
 
@@ -79,6 +84,11 @@ class Sequence:
     @property
     def prompt_len(self) -> int:
         return len(self.prompt_ids)
+
+    @property
+    def num_cached(self) -> int:
+        """The cache index after the computed tokens: their count less those dropped (StreamingLLM)."""
+        return self.num_computed - self.kv_shift
 
     @property
     def finished(self) -> bool:

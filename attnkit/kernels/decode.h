@@ -1,8 +1,57 @@
-/* What the C decode step's files share (decode_step.c: the layers; moe.c: the sparse mixture-of-experts FFN):
- * the structs attnkit/engine/native_decode.py fills through ctypes (keep the two in step), and the row helpers. */
+/* What the C decode step's files share (decode_step.c: the layers; moe.c: the sparse mixture-of-experts FFN;
+ * kernels.c: the paged attention and the K/V rows it reads): the structs attnkit/engine/native_decode.py fills
+ * through ctypes (keep the two in step), the K/V row formats, and the row helpers. */
 #ifndef AK_DECODE_H
 #define AK_DECODE_H
 #include "blocks.h" /* exp16 */
+
+/* the K/V pools' row formats (kv_type; attnkit/engine/kv_format.py's codes): hd floats, hd IEEE halves, or hd/32
+ * GGUF blocks of Q8_0 (34 bytes) / Q4_0 (18 bytes) */
+enum { AK_KV_F32, AK_KV_F16, AK_KV_Q8_0, AK_KV_Q4_0 };
+
+/* the bytes of one row of hd values of kv_type; 0 for an unknown type, or a quantized one and hd % 32 */
+static inline size_t ak_kv_row_bytes(int kv_type, int hd) {
+    switch (kv_type) {
+        case AK_KV_F32: return 4 * (size_t)hd;
+        case AK_KV_F16: return 2 * (size_t)hd;
+        case AK_KV_Q8_0: return hd % 32 ? 0 : (size_t)hd / 32 * 34;
+        case AK_KV_Q4_0: return hd % 32 ? 0 : (size_t)hd / 32 * 18;
+        default: return 0;
+    }
+}
+
+/* float -> IEEE half, rounded to nearest even */
+static inline uint16_t ak_float_to_half(float f) {
+#if defined(__F16C__)
+    return _cvtss_sh(f, 0);
+#else
+    /* round-to-nearest-even float -> IEEE half, for compilers without F16C */
+    union { float f; uint32_t u; } v = {f};
+    uint32_t sign = (v.u >> 16) & 0x8000, e = (v.u >> 23) & 0xff, m = v.u & 0x7fffff;
+    if (e == 0xff) return (uint16_t)(sign | 0x7c00 | (m ? 0x200 : 0));
+    int ne = (int)e - 127 + 15;
+    if (ne >= 31) return (uint16_t)(sign | 0x7c00);
+    if (ne <= 0) {
+        if (ne < -10) return (uint16_t)sign;
+        m |= 0x800000;
+        uint32_t shift = (uint32_t)(14 - ne), half = m >> shift, rem = m & ((1u << shift) - 1), mid = 1u << (shift - 1);
+        if (rem > mid || (rem == mid && (half & 1))) half++;
+        return (uint16_t)(sign | half);
+    }
+    uint32_t half = sign | ((uint32_t)ne << 10) | (m >> 13), rem = m & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (half & 1))) half++;
+    return (uint16_t)half;
+#endif
+}
+
+/* n_rows rows of hd floats -> Q8_0 / Q4_0 rows (kv_type 2 / 3), as ggml's reference quantizers; 0, 3 (hd % 32),
+ * 4 (another kv_type) */
+int ak_quantize_kv_rows(int kv_type, const float *x, void *out, int n_rows, int hd);
+/* the paged decode attention (kernels.c) over K/V pools of kv_type; 0, 1 (nh % nkv), 3 (hd % 32 for a quantized
+ * kv_type), 4 (an unknown kv_type) */
+int ak_paged_attention_kv(const float *q, const void *k_pool, const void *v_pool, int kv_type, const int64_t *tables,
+                          const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
+                          int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads);
 
 /* one matrix of GGUF blocks: its kernel kind (ak_gemv) and output rows */
 typedef struct { const void *w; int kind, rows; } ak_part;
@@ -30,7 +79,7 @@ typedef struct {
     int n_qkv, n_gate_up;
     const float *qkv_bias; /* (nh+2·nkv)·hd or NULL (Qwen2) */
     const float *attn_norm, *ffn_norm; /* RMSNorm weights (d,) */
-    void *k_pool, *v_pool; /* this layer's (nkv, num_blocks, bs, hd), float32 or float16 */
+    void *k_pool, *v_pool; /* this layer's (nkv, num_blocks, bs, row) rows of the step's kv_type */
     /* q/k RMSNorm before RoPE: 0 none; 1 each head over its hd features (Qwen3: q_norm, k_norm (hd,)); 2 over the
      * whole projection (OLMoE: q_norm (nh·hd,), k_norm (nkv·hd,)) */
     int qk_norm;

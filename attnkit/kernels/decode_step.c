@@ -4,8 +4,8 @@
  *   h   = x + W_o · Attn(RoPE(W_qkv · RMSNorm(x)))        (the new K/V written into the paged pool)
  *   x'  = h + W_down · (SiLU(W_gate · RMSNorm(h)) ⊙ W_up · RMSNorm(h))
  * with the projections on the checkpoint's blocks (ak_gemv) and the attention over the block tables
- * (ak_paged_attention). Eagerly the same step is ~80 PyTorch operations per layer, each with its
- * Python and dispatch overhead; here it is one call for all layers.
+ * (ak_paged_attention_kv, over float32, float16, Q8_0 or Q4_0 K/V rows). Eagerly the same step is ~80 PyTorch
+ * operations per layer, each with its Python and dispatch overhead; here it is one call for all layers.
  *
  * Options of the families: Qwen2's q/k/v bias; q/k RMSNorm before RoPE, per head (Qwen3) or over the whole
  * projection (OLMoE); and in place of the dense SwiGLU a sparse mixture of experts (moe.c: Qwen3-MoE, Mixtral,
@@ -16,15 +16,9 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "decode.h" /* ak_layer, ak_rmsnorm, ak_silu_mul */
+#include "decode.h" /* ak_layer, ak_rmsnorm, ak_silu_mul, the K/V rows, ak_paged_attention_kv */
 
 int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads);
-int ak_paged_attention(const float *q, const float *k_pool, const float *v_pool, const int64_t *tables,
-                       const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
-                       int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads);
-int ak_paged_attention_f16(const float *q, const uint16_t *k_pool, const uint16_t *v_pool, const int64_t *tables,
-                           const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
-                           int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads);
 
 /* half-split RoPE on n heads of hd: (x1, x2) -> (x1·cos − x2·sin, x2·cos + x1·sin); cos/sin (hd,) */
 static void rope(float *x, int n, int hd, const float *cos, const float *sin) {
@@ -39,37 +33,19 @@ static void rope(float *x, int n, int hd, const float *cos, const float *sin) {
     }
 }
 
-static inline uint16_t to_half(float f) {
-#if defined(__F16C__)
-    return _cvtss_sh(f, 0);
-#else
-    /* round-to-nearest-even float -> IEEE half, for compilers without F16C */
-    union { float f; uint32_t u; } v = {f};
-    uint32_t sign = (v.u >> 16) & 0x8000, e = (v.u >> 23) & 0xff, m = v.u & 0x7fffff;
-    if (e == 0xff) return (uint16_t)(sign | 0x7c00 | (m ? 0x200 : 0));
-    int ne = (int)e - 127 + 15;
-    if (ne >= 31) return (uint16_t)(sign | 0x7c00);
-    if (ne <= 0) {
-        if (ne < -10) return (uint16_t)sign;
-        m |= 0x800000;
-        uint32_t shift = (uint32_t)(14 - ne), half = m >> shift, rem = m & ((1u << shift) - 1), mid = 1u << (shift - 1);
-        if (rem > mid || (rem == mid && (half & 1))) half++;
-        return (uint16_t)(sign | half);
-    }
-    uint32_t half = sign | ((uint32_t)ne << 10) | (m >> 13), rem = m & 0x1fff;
-    if (rem > 0x1000 || (rem == 0x1000 && (half & 1))) half++;
-    return (uint16_t)half;
-#endif
-}
-
-static void store_kv(void *pool, int f16, const float *src, int nkv, int hd, int num_blocks, int bs, int64_t slot) {
+/* the nkv new rows src (nkv, hd) -> their slot of the pool, as kv_type stores them */
+static void store_kv(void *pool, int kv_type, const float *src, int nkv, int hd, int num_blocks, int bs, int64_t slot) {
     const int64_t block = slot / bs, off = slot % bs;
+    const size_t rb = ak_kv_row_bytes(kv_type, hd);
     for (int h = 0; h < nkv; h++) {
-        const size_t at = (((size_t)h * num_blocks + (size_t)block) * bs + (size_t)off) * hd;
-        if (f16)
-            for (int i = 0; i < hd; i++) ((uint16_t *)pool)[at + i] = to_half(src[(size_t)h * hd + i]);
+        const float *x = src + (size_t)h * hd;
+        uint8_t *row = (uint8_t *)pool + (((size_t)h * num_blocks + (size_t)block) * bs + (size_t)off) * rb;
+        if (kv_type == AK_KV_F32)
+            memcpy(row, x, rb);
+        else if (kv_type == AK_KV_F16)
+            for (int i = 0; i < hd; i++) ((uint16_t *)row)[i] = ak_float_to_half(x[i]);
         else
-            for (int i = 0; i < hd; i++) ((float *)pool)[at + i] = src[(size_t)h * hd + i];
+            ak_quantize_kv_rows(kv_type, x, row, 1, hd);
     }
 }
 
@@ -88,15 +64,17 @@ static int gemv_parts(const ak_part *p, int np, const float *x, float *y, float 
 }
 
 /* x (B, d) in/out: the residual stream before layer 0 in, after the last layer out.
- * cos/sin (B, hd); slots (B,) where each new K/V goes; tables (B, max_nb), lens/starts (B,): the keys.
+ * cos/sin (B, hd); slots (B,) where each new K/V goes; tables (B, max_nb), lens/starts (B,): the keys; kv_type:
+ * the pools' rows (AK_KV_*: 0 float32, 1 float16, 2 Q8_0, 3 Q4_0; the new rows quantized as ak_quantize_kv_rows).
  * work: B·(2d + nqkv + 2·nh·hd + 2·ff + max(nqkv, 2·ff)) floats (ff: the dense layers' hidden size, 0 when every
  * layer is a mixture of experts); act: the quantized activations (ak_gemv's scratch, for the widest input:
- * B · max(d, ff, nh·hd)/32 · 40 bytes); scores: ak_paged_attention's scratch; moe_work: moe_bytes bytes, at least
+ * B · max(d, ff, nh·hd)/32 · 40 bytes); scores: ak_paged_attention_kv's scratch; moe_work: moe_bytes bytes, at least
  * ak_moe_work_bytes for the widest MoE layer (NULL, 0 without one). Returns 0, or 1 (a product refused), 2 (the
- * attention refused), 3–5 (an MoE layer: ak_moe_ffn's code + 2). */
+ * attention refused; a kv_type or hd the pools cannot hold: before any row is written), 3–5 (an MoE layer:
+ * ak_moe_ffn's code + 2). */
 int ak_llama_decode(const ak_layer *layers, int n_layers, float *x, int B, int d, int nh, int nkv, int hd, int ff,
                     float eps, const float *cos, const float *sin, const int64_t *slots, const int64_t *tables,
-                    const int64_t *lens, const int64_t *starts, int max_nb, int bs, int num_blocks, int kv_f16,
+                    const int64_t *lens, const int64_t *starts, int max_nb, int bs, int num_blocks, int kv_type,
                     float *work, void *act, float *scores, void *moe_work, size_t moe_bytes, int threads) {
     const int nq = nh * hd, nkvd = nkv * hd, nqkv = nq + 2 * nkvd;
     float *xn = work;                            /* (B, d)     normed input */
@@ -107,6 +85,7 @@ int ak_llama_decode(const ak_layer *layers, int n_layers, float *x, int B, int d
     float *dn = gu + (size_t)B * 2 * ff;         /* (B, d)     a sublayer's output */
     float *tmp = dn + (size_t)B * d;             /* (B, max(nqkv, 2·ff)) one part's output (gemv_parts) */
     const float scale = 1.f / sqrtf((float)hd);
+    if (!ak_kv_row_bytes(kv_type, hd)) return 2;
     for (int l = 0; l < n_layers; l++) {
         const ak_layer *L = layers + l;
         for (int b = 0; b < B; b++) ak_rmsnorm(x + (size_t)b * d, L->attn_norm, xn + (size_t)b * d, d, eps);
@@ -124,15 +103,11 @@ int ak_llama_decode(const ak_layer *layers, int n_layers, float *x, int B, int d
             }
             rope(r, nh + nkv, hd, cos + (size_t)b * hd, sin + (size_t)b * hd); /* q and k heads are adjacent */
             for (int i = 0; i < nq; i++) q[(size_t)b * nq + i] = r[i];
-            store_kv(L->k_pool, kv_f16, r + nq, nkv, hd, num_blocks, bs, slots[b]);
-            store_kv(L->v_pool, kv_f16, r + nq + nkvd, nkv, hd, num_blocks, bs, slots[b]);
+            store_kv(L->k_pool, kv_type, r + nq, nkv, hd, num_blocks, bs, slots[b]);
+            store_kv(L->v_pool, kv_type, r + nq + nkvd, nkv, hd, num_blocks, bs, slots[b]);
         }
-        int rc = kv_f16 ? ak_paged_attention_f16(q, (const uint16_t *)L->k_pool, (const uint16_t *)L->v_pool, tables,
-                                                 lens, starts, att, B, nh, nkv, hd, bs, num_blocks, max_nb, scale,
-                                                 scores, threads)
-                        : ak_paged_attention(q, (const float *)L->k_pool, (const float *)L->v_pool, tables, lens,
-                                             starts, att, B, nh, nkv, hd, bs, num_blocks, max_nb, scale, scores,
-                                             threads);
+        int rc = ak_paged_attention_kv(q, L->k_pool, L->v_pool, kv_type, tables, lens, starts, att, B, nh, nkv, hd, bs,
+                                       num_blocks, max_nb, scale, scores, threads);
         if (rc) return 2;
         if (ak_gemv(L->o.kind, L->o.w, att, dn, B, d, nq, act, threads)) return 1;
         for (size_t i = 0; i < (size_t)B * d; i++) x[i] += dn[i];

@@ -18,6 +18,7 @@
 #include <stdlib.h>
 
 #include "blocks.h"
+#include "decode.h" /* the KV row formats (ak_kv_row_bytes, ak_float_to_half) */
 
 static const ak_type *const TYPES[] = {&ak_type_q4_0, &ak_type_q4_1, &ak_type_q5_0, &ak_type_q5_1,
                                        &ak_type_q8_0, &ak_type_q4_k, &ak_type_q5_k, &ak_type_q6_k};
@@ -311,13 +312,100 @@ int ak_dequantize_rows(int kind, const void *w, const int64_t *rows, int nrows, 
     return 0;
 }
 
+/* ---- the rows of a quantized KV cache (llama.cpp's -ctk q8_0 / q4_0): hd/32 GGUF blocks a row ------------------
+ *   Q8_0: half d, 32 int8 q (34 bytes), x = q·d;  Q4_0: half d, 16 bytes of nibbles (element j the low nibble of
+ *   byte j, element j + 16 its high one; 18 bytes), x = (n − 8)·d. Quantized as ggml's reference quantizers
+ *   (quantize_row_q8_0_ref, quantize_row_q4_0_ref), byte for byte what gguf-py writes. */
+
+/* products x/d rounded to float before anything is added to them, as in ggml's C and gguf-py (GCC would fuse the
+ * two into one FMA, and a code would differ where the sum lands next to an integer) */
+#define UNFUSED __attribute__((optimize("fp-contract=off")))
+
+/* one block of 32 floats -> Q8_0: d = max|x|/127, q = roundf(x/d) (half away from zero; |x/d| <= 127, so the
+ * truncation to int and the exact fraction x/d − trunc decide it) */
+UNFUSED static void quantize_q8_0(const float *x, uint8_t *b) {
+    float amax = 0.f;
+    for (int j = 0; j < 32; j++) amax = amax > fabsf(x[j]) ? amax : fabsf(x[j]);
+    const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+    const uint16_t h = ak_float_to_half(d);
+    memcpy(b, &h, 2);
+    for (int j = 0; j < 32; j++) {
+        const float v = x[j] * id, f = v - (float)(int)v;
+        b[2 + j] = (uint8_t)(int8_t)((int)v + (f >= .5f) - (f <= -.5f));
+    }
+}
+
+/* one block of 32 floats -> Q4_0: d = m / −8 for m the first element of largest |x|, n = min(15, (int8)(x/d + 8.5))
+ * (of a block of zeros m is the first, ±0, as gguf-py takes it; ggml's C starts from m = +0, so its d is −0) */
+UNFUSED static void quantize_q4_0(const float *x, uint8_t *b) {
+    float amax = fabsf(x[0]), max = x[0];
+    for (int j = 1; j < 32; j++)
+        if (amax < fabsf(x[j])) amax = fabsf(x[j]), max = x[j];
+    const float d = max / -8.f, id = d != 0.f ? 1.f / d : 0.f;
+    const uint16_t h = ak_float_to_half(d);
+    memcpy(b, &h, 2);
+    for (int j = 0; j < 16; j++) {
+        const float x0 = x[j] * id, x1 = x[j + 16] * id;
+        const int n0 = (int8_t)(x0 + 8.5f), n1 = (int8_t)(x1 + 8.5f);
+        b[2 + j] = (uint8_t)((n0 < 15 ? n0 : 15) | (n1 < 15 ? n1 : 15) << 4);
+    }
+}
+
+/* n_rows rows of x (hd floats each) -> out (n_rows, row bytes) as kv_type (2 Q8_0, 3 Q4_0); 0, 3 (hd % 32), 4 (type) */
+int ak_quantize_kv_rows(int kv_type, const float *x, void *out, int n_rows, int hd) {
+    if (kv_type != AK_KV_Q8_0 && kv_type != AK_KV_Q4_0) return 4;
+    if (hd % 32) return 3;
+    void (*const quantize)(const float *, uint8_t *) = kv_type == AK_KV_Q8_0 ? quantize_q8_0 : quantize_q4_0;
+    const size_t bb = kv_type == AK_KV_Q8_0 ? 34 : 18, nb = (size_t)n_rows * (hd / 32);
+    for (size_t i = 0; i < nb; i++) quantize(x + 32 * i, (uint8_t *)out + bb * i);
+    return 0;
+}
+
+#ifdef __AVX2__
+/* the low 8 int8 of v, times d -> o[0..7] */
+static inline void i8x8_scaled(__m128i v, __m256 d, float *o) {
+    _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d));
+}
+#endif
+
+/* a Q8_0 row (hd/32 blocks) -> hd floats */
+static inline void q8_0_row(const uint8_t *b, float *o, int hd) {
+    for (int k = 0; k < hd / 32; k++, b += 34, o += 32) {
+#ifdef __AVX2__
+        const __m256 d = _mm256_set1_ps(ld_half(b));
+        for (int i = 0; i < 4; i++) i8x8_scaled(_mm_loadl_epi64((const __m128i *)(b + 2 + 8 * i)), d, o + 8 * i);
+#else
+        const float d = ld_half(b);
+        for (int i = 0; i < 32; i++) o[i] = (float)(int8_t)b[2 + i] * d;
+#endif
+    }
+}
+
+/* a Q4_0 row (hd/32 blocks) -> hd floats */
+static inline void q4_0_row(const uint8_t *b, float *o, int hd) {
+    for (int k = 0; k < hd / 32; k++, b += 18, o += 32) {
+#ifdef __AVX2__
+        const __m256 d = _mm256_set1_ps(ld_half(b));
+        const __m128i q = _mm_loadu_si128((const __m128i *)(b + 2)), m = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
+        const __m128i lo = _mm_sub_epi8(_mm_and_si128(q, m), eight);                    /* elements 0-15, n − 8 */
+        const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(q, 4), m), eight); /* elements 16-31 */
+        i8x8_scaled(lo, d, o), i8x8_scaled(_mm_srli_si128(lo, 8), d, o + 8);
+        i8x8_scaled(hi, d, o + 16), i8x8_scaled(_mm_srli_si128(hi, 8), d, o + 24);
+#else
+        const float d = ld_half(b);
+        for (int j = 0; j < 16; j++)
+            o[j] = (float)((b[2 + j] & 15) - 8) * d, o[j + 16] = (float)((b[2 + j] >> 4) - 8) * d;
+#endif
+    }
+}
+
 /* ---- paged decode attention --------------------------------------------------------------------
  * One query token per sequence over its K/V in the block pool, read in place through the block
  * table (no gather copy): out[b, h] = softmax(q[b, h]·K_bᵀ · scale) · V_b over keys start_b ≤ j < len_b.
- *   q, out  (B, nh, hd) float32;  k_pool, v_pool (n_kv, num_blocks, bs, hd) float32, or IEEE halves
- *   for ak_paged_attention_f16 (each row converted to float32 once, for all g heads; float32 sums)
- *   tables  (B, max_nb) int64;    lens, starts (B,) int64;  the g = nh / n_kv query heads of one KV
- *   head share each K/V row read. scratch: threads · g · max_nb · bs floats (the scores).
+ *   q, out  (B, nh, hd) float32;  k_pool, v_pool (n_kv, num_blocks, bs, row) of kv_type: float32 rows
+ *   (read in place), IEEE halves or Q8_0 / Q4_0 blocks (each row decoded to float32 once, for all g heads;
+ *   float32 sums); tables (B, max_nb) int64;  lens, starts (B,) int64;  the g = nh / n_kv query heads of one
+ *   KV head share each K/V row read. scratch: threads · g · max_nb · bs floats (the scores).
  */
 #include <omp.h>
 
@@ -330,31 +418,34 @@ static inline void halves_to_floats(const uint16_t *h, float *f, int n) {
     for (; i < n; i++) f[i] = half_to_float(h[i]);
 }
 
-/* row `at` (in elements) of a pool: in place for float32, converted into buf for float16 */
-static inline const float *pool_row(const void *pool, int f16, size_t at, int hd, float *buf) {
-    if (!f16) return (const float *)pool + at;
-    halves_to_floats((const uint16_t *)pool + at, buf, hd);
+/* row r of a pool of kv_type as hd floats: in place for float32, decoded into buf for the others */
+static inline const float *kv_row(const void *pool, int kv_type, size_t r, int hd, float *buf) {
+    const uint8_t *p = (const uint8_t *)pool + r * ak_kv_row_bytes(kv_type, hd);
+    switch (kv_type) {
+        case AK_KV_F32: return (const float *)p;
+        case AK_KV_F16: halves_to_floats((const uint16_t *)p, buf, hd); break;
+        case AK_KV_Q8_0: q8_0_row(p, buf, hd); break;
+        default: q4_0_row(p, buf, hd);
+    }
     return buf;
 }
 
-/* where key t of KV head h starts in a pool, in elements, through the sequence's block table */
-static inline size_t slot_at(const int64_t *tab, int64_t t, int h, int bs, int num_blocks, int hd) {
-    return (((size_t)h * num_blocks + (size_t)tab[t / bs]) * bs + (size_t)(t % bs)) * hd;
+/* the row of key t of KV head h in a pool, through the sequence's block table */
+static inline size_t row_at(const int64_t *tab, int64_t t, int h, int bs, int num_blocks) {
+    return ((size_t)h * num_blocks + (size_t)tab[t / bs]) * bs + (size_t)(t % bs);
 }
 
 /* One (sequence, KV head) task: its g query heads against keys st <= t < len. ``hd`` is a compile-time
  * constant where the caller passes a literal (always_inline), so the row loops have known trip counts; a
- * float16 row is widened once into kt for all g heads. */
+ * row that is not float32 is decoded once into kt for all g heads. */
 static inline __attribute__((always_inline)) void attend_task(
-        const float *qb, const void *k_pool, const void *v_pool, int f16, const int64_t *tab, int64_t st, int64_t len,
-        int h, int g, const int hd, int bs, int num_blocks, size_t L, float scale, float *s, float *ob) {
+        const float *qb, const void *k_pool, const void *v_pool, int kv_type, const int64_t *tab, int64_t st,
+        int64_t len, int h, int g, const int hd, int bs, int num_blocks, size_t L, float scale, float *s, float *ob) {
     float kt[hd];
     for (int i = 0; i < g * hd; i++) ob[i] = 0.f;
     if (len <= st) return;
     for (int64_t t = st; t < len; t++) {
-        const size_t at = slot_at(tab, t, h, bs, num_blocks, hd);
-        if (f16) halves_to_floats((const uint16_t *)k_pool + at, kt, hd);
-        const float *k = f16 ? kt : (const float *)k_pool + at;
+        const float *k = kv_row(k_pool, kv_type, row_at(tab, t, h, bs, num_blocks), hd, kt);
         for (int gi = 0; gi < g; gi++) {
             const float *qg = qb + (size_t)gi * hd;
             float acc = 0.f;
@@ -371,9 +462,7 @@ static inline __attribute__((always_inline)) void attend_task(
         for (int64_t t = st; t < len; t++) sg[t] *= inv;
     }
     for (int64_t t = st; t < len; t++) {
-        const size_t at = slot_at(tab, t, h, bs, num_blocks, hd);
-        if (f16) halves_to_floats((const uint16_t *)v_pool + at, kt, hd);
-        const float *v = f16 ? kt : (const float *)v_pool + at;
+        const float *v = kv_row(v_pool, kv_type, row_at(tab, t, h, bs, num_blocks), hd, kt);
         for (int gi = 0; gi < g; gi++) {
             const float p = s[(size_t)gi * L + t];
             float *og = ob + (size_t)gi * hd;
@@ -391,8 +480,8 @@ static inline void row64(const void *pool, int f16, size_t at, __m512 r[4]) {
                    : _mm512_loadu_ps((const float *)pool + at + 16 * i);
 }
 
-/* attend_task for hd = 64 in AVX-512: K and V rows in registers, the softmax 16 scores at a time, and
- * the output rows of up to 4 query heads accumulated in registers across the keys */
+/* attend_task for hd = 64 in AVX-512 over float32 or float16 (f16) pools: K and V rows in registers, the
+ * softmax 16 scores at a time, and the output rows of up to 4 query heads accumulated in registers across the keys */
 static void attend_task64(const float *qb, const void *k_pool, const void *v_pool, int f16, const int64_t *tab,
                           int64_t st, int64_t len, int h, int g, int bs, int num_blocks, size_t L, float scale,
                           float *s, float *ob) {
@@ -400,7 +489,7 @@ static void attend_task64(const float *qb, const void *k_pool, const void *v_poo
     if (len <= st) return;
     for (int64_t t = st; t < len; t++) {
         __m512 k[4];
-        row64(k_pool, f16, slot_at(tab, t, h, bs, num_blocks, 64), k);
+        row64(k_pool, f16, row_at(tab, t, h, bs, num_blocks) * 64, k);
         for (int gi = 0; gi < g; gi++) {
             const float *qg = qb + (size_t)gi * 64;
             __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qg), k[0]);
@@ -436,7 +525,7 @@ static void attend_task64(const float *qb, const void *k_pool, const void *v_poo
             for (int i = 0; i < 4; i++) acc[a][i] = _mm512_setzero_ps();
         for (int64_t t = st; t < len; t++) {
             __m512 v[4];
-            row64(v_pool, f16, slot_at(tab, t, h, bs, num_blocks, 64), v);
+            row64(v_pool, f16, row_at(tab, t, h, bs, num_blocks) * 64, v);
             for (int a = 0; a < ng; a++) {
                 const __m512 p = _mm512_set1_ps(s[(size_t)(g0 + a) * L + t]);
                 for (int i = 0; i < 4; i++) acc[a][i] = _mm512_fmadd_ps(p, v[i], acc[a][i]);
@@ -448,10 +537,13 @@ static void attend_task64(const float *qb, const void *k_pool, const void *v_poo
 }
 #endif
 
-static int paged_attention(const float *q, const void *k_pool, const void *v_pool, int f16, const int64_t *tables,
+/* 0, or 1 (nh % nkv), 3 (a quantized kv_type and hd % 32), 4 (an unknown kv_type) */
+static int paged_attention(const float *q, const void *k_pool, const void *v_pool, int kv_type, const int64_t *tables,
                            const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
                            int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads) {
     if (nh % nkv != 0) return 1;
+    if (kv_type < AK_KV_F32 || kv_type > AK_KV_Q4_0) return 4;
+    if (!ak_kv_row_bytes(kv_type, hd)) return 3;
     const int g = nh / nkv;
     const size_t L = (size_t)max_nb * bs;
 #pragma omp parallel for collapse(2) schedule(dynamic) num_threads(threads) if (threads > 1 && B * nkv > 1)
@@ -461,17 +553,19 @@ static int paged_attention(const float *q, const void *k_pool, const void *v_poo
             const float *qb = q + ((size_t)b * nh + (size_t)h * g) * hd;
             float *ob = out + ((size_t)b * nh + (size_t)h * g) * hd;
             const int64_t *tab = tables + (size_t)b * max_nb;
+            const int64_t st = starts[b], len = lens[b];
 #ifdef __AVX512F__
-            if (hd == 64)
-                attend_task64(qb, k_pool, v_pool, f16, tab, starts[b], lens[b], h, g, bs, num_blocks, L, scale, s, ob);
-#else
-            if (hd == 64)
-                attend_task(qb, k_pool, v_pool, f16, tab, starts[b], lens[b], h, g, 64, bs, num_blocks, L, scale, s, ob);
-#endif
-            else if (hd == 128)
-                attend_task(qb, k_pool, v_pool, f16, tab, starts[b], lens[b], h, g, 128, bs, num_blocks, L, scale, s, ob);
+            if (hd == 64 && kv_type <= AK_KV_F16) /* the float pools' AVX-512 kernel */
+                attend_task64(qb, k_pool, v_pool, kv_type == AK_KV_F16, tab, st, len, h, g, bs, num_blocks, L, scale,
+                              s, ob);
             else
-                attend_task(qb, k_pool, v_pool, f16, tab, starts[b], lens[b], h, g, hd, bs, num_blocks, L, scale, s, ob);
+#endif
+            if (hd == 64)
+                attend_task(qb, k_pool, v_pool, kv_type, tab, st, len, h, g, 64, bs, num_blocks, L, scale, s, ob);
+            else if (hd == 128)
+                attend_task(qb, k_pool, v_pool, kv_type, tab, st, len, h, g, 128, bs, num_blocks, L, scale, s, ob);
+            else
+                attend_task(qb, k_pool, v_pool, kv_type, tab, st, len, h, g, hd, bs, num_blocks, L, scale, s, ob);
         }
     }
     return 0;
@@ -480,13 +574,21 @@ static int paged_attention(const float *q, const void *k_pool, const void *v_poo
 int ak_paged_attention(const float *q, const float *k_pool, const float *v_pool, const int64_t *tables,
                        const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
                        int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads) {
-    return paged_attention(q, k_pool, v_pool, 0, tables, lens, starts, out, B, nh, nkv, hd, bs, num_blocks, max_nb,
-                           scale, scratch, threads);
+    return paged_attention(q, k_pool, v_pool, AK_KV_F32, tables, lens, starts, out, B, nh, nkv, hd, bs, num_blocks,
+                           max_nb, scale, scratch, threads);
 }
 
 int ak_paged_attention_f16(const float *q, const uint16_t *k_pool, const uint16_t *v_pool, const int64_t *tables,
                            const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
                            int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads) {
-    return paged_attention(q, k_pool, v_pool, 1, tables, lens, starts, out, B, nh, nkv, hd, bs, num_blocks, max_nb,
-                           scale, scratch, threads);
+    return paged_attention(q, k_pool, v_pool, AK_KV_F16, tables, lens, starts, out, B, nh, nkv, hd, bs, num_blocks,
+                           max_nb, scale, scratch, threads);
+}
+
+/* the paged attention over pools of kv_type (AK_KV_*: float32, float16, Q8_0 or Q4_0 rows) */
+int ak_paged_attention_kv(const float *q, const void *k_pool, const void *v_pool, int kv_type, const int64_t *tables,
+                          const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
+                          int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads) {
+    return paged_attention(q, k_pool, v_pool, kv_type, tables, lens, starts, out, B, nh, nkv, hd, bs, num_blocks,
+                           max_nb, scale, scratch, threads);
 }

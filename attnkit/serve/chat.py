@@ -133,7 +133,8 @@ async def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> ChatJo
     if not prompt:
         raise bad_request("the rendered conversation is empty", "messages")
     top = (req.top_logprobs or 0) if req.logprobs else None
-    max_tokens = max_new_tokens(state, [len(prompt)], req.max_new_tokens, "messages")
+    max_tokens = max_new_tokens(state, [len(prompt)], req.max_new_tokens, "messages",
+                                req.kv_window is not None or req.kv_budget is not None)
     structured = await checked_structured(state, req)
     if tools is not None and tools.structured is not None:
         if structured is not None:  # two grammars for one output: refused, not one silently dropped

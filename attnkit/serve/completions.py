@@ -102,7 +102,8 @@ async def create_completion(request: Request) -> Response:
     model, lora = state.check_model(req.model)
     prompts = await _prompt_ids(state, req.prompt)
     tally = Tally(sum(len(p) for p in prompts))
-    params = sampling_params(req, max_new_tokens(state, [len(p) for p in prompts], req.max_tokens, "prompt"),
+    params = sampling_params(req, max_new_tokens(state, [len(p) for p in prompts], req.max_tokens, "prompt",
+                                                   req.kv_window is not None or req.kv_budget is not None),
                              req.logprobs, state.vocab_size, await checked_structured(state, req))
     echo = None
     if req.echo:

@@ -43,7 +43,9 @@ def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None, vocab
                                 seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids,
                                 max_tokens=max_tokens, min_tokens=req.min_tokens, ignore_eos=req.ignore_eos,
                                 logprobs=logprobs, logit_bias=bias, skip_special_tokens=req.skip_special_tokens,
-                                structured=structured)
+                                structured=structured, kv_window=req.kv_window,
+                                attention_sinks=req.attention_sinks, kv_budget=req.kv_budget,
+                                kv_budget_stream=req.kv_budget_stream)
         params.check_vocab(vocab_size)
         return params
     except SamplingParamsError as e:
@@ -51,10 +53,17 @@ def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None, vocab
         raise bad_request(str(e).removeprefix("SamplingParams."), name) from None
 
 
-def max_new_tokens(state: ServerState, prompt_lens: list[int], requested: int | None, param: str) -> int:
-    """Check the prompts fit the context; the default for ``requested=None`` is the rest of the context."""
+def max_new_tokens(state: ServerState, prompt_lens: list[int], requested: int | None, param: str,
+                   unbounded: bool = False) -> int:
+    """Check the prompts fit the context; the default for ``requested=None`` is the rest of the context.
+    ``unbounded``: the request drops K/V (kv_window, kv_budget), so prompt and completion may exceed the context;
+    the default is then the context's length."""
     limit = state.max_model_len
     longest = max(prompt_lens)
+    if unbounded:
+        if requested is not None and requested < 1:
+            raise bad_request(f"max_tokens must be at least 1, got {requested}", "max_tokens")
+        return limit if requested is None else requested
     if longest >= limit:
         raise bad_request(f"This model's maximum context length is {limit} tokens, but the prompt has {longest} "
                           "tokens. Please reduce the length of the prompt.", param, "context_length_exceeded")

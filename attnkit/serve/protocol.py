@@ -4,7 +4,9 @@ Every model forbids unknown fields and coerces nothing (``strict``: ``"1"`` is n
 is not an integer), so a field the server cannot honour is refused with its name instead of being
 ignored. Besides the OpenAI fields, the sampling extras vLLM accepts are here too (``top_k``,
 ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``,
-``skip_special_tokens``). Value ranges are checked once, by :class:`~attnkit.engine.SamplingParams`.
+``skip_special_tokens``), and attnkit's KV budget (``kv_window``,
+``attention_sinks``, ``kv_budget``, ``kv_budget_stream``). Value ranges are checked once, by
+:class:`~attnkit.engine.SamplingParams`.
 """
 
 from __future__ import annotations
@@ -78,6 +80,11 @@ class _Sampling(_Strict):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = Field(None, max_length=1024)
     skip_special_tokens: bool = True
+    # attnkit's KV budget (SamplingParams): attention sinks + a recent window (StreamingLLM), or SnapKV eviction
+    kv_window: int | None = Field(None, **INT64)
+    attention_sinks: int = Field(4, **INT64)
+    kv_budget: int | None = Field(None, **INT64)
+    kv_budget_stream: bool = False
     # vLLM's structured outputs (attnkit/serve/structured.py): at most one constraint per request
     guided_json: Union[dict, str, None] = None
     guided_regex: str | None = None
