@@ -1,7 +1,8 @@
 """Quantized KV caches (attnkit.engine.kv_format): rows stored as GGUF q8_0 / q4_0 blocks, llama.cpp's
 ``-ctk q8_0 / q4_0``. The rows are those of gguf's own quantizer (byte for byte) and read back as its
 dequantizer reads them; the engine over a quantized pool stays close to float32 K/V, its C and PyTorch read
-paths agree, and the pool holds ~1.9× / ~3.6× the tokens of float16 in the same bytes."""
+paths agree (both storing rows Hadamard-rotated where hd is a multiple of 64), and the pool holds ~1.9× / ~3.6×
+the tokens of float16 in the same bytes."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from gguf import GGMLQuantizationType, quants
 from attnkit.engine import EngineConfig, LLMEngine, SamplingParams
 from attnkit.engine import model_runner as mr
 from attnkit.engine import paged_attention as pa
-from attnkit.engine.kv_format import kv_format
+from attnkit.engine.kv_format import hadamard64, kv_format
 from attnkit.engine.model_runner import ModelRunner
 from attnkit.kernels import library
 
@@ -73,9 +74,22 @@ def _logits(model, kv: str, prompts, params, torch_only: bool = False, monkeypat
     return outs
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llama(VOCAB, d_model=128, n_heads=4, n_kv_heads=2, n_layers=2)  # hd 32, GQA
+@pytest.fixture(scope="module", params=[32, 64], ids=["hd32", "hd64-rotated"])
+def model(request):
+    """GQA; at hd 64 the rows are stored Hadamard-rotated (a rotation not undone would wreck the outputs)."""
+    return tiny_llama(VOCAB, d_model=4 * request.param, n_heads=4, n_kv_heads=2, n_layers=2)
+
+
+def test_hadamard_is_the_orthonormal_sylvester_matrix_per_64_values():
+    h = torch.ones(1, 1)
+    for _ in range(6):
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    h = h / 8  # (64, 64), its own inverse
+    x = torch.randn(3, 5, 128, dtype=torch.float64)
+    torch.testing.assert_close(hadamard64(x), (x.view(3, 5, 2, 64) @ h.double()).view(3, 5, 128))
+    torch.testing.assert_close(hadamard64(hadamard64(x)), x)
+    assert kv_format("q4_0").rotates(64) and kv_format("q8_0").rotates(128) and not kv_format("q4_0").rotates(96)
+    assert not kv_format("float16").rotates(64)
 
 
 @pytest.mark.parametrize("name,tol", [("q8_0", 0.02), ("q4_0", 0.25)])

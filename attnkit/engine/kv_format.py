@@ -8,7 +8,10 @@ hd/32 GGUF blocks, each an IEEE-half scale d and 32 codes,
   nibble of byte j, element j+16 in its high nibble), d = −m/8 for m the element of largest magnitude.
 
 For hd = 64 a float16 row is 128 bytes, a q8_0 row 68 (1.9× the tokens in the same memory), a q4_0 row 36
-(3.6×). A quantized pool is a uint8 tensor (…, row_bytes); rows are quantized as they are written (the C
+(3.6×). Where hd is a multiple of 64, quantized rows are stored rotated by the orthonormal Hadamard matrix H of
+size 64 (block-diagonal over the head; QuaRot, Ashkboos et al. 2024; llama.cpp's ``attn_rot``): H spreads the few
+large channels of K (and V) over all 64, so one scale per 32 values fits them far better. Attention is unchanged,
+(qH)·(kH)ᵀ = q·kᵀ and softmax(·)·(VH)·H = softmax(·)·V, so queries are rotated before and outputs after. A quantized pool is a uint8 tensor (…, row_bytes); rows are quantized as they are written (the C
 kernels' ``ak_quantize_kv_rows``, or the PyTorch code below on other devices, rounding exactly as ggml's
 reference quantizers) and dequantized where they are read (the C paged attention widens each row once; the
 PyTorch paths dequantize the gathered rows).
@@ -41,6 +44,10 @@ class KVFormat:
         if hd % QK:
             raise ValueError(f"a {self.name} KV cache needs a head dimension that is a multiple of {QK}, got {hd}")
         return hd // QK * self.block_bytes
+
+    def rotates(self, hd: int) -> bool:
+        """Whether rows of ``hd`` values are stored Hadamard-rotated (quantized, hd a multiple of 64)."""
+        return self.quantized and hd % 64 == 0
 
     def row_bytes(self, hd: int) -> int:
         return self.row_width(hd) * self.storage.itemsize
@@ -93,6 +100,18 @@ class KVFormat:
             codes = b[..., 2:]
             q = torch.cat((codes & 15, codes >> 4), dim=-1).to(dtype) - 8
         return (q * d).reshape(*lead, nb * QK)
+
+
+def hadamard64(x: torch.Tensor) -> torch.Tensor:
+    """x (…, hd), hd a multiple of 64 → x·H per 64 values, H the orthonormal Sylvester–Hadamard matrix (its own
+    inverse), by the fast Walsh–Hadamard butterflies in the order of the C decode step's (bit-identical results)."""
+    lead, hd = x.shape[:-1], x.shape[-1]
+    y = x.reshape(-1, hd // 64, 64)
+    for h in (1, 2, 4, 8, 16, 32):
+        y = y.view(y.shape[0], y.shape[1], 64 // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = torch.stack((a + b, a - b), dim=-2).view(y.shape[0], y.shape[1], 64)
+    return (y * 0.125).reshape(*lead, hd)
 
 
 FORMATS = {f.name: f for f in (

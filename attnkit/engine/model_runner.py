@@ -18,7 +18,7 @@ from ..quant.row_kernel import rows_are
 from .lora import StepAdapters
 from .native_decode import NativeDecoder, why_not
 from .kv_eviction import OBSERVATION, snapkv_keep
-from .kv_format import KVFormat, kv_format
+from .kv_format import KVFormat, hadamard64, kv_format
 from .paged_attention import AttentionMetadata, PagedKVCache, PrefillChunk, native_kernel
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
@@ -204,7 +204,12 @@ class ModelRunner:
         cos, sin = rot.cos_sin(torch.tensor([m[2] for m in moves], device=self.device))  # (m, rd)
         cos, sin = cos[:, None] / rot.attention_factor, sin[:, None] / rot.attention_factor  # a pure rotation
         fmt = self.kv_format
-        k = rot.rotate(fmt.dequantize(self.k_pool[:, :, src], torch.float32), cos, sin)  # (L, n_kv, m, bs, hd)
+        k = fmt.dequantize(self.k_pool[:, :, src], torch.float32)  # (L, n_kv, m, bs, hd)
+        hd = k.shape[-1]
+        if fmt.rotates(hd):  # stored Hadamard-rotated: RoPE acts on the plain rows
+            k = hadamard64(rot.rotate(hadamard64(k), cos, sin))
+        else:
+            k = rot.rotate(k, cos, sin)
         self.k_pool[:, :, dst] = fmt.quantize(k)
         self.v_pool[:, :, dst] = self.v_pool[:, :, src]
 

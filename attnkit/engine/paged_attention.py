@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..nn.attention import scaled_dot_product_attention
-from .kv_format import KVFormat, kv_format
+from .kv_format import KVFormat, hadamard64, kv_format
 
 
 @dataclass
@@ -82,6 +82,7 @@ class PagedKVCache:
         self.meta: AttentionMetadata | None = None
         hd = k_pool.shape[-1] // self.fmt.block_bytes * 32 if self.fmt.quantized else k_pool.shape[-1]
         self.scale = hd ** -0.5 if scale is None else scale  # the layer's softmax scale
+        self.rotate = self.fmt.rotates(hd)
         self.softcap = softcap  # the layer's score soft-capping (Gemma 2): the C kernel does not take it
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,6 +132,11 @@ class PagedKVCache:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (1, nh, T, hd), new k/v (1, n_kv, T, hd) → attention output (1, nh, T, hd)."""
+        if self.rotate:  # rows stored Hadamard-rotated (attnkit.engine.kv_format): q, k, v rotated in, the output back
+            return hadamard64(self._attend(hadamard64(q), hadamard64(k), hadamard64(v)))
+        return self._attend(q, k, v)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         meta = self.meta
         assert meta is not None, "the model runner sets the step's metadata before the forward"
         self._write(k, v, meta.slots)

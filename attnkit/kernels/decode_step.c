@@ -49,6 +49,23 @@ static void store_kv(void *pool, int kv_type, const float *src, int nkv, int hd,
     }
 }
 
+/* x (n values, n a multiple of 64) ← x·H per 64 values, H the orthonormal Sylvester-Hadamard matrix, by the fast
+ * Walsh-Hadamard butterflies in the order of attnkit.engine.kv_format.hadamard64 (the same floats): quantized K/V
+ * rows are stored rotated, queries rotated alike and the attention output rotated back (H is its own inverse) */
+static void hadamard64(float *x, size_t n) {
+    for (size_t o = 0; o < n; o += 64) {
+        float *y = x + o;
+        for (int h = 1; h < 64; h *= 2)
+            for (int j = 0; j < 64; j += 2 * h)
+                for (int i = j; i < j + h; i++) {
+                    const float a = y[i], b = y[i + h];
+                    y[i] = a + b;
+                    y[i + h] = a - b;
+                }
+        for (int i = 0; i < 64; i++) y[i] *= 0.125f;
+    }
+}
+
 /* y (B, n) = x (B, k) · [W_0; W_1; …]ᵀ for the np parts (n their rows together); tmp: B · n floats */
 static int gemv_parts(const ak_part *p, int np, const float *x, float *y, float *tmp, int B, int k, void *act,
                       int threads) {
@@ -85,6 +102,7 @@ int ak_llama_decode(const ak_layer *layers, int n_layers, float *x, int B, int d
     float *dn = gu + (size_t)B * 2 * ff;         /* (B, d)     a sublayer's output */
     float *tmp = dn + (size_t)B * d;             /* (B, max(nqkv, 2·ff)) one part's output (gemv_parts) */
     const float scale = 1.f / sqrtf((float)hd);
+    const int rot = (kv_type == AK_KV_Q8_0 || kv_type == AK_KV_Q4_0) && hd % 64 == 0; /* as KVFormat.rotates */
     if (!ak_kv_row_bytes(kv_type, hd)) return 2;
     for (int l = 0; l < n_layers; l++) {
         const ak_layer *L = layers + l;
@@ -102,6 +120,7 @@ int ak_llama_decode(const ak_layer *layers, int n_layers, float *x, int B, int d
                 ak_rmsnorm(r + nq, L->k_norm, r + nq, nkvd, L->qk_eps);
             }
             rope(r, nh + nkv, hd, cos + (size_t)b * hd, sin + (size_t)b * hd); /* q and k heads are adjacent */
+            if (rot) hadamard64(r, (size_t)nqkv); /* q, k and v */
             for (int i = 0; i < nq; i++) q[(size_t)b * nq + i] = r[i];
             store_kv(L->k_pool, kv_type, r + nq, nkv, hd, num_blocks, bs, slots[b]);
             store_kv(L->v_pool, kv_type, r + nq + nkvd, nkv, hd, num_blocks, bs, slots[b]);
@@ -109,6 +128,7 @@ int ak_llama_decode(const ak_layer *layers, int n_layers, float *x, int B, int d
         int rc = ak_paged_attention_kv(q, L->k_pool, L->v_pool, kv_type, tables, lens, starts, att, B, nh, nkv, hd, bs,
                                        num_blocks, max_nb, scale, scores, threads);
         if (rc) return 2;
+        if (rot) hadamard64(att, (size_t)B * nq);
         if (ak_gemv(L->o.kind, L->o.w, att, dn, B, d, nq, act, threads)) return 1;
         for (size_t i = 0; i < (size_t)B * d; i++) x[i] += dn[i];
         for (int b = 0; b < B; b++) ak_rmsnorm(x + (size_t)b * d, L->ffn_norm, xn + (size_t)b * d, d, eps);
