@@ -1,7 +1,7 @@
 """SnapKV (attnkit.engine.kv_eviction): SamplingParams.kv_budget cuts a long prompt's cache, chunk by chunk, to
 the keys its last queries weigh most. The scoring is checked on keys built to be attended to; the compaction
 exactly (one layer: the engine after compaction computes what the model computes over the kept tokens at their
-own positions); memory stays bounded by budget + chunk for a prompt many times the pool."""
+positions in the cache); memory stays bounded by budget + chunk for a prompt many times the pool."""
 
 from __future__ import annotations
 
@@ -36,12 +36,13 @@ def test_keys_the_window_attends_to_are_kept_with_the_window():
 
 def test_one_layer_compaction_is_the_model_over_the_kept_tokens(monkeypatch):
     """Every head keeps the same tokens here (a stand-in scorer): then the reference is the plain model over
-    them at their own positions, exact."""
+    them at their positions in the cache (kept keys re-rotated, StreamingLLM's rule), exact; at their original
+    positions it differs (the check can fail)."""
     chosen: list[list[int]] = []
 
     def keep_even(q_obs, k, q_index, scale, budget):
         L = k.shape[1]
-        recent = list(range(L - min(q_obs.shape[1], budget), L))
+        recent = list(range(L - 8, L))
         idx = sorted(set([j for j in range(0, L, 2) if j not in recent][:budget - len(recent)] + recent))
         chosen.append(idx)
         return torch.tensor(idx)[None].expand(k.shape[0], -1)
@@ -50,7 +51,7 @@ def test_one_layer_compaction_is_the_model_over_the_kept_tokens(monkeypatch):
     model = tiny_llama(VOCAB, n_layers=1)
     llm = make_llm(model, block_size=BS, kv_cache_bytes=1 << 20, max_num_batched_tokens=64)
     prompt = random_prompts(1, VOCAB, 50, 50, seed=2)[0]
-    budget = 30
+    budget = 24
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, kv_budget=budget,
                                                 logprobs=0))[0]
     assert len(chosen) == 1  # one chunk: one compaction, after it
@@ -61,9 +62,18 @@ def test_one_layer_compaction_is_the_model_over_the_kept_tokens(monkeypatch):
         want = []
         for p in range(len(prompt) - 1, len(tokens) - 1):
             idx = kept + list(range(len(prompt), p + 1)) if p >= len(prompt) else list(range(p + 1))
-            lp = model(torch.tensor([[tokens[i] for i in idx]]), positions=torch.tensor(idx))[0, -1].log_softmax(-1)
+            shift = len(prompt) - budget if p >= len(prompt) else 0  # kept keys at their cache index + shift
+            pos = torch.arange(shift, shift + len(idx))
+            lp = model(torch.tensor([[tokens[i] for i in idx]]), positions=pos)[0, -1].log_softmax(-1)
             want.append(lp[tokens[p + 1]])
     torch.testing.assert_close(got, torch.stack(want).float(), rtol=0, atol=1e-5)
+    with torch.inference_mode():
+        orig = []
+        for p in range(len(prompt), len(tokens) - 1):
+            idx = kept + list(range(len(prompt), p + 1))
+            lp = model(torch.tensor([[tokens[i] for i in idx]]), positions=torch.tensor(idx))[0, -1].log_softmax(-1)
+            orig.append(lp[tokens[p + 1]])
+    assert (torch.stack(orig).float() - got[1:]).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("kv,stream", [("float32", True), ("q8_0", True), ("float32", False)])

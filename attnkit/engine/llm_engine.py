@@ -482,9 +482,8 @@ class LLMEngine:
             why = "speculative decoding keeps every draft's K/V"
         elif len(self.runner.kv_groups()) > 1 or any(w is not None for w in self.runner.windows):
             why = "the model's layers have sliding windows of their own"
-        elif params.kv_window is not None and (rot is None or getattr(self.model, "rotary_local", None) is not None
-                                               or rot.length_dependent):
-            why = "the sinks are re-rotated, which needs one RoPE whose frequencies do not depend on the length"
+        elif rot is None or getattr(self.model, "rotary_local", None) is not None or rot.length_dependent:
+            why = "kept keys are re-rotated, which needs one RoPE whose frequencies do not depend on the length"
         else:
             if params.kv_window is not None:
                 need = -(-params.attention_sinks // bs) * bs + params.kv_window + bs + step

@@ -178,40 +178,50 @@ class ModelRunner:
 
     def compact(self, seq: Sequence, old: list[int], new: list[int], n_cached: int, budget: int) -> None:
         """SnapKV: copy the ``budget`` rows each layer and KV head keeps of ``seq``'s ``n_cached`` (in blocks ``old``)
-        into blocks ``new``, in order (attnkit.engine.kv_eviction.snapkv_keep picks them from the observed queries)."""
+        into blocks ``new``, in order (attnkit.engine.kv_eviction.snapkv_keep picks them from the observed queries).
+
+        A kept key moves from cache index j to i ≤ j while the sequence's shift grows by n_cached − budget; its key is
+        re-rotated by the difference, i − j + n_cached − budget positions, so that every key's distance to a query is
+        its distance in the cache, as the sinks' are (StreamingLLM's positions within the cache: a stream read past
+        the model's context never shows it a distance it was not trained on). The recent keys do not move."""
         queries, q_index = self.observed.pop(seq.seq_id)
         bs, fmt = self.block_size, self.kv_format
         i = torch.arange(n_cached, device=self.device)
         src = torch.tensor(old, device=self.device)[i // bs] * bs + i % bs  # (n_cached,) slots in cache order
         j = torch.arange(budget, device=self.device)
         dst = torch.tensor(new, device=self.device)[j // bs] * bs + j % bs
+        n_kv, width = self.k_pool.shape[1], self.k_pool.shape[-1]
         for layer, cache in enumerate(self.caches):
-            n_kv, width = self.k_pool.shape[1], self.k_pool.shape[-1]
             kf, vf = self.k_pool[layer].view(n_kv, -1, width), self.v_pool[layer].view(n_kv, -1, width)
             keep = snapkv_keep(queries[layer], fmt.dequantize(kf[:, src], torch.float32), q_index, cache.scale, budget)
             rows = src[keep][..., None].expand(-1, -1, width)  # (n_kv, budget, width)
-            kf[:, dst] = kf.gather(1, rows)
+            kf[:, dst] = self._rope_rows(kf.gather(1, rows), j - keep + n_cached - budget)
             vf[:, dst] = vf.gather(1, rows)
 
     def rotate_sinks(self, moves: list[tuple[int, int, int]]) -> None:
-        """StreamingLLM's sinks (BlockManager.slide): block dst ← block src, its keys rotated ``by`` positions on
-        (RoPE composes: R(p + by) = R(by)·R(p)) and requantized if the pool is quantized; values copied as they are."""
-        if not moves:
-            return
-        rot = self.model.rotary
-        src = torch.tensor([m[0] for m in moves], device=self.device)
-        dst = torch.tensor([m[1] for m in moves], device=self.device)
-        cos, sin = rot.cos_sin(torch.tensor([m[2] for m in moves], device=self.device))  # (m, rd)
-        cos, sin = cos[:, None] / rot.attention_factor, sin[:, None] / rot.attention_factor  # a pure rotation
-        fmt = self.kv_format
-        k = fmt.dequantize(self.k_pool[:, :, src], torch.float32)  # (L, n_kv, m, bs, hd)
-        hd = k.shape[-1]
-        if fmt.rotates(hd):  # stored Hadamard-rotated: RoPE acts on the plain rows
+        """StreamingLLM's sinks (BlockManager.slide): block dst ← block src, its keys rotated ``by`` positions on;
+        values copied as they are."""
+        for src, dst, by in moves:
+            k = self.k_pool[:, :, src]  # (L, n_kv, bs, width)
+            self.k_pool[:, :, dst] = self._rope_rows(k, torch.full(k.shape[:-1], by, device=self.device))
+            self.v_pool[:, :, dst] = self.v_pool[:, :, src]
+
+    def _rope_rows(self, rows: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
+        """Pool rows of keys (…, width) rotated ``by`` (…) positions on (RoPE composes: R(p + b) = R(b)·R(p)):
+        dequantized, out of the Hadamard basis, rotated, back in and requantized as the pool stores them. Rows not
+        moved (by 0) come back as they were."""
+        rot, fmt = self.model.rotary, self.kv_format
+        cos, sin = rot.cos_sin(by.reshape(-1))  # (n, rd)
+        shape = (*by.shape, cos.shape[-1])
+        cos, sin = (cos / rot.attention_factor).view(shape), (sin / rot.attention_factor).view(shape)  # a pure rotation
+        k = fmt.dequantize(rows, torch.float32)
+        if fmt.rotates(k.shape[-1]):  # stored Hadamard-rotated: RoPE acts on the plain rows
             k = hadamard64(rot.rotate(hadamard64(k), cos, sin))
         else:
             k = rot.rotate(k, cos, sin)
-        self.k_pool[:, :, dst] = fmt.quantize(k)
-        self.v_pool[:, :, dst] = self.v_pool[:, :, src]
+        out = fmt.quantize(k)
+        still = (by == 0)[..., None].expand_as(rows)
+        return torch.where(still, rows, out)
 
     def copy_blocks(self, copies: list[tuple[int, int, int]]) -> None:
         """The copy-on-write copies (group, src, dst) of a step, made in every layer of the group."""
