@@ -336,7 +336,8 @@ def plots(report: dict, out: Path) -> None:
         for name, r in s["configs"].items():
             xs = [lo + s["bucket"] / 2 for lo, p in r["ppl_by_bucket"]]
             ax.plot(xs, [p for _, p in r["ppl_by_bucket"]], label=name, marker=".")
-        ax.axhline(s["in_window_ppl_of_the_end_tokens"], color="grey", ls=":", label=f"in-window PPL of the last {s['bucket']} tokens (their first pass, full K/V)")
+        ax.axhline(s["in_window_ppl_of_the_end_tokens"], color="grey", ls=":",
+                   label=f"in-window PPL of the last {s['bucket']} tokens (their first pass, full K/V)")
         ax.set_yscale("log")
         ax.set_xlabel("position in the stream (tokens)")
         ax.set_ylabel(f"perplexity per {s['bucket']} tokens")

@@ -1,17 +1,19 @@
 """SnapKV (Li et al. 2024): a long prompt's K/V cut to a budget by what its last queries attend to.
 
-After a prefill chunk of a request with ``SamplingParams.kv_budget``, when its cache holds more than the budget,
-each layer's KV head keeps the ``budget`` keys that the chunk's last queries (the *observation window*, up to
+Once a request with ``SamplingParams.kv_budget`` has read its prompt (after every prefill chunk with
+``kv_budget_stream``; earlier where its cache would outgrow the context), if its cache holds more than the budget,
+each layer's KV head keeps the ``budget`` keys that the last chunk's last queries (the *observation window*, up to
 :data:`OBSERVATION` rows) weigh most, and the window's own keys:
 
     score_j = Σ_{queries i in the window} Σ_{query heads h of the KV head} softmax_j(q_{h,i}·k_j · scale)
 
 plus its max-pool over :data:`POOL` neighbouring keys (SnapKV's clustering: a kept key brings its neighbours,
-which keeps phrases whole; its own score ranks it before them). Every layer and head keeps its own tokens, in their order; the kept rows move into new
-blocks (the engine's :meth:`~attnkit.engine.model_runner.ModelRunner.compact`), so the sequence's cache is then
-``budget`` rows whose keys keep the rotation of their own positions (a key's distance to later queries is the
-true one), and later tokens follow at cache index ``position − kv_shift``. A prompt of any length is then read
-chunk by chunk in memory bounded by the budget plus one chunk, which is also how a stream is read with eviction.
+which keeps phrases whole; its own score ranks it before them). Every layer and head keeps its own tokens, in
+their order; the kept rows move into new blocks (the engine's
+:meth:`~attnkit.engine.model_runner.ModelRunner.compact`), each key re-rotated to its position in the compacted
+cache (as StreamingLLM places its sinks), and later tokens follow at cache index ``position − kv_shift``. A prompt
+of any length is then read chunk by chunk in memory bounded by the budget plus one chunk, which is also how a
+stream is read with eviction (``kv_budget_stream``).
 """
 
 from __future__ import annotations

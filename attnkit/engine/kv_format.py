@@ -11,7 +11,9 @@ For hd = 64 a float16 row is 128 bytes, a q8_0 row 68 (1.9× the tokens in the s
 (3.6×). Where hd is a multiple of 64, quantized rows are stored rotated by the orthonormal Hadamard matrix H of
 size 64 (block-diagonal over the head; QuaRot, Ashkboos et al. 2024; llama.cpp's ``attn_rot``): H spreads the few
 large channels of K (and V) over all 64, so one scale per 32 values fits them far better. Attention is unchanged,
-(qH)·(kH)ᵀ = q·kᵀ and softmax(·)·(VH)·H = softmax(·)·V, so queries are rotated before and outputs after. A quantized pool is a uint8 tensor (…, row_bytes); rows are quantized as they are written (the C
+(qH)·(kH)ᵀ = q·kᵀ and softmax(·)·(VH)·H = softmax(·)·V, so queries are rotated before and outputs after.
+
+A quantized pool is a uint8 tensor (…, row_bytes); rows are quantized as they are written (the C
 kernels' ``ak_quantize_kv_rows``, or the PyTorch code below on other devices, rounding exactly as ggml's
 reference quantizers) and dequantized where they are read (the C paged attention widens each row once; the
 PyTorch paths dequantize the gathered rows).
