@@ -21,12 +21,12 @@ def step():
         live.append(torch.ones(rng.randrange(1 << 20, 30 << 20) // 4))
         if rng.random() < 0.5:
             live.pop(rng.randrange(len(live)))
-for _ in range(10):
+for _ in range(5):
     step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(40):
+for _ in range(20):
     step()
-print(tuned, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 40)
+print(tuned, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
 """
 
 

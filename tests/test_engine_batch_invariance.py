@@ -18,7 +18,7 @@ from attnkit import LLM  # noqa: E402
 from attnkit.engine import SamplingParams  # noqa: E402
 
 
-def _requests(n: int = 32, seed: int = 0) -> list[tuple[list[int], SamplingParams]]:
+def _requests(n: int = 24, seed: int = 0) -> list[tuple[list[int], SamplingParams]]:
     """Mixed requests: prompts of 1 to 300 tokens (several longer than a step's token budget below, so that
     together they are cut into other chunks than alone), 4 to 40 new tokens."""
     rng = random.Random(seed)
