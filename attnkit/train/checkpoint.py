@@ -5,8 +5,9 @@ A checkpoint directory holds
   model.safetensors    the weights (tied weights stored once)
   optimizer.safetensors  Adam's moment estimates, keyed by parameter name (optional)
   trainer_state.json   step, scheduler state, examples consumed (optional)
-It is written to a temporary sibling directory and renamed into place, so an interrupted save
-never leaves a half-written checkpoint behind.
+It is written to a temporary sibling directory, flushed to disk and renamed into place
+(:func:`commit_dir`), so an interrupted save never leaves a half-written checkpoint behind: a crash
+at any point leaves the previous or the new checkpoint, which :func:`recover_dir` puts back in place.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,58 @@ def build_model(model_type: str, config: dict) -> nn.Module:
     return getattr(mod, model_cls)(getattr(mod, cfg_cls).from_dict(config))
 
 
+#: test hook: "<point>:<n>" SIGKILLs the process at ``point`` ("written": the new checkpoint is complete in
+#: its temporary directory; "moved": the previous one is renamed away, the new one not yet in place) of its
+#: n-th :func:`commit_dir` — a crash at the worst moments of a save
+KILL_ENV = "ATTNKIT_TEST_KILL_IN_SAVE"
+_commits = 0
+
+
+def _test_kill(point: str) -> None:
+    if os.environ.get(KILL_ENV) == f"{point}:{_commits}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit_dir(tmp: Path, path: Path) -> None:
+    """Put the fully written directory ``tmp`` in place as ``path`` (a sibling): its files are flushed,
+    ``path`` is renamed to ``.<name>.old``, ``tmp`` to ``path``, then the old one deleted. Each rename
+    is atomic, so at every moment ``path`` or ``.<name>.old`` is a complete checkpoint."""
+    global _commits
+    _commits += 1
+    for f in tmp.iterdir():
+        _fsync(f)
+    _test_kill("written")
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    _test_kill("moved")
+    os.replace(tmp, path)
+    _fsync(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(path: str | Path) -> Path:
+    """After a crash inside :func:`commit_dir`: the previous checkpoint back in place if the new one never
+    got there, and the leftovers (temporary and old directories ``.<name>.*``) removed. Only for the
+    run's own writer (a resume): a reader calling it during a save would break the save."""
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if not path.exists() and old.is_dir():
+        os.replace(old, path)
+    for stale in path.parent.glob(f".{path.name}.*") if path.parent.is_dir() else ():
+        shutil.rmtree(stale, ignore_errors=True)
+    return path
+
+
 def _param_names(model: nn.Module) -> dict[int, str]:
     return {id(p): n for n, p in model.named_parameters()}  # named_parameters skips tied duplicates
 
@@ -73,14 +127,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any],
             save_file(tensors, str(tmp / "optimizer.safetensors"))
         if trainer_state is not None:
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-        if path.exists():
-            old = path.with_name(path.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        commit_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

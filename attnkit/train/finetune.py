@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..config import JsonConfig
 from ..peft import METHODS, PeftConfig, PeftModel, get_peft_model
-from .checkpoint import CheckpointError, load_optimizer_state, read_trainer_state
+from .checkpoint import CheckpointError, commit_dir, load_optimizer_state, read_trainer_state, recover_dir
 from .sft_data import IGNORE, Example, collate, load_examples, micro_batches, pack
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -142,7 +141,8 @@ def evaluate_loss(model: nn.Module, rows: list[Example], pad_id: int, batch_size
 
 # -- checkpoints ------------------------------------------------------------------------------------
 def save_state(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """out/checkpoint/: adapter (or trainable weights), optimizer.safetensors, trainer_state.json — atomically."""
+    """out/checkpoint/: adapter (or trainable weights), optimizer.safetensors, trainer_state.json — atomically
+    (:func:`~attnkit.train.checkpoint.commit_dir`)."""
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=out))
     try:
@@ -153,16 +153,40 @@ def save_state(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, st
         save_file({f"{names[id(p)]}::{k}": v.detach().contiguous() for p, s in optimizer.state.items()
                    for k, v in s.items() if torch.is_tensor(v)}, str(tmp / "optimizer.safetensors"))
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        final = out / "checkpoint"
-        old = out / ".checkpoint.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        commit_dir(tmp, out / "checkpoint")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+#: the options that shape the trained tensors (or the model under them): a resumed run must keep them
+FIXED_ON_RESUME = ("method", "model", "r", "target_modules", "num_virtual_tokens", "prefix_projection",
+                   "encoder_hidden_size", "encoder_type", "prompt_init_text", "bottleneck_size", "use_dora")
+
+
+def resume_args(out: str | Path, overrides: dict[str, Any]) -> tuple[FinetuneArgs, dict[str, tuple[Any, Any]]]:
+    """The arguments of the run in ``out`` (its finetune_args.json) with ``overrides`` — only the options
+    the user named — applied. Returns them and {field: (the run's value, the new one)} of those changed;
+    a change of a :data:`FIXED_ON_RESUME` field is a ValueError naming the option."""
+    file = Path(out) / "finetune_args.json"
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing; {out} holds no fine-tuning run to resume")
+    try:
+        saved = FinetuneArgs.from_dict(json.loads(file.read_text())).to_dict()
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+
+    def same(k: str, a: Any, b: Any) -> bool:
+        if k == "model" and a is not None and b is not None:
+            return Path(a).resolve() == Path(b).resolve()
+        return a == b
+
+    changed = {k: (saved[k], v) for k, v in overrides.items() if k in saved and not same(k, saved[k], v)}
+    for k, (was, now) in changed.items():
+        if k in FIXED_ON_RESUME:
+            raise ValueError(f"--{k.replace('_', '-')} {now}: the run in {out} was trained with {k}={was!r} "
+                             "and its checkpoint only fits that; drop the option (or start a new run)")
+    return FinetuneArgs.from_dict({**saved, **overrides}), changed
 
 
 def _restore(ckpt: Path, model: nn.Module) -> None:
@@ -201,10 +225,9 @@ def finetune(args: FinetuneArgs, out_dir: str | Path, resume: bool = False, prog
     from ..loading import load_causal_lm
 
     out = Path(out_dir)
-    if resume:
-        saved = FinetuneArgs.from_dict(json.loads((out / "finetune_args.json").read_text()))
-        args = FinetuneArgs.from_dict({**saved.to_dict(), "steps": args.steps, "save_every": args.save_every,
-                                       "eval_every": args.eval_every})
+    if resume:  # the given arguments, checked against the run's (the CLI merges the named options first)
+        args, _ = resume_args(out, args.to_dict())
+        recover_dir(out / "checkpoint")
     torch.manual_seed(args.seed)
     lm = load_causal_lm(args.model) if lm is None else lm
     tok = lm.tokenizer
@@ -221,6 +244,8 @@ def finetune(args: FinetuneArgs, out_dir: str | Path, resume: bool = False, prog
     if resume:
         _restore(out / "checkpoint", model)
         state = read_trainer_state(out / "checkpoint")
+        if progress:
+            print(f"resuming {out} at step {state['step']} of {args.steps}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     (out / "finetune_args.json").write_text(json.dumps(args.to_dict(), indent=2))
     params = [p for p in model.parameters() if p.requires_grad]

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import MISSING, fields
 from typing import Any
 
 _TYPES = {"int": int, "float": float, "str": str, "str | None": str, "int | None": int}
 
 
-def _add_fields(p: argparse.ArgumentParser, cls: Any, skip: tuple[str, ...] = (), help: dict[str, str] | None = None) -> None:
-    """One --option per dataclass field (booleans as --x/--no-x)."""
+def _add_fields(p: argparse.ArgumentParser, cls: Any, skip: tuple[str, ...] = (), help: dict[str, str] | None = None,
+                named_only: bool = False) -> None:
+    """One --option per dataclass field (booleans as --x/--no-x). ``named_only``: an option the user did not
+    name leaves no attribute (``argparse.SUPPRESS``), so the dataclass (or a resumed run) fills it."""
     for f in fields(cls):
         if f.name in skip:
             continue
         default = None if f.default is MISSING else f.default
-        kw: dict = {"default": default, "help": (help or {}).get(f.name, "") + f" (default: {default})"}
+        kw: dict = {"default": argparse.SUPPRESS if named_only else default,
+                    "help": (help or {}).get(f.name, "") + f" (default: {default})"}
         if str(f.type) in ("bool", "<class 'bool'>"):
             kw["action"] = argparse.BooleanOptionalAction
         else:
@@ -32,13 +36,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                    "loss on the assistant turns). Writes OUT/adapter (HF PEFT format), OUT/checkpoint, "
                                    "OUT/metrics.json and OUT/loss_curve.png.")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint, with its data, steps and recipe; options "
+                        "named with --resume override the run's (not those that shape the checkpoint's tensors)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_fields(p, FinetuneArgs, help={
         "method": "lora | adapter | prefix | prompt | ptuning | ia3 | full", "data": "training JSONL (required)",
         "model": "GGUF file or HF directory; default: the embedded SmolLM2", "schedule": "cosine | linear | constant",
-        "target_modules": "comma-separated module names", "encoder_type": "P-tuning encoder: MLP | LSTM"})
+        "target_modules": "comma-separated module names", "encoder_type": "P-tuning encoder: MLP | LSTM"},
+        named_only=True)
     p.set_defaults(func=_finetune)
 
     from .distill import DistillArgs
@@ -60,11 +67,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def _finetune(args: argparse.Namespace) -> int:
     import torch
 
-    from .finetune import FinetuneArgs, finetune
+    from .finetune import FinetuneArgs, finetune, resume_args
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    fa = FinetuneArgs(**{f.name: getattr(args, f.name) for f in fields(FinetuneArgs)})
+    named = {f.name: getattr(args, f.name) for f in fields(FinetuneArgs) if hasattr(args, f.name)}
+    if args.resume:
+        fa, changed = resume_args(args.out, named)
+        for k, (was, now) in changed.items():
+            print(f"resume: --{k.replace('_', '-')} {now} overrides the run's {was}", file=sys.stderr)
+    else:
+        fa = FinetuneArgs(**named)
     result = finetune(fa, args.out, resume=args.resume, progress=not args.quiet)
     result.pop("model")
     print(json.dumps(result, indent=2))
