@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import KVCache, LayerNorm, LearnedPositionalEmbedding, TransformerLayer, causal_mask
+from .llama import run_block
 
 
 @dataclass
@@ -43,6 +44,8 @@ class GPT2Config:
 
 
 class GPT2(nn.Module):
+    gradient_checkpointing: bool = False  # in training, each block recomputed in the backward (run_block)
+
     def __init__(self, cfg: GPT2Config) -> None:
         super().__init__()
         self.cfg = cfg
@@ -78,8 +81,9 @@ class GPT2(nn.Module):
             start = cache[0].length if cache is not None else 0
             x = self.pos_embeddings(tok, offset=start)  # (B, T, d)
             mask = None if T == 1 else causal_mask(T, start + T, device=tok.device)  # (T, start+T)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask=mask, cache=None if cache is None else cache[i])
+            x = run_block(layer, x, recompute, None if cache is None else cache[i], mask=mask)
         if logits_indices is not None:
             x = x[:, logits_indices]
         x = self.norm(x[:, -1:] if last_only else x)

@@ -17,6 +17,7 @@ descendants differ only in configuration, so one file covers them all:
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..nn import KVCache, RMSNorm, RotaryEmbedding, TransformerLayer, causal_mask
 from .registry import Family, register
@@ -205,8 +207,24 @@ def rotary_embedding(cfg: LlamaConfig) -> RotaryEmbedding:
                            attention_factor=rope_attention_factor(cfg), **extra)
 
 
+def run_block(layer: nn.Module, x: torch.Tensor, recompute: bool, cache: Any = None, **kw: Any) -> torch.Tensor:
+    """One decoder block of a layer stack. ``recompute`` (gradient checkpointing; Chen et al. 2016, "Training
+    Deep Nets with Sublinear Memory Cost", §3): the block's activations are dropped after the forward and
+    recomputed in the backward (``torch.utils.checkpoint``, non-reentrant, RNG state replayed), so training
+    holds one block's activations plus each block's input. A cache (prefix tuning's prefix) is copied per
+    call, so the recomputation sees it as the forward did."""
+    if not recompute:
+        return layer(x, cache=cache, **kw)
+    return checkpoint(lambda h: layer(h, cache=copy.copy(cache), **kw), x, use_reentrant=False)
+
+
 class Llama(nn.Module):
-    """Decoder-only Transformer: embeddings, ``n_layers`` pre-norm TransformerLayers, RMSNorm, LM head."""
+    """Decoder-only Transformer: embeddings, ``n_layers`` pre-norm TransformerLayers, RMSNorm, LM head.
+
+    ``gradient_checkpointing``: in training, each block is recomputed in the backward (:func:`run_block`).
+    """
+
+    gradient_checkpointing: bool = False
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
@@ -272,12 +290,13 @@ class Llama(nn.Module):
             x = inputs_embeds
         rotary = self.rotary.at(positions, seq_len)  # the angles once for all layers
         local = self.rotary_local.at(positions) if self.rotary_local is not None else rotary
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             # without explicit positions the mask is ours; with them the cache (the engine's paged KV) knows
             # which keys each token may see
             w = self.cfg.window(i)
-            x = layer(x, mask=masks.get(w), rotary=local if w is not None else rotary, positions=positions,
-                      cache=None if cache is None else cache[i])
+            x = run_block(layer, x, recompute, None if cache is None else cache[i], mask=masks.get(w),
+                          rotary=local if w is not None else rotary, positions=positions)
         if logits_indices is not None:
             x = x[:, logits_indices]
         return self.logits(x[:, -1:] if last_only else x)
