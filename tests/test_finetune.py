@@ -124,7 +124,7 @@ def test_packing_and_bf16_train(tmp_path, data):
     args = FinetuneArgs(method="lora", data=data, eval_data=data, steps=6, batch_size=2, lr=3e-2, warmup=1,
                         eval_every=0, packing=True, bf16=True, seq_len=32)
     r = finetune(args, tmp_path / "run", lm=tiny_lm(), progress=False)
-    assert r["train_examples"] == len(pack(load_examples(data, tiny_tokenizer(), 32), 32))
+    assert r["train_examples"] == len(pack(load_examples(data, tiny_tokenizer(), 32), 32, boundaries=True))
     assert r["eval_after"]["eval_loss"] < r["eval_before"]["eval_loss"]
 
 

@@ -207,6 +207,22 @@ def rotary_embedding(cfg: LlamaConfig) -> RotaryEmbedding:
                            attention_factor=rope_attention_factor(cfg), **extra)
 
 
+def packed_positions_and_mask(doc_ids: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed rows ``doc_ids`` (B, T), each example a run of equal ids → the positions (B, T), restarting at
+    ``start`` with each example, and the block-diagonal mask (B, 1, T, start+T): a token sees the ``start``
+    cached keys and the tokens of its own example (the causal part is the model's mask). Krell et al. 2021,
+    "Efficient Sequence Packing without Cross-contamination", §3."""
+    B, T = doc_ids.shape
+    idx = torch.arange(T, device=doc_ids.device).expand(B, T)
+    first = torch.ones_like(doc_ids, dtype=torch.bool)
+    first[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    positions = start + idx - torch.where(first, idx, 0).cummax(dim=1).values  # (B, T)
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
+    if start:
+        same = torch.cat([same.new_ones(B, T, start), same], dim=-1)
+    return positions, same[:, None]
+
+
 def run_block(layer: nn.Module, x: torch.Tensor, recompute: bool, cache: Any = None, **kw: Any) -> torch.Tensor:
     """One decoder block of a layer stack. ``recompute`` (gradient checkpointing; Chen et al. 2016, "Training
     Deep Nets with Sublinear Memory Cost", §3): the block's activations are dropped after the forward and
@@ -260,13 +276,15 @@ class Llama(nn.Module):
 
     def forward(self, idx: torch.Tensor | None, cache: list[KVCache] | None = None, last_only: bool = False,
                 positions: torch.Tensor | None = None, logits_indices: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                inputs_embeds: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """idx: (B, T) token ids → logits (B, T, vocab) (or (B, 1, vocab) with ``last_only``).
 
         With ``cache`` the tokens continue the cached sequence: their positions start at its length.
         The inference engine passes explicit ``positions`` (T,) of its packed row of many sequences,
         a per-layer cache that masks by itself, and ``logits_indices``: the only rows it needs logits of.
         ``inputs_embeds`` (B, T, d) replaces the embedding lookup and its ``embed_scale`` (soft prompts, P-tuning).
+        ``doc_ids`` (B, T): the examples of packed rows (runs of equal ids; :func:`packed_positions_and_mask`) —
+        each attends only to itself (and to a cache's keys: prefix tuning's prefix), positions restarting at 0.
         """
         if (idx is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of idx (token ids) and inputs_embeds")
@@ -274,7 +292,18 @@ class Llama(nn.Module):
         device = idx.device if idx is not None else inputs_embeds.device  # type: ignore[union-attr]
         masks: dict[int | None, torch.Tensor | None] = {}  # one mask per distinct window
         seq_len = None  # the engine's explicit positions: length-dependent RoPE per position (RotaryEmbedding)
-        if positions is None:
+        if doc_ids is not None:
+            if positions is not None:
+                raise ValueError("pass at most one of positions and doc_ids")
+            start = cache[0].length if cache is not None else 0
+            positions, same_doc = packed_positions_and_mask(doc_ids, start)  # (B, T), (B, 1, T, start+T)
+            seq_len = int(positions.max()) + 1  # dynamic NTK: the longest example (not each its own)
+            for i in range(len(self.layers)):
+                w = self.cfg.window(i)
+                if w not in masks:
+                    m = self._mask(T, start + T, device, w)
+                    masks[w] = same_doc if m is None else same_doc & m
+        elif positions is None:
             start = cache[0].length if cache is not None else 0
             seq_len = start + T  # as transformers: max(position_ids) + 1 for every token of this pass
             positions = torch.arange(start, start + T, device=device)  # (T,)

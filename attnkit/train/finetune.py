@@ -10,6 +10,7 @@ optimizer state in safetensors, trainer state in JSON) are written atomically an
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import shutil
@@ -239,7 +240,11 @@ def finetune(args: FinetuneArgs, out_dir: str | Path, resume: bool = False, prog
     pad_id = tok.pad_id if tok.pad_id is not None else min(tok.eos_ids or {0})
     train_rows, eval_rows = split_rows(args, tok)
     if args.packing:
-        train_rows = pack(train_rows, args.seq_len)
+        if args.method in ("prompt", "ptuning") or "doc_ids" not in inspect.signature(lm.model.forward).parameters:
+            raise ValueError(f"packing keeps each example to itself with per-token document ids, which "
+                             f"{args.method if args.method in ('prompt', 'ptuning') else type(lm.model).__name__} "
+                             "does not take; drop --packing")
+        train_rows = pack(train_rows, args.seq_len, boundaries=True)
     cfg = peft_config(args)
     if cfg is None:
         model: nn.Module = lm.model.requires_grad_(True)
@@ -280,9 +285,9 @@ def finetune(args: FinetuneArgs, out_dir: str | Path, resume: bool = False, prog
         t0 = time.perf_counter()
         step_loss, tokens = 0.0, 0
         for _ in range(args.grad_accum):
-            x, y = next(data)
+            x, y, *docs = next(data)  # packed rows: their document ids
             with autocast(args.bf16):
-                logits = model(x)
+                logits = model(x, doc_ids=docs[0]) if docs else model(x)
             loss = lm_loss(logits, y) / args.grad_accum
             loss.backward()
             step_loss += float(loss.detach())

@@ -8,9 +8,13 @@ One JSON object per line, one of
                                                       assistant turns only
 Labels are the token ids where the loss applies and −100 elsewhere (PyTorch's ``ignore_index``).
 
-Packing concatenates the examples (each ending in EOS) into one stream cut into rows of ``seq_len``,
-so no compute is spent on padding; tokens may attend across an example boundary inside a row (the
-common "naive" packing — the EOS tells the model a new text starts).
+Packing puts several examples in one row of at most ``seq_len`` tokens, so little compute is spent on
+padding. With ``boundaries`` (what the trainer uses) each example is kept whole and carries a per-token
+document id: the model masks attention block-diagonally (causal within each example, nothing across)
+and restarts the positions at 0 per example, so a packed row computes exactly the losses of its examples
+run one by one (as the "packing with position_ids" of Krell et al. 2021, "Efficient Sequence Packing
+without Cross-contamination", §3). Without, the examples are concatenated and cut into rows of exactly
+``seq_len`` whose tokens may attend across an example boundary (the "naive" packing).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from ..text.tokenizer import Tokenizer
 
 IGNORE = -100
 Example = tuple[list[int], list[int]]  # (input ids, labels)
+PackedExample = tuple[list[int], list[int], list[int]]  # (input ids, labels, document id of each token)
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -100,31 +105,48 @@ def load_examples(path: str | Path, tok: Tokenizer, max_len: int) -> list[Exampl
     return out
 
 
-def pack(examples: list[Example], seq_len: int) -> list[Example]:
-    """Concatenate and cut into rows of exactly ``seq_len`` (the tail shorter than a row is dropped
+def pack(examples: list[Example], seq_len: int, boundaries: bool = False) -> list[Example] | list[PackedExample]:
+    """``boundaries``: whole examples, in order, into rows of at most ``seq_len`` tokens, each token with its
+    example's index in the row; the first token of each example gets no label (alone, nothing predicts it).
+    Else: concatenate and cut into rows of exactly ``seq_len`` (the tail shorter than a row is dropped
     unless it is all there is)."""
+    if boundaries:
+        rows: list[PackedExample] = []
+        for ids, labels in examples:
+            if not rows or len(rows[-1][0]) + len(ids) > seq_len:
+                rows.append(([], [], []))
+            row_ids, row_labels, docs = rows[-1]
+            doc = docs[-1] + 1 if docs else 0
+            row_ids += ids
+            row_labels += [IGNORE, *labels[1:]][:len(labels)]
+            docs += [doc] * len(ids)
+        return rows
     ids = [t for e in examples for t in e[0]]
     labels = [t for e in examples for t in e[1]]
-    rows = [(ids[i:i + seq_len], labels[i:i + seq_len]) for i in range(0, len(ids), seq_len)]
-    if len(rows) > 1 and len(rows[-1][0]) < seq_len:
-        rows.pop()
-    return rows
+    cut = [(ids[i:i + seq_len], labels[i:i + seq_len]) for i in range(0, len(ids), seq_len)]
+    if len(cut) > 1 and len(cut[-1][0]) < seq_len:
+        cut.pop()
+    return cut
 
 
-def collate(batch: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and labels (B, T); padding sits after every real token, so the causal mask keeps
-    the real tokens from seeing it, and its labels are ignored."""
-    T = max(len(ids) for ids, _ in batch)
+def collate(batch: list[Example] | list[PackedExample], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Right-padded ids and labels (B, T), and for packed rows their document ids (B, T) (−1 on padding);
+    padding sits after every real token, so the causal mask keeps the real tokens from seeing it, and its
+    labels are ignored."""
+    T = max(len(row[0]) for row in batch)
     x = torch.full((len(batch), T), pad_id, dtype=torch.long)
     y = torch.full((len(batch), T), IGNORE, dtype=torch.long)
-    for i, (ids, labels) in enumerate(batch):
-        x[i, :len(ids)] = torch.tensor(ids)
-        y[i, :len(labels)] = torch.tensor(labels)
-    return x, y
+    d = torch.full((len(batch), T), -1, dtype=torch.long)
+    for i, row in enumerate(batch):
+        x[i, :len(row[0])] = torch.tensor(row[0])
+        y[i, :len(row[1])] = torch.tensor(row[1])
+        if len(row) == 3:
+            d[i, :len(row[2])] = torch.tensor(row[2])
+    return (x, y, d) if all(len(row) == 3 for row in batch) else (x, y)
 
 
-def micro_batches(rows: list[Example], batch_size: int, pad_id: int, seed: int, start: int = 0
-                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def micro_batches(rows: list[Example] | list[PackedExample], batch_size: int, pad_id: int, seed: int, start: int = 0
+                  ) -> Iterator[tuple[torch.Tensor, ...]]:
     """Endless shuffled micro-batches, epoch after epoch (epoch e shuffled with seed + e), from the
     ``start``-th micro-batch on (resume)."""
     per_epoch = max(1, len(rows) // batch_size)
