@@ -132,10 +132,10 @@ def test_load_errors(bases, tmp_path):
     hf, d = bases["llama"]
     with pytest.raises(AdapterLoadError, match="adapter_config.json: missing"):
         PeftModel.from_pretrained(load_hf_model(d), tmp_path)
-    pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(task_type="CAUSAL_LM", r=2, use_dora=True))
-    pm.save_pretrained(tmp_path / "dora")
-    with pytest.raises(AdapterLoadError, match="use_dora"):
-        PeftModel.from_pretrained(load_hf_model(d), tmp_path / "dora")
+    pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(task_type="CAUSAL_LM", r=2, lora_bias=True))
+    pm.save_pretrained(tmp_path / "lora_bias")
+    with pytest.raises(AdapterLoadError, match="lora_bias"):
+        PeftModel.from_pretrained(load_hf_model(d), tmp_path / "lora_bias")
     # an adapter for the Llama does not fit the GPT-2
     pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(task_type="CAUSAL_LM", r=2))
     pm.save_pretrained(tmp_path / "llama_lora")

@@ -284,7 +284,7 @@ class PeftModel(nn.Module):
                         is_trainable: bool = False) -> PeftModel:
         from .save_load import fill_adapter, read_adapter
 
-        config, tensors = read_adapter(directory, model)
+        config, tensors = read_adapter(directory, model, dora=True)
         peft = cls(model, replace(config, inference_mode=not is_trainable), adapter_name)
         fill_adapter(peft, adapter_name, tensors, directory)
         peft.set_adapter(adapter_name)  # a loaded prompt table is a new parameter

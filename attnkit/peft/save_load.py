@@ -1,13 +1,14 @@
 """Adapters on disk in HF PEFT's format: adapter_config.json + adapter_model.safetensors.
 
 Tensor keys are PEFT's: ``base_model.model.<HF module name>.<tensor>`` for LoRA (``lora_A.weight``,
-``lora_B.weight``) and IA³ (``ia3_l``), and the single ``prompt_embeddings`` for prompt, P- and prefix
+``lora_B.weight``, and DoRA's ``lora_magnitude_vector``, PEFT's file name without ``.weight``) and IA³ (``ia3_l``), and the single ``prompt_embeddings`` for prompt, P- and prefix
 tuning (the prompt encoder's *output*: a loaded prompt adapter is a plain table). Bottleneck adapters,
 which PEFT does not have, use attnkit's module names under the same scheme.
 
 GPT-2 checkpoints fuse q, k, v into one ``c_attn``. A PEFT LoRA on c_attn (A: (r, d), B: (3d, r)) becomes
 three LoRAs sharing A, each with a third of B; attnkit's separate q/k/v LoRAs are saved as one c_attn
 LoRA of rank Σr with A stacked and B block-diagonal — the same ΔW exactly, with α scaled to keep α/r.
+DoRA's magnitude is per output row, so it splits and stacks by thirds (‖W_k‖ for a part not adapted).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .config import PeftConfig, pattern_value
 from .families import family_of, hf_name_table
 from .ia3 import IA3Config
 from .lora import LoraConfig, LoraLinear
-from .tuner import tuner_layers
+from .tuner import base_linear, tuner_layers
 
 if TYPE_CHECKING:
     from .peft_model import PeftModel
@@ -85,6 +86,8 @@ def _layer_tensors(peft: PeftModel, name: str, config: PeftConfig) -> tuple[dict
         if isinstance(config, LoraConfig):
             A, B, r = _fuse_lora(parts, name, config)
             tensors[f"{ROOT}{hf}.lora_A.weight"], tensors[f"{ROOT}{hf}.lora_B.weight"] = A, B
+            if config.use_dora:
+                tensors[f"{ROOT}{hf}.lora_magnitude_vector"] = _fuse_magnitude(parts, hf, table, model)
             ranks[hf] = (r, _scaling_of(parts, name) * (math.sqrt(r) if config.use_rslora else r))
         else:  # IA³ on k, v: c_attn's vector, with ones for the part not adapted
             d = next(iter(parts.values()))[1]["ia3_l"].shape[0]
@@ -135,6 +138,14 @@ def _fuse_lora(parts: dict[int, TunerLayerState], name: str, config: LoraConfig)
     return torch.cat(As), B, r
 
 
+def _fuse_magnitude(parts: dict[int, TunerLayerState], hf: str, table: dict, model: nn.Module) -> torch.Tensor:
+    """DoRA's m of a fused c_attn (3d,): each part's m, or for a part not adapted its weight's row norms (m/‖W‖ = 1)."""
+    ours = {part: o for o, (h, part) in table.items() if h == hf}
+    return torch.cat([parts[j][1]["lora_magnitude_vector"] if j in parts
+                      else LoraLinear.weight_norm(base_linear(model.get_submodule(ours[j])).weight.detach(), 0.0)
+                      for j in range(3)])
+
+
 def _suffixes(chosen: list[str], every: list[str]) -> list[str]:
     """The shortest dotted suffixes naming exactly the ``chosen`` modules among ``every`` (PEFT's list rule)."""
     out = set()
@@ -154,9 +165,11 @@ class AdapterLoadError(ValueError):
     """An adapter directory that is missing, corrupt, or does not fit the model."""
 
 
-def read_adapter(directory: str | Path, model: nn.Module) -> tuple[PeftConfig, dict]:
+def read_adapter(directory: str | Path, model: nn.Module, dora: bool = False) -> tuple[PeftConfig, dict]:
     """(config for attnkit, tensors) of an adapter directory. For LoRA / IA³ / bottleneck the tensors are
-    ``{attnkit module name: {tensor name: tensor}}``; for prompt methods ``{"prompt_embeddings": t}``."""
+    ``{attnkit module name: {tensor name: tensor}}``; for prompt methods ``{"prompt_embeddings": t}``.
+    A DoRA adapter (use_dora) is refused unless ``dora``: readers that apply W + s·B·A alone would drop its
+    magnitude vector."""
     directory = Path(directory)
     cfg_file, w_file = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     for f in (cfg_file, w_file):
@@ -168,7 +181,7 @@ def read_adapter(directory: str | Path, model: nn.Module) -> tuple[PeftConfig, d
         config = PeftConfig.from_dict(raw)
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as e:
         raise AdapterLoadError(f"{cfg_file}: {e}") from None
-    for flag in ("use_dora", "use_qalora", "lora_bias"):
+    for flag in ("use_qalora", "lora_bias") if dora else ("use_dora", "use_qalora", "lora_bias"):
         if raw.get(flag):
             raise AdapterLoadError(f"{cfg_file}: {flag}=true is not supported")
     try:
@@ -184,7 +197,7 @@ def read_adapter(directory: str | Path, model: nn.Module) -> tuple[PeftConfig, d
     return _config_for(config, tensors, alphas), tensors
 
 
-_SUFFIXES = {"LORA": (".lora_A.weight", ".lora_B.weight"), "IA3": (".ia3_l",), "BOTTLENECK": (".adapter_",)}
+_SUFFIXES = {"LORA": (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"), "IA3": (".ia3_l",), "BOTTLENECK": (".adapter_",)}
 
 
 def _to_ours(flat: dict[str, torch.Tensor], model: nn.Module, file: Path, config: PeftConfig
@@ -192,6 +205,12 @@ def _to_ours(flat: dict[str, torch.Tensor], model: nn.Module, file: Path, config
     """Tensors by attnkit module name, and for LoRA each module's α (from the file's alpha_pattern)."""
     fam = family_of(model)
     by_module: dict[str, dict[str, torch.Tensor]] = {}
+    if config.peft_type == "LORA":
+        kind = "DoRA" if getattr(config, "use_dora", False) else "LoRA"
+        for key, t in flat.items():
+            if ".lora_embedding_" in key or (".lora_A." in key and t.dim() != 2):
+                raise AdapterLoadError(f"{file}: tensor {key!r}: {kind} on an Embedding or convolution layer is not "
+                                       "supported (attnkit adapts Linear layers only)")
     for key, t in flat.items():
         if not key.startswith(ROOT):
             raise AdapterLoadError(f"{file}: tensor {key!r} does not start with {ROOT!r}")
@@ -199,7 +218,9 @@ def _to_ours(flat: dict[str, torch.Tensor], model: nn.Module, file: Path, config
         cut = next((rest.index(s) for s in _SUFFIXES[config.peft_type] if s in rest), None)
         if cut is None:
             raise AdapterLoadError(f"{file}: tensor {key!r} is not a {config.peft_type} tensor attnkit supports")
-        by_module.setdefault(rest[:cut], {})[rest[cut + 1:]] = t.float()
+        tensor = rest[cut + 1:]
+        tensor = "lora_magnitude_vector" if tensor.startswith("lora_magnitude_vector") else tensor  # ".weight" or not
+        by_module.setdefault(rest[:cut], {})[tensor] = t.float()
     if config.peft_type == "BOTTLENECK":
         return by_module, {}
     candidates = [fam.hf_prefix, "", "bert."] if fam.name == "bert" else [fam.hf_prefix]
@@ -228,9 +249,8 @@ def _split_fused(state: dict[str, torch.Tensor], part: int) -> dict[str, torch.T
     if "ia3_l" in state:
         d = state["ia3_l"].shape[0] // 3
         return {"ia3_l": state["ia3_l"][part * d:(part + 1) * d]}
-    B = state["lora_B.weight"]
-    d = B.shape[0] // 3
-    return {"lora_A.weight": state["lora_A.weight"], "lora_B.weight": B[part * d:(part + 1) * d]}
+    d = state["lora_B.weight"].shape[0] // 3
+    return {k: v if k == "lora_A.weight" else v[part * d:(part + 1) * d] for k, v in state.items()}
 
 
 def _config_for(config: PeftConfig, tensors: dict, alphas: dict[str, float]) -> PeftConfig:
@@ -274,7 +294,7 @@ def fill_adapter(peft: PeftModel, name: str, tensors: dict, source: str | Path) 
 
 def load_adapter(peft: PeftModel, directory: str | Path, name: str, is_trainable: bool = False) -> None:
     """Add the adapter saved in ``directory`` to ``peft`` under ``name``."""
-    config, tensors = read_adapter(directory, peft.base_model)
+    config, tensors = read_adapter(directory, peft.base_model, dora=True)
     peft.add_adapter(name, replace(config, inference_mode=not is_trainable))
     fill_adapter(peft, name, tensors, directory)
     if peft.active_adapter is not None:

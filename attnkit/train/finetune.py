@@ -63,6 +63,7 @@ class FinetuneArgs(JsonConfig):
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
+    use_dora: bool = False  # LoRA: DoRA's magnitude vector (Liu et al. 2024), as HF PEFT's use_dora
     target_modules: str | None = None  # comma-separated; default: the method's defaults
     num_virtual_tokens: int = 20
     prefix_projection: bool = True
@@ -91,7 +92,8 @@ def peft_config(args: FinetuneArgs) -> PeftConfig | None:
     tm = {} if targets is None else {"target_modules": targets}
     P = args.num_virtual_tokens
     return {
-        "lora": lambda: METHODS["lora"](r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, **tm),
+        "lora": lambda: METHODS["lora"](r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
+                                         use_dora=args.use_dora, **tm),
         "ia3": lambda: METHODS["ia3"](**tm),
         "adapter": lambda: METHODS["adapter"](bottleneck_size=args.bottleneck_size, adapter_dropout=args.dropout, **tm),
         "prefix": lambda: METHODS["prefix"](num_virtual_tokens=P, prefix_projection=args.prefix_projection,

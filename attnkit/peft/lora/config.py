@@ -12,8 +12,9 @@ class LoraConfig(PeftConfig):
     """W' = W + (α/r)·B·A on the ``target_modules`` Linear layers; A: (r, in), B: (out, r), B = 0 at start.
 
     target_modules: names (suffix match) or one regex; None = the family's default (q_proj, v_proj).
-    use_rslora: scale by α/√r instead (Kalajdzievski 2023). rank_pattern / alpha_pattern: per-module
-    overrides keyed by a module-name suffix, as in HF PEFT.
+    use_rslora: scale by α/√r instead (Kalajdzievski 2023). use_dora: DoRA (Liu et al. 2024), a learnable
+    magnitude per output row times the direction (W + ΔW)/‖W + ΔW‖ (see :mod:`attnkit.peft.lora.layer`).
+    rank_pattern / alpha_pattern: per-module overrides keyed by a module-name suffix, as in HF PEFT.
     """
 
     r: int = 8
@@ -21,6 +22,7 @@ class LoraConfig(PeftConfig):
     lora_dropout: float = 0.0
     target_modules: list[str] | str | None = None
     use_rslora: bool = False
+    use_dora: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     bias: str = "none"

@@ -2,6 +2,11 @@
 
 A is initialised like a Linear layer (Kaiming-uniform) and B with zeros, so training starts from the
 base model. Merging adds (α/r)·B·A into W₀ (no extra latency at inference, §4.1); unmerging subtracts it.
+
+DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", Eq. 5) adds a learnable magnitude
+m (out,), initialised to ‖W₀‖ row-wise: W' = m · (W₀ + ΔW) / ‖W₀ + ΔW‖, the norm of each output row held
+constant in the backward pass (§4.3). As in HF PEFT (tuners/lora/dora.py), the layer computes
+y = base(x) + (m/‖W‖ − 1)·(W₀x) + (m/‖W‖)·(α/r)·B·A·x, reusing base(x) − bias for W₀x unless dropout acts.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..tuner import TunerLayer, base_linear
@@ -20,8 +26,10 @@ class LoraLinear(TunerLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's m, per adapter
         self.scaling: dict[str, float] = {}
         self.merged: list[str] = []
+        self._merged_norm: dict[str, torch.Tensor] = {}  # DoRA: ‖W₀ + ΔW‖ at merge time, for unmerge
 
     def adapter_names(self) -> list[str]:
         return list(self.lora_A.keys())
@@ -38,6 +46,10 @@ class LoraLinear(TunerLayer):
         p = config.lora_dropout  # type: ignore[attr-defined]
         self.lora_dropout[name] = nn.Dropout(p) if p > 0 else nn.Identity()
         self.scaling[name] = alpha / (math.sqrt(r) if config.use_rslora else r)  # type: ignore[attr-defined]
+        if getattr(config, "use_dora", False):
+            with torch.no_grad():
+                m = self.weight_norm(self.base_weight(), self.delta_weight(name))
+            self.lora_magnitude_vector[name] = nn.Parameter(m)
 
     def delete(self, name: str) -> None:
         if name in self.merged:
@@ -46,30 +58,87 @@ class LoraLinear(TunerLayer):
         self.scaling.pop(name, None)
 
     def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
-        return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+        state = {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+        if name in self.lora_magnitude_vector:
+            state["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
+        return state
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """(α/r)·B·A: (out, in)."""
         return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
 
+    def base_weight(self) -> torch.Tensor:
+        """W₀ (out, in) of the linear layer under the wrappers."""
+        return base_linear(self.base_layer).weight
+
+    @staticmethod
+    def weight_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """‖W₀ + ΔW‖ of each output row (DoRA Eq. 5's column-wise norm of the (in, out) matrix): (out,)."""
+        return torch.linalg.norm(weight + delta, dim=1).to(weight.dtype)
+
     @torch.no_grad()
     def merge(self, name: str) -> None:
-        if name not in self.merged:
-            lin = base_linear(self.base_layer)
-            lin.weight += self.delta_weight(name).to(lin.weight.dtype)
-            self.merged.append(name)
+        """W ← W + ΔW, or for DoRA W ← m/‖W₀ + ΔW‖ · (W + ΔW) with the norm taken on the unmerged W₀."""
+        if name in self.merged:
+            return
+        lin = base_linear(self.base_layer)
+        delta = self.delta_weight(name).to(lin.weight.dtype)
+        if name in self.lora_magnitude_vector:
+            others = list(self.merged)
+            for n in reversed(others):
+                self.unmerge(n)
+            norm = self.weight_norm(lin.weight, delta)
+            for n in others:
+                self.merge(n)
+            self._merged_norm[name] = norm
+            factor = (self.lora_magnitude_vector[name] / norm).view(-1, 1)
+            lin.weight.copy_(factor * (lin.weight + delta))
+        else:
+            lin.weight += delta
+        self.merged.append(name)
 
     @torch.no_grad()
     def unmerge(self, name: str) -> None:
-        if name in self.merged:
-            lin = base_linear(self.base_layer)
-            lin.weight -= self.delta_weight(name).to(lin.weight.dtype)
-            self.merged.remove(name)
+        """The inverse of :meth:`merge`; adapters merged after ``name`` are taken out and merged again."""
+        if name not in self.merged:
+            return
+        later = self.merged[self.merged.index(name) + 1:]
+        for n in reversed(later):
+            self.unmerge(n)
+        lin = base_linear(self.base_layer)
+        delta = self.delta_weight(name).to(lin.weight.dtype)
+        if name in self.lora_magnitude_vector:
+            factor = (self.lora_magnitude_vector[name] / self._merged_norm.pop(name)).view(-1, 1)
+            lin.weight.copy_(lin.weight / factor - delta)
+        else:
+            lin.weight -= delta
+        self.merged.remove(name)
+        for n in later:
+            self.merge(n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)  # (..., out)
         name = self.active()
         if name is None or name in self.merged:
             return y
-        A, B = self.lora_A[name], self.lora_B[name]
-        return y + B(A(self.lora_dropout[name](x.to(A.weight.dtype)))).to(y.dtype) * self.scaling[name]
+        A, B, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        x = x.to(A.weight.dtype)
+        if name in self.lora_magnitude_vector:
+            return (y + self._dora(name, x, y)).to(y.dtype)
+        return y + B(A(dropout(x))).to(y.dtype) * self.scaling[name]
+
+    def _dora(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(m/‖W‖ − 1)·W₀x + (m/‖W‖)·(α/r)·B·A·x, ‖W‖ = ‖W₀ + (α/r)·B·A‖ detached (DoRA §4.3); PEFT's
+        DoraLinearLayer.forward: W₀x is base(x) − bias, or W₀·dropout(x) when dropout acts."""
+        A, B, dropout, s = self.lora_A[name], self.lora_B[name], self.lora_dropout[name], self.scaling[name]
+        weight = self.base_weight().to(x.dtype)
+        lora_weight = (B.weight @ A.weight).to(x.dtype)
+        norm = self.weight_norm(weight, s * lora_weight.detach()).detach()
+        scale = (self.lora_magnitude_vector[name] / norm).view(1, -1)
+        if isinstance(dropout, nn.Identity) or not self.training:
+            bias = base_linear(self.base_layer).bias
+            base = y if bias is None else y - bias
+        else:
+            x = dropout(x)
+            base = F.linear(x, weight)
+        return (scale - 1) * base + scale * B(A(x)) * s
