@@ -4,8 +4,12 @@ Each optimiser step averages the gradients of ``grad_accum`` micro-batches; the 
 next-token cross-entropy over the positions whose label is not −100 (the response tokens), computed
 in float32 even under bf16 autocast. The learning rate warms up linearly for ``warmup`` steps, then
 decays to zero along a cosine (Loshchilov & Hutter 2017) or a line. Every ``eval_every`` steps the
-held-out loss and perplexity exp(loss) are measured; checkpoints (adapter in HF PEFT's format,
-optimizer state in safetensors, trainer state in JSON) are written atomically and resume exactly.
+held-out loss and perplexity exp(loss) are measured (the eval split: ``eval_data``, else the last
+``eval_fraction`` of the data); the progress bar shows the loss, tokens/s, the latest eval loss and the
+ETA, loss_curve.png the curves. Checkpoints (adapter in HF PEFT's format, optimizer state in
+safetensors, trainer state in JSON) are written atomically and resume exactly. ``packing`` puts whole
+examples in a row, each attending only to itself (Krell et al. 2021); ``gradient_checkpointing``
+recomputes each decoder block in the backward (Chen et al. 2016).
 """
 
 from __future__ import annotations
@@ -282,6 +286,9 @@ def finetune(args: FinetuneArgs, out_dir: str | Path, resume: bool = False, prog
 
     model.train()
     bar = tqdm(total=args.steps, initial=state["step"], disable=not progress, unit="step", dynamic_ncols=True)
+    postfix = dict.fromkeys(("loss", "tok/s", "lr"), "-")  # tokens/s without the padding; then the latest eval loss
+    if state["evals"]:
+        postfix["eval"] = f"{state['evals'][-1]['eval_loss']:.3f}"
     end = args.steps if stop_after is None else min(args.steps, stop_after)
     while state["step"] < end:
         t0 = time.perf_counter()
@@ -293,7 +300,7 @@ def finetune(args: FinetuneArgs, out_dir: str | Path, resume: bool = False, prog
             loss = lm_loss(logits, y) / args.grad_accum
             loss.backward()
             step_loss += float(loss.detach())
-            tokens += int((y != IGNORE).sum())
+            tokens += int((docs[0] >= 0).sum()) if docs else int((x != pad_id).sum())  # not the padding
             state["micro_batches"] += 1
         if args.clip > 0:
             nn.utils.clip_grad_norm_(params, args.clip)
@@ -301,13 +308,18 @@ def finetune(args: FinetuneArgs, out_dir: str | Path, resume: bool = False, prog
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
-        state["elapsed_s"] += time.perf_counter() - t0
-        state["history"].append({"step": state["step"], "loss": step_loss, "lr": scheduler.get_last_lr()[0]})
-        bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
-        bar.update(1)
+        dt = time.perf_counter() - t0
+        state["elapsed_s"] += dt
+        state["history"].append({"step": state["step"], "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                                 "tokens_per_s": tokens / dt})
+        postfix["loss"], postfix["tok/s"] = f"{step_loss:.3f}", f"{tokens / dt:,.0f}"
+        postfix["lr"] = f"{scheduler.get_last_lr()[0]:.1e}"
+        bar.set_postfix(postfix, refresh=False)
+        bar.update(1)  # the bar's own ETA: the remaining steps at the measured rate
         s = state["step"]
         if (args.eval_every and s % args.eval_every == 0) or s == args.steps:
             state["evals"].append({"step": s, **evaluate_loss(model, eval_rows, pad_id, bf16=args.bf16)})
+            postfix["eval"] = f"{state['evals'][-1]['eval_loss']:.3f}"
             if progress:
                 bar.write(f"step {s}: eval loss {state['evals'][-1]['eval_loss']:.4f} "
                           f"ppl {state['evals'][-1]['eval_ppl']:.2f}", file=sys.stderr)
