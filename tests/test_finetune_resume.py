@@ -64,9 +64,11 @@ def test_checkpoint_never_half_written(runs):
 
 
 def test_resume_with_only_out_equals_the_uninterrupted_run(runs, capsys):
+    """``--out R --resume`` (and an evaluation option, announced): data, steps and recipe from R."""
     R = runs / "killed"
-    assert main(["finetune", "--out", str(R), "--resume", "--threads", "1"]) == 0
+    assert main(["finetune", "--out", str(R), "--resume", "--threads", "1", "--eval-every", "6"]) == 0
     out, err = capsys.readouterr()
+    assert "resume: --eval-every 6 overrides the run's 0" in err  # evaluation only: the weights stay the same
     assert f"at step {2 * SAVE_EVERY} of {STEPS}" in err and json.loads(out)["steps"] == STEPS
     assert _step(R / "checkpoint") == STEPS and not list(R.glob(".checkpoint.*"))  # leftovers cleared
     resumed = load_file(str(R / "adapter" / "adapter_model.safetensors"))
@@ -78,9 +80,9 @@ def test_resume_with_only_out_equals_the_uninterrupted_run(runs, capsys):
 
 def test_resume_overrides_are_named_and_breaking_ones_refused(runs, capsys):
     R = runs / "killed"
-    args, changed = resume_args(R, {"steps": 20, "eval_every": 0, "lr": 5e-3})
-    assert changed == {"steps": (STEPS, 20), "lr": (1e-2, 5e-3)}  # eval_every: the run's own value, not reported
-    assert args.data.endswith("train.jsonl") and args.save_every == SAVE_EVERY and args.batch_size == 3
+    args, changed = resume_args(R, {"steps": 20, "save_every": SAVE_EVERY, "lr": 5e-3})
+    assert changed == {"steps": (STEPS, 20), "lr": (1e-2, 5e-3)}  # save_every: the run's own value, not reported
+    assert args.data.endswith("train.jsonl") and args.seed == 1 and args.batch_size == 3
     for flag, value in (("--r", "4"), ("--method", "ia3"), ("--model", str(runs))):
         assert main(["finetune", "--out", str(R), "--resume", flag, value]) == 2
         err = capsys.readouterr().err
