@@ -35,23 +35,22 @@ def test_pack_keeps_examples_whole_with_document_ids():
 
 def _model(kind: str) -> torch.nn.Module:
     lm = tiny_lm()
-    if kind == "window":  # a sliding window shorter than the examples: the window counts within each example
-        cfg = dataclasses.replace(lm.model.cfg, layer_windows=[4, None])
-        model = Llama(cfg)
+    if "window" in kind:  # a sliding window shorter than the examples: the window counts within each example
+        model = Llama(dataclasses.replace(lm.model.cfg, layer_windows=[4, None]))
         model.load_state_dict(lm.model.state_dict())
-        return model.eval()
+        lm.model = model.eval()
     if kind == "lora":
         model = get_peft_model(lm.model, METHODS["lora"](r=4, lora_alpha=8))
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 torch.nn.init.normal_(p, std=0.2)  # not the zero init: the adapter changes the output
         return model.eval()
-    if kind == "prefix":
+    if kind.startswith("prefix"):  # its P keys are seen by every example, as a window allows
         return get_peft_model(lm.model, METHODS["prefix"](num_virtual_tokens=3, prefix_projection=False)).eval()
     return lm.model
 
 
-@pytest.mark.parametrize("kind", ["plain", "window", "lora", "prefix"])
+@pytest.mark.parametrize("kind", ["plain", "window", "lora", "prefix", "prefix+window"])
 def test_packed_loss_equals_the_examples_one_by_one(kind):
     model = _model(kind)
     x, y, d = collate(pack(EXAMPLES, 16, boundaries=True), pad_id=0)

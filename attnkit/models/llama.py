@@ -298,11 +298,13 @@ class Llama(nn.Module):
             start = cache[0].length if cache is not None else 0
             positions, same_doc = packed_positions_and_mask(doc_ids, start)  # (B, T), (B, 1, T, start+T)
             seq_len = int(positions.max()) + 1  # dynamic NTK: the longest example (not each its own)
+            key_pos = torch.cat([torch.arange(start, device=device).expand(B, start), positions], dim=1)
             for i in range(len(self.layers)):
                 w = self.cfg.window(i)
-                if w not in masks:
-                    m = self._mask(T, start + T, device, w)
-                    masks[w] = same_doc if m is None else same_doc & m
+                if w not in masks:  # causal in the row's order; a window counts positions within the example
+                    masks[w] = same_doc & causal_mask(T, start + T, device=device)
+                    if w is not None:
+                        masks[w] = masks[w] & (positions[:, None, :, None] - key_pos[:, None, None, :] < w)
         elif positions is None:
             start = cache[0].length if cache is not None else 0
             seq_len = start + T  # as transformers: max(position_ids) + 1 for every token of this pass
