@@ -131,7 +131,7 @@ def test_packing_and_bf16_train(tmp_path, data):
 def test_cli(tmp_path, data, monkeypatch, capsys):
     import attnkit.loading as loading
 
-    monkeypatch.setattr(loading, "load_causal_lm", lambda path=None, dtype=None: tiny_lm())
+    monkeypatch.setattr(loading, "load_causal_lm", lambda path=None, dtype=None, quantize=None: tiny_lm())
     out = tmp_path / "run"
     rc = main(["finetune", "--method", "prompt", "--data", data, "--out", str(out), "--steps", "3",
                "--batch-size", "2", "--num-virtual-tokens", "2", "--quiet", "--eval-every", "0"])

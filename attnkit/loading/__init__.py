@@ -50,7 +50,7 @@ def _kind(path: Path) -> str:
     raise ModelLoadError(path, "not a GGUF file nor a Hugging Face directory with config.json")
 
 
-QUANTIZE_CHOICES = ("gguf", "auto", "int8", "int4")
+QUANTIZE_CHOICES = ("gguf", "auto", "int8", "int4", "nf4")
 
 
 def load_causal_lm(path: str | Path | None = None, dtype: torch.dtype = torch.float32,
@@ -61,7 +61,8 @@ def load_causal_lm(path: str | Path | None = None, dtype: torch.dtype = torch.fl
     to ``dtype``; "gguf" — a GGUF file's Q4_0/Q4_1/Q8_0 blocks kept byte for byte under attnkit's own
     kernel (:mod:`attnkit.quant.native`; other tensors and HF checkpoints as "auto"); "auto" — a GGUF file's own quantization (Q4_0/Q4_1 → int4 exactly, Q8_0 → int8, others
     float; an HF checkpoint stays float); "int8" / "int4" — quantize whatever was loaded (int4 in groups
-    of ``group_size`` inputs; GGUF Q4 blocks keep their groups of 32). Bad values are a ValueError.
+    of ``group_size`` inputs; GGUF Q4 blocks keep their groups of 32); "nf4" — an HF checkpoint in QLoRA's
+    4-bit NormalFloat (a frozen base to train adapters over). Bad values are a ValueError.
     """
     from ..text.tokenizer import Tokenizer
     from .defaults import default_chat_model
@@ -78,7 +79,7 @@ def load_causal_lm(path: str | Path | None = None, dtype: torch.dtype = torch.fl
         return CausalLM(load_gguf_model(path, dtype, g=g, quantize=quantize, group_size=group_size), tokenizer, path)
     from .hf import load_hf_model, read_json
 
-    if quantize in ("int8", "int4"):  # a bad group size fails before the weights load
+    if quantize in ("int8", "int4", "nf4"):  # a bad group size fails before the weights load
         from ..quant.quantize import check_scheme
 
         check_scheme(quantize)
@@ -90,7 +91,7 @@ def load_causal_lm(path: str | Path | None = None, dtype: torch.dtype = torch.fl
     model = load_hf_model(path, dtype)
     if not hasattr(model, "new_cache"):
         raise ModelLoadError(path, f"{type(model).__name__} is an encoder, not a language model; use `attnkit embed`")
-    if quantize in ("int8", "int4"):
+    if quantize in ("int8", "int4", "nf4"):
         from ..quant import quantize_model
 
         quantize_model(model, quantize, group_size)  # type: ignore[arg-type]

@@ -71,12 +71,12 @@ def hf_module_name(model: nn.Module, ours: str, prefix: str | None = None) -> tu
 
 def hf_name_table(model: nn.Module, prefix: str | None = None) -> dict[str, tuple[str, int | None]]:
     """Every Linear / sublayer of ``model`` → its HF name (see :func:`hf_module_name`)."""
-    from .tuner import base_modules, clean_name
+    from .tuner import base_modules, clean_name, is_linear
 
     table = {}
     for name, module in base_modules(model):
         name = clean_name(name)
-        if isinstance(module, nn.Linear) and name.startswith("layers.") and name not in table:
+        if is_linear(module) and name.startswith("layers.") and name not in table:
             try:
                 table[name] = hf_module_name(model, name, prefix)
             except ValueError:

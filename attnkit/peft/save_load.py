@@ -31,7 +31,7 @@ from .config import PeftConfig, pattern_value
 from .families import family_of, hf_name_table
 from .ia3 import IA3Config
 from .lora import LoraConfig, LoraLinear
-from .tuner import base_linear, tuner_layers
+from .tuner import dense_weight, tuner_layers
 
 if TYPE_CHECKING:
     from .peft_model import PeftModel
@@ -142,7 +142,7 @@ def _fuse_magnitude(parts: dict[int, TunerLayerState], hf: str, table: dict, mod
     """DoRA's m of a fused c_attn (3d,): each part's m, or for a part not adapted its weight's row norms (m/‖W‖ = 1)."""
     ours = {part: o for o, (h, part) in table.items() if h == hf}
     return torch.cat([parts[j][1]["lora_magnitude_vector"] if j in parts
-                      else LoraLinear.weight_norm(base_linear(model.get_submodule(ours[j])).weight.detach(), 0.0)
+                      else LoraLinear.weight_norm(dense_weight(model.get_submodule(ours[j])).detach(), 0.0)
                       for j in range(3)])
 
 

@@ -51,13 +51,36 @@ class TunerLayer(nn.Module):
         return self.active_adapter
 
 
-def base_linear(module: nn.Module) -> nn.Linear:
-    """The nn.Linear under any number of wrappers."""
+def is_linear(module: nn.Module) -> bool:
+    """An nn.Linear, or a frozen quantized linear layer (QLoRA's base: GGUF blocks, attnkit's int8/int4)."""
+    from ..quant.base import QuantLinear
+    from ..quant.native import GGUFBlockLinear
+
+    return isinstance(module, (nn.Linear, QuantLinear, GGUFBlockLinear))
+
+
+def base_linear(module: nn.Module) -> nn.Module:
+    """The linear layer (see :func:`is_linear`) under any number of wrappers."""
     while isinstance(module, TunerLayer):
         module = module.base_layer
-    if not isinstance(module, nn.Linear):
-        raise ValueError(f"expected an nn.Linear under the adapters, found {type(module).__name__}")
+    if not is_linear(module):
+        raise ValueError(f"expected a linear layer under the adapters, found {type(module).__name__}")
     return module
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether the linear layer under the wrappers keeps its weight quantized (it cannot take a merge)."""
+    return not isinstance(base_linear(module), nn.Linear)
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) weight of the linear layer under the wrappers: nn.Linear's own parameter, or a quantized
+    layer's weight dequantized to a float32 copy."""
+    lin = base_linear(module)
+    if isinstance(lin, nn.Linear):
+        return lin.weight
+    n, k = lin.out_features, lin.in_features  # type: ignore[union-attr]
+    return lin.dequantize_rows(0, n, torch.empty(n, k))  # type: ignore[operator]
 
 
 def clean_name(name: str) -> str:
@@ -92,15 +115,21 @@ def inject(model: nn.Module, select: Callable[[str, nn.Module], bool], kind: typ
     return [n for n, _ in chosen]
 
 
+ALL_LINEAR = "all-linear"  # HF PEFT's shorthand: every linear layer but the output head
+OUTPUT_HEADS = ("lm_head", "output_head", "head", "output", "classifier")
+
+
 def linear_selector(targets, method: str) -> Callable[[str, nn.Module], bool]:
     """``inject``'s ``select`` for methods that adapt Linear layers: the modules ``targets`` match
     (see :func:`attnkit.peft.config.matches`); a matched module that is not a Linear is an error."""
     from .config import matches
 
     def select(module_name: str, module: nn.Module) -> bool:
+        if targets in (ALL_LINEAR, [ALL_LINEAR]):
+            return is_linear(module) and module_name.rpartition(".")[2] not in OUTPUT_HEADS
         if not matches(module_name, targets):
             return False
-        if not isinstance(module, nn.Linear):
+        if not is_linear(module):
             raise ValueError(f"{method} target {module_name} is a {type(module).__name__}, not a Linear layer")
         return True
 

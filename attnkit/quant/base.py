@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .frozen_grad import frozen_linear
+
 DENSE_CHUNK = 1 << 20  # weights dequantized at a time on the dense path (4 MiB of float32)
 
 
@@ -50,6 +52,10 @@ class QuantLinear(nn.Module):
         """The weight Ŵ the kernel multiplies by, as a dense (out, in) tensor (rows [start, stop) of it)."""
         raise NotImplementedError
 
+    def dequantize_rows(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows [start, stop) of Ŵ as float32 into ``out``: the tiles of :mod:`attnkit.quant.frozen_grad`."""
+        return out.copy_(self.dequantize(torch.float32, start, stop))
+
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         """x · Ŵᵀ through F.linear in ``dense_dtype``, Ŵ dequantized a slice of rows at a time (no full float copy)."""
         n, dt = self.out_features, self.dense_dtype
@@ -69,6 +75,8 @@ class QuantLinear(nn.Module):
             raise ValueError(f"{type(self).__name__}: input has {x.shape[-1]} features, expected {self.in_features}")
         if not x.is_floating_point():
             raise ValueError(f"{type(self).__name__}: input dtype {x.dtype} is not floating point")
+        if x.requires_grad and torch.is_grad_enabled():  # QLoRA: only x gets a gradient
+            return frozen_linear(self, x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (M, in)
         m = self.dense_min_rows

@@ -32,6 +32,7 @@ from torch import nn
 
 from ..kernels import library
 from ..nn.fused import ConcatLinear
+from .frozen_grad import frozen_linear
 from .row_kernel import current_rows
 
 
@@ -253,9 +254,29 @@ class GGUFBlockLinear(nn.Module):
                           self.out_features, self.in_features, torch.get_num_threads())
         return out
 
+    def dequantize_rows(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows [start, stop) of the weight as float32, written into ``out`` (stop − start, in): the tiles of
+        :mod:`attnkit.quant.frozen_grad`. Interleaved blocks are cut at multiples of 4 rows."""
+        if not 0 <= start < stop <= self.out_features or out.shape != (stop - start, self.in_features) \
+                or out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError(f"dequantize_rows: rows [{start}, {stop}) of {self.out_features} into a contiguous float32 "
+                             f"({stop - start}, {self.in_features}) tensor; got {out.dtype} {tuple(out.shape)}")
+        lib = _kernels()
+        if lib is None:
+            rows = torch.arange(start, stop)
+            return out.copy_(dequantize_reference(self.row_blocks(rows), self.kind, self.in_features))
+        if self.interleaved and (start % 4 or stop % 4):
+            raise ValueError(f"dequantize_rows: interleaved blocks are cut at multiples of 4 rows, got [{start}, {stop})")
+        part = self.blocks[start:stop]
+        lib.ak_dequantize(self.kernel_kind, part.data_ptr(), out.data_ptr(), 0, stop - start, self.in_features,
+                          torch.get_num_threads())
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"GGUFBlockLinear: input has {x.shape[-1]} features, expected {self.in_features}")
+        if x.requires_grad and torch.is_grad_enabled() and x.device.type == "cpu":  # QLoRA: only x gets a gradient
+            return frozen_linear(self, x)
         x2 = x.reshape(-1, self.in_features)
         lib = _kernels()
         rows = current_rows()  # set by the engine: the product follows what the rows are, never how many

@@ -1,7 +1,7 @@
 """Turning a float model into a weight-only quantized one, kept apart from the model code (as gpt-fast's quantize.py).
 
-``quantize_model(model, "int8" | "int4")`` replaces every ``nn.Linear`` by an :class:`Int8Linear` /
-:class:`Int4Linear` and gives a Llama a quantized output head (``model.output_head``): from ``lm_head``
+``quantize_model(model, "int8" | "int4" | "nf4")`` replaces every ``nn.Linear`` by an :class:`Int8Linear` /
+:class:`Int4Linear` / :class:`NF4Linear` (QLoRA's base) and gives a Llama a quantized output head (``model.output_head``): from ``lm_head``
 when untied, from the embedding matrix when tied — the embedding lookup itself stays in float.
 All replacements are built before any is swapped in, so a bad request leaves the model untouched.
 """
@@ -16,9 +16,11 @@ from torch import nn
 from .base import QuantLinear
 from .int4 import GROUP_SIZES, Int4Linear, check_group
 from .int8 import K_MULTIPLE, Int8Linear
+from .nf4 import BLOCK as NF4_BLOCK
+from .nf4 import NF4Linear
 
-Scheme = Literal["int8", "int4"]
-SCHEMES: tuple[str, ...] = ("int8", "int4")
+Scheme = Literal["int8", "int4", "nf4"]
+SCHEMES: tuple[str, ...] = ("int8", "int4", "nf4")
 
 
 def check_scheme(scheme: str | None, allowed: tuple[str, ...] = SCHEMES) -> None:
@@ -32,6 +34,8 @@ def quantize_weight(weight: torch.Tensor, scheme: Scheme, bias: torch.Tensor | N
     check_scheme(scheme)
     if scheme == "int8":
         return Int8Linear.from_float(weight, bias, compute_dtype)
+    if scheme == "nf4":
+        return NF4Linear.from_float(weight, bias)
     return Int4Linear.from_float(weight, bias, group_size, compute_dtype)
 
 
@@ -39,6 +43,9 @@ def check_quantizable(name: str, in_features: int, scheme: Scheme, group_size: i
     try:
         if scheme == "int4":
             check_group(in_features, group_size)
+        elif scheme == "nf4":
+            if in_features % NF4_BLOCK:
+                raise ValueError(f"NF4 weights need in_features divisible by {NF4_BLOCK}; got {in_features}")
         elif in_features % K_MULTIPLE:
             raise ValueError(f"int8 weights need in_features divisible by {K_MULTIPLE}; got {in_features}")
     except ValueError as e:

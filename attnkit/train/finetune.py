@@ -39,6 +39,7 @@ from .checkpoint import CheckpointError, commit_dir, load_optimizer_state, read_
 from .sft_data import IGNORE, Example, collate, load_examples, micro_batches, pack
 
 SCHEDULES = ("cosine", "linear", "constant")
+QLORA_BASES = ("gguf", "int4", "int8", "nf4")  # load_causal_lm's quantize values a frozen base can train through
 
 
 @dataclass
@@ -48,6 +49,7 @@ class FinetuneArgs(JsonConfig):
     eval_data: str | None = None  # default: the last eval_fraction of data
     eval_fraction: float = 0.1
     model: str | None = None  # GGUF file or HF directory; None = the embedded default model
+    quantize: str | None = None  # QLoRA: the base stays quantized — "gguf" (a GGUF's own blocks), "nf4", "int4", "int8"
     steps: int = 200
     batch_size: int = 8
     grad_accum: int = 1
@@ -88,6 +90,10 @@ class FinetuneArgs(JsonConfig):
             raise ValueError("warmup must be ≥ 0 and lr > 0")
         if not self.data:
             raise ValueError("data: a JSONL file is required")
+        if self.quantize is not None and self.quantize not in QLORA_BASES:
+            raise ValueError(f"quantize must be one of {', '.join(QLORA_BASES)} or unset, got {self.quantize!r}")
+        if self.quantize is not None and self.method == "full":
+            raise ValueError(f"quantize={self.quantize}: a quantized base is frozen; full fine-tuning needs it in float")
 
 
 def peft_config(args: FinetuneArgs) -> PeftConfig | None:
@@ -169,7 +175,7 @@ def save_state(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, st
 
 #: the options that shape the trained tensors (or the model under them): a resumed run must keep them
 FIXED_ON_RESUME = ("method", "model", "r", "target_modules", "num_virtual_tokens", "prefix_projection",
-                   "encoder_hidden_size", "encoder_type", "prompt_init_text", "bottleneck_size", "use_dora")
+                   "encoder_hidden_size", "encoder_type", "prompt_init_text", "bottleneck_size", "use_dora", "quantize")
 
 
 def resume_args(out: str | Path, overrides: dict[str, Any]) -> tuple[FinetuneArgs, dict[str, tuple[Any, Any]]]:
@@ -237,7 +243,7 @@ def finetune(args: FinetuneArgs, out_dir: str | Path, resume: bool = False, prog
         args, _ = resume_args(out, args.to_dict())
         recover_dir(out / "checkpoint")
     torch.manual_seed(args.seed)
-    lm = load_causal_lm(args.model) if lm is None else lm
+    lm = load_causal_lm(args.model, quantize=args.quantize) if lm is None else lm
     if args.gradient_checkpointing and not hasattr(lm.model, "gradient_checkpointing"):
         raise ValueError(f"gradient_checkpointing: {type(lm.model).__name__} has no checkpointed block stack")
     if hasattr(lm.model, "gradient_checkpointing"):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..tuner import TunerLayer, base_linear
+from ..tuner import TunerLayer, base_linear, dense_weight, is_quantized
 
 
 class LoraLinear(TunerLayer):
@@ -38,7 +38,7 @@ class LoraLinear(TunerLayer):
         lin = base_linear(self.base_layer)
         r = config.r if r is None else r  # type: ignore[attr-defined]
         alpha = config.lora_alpha if alpha is None else alpha  # type: ignore[attr-defined]
-        w = lin.weight
+        w = self.base_weight() if isinstance(lin, nn.Linear) else torch.empty(0)  # a quantized base: float32
         self.lora_A[name] = nn.Linear(lin.in_features, r, bias=False, device=w.device, dtype=w.dtype)
         self.lora_B[name] = nn.Linear(r, lin.out_features, bias=False, device=w.device, dtype=w.dtype)
         nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
@@ -68,8 +68,8 @@ class LoraLinear(TunerLayer):
         return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
 
     def base_weight(self) -> torch.Tensor:
-        """W₀ (out, in) of the linear layer under the wrappers."""
-        return base_linear(self.base_layer).weight
+        """W₀ (out, in) of the linear layer under the wrappers (a quantized base's dequantized to float32)."""
+        return dense_weight(self.base_layer)
 
     @staticmethod
     def weight_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -81,6 +81,9 @@ class LoraLinear(TunerLayer):
         """W ← W + ΔW, or for DoRA W ← m/‖W₀ + ΔW‖ · (W + ΔW) with the norm taken on the unmerged W₀."""
         if name in self.merged:
             return
+        if is_quantized(self.base_layer):
+            raise ValueError(f"adapter {name!r}: the base layer is quantized ({type(base_linear(self.base_layer)).__name__}) "
+                             "and cannot take a merge; export the merged model instead (attnkit export --gguf)")
         lin = base_linear(self.base_layer)
         delta = self.delta_weight(name).to(lin.weight.dtype)
         if name in self.lora_magnitude_vector:

@@ -1,0 +1,84 @@
+"""Gradients through a frozen quantized weight: the backward pass QLoRA needs (Dettmers et al. 2023, §3).
+
+    y = x·Ŵᵀ + b        ∂L/∂x = ∂L/∂y · Ŵ        (Ŵ = dequant(Q); Q and b get no gradient)
+
+The base stays quantized — GGUF blocks (:class:`~attnkit.quant.native.GGUFBlockLinear`) or attnkit's int8/int4
+(:class:`~attnkit.quant.base.QuantLinear`) — and each product dequantizes Ŵ a tile of output rows at a time into
+one reused buffer, so no layer, and never the model, exists in float at once. Nothing is saved for backward but
+the layer itself: the adapters around the layer (LoRA's A and B) keep the activations they need.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+TILE_ELEMS = 1 << 22  # weights dequantized at a time (16 MiB of float32): a 128k-vocabulary head in ~30 tiles
+
+
+class RowDequantizing(Protocol):
+    in_features: int
+    out_features: int
+    bias: torch.Tensor | None
+
+    def dequantize_rows(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor: ...
+
+
+def tile_rows(layer: RowDequantizing) -> int:
+    """Rows per tile: a multiple of 64 (GGUF's interleaved layouts keep rows in fours), at least 64."""
+    return max(64, TILE_ELEMS // layer.in_features // 64 * 64)
+
+
+_TILE: list[torch.Tensor] = []
+
+
+def _tile(n: int, k: int) -> torch.Tensor:
+    """An (n, k) float32 view of a buffer reused by every tile of every layer (training runs one thread of
+    products at a time)."""
+    if not _TILE or _TILE[0].numel() < n * k:
+        _TILE[:] = [torch.empty(n * k)]
+    return _TILE[0][: n * k].view(n, k)
+
+
+def tiled_product(layer: RowDequantizing, x: torch.Tensor) -> torch.Tensor:
+    """x·Ŵᵀ (no bias): x (M, in) float32 → (M, out) float32, Ŵ dequantized tile by tile."""
+    n, k = layer.out_features, layer.in_features
+    y = x.new_empty(x.shape[0], n)  # (M, out)
+    rows = tile_rows(layer)
+    for r in range(0, n, rows):
+        e = min(n, r + rows)
+        torch.mm(x, layer.dequantize_rows(r, e, _tile(e - r, k)).t(), out=y[:, r:e])
+    return y
+
+
+def tiled_input_grad(layer: RowDequantizing, gy: torch.Tensor) -> torch.Tensor:
+    """∂L/∂x = ∂L/∂y · Ŵ: gy (M, out) float32 → (M, in) float32, summed over tiles of Ŵ's rows."""
+    n, k = layer.out_features, layer.in_features
+    gx = gy.new_zeros(gy.shape[0], k)  # (M, in)
+    rows = tile_rows(layer)
+    for r in range(0, n, rows):
+        e = min(n, r + rows)
+        gx.addmm_(gy[:, r:e], layer.dequantize_rows(r, e, _tile(e - r, k)))
+    return gx
+
+
+class _FrozenProduct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: RowDequantizing) -> torch.Tensor:  # type: ignore[override]
+        ctx.layer, ctx.dtype = layer, x.dtype
+        return tiled_product(layer, x.float()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):  # type: ignore[override]
+        return tiled_input_grad(ctx.layer, gy.float().contiguous()).to(ctx.dtype), None
+
+
+def frozen_linear(layer: RowDequantizing, x: torch.Tensor) -> torch.Tensor:
+    """y = x·Ŵᵀ + b for x (..., in) that needs a gradient; the layer's weight and bias stay frozen."""
+    if x.shape[-1] != layer.in_features:
+        raise ValueError(f"{type(layer).__name__}: input has {x.shape[-1]} features, expected {layer.in_features}")
+    y = _FrozenProduct.apply(x.reshape(-1, layer.in_features), layer)  # (M, out)
+    if layer.bias is not None:
+        y = y + layer.bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], layer.out_features)
