@@ -326,6 +326,7 @@ def finetune(args: FinetuneArgs, out_dir: str | Path, resume: bool = False, prog
         if (args.eval_every and s % args.eval_every == 0) or s == args.steps:
             state["evals"].append({"step": s, **evaluate_loss(model, eval_rows, pad_id, bf16=args.bf16)})
             postfix["eval"] = f"{state['evals'][-1]['eval_loss']:.3f}"
+            bar.set_postfix(postfix)
             if progress:
                 bar.write(f"step {s}: eval loss {state['evals'][-1]['eval_loss']:.4f} "
                           f"ppl {state['evals'][-1]['eval_ppl']:.2f}", file=sys.stderr)
