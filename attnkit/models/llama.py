@@ -276,7 +276,8 @@ class Llama(nn.Module):
 
     def forward(self, idx: torch.Tensor | None, cache: list[KVCache] | None = None, last_only: bool = False,
                 positions: torch.Tensor | None = None, logits_indices: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+                inputs_embeds: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+                hidden_only: bool = False) -> torch.Tensor:
         """idx: (B, T) token ids → logits (B, T, vocab) (or (B, 1, vocab) with ``last_only``).
 
         With ``cache`` the tokens continue the cached sequence: their positions start at its length.
@@ -285,6 +286,8 @@ class Llama(nn.Module):
         ``inputs_embeds`` (B, T, d) replaces the embedding lookup and its ``embed_scale`` (soft prompts, P-tuning).
         ``doc_ids`` (B, T): the examples of packed rows (runs of equal ids; :func:`packed_positions_and_mask`) —
         each attends only to itself (and to a cache's keys: prefix tuning's prefix), positions restarting at 0.
+        ``hidden_only``: the last layer's output (B, T, d) before :meth:`logits` (a loss that never holds all logits:
+        attnkit.train.chunked_loss).
         """
         if (idx is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of idx (token ids) and inputs_embeds")
@@ -330,7 +333,8 @@ class Llama(nn.Module):
                           rotary=local if w is not None else rotary, positions=positions)
         if logits_indices is not None:
             x = x[:, logits_indices]
-        return self.logits(x[:, -1:] if last_only else x)
+        x = x[:, -1:] if last_only else x
+        return x if hidden_only else self.logits(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The last layer's output (B, T, d) → RMSNorm → LM head → logits (B, T, vocab)."""

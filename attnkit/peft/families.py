@@ -104,7 +104,10 @@ def embed_tokens(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
 
 
 def param_count(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters; tied weights counted once."""
+    """(trainable, total) parameters; tied weights counted once; a quantized linear layer's weight (buffers, not
+    parameters: QLoRA's frozen base) counts its out × in weights."""
+    from .tuner import is_linear
+
     seen: set[int] = set()
     trainable = total = 0
     for p in model.parameters():
@@ -113,6 +116,9 @@ def param_count(model: nn.Module) -> tuple[int, int]:
         seen.add(id(p))
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
+    for m in model.modules():
+        if is_linear(m) and not isinstance(m, nn.Linear):
+            total += m.out_features * m.in_features
     return trainable, total
 
 

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from ..config import JsonConfig
 from ..peft import METHODS, PeftConfig, PeftModel, get_peft_model
+from .chunked_loss import chunked_lm_loss, hidden_head
 from .checkpoint import CheckpointError, commit_dir, load_optimizer_state, read_trainer_state, recover_dir
 from .sft_data import IGNORE, Example, collate, load_examples, micro_batches, pack
 
@@ -136,6 +137,15 @@ def autocast(bf16: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
+def model_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean", **kw: Any) -> torch.Tensor:
+    """:func:`lm_loss` of ``model(x, **kw)``, from its hidden states a chunk of rows at a time where the model can
+    return them (:mod:`attnkit.train.chunked_loss`: the batch's logits never exist at once)."""
+    head = hidden_head(model)
+    if head is None:
+        return lm_loss(model(x, **kw), y, reduction)
+    return chunked_lm_loss(*head, model(x, hidden_only=True, **kw), y, reduction)
+
+
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, rows: list[Example], pad_id: int, batch_size: int = 8, bf16: bool = False) -> dict:
     """Token-weighted mean loss over ``rows`` and its perplexity."""
@@ -145,8 +155,7 @@ def evaluate_loss(model: nn.Module, rows: list[Example], pad_id: int, batch_size
     for i in range(0, len(rows), batch_size):
         x, y = collate(rows[i:i + batch_size], pad_id)
         with autocast(bf16):
-            logits = model(x)
-        total += float(lm_loss(logits, y, reduction="sum"))
+            total += float(model_loss(model, x, y, reduction="sum"))
         count += int((y[:, 1:] != IGNORE).sum())
     model.train(was)
     loss = total / max(count, 1)
@@ -302,8 +311,7 @@ def finetune(args: FinetuneArgs, out_dir: str | Path, resume: bool = False, prog
         for _ in range(args.grad_accum):
             x, y, *docs = next(data)  # packed rows: their document ids
             with autocast(args.bf16):
-                logits = model(x, doc_ids=docs[0]) if docs else model(x)
-            loss = lm_loss(logits, y) / args.grad_accum
+                loss = model_loss(model, x, y, **({"doc_ids": docs[0]} if docs else {})) / args.grad_accum
             loss.backward()
             step_loss += float(loss.detach())
             tokens += int((docs[0] >= 0).sum()) if docs else int((x != pad_id).sum())  # not the padding

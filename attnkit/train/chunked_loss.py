@@ -1,0 +1,55 @@
+"""Next-token cross-entropy without the (B, T, vocab) logits tensor (as Liger-Kernel's fused linear cross-entropy
+and Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models").
+
+    L = −Σ_t log softmax(head(norm(h_t)))[y_{t+1}]   over the positions t whose label is not −100
+
+Only labelled positions reach the head (a prompt's tokens cost no logits), a chunk of rows at a time; each
+chunk's logits are recomputed in the backward (activation checkpointing) instead of kept, so the float32
+logits and their softmax — 1024 tokens × a 128k vocabulary = 0.5 GB each — never exist for a whole batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .sft_data import IGNORE
+
+CHUNK_ELEMS = 1 << 24  # logits per chunk (64 MiB of float32)
+
+Head = Callable[[torch.Tensor], torch.Tensor]
+
+
+def hidden_head(model: nn.Module) -> tuple[Head, int] | None:
+    """(the base model's ``logits``: final norm → LM head, its vocabulary size) where its forward can return the
+    last hidden states instead of logits (``hidden_only``); None where it cannot (the loss takes the logits)."""
+    base = getattr(model, "base_model", model)  # a PeftModel's base
+    if not hasattr(base, "logits") or "hidden_only" not in inspect.signature(base.forward).parameters:
+        return None
+    return base.logits, int(base.cfg.vocab_size)
+
+
+def _chunk_loss(head: Head, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), y, reduction="sum")
+
+
+def chunked_lm_loss(head: Head, vocab: int, hidden: torch.Tensor, labels: torch.Tensor,
+                    reduction: str = "mean") -> torch.Tensor:
+    """The loss of :func:`attnkit.train.finetune.lm_loss` from the hidden states (B, T, d) before the final norm."""
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B·(T−1), d): position t predicts label t+1
+    y = labels[:, 1:].reshape(-1)
+    keep = (y != IGNORE).nonzero().squeeze(1)
+    h, y = h.index_select(0, keep), y.index_select(0, keep)  # (N, d), (N,)
+    rows = max(1, CHUNK_ELEMS // vocab)
+    recompute = torch.is_grad_enabled() and h.requires_grad
+    total = hidden.new_zeros((), dtype=torch.float32) + 0 * hidden.sum()  # 0 with a graph when nothing is labelled
+    for i in range(0, len(y), rows):
+        hc, yc = h[i:i + rows], y[i:i + rows]
+        total = total + (checkpoint(_chunk_loss, head, hc, yc, use_reentrant=False) if recompute
+                         else _chunk_loss(head, hc, yc))
+    return total / max(len(y), 1) if reduction == "mean" else total

@@ -1,0 +1,55 @@
+"""The fine-tuning loss from hidden states, a chunk of labelled rows at a time (attnkit.train.chunked_loss), equals
+the loss of the whole logits tensor — value and gradients — with LoRA and with prompt tuning in front."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnkit.models.llama import Llama, LlamaConfig
+from attnkit.peft import LoraConfig, PromptTuningConfig, get_peft_model
+from attnkit.train import chunked_loss
+from attnkit.train.finetune import lm_loss, model_loss
+from attnkit.train.sft_data import IGNORE
+
+
+def _batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, vocab, (3, 20), generator=g)
+    y = x.clone()
+    y[0, :7] = IGNORE  # a prompt
+    y[2, 15:] = IGNORE  # padding
+    return x, y
+
+
+@pytest.mark.parametrize("config", [LoraConfig(r=4, target_modules="all-linear"), PromptTuningConfig(num_virtual_tokens=3)])
+def test_chunked_loss_equals_the_whole_logits_loss(monkeypatch, config) -> None:
+    monkeypatch.setattr(chunked_loss, "CHUNK_ELEMS", 7 * 96)  # chunks of 7 rows: several, the last partial
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
+    model = get_peft_model(Llama(cfg), config)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    x, y = _batch(96)
+    whole = lm_loss(model(x), y)
+    whole.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    chunked = model_loss(model, x, y)
+    chunked.backward()
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-7, msg=n)
+    with torch.no_grad():
+        torch.testing.assert_close(model_loss(model, x, y, reduction="sum"), lm_loss(model(x), y, reduction="sum"))
+
+
+def test_a_batch_without_labels_has_zero_loss_and_a_graph() -> None:
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=32))
+    x = torch.randint(0, 64, (2, 8))
+    loss = model_loss(model, x, torch.full_like(x, IGNORE))
+    assert float(loss) == 0.0
+    loss.backward()
