@@ -18,6 +18,7 @@ _COMMAND_MODULES = (
     "attnkit.train.finetune_cli",
     "attnkit.serve.cli",  # serve
     "attnkit.quant.cli",  # quantize
+    "attnkit.quant.export_cli",  # export (merged GGUF, llama.cpp LoRA GGUF)
 )
 
 
