@@ -158,3 +158,20 @@ def test_a_merge_into_a_quantized_base_is_refused() -> None:
     peft = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="quantized"):
         peft.merge_adapter()
+
+
+@needs_kernel
+def test_a_vocabulary_sized_layer_outside_the_engine_goes_by_tiles(monkeypatch, small_tiles) -> None:
+    """Evaluation without gradients: the product of a layer above TILED_ABOVE weights is computed tile by tile,
+    never through a float copy of the whole matrix (the engine's reused scratch)."""
+    from attnkit.quant import native
+
+    monkeypatch.setattr(native, "TILED_ABOVE", 100 * 256)
+    monkeypatch.setattr(native, "_SCRATCH", {})
+    blocks = random_blocks("Q6_K", 300, 256, seed=3)
+    layer = GGUFBlockLinear(blocks, "Q6_K", 256, interleaved=False)
+    x = torch.randn(40, 256)
+    with torch.no_grad():
+        y = layer(x)
+    torch.testing.assert_close(y, x @ dequantize_reference(blocks, "Q6_K", 256).T, rtol=0, atol=1e-4)
+    assert not native._SCRATCH

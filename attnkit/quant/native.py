@@ -32,7 +32,7 @@ from torch import nn
 
 from ..kernels import library
 from ..nn.fused import ConcatLinear
-from .frozen_grad import frozen_linear
+from .frozen_grad import frozen_linear, tiled_product
 from .row_kernel import current_rows
 
 
@@ -134,6 +134,9 @@ def deinterleave(blocks: torch.Tensor, kind: str) -> torch.Tensor:
         rows[..., off:off + width] = f.reshape(*c.shape[:2], 4, width)
         at += width
     return rows.transpose(1, 2).reshape(n, row)  # (G, 4, nb, bb) → rows
+
+
+TILED_ABOVE = 1 << 24  # weights (64 MiB of float32) above which a dense product outside the engine goes by tiles
 
 
 class GGUFBlockLinear(nn.Module):
@@ -283,6 +286,8 @@ class GGUFBlockLinear(nn.Module):
         dense = x2.shape[0] > self.kernel_max_rows if rows is None else rows == "prompt" and self.dense_for_prompts
         if lib is None or x.device.type != "cpu" or x.requires_grad:
             y = F.linear(x2, self.dequantize(x.dtype))
+        elif dense and rows is None and self.out_features * self.in_features > TILED_ABOVE:
+            y = tiled_product(self, x2.float())  # outside the engine: no float copy of a vocabulary-sized head
         elif dense:  # compute-bound: a dense product on the weight decoded into a reused buffer
             dt = torch.bfloat16 if torch.bfloat16 in (x2.dtype, self.dense_dtype) else torch.float32
             y = F.linear(_batch_rows(x2.to(dt), rows is not None),
