@@ -8,7 +8,9 @@
   llama-quantize does (:func:`attnkit.quant.gguf_quantize.tensor_type`). A GGUF base's metadata (hparams,
   tokenizer, chat template) is copied key by key; an HF base's is written as convert_hf_to_gguf.py writes
   it for the architectures of :data:`HF_ARCHS` (llama, mistral as llama, qwen2, qwen3; byte-level BPE
-  tokenizer.json). LoRA (Hu et al. 2021) and IA³ (Liu et al. 2022) adapters merge; the others are refused.
+  tokenizer.json). Note: re-quantizing a changed tensor to a 4-bit type rounds away most of a small LoRA delta
+  (SmolLM2-135M Q4_1 "same": perplexity 6.95 → 6.83, vs 6.11 merged to F16 / Q8_0; benchmarks/export_gguf.py):
+  pick Q8_0/F16 for such a fine-tune, or ship the LoRA GGUF. LoRA (Hu et al. 2021) and IA³ (Liu et al. 2022) adapters merge; the others are refused.
 - :func:`export_lora`: a LoRA adapter in llama.cpp's LoRA GGUF (what convert_lora_to_gguf.py writes and
   ``llama-cli/llama-server --lora`` loads: ``general.type = adapter``, ``adapter.type = lora``,
   ``adapter.lora.alpha``, tensors ``<base tensor>.lora_a`` (r, in) and ``.lora_b`` (out, r) in PyTorch
