@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import numpy as np
 import pytest
@@ -265,16 +264,28 @@ def test_missing_files(work, tmp_path):
     assert _no_file(out)
 
 
-def test_dora_and_other_methods_are_refused(work, tmp_path):
-    dora = tmp_path / "dora"
-    shutil.copytree(work["adapter"], dora)
-    cfg = json.loads((dora / "adapter_config.json").read_text())
-    (dora / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+def test_dora_merges_into_the_model_file_and_is_refused_as_a_lora_gguf(work, tmp_path):
+    dora = _adapter(work["base"], tmp_path / "dora", LoraConfig(**{**LORA, "use_dora": True}))
+    peft = PeftModel.from_pretrained(load_gguf_model(work["base"]), dora)
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    peft.save_pretrained(dora)
+    with torch.no_grad():
+        peft.merge_adapter()
+        ref = peft(IDS)
+    out = tmp_path / "dora-F32.gguf"
+    export_merged(work["base"], out, dora, "F32", threads=1)
+    with torch.no_grad():
+        assert _rel(load_gguf_model(out)(IDS), ref) < 1e-5
+    with pytest.raises(ExportError, match="DoRA"):
+        export_lora(dora, work["base"], tmp_path / "o.gguf")
+    assert _no_file(tmp_path / "o.gguf")
+
+
+def test_other_methods_are_refused(work, tmp_path):
     out = tmp_path / "o.gguf"
-    for fn in (lambda: export_merged(work["base"], out, dora), lambda: export_lora(dora, work["base"], out)):
-        with pytest.raises(ExportError, match="DoRA"):
-            fn()
-        assert _no_file(out)
     ia3 = _adapter(work["base"], tmp_path / "ia3", IA3Config())
     with pytest.raises(ExportError, match="a IA3 adapter cannot be written as a llama.cpp LoRA GGUF"):
         export_lora(ia3, work["base"], out)

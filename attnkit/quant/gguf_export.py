@@ -17,7 +17,8 @@
   order, B's rows permuted like the base's Q/K rows for llama). llama.cpp scales each pair by alpha / r
   with r = lora_b's column count and one alpha per file; where attnkit's scaling differs (rsLoRA's α/√r,
   rank_pattern, alpha_pattern) the ratio is folded into lora_b, so W + (alpha/r)·B·A is attnkit's merge
-  exactly. DoRA and non-LoRA methods are refused.
+  exactly. DoRA merges into the GGUF model file (its magnitude vector has no place in llama.cpp's LoRA file, which
+  refuses it); the other methods are refused.
 - :func:`read_lora_gguf`: such a file back as (LoraConfig, tensors) for :func:`attnkit.peft.save_load.fill_adapter`.
 
 Every file is written to ``OUT.part`` and renamed at the end: a failure leaves no half-written file.
@@ -328,6 +329,7 @@ class _Part:
     scale: float = 1.0
     l: np.ndarray | None = None  # IA³ vector, rows in the GGUF layout
     feedforward: bool = False
+    magnitude: np.ndarray | None = None  # DoRA's m (out,), rows in the GGUF layout
 
 
 def _meta_model(base: _Base) -> torch.nn.Module:
@@ -371,14 +373,14 @@ def read_parts(base: _Base, adapter: str | Path, lora_only: bool = False) -> dic
         raw = json.loads((adapter / "adapter_config.json").read_text())
     except (OSError, ValueError):
         raw = {}  # read_adapter names the fault
-    if raw.get("use_dora"):
-        raise ExportError(f"{adapter}: DoRA adapters (use_dora=true) cannot be exported: llama.cpp's LoRA applies "
-                          "W + s·B·A only, and attnkit does not merge DoRA's magnitude vector")
+    if raw.get("use_dora") and lora_only:
+        raise ExportError(f"{adapter}: a DoRA adapter (use_dora=true) cannot be a llama.cpp LoRA GGUF: llama.cpp's "
+                          "LoRA applies W + s·B·A only; export the merged model instead (attnkit export --gguf)")
     kind = raw.get("peft_type", "?")
     if lora_only and kind != "LORA":
         raise ExportError(f"{adapter}: a {kind} adapter cannot be written as a llama.cpp LoRA GGUF (LoRA only)")
     try:
-        config, tensors = read_adapter(adapter, _meta_model(base))
+        config, tensors = read_adapter(adapter, _meta_model(base), dora=not lora_only)
     except AdapterLoadError as e:
         raise ExportError(str(e)) from None
     if not isinstance(config, (LoraConfig, IA3Config)):
@@ -404,7 +406,12 @@ def read_parts(base: _Base, adapter: str | Path, lora_only: bool = False) -> dic
             r = A.shape[0]
             alpha = float(pattern_value(module, config.alpha_pattern, config.lora_alpha))
             scale = alpha / (math.sqrt(r) if config.use_rslora else r)
-            out.setdefault(name, []).append(_Part(module, rows, A, permute_qk(B, heads) if heads else B, scale))
+            m = state.get("lora_magnitude_vector")
+            if m is not None:
+                m = m.float().numpy().reshape(-1)
+                m = permute_qk(m, heads) if heads else m
+            out.setdefault(name, []).append(_Part(module, rows, A, permute_qk(B, heads) if heads else B, scale,
+                                                  magnitude=m))
         else:
             if lora_only:  # pragma: no cover - refused above
                 raise ExportError(f"{adapter}: not a LoRA adapter")
@@ -427,6 +434,8 @@ def _merge(w: np.ndarray, parts: list[_Part]) -> np.ndarray:
         view = w if p.rows is None else w[p.rows]
         if p.A is not None:
             view += np.float32(p.scale) * (p.B.astype(np.float32) @ p.A.astype(np.float32))
+            if p.magnitude is not None:  # DoRA: m · (W + ΔW) / ‖W + ΔW‖ per output row (Liu et al. 2024, eq. 5)
+                view *= (p.magnitude.astype(np.float32) / np.linalg.norm(view, axis=1))[:, None]
         elif p.l is not None:
             view *= p.l.astype(np.float32)
     return w

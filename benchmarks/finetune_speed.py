@@ -1,0 +1,221 @@
+"""Fine-tuning speed and memory: attnkit against HF PEFT on the same model, data and steps, and QLoRA at 1B.
+
+``peft`` — LoRA r=16 on every linear layer of the default SmolLM2-135M (float32; bf16 autocast with
+``--bf16``): attnkit's ``finetune()`` and transformers + HF PEFT on the same weights (the default model written
+as an HF directory), the same packed rows of English prose (Python's standard-library docstrings), the same
+micro-batches in the same order (attnkit.train.sft_data), AdamW, learning rate, clipping and steps. Each system
+runs in a fresh process; reported: training tokens/s (over all steps), peak RSS, held-out loss after.
+
+``qlora`` — LoRA r=16 on every linear layer over a GGUF base that stays quantized (``--gguf``, e.g. the
+Llama-3.2-1B-shaped Q4_K_M that benchmarks/sizes.py writes): tokens/s and peak RSS against the file's size.
+
+    python benchmarks/finetune_speed.py --parts peft,qlora --gguf ~/.cache/attnkit/sizes/llama-3.2-1b-Q4_K_M.lq.gguf
+    attnkit bench finetune_speed -- --parts peft --steps 30
+
+Goals (issue 19): tokens/s ≥ 1.5× HF PEFT, peak RSS ≤ 0.6×, final eval loss within 2%; QLoRA peak RSS ≤ 1.5× the
+file + activations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def write_data(path: Path, n_train: int, n_eval: int) -> tuple[Path, Path]:
+    from attnkit.data.text_corpus import docstring_paragraphs
+
+    train, held = path / "train.jsonl", path / "eval.jsonl"
+    for file, split, n in ((train, "train", n_train), (held, "test", n_eval)):
+        file.write_text("".join(json.dumps({"text": t}) + "\n" for t in docstring_paragraphs(split, n)))
+    return train, held
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child_attnkit(a: dict) -> dict:
+    """attnkit's own trainer, as ``attnkit finetune`` runs it."""
+    import torch
+
+    from attnkit.train.finetune import FinetuneArgs, finetune
+
+    torch.set_num_threads(a["threads"])
+    fa = FinetuneArgs(method="lora", data=a["train"], eval_data=a["eval"], model=a.get("model"),
+                      quantize=a.get("quantize"), steps=a["steps"], batch_size=a["batch"], seq_len=a["seq_len"],
+                      packing=True, lr=a["lr"], warmup=0, schedule="constant", r=16, alpha=32.0,
+                      target_modules="all-linear", eval_every=0, bf16=a["bf16"],
+                      gradient_checkpointing=a.get("checkpointing", False), seed=0)
+    t0 = time.perf_counter()
+    res = finetune(fa, a["out"], progress=False)
+    wall = time.perf_counter() - t0
+    hist = json.loads((Path(a["out"]) / "checkpoint" / "trainer_state.json").read_text())["history"]
+    return {"train_seconds": res["train_seconds"], "wall_s": round(wall, 1), "eval_loss": res["eval_after"]["eval_loss"],
+            "final_train_loss": hist[-1]["loss"], "peak_rss_mb": round(peak_rss_mb())}
+
+
+def child_peft(a: dict) -> dict:
+    """transformers' LlamaForCausalLM + HF PEFT, fed the same micro-batches through the same loop."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from attnkit.text.tokenizer import Tokenizer
+    from attnkit.train.finetune import lm_loss
+    from attnkit.train.sft_data import IGNORE, collate, load_examples, micro_batches, pack
+
+    torch.set_num_threads(a["threads"])
+    torch.manual_seed(0)
+    tok = Tokenizer.from_dir(a["hf_dir"])
+    pad = min(a["eos_ids"])
+    rows = pack(load_examples(a["train"], tok, a["seq_len"]), a["seq_len"])
+    held = load_examples(a["eval"], tok, a["seq_len"])
+    model = AutoModelForCausalLM.from_pretrained(a["hf_dir"], torch_dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=a["lr"], weight_decay=0.0)
+    data = micro_batches(rows, a["batch"], pad, 0)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if a["bf16"] else torch.autocast("cpu", enabled=False)
+    model.train()
+    t_first = None
+    t0 = time.perf_counter()
+    for step in range(a["steps"]):
+        x, y = next(data)
+        with ctx:
+            logits = model(input_ids=x).logits  # packed rows: no padding
+        loss = lm_loss(logits, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step == 0:
+            t_first = time.perf_counter()
+    train_s = time.perf_counter() - t0
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(held), 8):
+            x, y = collate(held[i:i + 8], pad)
+            total += float(lm_loss(model(input_ids=x).logits, y, reduction="sum"))
+            count += int((y[:, 1:] != IGNORE).sum())
+    return {"train_seconds": round(train_s, 1), "after_first_s": round(time.perf_counter() - t_first, 1),
+            "eval_loss": total / count, "final_train_loss": float(loss), "peak_rss_mb": round(peak_rss_mb())}
+
+
+def run_child(kind: str, a: dict, timeout: float) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, "--child-args", json.dumps(a)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if p.returncode != 0:
+        return {"error": (p.stderr or p.stdout).strip().splitlines()[-1][:300]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def export_default_hf(work: Path) -> tuple[Path, list[int]]:
+    from attnkit.loading import load_causal_lm
+    from attnkit.train.hf_export import save_hf_llama
+
+    lm = load_causal_lm(None)
+    d = work / "smollm2-hf"
+    if not (d / "model.safetensors").exists():
+        save_hf_llama(lm.model, lm.tokenizer, d)
+    return d, sorted(lm.tokenizer.eos_ids or {0})
+
+
+def tokens_per_step(a: dict) -> int:
+    return a["batch"] * a["seq_len"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--parts", default="peft,qlora")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides")
+    ap.add_argument("--gguf", default=None, help="QLoRA base: a GGUF file (skipped when absent)")
+    ap.add_argument("--qlora-steps", type=int, default=4)
+    ap.add_argument("--qlora-batch", type=int, default=1)
+    ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--json", default="docs/results/finetune_speed.json")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-args", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        a = json.loads(args.child_args)
+        print(json.dumps({"attnkit": child_attnkit, "peft": child_peft}[args.child](a)))
+        return 0
+
+    parts = args.parts.split(",")
+    report: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+                                "python": platform.python_version()}, "parts": {}}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        train, held = write_data(work, 400, 40)
+        base = {"train": str(train), "eval": str(held), "steps": args.steps, "batch": args.batch_size,
+                "seq_len": args.seq_len, "lr": args.lr, "threads": args.threads, "bf16": args.bf16}
+        if "peft" in parts:
+            hf_dir, eos = export_default_hf(work)
+            ours = run_child("attnkit", {**base, "out": str(work / "run-attnkit")}, args.timeout)
+            peer = run_child("peft", {**base, "hf_dir": str(hf_dir), "eos_ids": eos}, args.timeout)
+            tok = tokens_per_step(base) * args.steps
+            for name, r in (("attnkit", ours), ("HF PEFT", peer)):
+                if "error" not in r:
+                    r["tokens_per_s"] = round(tok / r["train_seconds"], 1)
+                rows.append(("135M LoRA r16 all-linear", name, r))
+            if "error" not in ours and "error" not in peer:
+                report["parts"]["peft"] = {
+                    "attnkit": ours, "peft": peer,
+                    "speed_ratio": round(ours["tokens_per_s"] / peer["tokens_per_s"], 2),
+                    "rss_ratio": round(ours["peak_rss_mb"] / peer["peak_rss_mb"], 2),
+                    "eval_loss_change": round(ours["eval_loss"] / peer["eval_loss"] - 1, 4)}
+            else:
+                report["parts"]["peft"] = {"attnkit": ours, "peft": peer}
+        if "qlora" in parts:
+            if not args.gguf or not Path(args.gguf).exists():
+                print(f"qlora: skipped, no GGUF base at {args.gguf!r} (--gguf)", file=sys.stderr)
+            else:
+                q = {**base, "model": args.gguf, "steps": args.qlora_steps, "batch": args.qlora_batch}
+                size_mb = Path(args.gguf).stat().st_size / 2**20
+                out = {}
+                for label, extra in (("quantized base (gguf)", {"quantize": "gguf"}),
+                                     ("+ gradient checkpointing", {"quantize": "gguf", "checkpointing": True})):
+                    r = run_child("attnkit", {**q, **extra, "out": str(work / f"run-q{len(out)}")}, args.timeout)
+                    if "error" not in r:
+                        r["tokens_per_s"] = round(tokens_per_step(q) * q["steps"] / r["train_seconds"], 1)
+                        r["rss_over_file"] = round(r["peak_rss_mb"] / size_mb, 2)
+                    out[label] = r
+                    rows.append((f"{Path(args.gguf).name} QLoRA", label, r))
+                report["parts"]["qlora"] = {"file": args.gguf, "file_mb": round(size_mb), "runs": out,
+                                            "batch": q["batch"], "seq_len": q["seq_len"], "steps": q["steps"]}
+    print(f"{'workload':<42} {'system':<26} {'tok/s':>8} {'peak RSS MB':>12} {'eval loss':>10}")
+    for w, name, r in rows:
+        if "error" in r:
+            print(f"{w:<42} {name:<26} error: {r['error']}")
+        else:
+            print(f"{w:<42} {name:<26} {r['tokens_per_s']:>8} {r['peak_rss_mb']:>12} {r['eval_loss']:>10.4f}")
+    print(json.dumps(report, indent=2))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
