@@ -28,7 +28,10 @@ pytestmark = pytest.mark.skipif(library() is None, reason="no C compiler: the ke
 # float again), measured on files llama-quantize wrote from the same F16 weights (benchmarks/perplexity.py):
 # SmolLM2-135M's weights already lie on a Q4_1 grid, so re-rounding them to 5- or 4-bit grids costs far more
 # than it would a model trained in float (Q5_K_M +37%, Q4_K_M +22%, Q5_0 +13%, Q6_K +3%, Q8_0 −1% here).
-BOUNDS = {"Q8_0": 0.03, "Q6_K": 0.06, "Q5_K_M": 0.50, "Q4_K_M": 0.30}  # with their fallbacks: Q5_0, Q5_1
+# Two presets run here (the suite's 12 minutes): Q4_K_M writes Q4_K and Q6_K (and the Q5_0/Q5_1 fallbacks), Q8_0 the
+# 8-bit blocks; Q6_K (bound 0.06) and Q5_K_M (0.50, the Q5_K type) are measured by benchmarks/perplexity.py, and
+# every type's kernel against gguf's reference by tests/test_quant_types.py.
+BOUNDS = {"Q8_0": 0.03, "Q4_K_M": 0.30}
 
 
 @pytest.fixture(scope="module")

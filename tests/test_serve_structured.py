@@ -28,7 +28,7 @@ from serve_helpers import TINY, running, tiny_engine  # noqa: E402
 skip_module_without_default_model()
 
 # every string and number bounded: with whitespace bounded too (MAX_JSON_WHITESPACE per gap, 9 gaps) the longest
-# valid text is under 300 bytes, so max_tokens=600 lets every random sample finish (two properties keep 200 samples
+# valid text is under 300 bytes, so max_tokens=600 lets every random sample finish (two properties keep 96 samples
 # short: ~30 tokens each)
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
           "properties": {"name": {"type": "string", "maxLength": 6},
@@ -57,20 +57,20 @@ def _max_ws_run(text: str) -> int:
     return max((len(m) for m in re.findall(r"\s+", text)), default=0)
 
 
-def test_json_schema_holds_on_200_samples_at_temperature_one(client):
+def test_json_schema_holds_on_96_samples_at_temperature_one(client):
     def ask(i: int):
         return client.chat.completions.create(model=TINY, messages=ASK, response_format=PERSON_FORMAT, n=8,
                                               temperature=1.0, max_tokens=600, seed=i)
 
-    with ThreadPoolExecutor(25) as pool:
-        replies = list(pool.map(ask, range(25)))
+    with ThreadPoolExecutor(12) as pool:
+        replies = list(pool.map(ask, range(12)))
     choices = [c for r in replies for c in r.choices]
-    assert len(choices) == 200
+    assert len(choices) == 96
     for c in choices:
         assert c.finish_reason == "stop", c.message.content
         jsonschema.validate(json.loads(c.message.content), PERSON)
         assert _max_ws_run(c.message.content) <= MAX_JSON_WHITESPACE
-    assert len({c.message.content for c in choices}) > 150  # sampled, not one answer repeated
+    assert len({c.message.content for c in choices}) > 72  # sampled, not one answer repeated
 
 
 def test_streamed_json_schema_reassembles(client):
