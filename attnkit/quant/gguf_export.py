@@ -37,7 +37,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .gguf_quantize import PRESETS, QUANT_TYPES, check_preset, quantize_rows, read_metadata, tensor_type
+from .gguf_quantize import PRESETS, QUANT_TYPES, check_preset, copy_metadata, quantize_rows, read_metadata, tensor_type
 
 _FLOAT_TYPES = ("F32", "F16", "BF16")
 _FALLBACK_TYPE = "Q8_0"  # a changed tensor whose own type attnkit cannot write (Q2_K, Q3_K, IQ…)
@@ -122,18 +122,7 @@ def _gguf_base(path: Path) -> _Base:
     permute = registry.by_name(cfg.extra["family"]).permute_qk
 
     def write_meta(w: Any, preset: str) -> None:
-        import gguf
-
-        for key, (val, vtype, sub) in meta.items():
-            if key in ("general.architecture", "general.file_type", "general.quantization_version") or key.startswith("split."):
-                continue
-            if key == "general.alignment":
-                w.data_alignment = int(val)
-            w.add_key_value(key, val, vtype, sub)
-        w.add_uint32("general.quantization_version", gguf.GGML_QUANT_VERSION)
-        ft = meta.get("general.file_type", (None,))[0] if preset == "same" else PRESETS[preset][0]
-        if ft is not None:
-            w.add_uint32("general.file_type", int(ft))
+        copy_metadata(w, meta, meta.get("general.file_type", (None,))[0] if preset == "same" else PRESETS[preset][0])
 
     return _Base(path, cfg, arch, {n: t.shape for n, t in g.tensors.items()},
                  {n: t.ggml_type.name for n, t in g.tensors.items()}, g.load, g.raw_blocks, permute, write_meta)

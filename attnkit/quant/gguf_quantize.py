@@ -416,6 +416,22 @@ def read_metadata(path: str | Path) -> dict[str, tuple[Any, GGUFValueType, GGUFV
 
 # -- a GGUF file → the same model in a preset -------------------------------------------------------------------
 
+def copy_metadata(w: Any, meta: dict, file_type: int | None) -> None:
+    """A source file's key/values into writer ``w``, with this file's quantization version and ``file_type``
+    (None: none written); the architecture (the writer's own), split keys and the old file type are not copied."""
+    import gguf
+
+    for key, (val, vtype, sub) in meta.items():
+        if key in ("general.architecture", "general.file_type", "general.quantization_version") or key.startswith("split."):
+            continue
+        if key == "general.alignment":
+            w.data_alignment = int(val)
+        w.add_key_value(key, val, vtype, sub)
+    w.add_uint32("general.quantization_version", gguf.GGML_QUANT_VERSION)
+    if file_type is not None:
+        w.add_uint32("general.file_type", int(file_type))
+
+
 def requantize(src_path: str | Path, dst_path: str | Path, preset: str, threads: int | None = None,
                progress: bool = False) -> dict[str, str]:
     """Write ``src_path``'s model to ``dst_path`` in ``preset`` (see :data:`PRESETS`); returns name → type.
@@ -445,14 +461,7 @@ def requantize(src_path: str | Path, dst_path: str | Path, preset: str, threads:
             raise ValueError(f"{name}: cannot write type {ty}")
 
     w = gguf.GGUFWriter(dst_path, arch)
-    for key, (val, vtype, sub) in meta.items():
-        if key in ("general.architecture", "general.file_type", "general.quantization_version") or key.startswith("split."):
-            continue
-        if key == "general.alignment":
-            w.data_alignment = int(val)
-        w.add_key_value(key, val, vtype, sub)
-    w.add_uint32("general.quantization_version", gguf.GGML_QUANT_VERSION)
-    w.add_uint32("general.file_type", PRESETS[preset][0])
+    copy_metadata(w, meta, PRESETS[preset][0])
     order = list(g.tensors)
     for name in order:
         t, ty = g.tensors[name], types[name]
