@@ -41,25 +41,28 @@ def _tile(n: int, k: int) -> torch.Tensor:
     return _TILE[0][: n * k].view(n, k)
 
 
-def tiled_product(layer: RowDequantizing, x: torch.Tensor) -> torch.Tensor:
-    """x·Ŵᵀ (no bias): x (M, in) float32 → (M, out) float32, Ŵ dequantized tile by tile."""
+def tiles(layer: RowDequantizing):
+    """(start, stop, Ŵ[start:stop]) for each tile of output rows, dequantized into the one reused buffer."""
     n, k = layer.out_features, layer.in_features
-    y = x.new_empty(x.shape[0], n)  # (M, out)
     rows = tile_rows(layer)
     for r in range(0, n, rows):
         e = min(n, r + rows)
-        torch.mm(x, layer.dequantize_rows(r, e, _tile(e - r, k)).t(), out=y[:, r:e])
+        yield r, e, layer.dequantize_rows(r, e, _tile(e - r, k))
+
+
+def tiled_product(layer: RowDequantizing, x: torch.Tensor) -> torch.Tensor:
+    """x·Ŵᵀ (no bias): x (M, in) float32 → (M, out) float32, Ŵ dequantized tile by tile."""
+    y = x.new_empty(x.shape[0], layer.out_features)  # (M, out)
+    for r, e, w in tiles(layer):
+        torch.mm(x, w.t(), out=y[:, r:e])
     return y
 
 
 def tiled_input_grad(layer: RowDequantizing, gy: torch.Tensor) -> torch.Tensor:
     """∂L/∂x = ∂L/∂y · Ŵ: gy (M, out) float32 → (M, in) float32, summed over tiles of Ŵ's rows."""
-    n, k = layer.out_features, layer.in_features
-    gx = gy.new_zeros(gy.shape[0], k)  # (M, in)
-    rows = tile_rows(layer)
-    for r in range(0, n, rows):
-        e = min(n, r + rows)
-        gx.addmm_(gy[:, r:e], layer.dequantize_rows(r, e, _tile(e - r, k)))
+    gx = gy.new_zeros(gy.shape[0], layer.in_features)  # (M, in)
+    for r, e, w in tiles(layer):
+        gx.addmm_(gy[:, r:e], w)
     return gx
 
 
