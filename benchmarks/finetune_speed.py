@@ -88,9 +88,8 @@ def child_peft(a: dict) -> dict:
     data = micro_batches(rows, a["batch"], pad, 0)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if a["bf16"] else torch.autocast("cpu", enabled=False)
     model.train()
-    t_first = None
     t0 = time.perf_counter()
-    for step in range(a["steps"]):
+    for _ in range(a["steps"]):
         x, y = next(data)
         with ctx:
             logits = model(input_ids=x).logits  # packed rows: no padding
@@ -99,8 +98,6 @@ def child_peft(a: dict) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if step == 0:
-            t_first = time.perf_counter()
     train_s = time.perf_counter() - t0
     model.eval()
     total, count = 0.0, 0
@@ -109,8 +106,7 @@ def child_peft(a: dict) -> dict:
             x, y = collate(held[i:i + 8], pad)
             total += float(lm_loss(model(input_ids=x).logits, y, reduction="sum"))
             count += int((y[:, 1:] != IGNORE).sum())
-    return {"train_seconds": round(train_s, 1), "after_first_s": round(time.perf_counter() - t_first, 1),
-            "eval_loss": total / count, "final_train_loss": float(loss), "peak_rss_mb": round(peak_rss_mb())}
+    return {"train_seconds": round(train_s, 1), "eval_loss": total / count, "final_train_loss": float(loss), "peak_rss_mb": round(peak_rss_mb())}
 
 
 def run_child(kind: str, a: dict, timeout: float) -> dict:
@@ -133,10 +129,6 @@ def export_default_hf(work: Path) -> tuple[Path, list[int]]:
     if not (d / "model.safetensors").exists():
         save_hf_llama(lm.model, lm.tokenizer, d)
     return d, sorted(lm.tokenizer.eos_ids or {0})
-
-
-def tokens_per_step(a: dict) -> int:
-    return a["batch"] * a["seq_len"]
 
 
 def main() -> int:
@@ -174,7 +166,7 @@ def main() -> int:
             hf_dir, eos = export_default_hf(work)
             ours = run_child("attnkit", {**base, "out": str(work / "run-attnkit")}, args.timeout)
             peer = run_child("peft", {**base, "hf_dir": str(hf_dir), "eos_ids": eos}, args.timeout)
-            tok = tokens_per_step(base) * args.steps
+            tok = base["batch"] * base["seq_len"] * args.steps
             for name, r in (("attnkit", ours), ("HF PEFT", peer)):
                 if "error" not in r:
                     r["tokens_per_s"] = round(tok / r["train_seconds"], 1)
@@ -198,7 +190,7 @@ def main() -> int:
                                      ("+ gradient checkpointing", {"quantize": "gguf", "checkpointing": True})):
                     r = run_child("attnkit", {**q, **extra, "out": str(work / f"run-q{len(out)}")}, args.timeout)
                     if "error" not in r:
-                        r["tokens_per_s"] = round(tokens_per_step(q) * q["steps"] / r["train_seconds"], 1)
+                        r["tokens_per_s"] = round(q["batch"] * q["seq_len"] * q["steps"] / r["train_seconds"], 1)
                         r["rss_over_file"] = round(r["peak_rss_mb"] / size_mb, 2)
                     out[label] = r
                     rows.append((f"{Path(args.gguf).name} QLoRA", label, r))
