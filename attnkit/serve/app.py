@@ -65,7 +65,7 @@ def build_app(engine: AsyncLLMEngine | LLMEngine, model_name: str = "attnkit", *
               embedding_name: str | None = None, api_key: str | None = None,
               drain_timeout: float | None = 60.0) -> FastAPI:
     """An app serving ``engine`` under ``model_name`` (and ``embedder``, if given, under ``embedding_name``)."""
-    aengine = engine if isinstance(engine, AsyncLLMEngine) else AsyncLLMEngine(engine)
+    aengine = AsyncLLMEngine(engine) if isinstance(engine, LLMEngine) else engine  # or a DataParallelEngine
     state = ServerState(aengine, model_name, embedder, embedding_name, api_key, drain_timeout)
 
     @asynccontextmanager

@@ -8,6 +8,7 @@ answers requests that still arrive on open connections with 503, lets the in-fli
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import sys
@@ -37,28 +38,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_speculative_flags(p)
     p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
                    help="serve the LoRA adapter in DIR (HF PEFT format) as model `<model>:NAME`; repeatable")
+    p.add_argument("--data-parallel-size", type=int, default=1, metavar="N",
+                   help="engine replicas, each in its own process with cores/N torch threads, behind this one server "
+                        "(routed by prefix-cache affinity, then load; default 1: one engine in this process)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run_serve)
 
 
-def build_from_args(args: argparse.Namespace):
-    """Load the models and build the app (separate from serving, for tests and embedding)."""
+def build_engine(args: argparse.Namespace):
+    """Load the model and start one engine with its LoRA adapters: (engine, CausalLM). Each data-parallel
+    replica runs this in its own process."""
     from ..engine import EngineConfig, LLMEngine
-    from ..loading import load_sentence_encoder
     from ..models.gpt2 import GPT2
     from ..models.llama import Llama
-    from .app import build_app
 
     opts = InferenceOptions.from_args(args)
-    for name in ("port", "max_num_seqs", "max_waiting", "kv_cache_mb"):
-        if getattr(args, name) < (0 if name == "port" else 1):
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    loras = []
-    for spec in args.lora:
-        name, sep, directory = spec.partition("=")
-        if not sep or not name or not directory:
-            raise ValueError(f"--lora {spec!r}: expected NAME=DIR")
-        loras.append((name, directory))
     spec = speculative_config(args)
     lm = opts.load(args.model)
     if not isinstance(lm.model, (Llama, GPT2)):
@@ -69,14 +63,54 @@ def build_from_args(args: argparse.Namespace):
                        kv_cache_bytes=args.kv_cache_mb << 20, compile=opts.compile,
                        kv_cache_dtype=opts.engine_kv_cache_dtype(), speculative=spec)
     engine = LLMEngine(lm.model, lm.tokenizer, cfg, lm.stop_ids, draft)
-    for name, directory in loras:
+    for name, directory in _loras(args):
         engine.add_lora(name, directory)
+    return engine, lm
+
+
+def replica_engine(args: argparse.Namespace):
+    """The engine of one data-parallel replica (a picklable factory: ``functools.partial(replica_engine, args)``)."""
+    return build_engine(args)[0]
+
+
+def _loras(args: argparse.Namespace) -> list[tuple[str, str]]:
+    loras = []
+    for spec in args.lora:
+        name, sep, directory = spec.partition("=")
+        if not sep or not name or not directory:
+            raise ValueError(f"--lora {spec!r}: expected NAME=DIR")
+        loras.append((name, directory))
+    return loras
+
+
+def build_from_args(args: argparse.Namespace):
+    """Load the models and build the app (separate from serving, for tests and embedding)."""
+    from ..loading import load_sentence_encoder
+    from .app import build_app
+
+    InferenceOptions.from_args(args)  # bad options fail here, before any model loads
+    for name in ("port", "max_num_seqs", "max_waiting", "kv_cache_mb"):
+        if getattr(args, name) < (0 if name == "port" else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    _loras(args)
+    speculative_config(args)
+    dp = getattr(args, "data_parallel_size", 1)
+    if dp < 1:
+        raise ValueError(f"--data-parallel-size must be at least 1, got {dp}")
+    if dp > 1:
+        from ..engine.data_parallel import DataParallelEngine, load_tokenizer
+
+        tokenizer, path = load_tokenizer(args.model)
+        engine = DataParallelEngine(functools.partial(replica_engine, args), dp, tokenizer, threads=args.threads)
+    else:
+        engine, lm = build_engine(args)
+        path = lm.path
     embedder, embedding_name = None, None
     if not args.no_embeddings:
         embedder = load_sentence_encoder(args.embedding_model)
         embedding_name = (os.path.basename(os.path.normpath(args.embedding_model)) if args.embedding_model
                           else "all-MiniLM-L6-v2")
-    name = args.served_model_name or (lm.path.stem if lm.path.is_file() else lm.path.name)
+    name = args.served_model_name or (path.stem if path.is_file() else path.name)
     return build_app(engine, name, embedder=embedder, embedding_name=embedding_name, api_key=args.api_key,
                      drain_timeout=args.drain_timeout), engine
 

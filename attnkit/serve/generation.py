@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
 from fastapi import Request
 
 from ..engine.async_engine import EngineDrainingError, QueueFullError, RequestStream
+from ..engine.data_parallel import ReplicaDiedError
 from ..engine.outputs import RequestOutput
 from ..engine.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputs
 from .errors import APIError, bad_request
@@ -108,6 +110,8 @@ async def start(state: ServerState, prompts: list[list[int]], params: SamplingPa
             s.close()
         if isinstance(e, EngineDrainingError):
             raise APIError(503, str(e), "server_error", code="shutting_down") from None
+        if isinstance(e, ReplicaDiedError):
+            raise replica_died(e) from None
         if isinstance(e, QueueFullError):
             raise APIError(503, f"the server is overloaded: {e}; retry later", "server_error", code="queue_full",
                            headers={"Retry-After": "1"}) from None
@@ -117,8 +121,23 @@ async def start(state: ServerState, prompts: list[list[int]], params: SamplingPa
     return streams
 
 
+def replica_died(e: ReplicaDiedError) -> APIError:
+    """503 naming the data-parallel replica that died (:mod:`attnkit.engine.data_parallel`)."""
+    return APIError(503, str(e), "server_error", code="replica_died")
+
+
 async def merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(prompt index, output) from several streams as they come; closing it closes them all."""
+    """(prompt index, output) from several streams as they come; closing it closes them all. A data-parallel
+    replica that died is a 503 naming it."""
+    async with aclosing(_merge(streams)) as items:
+        try:
+            async for item in items:
+                yield item
+        except ReplicaDiedError as e:
+            raise replica_died(e) from None
+
+
+async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
     if len(streams) == 1:
         async with streams[0] as s:
             async for out in s:

@@ -1,0 +1,162 @@
+"""Data-parallel serving (attnkit.engine.data_parallel): two replica processes of a tiny random Llama behind one
+server. Greedy outputs equal one in-process engine's; requests sharing a prefix stay on one replica while distinct
+ones spread by load; aborts reach the replica; a killed replica fails its requests with a 503 naming it while the
+other keeps serving. One router serves every test (spawned processes import torch: seconds each)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+from collections import OrderedDict
+
+import httpx
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from attnkit.engine import LLM, EngineConfig, SamplingParams  # noqa: E402
+from attnkit.engine.data_parallel import DataParallelEngine, ReplicaDiedError, _Replica  # noqa: E402
+from attnkit.serve import build_app  # noqa: E402
+from engine_helpers import skip_module_without_default_model, tiny_llama, tokenizer  # noqa: E402,F401
+from serve_helpers import TINY, metric, running, wait_for  # noqa: E402
+
+skip_module_without_default_model()
+
+SHAPE = dict(d_model=32, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=1024)
+
+
+def tiny_replica():
+    """Each replica's engine: the same seeded tiny Llama, the default model's tokenizer (runs in the child)."""
+    from attnkit.loading import defaults
+    from attnkit.loading.gguf_file import GGUFFile
+    from attnkit.text.tokenizer import Tokenizer
+    from attnkit.engine import LLMEngine
+
+    path = defaults.default_chat_model()
+    tok = Tokenizer.from_gguf(GGUFFile(path).metadata, path)
+    model = tiny_llama(tok.vocab_size, **SHAPE)
+    return LLMEngine(model, tok, EngineConfig(max_num_seqs=8, kv_cache_bytes=16 << 20), tok.eos_ids)
+
+
+@pytest.fixture(scope="module")
+def router(tokenizer):
+    dp = DataParallelEngine(tiny_replica, 2, tokenizer, threads=1)
+    yield dp
+    dp.close()
+
+
+@pytest.fixture(scope="module")
+def base(router):
+    with running(build_app(router, TINY)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def offline(tokenizer):
+    model = tiny_llama(tokenizer.vocab_size, **SHAPE)
+    return LLM.from_model(model, tokenizer, EngineConfig(), eos_ids=tokenizer.eos_ids)
+
+
+def complete(base: str, prompt, **kw) -> httpx.Response:
+    body = {"model": TINY, "prompt": prompt, "temperature": 0, "max_tokens": 8} | kw
+    return httpx.post(f"{base}/v1/completions", json=body, timeout=60)
+
+
+def ids_of(router, resp: httpx.Response, n: int) -> list[int]:
+    return [router.routed[f"{resp.json()['id']}-{i}"] for i in range(n)]
+
+
+def test_greedy_outputs_equal_one_engine_and_distinct_prompts_spread(base, router, offline, tokenizer):
+    prompts = [[(97 * i + 13 * j) % tokenizer.vocab_size for j in range(5 + 7 * i)] for i in range(6)]
+    ref = offline.generate(prompts, SamplingParams(temperature=0, max_tokens=12, logprobs=2))
+    r = complete(base, prompts, max_tokens=12, logprobs=2)
+    assert r.status_code == 200, r.text
+    got = r.json()["choices"]
+    assert [c["text"] for c in got] == [o.text for o in ref]
+    assert [c["finish_reason"] for c in got] == [o.finish_reason for o in ref]
+    for c, o in zip(got, ref):  # logprobs survive the pipe
+        assert c["logprobs"]["token_logprobs"] == pytest.approx([lp[t] for lp, t in zip(o.outputs[0].logprobs,
+                                                                                            o.token_ids)], abs=1e-5)
+    assert r.json()["usage"]["completion_tokens"] == sum(len(o.token_ids) for o in ref)
+    assert sorted(set(ids_of(router, r, len(prompts)))) == [0, 1]  # six distinct prompts at once: both replicas
+    # streamed chat through the template, too
+    chat = {"model": TINY, "messages": [{"role": "user", "content": "Name a colour."}], "temperature": 0,
+            "max_tokens": 10}
+    whole = httpx.post(f"{base}/v1/chat/completions", json=chat, timeout=60).json()
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=chat | {"stream": True}, timeout=60) as s:
+        text = "".join(__import__("json").loads(line[5:])["choices"][0]["delta"].get("content") or ""
+                       for line in s.iter_lines() if line.startswith("data: {"))
+    assert text == whole["choices"][0]["message"]["content"]
+
+
+def test_a_shared_prefix_stays_on_one_replica(base, router, tokenizer):
+    prefix = [(31 * j + 7) % tokenizer.vocab_size for j in range(40)]  # two full blocks and a bit
+    for trial in range(2):
+        prompts = [prefix + [100 + 10 * trial + i] * (i + 1) for i in range(4)]
+        r = complete(base, prompts)  # four at once: loads 1..3 on one replica stay within the margin
+        assert r.status_code == 200, r.text
+        assert len(set(ids_of(router, r, 4))) == 1
+    assert metric(base, "attnkit_prefix_cache_hits_total") >= 2 * 3  # the 2nd..4th of each found the prefix
+
+
+def test_routing_falls_back_to_the_least_loaded_beyond_the_margin(tokenizer):
+    dp = DataParallelEngine.__new__(DataParallelEngine)  # the policy alone: no processes
+    dp.replicas = [_Replica(0, None, None), _Replica(1, None, None)]
+    dp.affinity_blocks, dp.affinity_margin = 4, 2
+    dp._prefix, dp.routed = OrderedDict(), OrderedDict()
+    dp.engine = type("Info", (), {"block_size": 16})()
+    ids = list(range(50))
+    picks = [dp._route(f"r{i}", ids + [i], None).index for i in range(4)]  # nothing finishes: loads grow
+    assert picks == [0, 0, 0, 1]  # affinity while load 1, 2 <= 0 + 2; then the least loaded
+    assert dp._route("short", [1, 2, 3], None).index == 1  # under one block: no affinity, least loaded (1 < 3)
+    assert dp._route("other", list(range(100, 150)), None).index == 1
+    dp.replicas[1].dead = "gone"
+    assert dp._route("x", ids, None).index == 0
+    dp.replicas[0].dead = "gone too"
+    with pytest.raises(ReplicaDiedError, match="no data-parallel replica is alive"):
+        dp._route("y", ids, None)
+
+
+def test_abort_reaches_the_replica(router):
+    async def go():
+        stream = await router.add_request([5] * 20, SamplingParams(max_tokens=900, ignore_eos=True, temperature=0))
+        async for out in stream:
+            if len(out.token_ids) >= 3:
+                break
+        replica = router.routed[stream.request_id]
+        before = router.replica_stats()[replica].aborted
+        stream.close()
+        return replica, before
+
+    replica, before = asyncio.run(go())
+    wait_for(lambda: router.replica_stats()[replica].aborted == before + 1, what="the replica to abort")
+    assert router.replica_stats()[replica].running == 0 and router.num_unfinished_requests == 0
+    assert router.stats().aborted >= 1
+
+
+def test_bad_input_is_a_400_from_the_replica(base):
+    r = complete(base, [10**7])
+    assert r.status_code == 400 and "token ids" in r.text
+
+
+def test_a_killed_replica_fails_its_requests_and_the_other_serves(base, router):
+    result = {}
+    body = {"max_tokens": 900, "ignore_eos": True}
+    t = threading.Thread(target=lambda: result.setdefault("r", complete(base, "Tell me a long story", **body)))
+    t.start()
+    wait_for(lambda: router.num_unfinished_requests == 1, what="the request to start")
+    victim = next(r for r in router.replicas if r.load == 1)
+    os.kill(victim.process.pid, signal.SIGKILL)
+    t.join(30)
+    r = result["r"]
+    assert r.status_code == 503, r.text
+    msg = r.json()["error"]["message"]
+    assert f"data-parallel replica {victim.index} (pid {victim.process.pid}) exited with code -9" in msg
+    assert r.json()["error"]["code"] == "replica_died"
+    for prompt in ("Hello there", "Another prompt entirely", "A third"):  # all go to the survivor
+        ok = complete(base, prompt)
+        assert ok.status_code == 200, ok.text
+    assert httpx.get(f"{base}/health").json() == {"status": "ok"}
+    assert metric(base, "attnkit_num_requests_running") == 0
