@@ -9,7 +9,9 @@ held-out loss and perplexity exp(loss) are measured (the eval split: ``eval_data
 ETA, loss_curve.png the curves. Checkpoints (adapter in HF PEFT's format, optimizer state in
 safetensors, trainer state in JSON) are written atomically and resume exactly. ``packing`` puts whole
 examples in a row, each attending only to itself (Krell et al. 2021); ``gradient_checkpointing``
-recomputes each decoder block in the backward (Chen et al. 2016).
+recomputes each decoder block in the backward (Chen et al. 2016). Under ``torchrun`` the run is data parallel
+(DDP, or FSDP2 with ``fsdp``; :mod:`attnkit.train.distributed`): the same global batch, the same losses, rank 0
+writing everything, checkpoints that resume at any world size.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,8 @@ from ..config import JsonConfig
 from ..peft import METHODS, PeftConfig, PeftModel, get_peft_model
 from .chunked_loss import chunked_lm_loss, hidden_head
 from .checkpoint import CheckpointError, commit_dir, load_optimizer_state, read_trainer_state, recover_dir
+from .distributed import (Dist, init_distributed, optimizer_tensors, shard_optimizer_state, sync_gradients,
+                          trainable_tensors, unwrap, wrap)
 from .sft_data import IGNORE, Example, collate, load_examples, micro_batches, pack
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -66,6 +70,8 @@ class FinetuneArgs(JsonConfig):
     seed: int = 0
     eval_every: int = 50
     save_every: int = 0
+    fsdp: bool = False  # under torchrun: FSDP2 (parameters, gradients and optimizer state sharded) instead of DDP
+    dist_timeout: float = 300.0  # seconds any collective may wait for the other ranks before it is an error
     # method hyperparameters
     r: int = 8
     alpha: float = 16.0
@@ -93,6 +99,11 @@ class FinetuneArgs(JsonConfig):
             raise ValueError("data: a JSONL file is required")
         if self.quantize is not None and self.quantize not in QLORA_BASES:
             raise ValueError(f"quantize must be one of {', '.join(QLORA_BASES)} or unset, got {self.quantize!r}")
+        if self.dist_timeout <= 0:
+            raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
+        if self.fsdp and self.quantize is not None:
+            raise ValueError(f"fsdp with quantize={self.quantize}: FSDP shards float parameters and a quantized base "
+                             "is not one; train QLoRA data parallel with DDP (drop --fsdp)")
         if self.quantize is not None and self.method == "full":
             raise ValueError(f"quantize={self.quantize}: a quantized base is frozen; full fine-tuning needs it in float")
 
@@ -137,44 +148,53 @@ def autocast(bf16: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
-def model_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean", **kw: Any) -> torch.Tensor:
+def model_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean", chunked: bool = True,
+               **kw: Any) -> torch.Tensor:
     """:func:`lm_loss` of ``model(x, **kw)``, from its hidden states a chunk of rows at a time where the model can
-    return them (:mod:`attnkit.train.chunked_loss`: the batch's logits never exist at once)."""
-    head = hidden_head(model)
+    return them and ``chunked`` (:mod:`attnkit.train.chunked_loss`: the batch's logits never exist at once; not
+    under FSDP, whose head runs only inside the forward)."""
+    head = hidden_head(unwrap(model)) if chunked else None
     if head is None:
         return lm_loss(model(x, **kw), y, reduction)
     return chunked_lm_loss(*head, model(x, hidden_only=True, **kw), y, reduction)
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, rows: list[Example], pad_id: int, batch_size: int = 8, bf16: bool = False) -> dict:
-    """Token-weighted mean loss over ``rows`` and its perplexity."""
+def evaluate_loss(model: nn.Module, rows: list[Example], pad_id: int, batch_size: int = 8, bf16: bool = False,
+                  d: Dist | None = None, fsdp: bool = False) -> dict:
+    """Token-weighted mean loss over ``rows`` and its perplexity. Data parallel (``d``): each rank takes every
+    world-th batch and the sums are all-reduced; under ``fsdp`` every rank runs every batch (each forward is a
+    collective)."""
     was = model.training
     model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(rows), batch_size):
+    share = d is not None and d.on and not fsdp
+    sums = torch.zeros(2, dtype=torch.float64)  # summed loss, labelled tokens
+    for b, i in enumerate(range(0, len(rows), batch_size)):
+        if share and b % d.world != d.rank:
+            continue
         x, y = collate(rows[i:i + batch_size], pad_id)
         with autocast(bf16):
-            total += float(model_loss(model, x, y, reduction="sum"))
-        count += int((y[:, 1:] != IGNORE).sum())
+            sums[0] += float(model_loss(model, x, y, reduction="sum", chunked=not fsdp))
+        sums[1] += int((y[:, 1:] != IGNORE).sum())
     model.train(was)
+    if share:
+        d.all_reduce(sums, "the evaluation's all-reduce")
+    total, count = float(sums[0]), int(sums[1])
     loss = total / max(count, 1)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}
 
 
 # -- checkpoints ------------------------------------------------------------------------------------
-def save_state(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """out/checkpoint/: adapter (or trainable weights), optimizer.safetensors, trainer_state.json — atomically
+def save_state(out: Path, trainable: dict[str, torch.Tensor], optim: dict[str, torch.Tensor], state: dict) -> None:
+    """out/checkpoint/: the trainable tensors (:func:`~attnkit.train.distributed.trainable_tensors`), the optimizer
+    state (:func:`~attnkit.train.distributed.optimizer_tensors`) and trainer_state.json — atomically
     (:func:`~attnkit.train.checkpoint.commit_dir`)."""
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=out))
     try:
         # every trainable tensor (a prompt encoder's reparameterising network too): resume is exact
-        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
-                  str(tmp / "trainable.safetensors"))
-        names = {id(p): n for n, p in model.named_parameters()}
-        save_file({f"{names[id(p)]}::{k}": v.detach().contiguous() for p, s in optimizer.state.items()
-                   for k, v in s.items() if torch.is_tensor(v)}, str(tmp / "optimizer.safetensors"))
+        save_file(trainable, str(tmp / "trainable.safetensors"))
+        save_file(optim, str(tmp / "optimizer.safetensors"))
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
         commit_dir(tmp, out / "checkpoint")
     except BaseException:
@@ -238,19 +258,46 @@ def split_rows(args: FinetuneArgs, tok: Any) -> tuple[list[Example], list[Exampl
     return train[:len(train) - n_eval], train[len(train) - n_eval:]
 
 
+def _resume_batch(args: FinetuneArgs, state: dict, world: int, named: bool) -> tuple[FinetuneArgs, str | None]:
+    """On resume, keep the run's global micro-batch (``batch_size × world``) at this world size: the per-rank
+    ``batch_size`` becomes global / world, so the data order and the losses continue as they would have.
+    A ``batch_size`` the user named wins (the global batch then changes)."""
+    size = int(state.get("global_batch", args.batch_size))
+    if named or args.batch_size * world == size:
+        return args, None
+    if size % world:
+        raise ValueError(f"the run's global micro-batch is {size} rows (batch_size × world size "
+                         f"{state.get('world_size', 1)}); world size {world} does not divide it: resume at a world "
+                         "size that does, or name --batch-size (the global batch then changes)")
+    note = (f"resume: world size {state.get('world_size', 1)} → {world}: per-rank batch {args.batch_size} → "
+            f"{size // world} (the run's global micro-batch of {size} rows kept)")
+    return replace(args, batch_size=size // world), note
+
+
 def finetune(args: FinetuneArgs, out_dir: str | Path, resume: bool = False, progress: bool = True,
              lm: Any = None, stop_after: int | None = None) -> dict:
     """Train per ``args`` into ``out_dir``; returns the metrics (also written to metrics.json).
 
     ``lm``: an already loaded :class:`~attnkit.loading.CausalLM` (else ``args.model`` is loaded).
     ``stop_after``: leave after this many steps with a checkpoint (``resume`` continues the run).
+    Under torchrun (or in an initialised process group) every rank runs this; rank 0 alone writes.
     """
     from ..loading import load_causal_lm
 
     out = Path(out_dir)
+    d = init_distributed(args.dist_timeout)
+    fsdp = args.fsdp and d.on
+    show = progress and d.main
+    state: dict = {"step": 0, "micro_batches": 0, "samples": 0, "elapsed_s": 0.0, "history": [], "evals": []}
     if resume:  # the given arguments, checked against the run's (the CLI merges the named options first)
-        args, _ = resume_args(out, args.to_dict())
-        recover_dir(out / "checkpoint")
+        if d.main:
+            recover_dir(out / "checkpoint")
+        d.barrier("resume (rank 0 recovering the checkpoint)")
+        args, changed = resume_args(out, args.to_dict())
+        state = read_trainer_state(out / "checkpoint")
+        args, note = _resume_batch(args, state, d.world, "batch_size" in changed)
+        if note and show:
+            print(note, file=sys.stderr)
     torch.manual_seed(args.seed)
     lm = load_causal_lm(args.model, quantize=args.quantize) if lm is None else lm
     if args.gradient_checkpointing and not hasattr(lm.model, "gradient_checkpointing"):
@@ -271,54 +318,83 @@ def finetune(args: FinetuneArgs, out_dir: str | Path, resume: bool = False, prog
         model: nn.Module = lm.model.requires_grad_(True)
     else:
         model = get_peft_model(lm.model, cfg, tokenizer=tok)
-    state: dict = {"step": 0, "micro_batches": 0, "elapsed_s": 0.0, "history": [], "evals": []}
     if resume:
-        _restore(out / "checkpoint", model)
-        state = read_trainer_state(out / "checkpoint")
-        if progress:
+        _restore(out / "checkpoint", model)  # full tensors, before DDP / FSDP takes the model
+        if show:
             print(f"resuming {out} at step {state['step']} of {args.steps}", file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "finetune_args.json").write_text(json.dumps(args.to_dict(), indent=2))
+        d.barrier("resume (every rank reading the checkpoint)")
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "finetune_args.json").write_text(json.dumps(args.to_dict(), indent=2))
+    trainable, total = (model.trainable_parameters() if isinstance(model, PeftModel)
+                        else (sum(p.numel() for p in model.parameters()),) * 2)
+    train_model = wrap(model, d, fsdp)  # DDP, or FSDP2 in place; world 1: the model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     if resume:
         load_optimizer_state(out / "checkpoint", model, optimizer)
+        if fsdp:
+            shard_optimizer_state(optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args.warmup, args.steps, args.schedule))
     scheduler.last_epoch = state["step"]  # resume: the learning rate of the step about to run
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * lr_factor(state["step"], args.warmup, args.steps, args.schedule)
-    trainable, total = (model.trainable_parameters() if isinstance(model, PeftModel)
-                        else (sum(p.numel() for p in params), sum(p.numel() for p in params)))
-    if progress:
+    if show:
         print(f"{args.method}: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.4f}%); "
-              f"{len(train_rows)} training rows, {len(eval_rows)} eval rows", file=sys.stderr)
-    data = micro_batches(train_rows, args.batch_size, pad_id, args.seed, start=state["micro_batches"])
+              f"{len(train_rows)} training rows, {len(eval_rows)} eval rows"
+              + (f"; {'FSDP' if fsdp else 'DDP'} over {d.world} ranks" if d.on else ""), file=sys.stderr)
+    size = args.batch_size * d.world  # the global micro-batch; the data position is kept in global rows
+    was = int(state.get("global_batch", size))
+    state.setdefault("samples", state["micro_batches"] * was)
+    state["micro_batches"] = state["micro_batches"] if was == size else state["samples"] // size
+    state["world_size"], state["global_batch"] = d.world, size
+    data = micro_batches(train_rows, args.batch_size, pad_id, args.seed, start=state["micro_batches"],
+                         rank=d.rank, world=d.world)
+
+    def evaluate() -> dict:
+        return {"step": state["step"], **evaluate_loss(model, eval_rows, pad_id, bf16=args.bf16, d=d, fsdp=fsdp)}
+
     if state["step"] == 0 and not state["evals"]:
-        state["evals"].append({"step": 0, **evaluate_loss(model, eval_rows, pad_id, bf16=args.bf16)})
+        state["evals"].append(evaluate())
 
     def checkpoint() -> None:
-        save_state(out, model, optimizer, state)
+        if d.main or fsdp:  # FSDP: gathering the full tensors is a collective
+            with d.guard("gathering the checkpoint's tensors"):
+                tensors, optim = trainable_tensors(model), optimizer_tensors(model, optimizer)
+            if d.main:
+                save_state(out, tensors, optim, state)
 
-    model.train()
-    bar = tqdm(total=args.steps, initial=state["step"], disable=not progress, unit="step", dynamic_ncols=True)
+    train_model.train()
+    bar = tqdm(total=args.steps, initial=state["step"], disable=not show, unit="step", dynamic_ncols=True)
     postfix = dict.fromkeys(("loss", "tok/s", "lr"), "-")  # tokens/s without the padding; then the latest eval loss
     if state["evals"]:
         postfix["eval"] = f"{state['evals'][-1]['eval_loss']:.3f}"
     end = args.steps if stop_after is None else min(args.steps, stop_after)
+    g = args.grad_accum
     while state["step"] < end:
+        d.step = state["step"]
         t0 = time.perf_counter()
-        step_loss, tokens = 0.0, 0
-        for _ in range(args.grad_accum):
-            x, y, *docs = next(data)  # packed rows: their document ids
-            with autocast(args.bf16):
-                loss = model_loss(model, x, y, **({"doc_ids": docs[0]} if docs else {})) / args.grad_accum
-            loss.backward()
-            step_loss += float(loss.detach())
-            tokens += int((docs[0] >= 0).sum()) if docs else int((x != pad_id).sum())  # not the padding
-            state["micro_batches"] += 1
-        if args.clip > 0:
-            nn.utils.clip_grad_norm_(params, args.clip)
-        optimizer.step()
+        with d.guard("a training step (forward, backward, gradient all-reduce)"):
+            batches = [next(data) for _ in range(g)]  # packed rows: (x, y, document ids)
+            counts = torch.tensor([[int((b[1][:, 1:] != IGNORE).sum()),  # labelled tokens, and tokens not padding
+                                    int((b[2] >= 0).sum()) if len(b) > 2 else int((b[0] != pad_id).sum())]
+                                   for b in batches], dtype=torch.float64)
+            counts = d.all_reduce(counts, "the token-count all-reduce")  # N_k of the global micro-batches
+            sums = torch.zeros(g, dtype=torch.float64)
+            for k, (x, y, *docs) in enumerate(batches):
+                with sync_gradients(train_model, k == g - 1):
+                    with autocast(args.bf16):
+                        s = model_loss(train_model, x, y, "sum", chunked=not fsdp, **({"doc_ids": docs[0]} if docs else {}))
+                    (s / max(float(counts[k, 0]), 1.0) * (d.world / g)).backward()  # ranks average: Σ_r S_r / N_k / g
+                sums[k] = float(s.detach())
+                state["micro_batches"] += 1
+                state["samples"] += size
+            d.all_reduce(sums, "the loss all-reduce")
+            step_loss = float((sums / counts[:, 0].clamp(min=1)).sum()) / g
+            tokens = int(counts[:, 1].sum())
+            if args.clip > 0:
+                nn.utils.clip_grad_norm_(params, args.clip)
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
@@ -332,10 +408,10 @@ def finetune(args: FinetuneArgs, out_dir: str | Path, resume: bool = False, prog
         bar.update(1)  # the bar's own ETA: the remaining steps at the measured rate
         s = state["step"]
         if (args.eval_every and s % args.eval_every == 0) or s == args.steps:
-            state["evals"].append({"step": s, **evaluate_loss(model, eval_rows, pad_id, bf16=args.bf16)})
+            state["evals"].append(evaluate())
             postfix["eval"] = f"{state['evals'][-1]['eval_loss']:.3f}"
             bar.set_postfix(postfix)
-            if progress:
+            if show:
                 bar.write(f"step {s}: eval loss {state['evals'][-1]['eval_loss']:.4f} "
                           f"ppl {state['evals'][-1]['eval_ppl']:.2f}", file=sys.stderr)
         if args.save_every and s % args.save_every == 0 and s < args.steps:
@@ -344,18 +420,29 @@ def finetune(args: FinetuneArgs, out_dir: str | Path, resume: bool = False, prog
     checkpoint()
     model.eval()
     if state["step"] < args.steps:  # interrupted on purpose: the checkpoint is the result
+        d.barrier("the end of the run")
         return {"method": args.method, "steps": state["step"], "stopped": True, "model": model}
-    if isinstance(model, PeftModel):
-        model.save_pretrained(out / "adapter")
-    else:
-        save_model(model, str(out / "model.safetensors"))
-    plot_losses(state, out / "loss_curve.png", f"{args.method} fine-tuning")
+    if fsdp:  # the full weights back in every rank's model, to save and to return
+        from torch.distributed.fsdp import FSDPModule
+
+        with d.guard("gathering the final weights"):
+            for m in model.modules():
+                if isinstance(m, FSDPModule):
+                    m.unshard()
+    if d.main:
+        if isinstance(model, PeftModel):
+            model.save_pretrained(out / "adapter")
+        else:
+            save_model(model, str(out / "model.safetensors"))
+        plot_losses(state, out / "loss_curve.png", f"{args.method} fine-tuning")
     result = {"method": args.method, "steps": state["step"], "train_seconds": round(state["elapsed_s"], 1),
               "trainable_params": trainable, "total_params": total, "trainable_percent": 100 * trainable / total,
-              "train_examples": len(train_rows), "eval_examples": len(eval_rows),
+              "train_examples": len(train_rows), "eval_examples": len(eval_rows), "world_size": d.world,
               "final_train_loss": state["history"][-1]["loss"] if state["history"] else None,
               "eval_before": state["evals"][0], "eval_after": state["evals"][-1]}
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    if d.main:
+        (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    d.barrier("the end of the run")
     result["model"] = model
     return result
 

@@ -1,4 +1,5 @@
-"""``attnkit finetune`` (PEFT or full fine-tuning of a causal LM on JSONL) and ``attnkit distill``."""
+"""``attnkit finetune`` (PEFT or full fine-tuning of a causal LM on JSONL) and ``attnkit distill``; both run data
+parallel under ``torchrun --nproc_per_node N`` (:mod:`attnkit.train.distributed`)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_fields(p, FinetuneArgs, help={
+        "fsdp": "under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP",
+        "dist_timeout": "under torchrun: seconds a collective waits for the other ranks before failing",
         "method": "lora | adapter | prefix | prompt | ptuning | ia3 | full", "data": "training JSONL (required)",
         "model": "GGUF file or HF directory; default: the embedded SmolLM2", "schedule": "cosine | linear | constant",
         "target_modules": "comma-separated module names", "encoder_type": "P-tuning encoder: MLP | LSTM"},
@@ -60,7 +63,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _add_fields(d, DistillArgs, help={
         "data": "training JSONL (required)", "model": "the teacher (GGUF or HF dir); default: the embedded SmolLM2",
         "stages": "layer counts per stage, e.g. 24,18 ('half': one stage to half the layers)",
-        "selection": "importance (Block Influence) | every-other"})
+        "selection": "importance (Block Influence) | every-other",
+        "dist_timeout": "under torchrun: seconds a collective waits for the other ranks before failing"})
     d.set_defaults(func=_distill)
 
 
@@ -78,10 +82,28 @@ def _finetune(args: argparse.Namespace) -> int:
             print(f"resume: --{k.replace('_', '-')} {now} overrides the run's {was}", file=sys.stderr)
     else:
         fa = FinetuneArgs(**named)
-    result = finetune(fa, args.out, resume=args.resume, progress=not args.quiet)
-    result.pop("model")
-    print(json.dumps(result, indent=2))
-    return 0
+    return _ranked("finetune", lambda: finetune(fa, args.out, resume=args.resume, progress=not args.quiet), "model")
+
+
+def _ranked(command: str, run: Any, drop: str) -> int:
+    """Run a (possibly data-parallel) command: rank 0 prints its result; a rank that lost another ends with the
+    error naming it (exit status 1) instead of a traceback; the process group is torn down either way."""
+    import torch.distributed as dist
+
+    from .distributed import RankFailure
+
+    try:
+        result = run()
+        result.pop(drop)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(json.dumps(result, indent=2))
+        return 0
+    except RankFailure as e:
+        print(f"attnkit {command}: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _distill(args: argparse.Namespace) -> int:
@@ -92,7 +114,4 @@ def _distill(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     da = DistillArgs(**{f.name: getattr(args, f.name) for f in fields(DistillArgs)})
-    report = distill(da, args.out, progress=not args.quiet)
-    report.pop("student")
-    print(json.dumps(report, indent=2))
-    return 0
+    return _ranked("distill", lambda: distill(da, args.out, progress=not args.quiet), "student")

@@ -145,16 +145,21 @@ def collate(batch: list[Example] | list[PackedExample], pad_id: int) -> tuple[to
     return (x, y, d) if all(len(row) == 3 for row in batch) else (x, y)
 
 
-def micro_batches(rows: list[Example] | list[PackedExample], batch_size: int, pad_id: int, seed: int, start: int = 0
-                  ) -> Iterator[tuple[torch.Tensor, ...]]:
+def micro_batches(rows: list[Example] | list[PackedExample], batch_size: int, pad_id: int, seed: int, start: int = 0,
+                  rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, ...]]:
     """Endless shuffled micro-batches, epoch after epoch (epoch e shuffled with seed + e), from the
-    ``start``-th micro-batch on (resume)."""
-    per_epoch = max(1, len(rows) // batch_size)
+    ``start``-th micro-batch on (resume). Data parallel: micro-batch k is global, ``batch_size × world`` rows in
+    an order that does not depend on ``world``, and rank ``rank`` gets its ``rank``-th slice of ``batch_size``."""
+    size = batch_size * world
+    if world > 1 and len(rows) < size:
+        raise ValueError(f"{len(rows)} training rows cannot fill a global micro-batch of {size} "
+                         f"(batch_size {batch_size} × world size {world}); lower --batch-size or add data")
+    per_epoch = max(1, len(rows) // size)
     k = start
     while True:
         epoch, i = divmod(k, per_epoch)
         order = list(range(len(rows)))
         random.Random(seed + epoch).shuffle(order)
-        chunk = [rows[j] for j in order[i * batch_size:(i + 1) * batch_size]] or [rows[order[0]]]
-        yield collate(chunk, pad_id)
+        chunk = [rows[j] for j in order[i * size:(i + 1) * size]] or [rows[order[0]]]
+        yield collate(chunk[rank * batch_size:(rank + 1) * batch_size], pad_id)
         k += 1
