@@ -16,6 +16,7 @@ import torch
 from .errors import ModelLoadError, UnsupportedModelError
 
 if TYPE_CHECKING:
+    from ..parallel.tensor import TensorParallel
     from ..embeddings import Embedder
     from ..models.gpt2 import GPT2
     from ..models.llama import Llama
@@ -54,7 +55,7 @@ QUANTIZE_CHOICES = ("gguf", "auto", "int8", "int4", "nf4")
 
 
 def load_causal_lm(path: str | Path | None = None, dtype: torch.dtype = torch.float32,
-                   quantize: str | None = None, group_size: int = 32) -> CausalLM:
+                   quantize: str | None = None, group_size: int = 32, tp: TensorParallel | None = None) -> CausalLM:
     """A language model and its tokenizer. ``dtype``: the activations (and every weight left in float).
 
     ``quantize`` keeps weights quantized in memory (:mod:`attnkit.quant`): None — dequantize everything
@@ -63,6 +64,8 @@ def load_causal_lm(path: str | Path | None = None, dtype: torch.dtype = torch.fl
     float; an HF checkpoint stays float); "int8" / "int4" — quantize whatever was loaded (int4 in groups
     of ``group_size`` inputs; GGUF Q4 blocks keep their groups of 32); "nf4" — an HF checkpoint in QLoRA's
     4-bit NormalFloat (a frozen base to train adapters over). Bad values are a ValueError.
+    ``tp``: load only this tensor-parallel rank's slice of every tensor and close the model's sublayers with its
+    collectives (:mod:`attnkit.parallel.tensor`; its process group already initialised).
     """
     from ..text.tokenizer import Tokenizer
     from .defaults import default_chat_model
@@ -71,13 +74,14 @@ def load_causal_lm(path: str | Path | None = None, dtype: torch.dtype = torch.fl
         raise ValueError(f"quantize must be one of {', '.join(map(repr, QUANTIZE_CHOICES))} or None; got {quantize!r}")
     path = default_chat_model() if path is None else Path(path)
     if _kind(path) == "gguf":
-        from .gguf import load_gguf_model
+        from .gguf import gguf_config, load_gguf_model
         from .gguf_file import GGUFFile
 
         g = GGUFFile(path)
         tokenizer = Tokenizer.from_gguf(g.metadata, path)  # first: a bad vocabulary fails before the weights load
-        return CausalLM(load_gguf_model(path, dtype, g=g, quantize=quantize, group_size=group_size), tokenizer, path)
-    from .hf import load_hf_model, read_json
+        model = load_gguf_model(path, dtype, g=g, quantize=quantize, group_size=group_size, tp=tp)
+        return CausalLM(model if tp is None else tp.parallelize(model, gguf_config(g)), tokenizer, path)
+    from .hf import load_hf_model, model_config, read_json
 
     if quantize in ("int8", "int4", "nf4"):  # a bad group size fails before the weights load
         from ..quant.quantize import check_scheme
@@ -88,13 +92,15 @@ def load_causal_lm(path: str | Path | None = None, dtype: torch.dtype = torch.fl
 
             if group_size not in GROUP_SIZES:
                 raise ValueError(f"int4 group size must be one of {GROUP_SIZES}; got {group_size}")
-    model = load_hf_model(path, dtype)
+    model = load_hf_model(path, dtype, tp=tp)
     if not hasattr(model, "new_cache"):
         raise ModelLoadError(path, f"{type(model).__name__} is an encoder, not a language model; use `attnkit embed`")
     if quantize in ("int8", "int4", "nf4"):
         from ..quant import quantize_model
 
         quantize_model(model, quantize, group_size)  # type: ignore[arg-type]
+    if tp is not None:
+        tp.parallelize(model, model_config(read_json(path / "config.json"), path / "config.json"))
     gen = read_json(path / "generation_config.json") if (path / "generation_config.json").exists() else {}
     return CausalLM(model, Tokenizer.from_dir(path), path, gen)
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from ..models import registry
 from ..models.llama import Llama, LlamaConfig, rotary_embedding
+from ..parallel.tensor import Split, TensorParallel
 from .common import Plan, check_leftovers, check_present, expected_shapes, materialize
 from .errors import ModelLoadError, UnsupportedModelError
 from .gguf_file import GGUFFile
@@ -231,7 +232,7 @@ def _permuted_heads(cfg: LlamaConfig, src: str) -> int | None:
 
 def load_gguf_model(path: str | Path, dtype: torch.dtype = torch.float32, g: GGUFFile | None = None,
                     quantize: str | None = None, group_size: int = 32,
-                    compute_dtype: torch.dtype = torch.bfloat16) -> Llama:
+                    compute_dtype: torch.dtype = torch.bfloat16, tp: TensorParallel | None = None) -> Llama:
     """The model of a GGUF file, fully loaded or a :class:`ModelLoadError`.
 
     ``quantize=None``: every weight dequantised to ``dtype``. "gguf": Q4_0/Q4_1/Q8_0 linear layers and head
@@ -239,13 +240,14 @@ def load_gguf_model(path: str | Path, dtype: torch.dtype = torch.float32, g: GGU
     "auto" | "int8" | "int4": linear layers and
     the output head quantized (see the module docstring); embeddings, norms and biases in ``dtype``;
     the quantized kernels run in ``compute_dtype`` (their scales' dtype: bfloat16 is the fast one).
+    ``tp``: this rank's slice only (:mod:`attnkit.parallel.tensor`), each tensor read sliced.
     """
     from ..quant.quantize import check_scheme
 
     check_scheme(quantize, ("auto", "gguf", "int8", "int4"))
     g = GGUFFile(path) if g is None else g
     cfg = gguf_config(g)
-    model, shapes = expected_shapes(Llama, cfg)
+    model, shapes = expected_shapes(Llama, cfg if tp is None else tp.local_config(cfg))
 
     def loader(src: str, ours: str):
         def load() -> torch.Tensor:
@@ -270,29 +272,44 @@ def load_gguf_model(path: str | Path, dtype: torch.dtype = torch.float32, g: GGU
     check_leftovers(g.path, files, g.tensors, _ignore(cfg))
     for src, _ in files.values():  # refuse unsupported tensor types before dequantising anything
         g.check_type(src)
+    if tp is not None:
+        plan = tp.shard_plan(plan, cfg)
     if quantize is None:
         return materialize(model, shapes, plan, g.path, dtype)
-    return _materialize_quantized(model, shapes, plan, g, cfg, dtype, quantize, group_size, compute_dtype)
+    return _materialize_quantized(model, shapes, plan, g, cfg, dtype, quantize, group_size, compute_dtype, tp)
 
 
 
 
 def quantized_linear(g: GGUFFile, cfg: LlamaConfig, src: str, scheme: str, group_size: int,
-                     bias: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module | None:
-    """The quantized layer of GGUF weight ``src`` (None: "auto" keeps this tensor type in float)."""
+                     bias: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.bfloat16,
+                     split: Split | None = None) -> nn.Module | None:
+    """The quantized layer of GGUF weight ``src`` (None: "auto" keeps this tensor type in float); ``split``: only
+    those rows or columns of it (a tensor-parallel rank's, :mod:`attnkit.parallel.tensor`)."""
     from ..quant import Int4Linear, Int8Linear, quantize_weight
 
     heads = _permuted_heads(cfg, src)
     src, part = _rows(g, cfg, src)  # part: the rows of a fused tensor (_PART), or None
     kind = g.tensors[src].ggml_type
+    row_split = split if split is not None and split.dim == 0 else None
+    col_split = split if split is not None and split.dim == 1 else None
 
     def rows(a: torch.Tensor) -> torch.Tensor:
         a = a if part is None else a[part]
-        return a if heads is None else unpermute_qk(a, heads)
+        a = a if heads is None else unpermute_qk(a, heads)
+        return a if row_split is None else row_split.of(a)
+
+    def cols(a: torch.Tensor, per: int = 1) -> torch.Tensor:  # ``per`` columns of the weight per column of ``a``
+        if col_split is None:
+            return a
+        if col_split.start % per or col_split.stop % per:
+            raise ModelLoadError(g.path, f"columns {col_split.start}…{col_split.stop} of a tensor-parallel rank do "
+                                         f"not fall on its groups of {per}", tensor=src)
+        return Split(1, col_split.start // per, col_split.stop // per, col_split.size // per).of(a)
 
     if scheme == "gguf":  # the file's blocks under attnkit's kernel; else what "auto" would do
         fused = _FUSED.fullmatch(src) or part is not None  # a fused tensor's parts are fused again (attnkit.nn.fused)
-        native = native_linear(g, src, rows, bias, interleaved=False if fused else None)
+        native = native_linear(g, src, rows, bias, interleaved=False if fused else None, cols=col_split)
         if native is not None:
             return native
         scheme = "auto"
@@ -300,12 +317,13 @@ def quantized_linear(g: GGUFFile, cfg: LlamaConfig, src: str, scheme: str, group
     if kind in Q4_TYPES and scheme in ("auto", "int4"):  # exact: w = d·q + m = d·(q − 8) + (m + 8d)
         codes, d, m = (None if a is None else torch.from_numpy(a) for a in g.load_q4(src))
         zeros = 8 * d + m if m is not None else torch.zeros_like(d)
-        return Int4Linear.from_codes(rows(codes), rows(d), rows(zeros), 32, bias, compute_dtype)
+        return Int4Linear.from_codes(cols(rows(codes)), cols(rows(d), 32), cols(rows(zeros), 32), 32, bias,
+                                     compute_dtype)
     if scheme == "auto":
         if kind != GGMLQuantizationType.Q8_0:
             return None
         scheme = "int8"
-    w = rows(torch.from_numpy(g.load(src)))
+    w = cols(rows(torch.from_numpy(g.load(src))))
     if scheme == "int8":
         return Int8Linear.from_float(w, bias, compute_dtype)
     return quantize_weight(w, "int4", bias, group_size, compute_dtype)
@@ -317,7 +335,8 @@ _FUSED = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|ffn_gate|ffn_up)\.weight")
 
 
 def _materialize_quantized(model: Llama, shapes: dict[str, torch.Size], plan: Plan, g: GGUFFile, cfg: LlamaConfig,
-                           dtype: torch.dtype, scheme: str, group_size: int, compute_dtype: torch.dtype) -> Llama:
+                           dtype: torch.dtype, scheme: str, group_size: int, compute_dtype: torch.dtype,
+                           tp: TensorParallel | None = None) -> Llama:
     from ..quant.quantize import check_quantizable
 
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -336,7 +355,8 @@ def _materialize_quantized(model: Llama, shapes: dict[str, torch.Size], plan: Pl
         if MOE_LINEAR.fullmatch(name):  # a router or one expert's slice of the stacked expert tensors
             q = moe_linear(g, name, src, scheme, group_size, compute_dtype)
         else:
-            q = quantized_linear(g, cfg, src, scheme_of(src), group_size, bias, compute_dtype)
+            split = None if tp is None else tp.spec(f"{name}.weight", cfg)
+            q = quantized_linear(g, cfg, src, scheme_of(src), group_size, bias, compute_dtype, split)
         if q is None:
             continue
         if (q.out_features, q.in_features) != tuple(shapes[f"{name}.weight"]):
@@ -344,8 +364,9 @@ def _materialize_quantized(model: Llama, shapes: dict[str, torch.Size], plan: Pl
                                          f"{name}.weight, the config implies {tuple(shapes[f'{name}.weight'])}", tensor=src)
         quantized[name] = q
     head = None
+    table_split = None if tp is None else tp.spec("tok_embeddings.weight", cfg)
     if cfg.tie_embeddings:
-        head = quantized_linear(g, cfg, head_src, scheme_of(head_src), group_size, None, compute_dtype)
+        head = quantized_linear(g, cfg, head_src, scheme_of(head_src), group_size, None, compute_dtype, table_split)
     replaced = {f"{n}.{p}" for n in quantized for p in ("weight", "bias")}
     embedding = None
     if scheme == "gguf":
@@ -355,7 +376,8 @@ def _materialize_quantized(model: Llama, shapes: dict[str, torch.Size], plan: Pl
         if cfg.tie_embeddings and head is not None and hasattr(head, "blocks"):
             embedding = GGUFBlockEmbedding(head)  # rows decoded from the head's blocks: no float copy of the table
         elif not cfg.tie_embeddings:  # the table's own blocks, rows decoded as looked up (kept in GGUF's row layout)
-            table = native_linear(g, "token_embd.weight", interleaved=False)
+            table = native_linear(g, "token_embd.weight", interleaved=False,
+                                  rows=None if table_split is None else table_split.of)
             embedding = GGUFBlockEmbedding(table) if table is not None else None
         if embedding is not None:
             replaced.add("tok_embeddings.weight")

@@ -24,15 +24,17 @@ Q4_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
 
 
 def native_linear(g: GGUFFile, src: str, rows=None, bias: torch.Tensor | None = None,
-                  interleaved: bool | None = None) -> nn.Module | None:
+                  interleaved: bool | None = None, cols=None) -> nn.Module | None:
     """The GGUF blocks themselves under attnkit's own kernels (:mod:`attnkit.quant.native`), when they build
     and have the tensor's type (None otherwise).
 
     The blocks are kept byte for byte, viewed in place in the file's mapping unless the layer repacks them;
-    rows are un-permuted like the dense weights (a block never spans two rows). The file's pages of a tensor
-    that was copied are dropped from resident memory at once, so loading never holds a model twice.
+    rows are un-permuted like the dense weights (a block never spans two rows). ``cols``: only those columns
+    (a :class:`~attnkit.parallel.tensor.Split` along dim 1, on block boundaries: a tensor-parallel rank's).
+    The file's pages of a tensor that was copied are dropped from resident memory at once, so loading never
+    holds a model twice.
     """
-    from ..quant.native import NATIVE_TYPES, GGUFBlockLinear, library
+    from ..quant.native import BLOCK_TYPES, NATIVE_TYPES, GGUFBlockLinear, library
 
     t = g.tensors[src]
     if library() is None or t.ggml_type.name not in NATIVE_TYPES:
@@ -40,8 +42,16 @@ def native_linear(g: GGUFFile, src: str, rows=None, bias: torch.Tensor | None = 
     blocks = torch.from_numpy(g.blocks(src))
     if rows is not None:
         blocks = rows(blocks)
+    in_features = t.shape[-1]
+    if cols is not None:
+        per = BLOCK_TYPES[t.ggml_type.name].block_elems
+        if cols.start % per or cols.stop % per:
+            raise ModelLoadError(g.path, f"columns {cols.start}…{cols.stop} of a tensor-parallel rank do not fall on "
+                                         f"the {t.ggml_type.name} blocks of {per}", tensor=src)
+        blocks = blocks.view(blocks.shape[0], in_features // per, -1)[:, cols.start // per:cols.stop // per]
+        blocks, in_features = blocks.reshape(blocks.shape[0], -1), cols.stop - cols.start
     try:
-        layer = GGUFBlockLinear(blocks, t.ggml_type.name, t.shape[-1], bias, interleaved=interleaved)
+        layer = GGUFBlockLinear(blocks, t.ggml_type.name, in_features, bias, interleaved=interleaved)
     except ValueError as e:
         raise ModelLoadError(g.path, str(e), tensor=src) from e
     if g.aliases(layer.blocks.data_ptr()):

@@ -20,6 +20,7 @@ from torch import nn
 from ..models.bert import Bert, BertConfig
 from ..models.gpt2 import GPT2, GPT2Config
 from ..models.llama import ROPE_TYPES, Llama, LlamaConfig, rotary_embedding
+from ..parallel.tensor import TensorParallel
 from .common import Plan, check_leftovers, check_present, expected_shapes, materialize
 from .errors import ModelLoadError, UnsupportedModelError
 
@@ -245,19 +246,24 @@ def make_plan(shapes: dict[str, torch.Size], rules: list[Rule], prefix: str,
     return plan
 
 
-def load_hf_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The model of an HF directory (config.json + safetensors), fully loaded or a ModelLoadError."""
+def load_hf_model(directory: str | Path, dtype: torch.dtype = torch.float32, tp: TensorParallel | None = None) -> nn.Module:
+    """The model of an HF directory (config.json + safetensors), fully loaded or a ModelLoadError. ``tp``: only
+    this tensor-parallel rank's slice of each tensor (:mod:`attnkit.parallel.tensor`)."""
     directory = Path(directory)
     cfg = model_config(read_json(directory / "config.json"), directory / "config.json")
     source = SafetensorsSource(directory)
     model_cls, rules, ignore, prefixes = name_rules(cfg)
-    model, shapes = expected_shapes(model_cls, cfg)
+    if tp is not None and not hasattr(cfg, "n_kv_heads"):
+        raise ValueError(f"tensor parallelism splits Llama-family models; {type(cfg).__name__} is not one")
+    model, shapes = expected_shapes(model_cls, cfg if tp is None else tp.local_config(cfg))
     names = set(source.names())
     embed_rule = make_plan({"tok_embeddings.weight": torch.Size()}, rules, "", source.load)["tok_embeddings.weight"][0]
     prefix = next((p for p in prefixes if p + embed_rule in names), "")
     plan = make_plan(shapes, rules, prefix, source.load)
     check_present(directory, plan, names)
     check_leftovers(directory, plan, names, ignore)
+    if tp is not None:
+        plan = tp.shard_plan(plan, cfg)
     return materialize(model, shapes, plan, directory, dtype, file_of=lambda s: source.file_of.get(s, directory))
 
 

@@ -1,0 +1,151 @@
+"""Tensor parallelism at 2 ranks (gloo, two processes) against one process on the same tiny GGUF files: the
+logits of a float and a block-quantized model within 1e-5, the engine's greedy tokens identical (batching,
+chunked prefill, prefix caching, preemption, q8_0 KV), two all-reduces of d_model values per layer and decode
+token, and a rank that stops is a clear error on the other, not a hang."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from attnkit.engine import EngineConfig, SamplingParams
+from attnkit.engine.llm import LLM
+from attnkit.loading import load_causal_lm
+from attnkit.loading.gguf_writer import write_llama_gguf
+from attnkit.parallel.launch import free_port, join_group, load_rank
+from attnkit.parallel.tensor import TensorParallel, TensorParallelError
+
+SHAPE = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=256, vocab_size=510, weight_std=0.5,
+             tied_embeddings=False)  # 510: the vocabulary is padded to 2 × 255 rows
+IDS = [1, 5, 9, 200, 33, 7, 400, 12, 509, 0]
+#: (name, engine settings): batching with chunked prefill and a shared prefix; preemption; a q8_0 K/V pool
+SCENARIOS = [("batched", dict(block_size=4, max_num_batched_tokens=64)),
+             ("preempted", dict(block_size=4, num_blocks=24, max_num_batched_tokens=48)),
+             ("q8_0", dict(block_size=16, kv_cache_dtype="q8_0"))]
+
+
+def _prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    shared = torch.randint(0, 510, (24,), generator=g).tolist()
+    out = [torch.randint(0, 510, (int(n),), generator=g).tolist() for n in torch.randint(3, 50, (10,), generator=g)]
+    return out + [shared + p[:5] for p in out[:4]]
+
+
+def _generate(llm: LLM) -> list[list[int]]:
+    return [o.token_ids for o in llm.generate(_prompts(), SamplingParams(temperature=0, max_tokens=12))]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tp")
+    return {"f32": str(write_llama_gguf(d / "tiny-f32.gguf", SHAPE, "F32")),
+            "q8_0": str(write_llama_gguf(d / "tiny-q8_0.gguf", dict(SHAPE, tied_embeddings=True), "Q8_0"))}
+
+
+def _ranks(rank: int, port: int, files: dict[str, str], out: str) -> None:
+    """Rank 0 runs the checks and writes what it saw to ``out``; rank 1 serves its steps, then stops abruptly."""
+    from attnkit.parallel.engine import attach, serve_worker
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    tp = join_group(rank, 2, threads=1, timeout_s=20)
+    models = {k: load_rank(tp, p, {"quantize": None if k == "f32" else "gguf"}).model for k, p in files.items()}
+    with torch.inference_mode():  # every rank takes part in the collectives of a plain forward
+        logits = {k: m(torch.tensor([IDS])) for k, m in models.items()}
+    if rank == 1:
+        serve_worker(models["f32"], tp)
+        os._exit(3)  # a rank that dies: no orderly leaving of the group
+    report: dict = {}
+    save_file({k: v.contiguous() for k, v in logits.items()}, out + ".logits")
+    for name, cfg in SCENARIOS:
+        llm = LLM.from_model(models["f32"], None, EngineConfig(**cfg), eos_ids=set())
+        runner = attach(llm.engine, tp).runner
+        report[name] = _generate(llm)
+        report[name + "_preemptions"] = llm.engine.scheduler.num_preemptions
+        if name == "batched":  # a new prompt of 10 rows in one step, then one decode row: what they move
+            tp.reset_counters()
+            llm.generate([IDS[::-1]], SamplingParams(temperature=0, max_tokens=2))
+            report["two_steps"] = {"bytes": tp.bytes_reduced, "counts": dict(tp.counts)}
+        runner.close(stop_workers=name == SCENARIOS[-1][0])
+    time.sleep(0.5)  # rank 1 has gone
+    llm = LLM.from_model(models["f32"], None, EngineConfig(block_size=4), eos_ids=set())
+    t0 = time.perf_counter()
+    try:
+        attach(llm.engine, tp)
+        _generate(llm)
+    except TensorParallelError as e:
+        report["error"] = str(e)
+    report["error_seconds"] = time.perf_counter() - t0
+    with open(out, "w") as f:
+        json.dump(report, f)
+    os._exit(0)  # the group is broken: no orderly teardown
+
+
+def _spawn(files: dict[str, str], out: str) -> dict:
+    ctx = mp.start_processes(_ranks, args=(free_port(), files, out), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 180
+    while any(p.is_alive() for p in ctx.processes) and time.monotonic() < deadline:
+        time.sleep(0.2)  # not ctx.join(): it would end rank 0 as soon as rank 1 stops
+    for p in ctx.processes:
+        if p.is_alive():
+            p.kill()
+    for i, p in enumerate(ctx.processes):  # a rank's exception raised here, with its traceback
+        if p.exitcode not in (0, 3):
+            ctx.join()
+    assert os.path.exists(out), f"rank 0 wrote no report (exit codes {[p.exitcode for p in ctx.processes]})"
+    with open(out) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def report(files, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("tp-report") / "report.json")
+    return _spawn(files, out), load_file(out + ".logits")
+
+
+def test_two_ranks_equal_one_process(files, report):
+    report, logits = report
+    for key, path in files.items():
+        one = load_causal_lm(path, quantize=None if key == "f32" else "gguf").model
+        with torch.inference_mode():
+            ref = one(torch.tensor([IDS]))
+        assert logits[key].shape == ref.shape == (1, len(IDS), 510)
+        # within 1e-5 of the logits' scale (float32 sums in another order: rank halves, then the all-reduce)
+        err = (logits[key] - ref).abs().max() / ref.abs().max()
+        assert err < 1e-5, (key, float(err), float(ref.abs().max()))
+    model = load_causal_lm(files["f32"]).model
+    for name, cfg in SCENARIOS:
+        assert report[name] == _generate(LLM.from_model(model, None, EngineConfig(**cfg), eos_ids=set())), name
+    assert report["preempted_preemptions"] > 0
+    # per row through the model: 2 all-reduces of d_model float32 values per layer, 1 for its embedding; the
+    # head's gather moves each rank's 255 logits per sampled row (11 rows: the prompt's 10, one decode)
+    two = report["two_steps"]
+    L, d = SHAPE["n_layers"], SHAPE["d_model"]
+    assert two["counts"] == {"all_reduce": 2 * (2 * L + 1), "all_gather": 2}
+    assert two["bytes"] == 11 * (2 * L + 1) * d * 4 + 2 * 255 * 4
+
+
+def test_a_rank_that_stops_is_a_clear_error(report):
+    report, _ = report
+    assert "tensor-parallel rank 0/2: the step broadcast failed — a worker stopped" in report.get("error", ""), report
+    assert report["error_seconds"] < 25  # within the group's 20 s timeout, not a hang
+
+
+def test_what_the_split_refuses():
+    from attnkit.models.llama import LlamaConfig
+
+    tp = TensorParallel(0, 2)
+    with pytest.raises(ValueError, match="n_kv_heads 3 is not divisible by 2 ranks"):
+        tp.local_config(LlamaConfig(vocab_size=10, d_model=48, n_layers=1, n_heads=6, n_kv_heads=3, d_ff=64))
+    with pytest.raises(ValueError, match="mixtures of experts"):
+        tp.local_config(LlamaConfig(vocab_size=10, d_model=64, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64,
+                                    n_experts=4, n_experts_per_tok=2))
+    local = tp.local_config(LlamaConfig(vocab_size=11, d_model=64, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64))
+    assert (local.n_heads, local.n_kv_heads, local.d_ff, local.vocab_size, local.hd) == (2, 1, 32, 6, 16)
+    with pytest.raises(ValueError, match="rank 2 of a world of 2"):
+        join_group(2, 2)
