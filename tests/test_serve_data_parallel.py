@@ -1,11 +1,13 @@
 """Data-parallel serving (attnkit.engine.data_parallel): two replica processes of a tiny random Llama behind one
 server. Greedy outputs equal one in-process engine's; requests sharing a prefix stay on one replica while distinct
 ones spread by load; aborts reach the replica; a killed replica fails its requests with a 503 naming it while the
-other keeps serving. One router serves every test (spawned processes import torch: seconds each)."""
+other keeps serving; a LoRA adapter is on every replica. One router serves every test (spawned processes import
+torch: seconds each)."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import threading
@@ -13,36 +15,38 @@ from collections import OrderedDict
 
 import httpx
 import pytest
+import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+from attnkit.cli import main  # noqa: E402
 from attnkit.engine import LLM, EngineConfig, SamplingParams  # noqa: E402
 from attnkit.engine.data_parallel import DataParallelEngine, ReplicaDiedError, _Replica  # noqa: E402
+from attnkit.peft import LoraConfig, get_peft_model  # noqa: E402
 from attnkit.serve import build_app  # noqa: E402
+from dp_helpers import SHAPE, tiny_replica  # noqa: E402
 from engine_helpers import skip_module_without_default_model, tiny_llama, tokenizer  # noqa: E402,F401
 from serve_helpers import TINY, metric, running, wait_for  # noqa: E402
 
 skip_module_without_default_model()
 
-SHAPE = dict(d_model=32, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=1024)
 
-
-def tiny_replica():
-    """Each replica's engine: the same seeded tiny Llama, the default model's tokenizer (runs in the child)."""
-    from attnkit.loading import defaults
-    from attnkit.loading.gguf_file import GGUFFile
-    from attnkit.text.tokenizer import Tokenizer
-    from attnkit.engine import LLMEngine
-
-    path = defaults.default_chat_model()
-    tok = Tokenizer.from_gguf(GGUFFile(path).metadata, path)
-    model = tiny_llama(tok.vocab_size, **SHAPE)
-    return LLMEngine(model, tok, EngineConfig(max_num_seqs=8, kv_cache_bytes=16 << 20), tok.eos_ids)
+@pytest.fixture(scope="module")
+def adapter(tokenizer, tmp_path_factory) -> str:
+    peft = get_peft_model(tiny_llama(tokenizer.vocab_size, **SHAPE), LoraConfig(r=4, lora_alpha=8,
+                                                                                target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in peft.adapter_parameters("default").values():
+            p.add_(torch.randn(p.shape, generator=g))
+    directory = tmp_path_factory.mktemp("poet")
+    peft.save_pretrained(directory)
+    return str(directory)
 
 
 @pytest.fixture(scope="module")
-def router(tokenizer):
-    dp = DataParallelEngine(tiny_replica, 2, tokenizer, threads=1)
+def router(tokenizer, adapter):
+    dp = DataParallelEngine(functools.partial(tiny_replica, (("poet", adapter),)), 2, tokenizer, threads=1)
     yield dp
     dp.close()
 
@@ -54,9 +58,10 @@ def base(router):
 
 
 @pytest.fixture(scope="module")
-def offline(tokenizer):
-    model = tiny_llama(tokenizer.vocab_size, **SHAPE)
-    return LLM.from_model(model, tokenizer, EngineConfig(), eos_ids=tokenizer.eos_ids)
+def offline(tokenizer, adapter):
+    """(an LLM on the base, an engine with the adapter), both in this process."""
+    llm = LLM.from_model(tiny_llama(tokenizer.vocab_size, **SHAPE), tokenizer, EngineConfig(), eos_ids=tokenizer.eos_ids)
+    return llm, tiny_replica((("poet", adapter),))
 
 
 def complete(base: str, prompt, **kw) -> httpx.Response:
@@ -70,7 +75,7 @@ def ids_of(router, resp: httpx.Response, n: int) -> list[int]:
 
 def test_greedy_outputs_equal_one_engine_and_distinct_prompts_spread(base, router, offline, tokenizer):
     prompts = [[(97 * i + 13 * j) % tokenizer.vocab_size for j in range(5 + 7 * i)] for i in range(6)]
-    ref = offline.generate(prompts, SamplingParams(temperature=0, max_tokens=12, logprobs=2))
+    ref = offline[0].generate(prompts, SamplingParams(temperature=0, max_tokens=12, logprobs=2))
     r = complete(base, prompts, max_tokens=12, logprobs=2)
     assert r.status_code == 200, r.text
     got = r.json()["choices"]
@@ -141,6 +146,27 @@ def test_bad_input_is_a_400_from_the_replica(base):
     assert r.status_code == 400 and "token ids" in r.text
 
 
+def test_the_lora_adapter_is_on_every_replica(base, router, offline, tokenizer):
+    prompts = [[(53 * i + 11 * j) % tokenizer.vocab_size for j in range(4 + 3 * i)] for i in range(4)]
+    engine = offline[1]  # the same base and adapter in this process
+    for p in prompts:
+        engine.add_request(p, SamplingParams(temperature=0, max_tokens=8), lora="poet")
+    ref = {}
+    while engine.has_unfinished_requests():
+        ref.update({o.request_id: o.text for o in engine.step() if o.finished})
+    assert httpx.get(f"{base}/v1/models").json()["data"][1]["id"] == f"{TINY}:poet"
+    r = complete(base, prompts, model=f"{TINY}:poet")
+    assert r.status_code == 200, r.text
+    assert [c["text"] for c in r.json()["choices"]] == [ref[k] for k in sorted(ref, key=int)]
+    assert sorted(set(ids_of(router, r, len(prompts)))) == [0, 1]
+    assert [c["text"] for c in r.json()["choices"]] != [c["text"] for c in complete(base, prompts).json()["choices"]]
+
+
+def test_the_cli_refuses_a_bad_data_parallel_size(capsys):
+    assert main(["serve", "--data-parallel-size", "0", "--no-embeddings"]) != 0
+    assert "--data-parallel-size must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_a_killed_replica_fails_its_requests_and_the_other_serves(base, router):
     result = {}
     body = {"max_tokens": 900, "ignore_eos": True}
@@ -160,3 +186,19 @@ def test_a_killed_replica_fails_its_requests_and_the_other_serves(base, router):
         assert ok.status_code == 200, ok.text
     assert httpx.get(f"{base}/health").json() == {"status": "ok"}
     assert metric(base, "attnkit_num_requests_running") == 0
+
+
+def test_drain_finishes_the_accepted_requests_then_shutdown_stops_every_replica(base, router):
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("r", complete(base, "Count to ten", max_tokens=200,
+                                                                        ignore_eos=True)))
+    t.start()
+    wait_for(lambda: router.num_unfinished_requests == 1, what="the request to start")
+    assert asyncio.run(router.drain(timeout=60)) is True  # waits for it
+    t.join(30)
+    assert result["r"].status_code == 200 and result["r"].json()["usage"]["completion_tokens"] == 200
+    late = complete(base, "Too late")
+    assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
+    assert httpx.get(f"{base}/health").status_code == 503
+    asyncio.run(router.shutdown())
+    assert not any(r.process.is_alive() for r in router.replicas)
