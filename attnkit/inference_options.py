@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # torch is imported only when a model is loaded: the CLI's --
     import torch
 
     from .loading import CausalLM
+    from .parallel.tensor import TensorParallel
 
 DTYPES = ("bfloat16", "float32")
 QUANTIZE = ("gguf", "auto", "int8", "int4", "none")
@@ -81,8 +82,9 @@ class InferenceOptions:
 
         return "bfloat16" if native_bf16() else "float32"
 
-    def load(self, path: str | Path | None) -> CausalLM:
-        """Set the threads, load the checkpoint (None: the embedded default) and prepare its model."""
+    def load(self, path: str | Path | None, tp: TensorParallel | None = None) -> CausalLM:
+        """Set the threads, load the checkpoint (None: the embedded default) and prepare its model; ``tp``: only a
+        tensor-parallel rank's slice (:mod:`attnkit.parallel.tensor`)."""
         import torch
 
         from .loading import load_causal_lm
@@ -91,7 +93,7 @@ class InferenceOptions:
 
         if self.threads is not None:
             torch.set_num_threads(self.threads)
-        lm = load_causal_lm(path, self.torch_dtype, quantize=self.quantize)
+        lm = load_causal_lm(path, self.torch_dtype, quantize=self.quantize, tp=tp)
         if self.fuse:
             fuse_for_inference(lm.model)
         if self.quantize == "gguf":

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
@@ -149,3 +150,32 @@ def test_what_the_split_refuses():
     assert (local.n_heads, local.n_kv_heads, local.d_ff, local.vocab_size, local.hd) == (2, 1, 32, 6, 16)
     with pytest.raises(ValueError, match="rank 2 of a world of 2"):
         join_group(2, 2)
+
+
+def test_serve_tensor_parallel_size_2(tmp_path):
+    """``attnkit serve --tensor-parallel-size 2``: one worker spawned, the server on rank 0 answers as one process."""
+    import httpx
+
+    from attnkit.cli import build_parser
+    from attnkit.serve.cli import build_from_args
+    from serve_helpers import running
+
+    path = write_llama_gguf(tmp_path / "small.gguf", dict(SHAPE, vocab_size=None, tied_embeddings=True), "Q8_0")
+    flags = ["serve", "--model", str(path), "--no-embeddings", "--kv-cache-mb", "8", "--threads", "1"]
+    body = {"model": "small", "prompt": "Tensor parallel", "max_tokens": 6, "temperature": 0}
+    with pytest.raises(ValueError, match="--tensor-parallel-size must be at least 1"):
+        build_from_args(build_parser().parse_args([*flags, "--tensor-parallel-size", "0"]))
+    with pytest.raises(ValueError, match="choose one"):
+        build_from_args(build_parser().parse_args([*flags, "--tensor-parallel-size", "2", "--data-parallel-size", "2"]))
+    app, one = build_from_args(build_parser().parse_args(flags))
+    with running(app) as base:
+        want = httpx.post(base + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    app, engine = build_from_args(build_parser().parse_args([*flags, "--tensor-parallel-size", "2", "--dist-timeout", "30"]))
+    try:
+        with running(app) as base:
+            got = httpx.post(base + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        assert engine.runner.tp.counts["all_reduce"] > 0 and got == want
+    finally:
+        engine.runner.close()
+        engine.runner.tp.workers.join(30)
+        dist.destroy_process_group()

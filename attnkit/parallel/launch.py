@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import socket
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -67,27 +67,28 @@ def load_rank(tp: TensorParallel, path: str | None, load: dict[str, Any]) -> Any
     return lm
 
 
-def _worker(index: int, world: int, port: int, path: str | None, load: dict[str, Any], device: str,
+def _worker(index: int, world: int, port: int, model: Callable[[TensorParallel], Any], device: str,
             timeout_s: float) -> None:
-    """Spawned rank ``index + 1``: join, load its slice, serve rank 0's steps until it says stop."""
+    """Spawned rank ``index + 1``: join, load its slice (``model(tp)``), serve rank 0's steps until it says stop."""
     from .engine import serve_worker
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     tp = join_group(index + 1, world, device, timeout_s)
     try:
-        serve_worker(load_rank(tp, path, load).model, tp)
+        serve_worker(model(tp), tp)
     finally:
         dist.destroy_process_group()
 
 
-def spawn_workers(world: int, path: str | None, load: dict[str, Any], device: str = "cpu",
+def spawn_workers(world: int, model: Callable[[TensorParallel], Any], device: str = "cpu",
                   timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[TensorParallel, Any]:
-    """Spawn ranks 1 … ``world``−1 on this machine and join as rank 0; returns (rank 0's TensorParallel, the
+    """Spawn ranks 1 … ``world``−1 on this machine, each loading its slice with ``model(tp)`` (picklable: a
+    module-level function or a partial of one), and join as rank 0; returns (rank 0's TensorParallel, the
     workers' process context, whose ``join()`` waits for them)."""
     if world < 2:
         raise ValueError(f"--tensor-parallel-size must be at least 2 to spawn workers, got {world}")
     port = free_port()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    ctx = mp.start_processes(_worker, args=(world, port, path, load, device, timeout_s), nprocs=world - 1,
+    ctx = mp.start_processes(_worker, args=(world, port, model, device, timeout_s), nprocs=world - 1,
                              join=False, start_method="spawn")
     return join_group(0, world, device, timeout_s), ctx

@@ -80,6 +80,7 @@ class TensorParallel:
     num_collectives: int = 0
     comm_seconds: float = 0.0
     counts: dict[str, int] = field(default_factory=dict)  # collectives by kind (all_reduce, all_gather)
+    workers: Any = None  # the worker processes rank 0 spawned (attnkit.parallel.launch.spawn_workers)
 
     # -- which slice of each parameter this rank holds -------------------------------------------------
     def check(self, cfg: Any) -> None:

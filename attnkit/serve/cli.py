@@ -8,6 +8,7 @@ answers requests that still arrive on open connections with 503, lets the in-fli
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
 import os
 import signal
@@ -41,20 +42,27 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-parallel-size", type=int, default=1, metavar="N",
                    help="engine replicas, each in its own process with cores/N torch threads, behind this one server "
                         "(routed by prefix-cache affinity, then load; default 1: one engine in this process)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="split every layer over N ranks (Megatron-LM; gloo on the CPU): spawned on this machine, or "
+                        "started by torchrun (`torchrun --nproc_per_node N [--nnodes M --node-rank R --master-addr "
+                        "HOST] -m attnkit serve ...`: the world size is torchrun's); each rank loads only its slice")
+    p.add_argument("--dist-timeout", type=float, default=120.0, metavar="S",
+                   help="seconds a rank waits on the others before it reports them stopped (default 120)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run_serve)
 
 
-def build_engine(args: argparse.Namespace):
+def build_engine(args: argparse.Namespace, tp=None):
     """Load the model and start one engine with its LoRA adapters: (engine, CausalLM). Each data-parallel
-    replica runs this in its own process."""
+    replica runs this in its own process; ``tp``: rank 0 of a tensor-parallel group (its slice, driving the
+    others: :func:`attnkit.parallel.engine.attach`)."""
     from ..engine import EngineConfig, LLMEngine
     from ..models.gpt2 import GPT2
     from ..models.llama import Llama
 
     opts = InferenceOptions.from_args(args)
     spec = speculative_config(args)
-    lm = opts.load(args.model)
+    lm = opts.load(args.model, tp)
     if not isinstance(lm.model, (Llama, GPT2)):
         raise ValueError(f"{lm.path}: the engine runs decoder-only models (Llama family, GPT-2); "
                          f"{type(lm.model).__name__} is not one")
@@ -63,9 +71,44 @@ def build_engine(args: argparse.Namespace):
                        kv_cache_bytes=args.kv_cache_mb << 20, compile=opts.compile,
                        kv_cache_dtype=opts.engine_kv_cache_dtype(), speculative=spec)
     engine = LLMEngine(lm.model, lm.tokenizer, cfg, lm.stop_ids, draft)
+    if tp is not None:
+        from ..parallel.engine import attach
+
+        attach(engine, tp, heartbeat_s=args.dist_timeout / 4)
     for name, directory in _loras(args):
         engine.add_lora(name, directory)
     return engine, lm
+
+
+def rank_model(args: argparse.Namespace, tp):
+    """A tensor-parallel worker's slice of the model, prepared as rank 0's (a picklable factory:
+    ``functools.partial(rank_model, args)``)."""
+    return InferenceOptions.from_args(args).load(args.model, tp).model
+
+
+def start_tensor_parallel(args: argparse.Namespace):
+    """Rank 0's TensorParallel of ``--tensor-parallel-size`` (workers spawned here) or of torchrun (None: one
+    process). A torchrun rank other than 0 serves rank 0's steps here and exits."""
+    from ..parallel import launch
+
+    size = getattr(args, "tensor_parallel_size", 1)
+    if size < 1:
+        raise ValueError(f"--tensor-parallel-size must be at least 1, got {size}")
+    if launch.under_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
+        if size not in (1, int(os.environ["WORLD_SIZE"])):
+            raise ValueError(f"--tensor-parallel-size {size} differs from torchrun's world size {os.environ['WORLD_SIZE']}")
+        tp = launch.join_from_env(timeout_s=args.dist_timeout)
+        if tp.rank != 0:
+            from ..parallel.engine import serve_worker
+
+            serve_worker(rank_model(args, tp), tp)
+            raise SystemExit(0)
+        return tp
+    if size == 1:
+        return None
+    tp, workers = launch.spawn_workers(size, functools.partial(rank_model, args), timeout_s=args.dist_timeout)
+    tp.workers = workers
+    return tp
 
 
 def replica_engine(args: argparse.Namespace):
@@ -97,14 +140,19 @@ def build_from_args(args: argparse.Namespace):
     dp = getattr(args, "data_parallel_size", 1)
     if dp < 1:
         raise ValueError(f"--data-parallel-size must be at least 1, got {dp}")
+    if dp > 1 and getattr(args, "tensor_parallel_size", 1) > 1:
+        raise ValueError("--data-parallel-size with --tensor-parallel-size is not supported: choose one")
     if dp > 1:
         from ..engine.data_parallel import DataParallelEngine, load_tokenizer
 
         tokenizer, path = load_tokenizer(args.model)
         engine = DataParallelEngine(functools.partial(replica_engine, args), dp, tokenizer, threads=args.threads)
     else:
-        engine, lm = build_engine(args)
+        tp = start_tensor_parallel(args)
+        engine, lm = build_engine(args, tp)
         path = lm.path
+        if tp is not None:  # the workers stop with this process
+            atexit.register(engine.runner.close)
     embedder, embedding_name = None, None
     if not args.no_embeddings:
         embedder = load_sentence_encoder(args.embedding_model)
