@@ -1,5 +1,5 @@
 """Tensor parallelism at 2 ranks (gloo, two processes) against one process on the same tiny GGUF files: the
-logits of a float and a block-quantized model within 1e-5, the engine's greedy tokens identical (batching,
+logits of a float and a block-quantized Llama and a Qwen3 (q/k norms) within 1e-5, the engine's greedy tokens identical (batching,
 chunked prefill, prefix caching, preemption, q8_0 KV), two all-reduces of d_model values per layer and decode
 token, and a rank that stops is a clear error on the other, not a hang."""
 
@@ -46,7 +46,8 @@ def _generate(llm: LLM) -> list[list[int]]:
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("tp")
     return {"f32": str(write_llama_gguf(d / "tiny-f32.gguf", SHAPE, "F32")),
-            "q8_0": str(write_llama_gguf(d / "tiny-q8_0.gguf", dict(SHAPE, tied_embeddings=True), "Q8_0"))}
+            "q8_0": str(write_llama_gguf(d / "tiny-q8_0.gguf", dict(SHAPE, tied_embeddings=True), "Q8_0")),
+            "qwen3_f32": str(write_llama_gguf(d / "tiny-qwen3.gguf", dict(SHAPE, arch="qwen3"), "F32"))}  # q/k norms
 
 
 def _ranks(rank: int, port: int, files: dict[str, str], out: str) -> None:
@@ -55,7 +56,7 @@ def _ranks(rank: int, port: int, files: dict[str, str], out: str) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     tp = join_group(rank, 2, threads=1, timeout_s=20)
-    models = {k: load_rank(tp, p, {"quantize": None if k == "f32" else "gguf"}).model for k, p in files.items()}
+    models = {k: load_rank(tp, p, {"quantize": None if k.endswith("f32") else "gguf"}).model for k, p in files.items()}
     with torch.inference_mode():  # every rank takes part in the collectives of a plain forward
         logits = {k: m(torch.tensor([IDS])) for k, m in models.items()}
     if rank == 1:
@@ -112,7 +113,7 @@ def report(files, tmp_path_factory):
 def test_two_ranks_equal_one_process(files, report):
     report, logits = report
     for key, path in files.items():
-        one = load_causal_lm(path, quantize=None if key == "f32" else "gguf").model
+        one = load_causal_lm(path, quantize=None if key.endswith("f32") else "gguf").model
         with torch.inference_mode():
             ref = one(torch.tensor([IDS]))
         assert logits[key].shape == ref.shape == (1, len(IDS), 510)
