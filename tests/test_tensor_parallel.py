@@ -1,5 +1,5 @@
 """Tensor parallelism at 2 ranks (gloo, two processes) against one process on the same tiny GGUF files: the
-logits of a float and a block-quantized Llama and a Qwen3 (q/k norms) within 1e-5, the engine's greedy tokens identical (batching,
+logits of a float and a block-quantized Llama, a Qwen3 (q/k norms) and a Qwen3-MoE within 1e-5, the engine's greedy tokens identical (batching,
 chunked prefill, prefix caching, preemption, q8_0 KV), two all-reduces of d_model values per layer and decode
 token, and a rank that stops is a clear error on the other, not a hang."""
 
@@ -47,7 +47,9 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("tp")
     return {"f32": str(write_llama_gguf(d / "tiny-f32.gguf", SHAPE, "F32")),
             "q8_0": str(write_llama_gguf(d / "tiny-q8_0.gguf", dict(SHAPE, tied_embeddings=True), "Q8_0")),
-            "qwen3_f32": str(write_llama_gguf(d / "tiny-qwen3.gguf", dict(SHAPE, arch="qwen3"), "F32"))}  # q/k norms
+            "qwen3_f32": str(write_llama_gguf(d / "tiny-qwen3.gguf", dict(SHAPE, arch="qwen3"), "F32")),  # q/k norms
+            "moe_q8_0": str(write_llama_gguf(d / "tiny-moe.gguf", dict(SHAPE, arch="qwen3moe", n_experts=4,
+                                                                       n_experts_per_tok=2, moe_d_ff=128), "Q8_0"))}
 
 
 def _ranks(rank: int, port: int, files: dict[str, str], out: str) -> None:
@@ -144,9 +146,9 @@ def test_what_the_split_refuses():
     tp = TensorParallel(0, 2)
     with pytest.raises(ValueError, match="n_kv_heads 3 is not divisible by 2 ranks"):
         tp.local_config(LlamaConfig(vocab_size=10, d_model=48, n_layers=1, n_heads=6, n_kv_heads=3, d_ff=64))
-    with pytest.raises(ValueError, match="mixtures of experts"):
+    with pytest.raises(ValueError, match="the experts' d_ff 33 is not divisible by 2 ranks"):
         tp.local_config(LlamaConfig(vocab_size=10, d_model=64, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64,
-                                    n_experts=4, n_experts_per_tok=2))
+                                    n_experts=4, n_experts_per_tok=2, moe_d_ff=33))
     local = tp.local_config(LlamaConfig(vocab_size=11, d_model=64, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64))
     assert (local.n_heads, local.n_kv_heads, local.d_ff, local.vocab_size, local.hd) == (2, 1, 32, 6, 16)
     with pytest.raises(ValueError, match="rank 2 of a world of 2"):

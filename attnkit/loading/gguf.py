@@ -352,10 +352,10 @@ def _materialize_quantized(model: Llama, shapes: dict[str, torch.Size], plan: Pl
     for name in linears:
         src = plan[f"{name}.weight"][0]
         bias = plan[f"{name}.bias"][1]() if f"{name}.bias" in plan else None
+        split = None if tp is None else tp.spec(f"{name}.weight", cfg)
         if MOE_LINEAR.fullmatch(name):  # a router or one expert's slice of the stacked expert tensors
-            q = moe_linear(g, name, src, scheme, group_size, compute_dtype)
+            q = moe_linear(g, name, src, scheme, group_size, compute_dtype, split)
         else:
-            split = None if tp is None else tp.spec(f"{name}.weight", cfg)
             q = quantized_linear(g, cfg, src, scheme_of(src), group_size, bias, compute_dtype, split)
         if q is None:
             continue

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import re
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ def native_linear(g: GGUFFile, src: str, rows=None, bias: torch.Tensor | None = 
     The file's pages of a tensor that was copied are dropped from resident memory at once, so loading never
     holds a model twice.
     """
-    from ..quant.native import BLOCK_TYPES, NATIVE_TYPES, GGUFBlockLinear, library
+    from ..quant.native import NATIVE_TYPES, GGUFBlockLinear, library
 
     t = g.tensors[src]
     if library() is None or t.ggml_type.name not in NATIVE_TYPES:
@@ -42,14 +43,7 @@ def native_linear(g: GGUFFile, src: str, rows=None, bias: torch.Tensor | None = 
     blocks = torch.from_numpy(g.blocks(src))
     if rows is not None:
         blocks = rows(blocks)
-    in_features = t.shape[-1]
-    if cols is not None:
-        per = BLOCK_TYPES[t.ggml_type.name].block_elems
-        if cols.start % per or cols.stop % per:
-            raise ModelLoadError(g.path, f"columns {cols.start}…{cols.stop} of a tensor-parallel rank do not fall on "
-                                         f"the {t.ggml_type.name} blocks of {per}", tensor=src)
-        blocks = blocks.view(blocks.shape[0], in_features // per, -1)[:, cols.start // per:cols.stop // per]
-        blocks, in_features = blocks.reshape(blocks.shape[0], -1), cols.stop - cols.start
+    blocks, in_features = block_columns(g, src, blocks, t.shape[-1], cols)
     try:
         layer = GGUFBlockLinear(blocks, t.ggml_type.name, in_features, bias, interleaved=interleaved)
     except ValueError as e:
@@ -59,6 +53,22 @@ def native_linear(g: GGUFFile, src: str, rows=None, bias: torch.Tensor | None = 
     else:
         g.release(src)
     return layer
+
+
+def block_columns(g: GGUFFile, src: str, blocks: torch.Tensor, in_features: int, cols) -> tuple[torch.Tensor, int]:
+    """(the blocks of columns ``cols`` (a :class:`~attnkit.parallel.tensor.Split` along dim 1, None: all) of rows
+    ``blocks`` (R, row bytes) of ``src``, their input count): a tensor-parallel rank's slice, on block boundaries."""
+    from ..quant.native import BLOCK_TYPES
+
+    if cols is None:
+        return blocks, in_features
+    kind = g.tensors[src].ggml_type.name
+    per = BLOCK_TYPES[kind].block_elems
+    if cols.start % per or cols.stop % per:
+        raise ModelLoadError(g.path, f"columns {cols.start}…{cols.stop} of a tensor-parallel rank do not fall on "
+                                     f"the {kind} blocks of {per}", tensor=src)
+    part = blocks.view(blocks.shape[0], in_features // per, -1)[:, cols.start // per:cols.stop // per]
+    return part.reshape(blocks.shape[0], -1), cols.stop - cols.start
 
 
 def warn_dequantized(g: GGUFFile, names) -> None:
@@ -119,7 +129,7 @@ def expert_loader(g: GGUFFile, src: str, e: int):
 
 
 def moe_linear(g: GGUFFile, name: str, src: str, scheme: str, group_size: int,
-               compute_dtype: torch.dtype) -> nn.Module | None:
+               compute_dtype: torch.dtype, split=None) -> nn.Module | None:
     """The quantized layer of a router or of one expert's projection (None: it stays float).
 
     "gguf": the file's blocks under attnkit's kernels — an expert's rows of the stacked tensor, viewed in place
@@ -127,6 +137,8 @@ def moe_linear(g: GGUFFile, name: str, src: str, scheme: str, group_size: int,
     types without a kernel as "auto". "auto": Q8_0 experts → int8, Q4_0/Q4_1 → int4 exactly (the blocks' codes and
     scales, as :func:`quantized_linear`), others float. "int8" / "int4": the dequantised rows quantized. The router (E rows)
     keeps the file's blocks with "gguf" and is never re-quantized: the top-k choice is made on its exact logits.
+    ``split``: only those rows or columns of the expert's weight (a tensor-parallel rank's,
+    :class:`~attnkit.parallel.tensor.Split`).
     """
     from ..quant import Int8Linear, quantize_weight
 
@@ -136,23 +148,24 @@ def moe_linear(g: GGUFFile, name: str, src: str, scheme: str, group_size: int,
         return native_linear(g, src) if scheme == "gguf" else None  # F32 / F16 (the converter's): stays float
     e = int(m.group(2))
     if scheme == "gguf":
-        native = _native_expert(g, src, e, interleaved=False if m.group(3) in ("gate", "up") else None)
+        native = _native_expert(g, src, e, interleaved=False if m.group(3) in ("gate", "up") else None, split=split)
         if native is not None:
             return native
         scheme = "auto"
     if kind in Q4_TYPES and scheme in ("auto", "int4"):  # exact, as quantized_linear: the blocks' own codes and scales
-        return _expert_int4(g, src, e, compute_dtype)
+        return _expert_int4(g, src, e, compute_dtype, split)
     if scheme == "auto":
         if kind != GGMLQuantizationType.Q8_0:
             return None
         scheme = "int8"
     w = expert_loader(g, src, e)()
+    w = w if split is None else split.of(w)
     if scheme == "int8":
         return Int8Linear.from_float(w, None, compute_dtype)
     return quantize_weight(w, "int4", None, group_size, compute_dtype)
 
 
-def _expert_int4(g: GGUFFile, src: str, e: int, compute_dtype: torch.dtype) -> nn.Module:
+def _expert_int4(g: GGUFFile, src: str, e: int, compute_dtype: torch.dtype, split=None) -> nn.Module:
     """Expert ``e``'s Q4_0 / Q4_1 rows as an Int4Linear, bit for bit (see :meth:`GGUFFile.load_q4`: a block is
     f16 d [, f16 m], then 16 bytes holding element j in the low nibble of byte j, element j + 16 in the high one)."""
     from ..quant import Int4Linear
@@ -166,10 +179,13 @@ def _expert_int4(g: GGUFFile, src: str, e: int, compute_dtype: torch.dtype) -> n
     qs = raw[..., size - 16:]
     codes = torch.from_numpy(np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n, cols))
     zeros = 8 * d + m if m is not None else torch.zeros_like(d)  # w = d·q + m = d·(q − 8) + (m + 8d)
+    if split is not None:  # a tensor-parallel rank's rows, or its columns (whole groups of 32)
+        per = replace(split, start=split.start // 32, stop=split.stop // 32, size=split.size // 32) if split.dim else split
+        codes, d, zeros = split.of(codes), per.of(d), per.of(zeros)
     return Int4Linear.from_codes(codes, d, zeros, 32, None, compute_dtype)
 
 
-def _native_expert(g: GGUFFile, src: str, e: int, interleaved: bool | None) -> nn.Module | None:
+def _native_expert(g: GGUFFile, src: str, e: int, interleaved: bool | None, split=None) -> nn.Module | None:
     """Expert ``e``'s rows of the stacked blocks under attnkit's kernels (None: no kernel for the type). Viewed in
     place in the file's mapping unless interleaved; the file's pages of rows that were copied are dropped."""
     from ..quant.native import NATIVE_TYPES, GGUFBlockLinear, library
@@ -179,6 +195,9 @@ def _native_expert(g: GGUFFile, src: str, e: int, interleaved: bool | None) -> n
         return None
     start, n, cols = _expert_rows(g, src, e)
     blocks = torch.from_numpy(g.blocks(src))[start:start + n]  # (R, row bytes): contiguous rows, no copy
+    if split is not None and split.dim == 0:
+        blocks = split.of(blocks)
+    blocks, cols = block_columns(g, src, blocks, cols, split if split is not None and split.dim == 1 else None)
     try:
         layer = GGUFBlockLinear(blocks, t.ggml_type.name, cols, None, interleaved=interleaved)
     except ValueError as err:

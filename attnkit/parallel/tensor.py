@@ -7,6 +7,7 @@ fan back in are row-parallel, so one all-reduce closes each sublayer —
     attention:  rank r computes its heads:  Q_r = x·W_Qrᵀ, K_r, V_r (its query heads and their KV heads),
                 o_r = Attention(Q_r, K_r, V_r)·W_Orᵀ  (W_O's columns of those heads);  o = Σ_r o_r  (all-reduce)
     FFN:        h_r = act(x·W_gate,rᵀ) ⊙ x·W_up,rᵀ  (its d_ff/N rows);   y = Σ_r h_r·W_down,rᵀ  (all-reduce)
+    MoE:        every expert split as the FFN, the router whole on each rank: y = Σ_r Σ_e w_e·FFN_e,r(x)
 
 and the vocabulary is split too (§3, "input embedding … parallelized along the vocabulary dimension"): rank r
 holds rows r·V/N … (r+1)·V/N of the embedding (a token outside them looks up zeros; an all-reduce sums the one
@@ -39,6 +40,8 @@ _SPLITS = [
     (re.compile(r"layers\.\d+\.self_attn\.o_proj\.weight"), 1, "q"),
     (re.compile(r"layers\.\d+\.ffn\.(gate|up)_proj\.(weight|bias)"), 0, "ff"),
     (re.compile(r"layers\.\d+\.ffn\.down_proj\.weight"), 1, "ff"),
+    (re.compile(r"layers\.\d+\.ffn\.experts\.\d+\.(gate|up)_proj\.(weight|bias)"), 0, "moe_ff"),
+    (re.compile(r"layers\.\d+\.ffn\.experts\.\d+\.down_proj\.weight"), 1, "moe_ff"),
     (re.compile(r"(tok_embeddings|lm_head)\.weight"), 0, "vocab"),
 ]
 
@@ -87,15 +90,15 @@ class TensorParallel:
         """Refuse, by name, a model this split cannot cut evenly or a feature it does not implement."""
         w = self.world
         problems = []
-        if getattr(cfg, "n_experts", 0):
-            problems.append("mixtures of experts (their experts would be split by expert, not implemented)")
+        if getattr(cfg, "n_experts", 0) and self._moe_ff(cfg) % w:
+            problems.append(f"the experts' d_ff {self._moe_ff(cfg)} is not divisible by {w} ranks")
         if getattr(cfg, "qk_norm", None) == "full":
             problems.append("q/k RMSNorm over the whole projection (OLMoE) spans every head")
         if cfg.n_kv_heads % w:
             problems.append(f"n_kv_heads {cfg.n_kv_heads} is not divisible by {w} ranks")
         if cfg.n_heads % w:
             problems.append(f"n_heads {cfg.n_heads} is not divisible by {w} ranks")
-        if cfg.d_ff % w:
+        if not getattr(cfg, "n_experts", 0) and cfg.d_ff % w:
             problems.append(f"d_ff {cfg.d_ff} is not divisible by {w} ranks")
         if problems:
             raise ValueError(f"tensor parallelism over {w} ranks: " + "; ".join(problems))
@@ -104,14 +107,20 @@ class TensorParallel:
         """The config of this rank's slice: its heads, its d_ff/N and its V/N (rounded up) vocabulary rows."""
         self.check(cfg)
         w = self.world
+        moe = {"moe_d_ff": self._moe_ff(cfg) // w} if getattr(cfg, "n_experts", 0) else {}
         return replace(cfg, n_heads=cfg.n_heads // w, n_kv_heads=cfg.n_kv_heads // w, d_ff=cfg.d_ff // w,
-                       vocab_size=-(-cfg.vocab_size // w), head_dim=cfg.hd)
+                       vocab_size=-(-cfg.vocab_size // w), head_dim=cfg.hd, **moe)
+
+    @staticmethod
+    def _moe_ff(cfg: Any) -> int:
+        return cfg.moe_d_ff or cfg.d_ff
 
     def spec(self, name: str, cfg: Any) -> Split | None:
         """The slice of our parameter ``name`` (of the full model ``cfg``) this rank holds; None: all of it."""
         for pattern, dim, by in _SPLITS:
             if pattern.fullmatch(name):
                 full = {"q": cfg.n_heads * cfg.hd, "kv": cfg.n_kv_heads * cfg.hd, "ff": cfg.d_ff,
+                        "moe_ff": self._moe_ff(cfg) if getattr(cfg, "n_experts", 0) else 0,
                         "vocab": cfg.vocab_size}[by]
                 n = -(-full // self.world)
                 return Split(dim, self.rank * n, (self.rank + 1) * n, full)
@@ -133,7 +142,10 @@ class TensorParallel:
         for layer in model.layers:
             attn, ffn = layer.self_attn, layer.ffn
             attn.o_proj = RowParallelLinear(attn.o_proj, self)
-            ffn.down_proj = RowParallelLinear(ffn.down_proj, self)
+            if hasattr(ffn, "experts"):  # Σ_e w_e·FFN_e(x) is linear in each expert's down projection: one sum
+                layer.ffn = ReducedSum(ffn, self)
+            else:
+                ffn.down_proj = RowParallelLinear(ffn.down_proj, self)
         emb = model.tok_embeddings
         model.tok_embeddings = VocabParallelEmbedding(emb, self, cfg.vocab_size)
         head = model.output_head
@@ -194,6 +206,18 @@ class RowParallelLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank {self.tp.rank}/{self.tp.world}: input columns {self.local.in_features} of {self.in_features}"
+
+
+class ReducedSum(nn.Module):
+    """y = Σ_r f_r(x): a sublayer whose output is linear in its row-parallel projections (a mixture of experts:
+    every expert's d_ff split across the ranks, the router whole on each) closed by one all-reduce."""
+
+    def __init__(self, local: nn.Module, tp: TensorParallel) -> None:
+        super().__init__()
+        self.local, self.tp = local, tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_reduce(self.local(x))
 
 
 class VocabParallelEmbedding(nn.Module):
