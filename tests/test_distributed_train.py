@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from safetensors.torch import load_file
+
 from attnkit.data.sft_tasks import write_jsonl
 from attnkit.train.distill import DistillArgs, distill
 from attnkit.train.distributed import RankFailure
@@ -30,6 +32,7 @@ from finetune_helpers import WORDS, tiny_lm
 STEPS, HALF = 20, 10
 # the global batch: 4 rows × 2 micro-batches; at world 2 each rank takes 2 rows of each micro-batch
 RECIPE = dict(steps=STEPS, grad_accum=2, lr=1e-2, warmup=2, eval_every=10, seed=1, method="lora")
+FULL = dict(method="full", steps=8, lr=1e-3)  # every weight trained (tied embeddings too): FSDP shards the root
 DISTILL = dict(stages="1", steps_per_stage=6, lr=1e-2, speed_tokens=2, selection="importance", seed=1)
 
 
@@ -61,6 +64,7 @@ def _train_jobs(rank: int, root: Path) -> None:
     world-1 resume) and resumed; the world-1 run stopped at HALF resumed here; a DDP distillation."""
     finetune(_args(root, 2), root / "ddp", progress=False, lm=tiny_lm())
     finetune(_args(root, 2, fsdp=True), root / "fsdp", progress=False, lm=tiny_lm())
+    finetune(_args(root, 2, fsdp=True, **FULL), root / "fsdp_full", progress=False, lm=tiny_lm())
     finetune(_args(root, 2), root / "w2", progress=False, lm=tiny_lm(), stop_after=HALF)
     if rank == 0:
         shutil.copytree(root / "w2", root / "w2_to_w1")
@@ -124,6 +128,7 @@ def runs(tmp_path_factory):
         try:
             finetune(_args(root, 4), root / "w1_to_w2", progress=False, lm=tiny_lm(), stop_after=HALF)
             finetune(_args(root, 4), root / "w1", progress=False, lm=tiny_lm())
+            finetune(_args(root, 4, **FULL), root / "w1_full", progress=False, lm=tiny_lm())
             r = distill(DistillArgs(data=str(root / "train.jsonl"), batch_size=4, **DISTILL), root / "distill1",
                         progress=False, lm=tiny_lm())
             (root / "distill1.json").write_text(json.dumps(r["stages"][0]["losses"]))
@@ -162,6 +167,10 @@ def test_ddp_and_fsdp_losses_equal_one_process(runs):
     _close(_losses(root / "ddp"), ref)
     _close(_losses(root / "fsdp"), ref)
     _close(_losses(root / "w2"), ref)  # stopped at HALF and resumed, at world 2
+    _close(_losses(root / "fsdp_full"), _losses(root / "w1_full"))
+    one, sharded = (load_file(str(root / r / "model.safetensors")) for r in ("w1_full", "fsdp_full"))
+    assert one.keys() == sharded.keys()
+    assert max(float((one[k] - sharded[k]).abs().max()) for k in one) < 1e-5
     evals = [json.loads((root / r / "metrics.json").read_text())["eval_after"]["eval_loss"] for r in ("w1", "ddp")]
     assert abs(evals[0] - evals[1]) < 1e-5
     _close(json.loads((root / "distill2.json").read_text()), json.loads((root / "distill1.json").read_text()))

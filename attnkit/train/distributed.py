@@ -213,13 +213,39 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def reshard(model: nn.Module) -> None:
+    """Register the sharded parameters again (a no-grad forward leaves FSDP's root unsharded)."""
+    for m in fsdp_units(model):
+        m.reshard()
+
+
 def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """{name: full tensor} of the trainable parameters (a collective under FSDP: every rank calls it)."""
+    reshard(model)
     return {n: _full(p.detach()).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter (tied ones once) and persistent buffer as a full tensor: what ``save_model`` writes, for a
+    model whose ``state_dict`` is FSDP's sharded one (a collective under FSDP)."""
+    reshard(model)
+    out = {n: _full(p.detach()).contiguous() for n, p in model.named_parameters()}
+    for prefix, mod in model.named_modules():
+        for n, b in mod.named_buffers(recurse=False):
+            if b is not None and n not in mod._non_persistent_buffers_set:
+                out[f"{prefix}.{n}" if prefix else n] = b.detach().contiguous()
+    return out
 
 
 def optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """{"name::field": full tensor} of the optimizer state, keyed as :mod:`attnkit.train.checkpoint` does."""
+    reshard(model)
     names = {id(p): n for n, p in model.named_parameters()}
     return {f"{names[id(p)]}::{k}": _full(v.detach()).contiguous() for p, s in optimizer.state.items()
             for k, v in s.items() if torch.is_tensor(v)}

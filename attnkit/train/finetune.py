@@ -39,8 +39,8 @@ from ..config import JsonConfig
 from ..peft import METHODS, PeftConfig, PeftModel, get_peft_model
 from .chunked_loss import chunked_lm_loss, hidden_head
 from .checkpoint import CheckpointError, commit_dir, load_optimizer_state, read_trainer_state, recover_dir
-from .distributed import (Dist, init_distributed, optimizer_tensors, shard_optimizer_state, sync_gradients,
-                          trainable_tensors, unwrap, wrap)
+from .distributed import (Dist, fsdp_units, full_weights, init_distributed, optimizer_tensors, shard_optimizer_state,
+                          sync_gradients, trainable_tensors, unwrap, wrap)
 from .sft_data import IGNORE, Example, collate, load_examples, micro_batches, pack
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -422,16 +422,17 @@ def finetune(args: FinetuneArgs, out_dir: str | Path, resume: bool = False, prog
     if state["step"] < args.steps:  # interrupted on purpose: the checkpoint is the result
         d.barrier("the end of the run")
         return {"method": args.method, "steps": state["step"], "stopped": True, "model": model}
+    weights = None
     if fsdp:  # the full weights back in every rank's model, to save and to return
-        from torch.distributed.fsdp import FSDPModule
-
         with d.guard("gathering the final weights"):
-            for m in model.modules():
-                if isinstance(m, FSDPModule):
-                    m.unshard()
+            weights = None if isinstance(model, PeftModel) else full_weights(model)
+            for m in fsdp_units(model):
+                m.unshard()
     if d.main:
         if isinstance(model, PeftModel):
             model.save_pretrained(out / "adapter")
+        elif weights is not None:
+            save_file(weights, str(out / "model.safetensors"))
         else:
             save_model(model, str(out / "model.safetensors"))
         plot_losses(state, out / "loss_curve.png", f"{args.method} fine-tuning")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import MISSING, fields
 from typing import Any
@@ -78,7 +79,7 @@ def _finetune(args: argparse.Namespace) -> int:
     named = {f.name: getattr(args, f.name) for f in fields(FinetuneArgs) if hasattr(args, f.name)}
     if args.resume:
         fa, changed = resume_args(args.out, named)
-        for k, (was, now) in changed.items():
+        for k, (was, now) in changed.items() if os.environ.get("RANK", "0") == "0" else ():  # torchrun: rank 0 says it
             print(f"resume: --{k.replace('_', '-')} {now} overrides the run's {was}", file=sys.stderr)
     else:
         fa = FinetuneArgs(**named)
