@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import pickle
 import signal
 import threading
 from collections import OrderedDict
@@ -21,7 +22,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 from attnkit.cli import main  # noqa: E402
 from attnkit.engine import LLM, EngineConfig, SamplingParams  # noqa: E402
+from attnkit.engine import CompletionOutput, RequestMetrics, RequestOutput, StructuredOutputs  # noqa: E402
 from attnkit.engine.data_parallel import DataParallelEngine, ReplicaDiedError, _Replica  # noqa: E402
+from attnkit.engine.dp_replica import output_from_wire, output_to_wire, params_from_wire, params_to_wire  # noqa: E402
 from attnkit.peft import LoraConfig, get_peft_model  # noqa: E402
 from attnkit.serve import build_app  # noqa: E402
 from dp_helpers import SHAPE, tiny_replica  # noqa: E402
@@ -122,6 +125,16 @@ def test_routing_falls_back_to_the_least_loaded_beyond_the_margin(tokenizer):
     dp.replicas[0].dead = "gone too"
     with pytest.raises(ReplicaDiedError, match="no data-parallel replica is alive"):
         dp._route("y", ids, None)
+
+
+def test_the_wire_format_round_trips():
+    params = SamplingParams(n=2, temperature=0.5, top_k=-1, stop="x", logit_bias={5: 1.0}, seed=3, logprobs=2,
+                            structured=StructuredOutputs(json={"type": "object"}, strict=False))
+    sent = pickle.loads(pickle.dumps(params_to_wire(params)))
+    assert params_from_wire(sent) == params and params_from_wire(None) is None
+    out = RequestOutput("r", "p", [1, 2], [CompletionOutput(0, "t", [3], "stop", 7, [{3: -0.1, 4: -2.0}])], True,
+                        RequestMetrics(1.0, 2.0, 3.0, 1, 2), [None, {2: -1.0}])
+    assert output_from_wire(pickle.loads(pickle.dumps(output_to_wire(out)))) == out
 
 
 def test_abort_reaches_the_replica(router):

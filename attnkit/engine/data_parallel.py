@@ -122,6 +122,7 @@ class _Pending:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     accepted: asyncio.Future
+    acked: bool = False  # the replica accepted it (set by the reader thread: the future settles later, on the loop)
 
 
 def _settle(fut: asyncio.Future, error: BaseException | None) -> None:
@@ -276,7 +277,7 @@ class DataParallelEngine:
     def stats(self) -> EngineStats:
         """The replicas' latest snapshots summed (requests not yet accepted count as waiting)."""
         with self._lock:
-            pending = sum(1 for e in self._requests.values() if not e.accepted.done())
+            pending = sum(1 for e in self._requests.values() if not e.acked)
             parts = [r.stats for r in self.replicas]
         total = EngineStats(*(sum(getattr(s, f) for s in parts) for f in EngineStats.__dataclass_fields__))
         return replace(total, waiting=total.waiting + pending)
@@ -325,7 +326,7 @@ class DataParallelEngine:
 
     # replies from the replicas (one reader thread each)
     def _fail(self, entry: _Pending, error: BaseException) -> None:
-        if entry.accepted.done():
+        if entry.acked:
             entry.loop.call_soon_threadsafe(entry.queue.put_nowait, error)
         else:
             entry.loop.call_soon_threadsafe(_settle, entry.accepted, error)
@@ -358,8 +359,9 @@ class DataParallelEngine:
     def _reply(self, rep: dict[str, Any]) -> None:
         with self._lock:
             entry = self._requests.get(rep["id"]) if rep["op"] == "accepted" else self._forget(rep["id"])
-        if entry is None:
-            return
+            if entry is None:
+                return
+            entry.acked = rep["op"] == "accepted"
         error = None
         if rep["op"] == "refused":
             kind = {"queue_full": QueueFullError, "invalid": ValueError}.get(rep["kind"], RuntimeError)

@@ -42,7 +42,8 @@ def params_from_wire(d: dict[str, Any] | None) -> SamplingParams | None:
 
 
 def output_to_wire(o: RequestOutput) -> dict[str, Any]:
-    return dataclasses.asdict(o)
+    """Shallow dicts (``dataclasses.asdict`` deep-copies: 20x slower); the pipe pickles them at once."""
+    return {**vars(o), "outputs": [dict(vars(c)) for c in o.outputs], "metrics": dict(vars(o.metrics))}
 
 
 def output_from_wire(d: dict[str, Any]) -> RequestOutput:
