@@ -188,7 +188,7 @@ def test_resume_at_another_world_size(runs):
 def test_a_dead_rank_is_named_not_waited_for(runs):
     root, (msg, t_end, exitcode) = runs
     assert exitcode == 3  # rank 1 left by os._exit(3) in its 3rd step's clipping
-    assert "rank 0: the token-count all-reduce at step 3 failed: rank 1 stopped or failed" in msg, msg
+    assert "rank 0: the token-count all-reduce in step 4 failed: rank 1 stopped or failed" in msg, msg
     died = float((root / "dying_group" / "died_at").read_text())
     assert t_end - died < 10, t_end - died  # inside the 20 s timeout: the lost connection is seen, not waited out
 

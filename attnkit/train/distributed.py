@@ -47,7 +47,7 @@ class Dist:
     world: int = 1
     timeout_s: float = 300.0
     peers: list[tuple[str, int]] = field(default_factory=list)  # (host, pid) of each rank
-    step: int = 0  # for error messages
+    step: int = 0  # steps done (error messages name the step in progress: step + 1)
 
     @property
     def main(self) -> bool:
@@ -76,7 +76,7 @@ class Dist:
                 dead = self.dead_ranks()
             who = (f"rank {', '.join(map(str, dead))} stopped or failed (its process is gone)" if dead else
                    f"another rank stopped, failed or did not answer within the {self.timeout_s:g} s timeout")
-            raise RankFailure(f"rank {self.rank}: {what} at step {self.step} failed: {who} "
+            raise RankFailure(f"rank {self.rank}: {what} in step {self.step + 1} failed: {who} "
                               f"[{type(e).__name__}: {str(e).strip()[:300]}]") from e
 
     def dead_ranks(self) -> list[int]:
