@@ -201,3 +201,27 @@ def test_micro_batches_are_global():
     assert [a + b for a, b in two] == one
     with pytest.raises(ValueError, match="cannot fill a global micro-batch of 12"):
         next(micro_batches(rows, 6, 0, 3, world=2))
+
+
+def test_bad_launches_and_resumes_are_named(tmp_path, monkeypatch):
+    from attnkit.train.distributed import init_distributed
+    from attnkit.train.finetune import _resume_batch
+
+    for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT not set: launch with torchrun"):
+        init_distributed()
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE='two': not an integer"):
+        init_distributed()
+    with pytest.raises(ValueError, match="dist_timeout must be > 0"):
+        _args(tmp_path, 2, dist_timeout=0)
+    with pytest.raises(ValueError, match="fsdp with quantize=nf4"):
+        _args(tmp_path, 2, fsdp=True, quantize="nf4")
+    run = {"global_batch": 6, "world_size": 2}
+    assert _resume_batch(_args(tmp_path, 3), run, 1, named=False)[0].batch_size == 6
+    assert _resume_batch(_args(tmp_path, 3), run, 3, named=False)[0].batch_size == 2
+    assert _resume_batch(_args(tmp_path, 5), run, 1, named=True)[0].batch_size == 5  # named: the user's choice
+    with pytest.raises(ValueError, match="global micro-batch is 6 rows .* world size 4 does not divide it"):
+        _resume_batch(_args(tmp_path, 3), run, 4, named=False)

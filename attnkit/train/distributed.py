@@ -116,14 +116,11 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _env_int(name: str) -> int:
-    value = os.environ.get(name)
-    if value is None:
-        raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {name} is not set: launch with torchrun "
-                         "(it sets RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT)")
+def _env_int(name: str, default: str | None = None) -> int:
+    value = os.environ.get(name, default) or default
     try:
-        return int(value)
-    except ValueError:
+        return int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
         raise ValueError(f"{name}={value!r}: not an integer") from None
 
 
@@ -134,13 +131,14 @@ def init_distributed(timeout_s: float = 300.0) -> Dist:
     if timeout_s <= 0:
         raise ValueError(f"dist_timeout must be > 0 seconds, got {timeout_s}")
     if not dist.is_initialized():
-        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        world = _env_int("WORLD_SIZE", "1")
         if world <= 1:
             return Dist(timeout_s=timeout_s)
+        missing = [n for n in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(n)]
+        if missing:
+            raise ValueError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: launch with torchrun "
+                             "(it sets RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT)")
         rank = _env_int("RANK")
-        for name in ("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            if name not in os.environ:
-                _env_int(name)  # raises, naming it
         if torch.cuda.is_available():
             torch.cuda.set_device(_env_int("LOCAL_RANK"))
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
