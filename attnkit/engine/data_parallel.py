@@ -187,8 +187,8 @@ class DataParallelEngine:
             r.process.join(5)
             raise RuntimeError(f"data-parallel replica {r.index} (pid {r.process.pid}) exited with code "
                                f"{r.process.exitcode} while starting") from None
-        if msg["op"] == "error":
-            raise RuntimeError(f"data-parallel replica {r.index} failed to start: {msg['message']}")
+        if msg["op"] == "error":  # its factory raised: a bad model, adapter or option (the CLI's one-line error)
+            raise ValueError(f"data-parallel replica {r.index} failed to start: {msg['message']}")
         return msg
 
     # routing
