@@ -23,7 +23,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 from attnkit.cli import main  # noqa: E402
 from attnkit.engine import LLM, EngineConfig, SamplingParams  # noqa: E402
 from attnkit.engine import CompletionOutput, RequestMetrics, RequestOutput, StructuredOutputs  # noqa: E402
-from attnkit.engine.data_parallel import DataParallelEngine, ReplicaDiedError, _Replica  # noqa: E402
+from attnkit.engine.data_parallel import DataParallelEngine, ReplicaDiedError, _Replica, _SpecSum  # noqa: E402
 from attnkit.engine.dp_replica import output_from_wire, output_to_wire, params_from_wire, params_to_wire  # noqa: E402
 from attnkit.peft import LoraConfig, get_peft_model  # noqa: E402
 from attnkit.serve import build_app  # noqa: E402
@@ -125,6 +125,15 @@ def test_routing_falls_back_to_the_least_loaded_beyond_the_margin(tokenizer):
     dp.replicas[0].dead = "gone too"
     with pytest.raises(ReplicaDiedError, match="no data-parallel replica is alive"):
         dp._route("y", ids, None)
+
+
+def test_speculative_counters_sum_over_replicas():
+    a, b = _Replica(0, None, None), _Replica(1, None, None)
+    a.spec = dict(proposed=10, accepted=6, verifications=4, emitted=10, rejected=2)
+    b.spec = dict(proposed=5, accepted=5, verifications=2, emitted=7, rejected=0)
+    st = _SpecSum([a, b, _Replica(2, None, None)]).stats  # the third: no report yet
+    assert (st.proposed, st.accepted, st.verifications, st.emitted, st.rejected) == (15, 11, 6, 17, 2)
+    assert st.acceptance_rate == pytest.approx(11 / 15)
 
 
 def test_the_wire_format_round_trips():

@@ -36,6 +36,7 @@ from .dp_replica import output_from_wire, params_to_wire, replica_main
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 from .scheduler import QueueFullError
+from .speculative import SpecStats
 
 if TYPE_CHECKING:
     from ..text.tokenizer import Tokenizer
@@ -68,14 +69,26 @@ def load_tokenizer(path: str | Path | None) -> tuple[Tokenizer, Path]:
                          "not a GGUF file nor a Hugging Face directory with config.json")
 
 
+class _SpecSum:
+    """The replicas' speculative-decoding counters summed: what /metrics reads as ``engine.spec.stats``."""
+
+    def __init__(self, replicas: list[_Replica]) -> None:
+        self.replicas = replicas
+
+    @property
+    def stats(self) -> SpecStats:
+        parts = [r.spec for r in self.replicas if r.spec is not None]
+        return SpecStats(**{f: sum(p[f] for p in parts) for f in SpecStats.__dataclass_fields__})
+
+
 class ReplicaInfo:
     """What the server's handlers read of ``state.engine.engine``: the facts all replicas share, the tokenizer
-    (loaded in the server), and the grammar compiler that checks structured-output requests before routing."""
+    (loaded in the server), the grammar compiler that checks structured-output requests before routing, and the
+    replicas' speculative-decoding counters summed (``spec``; None without speculative decoding)."""
 
-    spec = None  # speculative-decoding counters live in the replicas
-
-    def __init__(self, tokenizer: Tokenizer, ready: dict[str, Any]) -> None:
+    def __init__(self, tokenizer: Tokenizer, ready: dict[str, Any], replicas: list[_Replica]) -> None:
         self.tokenizer = tokenizer
+        self.spec = _SpecSum(replicas) if ready["spec"] else None
         self.max_model_len, self.vocab_size = ready["max_model_len"], ready["vocab_size"]
         self.eos_ids, self.block_size, self._loras = set(ready["eos_ids"]), ready["block_size"], ready["loras"]
         self._grammars: Grammars | None = None
@@ -103,6 +116,7 @@ class _Replica:
     load: int = 0  # unfinished requests routed here
     assigned: int = 0
     stats: EngineStats = _ZERO
+    spec: dict[str, int] | None = None  # its SpecStats fields
     dead: str | None = None  # why it is gone
 
     def send(self, msg: dict[str, Any] | None) -> None:
@@ -167,12 +181,12 @@ class DataParallelEngine:
             self._kill()
             raise
         for r, info in zip(self.replicas, ready):
-            for key in ("max_model_len", "vocab_size", "eos_ids", "block_size", "loras"):
+            for key in ("max_model_len", "vocab_size", "eos_ids", "block_size", "loras", "spec"):
                 if info[key] != ready[0][key]:
                     self._kill()
                     raise ValueError(f"data-parallel replicas disagree on {key}: replica 0 has {ready[0][key]!r}, "
                                      f"replica {r.index} has {info[key]!r}")
-        self.engine = ReplicaInfo(tokenizer, ready[0])
+        self.engine = ReplicaInfo(tokenizer, ready[0], self.replicas)
         for r in self.replicas:
             threading.Thread(target=r.write, daemon=True, name=f"dp-write-{r.index}").start()
             threading.Thread(target=self._read, args=(r,), daemon=True, name=f"dp-read-{r.index}").start()
@@ -338,6 +352,7 @@ class DataParallelEngine:
             except (EOFError, OSError):
                 break
             with self._lock:
+                r.spec = msg["stats"].pop("spec")
                 r.stats = EngineStats(**msg["stats"])
             if msg["op"] == "replies":
                 for rep in msg["replies"]:

@@ -52,11 +52,13 @@ def output_from_wire(d: dict[str, Any]) -> RequestOutput:
 
 
 def engine_stats(engine: LLMEngine, aborted: int) -> dict[str, Any]:
-    """The replica's :class:`EngineStats` as a dict (the same reading as ``AsyncLLMEngine._snapshot``)."""
+    """The replica's :class:`EngineStats` as a dict (the same reading as ``AsyncLLMEngine._snapshot``), with its
+    speculative-decoding counters (``spec``: :class:`SpecStats` fields, or None)."""
     b = engine.block_manager.stats()
     running = sum(1 for r in engine.requests.values() if any(s.status is SequenceStatus.RUNNING for s in r.seqs))
-    return dataclasses.asdict(EngineStats(running, len(engine.requests) - running, b.num_blocks, b.used_blocks,
-                                          b.prefix_queries, b.prefix_hits, engine.scheduler.num_preemptions, aborted))
+    stats = EngineStats(running, len(engine.requests) - running, b.num_blocks, b.used_blocks, b.prefix_queries,
+                        b.prefix_hits, engine.scheduler.num_preemptions, aborted)
+    return {**vars(stats), "spec": vars(engine.spec.stats) if engine.spec is not None else None}
 
 
 def _error_kind(e: Exception) -> str:
@@ -77,7 +79,8 @@ def replica_main(index: int, conn: Connection, factory: Callable[[], LLMEngine],
         return
     conn.send({"op": "ready", "max_model_len": engine.max_model_len, "vocab_size": engine.vocab_size,
                "eos_ids": sorted(engine.eos_ids), "block_size": engine.config.block_size,
-               "loras": engine.lora_names(), "threads": torch.get_num_threads()})
+               "loras": engine.lora_names(), "threads": torch.get_num_threads(),
+               "spec": engine.spec is not None})
     aborted = 0
     try:
         while True:
