@@ -81,8 +81,11 @@ def _measure_rank(spec: dict) -> list[dict]:
             model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16))
         else:
             model.requires_grad_(True)
+        fsdp = method == "fsdp"
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        ddp = wrap(model, d, fsdp=fsdp)
         params = [p for p in model.parameters() if p.requires_grad]
-        ddp = wrap(model, d)
         seen = {"bytes": 0, "buckets": 0, "comm_s": 0.0}
 
         def counting_hook(state, bucket):
@@ -95,7 +98,8 @@ def _measure_rank(spec: dict) -> list[dict]:
                 return fut.value()
             return default_hooks.allreduce_hook(state, bucket).then(done)
 
-        ddp.register_comm_hook(None, counting_hook)
+        if not fsdp:
+            ddp.register_comm_hook(None, counting_hook)
         opt = torch.optim.AdamW(params, lr=1e-4)
         n = float(x.numel() - x.shape[0]) * d.world  # every position but the last is labelled, on every rank
 
@@ -103,11 +107,15 @@ def _measure_rank(spec: dict) -> list[dict]:
             dist.barrier()
             t0 = time.perf_counter()
             with sync_gradients(ddp, sync):
-                (model_loss(ddp, x, x, "sum") / n * d.world).backward()
+                (model_loss(ddp, x, x, "sum", chunked=not fsdp) / n * d.world).backward()
             opt.step()
+            if sync:  # this rank's parameters, gradients and AdamW moments (shards under FSDP)
+                state["bytes"] = sum(_local_bytes(t) for p in model.parameters() for t in (p, p.grad) if t is not None)
+                state["bytes"] += sum(_local_bytes(v) for st in opt.state.values() for v in st.values())
             opt.zero_grad(set_to_none=True)
             return time.perf_counter() - t0
 
+        state = {"bytes": 0}
         for _ in range(2):  # warm-up (and DDP's bucket rebuild after the first step)
             step(True), step(False)
         seen.update(bytes=0, buckets=0, comm_s=0.0)
@@ -115,7 +123,9 @@ def _measure_rank(spec: dict) -> list[dict]:
         for _ in range(spec["steps"]):
             synced.append(step(True))
             local.append(step(False))
-        per_step = seen["bytes"] // spec["steps"]
+        # FSDP: no all-reduce; each step all-gathers the parameters twice (forward, backward) and reduce-scatters
+        # the gradients, each moving (N−1)/N of the full size per rank on a ring (an estimate, not counted)
+        per_step = 3 * trainable * 4 if fsdp else seen["bytes"] // spec["steps"]
         flat = torch.zeros(max(1, per_step // 4), dtype=torch.float32)
         alone = []
         for _ in range(spec["steps"]):
@@ -124,16 +134,21 @@ def _measure_rank(spec: dict) -> list[dict]:
             dist.all_reduce(flat)
             alone.append(time.perf_counter() - t0)
         s, c = statistics.median(synced), statistics.median(local)
-        out.append({"method": method, "trainable_params": sum(p.numel() for p in params),
-                    "total_params": sum(p.numel() for p in model.parameters()),
-                    "grad_bytes_per_step": sum(p.numel() * p.element_size() for p in params),
-                    "allreduced_bytes_per_step": per_step, "buckets_per_step": seen["buckets"] // spec["steps"],
-                    "step_s": s, "compute_s": c, "comm_s": seen["comm_s"] / spec["steps"],
-                    "comm_share": seen["comm_s"] / spec["steps"] / s, "exposed_comm_s": s - c,
+        out.append({"method": method, "trainable_params": trainable, "total_params": total,
+                    "grad_bytes_per_step": trainable * 4, "allreduced_bytes_per_step": per_step,
+                    "bytes_counted": not fsdp, "buckets_per_step": seen["buckets"] // spec["steps"],
+                    "state_bytes_per_rank": state["bytes"], "step_s": s, "compute_s": c,
+                    "comm_s": None if fsdp else seen["comm_s"] / spec["steps"],
+                    "comm_share": None if fsdp else seen["comm_s"] / spec["steps"] / s, "exposed_comm_s": s - c,
                     "allreduce_alone_s": statistics.median(alone),
                     "tokens_per_s": x.numel() * d.world / s})
     dist.destroy_process_group()
     return out
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return t.numel() * t.element_size()
 
 
 def measure_ddp(model: str = "small", methods: tuple[str, ...] = ("full", "lora"), steps: int = 6, batch: int = 4,
@@ -144,8 +159,8 @@ def measure_ddp(model: str = "small", methods: tuple[str, ...] = ("full", "lora"
 
     if model not in MODELS:
         raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
-    if bad := [m for m in methods if m not in ("full", "lora")]:
-        raise ValueError(f"methods must be full and/or lora, got {bad}")
+    if bad := [m for m in methods if m not in ("full", "lora", "fsdp")]:
+        raise ValueError(f"methods must be among full, lora and fsdp (full fine-tuning under FSDP2), got {bad}")
     if min(steps, batch, seq, threads) < 1 or world < 2:
         raise ValueError("steps, batch, seq and threads must be ≥ 1 and world ≥ 2")
     spec = dict(model=model, methods=list(methods), steps=steps, batch=batch, seq=seq, threads=threads, world=world)
@@ -168,7 +183,7 @@ def measure_ddp(model: str = "small", methods: tuple[str, ...] = ("full", "lora"
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="small", choices=sorted(MODELS))
-    ap.add_argument("--methods", default="full,lora")
+    ap.add_argument("--methods", default="full,lora", help="full, lora, fsdp (full fine-tuning under FSDP2)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=4, help="rows per rank")
     ap.add_argument("--seq", type=int, default=128)
@@ -180,14 +195,19 @@ def main(argv: list[str] | None = None) -> int:
                     a.threads, a.world)
     print(f"DDP at {r['world']} ranks (gloo, {a.threads} thread(s) each) on {r['machine']['cpu']}; model "
           f"{a.model}, {a.batch}×{a.seq} tokens per rank per step", file=sys.stderr)
-    print(f"{'method':<6} {'trainable':>10} {'MB/step':>8} {'buckets':>7} {'step ms':>8} {'compute':>8} "
-          f"{'comm':>7} {'share':>6} {'exposed':>8} {'AR alone':>9} {'tok/s':>8}", file=sys.stderr)
+    print(f"{'method':<6} {'trainable':>10} {'MB/step':>8} {'buckets':>7} {'state MB':>8} {'step ms':>8} "
+          f"{'compute':>8} {'comm':>7} {'share':>6} {'exposed':>8} {'AR alone':>9} {'tok/s':>8}", file=sys.stderr)
     for x in r["results"]:
-        print(f"{x['method']:<6} {x['trainable_params']:>10,} {x['allreduced_bytes_per_step'] / 1e6:>8.3f} "
-              f"{x['buckets_per_step']:>7} {x['step_s'] * 1e3:>8.1f} {x['compute_s'] * 1e3:>8.1f} "
-              f"{x['comm_s'] * 1e3:>7.1f} {x['comm_share']:>6.1%} {x['exposed_comm_s'] * 1e3:>8.1f} "
-              f"{x['allreduce_alone_s'] * 1e3:>9.2f} "
+        comm = "-" if x["comm_s"] is None else f"{x['comm_s'] * 1e3:.1f}"
+        share = "-" if x["comm_share"] is None else f"{x['comm_share']:.1%}"
+        mb = f"{x['allreduced_bytes_per_step'] / 1e6:.3f}" + ("" if x["bytes_counted"] else "*")
+        print(f"{x['method']:<6} {x['trainable_params']:>10,} {mb:>8} {x['buckets_per_step']:>7} "
+              f"{x['state_bytes_per_rank'] / 1e6:>8.1f} {x['step_s'] * 1e3:>8.1f} {x['compute_s'] * 1e3:>8.1f} "
+              f"{comm:>7} {share:>6} {x['exposed_comm_s'] * 1e3:>8.1f} {x['allreduce_alone_s'] * 1e3:>9.2f} "
               f"{x['tokens_per_s']:>8,.0f}", file=sys.stderr)
+    if any(not x["bytes_counted"] for x in r["results"]):
+        print("* FSDP: all-gather ×2 + reduce-scatter of the full size, estimated (no all-reduce to count); its "
+              "compute column still includes the all-gathers", file=sys.stderr)
     write_report(r, a.json)
     return 0
 
