@@ -190,19 +190,37 @@ def test_the_cli_refuses_a_bad_data_parallel_size(capsys):
 
 
 def test_a_killed_replica_fails_its_requests_and_the_other_serves(base, router):
-    result = {}
+    result: dict[str, object] = {}
+    prefix = list(range(300, 320))  # one full block: both requests on one replica (affinity)
     body = {"max_tokens": 900, "ignore_eos": True}
-    t = threading.Thread(target=lambda: result.setdefault("r", complete(base, "Tell me a long story", **body)))
-    t.start()
+
+    def stream() -> None:
+        events = []
+        with httpx.stream("POST", f"{base}/v1/completions", timeout=60,
+                          json={"model": TINY, "prompt": prefix + [2], "stream": True} | body) as s:
+            for line in s.iter_lines():
+                if line.startswith("data:"):
+                    events.append(line)
+                    if len(events) == 3:
+                        result["streaming"] = True
+        result["events"] = events
+
+    threads = [threading.Thread(target=lambda: result.setdefault("r", complete(base, prefix + [1], **body))),
+               threading.Thread(target=stream)]
+    threads[0].start()
     wait_for(lambda: router.num_unfinished_requests == 1, what="the request to start")
-    victim = next(r for r in router.replicas if r.load == 1)
+    threads[1].start()
+    wait_for(lambda: "streaming" in result, what="the stream to start")
+    victim = next(r for r in router.replicas if r.load == 2)
     os.kill(victim.process.pid, signal.SIGKILL)
-    t.join(30)
+    for t in threads:
+        t.join(30)
+    died = f"data-parallel replica {victim.index} (pid {victim.process.pid}) exited with code -9"
     r = result["r"]
     assert r.status_code == 503, r.text
-    msg = r.json()["error"]["message"]
-    assert f"data-parallel replica {victim.index} (pid {victim.process.pid}) exited with code -9" in msg
-    assert r.json()["error"]["code"] == "replica_died"
+    assert died in r.json()["error"]["message"] and r.json()["error"]["code"] == "replica_died"
+    *_, error, done = result["events"]  # the stream had begun: the error is its last event
+    assert died in error and '"replica_died"' in error and done == "data: [DONE]"
     for prompt in ("Hello there", "Another prompt entirely", "A third"):  # all go to the survivor
         ok = complete(base, prompt)
         assert ok.status_code == 200, ok.text
