@@ -202,6 +202,12 @@ def main() -> int:
             from distributed_train import measure_ddp  # benchmarks/distributed_train.py
 
             ddp = measure_ddp()
+            print(f"\ndata-parallel training, {ddp['world']} gloo ranks, model {ddp['model']['name']} "
+                  f"({ddp['tokens_per_rank_step']} tokens per rank and step)")
+            print(f"{'method':<8} {'all-reduced/step':>16} {'step ms':>8} {'compute ms':>10} {'comm ms':>8} {'comm':>5}")
+            for r in ddp["results"]:
+                print(f"{r['method']:<8} {r['allreduced_bytes_per_step']:>16,} {r['step_s'] * 1e3:>8.0f} "
+                      f"{r['compute_s'] * 1e3:>10.0f} {r['comm_s'] * 1e3:>8.0f} {r['comm_share']:>5.0%}")
         except ImportError as e:
             print(f"data-parallel training: skipped ({e})", file=sys.stderr)
     report = {"machine": {"cpu": cpu_model(), "threads": args.threads}, "model": args.model, "shape": shape,
