@@ -1,5 +1,6 @@
 """Tensor parallelism at 2 ranks (gloo, two processes) against one process on the same tiny GGUF files: the
-logits of a float and a block-quantized Llama, a Qwen3 (q/k norms) and a Qwen3-MoE within 1e-5, the engine's greedy tokens identical (batching,
+logits of a float and a block-quantized Llama, a Qwen3 (q/k norms), a Qwen3-MoE and an HF Phi-3 (fused q/k/v and
+gate/up in its checkpoint) within 1e-5, the engine's greedy tokens identical (batching,
 chunked prefill, prefix caching, preemption, q8_0 KV), two all-reduces of d_model values per layer and decode
 token, and a rank that stops is a clear error on the other, not a hang."""
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,7 +51,34 @@ def files(tmp_path_factory):
             "q8_0": str(write_llama_gguf(d / "tiny-q8_0.gguf", dict(SHAPE, tied_embeddings=True), "Q8_0")),
             "qwen3_f32": str(write_llama_gguf(d / "tiny-qwen3.gguf", dict(SHAPE, arch="qwen3"), "F32")),  # q/k norms
             "moe_q8_0": str(write_llama_gguf(d / "tiny-moe.gguf", dict(SHAPE, arch="qwen3moe", n_experts=4,
-                                                                       n_experts_per_tok=2, moe_d_ff=128), "Q8_0"))}
+                                                                       n_experts_per_tok=2, moe_d_ff=128), "Q8_0")),
+            "phi3_hf": _phi3_dir(d / "phi3")}
+
+
+def _phi3_dir(path) -> str:
+    """An HF Phi-3 directory: q/k/v and gate/up fused in its checkpoint, LongRoPE."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.Phi3Config(vocab_size=510, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                  original_max_position_embeddings=32, rope_scaling={
+                                      "rope_type": "longrope", "short_factor": [1.0 + i / 16 for i in range(8)],
+                                      "long_factor": [2.0 + i / 4 for i in range(8)]}, pad_token_id=0)
+    transformers.Phi3ForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    return str(path)
+
+
+def _load(path: str, key: str, tp: TensorParallel | None = None) -> torch.nn.Module:
+    """The model of one of the files (an HF directory has no tokenizer here: the model alone)."""
+    if key.endswith("_hf"):
+        from attnkit.loading.hf import load_hf_model, model_config, read_json
+
+        model = load_hf_model(path, tp=tp)
+        cfg = model_config(read_json(Path(path) / "config.json"), Path(path) / "config.json")
+        return model if tp is None else tp.parallelize(model, cfg)
+    quantize = None if key.endswith("f32") else "gguf"
+    return load_rank(tp, path, {"quantize": quantize}).model if tp else load_causal_lm(path, quantize=quantize).model
 
 
 def _ranks(rank: int, port: int, files: dict[str, str], out: str) -> None:
@@ -58,7 +87,7 @@ def _ranks(rank: int, port: int, files: dict[str, str], out: str) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     tp = join_group(rank, 2, threads=1, timeout_s=20)
-    models = {k: load_rank(tp, p, {"quantize": None if k.endswith("f32") else "gguf"}).model for k, p in files.items()}
+    models = {k: _load(p, k, tp) for k, p in files.items()}
     with torch.inference_mode():  # every rank takes part in the collectives of a plain forward
         logits = {k: m(torch.tensor([IDS])) for k, m in models.items()}
     if rank == 1:
@@ -115,10 +144,10 @@ def report(files, tmp_path_factory):
 def test_two_ranks_equal_one_process(files, report):
     report, logits = report
     for key, path in files.items():
-        one = load_causal_lm(path, quantize=None if key.endswith("f32") else "gguf").model
+        one = _load(path, key)
         with torch.inference_mode():
             ref = one(torch.tensor([IDS]))
-        assert logits[key].shape == ref.shape == (1, len(IDS), 510)
+        assert logits[key].shape == ref.shape == (1, len(IDS), 510), key
         # within 1e-5 of the logits' scale (float32 sums in another order: rank halves, then the all-reduce)
         err = (logits[key] - ref).abs().max() / ref.abs().max()
         assert err < 1e-5, (key, float(err), float(ref.abs().max()))
