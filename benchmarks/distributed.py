@@ -47,6 +47,14 @@ def default_model() -> str | None:
     return None  # the embedded default
 
 
+def rss_mb() -> float:
+    """This process's resident memory now (MB), from /proc/self/status."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def _decode(llm, prompt: list[int], tokens: int) -> tuple[float, float]:
     """(prefill seconds, decode tokens/s) of one greedy request."""
     from attnkit.engine import SamplingParams
@@ -65,8 +73,9 @@ def one_process(path: str | None, threads: int, prompt: list[int], tokens: int) 
     from attnkit.inference_options import InferenceOptions
 
     torch.set_num_threads(threads)
+    before = rss_mb()
     lm = InferenceOptions().load(path)
-    out = {}
+    out: dict = {"rss_model_mb": rss_mb() - before}
     for name, native in (("native", True), ("eager", False)):
         llm = LLM.from_model(lm.model, lm.tokenizer, EngineConfig(kv_cache_bytes=256 << 20), eos_ids=set())
         if not native:
@@ -90,9 +99,10 @@ def _rank(rank: int, port: int, path: str | None, threads: int, prompt: list[int
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     tp = join_group(rank, 2, threads=threads, timeout_s=600)
+    before = rss_mb()
     lm = InferenceOptions().load(path, tp)
     d = lm.model.cfg.d_model
-    res: dict = {}
+    res: dict = {"rss_model_mb": rss_mb() - before}
     for name, n in (("alpha", d), ("beta", 4 << 20)):  # the collective alone: d_model values, then 16 MiB
         x = torch.ones(n)
         reps = 200 if name == "alpha" else 10
@@ -181,6 +191,8 @@ def main() -> int:
               f"{'' if nbytes is None else f'{nbytes:,.0f}':>12}")
     print(f"per decode token: {tp2['collectives_per_step']:.0f} collectives ({tp2['counts']}); the per-layer minimum "
           f"2·L·d·4 = {minimum:,} bytes + embedding d·4 = {d * 4:,} + the head's gather of V/2 logits")
+    print(f"resident memory of the loaded model: one process {one['rss_model_mb']:.0f} MB, rank 0 of 2 "
+          f"{tp2['rss_model_mb']:.0f} MB")
     print(f"gloo here: all-reduce of {d} floats {tp2['alpha_s'] * 1e6:.0f} µs; 16 MiB at {tp2['beta_gb_s']:.2f} GB/s")
     shape8 = {"n_layers": 32, "d_model": 4096, "vocab": 128256, "weight_bytes": 16e9}  # Llama-3-8B in bf16
     shape70 = {"n_layers": 80, "d_model": 8192, "vocab": 128256, "weight_bytes": 140e9}  # Llama-3-70B in bf16
