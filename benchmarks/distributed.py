@@ -70,7 +70,7 @@ def _decode(llm, prompt: list[int], tokens: int) -> tuple[float, float]:
 def one_process(path: str | None, threads: int, prompt: list[int], tokens: int) -> dict:
     from attnkit.engine import EngineConfig
     from attnkit.engine.llm import LLM
-    from attnkit.inference_options import InferenceOptions
+    from attnkit.engine.options import InferenceOptions
 
     torch.set_num_threads(threads)
     before = rss_mb()
@@ -93,7 +93,7 @@ def _rank(rank: int, port: int, path: str | None, threads: int, prompt: list[int
 
     from attnkit.engine import EngineConfig
     from attnkit.engine.llm import LLM
-    from attnkit.inference_options import InferenceOptions
+    from attnkit.engine.options import InferenceOptions
     from attnkit.parallel.engine import attach, serve_worker
     from attnkit.parallel.launch import join_group
 

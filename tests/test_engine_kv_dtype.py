@@ -14,7 +14,7 @@ from engine_helpers import greedy_reference, make_llm, random_prompts, tiny_llam
 from attnkit.engine import EngineConfig, LLMEngine, SamplingParams
 from attnkit.engine import paged_attention as pa
 from attnkit.engine.model_runner import ModelRunner
-from attnkit.inference_options import InferenceOptions
+from attnkit.engine.options import InferenceOptions
 from attnkit.kernels import library
 
 VOCAB = 320

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from attnkit.inference_options import InferenceOptions
+from attnkit.engine.options import InferenceOptions
 
 
 @pytest.mark.parametrize("kw,match", [({"dtype": "float8"}, "dtype"), ({"quantize": "int3"}, "quantize"),

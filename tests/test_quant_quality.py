@@ -81,7 +81,7 @@ def test_int4_requantized_from_float(reference):
 def test_gguf_blocks_with_bf16_prefill_products(reference):
     """quantize="gguf" with matmul_dtype bfloat16: the 256-row forward takes the dense path, whose product
     runs on bf16 inputs (the weights decoded from the Q4_1/Q8_0 blocks straight to bf16)."""
-    from attnkit.inference_options import InferenceOptions
+    from attnkit.engine.options import InferenceOptions
     from attnkit.kernels import library
     from attnkit.quant.native import GGUFBlockLinear
 

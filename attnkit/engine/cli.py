@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Iterator, TextIO
 
-from ..inference_options import InferenceOptions
+from .options import InferenceOptions
 
 _INTRO = "chat with {name} — /reset clears the conversation, /quit (or Ctrl-D) leaves, Ctrl-C stops a reply"
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Union
 import torch
 from torch import nn
 
-from ..inference_options import InferenceOptions
+from .options import InferenceOptions
 from .llm_engine import EngineConfig, LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams

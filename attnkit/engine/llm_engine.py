@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..inference_options import KV_CACHE_DTYPES
+from .options import KV_CACHE_DTYPES
 from .kv_format import KVFormat, kv_format
 from ..text.detokenize import IncrementalDetokenizer
 from .allocator import tune_malloc

@@ -15,7 +15,7 @@ import signal
 import sys
 
 from ..engine.cli import add_speculative_flags, speculative_config, speculative_draft
-from ..inference_options import InferenceOptions
+from ..engine.options import InferenceOptions
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported only when a model is loaded: the CLI's --help stays quick
     import torch
 
-    from .loading import CausalLM
-    from .parallel.tensor import TensorParallel
+    from ..loading import CausalLM
+    from ..parallel.tensor import TensorParallel
 
 DTYPES = ("bfloat16", "float32")
 QUANTIZE = ("gguf", "auto", "int8", "int4", "none")
@@ -78,7 +78,7 @@ class InferenceOptions:
         """The dense-product dtype of GGUF block layers: ``matmul_dtype``, "auto" resolved for this CPU."""
         if self.matmul_dtype != "auto":
             return self.matmul_dtype
-        from .kernels import native_bf16
+        from ..kernels import native_bf16
 
         return "bfloat16" if native_bf16() else "float32"
 
@@ -87,9 +87,9 @@ class InferenceOptions:
         tensor-parallel rank's slice (:mod:`attnkit.parallel.tensor`)."""
         import torch
 
-        from .loading import load_causal_lm
-        from .nn.fused import fuse_for_inference
-        from .quant.native import set_dense_dtype
+        from ..loading import load_causal_lm
+        from ..nn.fused import fuse_for_inference
+        from ..quant.native import set_dense_dtype
 
         if self.threads is not None:
             torch.set_num_threads(self.threads)
