@@ -189,8 +189,10 @@ def main() -> int:
     for name, tok_s, share, nbytes in rows:
         print(f"{name:<28} {tok_s:>12.2f} {'' if share is None else f'{share:.0%}':>10} "
               f"{'' if nbytes is None else f'{nbytes:,.0f}':>12}")
-    print(f"per decode token: {tp2['collectives_per_step']:.0f} collectives ({tp2['counts']}); the per-layer minimum "
-          f"2·L·d·4 = {minimum:,} bytes + embedding d·4 = {d * 4:,} + the head's gather of V/2 logits")
+    reduces = tp2["counts"].get("all_reduce", 0) / tp2["steps"]
+    print(f"per decode token: {tp2['collectives_per_step']:.0f} collectives ({reduces:.0f} all-reduces: 2 per layer = "
+          f"{2 * L}, + {reduces - 2 * L:.0f} for the embedding; 1 gather of the logits); the per-layer minimum "
+          f"2·L·d·4 = {minimum:,} bytes; the gather V/2·4 = {tp2['bytes_per_step'] - reduces * d * 4:,.0f}")
     print(f"resident memory of the loaded model: one process {one['rss_model_mb']:.0f} MB, rank 0 of 2 "
           f"{tp2['rss_model_mb']:.0f} MB")
     print(f"gloo here: all-reduce of {d} floats {tp2['alpha_s'] * 1e6:.0f} µs; 16 MiB at {tp2['beta_gb_s']:.2f} GB/s")

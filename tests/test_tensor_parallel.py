@@ -88,12 +88,15 @@ def _ranks(rank: int, port: int, files: dict[str, str], out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     tp = join_group(rank, 2, threads=1, timeout_s=20)
     models = {k: _load(p, k, tp) for k, p in files.items()}
+    logits, counts = {}, {}
     with torch.inference_mode():  # every rank takes part in the collectives of a plain forward
-        logits = {k: m(torch.tensor([IDS])) for k, m in models.items()}
+        for k, m in models.items():
+            tp.reset_counters()
+            logits[k], counts[k] = m(torch.tensor([IDS])), dict(tp.counts)
     if rank == 1:
         serve_worker(models["f32"], tp)
         os._exit(3)  # a rank that dies: no orderly leaving of the group
-    report: dict = {}
+    report: dict = {"forward_counts": counts}
     save_file({k: v.contiguous() for k, v in logits.items()}, out + ".logits")
     for name, cfg in SCENARIOS:
         llm = LLM.from_model(models["f32"], None, EngineConfig(**cfg), eos_ids=set())
@@ -159,6 +162,9 @@ def test_two_ranks_equal_one_process(files, report):
     # head's gather moves each rank's 255 logits per sampled row (11 rows: the prompt's 10, one decode)
     two = report["two_steps"]
     L, d = SHAPE["n_layers"], SHAPE["d_model"]
+    # a forward: 2 all-reduces per layer; + 1 for a split embedding (float); a GGUF table viewed whole needs none
+    assert report["forward_counts"]["f32"] == {"all_reduce": 2 * L + 1, "all_gather": 1}
+    assert report["forward_counts"]["q8_0"] == {"all_reduce": 2 * L, "all_gather": 1}
     assert two["counts"] == {"all_reduce": 2 * (2 * L + 1), "all_gather": 2}
     assert two["bytes"] == 11 * (2 * L + 1) * d * 4 + 2 * 255 * 4
 

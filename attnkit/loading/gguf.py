@@ -373,7 +373,11 @@ def _materialize_quantized(model: Llama, shapes: dict[str, torch.Size], plan: Pl
         from ..quant.native import GGUFBlockEmbedding
 
         warn_dequantized(g, {_base(src) for src, _ in plan.values()})
-        if cfg.tie_embeddings and head is not None and hasattr(head, "blocks"):
+        if tp is not None and tp.world > 1:  # every rank looks tokens up in the whole table, viewed in the file's
+            # mapping (pages read as rows are touched): the embedding needs no all-reduce (attnkit.parallel.tensor)
+            table = native_linear(g, "token_embd.weight", interleaved=False)
+            embedding = GGUFBlockEmbedding(table) if table is not None else None
+        elif cfg.tie_embeddings and head is not None and hasattr(head, "blocks"):
             embedding = GGUFBlockEmbedding(head)  # rows decoded from the head's blocks: no float copy of the table
         elif not cfg.tie_embeddings:  # the table's own blocks, rows decoded as looked up (kept in GGUF's row layout)
             table = native_linear(g, "token_embd.weight", interleaved=False,

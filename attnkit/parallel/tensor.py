@@ -12,7 +12,9 @@ fan back in are row-parallel, so one all-reduce closes each sublayer —
 and the vocabulary is split too (§3, "input embedding … parallelized along the vocabulary dimension"): rank r
 holds rows r·V/N … (r+1)·V/N of the embedding (a token outside them looks up zeros; an all-reduce sums the one
 row that is not) and of the output head (its logits gathered). A decode token therefore moves 2 all-reduces of
-d_model values per layer, one of d_model for its embedding and a gather of the vocabulary's logits.
+d_model values per layer, one of d_model for its embedding and a gather of the vocabulary's logits. A GGUF file's
+quantized table is not split but viewed whole in the file's mapping on every rank (only the rows looked up are
+ever read): then the embedding moves nothing.
 
 :class:`TensorParallel` names a rank's place and its process group and counts what it communicates; its
 :meth:`~TensorParallel.spec` says which slice of each of our parameters the rank holds, so the loaders
@@ -147,7 +149,8 @@ class TensorParallel:
             else:
                 ffn.down_proj = RowParallelLinear(ffn.down_proj, self)
         emb = model.tok_embeddings
-        model.tok_embeddings = VocabParallelEmbedding(emb, self, cfg.vocab_size)
+        if emb.num_embeddings != cfg.vocab_size:  # else the whole table, viewed in a GGUF file's pages (the loader)
+            model.tok_embeddings = VocabParallelEmbedding(emb, self, cfg.vocab_size)
         head = model.output_head
         if head is None:
             head = TiedHead(emb) if model.lm_head is None else model.lm_head
