@@ -103,16 +103,23 @@ def _rank(rank: int, port: int, path: str | None, threads: int, prompt: list[int
     lm = InferenceOptions().load(path, tp)
     d = lm.model.cfg.d_model
     res: dict = {"rss_model_mb": rss_mb() - before}
-    for name, n in (("alpha", d), ("beta", 4 << 20)):  # the collective alone: d_model values, then 16 MiB
-        x = torch.ones(n)
-        reps = 200 if name == "alpha" else 10
-        tp.all_reduce(x)
-        dist.barrier()
-        t0 = time.perf_counter()
-        for _ in range(reps):
+    shm = tp.shm
+    for transport in ("shm", "gloo"):  # the collective alone: d_model values, then 16 MiB (gloo: over 2 MiB)
+        tp.shm = shm if transport == "shm" else None
+        if transport == "shm" and shm is None:
+            continue
+        for name, n in (("alpha", d), ("beta", 4 << 20 if transport == "gloo" else 1 << 20)):
+            x = torch.ones(n)
+            reps = 200 if name == "alpha" else 10
             tp.all_reduce(x)
-        res[name + "_s"] = (time.perf_counter() - t0) / reps
-    res["beta_gb_s"] = (4 << 20) * 4 / res.pop("beta_s") / 1e9
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                tp.all_reduce(x)
+            res[f"{transport}_{name}_s"] = (time.perf_counter() - t0) / reps
+        res[f"{transport}_beta_gb_s"] = x.numel() * 4 / res.pop(f"{transport}_beta_s") / 1e9
+    tp.shm = shm
+    res["transport"] = "shm" if shm is not None else "gloo"
     if rank == 1:
         serve_worker(lm.model, tp)
         dist.destroy_process_group()
@@ -184,7 +191,7 @@ def main() -> int:
     minimum = 2 * L * d * 4  # 2 all-reduces of d_model float32 values per layer
     rows = [("1 process, C decode step", one["native"]["decode_tok_s"], None, None),
             ("1 process, eager layers", one["eager"]["decode_tok_s"], None, None),
-            ("TP 2 (gloo), eager layers", tp2["decode_tok_s"], tp2["comm_s_per_step"] / tp2["step_s"], tp2["bytes_per_step"])]
+            (f"TP 2 ({tp2['transport']}), eager layers", tp2["decode_tok_s"], tp2["comm_s_per_step"] / tp2["step_s"], tp2["bytes_per_step"])]
     print(f"\n{'run':<28} {'decode tok/s':>12} {'comm share':>10} {'bytes/token':>12}")
     for name, tok_s, share, nbytes in rows:
         print(f"{name:<28} {tok_s:>12.2f} {'' if share is None else f'{share:.0%}':>10} "
@@ -195,7 +202,10 @@ def main() -> int:
           f"2·L·d·4 = {minimum:,} bytes; the gather V/2·4 = {tp2['bytes_per_step'] - reduces * d * 4:,.0f}")
     print(f"resident memory of the loaded model: one process {one['rss_model_mb']:.0f} MB, rank 0 of 2 "
           f"{tp2['rss_model_mb']:.0f} MB")
-    print(f"gloo here: all-reduce of {d} floats {tp2['alpha_s'] * 1e6:.0f} µs; 16 MiB at {tp2['beta_gb_s']:.2f} GB/s")
+    print(f"collectives here ({tp2['transport']} in the run): all-reduce of {d} floats through gloo "
+          f"{tp2['gloo_alpha_s'] * 1e6:.0f} µs, 16 MiB at {tp2['gloo_beta_gb_s']:.2f} GB/s"
+          + (f"; through shared memory {tp2['shm_alpha_s'] * 1e6:.0f} µs, 4 MiB at {tp2['shm_beta_gb_s']:.2f} GB/s"
+             if "shm_alpha_s" in tp2 else ""))
     shape8 = {"n_layers": 32, "d_model": 4096, "vocab": 128256, "weight_bytes": 16e9}  # Llama-3-8B in bf16
     shape70 = {"n_layers": 80, "d_model": 8192, "vocab": 128256, "weight_bytes": 140e9}  # Llama-3-70B in bf16
     proj = []

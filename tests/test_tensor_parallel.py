@@ -93,6 +93,10 @@ def _ranks(rank: int, port: int, files: dict[str, str], out: str) -> None:
         for k, m in models.items():
             tp.reset_counters()
             logits[k], counts[k] = m(torch.tensor([IDS])), dict(tp.counts)
+        assert tp.shm is not None  # two ranks of one machine exchange through shared memory …
+        shm, tp.shm = tp.shm, None
+        logits["f32_gloo"] = models["f32"](torch.tensor([IDS]))  # … or through gloo, as across machines
+        tp.shm = shm
     if rank == 1:
         serve_worker(models["f32"], tp)
         os._exit(3)  # a rank that dies: no orderly leaving of the group
@@ -154,6 +158,7 @@ def test_two_ranks_equal_one_process(files, report):
         # within 1e-5 of the logits' scale (float32 sums in another order: rank halves, then the all-reduce)
         err = (logits[key] - ref).abs().max() / ref.abs().max()
         assert err < 1e-5, (key, float(err), float(ref.abs().max()))
+    assert torch.equal(logits["f32_gloo"], logits["f32"])  # either transport: the same sums
     model = load_causal_lm(files["f32"]).model
     for name, cfg in SCENARIOS:
         assert report[name] == _generate(LLM.from_model(model, None, EngineConfig(**cfg), eos_ids=set())), name
@@ -171,7 +176,8 @@ def test_two_ranks_equal_one_process(files, report):
 
 def test_a_rank_that_stops_is_a_clear_error(report):
     report, _ = report
-    assert "tensor-parallel rank 0/2: the step broadcast failed — a worker stopped" in report.get("error", ""), report
+    error = report.get("error", "")
+    assert "tensor-parallel rank 0/2: the step broadcast failed — rank 1 (pid " in error and "exited" in error, report
     assert report["error_seconds"] < 25  # within the group's 20 s timeout, not a hang
 
 

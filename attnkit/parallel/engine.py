@@ -34,6 +34,16 @@ _RUNNER_KEYS = ("num_blocks", "block_size", "kv_dtype", "batch_invariant", "free
 
 def broadcast_message(tp: TensorParallel, msg: dict[str, Any] | None = None) -> dict[str, Any]:
     """Rank 0 sends ``msg`` (JSON) to every rank of ``tp``'s group; the others receive and return it."""
+    if tp.shm is not None:  # ranks of one machine: through shared memory (gloo for a message larger than a slot)
+        from .shm import PeerFailed
+
+        try:
+            got = tp.shm.broadcast(json.dumps(msg, separators=(",", ":")).encode() if tp.rank == 0 else None)
+        except PeerFailed as e:
+            raise TensorParallelError(f"tensor-parallel rank {tp.rank}/{tp.world}: the step broadcast failed — "
+                                      f"{e}") from e
+        if got is not None:
+            return msg if tp.rank == 0 else json.loads(got)  # type: ignore[return-value]
     try:
         if tp.rank == 0:
             data = json.dumps(msg, separators=(",", ":")).encode()

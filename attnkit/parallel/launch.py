@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from .shm import SharedExchange
 from .tensor import TensorParallel
 
 DEFAULT_TIMEOUT_S = 120.0
@@ -49,7 +50,10 @@ def join_group(rank: int, world: int, device: str = "cpu", timeout_s: float = DE
     torch.set_num_threads(threads)
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
-    return TensorParallel(rank, world, device=device)
+    tp = TensorParallel(rank, world, device=device)
+    if backend == "gloo":  # ranks of one machine exchange through shared memory (attnkit.parallel.shm)
+        tp.shm = SharedExchange.join(rank, world, timeout_s)
+    return tp
 
 
 def join_from_env(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> TensorParallel:

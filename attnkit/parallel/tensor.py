@@ -86,6 +86,7 @@ class TensorParallel:
     comm_seconds: float = 0.0
     counts: dict[str, int] = field(default_factory=dict)  # collectives by kind (all_reduce, all_gather)
     workers: Any = None  # the worker processes rank 0 spawned (attnkit.parallel.launch.spawn_workers)
+    shm: Any = None  # ranks of one machine: collectives through shared memory (attnkit.parallel.shm), else gloo
 
     # -- which slice of each parameter this rank holds -------------------------------------------------
     def check(self, cfg: Any) -> None:
@@ -161,17 +162,48 @@ class TensorParallel:
 
     # -- collectives, counted and timed ------------------------------------------------------------------
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Σ over ranks of ``x`` (summed in float32: gloo has no bfloat16 sum and the partial sums keep their bits)."""
+        """Σ over ranks of ``x`` (summed in float32: gloo has no bfloat16 sum and the partial sums keep their bits;
+        through shared memory in rank order, the same bits on every rank)."""
         y = x.float().contiguous()
-        self._collective("all_reduce", y.numel() * y.element_size(), lambda: dist.all_reduce(y, group=self.group))
-        return y.to(x.dtype)
+
+        def add(parts: list[torch.Tensor]) -> torch.Tensor:
+            out = parts[0].clone()
+            for p in parts[1:]:
+                out += p
+            return out
+
+        got = self._shared("all_reduce", y, add)
+        if got is None:
+            self._collective("all_reduce", y.numel() * y.element_size(), lambda: dist.all_reduce(y, group=self.group))
+            got = y
+        return got.to(x.dtype)
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's ``x`` concatenated along the last dimension, in rank order."""
         x = x.contiguous()
+        got = self._shared("all_gather", x, lambda parts: torch.cat(parts, dim=-1))
+        if got is not None:
+            return got
         parts = [torch.empty_like(x) for _ in range(self.world)]
         self._collective("all_gather", x.numel() * x.element_size(), lambda: dist.all_gather(parts, x, group=self.group))
         return torch.cat(parts, dim=-1)
+
+    def _shared(self, kind: str, x: torch.Tensor, combine: Any) -> torch.Tensor | None:
+        """``combine`` of every rank's ``x`` exchanged through shared memory (None: no exchange, or too large)."""
+        if self.shm is None or x.device.type != "cpu":
+            return None
+        from .shm import PeerFailed
+
+        t0 = time.perf_counter()
+        try:
+            parts = self.shm.exchange(x.view(-1).view(torch.uint8))
+        except PeerFailed as e:
+            raise TensorParallelError(f"tensor-parallel rank {self.rank}/{self.world}: {kind} failed — {e}") from e
+        if parts is None:
+            return None
+        out = combine([p.view(x.dtype).view(x.shape) for p in parts])  # copied out before the next exchange
+        self._count(kind, x.numel() * x.element_size(), time.perf_counter() - t0)
+        return out
 
     def _collective(self, kind: str, nbytes: int, op: Any) -> None:
         t0 = time.perf_counter()
@@ -180,7 +212,10 @@ class TensorParallel:
         except RuntimeError as e:  # gloo: a peer's connection closed, or the group's timeout passed
             raise TensorParallelError(f"tensor-parallel rank {self.rank}/{self.world}: {kind} failed — another rank "
                                       f"stopped or did not answer in time ({e})") from e
-        self.comm_seconds += time.perf_counter() - t0
+        self._count(kind, nbytes, time.perf_counter() - t0)
+
+    def _count(self, kind: str, nbytes: int, seconds: float) -> None:
+        self.comm_seconds += seconds
         self.bytes_reduced += nbytes
         self.num_collectives += 1
         self.counts[kind] = self.counts.get(kind, 0) + 1
