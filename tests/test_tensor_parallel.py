@@ -1,7 +1,7 @@
 """Tensor parallelism at 2 ranks (gloo, two processes) against one process on the same tiny GGUF files: the
 logits of a float and a block-quantized Llama, a Qwen3 (q/k norms), a Qwen3-MoE and an HF Phi-3 (fused q/k/v and
 gate/up in its checkpoint) within 1e-5, the engine's greedy tokens identical (batching,
-chunked prefill, prefix caching, preemption, q8_0 KV), two all-reduces of d_model values per layer and decode
+chunked prefill, prefix caching, preemption, q8_0 KV, a speculative draft model), two all-reduces of d_model values per layer and decode
 token, and a rank that stops is a clear error on the other, not a hang."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from attnkit.engine import EngineConfig, SamplingParams
+from attnkit.engine.speculative import SpeculativeConfig
 from attnkit.engine.llm import LLM
 from attnkit.loading import load_causal_lm
 from attnkit.loading.gguf_writer import write_llama_gguf
@@ -30,7 +32,16 @@ IDS = [1, 5, 9, 200, 33, 7, 400, 12, 509, 0]
 #: (name, engine settings): batching with chunked prefill and a shared prefix; preemption; a q8_0 K/V pool
 SCENARIOS = [("batched", dict(block_size=4, max_num_batched_tokens=64)),
              ("preempted", dict(block_size=4, num_blocks=24, max_num_batched_tokens=48)),
-             ("q8_0", dict(block_size=16, kv_cache_dtype="q8_0"))]
+             ("q8_0", dict(block_size=16, kv_cache_dtype="q8_0")),
+             # speculative decoding: a whole draft model on rank 0 (always proposing), its drafts verified by the split
+             ("draft", dict(block_size=16, speculative=SpeculativeConfig("draft", draft_model="{f32}", adaptive=False)))]
+
+
+def _config(cfg: dict, files: dict[str, str]) -> EngineConfig:
+    spec = cfg.get("speculative")
+    if spec is not None and spec.draft_model:
+        cfg = dict(cfg, speculative=replace(spec, draft_model=spec.draft_model.format(**files)))
+    return EngineConfig(**cfg)
 
 
 def _prompts() -> list[list[int]]:
@@ -103,10 +114,12 @@ def _ranks(rank: int, port: int, files: dict[str, str], out: str) -> None:
     report: dict = {"forward_counts": counts}
     save_file({k: v.contiguous() for k, v in logits.items()}, out + ".logits")
     for name, cfg in SCENARIOS:
-        llm = LLM.from_model(models["f32"], None, EngineConfig(**cfg), eos_ids=set())
+        llm = LLM.from_model(models["f32"], None, _config(cfg, files), eos_ids=set())
         runner = attach(llm.engine, tp).runner
         report[name] = _generate(llm)
         report[name + "_preemptions"] = llm.engine.scheduler.num_preemptions
+        if llm.engine.spec is not None:
+            report[name + "_accepted"] = llm.engine.spec.stats.accepted
         if name == "batched":  # a new prompt of 10 rows in one step, then one decode row: what they move
             tp.reset_counters()
             llm.generate([IDS[::-1]], SamplingParams(temperature=0, max_tokens=2))
@@ -161,8 +174,9 @@ def test_two_ranks_equal_one_process(files, report):
     assert torch.equal(logits["f32_gloo"], logits["f32"])  # either transport: the same sums
     model = load_causal_lm(files["f32"]).model
     for name, cfg in SCENARIOS:
-        assert report[name] == _generate(LLM.from_model(model, None, EngineConfig(**cfg), eos_ids=set())), name
+        assert report[name] == _generate(LLM.from_model(model, None, _config(cfg, files), eos_ids=set())), name
     assert report["preempted_preemptions"] > 0
+    assert report["draft_accepted"] > 0  # drafts were verified through the split
     # per row through the model: 2 all-reduces of d_model float32 values per layer, 1 for its embedding; the
     # head's gather moves each rank's 255 logits per sampled row (11 rows: the prompt's 10, one decode)
     two = report["two_steps"]

@@ -183,14 +183,15 @@ def _no_native(runner: ModelRunner) -> None:
 
 def attach(engine: Any, tp: TensorParallel, heartbeat_s: float = 30.0) -> Any:
     """Make ``engine`` (an LLMEngine on rank 0 over a :meth:`TensorParallel.parallelize`-d model) drive the
-    workers; returns it. Refuses, by name, what the split does not carry: LoRA adapters and speculative
-    decoding with a draft model or skipped layers (both run a second model that is not split)."""
+    workers; returns it. A draft model (speculative decoding) runs whole on rank 0, beside the split target.
+    Refuses, by name, what the split does not carry: LoRA adapters (not split) and layer-skip drafts (the target's
+    own first layers, whose collectives the workers would not join)."""
     if tp.rank != 0:
         raise ValueError(f"the engine runs on rank 0; rank {tp.rank} runs serve_worker()")
     spec = engine.spec
-    if spec is not None and spec.config.method != "ngram":
-        raise ValueError(f"speculative method {spec.config.method!r} is not supported with tensor parallelism "
-                         "(use 'ngram')")
+    if spec is not None and spec.config.method == "layerskip":
+        raise ValueError("speculative method 'layerskip' is not supported with tensor parallelism (use 'ngram' or "
+                         "'draft:PATH')")
     r = engine.runner
     settings = {"num_blocks": r.k_pool.shape[2], "block_size": r.block_size, "kv_dtype": r.kv_format.name,
                 "batch_invariant": r.batch_invariant, "free_window_kv": engine.config.free_window_kv,
