@@ -1,7 +1,7 @@
 """Tensor parallelism at 2 ranks (gloo, two processes) against one process on the same tiny GGUF files: the
 logits of a float and a block-quantized Llama, a Qwen3 (q/k norms), a Qwen3-MoE and an HF Phi-3 (fused q/k/v and
 gate/up in its checkpoint) within 1e-5, the engine's greedy tokens identical (batching,
-chunked prefill, prefix caching, preemption, q8_0 KV, a speculative draft model), two all-reduces of d_model values per layer and decode
+chunked prefill, prefix caching, preemption, q8_0 KV, a speculative draft model, a LoRA adapter), two all-reduces of d_model values per layer and decode
 token, and a rank that stops is a clear error on the other, not a hang."""
 
 from __future__ import annotations
@@ -66,6 +66,30 @@ def files(tmp_path_factory):
             "phi3_hf": _phi3_dir(d / "phi3")}
 
 
+@pytest.fixture(scope="module")
+def adapter(files, tmp_path_factory):
+    """A random LoRA adapter (PEFT's format) on every projection of the float Llama, column- and row-parallel."""
+    from attnkit.peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(load_causal_lm(files["f32"]).model, LoraConfig(r=4, lora_alpha=8, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in peft.adapter_parameters("default").values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    directory = tmp_path_factory.mktemp("lora")
+    peft.save_pretrained(directory)
+    return str(directory)
+
+
+def _with_lora(llm: LLM, directory: str) -> list[list[int]]:
+    """Half the prompts through the adapter, half through the base, in one batch."""
+    llm.load_lora("a", directory)
+    prompts = _prompts()
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12), lora=["a", None] * (len(prompts) // 2))
+    return [o.token_ids for o in outs]
+
+
 def _phi3_dir(path) -> str:
     """An HF Phi-3 directory: q/k/v and gate/up fused in its checkpoint, LongRoPE."""
     import transformers
@@ -92,7 +116,7 @@ def _load(path: str, key: str, tp: TensorParallel | None = None) -> torch.nn.Mod
     return load_rank(tp, path, {"quantize": quantize}).model if tp else load_causal_lm(path, quantize=quantize).model
 
 
-def _ranks(rank: int, port: int, files: dict[str, str], out: str) -> None:
+def _ranks(rank: int, port: int, files: dict[str, str], lora: str, out: str) -> None:
     """Rank 0 runs the checks and writes what it saw to ``out``; rank 1 serves its steps, then stops abruptly."""
     from attnkit.parallel.engine import attach, serve_worker
 
@@ -124,7 +148,11 @@ def _ranks(rank: int, port: int, files: dict[str, str], out: str) -> None:
             tp.reset_counters()
             llm.generate([IDS[::-1]], SamplingParams(temperature=0, max_tokens=2))
             report["two_steps"] = {"bytes": tp.bytes_reduced, "counts": dict(tp.counts)}
-        runner.close(stop_workers=name == SCENARIOS[-1][0])
+        runner.close(stop_workers=False)
+    llm = LLM.from_model(models["f32"], None, EngineConfig(block_size=4), eos_ids=set())
+    runner = attach(llm.engine, tp).runner
+    report["lora"] = _with_lora(llm, lora)  # every rank loads its slice of the adapter
+    runner.close()
     time.sleep(0.5)  # rank 1 has gone
     llm = LLM.from_model(models["f32"], None, EngineConfig(block_size=4), eos_ids=set())
     t0 = time.perf_counter()
@@ -139,8 +167,8 @@ def _ranks(rank: int, port: int, files: dict[str, str], out: str) -> None:
     os._exit(0)  # the group is broken: no orderly teardown
 
 
-def _spawn(files: dict[str, str], out: str) -> dict:
-    ctx = mp.start_processes(_ranks, args=(free_port(), files, out), nprocs=2, join=False, start_method="spawn")
+def _spawn(files: dict[str, str], lora: str, out: str) -> dict:
+    ctx = mp.start_processes(_ranks, args=(free_port(), files, lora, out), nprocs=2, join=False, start_method="spawn")
     deadline = time.monotonic() + 180
     while any(p.is_alive() for p in ctx.processes) and time.monotonic() < deadline:
         time.sleep(0.2)  # not ctx.join(): it would end rank 0 as soon as rank 1 stops
@@ -156,12 +184,12 @@ def _spawn(files: dict[str, str], out: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def report(files, tmp_path_factory):
+def report(files, adapter, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("tp-report") / "report.json")
-    return _spawn(files, out), load_file(out + ".logits")
+    return _spawn(files, adapter, out), load_file(out + ".logits")
 
 
-def test_two_ranks_equal_one_process(files, report):
+def test_two_ranks_equal_one_process(files, adapter, report):
     report, logits = report
     for key, path in files.items():
         one = _load(path, key)
@@ -176,6 +204,10 @@ def test_two_ranks_equal_one_process(files, report):
     for name, cfg in SCENARIOS:
         assert report[name] == _generate(LLM.from_model(model, None, _config(cfg, files), eos_ids=set())), name
     assert report["preempted_preemptions"] > 0
+    plain = _generate(LLM.from_model(model, None, EngineConfig(block_size=4), eos_ids=set()))
+    with_lora = _with_lora(LLM.from_model(load_causal_lm(files["f32"]).model, None, EngineConfig(block_size=4),
+                                          eos_ids=set()), adapter)
+    assert report["lora"] == with_lora and with_lora[0::2] != plain[0::2] and with_lora[1::2] == plain[1::2]
     assert report["draft_accepted"] > 0  # drafts were verified through the split
     # per row through the model: 2 all-reduces of d_model float32 values per layer, 1 for its embedding; the
     # head's gather moves each rank's 255 logits per sampled row (11 rows: the prompt's 10, one decode)

@@ -196,11 +196,19 @@ class LoraAdapters:
         from ..peft.save_load import AdapterLoadError
 
         parts: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}  # path → [(part, A, s·B)]
+        tp = getattr(self.model, "tensor_parallel", None)
         for ours, state in tensors.items():
             A, B = state["lora_A.weight"], state["lora_B.weight"]
             r = A.shape[0]
             alpha = float(pattern_value(ours, config.alpha_pattern, config.lora_alpha))
             scale = alpha / (math.sqrt(r) if config.use_rslora else r)
+            if tp is not None:  # this rank's slice: B's rows of a column-parallel layer, A's columns of a row-parallel one
+                split = tp.spec(f"{ours}.weight", self.model.full_cfg)
+                if split is not None and split.dim == 0:
+                    B = split.of(B)
+                elif split is not None:
+                    A = split.of(A)
+                    ours = f"{ours}.local"  # inside the all-reduce: the ranks' partial updates are summed with the base's
             path, part = self._target(ours)
             parts.setdefault(path, []).append((part, A, B * scale))
         out = {}
@@ -248,6 +256,6 @@ def _read(directory: str | Path, model: nn.Module):
     ``model``: the served model's projections may be fused or quantized, the twin's are plain Linear layers."""
     from ..peft.save_load import read_adapter
 
-    with torch.device("meta"):
-        twin = type(model)(model.cfg)
+    with torch.device("meta"):  # a tensor-parallel rank's twin is the whole model: the adapter is read whole, then sliced
+        twin = type(model)(getattr(model, "full_cfg", model.cfg))
     return read_adapter(directory, twin)

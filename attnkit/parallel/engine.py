@@ -71,7 +71,8 @@ def encode_batch(batch: ScheduledBatch, observed: list[int]) -> dict[str, Any]:
         seqs.append({"id": seq.seq_id, "start": start, "tokens": seq.tokens[start:start + n], "len": len(seq),
                      "prompt_len": seq.prompt_len, "spec": list(seq.spec_tokens), "shift": seq.kv_shift,
                      "table": list(seq.block_table), "window": list(getattr(seq, "window_table", [])),
-                     "prompt_logprobs": seq.params.prompt_logprobs, "kv_budget": seq.params.kv_budget})
+                     "prompt_logprobs": seq.params.prompt_logprobs, "kv_budget": seq.params.kv_budget,
+                     "adapter": seq.adapter})
     return {"op": "run", "seqs": seqs, "n": list(batch.num_tokens), "copies": [list(c) for c in batch.copies],
             "rotations": [list(r) for r in batch.rotations], "observed": observed}
 
@@ -109,7 +110,7 @@ class StepSequence:
 def decode_batch(msg: dict[str, Any]) -> ScheduledBatch:
     seqs = [StepSequence(s["id"], s["start"], _Tokens(s["start"], s["tokens"]), s["len"], s["prompt_len"], s["spec"],
                          s["shift"], s["table"], s["window"],
-                         SimpleNamespace(prompt_logprobs=s["prompt_logprobs"], kv_budget=s["kv_budget"]))
+                         SimpleNamespace(prompt_logprobs=s["prompt_logprobs"], kv_budget=s["kv_budget"]), s["adapter"])
             for s in msg["seqs"]]
     return ScheduledBatch(seqs, msg["n"], [tuple(c) for c in msg["copies"]],  # type: ignore[arg-type]
                           [tuple(r) for r in msg["rotations"]])
@@ -131,9 +132,12 @@ class TensorParallelRunner:
         return getattr(self.runner, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name == "lora_step" and value is not None:
-            raise ValueError("LoRA adapters are not supported with tensor parallelism (the adapters are not split)")
         setattr(self.runner, name, value)
+
+    def send(self, msg: dict[str, Any]) -> None:
+        """Broadcast an engine-level change (a LoRA adapter loaded or removed) for the workers to make too."""
+        with self.lock:
+            self._send(msg)
 
     def _send(self, msg: dict[str, Any]) -> None:
         broadcast_message(self.tp, msg)
@@ -183,9 +187,9 @@ def _no_native(runner: ModelRunner) -> None:
 
 def attach(engine: Any, tp: TensorParallel, heartbeat_s: float = 30.0) -> Any:
     """Make ``engine`` (an LLMEngine on rank 0 over a :meth:`TensorParallel.parallelize`-d model) drive the
-    workers; returns it. A draft model (speculative decoding) runs whole on rank 0, beside the split target.
-    Refuses, by name, what the split does not carry: LoRA adapters (not split) and layer-skip drafts (the target's
-    own first layers, whose collectives the workers would not join)."""
+    workers; returns it. A draft model (speculative decoding) runs whole on rank 0, beside the split target; LoRA
+    adapters are loaded on every rank, each taking its slice (attnkit.engine.lora). Refuses, by name, layer-skip
+    drafts (the target's own first layers, whose collectives the workers would not join)."""
     if tp.rank != 0:
         raise ValueError(f"the engine runs on rank 0; rank {tp.rank} runs serve_worker()")
     spec = engine.spec
@@ -196,12 +200,18 @@ def attach(engine: Any, tp: TensorParallel, heartbeat_s: float = 30.0) -> Any:
     settings = {"num_blocks": r.k_pool.shape[2], "block_size": r.block_size, "kv_dtype": r.kv_format.name,
                 "batch_invariant": r.batch_invariant, "free_window_kv": engine.config.free_window_kv,
                 "compile": r.compile}
-    engine.runner = TensorParallelRunner(r, tp, settings, heartbeat_s)
+    engine.runner = runner = TensorParallelRunner(r, tp, settings, heartbeat_s)
+    add, remove = engine.add_lora, engine.remove_lora
 
-    def no_lora(*a: Any, **k: Any) -> None:
-        raise ValueError("LoRA adapters are not supported with tensor parallelism (the adapters are not split)")
+    def add_lora(name: str, directory: Any) -> None:  # rank 0 first: a bad adapter fails before a worker hears of it
+        add(name, directory)
+        runner.send({"op": "add_lora", "name": name, "directory": str(directory)})
 
-    engine.add_lora = no_lora
+    def remove_lora(name: str) -> None:
+        remove(name)
+        runner.send({"op": "remove_lora", "name": name})
+
+    engine.add_lora, engine.remove_lora = add_lora, remove_lora
     return engine
 
 
@@ -210,6 +220,7 @@ def serve_worker(model: torch.nn.Module, tp: TensorParallel) -> int:
     """A worker's loop: build the runner rank 0 describes, then perform each step it broadcasts until it says
     stop. Returns the number of steps run. A failed collective raises :class:`TensorParallelError`."""
     runner: ModelRunner | None = None
+    loras = None  # the adapters rank 0 loaded (attnkit.engine.lora.LoraAdapters), created by the first
     steps = 0
     while True:
         msg = broadcast_message(tp)
@@ -223,6 +234,7 @@ def serve_worker(model: torch.nn.Module, tp: TensorParallel) -> int:
             runner = ModelRunner(model, s["num_blocks"], s["block_size"], compile=s["compile"], kv_dtype=s["kv_dtype"],
                                  batch_invariant=s["batch_invariant"], free_window_kv=s["free_window_kv"])
             _no_native(runner)
+            loras = None  # a new engine starts without adapters, as rank 0's
             continue
         if runner is None:
             raise TensorParallelError(f"tensor-parallel rank {tp.rank}: step {op!r} before the runner's settings")
@@ -231,6 +243,15 @@ def serve_worker(model: torch.nn.Module, tp: TensorParallel) -> int:
                 del runner.observed[k]  # rank 0 dropped them without compacting
             runner.run(decode_batch(msg))
             steps += 1
+        elif op == "add_lora":
+            if loras is None:
+                from ..engine.lora import LoraAdapters
+
+                loras = LoraAdapters(model)
+                runner.lora_step = loras.step
+            loras.add(msg["name"], msg["directory"])
+        elif op == "remove_lora":
+            loras.remove(msg["name"])  # type: ignore[union-attr]
         elif op == "compact":
             seq = SimpleNamespace(seq_id=msg["id"])
             runner.compact(seq, msg["old"], msg["new"], msg["n_cached"], msg["budget"])  # type: ignore[arg-type]

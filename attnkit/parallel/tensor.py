@@ -157,6 +157,7 @@ class TensorParallel:
             head = TiedHead(emb) if model.lm_head is None else model.lm_head
         model.output_head, model.lm_head = VocabParallelHead(head, self, cfg.vocab_size), None
         model.cfg = replace(model.cfg, vocab_size=cfg.vocab_size)
+        model.full_cfg = cfg  # the whole model's (a LoRA adapter is read against it, then sliced: attnkit.engine.lora)
         model.tensor_parallel = self
         return model
 
