@@ -1,7 +1,7 @@
 """Tensor parallelism at 2 ranks (gloo, two processes) against one process on the same tiny GGUF files: the
 logits of a float and a block-quantized Llama, a Qwen3 (q/k norms), a Qwen3-MoE and an HF Phi-3 (fused q/k/v and
 gate/up in its checkpoint) within 1e-5, the engine's greedy tokens identical (batching,
-chunked prefill, prefix caching, preemption, q8_0 KV, a speculative draft model, a LoRA adapter), two all-reduces of d_model values per layer and decode
+chunked prefill, prefix caching, preemption, q8_0 KV, a speculative draft model and a layer-skip draft, a LoRA adapter), two all-reduces of d_model values per layer and decode
 token, and a rank that stops is a clear error on the other, not a hang."""
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ SCENARIOS = [("batched", dict(block_size=4, max_num_batched_tokens=64)),
              ("preempted", dict(block_size=4, num_blocks=24, max_num_batched_tokens=48)),
              ("q8_0", dict(block_size=16, kv_cache_dtype="q8_0")),
              # speculative decoding: a whole draft model on rank 0 (always proposing), its drafts verified by the split
-             ("draft", dict(block_size=16, speculative=SpeculativeConfig("draft", draft_model="{f32}", adaptive=False)))]
+             ("draft", dict(block_size=16, speculative=SpeculativeConfig("draft", draft_model="{f32}", adaptive=False))),
+             # a layer-skip draft: the target's first layer, split as the target, every rank running it
+             ("layerskip", dict(block_size=16, speculative=SpeculativeConfig("layerskip", draft_layers=1, adaptive=False)))]
 
 
 def _config(cfg: dict, files: dict[str, str]) -> EngineConfig:
@@ -208,7 +210,7 @@ def test_two_ranks_equal_one_process(files, adapter, report):
     with_lora = _with_lora(LLM.from_model(load_causal_lm(files["f32"]).model, None, EngineConfig(block_size=4),
                                           eos_ids=set()), adapter)
     assert report["lora"] == with_lora and with_lora[0::2] != plain[0::2] and with_lora[1::2] == plain[1::2]
-    assert report["draft_accepted"] > 0  # drafts were verified through the split
+    assert report["draft_accepted"] > 0 and report["layerskip_accepted"] > 0  # drafts verified through the split
     # per row through the model: 2 all-reduces of d_model float32 values per layer, 1 for its embedding; the
     # head's gather moves each rank's 255 logits per sampled row (11 rows: the prompt's 10, one decode)
     two = report["two_steps"]

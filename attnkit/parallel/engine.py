@@ -68,7 +68,7 @@ def encode_batch(batch: ScheduledBatch, observed: list[int]) -> dict[str, Any]:
     seqs = []
     for seq, n in zip(batch.seqs, batch.num_tokens):
         start = seq.num_computed
-        seqs.append({"id": seq.seq_id, "start": start, "tokens": seq.tokens[start:start + n], "len": len(seq),
+        seqs.append({"id": getattr(seq, "seq_id", -1), "start": start, "tokens": seq.tokens[start:start + n], "len": len(seq),
                      "prompt_len": seq.prompt_len, "spec": list(seq.spec_tokens), "shift": seq.kv_shift,
                      "table": list(seq.block_table), "window": list(getattr(seq, "window_table", [])),
                      "prompt_logprobs": seq.params.prompt_logprobs, "kv_budget": seq.params.kv_budget,
@@ -180,6 +180,23 @@ class TensorParallelRunner:
                     pass
 
 
+class DraftRunner:
+    """Rank 0's runner of a layer-skip draft (the target's first layers, split as the target): each run is
+    broadcast too, marked as the draft's, under the target runner's lock."""
+
+    def __init__(self, runner: ModelRunner, target: TensorParallelRunner) -> None:
+        self.runner, self.target = runner, target
+        _no_native(runner)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.runner, name)
+
+    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
+        with self.target.lock:
+            self.target._send({**encode_batch(batch, []), "draft": True})
+            return self.runner.run(batch)
+
+
 def _no_native(runner: ModelRunner) -> None:
     runner.native = False
     runner.native_reason = "tensor parallelism: the C decode step has no all-reduce between its layers"
@@ -187,20 +204,22 @@ def _no_native(runner: ModelRunner) -> None:
 
 def attach(engine: Any, tp: TensorParallel, heartbeat_s: float = 30.0) -> Any:
     """Make ``engine`` (an LLMEngine on rank 0 over a :meth:`TensorParallel.parallelize`-d model) drive the
-    workers; returns it. A draft model (speculative decoding) runs whole on rank 0, beside the split target; LoRA
-    adapters are loaded on every rank, each taking its slice (attnkit.engine.lora). Refuses, by name, layer-skip
-    drafts (the target's own first layers, whose collectives the workers would not join)."""
+    workers; returns it. A draft model (speculative decoding) runs whole on rank 0, beside the split target; a
+    layer-skip draft (the target's first layers) runs split on every rank, its steps broadcast as the target's;
+    LoRA adapters are loaded on every rank, each taking its slice (attnkit.engine.lora)."""
     if tp.rank != 0:
         raise ValueError(f"the engine runs on rank 0; rank {tp.rank} runs serve_worker()")
     spec = engine.spec
-    if spec is not None and spec.config.method == "layerskip":
-        raise ValueError("speculative method 'layerskip' is not supported with tensor parallelism (use 'ngram' or "
-                         "'draft:PATH')")
     r = engine.runner
     settings = {"num_blocks": r.k_pool.shape[2], "block_size": r.block_size, "kv_dtype": r.kv_format.name,
                 "batch_invariant": r.batch_invariant, "free_window_kv": engine.config.free_window_kv,
-                "compile": r.compile}
+                "compile": r.compile, "draft_layers": None}
+    layerskip = spec is not None and spec.config.method == "layerskip"
+    if layerskip:  # the draft is the target's first layers: every rank runs them, on its slice
+        settings["draft_layers"] = len(spec.proposer.runner.model.layers)
     engine.runner = runner = TensorParallelRunner(r, tp, settings, heartbeat_s)
+    if layerskip:
+        spec.proposer.runner = DraftRunner(spec.proposer.runner, runner)
     add, remove = engine.add_lora, engine.remove_lora
 
     def add_lora(name: str, directory: Any) -> None:  # rank 0 first: a bad adapter fails before a worker hears of it
@@ -220,6 +239,7 @@ def serve_worker(model: torch.nn.Module, tp: TensorParallel) -> int:
     """A worker's loop: build the runner rank 0 describes, then perform each step it broadcasts until it says
     stop. Returns the number of steps run. A failed collective raises :class:`TensorParallelError`."""
     runner: ModelRunner | None = None
+    draft: ModelRunner | None = None  # a layer-skip draft's runner over the first layers (pools shared)
     loras = None  # the adapters rank 0 loaded (attnkit.engine.lora.LoraAdapters), created by the first
     steps = 0
     while True:
@@ -234,11 +254,23 @@ def serve_worker(model: torch.nn.Module, tp: TensorParallel) -> int:
             runner = ModelRunner(model, s["num_blocks"], s["block_size"], compile=s["compile"], kv_dtype=s["kv_dtype"],
                                  batch_invariant=s["batch_invariant"], free_window_kv=s["free_window_kv"])
             _no_native(runner)
-            loras = None  # a new engine starts without adapters, as rank 0's
+            draft, loras = None, None  # a new engine starts without adapters, as rank 0's
+            if msg.get("draft_layers"):
+                from ..engine.proposers import first_layers
+
+                n = msg["draft_layers"]
+                draft = ModelRunner(first_layers(model, n), s["num_blocks"], s["block_size"], kv_dtype=s["kv_dtype"],
+                                    batch_invariant=False, free_window_kv=False,
+                                    pools=(runner.k_pool[:n], runner.v_pool[:n]))
+                _no_native(draft)
             continue
         if runner is None:
             raise TensorParallelError(f"tensor-parallel rank {tp.rank}: step {op!r} before the runner's settings")
-        if op == "run":
+        if op == "run" and msg.get("draft"):
+            if draft is None:
+                raise TensorParallelError(f"tensor-parallel rank {tp.rank}: a draft step without a layer-skip draft")
+            draft.run(decode_batch(msg))
+        elif op == "run":
             for k in set(runner.observed) - set(msg["observed"]):
                 del runner.observed[k]  # rank 0 dropped them without compacting
             runner.run(decode_batch(msg))
