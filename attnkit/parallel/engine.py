@@ -125,8 +125,9 @@ class TensorParallelRunner:
         self.__dict__.update(runner=runner, tp=tp, lock=threading.Lock(), last_sent=time.monotonic(), closed=False)
         _no_native(runner)
         self._send({"op": "start", **settings})
-        self.heartbeat = threading.Thread(target=self._beat, args=(heartbeat_s,), daemon=True, name="tp-heartbeat")
-        self.heartbeat.start()
+        beat = threading.Thread(target=self._beat, args=(heartbeat_s,), daemon=True, name="tp-heartbeat")
+        self.__dict__["heartbeat"] = beat
+        beat.start()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.runner, name)
