@@ -1,7 +1,7 @@
 """Tensor parallelism at 2 ranks (gloo, two processes) against one process on the same tiny GGUF files: the
 logits of a float and a block-quantized Llama, a Qwen3 (q/k norms), a Qwen3-MoE and an HF Phi-3 (fused q/k/v and
 gate/up in its checkpoint) within 1e-5, the engine's greedy tokens identical (batching,
-chunked prefill, prefix caching, preemption, q8_0 KV, a speculative draft model and a layer-skip draft, a LoRA adapter), two all-reduces of d_model values per layer and decode
+chunked prefill, prefix caching, preemption, q8_0 KV, attention sinks, SnapKV, a speculative draft model and a layer-skip draft, a LoRA adapter), two all-reduces of d_model values per layer and decode
 token, and a rank that stops is a clear error on the other, not a hang."""
 
 from __future__ import annotations
@@ -36,7 +36,10 @@ SCENARIOS = [("batched", dict(block_size=4, max_num_batched_tokens=64)),
              # speculative decoding: a whole draft model on rank 0 (always proposing), its drafts verified by the split
              ("draft", dict(block_size=16, speculative=SpeculativeConfig("draft", draft_model="{f32}", adaptive=False))),
              # a layer-skip draft: the target's first layer, split as the target, every rank running it
-             ("layerskip", dict(block_size=16, speculative=SpeculativeConfig("layerskip", draft_layers=1, adaptive=False)))]
+             ("layerskip", dict(block_size=16, speculative=SpeculativeConfig("layerskip", draft_layers=1, adaptive=False))),
+             # K/V dropped: attention sinks (blocks re-rotated) and SnapKV (compacted), each broadcast as a step
+             ("sinks", dict(block_size=8, max_num_batched_tokens=32), dict(kv_window=24, attention_sinks=4)),
+             ("snapkv", dict(block_size=8, max_num_batched_tokens=32), dict(kv_budget=24))]
 
 
 def _config(cfg: dict, files: dict[str, str]) -> EngineConfig:
@@ -53,8 +56,8 @@ def _prompts() -> list[list[int]]:
     return out + [shared + p[:5] for p in out[:4]]
 
 
-def _generate(llm: LLM) -> list[list[int]]:
-    return [o.token_ids for o in llm.generate(_prompts(), SamplingParams(temperature=0, max_tokens=12))]
+def _generate(llm: LLM, **params) -> list[list[int]]:
+    return [o.token_ids for o in llm.generate(_prompts(), SamplingParams(temperature=0, max_tokens=12, **params))]
 
 
 @pytest.fixture(scope="module")
@@ -139,10 +142,10 @@ def _ranks(rank: int, port: int, files: dict[str, str], lora: str, out: str) -> 
         os._exit(3)  # a rank that dies: no orderly leaving of the group
     report: dict = {"forward_counts": counts}
     save_file({k: v.contiguous() for k, v in logits.items()}, out + ".logits")
-    for name, cfg in SCENARIOS:
+    for name, cfg, *params in SCENARIOS:
         llm = LLM.from_model(models["f32"], None, _config(cfg, files), eos_ids=set())
         runner = attach(llm.engine, tp).runner
-        report[name] = _generate(llm)
+        report[name] = _generate(llm, **(params[0] if params else {}))
         report[name + "_preemptions"] = llm.engine.scheduler.num_preemptions
         if llm.engine.spec is not None:
             report[name + "_accepted"] = llm.engine.spec.stats.accepted
@@ -203,14 +206,16 @@ def test_two_ranks_equal_one_process(files, adapter, report):
         assert err < 1e-5, (key, float(err), float(ref.abs().max()))
     assert torch.equal(logits["f32_gloo"], logits["f32"])  # either transport: the same sums
     model = load_causal_lm(files["f32"]).model
-    for name, cfg in SCENARIOS:
-        assert report[name] == _generate(LLM.from_model(model, None, _config(cfg, files), eos_ids=set())), name
+    for name, cfg, *params in SCENARIOS:
+        one = LLM.from_model(model, None, _config(cfg, files), eos_ids=set())
+        assert report[name] == _generate(one, **(params[0] if params else {})), name
     assert report["preempted_preemptions"] > 0
     plain = _generate(LLM.from_model(model, None, EngineConfig(block_size=4), eos_ids=set()))
     with_lora = _with_lora(LLM.from_model(load_causal_lm(files["f32"]).model, None, EngineConfig(block_size=4),
                                           eos_ids=set()), adapter)
     assert report["lora"] == with_lora and with_lora[0::2] != plain[0::2] and with_lora[1::2] == plain[1::2]
     assert report["draft_accepted"] > 0 and report["layerskip_accepted"] > 0  # drafts verified through the split
+    assert report["sinks"] != report["batched"] and report["snapkv"] != report["batched"]  # K/V were dropped
     # per row through the model: 2 all-reduces of d_model float32 values per layer, 1 for its embedding; the
     # head's gather moves each rank's 255 logits per sampled row (11 rows: the prompt's 10, one decode)
     two = report["two_steps"]
