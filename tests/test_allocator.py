@@ -40,12 +40,45 @@ def page_faults_per_step(tuning: bool) -> float:
     return float(faults)
 
 
+# a 20 MB tensor, then where glibc put it: mallinfo2's hblkhd counts the bytes in mmap'ed chunks
+WHERE = """
+import ctypes, torch
+from attnkit.engine.allocator import tune_malloc
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                                "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+tuned = tune_malloc()
+before = libc.mallinfo2().hblkhd
+t = torch.ones(20 << 18)
+print(tuned, libc.mallinfo2().hblkhd - before)
+"""
+
+
+def test_tuned_malloc_keeps_large_tensors_on_the_heap():
+    """The mechanism, exactly: tuned, a 20 MB tensor comes from the heap (reused step after step); untuned, from a
+    fresh mapping of its own (unmapped when freed, faulted in again by the next step)."""
+    out = {}
+    for tuning in (True, False):
+        env = {k: v for k, v in os.environ.items() if k != "ATTNKIT_NO_MALLOC_TUNING"}
+        if not tuning:
+            env["ATTNKIT_NO_MALLOC_TUNING"] = "1"
+        run = subprocess.run([sys.executable, "-c", WHERE], env=env, capture_output=True, text=True, timeout=120)
+        if run.returncode and "mallinfo2" in run.stderr:
+            pytest.skip("glibc without mallinfo2 (< 2.33)")
+        flag, mapped = run.stdout.split()
+        out[flag] = int(mapped)
+    assert out["True"] == 0 and out["False"] >= 20 << 20, out  # (the mapping: the tensor and a page of header)
+
+
 def test_tuned_malloc_takes_fewer_page_faults_per_step():
-    # medians of 3 alternated runs: the kernel's own reclaim (e.g. DAMON) faults some reused heap pages back in
-    # now and then (one run here: 310 tuned vs 438 untuned, where 129 vs 706 is usual)
+    # the effect, measured: medians of 3 alternated runs. The kernel's own reclaim (DAMON here) pages out and faults
+    # back in some of the heap's reused pages, by an amount that varies with the machine's state (129 vs 706 faults
+    # per step is usual; 618 vs 1081 was seen on a busy day), so this asserts fewer, not a ratio
     runs = [(page_faults_per_step(True), page_faults_per_step(False)) for _ in range(3)]
     tuned, untuned = (sorted(r[k] for r in runs)[1] for k in (0, 1))
-    assert tuned < untuned / 2, f"page faults per step (medians of 3): {tuned} tuned vs {untuned} untuned; {runs}"
+    assert tuned < untuned, f"page faults per step (medians of 3): {tuned} tuned vs {untuned} untuned; {runs}"
 
 
 def test_the_engine_tunes_malloc_on_the_cpu():
