@@ -26,6 +26,7 @@ from .p_tuning import PromptEncoder, PromptEncoderConfig
 from .prefix_tuning import PrefixCache, PrefixEncoder, PrefixTuningConfig, split_prefix
 from .prompt_encoder import VirtualTokens
 from .prompt_tuning import PromptEmbedding, PromptTuningConfig
+from .save_load import fill_adapter, load_adapter, read_adapter, save_adapter
 from .tuner import TunerLayer, innermost, tuner_layers
 
 
@@ -270,20 +271,14 @@ class PeftModel(nn.Module):
 
     # -- files ------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, adapter_name: str | None = None) -> Path:
-        from .save_load import save_adapter
-
         return save_adapter(self, directory, adapter_name or self._active_name())
 
     def load_adapter(self, directory: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
-        from .save_load import load_adapter
-
         load_adapter(self, directory, adapter_name, is_trainable)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str | Path, adapter_name: str = "default",
                         is_trainable: bool = False) -> PeftModel:
-        from .save_load import fill_adapter, read_adapter
-
         config, tensors = read_adapter(directory, model, dora=True)
         peft = cls(model, replace(config, inference_mode=not is_trainable), adapter_name)
         fill_adapter(peft, adapter_name, tensors, directory)

@@ -19,7 +19,7 @@ import os
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError
@@ -33,14 +33,27 @@ from .ia3 import IA3Config
 from .lora import LoraConfig, LoraLinear
 from .tuner import dense_weight, tuner_layers
 
-if TYPE_CHECKING:
-    from .peft_model import PeftModel
+
+
+class AdapterModel(Protocol):
+    """What saving and loading read and call of a model with adapters (:class:`attnkit.peft.PeftModel`): named
+    here, so that this module does not import the model's (which imports this one)."""
+
+    base_model: nn.Module
+    peft_config: dict[str, PeftConfig]
+    prompt_encoders: Any
+    active_adapter: str | None
+
+    def add_adapter(self, name: str, config: PeftConfig, tokenizer: Any = None) -> None: ...
+    def set_adapter(self, name: str) -> None: ...
+    def delete_adapter(self, name: str) -> None: ...
+    def _check(self, name: str) -> Any: ...
 
 CONFIG_FILE, WEIGHTS_FILE, ROOT = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 
 
 # -- saving -----------------------------------------------------------------------------------------
-def save_adapter(peft: PeftModel, directory: str | Path, name: str) -> Path:
+def save_adapter(peft: AdapterModel, directory: str | Path, name: str) -> Path:
     """Write adapter ``name`` of ``peft`` to ``directory`` (atomically: both files or neither)."""
     peft._check(name)
     config = peft.peft_config[name]
@@ -62,7 +75,7 @@ def save_adapter(peft: PeftModel, directory: str | Path, name: str) -> Path:
     return directory
 
 
-def _layer_tensors(peft: PeftModel, name: str, config: PeftConfig) -> tuple[dict[str, torch.Tensor], dict]:
+def _layer_tensors(peft: AdapterModel, name: str, config: PeftConfig) -> tuple[dict[str, torch.Tensor], dict]:
     model = peft.base_model
     table = hf_name_table(model)
     tensors: dict[str, torch.Tensor] = {}
@@ -270,7 +283,7 @@ def _config_for(config: PeftConfig, tensors: dict, alphas: dict[str, float]) -> 
     return config
 
 
-def fill_adapter(peft: PeftModel, name: str, tensors: dict, source: str | Path) -> None:
+def fill_adapter(peft: AdapterModel, name: str, tensors: dict, source: str | Path) -> None:
     """Copy the tensors read by :func:`read_adapter` into adapter ``name`` (already added)."""
     try:
         if peft.peft_config[name].is_prompt_learning:
@@ -292,7 +305,7 @@ def fill_adapter(peft: PeftModel, name: str, tensors: dict, source: str | Path) 
         raise AdapterLoadError(f"{source}: {e}") from None
 
 
-def load_adapter(peft: PeftModel, directory: str | Path, name: str, is_trainable: bool = False) -> None:
+def load_adapter(peft: AdapterModel, directory: str | Path, name: str, is_trainable: bool = False) -> None:
     """Add the adapter saved in ``directory`` to ``peft`` under ``name``."""
     config, tensors = read_adapter(directory, peft.base_model, dora=True)
     peft.add_adapter(name, replace(config, inference_mode=not is_trainable))
