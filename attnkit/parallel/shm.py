@@ -152,7 +152,7 @@ class SharedExchange:
             nap = min(1e-3, nap * 2 or 2e-6)
             if spins % 64 == 0:
                 late = [r for r in range(self.world) if flags[r] < seq]
-                gone = [r for r in late if not _alive(self.pids[r])]
+                gone = [r for r in late if not process_alive(self.pids[r])]
                 if gone:
                     raise PeerFailed(f"rank {gone[0]} (pid {self.pids[gone[0]]}) exited")
                 if time.monotonic() - start > self.timeout_s:
@@ -167,8 +167,8 @@ class SharedExchange:
             pass
 
 
-def _alive(pid: int) -> bool:
-    """The process runs (a zombie — exited, not yet reaped by its parent — does not)."""
+def process_alive(pid: int) -> bool:
+    """The process of this machine runs (a zombie — exited, not yet reaped by its parent — does not)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")

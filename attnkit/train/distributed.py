@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..parallel.shm import process_alive
+
 #: substrings of the errors a collective raises when a peer is gone or silent (gloo, NCCL, the c10d store)
 _COMM_ERRORS = ("gloo", "nccl", "connection", "timed out", "timeout", "broken pipe", "reset by peer",
                 "closed", "socket", "store")
@@ -81,7 +83,7 @@ class Dist:
 
     def dead_ranks(self) -> list[int]:
         host = socket.gethostname()
-        return [r for r, (h, pid) in enumerate(self.peers) if r != self.rank and h == host and not _alive(pid)]
+        return [r for r, (h, pid) in enumerate(self.peers) if r != self.rank and h == host and not process_alive(pid)]
 
     def all_reduce(self, t: torch.Tensor, what: str) -> torch.Tensor:
         """Σ over ranks of ``t`` (in place; returned)."""
@@ -101,19 +103,6 @@ class Dist:
             with self.guard(what):
                 dist.barrier()
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # an exited child its parent has not reaped yet
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def _env_int(name: str, default: str | None = None) -> int:
