@@ -24,16 +24,15 @@ import os
 import queue
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch.multiprocessing as mp
 
-from .async_engine import EngineDrainingError, EngineStats, RequestStream
+from .async_engine import AsyncLLMEngine, EngineDrainingError, EngineStats, RequestStream
 from .dp_replica import output_from_wire, params_to_wire, replica_main
-from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 from .scheduler import QueueFullError
 from .speculative import SpecStats
@@ -272,14 +271,7 @@ class DataParallelEngine:
             raise
         return RequestStream(self, rid, entry.queue)  # type: ignore[arg-type]
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
-                       request_id: str | None = None, lora: str | None = None) -> AsyncIterator[RequestOutput]:
-        stream = await self.add_request(prompt, params, request_id, lora)
-        try:
-            async for out in stream:
-                yield out
-        finally:
-            stream.close()
+    generate = AsyncLLMEngine.generate  # add_request, then the stream's outputs: the same for the router
 
     def abort(self, request_id: str) -> None:
         """Abort a request on its replica (a no-op for finished or unknown ones)."""
