@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from ..engine.model_runner import ModelRunner
 from ..engine.scheduler import ScheduledBatch
+from .shm import PeerFailed
 from .tensor import TensorParallel, TensorParallelError
 
 #: the runner settings workers copy from rank 0's engine
@@ -35,8 +36,6 @@ _RUNNER_KEYS = ("num_blocks", "block_size", "kv_dtype", "batch_invariant", "free
 def broadcast_message(tp: TensorParallel, msg: dict[str, Any] | None = None) -> dict[str, Any]:
     """Rank 0 sends ``msg`` (JSON) to every rank of ``tp``'s group; the others receive and return it."""
     if tp.shm is not None:  # ranks of one machine: through shared memory (gloo for a message larger than a slot)
-        from .shm import PeerFailed
-
         try:
             got = tp.shm.broadcast(json.dumps(msg, separators=(",", ":")).encode() if tp.rank == 0 else None)
         except PeerFailed as e:

@@ -35,6 +35,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .shm import PeerFailed
+
 #: (our parameter, the dimension it is split along, what it is split by) — the rest is replicated on every rank
 _SPLITS = [
     (re.compile(r"layers\.\d+\.self_attn\.q_proj\.(weight|bias)"), 0, "q"),
@@ -193,8 +195,6 @@ class TensorParallel:
         """``combine`` of every rank's ``x`` exchanged through shared memory (None: no exchange, or too large)."""
         if self.shm is None or x.device.type != "cpu":
             return None
-        from .shm import PeerFailed
-
         t0 = time.perf_counter()
         try:
             parts = self.shm.exchange(x.view(-1).view(torch.uint8))
