@@ -23,7 +23,7 @@ from attnkit.engine.speculative import SpeculativeConfig
 from attnkit.engine.llm import LLM
 from attnkit.loading import load_causal_lm
 from attnkit.loading.gguf_writer import write_llama_gguf
-from attnkit.parallel.launch import free_port, join_group, load_rank
+from attnkit.parallel.launch import free_port, join_group
 from attnkit.parallel.tensor import TensorParallel, TensorParallelError
 
 SHAPE = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=256, vocab_size=510, weight_std=0.5,
@@ -118,7 +118,7 @@ def _load(path: str, key: str, tp: TensorParallel | None = None) -> torch.nn.Mod
         cfg = model_config(read_json(Path(path) / "config.json"), Path(path) / "config.json")
         return model if tp is None else tp.parallelize(model, cfg)
     quantize = None if key.endswith("f32") else "gguf"
-    return load_rank(tp, path, {"quantize": quantize}).model if tp else load_causal_lm(path, quantize=quantize).model
+    return load_causal_lm(path, quantize=quantize, tp=tp).model
 
 
 def _ranks(rank: int, port: int, files: dict[str, str], lora: str, out: str) -> None:

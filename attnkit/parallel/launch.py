@@ -61,16 +61,6 @@ def join_from_env(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> 
     return join_group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device, timeout_s)
 
 
-def load_rank(tp: TensorParallel, path: str | None, load: dict[str, Any]) -> Any:
-    """This rank's slice of the model at ``path`` (a CausalLM), its sublayers closed by ``tp``'s collectives."""
-    from ..loading import load_causal_lm
-
-    lm = load_causal_lm(path, tp=tp, **load)
-    if tp.device != "cpu":
-        lm.model.to(tp.device)
-    return lm
-
-
 def _worker(index: int, world: int, port: int, model: Callable[[TensorParallel], Any], device: str,
             timeout_s: float) -> None:
     """Spawned rank ``index + 1``: join, load its slice (``model(tp)``), serve rank 0's steps until it says stop."""
