@@ -384,7 +384,8 @@ def test_gguf_q4_experts_become_int4_exactly(tmp_path, qtype):
 def test_gguf_q4_k_experts(tmp_path):
     # K-quant super-blocks of 256: rows of 256 in every expert projection
     ref = hf_model("mixtral", hidden_size=256, intermediate_size=256)
-    _check_quantized(write_moe_gguf(tmp_path / "q4k.gguf", ref, "Q4_K"), ref, "Q4_K", tol=0.02)
+    # tol above Q8_0's: the K-quants' products take one activation scale per 256 values (llama.cpp's q8_K)
+    _check_quantized(write_moe_gguf(tmp_path / "q4k.gguf", ref, "Q4_K"), ref, "Q4_K", tol=0.03)
 
 
 @pytest.mark.parametrize("skip, meta, words", [

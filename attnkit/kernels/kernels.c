@@ -2,8 +2,8 @@
  * (attnkit/quant/native.py) and paged decode attention (attnkit/engine/paged_attention.py).
  *
  * y[m, n] = Σ_k x[m, k] · W[n, k], W kept in the checkpoint's own blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
- * Q5_K, Q6_K). The activations are quantized per block of 32, x = dx·qx (qx int8, dx = max|x|/127), and each
- * block type's product (its kernel file: legacy.c, q8.c, q4_k.c, q6_k.c) multiplies its quants with qx in 8-bit
+ * Q5_K, Q6_K). The activations are quantized per weight block (32, or 256 for the K-quants: llama.cpp's q8_0 and
+ * q8_K), x = dx·qx (qx int8, dx = max|x|/127), and each block type's product (its kernel file: legacy.c, q8.c, q4_k.c, q6_k.c) multiplies its quants with qx in 8-bit
  * integers and applies the scales in float, as llama.cpp does (ggml-cpu's vec_dot_*). A decode step reads the
  * 4.5–8.5 bits per weight of the blocks instead of 32.
  *
@@ -61,31 +61,54 @@ int ak_x4_available(void) {
 
 int ak_act_block_bytes(void) { return (int)sizeof(block_q8x); }
 
-/* activation row r of x (k floats, k % 32 == 0) → its blocks in scratch (act_row): q = round-to-nearest-even(x / d),
- * d = max|x| / 127, s = d·Σq */
-static void quantize_row(const float *x, void *scratch, int r, int k) {
+/* activation row r of x (k floats, k % g == 0) → its blocks in scratch (act_row): per group of g = 32 or 256
+ * values (the weights' block: llama.cpp's q8_0 and q8_K), q = round-to-nearest-even(x / d), d = max|x| / 127 over
+ * the group, written as the d of each of its blocks of 32, and s = d·Σq per block of 32. Every build computes
+ * the same values (max and products are exact or identically rounded; cvtps rounds as lrintf). */
+static void quantize_row(const float *x, void *scratch, int r, int k, int g) {
     const ak_act a = act_row(scratch, r, k);
     int8_t *qs = (int8_t *)a.qs;
     float *ds = (float *)a.d, *ss = (float *)a.s;
-    for (int b = 0; b < k / 32; b++) {
-        const float *xb = x + 32 * b;
-#ifdef __AVX512F__ /* the same values: max and products are exact or identically rounded, cvtps rounds as lrintf */
-        const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
-        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
-        const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
-        const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, _mm512_set1_ps(id)));
-        const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, _mm512_set1_ps(id)));
-        _mm_storeu_si128((__m128i *)(qs + 32 * b), _mm512_cvtepi32_epi8(q0));
-        _mm_storeu_si128((__m128i *)(qs + 32 * b + 16), _mm512_cvtepi32_epi8(q1));
-        const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
-#else
+    for (int g0 = 0; g0 < k; g0 += g) {
         float amax = 0.f;
-        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(xb[i]));
-        const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
-        int sum = 0;
-        for (int i = 0; i < 32; i++) { int q = (int)lrintf(xb[i] * id); qs[32 * b + i] = (int8_t)q; sum += q; }
+        int i = 0;
+#if defined(__AVX512F__)
+        __m512 m16 = _mm512_setzero_ps();
+        for (; i < g; i += 16) m16 = _mm512_max_ps(m16, _mm512_abs_ps(_mm512_loadu_ps(x + g0 + i)));
+        amax = _mm512_reduce_max_ps(m16);
+#elif defined(AK_AVX2)
+        const __m256 sign = _mm256_set1_ps(-0.f);
+        __m256 m8 = _mm256_setzero_ps();
+        for (; i < g; i += 8) m8 = _mm256_max_ps(m8, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + g0 + i)));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
 #endif
-        ds[b] = d, ss[b] = d * (float)sum;
+        for (; i < g; i++) amax = fmaxf(amax, fabsf(x[g0 + i]));
+        const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+        for (int b = g0 / 32; b < (g0 + g) / 32; b++) {
+            const float *xb = x + 32 * b;
+#if defined(__AVX512F__)
+            const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb), _mm512_set1_ps(id)));
+            const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + 16), _mm512_set1_ps(id)));
+            _mm_storeu_si128((__m128i *)(qs + 32 * b), _mm512_cvtepi32_epi8(q0));
+            _mm_storeu_si128((__m128i *)(qs + 32 * b + 16), _mm512_cvtepi32_epi8(q1));
+            const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+#elif defined(AK_AVX2)
+            __m256i q[4];
+            for (int j = 0; j < 4; j++) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 8 * j), _mm256_set1_ps(id)));
+            const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+            _mm256_storeu_si256((__m256i *)(qs + 32 * b), _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+            const __m256i s8 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+            const int sum = _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1)));
+#else
+            int sum = 0;
+            for (int j = 0; j < 32; j++) { int q = (int)lrintf(xb[j] * id); qs[32 * b + j] = (int8_t)q; sum += q; }
+#endif
+            ds[b] = d, ss[b] = d * (float)sum;
+        }
     }
 }
 
@@ -98,7 +121,7 @@ int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int
     const int nb = k / t->block_elems;
     const size_t gbytes = (size_t)R * nb * t->block_bytes;
     const ak_dot_fn dot = R == 4 ? t->dot_x4 : t->dot;
-    for (int r = 0; r < m; r++) quantize_row(x + (size_t)r * k, scratch, r, k);
+    for (int r = 0; r < m; r++) quantize_row(x + (size_t)r * k, scratch, r, k, t->block_elems);
     static __thread int32_t *off4; /* −offset · sums of 4 quants, for the types that want them (grown, kept) */
     static __thread size_t off4_cap;
     const int want_off4 = R == 4 && t->offset;
@@ -134,9 +157,13 @@ int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int
  * its own threads (kernels/moe.c: each expert on the rows routed to it). Row r's results are those ak_gemv gives
  * it: the same quantization (ak_quantize_act), the same dot instructions. */
 
-/* m rows of x (k floats each) → scratch rows 0 .. m − 1 (m · k/32 activation blocks) */
-void ak_quantize_act(const float *x, int m, int k, void *scratch) {
-    for (int r = 0; r < m; r++) quantize_row(x + (size_t)r * k, scratch, r, k);
+/* m rows of x (k floats each) → scratch rows 0 .. m − 1 (m · k/32 activation blocks), quantized for kind's
+ * products as ak_gemv quantizes them; 0, or 1 (a kind this build cannot multiply, or k not a multiple of its block) */
+int ak_quantize_act(int kind, const float *x, int m, int k, void *scratch) {
+    const ak_type *t = find_type(kind);
+    if (!t || k % t->block_elems) return 1;
+    for (int r = 0; r < m; r++) quantize_row(x + (size_t)r * k, scratch, r, k, t->block_elems);
+    return 0;
 }
 
 /* the quant offset o whose −o · sums of 4 quants (ak_act.off4) kind's product wants, 0 when it wants none, −1 for

@@ -23,7 +23,8 @@
 #include "decode.h"
 
 int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads);
-void ak_quantize_act(const float *x, int m, int k, void *scratch);
+int ak_quantize_act(int kind, const float *x, int m, int k, void *scratch);
+int ak_type_info(int kind, int *block_elems, int *block_bytes);
 int ak_type_offset(int kind);
 int ak_gemv_rows(int kind, const void *w, int n0, int n1, const void *scratch, const int32_t *off4, const int *rows,
                  int m, int k, float *y, size_t ystride);
@@ -41,7 +42,8 @@ typedef struct {
     int *arow, *iota;   /* (B·K,) the row of each grouped assignment; 0, 1, 2, … */
     float *aw;          /* (B·K,) the weight of each grouped assignment */
     task *tasks;        /* max_tasks */
-    uint8_t *qx, *qh;   /* the rows' inputs quantized (B rows of d); the assignments' h quantized (B·K rows of ff) */
+    uint8_t *qx[2], *qh; /* the rows' inputs quantized for each gate/up part's type (B rows of d; one buffer when
+                          * both types quantize alike); the assignments' h quantized for down's (B·K rows of ff) */
     int32_t *offx;      /* 2 × (B, d/4): −offset · 4-quant sums of qx for the gate/up parts' types (ak_gemv_rows) */
     int32_t *offh;      /* (B·K, ff/4): the same of qh for down's type */
     float *gu, *h;      /* (B·K, 2·ff) gate | up; (B·K, ff) SiLU(gate)·up */
@@ -72,7 +74,8 @@ static size_t carve(layout *L, uint8_t *work, int B, int d, int E, int K, int ff
     TAKE(iota, int, BK)
     TAKE(aw, float, BK)
     TAKE(tasks, task, L->max_tasks)
-    TAKE(qx, uint8_t, (size_t)B * (d / 32) * sizeof(block_q8x))
+    TAKE(qx[0], uint8_t, (size_t)B * (d / 32) * sizeof(block_q8x))
+    TAKE(qx[1], uint8_t, (size_t)B * (d / 32) * sizeof(block_q8x))
     TAKE(qh, uint8_t, BK * (size_t)(ff / 32) * sizeof(block_q8x))
     TAKE(offx, int32_t, 2 * (size_t)B * (d / 4))
     TAKE(offh, int32_t, BK * (size_t)(ff / 4))
@@ -122,8 +125,7 @@ int ak_moe_ffn(const ak_moe *m, const float *xn, float *out, int B, int d, void 
                 L.probs[(size_t)b * E + e] = acc;
             }
         }
-        ak_quantize_act(xn, B, d, L.qx);
-    } else if (m->router.rows != E || ak_gemv(m->router.kind, m->router.w, xn, L.probs, B, E, d, L.qx, threads)) {
+    } else if (m->router.rows != E || ak_gemv(m->router.kind, m->router.w, xn, L.probs, B, E, d, L.qx[0], threads)) {
         return 1;
     }
     /* each row: softmax, its top_k, their weights */
@@ -169,6 +171,9 @@ int ak_moe_ffn(const ak_moe *m, const float *xn, float *out, int B, int d, void 
     for (int p = 0; p < X0->n_gate_up && p < 2; p++)
         if ((o_gu[p] = ak_type_offset(X0->gate_up[p].kind)) < 0) return 1;
     if ((o_dn = ak_type_offset(X0->down.kind)) < 0) return 1;
+    int g_gu[2] = {0, 0}, g_dn = 0, g = 0, unused; /* each part's block: the values of one activation scale */
+    for (int p = 0; p < X0->n_gate_up && p < 2; p++) ak_type_info(X0->gate_up[p].kind, &g_gu[p], &unused);
+    ak_type_info(X0->down.kind, &g_dn, &unused);
     for (int pass = 0; pass < 2; pass++) {
         if (pass) ngu = nt;
         for (int e = 0; e < E; e++) {
@@ -176,10 +181,11 @@ int ak_moe_ffn(const ak_moe *m, const float *xn, float *out, int B, int d, void 
             const ak_expert *X = m->experts + e;
             if (X->n_gate_up != X0->n_gate_up || X->n_gate_up < 1 || X->n_gate_up > 2 || X->down.rows != d ||
                 X->gate_up[0].rows + (X->n_gate_up == 2 ? X->gate_up[1].rows : 0) != 2 * ff ||
-                ak_type_offset(X->down.kind) != o_dn)
+                ak_type_offset(X->down.kind) != o_dn || ak_type_info(X->down.kind, &g, &unused) || g != g_dn)
                 return 3;
             for (int p = 0; p < X->n_gate_up; p++)
-                if (ak_type_offset(X->gate_up[p].kind) != o_gu[p]) return 3;
+                if (ak_type_offset(X->gate_up[p].kind) != o_gu[p] || ak_type_info(X->gate_up[p].kind, &g, &unused) || g != g_gu[p])
+                    return 3;
             for (int part = pass ? 2 : 0; part < (pass ? 3 : X->n_gate_up); part++) {
                 const int rows = part == 2 ? d : X->gate_up[part].rows;
                 for (int r0 = 0; r0 < rows; r0 += CHUNK) {
@@ -189,8 +195,12 @@ int ak_moe_ffn(const ak_moe *m, const float *xn, float *out, int B, int d, void 
             }
         }
     }
+    /* the inputs quantized as each gate/up part's type wants them (its block: 32 or 256 values a scale) */
+    const uint8_t *qx[2] = {L.qx[0], g_gu[1] && g_gu[1] != g_gu[0] ? L.qx[1] : L.qx[0]};
+    for (int p = 0; p < X0->n_gate_up; p++)
+        if ((p == 0 || qx[1] != qx[0]) && ak_quantize_act(X0->gate_up[p].kind, xn, B, d, (void *)qx[p])) return 1;
     for (int p = 0; p < 2; p++)
-        if (o_gu[p]) offsets(L.qx, B, d, o_gu[p], L.offx + (size_t)p * B * (d / 4));
+        if (o_gu[p]) offsets(qx[p], B, d, o_gu[p], L.offx + (size_t)p * B * (d / 4));
 
     int err = 0;
     const int nas = B * K;
@@ -202,7 +212,7 @@ int ak_moe_ffn(const ak_moe *m, const float *xn, float *out, int B, int d, void 
             const ak_part *P = &m->experts[T.e].gate_up[T.part];
             const int s0 = L.start[T.e], me = L.start[T.e + 1] - s0;
             const int off = T.part ? m->experts[T.e].gate_up[0].rows : 0;
-            if (ak_gemv_rows(P->kind, P->w, T.r0, T.r0 + T.nr, L.qx, o_gu[T.part] ? L.offx + (size_t)T.part * B * (d / 4) : NULL,
+            if (ak_gemv_rows(P->kind, P->w, T.r0, T.r0 + T.nr, qx[T.part], o_gu[T.part] ? L.offx + (size_t)T.part * B * (d / 4) : NULL,
                              L.arow + s0, me, d, L.gu + (size_t)s0 * 2 * ff + off + T.r0, (size_t)2 * ff)) {
 #pragma omp atomic write
                 err = 1;
@@ -212,7 +222,7 @@ int ak_moe_ffn(const ak_moe *m, const float *xn, float *out, int B, int d, void 
         for (int a = 0; a < nas; a++) {
             uint8_t *qa = L.qh + (size_t)a * (ff / 32) * sizeof(block_q8x); /* scratch row a */
             ak_silu_mul(L.gu + (size_t)a * 2 * ff, L.h + (size_t)a * ff, ff);
-            ak_quantize_act(L.h + (size_t)a * ff, 1, ff, qa);
+            ak_quantize_act(X0->down.kind, L.h + (size_t)a * ff, 1, ff, qa); /* its kind was checked above */
             if (o_dn) offsets(qa, 1, ff, o_dn, L.offh + (size_t)a * (ff / 4));
         }
 #pragma omp for schedule(dynamic, 1)

@@ -53,8 +53,10 @@ AK_INLINE void to_float(const uint8_t *blocks, int count, float *o, const int HI
 }
 
 #ifdef AK_AVX2
-/* one row against M activation rows (256-bit): the scales of a super-block unpacked once (ggml's kmask arithmetic)
- * and widened to 8 floats d·sc_j, dmin·m_j; each row's dx_j, sx_j are 8 contiguous floats */
+/* one row against M activation rows (256-bit), with one activation scale dx per super-block (q8_K): the integer
+ * sums of the 8 sub-blocks are weighted by their 6-bit scales in int16×int16 products (_mm256_madd_epi16) and
+ * added in int32, so a super-block ends in one conversion and one FMA per row (ggml's vec_dot_q4_K_q8_K):
+ *   Σ w·x = d·dx · Σ_j sc_j · Σ q·qx  −  Σ_j dmin·m_j · sx_j */
 AK_INLINE void dot_rows(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys, const int HIGH) {
     const uint32_t k1 = 0x3f3f3f3f, k2 = 0x0f0f0f0f, k3 = 0x03030303;
     const __m256i low = _mm256_set1_epi8(0x0f), sixteen = _mm256_set1_epi8(0x10);
@@ -65,12 +67,13 @@ AK_INLINE void dot_rows(const uint8_t *w, int nb, const ak_act *x, const int M, 
         const uint32_t w0 = ld_u32(blk + 4), w1 = ld_u32(blk + 8), w2 = ld_u32(blk + 12);
         const __m128i sc = _mm_setr_epi32((int)(w0 & k1), (int)((w2 & k2) | (((w0 >> 6) & k3) << 4)), 0, 0);
         const __m128i mn = _mm_setr_epi32((int)(w1 & k1), (int)(((w2 >> 4) & k2) | (((w1 >> 6) & k3) << 4)), 0, 0);
-        const __m256 S = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sc)), _mm256_set1_ps(ld_half(blk)));
         const __m256 MN = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mn)), _mm256_set1_ps(ld_half(blk + 2)));
-        __m256 V[4]; /* d·sc_j·dx_j of each activation row */
+        const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sc)); /* sc_0..sc_7 as int16, both lanes */
+        const float d = ld_half(blk);
+        __m256i isum[4];
         for (int r = 0; r < M; r++) {
-            V[r] = _mm256_mul_ps(S, _mm256_loadu_ps(x[r].d + 8 * (size_t)b));
             accm[r] = _mm256_fmadd_ps(MN, _mm256_loadu_ps(x[r].s + 8 * (size_t)b), accm[r]);
+            isum[r] = _mm256_setzero_si256();
         }
         const __m256i h = HIGH ? _mm256_loadu_si256((const __m256i *)(blk + 16)) : _mm256_setzero_si256();
         for (int p = 0; p < 4; p++) { /* sub-blocks 2p (low nibbles), 2p + 1 (high) */
@@ -80,14 +83,18 @@ AK_INLINE void dot_rows(const uint8_t *w, int nb, const ak_act *x, const int M, 
                 lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(h, 2 * p), 4), sixteen));
                 hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(h, 2 * p + 1), 4), sixteen));
             }
-            for (int r = 0; r < M; r++) {
+            /* sc_2p, sc_2p+1 in every int16 lane */
+            const __m256i sl = _mm256_shuffle_epi8(sc16, _mm256_set1_epi16((short)(0x0100 * (4 * p + 1) + 4 * p)));
+            const __m256i sh = _mm256_shuffle_epi8(sc16, _mm256_set1_epi16((short)(0x0100 * (4 * p + 3) + 4 * p + 2)));
+            for (int r = 0; r < M; r++) { /* u8·s8 pairs < 2·31·127: no int16 saturation */
                 const int8_t *xq = x[r].qs + 256 * (size_t)b + 64 * p;
-                const __m256 vl = _mm256_permutevar8x32_ps(V[r], _mm256_set1_epi32(2 * p));
-                const __m256 vh = _mm256_permutevar8x32_ps(V[r], _mm256_set1_epi32(2 * p + 1));
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(lo, _mm256_loadu_si256((const __m256i *)xq))), vl, acc[r]);
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(hi, _mm256_loadu_si256((const __m256i *)(xq + 32)))), vh, acc[r]);
+                const __m256i pl = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xq));
+                const __m256i ph = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + 32)));
+                isum[r] = _mm256_add_epi32(isum[r], _mm256_add_epi32(_mm256_madd_epi16(pl, sl), _mm256_madd_epi16(ph, sh)));
             }
         }
+        for (int r = 0; r < M; r++) /* x[r].d is constant over the super-block */
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_set1_ps(d * x[r].d[8 * (size_t)b]), acc[r]);
     }
     for (int r = 0; r < M; r++) y[r * ys] = hsum(acc[r]) - hsum(accm[r]);
 }

@@ -46,17 +46,21 @@ static void q6_k_to_float(const uint8_t *blocks, int count, float *o) {
 }
 
 #ifdef AK_AVX2
-/* one row against M activation rows (256-bit): the 32 quants of an activation block as |q − 32| and its sign
- * (_mm256_sign_epi8), shared by the rows; the two scales of the block as one vector d·(sc_g ×4, sc_g+1 ×4) */
+/* one row against M activation rows (256-bit), with one activation scale dx per super-block (q8_K): the 32 quants
+ * of an activation block as |q − 32| and its sign (_mm256_sign_epi8), shared by the rows; their pair sums weighted
+ * by the block's two int8 scales (sc_g on weights 0-15, sc_g+1 on 16-31) in int16×int16 products and added in
+ * int32, so a super-block ends in one conversion and one FMA per row (ggml's vec_dot_q6_K_q8_K):
+ *   Σ w·x = d·dx · Σ_g sc_g · Σ (q − 32)·qx */
 AK_INLINE void dot_rows(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys) {
     const __m256i low = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30), k32 = _mm256_set1_epi8(32);
     __m256 acc[4];
     for (int r = 0; r < M; r++) acc[r] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk = w + 210 * (size_t)b, *ql = blk, *qh = blk + 128;
-        const __m256 d = _mm256_set1_ps(ld_half(blk + 208));
-        const __m256 S[2] = {_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 192)))), d),
-                             _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 200)))), d)};
+        const __m128i sc8 = _mm_loadu_si128((const __m128i *)(blk + 192));
+        const float d = ld_half(blk + 208);
+        __m256i isum[4];
+        for (int r = 0; r < M; r++) isum[r] = _mm256_setzero_si256();
         for (int h = 0; h < 2; h++) {
             const __m256i hb = _mm256_loadu_si256((const __m256i *)(qh + 32 * h));
             for (int i = 0; i < 4; i++) {
@@ -64,14 +68,17 @@ AK_INLINE void dot_rows(const uint8_t *w, int nb, const ak_act *x, const int M, 
                 const __m256i v = _mm256_sub_epi8(_mm256_or_si256(l, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(hb, 2 * i), 4), m30)), k32);
                 const __m256i av = _mm256_sign_epi8(v, v);
                 const int g = 8 * h + 2 * i, a = 8 * b + 4 * h + i; /* scales g, g + 1; activation block a */
-                const __m256 sc = _mm256_permutevar8x32_ps(S[g >> 3], _mm256_setr_epi32(g & 7, g & 7, g & 7, g & 7, (g & 7) + 1,
-                                                                                       (g & 7) + 1, (g & 7) + 1, (g & 7) + 1));
-                for (int r = 0; r < M; r++) {
+                /* int16 sc_g in the low 128-bit lane (weights 0-15), sc_g+1 in the high one */
+                const __m256i sc = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, _mm_set_epi64x(0x0101010101010101LL * (g + 1),
+                                                                                           0x0101010101010101LL * g)));
+                for (int r = 0; r < M; r++) { /* |q − 32| · ±qx pairs <= 2·32·127: no int16 saturation */
                     const __m256i xs = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x[r].qs + 32 * (size_t)a)), v);
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(av, xs)), _mm256_mul_ps(sc, _mm256_set1_ps(x[r].d[a])), acc[r]);
+                    isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(_mm256_maddubs_epi16(av, xs), sc));
                 }
             }
         }
+        for (int r = 0; r < M; r++) /* x[r].d is constant over the super-block */
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_set1_ps(d * x[r].d[8 * (size_t)b]), acc[r]);
     }
     for (int r = 0; r < M; r++) y[r * ys] = hsum(acc[r]);
 }
