@@ -209,3 +209,28 @@ def test_other_instruction_sets_build_cleanly_and_agree(march: str, flag: str | 
     x = torch.randn(9, k)
     full = layer.kernel_product(x)
     assert all(torch.equal(layer.kernel_product(x[:m]), full[:m]) for m in (1, 4, 5))
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K", "Q8_0", "Q4_1"])
+def test_prompt_rows_take_the_product_the_type_is_faster_with(kind: str, monkeypatch) -> None:
+    """The engine's prompt rows: the dense product where bf16 is native or the type's integer product is the slower
+    one (BlockType.integer_prompts: the K-quants' is faster than float32 BLAS on AVX2), else the integer kernel;
+    generated rows always take the integer kernel."""
+    from attnkit.quant.row_kernel import rows_are
+
+    for bf16 in (False, True):
+        monkeypatch.setattr(native, "native_bf16", lambda: bf16)
+        k = width(kind)
+        layer = GGUFBlockLinear(torch.from_numpy(random_blocks(kind, 8, k, 3)), kind, k)
+        x = torch.randn(20, k, generator=torch.Generator().manual_seed(3))
+        integer = layer.kernel_product(x)
+        dense = x @ layer.dequantize().T
+        with rows_are("prompt"):
+            y = layer(x)
+        want_integer = BLOCK_TYPES[kind].integer_prompts and not bf16
+        assert layer.dense_for_prompts == (not want_integer)
+        assert torch.equal(y, integer) if want_integer else torch.allclose(y, dense, rtol=1e-4, atol=1e-4)
+        assert not torch.equal(integer, dense)
+        with rows_are("generated"):
+            assert torch.equal(layer(x), integer)

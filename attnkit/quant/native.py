@@ -8,8 +8,11 @@ per block of 32 and take integer dot products on the blocks (llama.cpp's method)
 the 4.5–8.5 bits per weight it reads. With no C compiler the layers fall back to gguf-py's dequantizers +
 ``F.linear`` (correct, slower).
 
-Batches of more rows than :attr:`GGUFBlockLinear.kernel_max_rows` (8: prefill, large decode batches) decode the
-weight into a reused buffer and use the dense matrix product, which is faster once the work is compute-bound.
+The engine's prompt rows take the dense matrix product on the weight decoded into a reused buffer where the CPU
+multiplies bfloat16 in hardware or the type's integer product is the slower one (:attr:`BlockType.integer_prompts`),
+else the integer kernels: on an AVX2 machine (Zen 3, 2 threads) a 512-token prompt of a 1B Q4_K_M runs at 78
+tok/s through them against 64 through float32 BLAS. Outside the engine, batches of more rows than
+:attr:`GGUFBlockLinear.kernel_max_rows` (8) take the dense product.
 That product runs in :attr:`GGUFBlockLinear.dense_dtype`: float32, or bfloat16 (inputs rounded to bf16, float32
 sums, the bf16 result widened to float32) — 2–3× faster where the CPU has bf16 hardware (AVX512-BF16, AMX;
 :func:`attnkit.kernels.native_bf16`), which is what ``InferenceOptions``' ``matmul_dtype="auto"`` picks there.
@@ -30,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import library
+from ..kernels import library, native_bf16
 from ..nn.fused import ConcatLinear
 from .frozen_grad import frozen_linear, tiled_product
 from .row_kernel import current_rows
@@ -49,6 +52,10 @@ class BlockType:
     block_bytes: int
     x4_fields: tuple[tuple[int, int, int], ...]
     halves: tuple[int, ...]  # where its fp16 scales (d, m / dmin) lie in a block
+    # the engine's prompt rows take the integer product where the CPU has no bf16 hardware: measured faster than
+    # decoding + float32 BLAS there for the K-quants (1B Q4_K_M, 512-token prompt, AVX2: 78 vs 64 tok/s), slower
+    # for Q8_0 (52 vs 65)
+    integer_prompts: bool = False
 
 
 BLOCK_TYPES = {t.name: t for t in (
@@ -58,11 +65,11 @@ BLOCK_TYPES = {t.name: t for t in (
     BlockType("Q5_1", 7, 32, 24, ((0, 2, 2), (2, 2, 2), (4, 4, 4), (8, 16, 16)), (0, 2)),  # w = d·q + m: d, m, qh, qs
     BlockType("Q8_0", 8, 32, 34, ((0, 2, 2), (2, 32, 16)), (0,)),  # w = d·q: d, qs
     # w = d·sc·q − dmin·m: d, dmin, scales, [qh,] qs
-    BlockType("Q4_K", 12, 256, 144, ((0, 2, 2), (2, 2, 2), (4, 12, 4), (16, 128, 16)), (0, 2)),
-    BlockType("Q5_K", 13, 256, 176, ((0, 2, 2), (2, 2, 2), (4, 12, 4), (16, 32, 16), (48, 128, 16)), (0, 2)),
+    BlockType("Q4_K", 12, 256, 144, ((0, 2, 2), (2, 2, 2), (4, 12, 4), (16, 128, 16)), (0, 2), True),
+    BlockType("Q5_K", 13, 256, 176, ((0, 2, 2), (2, 2, 2), (4, 12, 4), (16, 32, 16), (48, 128, 16)), (0, 2), True),
     # w = d·sc·(q − 32): ql[128], qh[64], scales[16], d; interleaved d, scales, then qh and ql of each half in turn
     BlockType("Q6_K", 14, 256, 210, ((208, 2, 2), (192, 16, 1), (128, 32, 16), (0, 64, 16), (160, 32, 16), (64, 64, 16)),
-              (208,)),
+              (208,), True),
 )}
 NATIVE_TYPES = frozenset(BLOCK_TYPES)
 X4_FLAG = 0x100  # the kernels' kind for a type's blocks with rows interleaved in fours: ggml id | X4_FLAG
@@ -162,9 +169,10 @@ class GGUFBlockLinear(nn.Module):
                              f"got {blocks.dtype} {tuple(blocks.shape)}")
         self.kind, self.in_features, self.out_features = kind, in_features, blocks.shape[0]
         self.dense_dtype = torch.float32  # of the products above kernel_max_rows (set_dense_dtype)
-        # the engine's prompt rows take the dense product (an output head, which sees only the few rows that
-        # are sampled, takes the integer kernel for them too: no dense copy of a vocabulary-sized matrix)
-        self.dense_for_prompts = True
+        # the engine's prompt rows take the dense product where bf16 is native (2–3× float32 there) or the type's
+        # integer product is slower than float32 BLAS, else the integer kernel (an output head, which sees only the few rows that are
+        # sampled, takes the integer kernel for them everywhere: no dense copy of a vocabulary-sized matrix)
+        self.dense_for_prompts = native_bf16() or not t.integer_prompts
         self.on_release: Callable[[], None] | None = None  # see release_source
         if interleaved is None:
             interleaved = packed or (self.out_features % 4 == 0 and has_x4(kind))
