@@ -234,3 +234,19 @@ def test_prompt_rows_take_the_product_the_type_is_faster_with(kind: str, monkeyp
         assert not torch.equal(integer, dense)
         with rows_are("generated"):
             assert torch.equal(layer(x), integer)
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_K"])
+def test_fusing_layers_releases_the_parts_source_once(kind: str) -> None:
+    """GGUFBlockLinear.cat_out copies its parts (fused q/k/v, gate/up) and then releases each part's source (the
+    loader drops those file pages from resident memory), in either layout."""
+    k = width(kind)
+    released = []
+    parts = []
+    for i, n in enumerate((8, 4)):
+        part = GGUFBlockLinear(torch.from_numpy(random_blocks(kind, n, k, 10 + i)), kind, k)
+        part.on_release = lambda i=i: released.append(i)
+        parts.append(part)
+    fused = GGUFBlockLinear.cat_out(parts)
+    assert sorted(released) == [0, 1]
+    assert torch.equal(fused.row_blocks(), torch.cat([p.row_blocks() for p in parts]))

@@ -199,7 +199,10 @@ class GGUFBlockLinear(nn.Module):
         bias = torch.cat(biases) if any(m.bias is not None for m in mods) else None
         kind, k = mods[0].kind, mods[0].in_features
         if not all(m.out_features % 4 == 0 for m in mods) or not has_x4(kind):
-            return cls(torch.cat([m.row_blocks() for m in mods]), kind, k, bias, interleaved=False)
+            fused = cls(torch.cat([m.row_blocks() for m in mods]), kind, k, bias, interleaved=False)
+            for m in mods:  # copied: the file's pages of the parts are no longer needed
+                m.release_source()
+            return fused
         # groups of four rows never straddle two parts: each part goes into its slice of the fused layout once,
         # straight from the file's mapping when it was loaded in GGUF's layout for this
         out = torch.empty(sum(m.out_features for m in mods), mods[0].blocks.shape[1], dtype=torch.uint8)
