@@ -18,7 +18,8 @@
 #include <immintrin.h>
 #endif
 
-/* ---- activations: each row of x quantized per block of 32, x ≈ d·q (q int8, d = max|x|/127), s = d·Σq.
+/* ---- activations: each row of x quantized per block of 32, x ≈ d·q (q int8, d = max|x|/127 over the weights'
+ * block: 32 values, or 256 for the K-quants, where the 8 blocks of a super-block share one d), s = d·Σq.
  * One row of k inputs takes 40·k/32 bytes of scratch, laid out as qs[k] int8, d[k/32], s[k/32] float (so that
  * 64 consecutive quants are one load and the scales of a super-block are contiguous). */
 typedef struct { float d, s; int8_t qs[32]; } block_q8x; /* its size is what one block of 32 takes */

@@ -86,24 +86,39 @@ AK_INLINE float dot1(const uint8_t *w, int nb, ak_act x, const int MIN, const in
 #endif
 
 #ifdef AK_AVX2
-/* one row against M activation rows: each block unpacked once for all of them; row r's operations are the
- * same, in the same order, whatever M (batch invariance) */
+/* one row against M activation rows: each block unpacked once for all of them; even and odd blocks summed apart
+ * (two FMA chains: one would bound the loop by its latency); row r's operations are the same, in the same order,
+ * whatever M (batch invariance) */
 AK_INLINE void dot_rows(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys, const int MIN,
                         const int HIGH) {
-    __m256 acc[4];
-    float summ[4];
-    for (int r = 0; r < M; r++) acc[r] = _mm256_setzero_ps(), summ[r] = 0.f;
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *blk = w + (size_t)b * BB(MIN, HIGH);
-        const __m256i u = blk_u(blk, MIN, HIGH);
-        const float d = blk_d(blk), m = blk_m(blk, MIN, HIGH);
+    __m256 acc0[4], acc1[4];
+    float summ0[4], summ1[4];
+    for (int r = 0; r < M; r++) acc0[r] = acc1[r] = _mm256_setzero_ps(), summ0[r] = summ1[r] = 0.f;
+    int b = 0;
+    for (; b + 1 < nb; b += 2) {
+        const uint8_t *b0 = w + (size_t)b * BB(MIN, HIGH), *b1 = b0 + BB(MIN, HIGH);
+        const __m256i u0 = blk_u(b0, MIN, HIGH), u1 = blk_u(b1, MIN, HIGH);
+        const float d0 = blk_d(b0), m0 = blk_m(b0, MIN, HIGH), d1 = blk_d(b1), m1 = blk_m(b1, MIN, HIGH);
         for (int r = 0; r < M; r++) {
-            const __m256i p = dot_u8s8(u, _mm256_loadu_si256((const __m256i *)(x[r].qs + 32 * b)));
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * x[r].d[b]), acc[r]);
-            summ[r] += m * x[r].s[b];
+            const __m256i p0 = dot_u8s8(u0, _mm256_loadu_si256((const __m256i *)(x[r].qs + 32 * b)));
+            const __m256i p1 = dot_u8s8(u1, _mm256_loadu_si256((const __m256i *)(x[r].qs + 32 * b + 32)));
+            acc0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d0 * x[r].d[b]), acc0[r]);
+            acc1[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d1 * x[r].d[b + 1]), acc1[r]);
+            summ0[r] += m0 * x[r].s[b];
+            summ1[r] += m1 * x[r].s[b + 1];
         }
     }
-    for (int r = 0; r < M; r++) y[r * ys] = hsum(acc[r]) + summ[r];
+    if (b < nb) { /* an odd count: the last block on the even chain */
+        const uint8_t *b0 = w + (size_t)b * BB(MIN, HIGH);
+        const __m256i u0 = blk_u(b0, MIN, HIGH);
+        const float d0 = blk_d(b0), m0 = blk_m(b0, MIN, HIGH);
+        for (int r = 0; r < M; r++) {
+            const __m256i p0 = dot_u8s8(u0, _mm256_loadu_si256((const __m256i *)(x[r].qs + 32 * b)));
+            acc0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d0 * x[r].d[b]), acc0[r]);
+            summ0[r] += m0 * x[r].s[b];
+        }
+    }
+    for (int r = 0; r < M; r++) y[r * ys] = hsum(_mm256_add_ps(acc0[r], acc1[r])) + (summ0[r] + summ1[r]);
 }
 #define AK_ROWS_M(F, w, nb, x, M, y, ys, MIN, HIGH)       \
     switch (M) {                                          \

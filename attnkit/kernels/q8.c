@@ -35,22 +35,26 @@ static void q8_0_to_float_x4(const uint8_t *group, int r, int b0, int count, flo
 }
 
 #ifdef AK_AVX2
-/* one row against M activation rows: each block's |q| loaded once for all of them; row r's operations are the same,
- * in the same order, whatever M (batch invariance) */
+/* one row against M activation rows: each block's |q| loaded once for all of them; even and odd blocks summed
+ * apart (two FMA chains: one would bound the loop by its latency); row r's operations are the same, in the same
+ * order, whatever M (batch invariance) */
 AK_INLINE void dot_rows(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys) {
-    __m256 acc[4];
-    for (int r = 0; r < M; r++) acc[r] = _mm256_setzero_ps();
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *blk = w + 34 * (size_t)b;
-        const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2)), aq = _mm256_sign_epi8(q, q);
-        const float d = ld_half(blk);
-        for (int r = 0; r < M; r++) {
-            const __m256i s = _mm256_loadu_si256((const __m256i *)(x[r].qs + 32 * b));
-            const __m256i p = dot_u8s8(aq, _mm256_sign_epi8(s, q));
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * x[r].d[b]), acc[r]);
+    __m256 acc[2][4];
+    for (int r = 0; r < M; r++) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
+    for (int b0 = 0; b0 < nb; b0 += 2) {
+        for (int e = 0; e < 2 && b0 + e < nb; e++) { /* e: the chain; an odd count ends on the even one */
+            const int b = b0 + e;
+            const uint8_t *blk = w + 34 * (size_t)b;
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2)), aq = _mm256_sign_epi8(q, q);
+            const float d = ld_half(blk);
+            for (int r = 0; r < M; r++) {
+                const __m256i s = _mm256_loadu_si256((const __m256i *)(x[r].qs + 32 * b));
+                const __m256i p = dot_u8s8(aq, _mm256_sign_epi8(s, q));
+                acc[e][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * x[r].d[b]), acc[e][r]);
+            }
         }
     }
-    for (int r = 0; r < M; r++) y[r * ys] = hsum(acc[r]);
+    for (int r = 0; r < M; r++) y[r * ys] = hsum(_mm256_add_ps(acc[0][r], acc[1][r]));
 }
 static void q8_0_dot(const uint8_t *w, int nb, const ak_act *x, int M, float *y, size_t ys) {
     AK_DISPATCH_M(dot_rows, w, nb, x, M, y, ys)

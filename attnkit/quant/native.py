@@ -4,7 +4,7 @@ Every common GGUF block type stays quantized in memory: Q4_0, Q4_1, Q5_0, Q5_1, 
 K-quants Q4_K, Q5_K, Q6_K (super-blocks of 256), one row each of :data:`BLOCK_TYPES` (and of the C kernels'
 table, attnkit/kernels/kernels.c, checked against each other). PyTorch's weight-only CPU kernels are
 compute-bound at batch 1; attnkit's kernels (:mod:`attnkit.kernels`) instead quantize the activations to 8 bits
-per block of 32 and take integer dot products on the blocks (llama.cpp's method), so a decode step is bound by
+(one scale per 32 values, per 256 for the K-quants) and take integer dot products on the blocks (llama.cpp's method), so a decode step is bound by
 the 4.5–8.5 bits per weight it reads. With no C compiler the layers fall back to gguf-py's dequantizers +
 ``F.linear`` (correct, slower).
 
@@ -53,8 +53,8 @@ class BlockType:
     x4_fields: tuple[tuple[int, int, int], ...]
     halves: tuple[int, ...]  # where its fp16 scales (d, m / dmin) lie in a block
     # the engine's prompt rows take the integer product where the CPU has no bf16 hardware: measured faster than
-    # decoding + float32 BLAS there for the K-quants (1B Q4_K_M, 512-token prompt, AVX2: 78 vs 64 tok/s), slower
-    # for Q8_0 (52 vs 65)
+    # decoding + float32 BLAS there for Q4_K and Q5_K (1B Q4_K_M, 512-token prompt, AVX2: 78 vs 64 tok/s; Q5_K_M
+    # 73 vs 65), slower for Q6_K (60 vs 64) and Q8_0 (52 vs 65)
     integer_prompts: bool = False
 
 
@@ -69,7 +69,7 @@ BLOCK_TYPES = {t.name: t for t in (
     BlockType("Q5_K", 13, 256, 176, ((0, 2, 2), (2, 2, 2), (4, 12, 4), (16, 32, 16), (48, 128, 16)), (0, 2), True),
     # w = d·sc·(q − 32): ql[128], qh[64], scales[16], d; interleaved d, scales, then qh and ql of each half in turn
     BlockType("Q6_K", 14, 256, 210, ((208, 2, 2), (192, 16, 1), (128, 32, 16), (0, 64, 16), (160, 32, 16), (64, 64, 16)),
-              (208,), True),
+              (208,)),
 )}
 NATIVE_TYPES = frozenset(BLOCK_TYPES)
 X4_FLAG = 0x100  # the kernels' kind for a type's blocks with rows interleaved in fours: ggml id | X4_FLAG
@@ -308,7 +308,7 @@ class GGUFBlockLinear(nn.Module):
         return self._finish(y.to(x.dtype), x.shape[:-1])
 
     def kernel_product(self, x: torch.Tensor) -> torch.Tensor:
-        """x·Wᵀ (+ b) through the integer kernel (8-bit activations per block of 32) for any number of rows."""
+        """x·Wᵀ (+ b) through the integer kernel (8-bit activations, a scale per weight block) for any number of rows."""
         lib = _kernels()
         if lib is None or x.device.type != "cpu":
             raise RuntimeError("GGUFBlockLinear.kernel_product needs the C kernels and a CPU tensor")
@@ -419,16 +419,18 @@ def _batch_rows(x: torch.Tensor, invariant: bool) -> torch.Tensor:
     return torch.cat([x, x[:1].expand(least - x.shape[0], -1)])
 
 
-_SCRATCH: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+_SCRATCH: dict[torch.dtype, torch.Tensor] = {}
 
 
 def _scratch(n: int, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """An (n, k) view of a buffer reused by every layer of that size and dtype: a fresh multi-megabyte
-    tensor per call would cost its page faults every time. (One engine thread runs the model.)"""
-    buf = _SCRATCH.get((n * k, dtype))
-    if buf is None:
-        buf = _SCRATCH[n * k, dtype] = torch.empty(n * k, dtype=dtype)
-    return buf.view(n, k)
+    """An (n, k) view of one buffer of that dtype reused by every layer (grown to the largest): a fresh
+    multi-megabyte tensor per call would cost its page faults every time, and one buffer per layer shape the
+    memory of all of them. Each product is done with it before the next begins (one engine thread runs the
+    model)."""
+    buf = _SCRATCH.get(dtype)
+    if buf is None or buf.numel() < n * k:
+        buf = _SCRATCH[dtype] = torch.empty(n * k, dtype=dtype)
+    return buf[:n * k].view(n, k)
 
 
 _ACT: list[torch.Tensor] = []
