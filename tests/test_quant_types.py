@@ -215,7 +215,7 @@ def test_other_instruction_sets_build_cleanly_and_agree(march: str, flag: str | 
 @pytest.mark.parametrize("kind", ["Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_1"])
 def test_prompt_rows_take_the_product_the_type_is_faster_with(kind: str, monkeypatch) -> None:
     """The engine's prompt rows: the dense product where bf16 is native or the type's integer product is the slower
-    one (BlockType.integer_prompts: Q4_K's and Q5_K's are faster than float32 BLAS on AVX2), else the integer kernel;
+    one (BlockType.integer_prompts: the K-quants' are faster than float32 BLAS on AVX2), else the integer kernel;
     generated rows always take the integer kernel."""
     from attnkit.quant.row_kernel import rows_are
 

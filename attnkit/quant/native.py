@@ -54,7 +54,8 @@ class BlockType:
     halves: tuple[int, ...]  # where its fp16 scales (d, m / dmin) lie in a block
     # the engine's prompt rows take the integer product where the CPU has no bf16 hardware: measured faster than
     # decoding + float32 BLAS there for Q4_K and Q5_K (1B Q4_K_M, 512-token prompt, AVX2: 78 vs 64 tok/s; Q5_K_M
-    # 73 vs 65), slower for Q6_K (60 vs 64) and Q8_0 (52 vs 65)
+    # 73 vs 65); for Q6_K 60 vs 64, but its short prompts are 3× faster (32 tokens: 0.53 s to the first token,
+    # while the dense product decodes every weight however few the rows); for Q8_0 52 vs 65 (kept dense)
     integer_prompts: bool = False
 
 
@@ -69,7 +70,7 @@ BLOCK_TYPES = {t.name: t for t in (
     BlockType("Q5_K", 13, 256, 176, ((0, 2, 2), (2, 2, 2), (4, 12, 4), (16, 32, 16), (48, 128, 16)), (0, 2), True),
     # w = d·sc·(q − 32): ql[128], qh[64], scales[16], d; interleaved d, scales, then qh and ql of each half in turn
     BlockType("Q6_K", 14, 256, 210, ((208, 2, 2), (192, 16, 1), (128, 32, 16), (0, 64, 16), (160, 32, 16), (64, 64, 16)),
-              (208,)),
+              (208,), True),
 )}
 NATIVE_TYPES = frozenset(BLOCK_TYPES)
 X4_FLAG = 0x100  # the kernels' kind for a type's blocks with rows interleaved in fours: ggml id | X4_FLAG
