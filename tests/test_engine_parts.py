@@ -155,3 +155,19 @@ def test_scheduler_budget_fcfs_and_preemption():
         b = sch.schedule()
         sch.computed(b)
     assert sch.num_preemptions >= 1 and seqs[0].status.value == "running"  # the latest arrival was preempted
+
+
+def test_a_prompts_rows_are_of_one_kind_set_by_the_whole_prompts_length():
+    """model_runner.row_kind: every chunk of a prompt of at most SHORT_PROMPT tokens is "short-prompt" (the
+    integer kernel), of a longer prompt "prompt", whatever the chunk; a generated token's row is "generated"."""
+    from attnkit.engine.model_runner import row_kind
+    from attnkit.quant.row_kernel import SHORT_PROMPT
+
+    short = Sequence("s", 0, list(range(SHORT_PROMPT)), SamplingParams())
+    long_ = Sequence("l", 0, list(range(SHORT_PROMPT + 1)), SamplingParams())
+    assert row_kind(short, SHORT_PROMPT) == "short-prompt" and row_kind(long_, 1) == "prompt"
+    long_.num_computed = 40
+    assert row_kind(long_, SHORT_PROMPT + 1 - 40) == "prompt"  # a later chunk of the long prompt
+    short.num_computed = SHORT_PROMPT
+    short.append(7)
+    assert row_kind(short, 1) == "generated"

@@ -234,6 +234,8 @@ def test_prompt_rows_take_the_product_the_type_is_faster_with(kind: str, monkeyp
         assert not torch.equal(integer, dense)
         with rows_are("generated"):
             assert torch.equal(layer(x), integer)
+        with rows_are("short-prompt"):  # a short prompt's rows: the integer kernel on every machine and type
+            assert torch.equal(layer(x), integer)
 
 
 @pytest.mark.parametrize("kind", ["Q8_0", "Q4_K"])

@@ -14,7 +14,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..quant.row_kernel import rows_are
+from ..quant.row_kernel import SHORT_PROMPT, RowKind, rows_are
 from .lora import StepAdapters
 from .native_decode import NativeDecoder, why_not
 from .kv_eviction import OBSERVATION, snapkv_keep
@@ -44,6 +44,14 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
         warnings.simplefilter("ignore")
         raw = torch.frombuffer(mm, dtype=torch.uint8)
     return raw[: math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+
+
+def row_kind(seq: Sequence, n: int) -> RowKind:
+    """What ``seq``'s ``n`` rows of this step are: generated tokens, or rows of a short or a long prompt (by the
+    length of the request's whole prompt, so every chunk of a prompt is of one kind)."""
+    if is_generated(seq, n):
+        return "generated"
+    return "short-prompt" if seq.prompt_len <= SHORT_PROMPT else "prompt"
 
 
 def is_generated(seq: Sequence, n: int) -> bool:
@@ -138,7 +146,8 @@ class ModelRunner:
         Batch invariance: a row's numbers depend on what the row is, never on what shares the step. A
         generated token (one new token past its prompt) always takes the decode path — the C step where the
         model allows it, else the eager model with GGUF layers on their integer kernel — and prompt rows
-        always the prompt path (GGUF layers' dense products). A step holding both runs them as two passes.
+        always the prompt path (GGUF layers' dense products; the integer kernel for the rows of a short prompt,
+        :data:`~attnkit.quant.row_kernel.SHORT_PROMPT`). A step holding several kinds runs one pass per kind.
 
         Speculative decoding: a sequence with ``spec_tokens`` feeds its newest token and those drafts, each row a
         generated token's decode row, and gets logits for every one of them (1 + len(spec_tokens) rows, in order).
@@ -147,13 +156,15 @@ class ModelRunner:
         self.rotate_sinks(batch.rotations)
         if not self.batch_invariant:
             return self._run(batch)
-        generated = [is_generated(s, n) for s, n in zip(batch.seqs, batch.num_tokens)]
-        if all(generated) or not any(generated):
-            with rows_are("generated" if generated[0] else "prompt"):
-                return self._run(batch, generated[0])
-        parts = [[i for i, g in enumerate(generated) if g], [i for i, g in enumerate(generated) if not g]]
+        kinds = [row_kind(s, n) for s, n in zip(batch.seqs, batch.num_tokens)]
+        if len(set(kinds)) == 1:
+            with rows_are(kinds[0]):
+                return self._run(batch, kinds[0] == "generated")
         logits, rows, prompt_rows, prompt_logits = [], [], [], []
-        for kind, idx in zip(("generated", "prompt"), parts):
+        for kind in ("generated", "short-prompt", "prompt"):
+            idx = [i for i, k in enumerate(kinds) if k == kind]
+            if not idx:
+                continue
             sub = ScheduledBatch([batch.seqs[i] for i in idx], [batch.num_tokens[i] for i in idx])
             with rows_are(kind):
                 lg, rs = self._run(sub, kind == "generated")

@@ -295,6 +295,7 @@ class GGUFBlockLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         lib = _kernels()
         rows = current_rows()  # set by the engine: the product follows what the rows are, never how many
+        # (a short prompt's rows: the integer kernel, decoding every weight for them would cost more)
         dense = x2.shape[0] > self.kernel_max_rows if rows is None else rows == "prompt" and self.dense_for_prompts
         if lib is None or x.device.type != "cpu" or x.requires_grad:
             y = F.linear(x2, self.dequantize(x.dtype))
