@@ -138,13 +138,14 @@ int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int
     }
     const int32_t *const sums = want_off4 ? off4 : NULL; /* off4 is this thread's: the workers take the pointer */
     (void)threads;
-    /* Threads take chunks of CHUNK row groups; within a chunk, each 4 activation rows (in L1) pass all of its
-     * groups (in L2) before the next 4: a prompt's rows are read from memory once per chunk, not once per row. */
-    enum { CHUNK = 32 };
-    const int groups = n / R, chunks = (groups + CHUNK - 1) / CHUNK;
+    /* Threads take chunks of row groups; within a chunk, each 4 activation rows (in L1) pass all of its groups (in
+     * L2) before the next 4, so more than 4 rows are read from memory once per chunk, not once per group. Chunks
+     * of up to 32 groups, at least 4 a thread; one group each for at most 4 rows (nothing to reuse: an even split). */
+    const int groups = n / R, per = groups / (4 * (threads > 1 ? threads : 1));
+    const int chunk = m <= 4 || per < 1 ? 1 : per > 32 ? 32 : per, chunks = (groups + chunk - 1) / chunk;
 #pragma omp parallel for schedule(static) num_threads(threads) if (n >= 64 && threads > 1)
     for (int c = 0; c < chunks; c++) {
-        const int g1 = (c + 1) * CHUNK < groups ? (c + 1) * CHUNK : groups;
+        const int g1 = (c + 1) * chunk < groups ? (c + 1) * chunk : groups;
         ak_act xs[4];
         for (int r0 = 0; r0 < m; r0 += 4) {
             const int M = m - r0 < 4 ? m - r0 : 4;
@@ -152,7 +153,7 @@ int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int
                 xs[i] = act_row(scratch, r0 + i, k);
                 if (sums) xs[i].off4 = sums + (size_t)(r0 + i) * (k / 4);
             }
-            for (int g = c * CHUNK; g < g1; g++)
+            for (int g = c * chunk; g < g1; g++)
                 dot((const uint8_t *)w + (size_t)g * gbytes, nb, xs, M, y + (size_t)r0 * n + (size_t)g * R, (size_t)n);
         }
     }
