@@ -3,9 +3,9 @@
  *
  * y[m, n] = Σ_k x[m, k] · W[n, k], W kept in the checkpoint's own blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
  * Q5_K, Q6_K). The activations are quantized per weight block (32, or 256 for the K-quants: llama.cpp's q8_0 and
- * q8_K), x = dx·qx (qx int8, dx = max|x|/127), and each block type's product (its kernel file: legacy.c, q8.c, q4_k.c, q6_k.c) multiplies its quants with qx in 8-bit
- * integers and applies the scales in float, as llama.cpp does (ggml-cpu's vec_dot_*). A decode step reads the
- * 4.5–8.5 bits per weight of the blocks instead of 32.
+ * q8_K), x = dx·qx (qx int8, dx = max|x|/127), and each block type's product (its kernel file: legacy.c, q8.c,
+ * q4_k.c, q6_k.c) multiplies its quants with qx in 8-bit integers and applies the scales in float, as llama.cpp
+ * does (ggml-cpu's vec_dot_*). A decode step reads the 4.5–8.5 bits per weight of the blocks instead of 32.
  *
  * The block types are the rows of TYPES (ggml's type traits: block size, bytes, decoding to float, the product
  * per instruction set); ak_gemv, ak_dequantize and ak_dequantize_rows dispatch through them, so a new type is one

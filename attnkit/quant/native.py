@@ -4,8 +4,8 @@ Every common GGUF block type stays quantized in memory: Q4_0, Q4_1, Q5_0, Q5_1, 
 K-quants Q4_K, Q5_K, Q6_K (super-blocks of 256), one row each of :data:`BLOCK_TYPES` (and of the C kernels'
 table, attnkit/kernels/kernels.c, checked against each other). PyTorch's weight-only CPU kernels are
 compute-bound at batch 1; attnkit's kernels (:mod:`attnkit.kernels`) instead quantize the activations to 8 bits
-(one scale per 32 values, per 256 for the K-quants) and take integer dot products on the blocks (llama.cpp's method), so a decode step is bound by
-the 4.5–8.5 bits per weight it reads. With no C compiler the layers fall back to gguf-py's dequantizers +
+(one scale per 32 values, per 256 for the K-quants) and take integer dot products on the blocks (llama.cpp's
+method), so a decode step is bound by the 4.5–8.5 bits per weight it reads. With no C compiler the layers fall back to gguf-py's dequantizers +
 ``F.linear`` (correct, slower).
 
 The engine's prompt rows take the dense matrix product on the weight decoded into a reused buffer where the CPU
@@ -171,8 +171,9 @@ class GGUFBlockLinear(nn.Module):
         self.kind, self.in_features, self.out_features = kind, in_features, blocks.shape[0]
         self.dense_dtype = torch.float32  # of the products above kernel_max_rows (set_dense_dtype)
         # the engine's prompt rows take the dense product where bf16 is native (2–3× float32 there) or the type's
-        # integer product is slower than float32 BLAS, else the integer kernel (an output head, which sees only the few rows that are
-        # sampled, takes the integer kernel for them everywhere: no dense copy of a vocabulary-sized matrix)
+        # integer product is slower than float32 BLAS, else the integer kernel (an output head, which sees only
+        # the few rows that are sampled, takes the integer kernel for them everywhere: no dense copy of a
+        # vocabulary-sized matrix)
         self.dense_for_prompts = native_bf16() or not t.integer_prompts
         self.on_release: Callable[[], None] | None = None  # see release_source
         if interleaved is None:
@@ -310,7 +311,7 @@ class GGUFBlockLinear(nn.Module):
         return self._finish(y.to(x.dtype), x.shape[:-1])
 
     def kernel_product(self, x: torch.Tensor) -> torch.Tensor:
-        """x·Wᵀ (+ b) through the integer kernel (8-bit activations, a scale per weight block) for any number of rows."""
+        """x·Wᵀ (+ b) through the integer kernel (8-bit activations, a scale per weight block), any number of rows."""
         lib = _kernels()
         if lib is None or x.device.type != "cpu":
             raise RuntimeError("GGUFBlockLinear.kernel_product needs the C kernels and a CPU tensor")
