@@ -25,7 +25,7 @@ def _layer(kind: str, n: int, k: int, seed: int = 0, interleaved: bool | None = 
 
 
 needs_x4 = pytest.mark.skipif(library() is None or not library().ak_x4_available(),
-                              reason="the interleaved kernels need AVX-512 VNNI")
+                              reason="the interleaved kernels need AVX2 or AVX-512 VNNI")
 
 
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])

@@ -96,13 +96,13 @@ def test_gguf_blocks_with_bf16_prefill_products(reference):
 @pytest.mark.parametrize("interleaved", [True, False])
 def test_gguf_blocks_through_the_integer_kernel(interleaved, reference, monkeypatch):
     """quantize="gguf" with every row through ak_gemv (8-bit activations, as in decode steps), on the rows
-    interleaved in fours (the 512-bit kernels, where the CPU has them) and on GGUF's row layout."""
+    interleaved in fours (where the kernels have that layout) and on GGUF's row layout."""
     from attnkit.kernels import library
     from attnkit.quant.native import GGUFBlockLinear
 
     lib = library()
     if lib is None or (interleaved and not lib.ak_x4_available()):
-        pytest.skip("no C kernels" if lib is None else "the interleaved kernels need AVX-512 VNNI")
+        pytest.skip("no C kernels" if lib is None else "the interleaved kernels need AVX2 or AVX-512 VNNI")
     if not interleaved:
         monkeypatch.setattr(lib, "ak_x4_available", lambda: 0)
     monkeypatch.setattr(GGUFBlockLinear, "kernel_max_rows", 1 << 30)

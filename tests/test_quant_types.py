@@ -9,6 +9,7 @@ builds give the same answers."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import subprocess
 import warnings
 
@@ -200,7 +201,7 @@ def test_other_instruction_sets_build_cleanly_and_agree(march: str, flag: str | 
     lib = _build(march)
     if flag is not None and flag not in kernels.cpu_flags():
         pytest.skip(f"built; this CPU has no {flag} to run it")
-    assert lib.ak_x4_available() == (march == "icelake-server")
+    assert lib.ak_x4_available() == (march != "x86-64")  # AVX2 interleaves the legacy types and Q8_0
     monkeypatch.setattr(native, "library", lambda: lib)
     for kind, x4 in layouts():
         check_type(kind, x4, n=8, seed=5)
@@ -214,21 +215,21 @@ def test_other_instruction_sets_build_cleanly_and_agree(march: str, flag: str | 
 @needs_kernel
 @pytest.mark.parametrize("kind", ["Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_1"])
 def test_prompt_rows_take_the_product_the_type_is_faster_with(kind: str, monkeypatch) -> None:
-    """The engine's prompt rows: the dense product where bf16 is native or the type's integer product is the slower
-    one (BlockType.integer_prompts: the K-quants' are faster than float32 BLAS on AVX2), else the integer kernel;
-    generated rows always take the integer kernel."""
+    """The engine's prompt rows: the dense product where bf16 is native or the integer product is the slower one
+    (the row layout of a type without BlockType.integer_prompts: the K-quants' and every interleaved product are
+    faster than float32 BLAS on AVX2), else the integer kernel; generated rows always take the integer kernel."""
     from attnkit.quant.row_kernel import rows_are
 
-    for bf16 in (False, True):
+    for bf16, x4 in itertools.product((False, True), (False, True) if has_x4(kind) else (False,)):
         monkeypatch.setattr(native, "native_bf16", lambda: bf16)
         k = width(kind)
-        layer = GGUFBlockLinear(torch.from_numpy(random_blocks(kind, 8, k, 3)), kind, k)
+        layer = GGUFBlockLinear(torch.from_numpy(random_blocks(kind, 8, k, 3)), kind, k, interleaved=x4)
         x = torch.randn(20, k, generator=torch.Generator().manual_seed(3))
         integer = layer.kernel_product(x)
         dense = x @ layer.dequantize().T
         with rows_are("prompt"):
             y = layer(x)
-        want_integer = BLOCK_TYPES[kind].integer_prompts and not bf16
+        want_integer = (BLOCK_TYPES[kind].integer_prompts or layer.interleaved) and not bf16
         assert layer.dense_for_prompts == (not want_integer)
         assert torch.equal(y, integer) if want_integer else torch.allclose(y, dense, rtol=1e-4, atol=1e-4)
         assert not torch.equal(integer, dense)

@@ -113,6 +113,13 @@ static inline __m256i bits32(uint32_t b) {
 }
 #endif
 
+#if defined(AK_AVX2) && !defined(AK_X4)
+/* out[r] = row r's sum in a 256-bit interleaved product's accumulator, lanes [r0 r0 r2 r2 | r1 r1 r3 r3] */
+static inline __m128 x4_sums(__m256 v) {
+    const __m128 s = _mm_hadd_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)); /* r0 r2 r1 r3 */
+    return _mm_shuffle_ps(s, s, _MM_SHUFFLE(3, 1, 2, 0));
+}
+#endif
 #ifdef AK_X4
 /* out[r] = the sum of the four floats of 128-bit lane r of v (the four rows of an interleaved group) */
 static inline __m128 lane_sums(__m512 v) {

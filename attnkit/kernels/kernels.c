@@ -52,7 +52,7 @@ int ak_type_x4_fields(int kind, int *out, int n_max) {
 }
 
 int ak_x4_available(void) {
-#ifdef AK_X4
+#if defined(AK_X4) || defined(AK_AVX2)
     return 1;
 #else
     return 0;

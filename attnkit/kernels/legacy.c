@@ -173,8 +173,53 @@ AK_INLINE void dot_x4(const uint8_t *w, int nb, const ak_act *x, const int M, fl
 }
 #endif
 
+#if defined(AK_AVX2) && !defined(AK_X4)
+/* Four rows interleaved, 256-bit: a register holds the nibbles of one block of two rows (rows 0-1, then 2-3:
+ * 128-bit lane 0 row 2p, lane 1 row 2p + 1), against the activation block's 16 + 16 quants broadcast to both
+ * lanes. Per block column and activation row: 4 maddubs for 128 weights, the 16-bit sums of the low and high
+ * nibbles added (at most 2·31·127·2 < 2^15), and one float FMA for the four rows (hadd leaves lanes
+ * [r0 r0 r2 r2 | r1 r1 r3 r3]). The row-layout product spends an FMA on every 32 weights. */
+AK_INLINE void dot_x4(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys, const int MIN,
+                      const int HIGH) {
+    const size_t cb = 4 * BB(MIN, HIGH);
+    const __m256i low = _mm256_set1_epi8(0x0f), sixteen = _mm256_set1_epi8(0x10), ones = _mm256_set1_epi16(1);
+    const __m256i spread = _mm256_setr_epi32(0, 0, 2, 2, 1, 1, 3, 3);
+    __m256 acc[4];
+    __m128 accm[4];
+    for (int r = 0; r < M; r++) acc[r] = _mm256_setzero_ps(), accm[r] = _mm_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *col = w + (size_t)b * cb, *qs = col + 8 + 8 * MIN + 16 * HIGH;
+        const __m256i q01 = _mm256_loadu_si256((const __m256i *)qs), q23 = _mm256_loadu_si256((const __m256i *)(qs + 32));
+        __m256i lo01 = _mm256_and_si256(q01, low), hi01 = _mm256_and_si256(_mm256_srli_epi16(q01, 4), low);
+        __m256i lo23 = _mm256_and_si256(q23, low), hi23 = _mm256_and_si256(_mm256_srli_epi16(q23, 4), low);
+        if (HIGH) { /* bits 0-15 of row r's qh belong to its low nibbles, bits 16-31 to its high ones */
+            const uint8_t *qh = col + 8 + 8 * MIN;
+            const uint32_t h0 = ld_u32(qh), h1 = ld_u32(qh + 4), h2 = ld_u32(qh + 8), h3 = ld_u32(qh + 12);
+            lo01 = _mm256_or_si256(lo01, _mm256_and_si256(bits32((h0 & 0xffffu) | (h1 << 16)), sixteen));
+            hi01 = _mm256_or_si256(hi01, _mm256_and_si256(bits32((h0 >> 16) | (h1 & 0xffff0000u)), sixteen));
+            lo23 = _mm256_or_si256(lo23, _mm256_and_si256(bits32((h2 & 0xffffu) | (h3 << 16)), sixteen));
+            hi23 = _mm256_or_si256(hi23, _mm256_and_si256(bits32((h2 >> 16) | (h3 & 0xffff0000u)), sixteen));
+        }
+        const __m128 d4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)col));
+        const __m256 d8 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(d4), spread);
+        const __m128 m4 = MIN ? _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(col + 8)))
+                              : _mm_mul_ps(d4, _mm_set1_ps(HIGH ? -16.f : -8.f));
+        for (int r = 0; r < M; r++) {
+            const int8_t *xq = x[r].qs + 32 * (size_t)b;
+            const __m256i x0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)xq));
+            const __m256i x1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + 16)));
+            const __m256i s01 = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo01, x0), _mm256_maddubs_epi16(hi01, x1)), ones);
+            const __m256i s23 = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo23, x0), _mm256_maddubs_epi16(hi23, x1)), ones);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_hadd_epi32(s01, s23)), _mm256_mul_ps(d8, _mm256_set1_ps(x[r].d[b])), acc[r]);
+            accm[r] = _mm_fmadd_ps(m4, _mm_set1_ps(x[r].s[b]), accm[r]);
+        }
+    }
+    for (int r = 0; r < M; r++) _mm_storeu_ps(y + r * ys, _mm_add_ps(x4_sums(acc[r]), accm[r]));
+}
+#endif
+
 #define FIELDS(MIN, HIGH) {{0, 2, 2}, {2, MIN ? 2 : 0, 2}, {2 + 2 * MIN, HIGH ? 4 : 0, 4}, {2 + 2 * MIN + 4 * HIGH, 16, 16}, {0, 0, 0}}
-#ifdef AK_X4
+#if defined(AK_X4) || defined(AK_AVX2)
 #define X4(name) name
 #else
 #define X4(name) NULL
@@ -191,7 +236,7 @@ AK_INLINE void dot_x4(const uint8_t *w, int nb, const ak_act *x, const int M, fl
     LEGACY_X4(name, MIN, HIGH)                                                                               \
     const ak_type ak_type_##name = {ID, 32, BB(MIN, HIGH), name##_to_float, name##_dot, X4(name##_dot_x4),  \
                                     FIELDS(MIN, HIGH), 0, name##_to_float_x4};
-#ifdef AK_X4
+#if defined(AK_X4) || defined(AK_AVX2)
 #define LEGACY_X4(name, MIN, HIGH)                                                                                \
     AK_INLINE void name##_x4(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys) {      \
         dot_x4(w, nb, x, M, y, ys, MIN, HIGH);                                                                 \

@@ -101,9 +101,40 @@ AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float 
 static void q8_0_dot_x4(const uint8_t *w, int nb, const ak_act *x, int M, float *y, size_t ys) {
     AK_DISPATCH_M(x4, w, nb, x, M, y, ys)
 }
+#define Q8_0_OFFSET 128
+#elif defined(AK_AVX2)
+/* Four rows interleaved, 256-bit: a register holds 16 quants of two rows (128-bit lane 0 row 2p, lane 1 row
+ * 2p + 1), |q| against the activation's 16 quants broadcast to both lanes carrying q's sign; per block column and
+ * activation row one float FMA for the four rows (hadd leaves lanes [r0 r0 r2 r2 | r1 r1 r3 r3]). */
+AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys) {
+    const __m256i spread = _mm256_setr_epi32(0, 0, 2, 2, 1, 1, 3, 3), ones = _mm256_set1_epi16(1);
+    __m256 acc[4][2]; /* even and odd block columns: shorter FMA dependency chains */
+    for (int r = 0; r < M; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *col = w + (size_t)b * 136;
+        __m256i q[4], a[4]; /* rows 0-1 then 2-3 of quants 0-15, then of quants 16-31 */
+        for (int i = 0; i < 4; i++) q[i] = _mm256_loadu_si256((const __m256i *)(col + 8 + 32 * i)), a[i] = _mm256_sign_epi8(q[i], q[i]);
+        const __m256 D = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)col))), spread);
+        for (int r = 0; r < M; r++) {
+            const int8_t *xq = x[r].qs + 32 * (size_t)b;
+            const __m256i x0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)xq));
+            const __m256i x1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + 16)));
+#define P(i, xx) _mm256_madd_epi16(_mm256_maddubs_epi16(a[i], _mm256_sign_epi8(xx, q[i])), ones)
+            const __m256i s01 = _mm256_add_epi32(P(0, x0), P(2, x1)), s23 = _mm256_add_epi32(P(1, x0), P(3, x1));
+#undef P
+            acc[r][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_hadd_epi32(s01, s23)), _mm256_mul_ps(D, _mm256_set1_ps(x[r].d[b])), acc[r][b & 1]);
+        }
+    }
+    for (int r = 0; r < M; r++) _mm_storeu_ps(y + r * ys, x4_sums(_mm256_add_ps(acc[r][0], acc[r][1])));
+}
+static void q8_0_dot_x4(const uint8_t *w, int nb, const ak_act *x, int M, float *y, size_t ys) {
+    AK_DISPATCH_M(x4, w, nb, x, M, y, ys)
+}
+#define Q8_0_OFFSET 0 /* signs, not an offset */
 #else
 #define q8_0_dot_x4 NULL
+#define Q8_0_OFFSET 0
 #endif
 
-const ak_type ak_type_q8_0 = {AK_Q8_0, 32, 34, q8_0_to_float, q8_0_dot, q8_0_dot_x4, {{0, 2, 2}, {2, 32, 16}, {0, 0, 0}}, 128,
-                              q8_0_to_float_x4};
+const ak_type ak_type_q8_0 = {AK_Q8_0, 32, 34, q8_0_to_float, q8_0_dot, q8_0_dot_x4, {{0, 2, 2}, {2, 32, 16}, {0, 0, 0}},
+                              Q8_0_OFFSET, q8_0_to_float_x4};

@@ -9,16 +9,18 @@ method), so a decode step is bound by the 4.5–8.5 bits per weight it reads. Wi
 ``F.linear`` (correct, slower).
 
 The engine's prompt rows take the dense matrix product on the weight decoded into a reused buffer where the CPU
-multiplies bfloat16 in hardware or the type's integer product is the slower one (:attr:`BlockType.integer_prompts`),
-else the integer kernels: on an AVX2 machine (Zen 3, 2 threads) a 512-token prompt of a 1B Q4_K_M runs at 78
+multiplies bfloat16 in hardware or the type's integer product is the slower one (row layout of a type without
+:attr:`BlockType.integer_prompts`), else the integer kernels: on an AVX2 machine (Zen 3, 2 threads) a 512-token prompt of a 1B Q4_K_M runs at 78
 tok/s through them against 64 through float32 BLAS. Outside the engine, batches of more rows than
 :attr:`GGUFBlockLinear.kernel_max_rows` (8) take the dense product.
 That product runs in :attr:`GGUFBlockLinear.dense_dtype`: float32, or bfloat16 (inputs rounded to bf16, float32
 sums, the bf16 result widened to float32) — 2–3× faster where the CPU has bf16 hardware (AVX512-BF16, AMX;
 :func:`attnkit.kernels.native_bf16`), which is what ``InferenceOptions``' ``matmul_dtype="auto"`` picks there.
 
-Where the CPU has AVX-512 VNNI the blocks are kept with rows interleaved in fours (:func:`interleave`): the same
-bytes, permuted within each group of four rows, so that one 512-bit product covers 16 weights of four rows.
+Where the kernels have a product on them the blocks are kept with rows interleaved in fours (:func:`interleave`):
+the same bytes, permuted within each group of four rows, so that one vector product covers weights of four rows
+and one float FMA applies a block column's scales for all four — every type with AVX-512 VNNI, the legacy types and
+Q8_0 with AVX2 (~2× the row layout's products at 4–32 activation rows, 1.2–1.9× at one).
 ``blocks`` then holds that layout; :meth:`GGUFBlockLinear.row_blocks` gives GGUF's own.
 """
 
@@ -95,7 +97,8 @@ def _kernels():
 
 
 def has_x4(kind: str) -> bool:
-    """Whether the built kernels multiply ``kind`` on rows interleaved in fours (AVX-512 VNNI)."""
+    """Whether the built kernels multiply ``kind`` on rows interleaved in fours (AVX-512 VNNI: every type; AVX2:
+    the legacy types and Q8_0)."""
     lib = _kernels()
     return lib is not None and bool(lib.ak_x4_available()) and lib.ak_type_info(BLOCK_TYPES[kind].ggml_id | X4_FLAG, None, None) == 0
 
@@ -170,11 +173,6 @@ class GGUFBlockLinear(nn.Module):
                              f"got {blocks.dtype} {tuple(blocks.shape)}")
         self.kind, self.in_features, self.out_features = kind, in_features, blocks.shape[0]
         self.dense_dtype = torch.float32  # of the products above kernel_max_rows (set_dense_dtype)
-        # the engine's prompt rows take the dense product where bf16 is native (2–3× float32 there) or the type's
-        # integer product is slower than float32 BLAS, else the integer kernel (an output head, which sees only
-        # the few rows that are sampled, takes the integer kernel for them everywhere: no dense copy of a
-        # vocabulary-sized matrix)
-        self.dense_for_prompts = native_bf16() or not t.integer_prompts
         self.on_release: Callable[[], None] | None = None  # see release_source
         if interleaved is None:
             interleaved = packed or (self.out_features % 4 == 0 and has_x4(kind))
@@ -183,8 +181,14 @@ class GGUFBlockLinear(nn.Module):
         if interleaved and self.out_features % 4:
             raise ValueError(f"interleaved GGUF blocks need a multiple of 4 rows, got {self.out_features}")
         if interleaved and _kernels() is not None and not has_x4(kind):
-            raise ValueError(f"the C kernels built here have no product on interleaved {kind} blocks (AVX-512 VNNI)")
+            raise ValueError(f"the C kernels built here have no product on interleaved {kind} blocks")
         self.interleaved = bool(interleaved)
+        # the engine's prompt rows take the dense product where bf16 is native (2–3× float32 there) or the integer
+        # product is slower than float32 BLAS (row layout of a type without integer_prompts), else the integer
+        # kernel: interleaved blocks' products are 1.4–1.6× decoding + float32 BLAS at 512 rows on AVX2 (Q4_1,
+        # 1B shapes; Q8_0 1.0–1.35×, benchmarks/gguf_kernels.py). An output head, which sees only the few rows
+        # that are sampled, takes the integer kernel for them everywhere: no dense copy of a vocabulary-sized matrix.
+        self.dense_for_prompts = native_bf16() or not (t.integer_prompts or self.interleaved)
         # the caller's blocks may be read-only (a file's mmap): never written, interleaving makes a new tensor
         self.register_buffer("blocks", interleave(blocks, kind) if interleaved and not packed else blocks.contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
