@@ -178,19 +178,28 @@ def test_default_llm_stores_float16_and_answers_as_float32():
     # of the float16 run's greedy reply is, under float32 K/V, the best token or within a hair of it. Prefill
     # products in float32: bf16 ones (matmul_dtype "auto" on bf16 hardware) add noise of their own (~0.04 nats
     # a token, KL 0.0014: tests/test_quant_quality.py) that would hide the K/V rounding measured here — and so do
-    # the 8-bit activations of the integer kernel, which a short prompt's rows take (SHORT_PROMPT): the system
-    # message makes the prompt long enough for the dense float32 product.
+    # the 8-bit activations of the integer kernel, which a short prompt's rows take (SHORT_PROMPT: the system
+    # message makes the prompt long enough) and, on machines without bf16 hardware, every prompt row of an
+    # interleaved or K-quant layer (dense_for_prompts): here every layer but the head takes the dense product.
+    from attnkit.quant.native import GGUFBlockLinear
     from attnkit.quant.row_kernel import SHORT_PROMPT
+
+    def dense_prompts(llm):
+        head = llm.engine.model.output_head
+        for m in llm.engine.model.modules():
+            if isinstance(m, GGUFBlockLinear) and m is not head:
+                m.dense_for_prompts = True
+        return llm
 
     conv = [{"role": "system", "content": "You are a helpful assistant. Answer questions about geography briefly, "
                                           "in one sentence, and name the country when you name a city. " * 2},
             {"role": "user", "content": "What is the capital of France?"}]
-    half = LLM(matmul_dtype="float32")
+    half = dense_prompts(LLM(matmul_dtype="float32"))
     assert half.engine.runner.k_pool.dtype == torch.float16
     prompt = half.render_chat(conv)
     assert len(prompt) > SHORT_PROMPT
     reply16 = half.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0].token_ids
-    full = LLM(kv_cache_dtype="float32", matmul_dtype="float32")
+    full = dense_prompts(LLM(kv_cache_dtype="float32", matmul_dtype="float32"))
     assert full.engine.runner.k_pool.dtype == torch.float32
     reply32 = full.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0].token_ids
     score = SamplingParams(max_tokens=1, prompt_logprobs=1)

@@ -107,6 +107,12 @@ static inline void ak_silu_mul(const float *gu, float *h, int ff) {
         _mm512_storeu_ps(h + i, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e)),
                                               _mm512_loadu_ps(u + i)));
     }
+#elif defined(AK_AVX2)
+    for (; i + 8 <= ff; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i), e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+        _mm256_storeu_ps(h + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.f), e)),
+                                              _mm256_loadu_ps(u + i)));
+    }
 #endif
     for (; i < ff; i++) h[i] = g[i] / (1.f + expf(-g[i])) * u[i];
 }

@@ -469,6 +469,42 @@ static inline size_t row_at(const int64_t *tab, int64_t t, int h, int bs, int nu
     return ((size_t)h * num_blocks + (size_t)tab[t / bs]) * bs + (size_t)(t % bs);
 }
 
+/* for key t = st .. len − 1 of KV head h and its row r in the pool: a loop over the sequence's blocks, then over
+ * the rows of each (one table lookup a block, no division a key); closed by one brace like a for statement */
+#define KV_ROWS(tab, st, len, h, bs, num_blocks, t, r)                                                             \
+    for (int64_t j_ = (st) / (bs); j_ * (bs) < (len); j_++)                                                       \
+        for (int64_t t = j_ * (bs) > (st) ? j_ * (bs) : (st), e_ = (j_ + 1) * (bs) < (len) ? (j_ + 1) * (bs) : (len), \
+                     b_ = (((int64_t)(h) * (num_blocks) + (tab)[j_]) * (bs)) - j_ * (bs);                           \
+             t < e_; t++)                                                                                          \
+            for (size_t r = (size_t)(b_ + t), once_ = 1; once_; once_ = 0)
+
+/* p[0 .. n) ← softmax(p), n >= 1 (8 lanes at a time with AVX2) */
+static inline void softmax(float *p, int64_t n) {
+    float mx = -INFINITY, sum = 0.f;
+    int64_t t = 0;
+#ifdef AK_AVX2
+    __m256 vm = _mm256_set1_ps(-INFINITY), vs = _mm256_setzero_ps();
+    for (; t + 8 <= n; t += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(p + t));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vm), _mm256_extractf128_ps(vm, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    mx = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    for (int64_t u = t; u < n; u++) mx = p[u] > mx ? p[u] : mx;
+    const __m256 vmx = _mm256_set1_ps(mx);
+    for (t = 0; t + 8 <= n; t += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + t), vmx));
+        _mm256_storeu_ps(p + t, e);
+        vs = _mm256_add_ps(vs, e);
+    }
+    sum = hsum(vs);
+#else
+    for (; t < n; t++) mx = p[t] > mx ? p[t] : mx;
+    t = 0;
+#endif
+    for (int64_t u = t; u < n; u++) { p[u] = expf(p[u] - mx); sum += p[u]; }
+    const float inv = 1.f / sum;
+    for (int64_t u = 0; u < n; u++) p[u] *= inv;
+}
+
 /* One (sequence, KV head) task: its g query heads against keys st <= t < len. ``hd`` is a compile-time
  * constant where the caller passes a literal (always_inline), so the row loops have known trip counts; a
  * row that is not float32 is decoded once into kt for all g heads. */
@@ -478,8 +514,8 @@ static inline __attribute__((always_inline)) void attend_task(
     float kt[hd];
     for (int i = 0; i < g * hd; i++) ob[i] = 0.f;
     if (len <= st) return;
-    for (int64_t t = st; t < len; t++) {
-        const float *k = kv_row(k_pool, kv_type, row_at(tab, t, h, bs, num_blocks), hd, kt);
+    KV_ROWS(tab, st, len, h, bs, num_blocks, t, r) {
+        const float *k = kv_row(k_pool, kv_type, r, hd, kt);
         for (int gi = 0; gi < g; gi++) {
             const float *qg = qb + (size_t)gi * hd;
             float acc = 0.f;
@@ -488,15 +524,9 @@ static inline __attribute__((always_inline)) void attend_task(
             s[(size_t)gi * L + t] = acc * scale;
         }
     }
-    for (int gi = 0; gi < g; gi++) {
-        float *sg = s + (size_t)gi * L, mx = -INFINITY, sum = 0.f;
-        for (int64_t t = st; t < len; t++) mx = fmaxf(mx, sg[t]);
-        for (int64_t t = st; t < len; t++) { sg[t] = expf(sg[t] - mx); sum += sg[t]; }
-        const float inv = 1.f / sum;
-        for (int64_t t = st; t < len; t++) sg[t] *= inv;
-    }
-    for (int64_t t = st; t < len; t++) {
-        const float *v = kv_row(v_pool, kv_type, row_at(tab, t, h, bs, num_blocks), hd, kt);
+    for (int gi = 0; gi < g; gi++) softmax(s + (size_t)gi * L + st, len - st);
+    KV_ROWS(tab, st, len, h, bs, num_blocks, t, r) {
+        const float *v = kv_row(v_pool, kv_type, r, hd, kt);
         for (int gi = 0; gi < g; gi++) {
             const float p = s[(size_t)gi * L + t];
             float *og = ob + (size_t)gi * hd;
@@ -571,6 +601,51 @@ static void attend_task64(const float *qb, const void *k_pool, const void *v_poo
 }
 #endif
 
+#if defined(AK_AVX2) && !defined(__AVX512F__)
+/* 8 floats i·8 .. of row `at` (HD floats a row): read in place (float32) or widened from halves */
+AK_INLINE __m256 row8(const void *pool, int f16, size_t at, int i) {
+    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)pool + at) + i))
+               : _mm256_loadu_ps((const float *)pool + at + 8 * i);
+}
+
+/* attend_task for HD = 64 or 128 in AVX2 over float32 or float16 (f16) pools: a K row in registers for the g heads,
+ * the softmax 8 scores at a time, and one query head's output row accumulated in registers across the keys */
+AK_INLINE void attend_task_avx2(const float *qb, const void *k_pool, const void *v_pool, int f16, const int64_t *tab,
+                                int64_t st, int64_t len, int h, int g, const int HD, int bs, int num_blocks, size_t L,
+                                float scale, float *s, float *ob) {
+    if (len <= st) {
+        for (int i = 0; i < g * HD; i++) ob[i] = 0.f;
+        return;
+    }
+    KV_ROWS(tab, st, len, h, bs, num_blocks, t, r) {
+        const size_t at = r * HD;
+        __m256 k[HD / 8];
+        for (int i = 0; i < HD / 8; i++) k[i] = row8(k_pool, f16, at, i);
+        for (int gi = 0; gi < g; gi++) {
+            const float *qg = qb + (size_t)gi * HD;
+            __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(qg), k[0]), a1 = _mm256_mul_ps(_mm256_loadu_ps(qg + 8), k[1]);
+            for (int i = 2; i < HD / 8; i += 2) {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * i), k[i], a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * i + 8), k[i + 1], a1);
+            }
+            s[(size_t)gi * L + t] = hsum(_mm256_add_ps(a0, a1)) * scale;
+        }
+    }
+    for (int gi = 0; gi < g; gi++) softmax(s + (size_t)gi * L + st, len - st);
+    for (int gi = 0; gi < g; gi++) {
+        __m256 acc[HD / 8];
+        for (int i = 0; i < HD / 8; i++) acc[i] = _mm256_setzero_ps();
+        const float *sg = s + (size_t)gi * L;
+        KV_ROWS(tab, st, len, h, bs, num_blocks, t, r) {
+            const size_t at = r * HD;
+            const __m256 p = _mm256_set1_ps(sg[t]);
+            for (int i = 0; i < HD / 8; i++) acc[i] = _mm256_fmadd_ps(p, row8(v_pool, f16, at, i), acc[i]);
+        }
+        for (int i = 0; i < HD / 8; i++) _mm256_storeu_ps(ob + (size_t)gi * HD + 8 * i, acc[i]);
+    }
+}
+#endif
+
 /* 0, or 1 (nh % nkv), 3 (a quantized kv_type and hd % 32), 4 (an unknown kv_type) */
 static int paged_attention(const float *q, const void *k_pool, const void *v_pool, int kv_type, const int64_t *tables,
                            const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
@@ -592,6 +667,14 @@ static int paged_attention(const float *q, const void *k_pool, const void *v_poo
             if (hd == 64 && kv_type <= AK_KV_F16) /* the float pools' AVX-512 kernel */
                 attend_task64(qb, k_pool, v_pool, kv_type == AK_KV_F16, tab, st, len, h, g, bs, num_blocks, L, scale,
                               s, ob);
+            else
+#elif defined(AK_AVX2)
+            if (hd == 64 && kv_type <= AK_KV_F16)
+                attend_task_avx2(qb, k_pool, v_pool, kv_type == AK_KV_F16, tab, st, len, h, g, 64, bs, num_blocks, L,
+                                 scale, s, ob);
+            else if (hd == 128 && kv_type <= AK_KV_F16)
+                attend_task_avx2(qb, k_pool, v_pool, kv_type == AK_KV_F16, tab, st, len, h, g, 128, bs, num_blocks, L,
+                                 scale, s, ob);
             else
 #endif
             if (hd == 64)
