@@ -464,10 +464,6 @@ static inline const float *kv_row(const void *pool, int kv_type, size_t r, int h
     return buf;
 }
 
-/* the row of key t of KV head h in a pool, through the sequence's block table */
-static inline size_t row_at(const int64_t *tab, int64_t t, int h, int bs, int num_blocks) {
-    return ((size_t)h * num_blocks + (size_t)tab[t / bs]) * bs + (size_t)(t % bs);
-}
 
 /* for key t = st .. len − 1 of KV head h and its row r in the pool: a loop over the sequence's blocks, then over
  * the rows of each (one table lookup a block, no division a key); closed by one brace like a for statement */
@@ -551,9 +547,9 @@ static void attend_task64(const float *qb, const void *k_pool, const void *v_poo
                           float *s, float *ob) {
     for (int i = 0; i < g * 64; i++) ob[i] = 0.f;
     if (len <= st) return;
-    for (int64_t t = st; t < len; t++) {
+    KV_ROWS(tab, st, len, h, bs, num_blocks, t, r) {
         __m512 k[4];
-        row64(k_pool, f16, row_at(tab, t, h, bs, num_blocks) * 64, k);
+        row64(k_pool, f16, r * 64, k);
         for (int gi = 0; gi < g; gi++) {
             const float *qg = qb + (size_t)gi * 64;
             __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qg), k[0]);
@@ -587,9 +583,9 @@ static void attend_task64(const float *qb, const void *k_pool, const void *v_poo
         __m512 acc[4][4];
         for (int a = 0; a < 4; a++)
             for (int i = 0; i < 4; i++) acc[a][i] = _mm512_setzero_ps();
-        for (int64_t t = st; t < len; t++) {
+        KV_ROWS(tab, st, len, h, bs, num_blocks, t, r) {
             __m512 v[4];
-            row64(v_pool, f16, row_at(tab, t, h, bs, num_blocks) * 64, v);
+            row64(v_pool, f16, r * 64, v);
             for (int a = 0; a < ng; a++) {
                 const __m512 p = _mm512_set1_ps(s[(size_t)(g0 + a) * L + t]);
                 for (int i = 0; i < 4; i++) acc[a][i] = _mm512_fmadd_ps(p, v[i], acc[a][i]);
