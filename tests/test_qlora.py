@@ -176,3 +176,21 @@ def test_a_vocabulary_sized_layer_outside_the_engine_goes_by_tiles(monkeypatch, 
         y = layer(x)
     torch.testing.assert_close(y, x @ dequantize_reference(blocks, "Q6_K", 256).T, rtol=0, atol=1e-4)
     assert not native._SCRATCH
+
+
+def test_tiles_made_under_inference_mode_serve_training_after(small_tiles) -> None:
+    """The reused tile buffer, first made by an inference pass (torch.inference_mode), is replaced for a training
+    pass: an inference tensor cannot be written outside that mode (NF4 layers decode into it with copy_)."""
+    from attnkit.quant.quantize import quantize_weight
+
+    torch.manual_seed(3)
+    layer = quantize_weight(torch.randn(200, 128) * 0.05, "nf4", None).float()
+    x = torch.randn(3, 128)
+    with torch.inference_mode():
+        frozen_grad.tiled_product(layer, x)
+    x.requires_grad_(True)
+    y = layer(x)  # frozen_linear: the forward and the backward by tiles
+    y.sum().backward()
+    dense = layer.dequantize(torch.float32)
+    torch.testing.assert_close(y.detach(), x.detach() @ dense.T, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x.grad, dense.sum(0).expand(3, 128), rtol=1e-4, atol=1e-4)

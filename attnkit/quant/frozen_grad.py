@@ -35,8 +35,8 @@ _TILE: list[torch.Tensor] = []
 
 def _tile(n: int, k: int) -> torch.Tensor:
     """An (n, k) float32 view of a buffer reused by every tile of every layer (training runs one thread of
-    products at a time)."""
-    if not _TILE or _TILE[0].numel() < n * k:
+    products at a time). One made under torch.inference_mode is replaced outside it (it cannot be written there)."""
+    if not _TILE or _TILE[0].numel() < n * k or (_TILE[0].is_inference() and not torch.is_inference_mode_enabled()):
         _TILE[:] = [torch.empty(n * k)]
     return _TILE[0][: n * k].view(n, k)
 
