@@ -193,7 +193,90 @@ AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float 
 }
 #endif
 
-#ifdef AK_X4
+#if defined(AK_AVX2) && !defined(AK_X4)
+/* Four rows interleaved (the fields of the 512-bit layout below), 256-bit: a register holds 16 quant bytes of two
+ * rows (128-bit lane 0 row 2p, lane 1 row 2p + 1). The two halves of a sub-block are summed in int16 (at most
+ * 2·31·127·2 < 2^15), weighted by the two rows' scales in one madd_epi16 and added in int32; a super-block ends
+ * in one float FMA for the four rows (hadd leaves lanes [r0 r0 r2 r2 | r1 r1 r3 r3]). Per activation row and 64
+ * weights of four rows: 8 maddubs, 4 adds, 4 madds, 4 adds (the row layout: 8, 8, 8). */
+AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys, const int HIGH) {
+    const __m256i low = _mm256_set1_epi8(0x0f), sixteen = _mm256_set1_epi8(0x10);
+    const __m256i spread = _mm256_setr_epi32(0, 0, 2, 2, 1, 1, 3, 3);
+    const __m128i k1 = _mm_set1_epi32(0x3f3f3f3f), k2 = _mm_set1_epi32(0x0f0f0f0f), k3 = _mm_set1_epi32(0x03030303);
+    __m256i pick[4][2]; /* scale byte j of rows 0|1 (pick[j][0]) or 2|3 (pick[j][1]) as int16 in each lane's 8 lanes */
+    for (int j = 0; j < 4; j++)
+        for (int p = 0; p < 2; p++) {
+            const short a = (short)(4 * (2 * p) + j), b = (short)(4 * (2 * p + 1) + j); /* high byte 0: zero */
+            pick[j][p] = _mm256_setr_m128i(_mm_set1_epi16((short)(a | 0xff00)), _mm_set1_epi16((short)(b | 0xff00)));
+        }
+    __m256 acc[4], accm[4];
+    for (int r = 0; r < M; r++) acc[r] = accm[r] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *col = w + (size_t)b * 4 * SB(HIGH), *qs = col + 64 + 128 * HIGH;
+        const __m128 d4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)col));
+        const __m256 D8 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(d4), spread);
+        const __m128 dm4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(col + 8)));
+        const __m128i w0 = _mm_loadu_si128((const __m128i *)(col + 16)), w1 = _mm_loadu_si128((const __m128i *)(col + 32)),
+                      w2 = _mm_loadu_si128((const __m128i *)(col + 48));
+        const __m128i sc03 = _mm_and_si128(w0, k1), m03 = _mm_and_si128(w1, k1); /* bytes 4r + j: row r's j */
+        const __m128i sc47 = _mm_or_si128(_mm_and_si128(w2, k2), _mm_slli_epi32(_mm_and_si128(_mm_srli_epi32(w0, 6), k3), 4));
+        const __m128i m47 = _mm_or_si128(_mm_and_si128(_mm_srli_epi32(w2, 4), k2), _mm_slli_epi32(_mm_and_si128(_mm_srli_epi32(w1, 6), k3), 4));
+        /* row r's mins m_0..m_7 · dmin_r as 8 floats */
+        const __m128i mlo = _mm_unpacklo_epi32(m03, m47), mhi = _mm_unpackhi_epi32(m03, m47);
+        const __m256 MN[4] = {
+            _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mlo)), _mm256_set1_ps(_mm_cvtss_f32(dm4))),
+            _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(mlo, 8))), _mm256_set1_ps(_mm_cvtss_f32(_mm_shuffle_ps(dm4, dm4, 1)))),
+            _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mhi)), _mm256_set1_ps(_mm_cvtss_f32(_mm_shuffle_ps(dm4, dm4, 2)))),
+            _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(mhi, 8))), _mm256_set1_ps(_mm_cvtss_f32(_mm_shuffle_ps(dm4, dm4, 3))))};
+        const __m256i S03 = _mm256_broadcastsi128_si256(sc03), S47 = _mm256_broadcastsi128_si256(sc47);
+        __m256i isum[4][2];
+        for (int r = 0; r < M; r++) isum[r][0] = isum[r][1] = _mm256_setzero_si256();
+        for (int p = 0; p < 4; p++) { /* sub-blocks 2p (low nibbles) and 2p + 1 (high) */
+            const uint8_t *q = qs + 128 * p;
+            __m256i v[4], lo[4], hi[4]; /* rows 0|1 weights 0-15, rows 2|3 0-15, rows 0|1 16-31, rows 2|3 16-31 */
+            for (int i = 0; i < 4; i++) {
+                v[i] = _mm256_loadu_si256((const __m256i *)(q + 32 * i));
+                lo[i] = _mm256_and_si256(v[i], low), hi[i] = _mm256_and_si256(_mm256_srli_epi16(v[i], 4), low);
+                if (HIGH) {
+                    const __m256i h = _mm256_loadu_si256((const __m256i *)(col + 64 + 32 * i));
+                    lo[i] = _mm256_or_si256(lo[i], _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(h, 2 * p), 4), sixteen));
+                    hi[i] = _mm256_or_si256(hi[i], _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(h, 2 * p + 1), 4), sixteen));
+                }
+            }
+            const __m256i src = p < 2 ? S03 : S47;
+            const __m256i sl01 = _mm256_shuffle_epi8(src, pick[(2 * p) & 3][0]), sl23 = _mm256_shuffle_epi8(src, pick[(2 * p) & 3][1]);
+            const __m256i sh01 = _mm256_shuffle_epi8(src, pick[(2 * p + 1) & 3][0]), sh23 = _mm256_shuffle_epi8(src, pick[(2 * p + 1) & 3][1]);
+            for (int r = 0; r < M; r++) {
+                const int8_t *xq = x[r].qs + 256 * (size_t)b + 64 * p;
+                const __m256i xa = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)xq));
+                const __m256i xb = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + 16)));
+                const __m256i xc = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + 32)));
+                const __m256i xd = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + 48)));
+#define HALVES(u, v, s, t) _mm256_add_epi16(_mm256_maddubs_epi16(u, s), _mm256_maddubs_epi16(v, t))
+                isum[r][0] = _mm256_add_epi32(isum[r][0], _mm256_add_epi32(_mm256_madd_epi16(HALVES(lo[0], lo[2], xa, xb), sl01),
+                                                                           _mm256_madd_epi16(HALVES(hi[0], hi[2], xc, xd), sh01)));
+                isum[r][1] = _mm256_add_epi32(isum[r][1], _mm256_add_epi32(_mm256_madd_epi16(HALVES(lo[1], lo[3], xa, xb), sl23),
+                                                                           _mm256_madd_epi16(HALVES(hi[1], hi[3], xc, xd), sh23)));
+#undef HALVES
+            }
+        }
+        for (int r = 0; r < M; r++) { /* x[r].d is constant over the super-block */
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_hadd_epi32(isum[r][0], isum[r][1])),
+                                     _mm256_mul_ps(D8, _mm256_set1_ps(x[r].d[8 * (size_t)b])), acc[r]);
+            const __m256 s = _mm256_loadu_ps(x[r].s + 8 * (size_t)b); /* Σ_j dmin·m_j · sx_j of each row */
+            const __m256 h01 = _mm256_hadd_ps(_mm256_mul_ps(MN[0], s), _mm256_mul_ps(MN[1], s));
+            const __m256 h23 = _mm256_hadd_ps(_mm256_mul_ps(MN[2], s), _mm256_mul_ps(MN[3], s));
+            accm[r] = _mm256_add_ps(accm[r], _mm256_hadd_ps(h01, h23)); /* [r0 r1 r2 r3 | r0 r1 r2 r3] */
+        }
+    }
+    for (int r = 0; r < M; r++) {
+        const __m128 m = _mm_add_ps(_mm256_castps256_ps128(accm[r]), _mm256_extractf128_ps(accm[r], 1));
+        _mm_storeu_ps(y + r * ys, _mm_sub_ps(x4_sums(acc[r]), m));
+    }
+}
+#endif
+
+#if defined(AK_X4) || defined(AK_AVX2)
 #define KTYPE_X4(name, HIGH)                                                                                   \
     AK_INLINE void name##_x4(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys) {  \
         x4(w, nb, x, M, y, ys, HIGH);                                                                      \
