@@ -1,5 +1,6 @@
-"""GGUF block products per block type: attnkit's integer kernels (rows interleaved in fours where the CPU has
-AVX-512 VNNI, else GGUF's row layout) against the dense bf16 (or float32) product on the blocks decoded each call.
+"""GGUF block products per block type: attnkit's integer kernels (on rows interleaved in fours where the build has
+that product — every type with AVX-512 VNNI, all but Q6_K with AVX2 — else GGUF's row layout; ``--layouts both``
+measures each layout in turn) against the dense bf16 (or float32) product on the blocks decoded each call.
 
 The shapes are a Llama-3.2-1B's (2048→8192 gate/up, 8192→2048 down, 2048→2048 q/o, the 49152×2048 tied head),
 random valid blocks of each type (attnkit.quant.native.random_blocks). For m = 1 the table gives GB/s of weight
@@ -7,13 +8,15 @@ bytes read with the weights cold, as in a decode step (the layer cycles through 
 last-level cache), and hot (the same copy again, from cache); for m = 1, 8, 64 the milliseconds of the kernel
 and of the dense product. Times are the best of five batches (other load on a shared machine only adds time). It also measures the machine's plain read bandwidth (a sum over 512 MB) to compare.
 
-    python benchmarks/gguf_kernels.py [--threads 2] [--types Q4_K,Q6_K,Q5_K,Q8_0] [--rows 1,8,64] [--json FILE]
+    python benchmarks/gguf_kernels.py [--threads 2] [--types Q4_K,Q6_K,Q5_K,Q8_0] [--rows 1,8,64]
+                                      [--layouts auto|row|x4|both] [--json FILE]
     attnkit bench gguf_kernels
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import sys
@@ -58,11 +61,14 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--types", default="Q4_K,Q6_K,Q5_K,Q8_0")
     ap.add_argument("--rows", default="1,8,64")
+    ap.add_argument("--layouts", default="auto", choices=["auto", "row", "x4", "both"],
+                    help="the layers' layout: the build's choice (auto), GGUF's row layout, rows interleaved in fours, "
+                         "or both in turn (the A/B of the interleaved products)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from attnkit.kernels import library, native_bf16
-    from attnkit.quant.native import BLOCK_TYPES, GGUFBlockLinear, random_blocks
+    from attnkit.quant.native import GGUFBlockLinear, has_x4, random_blocks
 
     if library() is None:
         print("gguf_kernels: the C kernels could not be built")
@@ -81,30 +87,33 @@ def main() -> int:
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     results = []
-    for kind in args.types.split(","):
-        t = BLOCK_TYPES[kind]
-        for n, k, name in SHAPES:
-            blocks = random_blocks(kind, n, k)
-            layer = GGUFBlockLinear(blocks, kind, k)
-            nbytes = layer.blocks.numel()
-            copies = [layer] + [GGUFBlockLinear(blocks.clone(), kind, k) for _ in range(max(1, -(-COLD_BYTES // nbytes)) - 1)]
-            dense = GGUFBlockLinear(blocks, kind, k, interleaved=False)
-            dense.dense_dtype, dense.kernel_max_rows = dense_dtype, 0  # every call: decode + dense product
-            r = {"kind": kind, "layer": name, "out": n, "in": k, "mb": nbytes / 1e6, "interleaved": layer.interleaved}
-            with torch.inference_mode():
-                x1 = torch.randn(1, k)
-                cold = seconds(lambda: [c.kernel_product(x1) for c in copies]) / len(copies)  # each copy once
-                r["gbs_cold"] = nbytes / cold / 1e9
-                r["gbs_hot"] = nbytes / seconds(lambda: layer.kernel_product(x1)) / 1e9
-                for m in rows:
-                    x = torch.randn(m, k)
-                    r[f"ms_{m}"] = seconds(lambda: layer.kernel_product(x)) * 1e3
-                    r[f"dense_ms_{m}"] = seconds(lambda: dense(x)) * 1e3
-            results.append(r)
-            del copies
-            print(f"| {kind} | {name} | {r['mb']:.1f} | {r['gbs_cold']:.1f} | {r['gbs_hot']:.1f} | "
-                  + " | ".join(f"{r[f'ms_{m}']:.3f}" for m in rows) + " | "
-                  + " | ".join(f"{r[f'dense_ms_{m}']:.3f}" for m in rows) + " |", flush=True)
+    layouts = {"auto": [None], "row": [False], "x4": [True], "both": [False, True]}[args.layouts]
+    for kind, (n, k, name), x4 in itertools.product(args.types.split(","), SHAPES, layouts):
+        if x4 and not has_x4(kind):
+            print(f"| {kind} | {name} | skipped: no interleaved {kind} product in this build |")
+            continue
+        blocks = random_blocks(kind, n, k)
+        layer = GGUFBlockLinear(blocks, kind, k, interleaved=x4)
+        nbytes = layer.blocks.numel()
+        copies = [layer] + [GGUFBlockLinear(blocks.clone(), kind, k, interleaved=x4)
+                            for _ in range(max(1, -(-COLD_BYTES // nbytes)) - 1)]
+        dense = GGUFBlockLinear(blocks, kind, k, interleaved=False)
+        dense.dense_dtype, dense.kernel_max_rows = dense_dtype, 0  # every call: decode + dense product
+        r = {"kind": kind, "layer": name, "out": n, "in": k, "mb": nbytes / 1e6, "interleaved": layer.interleaved}
+        with torch.inference_mode():
+            x1 = torch.randn(1, k)
+            cold = seconds(lambda: [c.kernel_product(x1) for c in copies]) / len(copies)  # each copy once
+            r["gbs_cold"] = nbytes / cold / 1e9
+            r["gbs_hot"] = nbytes / seconds(lambda: layer.kernel_product(x1)) / 1e9
+            for m in rows:
+                x = torch.randn(m, k)
+                r[f"ms_{m}"] = seconds(lambda: layer.kernel_product(x)) * 1e3
+                r[f"dense_ms_{m}"] = seconds(lambda: dense(x)) * 1e3
+        results.append(r)
+        copies.clear()
+        print(f"| {kind}{' x4' if layer.interleaved else ''} | {name} | {r['mb']:.1f} | {r['gbs_cold']:.1f} | {r['gbs_hot']:.1f} | "
+              + " | ".join(f"{r[f'ms_{m}']:.3f}" for m in rows) + " | "
+              + " | ".join(f"{r[f'dense_ms_{m}']:.3f}" for m in rows) + " |", flush=True)
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
     report = {"results": results, "dense_dtype": str(dense_dtype), "read_bandwidth_gbs": bw, "load_average": load,
               "machine": {"cpus": os.cpu_count(), "processor": platform.machine(), "threads": args.threads}}

@@ -19,8 +19,9 @@ sums, the bf16 result widened to float32) — 2–3× faster where the CPU has b
 
 Where the kernels have a product on them the blocks are kept with rows interleaved in fours (:func:`interleave`):
 the same bytes, permuted within each group of four rows, so that one vector product covers weights of four rows
-and one float FMA applies a block column's scales for all four — every type with AVX-512 VNNI, the legacy types and
-Q8_0 with AVX2 (~2× the row layout's products at 4–32 activation rows, 1.2–1.9× at one).
+and one float FMA applies a block column's scales for all four — every type with AVX-512 VNNI, every type but Q6_K
+with AVX2 (there the legacy types and Q8_0 ~2× the row layout's products at 4–32 activation rows and 1.2–1.9× at
+one; Q4_K 1.15–1.2×, Q5_K ~1.08×).
 ``blocks`` then holds that layout; :meth:`GGUFBlockLinear.row_blocks` gives GGUF's own.
 """
 
@@ -98,7 +99,7 @@ def _kernels():
 
 def has_x4(kind: str) -> bool:
     """Whether the built kernels multiply ``kind`` on rows interleaved in fours (AVX-512 VNNI: every type; AVX2:
-    the legacy types and Q8_0)."""
+    every type but Q6_K)."""
     lib = _kernels()
     return lib is not None and bool(lib.ak_x4_available()) and lib.ak_type_info(BLOCK_TYPES[kind].ggml_id | X4_FLAG, None, None) == 0
 
