@@ -365,9 +365,14 @@ def main() -> int:
         configs.append(f"draft:{args.draft}")
     else:
         skipped["draft"] = "skipped: no --draft"
-    if args.configs:
+    if args.configs:  # in the order given; "layerskip:N" picks its own N
+        by_kind = {c.split(":")[0]: c for c in configs}
         wanted = args.configs.split(",")
-        configs = [c for c in configs if c in wanted or c.split(":")[0] in wanted]
+        unknown = [w for w in wanted if w.split(":")[0] not in (*by_kind, "draft")]
+        if unknown:
+            ap.error(f"--configs: unknown {', '.join(unknown)} (none, ngram, layerskip[:N], draft)")
+        configs = [w if w.startswith("layerskip:") else by_kind[w.split(":")[0]] for w in wanted
+                   if w.split(":")[0] in by_kind]
     results: dict = {}
     load_start = os.getloadavg()
     for i, config in enumerate(configs):

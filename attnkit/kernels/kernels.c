@@ -598,25 +598,36 @@ static void attend_task64(const float *qb, const void *k_pool, const void *v_poo
 #endif
 
 #if defined(AK_AVX2) && !defined(__AVX512F__)
-/* 8 floats i·8 .. of row `at` (HD floats a row): read in place (float32) or widened from halves */
-AK_INLINE __m256 row8(const void *pool, int f16, size_t at, int i) {
-    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)pool + at) + i))
-               : _mm256_loadu_ps((const float *)pool + at + 8 * i);
+/* floats 8i .. 8i + 7 of pool row r (HD values of KV) as kv_row decodes them: read in place (float32), widened
+ * from halves, or d·q of a Q8_0 / Q4_0 block (KV a literal at every call: one branch is compiled) */
+AK_INLINE __m256 row8(const void *pool, const int KV, size_t r, const int HD, int i) {
+    const uint8_t *row = (const uint8_t *)pool + r * ak_kv_row_bytes(KV, HD);
+    if (KV == AK_KV_F32) return _mm256_loadu_ps((const float *)row + 8 * i);
+    if (KV == AK_KV_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)row + i));
+    if (KV == AK_KV_Q8_0) {
+        const uint8_t *b = row + 34 * (i / 4);
+        return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + 2 + 8 * (i % 4))))),
+                             _mm256_set1_ps(ld_half(b)));
+    }
+    const uint8_t *b = row + 18 * (i / 4); /* Q4_0: elements 0-15 the low nibbles, 16-31 the high ones, minus 8 */
+    __m128i q = _mm_loadl_epi64((const __m128i *)(b + 2 + 8 * (i % 2)));
+    if (i % 4 >= 2) q = _mm_srli_epi16(q, 4);
+    q = _mm_sub_epi8(_mm_and_si128(q, _mm_set1_epi8(15)), _mm_set1_epi8(8));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), _mm256_set1_ps(ld_half(b)));
 }
 
-/* attend_task for HD = 64 or 128 in AVX2 over float32 or float16 (f16) pools: a K row in registers for the g heads,
- * the softmax 8 scores at a time, and one query head's output row accumulated in registers across the keys */
-AK_INLINE void attend_task_avx2(const float *qb, const void *k_pool, const void *v_pool, int f16, const int64_t *tab,
-                                int64_t st, int64_t len, int h, int g, const int HD, int bs, int num_blocks, size_t L,
-                                float scale, float *s, float *ob) {
+/* attend_task for HD = 64 or 128 in AVX2 over pools of type KV: a K row decoded once into registers for the g
+ * heads, the softmax 8 scores at a time, and one query head's output row accumulated in registers across the keys */
+AK_INLINE void attend_task_avx2(const float *qb, const void *k_pool, const void *v_pool, const int KV,
+                                const int64_t *tab, int64_t st, int64_t len, int h, int g, const int HD, int bs,
+                                int num_blocks, size_t L, float scale, float *s, float *ob) {
     if (len <= st) {
         for (int i = 0; i < g * HD; i++) ob[i] = 0.f;
         return;
     }
     KV_ROWS(tab, st, len, h, bs, num_blocks, t, r) {
-        const size_t at = r * HD;
         __m256 k[HD / 8];
-        for (int i = 0; i < HD / 8; i++) k[i] = row8(k_pool, f16, at, i);
+        for (int i = 0; i < HD / 8; i++) k[i] = row8(k_pool, KV, r, HD, i);
         for (int gi = 0; gi < g; gi++) {
             const float *qg = qb + (size_t)gi * HD;
             __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(qg), k[0]), a1 = _mm256_mul_ps(_mm256_loadu_ps(qg + 8), k[1]);
@@ -633,9 +644,8 @@ AK_INLINE void attend_task_avx2(const float *qb, const void *k_pool, const void 
         for (int i = 0; i < HD / 8; i++) acc[i] = _mm256_setzero_ps();
         const float *sg = s + (size_t)gi * L;
         KV_ROWS(tab, st, len, h, bs, num_blocks, t, r) {
-            const size_t at = r * HD;
             const __m256 p = _mm256_set1_ps(sg[t]);
-            for (int i = 0; i < HD / 8; i++) acc[i] = _mm256_fmadd_ps(p, row8(v_pool, f16, at, i), acc[i]);
+            for (int i = 0; i < HD / 8; i++) acc[i] = _mm256_fmadd_ps(p, row8(v_pool, KV, r, HD, i), acc[i]);
         }
         for (int i = 0; i < HD / 8; i++) _mm256_storeu_ps(ob + (size_t)gi * HD + 8 * i, acc[i]);
     }
@@ -665,13 +675,19 @@ static int paged_attention(const float *q, const void *k_pool, const void *v_poo
                               s, ob);
             else
 #elif defined(AK_AVX2)
-            if (hd == 64 && kv_type <= AK_KV_F16)
-                attend_task_avx2(qb, k_pool, v_pool, kv_type == AK_KV_F16, tab, st, len, h, g, 64, bs, num_blocks, L,
-                                 scale, s, ob);
-            else if (hd == 128 && kv_type <= AK_KV_F16)
-                attend_task_avx2(qb, k_pool, v_pool, kv_type == AK_KV_F16, tab, st, len, h, g, 128, bs, num_blocks, L,
-                                 scale, s, ob);
+#define AVX2_TASK(KV, HD) attend_task_avx2(qb, k_pool, v_pool, KV, tab, st, len, h, g, HD, bs, num_blocks, L, scale, s, ob)
+#define AVX2_TASKS(HD)                                   \
+    switch (kv_type) {                                   \
+        case AK_KV_F32: AVX2_TASK(AK_KV_F32, HD); break;   \
+        case AK_KV_F16: AVX2_TASK(AK_KV_F16, HD); break;   \
+        case AK_KV_Q8_0: AVX2_TASK(AK_KV_Q8_0, HD); break; \
+        default: AVX2_TASK(AK_KV_Q4_0, HD);                \
+    }
+            if (hd == 64) AVX2_TASKS(64)
+            else if (hd == 128) AVX2_TASKS(128)
             else
+#undef AVX2_TASKS
+#undef AVX2_TASK
 #endif
             if (hd == 64)
                 attend_task(qb, k_pool, v_pool, kv_type, tab, st, len, h, g, 64, bs, num_blocks, L, scale, s, ob);
