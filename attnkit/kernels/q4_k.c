@@ -231,35 +231,31 @@ AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float 
         const __m256i S03 = _mm256_broadcastsi128_si256(sc03), S47 = _mm256_broadcastsi128_si256(sc47);
         __m256i isum[4][2];
         for (int r = 0; r < M; r++) isum[r][0] = isum[r][1] = _mm256_setzero_si256();
-        for (int p = 0; p < 4; p++) { /* sub-blocks 2p (low nibbles) and 2p + 1 (high) */
-            const uint8_t *q = qs + 128 * p;
-            __m256i v[4], lo[4], hi[4]; /* rows 0|1 weights 0-15, rows 2|3 0-15, rows 0|1 16-31, rows 2|3 16-31 */
-            for (int i = 0; i < 4; i++) {
-                v[i] = _mm256_loadu_si256((const __m256i *)(q + 32 * i));
-                lo[i] = _mm256_and_si256(v[i], low), hi[i] = _mm256_and_si256(_mm256_srli_epi16(v[i], 4), low);
-                if (HIGH) {
-                    const __m256i h = _mm256_loadu_si256((const __m256i *)(col + 64 + 32 * i));
-                    lo[i] = _mm256_or_si256(lo[i], _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(h, 2 * p), 4), sixteen));
-                    hi[i] = _mm256_or_si256(hi[i], _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(h, 2 * p + 1), 4), sixteen));
+        for (int p = 0; p < 4; p++) /* sub-blocks 2p (low nibbles) and 2p + 1 (high) */
+            for (int e = 0; e < 2; e++) { /* rows 0|1, then 2|3: fewer live registers than both pairs at once */
+                const uint8_t *q = qs + 128 * p + 32 * e;
+                __m256i lo[2], hi[2]; /* weights 0-15, then 16-31, of the pair */
+                for (int i = 0; i < 2; i++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(q + 64 * i));
+                    lo[i] = _mm256_and_si256(v, low), hi[i] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                    if (HIGH) {
+                        const __m256i h = _mm256_loadu_si256((const __m256i *)(col + 64 + 32 * e + 64 * i));
+                        lo[i] = _mm256_or_si256(lo[i], _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(h, 2 * p), 4), sixteen));
+                        hi[i] = _mm256_or_si256(hi[i], _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(h, 2 * p + 1), 4), sixteen));
+                    }
+                }
+                const __m256i src = p < 2 ? S03 : S47;
+                const __m256i sl = _mm256_shuffle_epi8(src, pick[(2 * p) & 3][e]), sh = _mm256_shuffle_epi8(src, pick[(2 * p + 1) & 3][e]);
+                for (int r = 0; r < M; r++) {
+                    const int8_t *xq = x[r].qs + 256 * (size_t)b + 64 * p;
+#define B16(o) _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + (o))))
+#define HALVES(u, v, o) _mm256_add_epi16(_mm256_maddubs_epi16(u, B16(o)), _mm256_maddubs_epi16(v, B16((o) + 16)))
+                    isum[r][e] = _mm256_add_epi32(isum[r][e], _mm256_add_epi32(_mm256_madd_epi16(HALVES(lo[0], lo[1], 0), sl),
+                                                                               _mm256_madd_epi16(HALVES(hi[0], hi[1], 32), sh)));
+#undef HALVES
+#undef B16
                 }
             }
-            const __m256i src = p < 2 ? S03 : S47;
-            const __m256i sl01 = _mm256_shuffle_epi8(src, pick[(2 * p) & 3][0]), sl23 = _mm256_shuffle_epi8(src, pick[(2 * p) & 3][1]);
-            const __m256i sh01 = _mm256_shuffle_epi8(src, pick[(2 * p + 1) & 3][0]), sh23 = _mm256_shuffle_epi8(src, pick[(2 * p + 1) & 3][1]);
-            for (int r = 0; r < M; r++) {
-                const int8_t *xq = x[r].qs + 256 * (size_t)b + 64 * p;
-                const __m256i xa = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)xq));
-                const __m256i xb = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + 16)));
-                const __m256i xc = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + 32)));
-                const __m256i xd = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + 48)));
-#define HALVES(u, v, s, t) _mm256_add_epi16(_mm256_maddubs_epi16(u, s), _mm256_maddubs_epi16(v, t))
-                isum[r][0] = _mm256_add_epi32(isum[r][0], _mm256_add_epi32(_mm256_madd_epi16(HALVES(lo[0], lo[2], xa, xb), sl01),
-                                                                           _mm256_madd_epi16(HALVES(hi[0], hi[2], xc, xd), sh01)));
-                isum[r][1] = _mm256_add_epi32(isum[r][1], _mm256_add_epi32(_mm256_madd_epi16(HALVES(lo[1], lo[3], xa, xb), sl23),
-                                                                           _mm256_madd_epi16(HALVES(hi[1], hi[3], xc, xd), sh23)));
-#undef HALVES
-            }
-        }
         for (int r = 0; r < M; r++) { /* x[r].d is constant over the super-block */
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_hadd_epi32(isum[r][0], isum[r][1])),
                                      _mm256_mul_ps(D8, _mm256_set1_ps(x[r].d[8 * (size_t)b])), acc[r]);
