@@ -1,0 +1,382 @@
+/* attnkit's paged decode attention (attnkit/engine/paged_attention.py, the C decode step) and the rows of a
+ * quantized KV cache it reads (llama.cpp's -ctk q8_0 / q4_0), for the machine's instruction set: AVX-512, AVX2
+ * or portable C. Each (sequence, KV head) is one task; a sequence's result never depends on the others in the
+ * call (batch invariance). */
+#include <omp.h>
+
+#include "blocks.h"
+#include "decode.h" /* the KV row formats (ak_kv_row_bytes, ak_float_to_half) */
+
+/* ---- the rows of a quantized KV cache (llama.cpp's -ctk q8_0 / q4_0): hd/32 GGUF blocks a row ------------------
+ *   Q8_0: half d, 32 int8 q (34 bytes), x = q·d;  Q4_0: half d, 16 bytes of nibbles (element j the low nibble of
+ *   byte j, element j + 16 its high one; 18 bytes), x = (n − 8)·d. Quantized as ggml's reference quantizers
+ *   (quantize_row_q8_0_ref, quantize_row_q4_0_ref), byte for byte what gguf-py writes. */
+
+/* products x/d rounded to float before anything is added to them, as in ggml's C and gguf-py (GCC would fuse the
+ * two into one FMA, and a code would differ where the sum lands next to an integer) */
+#define UNFUSED __attribute__((optimize("fp-contract=off")))
+
+/* one block of 32 floats -> Q8_0: d = max|x|/127, q = roundf(x/d) (half away from zero; |x/d| <= 127, so the
+ * truncation to int and the exact fraction x/d − trunc decide it) */
+UNFUSED static void quantize_q8_0(const float *x, uint8_t *b) {
+    float amax = 0.f;
+    for (int j = 0; j < 32; j++) amax = amax > fabsf(x[j]) ? amax : fabsf(x[j]);
+    const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+    const uint16_t h = ak_float_to_half(d);
+    memcpy(b, &h, 2);
+    for (int j = 0; j < 32; j++) {
+        const float v = x[j] * id, f = v - (float)(int)v;
+        b[2 + j] = (uint8_t)(int8_t)((int)v + (f >= .5f) - (f <= -.5f));
+    }
+}
+
+/* one block of 32 floats -> Q4_0: d = m / −8 for m the first element of largest |x|, n = min(15, (int8)(x/d + 8.5))
+ * (of a block of zeros m is the first, ±0, as gguf-py takes it; ggml's C starts from m = +0, so its d is −0) */
+UNFUSED static void quantize_q4_0(const float *x, uint8_t *b) {
+    float amax = fabsf(x[0]), max = x[0];
+    for (int j = 1; j < 32; j++)
+        if (amax < fabsf(x[j])) amax = fabsf(x[j]), max = x[j];
+    const float d = max / -8.f, id = d != 0.f ? 1.f / d : 0.f;
+    const uint16_t h = ak_float_to_half(d);
+    memcpy(b, &h, 2);
+    for (int j = 0; j < 16; j++) {
+        const float x0 = x[j] * id, x1 = x[j + 16] * id;
+        const int n0 = (int8_t)(x0 + 8.5f), n1 = (int8_t)(x1 + 8.5f);
+        b[2 + j] = (uint8_t)((n0 < 15 ? n0 : 15) | (n1 < 15 ? n1 : 15) << 4);
+    }
+}
+
+/* n_rows rows of x (hd floats each) -> out (n_rows, row bytes) as kv_type (2 Q8_0, 3 Q4_0); 0, 3 (hd % 32), 4 (type) */
+int ak_quantize_kv_rows(int kv_type, const float *x, void *out, int n_rows, int hd) {
+    if (kv_type != AK_KV_Q8_0 && kv_type != AK_KV_Q4_0) return 4;
+    if (hd % 32) return 3;
+    void (*const quantize)(const float *, uint8_t *) = kv_type == AK_KV_Q8_0 ? quantize_q8_0 : quantize_q4_0;
+    const size_t bb = kv_type == AK_KV_Q8_0 ? 34 : 18, nb = (size_t)n_rows * (hd / 32);
+    for (size_t i = 0; i < nb; i++) quantize(x + 32 * i, (uint8_t *)out + bb * i);
+    return 0;
+}
+
+#ifdef __AVX2__
+/* the low 8 int8 of v, times d -> o[0..7] */
+static inline void i8x8_scaled(__m128i v, __m256 d, float *o) {
+    _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d));
+}
+#endif
+
+/* a Q8_0 row (hd/32 blocks) -> hd floats */
+static inline void q8_0_row(const uint8_t *b, float *o, int hd) {
+    for (int k = 0; k < hd / 32; k++, b += 34, o += 32) {
+#ifdef __AVX2__
+        const __m256 d = _mm256_set1_ps(ld_half(b));
+        for (int i = 0; i < 4; i++) i8x8_scaled(_mm_loadl_epi64((const __m128i *)(b + 2 + 8 * i)), d, o + 8 * i);
+#else
+        const float d = ld_half(b);
+        for (int i = 0; i < 32; i++) o[i] = (float)(int8_t)b[2 + i] * d;
+#endif
+    }
+}
+
+/* a Q4_0 row (hd/32 blocks) -> hd floats */
+static inline void q4_0_row(const uint8_t *b, float *o, int hd) {
+    for (int k = 0; k < hd / 32; k++, b += 18, o += 32) {
+#ifdef __AVX2__
+        const __m256 d = _mm256_set1_ps(ld_half(b));
+        const __m128i q = _mm_loadu_si128((const __m128i *)(b + 2)), m = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
+        const __m128i lo = _mm_sub_epi8(_mm_and_si128(q, m), eight);                    /* elements 0-15, n − 8 */
+        const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(q, 4), m), eight); /* elements 16-31 */
+        i8x8_scaled(lo, d, o), i8x8_scaled(_mm_srli_si128(lo, 8), d, o + 8);
+        i8x8_scaled(hi, d, o + 16), i8x8_scaled(_mm_srli_si128(hi, 8), d, o + 24);
+#else
+        const float d = ld_half(b);
+        for (int j = 0; j < 16; j++)
+            o[j] = (float)((b[2 + j] & 15) - 8) * d, o[j + 16] = (float)((b[2 + j] >> 4) - 8) * d;
+#endif
+    }
+}
+
+/* ---- paged decode attention --------------------------------------------------------------------
+ * One query token per sequence over its K/V in the block pool, read in place through the block
+ * table (no gather copy): out[b, h] = softmax(q[b, h]·K_bᵀ · scale) · V_b over keys start_b ≤ j < len_b.
+ *   q, out  (B, nh, hd) float32;  k_pool, v_pool (n_kv, num_blocks, bs, row) of kv_type: float32 rows
+ *   (read in place), IEEE halves or Q8_0 / Q4_0 blocks (each row decoded to float32 once, for all g heads;
+ *   float32 sums); tables (B, max_nb) int64;  lens, starts (B,) int64;  the g = nh / n_kv query heads of one
+ *   KV head share each K/V row read. scratch: threads · g · max_nb · bs floats (the scores).
+ */
+/* n halves -> floats: 8 at a time with F16C, the rest (and everything without F16C) one by one */
+static inline void halves_to_floats(const uint16_t *h, float *f, int n) {
+    int i = 0;
+#ifdef __F16C__
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+#endif
+    for (; i < n; i++) f[i] = half_to_float(h[i]);
+}
+
+/* row r of a pool of kv_type as hd floats: in place for float32, decoded into buf for the others */
+static inline const float *kv_row(const void *pool, int kv_type, size_t r, int hd, float *buf) {
+    const uint8_t *p = (const uint8_t *)pool + r * ak_kv_row_bytes(kv_type, hd);
+    switch (kv_type) {
+        case AK_KV_F32: return (const float *)p;
+        case AK_KV_F16: halves_to_floats((const uint16_t *)p, buf, hd); break;
+        case AK_KV_Q8_0: q8_0_row(p, buf, hd); break;
+        default: q4_0_row(p, buf, hd);
+    }
+    return buf;
+}
+
+
+/* for key t = st .. len − 1 of KV head h and its row r in the pool: a loop over the sequence's blocks, then over
+ * the rows of each (one table lookup a block, no division a key); closed by one brace like a for statement */
+#define KV_ROWS(tab, st, len, h, bs, num_blocks, t, r)                                                             \
+    for (int64_t j_ = (st) / (bs); j_ * (bs) < (len); j_++)                                                       \
+        for (int64_t t = j_ * (bs) > (st) ? j_ * (bs) : (st), e_ = (j_ + 1) * (bs) < (len) ? (j_ + 1) * (bs) : (len), \
+                     b_ = (((int64_t)(h) * (num_blocks) + (tab)[j_]) * (bs)) - j_ * (bs);                           \
+             t < e_; t++)                                                                                          \
+            for (size_t r = (size_t)(b_ + t), once_ = 1; once_; once_ = 0)
+
+/* p[0 .. n) ← softmax(p), n >= 1 (8 lanes at a time with AVX2) */
+static inline void softmax(float *p, int64_t n) {
+    float mx = -INFINITY, sum = 0.f;
+    int64_t t = 0;
+#ifdef AK_AVX2
+    __m256 vm = _mm256_set1_ps(-INFINITY), vs = _mm256_setzero_ps();
+    for (; t + 8 <= n; t += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(p + t));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vm), _mm256_extractf128_ps(vm, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    mx = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    for (int64_t u = t; u < n; u++) mx = p[u] > mx ? p[u] : mx;
+    const __m256 vmx = _mm256_set1_ps(mx);
+    for (t = 0; t + 8 <= n; t += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + t), vmx));
+        _mm256_storeu_ps(p + t, e);
+        vs = _mm256_add_ps(vs, e);
+    }
+    sum = hsum(vs);
+#else
+    for (; t < n; t++) mx = p[t] > mx ? p[t] : mx;
+    t = 0;
+#endif
+    for (int64_t u = t; u < n; u++) { p[u] = expf(p[u] - mx); sum += p[u]; }
+    const float inv = 1.f / sum;
+    for (int64_t u = 0; u < n; u++) p[u] *= inv;
+}
+
+/* One (sequence, KV head) task: its g query heads against keys st <= t < len. ``hd`` is a compile-time
+ * constant where the caller passes a literal (always_inline), so the row loops have known trip counts; a
+ * row that is not float32 is decoded once into kt for all g heads. */
+static inline __attribute__((always_inline)) void attend_task(
+        const float *qb, const void *k_pool, const void *v_pool, int kv_type, const int64_t *tab, int64_t st,
+        int64_t len, int h, int g, const int hd, int bs, int num_blocks, size_t L, float scale, float *s, float *ob) {
+    float kt[hd];
+    for (int i = 0; i < g * hd; i++) ob[i] = 0.f;
+    if (len <= st) return;
+    KV_ROWS(tab, st, len, h, bs, num_blocks, t, r) {
+        const float *k = kv_row(k_pool, kv_type, r, hd, kt);
+        for (int gi = 0; gi < g; gi++) {
+            const float *qg = qb + (size_t)gi * hd;
+            float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+            for (int d = 0; d < hd; d++) acc += qg[d] * k[d];
+            s[(size_t)gi * L + t] = acc * scale;
+        }
+    }
+    for (int gi = 0; gi < g; gi++) softmax(s + (size_t)gi * L + st, len - st);
+    KV_ROWS(tab, st, len, h, bs, num_blocks, t, r) {
+        const float *v = kv_row(v_pool, kv_type, r, hd, kt);
+        for (int gi = 0; gi < g; gi++) {
+            const float p = s[(size_t)gi * L + t];
+            float *og = ob + (size_t)gi * hd;
+#pragma omp simd
+            for (int d = 0; d < hd; d++) og[d] += p * v[d];
+        }
+    }
+}
+
+#ifdef __AVX512F__
+/* 64 floats of row `at`: read in place (float32) or widened from halves */
+static inline void row64(const void *pool, int f16, size_t at, __m512 r[4]) {
+    for (int i = 0; i < 4; i++)
+        r[i] = f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)pool + at) + i))
+                   : _mm512_loadu_ps((const float *)pool + at + 16 * i);
+}
+
+/* attend_task for hd = 64 in AVX-512 over float32 or float16 (f16) pools: K and V rows in registers, the
+ * softmax 16 scores at a time, and the output rows of up to 4 query heads accumulated in registers across the keys */
+static void attend_task64(const float *qb, const void *k_pool, const void *v_pool, int f16, const int64_t *tab,
+                          int64_t st, int64_t len, int h, int g, int bs, int num_blocks, size_t L, float scale,
+                          float *s, float *ob) {
+    for (int i = 0; i < g * 64; i++) ob[i] = 0.f;
+    if (len <= st) return;
+    KV_ROWS(tab, st, len, h, bs, num_blocks, t, r) {
+        __m512 k[4];
+        row64(k_pool, f16, r * 64, k);
+        for (int gi = 0; gi < g; gi++) {
+            const float *qg = qb + (size_t)gi * 64;
+            __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qg), k[0]);
+            for (int i = 1; i < 4; i++) a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * i), k[i], a);
+            s[(size_t)gi * L + t] = _mm512_reduce_add_ps(a) * scale;
+        }
+    }
+    const int64_t n = len - st;
+    for (int gi = 0; gi < g; gi++) {
+        float *sg = s + (size_t)gi * L + st;
+        __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+        for (int64_t t = 0; t < n; t += 16) {
+            const __mmask16 m = n - t >= 16 ? 0xffff : (__mmask16)((1u << (n - t)) - 1);
+            mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, m, sg + t));
+        }
+        const __m512 vmx = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        for (int64_t t = 0; t < n; t += 16) {
+            const __mmask16 m = n - t >= 16 ? 0xffff : (__mmask16)((1u << (n - t)) - 1);
+            const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sg + t), vmx));
+            _mm512_mask_storeu_ps(sg + t, m, e);
+            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+        }
+        const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+        for (int64_t t = 0; t < n; t += 16) {
+            const __mmask16 m = n - t >= 16 ? 0xffff : (__mmask16)((1u << (n - t)) - 1);
+            _mm512_mask_storeu_ps(sg + t, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sg + t), inv));
+        }
+    }
+    for (int g0 = 0; g0 < g; g0 += 4) {
+        const int ng = g - g0 < 4 ? g - g0 : 4;
+        __m512 acc[4][4];
+        for (int a = 0; a < 4; a++)
+            for (int i = 0; i < 4; i++) acc[a][i] = _mm512_setzero_ps();
+        KV_ROWS(tab, st, len, h, bs, num_blocks, t, r) {
+            __m512 v[4];
+            row64(v_pool, f16, r * 64, v);
+            for (int a = 0; a < ng; a++) {
+                const __m512 p = _mm512_set1_ps(s[(size_t)(g0 + a) * L + t]);
+                for (int i = 0; i < 4; i++) acc[a][i] = _mm512_fmadd_ps(p, v[i], acc[a][i]);
+            }
+        }
+        for (int a = 0; a < ng; a++)
+            for (int i = 0; i < 4; i++) _mm512_storeu_ps(ob + (size_t)(g0 + a) * 64 + 16 * i, acc[a][i]);
+    }
+}
+#endif
+
+#if defined(AK_AVX2) && !defined(__AVX512F__)
+/* floats 8i .. 8i + 7 of pool row r (HD values of KV) as kv_row decodes them: read in place (float32), widened
+ * from halves, or d·q of a Q8_0 / Q4_0 block (KV a literal at every call: one branch is compiled) */
+AK_INLINE __m256 row8(const void *pool, const int KV, size_t r, const int HD, int i) {
+    const uint8_t *row = (const uint8_t *)pool + r * ak_kv_row_bytes(KV, HD);
+    if (KV == AK_KV_F32) return _mm256_loadu_ps((const float *)row + 8 * i);
+    if (KV == AK_KV_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)row + i));
+    if (KV == AK_KV_Q8_0) {
+        const uint8_t *b = row + 34 * (i / 4);
+        return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + 2 + 8 * (i % 4))))),
+                             _mm256_set1_ps(ld_half(b)));
+    }
+    const uint8_t *b = row + 18 * (i / 4); /* Q4_0: elements 0-15 the low nibbles, 16-31 the high ones, minus 8 */
+    __m128i q = _mm_loadl_epi64((const __m128i *)(b + 2 + 8 * (i % 2)));
+    if (i % 4 >= 2) q = _mm_srli_epi16(q, 4);
+    q = _mm_sub_epi8(_mm_and_si128(q, _mm_set1_epi8(15)), _mm_set1_epi8(8));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), _mm256_set1_ps(ld_half(b)));
+}
+
+/* attend_task for HD = 64 or 128 in AVX2 over pools of type KV: a K row decoded once into registers for the g
+ * heads, the softmax 8 scores at a time, and one query head's output row accumulated in registers across the keys */
+AK_INLINE void attend_task_avx2(const float *qb, const void *k_pool, const void *v_pool, const int KV,
+                                const int64_t *tab, int64_t st, int64_t len, int h, int g, const int HD, int bs,
+                                int num_blocks, size_t L, float scale, float *s, float *ob) {
+    if (len <= st) {
+        for (int i = 0; i < g * HD; i++) ob[i] = 0.f;
+        return;
+    }
+    KV_ROWS(tab, st, len, h, bs, num_blocks, t, r) {
+        __m256 k[HD / 8];
+        for (int i = 0; i < HD / 8; i++) k[i] = row8(k_pool, KV, r, HD, i);
+        for (int gi = 0; gi < g; gi++) {
+            const float *qg = qb + (size_t)gi * HD;
+            __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(qg), k[0]), a1 = _mm256_mul_ps(_mm256_loadu_ps(qg + 8), k[1]);
+            for (int i = 2; i < HD / 8; i += 2) {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * i), k[i], a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * i + 8), k[i + 1], a1);
+            }
+            s[(size_t)gi * L + t] = hsum(_mm256_add_ps(a0, a1)) * scale;
+        }
+    }
+    for (int gi = 0; gi < g; gi++) softmax(s + (size_t)gi * L + st, len - st);
+    for (int gi = 0; gi < g; gi++) {
+        __m256 acc[HD / 8];
+        for (int i = 0; i < HD / 8; i++) acc[i] = _mm256_setzero_ps();
+        const float *sg = s + (size_t)gi * L;
+        KV_ROWS(tab, st, len, h, bs, num_blocks, t, r) {
+            const __m256 p = _mm256_set1_ps(sg[t]);
+            for (int i = 0; i < HD / 8; i++) acc[i] = _mm256_fmadd_ps(p, row8(v_pool, KV, r, HD, i), acc[i]);
+        }
+        for (int i = 0; i < HD / 8; i++) _mm256_storeu_ps(ob + (size_t)gi * HD + 8 * i, acc[i]);
+    }
+}
+#endif
+
+/* 0, or 1 (nh % nkv), 3 (a quantized kv_type and hd % 32), 4 (an unknown kv_type) */
+static int paged_attention(const float *q, const void *k_pool, const void *v_pool, int kv_type, const int64_t *tables,
+                           const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
+                           int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads) {
+    if (nh % nkv != 0) return 1;
+    if (kv_type < AK_KV_F32 || kv_type > AK_KV_Q4_0) return 4;
+    if (!ak_kv_row_bytes(kv_type, hd)) return 3;
+    const int g = nh / nkv;
+    const size_t L = (size_t)max_nb * bs;
+#pragma omp parallel for collapse(2) schedule(dynamic) num_threads(threads) if (threads > 1 && B * nkv > 1)
+    for (int b = 0; b < B; b++) {
+        for (int h = 0; h < nkv; h++) {
+            float *s = scratch + (size_t)omp_get_thread_num() * g * L;
+            const float *qb = q + ((size_t)b * nh + (size_t)h * g) * hd;
+            float *ob = out + ((size_t)b * nh + (size_t)h * g) * hd;
+            const int64_t *tab = tables + (size_t)b * max_nb;
+            const int64_t st = starts[b], len = lens[b];
+#ifdef __AVX512F__
+            if (hd == 64 && kv_type <= AK_KV_F16) /* the float pools' AVX-512 kernel */
+                attend_task64(qb, k_pool, v_pool, kv_type == AK_KV_F16, tab, st, len, h, g, bs, num_blocks, L, scale,
+                              s, ob);
+            else
+#elif defined(AK_AVX2)
+#define AVX2_TASK(KV, HD) attend_task_avx2(qb, k_pool, v_pool, KV, tab, st, len, h, g, HD, bs, num_blocks, L, scale, s, ob)
+#define AVX2_TASKS(HD)                                   \
+    switch (kv_type) {                                   \
+        case AK_KV_F32: AVX2_TASK(AK_KV_F32, HD); break;   \
+        case AK_KV_F16: AVX2_TASK(AK_KV_F16, HD); break;   \
+        case AK_KV_Q8_0: AVX2_TASK(AK_KV_Q8_0, HD); break; \
+        default: AVX2_TASK(AK_KV_Q4_0, HD);                \
+    }
+            if (hd == 64) AVX2_TASKS(64)
+            else if (hd == 128) AVX2_TASKS(128)
+            else
+#undef AVX2_TASKS
+#undef AVX2_TASK
+#endif
+            if (hd == 64)
+                attend_task(qb, k_pool, v_pool, kv_type, tab, st, len, h, g, 64, bs, num_blocks, L, scale, s, ob);
+            else if (hd == 128)
+                attend_task(qb, k_pool, v_pool, kv_type, tab, st, len, h, g, 128, bs, num_blocks, L, scale, s, ob);
+            else
+                attend_task(qb, k_pool, v_pool, kv_type, tab, st, len, h, g, hd, bs, num_blocks, L, scale, s, ob);
+        }
+    }
+    return 0;
+}
+
+int ak_paged_attention(const float *q, const float *k_pool, const float *v_pool, const int64_t *tables,
+                       const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
+                       int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads) {
+    return paged_attention(q, k_pool, v_pool, AK_KV_F32, tables, lens, starts, out, B, nh, nkv, hd, bs, num_blocks,
+                           max_nb, scale, scratch, threads);
+}
+
+int ak_paged_attention_f16(const float *q, const uint16_t *k_pool, const uint16_t *v_pool, const int64_t *tables,
+                           const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
+                           int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads) {
+    return paged_attention(q, k_pool, v_pool, AK_KV_F16, tables, lens, starts, out, B, nh, nkv, hd, bs, num_blocks,
+                           max_nb, scale, scratch, threads);
+}
+
+/* the paged attention over pools of kv_type (AK_KV_*: float32, float16, Q8_0 or Q4_0 rows) */
+int ak_paged_attention_kv(const float *q, const void *k_pool, const void *v_pool, int kv_type, const int64_t *tables,
+                          const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
+                          int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads) {
+    return paged_attention(q, k_pool, v_pool, kv_type, tables, lens, starts, out, B, nh, nkv, hd, bs, num_blocks,
+                           max_nb, scale, scratch, threads);
+}
