@@ -1,5 +1,5 @@
 /* What the C decode step's files share (decode_step.c: the layers; moe.c: the sparse mixture-of-experts FFN;
- * kernels.c: the paged attention and the K/V rows it reads): the structs attnkit/engine/native_decode.py fills
+ * attention.c: the paged attention and the K/V rows it reads): the structs attnkit/engine/native_decode.py fills
  * through ctypes (keep the two in step), the K/V row formats, and the row helpers. */
 #ifndef AK_DECODE_H
 #define AK_DECODE_H
@@ -47,7 +47,7 @@ static inline uint16_t ak_float_to_half(float f) {
 /* n_rows rows of hd floats -> Q8_0 / Q4_0 rows (kv_type 2 / 3), as ggml's reference quantizers; 0, 3 (hd % 32),
  * 4 (another kv_type) */
 int ak_quantize_kv_rows(int kv_type, const float *x, void *out, int n_rows, int hd);
-/* the paged decode attention (kernels.c) over K/V pools of kv_type; 0, 1 (nh % nkv), 3 (hd % 32 for a quantized
+/* the paged decode attention (attention.c) over K/V pools of kv_type; 0, 1 (nh % nkv), 3 (hd % 32 for a quantized
  * kv_type), 4 (an unknown kv_type) */
 int ak_paged_attention_kv(const float *q, const void *k_pool, const void *v_pool, int kv_type, const int64_t *tables,
                           const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
