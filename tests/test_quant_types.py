@@ -239,6 +239,21 @@ def test_prompt_rows_take_the_product_the_type_is_faster_with(kind: str, monkeyp
             assert torch.equal(layer(x), integer)
 
 
+@needs_kernel
+def test_the_prompt_product_follows_the_layout_unless_set(monkeypatch) -> None:
+    """dense_for_prompts is derived from the layer's layout (packed() into the interleaved one changes it) unless a
+    caller set it (a head or an expert: the integer kernel), which packing keeps."""
+    kind = next((k for k in ("Q4_1", "Q8_0") if has_x4(k)), None)
+    if kind is None:
+        pytest.skip("no interleaved Q4_1 or Q8_0 product in this build")
+    monkeypatch.setattr(native, "native_bf16", lambda: False)
+    k = width(kind)
+    row = GGUFBlockLinear(torch.from_numpy(random_blocks(kind, 8, k, 4)), kind, k, interleaved=False)
+    assert row.dense_for_prompts and not row.packed().dense_for_prompts
+    row.dense_for_prompts = True  # the caller's choice survives packing
+    assert row.packed().interleaved and row.packed().dense_for_prompts
+
+
 @pytest.mark.parametrize("kind", ["Q8_0", "Q4_K"])
 def test_fusing_layers_releases_the_parts_source_once(kind: str) -> None:
     """GGUFBlockLinear.cat_out copies its parts (fused q/k/v, gate/up) and then releases each part's source (the

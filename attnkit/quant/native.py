@@ -184,12 +184,7 @@ class GGUFBlockLinear(nn.Module):
         if interleaved and _kernels() is not None and not has_x4(kind):
             raise ValueError(f"the C kernels built here have no product on interleaved {kind} blocks")
         self.interleaved = bool(interleaved)
-        # the engine's prompt rows take the dense product where bf16 is native (2–3× float32 there) or the integer
-        # product is slower than float32 BLAS (row layout of a type without integer_prompts), else the integer
-        # kernel: interleaved blocks' products are 1.4–1.6× decoding + float32 BLAS at 512 rows on AVX2 (Q4_1,
-        # 1B shapes; Q8_0 1.0–1.35×, benchmarks/gguf_kernels.py). An output head, which sees only the few rows
-        # that are sampled, takes the integer kernel for them everywhere: no dense copy of a vocabulary-sized matrix.
-        self.dense_for_prompts = native_bf16() or not (t.integer_prompts or self.interleaved)
+        self._dense_for_prompts: bool | None = None  # set: the caller's choice (dense_for_prompts)
         # the caller's blocks may be read-only (a file's mmap): never written, interleaving makes a new tensor
         self.register_buffer("blocks", interleave(blocks, kind) if interleaved and not packed else blocks.contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
@@ -227,9 +222,24 @@ class GGUFBlockLinear(nn.Module):
         if self.interleaved or self.out_features % 4 or not has_x4(self.kind):
             return self
         layer = GGUFBlockLinear(self.blocks, self.kind, self.in_features, self.bias, interleaved=True)
-        layer.dense_dtype, layer.dense_for_prompts = self.dense_dtype, self.dense_for_prompts
+        layer.dense_dtype, layer._dense_for_prompts = self.dense_dtype, self._dense_for_prompts
         self.release_source()
         return layer
+
+    @property
+    def dense_for_prompts(self) -> bool:
+        """Whether the engine's prompt rows take the dense product: where bf16 is native (2–3× float32 there) or the
+        integer product is slower than float32 BLAS (the row layout of a type without integer_prompts), else the
+        integer kernel — interleaved blocks' products are 1.4–1.6× decoding + float32 BLAS at 512 rows on AVX2
+        (Q4_1, 1B shapes; Q8_0 1.0–1.35×, benchmarks/gguf_kernels.py). Derived from the layout unless set: an output
+        head or an expert, which sees only a few of a prompt's rows, is set to the integer kernel everywhere."""
+        if self._dense_for_prompts is not None:
+            return self._dense_for_prompts
+        return native_bf16() or not (BLOCK_TYPES[self.kind].integer_prompts or self.interleaved)
+
+    @dense_for_prompts.setter
+    def dense_for_prompts(self, dense: bool) -> None:
+        self._dense_for_prompts = bool(dense)
 
     def release_source(self) -> None:
         """Say that the blocks this layer was built from are no longer needed where they lie (a file's pages:
