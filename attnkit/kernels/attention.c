@@ -124,14 +124,13 @@ static inline const float *kv_row(const void *pool, int kv_type, size_t r, int h
 }
 
 
-/* for key t = st .. len − 1 of KV head h and its row r in the pool: a loop over the sequence's blocks, then over
- * the rows of each (one table lookup a block, no division a key); closed by one brace like a for statement */
-#define KV_ROWS(tab, st, len, h, bs, num_blocks, t, r)                                                             \
-    for (int64_t j_ = (st) / (bs); j_ * (bs) < (len); j_++)                                                       \
-        for (int64_t t = j_ * (bs) > (st) ? j_ * (bs) : (st), e_ = (j_ + 1) * (bs) < (len) ? (j_ + 1) * (bs) : (len), \
-                     b_ = (((int64_t)(h) * (num_blocks) + (tab)[j_]) * (bs)) - j_ * (bs);                           \
-             t < e_; t++)                                                                                          \
-            for (size_t r = (size_t)(b_ + t), once_ = 1; once_; once_ = 0)
+/* for key t = st .. len − 1 of KV head h, with r its row in the pool: the sequence's blocks, then the rows of each
+ * (one table lookup a block, no division a key); used as a for statement */
+#define KV_ROWS(tab, st, len, h, bs, num_blocks, t, r)                                                              \
+    for (int64_t j_ = (st) / (bs), t0_; (t0_ = j_ * (bs) > (st) ? j_ * (bs) : (st)) < (len); j_++)                  \
+        for (int64_t t = t0_, e_ = (j_ + 1) * (bs) < (len) ? (j_ + 1) * (bs) : (len),                                \
+                     r = ((int64_t)(h) * (num_blocks) + (tab)[j_]) * (bs) + t0_ - j_ * (bs);                         \
+             t < e_; t++, r++)
 
 /* p[0 .. n) ← softmax(p), n >= 1 (8 lanes at a time with AVX2) */
 static inline void softmax(float *p, int64_t n) {
