@@ -133,6 +133,20 @@ AK_INLINE void dot(const uint8_t *w, int nb, const ak_act *x, int M, float *y, s
 }
 #endif
 
+#if defined(AK_AVX2) || defined(AK_X4)
+/* the 6-bit scales and mins of a column of four interleaved super-blocks (the scales' three 32-bit words of rows 0-3
+ * at col + 16, + 32, + 48), unpacked as ggml's kmask arithmetic on 32-bit lanes: byte 4r + j of sc[0] / mn[0] is
+ * row r's sc_j / m_j for j < 4, of sc[1] / mn[1] its sc_j+4 / m_j+4 */
+AK_INLINE void x4_scales(const uint8_t *col, __m128i sc[2], __m128i mn[2]) {
+    const __m128i k1 = _mm_set1_epi32(0x3f3f3f3f), k2 = _mm_set1_epi32(0x0f0f0f0f), k3 = _mm_set1_epi32(0x03030303);
+    const __m128i w0 = _mm_loadu_si128((const __m128i *)(col + 16)), w1 = _mm_loadu_si128((const __m128i *)(col + 32)),
+                  w2 = _mm_loadu_si128((const __m128i *)(col + 48));
+    sc[0] = _mm_and_si128(w0, k1), mn[0] = _mm_and_si128(w1, k1);
+    sc[1] = _mm_or_si128(_mm_and_si128(w2, k2), _mm_slli_epi32(_mm_and_si128(_mm_srli_epi32(w0, 6), k3), 4));
+    mn[1] = _mm_or_si128(_mm_and_si128(_mm_srli_epi32(w2, 4), k2), _mm_slli_epi32(_mm_and_si128(_mm_srli_epi32(w1, 6), k3), 4));
+}
+#endif
+
 #ifdef AK_X4
 /* Four rows interleaved: d[4], dmin[4], the scales' three 32-bit words word by word (w0 of rows 0-3, w1, w2),
  * [qh: 4 rows × 16 bytes, twice], qs: 4 rows × 16 bytes, 8 times. A 512-bit register of nibbles holds 16 weights
@@ -142,7 +156,6 @@ AK_INLINE void dot(const uint8_t *w, int nb, const ak_act *x, int M, float *y, s
 AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys, const int HIGH) {
     const __m512i low = _mm512_set1_epi8(0x0f), sixteen = _mm512_set1_epi8(0x10);
     const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    const __m128i k1 = _mm_set1_epi32(0x3f3f3f3f), k2 = _mm_set1_epi32(0x0f0f0f0f), k3 = _mm_set1_epi32(0x03030303);
     __m512i pick[4]; /* lane 4r+i ← lane 4r+j: sub-block j's scale of row r in all four lanes of row r */
     for (int j = 0; j < 4; j++) pick[j] = _mm512_add_epi32(_mm512_slli_epi32(spread, 2), _mm512_set1_epi32(j));
     __m512 acc[4][2]; /* two sums per row (low-nibble and high-nibble sub-blocks): shorter FMA dependency chains */
@@ -151,11 +164,9 @@ AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float 
         const uint8_t *col = w + (size_t)b * 4 * SB(HIGH), *qs = col + 64 + 128 * HIGH;
         const __m512 D = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)col))));
         const __m512 DM = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(col + 8)))));
-        const __m128i w0 = _mm_loadu_si128((const __m128i *)(col + 16)), w1 = _mm_loadu_si128((const __m128i *)(col + 32)),
-                      w2 = _mm_loadu_si128((const __m128i *)(col + 48));
-        const __m128i sc03 = _mm_and_si128(w0, k1), m03 = _mm_and_si128(w1, k1);
-        const __m128i sc47 = _mm_or_si128(_mm_and_si128(w2, k2), _mm_slli_epi32(_mm_and_si128(_mm_srli_epi32(w0, 6), k3), 4));
-        const __m128i m47 = _mm_or_si128(_mm_and_si128(_mm_srli_epi32(w2, 4), k2), _mm_slli_epi32(_mm_and_si128(_mm_srli_epi32(w1, 6), k3), 4));
+        __m128i scs[2], mns[2];
+        x4_scales(col, scs, mns);
+        const __m128i sc03 = scs[0], sc47 = scs[1], m03 = mns[0], m47 = mns[1];
         const __m512 S[2] = {_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sc03)), D),  /* lane 4r+j: d·sc_j */
                              _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sc47)), D)}; /* j + 4 */
         const __m512 m0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(m03)), DM);  /* dmin·m_j */
@@ -202,7 +213,6 @@ AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float 
 AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys, const int HIGH) {
     const __m256i low = _mm256_set1_epi8(0x0f), sixteen = _mm256_set1_epi8(0x10);
     const __m256i spread = _mm256_setr_epi32(0, 0, 2, 2, 1, 1, 3, 3);
-    const __m128i k1 = _mm_set1_epi32(0x3f3f3f3f), k2 = _mm_set1_epi32(0x0f0f0f0f), k3 = _mm_set1_epi32(0x03030303);
     __m256i pick[4][2]; /* scale byte j of rows 0|1 (pick[j][0]) or 2|3 (pick[j][1]) as int16 in each lane's 8 lanes */
     for (int j = 0; j < 4; j++)
         for (int p = 0; p < 2; p++) {
@@ -216,11 +226,9 @@ AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float 
         const __m128 d4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)col));
         const __m256 D8 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(d4), spread);
         const __m128 dm4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(col + 8)));
-        const __m128i w0 = _mm_loadu_si128((const __m128i *)(col + 16)), w1 = _mm_loadu_si128((const __m128i *)(col + 32)),
-                      w2 = _mm_loadu_si128((const __m128i *)(col + 48));
-        const __m128i sc03 = _mm_and_si128(w0, k1), m03 = _mm_and_si128(w1, k1); /* bytes 4r + j: row r's j */
-        const __m128i sc47 = _mm_or_si128(_mm_and_si128(w2, k2), _mm_slli_epi32(_mm_and_si128(_mm_srli_epi32(w0, 6), k3), 4));
-        const __m128i m47 = _mm_or_si128(_mm_and_si128(_mm_srli_epi32(w2, 4), k2), _mm_slli_epi32(_mm_and_si128(_mm_srli_epi32(w1, 6), k3), 4));
+        __m128i scs[2], mns[2]; /* bytes 4r + j: row r's j */
+        x4_scales(col, scs, mns);
+        const __m128i sc03 = scs[0], sc47 = scs[1], m03 = mns[0], m47 = mns[1];
         /* row r's mins m_0..m_7 · dmin_r as 8 floats */
         const __m128i mlo = _mm_unpacklo_epi32(m03, m47), mhi = _mm_unpackhi_epi32(m03, m47);
         const __m256 MN[4] = {
