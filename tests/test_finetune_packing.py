@@ -79,3 +79,20 @@ def test_finetune_packs_with_boundaries(tmp_path):
     assert r["eval_after"]["eval_loss"] < r["eval_before"]["eval_loss"]
     with pytest.raises(ValueError, match="drop --packing"):
         finetune(FinetuneArgs(method="prompt", **kw), tmp_path / "p", lm=tiny_lm(), progress=False)
+
+
+def test_best_fit_decreasing_packs_every_example_whole_into_fewer_rows():
+    def ex(n: int, start: int) -> tuple[list[int], list[int]]:
+        return list(range(start, start + n)), list(range(start, start + n))
+
+    small = [ex(6, 0), ex(5, 10), ex(4, 20), ex(5, 30)]  # in order: [6] [5 4] [5]; best fit: [6 4] [5 5]
+    assert len(pack(small, 10, boundaries=True)) == 3
+    assert [r[0] for r in pack(small, 10, boundaries=True, strategy="bfd")] == [small[0][0] + small[2][0], small[1][0] + small[3][0]]
+    g = torch.Generator().manual_seed(0)
+    many = [ex(int(n), 100 * i) for i, n in enumerate(torch.randint(1, 40, (200,), generator=g))]
+    rows = pack(many, 64, boundaries=True, strategy="bfd")
+    assert len(rows) < len(pack(many, 64, boundaries=True)) and all(len(r[0]) <= 64 for r in rows)
+    found = sorted(tuple(ids[k] for k in range(len(ids)) if docs[k] == d) for ids, _, docs in rows for d in set(docs))
+    assert found == sorted(tuple(e[0]) for e in many)  # each example once, whole, with its own document id
+    with pytest.raises(ValueError, match="packing strategy"):
+        pack(many, 64, boundaries=True, strategy="first-fit")

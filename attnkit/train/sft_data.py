@@ -19,6 +19,7 @@ without Cross-contamination", §3). Without, the examples are concatenated and c
 
 from __future__ import annotations
 
+import bisect
 import json
 import random
 from pathlib import Path
@@ -105,17 +106,25 @@ def load_examples(path: str | Path, tok: Tokenizer, max_len: int) -> list[Exampl
     return out
 
 
-def pack(examples: list[Example], seq_len: int, boundaries: bool = False) -> list[Example] | list[PackedExample]:
-    """``boundaries``: whole examples, in order, into rows of at most ``seq_len`` tokens, each token with its
-    example's index in the row; the first token of each example gets no label (alone, nothing predicts it).
+PACKING = ("bfd", "order")
+
+
+def pack(examples: list[Example], seq_len: int, boundaries: bool = False,
+         strategy: str = "order") -> list[Example] | list[PackedExample]:
+    """``boundaries``: whole examples into rows of at most ``seq_len`` tokens, each token with its example's
+    index in the row; the first token of each example gets no label (alone, nothing predicts it). ``strategy``
+    "order" fills rows in the examples' order (a new row when the next one does not fit); "bfd" (best-fit
+    decreasing, as TRL's ``packing_strategy="bfd"``) places the longest first, each into the fullest row it fits,
+    so fewer rows carry padding (the docstrings of ``benchmarks/finetune_speed.py``: 83 % → 99 % of tokens real).
     Else: concatenate and cut into rows of exactly ``seq_len`` (the tail shorter than a row is dropped
     unless it is all there is)."""
+    if strategy not in PACKING:
+        raise ValueError(f"packing strategy must be one of {', '.join(PACKING)}, got {strategy!r}")
     if boundaries:
-        rows: list[PackedExample] = []
-        for ids, labels in examples:
-            if not rows or len(rows[-1][0]) + len(ids) > seq_len:
-                rows.append(([], [], []))
-            row_ids, row_labels, docs = rows[-1]
+        where = _rows_of(examples, seq_len, strategy)
+        rows: list[PackedExample] = [([], [], []) for _ in range(max(where, default=-1) + 1)]
+        for r, (ids, labels) in zip(where, examples):  # within a row, the examples keep their order
+            row_ids, row_labels, docs = rows[r]
             doc = docs[-1] + 1 if docs else 0
             row_ids += ids
             row_labels += [IGNORE, *labels[1:]][:len(labels)]
@@ -127,6 +136,32 @@ def pack(examples: list[Example], seq_len: int, boundaries: bool = False) -> lis
     if len(cut) > 1 and len(cut[-1][0]) < seq_len:
         cut.pop()
     return cut
+
+
+def _rows_of(examples: list[Example], seq_len: int, strategy: str) -> list[int]:
+    """The row of each example under ``strategy`` (rows numbered as they open)."""
+    row = [0] * len(examples)
+    if strategy == "order":
+        n, used = -1, seq_len + 1
+        for i, (ids, _) in enumerate(examples):
+            if used + len(ids) > seq_len:
+                n, used = n + 1, 0
+            row[i], used = n, used + len(ids)
+        return row
+    free: list[tuple[int, int]] = []  # (space left, row), sorted: the first that fits is the fullest
+    n = 0
+    for i in sorted(range(len(examples)), key=lambda i: -len(examples[i][0])):
+        size = len(examples[i][0])
+        at = bisect.bisect_left(free, (size, -1))
+        if at == len(free):
+            left, r = seq_len, n
+            n += 1
+        else:
+            left, r = free.pop(at)
+        row[i] = r
+        if left - size > 0:
+            bisect.insort(free, (left - size, r))
+    return row
 
 
 def collate(batch: list[Example] | list[PackedExample], pad_id: int) -> tuple[torch.Tensor, ...]:
