@@ -62,7 +62,8 @@ def child_attnkit(a: dict) -> dict:
     wall = time.perf_counter() - t0
     hist = json.loads((Path(a["out"]) / "checkpoint" / "trainer_state.json").read_text())["history"]
     return {"train_seconds": res["train_seconds"], "wall_s": round(wall, 1), "eval_loss": res["eval_after"]["eval_loss"],
-            "final_train_loss": hist[-1]["loss"], "peak_rss_mb": round(peak_rss_mb())}
+            "final_train_loss": hist[-1]["loss"], "peak_rss_mb": round(peak_rss_mb()),
+            "tokens": sum(h["tokens"] for h in hist), "rows": res["train_examples"]}
 
 
 def child_peft(a: dict) -> dict:
@@ -106,7 +107,8 @@ def child_peft(a: dict) -> dict:
             x, y = collate(held[i:i + 8], pad)
             total += float(lm_loss(model(input_ids=x).logits, y, reduction="sum"))
             count += int((y[:, 1:] != IGNORE).sum())
-    return {"train_seconds": round(train_s, 1), "eval_loss": total / count, "final_train_loss": float(loss), "peak_rss_mb": round(peak_rss_mb())}
+    return {"train_seconds": round(train_s, 1), "eval_loss": total / count, "final_train_loss": float(loss),
+            "peak_rss_mb": round(peak_rss_mb()), "tokens": a["steps"] * a["batch"] * a["seq_len"], "rows": len(rows)}
 
 
 def run_child(kind: str, a: dict, timeout: float) -> dict:
@@ -166,10 +168,9 @@ def main() -> int:
             hf_dir, eos = export_default_hf(work)
             ours = run_child("attnkit", {**base, "out": str(work / "run-attnkit")}, args.timeout)
             peer = run_child("peft", {**base, "hf_dir": str(hf_dir), "eos_ids": eos}, args.timeout)
-            tok = base["batch"] * base["seq_len"] * args.steps
             for name, r in (("attnkit", ours), ("HF PEFT", peer)):
-                if "error" not in r:
-                    r["tokens_per_s"] = round(tok / r["train_seconds"], 1)
+                if "error" not in r:  # the tokens of the data trained on, not the padding
+                    r["tokens_per_s"] = round(r["tokens"] / r["train_seconds"], 1)
                 rows.append(("135M LoRA r16 all-linear", name, r))
             if "error" not in ours and "error" not in peer:
                 report["parts"]["peft"] = {
@@ -190,7 +191,7 @@ def main() -> int:
                                      ("+ gradient checkpointing", {"quantize": "gguf", "checkpointing": True})):
                     r = run_child("attnkit", {**q, **extra, "out": str(work / f"run-q{len(out)}")}, args.timeout)
                     if "error" not in r:
-                        r["tokens_per_s"] = round(q["batch"] * q["seq_len"] * q["steps"] / r["train_seconds"], 1)
+                        r["tokens_per_s"] = round(r["tokens"] / r["train_seconds"], 1)
                         r["rss_over_file"] = round(r["peak_rss_mb"] / size_mb, 2)
                     out[label] = r
                     rows.append((f"{Path(args.gguf).name} QLoRA", label, r))

@@ -1,5 +1,6 @@
 """The fine-tuning loss from hidden states, a chunk of labelled rows at a time (attnkit.train.chunked_loss), equals
-the loss of the whole logits tensor — value and gradients — with LoRA and with prompt tuning in front."""
+the loss of the whole logits tensor — value and gradients — with LoRA and with prompt tuning in front (a frozen
+head: the gradient made in the forward) and for full fine-tuning (the head trains: its chunks recomputed)."""
 
 from __future__ import annotations
 
@@ -22,12 +23,14 @@ def _batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-@pytest.mark.parametrize("config", [LoraConfig(r=4, target_modules="all-linear"), PromptTuningConfig(num_virtual_tokens=3)])
+@pytest.mark.parametrize("config", [LoraConfig(r=4, target_modules="all-linear"), PromptTuningConfig(num_virtual_tokens=3),
+                                    None])
 def test_chunked_loss_equals_the_whole_logits_loss(monkeypatch, config) -> None:
     monkeypatch.setattr(chunked_loss, "CHUNK_ELEMS", 7 * 96)  # chunks of 7 rows: several, the last partial
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
-    model = get_peft_model(Llama(cfg), config)
+    model = Llama(cfg) if config is None else get_peft_model(Llama(cfg), config)
+    assert chunked_loss.head_is_frozen(model) == (config is not None)
     for n, p in model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.1)

@@ -3,9 +3,12 @@ and Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models").
 
     L = −Σ_t log softmax(head(norm(h_t)))[y_{t+1}]   over the positions t whose label is not −100
 
-Only labelled positions reach the head (a prompt's tokens cost no logits), a chunk of rows at a time; each
-chunk's logits are recomputed in the backward (activation checkpointing) instead of kept, so the float32
-logits and their softmax — 1024 tokens × a 128k vocabulary = 0.5 GB each — never exist for a whole batch.
+Only labelled positions reach the head (a prompt's tokens cost no logits), a chunk of rows at a time, so the
+float32 logits and their softmax — 1024 tokens × a 128k vocabulary = 0.5 GB each — never exist for a whole batch.
+Where the head is frozen (LoRA and the other adapters; the tied embedding of most models) each chunk's
+∂L/∂h is computed right after its loss, in the forward, and only that (N, d) gradient is kept: the head's two
+products (logits, and ∂L/∂h = ∂L/∂logits · W) run once each. Where the head trains, each chunk's logits are
+recomputed in the backward instead (activation checkpointing: three products).
 """
 
 from __future__ import annotations
@@ -38,18 +41,52 @@ def _chunk_loss(head: Head, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(h).float(), y, reduction="sum")
 
 
+def head_is_frozen(model: nn.Module) -> bool:
+    """No parameter of the final norm, the LM head or the (tied) embedding of ``model``'s base trains."""
+    base = getattr(model, "base_model", model)
+    parts = [getattr(base, n, None) for n in ("norm", "output_head", "lm_head", "tok_embeddings")]
+    return not any(p.requires_grad for m in parts if isinstance(m, nn.Module) for p in m.parameters())
+
+
+class _LossWithGrad(torch.autograd.Function):
+    """Σ of the chunks' losses, with ∂(Σ)/∂h computed chunk by chunk in the forward (Liger-Kernel's fused linear
+    cross-entropy); the backward only scales it. Only for a frozen head: its parameters get no gradient here."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, y: torch.Tensor, head: Head, rows: int) -> torch.Tensor:  # type: ignore[override]
+        grad = torch.empty_like(h)  # (N, d)
+        total = torch.zeros((), dtype=torch.float32)
+        for i in range(0, len(y), rows):
+            with torch.enable_grad():
+                hc = h[i:i + rows].detach().requires_grad_(True)
+                loss = _chunk_loss(head, hc, y[i:i + rows])
+                grad[i:i + rows] = torch.autograd.grad(loss, hc)[0]
+            total += loss.detach()
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return grad * g.to(grad.dtype), None, None, None
+
+
 def chunked_lm_loss(head: Head, vocab: int, hidden: torch.Tensor, labels: torch.Tensor,
-                    reduction: str = "mean") -> torch.Tensor:
-    """The loss of :func:`attnkit.train.finetune.lm_loss` from the hidden states (B, T, d) before the final norm."""
+                    reduction: str = "mean", frozen_head: bool = False) -> torch.Tensor:
+    """The loss of :func:`attnkit.train.finetune.lm_loss` from the hidden states (B, T, d) before the final norm.
+    ``frozen_head`` (:func:`head_is_frozen`): the gradient is made in the forward (the head gets none)."""
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B·(T−1), d): position t predicts label t+1
     y = labels[:, 1:].reshape(-1)
     keep = (y != IGNORE).nonzero().squeeze(1)
     h, y = h.index_select(0, keep), y.index_select(0, keep)  # (N, d), (N,)
     rows = max(1, CHUNK_ELEMS // vocab)
-    recompute = torch.is_grad_enabled() and h.requires_grad
+    training = torch.is_grad_enabled() and h.requires_grad
     total = hidden.new_zeros((), dtype=torch.float32) + 0 * hidden.sum()  # 0 with a graph when nothing is labelled
+    if training and frozen_head and len(y):
+        total = total + _LossWithGrad.apply(h, y, head, rows)
+        return total / max(len(y), 1) if reduction == "mean" else total
     for i in range(0, len(y), rows):
         hc, yc = h[i:i + rows], y[i:i + rows]
-        total = total + (checkpoint(_chunk_loss, head, hc, yc, use_reentrant=False) if recompute
+        total = total + (checkpoint(_chunk_loss, head, hc, yc, use_reentrant=False) if training
                          else _chunk_loss(head, hc, yc))
     return total / max(len(y), 1) if reduction == "mean" else total

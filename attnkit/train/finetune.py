@@ -36,12 +36,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import JsonConfig
+from ..nn.recompute import recompute_saved
 from ..peft import METHODS, PeftConfig, PeftModel, get_peft_model
-from .chunked_loss import chunked_lm_loss, hidden_head
+from .chunked_loss import chunked_lm_loss, head_is_frozen, hidden_head
 from .checkpoint import CheckpointError, commit_dir, load_optimizer_state, read_trainer_state, recover_dir
 from .distributed import (Dist, fsdp_units, full_weights, init_distributed, optimizer_tensors, shard_optimizer_state,
                           sync_gradients, trainable_tensors, unwrap, wrap)
-from .sft_data import IGNORE, Example, collate, load_examples, micro_batches, pack
+from .sft_data import IGNORE, PACKING, Example, collate, load_examples, micro_batches, pack
 
 SCHEDULES = ("cosine", "linear", "constant")
 QLORA_BASES = ("gguf", "int4", "int8", "nf4")  # load_causal_lm's quantize values a frozen base can train through
@@ -65,6 +66,7 @@ class FinetuneArgs(JsonConfig):
     clip: float = 1.0
     seq_len: int = 256
     packing: bool = False
+    packing_strategy: str = "bfd"  # bfd: best-fit decreasing (fewer padded rows); order: the data's order
     bf16: bool = False
     gradient_checkpointing: bool = False  # recompute each decoder block in the backward: less memory, ~1/3 more time
     seed: int = 0
@@ -99,6 +101,8 @@ class FinetuneArgs(JsonConfig):
             raise ValueError("data: a JSONL file is required")
         if self.quantize is not None and self.quantize not in QLORA_BASES:
             raise ValueError(f"quantize must be one of {', '.join(QLORA_BASES)} or unset, got {self.quantize!r}")
+        if self.packing_strategy not in PACKING:
+            raise ValueError(f"packing_strategy must be one of {', '.join(PACKING)}, got {self.packing_strategy!r}")
         if self.dist_timeout <= 0:
             raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.fsdp and self.quantize is not None:
@@ -156,7 +160,7 @@ def model_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: st
     head = hidden_head(unwrap(model)) if chunked else None
     if head is None:
         return lm_loss(model(x, **kw), y, reduction)
-    return chunked_lm_loss(*head, model(x, hidden_only=True, **kw), y, reduction)
+    return chunked_lm_loss(*head, model(x, hidden_only=True, **kw), y, reduction, head_is_frozen(unwrap(model)))
 
 
 @torch.no_grad()
@@ -215,7 +219,9 @@ def resume_args(out: str | Path, overrides: dict[str, Any]) -> tuple[FinetuneArg
     if not file.is_file():
         raise CheckpointError(f"{file}: missing; {out} holds no fine-tuning run to resume")
     try:
-        saved = FinetuneArgs.from_dict(json.loads(file.read_text())).to_dict()
+        raw = json.loads(file.read_text())
+        raw.setdefault("packing_strategy", "order")  # runs from before best-fit packing: their rows came in order
+        saved = FinetuneArgs.from_dict(raw).to_dict()
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
 
@@ -312,7 +318,7 @@ def finetune(args: FinetuneArgs, out_dir: str | Path, resume: bool = False, prog
             raise ValueError(f"packing keeps each example to itself with per-token document ids, which "
                              f"{args.method if args.method in ('prompt', 'ptuning') else type(lm.model).__name__} "
                              "does not take; drop --packing")
-        train_rows = pack(train_rows, args.seq_len, boundaries=True)
+        train_rows = pack(train_rows, args.seq_len, boundaries=True, strategy=args.packing_strategy)
     cfg = peft_config(args)
     if cfg is None:
         model: nn.Module = lm.model.requires_grad_(True)
@@ -383,7 +389,7 @@ def finetune(args: FinetuneArgs, out_dir: str | Path, resume: bool = False, prog
             sums = torch.zeros(g, dtype=torch.float64)
             for k, (x, y, *docs) in enumerate(batches):
                 with sync_gradients(train_model, k == g - 1):
-                    with autocast(args.bf16):
+                    with autocast(args.bf16), recompute_saved():
                         s = model_loss(train_model, x, y, "sum", chunked=not fsdp, **({"doc_ids": docs[0]} if docs else {}))
                     (s / max(float(counts[k, 0]), 1.0) * (d.world / g)).backward()  # ranks average: Σ_r S_r / N_k / g
                 sums[k] = float(s.detach())
@@ -401,7 +407,7 @@ def finetune(args: FinetuneArgs, out_dir: str | Path, resume: bool = False, prog
         dt = time.perf_counter() - t0
         state["elapsed_s"] += dt
         state["history"].append({"step": state["step"], "loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                                 "tokens_per_s": tokens / dt})
+                                 "tokens": tokens, "tokens_per_s": tokens / dt})
         postfix["loss"], postfix["tok/s"] = f"{step_loss:.3f}", f"{tokens / dt:,.0f}"
         postfix["lr"] = f"{scheduler.get_last_lr()[0]:.1e}"
         bar.set_postfix(postfix, refresh=False)
