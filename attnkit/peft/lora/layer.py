@@ -128,7 +128,11 @@ class LoraLinear(TunerLayer):
         x = x.to(A.weight.dtype)
         if name in self.lora_magnitude_vector:
             return (y + self._dora(name, x, y)).to(y.dtype)
-        return y + B(A(dropout(x))).to(y.dtype) * self.scaling[name]
+        h = A(dropout(x))  # (..., r)
+        if B.bias is None and h.dtype == y.dtype:  # y + s·h·Bᵀ in one product: no (..., out) temporaries
+            return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), B.weight.t(),
+                               alpha=self.scaling[name]).view(y.shape)
+        return y + B(h).to(y.dtype) * self.scaling[name]
 
     def _dora(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(m/‖W‖ − 1)·W₀x + (m/‖W‖)·(α/r)·B·A·x, ‖W‖ = ‖W₀ + (α/r)·B·A‖ detached (DoRA §4.3); PEFT's
