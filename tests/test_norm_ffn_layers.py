@@ -45,3 +45,16 @@ def test_add_and_norm_order(norm_first):
     h = x + a if norm_first else layer.norm1(x + a)
     want = h + layer.ffn(layer.norm2(h)) if norm_first else layer.norm2(h + layer.ffn(h))
     torch.testing.assert_close(layer(x, mask=causal_mask(5)), want)
+
+
+def test_swiglu_product_keeps_two_tensors_and_autograd_gradients():
+    from attnkit.nn.ffn import silu_mul
+
+    g = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(silu_mul, (g, u))
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        h = silu_mul(g, u)
+    assert len(saved) == 2 and saved[0] is g and saved[1] is u  # SiLU(g) is recomputed, not kept
+    torch.testing.assert_close(h, torch.nn.functional.silu(g) * u)

@@ -23,6 +23,7 @@ from torch import nn
 
 from .fused import cat_out_features
 from .norm import RMSNorm
+from .recompute import remember
 
 AttentionImpl = Literal["math", "sdpa"]
 
@@ -53,6 +54,12 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
         return x
     B, n_kv, T, hd = x.shape
     return x[:, :, None].expand(B, n_kv, n_rep, T, hd).reshape(B, n_kv * n_rep, T, hd)
+
+
+def _heads_joined(out: torch.Tensor) -> torch.Tensor:
+    """(B, nh, T, hd) → (B, T, nh·hd), the output projection's input."""
+    B, nh, T, hd = out.shape
+    return out.transpose(1, 2).reshape(B, T, nh * hd)
 
 
 def scaled_dot_product_attention(
@@ -279,5 +286,4 @@ class MultiHeadAttention(nn.Module):
             impl=self.impl, need_weights=need_weights, softcap=self.softcap,
         )
         self.last_weights = weights
-        B, _, T, _ = out.shape
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.o_proj(remember(_heads_joined(out), _heads_joined, out))

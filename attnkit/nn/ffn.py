@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fused import cat_out_features
+from .recompute import remember
 
 ACTIVATIONS = {
     "relu": F.relu,
@@ -41,6 +42,36 @@ class FeedForward(nn.Module):
         return self.down(self.dropout(self.act(self.up(x))))
 
 
+class _SiLUMul(torch.autograd.Function):
+    """SiLU(g) ⊙ u keeping only g and u for the backward (SiLU recomputed there, as Liger-Kernel's SwiGLU):
+    autograd of the two ops keeps SiLU(g) too, a third (tokens × d_ff) tensor per layer.
+
+        ∂/∂u = ∂h·SiLU(g)        ∂/∂g = ∂h·u·σ(g)·(1 + g·(1 − σ(g)))
+    """
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(g, u)
+        return _silu_times(g, u)
+
+    @staticmethod
+    def backward(ctx, dh: torch.Tensor):  # type: ignore[override]
+        g, u = ctx.saved_tensors
+        return torch.ops.aten.silu_backward(dh * u, g), dh * F.silu(g)
+
+
+def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """SiLU(g) ⊙ u; under autograd through :class:`_SiLUMul`, and recomputed where a later op would keep it
+    (:mod:`attnkit.nn.recompute`: the input of LoRA's A on the down projection)."""
+    if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
+        return remember(_SiLUMul.apply(g, u), _silu_times, g, u)
+    return _silu_times(g, u)
+
+
+def _silu_times(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return F.silu(g) * u
+
+
 class SwiGLU(nn.Module):
     """(act(x·W_gate) ⊙ x·W_up)·W_down; act = SiLU gives SwiGLU, GELU gives GeGLU."""
 
@@ -63,6 +94,8 @@ class SwiGLU(nn.Module):
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
             h = self.act(gate) * up
+        elif self.act is F.silu:
+            h = silu_mul(self.gate_proj(x), self.up_proj(x))
         else:
             h = self.act(self.gate_proj(x)) * self.up_proj(x)
         return self.down_proj(self.dropout(h) if self.training and self.dropout.p > 0 else h)

@@ -1,0 +1,57 @@
+"""Activations the backward recomputes from tensors it keeps anyway, instead of keeping them too (selective
+activation recomputation: Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
+Models", §5).
+
+A block that makes a cheap function of tensors autograd saves — SwiGLU's SiLU(g) ⊙ u (g and u are kept for its
+own backward), attention's output laid out for the output projection — names it with :func:`remember`. Under
+:func:`recompute_saved` (the trainer's forward), when autograd saves that tensor, or a view of it, for a later
+op's backward (LoRA's A keeps its input), the saved entry holds the recipe; the backward runs it again. Outside,
+:func:`remember` does nothing, and nothing changes."""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+
+_RECIPES: dict[int, tuple[Any, Callable[..., torch.Tensor], tuple[torch.Tensor, ...]]] | None = None
+
+
+def remember(out: torch.Tensor, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+    """Declare ``out == fn(*inputs)`` (the inputs must not change afterwards); returns ``out``."""
+    if _RECIPES is not None:
+        _RECIPES[out.untyped_storage().data_ptr()] = (weakref.ref(out), fn, inputs)
+    return out
+
+
+def _pack(t: torch.Tensor) -> Any:
+    entry = _RECIPES.get(t.untyped_storage().data_ptr()) if _RECIPES else None
+    if entry is None:
+        return t
+    ref, fn, inputs = entry
+    out = ref()
+    if out is None or not out.is_contiguous() or out.storage_offset() or out.untyped_storage().nbytes() != t.untyped_storage().nbytes():
+        return t  # the recipe remakes a whole contiguous tensor: views of it are found by their offset and strides
+    return fn, inputs, t.shape, t.stride(), t.storage_offset()
+
+
+def _unpack(packed: Any) -> torch.Tensor:
+    if isinstance(packed, torch.Tensor):
+        return packed
+    fn, inputs, shape, stride, offset = packed
+    with torch.no_grad():
+        return fn(*inputs).as_strided(shape, stride, offset)
+
+
+@contextmanager
+def recompute_saved() -> Iterator[None]:
+    """Within: tensors declared by :func:`remember` are recomputed in the backward instead of saved."""
+    global _RECIPES
+    was, _RECIPES = _RECIPES, {}
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+            yield
+    finally:
+        _RECIPES = was

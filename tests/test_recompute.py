@@ -1,0 +1,46 @@
+"""Selective recomputation (attnkit.nn.recompute): a LoRA model's gradients are bitwise those of plain autograd,
+and the declared activations are saved as recipes, not tensors."""
+
+from __future__ import annotations
+
+import torch
+
+from attnkit.models.llama import Llama, LlamaConfig
+from attnkit.nn import recompute
+from attnkit.nn.ffn import silu_mul
+from attnkit.peft import LoraConfig, get_peft_model
+from attnkit.train.finetune import model_loss
+
+
+def test_a_declared_activation_and_its_views_are_saved_as_recipes():
+    g = torch.randn(2, 3, 8, requires_grad=True)
+    u = torch.randn(2, 3, 8, requires_grad=True)
+    with recompute.recompute_saved():
+        h = silu_mul(g, u)
+        view = h.view(6, 8)[2:]
+        packed = recompute._pack(view)
+        other = recompute._pack(g * 2)
+    assert not isinstance(packed, torch.Tensor) and isinstance(other, torch.Tensor)
+    assert torch.equal(recompute._unpack(packed), view)
+    assert isinstance(recompute._pack(silu_mul(g, u)), torch.Tensor)  # outside the context nothing is declared
+
+
+def test_lora_gradients_are_unchanged_by_recomputation():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
+    model = get_peft_model(Llama(cfg), LoraConfig(r=4, target_modules="all-linear"))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    x = torch.randint(0, 96, (3, 20))
+    docs = torch.tensor([[0] * 12 + [1] * 8, [0] * 20, [0] * 15 + [-1] * 5])  # packed rows, one padded
+    grads = []
+    for context in (torch.enable_grad, recompute.recompute_saved):
+        model.zero_grad()
+        with context():
+            loss = model_loss(model, x, x, doc_ids=docs)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 7 * 2
+    for n in grads[0]:
+        assert torch.equal(grads[0][n], grads[1][n]), n
