@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .recompute import remember
+
 
 class LayerNorm(nn.Module):
     """(x − μ)/√(σ² + ε)·γ + β over the last dimension (computed by torch's fused kernel)."""
@@ -41,8 +43,16 @@ class RMSNorm(nn.Module):
         w = self.weight if self.weight.dtype == f32 else self.weight.float()
         if self.offset:
             w = w + self.offset
-        y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(self.eps)) * w
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+        r = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(self.eps))  # (..., 1)
+        y = _normed(xf, r, w, x.dtype)
+        # autograd keeps x and r for the norm's own backward: the output, which the next layer's adapters would
+        # keep too, is remade from them (attnkit.nn.recompute)
+        return remember(y, _normed, xf, r, w, x.dtype) if torch.is_grad_enabled() and y.requires_grad else y
+
+
+def _normed(xf: torch.Tensor, r: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    y = xf * r * w
+    return y if y.dtype == dtype else y.to(dtype)
 
 
 def make_norm(kind: str, dim: int, eps: float, offset: float = 0.0) -> nn.Module:

@@ -2,8 +2,9 @@
 activation recomputation: Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
 Models", §5).
 
-A block that makes a cheap function of tensors autograd saves — SwiGLU's SiLU(g) ⊙ u (g and u are kept for its
-own backward), attention's output laid out for the output projection — names it with :func:`remember`. Under
+A block that makes a cheap function of tensors autograd saves — RMSNorm's output (x and 1/rms are kept for its
+own backward), SwiGLU's SiLU(g) ⊙ u (g and u likewise), attention's output laid out for the output projection —
+names it with :func:`remember`. Under
 :func:`recompute_saved` (the trainer's forward), when autograd saves that tensor, or a view of it, for a later
 op's backward (LoRA's A keeps its input), the saved entry holds the recipe; the backward runs it again. Outside,
 :func:`remember` does nothing, and nothing changes."""
@@ -16,10 +17,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-_RECIPES: dict[int, tuple[Any, Callable[..., torch.Tensor], tuple[torch.Tensor, ...]]] | None = None
+_RECIPES: dict[int, tuple[Any, Callable[..., torch.Tensor], tuple[Any, ...]]] | None = None
 
 
-def remember(out: torch.Tensor, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+def remember(out: torch.Tensor, fn: Callable[..., torch.Tensor], *inputs: Any) -> torch.Tensor:
     """Declare ``out == fn(*inputs)`` (the inputs must not change afterwards); returns ``out``."""
     if _RECIPES is not None:
         _RECIPES[out.untyped_storage().data_ptr()] = (weakref.ref(out), fn, inputs)
