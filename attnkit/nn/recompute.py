@@ -22,8 +22,9 @@ _RECIPES: dict[int, tuple[Any, Callable[..., torch.Tensor], tuple[Any, ...]]] | 
 
 def remember(out: torch.Tensor, fn: Callable[..., torch.Tensor], *inputs: Any) -> torch.Tensor:
     """Declare ``out == fn(*inputs)`` (the inputs must not change afterwards); returns ``out``."""
-    if _RECIPES is not None:
-        _RECIPES[out.untyped_storage().data_ptr()] = (weakref.ref(out), fn, inputs)
+    if _RECIPES is not None:  # all held weakly: the recipe must not keep alive what autograd would free
+        held = tuple(weakref.ref(t) if isinstance(t, torch.Tensor) else t for t in inputs)
+        _RECIPES[out.untyped_storage().data_ptr()] = (weakref.ref(out), fn, held)
     return out
 
 
@@ -31,9 +32,10 @@ def _pack(t: torch.Tensor) -> Any:
     entry = _RECIPES.get(t.untyped_storage().data_ptr()) if _RECIPES else None
     if entry is None:
         return t
-    ref, fn, inputs = entry
+    ref, fn, held = entry
     out = ref()
-    if out is None or not out.is_contiguous() or out.storage_offset() or out.untyped_storage().nbytes() != t.untyped_storage().nbytes():
+    inputs = tuple(h() if isinstance(h, weakref.ref) else h for h in held)
+    if out is None or any(i is None for i in inputs) or not out.is_contiguous() or out.storage_offset() or out.untyped_storage().nbytes() != t.untyped_storage().nbytes():
         return t  # the recipe remakes a whole contiguous tensor: views of it are found by their offset and strides
     return fn, inputs, t.shape, t.stride(), t.storage_offset()
 
