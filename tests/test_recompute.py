@@ -44,3 +44,15 @@ def test_lora_gradients_are_unchanged_by_recomputation():
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 7 * 2
     for n in grads[0]:
         assert torch.equal(grads[0][n], grads[1][n]), n
+
+
+def test_a_recipe_keeps_nothing_alive():
+    import weakref
+
+    with recompute.recompute_saved():
+        g = torch.randn(4, 8, requires_grad=True) * 1.0  # not a leaf: only the graph of h holds it
+        u = torch.randn(4, 8)
+        h = silu_mul(g, u)
+        gone = weakref.ref(g)
+        del g, h
+        assert gone() is None  # the forward under gradient checkpointing frees what no backward needs
