@@ -56,3 +56,22 @@ def test_a_recipe_keeps_nothing_alive():
         gone = weakref.ref(g)
         del g, h
         assert gone() is None  # the forward under gradient checkpointing frees what no backward needs
+
+
+def test_the_layers_keep_one_additive_mask_between_them():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
+    model = get_peft_model(Llama(cfg), LoraConfig(r=4, target_modules="all-linear"))
+    x = torch.randint(0, 96, (2, 16))
+    docs = torch.tensor([[0] * 9 + [1] * 7, [0] * 16])
+    loss = model_loss(model, x, x, doc_ids=docs)
+    masks, stack, seen = set(), [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "_saved_attn_mask") and node._saved_attn_mask is not None:
+            masks.add(node._saved_attn_mask.untyped_storage().data_ptr())
+        stack.extend(n for n, _ in node.next_functions)
+    assert len(masks) == 1  # SDPA given a bool mask would convert and keep one per layer (3 here)

@@ -15,6 +15,7 @@ Options of today's families: q/k RMSNorm before RoPE (per head: Qwen3, Gemma 3 �
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Literal, Protocol
 
 import torch
@@ -62,6 +63,23 @@ def _heads_joined(out: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2).reshape(B, T, nh * hd)
 
 
+_ADDITIVE: tuple[weakref.ref, weakref.ref] | None = None
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The bool mask as the additive one SDPA would make of it (0 / −∞), made once for the layers that share
+    ``mask``: SDPA converts a bool mask in every layer, and under autograd every layer would keep its own copy
+    (B·T²·4 bytes each: 64 MiB a layer at 4 × 2048 packed tokens). Both are held weakly here."""
+    global _ADDITIVE
+    if _ADDITIVE is not None:
+        was, add = _ADDITIVE[0](), _ADDITIVE[1]()
+        if was is mask and add is not None and add.dtype == dtype:
+            return add
+    add = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    _ADDITIVE = (weakref.ref(mask), weakref.ref(add))
+    return add
+
+
 def scaled_dot_product_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -93,7 +111,7 @@ def scaled_dot_product_attention(
     row_has_key = None if mask is None else mask.any(dim=-1, keepdim=True)  # (..., T_q, 1)
 
     if impl == "sdpa" and not need_weights and softcap is None:
-        attn_mask = mask
+        attn_mask = None if mask is None else additive_mask(mask, q.dtype)
         if bias is not None:
             attn_mask = bias.to(q.dtype) if mask is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
         out = F.scaled_dot_product_attention(
