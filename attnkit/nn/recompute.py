@@ -4,10 +4,10 @@ Models", §5).
 
 A block that makes a cheap function of tensors autograd saves — RMSNorm's output (x and 1/rms are kept for its
 own backward), SwiGLU's SiLU(g) ⊙ u (g and u likewise), attention's output laid out for the output projection —
-names it with :func:`remember`. Under
-:func:`recompute_saved` (the trainer's forward), when autograd saves that tensor, or a view of it, for a later
-op's backward (LoRA's A keeps its input), the saved entry holds the recipe; the backward runs it again. Outside,
-:func:`remember` does nothing, and nothing changes."""
+names it with :func:`remember`. Under :func:`recompute_saved` (the trainer's forward), when autograd saves that
+tensor, or a view of it, for a later op's backward (LoRA's A keeps its input), the saved entry holds the recipe;
+the backward runs it again. The recipe's inputs are themselves saved by autograd, so its version checks catch an
+in-place change to them. Outside the context :func:`remember` does nothing."""
 
 from __future__ import annotations
 
@@ -35,7 +35,9 @@ def _pack(t: torch.Tensor) -> Any:
     ref, fn, held = entry
     out = ref()
     inputs = tuple(h() if isinstance(h, weakref.ref) else h for h in held)
-    if out is None or any(i is None for i in inputs) or not out.is_contiguous() or out.storage_offset() or out.untyped_storage().nbytes() != t.untyped_storage().nbytes():
+    whole = out is not None and out.is_contiguous() and not out.storage_offset() \
+        and out.untyped_storage().nbytes() == t.untyped_storage().nbytes()
+    if not whole or any(i is None for i in inputs):
         return t  # the recipe remakes a whole contiguous tensor: views of it are found by their offset and strides
     return fn, inputs, t.shape, t.stride(), t.storage_offset()
 
