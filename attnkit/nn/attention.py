@@ -294,9 +294,8 @@ class MultiHeadAttention(nn.Module):
             # a cache that attends itself (the engine's paged KV: many sequences in one packed row)
             # stores the new K/V and returns the attention output; mask and bias are its business
             out = cache.attend(q, k, v)  # type: ignore[attr-defined]
-            B, _, T, _ = out.shape
             self.last_weights = None
-            return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+            return self.o_proj(_heads_joined(out))
         if cache is not None:
             k, v = cache.update(k, v)
         out, weights = scaled_dot_product_attention(
