@@ -89,3 +89,12 @@ def test_resume_overrides_are_named_and_breaking_ones_refused(runs, capsys):
         assert f"{flag} {value}: the run in" in err and "drop the option" in err
     assert main(["finetune", "--out", str(runs / "nowhere"), "--resume"]) == 2
     assert "finetune_args.json: missing" in capsys.readouterr().err
+
+
+def test_a_run_saved_before_best_fit_packing_resumes_with_rows_in_order(tmp_path):
+    saved = FinetuneArgs(data="train.jsonl", packing=True).to_dict()
+    del saved["packing_strategy"]  # finetune_args.json as runs wrote it before the option
+    (tmp_path / "finetune_args.json").write_text(json.dumps(saved))
+    args, changed = resume_args(tmp_path, {})
+    assert args.packing_strategy == "order" and changed == {}
+    assert FinetuneArgs(data="train.jsonl").packing_strategy == "bfd"  # new runs

@@ -111,9 +111,10 @@ def scaled_dot_product_attention(
     row_has_key = None if mask is None else mask.any(dim=-1, keepdim=True)  # (..., T_q, 1)
 
     if impl == "sdpa" and not need_weights and softcap is None:
-        attn_mask = None if mask is None else additive_mask(mask, q.dtype)
         if bias is not None:
             attn_mask = bias.to(q.dtype) if mask is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
+        else:
+            attn_mask = None if mask is None else additive_mask(mask, q.dtype)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale, enable_gqa=n_rep > 1
         )

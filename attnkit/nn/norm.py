@@ -47,7 +47,7 @@ class RMSNorm(nn.Module):
         y = _normed(xf, r, w, x.dtype)
         # autograd keeps x and r for the norm's own backward: the output, which the next layer's adapters would
         # keep too, is remade from them (attnkit.nn.recompute)
-        return remember(y, _normed, xf, r, w, x.dtype) if torch.is_grad_enabled() and y.requires_grad else y
+        return remember(y, _normed, xf, r, w, x.dtype)
 
 
 def _normed(xf: torch.Tensor, r: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

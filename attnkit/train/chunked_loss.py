@@ -81,10 +81,10 @@ def chunked_lm_loss(head: Head, vocab: int, hidden: torch.Tensor, labels: torch.
     h, y = h.index_select(0, keep), y.index_select(0, keep)  # (N, d), (N,)
     rows = max(1, CHUNK_ELEMS // vocab)
     training = torch.is_grad_enabled() and h.requires_grad
-    total = hidden.new_zeros((), dtype=torch.float32) + 0 * hidden.sum()  # 0 with a graph when nothing is labelled
     if training and frozen_head and len(y):
-        total = total + _LossWithGrad.apply(h, y, head, rows)
-        return total / max(len(y), 1) if reduction == "mean" else total
+        total = _LossWithGrad.apply(h, y, head, rows)
+        return total / len(y) if reduction == "mean" else total
+    total = hidden.new_zeros((), dtype=torch.float32) + 0 * hidden.sum()  # 0 with a graph when nothing is labelled
     for i in range(0, len(y), rows):
         hc, yc = h[i:i + rows], y[i:i + rows]
         total = total + (checkpoint(_chunk_loss, head, hc, yc, use_reentrant=False) if training

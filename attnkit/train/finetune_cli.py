@@ -49,7 +49,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "method": "lora | adapter | prefix | prompt | ptuning | ia3 | full", "data": "training JSONL (required)",
         "model": "GGUF file or HF directory; default: the embedded SmolLM2", "schedule": "cosine | linear | constant",
         "target_modules": "comma-separated module names",
-        "packing_strategy": "with --packing: bfd (best-fit decreasing: fewest padded rows) | order (the data's order)", "encoder_type": "P-tuning encoder: MLP | LSTM"},
+        "packing_strategy": "with --packing: bfd (best-fit decreasing: fewest padded rows) | order (the data's order)",
+        "encoder_type": "P-tuning encoder: MLP | LSTM"},
         named_only=True)
     p.set_defaults(func=_finetune)
 
