@@ -62,12 +62,13 @@ def test_a_head_dim_not_in_blocks_is_refused_by_name():
         LLMEngine(model, config=EngineConfig(kv_cache_dtype="q4_0"))
 
 
-def _logits(model, kv: str, prompts, params, torch_only: bool = False, monkeypatch=None):
+def _logits(model, kv: str, prompts, params, torch_only: bool = False, monkeypatch=None, **engine_kw):
     """Each request's logprob rows and tokens, the first generated token's full logits too."""
     if torch_only:  # the PyTorch read paths: gathered rows dequantized, prefill chunks through SDPA
         monkeypatch.setattr(pa, "native_kernel", lambda *a, **k: None)
         monkeypatch.setattr(mr, "native_kernel", lambda *a, **k: None)
-    llm = make_llm(model, block_size=4, kv_cache_bytes=4 << 20, kv_cache_dtype=kv, max_num_batched_tokens=64)
+    engine_kw = {"block_size": 4, "kv_cache_bytes": 4 << 20, "max_num_batched_tokens": 64} | engine_kw
+    llm = make_llm(model, kv_cache_dtype=kv, **engine_kw)
     outs = llm.generate(prompts, params)
     if torch_only:
         monkeypatch.undo()
@@ -115,7 +116,7 @@ def test_engine_on_a_quantized_pool_stays_close_to_float32(model, name, tol, mon
 def test_c_and_torch_read_paths_agree(model, name, monkeypatch):
     prompts = random_prompts(5, VOCAB, 5, 60, seed=4)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3, prompt_logprobs=0)
-    c = _logits(model, name, prompts, params)
+    c = _logits(model, name, prompts, params, kv_exact_blocks=False)  # exact blocks: the C kernels only (below)
     t = _logits(model, name, prompts, params, torch_only=True, monkeypatch=monkeypatch)
     for a, b in zip(c, t):
         assert a.token_ids == b.token_ids

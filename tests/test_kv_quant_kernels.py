@@ -58,8 +58,9 @@ def test_quantized_rows_are_ggufs_blocks(kv_type, hd):
     np.testing.assert_array_equal(got, quants.quantize(x, KV_TYPES[kv_type]))
 
 
-def attention(q, k_pool, v_pool, kv_type, tables, lens, starts, threads=2):
-    """ak_paged_attention_kv's output (B, nh, hd) and return code."""
+def attention(q, k_pool, v_pool, kv_type, tables, lens, starts, threads=2, tail=None):
+    """ak_paged_attention_kv's output (B, nh, hd) and return code; ``tail``: (k, v (nkv, slots, bs, hd) float16,
+    slot (B,), first exact key (B,)) — the exact blocks (attnkit.engine.kv_tail)."""
     B, nh, hd = q.shape
     nkv, num_blocks, bs, _ = k_pool.shape
     max_nb = tables.shape[1]
@@ -67,8 +68,17 @@ def attention(q, k_pool, v_pool, kv_type, tables, lens, starts, threads=2):
     scratch = np.zeros(threads * (nh // nkv) * max_nb * bs, dtype=np.float32)
     rc = lib.ak_paged_attention_kv(ptr(q), ptr(k_pool), ptr(v_pool), kv_type, ptr(tables), ptr(lens), ptr(starts),
                                    ptr(out), B, nh, nkv, hd, bs, num_blocks, max_nb, ctypes.c_float(hd ** -0.5),
-                                   ptr(scratch), threads)
+                                   ptr(scratch), threads, tail_struct(tail))
     return out, rc
+
+
+def tail_struct(tail):
+    if tail is None:
+        return None
+    from attnkit.engine.paged_attention import _Tail
+
+    tk, tv, slot, first = tail
+    return ctypes.byref(_Tail(ptr(tk), ptr(tv), tk.shape[1], ptr(slot), ptr(first)))
 
 
 def reference(q, k, v, tables, lens, starts):
@@ -110,6 +120,41 @@ def test_paged_attention_over_quantized_pools(kv_type, hd, nh, nkv):
     f32, rc = attention(q, np.ascontiguousarray(k), np.ascontiguousarray(v), 0, tables, lens, starts)
     assert rc == 0
     np.testing.assert_allclose(f32, out, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("kv_type", [2, 3])
+@pytest.mark.parametrize("hd", [64, 128, 96])
+def test_exact_blocks_are_read_from_the_tail(kv_type, hd):
+    """Query b reads its keys first[b] <= t < lens[b] (all in its own block) as halves from tail slot slot[b] and
+    the earlier ones from the pool; slot -1 reads them all from the pool."""
+    rng = np.random.default_rng(hd + kv_type)
+    nh, nkv, num_blocks, bs, max_nb, slots = 4, 2, 12, 8, 4, 3
+    lens = np.array([30, 5, 17, 24], dtype=np.int64)
+    starts = np.array([0, 0, 10, 0], dtype=np.int64)
+    slot = np.array([2, 0, 1, -1], dtype=np.int64)
+    first = np.array([24, 2, 16, 16], dtype=np.int64)  # the second query's first 2 rows are read from the pool
+    B = len(lens)
+    tables = np.stack([rng.permutation(num_blocks)[:max_nb] for _ in range(B)]).astype(np.int64)
+    dense = rng.standard_normal((2, nkv * num_blocks * bs, hd)).astype(np.float32)
+    k_pool, v_pool = (quants.quantize(x, KV_TYPES[kv_type]).reshape(nkv, num_blocks, bs, -1) for x in dense)
+    k, v = (quants.dequantize(p, KV_TYPES[kv_type]) for p in (k_pool, v_pool))
+    tk, tv = (rng.standard_normal((nkv, slots, bs, hd)).astype(np.float16) for _ in range(2))
+    q = rng.standard_normal((B, nh, hd)).astype(np.float32)
+    out, rc = attention(q, k_pool, v_pool, kv_type, tables, lens, starts, tail=(tk, tv, slot, first))
+    assert rc == 0
+    # the reference: the pool's dequantized rows with the exact rows put in their place
+    ref = np.zeros((B, nh, hd))
+    for b in range(B):
+        kb, vb = k.copy(), v.copy()
+        if slot[b] >= 0:
+            for t in range(first[b], lens[b]):
+                kb[:, tables[b, t // bs], t % bs] = tk[:, slot[b], t % bs]
+                vb[:, tables[b, t // bs], t % bs] = tv[:, slot[b], t % bs]
+        ref[b] = reference(q[b:b + 1], kb, vb, tables[b:b + 1], lens[b:b + 1], starts[b:b + 1])[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    plain, _ = attention(q, k_pool, v_pool, kv_type, tables, lens, starts)
+    np.testing.assert_allclose(out[3], plain[3], rtol=1e-6, atol=1e-7)  # slot -1: the pool alone
+    assert np.abs(out[:3] - plain[:3]).max() > 1e-2  # the others did read the tail
 
 
 def test_error_codes():

@@ -19,6 +19,7 @@ from .lora import StepAdapters
 from .native_decode import NativeDecoder, why_not
 from .kv_eviction import OBSERVATION, snapkv_keep
 from .kv_format import KVFormat, hadamard64, kv_format
+from .kv_tail import KVTail
 from .paged_attention import AttentionMetadata, PagedKVCache, PrefillChunk, native_kernel
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
@@ -63,10 +64,13 @@ def is_generated(seq: Sequence, n: int) -> bool:
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, compile: bool = False,
                  kv_dtype: torch.dtype | KVFormat | str | None = None, batch_invariant: bool = True,
-                 free_window_kv: bool = True, pools: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 free_window_kv: bool = True, pools: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 tail_slots: int = 0) -> None:
         """``kv_dtype``: how the pool stores K/V (a float dtype, or a :mod:`~attnkit.engine.kv_format` name such as
         "q8_0"); None: the parameters' dtype. ``pools``: K and V pools to use instead of new ones (a layer-skipping
-        draft reads its target's)."""
+        draft reads its target's). ``tail_slots``: a quantized cache's exact blocks (attnkit.engine.kv_tail), as many
+        at once; they apply where every query attends through the C paged attention (the row attention below) with
+        one block table and no soft-capping, else none are made."""
         cfg = model.cfg
         if not hasattr(cfg, "n_kv_heads") or not hasattr(cfg, "hd"):
             raise TypeError(f"the engine runs decoder-only models (Llama family, GPT-2); got {type(model).__name__}")
@@ -97,8 +101,19 @@ class ModelRunner:
         else:
             self.k_pool, self.v_pool = (lazy_zeros(shape, fmt.storage, self.device),
                                         lazy_zeros(shape, fmt.storage, self.device))
+        # prompt rows attend one by one through the C paged attention, each exactly as a decode step at its
+        # position would (float32 activations over a float32/float16 pool on the CPU; see _run)
+        self.row_attention = batch_invariant and not compile and native_kernel(
+            torch.empty(0, dtype=self.dtype, device=self.device), self.k_pool, fmt) is not None
+        self.tail: KVTail | None = None
+        softcaps = [getattr(layer.self_attn, "softcap", None) for layer in model.layers]
+        if tail_slots and fmt.quantized and self.row_attention and len(self.meta_keys) == 1 and pools is None \
+                and all(c is None for c in softcaps):
+            tshape = (n_layers, cfg.n_kv_heads, tail_slots, block_size, cfg.hd)
+            self.tail = KVTail(lazy_zeros(tshape, torch.float16, self.device), lazy_zeros(tshape, torch.float16, self.device))
+        self._filled: list[int] = []  # blocks the step writes to their end (KVTail.filled)
         self.caches = [PagedKVCache(self.k_pool[i], self.v_pool[i], getattr(layer.self_attn, "scale", None),
-                                    getattr(layer.self_attn, "softcap", None), fmt) for i, layer in enumerate(model.layers)]
+                                    softcaps[i], fmt, self.tail, i) for i, layer in enumerate(model.layers)]
         # compile: the decode attention reads K/V through the block tables inside one compiled kernel
         # (inductor) instead of copying every sequence's blocks out of the pool first
         self.compile = compile
@@ -112,10 +127,6 @@ class ModelRunner:
         self.native: NativeDecoder | bool | None = None
         self.native_reason: str | None = None  # why not, when native is False
         self.batch_invariant = batch_invariant
-        # prompt rows attend one by one through the C paged attention, each exactly as a decode step at its
-        # position would (float32 activations over a float32/float16 pool on the CPU; see _run)
-        self.row_attention = batch_invariant and not compile and native_kernel(
-            torch.empty(0, dtype=self.dtype, device=self.device), self.k_pool, fmt) is not None
 
     @staticmethod
     def bytes_per_block(model: nn.Module, block_size: int, kv_dtype: torch.dtype | KVFormat | str | None = None) -> int:
@@ -154,6 +165,15 @@ class ModelRunner:
         """
         self.copy_blocks(batch.copies)
         self.rotate_sinks(batch.rotations)
+        try:
+            return self._run_kinds(batch)
+        finally:
+            if self.tail is not None:
+                self.tail.filled(self._filled)
+            self._filled = []
+
+    def _run_kinds(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
+        """:meth:`run` past the step's block copies: one pass, or one per kind of row (batch invariance)."""
         if not self.batch_invariant:
             return self._run(batch)
         kinds = [row_kind(s, n) for s, n in zip(batch.seqs, batch.num_tokens)]
@@ -242,6 +262,9 @@ class ModelRunner:
             for layer in (i for i, lg in enumerate(self.group_of) if lg == g):
                 self.k_pool[layer, :, dst] = self.k_pool[layer, :, src]
                 self.v_pool[layer, :, dst] = self.v_pool[layer, :, src]
+        if self.tail is not None:
+            for _, src, dst in copies:
+                self.tail.copy(src, dst)
 
     def _run(self, batch: ScheduledBatch, generated: bool = True) -> tuple[torch.Tensor, list[int]]:
         """One forward pass over the batch (its copy-on-write copies already made); ``generated``: its rows are
@@ -284,11 +307,13 @@ class ModelRunner:
         if meta.decode_only and generated and not self.compile and self.lora_step is None and len(keys) == 1:
             if self.native is None:
                 self.native_reason = why_not(model, self.k_pool, self.kv_format)
-                self.native = NativeDecoder(model, self.k_pool, self.v_pool, self.kv_format) if self.native_reason is None else False
+                self.native = NativeDecoder(model, self.k_pool, self.v_pool, self.kv_format, self.tail) \
+                    if self.native_reason is None else False
             if self.native and (self.batch_invariant or len(ids) <= self.native.max_rows):
                 assert meta.decode_tables is not None and meta.decode_lens is not None and meta.decode_starts is not None
                 h = self.native.hidden(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device),
-                                       meta.slots, meta.decode_tables, meta.decode_lens, meta.decode_starts)
+                                       meta.slots, meta.decode_tables, meta.decode_lens, meta.decode_starts,
+                                       meta.decode_tail)
                 self.prompt_logits = ([], torch.empty(0))
                 return self.native.logits(h).float(), sample_rows
         for key, m in metas.items():
@@ -327,21 +352,40 @@ class ModelRunner:
         dec_tables: list[list[int]] = []
         dec_lens: list[int] = []
         prefills: list[PrefillChunk] = []
+        tail = self.tail
+        tail_rows: tuple[list[int], list[int]] = ([], [])  # each new token's (tail slot, offset)
+        dec_tail: tuple[list[int], list[int]] = ([], [])  # each decode query's (tail slot, first key read from it)
         for seq, t0, pos0, n in rows:
             table = [max(b, 0) for b in getattr(seq, table_attr)]
             start = pos0 - seq.kv_shift  # the first new token's cache index (StreamingLLM drops tokens)
             slots += [table[i // bs] * bs + i % bs for i in range(start, start + n)]
             ctx = start + n
+            exact = tail is not None and seq.params.kv_window is None and seq.params.kv_budget is None \
+                and not seq.kv_shift
+            if tail is not None:
+                for i in range(start, ctx):
+                    tail_rows[0].append(tail.slot(table[i // bs], i % bs) if exact else -1)
+                    tail_rows[1].append(i % bs)
+                if exact:
+                    self._filled += [table[b] for b in range(start // bs, ctx // bs)]
             if n == 1 or per_row or seq.spec_tokens:  # a verification's rows: each a decode query
                 for i, q_pos in enumerate(range(start, ctx)):
                     dec_idx.append(t0 + i)
                     dec_tables.append(table[:q_pos // bs + 1])
                     dec_lens.append(q_pos + 1)
+                    if tail is not None:
+                        slot, first = tail.exact(table[q_pos // bs]) if exact else (-1, 0)
+                        dec_tail[0].append(slot)
+                        dec_tail[1].append(q_pos // bs * bs + first)
             else:
                 causal = start == 0 and (window is None or window >= n)  # the mask would be plain causal
                 mask = None if causal else self._mask(torch.arange(start, ctx, device=self.device), ctx, window)
                 prefills.append(PrefillChunk(t0, t0 + n, ctx, torch.tensor(table[:-(-ctx // bs)], device=self.device), mask))
         meta = AttentionMetadata(torch.tensor(slots, device=self.device), prefills=prefills)
+        if tail is not None:
+            assert not prefills, "exact blocks: every query attends as a decode query"
+            meta.tail_write = (torch.tensor(tail_rows[0], device=self.device), torch.tensor(tail_rows[1], device=self.device))
+            meta.decode_tail = (torch.tensor(dec_tail[0], device=self.device), torch.tensor(dec_tail[1], device=self.device))
         if dec_idx:
             width = max(len(t) for t in dec_tables)
             meta.decode_index = torch.tensor(dec_idx, device=self.device)

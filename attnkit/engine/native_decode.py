@@ -23,6 +23,8 @@ from torch import nn
 from ..kernels import library
 from ..quant.native import ACT_BLOCK_BYTES, GGUFBlockLinear
 from .kv_format import KVFormat, kv_format
+from .kv_tail import KVTail
+from .paged_attention import tail_arg
 
 
 
@@ -34,7 +36,7 @@ class _Layer(ctypes.Structure):  # kernels/decode.h's ak_layer
     _fields_ = [("qkv", _Part * 3), ("gate_up", _Part * 2), ("o", _Part), ("down", _Part), ("n_qkv", ctypes.c_int),
                 ("n_gate_up", ctypes.c_int), ("qkv_bias", ctypes.c_void_p), ("attn_norm", ctypes.c_void_p),
                 ("ffn_norm", ctypes.c_void_p), ("k_pool", ctypes.c_void_p), ("v_pool", ctypes.c_void_p),
-                ("qk_norm", ctypes.c_int), ("qk_eps", ctypes.c_float), ("q_norm", ctypes.c_void_p),
+                ("k_tail", ctypes.c_void_p), ("v_tail", ctypes.c_void_p), ("qk_norm", ctypes.c_int), ("qk_eps", ctypes.c_float), ("q_norm", ctypes.c_void_p),
                 ("k_norm", ctypes.c_void_p), ("moe", ctypes.c_void_p)]
 
 
@@ -177,8 +179,9 @@ class NativeDecoder:
     GGUF's row layout, 64 on interleaved blocks); more go to the eager path and its dense products.
     """
 
-    def __init__(self, model: nn.Module, k_pool: torch.Tensor, v_pool: torch.Tensor, fmt: KVFormat | None = None) -> None:
-        self.model, self.lib = model, library()
+    def __init__(self, model: nn.Module, k_pool: torch.Tensor, v_pool: torch.Tensor, fmt: KVFormat | None = None,
+                 tail: KVTail | None = None) -> None:
+        self.model, self.lib, self.tail = model, library(), tail
         cfg = model.cfg
         self.d, self.nh, self.nkv, self.hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.hd
         dense = [layer.ffn for layer in model.layers if not hasattr(layer.ffn, "experts")]
@@ -204,7 +207,9 @@ class NativeDecoder:
             layers.append(_Layer(qkv_parts, gu_parts, _c_parts(o, 1)[0][0], down, n_qkv, n_gu,
                                  bias.data_ptr() if bias is not None else None,
                                  layer.norm1.weight.data_ptr(), layer.norm2.weight.data_ptr(),
-                                 k_pool[i].data_ptr(), v_pool[i].data_ptr(), qk,
+                                 k_pool[i].data_ptr(), v_pool[i].data_ptr(),
+                                 tail.k[i].data_ptr() if tail is not None else None,
+                                 tail.v[i].data_ptr() if tail is not None else None, qk,
                                  float(attn.q_norm.eps) if qk else 0.0,
                                  attn.q_norm.weight.data_ptr() if qk else None,
                                  attn.k_norm.weight.data_ptr() if qk else None,
@@ -263,8 +268,10 @@ class NativeDecoder:
 
     @torch.inference_mode()
     def hidden(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
-               lens: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-        """ids, positions, slots (B,); tables (B, max_nb); lens, starts (B,) → the last layer's output (B, d)."""
+               lens: torch.Tensor, starts: torch.Tensor, tail: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> torch.Tensor:
+        """ids, positions, slots (B,); tables (B, max_nb); lens, starts (B,) → the last layer's output (B, d).
+        ``tail``: each row's exact-block slot and first exact key (B,) each (attnkit.engine.kv_tail), or None."""
         x = self.model.tok_embeddings(ids)  # (B, d)
         if self.model.cfg.embed_scale != 1.0:  # as Llama.forward: the scale rounded to the embeddings' dtype
             x = x * torch.tensor(self.model.cfg.embed_scale, dtype=x.dtype)
@@ -278,7 +285,8 @@ class NativeDecoder:
                                       self.ff, ctypes.c_float(self.eps), cos.data_ptr(), sin.data_ptr(),
                                       *(t.data_ptr() for t in keep), max_nb, self.bs, self.num_blocks, self.kv_type,
                                       work.data_ptr(), act.data_ptr(), scores.data_ptr(),
-                                      moe.data_ptr() if moe.numel() else None, moe.numel(), self.threads)
+                                      moe.data_ptr() if moe.numel() else None, moe.numel(), self.threads,
+                                      tail_arg(self.tail, tail, keep))
         if rc:
             raise RuntimeError(f"ak_llama_decode failed (code {rc})")
         return x

@@ -14,6 +14,7 @@ The same code runs on CUDA tensors; only the pool's device changes.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from ..nn.attention import scaled_dot_product_attention
 from .kv_format import KVFormat, hadamard64, kv_format
+from .kv_tail import KVTail
 
 
 @dataclass
@@ -50,6 +52,10 @@ class AttentionMetadata:
     scratch: list[torch.Tensor] = field(default_factory=list)  # the decode gather's buffers, reused by every layer
     # SnapKV's observation windows: (rows in the packed row, the list each layer appends its queries (nh, m, hd) to)
     observe: list[tuple[torch.Tensor, list[torch.Tensor]]] = field(default_factory=list)
+    # a 4-bit cache's exact blocks (attnkit.engine.kv_tail): each new token's (tail slot, offset), each decode
+    # query's (tail slot, first key read from it) — slot -1: none
+    tail_write: tuple[torch.Tensor, torch.Tensor] | None = None
+    decode_tail: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
@@ -76,7 +82,8 @@ class PagedKVCache:
     attends = True
 
     def __init__(self, k_pool: torch.Tensor, v_pool: torch.Tensor, scale: float | None = None,
-                 softcap: float | None = None, fmt: KVFormat | None = None) -> None:
+                 softcap: float | None = None, fmt: KVFormat | None = None, tail: KVTail | None = None,
+                 layer: int = 0) -> None:
         self.k_pool, self.v_pool = k_pool, v_pool  # (n_kv, num_blocks, block_size, width): width = hd unless quantized
         self.fmt = fmt or kv_format(k_pool.dtype)  # how a row is stored
         self.meta: AttentionMetadata | None = None
@@ -84,12 +91,15 @@ class PagedKVCache:
         self.scale = hd ** -0.5 if scale is None else scale  # the layer's softmax scale
         self.rotate = self.fmt.rotates(hd)
         self.softcap = softcap  # the layer's score soft-capping (Gemma 2): the C kernel does not take it
+        self.tail, self.layer = tail, layer  # a 4-bit cache's exact blocks, and this layer's index in them
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise TypeError("PagedKVCache attends itself: MultiHeadAttention calls attend(), not update()")
 
     def _write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         write_kv(self.k_pool, self.v_pool, k[0], v[0], slots, self.fmt)
+        if self.tail is not None and self.meta is not None and self.meta.tail_write is not None:
+            self.tail.write(self.layer, k[0], v[0], *self.meta.tail_write)
 
     def _gather(self, tables: torch.Tensor, scratch: list[torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +131,9 @@ class PagedKVCache:
             meta.native = NativeDecodeArgs.prepare(meta, q, self.k_pool, self.fmt) or False
         if meta.native and self.softcap is None:
             return paged_decode_attention_native(q, self.k_pool, self.v_pool, meta.decode_tables, meta.decode_lens,
-                                                 meta.decode_starts, meta.native, self.scale)  # type: ignore[arg-type]
+                                                 meta.decode_starts, meta.native, self.scale,  # type: ignore[arg-type]
+                                                 tail=(self.tail, self.layer) if meta.decode_tail is not None else None)
+        assert meta.decode_tail is None, "exact blocks are read by the C paged attention only (ModelRunner enables them so)"
         if meta.fused_gather and self.softcap is None and not self.fmt.quantized:
             return compiled_paged_decode_attention()(q, self.k_pool, self.v_pool, meta.decode_tables, meta.decode_bias,
                                                      self.scale)
@@ -144,6 +156,7 @@ class PagedKVCache:
             queries.append(q[0][:, rows])
         if meta.decode_only:
             return self._decode(q[0], meta)[None]
+        assert meta.decode_tail is None, "exact blocks: every query a decode query (ModelRunner's row attention)"
         if self.fmt.quantized:  # the chunks attend to their own K/V as the pool holds them, like cached K/V
             k, v = self.fmt.dequantize(self.fmt.quantize(k), q.dtype), self.fmt.dequantize(self.fmt.quantize(v), q.dtype)
         elif k.dtype != self.k_pool.dtype:
@@ -246,8 +259,26 @@ def native_kernel(q: torch.Tensor, k_pool: torch.Tensor, fmt: KVFormat | None = 
     return functools.partial(_paged_attention_kv, lib, fmt.code)
 
 
-def _paged_attention_kv(lib, kv_type: int, q, k_pool, v_pool, *rest) -> int:
-    return lib.ak_paged_attention_kv(q, k_pool, v_pool, kv_type, *rest)
+def _paged_attention_kv(lib, kv_type: int, q, k_pool, v_pool, *rest, tail=None) -> int:
+    return lib.ak_paged_attention_kv(q, k_pool, v_pool, kv_type, *rest, tail)
+
+
+class _Tail(ctypes.Structure):  # kernels/decode.h's ak_kv_tail
+    _fields_ = [("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("slots", ctypes.c_int), ("slot", ctypes.c_void_p),
+                ("exact_from", ctypes.c_void_p)]
+
+
+def tail_arg(tail: KVTail | None, rows: tuple[torch.Tensor, torch.Tensor] | None, keep: list,
+             layer: int | None = None):
+    """The C kernels' ``ak_kv_tail *`` for the query rows' (slot, first exact key) ``rows``: ``layer``'s slots, or
+    none (the decode step passes each layer's own); None without exact blocks. ``keep`` holds what it points to."""
+    if tail is None or rows is None:
+        return None
+    slot, first = (t.contiguous() for t in rows)
+    k, v = (None, None) if layer is None else (tail.k[layer].data_ptr(), tail.v[layer].data_ptr())
+    arg = _Tail(k, v, tail.slots, slot.data_ptr(), first.data_ptr())
+    keep += [slot, first, arg]
+    return ctypes.byref(arg)
 
 
 class NativeDecodeArgs:
@@ -260,6 +291,7 @@ class NativeDecodeArgs:
         self.scratch = torch.empty(self.threads * (nh // n_kv) * tables.shape[1] * bs)  # the scores
         self.ptrs = [t.data_ptr() for t in self.keep]
         self.B, self.max_nb = tables.shape
+        self.tail: tuple[torch.Tensor, torch.Tensor] | None = None  # the rows' exact blocks (AttentionMetadata.decode_tail)
 
     @classmethod
     def prepare(cls, meta: AttentionMetadata, q: torch.Tensor, k_pool: torch.Tensor,
@@ -273,21 +305,25 @@ class NativeDecodeArgs:
         if kernel is None:
             return None
         assert meta.decode_tables is not None
-        return cls(kernel, meta.decode_tables, meta.decode_lens, meta.decode_starts, q.shape[0], k_pool.shape[0],
+        args = cls(kernel, meta.decode_tables, meta.decode_lens, meta.decode_starts, q.shape[0], k_pool.shape[0],
                    k_pool.shape[2])
+        args.tail = meta.decode_tail
+        return args
 
 
 def paged_decode_attention_native(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
                                   lens: torch.Tensor, starts: torch.Tensor,
                                   prepared: NativeDecodeArgs | None = None, scale: float | None = None,
-                                  fmt: KVFormat | None = None) -> torch.Tensor | None:
+                                  fmt: KVFormat | None = None, tail: tuple[KVTail, int] | None = None
+                                  ) -> torch.Tensor | None:
     """One query token per sequence over its K/V read in place through the block tables (C kernel).
 
     q (nh, B, hd) float32; pools (n_kv, num_blocks, block_size, width) float32 or float16 rows, or q8_0/q4_0
     rows of ``fmt`` (width their bytes), contiguous; tables
     (B, nb), lens and starts (B,) int64: sequence b attends to keys starts[b] ≤ j < lens[b]. Returns (nh, B, hd),
     or None when the kernel is not available for these inputs (then the caller gathers and uses bmm).
-    ``prepared``: the step's arguments made once (:class:`NativeDecodeArgs`), shared by every layer.
+    ``prepared``: the step's arguments made once (:class:`NativeDecodeArgs`), shared by every layer. ``tail``: the
+    exact blocks and this layer's index (a q8_0/q4_0 pool; the rows' slots in ``prepared.tail``).
     """
     nh, B, hd = q.shape
     n_kv, num_blocks, bs, _ = k_pool.shape
@@ -301,7 +337,10 @@ def paged_decode_attention_native(q: torch.Tensor, k_pool: torch.Tensor, v_pool:
     qb = q.transpose(0, 1).contiguous()  # (B, nh, hd)
     out = torch.empty_like(qb)
     t, ln, st = prepared.ptrs
+    extra, keep = {}, []  # keep: what the tail argument points to, alive through the call
+    if tail is not None:
+        extra["tail"] = tail_arg(tail[0], prepared.tail, keep, tail[1])
     prepared.kernel(qb.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), t, ln, st, out.data_ptr(), B, nh, n_kv, hd,
                     bs, num_blocks, prepared.max_nb, hd ** -0.5 if scale is None else scale, prepared.scratch.data_ptr(),
-                    prepared.threads)
+                    prepared.threads, **extra)
     return out.transpose(0, 1)

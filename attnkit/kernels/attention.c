@@ -159,34 +159,43 @@ static inline void softmax(float *p, int64_t n) {
     for (int64_t u = 0; u < n; u++) p[u] *= inv;
 }
 
+/* pass 0: the scores of key row k (key t) for the g heads; pass 1: the row of values weighed into their outputs */
+#define ATTEND_ROW(t, k)                                                                     \
+    for (int gi = 0; gi < g; gi++) {                                                        \
+        if (!pass) {                                                                        \
+            const float *qg = qb + (size_t)gi * hd;                                         \
+            float acc = 0.f;                                                                \
+            _Pragma("omp simd reduction(+ : acc)") for (int d = 0; d < hd; d++) acc += qg[d] * (k)[d]; \
+            s[(size_t)gi * L + (t)] = acc * scale;                                          \
+        } else {                                                                            \
+            const float p = s[(size_t)gi * L + (t)];                                        \
+            float *og = ob + (size_t)gi * hd;                                               \
+            _Pragma("omp simd") for (int d = 0; d < hd; d++) og[d] += p * (k)[d];           \
+        }                                                                                   \
+    }
+
 /* One (sequence, KV head) task: its g query heads against keys st <= t < len. ``hd`` is a compile-time
  * constant where the caller passes a literal (always_inline), so the row loops have known trip counts; a
  * row that is not float32 is decoded once into kt for all g heads. */
 static inline __attribute__((always_inline)) void attend_task(
         const float *qb, const void *k_pool, const void *v_pool, int kv_type, const int64_t *tab, int64_t st,
-        int64_t len, int h, int g, const int hd, int bs, int num_blocks, size_t L, float scale, float *s, float *ob) {
+        int64_t len, int h, int g, const int hd, int bs, int num_blocks, size_t L, float scale, float *s, float *ob,
+        const uint16_t *tk, const uint16_t *tv, int64_t tf, int64_t trow) {
     float kt[hd];
     for (int i = 0; i < g * hd; i++) ob[i] = 0.f;
     if (len <= st) return;
-    KV_ROWS(tab, st, len, h, bs, num_blocks, t, r) {
-        const float *k = kv_row(k_pool, kv_type, r, hd, kt);
-        for (int gi = 0; gi < g; gi++) {
-            const float *qg = qb + (size_t)gi * hd;
-            float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-            for (int d = 0; d < hd; d++) acc += qg[d] * k[d];
-            s[(size_t)gi * L + t] = acc * scale;
+    const int64_t pend = tk ? tf : len; /* keys pend <= t < len: halves of the exact tail, row trow + t % bs */
+    for (int pass = 0; pass < 2; pass++) {
+        KV_ROWS(tab, st, pend, h, bs, num_blocks, t, r) {
+            const float *k = kv_row(pass ? v_pool : k_pool, kv_type, r, hd, kt);
+            ATTEND_ROW(t, k)
         }
-    }
-    for (int gi = 0; gi < g; gi++) softmax(s + (size_t)gi * L + st, len - st);
-    KV_ROWS(tab, st, len, h, bs, num_blocks, t, r) {
-        const float *v = kv_row(v_pool, kv_type, r, hd, kt);
-        for (int gi = 0; gi < g; gi++) {
-            const float p = s[(size_t)gi * L + t];
-            float *og = ob + (size_t)gi * hd;
-#pragma omp simd
-            for (int d = 0; d < hd; d++) og[d] += p * v[d];
+        for (int64_t t = pend > st ? pend : st; t < len; t++) {
+            const float *k = kv_row(pass ? tv : tk, AK_KV_F16, (size_t)(trow + t % bs), hd, kt);
+            ATTEND_ROW(t, k)
         }
+        if (!pass)
+            for (int gi = 0; gi < g; gi++) softmax(s + (size_t)gi * L + st, len - st);
     }
 }
 
@@ -278,32 +287,43 @@ AK_INLINE __m256 row8(const void *pool, const int KV, size_t r, const int HD, in
  * heads, the softmax 8 scores at a time, and one query head's output row accumulated in registers across the keys */
 AK_INLINE void attend_task_avx2(const float *qb, const void *k_pool, const void *v_pool, const int KV,
                                 const int64_t *tab, int64_t st, int64_t len, int h, int g, const int HD, int bs,
-                                int num_blocks, size_t L, float scale, float *s, float *ob) {
+                                int num_blocks, size_t L, float scale, float *s, float *ob, const uint16_t *tk,
+                                const uint16_t *tv, int64_t tf, int64_t trow) {
     if (len <= st) {
         for (int i = 0; i < g * HD; i++) ob[i] = 0.f;
         return;
     }
-    KV_ROWS(tab, st, len, h, bs, num_blocks, t, r) {
-        __m256 k[HD / 8];
-        for (int i = 0; i < HD / 8; i++) k[i] = row8(k_pool, KV, r, HD, i);
-        for (int gi = 0; gi < g; gi++) {
-            const float *qg = qb + (size_t)gi * HD;
-            __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(qg), k[0]), a1 = _mm256_mul_ps(_mm256_loadu_ps(qg + 8), k[1]);
-            for (int i = 2; i < HD / 8; i += 2) {
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * i), k[i], a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * i + 8), k[i + 1], a1);
-            }
-            s[(size_t)gi * L + t] = hsum(_mm256_add_ps(a0, a1)) * scale;
-        }
+    const int64_t pend = tk ? tf : len; /* keys pend <= t < len: halves of the exact tail, row trow + t % bs */
+#define SCORE_ROW(POOL, KIND, R, T)                                                                              \
+    {                                                                                                          \
+        __m256 k[HD / 8];                                                                                      \
+        for (int i = 0; i < HD / 8; i++) k[i] = row8(POOL, KIND, R, HD, i);                                    \
+        for (int gi = 0; gi < g; gi++) {                                                                       \
+            const float *qg = qb + (size_t)gi * HD;                                                            \
+            __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(qg), k[0]), a1 = _mm256_mul_ps(_mm256_loadu_ps(qg + 8), k[1]); \
+            for (int i = 2; i < HD / 8; i += 2) {                                                              \
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * i), k[i], a0);                                    \
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * i + 8), k[i + 1], a1);                            \
+            }                                                                                                  \
+            s[(size_t)gi * L + (T)] = hsum(_mm256_add_ps(a0, a1)) * scale;                                     \
+        }                                                                                                      \
     }
+    KV_ROWS(tab, st, pend, h, bs, num_blocks, t, r) SCORE_ROW(k_pool, KV, r, t)
+    for (int64_t t = pend > st ? pend : st; t < len; t++) SCORE_ROW(tk, AK_KV_F16, (size_t)(trow + t % bs), t)
+#undef SCORE_ROW
     for (int gi = 0; gi < g; gi++) softmax(s + (size_t)gi * L + st, len - st);
     for (int gi = 0; gi < g; gi++) {
         __m256 acc[HD / 8];
         for (int i = 0; i < HD / 8; i++) acc[i] = _mm256_setzero_ps();
         const float *sg = s + (size_t)gi * L;
-        KV_ROWS(tab, st, len, h, bs, num_blocks, t, r) {
+        KV_ROWS(tab, st, pend, h, bs, num_blocks, t, r) {
             const __m256 p = _mm256_set1_ps(sg[t]);
             for (int i = 0; i < HD / 8; i++) acc[i] = _mm256_fmadd_ps(p, row8(v_pool, KV, r, HD, i), acc[i]);
+        }
+        for (int64_t t = pend > st ? pend : st; t < len; t++) {
+            const __m256 p = _mm256_set1_ps(sg[t]);
+            for (int i = 0; i < HD / 8; i++)
+                acc[i] = _mm256_fmadd_ps(p, row8(tv, AK_KV_F16, (size_t)(trow + t % bs), HD, i), acc[i]);
         }
         for (int i = 0; i < HD / 8; i++) _mm256_storeu_ps(ob + (size_t)gi * HD + 8 * i, acc[i]);
     }
@@ -313,7 +333,8 @@ AK_INLINE void attend_task_avx2(const float *qb, const void *k_pool, const void 
 /* 0, or 1 (nh % nkv), 3 (a quantized kv_type and hd % 32), 4 (an unknown kv_type) */
 static int paged_attention(const float *q, const void *k_pool, const void *v_pool, int kv_type, const int64_t *tables,
                            const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
-                           int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads) {
+                           int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads,
+                           const ak_kv_tail *tail) {
     if (nh % nkv != 0) return 1;
     if (kv_type < AK_KV_F32 || kv_type > AK_KV_Q4_0) return 4;
     if (!ak_kv_row_bytes(kv_type, hd)) return 3;
@@ -327,13 +348,17 @@ static int paged_attention(const float *q, const void *k_pool, const void *v_poo
             float *ob = out + ((size_t)b * nh + (size_t)h * g) * hd;
             const int64_t *tab = tables + (size_t)b * max_nb;
             const int64_t st = starts[b], len = lens[b];
+            const int slot = tail && tail->slot[b] >= 0 ? (int)tail->slot[b] : -1;
+            const uint16_t *tk = slot >= 0 ? tail->k : NULL, *tv = slot >= 0 ? tail->v : NULL;
+            const int64_t tf = slot >= 0 ? tail->from[b] : len, trow = ((int64_t)h * (slot >= 0 ? tail->slots : 0) + slot) * bs;
 #ifdef __AVX512F__
-            if (hd == 64 && kv_type <= AK_KV_F16) /* the float pools' AVX-512 kernel */
+            if (hd == 64 && kv_type <= AK_KV_F16 && !tk) /* the float pools' AVX-512 kernel */
                 attend_task64(qb, k_pool, v_pool, kv_type == AK_KV_F16, tab, st, len, h, g, bs, num_blocks, L, scale,
                               s, ob);
             else
 #elif defined(AK_AVX2)
-#define AVX2_TASK(KV, HD) attend_task_avx2(qb, k_pool, v_pool, KV, tab, st, len, h, g, HD, bs, num_blocks, L, scale, s, ob)
+#define AVX2_TASK(KV, HD) \
+    attend_task_avx2(qb, k_pool, v_pool, KV, tab, st, len, h, g, HD, bs, num_blocks, L, scale, s, ob, tk, tv, tf, trow)
 #define AVX2_TASKS(HD)                                   \
     switch (kv_type) {                                   \
         case AK_KV_F32: AVX2_TASK(AK_KV_F32, HD); break;   \
@@ -348,11 +373,14 @@ static int paged_attention(const float *q, const void *k_pool, const void *v_poo
 #undef AVX2_TASK
 #endif
             if (hd == 64)
-                attend_task(qb, k_pool, v_pool, kv_type, tab, st, len, h, g, 64, bs, num_blocks, L, scale, s, ob);
+                attend_task(qb, k_pool, v_pool, kv_type, tab, st, len, h, g, 64, bs, num_blocks, L, scale, s, ob, tk, tv,
+                            tf, trow);
             else if (hd == 128)
-                attend_task(qb, k_pool, v_pool, kv_type, tab, st, len, h, g, 128, bs, num_blocks, L, scale, s, ob);
+                attend_task(qb, k_pool, v_pool, kv_type, tab, st, len, h, g, 128, bs, num_blocks, L, scale, s, ob, tk, tv,
+                            tf, trow);
             else
-                attend_task(qb, k_pool, v_pool, kv_type, tab, st, len, h, g, hd, bs, num_blocks, L, scale, s, ob);
+                attend_task(qb, k_pool, v_pool, kv_type, tab, st, len, h, g, hd, bs, num_blocks, L, scale, s, ob, tk, tv,
+                            tf, trow);
         }
     }
     return 0;
@@ -362,20 +390,22 @@ int ak_paged_attention(const float *q, const float *k_pool, const float *v_pool,
                        const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
                        int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads) {
     return paged_attention(q, k_pool, v_pool, AK_KV_F32, tables, lens, starts, out, B, nh, nkv, hd, bs, num_blocks,
-                           max_nb, scale, scratch, threads);
+                           max_nb, scale, scratch, threads, NULL);
 }
 
 int ak_paged_attention_f16(const float *q, const uint16_t *k_pool, const uint16_t *v_pool, const int64_t *tables,
                            const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
                            int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads) {
     return paged_attention(q, k_pool, v_pool, AK_KV_F16, tables, lens, starts, out, B, nh, nkv, hd, bs, num_blocks,
-                           max_nb, scale, scratch, threads);
+                           max_nb, scale, scratch, threads, NULL);
 }
 
-/* the paged attention over pools of kv_type (AK_KV_*: float32, float16, Q8_0 or Q4_0 rows) */
+/* the paged attention over pools of kv_type (AK_KV_*: float32, float16, Q8_0 or Q4_0 rows), tail: NULL or the
+ * exact blocks (ak_kv_tail) */
 int ak_paged_attention_kv(const float *q, const void *k_pool, const void *v_pool, int kv_type, const int64_t *tables,
                           const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
-                          int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads) {
+                          int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads,
+                          const ak_kv_tail *tail) {
     return paged_attention(q, k_pool, v_pool, kv_type, tables, lens, starts, out, B, nh, nkv, hd, bs, num_blocks,
-                           max_nb, scale, scratch, threads);
+                           max_nb, scale, scratch, threads, tail);
 }

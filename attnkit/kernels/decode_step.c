@@ -33,12 +33,18 @@ static void rope(float *x, int n, int hd, const float *cos, const float *sin) {
     }
 }
 
-/* the nkv new rows src (nkv, hd) -> their slot of the pool, as kv_type stores them */
-static void store_kv(void *pool, int kv_type, const float *src, int nkv, int hd, int num_blocks, int bs, int64_t slot) {
+/* the nkv new rows src (nkv, hd) -> their slot of the pool, as kv_type stores them, and as halves into their exact
+ * block's tail slot ts (of tail (nkv, tail_slots, bs, hd); ts < 0: none) */
+static void store_kv(void *pool, int kv_type, const float *src, int nkv, int hd, int num_blocks, int bs, int64_t slot,
+                     uint16_t *tail, int tail_slots, int64_t ts) {
     const int64_t block = slot / bs, off = slot % bs;
     const size_t rb = ak_kv_row_bytes(kv_type, hd);
     for (int h = 0; h < nkv; h++) {
         const float *x = src + (size_t)h * hd;
+        if (tail && ts >= 0) {
+            uint16_t *t = tail + (((size_t)h * tail_slots + (size_t)ts) * bs + (size_t)off) * hd;
+            for (int i = 0; i < hd; i++) t[i] = ak_float_to_half(x[i]);
+        }
         uint8_t *row = (uint8_t *)pool + (((size_t)h * num_blocks + (size_t)block) * bs + (size_t)off) * rb;
         if (kv_type == AK_KV_F32)
             memcpy(row, x, rb);
@@ -86,13 +92,15 @@ static int gemv_parts(const ak_part *p, int np, const float *x, float *y, float 
  * work: B·(2d + nqkv + 2·nh·hd + 2·ff + max(nqkv, 2·ff)) floats (ff: the dense layers' hidden size, 0 when every
  * layer is a mixture of experts); act: the quantized activations (ak_gemv's scratch, for the widest input:
  * B · max(d, ff, nh·hd)/32 · 40 bytes); scores: ak_paged_attention_kv's scratch; moe_work: moe_bytes bytes, at least
- * ak_moe_work_bytes for the widest MoE layer (NULL, 0 without one). Returns 0, or 1 (a product refused), 2 (the
+ * ak_moe_work_bytes for the widest MoE layer (NULL, 0 without one); tail: the exact blocks' slots (ak_kv_tail, its k and
+ * v unused: each layer's k_tail, v_tail) or NULL. Returns 0, or 1 (a product refused), 2 (the
  * attention refused; a kv_type or hd the pools cannot hold: before any row is written), 3–5 (an MoE layer:
  * ak_moe_ffn's code + 2). */
 int ak_llama_decode(const ak_layer *layers, int n_layers, float *x, int B, int d, int nh, int nkv, int hd, int ff,
                     float eps, const float *cos, const float *sin, const int64_t *slots, const int64_t *tables,
                     const int64_t *lens, const int64_t *starts, int max_nb, int bs, int num_blocks, int kv_type,
-                    float *work, void *act, float *scores, void *moe_work, size_t moe_bytes, int threads) {
+                    float *work, void *act, float *scores, void *moe_work, size_t moe_bytes, int threads,
+                    const ak_kv_tail *tail) {
     const int nq = nh * hd, nkvd = nkv * hd, nqkv = nq + 2 * nkvd;
     float *xn = work;                            /* (B, d)     normed input */
     float *qkv = xn + (size_t)B * d;             /* (B, nqkv)  projections */
@@ -122,11 +130,15 @@ int ak_llama_decode(const ak_layer *layers, int n_layers, float *x, int B, int d
             rope(r, nh + nkv, hd, cos + (size_t)b * hd, sin + (size_t)b * hd); /* q and k heads are adjacent */
             if (rot) hadamard64(r, (size_t)nqkv); /* q, k and v */
             for (int i = 0; i < nq; i++) q[(size_t)b * nq + i] = r[i];
-            store_kv(L->k_pool, kv_type, r + nq, nkv, hd, num_blocks, bs, slots[b]);
-            store_kv(L->v_pool, kv_type, r + nq + nkvd, nkv, hd, num_blocks, bs, slots[b]);
+            const int64_t ts = tail ? tail->slot[b] : -1;
+            const int n_ts = tail ? tail->slots : 0;
+            store_kv(L->k_pool, kv_type, r + nq, nkv, hd, num_blocks, bs, slots[b], L->k_tail, n_ts, ts);
+            store_kv(L->v_pool, kv_type, r + nq + nkvd, nkv, hd, num_blocks, bs, slots[b], L->v_tail, n_ts, ts);
         }
+        ak_kv_tail lt;
+        if (tail) lt = (ak_kv_tail){L->k_tail, L->v_tail, tail->slots, tail->slot, tail->from};
         int rc = ak_paged_attention_kv(q, L->k_pool, L->v_pool, kv_type, tables, lens, starts, att, B, nh, nkv, hd, bs,
-                                       num_blocks, max_nb, scale, scores, threads);
+                                       num_blocks, max_nb, scale, scores, threads, tail && L->k_tail ? &lt : NULL);
         if (rc) return 2;
         if (rot) hadamard64(att, (size_t)B * nq);
         if (ak_gemv(L->o.kind, L->o.w, att, dn, B, d, nq, act, threads)) return 1;
