@@ -1,5 +1,5 @@
 """A 4-bit K/V cache's exact blocks (attnkit.engine.kv_tail): every query reads the keys and values of its own
-block as float16 and earlier blocks as the q4_0 pool holds them. The engine must compute exactly that — checked
+block as q8_0 rows kept aside and earlier blocks as the q4_0 pool holds them. The engine must compute exactly that — checked
 against the plain model attending under the same rule — whatever the chunking, the batch, the prefix cache or a
 fork; and it must cost what it says in K/V memory."""
 
@@ -26,8 +26,8 @@ def model():
 
 
 class ExactBlockReference:
-    """The rule itself, for one forward over a whole sequence: query i sees keys j <= i, as float16 where j is in
-    i's block, else quantized (q4_0, Hadamard-rotated as the pool stores them)."""
+    """The rule itself, for one forward over a whole sequence: query i sees keys j <= i, as q8_0 rows where j is in
+    i's block, else as q4_0 rows (both Hadamard-rotated, as the pool stores them)."""
 
     attends = True
 
@@ -38,7 +38,7 @@ class ExactBlockReference:
         i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
         own = (j // BS == i // BS) & (j <= i)
         kq, vq = (fmt.dequantize(fmt.quantize(x)) for x in (k, v))
-        kx, vx = k.half().float(), v.half().float()
+        kx, vx = (kv_format("q8_0").dequantize(kv_format("q8_0").quantize(x)) for x in (k, v))
         kx, vx, kq, vq = (t.repeat_interleave(g, 1) for t in (kx, vx, kq, vq))
         s = torch.where(own, q @ kx.transpose(-1, -2), q @ kq.transpose(-1, -2)) * q.shape[-1] ** -0.5
         p = torch.softmax(s.masked_fill(j > i, float("-inf")), -1)
@@ -101,7 +101,7 @@ def test_alone_or_together_chunked_or_cached_the_tokens_are_the_same(model):
 
 
 def test_forked_completions_keep_their_blocks_rows(model):
-    """n = 2 shares the prompt's partly written block; copy-on-write carries its float16 rows along."""
+    """n = 2 shares the prompt's partly written block; copy-on-write carries its tail rows along."""
     prompt = random_prompts(1, VOCAB, 10, 10, seed=8)[0]  # ends mid-block
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, n=2)
     outs = engine(model).generate([prompt], params)[0].outputs
@@ -118,6 +118,12 @@ def test_the_slots_are_counted_as_kv_memory(model):
     assert runner.k_pool.shape[2] == ((4 << 20) - tail.slots * slot_bytes) // block_bytes
 
 
+def test_slots_that_would_crowd_out_the_pool_are_refused_by_name(model):
+    with pytest.raises(ValueError, match=r"exact blocks of a q4_0 KV cache need 69 slots .* kv_exact_blocks=False"):
+        engine(model, kv_cache_bytes=1 << 18, max_num_seqs=64, max_num_batched_tokens=16)
+    assert engine(model, kv_cache_bytes=1 << 18, max_num_seqs=64, kv_exact_blocks=False).engine.runner.tail is None
+
+
 def test_defaults(model):
     assert make_llm(model, kv_cache_dtype="q4_0").engine.config.block_size == 32  # 1.4% perplexity, not 2.0%
     assert make_llm(model, kv_cache_dtype="q4_0").engine.runner.tail is not None
@@ -132,7 +138,8 @@ def test_defaults(model):
 def test_slots_run_short_reads_fall_back_to_the_pool():
     """With every slot taken, a block gets none (-1) and its rows are read quantized; full and unheld blocks give
     theirs back first."""
-    t = KVTail(torch.zeros(1, 1, 2, BS, 64, dtype=torch.float16), torch.zeros(1, 1, 2, BS, 64, dtype=torch.float16))
+    shape = KVTail.shape(1, 1, 2, BS, 64)
+    t = KVTail(torch.zeros(shape, dtype=torch.uint8), torch.zeros(shape, dtype=torch.uint8))
     held = {5, 6, 7}
     t.in_use = lambda b: b in held
     assert t.slot(5, 0) >= 0 and t.slot(6, 2) >= 0

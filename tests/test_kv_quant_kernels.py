@@ -59,7 +59,7 @@ def test_quantized_rows_are_ggufs_blocks(kv_type, hd):
 
 
 def attention(q, k_pool, v_pool, kv_type, tables, lens, starts, threads=2, tail=None):
-    """ak_paged_attention_kv's output (B, nh, hd) and return code; ``tail``: (k, v (nkv, slots, bs, hd) float16,
+    """ak_paged_attention_kv's output (B, nh, hd) and return code; ``tail``: (k, v (nkv, slots, bs, Q8_0 row bytes),
     slot (B,), first exact key (B,)) — the exact blocks (attnkit.engine.kv_tail)."""
     B, nh, hd = q.shape
     nkv, num_blocks, bs, _ = k_pool.shape
@@ -125,7 +125,7 @@ def test_paged_attention_over_quantized_pools(kv_type, hd, nh, nkv):
 @pytest.mark.parametrize("kv_type", [2, 3])
 @pytest.mark.parametrize("hd", [64, 128, 96])
 def test_exact_blocks_are_read_from_the_tail(kv_type, hd):
-    """Query b reads its keys first[b] <= t < lens[b] (all in its own block) as halves from tail slot slot[b] and
+    """Query b reads its keys first[b] <= t < lens[b] (all in its own block) as Q8_0 rows of tail slot slot[b] and
     the earlier ones from the pool; slot -1 reads them all from the pool."""
     rng = np.random.default_rng(hd + kv_type)
     nh, nkv, num_blocks, bs, max_nb, slots = 4, 2, 12, 8, 4, 3
@@ -138,7 +138,9 @@ def test_exact_blocks_are_read_from_the_tail(kv_type, hd):
     dense = rng.standard_normal((2, nkv * num_blocks * bs, hd)).astype(np.float32)
     k_pool, v_pool = (quants.quantize(x, KV_TYPES[kv_type]).reshape(nkv, num_blocks, bs, -1) for x in dense)
     k, v = (quants.dequantize(p, KV_TYPES[kv_type]) for p in (k_pool, v_pool))
-    tk, tv = (rng.standard_normal((nkv, slots, bs, hd)).astype(np.float16) for _ in range(2))
+    tk, tv = (quants.quantize(rng.standard_normal((nkv * slots * bs, hd)).astype(np.float32), KV_TYPES[2])
+              .reshape(nkv, slots, bs, -1) for _ in range(2))
+    tkf, tvf = (quants.dequantize(t, KV_TYPES[2]) for t in (tk, tv))
     q = rng.standard_normal((B, nh, hd)).astype(np.float32)
     out, rc = attention(q, k_pool, v_pool, kv_type, tables, lens, starts, tail=(tk, tv, slot, first))
     assert rc == 0
@@ -148,8 +150,8 @@ def test_exact_blocks_are_read_from_the_tail(kv_type, hd):
         kb, vb = k.copy(), v.copy()
         if slot[b] >= 0:
             for t in range(first[b], lens[b]):
-                kb[:, tables[b, t // bs], t % bs] = tk[:, slot[b], t % bs]
-                vb[:, tables[b, t // bs], t % bs] = tv[:, slot[b], t % bs]
+                kb[:, tables[b, t // bs], t % bs] = tkf[:, slot[b], t % bs]
+                vb[:, tables[b, t // bs], t % bs] = tvf[:, slot[b], t % bs]
         ref[b] = reference(q[b:b + 1], kb, vb, tables[b:b + 1], lens[b:b + 1], starts[b:b + 1])[0]
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     plain, _ = attention(q, k_pool, v_pool, kv_type, tables, lens, starts)

@@ -1,12 +1,13 @@
-"""A 4-bit K/V cache's exact blocks: each query reads the keys of its own block as float16, earlier blocks quantized.
+"""A 4-bit K/V cache's exact blocks: each query reads the keys of its own block as 8-bit rows, earlier blocks 4-bit.
 
 KIVI (Liu et al. 2024) keeps the most recent keys in full precision; here the unit is the query's own paged block.
 Measured on the default model (benchmarks/kv_quant_ablation.py, docs/long_context.md): q4_0 K/V cost +7.5%
 perplexity, almost all of it from the keys (values alone +0.25%) and from the keys nearest the query — read exactly
-within its own 16-token block, the cost falls to +1.7%.
+within its own 16-token block, the cost falls to +1.7% (32-token blocks: +1.3%, the engine's default).
 
 Every row is written twice: quantized into the pool, which is what earlier-block reads, the prefix cache,
-copy-on-write and evictions use, and as IEEE halves into the tail slot of its block. A block holds a slot while it
+copy-on-write and evictions use, and as a q8_0 row (which costs 0.06% perplexity against float16, at half its bytes)
+into the tail slot of its block. A block holds a slot while it
 is being written and gives it back once full; so at most one slot per running sequence is held between steps, plus
 those of the blocks a prompt chunk fills within one step. Which keys a query reads exactly depends only on its
 position, never on what shares the step (batch invariance), and a prefix-cache hit is whole blocks, so a reused
@@ -20,9 +21,14 @@ from collections.abc import Callable
 
 import torch
 
+from .kv_format import kv_format
+
+
+ROW = kv_format("q8_0")  # the tail's rows
+
 
 class KVTail:
-    """Float16 tail slots (n_layers, n_kv, slots, block_size, hd) for K and V, and which block holds which."""
+    """Tail slots (n_layers, n_kv, slots, block_size, q8_0 row bytes) for K and V, and which block holds which."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k, self.v = k, v
@@ -34,8 +40,12 @@ class KVTail:
         self.in_use: Callable[[int], bool] | None = None  # block id → still referenced (the block manager's; reclaim)
 
     @staticmethod
+    def shape(n_layers: int, n_kv: int, slots: int, block_size: int, hd: int) -> tuple[int, ...]:
+        return (n_layers, n_kv, slots, block_size, ROW.row_width(hd))
+
+    @staticmethod
     def bytes_per_slot(n_layers: int, n_kv: int, block_size: int, hd: int) -> int:
-        return 2 * n_layers * n_kv * block_size * hd * 2
+        return 2 * n_layers * n_kv * block_size * ROW.row_bytes(hd)
 
     def slot(self, block: int, offset: int) -> int:
         """The slot a row of ``block`` at ``offset`` is written to (taken when the block has none; -1: none free)."""
@@ -85,10 +95,11 @@ class KVTail:
             self.exact_from[dst] = self.exact_from[src]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
-        """New rows k, v (n_kv, T, hd) → the tail: row t to slot slots[t], offset rows[t] (slots[t] < 0: skipped)."""
+        """New rows k, v (n_kv, T, hd) → the tail as q8_0 rows: row t to slot slots[t], offset rows[t] (slots[t] < 0:
+        skipped)."""
         keep = slots >= 0
         if not bool(keep.any()):
             return
         s, r = slots[keep], rows[keep]
-        self.k[layer][:, s, r] = k[:, keep].to(torch.float16)
-        self.v[layer][:, s, r] = v[:, keep].to(torch.float16)
+        self.k[layer][:, s, r] = ROW.quantize(k[:, keep])
+        self.v[layer][:, s, r] = ROW.quantize(v[:, keep])

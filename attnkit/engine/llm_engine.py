@@ -58,7 +58,7 @@ class EngineConfig:
     # the K/V pool's dtype or quantized format (q8_0/int8, q4_0/int4: attnkit.engine.kv_format); "auto": the model's
     # parameters' dtype (vLLM's kv_cache_dtype)
     kv_cache_dtype: str = "auto"
-    # a quantized cache reads each query's own block exactly, as float16 (attnkit.engine.kv_tail); None: on for q4_0
+    # a quantized cache reads each query's own block from q8_0 rows kept aside (attnkit.engine.kv_tail); None: on for q4_0
     kv_exact_blocks: bool | None = None
     # a request's numbers independent of what shares its steps (see ModelRunner.run); False: each step's
     # products chosen by its row count, as before (vLLM's VLLM_BATCH_INVARIANT, off there by default)
@@ -117,7 +117,13 @@ class LLMEngine:
         if spec is not None and spec.method == "draft":  # the draft's K/V share the target's blocks
             block_bytes += ModelRunner.bytes_per_block(draft_model, cfg.block_size, kv_dtype)
         tail_slots = cfg.max_num_seqs + -(-cfg.max_num_batched_tokens // cfg.block_size) + 1 if exact else 0
-        tail_bytes = tail_slots * KVTail.bytes_per_slot(len(model.layers), model.cfg.n_kv_heads, cfg.block_size, model.cfg.hd)
+        tail_bytes = tail_slots and tail_slots * KVTail.bytes_per_slot(len(model.layers), model.cfg.n_kv_heads,
+                                                                       cfg.block_size, model.cfg.hd)
+        if not cfg.num_blocks and tail_bytes > cfg.kv_cache_bytes // 2:
+            raise ValueError(f"the exact blocks of a {kv_dtype.name} KV cache need {tail_slots} slots (max_num_seqs + a "
+                             f"step's blocks + 1) of {tail_bytes / tail_slots / 2**20:.2f} MiB, {tail_bytes / 2**20:.1f} MiB: "
+                             f"more than half of kv_cache_bytes ({cfg.kv_cache_bytes / 2**20:.1f} MiB); raise "
+                             "kv_cache_bytes, lower max_num_seqs or max_num_batched_tokens, or set kv_exact_blocks=False")
         num_blocks = cfg.num_blocks or max(1, (cfg.kv_cache_bytes - tail_bytes) // block_bytes)  # the slots are K/V memory
         self.max_model_len = min(cfg.max_model_len or model.cfg.max_seq_len, num_blocks * cfg.block_size)
         self.runner = ModelRunner(model, num_blocks, cfg.block_size, compile=cfg.compile, kv_dtype=kv_dtype,

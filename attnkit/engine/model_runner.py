@@ -109,8 +109,8 @@ class ModelRunner:
         softcaps = [getattr(layer.self_attn, "softcap", None) for layer in model.layers]
         if tail_slots and fmt.quantized and self.row_attention and len(self.meta_keys) == 1 and pools is None \
                 and all(c is None for c in softcaps):
-            tshape = (n_layers, cfg.n_kv_heads, tail_slots, block_size, cfg.hd)
-            self.tail = KVTail(lazy_zeros(tshape, torch.float16, self.device), lazy_zeros(tshape, torch.float16, self.device))
+            tshape = KVTail.shape(n_layers, cfg.n_kv_heads, tail_slots, block_size, cfg.hd)
+            self.tail = KVTail(lazy_zeros(tshape, torch.uint8, self.device), lazy_zeros(tshape, torch.uint8, self.device))
         self._filled: list[int] = []  # blocks the step writes to their end (KVTail.filled)
         self.caches = [PagedKVCache(self.k_pool[i], self.v_pool[i], getattr(layer.self_attn, "scale", None),
                                     softcaps[i], fmt, self.tail, i) for i, layer in enumerate(model.layers)]

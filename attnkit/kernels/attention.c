@@ -180,18 +180,18 @@ static inline void softmax(float *p, int64_t n) {
 static inline __attribute__((always_inline)) void attend_task(
         const float *qb, const void *k_pool, const void *v_pool, int kv_type, const int64_t *tab, int64_t st,
         int64_t len, int h, int g, const int hd, int bs, int num_blocks, size_t L, float scale, float *s, float *ob,
-        const uint16_t *tk, const uint16_t *tv, int64_t tf, int64_t trow) {
+        const void *tk, const void *tv, int64_t tf, int64_t trow) {
     float kt[hd];
     for (int i = 0; i < g * hd; i++) ob[i] = 0.f;
     if (len <= st) return;
-    const int64_t pend = tk ? tf : len; /* keys pend <= t < len: halves of the exact tail, row trow + t % bs */
+    const int64_t pend = tk ? tf : len; /* keys pend <= t < len: Q8_0 rows of the exact tail, row trow + t % bs */
     for (int pass = 0; pass < 2; pass++) {
         KV_ROWS(tab, st, pend, h, bs, num_blocks, t, r) {
             const float *k = kv_row(pass ? v_pool : k_pool, kv_type, r, hd, kt);
             ATTEND_ROW(t, k)
         }
         for (int64_t t = pend > st ? pend : st; t < len; t++) {
-            const float *k = kv_row(pass ? tv : tk, AK_KV_F16, (size_t)(trow + t % bs), hd, kt);
+            const float *k = kv_row(pass ? tv : tk, AK_KV_Q8_0, (size_t)(trow + t % bs), hd, kt);
             ATTEND_ROW(t, k)
         }
         if (!pass)
@@ -287,13 +287,13 @@ AK_INLINE __m256 row8(const void *pool, const int KV, size_t r, const int HD, in
  * heads, the softmax 8 scores at a time, and one query head's output row accumulated in registers across the keys */
 AK_INLINE void attend_task_avx2(const float *qb, const void *k_pool, const void *v_pool, const int KV,
                                 const int64_t *tab, int64_t st, int64_t len, int h, int g, const int HD, int bs,
-                                int num_blocks, size_t L, float scale, float *s, float *ob, const uint16_t *tk,
-                                const uint16_t *tv, int64_t tf, int64_t trow) {
+                                int num_blocks, size_t L, float scale, float *s, float *ob, const void *tk,
+                                const void *tv, int64_t tf, int64_t trow) {
     if (len <= st) {
         for (int i = 0; i < g * HD; i++) ob[i] = 0.f;
         return;
     }
-    const int64_t pend = tk ? tf : len; /* keys pend <= t < len: halves of the exact tail, row trow + t % bs */
+    const int64_t pend = tk ? tf : len; /* keys pend <= t < len: Q8_0 rows of the exact tail, row trow + t % bs */
 #define SCORE_ROW(POOL, KIND, R, T)                                                                              \
     {                                                                                                          \
         __m256 k[HD / 8];                                                                                      \
@@ -309,7 +309,7 @@ AK_INLINE void attend_task_avx2(const float *qb, const void *k_pool, const void 
         }                                                                                                      \
     }
     KV_ROWS(tab, st, pend, h, bs, num_blocks, t, r) SCORE_ROW(k_pool, KV, r, t)
-    for (int64_t t = pend > st ? pend : st; t < len; t++) SCORE_ROW(tk, AK_KV_F16, (size_t)(trow + t % bs), t)
+    for (int64_t t = pend > st ? pend : st; t < len; t++) SCORE_ROW(tk, AK_KV_Q8_0, (size_t)(trow + t % bs), t)
 #undef SCORE_ROW
     for (int gi = 0; gi < g; gi++) softmax(s + (size_t)gi * L + st, len - st);
     for (int gi = 0; gi < g; gi++) {
@@ -323,7 +323,7 @@ AK_INLINE void attend_task_avx2(const float *qb, const void *k_pool, const void 
         for (int64_t t = pend > st ? pend : st; t < len; t++) {
             const __m256 p = _mm256_set1_ps(sg[t]);
             for (int i = 0; i < HD / 8; i++)
-                acc[i] = _mm256_fmadd_ps(p, row8(tv, AK_KV_F16, (size_t)(trow + t % bs), HD, i), acc[i]);
+                acc[i] = _mm256_fmadd_ps(p, row8(tv, AK_KV_Q8_0, (size_t)(trow + t % bs), HD, i), acc[i]);
         }
         for (int i = 0; i < HD / 8; i++) _mm256_storeu_ps(ob + (size_t)gi * HD + 8 * i, acc[i]);
     }
@@ -349,7 +349,7 @@ static int paged_attention(const float *q, const void *k_pool, const void *v_poo
             const int64_t *tab = tables + (size_t)b * max_nb;
             const int64_t st = starts[b], len = lens[b];
             const int slot = tail && tail->slot[b] >= 0 ? (int)tail->slot[b] : -1;
-            const uint16_t *tk = slot >= 0 ? tail->k : NULL, *tv = slot >= 0 ? tail->v : NULL;
+            const void *tk = slot >= 0 ? tail->k : NULL, *tv = slot >= 0 ? tail->v : NULL;
             const int64_t tf = slot >= 0 ? tail->from[b] : len, trow = ((int64_t)h * (slot >= 0 ? tail->slots : 0) + slot) * bs;
 #ifdef __AVX512F__
             if (hd == 64 && kv_type <= AK_KV_F16 && !tk) /* the float pools' AVX-512 kernel */

@@ -47,10 +47,10 @@ static inline uint16_t ak_float_to_half(float f) {
 /* n_rows rows of hd floats -> Q8_0 / Q4_0 rows (kv_type 2 / 3), as ggml's reference quantizers; 0, 3 (hd % 32),
  * 4 (another kv_type) */
 int ak_quantize_kv_rows(int kv_type, const float *x, void *out, int n_rows, int hd);
-/* A quantized cache's exact blocks (attnkit/engine/kv_tail.py): query b reads the keys of its own block at cache
- * indices from[b] <= t < lens[b] as IEEE halves from tail slot slot[b] (slot < 0: none), not from the pool;
- * k, v: this layer's (nkv, slots, bs, hd) halves. */
-typedef struct { const uint16_t *k, *v; int slots; const int64_t *slot, *from; } ak_kv_tail;
+/* A 4-bit cache's exact blocks (attnkit/engine/kv_tail.py): query b reads the keys of its own block at cache
+ * indices from[b] <= t < lens[b] as Q8_0 rows from tail slot slot[b] (slot < 0: none), not from the pool;
+ * k, v: this layer's (nkv, slots, bs, Q8_0 row) rows. */
+typedef struct { const void *k, *v; int slots; const int64_t *slot, *from; } ak_kv_tail;
 /* the paged decode attention (attention.c) over K/V pools of kv_type (tail: NULL, or the exact blocks); 0, 1
  * (nh % nkv), 3 (hd % 32 for a quantized kv_type), 4 (an unknown kv_type) */
 int ak_paged_attention_kv(const float *q, const void *k_pool, const void *v_pool, int kv_type, const int64_t *tables,
@@ -85,7 +85,7 @@ typedef struct {
     const float *qkv_bias; /* (nh+2·nkv)·hd or NULL (Qwen2) */
     const float *attn_norm, *ffn_norm; /* RMSNorm weights (d,) */
     void *k_pool, *v_pool; /* this layer's (nkv, num_blocks, bs, row) rows of the step's kv_type */
-    uint16_t *k_tail, *v_tail; /* this layer's exact blocks (nkv, slots, bs, hd) halves (ak_kv_tail), or NULL */
+    void *k_tail, *v_tail; /* this layer's exact blocks (nkv, slots, bs, Q8_0 row) (ak_kv_tail), or NULL */
     /* q/k RMSNorm before RoPE: 0 none; 1 each head over its hd features (Qwen3: q_norm, k_norm (hd,)); 2 over the
      * whole projection (OLMoE: q_norm (nh·hd,), k_norm (nkv·hd,)) */
     int qk_norm;

@@ -33,18 +33,17 @@ static void rope(float *x, int n, int hd, const float *cos, const float *sin) {
     }
 }
 
-/* the nkv new rows src (nkv, hd) -> their slot of the pool, as kv_type stores them, and as halves into their exact
- * block's tail slot ts (of tail (nkv, tail_slots, bs, hd); ts < 0: none) */
+/* the nkv new rows src (nkv, hd) -> their slot of the pool, as kv_type stores them, and as Q8_0 rows into their
+ * exact block's tail slot ts (of tail (nkv, tail_slots, bs, Q8_0 row); ts < 0: none) */
 static void store_kv(void *pool, int kv_type, const float *src, int nkv, int hd, int num_blocks, int bs, int64_t slot,
-                     uint16_t *tail, int tail_slots, int64_t ts) {
+                     void *tail, int tail_slots, int64_t ts) {
     const int64_t block = slot / bs, off = slot % bs;
     const size_t rb = ak_kv_row_bytes(kv_type, hd);
     for (int h = 0; h < nkv; h++) {
         const float *x = src + (size_t)h * hd;
-        if (tail && ts >= 0) {
-            uint16_t *t = tail + (((size_t)h * tail_slots + (size_t)ts) * bs + (size_t)off) * hd;
-            for (int i = 0; i < hd; i++) t[i] = ak_float_to_half(x[i]);
-        }
+        if (tail && ts >= 0)
+            ak_quantize_kv_rows(AK_KV_Q8_0, x, (uint8_t *)tail + (((size_t)h * tail_slots + (size_t)ts) * bs + (size_t)off) *
+                                                   ak_kv_row_bytes(AK_KV_Q8_0, hd), 1, hd);
         uint8_t *row = (uint8_t *)pool + (((size_t)h * num_blocks + (size_t)block) * bs + (size_t)off) * rb;
         if (kv_type == AK_KV_F32)
             memcpy(row, x, rb);
