@@ -12,7 +12,8 @@ Variants (``K,V[,option…]``; each of K and V one of ``exact``, ``q8_0``, ``q4_
   stores them (``norot``: not rotated); ``q4_1``: a scale and a minimum per 32.
 - ``kivi16``: KIVI's key quantization (Liu et al. 2024): per *channel*, asymmetric, over groups of 16 tokens.
 - ``own``: each query sees the keys of its own 16-token block exactly, earlier blocks quantized (``own2``: its own
-  block and the one before); ``recentN``: the N most recent keys exact (KIVI's full-precision residual).
+  block and the one before; ``blockN``: N-token blocks; ``q8tail``: the own block's rows as q8_0, the engine's
+  exact blocks, attnkit.engine.kv_tail); ``recentN``: the N most recent keys exact (KIVI's full-precision residual).
 
     python benchmarks/kv_quant_ablation.py [--ctx 1024] [--json FILE] [VARIANT ...]
 """
@@ -31,7 +32,8 @@ from _report import write_report  # noqa: E402
 
 DEFAULT_VARIANTS = ["q8_0,q8_0", "q4_0,q4_0", "q4_0,q4_0,norot", "q4_0,exact", "exact,q4_0", "q4_1,exact",
                     "kivi16,exact,norot", "kivi16,q4_0,norot", "q4_0,q4_0,own", "q4_0,q4_0,own2",
-                    "q4_0,q4_0,recent16", "q4_0,q4_0,recent32"]
+                    "q4_0,q4_0,recent16", "q4_0,q4_0,recent32", "q4_0,q4_0,own,q8tail",
+                    "q4_0,q4_0,own,block32,q8tail"]
 QK = 32
 
 
@@ -83,8 +85,9 @@ class FakeQuantCache:
 
     attends = True
 
-    def __init__(self, k: str | None, v: str | None, rotate: bool, own: int = 0, recent: int = 0) -> None:
-        self.k, self.v, self.rotate, self.own, self.recent = k, v, rotate, own, recent
+    def __init__(self, k: str | None, v: str | None, rotate: bool, own: int = 0, recent: int = 0, block: int = 16,
+                 tail: str | None = None) -> None:
+        self.k, self.v, self.rotate, self.own, self.recent, self.block, self.tail = k, v, rotate, own, recent, block, tail
 
     def attend(self, q, k, v):
         import torch
@@ -95,8 +98,10 @@ class FakeQuantCache:
             return F.scaled_dot_product_attention(q, kq, vq, is_causal=True, enable_gqa=True)
         g, T = q.shape[1] // k.shape[1], k.shape[-2]
         i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
-        exact = ((j // 16 > i // 16 - self.own) if self.own else (j > i - self.recent)) & (j <= i)
+        exact = ((j // self.block > i // self.block - self.own) if self.own else (j > i - self.recent)) & (j <= i)
         older = (j <= i) & ~exact
+        if self.tail:  # the exact window's rows as the engine's tail keeps them
+            k, v = fake_quant(k, self.tail, self.rotate), fake_quant(v, self.tail, self.rotate)
         k, v, kq, vq = (t.repeat_interleave(g, 1).float() for t in (k, v, kq, vq))
         scale = q.shape[-1] ** -0.5
         s = torch.where(exact, q.float() @ k.transpose(-1, -2), q.float() @ kq.transpose(-1, -2)) * scale
@@ -108,8 +113,9 @@ def parse(variant: str) -> dict:
     k, v, *opts = variant.split(",")
     own = next((int(o[3:] or 1) for o in opts if o.startswith("own")), 0)
     recent = next((int(o[6:]) for o in opts if o.startswith("recent")), 0)
+    block = next((int(o[5:]) for o in opts if o.startswith("block")), 16)
     return {"k": None if k == "exact" else k, "v": None if v == "exact" else v, "rotate": "norot" not in opts,
-            "own": own, "recent": recent}
+            "own": own, "recent": recent, "block": block, "tail": "q8_0" if "q8tail" in opts else None}
 
 
 def main() -> int:

@@ -6,7 +6,8 @@ Parts (``--parts``, all by default), on the default model (SmolLM2-135M-Instruct
   model and the Llama-3.2-1B/3B shapes, and the tokens 1 GiB holds. (llama.cpp's q8_0/q4_0 KV rows are the same
   blocks: the same bytes.)
 - ``quality``: perplexity on the shipped text the way ``llama-perplexity`` scores it (``--ctx``-token chunks, the
-  second half of each scored), through the engine with float16, q8_0 and q4_0 K/V, and ``llama-perplexity -ctk X
+  second half of each scored), through the engine with float16, q8_0 and q4_0 K/V (q4_0 with its exact blocks,
+  attnkit.engine.kv_tail, and without them: "q4_0-plain"), and ``llama-perplexity -ctk X
   -ctv X -fa on`` on the same file when ``--llama-bin`` has it: the change each quantized cache makes, ours
   against theirs. Goals: q8_0 within 0.3% of float16, q4_0 within 2%.
 - ``stream``: perplexity by position over a ``--stream``-token stream (the shipped text's tokens repeated) read
@@ -18,7 +19,8 @@ Parts (``--parts``, all by default), on the default model (SmolLM2-135M-Instruct
   at the end; accuracy with full K/V, SnapKV at each budget (once the prompt is read) and sinks + window.
   Goal: SnapKV at 512 at 4k context ≥ 90% of full K/V's accuracy.
 - ``throughput``: the offline workload of ``--requests`` requests (``--prompt`` tokens, ``--gen`` generated) with
-  the K/V pool fixed at ``--kv-mib``, so float16 preempts: output tok/s and preemptions for float16, q8_0, q4_0,
+  the K/V pool fixed at ``--kv-mib``, so float16 preempts: output tok/s and preemptions for float16, q8_0, q4_0
+  (an engine whose exact blocks would take over half the pool is refused: that row is skipped, saying so), q4_0-plain,
   on the default model and on ``--gguf`` files (e.g. a Llama-3.2-1B-shaped Q4_K_M from benchmarks/sizes.py).
   Goal: q8_0 ≥ 1.5× float16.
 - ``decode``: single-stream decode at a ``--depth``-token context with each cache type, attnkit against
