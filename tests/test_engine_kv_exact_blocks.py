@@ -150,3 +150,17 @@ def test_slots_run_short_reads_fall_back_to_the_pool():
     held.discard(6)
     assert t.slot(8, 1) >= 0 and 6 not in t.slot_of  # the freed block's
     assert t.exact(9) == (-1, 0)
+
+
+def test_the_command_line_flag():
+    import argparse
+
+    from attnkit.engine.options import InferenceOptions
+
+    p = argparse.ArgumentParser()
+    InferenceOptions.add_flags(p)
+    for flag, want in (("auto", None), ("on", True), ("off", False)):
+        args = p.parse_args(["--kv-cache-dtype", "q4_0", "--kv-exact-blocks", flag])
+        assert InferenceOptions.from_args(args).engine_kv_exact_blocks() is want
+    with pytest.raises(ValueError, match="kv_exact_blocks must be one of"):
+        InferenceOptions(kv_exact_blocks="yes")

@@ -170,7 +170,7 @@ LORA = "cli-adapter"  # the name --lora's adapter gets in the engine
 
 
 def _engine(lm, compile: bool = False, lora: str | None = None, kv_cache_dtype: str = "auto", speculative=None,
-            draft_model=None):
+            draft_model=None, kv_exact_blocks: bool | None = None):
     """An inference engine on the loaded model, its KV pool (of ``kv_cache_dtype``) sized for one full-length
     conversation, with the LoRA adapter in directory ``lora`` loaded as :data:`LORA`; ``speculative``: a
     SpeculativeConfig (``draft_model`` for its "draft" method)."""
@@ -178,7 +178,7 @@ def _engine(lm, compile: bool = False, lora: str | None = None, kv_cache_dtype: 
 
     max_len = min(getattr(lm.model.cfg, "max_seq_len", 8192), 32768)
     cfg = EngineConfig(num_blocks=-(-max_len // 16) + 1, max_model_len=max_len, compile=compile,
-                       kv_cache_dtype=kv_cache_dtype, speculative=speculative)
+                       kv_cache_dtype=kv_cache_dtype, speculative=speculative, kv_exact_blocks=kv_exact_blocks)
     engine = LLMEngine(lm.model, lm.tokenizer, cfg, lm.stop_ids, draft_model)
     if lora is not None:
         engine.add_lora(LORA, lora)
@@ -227,7 +227,8 @@ def run_generate(args: argparse.Namespace) -> int:
             prompt = lm.tokenizer.encode(args.prompt)
         opts = InferenceOptions.from_args(args)
         draft = speculative_draft(spec, opts, lm.model)
-        engine = _engine(lm, args.compile, args.lora, opts.engine_kv_cache_dtype(), spec, draft)
+        engine = _engine(lm, args.compile, args.lora, opts.engine_kv_cache_dtype(), spec, draft,
+                         opts.engine_kv_exact_blocks())
         params = _params(args, lm.generation)
         if params.structured is not None:
             engine.grammars.compile(params.structured)  # an invalid schema, regex or grammar: said here
@@ -267,7 +268,9 @@ def run_chat(args: argparse.Namespace) -> int:
         print(f"attnkit chat: error: {e}", file=sys.stderr)
         return 2
     # one engine for the session: each turn reuses the cached prefix of the conversation
-    engine = _engine(lm, args.compile, args.lora, InferenceOptions.from_args(args).engine_kv_cache_dtype())
+    opts = InferenceOptions.from_args(args)
+    engine = _engine(lm, args.compile, args.lora, opts.engine_kv_cache_dtype(),
+                     kv_exact_blocks=opts.engine_kv_exact_blocks())
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     interactive = sys.stdin.isatty()

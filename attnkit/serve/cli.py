@@ -69,7 +69,8 @@ def build_engine(args: argparse.Namespace, tp=None):
     draft = speculative_draft(spec, opts, lm.model)
     cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting, max_model_len=args.max_model_len,
                        kv_cache_bytes=args.kv_cache_mb << 20, compile=opts.compile,
-                       kv_cache_dtype=opts.engine_kv_cache_dtype(), speculative=spec)
+                       kv_cache_dtype=opts.engine_kv_cache_dtype(), speculative=spec,
+                       kv_exact_blocks=opts.engine_kv_exact_blocks())
     engine = LLMEngine(lm.model, lm.tokenizer, cfg, lm.stop_ids, draft)
     if tp is not None:
         from ..parallel.engine import attach
