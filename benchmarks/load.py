@@ -23,7 +23,7 @@ t0 = time.perf_counter()
 import torch
 if {threads}: torch.set_num_threads({threads})
 from attnkit.loading import load_causal_lm
-from attnkit.generation import SamplingParams, generate
+from attnkit.decoding.generate import SamplingParams, generate
 t1 = time.perf_counter()
 lm = load_causal_lm()
 t2 = time.perf_counter()

@@ -14,7 +14,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import attnkit.loading as loading  # noqa: E402
 import attnkit.loading.defaults  # noqa: E402,F401
 from attnkit.cli import main  # noqa: E402
-from attnkit.generation import SamplingParams, generate  # noqa: E402
+from attnkit.decoding.generate import SamplingParams, generate  # noqa: E402
 from attnkit.text.chat_template import render_chat  # noqa: E402
 
 try:

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from attnkit.engine import SamplingParams
-from attnkit.generation import SamplingParams as SimpleParams
-from attnkit.generation import generate
+from attnkit.decoding.generate import SamplingParams as SimpleParams
+from attnkit.decoding.generate import generate
 from attnkit.loading import CausalLM
 from attnkit.models.gpt2 import GPT2, GPT2Config
 from attnkit.engine.cli import _engine, stream

@@ -11,8 +11,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import attnkit.loading as loading  # noqa: E402
 import attnkit.loading.defaults  # noqa: E402,F401
 from attnkit import LLM, SamplingParams  # noqa: E402
-from attnkit.generation import SamplingParams as SimpleParams  # noqa: E402
-from attnkit.generation import generate  # noqa: E402
+from attnkit.decoding.generate import SamplingParams as SimpleParams  # noqa: E402
+from attnkit.decoding.generate import generate  # noqa: E402
 from engine_helpers import make_llm, skip_module_without_default_model, tiny_llama, tokenizer  # noqa: E402,F401
 
 skip_module_without_default_model()

@@ -76,7 +76,7 @@ def test_logits_match_transformers(ours, reference, prompt_ids):
 
 
 def test_64_greedy_tokens_match_transformers(ours, reference, prompt_ids):
-    from attnkit.generation import SamplingParams, generate
+    from attnkit.decoding.generate import SamplingParams, generate
 
     mine = list(generate(ours.model, prompt_ids, SamplingParams(max_new_tokens=64)))
     # transformers' own KV-cached greedy loop, without stopping at EOS

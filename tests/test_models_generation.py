@@ -7,7 +7,7 @@ from collections import Counter
 
 import torch
 
-from attnkit.generation import SamplingParams, generate, sample
+from attnkit.decoding.generate import SamplingParams, generate, sample
 
 PROBS = torch.tensor([0.05, 0.4, 0.1, 0.3, 0.15])
 LOGITS = PROBS.log()

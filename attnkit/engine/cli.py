@@ -314,7 +314,7 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 def run_embed(args: argparse.Namespace) -> int:
-    from ..embeddings import cosine_matrix
+    from ..loading.embedder import cosine_matrix
     from ..loading import ModelLoadError, load_sentence_encoder
 
     try:

@@ -1,7 +1,7 @@
 """Loading pretrained checkpoints — GGUF files and Hugging Face directories — without pickle.
 
 ``load_causal_lm(path)`` → model + tokenizer + generation defaults for text generation;
-``load_sentence_encoder(path)`` → an :class:`~attnkit.embeddings.Embedder`. ``path=None`` is the
+``load_sentence_encoder(path)`` → an :class:`~attnkit.loading.embedder.Embedder`. ``path=None`` is the
 embedded default model (:mod:`attnkit.loading.defaults`). Every failure is a :class:`ModelLoadError`.
 """
 
@@ -17,7 +17,7 @@ from .errors import ModelLoadError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from ..parallel.tensor import TensorParallel
-    from ..embeddings import Embedder
+    from .embedder import Embedder
     from ..models.gpt2 import GPT2
     from ..models.llama import Llama
     from ..text.tokenizer import Tokenizer
@@ -106,7 +106,7 @@ def load_causal_lm(path: str | Path | None = None, dtype: torch.dtype = torch.fl
 
 
 def load_sentence_encoder(path: str | Path | None = None) -> Embedder:
-    from ..embeddings import Embedder
+    from .embedder import Embedder
     from ..models.bert import Bert, SentenceEncoder
     from ..text.tokenizer import Tokenizer
     from .defaults import default_embedding_model

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from ..config import JsonConfig
+from .json_config import JsonConfig
 
 
 @dataclass

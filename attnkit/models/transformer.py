@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import JsonConfig
+from .json_config import JsonConfig
 from ..nn import (
     DecoderCache,
     DecoderLayer,

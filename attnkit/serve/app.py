@@ -31,7 +31,7 @@ from .state import ServerState
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
 
-    from ..embeddings import Embedder
+    from ..loading.embedder import Embedder
 
 _ENDPOINTS = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/responses",
               "/v1/embeddings"}

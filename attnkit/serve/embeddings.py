@@ -1,4 +1,4 @@
-"""POST /v1/embeddings: sentence embeddings from a BERT-family model (:class:`attnkit.embeddings.Embedder`).
+"""POST /v1/embeddings: sentence embeddings from a BERT-family model (:class:`attnkit.loading.embedder.Embedder`).
 
 Texts are truncated to the model's ``max_seq_length`` as sentence-transformers does; ``usage``
 counts the tokens after truncation. ``encoding_format: "base64"`` (what the openai client asks for

@@ -13,7 +13,7 @@ from .errors import APIError
 from .metrics import ServerMetrics
 
 if TYPE_CHECKING:
-    from ..embeddings import Embedder
+    from ..loading.embedder import Embedder
 
 
 class ServerState:

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..config import JsonConfig
-from ..generation import SamplingParams, generate
+from ..models.json_config import JsonConfig
+from ..decoding.generate import SamplingParams, generate
 from .distributed import init_distributed, wrap
 from .finetune import autocast, evaluate_loss, lr_factor
 from .sft_data import IGNORE, collate, load_examples, micro_batches

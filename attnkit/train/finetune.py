@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import JsonConfig
+from ..models.json_config import JsonConfig
 from ..nn.recompute import recompute_saved
 from ..peft import METHODS, PeftConfig, PeftModel, get_peft_model
 from .chunked_loss import chunked_lm_loss, head_is_frozen, hidden_head

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import JsonConfig
+from ..models.json_config import JsonConfig
 from ..data import Seq2SeqTask, Vocab, get_task, make_batch
 from ..data.vocab import batches
 from ..decoding import beam_search, greedy_decode

@@ -104,7 +104,7 @@ def _translate(args: argparse.Namespace) -> int:
 
 
 def _attention(args: argparse.Namespace) -> int:
-    from ..viz import plot_attention
+    from ..analysis.attention_plots import plot_attention
 
     model, vocab, task = _load(args.checkpoint)
     if not hasattr(model, "cross_attention_weights"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from ..generation import SamplingParams, generate
+from ..decoding.generate import SamplingParams, generate
 from ..text.chat_template import render_chat
 
 

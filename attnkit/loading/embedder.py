@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .models.bert import SentenceEncoder
-from .text.tokenizer import Tokenizer
+from ..models.bert import SentenceEncoder
+from ..text.tokenizer import Tokenizer
 
 
 class Embedder:
