@@ -112,14 +112,20 @@ def test_engine_on_a_quantized_pool_stays_close_to_float32(model, name, tol, mon
 
 
 @pytest.mark.skipif(library() is None, reason="no C compiler: the kernels could not be built")
-@pytest.mark.parametrize("name", ["q8_0", "q4_0"])
-def test_c_and_torch_read_paths_agree(model, name, monkeypatch):
+@pytest.mark.parametrize("name,exact", [("q8_0", False), ("q4_0", False), ("q4_0", True)])
+def test_c_and_torch_read_paths_agree(model, name, exact, monkeypatch):
+    """Also with exact blocks (attnkit.engine.kv_tail): the PyTorch paths follow the C kernels' rule."""
     prompts = random_prompts(5, VOCAB, 5, 60, seed=4)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3, prompt_logprobs=0)
-    c = _logits(model, name, prompts, params, kv_exact_blocks=False)  # exact blocks: the C kernels only (below)
-    t = _logits(model, name, prompts, params, torch_only=True, monkeypatch=monkeypatch)
+    c = _logits(model, name, prompts, params, kv_exact_blocks=exact)
+    t = _logits(model, name, prompts, params, torch_only=True, monkeypatch=monkeypatch, kv_exact_blocks=exact)
+    assert (c[0].prompt_logprobs is not None) and exact == (name == "q4_0" and exact)
     for a, b in zip(c, t):
         assert a.token_ids == b.token_ids
         la = torch.tensor([lp[tok] for lp, tok in zip(a.outputs[0].logprobs, a.token_ids)])
         lb = torch.tensor([lp[tok] for lp, tok in zip(b.outputs[0].logprobs, b.token_ids)])
         torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-4)
+        # the prompt rows: C row attention against the PyTorch chunks (under exact blocks, _prefill_exact)
+        pa_ = torch.tensor([next(iter(d.values())) for d in a.prompt_logprobs[1:]])
+        pb_ = torch.tensor([next(iter(d.values())) for d in b.prompt_logprobs[1:]])
+        torch.testing.assert_close(pa_, pb_, rtol=1e-4, atol=1e-4)

@@ -12,7 +12,8 @@ is being written and gives it back once full; so at most one slot per running se
 those of the blocks a prompt chunk fills within one step. Which keys a query reads exactly depends only on its
 position, never on what shares the step (batch invariance), and a prefix-cache hit is whole blocks, so a reused
 block is never the one a query reads exactly. Where a block's first rows were not written through the tail
-(a draft rolled back across a block boundary, slots exhausted), those rows are read from the pool.
+(a draft rolled back across a block boundary, slots exhausted), those rows are read from the pool. The C kernels
+read the tail through ``ak_kv_tail``; PagedKVCache's PyTorch paths (gathered decode, masked prompt chunks) alike.
 """
 
 from __future__ import annotations

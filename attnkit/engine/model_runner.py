@@ -69,8 +69,7 @@ class ModelRunner:
         """``kv_dtype``: how the pool stores K/V (a float dtype, or a :mod:`~attnkit.engine.kv_format` name such as
         "q8_0"); None: the parameters' dtype. ``pools``: K and V pools to use instead of new ones (a layer-skipping
         draft reads its target's). ``tail_slots``: a quantized cache's exact blocks (attnkit.engine.kv_tail), as many
-        at once; they apply where every query attends through the C paged attention (the row attention below) with
-        one block table and no soft-capping, else none are made."""
+        at once; they apply with one block table and no soft-capping, else none are made."""
         cfg = model.cfg
         if not hasattr(cfg, "n_kv_heads") or not hasattr(cfg, "hd"):
             raise TypeError(f"the engine runs decoder-only models (Llama family, GPT-2); got {type(model).__name__}")
@@ -107,8 +106,7 @@ class ModelRunner:
             torch.empty(0, dtype=self.dtype, device=self.device), self.k_pool, fmt) is not None
         self.tail: KVTail | None = None
         softcaps = [getattr(layer.self_attn, "softcap", None) for layer in model.layers]
-        if tail_slots and fmt.quantized and self.row_attention and len(self.meta_keys) == 1 and pools is None \
-                and all(c is None for c in softcaps):
+        if tail_slots and fmt.quantized and len(self.meta_keys) == 1 and pools is None and all(c is None for c in softcaps):
             tshape = KVTail.shape(n_layers, cfg.n_kv_heads, tail_slots, block_size, cfg.hd)
             self.tail = KVTail(lazy_zeros(tshape, torch.uint8, self.device), lazy_zeros(tshape, torch.uint8, self.device))
         self._filled: list[int] = []  # blocks the step writes to their end (KVTail.filled)
@@ -380,10 +378,13 @@ class ModelRunner:
             else:
                 causal = start == 0 and (window is None or window >= n)  # the mask would be plain causal
                 mask = None if causal else self._mask(torch.arange(start, ctx, device=self.device), ctx, window)
-                prefills.append(PrefillChunk(t0, t0 + n, ctx, torch.tensor(table[:-(-ctx // bs)], device=self.device), mask))
+                chunk_tail = None  # exact blocks: the tail slot of the block the chunk starts in, its first key held
+                if exact and tail is not None and (held := tail.exact(table[start // bs]))[0] >= 0:
+                    chunk_tail = (held[0], start // bs * bs + held[1])
+                prefills.append(PrefillChunk(t0, t0 + n, ctx, torch.tensor(table[:-(-ctx // bs)], device=self.device),
+                                             mask, chunk_tail))
         meta = AttentionMetadata(torch.tensor(slots, device=self.device), prefills=prefills)
         if tail is not None:
-            assert not prefills, "exact blocks: every query attends as a decode query"
             meta.tail_write = (torch.tensor(tail_rows[0], device=self.device), torch.tensor(tail_rows[1], device=self.device))
             meta.decode_tail = (torch.tensor(dec_tail[0], device=self.device), torch.tensor(dec_tail[1], device=self.device))
         if dec_idx:

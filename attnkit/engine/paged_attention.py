@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..nn.attention import scaled_dot_product_attention
 from .kv_format import KVFormat, hadamard64, kv_format
+from .kv_tail import ROW as TAIL_ROW
 from .kv_tail import KVTail
 
 
@@ -33,6 +34,9 @@ class PrefillChunk:
     context_len: int  # keys it attends to: cached prefix + the chunk
     block_table: torch.Tensor  # (n_blocks,) covering context_len
     mask: torch.Tensor | None  # (n, context_len) bool; None: plainly causal (no cached prefix, no window cut)
+    # exact blocks (attnkit.engine.kv_tail): the tail slot of the block the chunk starts in and the first key of that
+    # block held there (rows before it are read from the pool); None: the chunk reads every key from the pool
+    tail: tuple[int, int] | None = None
 
 
 @dataclass
@@ -133,14 +137,59 @@ class PagedKVCache:
             return paged_decode_attention_native(q, self.k_pool, self.v_pool, meta.decode_tables, meta.decode_lens,
                                                  meta.decode_starts, meta.native, self.scale,  # type: ignore[arg-type]
                                                  tail=(self.tail, self.layer) if meta.decode_tail is not None else None)
-        assert meta.decode_tail is None, "exact blocks are read by the C paged attention only (ModelRunner enables them so)"
         if meta.fused_gather and self.softcap is None and not self.fmt.quantized:
             return compiled_paged_decode_attention()(q, self.k_pool, self.v_pool, meta.decode_tables, meta.decode_bias,
                                                      self.scale)
         kd, vd = self._gather(meta.decode_tables, meta.scratch)
         if self.fmt.quantized:
             kd, vd = self.fmt.dequantize(kd, q.dtype), self.fmt.dequantize(vd, q.dtype)
+            if meta.decode_tail is not None and self.tail is not None:  # each query's own block from its tail slot
+                slots, first = meta.decode_tail
+                for b in (slots >= 0).nonzero()[:, 0].tolist():
+                    t = torch.arange(int(first[b]), int(meta.decode_lens[b]), device=q.device)
+                    kd[:, b, t], vd[:, b, t] = self._tail_rows(int(slots[b]), t % self.tail.block_size, q.dtype)
         return decode_attention(q, kd, vd, meta.decode_bias, self.scale, self.softcap)
+
+    def _prefill_exact(self, q: torch.Tensor, kn: torch.Tensor, vn: torch.Tensor, p: PrefillChunk, k: torch.Tensor,
+                       v: torch.Tensor) -> torch.Tensor:
+        """A prompt chunk's attention under the exact-block rule (attnkit.engine.kv_tail), as the C path computes it
+        row by row: query i reads the keys of its own block from q8_0 rows (the tail's, or its chunk's own rows
+        rounded alike), earlier ones as the pool holds them. q (1, nh, n, hd); kn, vn (1, n_kv, n, hd) the chunk's
+        rows as computed; k, v the step's rows as the pool holds them."""
+        assert self.tail is not None and p.tail is not None
+        n, ctx, bs = p.end - p.start, p.context_len, self.tail.block_size
+        c0 = ctx - n  # the first query's cache index
+        b0 = c0 // bs * bs
+        if ctx == n:
+            kq, vq = k[:, :, p.start:p.end], v[:, :, p.start:p.end]
+        else:
+            kq, vq = self._gather(p.block_table[None])
+            kq, vq = (self.fmt.dequantize(x[:, :, :ctx].transpose(0, 1), q.dtype) for x in (kq, vq))
+        slot, first = p.tail
+        kx = [TAIL_ROW.dequantize(TAIL_ROW.quantize(kn), q.dtype)]  # (1, n_kv, n, hd)
+        vx = [TAIL_ROW.dequantize(TAIL_ROW.quantize(vn), q.dtype)]
+        if c0 > b0:  # the block's rows before the chunk: from the tail where it holds them, else the pool's
+            t = torch.arange(b0, c0, device=q.device)
+            tk, tv = self._tail_rows(slot, t % bs, q.dtype)
+            held = (t >= first)[:, None]
+            kx.insert(0, torch.where(held, tk, kq[0, :, b0:c0])[None])
+            vx.insert(0, torch.where(held, tv, vq[0, :, b0:c0])[None])
+        i = torch.arange(c0, ctx, device=q.device)[:, None]
+        j = torch.arange(ctx, device=q.device)[None, :]
+        visible = p.mask if p.mask is not None else j <= i
+        own = i // bs * bs
+        own = torch.where(own == b0, torch.clamp(own, min=first), own)  # (n, 1): the first key read exactly
+        mask = torch.cat((visible & (j < own), (visible & (j >= own))[:, b0:]), dim=1)
+        keys, values = torch.cat([kq] + kx, dim=2), torch.cat([vq] + vx, dim=2)
+        out, _ = scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), mask=mask, impl="sdpa",
+                                              scale=self.scale, softcap=self.softcap)
+        return out
+
+    def _tail_rows(self, slot: int, offsets: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V (n_kv, n, hd) of tail slot ``slot`` at ``offsets`` (n,), as the C kernels read them."""
+        assert self.tail is not None
+        tk, tv = self.tail.k[self.layer][:, slot, offsets], self.tail.v[self.layer][:, slot, offsets]
+        return TAIL_ROW.dequantize(tk, dtype), TAIL_ROW.dequantize(tv, dtype)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (1, nh, T, hd), new k/v (1, n_kv, T, hd) → attention output (1, nh, T, hd)."""
@@ -152,11 +201,11 @@ class PagedKVCache:
         meta = self.meta
         assert meta is not None, "the model runner sets the step's metadata before the forward"
         self._write(k, v, meta.slots)
+        k0, v0 = k, v  # the new rows as computed (the tail's source)
         for rows, queries in meta.observe:
             queries.append(q[0][:, rows])
         if meta.decode_only:
             return self._decode(q[0], meta)[None]
-        assert meta.decode_tail is None, "exact blocks: every query a decode query (ModelRunner's row attention)"
         if self.fmt.quantized:  # the chunks attend to their own K/V as the pool holds them, like cached K/V
             k, v = self.fmt.dequantize(self.fmt.quantize(k), q.dtype), self.fmt.dequantize(self.fmt.quantize(v), q.dtype)
         elif k.dtype != self.k_pool.dtype:
@@ -166,6 +215,9 @@ class PagedKVCache:
             out[0][:, meta.decode_index] = self._decode(q[0][:, meta.decode_index], meta)
         for p in meta.prefills:
             qp = q[:, :, p.start:p.end]
+            if p.tail is not None and self.tail is not None:
+                out[:, :, p.start:p.end] = self._prefill_exact(qp, k0[:, :, p.start:p.end], v0[:, :, p.start:p.end], p, k, v)
+                continue
             if p.context_len == p.end - p.start:  # nothing cached before: the chunk's own K/V
                 kp, vp = k[:, :, p.start:p.end], v[:, :, p.start:p.end]
             else:
