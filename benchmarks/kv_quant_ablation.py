@@ -13,7 +13,8 @@ Variants (``K,V[,option…]``; each of K and V one of ``exact``, ``q8_0``, ``q4_
 - ``kivi16``: KIVI's key quantization (Liu et al. 2024): per *channel*, asymmetric, over groups of 16 tokens.
 - ``own``: each query sees the keys of its own 16-token block exactly, earlier blocks quantized (``own2``: its own
   block and the one before; ``blockN``: N-token blocks; ``q8tail``: the own block's rows as q8_0, the engine's
-  exact blocks, attnkit.engine.kv_tail); ``recentN``: the N most recent keys exact (KIVI's full-precision residual).
+  exact blocks, attnkit.engine.kv_tail; ``keysonly``: the window's values quantized all the same); ``recentN``: the N
+  most recent keys exact (KIVI's full-precision residual).
 
     python benchmarks/kv_quant_ablation.py [--ctx 1024] [--json FILE] [VARIANT ...]
 """
@@ -86,8 +87,9 @@ class FakeQuantCache:
     attends = True
 
     def __init__(self, k: str | None, v: str | None, rotate: bool, own: int = 0, recent: int = 0, block: int = 16,
-                 tail: str | None = None) -> None:
+                 tail: str | None = None, keys_only: bool = False) -> None:
         self.k, self.v, self.rotate, self.own, self.recent, self.block, self.tail = k, v, rotate, own, recent, block, tail
+        self.keys_only = keys_only  # the exact window holds keys only: every value as quantized
 
     def attend(self, q, k, v):
         import torch
@@ -106,6 +108,8 @@ class FakeQuantCache:
         scale = q.shape[-1] ** -0.5
         s = torch.where(exact, q.float() @ k.transpose(-1, -2), q.float() @ kq.transpose(-1, -2)) * scale
         p = torch.softmax(s.masked_fill(~(exact | older), float("-inf")), -1)
+        if self.keys_only:
+            return (p @ vq).to(q.dtype)
         return (torch.where(exact, p, 0) @ v + torch.where(older, p, 0) @ vq).to(q.dtype)
 
 
@@ -115,7 +119,8 @@ def parse(variant: str) -> dict:
     recent = next((int(o[6:]) for o in opts if o.startswith("recent")), 0)
     block = next((int(o[5:]) for o in opts if o.startswith("block")), 16)
     return {"k": None if k == "exact" else k, "v": None if v == "exact" else v, "rotate": "norot" not in opts,
-            "own": own, "recent": recent, "block": block, "tail": "q8_0" if "q8tail" in opts else None}
+            "own": own, "recent": recent, "block": block, "tail": "q8_0" if "q8tail" in opts else None,
+            "keys_only": "keysonly" in opts}
 
 
 def main() -> int:
