@@ -29,10 +29,12 @@ from attnkit.parallel.tensor import TensorParallel, TensorParallelError
 SHAPE = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=256, vocab_size=510, weight_std=0.5,
              tied_embeddings=False)  # 510: the vocabulary is padded to 2 × 255 rows
 IDS = [1, 5, 9, 200, 33, 7, 400, 12, 509, 0]
-#: (name, engine settings): batching with chunked prefill and a shared prefix; preemption; a q8_0 K/V pool
+#: (name, engine settings): batching with chunked prefill and a shared prefix; preemption; q8_0 and q4_0 K/V pools
 SCENARIOS = [("batched", dict(block_size=4, max_num_batched_tokens=64)),
              ("preempted", dict(block_size=4, num_blocks=24, max_num_batched_tokens=48)),
              ("q8_0", dict(block_size=16, kv_cache_dtype="q8_0")),
+             # a q4_0 pool with its exact blocks (attnkit.engine.kv_tail): every rank keeps the tail of its heads
+             ("q4_0", dict(block_size=4, kv_cache_dtype="q4_0", max_num_batched_tokens=64)),
              # speculative decoding: a whole draft model on rank 0 (always proposing), its drafts verified by the split
              ("draft", dict(block_size=16, speculative=SpeculativeConfig("draft", draft_model="{f32}", adaptive=False))),
              # a layer-skip draft: the target's first layer, split as the target, every rank running it

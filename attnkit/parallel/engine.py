@@ -30,7 +30,7 @@ from .shm import PeerFailed
 from .tensor import TensorParallel, TensorParallelError
 
 #: the runner settings workers copy from rank 0's engine
-_RUNNER_KEYS = ("num_blocks", "block_size", "kv_dtype", "batch_invariant", "free_window_kv", "compile")
+_RUNNER_KEYS = ("num_blocks", "block_size", "kv_dtype", "batch_invariant", "free_window_kv", "compile", "tail_slots")
 
 
 def broadcast_message(tp: TensorParallel, msg: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -71,7 +71,7 @@ def encode_batch(batch: ScheduledBatch, observed: list[int]) -> dict[str, Any]:
                      "prompt_len": seq.prompt_len, "spec": list(seq.spec_tokens), "shift": seq.kv_shift,
                      "table": list(seq.block_table), "window": list(getattr(seq, "window_table", [])),
                      "prompt_logprobs": seq.params.prompt_logprobs, "kv_budget": seq.params.kv_budget,
-                     "adapter": seq.adapter})
+                     "kv_window": seq.params.kv_window, "adapter": seq.adapter})
     return {"op": "run", "seqs": seqs, "n": list(batch.num_tokens), "copies": [list(c) for c in batch.copies],
             "rotations": [list(r) for r in batch.rotations], "observed": observed}
 
@@ -109,7 +109,8 @@ class StepSequence:
 def decode_batch(msg: dict[str, Any]) -> ScheduledBatch:
     seqs = [StepSequence(s["id"], s["start"], _Tokens(s["start"], s["tokens"]), s["len"], s["prompt_len"], s["spec"],
                          s["shift"], s["table"], s["window"],
-                         SimpleNamespace(prompt_logprobs=s["prompt_logprobs"], kv_budget=s["kv_budget"]), s["adapter"])
+                         SimpleNamespace(prompt_logprobs=s["prompt_logprobs"], kv_budget=s["kv_budget"],
+                                         kv_window=s["kv_window"]), s["adapter"])
             for s in msg["seqs"]]
     return ScheduledBatch(seqs, msg["n"], [tuple(c) for c in msg["copies"]],  # type: ignore[arg-type]
                           [tuple(r) for r in msg["rotations"]])
@@ -213,7 +214,8 @@ def attach(engine: Any, tp: TensorParallel, heartbeat_s: float = 30.0) -> Any:
     r = engine.runner
     settings = {"num_blocks": r.k_pool.shape[2], "block_size": r.block_size, "kv_dtype": r.kv_format.name,
                 "batch_invariant": r.batch_invariant, "free_window_kv": engine.config.free_window_kv,
-                "compile": r.compile, "draft_layers": None}
+                "compile": r.compile, "draft_layers": None,
+                "tail_slots": r.tail.slots if r.tail is not None else 0}  # a 4-bit cache's exact blocks, on every rank
     layerskip = spec is not None and spec.config.method == "layerskip"
     if layerskip:  # the draft is the target's first layers: every rank runs them, on its slice
         settings["draft_layers"] = len(spec.proposer.runner.model.layers)
@@ -252,7 +254,8 @@ def serve_worker(model: torch.nn.Module, tp: TensorParallel) -> int:
         if op == "start":
             s = {k: msg[k] for k in _RUNNER_KEYS}
             runner = ModelRunner(model, s["num_blocks"], s["block_size"], compile=s["compile"], kv_dtype=s["kv_dtype"],
-                                 batch_invariant=s["batch_invariant"], free_window_kv=s["free_window_kv"])
+                                 batch_invariant=s["batch_invariant"], free_window_kv=s["free_window_kv"],
+                                 tail_slots=s["tail_slots"])
             _no_native(runner)
             draft, loras = None, None  # a new engine starts without adapters, as rank 0's
             if msg.get("draft_layers"):
