@@ -159,24 +159,26 @@ static inline void softmax(float *p, int64_t n) {
     for (int64_t u = 0; u < n; u++) p[u] *= inv;
 }
 
-/* pass 0: the scores of key row k (key t) for the g heads; pass 1: the row of values weighed into their outputs */
-#define ATTEND_ROW(t, k)                                                                     \
-    for (int gi = 0; gi < g; gi++) {                                                        \
-        if (!pass) {                                                                        \
-            const float *qg = qb + (size_t)gi * hd;                                         \
-            float acc = 0.f;                                                                \
-            _Pragma("omp simd reduction(+ : acc)") for (int d = 0; d < hd; d++) acc += qg[d] * (k)[d]; \
-            s[(size_t)gi * L + (t)] = acc * scale;                                          \
-        } else {                                                                            \
-            const float p = s[(size_t)gi * L + (t)];                                        \
-            float *og = ob + (size_t)gi * hd;                                               \
-            _Pragma("omp simd") for (int d = 0; d < hd; d++) og[d] += p * (k)[d];           \
-        }                                                                                   \
+/* the scores of key row k (key t; k a decoded row, evaluated once per use) for the g heads */
+#define SCORE_ROW(t, k)                                                                          \
+    for (int gi = 0; gi < g; gi++) {                                                            \
+        const float *qg = qb + (size_t)gi * hd;                                                 \
+        float acc = 0.f;                                                                        \
+        _Pragma("omp simd reduction(+ : acc)") for (int d = 0; d < hd; d++) acc += qg[d] * (k)[d]; \
+        s[(size_t)gi * L + (t)] = acc * scale;                                                  \
+    }
+/* value row v (key t) weighed into the g heads' outputs */
+#define ADD_ROW(t, v)                                                                            \
+    for (int gi = 0; gi < g; gi++) {                                                            \
+        const float p = s[(size_t)gi * L + (t)];                                                \
+        float *og = ob + (size_t)gi * hd;                                                       \
+        _Pragma("omp simd") for (int d = 0; d < hd; d++) og[d] += p * (v)[d];                   \
     }
 
 /* One (sequence, KV head) task: its g query heads against keys st <= t < len. ``hd`` is a compile-time
  * constant where the caller passes a literal (always_inline), so the row loops have known trip counts; a
- * row that is not float32 is decoded once into kt for all g heads. */
+ * row that is not float32 is decoded once into kt for all g heads. With an exact tail (tk, tv: Q8_0 rows), keys
+ * tf <= t < len are its rows trow + t % bs instead of the pool's. */
 static inline __attribute__((always_inline)) void attend_task(
         const float *qb, const void *k_pool, const void *v_pool, int kv_type, const int64_t *tab, int64_t st,
         int64_t len, int h, int g, const int hd, int bs, int num_blocks, size_t L, float scale, float *s, float *ob,
@@ -184,20 +186,27 @@ static inline __attribute__((always_inline)) void attend_task(
     float kt[hd];
     for (int i = 0; i < g * hd; i++) ob[i] = 0.f;
     if (len <= st) return;
-    const int64_t pend = tk ? tf : len; /* keys pend <= t < len: Q8_0 rows of the exact tail, row trow + t % bs */
-    for (int pass = 0; pass < 2; pass++) {
-        KV_ROWS(tab, st, pend, h, bs, num_blocks, t, r) {
-            const float *k = kv_row(pass ? v_pool : k_pool, kv_type, r, hd, kt);
-            ATTEND_ROW(t, k)
-        }
-        for (int64_t t = pend > st ? pend : st; t < len; t++) {
-            const float *k = kv_row(pass ? tv : tk, AK_KV_Q8_0, (size_t)(trow + t % bs), hd, kt);
-            ATTEND_ROW(t, k)
-        }
-        if (!pass)
-            for (int gi = 0; gi < g; gi++) softmax(s + (size_t)gi * L + st, len - st);
+    const int64_t pend = tk ? tf : len, t0 = pend > st ? pend : st;
+    KV_ROWS(tab, st, pend, h, bs, num_blocks, t, r) {
+        const float *k = kv_row(k_pool, kv_type, r, hd, kt);
+        SCORE_ROW(t, k)
+    }
+    for (int64_t t = t0; t < len; t++) {
+        const float *k = kv_row(tk, AK_KV_Q8_0, (size_t)(trow + t % bs), hd, kt);
+        SCORE_ROW(t, k)
+    }
+    for (int gi = 0; gi < g; gi++) softmax(s + (size_t)gi * L + st, len - st);
+    KV_ROWS(tab, st, pend, h, bs, num_blocks, t, r) {
+        const float *v = kv_row(v_pool, kv_type, r, hd, kt);
+        ADD_ROW(t, v)
+    }
+    for (int64_t t = t0; t < len; t++) {
+        const float *v = kv_row(tv, AK_KV_Q8_0, (size_t)(trow + t % bs), hd, kt);
+        ADD_ROW(t, v)
     }
 }
+#undef SCORE_ROW
+#undef ADD_ROW
 
 #ifdef __AVX512F__
 /* 64 floats of row `at`: read in place (float32) or widened from halves */
