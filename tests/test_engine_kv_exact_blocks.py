@@ -126,12 +126,16 @@ def test_slots_that_would_crowd_out_the_pool_are_refused_by_name(model):
 
 
 def test_defaults(model):
-    assert make_llm(model, kv_cache_dtype="q4_0").engine.config.block_size == 32  # 1.4% perplexity, not 2.0%
+    assert make_llm(model, kv_cache_dtype="q4_0").engine.config.block_size == 32  # KL 0.0245, not 0.0350 (docs)
     assert make_llm(model, kv_cache_dtype="q4_0").engine.runner.tail is not None
     assert make_llm(model, kv_cache_dtype="q8_0").engine.runner.tail is None  # q8_0 loses 0.05% without it
     assert make_llm(model, kv_cache_dtype="q8_0", kv_exact_blocks=True).engine.runner.tail is not None
     assert make_llm(model, kv_cache_dtype="float16").engine.config.block_size == 16
     assert make_llm(model, kv_cache_dtype="q4_0", kv_exact_blocks=False).engine.runner.tail is None
+    with pytest.raises(ValueError, match=r"exact blocks need a quantized K/V cache \(got float16\)"):
+        make_llm(model, kv_cache_dtype="float16", kv_exact_blocks=True)
+    assert make_llm(tiny_llama(VOCAB, d_model=256, n_heads=4, n_kv_heads=2, attn_softcap=50.0), kv_cache_dtype="q4_0"
+                    ).engine.runner.tail is None  # soft-capped scores: not for the C kernels, so no exact blocks
     chunked = make_llm(model, kv_cache_dtype="q4_0", batch_invariant=False).engine.runner
     assert chunked.tail is not None and not chunked.row_attention  # prompt chunks follow the rule in PyTorch
 

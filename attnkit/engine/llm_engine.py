@@ -99,8 +99,13 @@ class LLMEngine:
         """``draft_model``: the speculative draft when ``config.speculative`` is "draft" (else loaded from its path)."""
         cfg = config or EngineConfig()
         kv_dtype = cfg.kv_dtype(model)
-        exact = kv_dtype.quantized and (cfg.kv_exact_blocks if cfg.kv_exact_blocks is not None else kv_dtype.name == "q4_0")
-        if cfg.block_size is None:  # a 32-token exact block costs a 4-bit cache 1.4% perplexity, a 16-token one 2.0%
+        exact = cfg.kv_exact_blocks if cfg.kv_exact_blocks is not None else kv_dtype.name == "q4_0"
+        if exact and not ModelRunner.exact_blocks_apply(model, kv_dtype):
+            if cfg.kv_exact_blocks:  # asked for by name: say why not
+                raise ValueError(f"kv_exact_blocks: exact blocks need a quantized K/V cache (got {kv_dtype.name}), one "
+                                 "kind of attention window and no soft-capped layers")
+            exact = False
+        if cfg.block_size is None:  # exact 32-token blocks: KL 0.0245 against 0.0350 at 16 (benchmarks/kv_quant_ablation.py)
             cfg = dataclasses.replace(cfg, block_size=32 if exact else 16)
         self.config = cfg
         self.model, self.tokenizer = model, tokenizer
@@ -117,8 +122,8 @@ class LLMEngine:
         if spec is not None and spec.method == "draft":  # the draft's K/V share the target's blocks
             block_bytes += ModelRunner.bytes_per_block(draft_model, cfg.block_size, kv_dtype)
         tail_slots = cfg.max_num_seqs + -(-cfg.max_num_batched_tokens // cfg.block_size) + 1 if exact else 0
-        tail_bytes = tail_slots and tail_slots * KVTail.bytes_per_slot(len(model.layers), model.cfg.n_kv_heads,
-                                                                       cfg.block_size, model.cfg.hd)
+        tail_bytes = tail_slots * KVTail.bytes_per_slot(len(model.layers), model.cfg.n_kv_heads, cfg.block_size,
+                                                        model.cfg.hd) if exact else 0
         if not cfg.num_blocks and tail_bytes > cfg.kv_cache_bytes // 2:
             raise ValueError(f"the exact blocks of a {kv_dtype.name} KV cache need {tail_slots} slots (max_num_seqs + a "
                              f"step's blocks + 1) of {tail_bytes / tail_slots / 2**20:.2f} MiB, {tail_bytes / 2**20:.1f} MiB: "

@@ -69,7 +69,7 @@ class ModelRunner:
         """``kv_dtype``: how the pool stores K/V (a float dtype, or a :mod:`~attnkit.engine.kv_format` name such as
         "q8_0"); None: the parameters' dtype. ``pools``: K and V pools to use instead of new ones (a layer-skipping
         draft reads its target's). ``tail_slots``: a quantized cache's exact blocks (attnkit.engine.kv_tail), as many
-        at once; they apply with one block table and no soft-capping, else none are made."""
+        at once (only where :meth:`exact_blocks_apply`)."""
         cfg = model.cfg
         if not hasattr(cfg, "n_kv_heads") or not hasattr(cfg, "hd"):
             raise TypeError(f"the engine runs decoder-only models (Llama family, GPT-2); got {type(model).__name__}")
@@ -105,13 +105,16 @@ class ModelRunner:
         self.row_attention = batch_invariant and not compile and native_kernel(
             torch.empty(0, dtype=self.dtype, device=self.device), self.k_pool, fmt) is not None
         self.tail: KVTail | None = None
-        softcaps = [getattr(layer.self_attn, "softcap", None) for layer in model.layers]
-        if tail_slots and fmt.quantized and len(self.meta_keys) == 1 and pools is None and all(c is None for c in softcaps):
+        if tail_slots:
+            if not self.exact_blocks_apply(model, fmt):
+                raise ValueError(f"exact blocks need a quantized K/V cache (got {fmt.name}), one kind of attention window "
+                                 "and no soft-capped layers")
             tshape = KVTail.shape(n_layers, cfg.n_kv_heads, tail_slots, block_size, cfg.hd)
             self.tail = KVTail(lazy_zeros(tshape, torch.uint8, self.device), lazy_zeros(tshape, torch.uint8, self.device))
         self._filled: list[int] = []  # blocks the step writes to their end (KVTail.filled)
         self.caches = [PagedKVCache(self.k_pool[i], self.v_pool[i], getattr(layer.self_attn, "scale", None),
-                                    softcaps[i], fmt, self.tail, i) for i, layer in enumerate(model.layers)]
+                                    getattr(layer.self_attn, "softcap", None), fmt, self.tail, i)
+                       for i, layer in enumerate(model.layers)]
         # compile: the decode attention reads K/V through the block tables inside one compiled kernel
         # (inductor) instead of copying every sequence's blocks out of the pool first
         self.compile = compile
@@ -125,6 +128,14 @@ class ModelRunner:
         self.native: NativeDecoder | bool | None = None
         self.native_reason: str | None = None  # why not, when native is False
         self.batch_invariant = batch_invariant
+
+    @staticmethod
+    def exact_blocks_apply(model: nn.Module, fmt: KVFormat) -> bool:
+        """Whether a pool of ``fmt`` can keep exact blocks for ``model`` (attnkit.engine.kv_tail): quantized rows, one
+        kind of attention window (so one block table and one metadata a step), no soft-capped scores."""
+        attns = [layer.self_attn for layer in model.layers]
+        return fmt.quantized and len({getattr(a, "window", None) for a in attns}) == 1 \
+            and all(getattr(a, "softcap", None) is None for a in attns)
 
     @staticmethod
     def bytes_per_block(model: nn.Module, block_size: int, kv_dtype: torch.dtype | KVFormat | str | None = None) -> int:
@@ -351,7 +362,7 @@ class ModelRunner:
         dec_lens: list[int] = []
         prefills: list[PrefillChunk] = []
         tail = self.tail
-        tail_rows: tuple[list[int], list[int]] = ([], [])  # each new token's (tail slot, offset)
+        tail_rows: list[int] = []  # each new token's tail slot
         dec_tail: tuple[list[int], list[int]] = ([], [])  # each decode query's (tail slot, first key read from it)
         for seq, t0, pos0, n in rows:
             table = [max(b, 0) for b in getattr(seq, table_attr)]
@@ -361,9 +372,9 @@ class ModelRunner:
             exact = tail is not None and seq.params.kv_window is None and seq.params.kv_budget is None \
                 and not seq.kv_shift
             if tail is not None:
-                for i in range(start, ctx):
-                    tail_rows[0].append(tail.slot(table[i // bs], i % bs) if exact else -1)
-                    tail_rows[1].append(i % bs)
+                for b in range(start // bs, (ctx - 1) // bs + 1):  # each block written: its slot, for its rows
+                    first, end = max(start, b * bs), min(ctx, (b + 1) * bs)
+                    tail_rows += [tail.slot(table[b], first % bs) if exact else -1] * (end - first)
                 if exact:
                     self._filled += [table[b] for b in range(start // bs, ctx // bs)]
             if n == 1 or per_row or seq.spec_tokens:  # a verification's rows: each a decode query
@@ -379,13 +390,13 @@ class ModelRunner:
                 causal = start == 0 and (window is None or window >= n)  # the mask would be plain causal
                 mask = None if causal else self._mask(torch.arange(start, ctx, device=self.device), ctx, window)
                 chunk_tail = None  # exact blocks: the tail slot of the block the chunk starts in, its first key held
-                if exact and tail is not None and (held := tail.exact(table[start // bs]))[0] >= 0:
+                if exact and (held := tail.exact(table[start // bs]))[0] >= 0:  # type: ignore[union-attr]
                     chunk_tail = (held[0], start // bs * bs + held[1])
                 prefills.append(PrefillChunk(t0, t0 + n, ctx, torch.tensor(table[:-(-ctx // bs)], device=self.device),
                                              mask, chunk_tail))
         meta = AttentionMetadata(torch.tensor(slots, device=self.device), prefills=prefills)
         if tail is not None:
-            meta.tail_write = (torch.tensor(tail_rows[0], device=self.device), torch.tensor(tail_rows[1], device=self.device))
+            meta.tail_write = (torch.tensor(tail_rows, device=self.device), meta.slots % bs)  # (slot, offset) a token
             meta.decode_tail = (torch.tensor(dec_tail[0], device=self.device), torch.tensor(dec_tail[1], device=self.device))
         if dec_idx:
             width = max(len(t) for t in dec_tables)

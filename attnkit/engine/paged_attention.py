@@ -322,14 +322,14 @@ class _Tail(ctypes.Structure):  # kernels/decode.h's ak_kv_tail
 
 def tail_arg(tail: KVTail | None, rows: tuple[torch.Tensor, torch.Tensor] | None, keep: list,
              layer: int | None = None):
-    """The C kernels' ``ak_kv_tail *`` for the query rows' (slot, first exact key) ``rows``: ``layer``'s slots, or
-    none (the decode step passes each layer's own); None without exact blocks. ``keep`` holds what it points to."""
+    """The C kernels' ``ak_kv_tail *`` for the query rows' (slot, first exact key) ``rows`` (contiguous int64):
+    ``layer``'s slots, or none (the decode step passes each layer's own); None without exact blocks. ``keep`` holds
+    the struct it points to."""
     if tail is None or rows is None:
         return None
-    slot, first = (t.contiguous() for t in rows)
     k, v = (None, None) if layer is None else (tail.k[layer].data_ptr(), tail.v[layer].data_ptr())
-    arg = _Tail(k, v, tail.slots, slot.data_ptr(), first.data_ptr())
-    keep += [slot, first, arg]
+    arg = _Tail(k, v, tail.slots, rows[0].data_ptr(), rows[1].data_ptr())
+    keep.append(arg)
     return ctypes.byref(arg)
 
 
