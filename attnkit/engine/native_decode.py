@@ -36,7 +36,8 @@ class _Layer(ctypes.Structure):  # kernels/decode.h's ak_layer
     _fields_ = [("qkv", _Part * 3), ("gate_up", _Part * 2), ("o", _Part), ("down", _Part), ("n_qkv", ctypes.c_int),
                 ("n_gate_up", ctypes.c_int), ("qkv_bias", ctypes.c_void_p), ("attn_norm", ctypes.c_void_p),
                 ("ffn_norm", ctypes.c_void_p), ("k_pool", ctypes.c_void_p), ("v_pool", ctypes.c_void_p),
-                ("k_tail", ctypes.c_void_p), ("v_tail", ctypes.c_void_p), ("qk_norm", ctypes.c_int), ("qk_eps", ctypes.c_float), ("q_norm", ctypes.c_void_p),
+                ("k_tail", ctypes.c_void_p), ("v_tail", ctypes.c_void_p), ("qk_norm", ctypes.c_int),
+                ("qk_eps", ctypes.c_float), ("q_norm", ctypes.c_void_p),
                 ("k_norm", ctypes.c_void_p), ("moe", ctypes.c_void_p)]
 
 

@@ -125,7 +125,7 @@ class InferenceOptions:
                             "as llama.cpp; else --dtype); q8_0/int8 and q4_0/int4 quantize them (llama.cpp's -ctk)")
         p.add_argument("--kv-exact-blocks", choices=list(EXACT_BLOCKS), default="auto",
                        help="a quantized K/V cache reads each query's own block from q8_0 rows kept aside "
-                            "(default auto: on for q4_0, whose perplexity cost it cuts from ~8%% to ~1%%; off: "
+                            "(default auto: on for q4_0, whose perplexity cost it cuts from 8%% to under 2%%; off: "
                             "q4_0 exactly as llama.cpp's)")
         p.add_argument("--matmul-dtype", choices=MATMUL_DTYPES, default="auto",
                        help="with --quantize gguf: dtype of the matrix products of prefill and large batches "
