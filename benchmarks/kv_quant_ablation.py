@@ -38,32 +38,20 @@ DEFAULT_VARIANTS = ["q8_0,q8_0", "q4_0,q4_0", "q4_0,q4_0,norot", "q4_0,exact", "
 QK = 32
 
 
-def quantizers():
+def q4_1(b):
+    """Blocks (…, 32) → q4_1's values (a scale and a minimum per 32; not a KV format attnkit stores)."""
     import torch
 
-    def q8_0(b):
-        d = b.abs().amax(-1, keepdim=True) / 127
-        return (b * torch.where(d > 0, 1 / d, torch.zeros_like(d))).round() * d.half().float()
-
-    def q4_0(b):  # ggml's reference: d = m / −8 for m the value of largest magnitude
-        m = b.gather(-1, b.abs().argmax(-1, keepdim=True))
-        d = m / -8
-        n = (b * torch.where(d != 0, 1 / d, torch.zeros_like(d)) + 8.5).trunc().clamp(0, 15)
-        return (n - 8) * d.half().float()
-
-    def q4_1(b):
-        lo, hi = b.amin(-1, keepdim=True), b.amax(-1, keepdim=True)
-        d, lo = ((hi - lo) / 15).half().float(), lo.half().float()
-        return ((b - lo) / torch.where(d > 0, d, torch.ones_like(d))).round().clamp(0, 15) * d + lo
-
-    return {"q8_0": q8_0, "q4_0": q4_0, "q4_1": q4_1}
+    lo, hi = b.amin(-1, keepdim=True), b.amax(-1, keepdim=True)
+    d, lo = ((hi - lo) / 15).half().float(), lo.half().float()
+    return ((b - lo) / torch.where(d > 0, d, torch.ones_like(d))).round().clamp(0, 15) * d + lo
 
 
 def fake_quant(x, name: str | None, rotate: bool):
     """x (1, n_kv, T, hd) → the values a pool of ``name`` gives back (None: x)."""
     import torch
 
-    from attnkit.engine.kv_format import hadamard64
+    from attnkit.engine.kv_format import hadamard64, kv_format
 
     if name is None:
         return x
@@ -76,7 +64,11 @@ def fake_quant(x, name: str | None, rotate: bool):
         return y.reshape(x.shape).to(x.dtype)
     if rotate:
         xf = hadamard64(xf)
-    y = quantizers()[name](xf.reshape(*xf.shape[:-1], xf.shape[-1] // QK, QK)).reshape(xf.shape)
+    if name == "q4_1":
+        y = q4_1(xf.reshape(*xf.shape[:-1], xf.shape[-1] // QK, QK)).reshape(xf.shape)
+    else:  # the engine's own rows (attnkit.engine.kv_format: ggml's rounding)
+        fmt = kv_format(name)
+        y = fmt.dequantize(fmt.quantize(xf))
     return (hadamard64(y) if rotate else y).to(x.dtype)
 
 
