@@ -4,7 +4,7 @@ KIVI (Liu et al. 2024) keeps the most recent keys in full precision; here the un
 Measured on the default model (benchmarks/kv_quant_ablation.py, docs/long_context.md): q4_0 K/V cost +7.5%
 perplexity, almost all of it from the keys (values alone +0.25%) and from the keys nearest the query — read exactly
 within its own 16-token block, the cost falls to +1.7% (KL 0.035; kept as q8_0 rows in 32-token blocks, the
-engine's default: KL 0.0245, +1.4%).
+engine's default: KL 0.0240, +1.5%).
 
 Every row is written twice: quantized into the pool, which is what earlier-block reads, the prefix cache,
 copy-on-write and evictions use, and as a q8_0 row (which costs 0.06% perplexity against float16, at half its bytes)
