@@ -50,6 +50,8 @@ def native_linear(g: GGUFFile, src: str, rows=None, bias: torch.Tensor | None = 
         raise ModelLoadError(g.path, str(e), tensor=src) from e
     if g.aliases(layer.blocks.data_ptr()):
         layer.on_release = functools.partial(g.release, src)  # once fusion has copied it (GGUFBlockLinear.cat_out)
+        if interleaved is None:  # a layer of its own, not a part that fusion copies: streamed from huge pages
+            layer.own_blocks()
     else:
         g.release(src)
     return layer

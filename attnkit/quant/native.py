@@ -40,6 +40,7 @@ from ..kernels import library, native_bf16
 from ..nn.fused import ConcatLinear
 from .frozen_grad import frozen_linear, tiled_product
 from .row_kernel import current_rows
+from .weight_memory import empty_weights, empty_weights_like
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ def interleave(blocks: torch.Tensor, kind: str, out: torch.Tensor | None = None)
     n, row = blocks.shape
     lib = _kernels()
     if lib is not None and blocks.is_contiguous() and blocks.device.type == "cpu":  # one pass in C (kernels/repack.c)
-        out = torch.empty_like(blocks) if out is None else out
+        out = empty_weights_like(blocks) if out is None else out
         fields = (ctypes.c_int * (3 * len(t.x4_fields)))(*(v for f in t.x4_fields for v in f))
         vp, i = ctypes.c_void_p, ctypes.c_int
         lib.ak_interleave.argtypes = [vp, vp, i, i, i, vp, i, i]
@@ -201,13 +202,15 @@ class GGUFBlockLinear(nn.Module):
         bias = torch.cat(biases) if any(m.bias is not None for m in mods) else None
         kind, k = mods[0].kind, mods[0].in_features
         if not all(m.out_features % 4 == 0 for m in mods) or not has_x4(kind):
-            fused = cls(torch.cat([m.row_blocks() for m in mods]), kind, k, bias, interleaved=False)
+            parts = [m.row_blocks() for m in mods]
+            blocks = torch.cat(parts, out=empty_weights((sum(len(b) for b in parts), parts[0].shape[1])))
+            fused = cls(blocks, kind, k, bias, interleaved=False)
             for m in mods:  # copied: the file's pages of the parts are no longer needed
                 m.release_source()
             return fused
         # groups of four rows never straddle two parts: each part goes into its slice of the fused layout once,
         # straight from the file's mapping when it was loaded in GGUF's layout for this
-        out = torch.empty(sum(m.out_features for m in mods), mods[0].blocks.shape[1], dtype=torch.uint8)
+        out = empty_weights((sum(m.out_features for m in mods), mods[0].blocks.shape[1]))
         at = 0
         for m in mods:
             part = out[at:at + m.out_features]
@@ -220,6 +223,8 @@ class GGUFBlockLinear(nn.Module):
         """This layer with its rows interleaved in fours where the kernels have that layout (self if it is, or
         cannot be)."""
         if self.interleaved or self.out_features % 4 or not has_x4(self.kind):
+            if self.on_release is not None:  # still viewing its source (a file's pages): copied onto huge pages
+                self.own_blocks()
             return self
         layer = GGUFBlockLinear(self.blocks, self.kind, self.in_features, self.bias, interleaved=True)
         layer.dense_dtype, layer._dense_for_prompts = self.dense_dtype, self._dense_for_prompts
@@ -240,6 +245,12 @@ class GGUFBlockLinear(nn.Module):
     @dense_for_prompts.setter
     def dense_for_prompts(self, dense: bool) -> None:
         self._dense_for_prompts = bool(dense)
+
+    def own_blocks(self) -> None:
+        """Copy blocks viewed where they lie (a file's mapping, on 4 KiB page-cache pages) into weight memory on
+        huge pages (:mod:`.weight_memory`: streamed 10–20% faster), then release their source."""
+        self.blocks = empty_weights_like(self.blocks).copy_(self.blocks)
+        self.release_source()
 
     def release_source(self) -> None:
         """Say that the blocks this layer was built from are no longer needed where they lie (a file's pages:
