@@ -7,9 +7,9 @@ to each ``--presets`` entry by llama.cpp's ``llama-quantize`` when ``--llama-bin
 quantizer (attnkit.quant.gguf_quantize) otherwise (``--quantizer`` forces one); the report says which. Both
 systems then run the same file, each measurement in a fresh process on ``--threads`` threads:
 
-- the machine's read bandwidth, measured in the same run (the better of torch's sum of a 1 GiB tensor and
-  attnkit's C read loop, kernels/membench.c, best of 10 each; a plain read, so a decode step that overlaps
-  its reads better can pass 100% of it);
+- the machine's read bandwidth, measured in the same run (the best of torch's sum of a 1 GiB tensor and
+  attnkit's C read loop, kernels/membench.c, over it and over 1 GiB on 2 MiB pages, best of 10 each; a plain
+  read, so a decode step that overlaps its reads better can pass 100% of it);
 - attnkit (``LLM(path)``, as benchmarks/engine.py uses it): load time, time to first token of a 32-token
   prompt, prefill of a 512-token prompt (512 / its TTFT), decode after the 32-token prompt, the offline
   workload of benchmarks/engine.py (64 requests, input 32–512, output 32–256 random token ids, greedy,
@@ -172,13 +172,15 @@ def ensure_preset(size: str, preset: str, f16: Path, work: Path, quantizer: str,
 # -- children: one measurement each, in a fresh process ---------------------------------------------------------------
 
 def child_bandwidth(threads: int) -> dict:
-    """The best of two read probes over 1 GiB (far above the L3): torch's sum of float32, and attnkit's C loop
-    summing 64-bit words on the same threads (kernels/membench.c); best of 10 passes each."""
+    """The best of three read probes over 1 GiB (far above the L3): torch's sum of float32, and attnkit's C loop
+    summing 64-bit words on the same threads (kernels/membench.c) over the same buffer and over one on 2 MiB pages
+    (attnkit.quant.weight_memory, where the engine keeps its weight blocks); best of 10 passes each."""
     import ctypes
 
     import torch
 
     from attnkit.kernels import library
+    from attnkit.quant.weight_memory import empty_weights
 
     torch.set_num_threads(threads)
     x = torch.ones(GIB // 8, dtype=torch.int64)
@@ -187,6 +189,8 @@ def child_bandwidth(threads: int) -> dict:
     if lib is not None:
         lib.ak_read_sum.argtypes, lib.ak_read_sum.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_uint64
         probes["c_sum_u64"] = lambda: lib.ak_read_sum(x.data_ptr(), x.numel(), threads)
+        huge = empty_weights((GIB // 8,), torch.int64).fill_(1)
+        probes["c_sum_u64_huge_pages"] = lambda: lib.ak_read_sum(huge.data_ptr(), huge.numel(), threads)
     res: dict = {"bytes": GIB}
     for name, f in probes.items():
         best = float("inf")
