@@ -82,3 +82,15 @@ def test_interleaved_layer_uses_it_and_multiplies_as_before():
     assert x4.blocks.nbytes >= wm.MIN_BYTES and x4.blocks.data_ptr() % wm.ALIGN == 0
     x = torch.randn(3, 1024)
     torch.testing.assert_close(x4.kernel_product(x), row.kernel_product(x), rtol=0, atol=1e-4)
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    def refuse(nbytes):
+        raise AssertionError("ATTNKIT_HUGE_PAGES=0 still mapped huge pages")
+
+    monkeypatch.setattr(wm, "_mapping", refuse)
+    monkeypatch.setattr(wm, "_chunk", None)
+    monkeypatch.setenv("ATTNKIT_HUGE_PAGES", "0")
+    for shape in ((wm.CHUNK,), (1 << 20,)):
+        t = wm.empty_weights(shape)
+        assert t.shape == shape and t.is_contiguous()

@@ -10,13 +10,15 @@ interleaved in fours, fused layers, experts).
 Tensors of at least :data:`MIN_BYTES` are carved, 64-byte aligned, from 2 MiB-aligned chunks of :data:`CHUNK`
 bytes (a larger tensor gets a mapping of its own); a chunk lives while any tensor carved from it does. Only what
 is written becomes resident, so a chunk's unused tail costs address space, not memory. Elsewhere (no mmap, or
-huge pages refused) the tensors come from ``torch.empty``.
+huge pages refused) and with ``ATTNKIT_HUGE_PAGES=0`` in the environment (benchmarks/huge_pages.py's A/B) the
+tensors come from ``torch.empty``.
 """
 
 from __future__ import annotations
 
 import math
 import mmap
+import os
 import threading
 import warnings
 
@@ -55,7 +57,7 @@ def empty_weights(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8) -> t
     """An uninitialised contiguous tensor for weight blocks, on huge pages where the system offers them."""
     global _chunk, _used
     nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes < MIN_BYTES:
+    if nbytes < MIN_BYTES or os.environ.get("ATTNKIT_HUGE_PAGES", "1") == "0":
         return torch.empty(shape, dtype=dtype)
     with _lock:
         if nbytes > CHUNK // 2:  # its own mapping: the current chunk keeps its room for the smaller ones
