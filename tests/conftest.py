@@ -2,3 +2,16 @@ import os
 
 # Two cores: idle OpenMP threads must sleep rather than spin, or parallel test processes starve each other.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """Each test starts with the process's thread count: ``LLM(threads=1)`` and the CLIs' ``--threads`` set torch's
+    global, and a later test's float results (and what a short training run learns) depend on it."""
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)

@@ -30,9 +30,10 @@ def test_teacher_forcing_batch_is_shifted():
 
 
 def test_short_copy_run_learns(tmp_path):
-    """A tiny Transformer learns the copy task in seconds: ≥ 90% of held-out sequences exactly."""
+    """A tiny Transformer learns the copy task in seconds: ≥ 90% of held-out sequences exactly. (At 600 steps
+    it reached 0.88 on 1 thread of a Zen 4 and 0.93 on 2: 800 leave a margin on both, 0.95 and 0.97.)"""
     torch.manual_seed(0)
-    args = TrainArgs(task="copy", d_model=64, n_heads=4, n_layers=2, d_ff=128, dropout=0.0, steps=600,
+    args = TrainArgs(task="copy", d_model=64, n_heads=4, n_layers=2, d_ff=128, dropout=0.0, steps=800,
                      batch_size=64, warmup=100, lr_factor=0.5, label_smoothing=0.0, eval_examples=100)
     result = train(args, tmp_path / "copy", progress=False)
     assert result["greedy"]["exact_match"] >= 0.90, result
