@@ -6,9 +6,13 @@ import argparse
 import os
 import sys
 
-# Before torch is imported: idle OpenMP threads sleep instead of spinning. With spinning threads a
-# 2-core machine that runs anything else besides slows down several-fold.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch is imported: OpenMP threads spin 10,000 rounds (well under a millisecond) at the end of a parallel
+# region, then sleep. A decode step's many regions then follow each other without a futex wake-up each
+# (OMP_WAIT_POLICY=PASSIVE, set here before, cost decode ~20%: docs/performance.md, session 15), and idle threads
+# still do not spin for milliseconds beside other work on a 2-core machine (libgomp's default: 300,000 rounds).
+# The user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = "10000"
 
 
 # Each module here has ``add_commands(subparsers)``; imported when the parser is built.

@@ -60,7 +60,8 @@ GIB = 1 << 30
 
 def machine_info(threads: int) -> dict:
     info: dict = {"cpus": os.cpu_count(), "arch": platform.machine(), "python": platform.python_version(),
-                  "threads": threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)")}
+                  "threads": threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+                  "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", "(unset)")}
     try:
         text = Path("/proc/cpuinfo").read_text()
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
