@@ -187,23 +187,20 @@ static inline __attribute__((always_inline)) void attend_task(
     for (int i = 0; i < g * hd; i++) ob[i] = 0.f;
     if (len <= st) return;
     const int64_t pend = tk ? tf : len, t0 = pend > st ? pend : st;
-    KV_ROWS(tab, st, pend, h, bs, num_blocks, t, r) {
-        const float *k = kv_row(k_pool, kv_type, r, hd, kt);
-        SCORE_ROW(t, k)
+/* each key row in order: the pool's (st <= t < pend), then the exact tail's (t0 <= t < len), decoded, through ROW */
+#define EACH_ROW(pool, tail, ROW)                                                          \
+    KV_ROWS(tab, st, pend, h, bs, num_blocks, t, r) {                                      \
+        const float *x = kv_row(pool, kv_type, r, hd, kt);                                 \
+        ROW(t, x)                                                                          \
+    }                                                                                      \
+    for (int64_t t = t0; t < len; t++) {                                                   \
+        const float *x = kv_row(tail, AK_KV_Q8_0, (size_t)(trow + t % bs), hd, kt);       \
+        ROW(t, x)                                                                          \
     }
-    for (int64_t t = t0; t < len; t++) {
-        const float *k = kv_row(tk, AK_KV_Q8_0, (size_t)(trow + t % bs), hd, kt);
-        SCORE_ROW(t, k)
-    }
+    EACH_ROW(k_pool, tk, SCORE_ROW)
     for (int gi = 0; gi < g; gi++) softmax(s + (size_t)gi * L + st, len - st);
-    KV_ROWS(tab, st, pend, h, bs, num_blocks, t, r) {
-        const float *v = kv_row(v_pool, kv_type, r, hd, kt);
-        ADD_ROW(t, v)
-    }
-    for (int64_t t = t0; t < len; t++) {
-        const float *v = kv_row(tv, AK_KV_Q8_0, (size_t)(trow + t % bs), hd, kt);
-        ADD_ROW(t, v)
-    }
+    EACH_ROW(v_pool, tv, ADD_ROW)
+#undef EACH_ROW
 }
 #undef SCORE_ROW
 #undef ADD_ROW
