@@ -94,3 +94,22 @@ def test_switched_off_by_the_environment(monkeypatch):
     for shape in ((wm.CHUNK,), (1 << 20,)):
         t = wm.empty_weights(shape)
         assert t.shape == shape and t.is_contiguous()
+
+
+def test_a_refused_mapping_is_not_tried_again(monkeypatch):
+    import mmap
+
+    calls = []
+
+    class NoMap:
+        def __init__(self, *a, **k):
+            calls.append(1)
+            raise OSError("no anonymous mappings here")
+
+    monkeypatch.setattr(mmap, "mmap", NoMap)
+    monkeypatch.setattr(wm, "_refused", False)
+    monkeypatch.setattr(wm, "_chunk", None)
+    for shape in ((wm.CHUNK,), (1 << 20,), (1 << 20,)):
+        t = wm.empty_weights(shape)
+        assert t.shape == shape
+    assert len(calls) == 1

@@ -3,7 +3,8 @@
 A decode step reads every weight once, front to back, at the machine's read bandwidth. On 4 KiB pages the
 hardware prefetchers stop at every page boundary and the TLB misses every 4 KiB; on transparent huge pages
 (``madvise(MADV_HUGEPAGE)``, honoured where ``/sys/kernel/mm/transparent_hugepage/enabled`` is ``always`` or
-``madvise``) the same kernels read 10–20% faster (benchmarks/gguf_kernels.py, docs/performance.md, session 15).
+``madvise``) the same one-row kernels read 2–30% faster with the weights cold (benchmarks/gguf_kernels.py,
+docs/performance.md, session 15).
 Linux does not give a file's page-cache mapping huge pages, so this is for the blocks attnkit copies anyway (rows
 interleaved in fours, fused layers, experts).
 
@@ -32,15 +33,20 @@ ALIGN = 64
 _lock = threading.Lock()
 _chunk: torch.Tensor | None = None  # the chunk being carved (uint8, 2 MiB-aligned start)
 _used = 0
+_refused = False  # a mapping or its advice failed once: every later tensor comes from the heap
 
 
 def _mapping(nbytes: int) -> torch.Tensor | None:
     """A fresh anonymous mapping of ``nbytes`` (rounded up to 2 MiB) starting on a 2 MiB boundary, advised onto
-    huge pages; None where that cannot be had."""
+    huge pages; None where that cannot be had (remembered: not tried again)."""
+    global _refused
+    if _refused:
+        return None
     size = -(-nbytes // HUGE) * HUGE
     try:
         mm = mmap.mmap(-1, size + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     except (AttributeError, OSError, ValueError):
+        _refused = True
         return None
     with warnings.catch_warnings():  # a writable mmap buffer is shared, not copied: that is the point
         warnings.simplefilter("ignore")
@@ -49,6 +55,7 @@ def _mapping(nbytes: int) -> torch.Tensor | None:
     try:
         mm.madvise(mmap.MADV_HUGEPAGE, start, size)
     except (AttributeError, OSError, ValueError):
+        _refused = True
         return None
     return raw[start:start + size]
 
