@@ -39,8 +39,8 @@ class LLM:
         ``quantize`` "gguf" (a GGUF file's blocks under attnkit's kernel; the default) | "auto" | "int8" |
         "int4" | None (dequantized to ``dtype``), ``dtype`` of the activations, ``fuse``d
         projections, ``threads``, the K/V cache's ``kv_cache_dtype`` ("auto": float16 with quantize "gguf", as
-        llama.cpp, else ``dtype``), ``matmul_dtype`` of the GGUF layers' prefill products ("auto": bfloat16 where
-        the CPU has bf16 hardware); ``engine_kw`` are :class:`EngineConfig` fields (e.g. ``compile=True``).
+        llama.cpp, else ``dtype``), ``matmul_dtype`` of the GGUF layers' prefill products ("auto": the integer
+        product where a layer has one, else bfloat16 where the CPU has bf16 hardware); ``engine_kw`` are :class:`EngineConfig` fields (e.g. ``compile=True``).
         A ``config`` whose own ``kv_cache_dtype`` is not "auto" keeps it."""
         name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
         config = config or EngineConfig(**engine_kw)

@@ -15,8 +15,11 @@ One home for these choices, shared by ``LLM``, ``attnkit generate/chat/serve`` a
   (alias ``"int8"``) and ``"q4_0"`` (``"int4"``) quantize the cached rows as llama.cpp's ``-ctk q8_0/q4_0``
   (:mod:`attnkit.engine.kv_format`);
 - ``matmul_dtype``: on the gguf path, the dtype of the dense products of batches above the kernel's 8 rows
-  (prefill, large decode batches); ``"auto"`` is bfloat16 where the CPU has bf16 hardware
-  (:func:`attnkit.kernels.native_bf16`: 2–3× the float32 speed there, perplexity +0.06%), else float32.
+  (prefill, large decode batches); ``"auto"`` sends the engine's prompt rows through the integer matrix product
+  where a layer has one (Q4_K, Q5_K, Q6_K, Q8_0 with AVX-512 VNNI: kernels/gemm.c, 8-bit activations as llama.cpp)
+  and takes bfloat16 where the CPU has bf16 hardware (:func:`attnkit.kernels.native_bf16`: 2–3× the float32
+  speed there, perplexity +0.06%), else float32; ``"bfloat16"`` or ``"float32"`` send every prompt row to the
+  dense product in that dtype.
 """
 
 from __future__ import annotations
@@ -107,7 +110,8 @@ class InferenceOptions:
         if self.fuse:
             fuse_for_inference(lm.model)
         if self.quantize == "gguf":
-            set_dense_dtype(lm.model, getattr(torch, self.gguf_matmul_dtype()))
+            set_dense_dtype(lm.model, getattr(torch, self.gguf_matmul_dtype()),
+                            int8_prompts=None if self.matmul_dtype == "auto" else False)
         return lm
 
     @staticmethod
@@ -129,7 +133,9 @@ class InferenceOptions:
                             "q4_0 exactly as llama.cpp's)")
         p.add_argument("--matmul-dtype", choices=MATMUL_DTYPES, default="auto",
                        help="with --quantize gguf: dtype of the matrix products of prefill and large batches "
-                            "(default auto: bfloat16 where the CPU has bf16 instructions, else float32)")
+                            "(default auto: prompts through the integer matrix product where the layer's blocks "
+                            "have one on this CPU (Q4_K/Q5_K/Q6_K/Q8_0, AVX-512 VNNI), else bfloat16 where the CPU "
+                            "has bf16 instructions, else float32; bfloat16/float32: every prompt row dense)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> InferenceOptions:

@@ -1,6 +1,6 @@
 """attnkit's C kernels: GGUF block matrix–vector products (``kernels.c``, which dispatches through the table of
 block types: one kernel file per type or family, ``legacy.c`` (Q4_0, Q4_1, Q5_0, Q5_1), ``q8.c``, ``q4_k.c``
-(Q4_K, Q5_K), ``q6_k.c``), paged decode attention (``attention.c``), and a whole decode step of a Llama-family
+(Q4_K, Q5_K), ``q6_k.c``), the prompt rows' integer matrix product (``gemm.c``), paged decode attention (``attention.c``), and a whole decode step of a Llama-family
 model built on them (``decode_step.c``, its mixture-of-experts FFN ``moe.c``).
 
 Compiled once per machine with the system C compiler (``-O3 -march=native -fopenmp``, a few seconds;
@@ -95,6 +95,8 @@ def load(so: Path) -> ctypes.CDLL:
     lib.ak_type_info.argtypes = [i, ip, ip]
     lib.ak_type_x4_fields.argtypes = [i, ip, i]
     lib.ak_gemv.argtypes = [i, vp, vp, vp, i, i, i, vp, i]
+    lib.ak_gemm.argtypes = lib.ak_gemv.argtypes  # the prompt rows' product (gemm.c)
+    lib.ak_gemm_available.argtypes = [i]
     lib.ak_dequantize.argtypes = [i, vp, vp, i, i, i, i]
     lib.ak_dequantize_rows.argtypes = [i, vp, vp, i, vp, i, i]
     lib.ak_paged_attention.argtypes = [vp, vp, vp, vp, vp, vp, vp, i, i, i, i, i, i, i, ctypes.c_float, vp, i]

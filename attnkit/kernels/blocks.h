@@ -33,6 +33,44 @@ static inline ak_act act_row(const void *scratch, int r, int k) {
     return a;
 }
 
+/* ---- the prompt rows' product (gemm.c) reads a panel of 16 weight rows (four interleaved groups) unpacked per
+ * 256 inputs: one quant byte per weight and the scales in 512-bit lanes, lane 4r + g holding row r of group g.
+ * How the scales apply (the panel's mode): AK_PANEL_MIN (Q4_K, Q5_K: w = d·sc_j·q − dmin·m_j, sub-blocks of 32),
+ * AK_PANEL_K16 (Q6_K: w = d·sc_j·(q − 32), sub-blocks of 16), AK_PANEL_B32 (Q8_0: w = d_b·(q − 128) as unsigned
+ * q, blocks of 32). */
+enum { AK_PANEL_MIN = 1, AK_PANEL_K16 = 2, AK_PANEL_B32 = 3 };
+#ifdef AK_X4
+typedef struct {
+    __m512i q[64];  /* unsigned quants: slot s holds inputs 4s .. 4s + 3 of each lane's row */
+    __m512i sc[16]; /* int32 scale of each sub-block (AK_PANEL_MIN: 8, AK_PANEL_K16: 16) */
+    __m512 d[8];    /* d (d[0]: a super-block's), or each block of 32's d_b (AK_PANEL_B32) */
+    __m512 mn[8];   /* dmin·m_j (AK_PANEL_MIN) */
+} ak_panel;
+/* unit u (inputs 256u ..) of the four interleaved groups at w, gbytes apart → *p */
+typedef void (*ak_panel_fn)(const uint8_t *w, size_t gbytes, int u, ak_panel *p);
+/* v[g] (g < 4): 128-bit lane r holds row r of group g, its four 32-bit words four slots in turn → out[i] = slot
+ * i of the 16 rows, lane 4r + g (a 4×4 transpose within each 128-bit lane) */
+static inline void panel_slots(const __m512i v[4], __m512i *out) {
+    const __m512i t0 = _mm512_unpacklo_epi32(v[0], v[1]), t1 = _mm512_unpackhi_epi32(v[0], v[1]);
+    const __m512i t2 = _mm512_unpacklo_epi32(v[2], v[3]), t3 = _mm512_unpackhi_epi32(v[2], v[3]);
+    out[0] = _mm512_unpacklo_epi64(t0, t2), out[1] = _mm512_unpackhi_epi64(t0, t2);
+    out[2] = _mm512_unpacklo_epi64(t1, t3), out[3] = _mm512_unpackhi_epi64(t1, t3);
+}
+/* the four rows' fp16 scales at p[0..3] of each group → lane 4r + g */
+static inline __m512 panel_halves(const uint8_t *w, size_t gbytes, size_t at) {
+    float f[16];
+    for (int g = 0; g < 4; g++) {
+        float h[4];
+        _mm_storeu_ps(h, _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(w + g * gbytes + at))));
+        for (int r = 0; r < 4; r++) f[4 * r + g] = h[r];
+    }
+    return _mm512_loadu_ps(f);
+}
+#else
+typedef struct ak_panel ak_panel;
+typedef void (*ak_panel_fn)(const uint8_t *w, size_t gbytes, int u, ak_panel *p);
+#endif
+
 /* ---- one row of the block-type table (ggml's type traits). Kinds are ggml's type ids; AK_X4_FLAG selects the
  * same blocks with rows interleaved in fours, field by field (x4_fields: a field's offset and bytes in the block,
  * and the granule in which the four rows' bytes alternate; in the order they lie in a block column), for the
@@ -54,7 +92,14 @@ typedef struct {
     /* row r of an interleaved group, block columns b0 .. b0 + count − 1 → floats, read in place (NULL: the blocks
      * are gathered into GGUF's layout for to_float) */
     void (*to_float_x4)(const uint8_t *group, int r, int b0, int count, float *out);
+    ak_panel_fn panel; /* interleaved blocks → the prompt product's panels (NULL: none in this build) */
+    int panel_mode;    /* AK_PANEL_* */
 } ak_type;
+
+/* the table's row for a kind (kernels.c), NULL where this build has none; the activation rows as ak_gemv
+ * quantizes them */
+const ak_type *ak_find_type(int kind);
+int ak_quantize_act(int kind, const float *x, int m, int k, void *scratch);
 
 extern const ak_type ak_type_q4_0, ak_type_q4_1, ak_type_q5_0, ak_type_q5_1, ak_type_q8_0, ak_type_q4_k,
     ak_type_q5_k, ak_type_q6_k;

@@ -31,6 +31,8 @@ static const ak_type *find_type(int kind) {
     return NULL;
 }
 
+const ak_type *ak_find_type(int kind) { return find_type(kind); }
+
 /* 0 and the block's elements and bytes when this build multiplies `kind`, -1 otherwise */
 int ak_type_info(int kind, int *block_elems, int *block_bytes) {
     const ak_type *t = find_type(kind);

@@ -280,6 +280,53 @@ AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float 
 }
 #endif
 
+#ifdef AK_X4
+/* unit u (super-block u) of four interleaved groups → a panel (gemm.c): the quants' nibbles (and Q5_K's high bits)
+ * unpacked to bytes, slot by slot; the scales and mins unpacked by x4_scales and moved to lane 4r + g */
+AK_INLINE void panel(const uint8_t *w, size_t gbytes, int u, ak_panel *P, const int HIGH) {
+    const __m512i low = _mm512_set1_epi8(0x0f), sixteen = _mm512_set1_epi8(0x10);
+    const size_t at = (size_t)u * 4 * SB(HIGH);
+    uint8_t sc[4][32], mn[4][32];
+    for (int g = 0; g < 4; g++) {
+        __m128i scs[2], mns[2];
+        x4_scales(w + g * gbytes + at, scs, mns);
+        _mm_storeu_si128((__m128i *)sc[g], scs[0]), _mm_storeu_si128((__m128i *)(sc[g] + 16), scs[1]);
+        _mm_storeu_si128((__m128i *)mn[g], mns[0]), _mm_storeu_si128((__m128i *)(mn[g] + 16), mns[1]);
+    }
+    const __m512 D = panel_halves(w, gbytes, at), DM = panel_halves(w, gbytes, at + 8);
+    P->d[0] = D;
+    for (int j = 0; j < 8; j++) { /* x4_scales: byte 16·(j/4) + 4r + j%4 is sub-block j's of row r */
+        int32_t s[16], m[16];
+        for (int r = 0; r < 4; r++)
+            for (int g = 0; g < 4; g++) s[4 * r + g] = sc[g][16 * (j >> 2) + 4 * r + (j & 3)], m[4 * r + g] = mn[g][16 * (j >> 2) + 4 * r + (j & 3)];
+        P->sc[j] = _mm512_loadu_si512(s);
+        P->mn[j] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(m)), DM);
+    }
+    for (int p = 0; p < 4; p++)      /* qs chunk 2p + half: weights 16·half .. of sub-blocks 2p (low) and 2p + 1 (high) */
+        for (int half = 0; half < 2; half++) {
+            __m512i lo[4], hi[4];
+            for (int g = 0; g < 4; g++) {
+                const uint8_t *col = w + g * gbytes + at;
+                const __m512i q = _mm512_loadu_si512(col + 64 + 128 * HIGH + 128 * p + 64 * half);
+                lo[g] = _mm512_and_si512(q, low), hi[g] = _mm512_and_si512(_mm512_srli_epi16(q, 4), low);
+                if (HIGH) { /* | bit j of qh as bit 4 */
+                    const __m512i h = _mm512_loadu_si512(col + 64 + 64 * half);
+                    lo[g] = _mm512_ternarylogic_epi32(lo[g], _mm512_slli_epi16(_mm512_srli_epi16(h, 2 * p), 4), sixteen, 0xF8);
+                    hi[g] = _mm512_ternarylogic_epi32(hi[g], _mm512_slli_epi16(_mm512_srli_epi16(h, 2 * p + 1), 4), sixteen, 0xF8);
+                }
+            }
+            panel_slots(lo, P->q + 8 * (2 * p) + 4 * half);
+            panel_slots(hi, P->q + 8 * (2 * p + 1) + 4 * half);
+        }
+}
+#define KTYPE_PANEL(name, HIGH) \
+    static void name##_panel(const uint8_t *w, size_t gbytes, int u, ak_panel *P) { panel(w, gbytes, u, P, HIGH); }
+#define PANEL(name) name##_panel
+#else
+#define KTYPE_PANEL(name, HIGH)
+#define PANEL(name) NULL
+#endif
+
 #if defined(AK_X4) || defined(AK_AVX2)
 #define KTYPE_X4(name, HIGH)                                                                                   \
     AK_INLINE void name##_x4(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys) {  \
@@ -299,8 +346,10 @@ AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float 
         dot(w, nb, x, M, y, ys, HIGH);                                                                    \
     }                                                                                                     \
     KTYPE_X4(name, HIGH)                                                                                  \
+    KTYPE_PANEL(name, HIGH)                                                                               \
     const ak_type ak_type_##name = {ID, 256, SB(HIGH), name##_to_float, name##_dot, X4(name##_dot_x4),   \
-                                    {{0, 2, 2}, {2, 2, 2}, {4, 12, 4}, {16, HIGH ? 32 : 0, 16}, {16 + 32 * HIGH, 128, 16}, {0, 0, 0}}, 0, NULL};
+                                    {{0, 2, 2}, {2, 2, 2}, {4, 12, 4}, {16, HIGH ? 32 : 0, 16}, {16 + 32 * HIGH, 128, 16}, {0, 0, 0}}, 0, NULL, \
+                                    PANEL(name), AK_PANEL_MIN};
 
 KTYPE(q4_k, AK_Q4_K, 0)
 KTYPE(q5_k, AK_Q5_K, 1)

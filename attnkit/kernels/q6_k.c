@@ -162,10 +162,39 @@ AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float 
 static void q6_k_dot_x4(const uint8_t *w, int nb, const ak_act *x, int M, float *y, size_t ys) {
     AK_DISPATCH_M(x4, w, nb, x, M, y, ys)
 }
+/* unit u (super-block u) of four interleaved groups → a panel (gemm.c): the unsigned 6-bit quants q as x4 unpacks
+ * them, the int8 scales widened to int32 lanes */
+static void q6_k_panel(const uint8_t *w, size_t gbytes, int u, ak_panel *P) {
+    const __m512i low = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
+    const size_t at = (size_t)u * 840;
+    P->d[0] = panel_halves(w, gbytes, at);
+    for (int c = 0; c < 16; c++) {
+        int32_t s[16];
+        for (int r = 0; r < 4; r++)
+            for (int g = 0; g < 4; g++) s[4 * r + g] = (int8_t)w[g * gbytes + at + 8 + 4 * c + r];
+        P->sc[c] = _mm512_loadu_si512(s);
+    }
+    for (int h = 0; h < 2; h++)
+        for (int e = 0; e < 2; e++) {
+            __m512i v[4][4]; /* [i][g]: weights 128h + 32i + 16e + (0..15) of group g */
+            for (int g = 0; g < 4; g++) {
+                const uint8_t *half = w + g * gbytes + at + 72 + 384 * h;
+                const __m512i hc = _mm512_loadu_si512(half + 64 * e);
+                const __m512i a = _mm512_loadu_si512(half + 128 + 64 * e), c = _mm512_loadu_si512(half + 256 + 64 * e);
+                v[0][g] = _mm512_ternarylogic_epi32(_mm512_and_si512(a, low), _mm512_slli_epi16(hc, 4), m30, 0xF8);
+                v[1][g] = _mm512_ternarylogic_epi32(_mm512_and_si512(c, low), _mm512_slli_epi16(hc, 2), m30, 0xF8);
+                v[2][g] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(a, 4), low), hc, m30, 0xF8);
+                v[3][g] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(c, 4), low), _mm512_srli_epi16(hc, 2), m30, 0xF8);
+            }
+            for (int i = 0; i < 4; i++) panel_slots(v[i], P->q + 32 * h + 8 * i + 4 * e);
+        }
+}
+#define Q6_K_PANEL q6_k_panel
 #else
 #define q6_k_dot_x4 NULL
+#define Q6_K_PANEL NULL
 #endif
 
 const ak_type ak_type_q6_k = {AK_Q6_K, 256, 210, q6_k_to_float, q6_k_dot, q6_k_dot_x4,
                               {{208, 2, 2}, {192, 16, 1}, {128, 32, 16}, {0, 64, 16}, {160, 32, 16}, {64, 64, 16}, {0, 0, 0}},
-                              32, NULL};
+                              32, NULL, Q6_K_PANEL, AK_PANEL_K16};

@@ -101,6 +101,20 @@ AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float 
 static void q8_0_dot_x4(const uint8_t *w, int nb, const ak_act *x, int M, float *y, size_t ys) {
     AK_DISPATCH_M(x4, w, nb, x, M, y, ys)
 }
+/* unit u (block columns 8u .. 8u + 7) of four interleaved groups → a panel (gemm.c): quants as unsigned q + 128 */
+static void q8_0_panel(const uint8_t *w, size_t gbytes, int u, ak_panel *P) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    for (int j = 0; j < 8; j++) {
+        const size_t at = ((size_t)8 * u + j) * 136;
+        P->d[j] = panel_halves(w, gbytes, at);
+        for (int half = 0; half < 2; half++) {
+            __m512i v[4];
+            for (int g = 0; g < 4; g++) v[g] = _mm512_xor_si512(_mm512_loadu_si512(w + g * gbytes + at + 8 + 64 * half), flip);
+            panel_slots(v, P->q + 8 * j + 4 * half);
+        }
+    }
+}
+#define Q8_0_PANEL q8_0_panel
 #define Q8_0_OFFSET 128
 #elif defined(AK_AVX2)
 /* Four rows interleaved, 256-bit: a register holds 16 quants of two rows (128-bit lane 0 row 2p, lane 1 row
@@ -131,10 +145,12 @@ static void q8_0_dot_x4(const uint8_t *w, int nb, const ak_act *x, int M, float 
     AK_DISPATCH_M(x4, w, nb, x, M, y, ys)
 }
 #define Q8_0_OFFSET 0 /* signs, not an offset */
+#define Q8_0_PANEL NULL
 #else
 #define q8_0_dot_x4 NULL
 #define Q8_0_OFFSET 0
+#define Q8_0_PANEL NULL
 #endif
 
 const ak_type ak_type_q8_0 = {AK_Q8_0, 32, 34, q8_0_to_float, q8_0_dot, q8_0_dot_x4, {{0, 2, 2}, {2, 32, 16}, {0, 0, 0}},
-                              Q8_0_OFFSET, q8_0_to_float_x4};
+                              Q8_0_OFFSET, q8_0_to_float_x4, Q8_0_PANEL, AK_PANEL_B32};

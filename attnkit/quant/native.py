@@ -17,6 +17,9 @@ That product runs in :attr:`GGUFBlockLinear.dense_dtype`: float32, or bfloat16 (
 sums, the bf16 result widened to float32) — 2–3× faster where the CPU has bf16 hardware (AVX512-BF16, AMX;
 :func:`attnkit.kernels.native_bf16`), which is what ``InferenceOptions``' ``matmul_dtype="auto"`` picks there.
 
+On interleaved Q4_K, Q5_K, Q6_K and Q8_0 blocks with AVX-512 VNNI the engine's prompt rows take neither: an integer
+matrix product on the weights unpacked 16 rows at a time (kernels/gemm.c, :attr:`GGUFBlockLinear.int8_prompts`).
+
 Where the kernels have a product on them the blocks are kept with rows interleaved in fours (:func:`interleave`):
 the same bytes, permuted within each group of four rows, so that one vector product covers weights of four rows
 and one float FMA applies a block column's scales for all four — every type with AVX-512 VNNI, every type but Q6_K
@@ -186,6 +189,7 @@ class GGUFBlockLinear(nn.Module):
             raise ValueError(f"the C kernels built here have no product on interleaved {kind} blocks")
         self.interleaved = bool(interleaved)
         self._dense_for_prompts: bool | None = None  # set: the caller's choice (dense_for_prompts)
+        self._int8_prompts: bool | None = None  # set: the caller's choice (int8_prompts)
         # the caller's blocks may be read-only (a file's mmap): never written, interleaving makes a new tensor
         self.register_buffer("blocks", interleave(blocks, kind) if interleaved and not packed else blocks.contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
@@ -228,6 +232,7 @@ class GGUFBlockLinear(nn.Module):
             return self
         layer = GGUFBlockLinear(self.blocks, self.kind, self.in_features, self.bias, interleaved=True)
         layer.dense_dtype, layer._dense_for_prompts = self.dense_dtype, self._dense_for_prompts
+        layer._int8_prompts = self._int8_prompts
         self.release_source()
         return layer
 
@@ -245,6 +250,33 @@ class GGUFBlockLinear(nn.Module):
     @dense_for_prompts.setter
     def dense_for_prompts(self, dense: bool) -> None:
         self._dense_for_prompts = bool(dense)
+
+    @property
+    def int8_prompts(self) -> bool:
+        """Whether the engine's prompt rows take the integer matrix product of kernels/gemm.c (8-bit activations as
+        the decode kernels quantize them, VNNI dot products on the weights unpacked 16 rows at a time: ~1.5× decoding
+        the weights + oneDNN's bf16 product at 512 rows on AVX-512 VNNI + BF16, 1.9× at 37 rows) instead of the
+        product :attr:`dense_for_prompts` picks. Where the build has it for this type (interleaved blocks of Q4_K,
+        Q5_K, Q6_K or Q8_0 with AVX-512 VNNI), 16 | out_features and 256 | in_features, unless set; never for a layer
+        set to the integer kernel for a prompt's few rows (``dense_for_prompts = False``: a head, an expert)."""
+        if self._dense_for_prompts is False:
+            return False
+        if self._int8_prompts is not None:
+            return self._int8_prompts
+        return self.gemm_shape()
+
+    @int8_prompts.setter
+    def int8_prompts(self, on: bool) -> None:
+        if on and not self.gemm_shape():
+            raise ValueError(f"no integer prompt product here for {self.kind} blocks of {self.out_features}×"
+                             f"{self.in_features} (interleaved={self.interleaved})")
+        self._int8_prompts = bool(on)
+
+    def gemm_shape(self) -> bool:
+        """Whether kernels/gemm.c multiplies this layer's blocks (its type, layout and shape, in this build)."""
+        lib = _kernels()
+        return (lib is not None and self.interleaved and self.out_features % 16 == 0 and self.in_features % 256 == 0
+                and bool(lib.ak_gemm_available(self.kernel_kind)))
 
     def own_blocks(self) -> None:
         """Copy blocks viewed where they lie (a file's mapping, on 4 KiB page-cache pages) into weight memory on
@@ -326,6 +358,8 @@ class GGUFBlockLinear(nn.Module):
         dense = x2.shape[0] > self.kernel_max_rows if rows is None else rows == "prompt" and self.dense_for_prompts
         if lib is None or x.device.type != "cpu" or x.requires_grad:
             y = F.linear(x2, self.dequantize(x.dtype))
+        elif rows == "prompt" and self.int8_prompts:
+            y = self._gemm(lib, x2)
         elif dense and rows is None and self.out_features * self.in_features > TILED_ABOVE:
             y = tiled_product(self, x2.float())  # outside the engine: no float copy of a vocabulary-sized head
         elif dense:  # compute-bound: a dense product on the weight decoded into a reused buffer
@@ -354,6 +388,17 @@ class GGUFBlockLinear(nn.Module):
             raise RuntimeError(f"ak_gemv refused {self.kind} blocks of {self.out_features}×{self.in_features}")
         return y
 
+    def _gemm(self, lib, x2: torch.Tensor) -> torch.Tensor:
+        """(m, in) → (m, out) float32 through ak_gemm (kernels/gemm.c)."""
+        xf = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.float().contiguous()
+        m = xf.shape[0]
+        y = torch.empty(m, self.out_features)
+        if m and lib.ak_gemm(self.kernel_kind, self.blocks.data_ptr(), xf.data_ptr(), y.data_ptr(), m, self.out_features,
+                             self.in_features, _act_scratch(m * (self.in_features // 32) * ACT_BLOCK_BYTES),
+                             torch.get_num_threads()):
+            raise RuntimeError(f"ak_gemm refused {self.kind} blocks of {self.out_features}×{self.in_features}")
+        return y
+
     def _finish(self, y: torch.Tensor, lead: torch.Size) -> torch.Tensor:
         if self.bias is not None:
             y = y + (self.bias if self.bias.dtype == y.dtype else self.bias.to(y.dtype))
@@ -368,14 +413,17 @@ class GGUFBlockLinear(nn.Module):
         return f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{dense}"
 
 
-def set_dense_dtype(model: nn.Module, dtype: torch.dtype) -> int:
+def set_dense_dtype(model: nn.Module, dtype: torch.dtype, int8_prompts: bool | None = None) -> int:
     """Make every GGUFBlockLinear of ``model`` multiply batches above its kernel_max_rows in ``dtype``
-    (float32 or bfloat16); returns how many layers it set."""
+    (float32 or bfloat16); ``int8_prompts=False`` also sends the engine's prompt rows there instead of the integer
+    product (:attr:`GGUFBlockLinear.int8_prompts`; None leaves each layer's default). Returns how many layers it set."""
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"the dense products of GGUF layers run in float32 or bfloat16, not {dtype}")
     mods = [m for m in model.modules() if isinstance(m, GGUFBlockLinear)]
     for m in mods:
         m.dense_dtype = dtype
+        if int8_prompts is False:
+            m.int8_prompts = False
     return len(mods)
 
 

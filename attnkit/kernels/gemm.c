@@ -1,0 +1,154 @@
+/* The engine's prompt rows: y (m, n) = x (m, k) · W (n, k)ᵀ on interleaved GGUF blocks, many rows at a time.
+ *
+ * Prompt products are compute-bound, and the decode kernels (one 512-bit register = 16 weights of each of 4 rows,
+ * a float FMA per 32 weights) spend most of their instructions on scales there. Here 16 weight rows (four
+ * interleaved groups) are first unpacked into a panel per 256 inputs (ak_panel, by the type's row of the table):
+ * a byte per weight, laid out so that one register holds 4 consecutive weights of each of the 16 rows. A panel
+ * is unpacked once per call and then multiplied with every activation row, four rows at a time: per 4 inputs,
+ * one VNNI dot product (vpdpbusd) per activation row against the 4 activation quants broadcast, summed in int32
+ * over a sub-block (32 inputs; 16 for Q6_K), which is scaled by its integer scale (one vpmulld) and added in
+ * int32 over the super-block, so a super-block ends in one conversion and one FMA per row (the mins of
+ * Q4_K / Q5_K in float: Σ w·x = d·dx·Σ_j sc_j·Σ q·qx − Σ_j dmin·m_j·sx_j). Q8_0 applies each block's d in float.
+ * Offsets (Q6_K's q − 32, Q8_0's unsigned q + 128) start the sums at −offset·Σqx.
+ *
+ * The integer sums are exact and each row's float operations run in the same order whatever m is, so a row's
+ * result does not depend on the rows beside it (batch invariance). The activations are quantized as ak_gemv does
+ * (llama.cpp's q8_K / q8_0). ~1.5× oneDNN's bf16 product on AVX-512 VNNI + BF16 (Zen 4, 2 threads; the decoding
+ * of the weights to bf16 not counted), see docs/performance.md. */
+#include <stdlib.h>
+
+#include "blocks.h"
+
+#ifdef AK_X4
+enum { TR = 4 }; /* activation rows a tile */
+
+static inline __m512i x4q(const ak_act *a, size_t i) { int32_t v; memcpy(&v, a->qs + i, 4); return _mm512_set1_epi32(v); }
+
+/* R activation rows against nu units of one panel → out[r]: 16 sums, lane 4r' + g for row r' of group g */
+AK_INLINE void rows_tile(const ak_panel *P, int nu, const ak_act *x, const int32_t *const *t0, const int R,
+                         const int MODE, __m512 *out) {
+    __m512 acc[TR];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int u = 0; u < nu; u++) {
+        const ak_panel *S = P + u;
+        const size_t base = 256 * (size_t)u;
+        if (MODE == AK_PANEL_B32) {
+            for (int j = 0; j < 8; j++) {
+                __m512i t[TR];
+                for (int r = 0; r < R; r++) t[r] = _mm512_set1_epi32(t0[r][8 * (size_t)u + j]);
+                for (int s = 0; s < 8; s++) {
+                    const __m512i wq = _mm512_load_si512(S->q + 8 * j + s);
+                    for (int r = 0; r < R; r++) t[r] = _mm512_dpbusd_epi32(t[r], wq, x4q(x + r, base + 32 * j + 4 * s));
+                }
+                for (int r = 0; r < R; r++)
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t[r]), _mm512_mul_ps(S->d[j], _mm512_set1_ps(x[r].d[8 * (size_t)u + j])), acc[r]);
+            }
+            continue;
+        }
+        const int G = MODE == AK_PANEL_K16 ? 16 : 8, SL = 64 / G; /* sub-blocks, slots a sub-block */
+        __m512i is[TR];
+        for (int r = 0; r < R; r++) is[r] = _mm512_setzero_si512();
+        for (int c = 0; c < G; c++) {
+            __m512i t[TR];
+            for (int r = 0; r < R; r++) t[r] = MODE == AK_PANEL_K16 ? _mm512_set1_epi32(t0[r][16 * (size_t)u + c]) : _mm512_setzero_si512();
+            for (int s = 0; s < SL; s++) {
+                const __m512i wq = _mm512_load_si512(S->q + SL * c + s);
+                for (int r = 0; r < R; r++) t[r] = _mm512_dpbusd_epi32(t[r], wq, x4q(x + r, base + 4 * (SL * c + s)));
+            }
+            for (int r = 0; r < R; r++) is[r] = _mm512_add_epi32(is[r], _mm512_mullo_epi32(t[r], S->sc[c]));
+        }
+        for (int r = 0; r < R; r++) {
+            __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[r]), _mm512_mul_ps(S->d[0], _mm512_set1_ps(x[r].d[8 * (size_t)u])), acc[r]);
+            if (MODE == AK_PANEL_MIN)
+                for (int j = 0; j < 8; j++) a = _mm512_fnmadd_ps(S->mn[j], _mm512_set1_ps(x[r].s[8 * (size_t)u + j]), a);
+            acc[r] = a;
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = acc[r];
+}
+
+#define TILE_R(MODE)                                                        \
+    switch (R) {                                                            \
+        case 1: rows_tile(P, nu, x, t0, 1, MODE, out); break;               \
+        case 2: rows_tile(P, nu, x, t0, 2, MODE, out); break;               \
+        case 3: rows_tile(P, nu, x, t0, 3, MODE, out); break;               \
+        default: rows_tile(P, nu, x, t0, TR, MODE, out);                    \
+    }
+static void tile(const ak_panel *P, int nu, const ak_act *x, const int32_t *const *t0, int R, int mode, __m512 *out) {
+    if (mode == AK_PANEL_MIN) { TILE_R(AK_PANEL_MIN) }
+    else if (mode == AK_PANEL_K16) { TILE_R(AK_PANEL_K16) }
+    else { TILE_R(AK_PANEL_B32) }
+}
+#endif
+
+/* 1 when ak_gemm multiplies kind (interleaved blocks of a type with a panel, in a build with the 512-bit
+ * products), else 0 */
+int ak_gemm_available(int kind) {
+    const ak_type *t = ak_find_type(kind);
+    return t && (kind & AK_X4_FLAG) && t->panel ? 1 : 0;
+}
+
+/* y (m, n) = x (m, k) · W (n, k)ᵀ for interleaved blocks W of `kind` (n % 16 == 0, k % 256 == 0); scratch as
+ * ak_gemv's (m · k/32 activation blocks). Threads take panels of 16 output columns. 0, or 1 (a kind or shape
+ * this build does not multiply), 2 (out of memory). */
+int ak_gemm(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads) {
+#ifdef AK_X4
+    const ak_type *t = ak_find_type(kind);
+    if (!ak_gemm_available(kind) || m < 1 || n < 16 || n % 16 || k < 256 || k % 256 || ak_quantize_act(kind, x, m, k, scratch))
+        return 1;
+    const int mode = t->panel_mode, nu = k / 256, per = mode == AK_PANEL_K16 ? 16 : mode == AK_PANEL_B32 ? 8 : 0;
+    int32_t *t0 = NULL; /* −offset · Σqx of each sub-block (Q6_K: of 16, offset 32) or block (Q8_0: of 32, 128) */
+    if (per) {
+        const int len = 256 / per, off = mode == AK_PANEL_K16 ? 32 : 128;
+        if (!(t0 = malloc(sizeof(int32_t) * (size_t)m * nu * per))) return 2;
+        for (int r = 0; r < m; r++) {
+            const int8_t *q = act_row(scratch, r, k).qs;
+            for (int i = 0; i < nu * per; i++) {
+                int sum = 0;
+                for (int l = 0; l < len; l++) sum += q[len * i + l];
+                t0[(size_t)r * nu * per + i] = -off * sum;
+            }
+        }
+    }
+    const size_t gbytes = (size_t)4 * (k / t->block_elems) * t->block_bytes;
+    const __m512i unperm = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0); /* 4g + r ← 4r + g */
+    int failed = 0;
+    (void)threads;
+#pragma omp parallel num_threads(threads) if (threads > 1 && n >= 32)
+    {
+        static __thread ak_panel *P; /* this thread's panel, grown and kept */
+        static __thread int cap;
+        if (cap < nu) {
+            free(P);
+            P = aligned_alloc(64, sizeof(ak_panel) * (size_t)nu);
+            cap = P ? nu : 0;
+        }
+        if (!P) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int pn = 0; pn < n / 16; pn++) {
+            if (!P) continue;
+            for (int u = 0; u < nu; u++) t->panel((const uint8_t *)w + (size_t)pn * 4 * gbytes, gbytes, u, P + u);
+            for (int r0 = 0; r0 < m; r0 += TR) {
+                const int R = m - r0 < TR ? m - r0 : TR;
+                ak_act xs[TR];
+                const int32_t *t0s[TR] = {NULL};
+                __m512 out[TR];
+                for (int i = 0; i < R; i++) {
+                    xs[i] = act_row(scratch, r0 + i, k);
+                    if (t0) t0s[i] = t0 + (size_t)(r0 + i) * nu * per;
+                }
+                tile(P, nu, xs, t0s, R, mode, out);
+                for (int i = 0; i < R; i++) _mm512_storeu_ps(y + (size_t)(r0 + i) * n + 16 * (size_t)pn, _mm512_permutexvar_ps(unperm, out[i]));
+            }
+        }
+    }
+    free(t0);
+    return failed ? 2 : 0;
+#else
+    (void)kind, (void)w, (void)x, (void)y, (void)m, (void)n, (void)k, (void)scratch, (void)threads;
+    return 1;
+#endif
+}

@@ -1,0 +1,127 @@
+"""The engine's prompt product on GGUF blocks (attnkit/kernels/gemm.c): equal to gguf's dequantized weights times the
+activations quantized as llama.cpp's q8_K / q8_0 (up to float summation order), to the decode kernel within
+float rounding, the same for a row whatever rows share its call (batch invariance), exact at the extremes of the
+integer sums, and chosen only where it applies."""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+import torch
+
+from attnkit.quant.native import BLOCK_TYPES, GGUFBlockLinear, dequantize_reference, library, random_blocks, \
+    set_dense_dtype
+from attnkit.quant.row_kernel import rows_are
+
+KINDS = ["Q4_K", "Q5_K", "Q6_K", "Q8_0"]
+
+
+def _gemm_layer(kind: str, n: int = 48, k: int = 512, seed: int = 0) -> GGUFBlockLinear:
+    layer = GGUFBlockLinear(random_blocks(kind, n, k, seed=seed), kind, k)
+    if not layer.gemm_shape():
+        pytest.skip(f"this build has no integer prompt product for {kind} (it needs AVX-512 VNNI)")
+    return layer
+
+
+def _gemm(layer: GGUFBlockLinear, x: torch.Tensor, threads: int = 2) -> torch.Tensor:
+    lib = library()
+    m = x.shape[0]
+    y = torch.empty(m, layer.out_features)
+    scratch = torch.empty(m * layer.in_features // 32 * 40, dtype=torch.uint8)
+    rc = lib.ak_gemm(layer.kernel_kind, layer.blocks.data_ptr(), x.contiguous().data_ptr(), y.data_ptr(), m,
+                     layer.out_features, layer.in_features, scratch.data_ptr(), threads)
+    assert rc == 0
+    return y
+
+
+def _quantized_activations(x: np.ndarray, group: int) -> np.ndarray:
+    """x as the kernels quantize it (kernels.c quantize_row): per group of 32 or 256, d = max|x| / 127 and
+    q = round-half-even(x · (1/d)) in float32; returned as d·q in float64."""
+    m, k = x.shape
+    g = x.astype(np.float32).reshape(m, k // group, group)
+    d = (np.abs(g).max(axis=-1, keepdims=True) / np.float32(127)).astype(np.float32)
+    inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0).astype(np.float32)
+    q = np.rint((g * inv).astype(np.float32))
+    return (q.astype(np.float64) * d.astype(np.float64)).reshape(m, k)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gemm_equals_gguf_weights_times_quantized_activations(kind: str) -> None:
+    layer = _gemm_layer(kind, n=48, k=512, seed=1)
+    x = torch.randn(11, 512, generator=torch.Generator().manual_seed(2))
+    w = dequantize_reference(layer.row_blocks(), kind, 512).double().numpy()
+    ref = _quantized_activations(x.numpy(), BLOCK_TYPES[kind].block_elems) @ w.T
+    y = _gemm(layer, x).double().numpy()
+    assert np.abs(y - ref).max() <= 2e-5 * np.abs(ref).max()
+    # and the decode kernel (same activation quantization) agrees within float rounding
+    assert torch.allclose(torch.from_numpy(y).float(), layer.kernel_product(x), rtol=0, atol=1e-5 * float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gemm_rows_do_not_depend_on_the_batch_or_threads(kind: str) -> None:
+    layer = _gemm_layer(kind, n=64, k=512, seed=3)
+    x = torch.randn(13, 512, generator=torch.Generator().manual_seed(4))
+    full = _gemm(layer, x)
+    for rows in ([5], [0, 1, 2], [3, 4, 5, 6, 7], list(range(9, 13))):
+        assert torch.equal(_gemm(layer, x[rows], threads=1), full[rows])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gemm_is_exact_at_the_extremes_of_its_integer_sums(kind: str) -> None:
+    """Every quant and scale byte at its largest (0xff) and activations at ±max: the int32 sums of a super-block
+    reach their largest magnitudes; an overflow would show as a wrong sign or size."""
+    t = BLOCK_TYPES[kind]
+    n, k = 16, 512
+    b = np.full((n, k // t.block_elems, t.block_bytes), 0xFF, dtype=np.uint8)
+    for off in t.halves:
+        b[..., off:off + 2] = np.array([0.01], dtype=np.float16).view(np.uint8)
+    layer = GGUFBlockLinear(torch.from_numpy(b.reshape(n, -1)), kind, k)
+    if not layer.gemm_shape():
+        pytest.skip(f"this build has no integer prompt product for {kind}")
+    w = dequantize_reference(layer.row_blocks(), kind, k).double().numpy()
+    x = torch.ones(3, k)
+    x[1] = -1.0
+    x[2, ::2] = -1.0
+    ref = _quantized_activations(x.numpy(), t.block_elems) @ w.T
+    y = _gemm(layer, x).double().numpy()
+    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_prompt_rows_take_the_gemm_only_where_it_applies() -> None:
+    layer = _gemm_layer("Q4_K", n=32, k=256)
+    x = torch.randn(20, 256, generator=torch.Generator().manual_seed(5))
+    with rows_are("prompt"):
+        y = layer(x)
+    assert torch.equal(y, _gemm(layer, x))
+    set_dense_dtype(layer, torch.float32, int8_prompts=False)  # an explicit matmul_dtype: the dense product
+    assert not layer.int8_prompts
+    with rows_are("prompt"):
+        assert torch.allclose(layer(x), x @ layer.dequantize().t(), atol=1e-5)
+    head = _gemm_layer("Q4_K", n=32, k=256)
+    head.dense_for_prompts = False  # an output head: a prompt's few sampled rows stay on the decode kernel
+    assert not head.int8_prompts
+    with rows_are("prompt"):
+        assert torch.equal(head(x), head.kernel_product(x))
+    with rows_are("generated"):  # decode rows never take it
+        assert torch.equal(layer(x[:3]), layer.kernel_product(x[:3]))
+
+
+def test_gemm_refuses_what_it_does_not_multiply() -> None:
+    lib = library()
+    if lib is None:
+        pytest.skip("no C compiler: the kernels could not be built")
+    q40 = GGUFBlockLinear(random_blocks("Q4_0", 32, 256), "Q4_0", 256)
+    assert not q40.gemm_shape() and not q40.int8_prompts
+    with pytest.raises(ValueError, match="no integer prompt product"):
+        q40.int8_prompts = True
+    narrow = GGUFBlockLinear(random_blocks("Q4_K", 12, 256), "Q4_K", 256)  # 12 rows: not a panel of 16
+    assert not narrow.gemm_shape()
+    x = torch.randn(4, 256)
+    y = torch.empty(4, 32)  # room for the widest: a refusal writes nothing
+    s = torch.empty(4 * 8 * 40, dtype=torch.uint8)
+    vp = ctypes.c_void_p
+    for layer, n in ((q40, 32), (narrow, 12)):
+        assert lib.ak_gemm(layer.kernel_kind, vp(layer.blocks.data_ptr()), vp(x.data_ptr()), vp(y.data_ptr()), 4, n,
+                           256, vp(s.data_ptr()), 1) == 1
