@@ -94,22 +94,12 @@ int ak_gemm_available(int kind) {
 int ak_gemm(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads) {
 #ifdef AK_X4
     const ak_type *t = ak_find_type(kind);
-    if (!ak_gemm_available(kind) || m < 1 || n < 16 || n % 16 || k < 256 || k % 256 || ak_quantize_act(kind, x, m, k, scratch))
-        return 1;
+    if (!ak_gemm_available(kind) || m < 1 || n < 16 || n % 16 || k < 256 || k % 256) return 1;
     const int mode = t->panel_mode, nu = k / 256, per = mode == AK_PANEL_K16 ? 16 : mode == AK_PANEL_B32 ? 8 : 0;
+    const int len = per ? 256 / per : 0, off = mode == AK_PANEL_K16 ? 32 : 128;
     int32_t *t0 = NULL; /* −offset · Σqx of each sub-block (Q6_K: of 16, offset 32) or block (Q8_0: of 32, 128) */
-    if (per) {
-        const int len = 256 / per, off = mode == AK_PANEL_K16 ? 32 : 128;
-        if (!(t0 = malloc(sizeof(int32_t) * (size_t)m * nu * per))) return 2;
-        for (int r = 0; r < m; r++) {
-            const int8_t *q = act_row(scratch, r, k).qs;
-            for (int i = 0; i < nu * per; i++) {
-                int sum = 0;
-                for (int l = 0; l < len; l++) sum += q[len * i + l];
-                t0[(size_t)r * nu * per + i] = -off * sum;
-            }
-        }
-    }
+    if (per && !(t0 = malloc(sizeof(int32_t) * (size_t)m * nu * per))) return 2;
+    const size_t row_bytes = (size_t)(k / 32) * sizeof(block_q8x);
     const size_t gbytes = (size_t)4 * (k / t->block_elems) * t->block_bytes;
     const __m512i unperm = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0); /* 4g + r ← 4r + g */
     int failed = 0;
@@ -126,6 +116,16 @@ int ak_gemm(int kind, const void *w, const float *x, float *y, int m, int n, int
         if (!P) {
 #pragma omp atomic write
             failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int r = 0; r < m; r++) { /* the rows quantized as ak_gemv does, each on its own */
+            ak_quantize_act(kind, x + (size_t)r * k, 1, k, (uint8_t *)scratch + r * row_bytes);
+            const int8_t *q = act_row(scratch, r, k).qs;
+            for (int i = 0; i < nu * per; i++) {
+                int sum = 0;
+                for (int l = 0; l < len; l++) sum += q[len * i + l];
+                t0[(size_t)r * nu * per + i] = -off * sum;
+            }
         }
 #pragma omp for schedule(static)
         for (int pn = 0; pn < n / 16; pn++) {
