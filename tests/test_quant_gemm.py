@@ -104,6 +104,12 @@ def test_prompt_rows_take_the_gemm_only_where_it_applies() -> None:
     assert not head.int8_prompts
     with rows_are("prompt"):
         assert torch.equal(head(x), head.kernel_product(x))
+    expert = _gemm_layer("Q4_K", n=32, k=256)
+    expert.dense_for_prompts, expert.int8_prompts = False, True  # as the loader sets an expert's layers
+    with rows_are("prompt"):
+        assert torch.equal(expert(x[:5]), _gemm(expert, x[:5]))
+    with rows_are("short-prompt"):  # a short prompt's rows stay on the decode kernel
+        assert torch.equal(expert(x[:5]), expert.kernel_product(x[:5]))
     with rows_are("generated"):  # decode rows never take it
         assert torch.equal(layer(x[:3]), layer.kernel_product(x[:3]))
 
@@ -125,3 +131,20 @@ def test_gemm_refuses_what_it_does_not_multiply() -> None:
     for layer, n in ((q40, 32), (narrow, 12)):
         assert lib.ak_gemm(layer.kernel_kind, vp(layer.blocks.data_ptr()), vp(x.data_ptr()), vp(y.data_ptr()), 4, n,
                            256, vp(s.data_ptr()), 1) == 1
+
+
+def test_a_fused_layer_keeps_the_products_its_parts_were_set_to() -> None:
+    """An expert's gate and up, set to the integer kernel for prompts, fused into one layer stay so (they were
+    fused with the defaults before: a dense product decoding the whole expert for a few rows)."""
+    gate, up = GGUFBlockLinear(random_blocks("Q4_K", 32, 256, seed=1), "Q4_K", 256), \
+        GGUFBlockLinear(random_blocks("Q4_K", 32, 256, seed=2), "Q4_K", 256)
+    for part in (gate, up):
+        part.dense_for_prompts = False
+        part.dense_dtype = torch.bfloat16
+        if part.gemm_shape():
+            part.int8_prompts = True
+    fused = GGUFBlockLinear.cat_out([gate, up])
+    assert fused.dense_for_prompts is False and fused.dense_dtype == torch.bfloat16
+    assert fused.int8_prompts == gate.gemm_shape()
+    gate.dense_for_prompts = True  # parts that disagree: the fused layer takes the defaults
+    assert GGUFBlockLinear.cat_out([gate, up])._dense_for_prompts is None

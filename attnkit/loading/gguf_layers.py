@@ -205,8 +205,11 @@ def _native_expert(g: GGUFFile, src: str, e: int, interleaved: bool | None, spli
     except ValueError as err:
         raise ModelLoadError(g.path, f"expert {e}: {err}", tensor=src) from err
     # an expert sees a few of a prompt chunk's rows (k / E of them): the integer kernel beats decoding the whole
-    # expert for the dense product there, and takes every row alike (batch invariance), as for the head
+    # expert for the dense product there, and takes every row alike (batch invariance), as for the head; where the
+    # integer matrix product applies (kernels/gemm.c) its prompt rows take that (a 512-token prompt of the
+    # Qwen3-MoE shape of benchmarks/sizes.py: 64 rows an expert on average)
     layer.dense_for_prompts = False
+    layer.int8_prompts = layer.gemm_shape()
     release = functools.partial(_release_rows, g, src, start, n)
     if g.aliases(layer.blocks.data_ptr()):
         layer.on_release = release  # once fusion has copied it (GGUFBlockLinear.cat_out)

@@ -209,6 +209,7 @@ class GGUFBlockLinear(nn.Module):
             parts = [m.row_blocks() for m in mods]
             blocks = torch.cat(parts, out=empty_weights((sum(len(b) for b in parts), parts[0].shape[1])))
             fused = cls(blocks, kind, k, bias, interleaved=False)
+            fused._carry_choices(mods)
             for m in mods:  # copied: the file's pages of the parts are no longer needed
                 m.release_source()
             return fused
@@ -221,7 +222,18 @@ class GGUFBlockLinear(nn.Module):
             part.copy_(m.blocks) if m.interleaved else interleave(m.blocks, kind, out=part)
             m.release_source()
             at += m.out_features
-        return cls(out, kind, k, bias, interleaved=True, packed=True)
+        fused = cls(out, kind, k, bias, interleaved=True, packed=True)
+        fused._carry_choices(mods)
+        return fused
+
+    def _carry_choices(self, mods: list[GGUFBlockLinear]) -> None:
+        """The products the parts were set to (an expert's gate and up: the integer kernel for prompts), where
+        they agree."""
+        for attr in ("dense_dtype", "_dense_for_prompts", "_int8_prompts"):
+            if len({getattr(m, attr) for m in mods}) == 1:
+                setattr(self, attr, getattr(mods[0], attr))
+        if self._int8_prompts and not self.gemm_shape():
+            self._int8_prompts = None
 
     def packed(self) -> GGUFBlockLinear:
         """This layer with its rows interleaved in fours where the kernels have that layout (self if it is, or
@@ -257,13 +269,12 @@ class GGUFBlockLinear(nn.Module):
         the decode kernels quantize them, VNNI dot products on the weights unpacked 16 rows at a time: ~1.5× decoding
         the weights + oneDNN's bf16 product at 512 rows on AVX-512 VNNI + BF16, 1.9× at 37 rows) instead of the
         product :attr:`dense_for_prompts` picks. Where the build has it for this type (interleaved blocks of Q4_K,
-        Q5_K, Q6_K or Q8_0 with AVX-512 VNNI), 16 | out_features and 256 | in_features, unless set; never for a layer
-        set to the integer kernel for a prompt's few rows (``dense_for_prompts = False``: a head, an expert)."""
-        if self._dense_for_prompts is False:
-            return False
+        Q5_K, Q6_K or Q8_0 with AVX-512 VNNI), 16 | out_features and 256 | in_features, unless set; by default
+        never for a layer set to the integer kernel for a prompt's few rows (``dense_for_prompts = False``: a head,
+        which sees one row a sequence; an expert is set explicitly: it sees top_k / n_experts of a prompt's rows)."""
         if self._int8_prompts is not None:
             return self._int8_prompts
-        return self.gemm_shape()
+        return self._dense_for_prompts is not False and self.gemm_shape()
 
     @int8_prompts.setter
     def int8_prompts(self, on: bool) -> None:
