@@ -148,3 +148,17 @@ def test_a_fused_layer_keeps_the_products_its_parts_were_set_to() -> None:
     assert fused.int8_prompts == gate.gemm_shape()
     gate.dense_for_prompts = True  # parts that disagree: the fused layer takes the defaults
     assert GGUFBlockLinear.cat_out([gate, up])._dense_for_prompts is None
+
+
+@pytest.mark.parametrize("kind", ["Q8_0"])
+def test_generated_rows_get_the_same_bits_from_any_batch(kind: str) -> None:
+    """From 8 rows on, ak_gemv hands a batch of a type with the product in its decode kernel's order to that
+    product (kernels/gemm.c, ak_gemm_x4): each row must still get the bits the decode kernel gives it alone."""
+    layer = _gemm_layer(kind, n=64, k=512, seed=6)
+    x = torch.randn(21, 512, generator=torch.Generator().manual_seed(7))
+    batch = layer.kernel_product(x)  # 21 rows: the matrix product
+    for rows in ([0], [1, 2], [3, 4, 5], [6, 7, 8, 9], list(range(10, 21))):
+        assert torch.equal(layer.kernel_product(x[rows]), batch[rows])
+    w = dequantize_reference(layer.row_blocks(), kind, 512).double().numpy()
+    ref = _quantized_activations(x.numpy(), BLOCK_TYPES[kind].block_elems) @ w.T
+    assert np.abs(batch.double().numpy() - ref).max() <= 2e-5 * np.abs(ref).max()

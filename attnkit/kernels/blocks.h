@@ -38,7 +38,7 @@ static inline ak_act act_row(const void *scratch, int r, int k) {
  * How the scales apply (the panel's mode): AK_PANEL_MIN (Q4_K, Q5_K: w = d·sc_j·q − dmin·m_j, sub-blocks of 32),
  * AK_PANEL_K16 (Q6_K: w = d·sc_j·(q − 32), sub-blocks of 16), AK_PANEL_B32 (Q8_0: w = d_b·(q − 128) as unsigned
  * q, blocks of 32). */
-enum { AK_PANEL_MIN = 1, AK_PANEL_K16 = 2, AK_PANEL_B32 = 3 };
+enum { AK_PANEL_MIN = 1, AK_PANEL_K16 = 2, AK_PANEL_B32 = 3, AK_X4_B32 = 4 /* Q8_0 in dot_x4's order */ };
 #ifdef AK_X4
 typedef struct {
     __m512i q[64];  /* unsigned quants: slot s holds inputs 4s .. 4s + 3 of each lane's row */
@@ -94,12 +94,14 @@ typedef struct {
     void (*to_float_x4)(const uint8_t *group, int r, int b0, int count, float *out);
     ak_panel_fn panel; /* interleaved blocks → the prompt product's panels (NULL: none in this build) */
     int panel_mode;    /* AK_PANEL_* */
+    int x4_mode;       /* the panel's mode that sums in dot_x4's order (same bits: ak_gemm_x4), 0 where none */
 } ak_type;
 
 /* the table's row for a kind (kernels.c), NULL where this build has none; the activation rows as ak_gemv
  * quantizes them */
 const ak_type *ak_find_type(int kind);
 int ak_quantize_act(int kind, const float *x, int m, int k, void *scratch);
+int ak_gemm_x4(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads);
 
 extern const ak_type ak_type_q4_0, ak_type_q4_1, ak_type_q5_0, ak_type_q5_1, ak_type_q8_0, ak_type_q4_k,
     ak_type_q5_k, ak_type_q6_k;

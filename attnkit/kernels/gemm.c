@@ -21,6 +21,9 @@
 
 #ifdef AK_X4
 enum { TR = 4 }; /* activation rows a tile */
+#ifndef X4R
+#define X4R 4
+#endif
 
 static inline __m512i x4q(const ak_act *a, size_t i) { int32_t v; memcpy(&v, a->qs + i, 4); return _mm512_set1_epi32(v); }
 
@@ -67,6 +70,40 @@ AK_INLINE void rows_tile(const ak_panel *P, int nu, const ak_act *x, const int32
     for (int r = 0; r < R; r++) out[r] = acc[r];
 }
 
+/* the decode kernel's own order for Q8_0 (q8.c's x4, rows interleaved in fours): per activation row and weight row,
+ * four partial sums by lane (inputs 4i..4i+3 and 16+4i..16+4i+3 of each block), each scaled by d·dx in its own
+ * FMA chain for the even and the odd blocks, summed at the end as (A0 + A1) + (A2 + A3), A_i = even_i + odd_i:
+ * so a generated row gets the bits it would get from x4 (batch invariance). init: a row's −128 · Σ of the 8
+ * quants of each lane of each block (x4's two off4 words, added). */
+AK_INLINE void rows_tile_x4b32(const ak_panel *P, int nu, const ak_act *x, const int32_t *const *off4, const int R,
+                               __m512 *out) {
+    __m512 acc[X4R][2][4]; /* [row][parity][i] */
+    for (int r = 0; r < R; r++)
+        for (int e = 0; e < 2; e++)
+            for (int i = 0; i < 4; i++) acc[r][e][i] = _mm512_setzero_ps();
+    for (int u = 0; u < nu; u++) {
+        const ak_panel *S = P + u;
+        for (int j = 0; j < 8; j++) {
+            const size_t b = 8 * (size_t)u + j;
+            for (int r = 0; r < R; r++) {
+                const int32_t *o = off4[r] + 4 * b;
+                const __m512 v = _mm512_mul_ps(S->d[j], _mm512_set1_ps(x[r].d[b]));
+                for (int i = 0; i < 4; i++) {
+                    __m512i t = _mm512_set1_epi32(o[i]);
+                    t = _mm512_dpbusd_epi32(t, _mm512_load_si512(S->q + 8 * j + i), x4q(x + r, 32 * b + 4 * i));
+                    t = _mm512_dpbusd_epi32(t, _mm512_load_si512(S->q + 8 * j + 4 + i), x4q(x + r, 32 * b + 16 + 4 * i));
+                    acc[r][j & 1][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), v, acc[r][j & 1][i]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        __m512 a[4];
+        for (int i = 0; i < 4; i++) a[i] = _mm512_add_ps(acc[r][0][i], acc[r][1][i]);
+        out[r] = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+    }
+}
+
 #define TILE_R(MODE)                                                        \
     switch (R) {                                                            \
         case 1: rows_tile(P, nu, x, t0, 1, MODE, out); break;               \
@@ -75,7 +112,15 @@ AK_INLINE void rows_tile(const ak_panel *P, int nu, const ak_act *x, const int32
         default: rows_tile(P, nu, x, t0, TR, MODE, out);                    \
     }
 static void tile(const ak_panel *P, int nu, const ak_act *x, const int32_t *const *t0, int R, int mode, __m512 *out) {
-    if (mode == AK_PANEL_MIN) { TILE_R(AK_PANEL_MIN) }
+    if (mode == AK_X4_B32) {
+        for (int r = 0; r < R; r += X4R) /* X4R rows: 32 accumulators, a few spilled, still ~10% faster than 2 */
+            switch (R - r < X4R ? R - r : X4R) {
+                case 1: rows_tile_x4b32(P, nu, x + r, t0 + r, 1, out + r); break;
+                case 2: rows_tile_x4b32(P, nu, x + r, t0 + r, 2, out + r); break;
+                case 3: rows_tile_x4b32(P, nu, x + r, t0 + r, 3, out + r); break;
+                default: rows_tile_x4b32(P, nu, x + r, t0 + r, X4R, out + r);
+            }
+    } else if (mode == AK_PANEL_MIN) { TILE_R(AK_PANEL_MIN) }
     else if (mode == AK_PANEL_K16) { TILE_R(AK_PANEL_K16) }
     else { TILE_R(AK_PANEL_B32) }
 }
@@ -88,14 +133,14 @@ int ak_gemm_available(int kind) {
     return t && (kind & AK_X4_FLAG) && t->panel ? 1 : 0;
 }
 
-/* y (m, n) = x (m, k) · W (n, k)ᵀ for interleaved blocks W of `kind` (n % 16 == 0, k % 256 == 0); scratch as
- * ak_gemv's (m · k/32 activation blocks). Threads take panels of 16 output columns. 0, or 1 (a kind or shape
- * this build does not multiply), 2 (out of memory). */
-int ak_gemm(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads) {
+static int gemm(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads,
+                int x4_order) {
 #ifdef AK_X4
     const ak_type *t = ak_find_type(kind);
     if (!ak_gemm_available(kind) || m < 1 || n < 16 || n % 16 || k < 256 || k % 256) return 1;
-    const int mode = t->panel_mode, nu = k / 256, per = mode == AK_PANEL_K16 ? 16 : mode == AK_PANEL_B32 ? 8 : 0;
+    const int mode = x4_order ? t->x4_mode : t->panel_mode;
+    if (!mode) return 1;
+    const int nu = k / 256, per = mode == AK_PANEL_K16 ? 16 : mode == AK_PANEL_B32 ? 8 : mode == AK_X4_B32 ? 32 : 0;
     const int len = per ? 256 / per : 0, off = mode == AK_PANEL_K16 ? 32 : 128;
     int32_t *t0 = NULL; /* −offset · Σqx of each sub-block (Q6_K: of 16, offset 32) or block (Q8_0: of 32, 128) */
     if (per && !(t0 = malloc(sizeof(int32_t) * (size_t)m * nu * per))) return 2;
@@ -123,7 +168,10 @@ int ak_gemm(int kind, const void *w, const float *x, float *y, int m, int n, int
             const int8_t *q = act_row(scratch, r, k).qs;
             for (int i = 0; i < nu * per; i++) {
                 int sum = 0;
-                for (int l = 0; l < len; l++) sum += q[len * i + l];
+                if (mode == AK_X4_B32) /* lane i % 4 of block i / 4: inputs 4i'..4i'+3 and 16+4i'.. of the block */
+                    for (int l = 0; l < 4; l++) sum += q[32 * (i / 4) + 4 * (i % 4) + l] + q[32 * (i / 4) + 16 + 4 * (i % 4) + l];
+                else
+                    for (int l = 0; l < len; l++) sum += q[len * i + l];
                 t0[(size_t)r * nu * per + i] = -off * sum;
             }
         }
@@ -148,7 +196,20 @@ int ak_gemm(int kind, const void *w, const float *x, float *y, int m, int n, int
     free(t0);
     return failed ? 2 : 0;
 #else
-    (void)kind, (void)w, (void)x, (void)y, (void)m, (void)n, (void)k, (void)scratch, (void)threads;
+    (void)kind, (void)w, (void)x, (void)y, (void)m, (void)n, (void)k, (void)scratch, (void)threads, (void)x4_order;
     return 1;
 #endif
+}
+
+/* y (m, n) = x (m, k) · W (n, k)ᵀ for interleaved blocks W of `kind` (n % 16 == 0, k % 256 == 0); scratch as
+ * ak_gemv's (m · k/32 activation blocks). Threads take panels of 16 output columns. 0, or 1 (a kind or shape
+ * this build does not multiply), 2 (out of memory). */
+int ak_gemm(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads) {
+    return gemm(kind, w, x, y, m, n, k, scratch, threads, 0);
+}
+
+/* ak_gemm in the order of the type's decode kernel (dot_x4), so each row gets ak_gemv's bits: for batches of
+ * generated rows (ak_gemv hands them over from GEMM_ROWS rows); 1 where the type has no such order */
+int ak_gemm_x4(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads) {
+    return gemm(kind, w, x, y, m, n, k, scratch, threads, 1);
 }

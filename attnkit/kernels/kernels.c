@@ -33,6 +33,8 @@ static const ak_type *find_type(int kind) {
 
 const ak_type *ak_find_type(int kind) { return find_type(kind); }
 
+enum { GEMM_ROWS = 8 }; /* activation rows from which ak_gemv hands a type with an x4_mode to ak_gemm_x4 */
+
 /* 0 and the block's elements and bytes when this build multiplies `kind`, -1 otherwise */
 int ak_type_info(int kind, int *block_elems, int *block_bytes) {
     const ak_type *t = find_type(kind);
@@ -120,6 +122,9 @@ int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int
     const ak_type *t = find_type(kind);
     const int R = kind & AK_X4_FLAG ? 4 : 1;
     if (!t || m < 1 || n < 1 || k % t->block_elems || n % R) return 1;
+    /* from GEMM_ROWS rows on, a type with the matrix product in dot_x4's order takes that (the same bits) */
+    if (R == 4 && t->x4_mode && m >= GEMM_ROWS && n % 16 == 0 && k % 256 == 0)
+        return ak_gemm_x4(kind, w, x, y, m, n, k, scratch, threads);
     const int nb = k / t->block_elems;
     const size_t gbytes = (size_t)R * nb * t->block_bytes;
     const ak_dot_fn dot = R == 4 ? t->dot_x4 : t->dot;

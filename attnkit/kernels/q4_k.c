@@ -349,7 +349,7 @@ AK_INLINE void panel(const uint8_t *w, size_t gbytes, int u, ak_panel *P, const 
     KTYPE_PANEL(name, HIGH)                                                                               \
     const ak_type ak_type_##name = {ID, 256, SB(HIGH), name##_to_float, name##_dot, X4(name##_dot_x4),   \
                                     {{0, 2, 2}, {2, 2, 2}, {4, 12, 4}, {16, HIGH ? 32 : 0, 16}, {16 + 32 * HIGH, 128, 16}, {0, 0, 0}}, 0, NULL, \
-                                    PANEL(name), AK_PANEL_MIN};
+                                    PANEL(name), AK_PANEL_MIN, 0};
 
 KTYPE(q4_k, AK_Q4_K, 0)
 KTYPE(q5_k, AK_Q5_K, 1)

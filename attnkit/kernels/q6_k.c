@@ -197,4 +197,4 @@ static void q6_k_panel(const uint8_t *w, size_t gbytes, int u, ak_panel *P) {
 
 const ak_type ak_type_q6_k = {AK_Q6_K, 256, 210, q6_k_to_float, q6_k_dot, q6_k_dot_x4,
                               {{208, 2, 2}, {192, 16, 1}, {128, 32, 16}, {0, 64, 16}, {160, 32, 16}, {64, 64, 16}, {0, 0, 0}},
-                              32, NULL, Q6_K_PANEL, AK_PANEL_K16};
+                              32, NULL, Q6_K_PANEL, AK_PANEL_K16, 0};

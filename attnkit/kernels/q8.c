@@ -115,6 +115,7 @@ static void q8_0_panel(const uint8_t *w, size_t gbytes, int u, ak_panel *P) {
     }
 }
 #define Q8_0_PANEL q8_0_panel
+#define Q8_0_X4_MODE AK_X4_B32
 #define Q8_0_OFFSET 128
 #elif defined(AK_AVX2)
 /* Four rows interleaved, 256-bit: a register holds 16 quants of two rows (128-bit lane 0 row 2p, lane 1 row
@@ -146,11 +147,13 @@ static void q8_0_dot_x4(const uint8_t *w, int nb, const ak_act *x, int M, float 
 }
 #define Q8_0_OFFSET 0 /* signs, not an offset */
 #define Q8_0_PANEL NULL
+#define Q8_0_X4_MODE 0
 #else
 #define q8_0_dot_x4 NULL
 #define Q8_0_OFFSET 0
 #define Q8_0_PANEL NULL
+#define Q8_0_X4_MODE 0
 #endif
 
 const ak_type ak_type_q8_0 = {AK_Q8_0, 32, 34, q8_0_to_float, q8_0_dot, q8_0_dot_x4, {{0, 2, 2}, {2, 32, 16}, {0, 0, 0}},
-                              Q8_0_OFFSET, q8_0_to_float_x4, Q8_0_PANEL, AK_PANEL_B32};
+                              Q8_0_OFFSET, q8_0_to_float_x4, Q8_0_PANEL, AK_PANEL_B32, Q8_0_X4_MODE};
