@@ -6,7 +6,9 @@ The shapes are a Llama-3.2-1B's (2048→8192 gate/up, 8192→2048 down, 2048→2
 random valid blocks of each type (attnkit.quant.native.random_blocks). For m = 1 the table gives GB/s of weight
 bytes read with the weights cold, as in a decode step (the layer cycles through copies that together exceed the
 last-level cache), and hot (the same copy again, from cache); for m = 1, 8, 64 the milliseconds of the kernel
-and of the dense product. Times are the best of five batches (other load on a shared machine only adds time). It also measures the machine's plain read bandwidth (a sum over 512 MB) to compare.
+(generated rows: ak_gemv, which hands Q8_0 batches of 8+ rows to the product in its own order), of the engine's
+prompt product (kernels/gemm.c, where the type has it: Q4_K, Q5_K, Q6_K, Q8_0 with AVX-512 VNNI) and of the dense
+product. Times are the best of five batches (other load on a shared machine only adds time). It also measures the machine's plain read bandwidth (a sum over 512 MB) to compare.
 
     python benchmarks/gguf_kernels.py [--threads 2] [--types Q4_K,Q6_K,Q5_K,Q8_0] [--rows 1,8,64]
                                       [--layouts auto|row|x4|both] [--json FILE]
@@ -69,6 +71,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     from attnkit.kernels import library, native_bf16
     from attnkit.quant.native import GGUFBlockLinear, has_x4, random_blocks
+    from attnkit.quant.row_kernel import rows_are
 
     if library() is None:
         print("gguf_kernels: the C kernels could not be built")
@@ -83,6 +86,7 @@ def main() -> int:
     print(f"threads {args.threads}, load average {load:.2f}, plain read bandwidth {bw:.1f} GB/s, dense product in "
           f"{str(dense_dtype)[6:]}")
     head = "| type | layer | MB | m=1 GB/s cold | m=1 GB/s hot | " + " | ".join(f"m={m} ms" for m in rows)
+    head += " | " + " | ".join(f"prompt m={m} ms" for m in rows)
     head += " | " + " | ".join(f"dense m={m} ms" for m in rows) + " |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
@@ -109,10 +113,14 @@ def main() -> int:
                 x = torch.randn(m, k)
                 r[f"ms_{m}"] = seconds(lambda: layer.kernel_product(x)) * 1e3
                 r[f"dense_ms_{m}"] = seconds(lambda: dense(x)) * 1e3
+                if layer.gemm_shape():  # the engine's prompt rows: the integer matrix product
+                    with rows_are("prompt"):
+                        r[f"gemm_ms_{m}"] = seconds(lambda: layer(x)) * 1e3
         results.append(r)
         copies.clear()
         print(f"| {kind}{' x4' if layer.interleaved else ''} | {name} | {r['mb']:.1f} | {r['gbs_cold']:.1f} | {r['gbs_hot']:.1f} | "
               + " | ".join(f"{r[f'ms_{m}']:.3f}" for m in rows) + " | "
+              + " | ".join(f"{r[f'gemm_ms_{m}']:.3f}" if f"gemm_ms_{m}" in r else "—" for m in rows) + " | "
               + " | ".join(f"{r[f'dense_ms_{m}']:.3f}" for m in rows) + " |", flush=True)
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
     report = {"results": results, "dense_dtype": str(dense_dtype), "read_bandwidth_gbs": bw, "load_average": load,

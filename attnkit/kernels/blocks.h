@@ -56,6 +56,31 @@ static inline void panel_slots(const __m512i v[4], __m512i *out) {
     out[0] = _mm512_unpacklo_epi64(t0, t2), out[1] = _mm512_unpackhi_epi64(t0, t2);
     out[2] = _mm512_unpacklo_epi64(t1, t3), out[3] = _mm512_unpackhi_epi64(t1, t3);
 }
+/* T[r] (r < M): 128-bit lane c holds four partial int32 sums of weight row c against activation row r → lane
+ * 4c + r: their sum (exact, so any order gives the same; fewer additions for fewer rows, lanes of rows >= M left
+ * undefined) */
+static inline __attribute__((always_inline)) __m512i rows_sums(__m512i T[4], const int M) {
+    if (M == 1) {
+        const __m512i t = _mm512_add_epi32(T[0], _mm512_shuffle_epi32(T[0], _MM_PERM_CDAB));
+        return _mm512_add_epi32(t, _mm512_shuffle_epi32(t, _MM_PERM_BADC));
+    }
+    if (M == 2) {
+        const __m512i t0 = _mm512_add_epi32(T[0], _mm512_shuffle_epi32(T[0], _MM_PERM_BADC));
+        const __m512i t1 = _mm512_add_epi32(T[1], _mm512_shuffle_epi32(T[1], _MM_PERM_BADC));
+        const __m512i u = _mm512_unpacklo_epi32(t0, t1);
+        return _mm512_add_epi32(u, _mm512_shuffle_epi32(u, _MM_PERM_BADC));
+    }
+    if (M == 3) T[3] = _mm512_setzero_si512();
+    __m512i S[4];
+    panel_slots(T, S);
+    return _mm512_add_epi32(_mm512_add_epi32(S[0], S[1]), _mm512_add_epi32(S[2], S[3]));
+}
+/* lanes 4c + r of acc → y[r · ys + c], r < M */
+static inline __attribute__((always_inline)) void store_rows(__m512 acc, const int M, float *y, size_t ys) {
+    for (int r = 0; r < M; r++)
+        _mm_storeu_ps(y + r * ys, _mm512_castps512_ps128(_mm512_permutexvar_ps(
+                                      _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12 + r, 8 + r, 4 + r, r), acc)));
+}
 /* the four rows' fp16 scales at p[0..3] of each group → lane 4r + g */
 static inline __m512 panel_halves(const uint8_t *w, size_t gbytes, size_t at) {
     float f[16];

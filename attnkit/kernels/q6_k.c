@@ -112,52 +112,51 @@ static void q6_k_dot(const uint8_t *w, int nb, const ak_act *x, int M, float *y,
 #ifdef AK_X4
 /* Four rows interleaved, in the order the product reads them: d[4], the scales byte by byte (sc_g of rows 0-3,
  * g = 0..15), then for each half h of the super-block its qh (4 rows × 16 bytes, twice) and ql (4 rows × 16
- * bytes, 4 times); 840 bytes a block column. A 512-bit register holds 16 unsigned
- * quants q of each row (lane 4r..4r+3: row r); the dot products start from −32·Σx (ak_act.off4), so they sum
- * (q − 32)·x. The scales of a super-block are widened to floats once, for every activation row; the two halves
- * of an activation block (two scales, one dx) are added before dx is applied. */
+ * bytes, 4 times); 840 bytes a block column. A 512-bit register holds 16 unsigned quants q of each row (lane
+ * 4r..4r+3: row r), a scale group's; the dot products start from −32·Σx (ak_act.off4), so they sum (q − 32)·x,
+ * and each is scaled by its int8 scale in int32 (vpmulld) and summed over the super-block, whose sums are
+ * completed (rows_sums) before one conversion and one FMA by d·dx: gemm.c's operations in its order, so the two
+ * give the same bits and ak_gemv may take either for any row. */
 AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys) {
     const __m512i low = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
-    const __m512i rows = _mm512_set_epi32(3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0);
-    __m512i pick[4]; /* lane 4r+i ← lane 4t+r: the scale g = 4q + t of row r in all four lanes of row r */
-    for (int t = 0; t < 4; t++)
-        pick[t] = _mm512_add_epi32(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0), _mm512_set1_epi32(4 * t));
-    __m512 acc[4][4]; /* four sums per row (one per i): shorter FMA dependency chains */
-    for (int r = 0; r < M; r++) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_ps();
+    const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    __m512i pick[4]; /* lane 4r+i ← lane 4t+r: the scale 4q + t of row r in all four lanes of row r */
+    for (int t = 0; t < 4; t++) pick[t] = _mm512_add_epi32(spread, _mm512_set1_epi32(4 * t));
+    __m512 acc = _mm512_setzero_ps(); /* lane 4c + r: weight row c · activation row r */
     for (int b = 0; b < nb; b++) {
         const uint8_t *col = w + (size_t)b * 840;
-        const __m512 D = _mm512_permutexvar_ps(rows, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)col))));
-        __m512 G[4]; /* lane 4t+r: d_r · sc_{4q+t} of row r */
-        for (int q = 0; q < 4; q++)
-            G[q] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(col + 8 + 16 * q)))), D);
-        for (int h = 0; h < 2; h++) {
-            __m512i u[2][4]; /* weights 128h + 32i + 16e + (0..15) */
+        __m512i SC[4]; /* lane 4t + r: the int8 scale 4q + t of row r, widened */
+        for (int q = 0; q < 4; q++) SC[q] = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(col + 8 + 16 * q)));
+        __m512i is[4];
+        for (int r = 0; r < M; r++) is[r] = _mm512_setzero_si512();
+        for (int h = 0; h < 2; h++)
             for (int e = 0; e < 2; e++) {
                 const uint8_t *half = col + 72 + 384 * h; /* qh: 2 × 64 bytes, then ql: 4 × 64 */
                 const __m512i hc = _mm512_loadu_si512(half + 64 * e);
                 const __m512i a = _mm512_loadu_si512(half + 128 + 64 * e), c = _mm512_loadu_si512(half + 256 + 64 * e);
-                u[e][0] = _mm512_ternarylogic_epi32(_mm512_and_si512(a, low), _mm512_slli_epi16(hc, 4), m30, 0xF8);
-                u[e][1] = _mm512_ternarylogic_epi32(_mm512_and_si512(c, low), _mm512_slli_epi16(hc, 2), m30, 0xF8);
-                u[e][2] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(a, 4), low), hc, m30, 0xF8);
-                u[e][3] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(c, 4), low), _mm512_srli_epi16(hc, 2), m30, 0xF8);
-            }
-            for (int i = 0; i < 4; i++) {
-                const int g = 8 * h + 2 * i, a = 32 * (4 * h + i); /* scales g, g + 1; activation block 4h + i */
-                const __m512 s0 = _mm512_permutexvar_ps(pick[g & 3], G[g >> 2]);
-                const __m512 s1 = _mm512_permutexvar_ps(pick[(g + 1) & 3], G[g >> 2]);
-                for (int r = 0; r < M; r++) {
-                    const int8_t *xq = x[r].qs + 256 * (size_t)b + a;
-                    const int32_t *o4 = x[r].off4 + 64 * (size_t)b + a / 4;
-                    const __m512i i0 = _mm512_dpbusd_epi32(bcast16((const int8_t *)o4), u[0][i], bcast16(xq));
-                    const __m512i i1 = _mm512_dpbusd_epi32(bcast16((const int8_t *)(o4 + 4)), u[1][i], bcast16(xq + 16));
-                    const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), s1, _mm512_mul_ps(_mm512_cvtepi32_ps(i0), s0));
-                    acc[r][i] = _mm512_fmadd_ps(t, _mm512_set1_ps(x[r].d[8 * (size_t)b + 4 * h + i]), acc[r][i]);
+                __m512i u[4]; /* weights 128h + 32i + 16e + (0..15): scale group 8h + 2i + e */
+                u[0] = _mm512_ternarylogic_epi32(_mm512_and_si512(a, low), _mm512_slli_epi16(hc, 4), m30, 0xF8);
+                u[1] = _mm512_ternarylogic_epi32(_mm512_and_si512(c, low), _mm512_slli_epi16(hc, 2), m30, 0xF8);
+                u[2] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(a, 4), low), hc, m30, 0xF8);
+                u[3] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(c, 4), low), _mm512_srli_epi16(hc, 2), m30, 0xF8);
+                for (int i = 0; i < 4; i++) {
+                    const int g = 8 * h + 2 * i + e, at = 16 * g;
+                    const __m512i sc = _mm512_permutexvar_epi32(pick[g & 3], SC[g >> 2]);
+                    for (int r = 0; r < M; r++) {
+                        const int8_t *xq = x[r].qs + 256 * (size_t)b + at;
+                        const int32_t *o4 = x[r].off4 + 64 * (size_t)b + at / 4;
+                        const __m512i t = _mm512_dpbusd_epi32(bcast16((const int8_t *)o4), u[i], bcast16(xq));
+                        is[r] = _mm512_add_epi32(is[r], _mm512_mullo_epi32(t, sc));
+                    }
                 }
             }
-        }
+        const __m512 D = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)col))));
+        float dx[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int r = 0; r < M; r++) dx[r] = x[r].d[8 * (size_t)b];
+        const __m512 DX = M == 1 ? _mm512_set1_ps(dx[0]) : _mm512_broadcast_f32x4(_mm_loadu_ps(dx));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(rows_sums(is, M)), _mm512_mul_ps(D, DX), acc);
     }
-    for (int r = 0; r < M; r++)
-        _mm_storeu_ps(y + r * ys, lane_sums(_mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3]))));
+    store_rows(acc, M, y, ys);
 }
 static void q6_k_dot_x4(const uint8_t *w, int nb, const ak_act *x, int M, float *y, size_t ys) {
     AK_DISPATCH_M(x4, w, nb, x, M, y, ys)
@@ -190,11 +189,13 @@ static void q6_k_panel(const uint8_t *w, size_t gbytes, int u, ak_panel *P) {
         }
 }
 #define Q6_K_PANEL q6_k_panel
+#define Q6_K_X4_MODE AK_PANEL_K16 /* x4 sums in gemm.c's K16 order */
 #else
 #define q6_k_dot_x4 NULL
 #define Q6_K_PANEL NULL
+#define Q6_K_X4_MODE 0
 #endif
 
 const ak_type ak_type_q6_k = {AK_Q6_K, 256, 210, q6_k_to_float, q6_k_dot, q6_k_dot_x4,
                               {{208, 2, 2}, {192, 16, 1}, {128, 32, 16}, {0, 64, 16}, {160, 32, 16}, {64, 64, 16}, {0, 0, 0}},
-                              32, NULL, Q6_K_PANEL, AK_PANEL_K16, 0};
+                              32, NULL, Q6_K_PANEL, AK_PANEL_K16, Q6_K_X4_MODE};
