@@ -13,7 +13,9 @@
  * set: AVX-512 VNNI (512-bit products on rows interleaved in fours), AVX2, or portable C.
  *
  * Batch invariance: activation row r's outputs are computed by the same instructions in the same order whatever
- * the number of rows m, the other rows and the thread count (threads split the output columns).
+ * the number of rows m, the other rows and the thread count (threads split the output columns); where a type's
+ * decode kernel sums in gemm.c's order (its x4_mode: Q6_K, Q8_0 with AVX-512 VNNI), batches of GEMM_ROWS rows
+ * or more take gemm.c's matrix product instead, which gives each row the same bits.
  */
 #include <stdlib.h>
 
