@@ -15,7 +15,7 @@ from attnkit.quant.native import BLOCK_TYPES, GGUFBlockLinear, dequantize_refere
     set_dense_dtype
 from attnkit.quant.row_kernel import rows_are
 
-KINDS = ["Q4_K", "Q5_K", "Q6_K", "Q8_0"]
+KINDS = ["Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 
 
 def _gemm_layer(kind: str, n: int = 48, k: int = 512, seed: int = 0) -> GGUFBlockLinear:
@@ -118,19 +118,20 @@ def test_gemm_refuses_what_it_does_not_multiply() -> None:
     lib = library()
     if lib is None:
         pytest.skip("no C compiler: the kernels could not be built")
-    q40 = GGUFBlockLinear(random_blocks("Q4_0", 32, 256), "Q4_0", 256)
-    assert not q40.gemm_shape() and not q40.int8_prompts
+    rows = GGUFBlockLinear(random_blocks("Q4_0", 32, 256), "Q4_0", 256, interleaved=False)  # GGUF's row layout
+    assert not rows.gemm_shape() and not rows.int8_prompts
     with pytest.raises(ValueError, match="no integer prompt product"):
-        q40.int8_prompts = True
+        rows.int8_prompts = True
     narrow = GGUFBlockLinear(random_blocks("Q4_K", 12, 256), "Q4_K", 256)  # 12 rows: not a panel of 16
-    assert not narrow.gemm_shape()
+    short = GGUFBlockLinear(random_blocks("Q8_0", 32, 96), "Q8_0", 96)  # 96 inputs: not a unit of 256
+    assert not narrow.gemm_shape() and not short.gemm_shape()
     x = torch.randn(4, 256)
     y = torch.empty(4, 32)  # room for the widest: a refusal writes nothing
     s = torch.empty(4 * 8 * 40, dtype=torch.uint8)
     vp = ctypes.c_void_p
-    for layer, n in ((q40, 32), (narrow, 12)):
+    for layer, n, k in ((rows, 32, 256), (narrow, 12, 256), (short, 32, 96)):
         assert lib.ak_gemm(layer.kernel_kind, vp(layer.blocks.data_ptr()), vp(x.data_ptr()), vp(y.data_ptr()), 4, n,
-                           256, vp(s.data_ptr()), 1) == 1
+                           k, vp(s.data_ptr()), 1) == 1
 
 
 def test_a_fused_layer_keeps_the_products_its_parts_were_set_to() -> None:

@@ -16,7 +16,7 @@ One home for these choices, shared by ``LLM``, ``attnkit generate/chat/serve`` a
   (:mod:`attnkit.engine.kv_format`);
 - ``matmul_dtype``: on the gguf path, the dtype of the dense products of batches above the kernel's 8 rows
   (prefill, large decode batches); ``"auto"`` sends the engine's prompt rows through the integer matrix product
-  where a layer has one (Q4_K, Q5_K, Q6_K, Q8_0 with AVX-512 VNNI: kernels/gemm.c, 8-bit activations as llama.cpp)
+  where a layer has one (every block type with AVX-512 VNNI, 256 | its inputs: kernels/gemm.c, 8-bit activations as llama.cpp)
   and takes bfloat16 where the CPU has bf16 hardware (:func:`attnkit.kernels.native_bf16`: 2–3× the float32
   speed there, perplexity +0.06%), else float32; ``"bfloat16"`` or ``"float32"`` send every prompt row to the
   dense product in that dtype.
@@ -134,7 +134,7 @@ class InferenceOptions:
         p.add_argument("--matmul-dtype", choices=MATMUL_DTYPES, default="auto",
                        help="with --quantize gguf: dtype of the matrix products of prefill and large batches "
                             "(default auto: prompts through the integer matrix product where the layer's blocks "
-                            "have one on this CPU (Q4_K/Q5_K/Q6_K/Q8_0, AVX-512 VNNI), else bfloat16 where the CPU "
+                            "have one on this CPU (AVX-512 VNNI), else bfloat16 where the CPU "
                             "has bf16 instructions, else float32; bfloat16/float32: every prompt row dense)")
 
     @classmethod

@@ -37,14 +37,15 @@ static inline ak_act act_row(const void *scratch, int r, int k) {
  * 256 inputs: one quant byte per weight and the scales in 512-bit lanes, lane 4r + g holding row r of group g.
  * How the scales apply (the panel's mode): AK_PANEL_MIN (Q4_K, Q5_K: w = d·sc_j·q − dmin·m_j, sub-blocks of 32),
  * AK_PANEL_K16 (Q6_K: w = d·sc_j·(q − 32), sub-blocks of 16), AK_PANEL_B32 (Q8_0: w = d_b·(q − 128) as unsigned
- * q, blocks of 32). */
-enum { AK_PANEL_MIN = 1, AK_PANEL_K16 = 2, AK_PANEL_B32 = 3, AK_X4_B32 = 4 /* Q8_0 in dot_x4's order */ };
+ * q, blocks of 32), AK_PANEL_L32 (Q4_0, Q4_1, Q5_0, Q5_1: w = d_b·q + m_b, Σ w·x = d·dx·Σ q·qx + m·sx). */
+enum { AK_PANEL_MIN = 1, AK_PANEL_K16 = 2, AK_PANEL_B32 = 3, AK_X4_B32 = 4 /* Q8_0 in dot_x4's order */,
+       AK_PANEL_L32 = 5 };
 #ifdef AK_X4
 typedef struct {
     __m512i q[64];  /* unsigned quants: slot s holds inputs 4s .. 4s + 3 of each lane's row */
     __m512i sc[16]; /* int32 scale of each sub-block (AK_PANEL_MIN: 8, AK_PANEL_K16: 16) */
     __m512 d[8];    /* d (d[0]: a super-block's), or each block of 32's d_b (AK_PANEL_B32) */
-    __m512 mn[8];   /* dmin·m_j (AK_PANEL_MIN) */
+    __m512 mn[8];   /* dmin·m_j (AK_PANEL_MIN), each block's m (AK_PANEL_L32) */
 } ak_panel;
 /* unit u (inputs 256u ..) of the four interleaved groups at w, gbytes apart → *p */
 typedef void (*ak_panel_fn)(const uint8_t *w, size_t gbytes, int u, ak_panel *p);

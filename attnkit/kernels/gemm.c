@@ -9,7 +9,8 @@
  * over a sub-block (32 inputs; 16 for Q6_K), which is scaled by its integer scale (one vpmulld) and added in
  * int32 over the super-block, so a super-block ends in one conversion and one FMA per row (the mins of
  * Q4_K / Q5_K in float: Σ w·x = d·dx·Σ_j sc_j·Σ q·qx − Σ_j dmin·m_j·sx_j). Q8_0 applies each block's d in float.
- * Offsets (Q6_K's q − 32, Q8_0's unsigned q + 128) start the sums at −offset·Σqx.
+ * Offsets (Q6_K's q − 32, Q8_0's unsigned q + 128) start the sums at −offset·Σqx; the 32-weight types (Q4_0, Q4_1,
+ * Q5_0, Q5_1) add each block's m·sx in float as their decode kernels do.
  *
  * The integer sums are exact and each row's float operations run in the same order whatever m is, so a row's
  * result does not depend on the rows beside it (batch invariance). The activations are quantized as ak_gemv does
@@ -35,16 +36,18 @@ AK_INLINE void rows_tile(const ak_panel *P, int nu, const ak_act *x, const int32
     for (int u = 0; u < nu; u++) {
         const ak_panel *S = P + u;
         const size_t base = 256 * (size_t)u;
-        if (MODE == AK_PANEL_B32) {
+        if (MODE == AK_PANEL_B32 || MODE == AK_PANEL_L32) {
             for (int j = 0; j < 8; j++) {
                 __m512i t[TR];
-                for (int r = 0; r < R; r++) t[r] = _mm512_set1_epi32(t0[r][8 * (size_t)u + j]);
+                for (int r = 0; r < R; r++) t[r] = MODE == AK_PANEL_B32 ? _mm512_set1_epi32(t0[r][8 * (size_t)u + j]) : _mm512_setzero_si512();
                 for (int s = 0; s < 8; s++) {
                     const __m512i wq = _mm512_load_si512(S->q + 8 * j + s);
                     for (int r = 0; r < R; r++) t[r] = _mm512_dpbusd_epi32(t[r], wq, x4q(x + r, base + 32 * j + 4 * s));
                 }
-                for (int r = 0; r < R; r++)
+                for (int r = 0; r < R; r++) {
                     acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t[r]), _mm512_mul_ps(S->d[j], _mm512_set1_ps(x[r].d[8 * (size_t)u + j])), acc[r]);
+                    if (MODE == AK_PANEL_L32) acc[r] = _mm512_fmadd_ps(S->mn[j], _mm512_set1_ps(x[r].s[8 * (size_t)u + j]), acc[r]);
+                }
             }
             continue;
         }
@@ -121,6 +124,7 @@ static void tile(const ak_panel *P, int nu, const ak_act *x, const int32_t *cons
                 default: rows_tile_x4b32(P, nu, x + r, t0 + r, X4R, out + r);
             }
     } else if (mode == AK_PANEL_MIN) { TILE_R(AK_PANEL_MIN) }
+    else if (mode == AK_PANEL_L32) { TILE_R(AK_PANEL_L32) }
     else if (mode == AK_PANEL_K16) { TILE_R(AK_PANEL_K16) }
     else { TILE_R(AK_PANEL_B32) }
 }

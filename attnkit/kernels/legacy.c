@@ -218,6 +218,39 @@ AK_INLINE void dot_x4(const uint8_t *w, int nb, const ak_act *x, const int M, fl
 }
 #endif
 
+#ifdef AK_X4
+/* unit u (block columns 8u .. 8u + 7) of four interleaved groups → a panel (gemm.c): the quants unpacked to bytes
+ * (Q5's high bits added as x4 adds them), each block's d and its m (Q4_1, Q5_1) or −8d / −16d */
+AK_INLINE void panel(const uint8_t *w, size_t gbytes, int u, ak_panel *P, const int MIN, const int HIGH) {
+    const size_t cb = 4 * BB(MIN, HIGH);
+    const __m512i low = _mm512_set1_epi8(0x0f), sixteen = _mm512_set1_epi8(0x10);
+    for (int j = 0; j < 8; j++) {
+        const size_t at = ((size_t)8 * u + j) * cb;
+        P->d[j] = panel_halves(w, gbytes, at);
+        P->mn[j] = MIN ? panel_halves(w, gbytes, at + 8) : _mm512_mul_ps(P->d[j], _mm512_set1_ps(HIGH ? -16.f : -8.f));
+        __m512i lo[4], hi[4];
+        for (int g = 0; g < 4; g++) {
+            const uint8_t *col = w + g * gbytes + at;
+            const __m512i q = _mm512_loadu_si512(col + 8 + 8 * MIN + 16 * HIGH);
+            lo[g] = _mm512_and_si512(q, low), hi[g] = _mm512_and_si512(_mm512_srli_epi16(q, 4), low);
+            if (HIGH) {
+                const __m128i h = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(col + 8 + 8 * MIN)),
+                                                   _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15));
+                lo[g] = _mm512_mask_add_epi8(lo[g], (__mmask64)_mm_cvtsi128_si64(h), lo[g], sixteen);
+                hi[g] = _mm512_mask_add_epi8(hi[g], (__mmask64)_mm_extract_epi64(h, 1), hi[g], sixteen);
+            }
+        }
+        panel_slots(lo, P->q + 8 * j), panel_slots(hi, P->q + 8 * j + 4);
+    }
+}
+#define LEGACY_PANEL(name, MIN, HIGH) \
+    static void name##_panel(const uint8_t *w, size_t gbytes, int u, ak_panel *P) { panel(w, gbytes, u, P, MIN, HIGH); }
+#define PANEL(name) name##_panel
+#else
+#define LEGACY_PANEL(name, MIN, HIGH)
+#define PANEL(name) NULL
+#endif
+
 #define FIELDS(MIN, HIGH) {{0, 2, 2}, {2, MIN ? 2 : 0, 2}, {2 + 2 * MIN, HIGH ? 4 : 0, 4}, {2 + 2 * MIN + 4 * HIGH, 16, 16}, {0, 0, 0}}
 #if defined(AK_X4) || defined(AK_AVX2)
 #define X4(name) name
@@ -234,8 +267,9 @@ AK_INLINE void dot_x4(const uint8_t *w, int nb, const ak_act *x, const int M, fl
         dot(w, nb, x, M, y, ys, MIN, HIGH);                                                                  \
     }                                                                                                        \
     LEGACY_X4(name, MIN, HIGH)                                                                               \
+    LEGACY_PANEL(name, MIN, HIGH)                                                                            \
     const ak_type ak_type_##name = {ID, 32, BB(MIN, HIGH), name##_to_float, name##_dot, X4(name##_dot_x4),  \
-                                    FIELDS(MIN, HIGH), 0, name##_to_float_x4, NULL, 0, 0};
+                                    FIELDS(MIN, HIGH), 0, name##_to_float_x4, PANEL(name), AK_PANEL_L32, 0};
 #if defined(AK_X4) || defined(AK_AVX2)
 #define LEGACY_X4(name, MIN, HIGH)                                                                                \
     AK_INLINE void name##_x4(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys) {      \

@@ -17,7 +17,7 @@ That product runs in :attr:`GGUFBlockLinear.dense_dtype`: float32, or bfloat16 (
 sums, the bf16 result widened to float32) — 2–3× faster where the CPU has bf16 hardware (AVX512-BF16, AMX;
 :func:`attnkit.kernels.native_bf16`), which is what ``InferenceOptions``' ``matmul_dtype="auto"`` picks there.
 
-On interleaved Q4_K, Q5_K, Q6_K and Q8_0 blocks with AVX-512 VNNI the engine's prompt rows take neither: an integer
+On interleaved blocks of every type (Q4_0 … Q8_0, Q4_K, Q5_K, Q6_K) with AVX-512 VNNI the engine's prompt rows take neither: an integer
 matrix product on the weights unpacked 16 rows at a time (kernels/gemm.c, :attr:`GGUFBlockLinear.int8_prompts`).
 
 Where the kernels have a product on them the blocks are kept with rows interleaved in fours (:func:`interleave`):
@@ -268,8 +268,8 @@ class GGUFBlockLinear(nn.Module):
         """Whether the engine's prompt rows take the integer matrix product of kernels/gemm.c (8-bit activations as
         the decode kernels quantize them, VNNI dot products on the weights unpacked 16 rows at a time: ~1.5× decoding
         the weights + oneDNN's bf16 product at 512 rows on AVX-512 VNNI + BF16, 1.9× at 37 rows) instead of the
-        product :attr:`dense_for_prompts` picks. Where the build has it for this type (interleaved blocks of Q4_K,
-        Q5_K, Q6_K or Q8_0 with AVX-512 VNNI), 16 | out_features and 256 | in_features, unless set; by default
+        product :attr:`dense_for_prompts` picks. Where the build has it for this type (interleaved blocks of any
+        type with AVX-512 VNNI), 16 | out_features and 256 | in_features, unless set; by default
         never for a layer set to the integer kernel for a prompt's few rows (``dense_for_prompts = False``: a head,
         which sees one row a sequence; an expert is set explicitly: it sees top_k / n_experts of a prompt's rows)."""
         if self._int8_prompts is not None:
