@@ -39,7 +39,7 @@ static inline ak_act act_row(const void *scratch, int r, int k) {
  * AK_PANEL_K16 (Q6_K: w = d·sc_j·(q − 32), sub-blocks of 16), AK_PANEL_B32 (Q8_0: w = d_b·(q − 128) as unsigned
  * q, blocks of 32), AK_PANEL_L32 (Q4_0, Q4_1, Q5_0, Q5_1: w = d_b·q + m_b, Σ w·x = d·dx·Σ q·qx + m·sx). */
 enum { AK_PANEL_MIN = 1, AK_PANEL_K16 = 2, AK_PANEL_B32 = 3, AK_X4_B32 = 4 /* Q8_0 in dot_x4's order */,
-       AK_PANEL_L32 = 5 };
+       AK_PANEL_L32 = 5, AK_X4_L32 = 6 /* the 32-weight types in dot_x4's order */ };
 #ifdef AK_X4
 typedef struct {
     __m512i q[64];  /* unsigned quants: slot s holds inputs 4s .. 4s + 3 of each lane's row */

@@ -73,37 +73,42 @@ AK_INLINE void rows_tile(const ak_panel *P, int nu, const ak_act *x, const int32
     for (int r = 0; r < R; r++) out[r] = acc[r];
 }
 
-/* the decode kernel's own order for Q8_0 (q8.c's x4, rows interleaved in fours): per activation row and weight row,
- * four partial sums by lane (inputs 4i..4i+3 and 16+4i..16+4i+3 of each block), each scaled by d·dx in its own
- * FMA chain for the even and the odd blocks, summed at the end as (A0 + A1) + (A2 + A3), A_i = even_i + odd_i:
- * so a generated row gets the bits it would get from x4 (batch invariance). init: a row's −128 · Σ of the 8
- * quants of each lane of each block (x4's two off4 words, added). */
-AK_INLINE void rows_tile_x4b32(const ak_panel *P, int nu, const ak_act *x, const int32_t *const *off4, const int R,
-                               __m512 *out) {
-    __m512 acc[X4R][2][4]; /* [row][parity][i] */
-    for (int r = 0; r < R; r++)
+/* the decode kernels' own order (rows interleaved in fours): per activation row and weight row, four partial sums
+ * by lane (inputs 4i..4i+3 and 16+4i..16+4i+3 of each block), each scaled by d·dx in its own FMA chain, summed at
+ * the end as (A0 + A1) + (A2 + A3): so a generated row gets the bits it would get from dot_x4 (batch invariance).
+ * AK_X4_B32 (q8.c's x4): a chain for the even and one for the odd blocks (A_i = even_i + odd_i), the sums starting
+ * at a row's −128 · Σ of the 8 quants of each lane of each block (x4's two off4 words, added). AK_X4_L32 (legacy.c's
+ * dot_x4): one chain a lane, and each block's m·sx in a fifth chain added last. */
+AK_INLINE void rows_tile_x4(const ak_panel *P, int nu, const ak_act *x, const int32_t *const *off4, const int R,
+                            const int MODE, __m512 *out) {
+    __m512 acc[X4R][2][4], accm[X4R]; /* [row][parity][i] */
+    for (int r = 0; r < R; r++) {
+        accm[r] = _mm512_setzero_ps();
         for (int e = 0; e < 2; e++)
             for (int i = 0; i < 4; i++) acc[r][e][i] = _mm512_setzero_ps();
+    }
     for (int u = 0; u < nu; u++) {
         const ak_panel *S = P + u;
         for (int j = 0; j < 8; j++) {
             const size_t b = 8 * (size_t)u + j;
+            const int e = MODE == AK_X4_B32 ? j & 1 : 0;
             for (int r = 0; r < R; r++) {
-                const int32_t *o = off4[r] + 4 * b;
                 const __m512 v = _mm512_mul_ps(S->d[j], _mm512_set1_ps(x[r].d[b]));
                 for (int i = 0; i < 4; i++) {
-                    __m512i t = _mm512_set1_epi32(o[i]);
+                    __m512i t = MODE == AK_X4_B32 ? _mm512_set1_epi32(off4[r][4 * b + i]) : _mm512_setzero_si512();
                     t = _mm512_dpbusd_epi32(t, _mm512_load_si512(S->q + 8 * j + i), x4q(x + r, 32 * b + 4 * i));
                     t = _mm512_dpbusd_epi32(t, _mm512_load_si512(S->q + 8 * j + 4 + i), x4q(x + r, 32 * b + 16 + 4 * i));
-                    acc[r][j & 1][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), v, acc[r][j & 1][i]);
+                    acc[r][e][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), v, acc[r][e][i]);
                 }
+                if (MODE == AK_X4_L32) accm[r] = _mm512_fmadd_ps(S->mn[j], _mm512_set1_ps(x[r].s[b]), accm[r]);
             }
         }
     }
     for (int r = 0; r < R; r++) {
         __m512 a[4];
-        for (int i = 0; i < 4; i++) a[i] = _mm512_add_ps(acc[r][0][i], acc[r][1][i]);
+        for (int i = 0; i < 4; i++) a[i] = MODE == AK_X4_B32 ? _mm512_add_ps(acc[r][0][i], acc[r][1][i]) : acc[r][0][i];
         out[r] = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+        if (MODE == AK_X4_L32) out[r] = _mm512_add_ps(out[r], accm[r]);
     }
 }
 
@@ -115,14 +120,18 @@ AK_INLINE void rows_tile_x4b32(const ak_panel *P, int nu, const ak_act *x, const
         default: rows_tile(P, nu, x, t0, TR, MODE, out);                    \
     }
 static void tile(const ak_panel *P, int nu, const ak_act *x, const int32_t *const *t0, int R, int mode, __m512 *out) {
+#define TILE_X4(MODE)                                                                   \
+    for (int r = 0; r < R; r += X4R) /* X4R rows: 32 accumulators, a few spilled, still ~10% faster than 2 */ \
+        switch (R - r < X4R ? R - r : X4R) {                                                \
+            case 1: rows_tile_x4(P, nu, x + r, t0 + r, 1, MODE, out + r); break;             \
+            case 2: rows_tile_x4(P, nu, x + r, t0 + r, 2, MODE, out + r); break;             \
+            case 3: rows_tile_x4(P, nu, x + r, t0 + r, 3, MODE, out + r); break;             \
+            default: rows_tile_x4(P, nu, x + r, t0 + r, X4R, MODE, out + r);                 \
+        }
     if (mode == AK_X4_B32) {
-        for (int r = 0; r < R; r += X4R) /* X4R rows: 32 accumulators, a few spilled, still ~10% faster than 2 */
-            switch (R - r < X4R ? R - r : X4R) {
-                case 1: rows_tile_x4b32(P, nu, x + r, t0 + r, 1, out + r); break;
-                case 2: rows_tile_x4b32(P, nu, x + r, t0 + r, 2, out + r); break;
-                case 3: rows_tile_x4b32(P, nu, x + r, t0 + r, 3, out + r); break;
-                default: rows_tile_x4b32(P, nu, x + r, t0 + r, X4R, out + r);
-            }
+        TILE_X4(AK_X4_B32)
+    } else if (mode == AK_X4_L32) {
+        TILE_X4(AK_X4_L32)
     } else if (mode == AK_PANEL_MIN) { TILE_R(AK_PANEL_MIN) }
     else if (mode == AK_PANEL_L32) { TILE_R(AK_PANEL_L32) }
     else if (mode == AK_PANEL_K16) { TILE_R(AK_PANEL_K16) }

@@ -246,9 +246,11 @@ AK_INLINE void panel(const uint8_t *w, size_t gbytes, int u, ak_panel *P, const 
 #define LEGACY_PANEL(name, MIN, HIGH) \
     static void name##_panel(const uint8_t *w, size_t gbytes, int u, ak_panel *P) { panel(w, gbytes, u, P, MIN, HIGH); }
 #define PANEL(name) name##_panel
+#define X4_MODE AK_X4_L32
 #else
 #define LEGACY_PANEL(name, MIN, HIGH)
 #define PANEL(name) NULL
+#define X4_MODE 0
 #endif
 
 #define FIELDS(MIN, HIGH) {{0, 2, 2}, {2, MIN ? 2 : 0, 2}, {2 + 2 * MIN, HIGH ? 4 : 0, 4}, {2 + 2 * MIN + 4 * HIGH, 16, 16}, {0, 0, 0}}
@@ -269,7 +271,7 @@ AK_INLINE void panel(const uint8_t *w, size_t gbytes, int u, ak_panel *P, const 
     LEGACY_X4(name, MIN, HIGH)                                                                               \
     LEGACY_PANEL(name, MIN, HIGH)                                                                            \
     const ak_type ak_type_##name = {ID, 32, BB(MIN, HIGH), name##_to_float, name##_dot, X4(name##_dot_x4),  \
-                                    FIELDS(MIN, HIGH), 0, name##_to_float_x4, PANEL(name), AK_PANEL_L32, 0};
+                                    FIELDS(MIN, HIGH), 0, name##_to_float_x4, PANEL(name), AK_PANEL_L32, X4_MODE};
 #if defined(AK_X4) || defined(AK_AVX2)
 #define LEGACY_X4(name, MIN, HIGH)                                                                                \
     AK_INLINE void name##_x4(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys) {      \
