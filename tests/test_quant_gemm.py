@@ -110,6 +110,9 @@ def test_prompt_rows_take_the_gemm_only_where_it_applies() -> None:
         assert torch.equal(expert(x[:5]), _gemm(expert, x[:5]))
     with rows_are("short-prompt"):  # a short prompt's rows stay on the decode kernel
         assert torch.equal(expert(x[:5]), expert.kernel_product(x[:5]))
+    fresh = _gemm_layer("Q4_K", n=32, k=256)
+    with rows_are("short-prompt"):  # a short prompt's rows take it too (but an expert's, above)
+        assert torch.equal(fresh(x[:5]), _gemm(fresh, x[:5]))
     with rows_are("generated"):  # decode rows never take it
         assert torch.equal(layer(x[:3]), layer.kernel_product(x[:3]))
 

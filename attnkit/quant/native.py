@@ -268,7 +268,9 @@ class GGUFBlockLinear(nn.Module):
         """Whether the engine's prompt rows take the integer matrix product of kernels/gemm.c (8-bit activations as
         the decode kernels quantize them, VNNI dot products on the weights unpacked 16 rows at a time: ~1.5× decoding
         the weights + oneDNN's bf16 product at 512 rows on AVX-512 VNNI + BF16, 1.9× at 37 rows) instead of the
-        product :attr:`dense_for_prompts` picks. Where the build has it for this type (interleaved blocks of any
+        product :attr:`dense_for_prompts` picks (and, but for an expert, a short prompt's rows instead of the integer
+        kernel: a 1B Q4_K_M's 32-token prompt 151–186 ms to the first token against 212–244; 2 tokens 52–55 against
+        35–52). Where the build has it for this type (interleaved blocks of any
         type with AVX-512 VNNI), 16 | out_features and 256 | in_features, unless set; by default
         never for a layer set to the integer kernel for a prompt's few rows (``dense_for_prompts = False``: a head,
         which sees one row a sequence; an expert is set explicitly: it sees top_k / n_experts of a prompt's rows)."""
@@ -369,8 +371,8 @@ class GGUFBlockLinear(nn.Module):
         dense = x2.shape[0] > self.kernel_max_rows if rows is None else rows == "prompt" and self.dense_for_prompts
         if lib is None or x.device.type != "cpu" or x.requires_grad:
             y = F.linear(x2, self.dequantize(x.dtype))
-        elif rows == "prompt" and self.int8_prompts:
-            y = self._gemm(lib, x2)
+        elif self.int8_prompts and (rows == "prompt" or rows == "short-prompt" and self._dense_for_prompts is not False):
+            y = self._gemm(lib, x2)  # a short prompt's rows too (32 tokens, 1B Q4_K_M: TTFT −25%), but not an expert's
         elif dense and rows is None and self.out_features * self.in_features > TILED_ABOVE:
             y = tiled_product(self, x2.float())  # outside the engine: no float copy of a vocabulary-sized head
         elif dense:  # compute-bound: a dense product on the weight decoded into a reused buffer

@@ -10,7 +10,8 @@ says what the rows of a pass are (:func:`rows_are`); outside the engine (scoring
 no kind is set and layers choose by row count (:data:`None`).
 
 Prompt rows come in two kinds, by the length of their request's whole prompt (a property of the request, not
-of the step): ``"short-prompt"`` (at most :data:`SHORT_PROMPT` tokens) always takes the integer kernel — the
+of the step): ``"short-prompt"`` (at most :data:`SHORT_PROMPT` tokens) takes the integer kernel (or a layer's integer
+matrix product, :attr:`attnkit.quant.native.GGUFBlockLinear.int8_prompts`) — the
 dense product decodes every weight of a layer however few its rows (1B Q8_0, 32-token prompt: 1.5 s to the first
 token through it) — and ``"prompt"`` the layer's prompt product.
 """
