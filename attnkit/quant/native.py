@@ -190,6 +190,7 @@ class GGUFBlockLinear(nn.Module):
         self.interleaved = bool(interleaved)
         self._dense_for_prompts: bool | None = None  # set: the caller's choice (dense_for_prompts)
         self._int8_prompts: bool | None = None  # set: the caller's choice (int8_prompts)
+        self._gemm_shape: bool | None = None  # gemm_shape(), once asked
         # the caller's blocks may be read-only (a file's mmap): never written, interleaving makes a new tensor
         self.register_buffer("blocks", interleave(blocks, kind) if interleaved and not packed else blocks.contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
@@ -266,8 +267,9 @@ class GGUFBlockLinear(nn.Module):
     @property
     def int8_prompts(self) -> bool:
         """Whether the engine's prompt rows take the integer matrix product of kernels/gemm.c (8-bit activations as
-        the decode kernels quantize them, VNNI dot products on the weights unpacked 16 rows at a time: ~1.5× decoding
-        the weights + oneDNN's bf16 product at 512 rows on AVX-512 VNNI + BF16, 1.9× at 37 rows) instead of the
+        the decode kernels quantize them, VNNI dot products on the weights unpacked 16 rows at a time: 1.2–1.6×
+        decoding the weights + oneDNN's bf16 product at 512 rows of a 1B's layers on AVX-512 VNNI + BF16, 3.5–4.5× at
+        16 rows; benchmarks/gguf_kernels.py) instead of the
         product :attr:`dense_for_prompts` picks (and, but for an expert, a short prompt's rows instead of the integer
         kernel: a 1B Q4_K_M's 32-token prompt 151–186 ms to the first token against 212–244; 2 tokens 52–55 against
         35–52). Where the build has it for this type (interleaved blocks of any
@@ -286,10 +288,13 @@ class GGUFBlockLinear(nn.Module):
         self._int8_prompts = bool(on)
 
     def gemm_shape(self) -> bool:
-        """Whether kernels/gemm.c multiplies this layer's blocks (its type, layout and shape, in this build)."""
-        lib = _kernels()
-        return (lib is not None and self.interleaved and self.out_features % 16 == 0 and self.in_features % 256 == 0
-                and bool(lib.ak_gemm_available(self.kernel_kind)))
+        """Whether kernels/gemm.c multiplies this layer's blocks (its type, layout and shape, in this build; fixed
+        for the layer, so asked of the library once)."""
+        if self._gemm_shape is None:
+            lib = _kernels()
+            self._gemm_shape = (lib is not None and self.interleaved and self.out_features % 16 == 0
+                                and self.in_features % 256 == 0 and bool(lib.ak_gemm_available(self.kernel_kind)))
+        return self._gemm_shape
 
     def own_blocks(self) -> None:
         """Copy blocks viewed where they lie (a file's mapping, on 4 KiB page-cache pages) into weight memory on
@@ -371,8 +376,8 @@ class GGUFBlockLinear(nn.Module):
         dense = x2.shape[0] > self.kernel_max_rows if rows is None else rows == "prompt" and self.dense_for_prompts
         if lib is None or x.device.type != "cpu" or x.requires_grad:
             y = F.linear(x2, self.dequantize(x.dtype))
-        elif self.int8_prompts and (rows == "prompt" or rows == "short-prompt" and self._dense_for_prompts is not False):
-            y = self._gemm(lib, x2)  # a short prompt's rows too (32 tokens, 1B Q4_K_M: TTFT −25%), but not an expert's
+        elif (rows == "prompt" or rows == "short-prompt" and self._dense_for_prompts is not False) and self.int8_prompts:
+            y = self._kernel(lib, x2, gemm=True)  # a short prompt's rows too (TTFT −25% at 32 tokens), not an expert's
         elif dense and rows is None and self.out_features * self.in_features > TILED_ABOVE:
             y = tiled_product(self, x2.float())  # outside the engine: no float copy of a vocabulary-sized head
         elif dense:  # compute-bound: a dense product on the weight decoded into a reused buffer
@@ -390,26 +395,15 @@ class GGUFBlockLinear(nn.Module):
             raise RuntimeError("GGUFBlockLinear.kernel_product needs the C kernels and a CPU tensor")
         return self._finish(self._kernel(lib, x.reshape(-1, self.in_features)).to(x.dtype), x.shape[:-1])
 
-    def _kernel(self, lib, x2: torch.Tensor) -> torch.Tensor:
-        """(m, in) → (m, out) float32 through ak_gemv."""
+    def _kernel(self, lib, x2: torch.Tensor, gemm: bool = False) -> torch.Tensor:
+        """(m, in) → (m, out) float32 through ak_gemv, or ak_gemm (kernels/gemm.c) with ``gemm``."""
         xf = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.float().contiguous()
         m = xf.shape[0]
         y = torch.empty(m, self.out_features)
-        if m and lib.ak_gemv(self.kernel_kind, self.blocks.data_ptr(), xf.data_ptr(), y.data_ptr(), m, self.out_features,
-                       self.in_features, _act_scratch(m * (self.in_features // 32) * ACT_BLOCK_BYTES),
-                       torch.get_num_threads()):
-            raise RuntimeError(f"ak_gemv refused {self.kind} blocks of {self.out_features}×{self.in_features}")
-        return y
-
-    def _gemm(self, lib, x2: torch.Tensor) -> torch.Tensor:
-        """(m, in) → (m, out) float32 through ak_gemm (kernels/gemm.c)."""
-        xf = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.float().contiguous()
-        m = xf.shape[0]
-        y = torch.empty(m, self.out_features)
-        if m and lib.ak_gemm(self.kernel_kind, self.blocks.data_ptr(), xf.data_ptr(), y.data_ptr(), m, self.out_features,
-                             self.in_features, _act_scratch(m * (self.in_features // 32) * ACT_BLOCK_BYTES),
-                             torch.get_num_threads()):
-            raise RuntimeError(f"ak_gemm refused {self.kind} blocks of {self.out_features}×{self.in_features}")
+        fn = lib.ak_gemm if gemm else lib.ak_gemv
+        if m and fn(self.kernel_kind, self.blocks.data_ptr(), xf.data_ptr(), y.data_ptr(), m, self.out_features,
+                    self.in_features, _act_scratch(m * (self.in_features // 32) * ACT_BLOCK_BYTES), torch.get_num_threads()):
+            raise RuntimeError(f"{fn.__name__} refused {self.kind} blocks of {self.out_features}×{self.in_features}")
         return y
 
     def _finish(self, y: torch.Tensor, lead: torch.Size) -> torch.Tensor:
