@@ -14,8 +14,8 @@
  *
  * The integer sums are exact and each row's float operations run in the same order whatever m is, so a row's
  * result does not depend on the rows beside it (batch invariance). The activations are quantized as ak_gemv does
- * (llama.cpp's q8_K / q8_0). ~1.5× oneDNN's bf16 product on AVX-512 VNNI + BF16 (Zen 4, 2 threads; the decoding
- * of the weights to bf16 not counted), see docs/performance.md. */
+ * (llama.cpp's q8_K / q8_0). 1.2–1.6× decoding the weights + oneDNN's bf16 product at 512 rows of a 1B's layers
+ * on AVX-512 VNNI + BF16 (Zen 4, 2 threads; benchmarks/gguf_kernels.py, docs/performance.md session 16). */
 #include <stdlib.h>
 
 #include "blocks.h"
