@@ -189,6 +189,13 @@ def test_the_cli_refuses_a_bad_data_parallel_size(capsys):
     assert "--data-parallel-size must be at least 1, got 0" in capsys.readouterr().err
 
 
+def test_the_cli_refuses_data_parallel_replicas_under_torchrun(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["serve", "--data-parallel-size", "2", "--no-embeddings"]) != 0
+    assert "--data-parallel-size under torchrun is not supported" in capsys.readouterr().err
+
+
 def test_a_killed_replica_fails_its_requests_and_the_other_serves(base, router):
     result: dict[str, object] = {}
     prefix = list(range(300, 320))  # one full block: both requests on one replica (affinity)

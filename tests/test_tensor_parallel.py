@@ -264,8 +264,6 @@ def test_serve_tensor_parallel_size_2(tmp_path):
     body = {"model": "small", "prompt": "Tensor parallel", "max_tokens": 6, "temperature": 0}
     with pytest.raises(ValueError, match="--tensor-parallel-size must be at least 1"):
         build_from_args(build_parser().parse_args([*flags, "--tensor-parallel-size", "0"]))
-    with pytest.raises(ValueError, match="choose one"):
-        build_from_args(build_parser().parse_args([*flags, "--tensor-parallel-size", "2", "--data-parallel-size", "2"]))
     app, one = build_from_args(build_parser().parse_args(flags))
     with running(app) as base:
         want = httpx.post(base + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
@@ -278,3 +276,15 @@ def test_serve_tensor_parallel_size_2(tmp_path):
         engine.runner.close()
         engine.runner.tp.workers.join(30)
         dist.destroy_process_group()
+    # two replicas, each rank 0 of its own group of two (four processes): each answers as one process does
+    app, router = build_from_args(build_parser().parse_args([*flags, "--tensor-parallel-size", "2",
+                                                            "--data-parallel-size", "2", "--dist-timeout", "30"]))
+    try:
+        assert [r.tensor_parallel for r in router.replicas] == [2, 2]
+        with running(app) as base:
+            got = [httpx.post(base + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+                   for _ in range(4)]
+        assert got == [want] * 4 and sorted(router.routed.values()) == [0, 0, 1, 1]
+    finally:
+        router.close()
+    assert not any(r.process.is_alive() for r in router.replicas)

@@ -19,6 +19,7 @@ A replica that dies fails its in-flight requests with :class:`ReplicaDiedError` 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import os
 import queue
@@ -117,6 +118,7 @@ class _Replica:
     stats: EngineStats = _ZERO
     spec: dict[str, int] | None = None  # its SpecStats fields
     dead: str | None = None  # why it is gone
+    tensor_parallel: int = 1  # ranks of its tensor-parallel group (1: the replica alone)
 
     def send(self, msg: dict[str, Any] | None) -> None:
         self.outbox.put(msg)
@@ -146,9 +148,12 @@ def _settle(fut: asyncio.Future, error: BaseException | None) -> None:
 class DataParallelEngine:
     def __init__(self, factory: Callable[[], LLMEngine], size: int, tokenizer: Tokenizer, *,
                  threads: int | None = None, affinity_blocks: int = 4, affinity_margin: int = 4,
-                 start_timeout: float = 600.0) -> None:
+                 start_timeout: float = 600.0, close: Callable[[LLMEngine], None] | None = None) -> None:
         """Start ``size`` replicas, each running ``factory()`` (a picklable callable) on ``threads`` torch threads
-        (default: this machine's cores // size, at least 1); returns once all are ready."""
+        (default: this machine's cores // size, at least 1); returns once all are ready. ``close`` (picklable): what
+        a replica runs on its engine as it stops, for engines that start processes of their own (a replica that
+        is rank 0 of a tensor-parallel group); such replicas are not daemons (a daemon may not start processes),
+        so :meth:`close` runs at this process's exit too."""
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"data-parallel size must be an integer >= 1, got {size!r}")
         if threads is not None and threads < 1:
@@ -169,7 +174,7 @@ class DataParallelEngine:
         self.replicas: list[_Replica] = []
         for i in range(size):
             ours, theirs = ctx.Pipe()
-            p = ctx.Process(target=replica_main, args=(i, theirs, factory, self.threads), daemon=True,
+            p = ctx.Process(target=replica_main, args=(i, theirs, factory, self.threads, close), daemon=close is None,
                             name=f"attnkit-dp-replica-{i}")
             p.start()
             theirs.close()  # so that its death reads as EOF here
@@ -180,12 +185,15 @@ class DataParallelEngine:
             self._kill()
             raise
         for r, info in zip(self.replicas, ready):
+            r.tensor_parallel = info.get("tensor_parallel", 1)
             for key in ("max_model_len", "vocab_size", "eos_ids", "block_size", "loras", "spec"):
                 if info[key] != ready[0][key]:
                     self._kill()
                     raise ValueError(f"data-parallel replicas disagree on {key}: replica 0 has {ready[0][key]!r}, "
                                      f"replica {r.index} has {info[key]!r}")
         self.engine = ReplicaInfo(tokenizer, ready[0], self.replicas)
+        if close is not None:  # before multiprocessing's own exit handler, which would wait for them
+            atexit.register(self.close)
         for r in self.replicas:
             threading.Thread(target=r.write, daemon=True, name=f"dp-write-{r.index}").start()
             threading.Thread(target=self._read, args=(r,), daemon=True, name=f"dp-read-{r.index}").start()

@@ -66,8 +66,10 @@ def _error_kind(e: Exception) -> str:
         else "error"
 
 
-def replica_main(index: int, conn: Connection, factory: Callable[[], LLMEngine], threads: int) -> None:
-    """The replica process: build the engine with ``factory`` on ``threads`` torch threads, then serve the pipe."""
+def replica_main(index: int, conn: Connection, factory: Callable[[], LLMEngine], threads: int,
+                 close: Callable[[LLMEngine], None] | None = None) -> None:
+    """The replica process: build the engine with ``factory`` on ``threads`` torch threads, then serve the pipe;
+    ``close(engine)`` as it stops (its tensor-parallel workers, if any)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server drains, then stops us
     torch.set_num_threads(threads)
     try:
@@ -80,7 +82,16 @@ def replica_main(index: int, conn: Connection, factory: Callable[[], LLMEngine],
     conn.send({"op": "ready", "max_model_len": engine.max_model_len, "vocab_size": engine.vocab_size,
                "eos_ids": sorted(engine.eos_ids), "block_size": engine.config.block_size,
                "loras": engine.lora_names(), "threads": torch.get_num_threads(),
-               "spec": engine.spec is not None})
+               "spec": engine.spec is not None,
+               "tensor_parallel": getattr(getattr(engine.runner, "tp", None), "world", 1)})
+    try:
+        _serve(engine, conn)
+    finally:
+        if close is not None:
+            close(engine)
+
+
+def _serve(engine: LLMEngine, conn: Connection) -> None:
     aborted = 0
     try:
         while True:

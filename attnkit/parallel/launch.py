@@ -62,12 +62,12 @@ def join_from_env(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> 
 
 
 def _worker(index: int, world: int, port: int, model: Callable[[TensorParallel], Any], device: str,
-            timeout_s: float) -> None:
+            timeout_s: float, threads: int | None = None) -> None:
     """Spawned rank ``index + 1``: join, load its slice (``model(tp)``), serve rank 0's steps until it says stop."""
     from .engine import serve_worker
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    tp = join_group(index + 1, world, device, timeout_s)
+    tp = join_group(index + 1, world, device, timeout_s, threads)
     try:
         serve_worker(model(tp), tp)
     finally:
@@ -75,14 +75,15 @@ def _worker(index: int, world: int, port: int, model: Callable[[TensorParallel],
 
 
 def spawn_workers(world: int, model: Callable[[TensorParallel], Any], device: str = "cpu",
-                  timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[TensorParallel, Any]:
+                  timeout_s: float = DEFAULT_TIMEOUT_S, threads: int | None = None) -> tuple[TensorParallel, Any]:
     """Spawn ranks 1 … ``world``−1 on this machine, each loading its slice with ``model(tp)`` (picklable: a
     module-level function or a partial of one), and join as rank 0; returns (rank 0's TensorParallel, the
-    workers' process context, whose ``join()`` waits for them)."""
+    workers' process context, whose ``join()`` waits for them). ``threads``: torch threads of each rank (default:
+    the machine's cores // world)."""
     if world < 2:
         raise ValueError(f"--tensor-parallel-size must be at least 2 to spawn workers, got {world}")
     port = free_port()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    ctx = mp.start_processes(_worker, args=(world, port, model, device, timeout_s), nprocs=world - 1,
+    ctx = mp.start_processes(_worker, args=(world, port, model, device, timeout_s, threads), nprocs=world - 1,
                              join=False, start_method="spawn")
-    return join_group(0, world, device, timeout_s), ctx
+    return join_group(0, world, device, timeout_s, threads), ctx

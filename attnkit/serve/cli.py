@@ -87,9 +87,9 @@ def rank_model(args: argparse.Namespace, tp):
     return InferenceOptions.from_args(args).load(args.model, tp).model
 
 
-def start_tensor_parallel(args: argparse.Namespace):
-    """Rank 0's TensorParallel of ``--tensor-parallel-size`` (workers spawned here) or of torchrun (None: one
-    process). A torchrun rank other than 0 serves rank 0's steps here and exits."""
+def start_tensor_parallel(args: argparse.Namespace, threads: int | None = None):
+    """Rank 0's TensorParallel of ``--tensor-parallel-size`` (workers spawned here, each rank on ``threads`` torch
+    threads) or of torchrun (None: one process). A torchrun rank other than 0 serves rank 0's steps here and exits."""
     from ..parallel import launch
 
     size = getattr(args, "tensor_parallel_size", 1)
@@ -107,14 +107,31 @@ def start_tensor_parallel(args: argparse.Namespace):
         return tp
     if size == 1:
         return None
-    tp, workers = launch.spawn_workers(size, functools.partial(rank_model, args), timeout_s=args.dist_timeout)
+    tp, workers = launch.spawn_workers(size, functools.partial(rank_model, args), timeout_s=args.dist_timeout,
+                                       threads=threads)
     tp.workers = workers
     return tp
 
 
 def replica_engine(args: argparse.Namespace):
-    """The engine of one data-parallel replica (a picklable factory: ``functools.partial(replica_engine, args)``)."""
-    return build_engine(args)[0]
+    """The engine of one data-parallel replica (a picklable factory: ``functools.partial(replica_engine, args)``).
+    With ``--tensor-parallel-size N`` the replica is rank 0 of its own group of N ranks, spawned here, which
+    share the replica's threads (:func:`close_replica_engine` stops them)."""
+    import torch
+
+    size = getattr(args, "tensor_parallel_size", 1)
+    tp = start_tensor_parallel(args, threads=max(1, torch.get_num_threads() // size)) if size > 1 else None
+    return build_engine(args, tp)[0]
+
+
+def close_replica_engine(engine) -> None:
+    """Stop what a replica's engine started: its tensor-parallel workers (waited for), if any."""
+    close = getattr(engine.runner, "close", None)
+    if close is not None:
+        close()
+        workers = getattr(engine.runner.tp, "workers", None)
+        if workers is not None:
+            workers.join(30)
 
 
 def _loras(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -141,13 +158,19 @@ def build_from_args(args: argparse.Namespace):
     dp = getattr(args, "data_parallel_size", 1)
     if dp < 1:
         raise ValueError(f"--data-parallel-size must be at least 1, got {dp}")
-    if dp > 1 and getattr(args, "tensor_parallel_size", 1) > 1:
-        raise ValueError("--data-parallel-size with --tensor-parallel-size is not supported: choose one")
     if dp > 1:
         from ..engine.data_parallel import DataParallelEngine, load_tokenizer
+        from ..parallel import launch
 
+        if launch.under_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
+            raise ValueError("--data-parallel-size under torchrun is not supported: torchrun's ranks form one "
+                             "tensor-parallel group; run --data-parallel-size N --tensor-parallel-size M on each machine")
+        if getattr(args, "tensor_parallel_size", 1) < 1:
+            raise ValueError(f"--tensor-parallel-size must be at least 1, got {args.tensor_parallel_size}")
         tokenizer, path = load_tokenizer(args.model)
-        engine = DataParallelEngine(functools.partial(replica_engine, args), dp, tokenizer, threads=args.threads)
+        split = getattr(args, "tensor_parallel_size", 1) > 1
+        engine = DataParallelEngine(functools.partial(replica_engine, args), dp, tokenizer, threads=args.threads,
+                                    close=close_replica_engine if split else None)
     else:
         tp = start_tensor_parallel(args)
         engine, lm = build_engine(args, tp)
