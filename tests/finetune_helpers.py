@@ -24,9 +24,9 @@ def tiny_tokenizer() -> Tokenizer:
     return Tokenizer(tk, bos_token="<s>", eos_tokens=["<|im_end|>"], pad_token="<pad>", chat_template=TEMPLATE)
 
 
-def tiny_lm(seed: int = 0, tmp: Path | None = None) -> CausalLM:
+def tiny_lm(seed: int = 0, tmp: Path | None = None, n_layers: int = 2) -> CausalLM:
     torch.manual_seed(seed)
-    model = Llama(LlamaConfig(vocab_size=len(WORDS), d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+    model = Llama(LlamaConfig(vocab_size=len(WORDS), d_model=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, d_ff=64,
                               max_seq_len=128, tie_embeddings=True)).eval()
     return CausalLM(model, tiny_tokenizer(), tmp or Path("tiny"))
 

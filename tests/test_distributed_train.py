@@ -34,6 +34,7 @@ STEPS, HALF = 20, 10
 RECIPE = dict(steps=STEPS, grad_accum=2, lr=1e-2, warmup=2, eval_every=10, seed=1, method="lora")
 FULL = dict(method="full", steps=8, lr=1e-3)  # every weight trained (tied embeddings too): FSDP shards the root
 DISTILL = dict(stages="1", steps_per_stage=6, lr=1e-2, speed_tokens=2, selection="importance", seed=1)
+DISTILL2 = dict(DISTILL, stages="2,1", steps_per_stage=4)  # two stages: the second drops from the sharded first's result
 
 
 def _free_port() -> int:
@@ -61,7 +62,8 @@ def _losses(run: Path) -> list[float]:
 
 def _train_jobs(rank: int, root: Path) -> None:
     """World 2, per-rank batch 2 (global 4): DDP straight; FSDP straight; DDP stopped at HALF (a copy left for a
-    world-1 resume) and resumed; the world-1 run stopped at HALF resumed here; a DDP distillation."""
+    world-1 resume) and resumed; the world-1 run stopped at HALF resumed here; a DDP distillation; a two-stage FSDP
+    distillation."""
     finetune(_args(root, 2), root / "ddp", progress=False, lm=tiny_lm())
     finetune(_args(root, 2, fsdp=True), root / "fsdp", progress=False, lm=tiny_lm())
     finetune(_args(root, 2, fsdp=True, **FULL), root / "fsdp_full", progress=False, lm=tiny_lm())
@@ -74,6 +76,10 @@ def _train_jobs(rank: int, root: Path) -> None:
                 progress=False, lm=tiny_lm())
     if rank == 0:
         (root / "distill2.json").write_text(json.dumps(r["stages"][0]["losses"]))
+    r = distill(DistillArgs(data=str(root / "train.jsonl"), batch_size=2, fsdp=True, **DISTILL2), root / "distill2_fsdp",
+                progress=False, lm=tiny_lm(n_layers=3))
+    if rank == 0:
+        (root / "distill2_fsdp.json").write_text(json.dumps([s["losses"] for s in r["stages"]]))
 
 
 def _dying_job(rank: int, root: Path) -> None:
@@ -132,6 +138,9 @@ def runs(tmp_path_factory):
             r = distill(DistillArgs(data=str(root / "train.jsonl"), batch_size=4, **DISTILL), root / "distill1",
                         progress=False, lm=tiny_lm())
             (root / "distill1.json").write_text(json.dumps(r["stages"][0]["losses"]))
+            r = distill(DistillArgs(data=str(root / "train.jsonl"), batch_size=4, **DISTILL2), root / "distill1_2",
+                        progress=False, lm=tiny_lm(n_layers=3))
+            (root / "distill1_2.json").write_text(json.dumps([s["losses"] for s in r["stages"]]))
             dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2,
                                     timeout=timedelta(seconds=60))
             _train_jobs(0, root)
@@ -174,6 +183,10 @@ def test_ddp_and_fsdp_losses_equal_one_process(runs):
     evals = [json.loads((root / r / "metrics.json").read_text())["eval_after"]["eval_loss"] for r in ("w1", "ddp")]
     assert abs(evals[0] - evals[1]) < 1e-5
     _close(json.loads((root / "distill2.json").read_text()), json.loads((root / "distill1.json").read_text()))
+    fsdp_stages, one_stages = (json.loads((root / f).read_text()) for f in ("distill2_fsdp.json", "distill1_2.json"))
+    assert len(fsdp_stages) == len(one_stages) == 2
+    for a, b in zip(fsdp_stages, one_stages):
+        _close(a, b)
 
 
 def test_resume_at_another_world_size(runs):

@@ -7,9 +7,10 @@ The soft targets at temperature T carry the teacher's relative probabilities of 
 gradients scale as 1/T², hence the T² (§2.1). Progressive shrinking: the student is the teacher with
 layers dropped (:mod:`attnkit.train.shrink`), a few at a time; after each stage it is distilled from
 the original teacher before the next layers go. Reported per stage: held-out perplexity, parameters and
-greedy decode speed of teacher and student. Under ``torchrun`` each stage trains the student with DDP
-(:mod:`attnkit.train.distributed`: each rank a slice of the global batch, the loss normalised by the global
-count of labelled tokens); rank 0 chooses the layers, measures decode speed and writes.
+greedy decode speed of teacher and student. Under ``torchrun`` each stage trains the student with DDP, or with
+FSDP2 (``fsdp``: the student's parameters, gradients and AdamW state sharded over the ranks; the teacher stays
+whole on each) (:mod:`attnkit.train.distributed`: each rank a slice of the global batch, the loss normalised by
+the global count of labelled tokens); rank 0 chooses the layers, measures decode speed and writes.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..models.json_config import JsonConfig
 from ..decoding.generate import SamplingParams, generate
-from .distributed import init_distributed, wrap
+from .distributed import copy_full_weights, init_distributed, wrap
 from .finetune import autocast, evaluate_loss, lr_factor
 from .sft_data import IGNORE, collate, load_examples, micro_batches
 from .shrink import block_influence, by_importance, drop_layers, evenly_kept, param_count
@@ -69,6 +70,7 @@ class DistillArgs(JsonConfig):
     seed: int = 0
     speed_tokens: int = 64
     dist_timeout: float = 300.0  # under torchrun: seconds a collective may wait for the other ranks
+    fsdp: bool = False  # under torchrun: FSDP2 (the student's parameters, gradients and optimizer state sharded)
 
     def __post_init__(self) -> None:
         if self.selection not in ("importance", "every-other"):
@@ -102,6 +104,7 @@ def distill(args: DistillArgs, out_dir: str | Path, progress: bool = True, lm: A
     from ..loading import load_causal_lm
 
     d = init_distributed(args.dist_timeout)
+    fsdp = args.fsdp and d.on
     torch.manual_seed(args.seed)
     out = Path(out_dir)
     if d.main:
@@ -133,7 +136,10 @@ def distill(args: DistillArgs, out_dir: str | Path, progress: bool = True, lm: A
             keep = evenly_kept(len(student.layers), n_keep)
         student = drop_layers(student, keep).requires_grad_(True)
         before = evaluate_loss(student, eval_rows, pad, d=d)["eval_ppl"]
-        train_student = wrap(student, d)  # DDP; world 1: the student
+        # FSDP2 shards the student in place (its hooks survive no deep copy, which the next stage's drop makes): a
+        # plain copy receives the trained full weights after the stage
+        plain = drop_layers(student, list(range(len(student.layers)))) if fsdp else None
+        train_student = wrap(student, d, fsdp)  # DDP, or FSDP2 in place; world 1: the student
         opt = torch.optim.AdamW(student.parameters(), lr=args.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.warmup, args.steps_per_stage, "cosine"))
         student.train()
@@ -156,6 +162,9 @@ def distill(args: DistillArgs, out_dir: str | Path, progress: bool = True, lm: A
             sched.step()
             opt.zero_grad(set_to_none=True)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if plain is not None:
+            with d.guard(f"gathering the {n_keep}-layer student's weights"):
+                student = copy_full_weights(student, plain)
         student.eval().requires_grad_(False)
         report["stages"].append({
             "layers": n_keep, "kept": keep, "params": param_count(student), "eval_ppl_after_drop": before,

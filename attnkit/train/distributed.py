@@ -230,6 +230,20 @@ def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def copy_full_weights(sharded: nn.Module, plain: nn.Module) -> nn.Module:
+    """``plain`` (a module of ``sharded``'s structure, without FSDP) given ``sharded``'s full parameters and
+    buffers; returns it (a collective under FSDP: every rank calls it)."""
+    reshard(sharded)
+    with torch.no_grad():
+        for (name, p), (name2, q) in zip(sharded.named_parameters(), plain.named_parameters(), strict=True):
+            if name != name2:
+                raise ValueError(f"copy_full_weights: parameter {name!r} meets {name2!r}: not the same structure")
+            q.copy_(_full(p.detach()))
+        for (name, b), (_, c) in zip(sharded.named_buffers(), plain.named_buffers(), strict=True):
+            c.copy_(b)
+    return plain
+
+
 def optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """{"name::field": full tensor} of the optimizer state, keyed as :mod:`attnkit.train.checkpoint` does."""
     reshard(model)

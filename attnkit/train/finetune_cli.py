@@ -67,6 +67,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "data": "training JSONL (required)", "model": "the teacher (GGUF or HF dir); default: the embedded SmolLM2",
         "stages": "layer counts per stage, e.g. 24,18 ('half': one stage to half the layers)",
         "selection": "importance (Block Influence) | every-other",
+        "fsdp": "under torchrun: shard the student's parameters, gradients and optimizer state (FSDP2) instead of DDP",
         "dist_timeout": "under torchrun: seconds a collective waits for the other ranks before failing"})
     d.set_defaults(func=_distill)
 
