@@ -13,10 +13,13 @@
  * The rows' inputs are quantized to 8 bits once (as ak_gemv quantizes them) and every product of the layer runs
  * on them through ak_gemv_rows (kernels.c) in one parallel region per layer: the threads take tasks (one expert,
  * one matrix, a chunk of its output rows) of the gate/up products, then the assignments' SiLU (quantized for
- * down), then the down products' tasks, then the rows' sums. The dot products are the kernels' own (portable,
- * AVX2 and AVX-512 paths).
+ * down), then the down products' tasks, then the rows' sums. Each thread takes one contiguous run of the tasks,
+ * split by their estimated cost: it then reads each expert's matrix as one stream, which this machine's
+ * prefetchers follow (tasks dealt out one at a time, a thread's reads skip a chunk every 37 KB, and a Qwen3-MoE
+ * step decoded 20% slower). The dot products are the kernels' own (portable, AVX2 and AVX-512 paths).
  */
 #include <omp.h>
+#include <stdlib.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -90,6 +93,22 @@ size_t ak_moe_work_bytes(int B, int d, int n_experts, int top_k, int ff, int thr
     layout L;
     (void)threads;
     return carve(&L, NULL, B, d, n_experts, top_k, ff);
+}
+
+/* tasks t0 .. t1 − 1 split into contiguous runs of about equal cost, one per thread: run i is cut[i] .. cut[i + 1].
+ * A task's cost: its rows times (the weights' reading, as about two activation rows' products, + its rows). */
+static void split(const task *tasks, int t0, int t1, const int *start, int threads, int *cut) {
+    double total = 0, acc = 0;
+    for (int i = t0; i < t1; i++) total += (double)tasks[i].nr * (2 + start[tasks[i].e + 1] - start[tasks[i].e]);
+    cut[0] = t0;
+    int i = t0;
+    for (int th = 1; th < threads; th++) {
+        const double goal = total * th / threads;
+        while (i < t1 && acc + 0.5 * tasks[i].nr * (2 + start[tasks[i].e + 1] - start[tasks[i].e]) < goal)
+            acc += (double)tasks[i].nr * (2 + start[tasks[i].e + 1] - start[tasks[i].e]), i++;
+        cut[th] = i;
+    }
+    cut[threads] = t1;
 }
 
 /* off4 (m, k/4) = −o · the sums of each 4 quants of scratch rows 0 .. m − 1 (as ak_gemv computes them) */
@@ -204,10 +223,18 @@ int ak_moe_ffn(const ak_moe *m, const float *xn, float *out, int B, int d, void 
 
     int err = 0;
     const int nas = B * K;
+    if (threads < 1) threads = 1;
+    int *cuts = malloc(sizeof(int) * 2 * ((size_t)threads + 1));
+    if (!cuts) return 2;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-#pragma omp for schedule(dynamic, 1)
-        for (int i = 0; i < ngu; i++) {
+        const int nth = omp_get_num_threads(), th = omp_get_thread_num();
+#pragma omp single
+        {
+            split(L.tasks, 0, ngu, L.start, nth, cuts);
+            split(L.tasks, ngu, nt, L.start, nth, cuts + nth + 1);
+        }
+        for (int i = cuts[th]; i < cuts[th + 1]; i++) {
             const task T = L.tasks[i];
             const ak_part *P = &m->experts[T.e].gate_up[T.part];
             const int s0 = L.start[T.e], me = L.start[T.e + 1] - s0;
@@ -218,6 +245,7 @@ int ak_moe_ffn(const ak_moe *m, const float *xn, float *out, int B, int d, void 
                 err = 1;
             }
         }
+#pragma omp barrier
 #pragma omp for schedule(static)
         for (int a = 0; a < nas; a++) {
             uint8_t *qa = L.qh + (size_t)a * (ff / 32) * sizeof(block_q8x); /* scratch row a */
@@ -225,8 +253,7 @@ int ak_moe_ffn(const ak_moe *m, const float *xn, float *out, int B, int d, void 
             ak_quantize_act(X0->down.kind, L.h + (size_t)a * ff, 1, ff, qa); /* its kind was checked above */
             if (o_dn) offsets(qa, 1, ff, o_dn, L.offh + (size_t)a * (ff / 4));
         }
-#pragma omp for schedule(dynamic, 1)
-        for (int i = ngu; i < nt; i++) {
+        for (int i = cuts[nth + 1 + th]; i < cuts[nth + 2 + th]; i++) {
             const task T = L.tasks[i];
             const ak_part *P = &m->experts[T.e].down;
             const int s0 = L.start[T.e], me = L.start[T.e + 1] - s0;
@@ -236,6 +263,7 @@ int ak_moe_ffn(const ak_moe *m, const float *xn, float *out, int B, int d, void 
                 err = 1;
             }
         }
+#pragma omp barrier
 #pragma omp for schedule(static)
         for (int b = 0; b < B; b++) {
             int *g = L.gpos + (size_t)b * K; /* the row's assignments: ascending place is ascending expert */
@@ -254,5 +282,6 @@ int ak_moe_ffn(const ak_moe *m, const float *xn, float *out, int B, int d, void 
             }
         }
     }
+    free(cuts);
     return err;
 }
