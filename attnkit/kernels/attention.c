@@ -206,27 +206,30 @@ static inline __attribute__((always_inline)) void attend_task(
 #undef ADD_ROW
 
 #ifdef __AVX512F__
-/* 64 floats of row `at`: read in place (float32) or widened from halves */
-static inline void row64(const void *pool, int f16, size_t at, __m512 r[4]) {
-    for (int i = 0; i < 4; i++)
+/* HD floats of row `at` (HD / 16 registers): read in place (float32) or widened from halves */
+AK_INLINE void row512(const void *pool, int f16, size_t at, const int HD, __m512 *r) {
+    for (int i = 0; i < HD / 16; i++)
         r[i] = f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)pool + at) + i))
                    : _mm512_loadu_ps((const float *)pool + at + 16 * i);
 }
 
-/* attend_task for hd = 64 in AVX-512 over float32 or float16 (f16) pools: K and V rows in registers, the
- * softmax 16 scores at a time, and the output rows of up to 4 query heads accumulated in registers across the keys */
-static void attend_task64(const float *qb, const void *k_pool, const void *v_pool, int f16, const int64_t *tab,
-                          int64_t st, int64_t len, int h, int g, int bs, int num_blocks, size_t L, float scale,
-                          float *s, float *ob) {
-    for (int i = 0; i < g * 64; i++) ob[i] = 0.f;
+/* attend_task for HD = 64 or 128 in AVX-512 over float32 or float16 (f16) pools: K and V rows in registers, the
+ * softmax 16 scores at a time, and the output rows of up to 4 (HD 64) or 2 (HD 128) query heads accumulated in
+ * registers across the keys */
+AK_INLINE void attend_task512(const float *qb, const void *k_pool, const void *v_pool, int f16, const int64_t *tab,
+                              int64_t st, int64_t len, int h, int g, const int HD, int bs, int num_blocks, size_t L,
+                              float scale, float *s, float *ob) {
+    enum { GMAX = 4 };
+    const int GB = HD == 64 ? 4 : 2; /* heads a pass over V: GB · HD/16 accumulators + HD/16 for the row */
+    for (int i = 0; i < g * HD; i++) ob[i] = 0.f;
     if (len <= st) return;
     KV_ROWS(tab, st, len, h, bs, num_blocks, t, r) {
-        __m512 k[4];
-        row64(k_pool, f16, r * 64, k);
+        __m512 k[HD / 16];
+        row512(k_pool, f16, r * HD, HD, k);
         for (int gi = 0; gi < g; gi++) {
-            const float *qg = qb + (size_t)gi * 64;
+            const float *qg = qb + (size_t)gi * HD;
             __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qg), k[0]);
-            for (int i = 1; i < 4; i++) a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * i), k[i], a);
+            for (int i = 1; i < HD / 16; i++) a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * i), k[i], a);
             s[(size_t)gi * L + t] = _mm512_reduce_add_ps(a) * scale;
         }
     }
@@ -251,21 +254,21 @@ static void attend_task64(const float *qb, const void *k_pool, const void *v_poo
             _mm512_mask_storeu_ps(sg + t, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sg + t), inv));
         }
     }
-    for (int g0 = 0; g0 < g; g0 += 4) {
-        const int ng = g - g0 < 4 ? g - g0 : 4;
-        __m512 acc[4][4];
-        for (int a = 0; a < 4; a++)
-            for (int i = 0; i < 4; i++) acc[a][i] = _mm512_setzero_ps();
+    for (int g0 = 0; g0 < g; g0 += GB) {
+        const int ng = g - g0 < GB ? g - g0 : GB;
+        __m512 acc[GMAX][HD / 16];
+        for (int a = 0; a < GB; a++)
+            for (int i = 0; i < HD / 16; i++) acc[a][i] = _mm512_setzero_ps();
         KV_ROWS(tab, st, len, h, bs, num_blocks, t, r) {
-            __m512 v[4];
-            row64(v_pool, f16, r * 64, v);
+            __m512 v[HD / 16];
+            row512(v_pool, f16, r * HD, HD, v);
             for (int a = 0; a < ng; a++) {
                 const __m512 p = _mm512_set1_ps(s[(size_t)(g0 + a) * L + t]);
-                for (int i = 0; i < 4; i++) acc[a][i] = _mm512_fmadd_ps(p, v[i], acc[a][i]);
+                for (int i = 0; i < HD / 16; i++) acc[a][i] = _mm512_fmadd_ps(p, v[i], acc[a][i]);
             }
         }
         for (int a = 0; a < ng; a++)
-            for (int i = 0; i < 4; i++) _mm512_storeu_ps(ob + (size_t)(g0 + a) * 64 + 16 * i, acc[a][i]);
+            for (int i = 0; i < HD / 16; i++) _mm512_storeu_ps(ob + (size_t)(g0 + a) * HD + 16 * i, acc[a][i]);
     }
 }
 #endif
@@ -359,8 +362,11 @@ static int paged_attention(const float *q, const void *k_pool, const void *v_poo
             const int64_t tf = slot >= 0 ? tail->from[b] : len, trow = ((int64_t)h * (slot >= 0 ? tail->slots : 0) + slot) * bs;
 #ifdef __AVX512F__
             if (hd == 64 && kv_type <= AK_KV_F16 && !tk) /* the float pools' AVX-512 kernel */
-                attend_task64(qb, k_pool, v_pool, kv_type == AK_KV_F16, tab, st, len, h, g, bs, num_blocks, L, scale,
-                              s, ob);
+                attend_task512(qb, k_pool, v_pool, kv_type == AK_KV_F16, tab, st, len, h, g, 64, bs, num_blocks, L,
+                               scale, s, ob);
+            else if (hd == 128 && kv_type <= AK_KV_F16 && !tk)
+                attend_task512(qb, k_pool, v_pool, kv_type == AK_KV_F16, tab, st, len, h, g, 128, bs, num_blocks, L,
+                               scale, s, ob);
             else
 #elif defined(AK_AVX2)
 #define AVX2_TASK(KV, HD) \
