@@ -273,7 +273,7 @@ AK_INLINE void attend_task512(const float *qb, const void *k_pool, const void *v
 }
 #endif
 
-#if defined(AK_AVX2) && !defined(__AVX512F__)
+#if defined(AK_AVX2)
 /* floats 8i .. 8i + 7 of pool row r (HD values of KV) as kv_row decodes them: read in place (float32), widened
  * from halves, or d·q of a Q8_0 / Q4_0 block (KV a literal at every call: one branch is compiled) */
 AK_INLINE __m256 row8(const void *pool, const int KV, size_t r, const int HD, int i) {
@@ -293,7 +293,8 @@ AK_INLINE __m256 row8(const void *pool, const int KV, size_t r, const int HD, in
 }
 
 /* attend_task for HD = 64 or 128 in AVX2 over pools of type KV: a K row decoded once into registers for the g
- * heads, the softmax 8 scores at a time, and one query head's output row accumulated in registers across the keys */
+ * heads, the softmax 8 scores at a time, and one query head's output row accumulated in registers across the keys
+ * (on AVX-512 machines too, for the quantized pools and the exact tails attend_task512 does not read) */
 AK_INLINE void attend_task_avx2(const float *qb, const void *k_pool, const void *v_pool, const int KV,
                                 const int64_t *tab, int64_t st, int64_t len, int h, int g, const int HD, int bs,
                                 int num_blocks, size_t L, float scale, float *s, float *ob, const void *tk,
@@ -368,7 +369,8 @@ static int paged_attention(const float *q, const void *k_pool, const void *v_poo
                 attend_task512(qb, k_pool, v_pool, kv_type == AK_KV_F16, tab, st, len, h, g, 128, bs, num_blocks, L,
                                scale, s, ob);
             else
-#elif defined(AK_AVX2)
+#endif
+#if defined(AK_AVX2)
 #define AVX2_TASK(KV, HD) \
     attend_task_avx2(qb, k_pool, v_pool, KV, tab, st, len, h, g, HD, bs, num_blocks, L, scale, s, ob, tk, tv, tf, trow)
 #define AVX2_TASKS(HD)                                   \
