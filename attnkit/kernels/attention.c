@@ -206,17 +206,31 @@ static inline __attribute__((always_inline)) void attend_task(
 #undef ADD_ROW
 
 #ifdef __AVX512F__
-/* HD floats of row `at` (HD / 16 registers): read in place (float32) or widened from halves */
-AK_INLINE void row512(const void *pool, int f16, size_t at, const int HD, __m512 *r) {
-    for (int i = 0; i < HD / 16; i++)
-        r[i] = f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)pool + at) + i))
-                   : _mm512_loadu_ps((const float *)pool + at + 16 * i);
+/* row r of a pool of type KV as HD floats in HD / 16 registers, as kv_row decodes it: read in place (float32),
+ * widened from halves, or d·q of each Q8_0 / Q4_0 block (KV a literal at every call: one branch is compiled) */
+AK_INLINE void row512(const void *pool, const int KV, size_t r, const int HD, __m512 *o) {
+    const uint8_t *row = (const uint8_t *)pool + r * ak_kv_row_bytes(KV, HD);
+    for (int i = 0; i < HD / 16; i++) {
+        if (KV == AK_KV_F32) o[i] = _mm512_loadu_ps((const float *)row + 16 * i);
+        else if (KV == AK_KV_F16) o[i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)row + i));
+        else if (KV == AK_KV_Q8_0) {
+            const uint8_t *b = row + 34 * (i / 2);
+            o[i] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 2 + 16 * (i % 2))))),
+                                 _mm512_set1_ps(ld_half(b)));
+        } else { /* Q4_0: elements 0-15 the low nibbles, 16-31 the high ones, minus 8 */
+            const uint8_t *b = row + 18 * (i / 2);
+            __m128i q = _mm_loadu_si128((const __m128i *)(b + 2));
+            if (i % 2) q = _mm_srli_epi16(q, 4);
+            q = _mm_sub_epi8(_mm_and_si128(q, _mm_set1_epi8(15)), _mm_set1_epi8(8));
+            o[i] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), _mm512_set1_ps(ld_half(b)));
+        }
+    }
 }
 
-/* attend_task for HD = 64 or 128 in AVX-512 over float32 or float16 (f16) pools: K and V rows in registers, the
- * softmax 16 scores at a time, and the output rows of up to 4 (HD 64) or 2 (HD 128) query heads accumulated in
- * registers across the keys */
-AK_INLINE void attend_task512(const float *qb, const void *k_pool, const void *v_pool, int f16, const int64_t *tab,
+/* attend_task for HD = 64 or 128 in AVX-512 over pools of type KV: K and V rows decoded once into registers (V once
+ * a pass), the softmax 16 scores at a time, and the output rows of up to 4 (HD 64) or 2 (HD 128) query heads a pass
+ * accumulated in registers across the keys */
+AK_INLINE void attend_task512(const float *qb, const void *k_pool, const void *v_pool, const int KV, const int64_t *tab,
                               int64_t st, int64_t len, int h, int g, const int HD, int bs, int num_blocks, size_t L,
                               float scale, float *s, float *ob) {
     enum { GMAX = 4 };
@@ -225,7 +239,7 @@ AK_INLINE void attend_task512(const float *qb, const void *k_pool, const void *v
     if (len <= st) return;
     KV_ROWS(tab, st, len, h, bs, num_blocks, t, r) {
         __m512 k[HD / 16];
-        row512(k_pool, f16, r * HD, HD, k);
+        row512(k_pool, KV, (size_t)r, HD, k);
         for (int gi = 0; gi < g; gi++) {
             const float *qg = qb + (size_t)gi * HD;
             __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qg), k[0]);
@@ -261,7 +275,7 @@ AK_INLINE void attend_task512(const float *qb, const void *k_pool, const void *v
             for (int i = 0; i < HD / 16; i++) acc[a][i] = _mm512_setzero_ps();
         KV_ROWS(tab, st, len, h, bs, num_blocks, t, r) {
             __m512 v[HD / 16];
-            row512(v_pool, f16, r * HD, HD, v);
+            row512(v_pool, KV, (size_t)r, HD, v);
             for (int a = 0; a < ng; a++) {
                 const __m512 p = _mm512_set1_ps(s[(size_t)(g0 + a) * L + t]);
                 for (int i = 0; i < HD / 16; i++) acc[a][i] = _mm512_fmadd_ps(p, v[i], acc[a][i]);
@@ -294,7 +308,7 @@ AK_INLINE __m256 row8(const void *pool, const int KV, size_t r, const int HD, in
 
 /* attend_task for HD = 64 or 128 in AVX2 over pools of type KV: a K row decoded once into registers for the g
  * heads, the softmax 8 scores at a time, and one query head's output row accumulated in registers across the keys
- * (on AVX-512 machines too, for the quantized pools and the exact tails attend_task512 does not read) */
+ * (on AVX-512 machines too, for the exact tails attend_task512 does not read) */
 AK_INLINE void attend_task_avx2(const float *qb, const void *k_pool, const void *v_pool, const int KV,
                                 const int64_t *tab, int64_t st, int64_t len, int h, int g, const int HD, int bs,
                                 int num_blocks, size_t L, float scale, float *s, float *ob, const void *tk,
@@ -362,13 +376,19 @@ static int paged_attention(const float *q, const void *k_pool, const void *v_poo
             const void *tk = slot >= 0 ? tail->k : NULL, *tv = slot >= 0 ? tail->v : NULL;
             const int64_t tf = slot >= 0 ? tail->from[b] : len, trow = ((int64_t)h * (slot >= 0 ? tail->slots : 0) + slot) * bs;
 #ifdef __AVX512F__
-            if (hd == 64 && kv_type <= AK_KV_F16 && !tk) /* the float pools' AVX-512 kernel */
-                attend_task512(qb, k_pool, v_pool, kv_type == AK_KV_F16, tab, st, len, h, g, 64, bs, num_blocks, L,
-                               scale, s, ob);
-            else if (hd == 128 && kv_type <= AK_KV_F16 && !tk)
-                attend_task512(qb, k_pool, v_pool, kv_type == AK_KV_F16, tab, st, len, h, g, 128, bs, num_blocks, L,
-                               scale, s, ob);
+#define TASK512(KV, HD) attend_task512(qb, k_pool, v_pool, KV, tab, st, len, h, g, HD, bs, num_blocks, L, scale, s, ob)
+#define TASKS512(HD)                                   \
+    switch (kv_type) {                                 \
+        case AK_KV_F32: TASK512(AK_KV_F32, HD); break;   \
+        case AK_KV_F16: TASK512(AK_KV_F16, HD); break;   \
+        case AK_KV_Q8_0: TASK512(AK_KV_Q8_0, HD); break; \
+        default: TASK512(AK_KV_Q4_0, HD);                \
+    }
+            if (hd == 64 && !tk) TASKS512(64) /* the AVX-512 kernel; an exact tail's rows: AVX2's below */
+            else if (hd == 128 && !tk) TASKS512(128)
             else
+#undef TASKS512
+#undef TASK512
 #endif
 #if defined(AK_AVX2)
 #define AVX2_TASK(KV, HD) \
