@@ -93,6 +93,17 @@ def test_hadamard_is_the_orthonormal_sylvester_matrix_per_64_values():
     assert not kv_format("float16").rotates(64)
 
 
+@pytest.mark.skipif(library() is None, reason="needs the C kernels")
+def test_hadamard64_in_c_gives_the_butterflies_floats():
+    """ak_hadamard64 (the engine's float32 rows) and the PyTorch butterflies: the same floats, bit for bit, on a
+    strided view (copied, never written) and past the C kernel's 4,096-value chunks."""
+    x = torch.randn(1, 9, 300, 64).transpose(1, 2)  # (1, 300, 9, 64), not contiguous
+    before = x.clone()
+    out = hadamard64(x)
+    assert torch.equal(out, hadamard64(x, native=False)) and torch.equal(x, before)
+    assert not torch.equal(out, x) and torch.allclose(hadamard64(out), x, atol=1e-5)
+
+
 @pytest.mark.parametrize("name,tol", [("q8_0", 0.02), ("q4_0", 0.25)])
 def test_engine_on_a_quantized_pool_stays_close_to_float32(model, name, tol, monkeypatch):
     prompts = random_prompts(6, VOCAB, 20, 90, seed=3)  # chunked prefills (64-token steps) and decodes

@@ -104,10 +104,21 @@ class KVFormat:
         return (q * d).reshape(*lead, nb * QK)
 
 
-def hadamard64(x: torch.Tensor) -> torch.Tensor:
+def hadamard64(x: torch.Tensor, native: bool = True) -> torch.Tensor:
     """x (…, hd), hd a multiple of 64 → x·H per 64 values, H the orthonormal Sylvester–Hadamard matrix (its own
-    inverse), by the fast Walsh–Hadamard butterflies in the order of the C decode step's (bit-identical results)."""
+    inverse), by the fast Walsh–Hadamard butterflies in the order of the C decode step's (bit-identical results;
+    ``native``: float32 CPU tensors through the C kernels' ``ak_hadamard64`` where they are built)."""
     lead, hd = x.shape[:-1], x.shape[-1]
+    if native and x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad and hd % 64 == 0:
+        from ..kernels import library
+
+        lib = library()
+        if lib is not None:  # the C butterflies: the same floats, without a tensor per stage
+            out = torch.empty(x.shape, dtype=torch.float32)
+            out.copy_(x)
+            if lib.ak_hadamard64(out.data_ptr(), out.numel(), torch.get_num_threads()):
+                raise RuntimeError(f"ak_hadamard64 failed on {tuple(x.shape)}")
+            return out
     y = x.reshape(-1, hd // 64, 64)
     for h in (1, 2, 4, 8, 16, 32):
         y = y.view(y.shape[0], y.shape[1], 64 // (2 * h), 2, h)

@@ -71,6 +71,16 @@ static void hadamard64(float *x, size_t n) {
     }
 }
 
+/* x (n floats, n a multiple of 64) ← x·H per 64 values, in place: hadamard64 for attnkit.engine.kv_format's rows
+ * (the same floats as its PyTorch butterflies, which make a tensor for every stage); 0, or 1 (n not a multiple of
+ * 64) */
+int ak_hadamard64(float *x, int64_t n, int threads) {
+    if (n < 0 || n % 64) return 1;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= 65536)
+    for (int64_t o = 0; o < n; o += 4096) hadamard64(x + o, (size_t)(n - o < 4096 ? n - o : 4096));
+    return 0;
+}
+
 /* y (B, n) = x (B, k) · [W_0; W_1; …]ᵀ for the np parts (n their rows together); tmp: B · n floats */
 static int gemv_parts(const ak_part *p, int np, const float *x, float *y, float *tmp, int B, int k, void *act,
                       int threads) {
