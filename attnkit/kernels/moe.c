@@ -19,7 +19,6 @@
  * step decoded 20% slower). The dot products are the kernels' own (portable, AVX2 and AVX-512 paths).
  */
 #include <omp.h>
-#include <stdlib.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -95,17 +94,21 @@ size_t ak_moe_work_bytes(int B, int d, int n_experts, int top_k, int ff, int thr
     return carve(&L, NULL, B, d, n_experts, top_k, ff);
 }
 
-/* tasks t0 .. t1 − 1 split into contiguous runs of about equal cost, one per thread: run i is cut[i] .. cut[i + 1].
- * A task's cost: its rows times (the weights' reading, as about two activation rows' products, + its rows). */
+/* a task's estimated cost: its rows times (the weights' reading, as about two activation rows' products, + the
+ * activation rows that chose its expert) */
+static inline double task_cost(const task *T, const int *start) {
+    return (double)T->nr * (2 + start[T->e + 1] - start[T->e]);
+}
+
+/* tasks t0 .. t1 − 1 split into contiguous runs of about equal cost, one per thread: run i is cut[i] .. cut[i + 1] */
 static void split(const task *tasks, int t0, int t1, const int *start, int threads, int *cut) {
     double total = 0, acc = 0;
-    for (int i = t0; i < t1; i++) total += (double)tasks[i].nr * (2 + start[tasks[i].e + 1] - start[tasks[i].e]);
+    for (int i = t0; i < t1; i++) total += task_cost(tasks + i, start);
     cut[0] = t0;
     int i = t0;
     for (int th = 1; th < threads; th++) {
         const double goal = total * th / threads;
-        while (i < t1 && acc + 0.5 * tasks[i].nr * (2 + start[tasks[i].e + 1] - start[tasks[i].e]) < goal)
-            acc += (double)tasks[i].nr * (2 + start[tasks[i].e + 1] - start[tasks[i].e]), i++;
+        while (i < t1 && acc + 0.5 * task_cost(tasks + i, start) < goal) acc += task_cost(tasks + i, start), i++;
         cut[th] = i;
     }
     cut[threads] = t1;
@@ -223,10 +226,9 @@ int ak_moe_ffn(const ak_moe *m, const float *xn, float *out, int B, int d, void 
 
     int err = 0;
     const int nas = B * K;
-    if (threads < 1) threads = 1;
-    int *cuts = malloc(sizeof(int) * 2 * ((size_t)threads + 1));
-    if (!cuts) return 2;
-#pragma omp parallel num_threads(threads) if (threads > 1)
+    enum { MAX_TEAM = 512 };
+    int cuts[2 * (MAX_TEAM + 1)]; /* each thread's runs of the gate/up tasks, then of the down tasks */
+#pragma omp parallel num_threads(threads < MAX_TEAM ? threads : MAX_TEAM) if (threads > 1)
     {
         const int nth = omp_get_num_threads(), th = omp_get_thread_num();
 #pragma omp single
@@ -282,6 +284,5 @@ int ak_moe_ffn(const ak_moe *m, const float *xn, float *out, int B, int d, void 
             }
         }
     }
-    free(cuts);
     return err;
 }
