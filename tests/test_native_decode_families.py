@@ -165,6 +165,23 @@ def test_moe_rows_are_batch_invariant():
         assert torch.equal(a, b)
 
 
+def test_moe_threads_split_every_expert_task_once():
+    """The threads take contiguous runs of the expert tasks (moe.c's split): 1, 3 and 5 threads on the same rows —
+    teams larger than some layers' task counts — give the same logits bit for bit."""
+    model = _model(n_experts=8, n_experts_per_tok=2, qk_norm="head")
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 3, 5):
+            torch.set_num_threads(n)
+            runs.append([lg for lg, _, _ in _run(model, PROMPTS3, steps=4, check_eager=False)])
+    finally:
+        torch.set_num_threads(threads)
+    assert len(runs[0]) >= 4
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
 @pytest.mark.parametrize("change,reason", [
     (lambda m: setattr(m.layers[1].self_attn, "scale", 0.3), "attention scale"),
     (lambda m: setattr(m.layers[0].self_attn, "softcap", 50.0), "soft-capping"),
