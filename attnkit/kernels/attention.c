@@ -354,6 +354,15 @@ AK_INLINE void attend_task_avx2(const float *qb, const void *k_pool, const void 
 }
 #endif
 
+/* TASK(KV, HD) for the call's kv_type, KV a literal in each case (one branch of the row decoding compiled) */
+#define BY_KV(TASK, HD)                               \
+    switch (kv_type) {                                \
+        case AK_KV_F32: TASK(AK_KV_F32, HD); break;   \
+        case AK_KV_F16: TASK(AK_KV_F16, HD); break;   \
+        case AK_KV_Q8_0: TASK(AK_KV_Q8_0, HD); break; \
+        default: TASK(AK_KV_Q4_0, HD);                \
+    }
+
 /* 0, or 1 (nh % nkv), 3 (a quantized kv_type and hd % 32), 4 (an unknown kv_type) */
 static int paged_attention(const float *q, const void *k_pool, const void *v_pool, int kv_type, const int64_t *tables,
                            const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
@@ -377,33 +386,17 @@ static int paged_attention(const float *q, const void *k_pool, const void *v_poo
             const int64_t tf = slot >= 0 ? tail->from[b] : len, trow = ((int64_t)h * (slot >= 0 ? tail->slots : 0) + slot) * bs;
 #ifdef __AVX512F__
 #define TASK512(KV, HD) attend_task512(qb, k_pool, v_pool, KV, tab, st, len, h, g, HD, bs, num_blocks, L, scale, s, ob)
-#define TASKS512(HD)                                   \
-    switch (kv_type) {                                 \
-        case AK_KV_F32: TASK512(AK_KV_F32, HD); break;   \
-        case AK_KV_F16: TASK512(AK_KV_F16, HD); break;   \
-        case AK_KV_Q8_0: TASK512(AK_KV_Q8_0, HD); break; \
-        default: TASK512(AK_KV_Q4_0, HD);                \
-    }
-            if (hd == 64 && !tk) TASKS512(64) /* the AVX-512 kernel; an exact tail's rows: AVX2's below */
-            else if (hd == 128 && !tk) TASKS512(128)
+            if (hd == 64 && !tk) BY_KV(TASK512, 64) /* the AVX-512 kernel; an exact tail's rows: AVX2's below */
+            else if (hd == 128 && !tk) BY_KV(TASK512, 128)
             else
-#undef TASKS512
 #undef TASK512
 #endif
 #if defined(AK_AVX2)
 #define AVX2_TASK(KV, HD) \
     attend_task_avx2(qb, k_pool, v_pool, KV, tab, st, len, h, g, HD, bs, num_blocks, L, scale, s, ob, tk, tv, tf, trow)
-#define AVX2_TASKS(HD)                                   \
-    switch (kv_type) {                                   \
-        case AK_KV_F32: AVX2_TASK(AK_KV_F32, HD); break;   \
-        case AK_KV_F16: AVX2_TASK(AK_KV_F16, HD); break;   \
-        case AK_KV_Q8_0: AVX2_TASK(AK_KV_Q8_0, HD); break; \
-        default: AVX2_TASK(AK_KV_Q4_0, HD);                \
-    }
-            if (hd == 64) AVX2_TASKS(64)
-            else if (hd == 128) AVX2_TASKS(128)
+            if (hd == 64) BY_KV(AVX2_TASK, 64)
+            else if (hd == 128) BY_KV(AVX2_TASK, 128)
             else
-#undef AVX2_TASKS
 #undef AVX2_TASK
 #endif
             if (hd == 64)
@@ -419,6 +412,7 @@ static int paged_attention(const float *q, const void *k_pool, const void *v_poo
     }
     return 0;
 }
+#undef BY_KV
 
 int ak_paged_attention(const float *q, const float *k_pool, const float *v_pool, const int64_t *tables,
                        const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
