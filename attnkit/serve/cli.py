@@ -92,9 +92,7 @@ def start_tensor_parallel(args: argparse.Namespace, threads: int | None = None):
     threads) or of torchrun (None: one process). A torchrun rank other than 0 serves rank 0's steps here and exits."""
     from ..parallel import launch
 
-    size = getattr(args, "tensor_parallel_size", 1)
-    if size < 1:
-        raise ValueError(f"--tensor-parallel-size must be at least 1, got {size}")
+    size = getattr(args, "tensor_parallel_size", 1)  # checked by build_from_args
     if launch.under_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
         if size not in (1, int(os.environ["WORLD_SIZE"])):
             raise ValueError(f"--tensor-parallel-size {size} differs from torchrun's world size {os.environ['WORLD_SIZE']}")
@@ -155,9 +153,10 @@ def build_from_args(args: argparse.Namespace):
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     _loras(args)
     speculative_config(args)
-    dp = getattr(args, "data_parallel_size", 1)
-    if dp < 1:
-        raise ValueError(f"--data-parallel-size must be at least 1, got {dp}")
+    dp, tp_size = getattr(args, "data_parallel_size", 1), getattr(args, "tensor_parallel_size", 1)
+    for flag, n in (("--data-parallel-size", dp), ("--tensor-parallel-size", tp_size)):
+        if n < 1:
+            raise ValueError(f"{flag} must be at least 1, got {n}")
     if dp > 1:
         from ..engine.data_parallel import DataParallelEngine, load_tokenizer
         from ..parallel import launch
@@ -165,12 +164,9 @@ def build_from_args(args: argparse.Namespace):
         if launch.under_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
             raise ValueError("--data-parallel-size under torchrun is not supported: torchrun's ranks form one "
                              "tensor-parallel group; run --data-parallel-size N --tensor-parallel-size M on each machine")
-        if getattr(args, "tensor_parallel_size", 1) < 1:
-            raise ValueError(f"--tensor-parallel-size must be at least 1, got {args.tensor_parallel_size}")
         tokenizer, path = load_tokenizer(args.model)
-        split = getattr(args, "tensor_parallel_size", 1) > 1
         engine = DataParallelEngine(functools.partial(replica_engine, args), dp, tokenizer, threads=args.threads,
-                                    close=close_replica_engine if split else None)
+                                    close=close_replica_engine if tp_size > 1 else None)
     else:
         tp = start_tensor_parallel(args)
         engine, lm = build_engine(args, tp)
