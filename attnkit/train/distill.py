@@ -15,6 +15,7 @@ the global count of labelled tokens); rank 0 chooses the layers, measures decode
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import time
@@ -138,7 +139,7 @@ def distill(args: DistillArgs, out_dir: str | Path, progress: bool = True, lm: A
         before = evaluate_loss(student, eval_rows, pad, d=d)["eval_ppl"]
         # FSDP2 shards the student in place (its hooks survive no deep copy, which the next stage's drop makes): a
         # plain copy receives the trained full weights after the stage
-        plain = drop_layers(student, list(range(len(student.layers)))) if fsdp else None
+        plain = copy.deepcopy(student) if fsdp else None
         train_student = wrap(student, d, fsdp)  # DDP, or FSDP2 in place; world 1: the student
         opt = torch.optim.AdamW(student.parameters(), lr=args.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.warmup, args.steps_per_stage, "cosine"))
