@@ -238,7 +238,7 @@ AK_INLINE void attend_task512(const float *qb, const void *k_pool, const void *v
     for (int i = 0; i < g * HD; i++) ob[i] = 0.f;
     if (len <= st) return;
     KV_ROWS(tab, st, len, h, bs, num_blocks, t, r) {
-        __m512 k[HD / 16];
+        __m512 k[8]; /* fixed sizes, not HD / 16: a variable-length array stays in memory */
         row512(k_pool, KV, (size_t)r, HD, k);
         for (int gi = 0; gi < g; gi++) {
             const float *qg = qb + (size_t)gi * HD;
@@ -270,11 +270,11 @@ AK_INLINE void attend_task512(const float *qb, const void *k_pool, const void *v
     }
     for (int g0 = 0; g0 < g; g0 += GB) {
         const int ng = g - g0 < GB ? g - g0 : GB;
-        __m512 acc[GMAX][HD / 16];
+        __m512 acc[GMAX][8];
         for (int a = 0; a < GB; a++)
             for (int i = 0; i < HD / 16; i++) acc[a][i] = _mm512_setzero_ps();
         KV_ROWS(tab, st, len, h, bs, num_blocks, t, r) {
-            __m512 v[HD / 16];
+            __m512 v[8];
             row512(v_pool, KV, (size_t)r, HD, v);
             for (int a = 0; a < ng; a++) {
                 const __m512 p = _mm512_set1_ps(s[(size_t)(g0 + a) * L + t]);
@@ -320,7 +320,7 @@ AK_INLINE void attend_task_avx2(const float *qb, const void *k_pool, const void 
     const int64_t pend = tk ? tf : len; /* keys pend <= t < len: Q8_0 rows of the exact tail, row trow + t % bs */
 #define SCORE_ROW(POOL, KIND, R, T)                                                                              \
     {                                                                                                          \
-        __m256 k[HD / 8];                                                                                      \
+        __m256 k[16]; /* fixed sizes, not HD / 8 (see attend_task512) */                                       \
         for (int i = 0; i < HD / 8; i++) k[i] = row8(POOL, KIND, R, HD, i);                                    \
         for (int gi = 0; gi < g; gi++) {                                                                       \
             const float *qg = qb + (size_t)gi * HD;                                                            \
@@ -337,7 +337,7 @@ AK_INLINE void attend_task_avx2(const float *qb, const void *k_pool, const void 
 #undef SCORE_ROW
     for (int gi = 0; gi < g; gi++) softmax(s + (size_t)gi * L + st, len - st);
     for (int gi = 0; gi < g; gi++) {
-        __m256 acc[HD / 8];
+        __m256 acc[16];
         for (int i = 0; i < HD / 8; i++) acc[i] = _mm256_setzero_ps();
         const float *sg = s + (size_t)gi * L;
         KV_ROWS(tab, st, pend, h, bs, num_blocks, t, r) {
