@@ -47,11 +47,16 @@ def _quantized_activations(x: np.ndarray, group: int) -> np.ndarray:
     return (q.astype(np.float64) * d.astype(np.float64)).reshape(m, k)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_gemm_equals_gguf_weights_times_quantized_activations(kind: str) -> None:
-    layer = _gemm_layer(kind, n=48, k=512, seed=1)
-    x = torch.randn(11, 512, generator=torch.Generator().manual_seed(2))
-    w = dequantize_reference(layer.row_blocks(), kind, 512).double().numpy()
+SHORT_UNITS = [(kind, k) for kind in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1") for k in (576, 96)]
+
+
+@pytest.mark.parametrize("kind,k", [(kind, 512) for kind in KINDS] + SHORT_UNITS)
+def test_gemm_equals_gguf_weights_times_quantized_activations(kind: str, k: int) -> None:
+    """k = 576 and 96: the 32-weight types' rows of any multiple of 32 inputs (the last panel unit short: the
+    default SmolLM2-135M's 576-wide layers)."""
+    layer = _gemm_layer(kind, n=48, k=k, seed=1)
+    x = torch.randn(11, k, generator=torch.Generator().manual_seed(2))
+    w = dequantize_reference(layer.row_blocks(), kind, k).double().numpy()
     ref = _quantized_activations(x.numpy(), BLOCK_TYPES[kind].block_elems) @ w.T
     y = _gemm(layer, x).double().numpy()
     assert np.abs(y - ref).max() <= 2e-5 * np.abs(ref).max()
@@ -59,10 +64,10 @@ def test_gemm_equals_gguf_weights_times_quantized_activations(kind: str) -> None
     assert torch.allclose(torch.from_numpy(y).float(), layer.kernel_product(x), rtol=0, atol=1e-5 * float(np.abs(ref).max()))
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_gemm_rows_do_not_depend_on_the_batch_or_threads(kind: str) -> None:
-    layer = _gemm_layer(kind, n=64, k=512, seed=3)
-    x = torch.randn(13, 512, generator=torch.Generator().manual_seed(4))
+@pytest.mark.parametrize("kind,k", [(kind, 512) for kind in KINDS] + SHORT_UNITS[:2])
+def test_gemm_rows_do_not_depend_on_the_batch_or_threads(kind: str, k: int) -> None:
+    layer = _gemm_layer(kind, n=64, k=k, seed=3)
+    x = torch.randn(13, k, generator=torch.Generator().manual_seed(4))
     full = _gemm(layer, x)
     for rows in ([5], [0, 1, 2], [3, 4, 5, 6, 7], list(range(9, 13))):
         assert torch.equal(_gemm(layer, x[rows], threads=1), full[rows])
@@ -126,13 +131,15 @@ def test_gemm_refuses_what_it_does_not_multiply() -> None:
     with pytest.raises(ValueError, match="no integer prompt product"):
         rows.int8_prompts = True
     narrow = GGUFBlockLinear(random_blocks("Q4_K", 12, 256), "Q4_K", 256)  # 12 rows: not a panel of 16
-    short = GGUFBlockLinear(random_blocks("Q8_0", 32, 96), "Q8_0", 96)  # 96 inputs: not a unit of 256
-    assert not narrow.gemm_shape() and not short.gemm_shape()
+    assert not narrow.gemm_shape()
+    assert lib.ak_gemm_takes(narrow.kernel_kind, 32, 96) == 0  # a K-quant's rows are whole super-blocks of 256
+    short = GGUFBlockLinear(random_blocks("Q8_0", 32, 96), "Q8_0", 96)  # a 32-weight type: any multiple of 32
+    assert short.gemm_shape() and lib.ak_gemm_takes(short.kernel_kind, 32, 80) == 0
     x = torch.randn(4, 256)
     y = torch.empty(4, 32)  # room for the widest: a refusal writes nothing
     s = torch.empty(4 * 8 * 40, dtype=torch.uint8)
     vp = ctypes.c_void_p
-    for layer, n, k in ((rows, 32, 256), (narrow, 12, 256), (short, 32, 96)):
+    for layer, n, k in ((rows, 32, 256), (narrow, 12, 256)):
         assert lib.ak_gemm(layer.kernel_kind, vp(layer.blocks.data_ptr()), vp(x.data_ptr()), vp(y.data_ptr()), 4, n,
                            k, vp(s.data_ptr()), 1) == 1
 

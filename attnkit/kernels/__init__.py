@@ -97,6 +97,7 @@ def load(so: Path) -> ctypes.CDLL:
     lib.ak_gemv.argtypes = [i, vp, vp, vp, i, i, i, vp, i]
     lib.ak_gemm.argtypes = lib.ak_gemv.argtypes  # the prompt rows' product (gemm.c)
     lib.ak_gemm_available.argtypes = [i]
+    lib.ak_gemm_takes.argtypes = [i, i, i]
     lib.ak_dequantize.argtypes = [i, vp, vp, i, i, i, i]
     lib.ak_dequantize_rows.argtypes = [i, vp, vp, i, vp, i, i]
     lib.ak_paged_attention.argtypes = [vp, vp, vp, vp, vp, vp, vp, i, i, i, i, i, i, i, ctypes.c_float, vp, i]

@@ -47,8 +47,9 @@ typedef struct {
     __m512 d[8];    /* d (d[0]: a super-block's), or each block of 32's d_b (AK_PANEL_B32) */
     __m512 mn[8];   /* dmin·m_j (AK_PANEL_MIN), each block's m (AK_PANEL_L32) */
 } ak_panel;
-/* unit u (inputs 256u ..) of the four interleaved groups at w, gbytes apart → *p */
-typedef void (*ak_panel_fn)(const uint8_t *w, size_t gbytes, int u, ak_panel *p);
+/* unit u (inputs 256u ..) of the four interleaved groups at w, gbytes apart → *p; nb: its blocks of 32 (8, or fewer
+ * in the last unit of a row of k % 256 inputs: the 32-weight types only) */
+typedef void (*ak_panel_fn)(const uint8_t *w, size_t gbytes, int u, int nb, ak_panel *p);
 /* v[g] (g < 4): 128-bit lane r holds row r of group g, its four 32-bit words four slots in turn → out[i] = slot
  * i of the 16 rows, lane 4r + g (a 4×4 transpose within each 128-bit lane) */
 static inline void panel_slots(const __m512i v[4], __m512i *out) {
@@ -94,7 +95,7 @@ static inline __m512 panel_halves(const uint8_t *w, size_t gbytes, size_t at) {
 }
 #else
 typedef struct ak_panel ak_panel;
-typedef void (*ak_panel_fn)(const uint8_t *w, size_t gbytes, int u, ak_panel *p);
+typedef void (*ak_panel_fn)(const uint8_t *w, size_t gbytes, int u, int nb, ak_panel *p);
 #endif
 
 /* ---- one row of the block-type table (ggml's type traits). Kinds are ggml's type ids; AK_X4_FLAG selects the

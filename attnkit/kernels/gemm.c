@@ -2,7 +2,8 @@
  *
  * Prompt products are compute-bound, and the decode kernels (one 512-bit register = 16 weights of each of 4 rows,
  * a float FMA per 32 weights) spend most of their instructions on scales there. Here 16 weight rows (four
- * interleaved groups) are first unpacked into a panel per 256 inputs (ak_panel, by the type's row of the table):
+ * interleaved groups) are first unpacked into a panel per 256 inputs (ak_panel, by the type's row of the table; the
+ * 32-weight types' last panel may hold fewer blocks, so their rows may have any multiple of 32 inputs):
  * a byte per weight, laid out so that one register holds 4 consecutive weights of each of the 16 rows. A panel
  * is unpacked once per call and then multiplied with every activation row, four rows at a time: per 4 inputs,
  * one VNNI dot product (vpdpbusd) per activation row against the 4 activation quants broadcast, summed in int32
@@ -28,8 +29,9 @@ enum { TR = 4 }; /* activation rows a tile */
 
 static inline __m512i x4q(const ak_act *a, size_t i) { int32_t v; memcpy(&v, a->qs + i, 4); return _mm512_set1_epi32(v); }
 
-/* R activation rows against nu units of one panel → out[r]: 16 sums, lane 4r' + g for row r' of group g */
-AK_INLINE void rows_tile(const ak_panel *P, int nu, const ak_act *x, const int32_t *const *t0, const int R,
+/* R activation rows against nu units of one panel → out[r]: 16 sums, lane 4r' + g for row r' of group g; the last
+ * unit holds `last` blocks of 32 (8 but where k % 256: AK_PANEL_B32 and AK_PANEL_L32) */
+AK_INLINE void rows_tile(const ak_panel *P, int nu, int last, const ak_act *x, const int32_t *const *t0, const int R,
                          const int MODE, __m512 *out) {
     __m512 acc[TR];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
@@ -37,7 +39,7 @@ AK_INLINE void rows_tile(const ak_panel *P, int nu, const ak_act *x, const int32
         const ak_panel *S = P + u;
         const size_t base = 256 * (size_t)u;
         if (MODE == AK_PANEL_B32 || MODE == AK_PANEL_L32) {
-            for (int j = 0; j < 8; j++) {
+            for (int j = 0, nb = u == nu - 1 ? last : 8; j < nb; j++) {
                 __m512i t[TR];
                 for (int r = 0; r < R; r++) t[r] = MODE == AK_PANEL_B32 ? _mm512_set1_epi32(t0[r][8 * (size_t)u + j]) : _mm512_setzero_si512();
                 for (int s = 0; s < 8; s++) {
@@ -114,12 +116,13 @@ AK_INLINE void rows_tile_x4(const ak_panel *P, int nu, const ak_act *x, const in
 
 #define TILE_R(MODE)                                                        \
     switch (R) {                                                            \
-        case 1: rows_tile(P, nu, x, t0, 1, MODE, out); break;               \
-        case 2: rows_tile(P, nu, x, t0, 2, MODE, out); break;               \
-        case 3: rows_tile(P, nu, x, t0, 3, MODE, out); break;               \
-        default: rows_tile(P, nu, x, t0, TR, MODE, out);                    \
+        case 1: rows_tile(P, nu, last, x, t0, 1, MODE, out); break;         \
+        case 2: rows_tile(P, nu, last, x, t0, 2, MODE, out); break;         \
+        case 3: rows_tile(P, nu, last, x, t0, 3, MODE, out); break;         \
+        default: rows_tile(P, nu, last, x, t0, TR, MODE, out);              \
     }
-static void tile(const ak_panel *P, int nu, const ak_act *x, const int32_t *const *t0, int R, int mode, __m512 *out) {
+static void tile(const ak_panel *P, int nu, int last, const ak_act *x, const int32_t *const *t0, int R, int mode,
+                 __m512 *out) {
 #define TILE_X4(MODE)                                                                   \
     for (int r = 0; r < R; r += X4R) /* X4R rows: 32 accumulators, a few spilled, still ~10% faster than 2 */ \
         switch (R - r < X4R ? R - r : X4R) {                                                \
@@ -146,14 +149,23 @@ int ak_gemm_available(int kind) {
     return t && (kind & AK_X4_FLAG) && t->panel ? 1 : 0;
 }
 
+/* 1 when ak_gemm multiplies kind's (n, k) weights: n % 16 == 0 and k % 256 == 0, or k % 32 == 0 for the 32-weight
+ * types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: the last panel unit holds fewer blocks) */
+int ak_gemm_takes(int kind, int n, int k) {
+    if (!ak_gemm_available(kind) || n < 16 || n % 16 || k < 32) return 0;
+    const int mode = ak_find_type(kind)->panel_mode;
+    return k % 256 == 0 || (k % 32 == 0 && (mode == AK_PANEL_B32 || mode == AK_PANEL_L32));
+}
+
 static int gemm(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads,
                 int x4_order) {
 #ifdef AK_X4
     const ak_type *t = ak_find_type(kind);
-    if (!ak_gemm_available(kind) || m < 1 || n < 16 || n % 16 || k < 256 || k % 256) return 1;
+    if (!ak_gemm_takes(kind, n, k) || m < 1 || (x4_order && k % 256)) return 1;
     const int mode = x4_order ? t->x4_mode : t->panel_mode;
     if (!mode) return 1;
-    const int nu = k / 256, per = mode == AK_PANEL_K16 ? 16 : mode == AK_PANEL_B32 ? 8 : mode == AK_X4_B32 ? 32 : 0;
+    const int nu = (k + 255) / 256, last = k % 256 ? k % 256 / 32 : 8; /* units of 256 inputs; the last one's blocks */
+    const int per = mode == AK_PANEL_K16 ? 16 : mode == AK_PANEL_B32 ? 8 : mode == AK_X4_B32 ? 32 : 0;
     const int len = per ? 256 / per : 0, off = mode == AK_PANEL_K16 ? 32 : 128;
     int32_t *t0 = NULL; /* −offset · Σqx of each sub-block (Q6_K: of 16, offset 32) or block (Q8_0: of 32, 128) */
     if (per && !(t0 = malloc(sizeof(int32_t) * (size_t)m * nu * per))) return 2;
@@ -179,7 +191,7 @@ static int gemm(int kind, const void *w, const float *x, float *y, int m, int n,
         for (int r = 0; r < m; r++) { /* the rows quantized as ak_gemv does, each on its own */
             ak_quantize_act(kind, x + (size_t)r * k, 1, k, (uint8_t *)scratch + r * row_bytes);
             const int8_t *q = act_row(scratch, r, k).qs;
-            for (int i = 0; i < nu * per; i++) {
+            for (int i = 0; i < nu * per && len * i < k; i++) { /* a short last unit: its missing blocks unread */
                 int sum = 0;
                 if (mode == AK_X4_B32) /* lane i % 4 of block i / 4: inputs 4i'..4i'+3 and 16+4i'.. of the block */
                     for (int l = 0; l < 4; l++) sum += q[32 * (i / 4) + 4 * (i % 4) + l] + q[32 * (i / 4) + 16 + 4 * (i % 4) + l];
@@ -191,7 +203,8 @@ static int gemm(int kind, const void *w, const float *x, float *y, int m, int n,
 #pragma omp for schedule(static)
         for (int pn = 0; pn < n / 16; pn++) {
             if (!P) continue;
-            for (int u = 0; u < nu; u++) t->panel((const uint8_t *)w + (size_t)pn * 4 * gbytes, gbytes, u, P + u);
+            for (int u = 0; u < nu; u++)
+                t->panel((const uint8_t *)w + (size_t)pn * 4 * gbytes, gbytes, u, u == nu - 1 ? last : 8, P + u);
             for (int r0 = 0; r0 < m; r0 += TR) {
                 const int R = m - r0 < TR ? m - r0 : TR;
                 ak_act xs[TR];
@@ -201,7 +214,7 @@ static int gemm(int kind, const void *w, const float *x, float *y, int m, int n,
                     xs[i] = act_row(scratch, r0 + i, k);
                     if (t0) t0s[i] = t0 + (size_t)(r0 + i) * nu * per;
                 }
-                tile(P, nu, xs, t0s, R, mode, out);
+                tile(P, nu, last, xs, t0s, R, mode, out);
                 for (int i = 0; i < R; i++) _mm512_storeu_ps(y + (size_t)(r0 + i) * n + 16 * (size_t)pn, _mm512_permutexvar_ps(unperm, out[i]));
             }
         }
@@ -214,7 +227,7 @@ static int gemm(int kind, const void *w, const float *x, float *y, int m, int n,
 #endif
 }
 
-/* y (m, n) = x (m, k) · W (n, k)ᵀ for interleaved blocks W of `kind` (n % 16 == 0, k % 256 == 0); scratch as
+/* y (m, n) = x (m, k) · W (n, k)ᵀ for interleaved blocks W of `kind` (shapes as ak_gemm_takes); scratch as
  * ak_gemv's (m · k/32 activation blocks). Threads take panels of 16 output columns. 0, or 1 (a kind or shape
  * this build does not multiply), 2 (out of memory). */
 int ak_gemm(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads) {

@@ -221,10 +221,10 @@ AK_INLINE void dot_x4(const uint8_t *w, int nb, const ak_act *x, const int M, fl
 #ifdef AK_X4
 /* unit u (block columns 8u .. 8u + 7) of four interleaved groups → a panel (gemm.c): the quants unpacked to bytes
  * (Q5's high bits added as x4 adds them), each block's d and its m (Q4_1, Q5_1) or −8d / −16d */
-AK_INLINE void panel(const uint8_t *w, size_t gbytes, int u, ak_panel *P, const int MIN, const int HIGH) {
+AK_INLINE void panel(const uint8_t *w, size_t gbytes, int u, int nb, ak_panel *P, const int MIN, const int HIGH) {
     const size_t cb = 4 * BB(MIN, HIGH);
     const __m512i low = _mm512_set1_epi8(0x0f), sixteen = _mm512_set1_epi8(0x10);
-    for (int j = 0; j < 8; j++) {
+    for (int j = 0; j < nb; j++) {
         const size_t at = ((size_t)8 * u + j) * cb;
         P->d[j] = panel_halves(w, gbytes, at);
         P->mn[j] = MIN ? panel_halves(w, gbytes, at + 8) : _mm512_mul_ps(P->d[j], _mm512_set1_ps(HIGH ? -16.f : -8.f));
@@ -244,7 +244,7 @@ AK_INLINE void panel(const uint8_t *w, size_t gbytes, int u, ak_panel *P, const 
     }
 }
 #define LEGACY_PANEL(name, MIN, HIGH) \
-    static void name##_panel(const uint8_t *w, size_t gbytes, int u, ak_panel *P) { panel(w, gbytes, u, P, MIN, HIGH); }
+    static void name##_panel(const uint8_t *w, size_t gbytes, int u, int nb, ak_panel *P) { panel(w, gbytes, u, nb, P, MIN, HIGH); }
 #define PANEL(name) name##_panel
 #define X4_MODE AK_X4_L32
 #else

@@ -320,7 +320,7 @@ AK_INLINE void panel(const uint8_t *w, size_t gbytes, int u, ak_panel *P, const 
         }
 }
 #define KTYPE_PANEL(name, HIGH) \
-    static void name##_panel(const uint8_t *w, size_t gbytes, int u, ak_panel *P) { panel(w, gbytes, u, P, HIGH); }
+    static void name##_panel(const uint8_t *w, size_t gbytes, int u, int nb, ak_panel *P) { (void)nb; panel(w, gbytes, u, P, HIGH); }
 #define PANEL(name) name##_panel
 #else
 #define KTYPE_PANEL(name, HIGH)

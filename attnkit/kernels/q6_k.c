@@ -163,7 +163,8 @@ static void q6_k_dot_x4(const uint8_t *w, int nb, const ak_act *x, int M, float 
 }
 /* unit u (super-block u) of four interleaved groups → a panel (gemm.c): the unsigned 6-bit quants q as x4 unpacks
  * them, the int8 scales widened to int32 lanes */
-static void q6_k_panel(const uint8_t *w, size_t gbytes, int u, ak_panel *P) {
+static void q6_k_panel(const uint8_t *w, size_t gbytes, int u, int nb, ak_panel *P) { /* nb: always 8 (256 | k) */
+    (void)nb;
     const __m512i low = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
     const size_t at = (size_t)u * 840;
     P->d[0] = panel_halves(w, gbytes, at);

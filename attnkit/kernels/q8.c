@@ -102,9 +102,9 @@ static void q8_0_dot_x4(const uint8_t *w, int nb, const ak_act *x, int M, float 
     AK_DISPATCH_M(x4, w, nb, x, M, y, ys)
 }
 /* unit u (block columns 8u .. 8u + 7) of four interleaved groups → a panel (gemm.c): quants as unsigned q + 128 */
-static void q8_0_panel(const uint8_t *w, size_t gbytes, int u, ak_panel *P) {
+static void q8_0_panel(const uint8_t *w, size_t gbytes, int u, int nb, ak_panel *P) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
-    for (int j = 0; j < 8; j++) {
+    for (int j = 0; j < nb; j++) {
         const size_t at = ((size_t)8 * u + j) * 136;
         P->d[j] = panel_halves(w, gbytes, at);
         for (int half = 0; half < 2; half++) {

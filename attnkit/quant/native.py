@@ -273,7 +273,8 @@ class GGUFBlockLinear(nn.Module):
         product :attr:`dense_for_prompts` picks (and, but for an expert, a short prompt's rows instead of the integer
         kernel: a 1B Q4_K_M's 32-token prompt 151–186 ms to the first token against 212–244; 2 tokens 52–55 against
         35–52). Where the build has it for this type (interleaved blocks of any
-        type with AVX-512 VNNI), 16 | out_features and 256 | in_features, unless set; by default
+        type with AVX-512 VNNI), 16 | out_features and 256 | in_features (32 | in_features for the 32-weight types),
+        unless set; by default
         never for a layer set to the integer kernel for a prompt's few rows (``dense_for_prompts = False``: a head,
         which sees one row a sequence; an expert is set explicitly: it sees top_k / n_experts of a prompt's rows)."""
         if self._int8_prompts is not None:
@@ -292,8 +293,8 @@ class GGUFBlockLinear(nn.Module):
         for the layer, so asked of the library once)."""
         if self._gemm_shape is None:
             lib = _kernels()
-            self._gemm_shape = (lib is not None and self.interleaved and self.out_features % 16 == 0
-                                and self.in_features % 256 == 0 and bool(lib.ak_gemm_available(self.kernel_kind)))
+            self._gemm_shape = lib is not None and self.interleaved and bool(
+                lib.ak_gemm_takes(self.kernel_kind, self.out_features, self.in_features))
         return self._gemm_shape
 
     def own_blocks(self) -> None:
