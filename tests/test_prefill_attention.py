@@ -69,15 +69,17 @@ def test_what_it_does_not_take_is_refused():
     assert prefill_attention_native(torch.randn(1, 8, 6, 64), torch.randn(1, 2, 5, 64), torch.randn(1, 2, 5, 64), 1.) is None
 
 
-def test_the_engine_gets_the_same_prompt_logprobs_with_and_without_it():
+@pytest.mark.parametrize("kv", [{}, {"kv_cache_dtype": "q8_0"}, {"kv_cache_dtype": "q4_0", "kv_exact_blocks": False}])
+def test_the_engine_gets_the_same_prompt_logprobs_with_and_without_it(kv):
     """A model with 64-wide heads takes the kernel for its prompt chunks; prompt logprobs (every prompt row's
-    logits) through chunked prefill and a cached prefix equal, bit for bit, those of prompt rows run as decode rows."""
+    logits) through chunked prefill and a cached prefix equal, bit for bit, those of prompt rows run as decode rows
+    (over a float pool, and over quantized rows, rotated, which the kernel reads dequantized as the decode does)."""
     model = tiny_llama(320, seed=3, d_model=128, n_heads=2, n_kv_heads=1)
     prompts = random_prompts(5, 320, lo=2, hi=90, seed=4)
     params = SamplingParams(temperature=0, max_tokens=6, prompt_logprobs=3, ignore_eos=True)
     runs = []
     for kernel in (True, False):
-        llm = make_llm(model, max_num_batched_tokens=40, block_size=16)
+        llm = make_llm(model, max_num_batched_tokens=40, block_size=16, **kv)
         assert llm.engine.runner.prompt_kernel and llm.engine.runner.row_attention
         llm.engine.runner.prompt_kernel = kernel
         llm.generate(prompts[:1], SamplingParams(max_tokens=1))  # the first prompt's blocks in the prefix cache

@@ -104,9 +104,10 @@ class ModelRunner:
         # position would (float32 activations over a float32/float16 pool on the CPU; see _run)
         self.row_attention = batch_invariant and not compile and native_kernel(
             torch.empty(0, dtype=self.dtype, device=self.device), self.k_pool, fmt) is not None
-        # ... or, a chunk at a time, through the C prompt attention, which gives each row those same bits (a float pool,
-        # no soft-capped scores; a chunk whose keys a window does not cut)
-        self.prompt_kernel = not compile and not fmt.quantized and prefill_kernel_takes(
+        # ... or, a chunk at a time, through the C prompt attention, which gives each row those same bits (no
+        # soft-capped scores; a chunk whose keys a window does not cut and no exact tail; a quantized pool's rows
+        # dequantized as the decode kernel decodes them, d·q in float32)
+        self.prompt_kernel = not compile and prefill_kernel_takes(
             self.dtype, torch.device(self.device), cfg.n_heads, cfg.n_kv_heads, cfg.hd) and all(
             getattr(layer.self_attn, "softcap", None) is None for layer in model.layers)
         self.tail: KVTail | None = None
