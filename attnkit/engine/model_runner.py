@@ -20,7 +20,7 @@ from .native_decode import NativeDecoder, why_not
 from .kv_eviction import OBSERVATION, snapkv_keep
 from .kv_format import KVFormat, hadamard64, kv_format
 from .kv_tail import KVTail
-from .paged_attention import AttentionMetadata, PagedKVCache, PrefillChunk, native_kernel, prefill_kernel_takes
+from .paged_attention import AttentionMetadata, PagedKVCache, PrefillChunk, native_kernel
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
@@ -104,12 +104,6 @@ class ModelRunner:
         # position would (float32 activations over a float32/float16 pool on the CPU; see _run)
         self.row_attention = batch_invariant and not compile and native_kernel(
             torch.empty(0, dtype=self.dtype, device=self.device), self.k_pool, fmt) is not None
-        # ... or, a chunk at a time, through the C prompt attention, which gives each row those same bits (no
-        # soft-capped scores; a chunk whose keys a window does not cut and no exact tail; a quantized pool's rows
-        # dequantized as the decode kernel decodes them, d·q in float32)
-        self.prompt_kernel = not compile and prefill_kernel_takes(
-            self.dtype, torch.device(self.device), cfg.n_heads, cfg.n_kv_heads, cfg.hd) and all(
-            getattr(layer.self_attn, "softcap", None) is None for layer in model.layers)
         self.tail: KVTail | None = None
         if tail_slots:
             if not self.exact_blocks_apply(model, fmt):
@@ -383,8 +377,7 @@ class ModelRunner:
                     tail_rows += [tail.slot(table[b], first % bs) if exact else -1] * (end - first)
                 if exact:
                     self._filled += [table[b] for b in range(start // bs, ctx // bs)]
-            kernel = self.prompt_kernel and (window is None or window >= ctx) and not exact
-            if n == 1 or per_row and not kernel or seq.spec_tokens:  # a verification's rows: each a decode query
+            if n == 1 or per_row or seq.spec_tokens:  # a verification's rows: each a decode query
                 for i, q_pos in enumerate(range(start, ctx)):
                     dec_idx.append(t0 + i)
                     dec_tables.append(table[:q_pos // bs + 1])
@@ -400,7 +393,7 @@ class ModelRunner:
                 if exact and (held := tail.exact(table[start // bs]))[0] >= 0:  # type: ignore[union-attr]
                     chunk_tail = (held[0], start // bs * bs + held[1])
                 prefills.append(PrefillChunk(t0, t0 + n, ctx, torch.tensor(table[:-(-ctx // bs)], device=self.device),
-                                             mask, chunk_tail, kernel=kernel))
+                                             mask, chunk_tail))
         meta = AttentionMetadata(torch.tensor(slots, device=self.device), prefills=prefills)
         if tail is not None:
             meta.tail_write = (torch.tensor(tail_rows, device=self.device), meta.slots % bs)  # (slot, offset) a token

@@ -37,9 +37,6 @@ class PrefillChunk:
     # exact blocks (attnkit.engine.kv_tail): the tail slot of the block the chunk starts in and the first key of that
     # block held there (rows before it are read from the pool); None: the chunk reads every key from the pool
     tail: tuple[int, int] | None = None
-    # the C prompt attention (prefill_attention_native) runs it: the mask is query i sees keys j <= context_len − n + i
-    # (no window cut), and each row gets the decode attention's bits (the engine's batch invariance)
-    kernel: bool = False
 
 
 @dataclass
@@ -228,11 +225,7 @@ class PagedKVCache:
                 kp, vp = kp[:, :, :p.context_len].transpose(0, 1), vp[:, :, :p.context_len].transpose(0, 1)
                 if self.fmt.quantized:
                     kp, vp = self.fmt.dequantize(kp, q.dtype), self.fmt.dequantize(vp, q.dtype)
-            if p.kernel:
-                if (o := prefill_attention_native(qp, kp, vp, self.scale)) is None:
-                    raise RuntimeError(f"the C prompt attention refused a chunk of {tuple(qp.shape)} over {tuple(kp.shape)}")
-                out[:, :, p.start:p.end] = o
-            elif p.mask is None and self.softcap is None:  # SDPA's own causal mask: no (n, n) boolean mask built or read
+            if p.mask is None and self.softcap is None:  # SDPA's own causal mask: no (n, n) boolean mask built or read
                 out[:, :, p.start:p.end] = F.scaled_dot_product_attention(
                     qp, kp.to(q.dtype), vp.to(q.dtype), is_causal=True, enable_gqa=qp.shape[1] != kp.shape[1],
                     scale=self.scale)
@@ -316,37 +309,6 @@ def native_kernel(q: torch.Tensor, k_pool: torch.Tensor, fmt: KVFormat | None = 
     if not fmt.quantized:
         return lib.ak_paged_attention if fmt.code == 0 else lib.ak_paged_attention_f16
     return functools.partial(_paged_attention_kv, lib, fmt.code)
-
-
-def prefill_kernel_takes(q_dtype: torch.dtype, device: torch.device, nh: int, n_kv: int, hd: int) -> bool:
-    """Whether :func:`prefill_attention_native` runs prompts of these heads: the kernels built with AVX-512, float32
-    queries on the CPU, head dim 64 or 128, at most 8 query heads a KV head."""
-    from ..kernels import library
-
-    lib = library()
-    return lib is not None and device.type == "cpu" and q_dtype == torch.float32 \
-        and bool(lib.ak_prefill_attention_takes(nh, n_kv, hd))
-
-
-def prefill_attention_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor | None:
-    """A prompt chunk's causal attention in C (kernels/prefill.c): q (1, nh, n, hd) float32, k and v (1, n_kv, ctx, hd),
-    query i at cache position ctx − n + i seeing keys j <= ctx − n + i → (1, nh, n, hd), each row bit for bit what the
-    C decode attention gives it as a decode query; None where :func:`prefill_kernel_takes` says no."""
-    from ..kernels import library
-
-    _, nh, n, hd = q.shape
-    n_kv, ctx = k.shape[1], k.shape[2]
-    if not prefill_kernel_takes(q.dtype, q.device, nh, n_kv, hd) or n > ctx:
-        return None
-    q, k, v = q.contiguous(), k.to(torch.float32).contiguous(), v.to(torch.float32).contiguous()
-    out = torch.empty_like(q)
-    rc = library().ak_prefill_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), nh, n_kv, n, ctx, hd,
-                                        scale, torch.get_num_threads())
-    if rc == 1:
-        return None
-    if rc:
-        raise MemoryError(f"ak_prefill_attention: out of memory for {nh} heads × {n} queries × {ctx} keys")
-    return out
 
 
 def _paged_attention_kv(lib, kv_type: int, q, k_pool, v_pool, *rest, tail=None) -> int:

@@ -1,6 +1,6 @@
 """attnkit's C kernels: GGUF block matrix–vector products (``kernels.c``, which dispatches through the table of
 block types: one kernel file per type or family, ``legacy.c`` (Q4_0, Q4_1, Q5_0, Q5_1), ``q8.c``, ``q4_k.c``
-(Q4_K, Q5_K), ``q6_k.c``), the prompt rows' integer matrix product (``gemm.c``), paged decode attention (``attention.c``), a prompt's causal attention (``prefill.c``), and a whole decode step of a Llama-family
+(Q4_K, Q5_K), ``q6_k.c``), the prompt rows' integer matrix product (``gemm.c``), paged decode attention (``attention.c``), and a whole decode step of a Llama-family
 model built on them (``decode_step.c``, its mixture-of-experts FFN ``moe.c``).
 
 Compiled once per machine with the system C compiler (``-O3 -march=native -fopenmp``, a few seconds;
@@ -104,8 +104,6 @@ def load(so: Path) -> ctypes.CDLL:
     lib.ak_paged_attention_f16.argtypes = lib.ak_paged_attention.argtypes  # K/V pools of IEEE halves
     lib.ak_paged_attention_kv.argtypes = [vp, vp, vp, i, vp, vp, vp, vp, i, i, i, i, i, i, i, ctypes.c_float, vp, i, vp]
     lib.ak_quantize_kv_rows.argtypes = [i, vp, vp, i, i]
-    lib.ak_prefill_attention.argtypes = [vp, vp, vp, vp, i, i, i, i, i, ctypes.c_float, i]  # a prompt's (prefill.c)
-    lib.ak_prefill_attention_takes.argtypes = [i, i, i]
     lib.ak_hadamard64.argtypes = [vp, ctypes.c_int64, i]
     lib.ak_llama_decode.argtypes = [vp, i, vp, i, i, i, i, i, i, ctypes.c_float, vp, vp, vp, vp, vp, vp, i, i, i, i,
                                     vp, vp, vp, vp, ctypes.c_size_t, i, vp]

@@ -244,7 +244,7 @@ AK_INLINE void attend_task512(const float *qb, const void *k_pool, const void *v
             const float *qg = qb + (size_t)gi * HD;
             __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qg), k[0]);
             for (int i = 1; i < HD / 16; i++) a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * i), k[i], a);
-            s[(size_t)gi * L + t] = hsum16(a) * scale;
+            s[(size_t)gi * L + t] = _mm512_reduce_add_ps(a) * scale;
         }
     }
     const int64_t n = len - st;
@@ -262,7 +262,7 @@ AK_INLINE void attend_task512(const float *qb, const void *k_pool, const void *v
             _mm512_mask_storeu_ps(sg + t, m, e);
             sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
         }
-        const __m512 inv = _mm512_set1_ps(1.f / hsum16(sum));
+        const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
         for (int64_t t = 0; t < n; t += 16) {
             const __mmask16 m = n - t >= 16 ? 0xffff : (__mmask16)((1u << (n - t)) - 1);
             _mm512_mask_storeu_ps(sg + t, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sg + t), inv));

@@ -218,16 +218,6 @@ static inline __m512i bcast16(const int8_t *x) { return _mm512_broadcast_i32x4(_
 #define AK_INLINE static inline __attribute__((always_inline))
 
 #ifdef __AVX512F__
-/* the sum of 16 lanes in a fixed tree (GCC's _mm512_reduce_add_ps): (l, l + 8), then (l, l + 4), (l, l + 2), (0, 1).
- * Spelled out so that the decode attention (attention.c) and the prompt attention that reproduces its bits 16 keys
- * at a time (prefill.c: hsum16_lanes) sum alike whatever the compiler's intrinsic does. */
-static inline float hsum16(__m512 a) {
-    const __m256 t3 = _mm256_add_ps(_mm512_extractf32x8_ps(a, 1), _mm512_castps512_ps256(a));
-    const __m128 t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
-    const __m128 t8 = _mm_add_ps(t6, _mm_movehl_ps(t6, t6));
-    return _mm_cvtss_f32(_mm_add_ss(t8, _mm_movehdup_ps(t8)));
-}
-
 /* exp of 16 floats: 2^n · p(r), x = n·ln2 + r, |r| <= ln2/2, p of degree 6 (relative error < 2e-7);
  * clamped below at -87 (exp(-87) ~ 1.6e-38: attention's scores minus their maximum weigh nothing there); above
  * ~88.7 the result is +inf, which SiLU's g / (1 + exp(-g)) turns into the right 0 */
