@@ -241,7 +241,7 @@ def throughput_part(paths: list[Path], args) -> dict:
 
     rows = []
     for path in paths:
-        for kv in KV_VARIANTS:
+        for kv in args.kv_types:
             try:
                 llm = llm_for(path, kv, kv_cache_bytes=args.kv_mib << 20, max_num_seqs=args.requests)
             except ValueError as e:  # the exact blocks' slots would take more than half of a small pool
@@ -393,11 +393,15 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--kv-mib", type=int, default=48, help="throughput: the K/V pool's size")
+    ap.add_argument("--kv-types", type=lambda s: s.split(","), default=list(KV_VARIANTS),
+                    help=f"throughput: the K/V variants to run (of {','.join(KV_VARIANTS)}; float16 is the baseline)")
     ap.add_argument("--depth", type=int, default=4096)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--plots", default=None, help="folder for the PNGs")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if "float16" not in args.kv_types or set(args.kv_types) - set(KV_VARIANTS):
+        ap.error(f"--kv-types: names of {','.join(KV_VARIANTS)}, float16 among them, got {','.join(args.kv_types)}")
 
     import torch
 
