@@ -21,12 +21,14 @@ systems then run the same file, each measurement in a fresh process on ``--threa
   expert_used_count / expert_count share of the experts a batch-1 step runs; KV-cache reads left out). The report
   prints each shape's parameters, total and active per token.
 
-A system whose tool is missing is skipped and said so; one that fails or passes ``--timeout`` is reported
+``--rounds N`` runs the systems in turn N times on each file and reports each figure's median (the rounds under
+``rounds`` in the JSON): this machine's speed drifts between runs, and alternating puts both systems under the same
+drift. A system whose tool is missing is skipped and said so; one that fails or passes ``--timeout`` is reported
 as such. attnkit is skipped, with the reason, where the file's tensor types would be dequantized to float32
 beyond the memory available.
 
     python benchmarks/sizes.py [--sizes 1b,3b,qwen3-1.7b,moe] [--presets Q4_K_M,Q5_K_M,Q6_K,Q8_0,Q4_0] [--threads 2]
-                               [--llama-bin DIR] [--work-dir DIR] [--quick] [--timeout S] [--json FILE]
+                               [--llama-bin DIR] [--work-dir DIR] [--quick] [--rounds N] [--timeout S] [--json FILE]
     attnkit bench sizes -- --sizes 1b --presets Q8_0 --quick --llama-bin /opt/llama.cpp/bin
 """
 
@@ -349,6 +351,21 @@ COLUMNS = [("load_s", "load s", 1), ("ttft_32_s", "TTFT 32 s", 2), ("prefill_512
            ("offline_out_tok_s", "offline out tok/s", 2), ("peak_rss_mb", "peak RSS GB", 2)]
 
 
+def median_result(runs: list[dict]) -> dict:
+    """One system's results over several rounds → each number its median (the middle round; the mean of the two
+    middle ones for an even count), anything else as the first round had it, and the rounds themselves under
+    ``rounds``. A number missing from a round (a failed part) is taken over the rounds that have it."""
+    import statistics
+
+    out: dict = {}
+    for key in dict.fromkeys(k for r in runs for k in r):
+        vals = [r[key] for r in runs if key in r]
+        nums = [v for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        out[key] = statistics.median(nums) if nums and len(nums) == len(vals) else vals[0]
+    out["rounds"] = runs
+    return out
+
+
 def _cell(res: dict, key: str, digits: int) -> str:
     v = res.get(key)
     if v is None:
@@ -376,6 +393,9 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--llama-slots", default="4,16,64", help="llama-server parallel slot counts to try (-np)")
     ap.add_argument("--systems", default="attnkit,llama-bench,llama-server", help="which to run")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the systems in turn this many times per file and report each figure's median (this "
+                         "machine's speed drifts between runs: alternating rounds put both systems under the same drift)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds each child process may take")
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -426,6 +446,7 @@ def main() -> int:
             entry.update(file=str(path), quantizer=quantizer, quantize_s=q_s, f16_write_s=f16_s, **info)
             entry["roofline_decode_tok_s"] = bandwidth * 1e9 / info["decode_bytes_per_token"] if bandwidth else None
             entry["results"], entry["skipped"] = {}, {}
+            runnable: list[tuple[str, list[str]]] = []
             for system in systems:
                 if system == "attnkit":
                     need, slow = attnkit_memory_estimate(path)
@@ -435,18 +456,23 @@ def main() -> int:
                         continue
                     if slow:
                         entry.setdefault("notes", []).append(f"attnkit dequantizes {', '.join(slow)} to float32 (no kernel)")
-                    extra = ["--kv-per-token", str(info["kv_bytes_per_token"])]
+                    runnable.append((system, ["--kv-per-token", str(info["kv_bytes_per_token"])]))
                 elif tools.get(system) is None:
                     entry["skipped"][system] = (f"{system} not found in --llama-bin {args.llama_bin}" if args.llama_bin
                                                 else "no --llama-bin given")
-                    continue
                 else:
-                    extra = []
-                print(f"[{size} {preset}] {system} …", file=sys.stderr, flush=True)
-                res, why = run_child(system, args, args.timeout, path, extra)
-                if res is None:
-                    entry["skipped"][system] = why
-                    continue
+                    runnable.append((system, []))
+            runs: dict[str, list[dict]] = {}
+            for rnd in range(args.rounds):
+                for system, extra in runnable:
+                    print(f"[{size} {preset}] {system} (round {rnd + 1} of {args.rounds}) …", file=sys.stderr, flush=True)
+                    res, why = run_child(system, args, args.timeout, path, extra)
+                    if res is None:
+                        entry["skipped"][system] = why
+                        continue
+                    runs.setdefault(system, []).append(res)
+            for system, got in runs.items():
+                res = got[0] if len(got) == 1 else median_result(got)
                 if res.get("decode_tok_s") and entry["roofline_decode_tok_s"]:
                     res["roofline"] = res["decode_tok_s"] / entry["roofline_decode_tok_s"]
                 entry["results"][system] = res
@@ -479,7 +505,7 @@ def main() -> int:
             print(f"{head} {name} | " + " | ".join(_cell(r, k, d) for k, _, d in COLUMNS) + " |")
         for name, why in e["skipped"].items():
             print(f"{head} {name} | {why} |")
-    report = {"machine": machine, "bandwidth": bw, "bandwidth_error": bw_why,
+    report = {"machine": machine, "bandwidth": bw, "bandwidth_error": bw_why, "rounds": args.rounds,
               "workload": {"quick": args.quick, "requests": len(w["offline"]), "decode_tokens": w["single_new"],
                            "offline_input_tokens": sum(len(p) for p, _ in w["offline"]),
                            "offline_output_tokens": sum(n for _, n in w["offline"])},
