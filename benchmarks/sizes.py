@@ -11,7 +11,8 @@ systems then run the same file, each measurement in a fresh process on ``--threa
   attnkit's C read loop, kernels/membench.c, over it and over 1 GiB on 2 MiB pages, best of 10 each; a plain
   read, so a decode step that overlaps its reads better can pass 100% of it);
 - attnkit (``LLM(path)``, as benchmarks/engine.py uses it): load time, time to first token of a 32-token
-  prompt, prefill of a 512-token prompt (512 / its TTFT), decode after the 32-token prompt, the offline
+  prompt, prefill of a 512-token prompt (512 / its TTFT) and decode after the 32-token prompt (each the mean of
+  as many runs as llama-bench's ``-r``, as its avg_ts is), the offline
   workload of benchmarks/engine.py (64 requests, input 32–512, output 32–256 random token ids, greedy,
   ignore_eos: output tok/s) and peak RSS;
 - llama.cpp: ``llama-bench -p 512 -n N`` (pp512, tgN; its peak RSS) and ``llama-server`` with the same
@@ -253,14 +254,19 @@ def child_attnkit(path: Path, threads: int, quick: bool, requests: int, kv_per_t
     res["warmup_s"] = time.perf_counter() - t0
     short, long_ = w["single"]
     n_new = w["single_new"]
-    o = llm.generate(short, greedy(n_new))[0]
-    m = o.metrics
-    res["ttft_32_s"] = m.ttft
-    res["decode_tok_s"] = (n_new - 1) / (m.finish_time - m.first_token_time)
+    reps = 2 if quick else 3  # as many as llama-bench's -r below, averaged as its avg_ts is
+    decode, prefill = [], []
+    for rep in range(reps):  # each prompt turned by `rep` tokens: a new first block, so no prefix-cache hit
+        o = llm.generate(short[rep:] + short[:rep], greedy(n_new))[0]
+        m = o.metrics
+        res.setdefault("ttft_32_s", m.ttft)
+        decode.append((n_new - 1) / (m.finish_time - m.first_token_time))
+        o = llm.generate(long_[rep:] + long_[:rep], greedy(2))[0]
+        res.setdefault("ttft_512_s", o.metrics.ttft)
+        prefill.append(len(long_) / o.metrics.ttft)
+    res["decode_tok_s"], res["decode_reps"] = sum(decode) / reps, decode
     res["decode_tokens"] = n_new
-    o = llm.generate(long_, greedy(2))[0]
-    res["ttft_512_s"] = o.metrics.ttft
-    res["prefill_512_tok_s"] = len(long_) / o.metrics.ttft
+    res["prefill_512_tok_s"], res["prefill_reps"] = sum(prefill) / reps, prefill
     reqs = w["offline"]
     total_out = sum(n for _, n in reqs)
     t = time.perf_counter()
