@@ -469,14 +469,20 @@ def main() -> int:
                 else:
                     runnable.append((system, []))
             runs: dict[str, list[dict]] = {}
+            failed: dict[str, list[str]] = {}
             for rnd in range(args.rounds):
                 for system, extra in runnable:
                     print(f"[{size} {preset}] {system} (round {rnd + 1} of {args.rounds}) …", file=sys.stderr, flush=True)
                     res, why = run_child(system, args, args.timeout, path, extra)
                     if res is None:
-                        entry["skipped"][system] = why
-                        continue
-                    runs.setdefault(system, []).append(res)
+                        failed.setdefault(system, []).append(f"round {rnd + 1}: {why}")
+                    else:
+                        runs.setdefault(system, []).append(res)
+            for system, whys in failed.items():  # skipped only where no round ran; else the medians say which failed
+                if system not in runs:
+                    entry["skipped"][system] = "; ".join(whys)
+                else:
+                    entry.setdefault("notes", []).append(f"{system}: {len(whys)} of {args.rounds} rounds failed ({'; '.join(whys)})")
             for system, got in runs.items():
                 res = got[0] if len(got) == 1 else median_result(got)
                 if res.get("decode_tok_s") and entry["roofline_decode_tok_s"]:
