@@ -14,7 +14,8 @@ systems then run the same file, each measurement in a fresh process on ``--threa
   prompt, prefill of a 512-token prompt (512 / its TTFT) and decode after the 32-token prompt (each the mean of
   as many runs as llama-bench's ``-r``, as its avg_ts is), the offline
   workload of benchmarks/engine.py (64 requests, input 32–512, output 32–256 random token ids, greedy,
-  ignore_eos: output tok/s) and peak RSS;
+  ignore_eos: output tok/s), whether its 4 requests of fewest new tokens get the same tokens again alone
+  (``alone_equals_batch``: batch invariance at this size) and peak RSS;
 - llama.cpp: ``llama-bench -p 512 -n N`` (pp512, tgN; its peak RSS) and ``llama-server`` with the same
   offline workload at each ``--llama-slots`` count (the best is reported; its VmHWM as peak RSS);
 - decode as a fraction of the bandwidth roofline: bandwidth / bytes of weights one decode step reads (every
@@ -276,6 +277,11 @@ def child_attnkit(path: Path, threads: int, quick: bool, requests: int, kv_per_t
     res.update(offline_s=dt, offline_out_tok_s=total_out / dt,
                offline_total_tok_s=(total_out + sum(len(p) for p, _ in reqs)) / dt,
                preemptions=llm.engine.scheduler.num_preemptions)
+    # batch invariance at this size: the 4 requests of fewest new tokens again, each alone, give the tokens they got
+    # among the whole workload
+    check = sorted(range(len(reqs)), key=lambda i: reqs[i][1])[:4]
+    alone = [llm.generate(reqs[i][0], greedy(reqs[i][1]))[0].token_ids for i in check]
+    res["alone_equals_batch"] = [list(a) == list(outs[i].token_ids) for a, i in zip(alone, check)]
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return res
 
@@ -517,6 +523,12 @@ def main() -> int:
             print(f"{head} {name} | " + " | ".join(_cell(r, k, d) for k, _, d in COLUMNS) + " |")
         for name, why in e["skipped"].items():
             print(f"{head} {name} | {why} |")
+    for e in rows:
+        a = e.get("results", {}).get("attnkit")
+        if a and "alone_equals_batch" in a:
+            checks = [r["alone_equals_batch"] for r in a.get("rounds", [a])]
+            print(f"{e['shape']} {e['preset']}: greedy tokens alone == in the batch: "
+                  f"{sum(map(sum, checks))} of {sum(map(len, checks))} requests")
     report = {"machine": machine, "bandwidth": bw, "bandwidth_error": bw_why, "rounds": args.rounds,
               "workload": {"quick": args.quick, "requests": len(w["offline"]), "decode_tokens": w["single_new"],
                            "offline_input_tokens": sum(len(p) for p, _ in w["offline"]),
