@@ -66,10 +66,14 @@ AK_INLINE void rows_tile(const ak_panel *P, int nu, int last, const ak_act *x, c
             for (int r = 0; r < R; r++) is[r] = _mm512_add_epi32(is[r], _mm512_mullo_epi32(t[r], S->sc[c]));
         }
         for (int r = 0; r < R; r++) {
-            __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[r]), _mm512_mul_ps(S->d[0], _mm512_set1_ps(x[r].d[8 * (size_t)u])), acc[r]);
-            if (MODE == AK_PANEL_MIN)
-                for (int j = 0; j < 8; j++) a = _mm512_fnmadd_ps(S->mn[j], _mm512_set1_ps(x[r].s[8 * (size_t)u + j]), a);
-            acc[r] = a;
+            const __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[r]), _mm512_mul_ps(S->d[0], _mm512_set1_ps(x[r].d[8 * (size_t)u])), acc[r]);
+            if (MODE == AK_PANEL_MIN) { /* the mins' sum apart, then subtracted: a short chain through acc */
+                const float *sx = x[r].s + 8 * (size_t)u;
+                __m512 mn = _mm512_mul_ps(S->mn[0], _mm512_set1_ps(sx[0]));
+                for (int j = 1; j < 8; j++) mn = _mm512_fmadd_ps(S->mn[j], _mm512_set1_ps(sx[j]), mn);
+                acc[r] = _mm512_sub_ps(a, mn);
+            } else
+                acc[r] = a;
         }
     }
     for (int r = 0; r < R; r++) out[r] = acc[r];

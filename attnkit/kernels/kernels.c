@@ -14,8 +14,8 @@
  *
  * Batch invariance: activation row r's outputs are computed by the same instructions in the same order whatever
  * the number of rows m, the other rows and the thread count (threads split the output columns); where a type's
- * decode kernel sums in gemm.c's order (its x4_mode: Q6_K, Q8_0 with AVX-512 VNNI), batches of GEMM_ROWS rows
- * or more take gemm.c's matrix product instead, which gives each row the same bits.
+ * decode kernel sums in gemm.c's order (its x4_mode: every type with AVX-512 VNNI), batches of GEMM_ROWS rows or
+ * more take gemm.c's matrix product instead, which gives each row the same bits.
  */
 #include <stdlib.h>
 
@@ -38,9 +38,10 @@ const ak_type *ak_find_type(int kind) { return find_type(kind); }
 /* activation rows from which ak_gemv hands a type with an x4_mode to ak_gemm_x4 (the same bits either way): Q6_K
  * and Q8_0 from 4 rows — with the weights streamed from memory, a Llama-3.2-3B Q8_0 decode step of 4 sequences
  * took 225–234 ms on the decode kernel and 189–190 ms here (Zen 4, 2 threads; from cache the two are equal at 4
- * rows, 0.57 / 0.56 ms a 1B gate/up, and the decode kernel is ahead at 2, 0.31 / 0.46) —, the 32-weight types
- * from 16 (at 8 rows 0.89–1.06×, at 16 1.1–1.3×) */
-enum { GEMM_ROWS = 4, GEMM_ROWS_L32 = 16 };
+ * rows, 0.57 / 0.56 ms a 1B gate/up, and the decode kernel is ahead at 2, 0.31 / 0.46) —, Q4_K and Q5_K from 16
+ * (a 1B gate/up streamed from memory: at 8 rows 0.79 ms on the decode kernel, 0.95 here; at 12 equal; at 16 1.53 /
+ * 1.39, at 32 3.00 / 2.24), the 32-weight types from 16 (at 8 rows 0.89–1.06×, at 16 1.1–1.3×) */
+enum { GEMM_ROWS = 4, GEMM_ROWS_MIN = 16, GEMM_ROWS_L32 = 16 };
 
 /* 0 and the block's elements and bytes when this build multiplies `kind`, -1 otherwise */
 int ak_type_info(int kind, int *block_elems, int *block_bytes) {
@@ -130,7 +131,8 @@ int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int
     const int R = kind & AK_X4_FLAG ? 4 : 1;
     if (!t || m < 1 || n < 1 || k % t->block_elems || n % R) return 1;
     /* from GEMM_ROWS rows on, a type with the matrix product in dot_x4's order takes that (the same bits) */
-    if (R == 4 && t->x4_mode && m >= (t->x4_mode == AK_X4_L32 ? GEMM_ROWS_L32 : GEMM_ROWS) && n % 16 == 0 && k % 256 == 0)
+    const int from = t->x4_mode == AK_X4_L32 ? GEMM_ROWS_L32 : t->x4_mode == AK_PANEL_MIN ? GEMM_ROWS_MIN : GEMM_ROWS;
+    if (R == 4 && t->x4_mode && m >= from && n % 16 == 0 && k % 256 == 0)
         return ak_gemm_x4(kind, w, x, y, m, n, k, scratch, threads);
     const int nb = k / t->block_elems;
     const size_t gbytes = (size_t)R * nb * t->block_bytes;

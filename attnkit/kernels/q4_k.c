@@ -150,29 +150,35 @@ AK_INLINE void x4_scales(const uint8_t *col, __m128i sc[2], __m128i mn[2]) {
 #ifdef AK_X4
 /* Four rows interleaved: d[4], dmin[4], the scales' three 32-bit words word by word (w0 of rows 0-3, w1, w2),
  * [qh: 4 rows × 16 bytes, twice], qs: 4 rows × 16 bytes, 8 times. A 512-bit register of nibbles holds 16 weights
- * of a sub-block for each row (lane 4r..4r+3: row r), against those 16 activations broadcast; the scales are
- * unpacked four rows at a time (ggml's kmask arithmetic on 32-bit lanes) and widened to floats once per
- * super-block, shared by every activation row. */
+ * of a sub-block for each row (lane 4r..4r+3: row r), against those 16 activations broadcast. gemm.c's
+ * AK_PANEL_MIN operations in its order, so the two give the same bits and ak_gemv may take either for any row:
+ * each sub-block's integer sum is scaled by its 6-bit scale in int32 (vpmulld) and summed over the super-block,
+ * completed across lanes (rows_sums), then one FMA by d·dx and the mins one by one, a − (dmin·m_j)·sx_j. */
 AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys, const int HIGH) {
     const __m512i low = _mm512_set1_epi8(0x0f), sixteen = _mm512_set1_epi8(0x10);
     const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    __m512i pick[4]; /* lane 4r+i ← lane 4r+j: sub-block j's scale of row r in all four lanes of row r */
-    for (int j = 0; j < 4; j++) pick[j] = _mm512_add_epi32(_mm512_slli_epi32(spread, 2), _mm512_set1_epi32(j));
-    __m512 acc[4][2]; /* two sums per row (low-nibble and high-nibble sub-blocks): shorter FMA dependency chains */
-    for (int r = 0; r < M; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    /* pair[e]: the bytes of sc_2e, sc_2e+1 of row c (x4_scales' 4c + j) as int16, four times each, in 128-bit lane c */
+#define P4(c, j) 4 * (c) + (j), -128
+#define PAIR(c, e) P4(c, 2 * (e)), P4(c, 2 * (e)), P4(c, 2 * (e)), P4(c, 2 * (e)), P4(c, 2 * (e) + 1), P4(c, 2 * (e) + 1), P4(c, 2 * (e) + 1), P4(c, 2 * (e) + 1)
+    static const int8_t pairs[2][64] __attribute__((aligned(64))) = {{PAIR(0, 0), PAIR(1, 0), PAIR(2, 0), PAIR(3, 0)},
+                                                                      {PAIR(0, 1), PAIR(1, 1), PAIR(2, 1), PAIR(3, 1)}};
+#undef PAIR
+#undef P4
+    const __m512i pair[2] = {_mm512_load_si512(pairs[0]), _mm512_load_si512(pairs[1])};
+    __m512 acc = _mm512_setzero_ps(); /* lane 4c + r: weight row c · activation row r */
+    __m128 acc1 = _mm_setzero_ps();   /* M = 1: lane c */
     for (int b = 0; b < nb; b++) {
         const uint8_t *col = w + (size_t)b * 4 * SB(HIGH), *qs = col + 64 + 128 * HIGH;
-        const __m512 D = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)col))));
+        const __m128 d4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)col));
         const __m512 DM = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(col + 8)))));
         __m128i scs[2], mns[2];
         x4_scales(col, scs, mns);
-        const __m128i sc03 = scs[0], sc47 = scs[1], m03 = mns[0], m47 = mns[1];
-        const __m512 S[2] = {_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sc03)), D),  /* lane 4r+j: d·sc_j */
-                             _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sc47)), D)}; /* j + 4 */
-        const __m512 m0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(m03)), DM);  /* dmin·m_j */
-        const __m512 m1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(m47)), DM);
-        __m512i h0 = _mm512_setzero_si512(), h1 = h0;
+        const __m512i SC[2] = {_mm512_broadcast_i32x4(scs[0]), _mm512_broadcast_i32x4(scs[1])};
+        const __m512 MF[2] = {_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mns[0])), DM),  /* lane 4c+j: dmin·m_j */
+                              _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mns[1])), DM)}; /* j + 4 */
+        __m512i h0 = _mm512_setzero_si512(), h1 = h0, is[4];
         if (HIGH) h0 = _mm512_loadu_si512(col + 64), h1 = _mm512_loadu_si512(col + 128);
+        for (int r = 0; r < M; r++) is[r] = _mm512_setzero_si512();
         for (int p = 0; p < 4; p++) { /* sub-blocks 2p (low nibbles) and 2p+1 (high), weights 0-15 (a) and 16-31 (b) */
             const __m512i qa = _mm512_loadu_si512(qs + 128 * p), qb = _mm512_loadu_si512(qs + 128 * p + 64);
             __m512i la = _mm512_and_si512(qa, low), lb = _mm512_and_si512(qb, low);
@@ -183,24 +189,54 @@ AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float 
                 ha = _mm512_ternarylogic_epi32(ha, _mm512_slli_epi16(_mm512_srli_epi16(h0, 2 * p + 1), 4), sixteen, 0xF8);
                 hb = _mm512_ternarylogic_epi32(hb, _mm512_slli_epi16(_mm512_srli_epi16(h1, 2 * p + 1), 4), sixteen, 0xF8);
             }
-            const __m512 vlo = _mm512_permutexvar_ps(pick[(2 * p) & 3], S[p >> 1]);
-            const __m512 vhi = _mm512_permutexvar_ps(pick[(2 * p + 1) & 3], S[p >> 1]);
-            for (int r = 0; r < M; r++) {
+            const __m512i s16 = _mm512_shuffle_epi8(SC[p >> 1], pair[p & 1]); /* sc_2p ×4, sc_2p+1 ×4 a row, int16 */
+            for (int r = 0; r < M; r++) { /* a lane's 8 products fit int16 (8·31·127): packed in pairs, then scaled */
                 const int8_t *xq = x[r].qs + 256 * (size_t)b + 64 * p;
-                const float *dx = x[r].d + 8 * (size_t)b + 2 * p;
                 const __m512i ilo = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), la, bcast16(xq)), lb, bcast16(xq + 16));
                 const __m512i ihi = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ha, bcast16(xq + 32)), hb, bcast16(xq + 48));
-                acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ilo), _mm512_mul_ps(vlo, _mm512_set1_ps(dx[0])), acc[r][0]);
-                acc[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ihi), _mm512_mul_ps(vhi, _mm512_set1_ps(dx[1])), acc[r][1]);
+                is[r] = _mm512_dpwssd_epi32(is[r], _mm512_packs_epi32(ilo, ihi), s16);
             }
         }
-        for (int r = 0; r < M; r++) { /* − Σ_j dmin·m_j · sx_j, lane 4r+j */
-            const float *s = x[r].s + 8 * (size_t)b;
-            acc[r][0] = _mm512_fnmadd_ps(m0, _mm512_broadcast_f32x4(_mm_loadu_ps(s)), acc[r][0]);
-            acc[r][1] = _mm512_fnmadd_ps(m1, _mm512_broadcast_f32x4(_mm_loadu_ps(s + 4)), acc[r][1]);
+        if (M == 1) { /* one activation row: the four weight rows' sums in 128 bits (lane c) */
+            const __m512i t = _mm512_add_epi32(is[0], _mm512_shuffle_epi32(is[0], _MM_PERM_CDAB));
+            const __m512i u = _mm512_add_epi32(t, _mm512_shuffle_epi32(t, _MM_PERM_BADC));
+            const __m128i tot = _mm512_castsi512_si128(_mm512_permutexvar_epi32(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0), u));
+            const __m512i tr = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0); /* lane 4j + c ← 4c + j */
+            const __m512 T[2] = {_mm512_permutexvar_ps(tr, MF[0]), _mm512_permutexvar_ps(tr, MF[1])};
+            const float *sx = x[0].s + 8 * (size_t)b;
+            __m128 mn = _mm_mul_ps(_mm512_castps512_ps128(T[0]), _mm_set1_ps(sx[0]));
+            mn = _mm_fmadd_ps(_mm512_extractf32x4_ps(T[0], 1), _mm_set1_ps(sx[1]), mn);
+            mn = _mm_fmadd_ps(_mm512_extractf32x4_ps(T[0], 2), _mm_set1_ps(sx[2]), mn);
+            mn = _mm_fmadd_ps(_mm512_extractf32x4_ps(T[0], 3), _mm_set1_ps(sx[3]), mn);
+            mn = _mm_fmadd_ps(_mm512_castps512_ps128(T[1]), _mm_set1_ps(sx[4]), mn);
+            mn = _mm_fmadd_ps(_mm512_extractf32x4_ps(T[1], 1), _mm_set1_ps(sx[5]), mn);
+            mn = _mm_fmadd_ps(_mm512_extractf32x4_ps(T[1], 2), _mm_set1_ps(sx[6]), mn);
+            mn = _mm_fmadd_ps(_mm512_extractf32x4_ps(T[1], 3), _mm_set1_ps(sx[7]), mn);
+            acc1 = _mm_sub_ps(_mm_fmadd_ps(_mm_cvtepi32_ps(tot), _mm_mul_ps(d4, _mm_set1_ps(x[0].d[8 * (size_t)b])), acc1), mn);
+            continue;
         }
+        float dx[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int r = 0; r < M; r++) dx[r] = x[r].d[8 * (size_t)b];
+        const __m512 D = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(d4));
+        const __m512 s01 = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(x[0].s + 8 * (size_t)b)), _mm256_loadu_ps(x[1].s + 8 * (size_t)b), 1);
+        __m512 s23 = s01; /* rows 0, 1 | rows 2, 3: their 8 sx_j each */
+        if (M > 2)
+            s23 = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(x[2].s + 8 * (size_t)b)),
+                                     _mm256_loadu_ps(x[M > 3 ? 3 : 2].s + 8 * (size_t)b), 1);
+        /* lane 4c + r ← row r's sx_j: lane 8r + j of (s01, s23) */
+#define MN_J(j) _mm512_shuffle_ps(MF[(j) >> 2], MF[(j) >> 2], 0x55 * ((j) & 3))
+#define SX_J(j) _mm512_permutex2var_ps(s01, _mm512_set_epi32(24 + (j), 16 + (j), 8 + (j), j, 24 + (j), 16 + (j), 8 + (j), j, \
+                                                             24 + (j), 16 + (j), 8 + (j), j, 24 + (j), 16 + (j), 8 + (j), j), s23)
+        __m512 mn = _mm512_mul_ps(MN_J(0), SX_J(0));
+#define MIN_A(j) mn = _mm512_fmadd_ps(MN_J(j), SX_J(j), mn)
+        MIN_A(1); MIN_A(2); MIN_A(3); MIN_A(4); MIN_A(5); MIN_A(6); MIN_A(7);
+#undef MIN_A
+#undef SX_J
+#undef MN_J
+        acc = _mm512_sub_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(rows_sums(is, M)), _mm512_mul_ps(D, _mm512_broadcast_f32x4(_mm_loadu_ps(dx))), acc), mn);
     }
-    for (int r = 0; r < M; r++) _mm_storeu_ps(y + r * ys, lane_sums(_mm512_add_ps(acc[r][0], acc[r][1])));
+    if (M == 1) _mm_storeu_ps(y, acc1);
+    else store_rows(acc, M, y, ys);
 }
 #endif
 
@@ -322,7 +358,9 @@ AK_INLINE void panel(const uint8_t *w, size_t gbytes, int u, ak_panel *P, const 
 #define KTYPE_PANEL(name, HIGH) \
     static void name##_panel(const uint8_t *w, size_t gbytes, int u, int nb, ak_panel *P) { (void)nb; panel(w, gbytes, u, P, HIGH); }
 #define PANEL(name) name##_panel
+#define X4_MODE AK_PANEL_MIN /* x4 sums in gemm.c's order */
 #else
+#define X4_MODE 0
 #define KTYPE_PANEL(name, HIGH)
 #define PANEL(name) NULL
 #endif
@@ -349,7 +387,7 @@ AK_INLINE void panel(const uint8_t *w, size_t gbytes, int u, ak_panel *P, const 
     KTYPE_PANEL(name, HIGH)                                                                               \
     const ak_type ak_type_##name = {ID, 256, SB(HIGH), name##_to_float, name##_dot, X4(name##_dot_x4),   \
                                     {{0, 2, 2}, {2, 2, 2}, {4, 12, 4}, {16, HIGH ? 32 : 0, 16}, {16 + 32 * HIGH, 128, 16}, {0, 0, 0}}, 0, NULL, \
-                                    PANEL(name), AK_PANEL_MIN, 0};
+                                    PANEL(name), AK_PANEL_MIN, X4_MODE};
 
 KTYPE(q4_k, AK_Q4_K, 0)
 KTYPE(q5_k, AK_Q5_K, 1)
