@@ -28,6 +28,16 @@ enum { TR = 4 }; /* activation rows a tile */
 #endif
 
 static inline __m512i x4q(const ak_act *a, size_t i) { int32_t v; memcpy(&v, a->qs + i, 4); return _mm512_set1_epi32(v); }
+/* t + Σ w·(the 4 quants at a->qs + i, broadcast): vpdpbusd with the broadcast as its memory operand ({1to16}), where
+ * compilers emit a separate vpbroadcastd for x4q */
+static inline __m512i dp4(__m512i t, __m512i w, const ak_act *a, size_t i) {
+#if defined(__GNUC__) && !defined(AK_NO_ASM)
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(t) : "v"(w), "m"(*(const int32_t *)(a->qs + i)));
+    return t;
+#else
+    return _mm512_dpbusd_epi32(t, w, x4q(a, i));
+#endif
+}
 
 /* R activation rows against nu units of one panel → out[r]: 16 sums, lane 4r' + g for row r' of group g; the last
  * unit holds `last` blocks of 32 (8 but where k % 256: AK_PANEL_B32 and AK_PANEL_L32) */
@@ -44,7 +54,7 @@ AK_INLINE void rows_tile(const ak_panel *P, int nu, int last, const ak_act *x, c
                 for (int r = 0; r < R; r++) t[r] = MODE == AK_PANEL_B32 ? _mm512_set1_epi32(t0[r][8 * (size_t)u + j]) : _mm512_setzero_si512();
                 for (int s = 0; s < 8; s++) {
                     const __m512i wq = _mm512_load_si512(S->q + 8 * j + s);
-                    for (int r = 0; r < R; r++) t[r] = _mm512_dpbusd_epi32(t[r], wq, x4q(x + r, base + 32 * j + 4 * s));
+                    for (int r = 0; r < R; r++) t[r] = dp4(t[r], wq, x + r, base + 32 * j + 4 * s);
                 }
                 for (int r = 0; r < R; r++) {
                     acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t[r]), _mm512_mul_ps(S->d[j], _mm512_set1_ps(x[r].d[8 * (size_t)u + j])), acc[r]);
@@ -61,7 +71,7 @@ AK_INLINE void rows_tile(const ak_panel *P, int nu, int last, const ak_act *x, c
             for (int r = 0; r < R; r++) t[r] = MODE == AK_PANEL_K16 ? _mm512_set1_epi32(t0[r][16 * (size_t)u + c]) : _mm512_setzero_si512();
             for (int s = 0; s < SL; s++) {
                 const __m512i wq = _mm512_load_si512(S->q + SL * c + s);
-                for (int r = 0; r < R; r++) t[r] = _mm512_dpbusd_epi32(t[r], wq, x4q(x + r, base + 4 * (SL * c + s)));
+                for (int r = 0; r < R; r++) t[r] = dp4(t[r], wq, x + r, base + 4 * (SL * c + s));
             }
             for (int r = 0; r < R; r++) is[r] = _mm512_add_epi32(is[r], _mm512_mullo_epi32(t[r], S->sc[c]));
         }
@@ -102,8 +112,8 @@ AK_INLINE void rows_tile_x4(const ak_panel *P, int nu, const ak_act *x, const in
                 const __m512 v = _mm512_mul_ps(S->d[j], _mm512_set1_ps(x[r].d[b]));
                 for (int i = 0; i < 4; i++) {
                     __m512i t = MODE == AK_X4_B32 ? _mm512_set1_epi32(off4[r][4 * b + i]) : _mm512_setzero_si512();
-                    t = _mm512_dpbusd_epi32(t, _mm512_load_si512(S->q + 8 * j + i), x4q(x + r, 32 * b + 4 * i));
-                    t = _mm512_dpbusd_epi32(t, _mm512_load_si512(S->q + 8 * j + 4 + i), x4q(x + r, 32 * b + 16 + 4 * i));
+                    t = dp4(t, _mm512_load_si512(S->q + 8 * j + i), x + r, 32 * b + 4 * i);
+                    t = dp4(t, _mm512_load_si512(S->q + 8 * j + 4 + i), x + r, 32 * b + 16 + 4 * i);
                     acc[r][e][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), v, acc[r][e][i]);
                 }
                 if (MODE == AK_X4_L32) accm[r] = _mm512_fmadd_ps(S->mn[j], _mm512_set1_ps(x[r].s[b]), accm[r]);
