@@ -85,13 +85,10 @@ static inline __attribute__((always_inline)) void store_rows(__m512 acc, const i
 }
 /* the four rows' fp16 scales at p[0..3] of each group → lane 4r + g */
 static inline __m512 panel_halves(const uint8_t *w, size_t gbytes, size_t at) {
-    float f[16];
-    for (int g = 0; g < 4; g++) {
-        float h[4];
-        _mm_storeu_ps(h, _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(w + g * gbytes + at))));
-        for (int r = 0; r < 4; r++) f[4 * r + g] = h[r];
-    }
-    return _mm512_loadu_ps(f);
+    int64_t h[4];
+    for (int g = 0; g < 4; g++) memcpy(h + g, w + g * gbytes + at, 8);
+    const __m512 f = _mm512_cvtph_ps(_mm256_set_epi64x(h[3], h[2], h[1], h[0])); /* lane 4g + r */
+    return _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), f);
 }
 #else
 typedef struct ak_panel ak_panel;

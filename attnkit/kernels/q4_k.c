@@ -322,21 +322,24 @@ AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float 
 AK_INLINE void panel(const uint8_t *w, size_t gbytes, int u, ak_panel *P, const int HIGH) {
     const __m512i low = _mm512_set1_epi8(0x0f), sixteen = _mm512_set1_epi8(0x10);
     const size_t at = (size_t)u * 4 * SB(HIGH);
-    uint8_t sc[4][32], mn[4][32];
+    const __m512i tr = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0); /* 4r + g ← 4g + r */
+    __m512i S[2], M[2]; /* 32-bit lane 4r + g: row r of group g's scale (mins) bytes j = 0..3 (S[0]) or 4..7 (S[1]) */
+    for (int h = 0; h < 2; h++) S[h] = M[h] = _mm512_setzero_si512();
     for (int g = 0; g < 4; g++) {
         __m128i scs[2], mns[2];
         x4_scales(w + g * gbytes + at, scs, mns);
-        _mm_storeu_si128((__m128i *)sc[g], scs[0]), _mm_storeu_si128((__m128i *)(sc[g] + 16), scs[1]);
-        _mm_storeu_si128((__m128i *)mn[g], mns[0]), _mm_storeu_si128((__m128i *)(mn[g] + 16), mns[1]);
+        for (int h = 0; h < 2; h++) { /* lane 4g + r, for now */
+            S[h] = _mm512_mask_broadcast_i32x4(S[h], (__mmask16)(0xF << (4 * g)), scs[h]);
+            M[h] = _mm512_mask_broadcast_i32x4(M[h], (__mmask16)(0xF << (4 * g)), mns[h]);
+        }
     }
+    for (int h = 0; h < 2; h++) S[h] = _mm512_permutexvar_epi32(tr, S[h]), M[h] = _mm512_permutexvar_epi32(tr, M[h]);
     const __m512 D = panel_halves(w, gbytes, at), DM = panel_halves(w, gbytes, at + 8);
+    const __m512i byte = _mm512_set1_epi32(0xff);
     P->d[0] = D;
-    for (int j = 0; j < 8; j++) { /* x4_scales: byte 16·(j/4) + 4r + j%4 is sub-block j's of row r */
-        int32_t s[16], m[16];
-        for (int r = 0; r < 4; r++)
-            for (int g = 0; g < 4; g++) s[4 * r + g] = sc[g][16 * (j >> 2) + 4 * r + (j & 3)], m[4 * r + g] = mn[g][16 * (j >> 2) + 4 * r + (j & 3)];
-        P->sc[j] = _mm512_loadu_si512(s);
-        P->mn[j] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(m)), DM);
+    for (int j = 0; j < 8; j++) { /* byte j % 4 of each lane */
+        P->sc[j] = _mm512_and_si512(_mm512_srli_epi32(S[j >> 2], 8 * (j & 3)), byte);
+        P->mn[j] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(M[j >> 2], 8 * (j & 3)), byte)), DM);
     }
     for (int p = 0; p < 4; p++)      /* qs chunk 2p + half: weights 16·half .. of sub-blocks 2p (low) and 2p + 1 (high) */
         for (int half = 0; half < 2; half++) {

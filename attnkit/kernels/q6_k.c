@@ -168,11 +168,17 @@ static void q6_k_panel(const uint8_t *w, size_t gbytes, int u, int nb, ak_panel 
     const __m512i low = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
     const size_t at = (size_t)u * 840;
     P->d[0] = panel_halves(w, gbytes, at);
-    for (int c = 0; c < 16; c++) {
-        int32_t s[16];
-        for (int r = 0; r < 4; r++)
-            for (int g = 0; g < 4; g++) s[4 * r + g] = (int8_t)w[g * gbytes + at + 8 + 4 * c + r];
-        P->sc[c] = _mm512_loadu_si512(s);
+    const __m512i tr = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0); /* 4r + g ← 4g + r */
+    for (int q = 0; q < 4; q++) { /* scales 4q .. 4q + 3: byte 4c' + r of each group's 16 at 8 + 16q */
+        __m512i Z = _mm512_setzero_si512(); /* 128-bit lane g: group g's */
+        for (int g = 0; g < 4; g++)
+            Z = _mm512_mask_broadcast_i32x4(Z, (__mmask16)(0xF << (4 * g)), _mm_loadu_si128((const __m128i *)(w + g * gbytes + at + 8 + 16 * q)));
+        for (int c = 0; c < 4; c++) { /* byte 4c + r → the top byte of 32-bit lane r, sign-extended; lane 4g + r → 4r + g */
+            const __m512i pick = _mm512_set1_epi32((int)(((uint32_t)(4 * c) << 24) | 0x808080u));
+            const __m512i rows = _mm512_add_epi32(pick, _mm512_set_epi32(3 << 24, 2 << 24, 1 << 24, 0, 3 << 24, 2 << 24, 1 << 24, 0,
+                                                                         3 << 24, 2 << 24, 1 << 24, 0, 3 << 24, 2 << 24, 1 << 24, 0));
+            P->sc[4 * q + c] = _mm512_permutexvar_epi32(tr, _mm512_srai_epi32(_mm512_shuffle_epi8(Z, rows), 24));
+        }
     }
     for (int h = 0; h < 2; h++)
         for (int e = 0; e < 2; e++) {
