@@ -38,10 +38,10 @@ const ak_type *ak_find_type(int kind) { return find_type(kind); }
 /* activation rows from which ak_gemv hands a type with an x4_mode to ak_gemm_x4 (the same bits either way): Q6_K
  * and Q8_0 from 4 rows — with the weights streamed from memory, a Llama-3.2-3B Q8_0 decode step of 4 sequences
  * took 225–234 ms on the decode kernel and 189–190 ms here (Zen 4, 2 threads; from cache the two are equal at 4
- * rows, 0.57 / 0.56 ms a 1B gate/up, and the decode kernel is ahead at 2, 0.31 / 0.46) —, Q4_K and Q5_K from 16
- * (a 1B gate/up streamed from memory: at 8 rows 0.79 ms on the decode kernel, 0.95 here; at 12 equal; at 16 1.53 /
- * 1.39, at 32 3.00 / 2.24), the 32-weight types from 16 (at 8 rows 0.89–1.06×, at 16 1.1–1.3×) */
-enum { GEMM_ROWS = 4, GEMM_ROWS_MIN = 16, GEMM_ROWS_L32 = 16 };
+ * rows, 0.57 / 0.56 ms a 1B gate/up, and the decode kernel is ahead at 2, 0.31 / 0.46) —, Q4_K and Q5_K from 12
+ * (a 1B gate/up streamed from memory: at 8 rows 0.78 ms on the decode kernel, 0.80 here; at 12 1.13 / 0.99; at 16
+ * 1.49 / 1.18), the 32-weight types from 16 (at 8 rows 0.89–1.06×, at 16 1.1–1.3×) */
+enum { GEMM_ROWS = 4, GEMM_ROWS_MIN = 12, GEMM_ROWS_L32 = 16 };
 
 /* 0 and the block's elements and bytes when this build multiplies `kind`, -1 otherwise */
 int ak_type_info(int kind, int *block_elems, int *block_bytes) {
