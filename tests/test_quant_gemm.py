@@ -163,9 +163,9 @@ def test_a_fused_layer_keeps_the_products_its_parts_were_set_to() -> None:
 
 @pytest.mark.parametrize("kind", ["Q8_0", "Q6_K", "Q4_K", "Q5_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
 def test_generated_rows_get_the_same_bits_from_any_batch(kind: str) -> None:
-    """From 4 rows on (12 for Q4_K and Q5_K, 16 for the 32-weight types), ak_gemv hands a batch of a type with the product in its decode
-    kernel's order to that product (kernels/gemm.c, ak_gemm_x4): each row must still get the bits the decode kernel
-    gives it alone."""
+    """From 4 rows on (12 for Q4_K and Q5_K, 16 for the 32-weight types), ak_gemv hands a batch of a type with the
+    product in its decode kernel's order to that product (kernels/gemm.c, ak_gemm_x4): each row must still get the
+    bits the decode kernel gives it alone."""
     layer = _gemm_layer(kind, n=64, k=512, seed=6)
     x = torch.randn(21, 512, generator=torch.Generator().manual_seed(7))
     batch = layer.kernel_product(x)  # 21 rows: the matrix product
