@@ -123,8 +123,8 @@ def main() -> int:
     print("| sequences | attnkit tok/s | llama.cpp tok/s | ratio |\n|---|---|---|---|")
     for B in batches:
         x, y = a.get(str(B)), b.get(str(B))
-        ratio = f"{x / y:.2f}×" if x and y else "—"
-        print(f"| {B} | {x:.1f} | {y:.1f} | {ratio} |" if x and y else f"| {B} | {x or '—'} | {y or '—'} | {ratio} |")
+        cell = lambda v: "—" if v is None else f"{v:.1f}"  # noqa: E731
+        print(f"| {B} | {cell(x)} | {cell(y)} | {f'{x / y:.2f}×' if x and y else '—'} |")
     report = {"machine": {"cpu": cpu_model(), "processor": platform.machine(), "cpus": os.cpu_count(),
                           "threads": args.threads},
               "model": args.model, "prompt": args.prompt, "new": args.new, "rounds": args.rounds,
