@@ -150,10 +150,12 @@ AK_INLINE void x4_scales(const uint8_t *col, __m128i sc[2], __m128i mn[2]) {
 #ifdef AK_X4
 /* Four rows interleaved: d[4], dmin[4], the scales' three 32-bit words word by word (w0 of rows 0-3, w1, w2),
  * [qh: 4 rows × 16 bytes, twice], qs: 4 rows × 16 bytes, 8 times. A 512-bit register of nibbles holds 16 weights
- * of a sub-block for each row (lane 4r..4r+3: row r), against those 16 activations broadcast. gemm.c's
- * AK_PANEL_MIN operations in its order, so the two give the same bits and ak_gemv may take either for any row:
- * each sub-block's integer sum is scaled by its 6-bit scale in int32 (vpmulld) and summed over the super-block,
- * completed across lanes (rows_sums), then one FMA by d·dx and the mins one by one, a − (dmin·m_j)·sx_j. */
+ * of a sub-block for each row (lane 4r..4r+3: row r), against those 16 activations broadcast. The arithmetic is
+ * gemm.c's AK_PANEL_MIN in its order, so the two give the same bits and ak_gemv may take either for any row:
+ * each sub-block's integer sums are scaled by its 6-bit scale in int32 (two sub-blocks' sums packed to int16, one
+ * vpdpwssd) and summed over the super-block, completed across lanes (rows_sums), then
+ *   acc = (acc + Σ·(d·dx)) − Σ_j (dmin·m_j)·sx_j,
+ * the mins' sum taken apart (m_0·sx_0 first, then one FMA each) so that the chain through acc is two operations. */
 AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys, const int HIGH) {
     const __m512i low = _mm512_set1_epi8(0x0f), sixteen = _mm512_set1_epi8(0x10);
     const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
