@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # attnkit bench runs this file with runpy
 
-from _report import cpu_model, write_report  # noqa: E402
+from _report import cpu_model, median_result, write_report  # noqa: E402
 
 
 def child_attnkit(model: str, batches: list[int], prompt: int, new: int, threads: int) -> dict:
@@ -78,8 +77,8 @@ def run_child(args: argparse.Namespace) -> dict:
 def median_by_batch(rounds: list[dict], batches: list[int]) -> dict:
     """Each batch size's median over the rounds that measured it (rounds with an error left out)."""
     good = [r for r in rounds if "error" not in r]
-    return {str(B): statistics.median(r[str(B)] for r in good if str(B) in r) for B in batches
-            if any(str(B) in r for r in good)}
+    med = median_result(good) if good else {}
+    return {str(B): med[str(B)] for B in batches if str(B) in med}
 
 
 def main() -> int:

@@ -49,7 +49,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # attnkit bench runs this file with runpy
 
-from _report import write_report  # noqa: E402
+from _report import median_result, write_report  # noqa: E402
 
 from engine import workload  # noqa: E402 (the offline workload of the engine benchmark)
 
@@ -361,21 +361,6 @@ def run_child(kind: str, args: argparse.Namespace, timeout: float, model: Path |
 COLUMNS = [("load_s", "load s", 1), ("ttft_32_s", "TTFT 32 s", 2), ("prefill_512_tok_s", "prefill 512 tok/s", 1),
            ("decode_tok_s", "decode tok/s", 2), ("roofline", "decode / roofline", 2),
            ("offline_out_tok_s", "offline out tok/s", 2), ("peak_rss_mb", "peak RSS GB", 2)]
-
-
-def median_result(runs: list[dict]) -> dict:
-    """One system's results over several rounds → each number its median (the middle round; the mean of the two
-    middle ones for an even count), anything else as the first round had it, and the rounds themselves under
-    ``rounds``. A number missing from a round (a failed part) is taken over the rounds that have it."""
-    import statistics
-
-    out: dict = {}
-    for key in dict.fromkeys(k for r in runs for k in r):
-        vals = [r[key] for r in runs if key in r]
-        nums = [v for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        out[key] = statistics.median(nums) if nums and len(nums) == len(vals) else vals[0]
-    out["rounds"] = runs
-    return out
 
 
 def _cell(res: dict, key: str, digits: int) -> str:

@@ -1,30 +1,18 @@
 """benchmarks/batch_decode.py: each batch size's figure the median over the rounds that measured it, failed rounds
 left out; llama-batched-bench's jsonl read per batch size."""
 
-import importlib.util
 import subprocess
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def _bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))  # it imports _report from its directory; restored after
-    spec = importlib.util.spec_from_file_location("bench_batch_decode", BENCH / "batch_decode.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_median_over_the_rounds_without_the_failed_ones(monkeypatch):
-    bd = _bench(monkeypatch)
+def test_median_over_the_rounds_without_the_failed_ones(load_benchmark):
+    bd = load_benchmark("batch_decode")
     rounds = [{"1": 40.0, "4": 90.0}, {"error": "timed out"}, {"1": 50.0, "4": 100.0}, {"1": 45.0}]
     assert bd.median_by_batch(rounds, [1, 4, 16]) == {"1": 45.0, "4": 95.0}
     assert bd.median_by_batch([{"error": "x"}], [1]) == {}
 
 
-def test_llama_batched_bench_output_is_read_per_batch_size(monkeypatch, tmp_path):
-    bd = _bench(monkeypatch)
+def test_llama_batched_bench_output_is_read_per_batch_size(load_benchmark, monkeypatch, tmp_path):
+    bd = load_benchmark("batch_decode")
     lines = ['main: n_kv_max = 4096', '{"pl": 1, "speed_tg": 41.6, "speed_pp": 138.6}',
              '{"pl": 4, "speed_tg": 66.3, "speed_pp": 151.8}']
     seen = {}

@@ -1,22 +1,9 @@
 """benchmarks/sizes.py's rounds: each figure the median over the rounds, the rounds kept, what is not a number
 taken from the first round."""
 
-import importlib.util
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def _sizes(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))  # sizes.py imports its neighbours (_report, engine); restored after
-    spec = importlib.util.spec_from_file_location("bench_sizes", BENCH / "sizes.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_median_result_takes_each_number_over_the_rounds(monkeypatch):
-    sizes = _sizes(monkeypatch)
+def test_median_result_takes_each_number_over_the_rounds(load_benchmark):
+    sizes = load_benchmark("sizes")
     runs = [{"decode_tok_s": 30.0, "prefill_512_tok_s": 200.0, "slots": "16", "ok": True},
             {"decode_tok_s": 60.0, "prefill_512_tok_s": 240.0, "slots": "16", "ok": True},
             {"decode_tok_s": 55.0, "slots": "16", "ok": False}]
