@@ -83,12 +83,14 @@ static inline __attribute__((always_inline)) void store_rows(__m512 acc, const i
         _mm_storeu_ps(y + r * ys, _mm512_castps512_ps128(_mm512_permutexvar_ps(
                                       _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12 + r, 8 + r, 4 + r, r), acc)));
 }
+/* the permutation of a 4 × 4 transpose of 32-bit lanes: lane 4a + b ← lane 4b + a (its own inverse) */
+static inline __m512i transpose4x4(void) { return _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0); }
 /* the four rows' fp16 scales at p[0..3] of each group → lane 4r + g */
 static inline __m512 panel_halves(const uint8_t *w, size_t gbytes, size_t at) {
     int64_t h[4];
     for (int g = 0; g < 4; g++) memcpy(h + g, w + g * gbytes + at, 8);
     const __m512 f = _mm512_cvtph_ps(_mm256_set_epi64x(h[3], h[2], h[1], h[0])); /* lane 4g + r */
-    return _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), f);
+    return _mm512_permutexvar_ps(transpose4x4(), f);
 }
 #else
 typedef struct ak_panel ak_panel;

@@ -185,7 +185,7 @@ static int gemm(int kind, const void *w, const float *x, float *y, int m, int n,
     if (per && !(t0 = malloc(sizeof(int32_t) * (size_t)m * nu * per))) return 2;
     const size_t row_bytes = (size_t)(k / 32) * sizeof(block_q8x);
     const size_t gbytes = (size_t)4 * (k / t->block_elems) * t->block_bytes;
-    const __m512i unperm = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0); /* 4g + r ← 4r + g */
+    const __m512i unperm = transpose4x4(); /* 4g + r ← 4r + g */
     int failed = 0;
     (void)threads;
 #pragma omp parallel num_threads(threads) if (threads > 1 && n >= 32)

@@ -203,7 +203,7 @@ AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float 
             const __m512i t = _mm512_add_epi32(is[0], _mm512_shuffle_epi32(is[0], _MM_PERM_CDAB));
             const __m512i u = _mm512_add_epi32(t, _mm512_shuffle_epi32(t, _MM_PERM_BADC));
             const __m128i tot = _mm512_castsi512_si128(_mm512_permutexvar_epi32(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0), u));
-            const __m512i tr = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0); /* lane 4j + c ← 4c + j */
+            const __m512i tr = transpose4x4(); /* lane 4j + c ← 4c + j */
             const __m512 T[2] = {_mm512_permutexvar_ps(tr, MF[0]), _mm512_permutexvar_ps(tr, MF[1])};
             const float *sx = x[0].s + 8 * (size_t)b;
             __m128 mn = _mm_mul_ps(_mm512_castps512_ps128(T[0]), _mm_set1_ps(sx[0]));
@@ -324,7 +324,7 @@ AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float 
 AK_INLINE void panel(const uint8_t *w, size_t gbytes, int u, ak_panel *P, const int HIGH) {
     const __m512i low = _mm512_set1_epi8(0x0f), sixteen = _mm512_set1_epi8(0x10);
     const size_t at = (size_t)u * 4 * SB(HIGH);
-    const __m512i tr = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0); /* 4r + g ← 4g + r */
+    const __m512i tr = transpose4x4(); /* 4r + g ← 4g + r */
     __m512i S[2], M[2]; /* 32-bit lane 4r + g: row r of group g's scale (mins) bytes j = 0..3 (S[0]) or 4..7 (S[1]) */
     for (int h = 0; h < 2; h++) S[h] = M[h] = _mm512_setzero_si512();
     for (int g = 0; g < 4; g++) {

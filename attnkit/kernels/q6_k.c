@@ -168,7 +168,7 @@ static void q6_k_panel(const uint8_t *w, size_t gbytes, int u, int nb, ak_panel 
     const __m512i low = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
     const size_t at = (size_t)u * 840;
     P->d[0] = panel_halves(w, gbytes, at);
-    const __m512i tr = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0); /* 4r + g ← 4g + r */
+    const __m512i tr = transpose4x4(); /* 4r + g ← 4g + r */
     for (int q = 0; q < 4; q++) { /* scales 4q .. 4q + 3: byte 4c' + r of each group's 16 at 8 + 16q */
         __m512i Z = _mm512_setzero_si512(); /* 128-bit lane g: group g's */
         for (int g = 0; g < 4; g++)
