@@ -7,7 +7,10 @@ micro-batches in the same order (attnkit.train.sft_data), AdamW, learning rate, 
 runs in a fresh process; reported: training tokens/s (over all steps), peak RSS, held-out loss after.
 
 ``qlora`` — LoRA r=16 on every linear layer over a GGUF base that stays quantized (``--gguf``, e.g. the
-Llama-3.2-1B-shaped Q4_K_M that benchmarks/sizes.py writes): tokens/s and peak RSS against the file's size.
+Llama-3.2-1B-shaped Q4_K_M that benchmarks/sizes.py writes): tokens/s and peak RSS against the file's size, also
+less the runtime (the child's RSS with Python, PyTorch and attnkit imported, before anything is loaded); with
+gradient checkpointing, and with it under glibc's own malloc policy (``ATTNKIT_NO_MALLOC_TUNING=1``) in place of the
+one a quantized base's training sets.
 
     python benchmarks/finetune_speed.py --parts peft,qlora --gguf ~/.cache/attnkit/sizes/llama-3.2-1b-Q4_K_M.lq.gguf
     attnkit bench finetune_speed -- --parts peft --steps 30
@@ -45,6 +48,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def current_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:")), 0.0)
+
+
 def child_attnkit(a: dict) -> dict:
     """attnkit's own trainer, as ``attnkit finetune`` runs it."""
     import torch
@@ -57,12 +65,13 @@ def child_attnkit(a: dict) -> dict:
                       packing=True, lr=a["lr"], warmup=0, schedule="constant", r=16, alpha=32.0,
                       target_modules="all-linear", eval_every=0, bf16=a["bf16"],
                       gradient_checkpointing=a.get("checkpointing", False), seed=0)
+    runtime = current_rss_mb()  # Python, PyTorch and attnkit imported, nothing loaded
     t0 = time.perf_counter()
     res = finetune(fa, a["out"], progress=False)
     wall = time.perf_counter() - t0
     hist = json.loads((Path(a["out"]) / "checkpoint" / "trainer_state.json").read_text())["history"]
     return {"train_seconds": res["train_seconds"], "wall_s": round(wall, 1), "eval_loss": res["eval_after"]["eval_loss"],
-            "final_train_loss": hist[-1]["loss"], "peak_rss_mb": round(peak_rss_mb()),
+            "final_train_loss": hist[-1]["loss"], "peak_rss_mb": round(peak_rss_mb()), "runtime_rss_mb": round(runtime),
             "tokens": sum(h["tokens"] for h in hist), "rows": res["train_examples"]}
 
 
@@ -187,15 +196,17 @@ def main() -> int:
                 q = {**base, "model": args.gguf, "steps": args.qlora_steps, "batch": args.qlora_batch}
                 size_mb = Path(args.gguf).stat().st_size / 2**20
                 out = {}
-                # the last: glibc returns every freed block of ≥ 128 KiB at once (no heap growing past the live data)
+                # the last: glibc's own policy (its mmap threshold rising as blocks are freed) in place of the one
+                # a quantized base's training sets (attnkit.kernels.allocator.return_freed_memory)
                 for label, extra, env in (("quantized base (gguf)", {"quantize": "gguf"}, None),
                                           ("+ gradient checkpointing", {"quantize": "gguf", "checkpointing": True}, None),
-                                          ("+ MALLOC_MMAP_THRESHOLD_=131072", {"quantize": "gguf", "checkpointing": True},
-                                           {"MALLOC_MMAP_THRESHOLD_": "131072"})):
+                                          ("+ checkpointing, glibc's own malloc policy", {"quantize": "gguf", "checkpointing": True},
+                                           {"ATTNKIT_NO_MALLOC_TUNING": "1"})):
                     r = run_child("attnkit", {**q, **extra, "out": str(work / f"run-q{len(out)}")}, args.timeout, env)
                     if "error" not in r:
                         r["tokens_per_s"] = round(r["tokens"] / r["train_seconds"], 1)
                         r["rss_over_file"] = round(r["peak_rss_mb"] / size_mb, 2)
+                        r["rss_less_runtime_over_file"] = round((r["peak_rss_mb"] - r["runtime_rss_mb"]) / size_mb, 2)
                     out[label] = r
                     rows.append((f"{Path(args.gguf).name} QLoRA", label, r))
                 report["parts"]["qlora"] = {"file": args.gguf, "file_mb": round(size_mb), "runs": out,

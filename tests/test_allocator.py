@@ -1,4 +1,4 @@
-"""attnkit.engine.allocator: freed large activations are reused, not mapped afresh each step."""
+"""attnkit.kernels.allocator: freed large activations are reused, not mapped afresh each step."""
 
 import os
 import platform
@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallo
 # steps that allocate, write and free tensors of 1–30 MB in a varying order, as the engine's eager steps do
 STEPS = """
 import random, resource, torch
-from attnkit.engine.allocator import tune_malloc
+from attnkit.kernels.allocator import tune_malloc
 tuned = tune_malloc()
 rng = random.Random(0)
 def step():
@@ -43,7 +43,7 @@ def page_faults_per_step(tuning: bool) -> float:
 # a 20 MB tensor, then where glibc put it: mallinfo2's hblkhd counts the bytes in mmap'ed chunks
 WHERE = """
 import ctypes, torch
-from attnkit.engine.allocator import tune_malloc
+from attnkit.kernels.allocator import tune_malloc
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
                                                 "uordblks", "fordblks", "keepcost")]
@@ -91,3 +91,35 @@ def test_the_engine_tunes_malloc_on_the_cpu():
     cfg = LlamaConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=64)
     engine = LLMEngine(Llama(cfg), eos_ids=set())
     assert engine.malloc_tuned == (not os.environ.get("ATTNKIT_NO_MALLOC_TUNING"))
+
+
+# a 20 MB tensor freed, then a 2 MB one: where glibc put the second (bytes in mmap'ed chunks)
+AFTER_A_FREE = """
+import ctypes, sys, torch
+from attnkit.kernels.allocator import return_freed_memory
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                                "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+done = return_freed_memory() if sys.argv[1] == "1" else False
+big = torch.ones(20 << 18)
+del big
+before = libc.mallinfo2().hblkhd
+small = torch.ones(2 << 18)
+print(done, libc.mallinfo2().hblkhd - before)
+"""
+
+
+def test_returning_freed_memory_keeps_large_tensors_off_the_heap():
+    """glibc alone raises its mmap threshold to a freed mapping's size, so the next 2 MB tensor comes from the heap
+    (and stays there when freed); after return_freed_memory() it gets a mapping of its own, unmapped when freed."""
+    out = {}
+    for on in ("1", "0"):
+        env = {k: v for k, v in os.environ.items() if k != "ATTNKIT_NO_MALLOC_TUNING"}
+        run = subprocess.run([sys.executable, "-c", AFTER_A_FREE, on], env=env, capture_output=True, text=True, timeout=120)
+        if run.returncode and "mallinfo2" in run.stderr:
+            pytest.skip("glibc without mallinfo2 (< 2.33)")
+        done, mapped = run.stdout.split()
+        out[done] = int(mapped)
+    assert out["True"] >= 2 << 20 and out["False"] == 0, out

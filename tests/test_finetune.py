@@ -141,3 +141,19 @@ def test_cli(tmp_path, data, monkeypatch, capsys):
     assert main(["finetune", "--method", "lora", "--data", str(tmp_path / "nope.jsonl"), "--out", str(out)]) == 2
     assert "no such data file" in capsys.readouterr().err
     assert main(["finetune", "--method", "dora", "--data", data, "--out", str(out)]) == 2
+
+
+@pytest.mark.parametrize("quantize", [None, "gguf"])
+def test_a_quantized_base_trains_with_freed_memory_returned_and_evaluates_at_the_micro_batch(tmp_path, data, monkeypatch,
+                                                                                            quantize):
+    import attnkit.train.finetune as ft
+
+    calls, batches = [], []
+    monkeypatch.setattr(ft, "return_freed_memory", lambda: calls.append(1) or True)
+    evaluate = ft.evaluate_loss
+    monkeypatch.setattr(ft, "evaluate_loss", lambda *a, **kw: batches.append(kw["batch_size"]) or evaluate(*a, **kw))
+    args = FinetuneArgs(method="lora", data=data, eval_data=data, steps=2, batch_size=2, warmup=0, eval_every=0,
+                        seq_len=32, quantize=quantize)
+    finetune(args, tmp_path / "run", lm=tiny_lm(), progress=False)
+    assert calls == ([1] if quantize else [])  # QLoRA: glibc gives freed temporaries back (kernels/allocator.py)
+    assert batches == [2, 2]  # before and after: never more rows at once than a training micro-batch

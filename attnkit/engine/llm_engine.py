@@ -28,7 +28,7 @@ from .options import KV_CACHE_DTYPES
 from .kv_format import KVFormat, kv_format
 from .kv_tail import KVTail
 from ..text.detokenize import IncrementalDetokenizer
-from .allocator import tune_malloc
+from ..kernels.allocator import tune_malloc
 from .block_manager import BlockGroups, BlockManager, BlockStats
 from .grammar import Grammars
 from .lora import LoraAdapters
@@ -140,7 +140,7 @@ class LLMEngine:
         if self.runner.tail is not None:  # a slot whose block no sequence holds any more can be given back
             blocks = self.block_manager.managers[0].blocks
             self.runner.tail.in_use = lambda b: blocks[b].ref_count > 0
-        # on the CPU every step reuses its large activations in place of new mappings (attnkit.engine.allocator)
+        # on the CPU every step reuses its large activations in place of new mappings (attnkit.kernels.allocator)
         self.malloc_tuned = self.runner.device.type == "cpu" and tune_malloc()
         self.loras: LoraAdapters | None = None  # created by the first add_lora
         self._grammars: Grammars | None = None  # created by the first constrained request

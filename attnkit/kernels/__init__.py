@@ -1,7 +1,8 @@
 """attnkit's C kernels: GGUF block matrix–vector products (``kernels.c``, which dispatches through the table of
 block types: one kernel file per type or family, ``legacy.c`` (Q4_0, Q4_1, Q5_0, Q5_1), ``q8.c``, ``q4_k.c``
 (Q4_K, Q5_K), ``q6_k.c``), the prompt rows' integer matrix product (``gemm.c``), paged decode attention (``attention.c``), and a whole decode step of a Llama-family
-model built on them (``decode_step.c``, its mixture-of-experts FFN ``moe.c``).
+model built on them (``decode_step.c``, its mixture-of-experts FFN ``moe.c``). Beside them, :mod:`.allocator`: glibc's
+malloc policy for the process (keep freed activations for the engine's step loop, or give them back when training).
 
 Compiled once per machine with the system C compiler (``-O3 -march=native -fopenmp``, a few seconds;
 ``$ATTNKIT_MARCH`` overrides ``native``, e.g. ``x86-64`` for the portable C) into a cache directory (``$ATTNKIT_CACHE`` or ~/.cache/attnkit) and loaded with ctypes. The

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..kernels.allocator import return_freed_memory
 from ..models.json_config import JsonConfig
 from ..nn.recompute import recompute_saved
 from ..peft import METHODS, PeftConfig, PeftModel, get_peft_model
@@ -305,6 +306,8 @@ def finetune(args: FinetuneArgs, out_dir: str | Path, resume: bool = False, prog
         if note and show:
             print(note, file=sys.stderr)
     torch.manual_seed(args.seed)
+    if args.quantize is not None:  # QLoRA runs under a memory budget: freed temporaries go back, not kept in the heap
+        return_freed_memory()
     lm = load_causal_lm(args.model, quantize=args.quantize) if lm is None else lm
     if args.gradient_checkpointing and not hasattr(lm.model, "gradient_checkpointing"):
         raise ValueError(f"gradient_checkpointing: {type(lm.model).__name__} has no checkpointed block stack")
@@ -358,7 +361,8 @@ def finetune(args: FinetuneArgs, out_dir: str | Path, resume: bool = False, prog
                          rank=d.rank, world=d.world)
 
     def evaluate() -> dict:
-        return {"step": state["step"], **evaluate_loss(model, eval_rows, pad_id, bf16=args.bf16, d=d, fsdp=fsdp)}
+        return {"step": state["step"], **evaluate_loss(model, eval_rows, pad_id, batch_size=min(8, args.batch_size),
+                                                       bf16=args.bf16, d=d, fsdp=fsdp)}
 
     if state["step"] == 0 and not state["evals"]:
         state["evals"].append(evaluate())
