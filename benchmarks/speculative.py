@@ -30,7 +30,7 @@ bound by reading the weights, not by the integer kernels' arithmetic, and verify
 
     python benchmarks/speculative.py [--quick] [--model PATH] [--draft PATH | --make-student DIR]
                                      [--layerskip-layers N] [--k 5] [--threads N] [--quantize gguf|none]
-                                     [--configs none,ngram,...] [--json FILE]
+                                     [--configs none,ngram,...] [--rounds N] [--json FILE]
     attnkit bench speculative -- --quick
 """
 
@@ -49,7 +49,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # attnkit bench runs this file with runpy
 
-from _report import cpu_model, write_report  # noqa: E402
+from _report import cpu_model, median_result, write_report  # noqa: E402
 from engine import workload as offline_workload  # noqa: E402
 
 QUESTIONS = [
@@ -294,6 +294,14 @@ def make_student(out: str, steps: int, model: str | None, threads: int) -> str:
     return str(d / "student")
 
 
+def merge_rounds(runs: list[dict]) -> dict:
+    """A configuration's runs → the first run with each workload's numbers the medians over the runs (each run's
+    own figures under the workload's ``rounds``)."""
+    res = dict(runs[0])
+    res["workloads"] = {w: median_result([r["workloads"][w] for r in runs]) for w in WORKLOADS}
+    return res
+
+
 def differing(ids: dict, ref: dict) -> int:
     return sum(a != b for w in WORKLOADS for a, b in zip(ids[w], ref[w]))
 
@@ -349,11 +357,15 @@ def main() -> int:
     ap.add_argument("--quantize", choices=["gguf", "none"], default="gguf",
                     help="gguf: the file's blocks under attnkit's kernels (default); none: dequantized to float32")
     ap.add_argument("--configs", default=None, help="only these configurations (comma-separated, e.g. none,ngram)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the configurations in turn this many times; each figure the median over the rounds")
     ap.add_argument("--json", default=None, help="also write the JSON report to this file")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args([a for a in sys.argv[1:] if a != "--"])
     if args.child:
         return child(args.child, args)
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.make_student:
         if args.draft:
             ap.error("--draft and --make-student exclude each other")
@@ -373,19 +385,29 @@ def main() -> int:
             ap.error(f"--configs: unknown {', '.join(unknown)} (none, ngram, layerskip[:N], draft)")
         configs = [w if w.startswith("layerskip:") else by_kind[w.split(":")[0]] for w in wanted
                    if w.split(":")[0] in by_kind]
-    results: dict = {}
+    rounds: dict[str, list[dict]] = {}
     load_start = os.getloadavg()
-    for i, config in enumerate(configs):
-        print(f"[{i + 1}/{len(configs)}] {config} …", file=sys.stderr, flush=True)
-        res = run_child(config, args)
-        if isinstance(res, str):
-            skipped[config] = res
-        else:
-            results[label(config, res)] = res
+    for r in range(args.rounds):  # the configurations in turn, round after round: a slow spell hits each alike
+        for i, config in enumerate(configs):
+            if config in skipped:
+                continue
+            print(f"[round {r + 1}/{args.rounds}, {i + 1}/{len(configs)}] {config} …", file=sys.stderr, flush=True)
+            res = run_child(config, args)
+            if isinstance(res, str):
+                skipped[config] = res
+            else:
+                rounds.setdefault(config, []).append(res)
+    base = rounds.get("none")
+    results: dict = {}
+    for config, runs in rounds.items():
+        if config in skipped:
+            continue
+        res = merge_rounds(runs)
+        if base is not None:  # every round's tokens against the same round's (or the first) run without speculation
+            res["differing_requests"] = sum(differing(run["token_ids"], base[min(j, len(base) - 1)]["token_ids"])
+                                            for j, run in enumerate(runs))
+        results[label(config, res)] = res
     ref = results.get("none")
-    for res in results.values():
-        if ref is not None:
-            res["differing_requests"] = differing(res["token_ids"], ref["token_ids"])
     table(results, skipped)
     any_res = next(iter(results.values()), {})
     report = {
@@ -394,7 +416,7 @@ def main() -> int:
                     "torch_threads": any_res.get("torch_threads"),
                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                     "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
-        "model": any_res.get("model"), "quick": args.quick, "num_speculative_tokens": args.k,
+        "model": any_res.get("model"), "quick": args.quick, "rounds": args.rounds, "num_speculative_tokens": args.k,
         "quantize": args.quantize,
         "results": {n: {k: v for k, v in r.items() if k != "token_ids"} for n, r in results.items()},
         "ratio_vs_none": {n: {w: r["workloads"][w]["out_tok_s"] / ref["workloads"][w]["out_tok_s"] for w in WORKLOADS}

@@ -14,7 +14,7 @@ from engine_helpers import greedy_reference, make_llm, random_prompts, skip_modu
 from attnkit.engine import LLM, EngineConfig, SamplingParams, StructuredOutputs
 from attnkit.engine.proposers import NgramProposer, first_layers
 from attnkit.engine.sequence import Sequence
-from attnkit.engine.speculative import PROBE_EVERY, SpecController, SpeculativeConfig, StepCosts
+from attnkit.engine.speculative import PROBE_EVERY, PROBE_MAX, SpecController, SpeculativeConfig, StepCosts
 
 
 def _always(method: str = "ngram", k: int = 4, **kw) -> SpeculativeConfig:
@@ -66,6 +66,16 @@ def test_controller_speculates_for_one_sequence_and_not_for_a_large_batch():
     for _ in range(PROBE_EVERY - 1):
         assert sum(c.plan(cold, [8] * 64, 0)) == 0
     assert c.plan(cold, [8] * 64, 0) == [1] * 64  # then each probes with one draft: its α is measured again
+    for s in cold:  # every probe fails: the next comes twice as late, and so on up to PROBE_MAX
+        c.record(s, 1, 0, 1)
+    for _ in range(2 * PROBE_EVERY):
+        assert sum(c.plan(cold, [8] * 64, 0)) == 0
+    assert c.plan(cold, [8] * 64, 0) == [1] * 64
+    for _ in range(8):
+        c.record(cold[0], 1, 0, 1)
+    assert cold[0].spec_probe_every == PROBE_MAX
+    c.record(cold[0], 1, 1, 2)  # an accepted draft: back to probing every PROBE_EVERY steps
+    assert cold[0].spec_probe_every == PROBE_EVERY
     costs = StepCosts()
     for _ in range(10):
         costs.add(4, 0.02)  # rows never varied: the prior's split

@@ -62,6 +62,7 @@ class Sequence:
     spec_acc: float = 0.0
     spec_rej: float = 0.0
     spec_idle: int = 0  # decode steps since it last had drafts (the controller's probe)
+    spec_probe_every: int = 16  # steps without drafts before the next probe (speculative.PROBE_EVERY, doubled per failure)
     spec_proposed: int = 0
     spec_accepted: int = 0
     # StreamingLLM (params.kv_window): tokens dropped from the cache after the sinks (whole blocks: a token at

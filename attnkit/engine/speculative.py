@@ -19,7 +19,9 @@ R rows takes ``a + b·R`` seconds (least squares over recent steps), a draft dep
 acceptance rate α is tracked (decayed counts), and the i-th proposed token is worth α^i expected tokens. Proposals
 are added greedily while their expected tokens per second beat the step's, so speculation fades out by itself
 as the batch grows (the rows cost more than they return) or as a sequence's acceptance falls; a sequence left
-without drafts gets one every ``PROBE_EVERY`` steps, so that an estimate that fell low can recover.
+without drafts gets one after ``PROBE_EVERY`` steps, so that an estimate that fell low can recover — and twice as
+many steps after each probe that fails (to ``PROBE_MAX``): a proposer that never agrees (layer skip on an untrained
+model: 1–7%) would otherwise pay a draft pass and a verification row in most steps of a large batch.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 
 METHODS = ("ngram", "draft", "layerskip")
 PROBE_EVERY = 16  # decode steps without drafts after which a sequence is given one (its acceptance re-measured)
+PROBE_MAX = 256  # a probe that fails doubles the sequence's wait for the next, up to this many steps
 
 
 @dataclass
@@ -192,7 +195,7 @@ class SpecController:
         for i, s in enumerate(seqs):  # a sequence not speculating probes now and then: its α may have changed
             if ks[i]:
                 s.spec_idle = 0
-            elif caps[i] and s.spec_idle >= PROBE_EVERY:
+            elif caps[i] and s.spec_idle >= s.spec_probe_every:
                 ks[i], s.spec_idle = 1, 0
             else:
                 s.spec_idle += 1
@@ -200,6 +203,7 @@ class SpecController:
 
     def record(self, seq: Sequence, proposed: int, accepted: int, emitted: int) -> None:
         """A verification's outcome: per-sequence decayed counts and the engine's totals."""
+        seq.spec_probe_every = PROBE_EVERY if accepted else min(PROBE_MAX, 2 * seq.spec_probe_every)
         seq.spec_acc = 0.8 * seq.spec_acc + accepted
         seq.spec_rej = 0.8 * seq.spec_rej + (1 if accepted < proposed else 0)
         seq.spec_proposed += proposed
