@@ -40,15 +40,19 @@ def page_faults_per_step(tuning: bool) -> float:
     return float(faults)
 
 
-# a 20 MB tensor, then where glibc put it: mallinfo2's hblkhd counts the bytes in mmap'ed chunks
-WHERE = """
-import ctypes, torch
-from attnkit.kernels.allocator import tune_malloc
+# mallinfo2's hblkhd counts the bytes in mmap'ed chunks; each script prints (policy applied, bytes mapped)
+MALLINFO = """
+import ctypes, sys, torch
+from attnkit.kernels.allocator import return_freed_memory, tune_malloc
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
                                                 "uordblks", "fordblks", "keepcost")]
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = Info
+"""
+
+# a 20 MB tensor, then where glibc put it
+WHERE = MALLINFO + """
 tuned = tune_malloc()
 before = libc.mallinfo2().hblkhd
 t = torch.ones(20 << 18)
@@ -56,19 +60,20 @@ print(tuned, libc.mallinfo2().hblkhd - before)
 """
 
 
+def mapped_bytes(script: str, env: dict[str, str], *argv: str) -> tuple[str, int]:
+    """Run a MALLINFO script in a fresh process (the policy given by ``env``) → (policy applied, bytes mapped)."""
+    env = {**{k: v for k, v in os.environ.items() if k != "ATTNKIT_NO_MALLOC_TUNING"}, **env}
+    run = subprocess.run([sys.executable, "-c", script, *argv], env=env, capture_output=True, text=True, timeout=120)
+    if run.returncode and "mallinfo2" in run.stderr:
+        pytest.skip("glibc without mallinfo2 (< 2.33)")
+    done, mapped = run.stdout.split()
+    return done, int(mapped)
+
+
 def test_tuned_malloc_keeps_large_tensors_on_the_heap():
     """The mechanism, exactly: tuned, a 20 MB tensor comes from the heap (reused step after step); untuned, from a
     fresh mapping of its own (unmapped when freed, faulted in again by the next step)."""
-    out = {}
-    for tuning in (True, False):
-        env = {k: v for k, v in os.environ.items() if k != "ATTNKIT_NO_MALLOC_TUNING"}
-        if not tuning:
-            env["ATTNKIT_NO_MALLOC_TUNING"] = "1"
-        run = subprocess.run([sys.executable, "-c", WHERE], env=env, capture_output=True, text=True, timeout=120)
-        if run.returncode and "mallinfo2" in run.stderr:
-            pytest.skip("glibc without mallinfo2 (< 2.33)")
-        flag, mapped = run.stdout.split()
-        out[flag] = int(mapped)
+    out = dict(mapped_bytes(WHERE, {} if tuning else {"ATTNKIT_NO_MALLOC_TUNING": "1"}) for tuning in (True, False))
     assert out["True"] == 0 and out["False"] >= 20 << 20, out  # (the mapping: the tensor and a page of header)
 
 
@@ -94,14 +99,7 @@ def test_the_engine_tunes_malloc_on_the_cpu():
 
 
 # a 20 MB tensor freed, then a 2 MB one: where glibc put the second (bytes in mmap'ed chunks)
-AFTER_A_FREE = """
-import ctypes, sys, torch
-from attnkit.kernels.allocator import return_freed_memory
-class Info(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
-                                                "uordblks", "fordblks", "keepcost")]
-libc = ctypes.CDLL("libc.so.6")
-libc.mallinfo2.restype = Info
+AFTER_A_FREE = MALLINFO + """
 done = return_freed_memory() if sys.argv[1] == "1" else False
 big = torch.ones(20 << 18)
 del big
@@ -114,12 +112,5 @@ print(done, libc.mallinfo2().hblkhd - before)
 def test_returning_freed_memory_keeps_large_tensors_off_the_heap():
     """glibc alone raises its mmap threshold to a freed mapping's size, so the next 2 MB tensor comes from the heap
     (and stays there when freed); after return_freed_memory() it gets a mapping of its own, unmapped when freed."""
-    out = {}
-    for on in ("1", "0"):
-        env = {k: v for k, v in os.environ.items() if k != "ATTNKIT_NO_MALLOC_TUNING"}
-        run = subprocess.run([sys.executable, "-c", AFTER_A_FREE, on], env=env, capture_output=True, text=True, timeout=120)
-        if run.returncode and "mallinfo2" in run.stderr:
-            pytest.skip("glibc without mallinfo2 (< 2.33)")
-        done, mapped = run.stdout.split()
-        out[done] = int(mapped)
+    out = dict(mapped_bytes(AFTER_A_FREE, {}, on) for on in ("1", "0"))
     assert out["True"] >= 2 << 20 and out["False"] == 0, out
