@@ -1,10 +1,12 @@
 """Fine-tuning speed and memory: attnkit against HF PEFT on the same model, data and steps, and QLoRA at 1B.
 
-``peft`` — LoRA r=16 on every linear layer of the default SmolLM2-135M (float32; bf16 autocast with
-``--bf16``): attnkit's ``finetune()`` and transformers + HF PEFT on the same weights (the default model written
-as an HF directory), the same packed rows of English prose (Python's standard-library docstrings), the same
-micro-batches in the same order (attnkit.train.sft_data), AdamW, learning rate, clipping and steps. Each system
-runs in a fresh process; reported: training tokens/s (over all steps), peak RSS, held-out loss after.
+``peft`` — LoRA r=16 on every linear layer of the default SmolLM2-135M: attnkit's ``finetune()`` (in its default
+precision — bf16 autocast where the CPU multiplies bf16 in hardware, else float32 — or the one ``--precision``
+names) and transformers + HF PEFT on the same weights (the default model written as an HF directory) in float32,
+its default, and under bf16 autocast (``--peft-precisions``); the same packed rows of English prose (Python's
+standard-library docstrings), the same micro-batches in the same order (attnkit.train.sft_data), AdamW, learning
+rate, clipping and steps. Each system runs in a fresh process; reported: training tokens/s (over all steps), peak
+RSS, held-out loss after, and attnkit's ratios to each PEFT run.
 
 ``qlora`` — LoRA r=16 on every linear layer over a GGUF base that stays quantized (``--gguf``, e.g. the
 Llama-3.2-1B-shaped Q4_K_M that benchmarks/sizes.py writes): tokens/s and peak RSS against the file's size, also
@@ -63,14 +65,16 @@ def child_attnkit(a: dict) -> dict:
     fa = FinetuneArgs(method="lora", data=a["train"], eval_data=a["eval"], model=a.get("model"),
                       quantize=a.get("quantize"), steps=a["steps"], batch_size=a["batch"], seq_len=a["seq_len"],
                       packing=True, lr=a["lr"], warmup=0, schedule="constant", r=16, alpha=32.0,
-                      target_modules="all-linear", eval_every=0, bf16=a["bf16"],
+                      target_modules="all-linear", eval_every=0, bf16=a["bf16"],  # None: attnkit's default
                       gradient_checkpointing=a.get("checkpointing", False), seed=0)
     runtime = current_rss_mb()  # Python, PyTorch and attnkit imported, nothing loaded
     t0 = time.perf_counter()
     res = finetune(fa, a["out"], progress=False)
     wall = time.perf_counter() - t0
     hist = json.loads((Path(a["out"]) / "checkpoint" / "trainer_state.json").read_text())["history"]
-    return {"train_seconds": res["train_seconds"], "wall_s": round(wall, 1), "eval_loss": res["eval_after"]["eval_loss"],
+    ran = json.loads((Path(a["out"]) / "finetune_args.json").read_text())
+    return {"bf16": ran["bf16"], "train_seconds": res["train_seconds"], "wall_s": round(wall, 1),
+            "eval_loss": res["eval_after"]["eval_loss"],
             "final_train_loss": hist[-1]["loss"], "peak_rss_mb": round(peak_rss_mb()), "runtime_rss_mb": round(runtime),
             "tokens": sum(h["tokens"] for h in hist), "rows": res["train_examples"]}
 
@@ -150,7 +154,10 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides")
+    ap.add_argument("--precision", choices=("default", "float32", "bf16"), default="default",
+                    help="attnkit's: its default (bf16 autocast on bf16 hardware) or the one named")
+    ap.add_argument("--peft-precisions", default="float32,bf16",
+                    help="HF PEFT's runs: float32 (its default) and/or bf16 (autocast)")
     ap.add_argument("--gguf", default=None, help="QLoRA base: a GGUF file (skipped when absent)")
     ap.add_argument("--qlora-steps", type=int, default=4)
     ap.add_argument("--qlora-batch", type=int, default=1)
@@ -172,23 +179,26 @@ def main() -> int:
         work = Path(tmp)
         train, held = write_data(work, 400, 40)
         base = {"train": str(train), "eval": str(held), "steps": args.steps, "batch": args.batch_size,
-                "seq_len": args.seq_len, "lr": args.lr, "threads": args.threads, "bf16": args.bf16}
+                "seq_len": args.seq_len, "lr": args.lr, "threads": args.threads,
+                "bf16": {"default": None, "float32": False, "bf16": True}[args.precision]}
         if "peft" in parts:
             hf_dir, eos = export_default_hf(work)
             ours = run_child("attnkit", {**base, "out": str(work / "run-attnkit")}, args.timeout)
-            peer = run_child("peft", {**base, "hf_dir": str(hf_dir), "eos_ids": eos}, args.timeout)
-            for name, r in (("attnkit", ours), ("HF PEFT", peer)):
+            peers = {prec: run_child("peft", {**base, "bf16": prec == "bf16", "hf_dir": str(hf_dir), "eos_ids": eos},
+                                     args.timeout) for prec in args.peft_precisions.split(",")}
+            label = "attnkit" + ("" if "error" in ours else f" ({'bf16' if ours['bf16'] else 'float32'})")
+            for name, r in ((label, ours), *((f"HF PEFT ({prec})", r) for prec, r in peers.items())):
                 if "error" not in r:  # the tokens of the data trained on, not the padding
                     r["tokens_per_s"] = round(r["tokens"] / r["train_seconds"], 1)
                 rows.append(("135M LoRA r16 all-linear", name, r))
-            if "error" not in ours and "error" not in peer:
-                report["parts"]["peft"] = {
-                    "attnkit": ours, "peft": peer,
-                    "speed_ratio": round(ours["tokens_per_s"] / peer["tokens_per_s"], 2),
-                    "rss_ratio": round(ours["peak_rss_mb"] / peer["peak_rss_mb"], 2),
-                    "eval_loss_change": round(ours["eval_loss"] / peer["eval_loss"] - 1, 4)}
-            else:
-                report["parts"]["peft"] = {"attnkit": ours, "peft": peer}
+            part: dict = {"attnkit": ours, "peft": peers, "against": {}}
+            for prec, peer in peers.items():
+                if "error" not in ours and "error" not in peer:
+                    part["against"][prec] = {
+                        "speed_ratio": round(ours["tokens_per_s"] / peer["tokens_per_s"], 2),
+                        "rss_ratio": round(ours["peak_rss_mb"] / peer["peak_rss_mb"], 2),
+                        "eval_loss_change": round(ours["eval_loss"] / peer["eval_loss"] - 1, 4)}
+            report["parts"]["peft"] = part
         if "qlora" in parts:
             if not args.gguf or not Path(args.gguf).exists():
                 print(f"qlora: skipped, no GGUF base at {args.gguf!r} (--gguf)", file=sys.stderr)

@@ -56,3 +56,25 @@ def test_a_batch_without_labels_has_zero_loss_and_a_graph() -> None:
     loss = model_loss(model, x, torch.full_like(x, IGNORE))
     assert float(loss) == 0.0
     loss.backward()
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_frozen_heads_gradient_equals_autograds_cross_entropy(dtype) -> None:
+    """The frozen-head loss makes ∂L/∂h by hand (softmax − onehot in float32, cast to the logits' dtype): the loss and
+    gradient equal autograd's cross-entropy over the same chunks' logits (under bf16 autocast: the same bf16 logits)."""
+    torch.manual_seed(0)
+    w, norm = torch.randn(96, 32) * 0.3, torch.nn.RMSNorm(32)
+    head = lambda h: torch.nn.functional.linear(norm(h), w)  # noqa: E731
+    h, y = torch.randn(20, 32, requires_grad=True), torch.randint(0, 96, (20,))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        total = chunked_loss._LossWithGrad.apply(h, y, head, 7)
+        ref, grads = 0.0, []
+        for i in range(0, 20, 7):
+            hc = h[i:i + 7].detach().requires_grad_(True)
+            loss = torch.nn.functional.cross_entropy(head(hc).float(), y[i:i + 7], reduction="sum")
+            grads.append(torch.autograd.grad(loss, hc)[0])
+            ref += float(loss)
+    total.backward()
+    torch.testing.assert_close(float(total), ref, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(h.grad, torch.cat(grads), rtol=1e-5 if dtype == torch.float32 else 1e-3, atol=1e-6)

@@ -31,8 +31,9 @@ from finetune_helpers import WORDS, tiny_lm
 
 STEPS, HALF = 20, 10
 # the global batch: 4 rows × 2 micro-batches; at world 2 each rank takes 2 rows of each micro-batch
-RECIPE = dict(steps=STEPS, grad_accum=2, lr=1e-2, warmup=2, eval_every=10, seed=1, method="lora")
-FULL = dict(method="full", steps=8, lr=1e-3)  # every weight trained (tied embeddings too): FSDP shards the root
+RECIPE = dict(steps=STEPS, grad_accum=2, lr=1e-2, warmup=2, eval_every=10, seed=1, method="lora",
+              bf16=False)  # float32: the ranks' sums equal one process's to 1e-5 (bf16 rounds each alike only to ~1e-2)
+FULL = dict(method="full", steps=8, lr=1e-3, bf16=False)  # every weight trained (tied embeddings too): FSDP shards the root
 DISTILL = dict(stages="1", steps_per_stage=6, lr=1e-2, speed_tokens=2, selection="importance", seed=1)
 DISTILL2 = dict(DISTILL, stages="2,1", steps_per_stage=4)  # two stages: the second drops from the sharded first's result
 

@@ -113,7 +113,8 @@ def test_resume_is_exact(tmp_path, data, method):
 def test_grad_accumulation_equals_a_bigger_batch(tmp_path):
     rows = [{"text": f"w{i} w{i + 1} w{i + 2} w{i + 3}"} for i in range(8)]  # equal lengths: equal token weights
     data = str(write_jsonl(tmp_path / "d.jsonl", rows))
-    kw = dict(method="lora", data=data, eval_data=data, steps=1, lr=1e-2, warmup=1, eval_every=0, clip=0.0)
+    kw = dict(method="lora", data=data, eval_data=data, steps=1, lr=1e-2, warmup=1, eval_every=0, clip=0.0,
+              bf16=False)  # float32: the two orders of summation agree to 1e-6
     one = finetune(FinetuneArgs(batch_size=4, **kw), tmp_path / "a", lm=tiny_lm(), progress=False)["model"]
     acc = finetune(FinetuneArgs(batch_size=2, grad_accum=2, **kw), tmp_path / "b", lm=tiny_lm(), progress=False)["model"]
     for (n, p), (_, q) in zip(one.named_parameters(), acc.named_parameters()):
@@ -126,6 +127,21 @@ def test_packing_and_bf16_train(tmp_path, data):
     r = finetune(args, tmp_path / "run", lm=tiny_lm(), progress=False)
     assert r["train_examples"] == len(pack(load_examples(data, tiny_tokenizer(), 32), 32, boundaries=True))
     assert r["eval_after"]["eval_loss"] < r["eval_before"]["eval_loss"]
+
+
+@pytest.mark.parametrize("hardware", [True, False])
+def test_bf16_by_default_where_the_cpu_has_it(tmp_path, data, monkeypatch, hardware):
+    """bf16=None: autocast on exactly where the CPU multiplies bf16 in hardware (recorded in the run's arguments)."""
+    import attnkit.train.finetune as ft
+
+    monkeypatch.setattr(ft, "native_bf16", lambda: hardware)
+    seen = []
+    monkeypatch.setattr(ft, "autocast", lambda bf16: seen.append(bf16) or torch.autocast("cpu", enabled=False))
+    args = FinetuneArgs(method="lora", data=data, eval_data=data, steps=1, batch_size=2, eval_every=0, seq_len=32)
+    assert args.bf16 is None
+    finetune(args, tmp_path / "run", lm=tiny_lm(), progress=False)
+    assert json.loads((tmp_path / "run" / "finetune_args.json").read_text())["bf16"] is hardware
+    assert seen and set(seen) == {hardware}
 
 
 def test_cli(tmp_path, data, monkeypatch, capsys):

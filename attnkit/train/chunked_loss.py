@@ -56,12 +56,27 @@ class _LossWithGrad(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, y: torch.Tensor, head: Head, rows: int) -> torch.Tensor:  # type: ignore[override]
         grad = torch.empty_like(h)  # (N, d)
         total = torch.zeros((), dtype=torch.float32)
+        p_buf = g_buf = None  # one float32 buffer for every chunk's softmax, one for its gradient in z's dtype
         for i in range(0, len(y), rows):
+            yc = y[i:i + rows]
+            n = len(yc)
             with torch.enable_grad():
                 hc = h[i:i + rows].detach().requires_grad_(True)
-                loss = _chunk_loss(head, hc, y[i:i + rows])
-                grad[i:i + rows] = torch.autograd.grad(loss, hc)[0]
-            total += loss.detach()
+                z = head(hc)  # (n, vocab): bfloat16 under autocast
+            if p_buf is None:
+                p_buf = torch.empty(min(rows, len(y)), z.shape[1], dtype=torch.float32)
+                g_buf = p_buf if z.dtype == torch.float32 else torch.empty(p_buf.shape, dtype=z.dtype)
+            # L = Σ_t lse(z_t) − z_t[y_t] and ∂L/∂z = softmax(z) − onehot(y), in place in float32 (autograd's
+            # log-softmax would allocate its output, a zeroed gradient and its own result, each (n, vocab))
+            p = p_buf[:n].copy_(z.detach())
+            zy = p.gather(1, yc[:, None])  # (n, 1)
+            m = p.amax(-1, keepdim=True)
+            s = p.sub_(m).exp_().sum(-1, keepdim=True)
+            total += (m + s.log() - zy).sum()
+            p.div_(s)
+            p[torch.arange(n), yc] -= 1.0
+            gz = g_buf[:n].copy_(p) if g_buf is not p_buf else p
+            grad[i:i + rows] = torch.autograd.grad(z, hc, gz)[0]
         ctx.save_for_backward(grad)
         return total
 

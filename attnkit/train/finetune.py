@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..kernels import native_bf16
 from ..kernels.allocator import return_freed_memory
 from ..models.json_config import JsonConfig
 from ..nn.recompute import recompute_saved
@@ -68,7 +69,7 @@ class FinetuneArgs(JsonConfig):
     seq_len: int = 256
     packing: bool = False
     packing_strategy: str = "bfd"  # bfd: best-fit decreasing (fewer padded rows); order: the data's order
-    bf16: bool = False
+    bf16: bool | None = None  # bf16 autocast; None: where the CPU multiplies bf16 in hardware, over a float base
     gradient_checkpointing: bool = False  # recompute each decoder block in the backward: less memory, ~1/3 more time
     seed: int = 0
     eval_every: int = 50
@@ -305,6 +306,8 @@ def finetune(args: FinetuneArgs, out_dir: str | Path, resume: bool = False, prog
         args, note = _resume_batch(args, state, d.world, "batch_size" in changed)
         if note and show:
             print(note, file=sys.stderr)
+    if args.bf16 is None:  # bf16 hardware: 2–3× float32's products, the same eval loss (docs/finetune.md, session 21)
+        args = replace(args, bf16=native_bf16() and args.quantize is None)
     torch.manual_seed(args.seed)
     if args.quantize is not None:  # QLoRA runs under a memory budget: freed temporaries go back, not kept in the heap
         return_freed_memory()

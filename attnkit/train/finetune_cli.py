@@ -23,7 +23,7 @@ def _add_fields(p: argparse.ArgumentParser, cls: Any, skip: tuple[str, ...] = ()
         default = None if f.default is MISSING else f.default
         kw: dict = {"default": argparse.SUPPRESS if named_only else default,
                     "help": (help or {}).get(f.name, "") + f" (default: {default})"}
-        if str(f.type) in ("bool", "<class 'bool'>"):
+        if str(f.type) in ("bool", "<class 'bool'>", "bool | None"):  # None: the default's own choice (auto)
             kw["action"] = argparse.BooleanOptionalAction
         else:
             kw["type"] = _TYPES[str(f.type)]
@@ -50,7 +50,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "model": "GGUF file or HF directory; default: the embedded SmolLM2", "schedule": "cosine | linear | constant",
         "target_modules": "comma-separated module names",
         "packing_strategy": "with --packing: bfd (best-fit decreasing: fewest padded rows) | order (the data's order)",
-        "encoder_type": "P-tuning encoder: MLP | LSTM"},
+        "encoder_type": "P-tuning encoder: MLP | LSTM",
+        "bf16": "bf16 autocast (--no-bf16: float32); default: on where the CPU multiplies bf16 in hardware "
+                "(AVX512-BF16, AMX) and the base is float"},
         named_only=True)
     p.set_defaults(func=_finetune)
 
