@@ -166,6 +166,8 @@ def test_a_quantized_base_trains_with_freed_memory_returned_and_evaluates_at_the
 
     calls, batches = [], []
     monkeypatch.setattr(ft, "return_freed_memory", lambda: calls.append(1) or True)
+    released = []
+    monkeypatch.setattr(ft, "release_scratch", lambda: released.append(1))
     evaluate = ft.evaluate_loss
     monkeypatch.setattr(ft, "evaluate_loss", lambda *a, **kw: batches.append(kw["batch_size"]) or evaluate(*a, **kw))
     args = FinetuneArgs(method="lora", data=data, eval_data=data, steps=2, batch_size=2, warmup=0, eval_every=0,
@@ -173,3 +175,13 @@ def test_a_quantized_base_trains_with_freed_memory_returned_and_evaluates_at_the
     finetune(args, tmp_path / "run", lm=tiny_lm(), progress=False)
     assert calls == ([1] if quantize else [])  # QLoRA: glibc gives freed temporaries back (kernels/allocator.py)
     assert batches == [2, 2]  # before and after: never more rows at once than a training micro-batch
+    assert released == ([1, 1] if quantize else [])  # QLoRA: each evaluation's decoded-weight buffer freed after it
+
+
+def test_release_scratch_frees_the_decoded_weight_buffer():
+    from attnkit.quant import native
+
+    buf = native._scratch(64, 32)
+    assert native._SCRATCH and buf.shape == (64, 32)
+    native.release_scratch()
+    assert not native._SCRATCH

@@ -518,6 +518,13 @@ def _scratch(n: int, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor
     return buf[:n * k].view(n, k)
 
 
+def release_scratch() -> None:
+    """Free the buffers :func:`_scratch` keeps (the dense products' decoded weights, grown to the largest layer:
+    64 MB of float32 for a 1B's gate/up). A training run over a quantized base calls it after each evaluation,
+    whose products grew them, so that its steps do not hold them next to their activations."""
+    _SCRATCH.clear()
+
+
 _ACT: list[torch.Tensor] = []
 
 

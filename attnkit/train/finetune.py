@@ -39,6 +39,7 @@ from ..kernels import native_bf16
 from ..kernels.allocator import return_freed_memory
 from ..models.json_config import JsonConfig
 from ..nn.recompute import recompute_saved
+from ..quant.native import release_scratch
 from ..peft import METHODS, PeftConfig, PeftModel, get_peft_model
 from .chunked_loss import chunked_lm_loss, head_is_frozen, hidden_head
 from .checkpoint import CheckpointError, commit_dir, load_optimizer_state, read_trainer_state, recover_dir
@@ -364,8 +365,11 @@ def finetune(args: FinetuneArgs, out_dir: str | Path, resume: bool = False, prog
                          rank=d.rank, world=d.world)
 
     def evaluate() -> dict:
-        return {"step": state["step"], **evaluate_loss(model, eval_rows, pad_id, batch_size=min(8, args.batch_size),
-                                                       bf16=args.bf16, d=d, fsdp=fsdp)}
+        result = {"step": state["step"], **evaluate_loss(model, eval_rows, pad_id, batch_size=min(8, args.batch_size),
+                                                         bf16=args.bf16, d=d, fsdp=fsdp)}
+        if args.quantize is not None:  # the evaluation's decoded-weight buffer: not kept through the steps
+            release_scratch()
+        return result
 
     if state["step"] == 0 and not state["evals"]:
         state["evals"].append(evaluate())
