@@ -39,8 +39,8 @@ from ..kernels import native_bf16
 from ..kernels.allocator import return_freed_memory
 from ..models.json_config import JsonConfig
 from ..nn.recompute import recompute_saved
-from ..quant.native import release_scratch
 from ..peft import METHODS, PeftConfig, PeftModel, get_peft_model
+from ..quant.native import release_scratch
 from .chunked_loss import chunked_lm_loss, head_is_frozen, hidden_head
 from .checkpoint import CheckpointError, commit_dir, load_optimizer_state, read_trainer_state, recover_dir
 from .distributed import (Dist, fsdp_units, full_weights, init_distributed, optimizer_tensors, shard_optimizer_state,
