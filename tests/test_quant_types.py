@@ -179,6 +179,21 @@ def test_the_library_agrees_with_the_table() -> None:
     assert lib.ak_gemv(10, None, None, None, 1, 4, 256, None, 1) == 1
 
 
+def test_a_newer_amd_core_than_the_compiler_knows_is_tuned_generic() -> None:
+    """GCC 12.2's -march=native on a Zen 4/5 tunes for znver3 (a core without AVX-512), whose cost model schedules
+    the 512-bit kernels worse: the build asks for -mtune=generic there, and only there."""
+    avx512 = frozenset({"avx2", "avx512f", "avx512_vnni"})
+    assert kernels.tune_override("znver3", avx512) == "generic"
+    assert kernels.tune_override("znver2", avx512) == "generic"
+    assert kernels.tune_override("znver3", frozenset({"avx2"})) is None  # a real Zen 3: its own tuning
+    assert kernels.tune_override("sapphirerapids", avx512) is None
+    assert kernels.tune_override(None, avx512) is None  # a compiler that does not say (clang)
+    assert not any(f.startswith("-mtune") for f in kernels.compile_flags("x86-64"))  # only for -march=native
+    tune = kernels.tune_override(kernels.native_tune(), kernels.cpu_flags())
+    assert ("-mtune=" + tune in kernels.compile_flags("native")) if tune else not any(
+        f.startswith("-mtune") for f in kernels.compile_flags("native"))
+
+
 def _build(march: str) -> "kernels.ctypes.CDLL":
     """The kernels built for ``march`` with -Wall -Wextra -Werror (cached by source), loaded."""
     src = b"".join(p.read_bytes() for p in kernels.SOURCES + kernels.HEADERS)

@@ -4,8 +4,9 @@ block types: one kernel file per type or family, ``legacy.c`` (Q4_0, Q4_1, Q5_0,
 model built on them (``decode_step.c``, its mixture-of-experts FFN ``moe.c``). Beside them, :mod:`.allocator`: glibc's
 malloc policy for the process (keep freed activations for the engine's step loop, or give them back when training).
 
-Compiled once per machine with the system C compiler (``-O3 -march=native -fopenmp``, a few seconds;
-``$ATTNKIT_MARCH`` overrides ``native``, e.g. ``x86-64`` for the portable C) into a cache directory (``$ATTNKIT_CACHE`` or ~/.cache/attnkit) and loaded with ctypes. The
+Compiled once per machine with the system C compiler (``-O3 -march=native -fopenmp``, a few seconds; ``-mtune=generic``
+added where the compiler would tune a Zen 4/5 as a znver3: :func:`tune_override`; ``$ATTNKIT_MARCH`` overrides ``native``,
+e.g. ``x86-64`` for the portable C) into a cache directory (``$ATTNKIT_CACHE`` or ~/.cache/attnkit) and loaded with ctypes. The
 build goes to a temporary file that is renamed into place, so a crash never leaves a half-written
 library. Without a compiler (or with ``ATTNKIT_NO_NATIVE=1``) :func:`library` returns None and
 every caller falls back to PyTorch operations.
@@ -49,8 +50,38 @@ def native_bf16() -> bool:
 
 
 def compile_flags(march: str | None = None) -> list[str]:
-    """The compiler's flags for ``-march=march`` (default ``$ATTNKIT_MARCH`` or ``native``)."""
-    return ["-O3", f"-march={march or os.environ.get('ATTNKIT_MARCH') or 'native'}", "-fopenmp", "-shared", "-fPIC"]
+    """The compiler's flags for ``-march=march`` (default ``$ATTNKIT_MARCH`` or ``native``), and for ``native`` the
+    tuning :func:`tune_override` picks."""
+    march = march or os.environ.get("ATTNKIT_MARCH") or "native"
+    tune = tune_override(native_tune(), cpu_flags()) if march == "native" else None
+    return ["-O3", f"-march={march}", *([f"-mtune={tune}"] if tune else []), "-fopenmp", "-shared", "-fPIC"]
+
+
+def tune_override(native: str | None, flags: frozenset[str]) -> str | None:
+    """``generic`` where the compiler's ``-march=native`` tunes for an AMD core without AVX-512 (znver1–3) on a CPU
+    that has it, i.e. a Zen 4 or Zen 5 newer than the compiler (GCC 12.2 knows neither): znver3's cost model
+    schedules the 512-bit kernels worse. On a Zen 5 (GCC 12.2) a 1B Q4_K_M's 512-token prefill ran 1.04–1.09×
+    faster with ``-mtune=generic``, batched decode at 1–16 sequences 1.00–1.04× (alternated runs;
+    docs/performance.md, session 22). None: keep the compiler's own choice."""
+    if native in ("znver1", "znver2", "znver3") and "avx512f" in flags:
+        return "generic"
+    return None
+
+
+@functools.cache
+def native_tune() -> str | None:
+    """The ``-mtune`` that the C compiler's ``-march=native`` implies (GCC's ``-Q --help=target``), or None where
+    the compiler does not say (clang, no compiler)."""
+    cc = os.environ.get("CC", "cc")
+    try:
+        out = subprocess.run([cc, "-march=native", "-Q", "--help=target"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.stdout.splitlines():
+        key, _, value = line.strip().partition(" ")
+        if key == "-mtune=" and value.strip():
+            return value.strip()
+    return None
 
 
 def build(out: Path, march: str | None = None, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
