@@ -178,6 +178,24 @@ def test_a_vocabulary_sized_layer_outside_the_engine_goes_by_tiles(monkeypatch, 
     assert not native._SCRATCH
 
 
+@needs_kernel
+def test_a_float32_evaluation_outside_the_engine_takes_the_training_forwards_tiles(monkeypatch, small_tiles) -> None:
+    """Any float32 product of many rows outside the engine (a QLoRA run's evaluation) goes tile by tile as the
+    training forward does — the same numbers, and no layer-sized float buffer (it set a QLoRA run's peak)."""
+    from attnkit.quant import native
+
+    monkeypatch.setattr(native, "_SCRATCH", {})
+    blocks = random_blocks("Q4_K", 192, 512, seed=5)
+    layer = GGUFBlockLinear(blocks, "Q4_K", 512)
+    assert layer.out_features * layer.in_features <= native.TILED_ABOVE
+    x = torch.randn(GGUFBlockLinear.kernel_max_rows + 7, 512)
+    with torch.no_grad():
+        y = layer(x)
+    assert torch.equal(y, frozen_grad.tiled_product(layer, x))
+    assert torch.equal(y, frozen_grad.frozen_linear(layer, x.requires_grad_()).detach())
+    assert not native._SCRATCH
+
+
 def test_tiles_made_under_inference_mode_serve_training_after(small_tiles) -> None:
     """The reused tile buffer, first made by an inference pass (torch.inference_mode), is replaced for a training
     pass: an inference tensor cannot be written outside that mode (NF4 layers decode into it with copy_)."""

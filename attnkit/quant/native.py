@@ -152,7 +152,9 @@ def deinterleave(blocks: torch.Tensor, kind: str) -> torch.Tensor:
     return rows.transpose(1, 2).reshape(n, row)  # (G, 4, nb, bb) → rows
 
 
-TILED_ABOVE = 1 << 24  # weights (64 MiB of float32) above which a dense product outside the engine goes by tiles
+# weights (64 MiB of float32) above which a bf16 dense product outside the engine goes by tiles; a float32 one always
+# does (the same arithmetic as a training step's forward, frozen_grad.tiled_product, and no layer-sized buffer)
+TILED_ABOVE = 1 << 24
 
 
 class GGUFBlockLinear(nn.Module):
@@ -379,12 +381,13 @@ class GGUFBlockLinear(nn.Module):
             y = F.linear(x2, self.dequantize(x.dtype))
         elif (rows == "prompt" or rows == "short-prompt" and self._dense_for_prompts is not False) and self.int8_prompts:
             y = self._kernel(lib, x2, gemm=True)  # a short prompt's rows too (TTFT −25% at 32 tokens), not an expert's
-        elif dense and rows is None and self.out_features * self.in_features > TILED_ABOVE:
-            y = tiled_product(self, x2.float())  # outside the engine: no float copy of a vocabulary-sized head
-        elif dense:  # compute-bound: a dense product on the weight decoded into a reused buffer
+        elif dense:
             dt = torch.bfloat16 if torch.bfloat16 in (x2.dtype, self.dense_dtype) else torch.float32
-            y = F.linear(_batch_rows(x2.to(dt), rows is not None),
-                         self.dequantize(dt, out=_scratch(self.out_features, self.in_features, dt)))[:x2.shape[0]]
+            if rows is None and (dt == torch.float32 or self.out_features * self.in_features > TILED_ABOVE):
+                y = tiled_product(self, x2.float())  # outside the engine (an evaluation): no float copy of a layer
+            else:  # compute-bound: a dense product on the weight decoded into a reused buffer
+                y = F.linear(_batch_rows(x2.to(dt), rows is not None),
+                             self.dequantize(dt, out=_scratch(self.out_features, self.in_features, dt)))[:x2.shape[0]]
         else:
             y = self._kernel(lib, x2)
         return self._finish(y.to(x.dtype), x.shape[:-1])
