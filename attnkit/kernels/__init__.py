@@ -52,15 +52,16 @@ def native_bf16() -> bool:
 def compile_flags(march: str | None = None) -> list[str]:
     """The compiler's flags for ``-march=march`` (default ``$ATTNKIT_MARCH`` or ``native``), and for ``native`` the
     tuning :func:`tune_override` picks."""
-    march = march or os.environ.get("ATTNKIT_MARCH") or "native"
-    tune = tune_override(native_tune(), cpu_flags()) if march == "native" else None
+    march, flags = march or os.environ.get("ATTNKIT_MARCH") or "native", cpu_flags()
+    # the compiler is asked (~10 ms a process) only where an override can follow: -march=native on AVX-512
+    tune = tune_override(native_tune(), flags) if march == "native" and "avx512f" in flags else None
     return ["-O3", f"-march={march}", *([f"-mtune={tune}"] if tune else []), "-fopenmp", "-shared", "-fPIC"]
 
 
 def tune_override(native: str | None, flags: frozenset[str]) -> str | None:
     """``generic`` where the compiler's ``-march=native`` tunes for an AMD core without AVX-512 (znver1–3) on a CPU
     that has it, i.e. a Zen 4 or Zen 5 newer than the compiler (GCC 12.2 knows neither): znver3's cost model
-    schedules the 512-bit kernels worse. On a Zen 5 (GCC 12.2) a 1B Q4_K_M's 512-token prefill ran 1.04–1.09×
+    schedules the 512-bit kernels worse. On a Zen 5 (GCC 12.2) a 1B Q4_K_M's 512-token prefill ran 1.06–1.07×
     faster with ``-mtune=generic``, batched decode at 1–16 sequences 1.00–1.04× (alternated runs;
     docs/performance.md, session 22). None: keep the compiler's own choice."""
     if native in ("znver1", "znver2", "znver3") and "avx512f" in flags:

@@ -523,8 +523,9 @@ def _scratch(n: int, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor
 
 def release_scratch() -> None:
     """Free the buffers :func:`_scratch` keeps (the dense products' decoded weights, grown to the largest layer:
-    64 MB of float32 for a 1B's gate/up). A training run over a quantized base calls it after each evaluation,
-    whose products grew them, so that its steps do not hold them next to their activations."""
+    64 MB of float32 for a 1B's gate/up). A training run over a quantized base calls it after each evaluation, whose
+    bf16 products (``--bf16``) grow them (float32 ones go by tiles), so that its steps do not hold them next to their
+    activations."""
     _SCRATCH.clear()
 
 

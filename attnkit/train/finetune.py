@@ -367,7 +367,7 @@ def finetune(args: FinetuneArgs, out_dir: str | Path, resume: bool = False, prog
     def evaluate() -> dict:
         result = {"step": state["step"], **evaluate_loss(model, eval_rows, pad_id, batch_size=min(8, args.batch_size),
                                                          bf16=args.bf16, d=d, fsdp=fsdp)}
-        if args.quantize is not None:  # the evaluation's decoded-weight buffer: not kept through the steps
+        if args.quantize is not None:  # a bf16 evaluation's decoded-weight buffer: not kept through the steps
             release_scratch()
         return result
 
