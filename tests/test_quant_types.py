@@ -59,7 +59,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
                                                                      b.view(torch.int16 if b.element_size() == 2 else torch.int32))
 
 
-def check_type(kind: str, x4: bool, n: int = 68, seed: int = 0) -> None:
+def check_type(kind: str, x4: bool, n: int = 80, seed: int = 0) -> None:
     """Decoding (float32, bf16), embedding rows and products against the references, for one type and layout."""
     k = width(kind)
     blocks = random_blocks(kind, n, k, seed)
@@ -88,7 +88,7 @@ def test_decoding_products_and_embedding_rows(kind: str, x4: bool) -> None:
 @pytest.mark.parametrize("kind,x4", layouts())
 def test_a_rows_result_does_not_depend_on_the_batch(kind: str, x4: bool) -> None:
     """Batch invariance: row r of ak_gemv bit for bit the same for m = 1..70, any companions, 1 or 2 threads."""
-    k, n = width(kind), 68
+    k, n = width(kind), 80  # five panels of 16 rows (groups of 4 or 16)
     layer = GGUFBlockLinear(torch.from_numpy(random_blocks(kind, n, k, 1)), kind, k, interleaved=x4)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(70, k, generator=g) * torch.rand(70, 1, generator=g) * 3
@@ -104,13 +104,13 @@ def test_a_rows_result_does_not_depend_on_the_batch(kind: str, x4: bool) -> None
 
 
 @pytest.mark.parametrize("kind", TYPES)
-def test_interleaving_is_a_permutation_within_groups_of_four(kind: str) -> None:
-    k = width(kind)
-    blocks = torch.from_numpy(random_blocks(kind, 8, k, 2))
+def test_interleaving_is_a_permutation_within_groups_of_rows(kind: str) -> None:
+    k, R = width(kind), native.group_rows(kind)
+    blocks = torch.from_numpy(random_blocks(kind, 2 * R, k, 2))
     packed = interleave(blocks, kind)
     assert packed.shape == blocks.shape and not torch.equal(packed, blocks)
     for g in range(2):
-        rows = slice(4 * g, 4 * g + 4)
+        rows = slice(R * g, R * g + R)
         assert torch.equal(packed[rows].flatten().sort().values, blocks[rows].flatten().sort().values)
     assert torch.equal(deinterleave(packed, kind), blocks)
 
@@ -119,7 +119,7 @@ def test_read_only_blocks_are_never_written(tmp_path) -> None:
     """The loader may hand over a read-only mapping of the file: layers read it, or repack into a new tensor."""
     for kind in ("Q4_K", "Q6_K", "Q8_0"):
         k = width(kind)
-        src = random_blocks(kind, 8, k, 3)
+        src = random_blocks(kind, 16, k, 3)
         path = tmp_path / f"{kind}.bin"
         src.tofile(path)
         mapped = np.memmap(path, dtype=np.uint8, mode="r", shape=src.shape)
@@ -157,7 +157,7 @@ def test_bad_inputs_name_the_type_and_shapes() -> None:
         GGUFBlockLinear(q4k, "Q6_K", 512)
     with pytest.raises(ValueError, match=r"shape \(out, 288\), got torch.int8"):
         GGUFBlockLinear(q4k.view(torch.int8), "Q4_K", 512)
-    with pytest.raises(ValueError, match="multiple of 4 rows"):
+    with pytest.raises(ValueError, match=f"multiple of {native.group_rows('Q4_K')} rows"):
         GGUFBlockLinear(q4k[:3], "Q4_K", 512, interleaved=True)
     q6k = GGUFBlockLinear(torch.from_numpy(random_blocks("Q6_K", 4, 512)), "Q6_K", 512)
     q4k_256 = GGUFBlockLinear(torch.from_numpy(random_blocks("Q4_K", 4, 256)), "Q4_K", 256)
@@ -219,7 +219,7 @@ def test_other_instruction_sets_build_cleanly_and_agree(march: str, flag: str | 
     assert lib.ak_x4_available() == (march != "x86-64")  # AVX2 interleaves every type but Q6_K
     monkeypatch.setattr(native, "library", lambda: lib)
     for kind, x4 in layouts():
-        check_type(kind, x4, n=8, seed=5)
+        check_type(kind, x4, n=16, seed=5)
     kind, k = "Q6_K", 512  # batch invariance on this build too
     layer = GGUFBlockLinear(torch.from_numpy(random_blocks(kind, 8, k, 6)), kind, k)
     x = torch.randn(9, k)
@@ -238,7 +238,8 @@ def test_prompt_rows_take_the_product_the_type_is_faster_with(kind: str, monkeyp
     for bf16, x4 in itertools.product((False, True), (False, True) if has_x4(kind) else (False,)):
         monkeypatch.setattr(native, "native_bf16", lambda: bf16)
         k = width(kind)
-        layer = GGUFBlockLinear(torch.from_numpy(random_blocks(kind, 8, k, 3)), kind, k, interleaved=x4)
+        rows = 16 if x4 and native.group_rows(kind) == 16 else 8  # 8: short of a gemm.c panel (16 rows)
+        layer = GGUFBlockLinear(torch.from_numpy(random_blocks(kind, rows, k, 3)), kind, k, interleaved=x4)
         x = torch.randn(20, k, generator=torch.Generator().manual_seed(3))
         integer = layer.kernel_product(x)
         dense = x @ layer.dequantize().T
@@ -246,7 +247,8 @@ def test_prompt_rows_take_the_product_the_type_is_faster_with(kind: str, monkeyp
             y = layer(x)
         want_integer = (BLOCK_TYPES[kind].integer_prompts or layer.interleaved) and not bf16
         assert layer.dense_for_prompts == (not want_integer)
-        assert torch.equal(y, integer) if want_integer else torch.allclose(y, dense, rtol=1e-4, atol=1e-4)
+        assert layer.int8_prompts == (rows == 16)  # a whole panel: gemm.c's integer product, whatever bf16
+        assert torch.equal(y, integer) if want_integer or layer.int8_prompts else torch.allclose(y, dense, rtol=1e-4, atol=1e-4)
         assert not torch.equal(integer, dense)
         with rows_are("generated"):
             assert torch.equal(layer(x), integer)

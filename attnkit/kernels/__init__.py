@@ -127,6 +127,7 @@ def load(so: Path) -> ctypes.CDLL:
     vp, i, ip = ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int)
     lib.ak_type_info.argtypes = [i, ip, ip]
     lib.ak_type_x4_fields.argtypes = [i, ip, i]
+    lib.ak_type_x4_rows.argtypes = [i]
     lib.ak_gemv.argtypes = [i, vp, vp, vp, i, i, i, vp, i]
     lib.ak_gemm.argtypes = lib.ak_gemv.argtypes  # the prompt rows' product (gemm.c)
     lib.ak_gemm_available.argtypes = [i]

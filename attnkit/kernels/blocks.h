@@ -121,7 +121,10 @@ typedef struct {
     ak_panel_fn panel; /* interleaved blocks → the prompt product's panels (NULL: none in this build) */
     int panel_mode;    /* AK_PANEL_* */
     int x4_mode;       /* the panel's mode that sums in dot_x4's order (same bits: ak_gemm_x4), 0 where none */
+    int x4_rows;       /* rows a group of the interleaved layout: 4, or 16 (a panel of gemm.c: q4_k.c on AVX-512 VNNI) */
 } ak_type;
+/* the rows of one interleaved group of t's blocks (dot_x4 multiplies one group) */
+static inline int ak_group_rows(const ak_type *t) { return t->x4_rows ? t->x4_rows : 4; }
 
 /* the table's row for a kind (kernels.c), NULL where this build has none; the activation rows as ak_gemv
  * quantizes them */

@@ -16,7 +16,9 @@
  * The integer sums are exact and each row's float operations run in the same order whatever m is, so a row's
  * result does not depend on the rows beside it (batch invariance). The activations are quantized as ak_gemv does
  * (llama.cpp's q8_K / q8_0). 1.2–1.6× decoding the weights + oneDNN's bf16 product at 512 rows of a 1B's layers
- * on AVX-512 VNNI + BF16 (Zen 4, 2 threads; benchmarks/gguf_kernels.py, docs/performance.md session 16). */
+ * on AVX-512 VNNI + BF16 (Zen 4, 2 threads; benchmarks/gguf_kernels.py, docs/performance.md session 16).
+ * Q4_K and Q5_K on AVX-512 VNNI are stored as panels already (16 rows interleaved 4 bytes at a time, q4_k.c):
+ * their product is their decode kernel, this tile with the nibbles taken out of each load (ak_gemv). */
 #include <stdlib.h>
 
 #include "blocks.h"
@@ -160,7 +162,7 @@ static void tile(const ak_panel *P, int nu, int last, const ak_act *x, const int
  * products), else 0 */
 int ak_gemm_available(int kind) {
     const ak_type *t = ak_find_type(kind);
-    return t && (kind & AK_X4_FLAG) && t->panel ? 1 : 0;
+    return t && (kind & AK_X4_FLAG) && (t->panel || ak_group_rows(t) == 16) ? 1 : 0;
 }
 
 /* 1 when ak_gemm multiplies kind's (n, k) weights: n % 16 == 0 and k % 256 == 0, or k % 32 == 0 for the 32-weight
@@ -171,11 +173,15 @@ int ak_gemm_takes(int kind, int n, int k) {
     return k % 256 == 0 || (k % 32 == 0 && (mode == AK_PANEL_B32 || mode == AK_PANEL_L32));
 }
 
+int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads);
+
 static int gemm(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads,
                 int x4_order) {
 #ifdef AK_X4
     const ak_type *t = ak_find_type(kind);
     if (!ak_gemm_takes(kind, n, k) || m < 1 || (x4_order && k % 256)) return 1;
+    if (ak_group_rows(t) == 16) /* the decode kernel is this tile on the weights as they lie (kernels.c) */
+        return ak_gemv(kind, w, x, y, m, n, k, scratch, threads);
     const int mode = x4_order ? t->x4_mode : t->panel_mode;
     if (!mode) return 1;
     const int nu = (k + 255) / 256, last = k % 256 ? k % 256 / 32 : 8; /* units of 256 inputs; the last one's blocks */

@@ -40,7 +40,10 @@ const ak_type *ak_find_type(int kind) { return find_type(kind); }
  * took 225–234 ms on the decode kernel and 189–190 ms here (Zen 4, 2 threads; from cache the two are equal at 4
  * rows, 0.57 / 0.56 ms a 1B gate/up, and the decode kernel is ahead at 2, 0.31 / 0.46) —, Q4_K and Q5_K from 12
  * (a 1B gate/up streamed from memory: at 8 rows 0.78 ms on the decode kernel, 0.80 here; at 12 1.13 / 0.99; at 16
- * 1.49 / 1.18), the 32-weight types from 16 (at 8 rows 0.89–1.06×, at 16 1.1–1.3×) */
+ * 1.49 / 1.18), the 32-weight types from 16 (at 8 rows 0.89–1.06×, at 16 1.1–1.3×). Types interleaved in groups of
+ * 16 rows (Q4_K, Q5_K on AVX-512 VNNI) never: their decode kernel is gemm.c's tile on the weights as they lie, and
+ * ahead of unpacking them into panels at every row count (a 1B's 8192×2048 Q4_K streamed, 2 threads, Zen 5: 0.61× the
+ * time at 16 rows, 0.84× at 64, 0.93× at 512) */
 enum { GEMM_ROWS = 4, GEMM_ROWS_MIN = 12, GEMM_ROWS_L32 = 16 };
 
 /* 0 and the block's elements and bytes when this build multiplies `kind`, -1 otherwise */
@@ -61,6 +64,12 @@ int ak_type_x4_fields(int kind, int *out, int n_max) {
     for (const ak_field *f = t->x4_fields; f->granule && n < n_max; f++)
         if (f->bytes) out[3 * n] = f->offset, out[3 * n + 1] = f->bytes, out[3 * n + 2] = f->granule, n++;
     return n;
+}
+
+/* rows a group of kind's interleaved layout (4 or 16), -1 where this build has no such layout */
+int ak_type_x4_rows(int kind) {
+    const ak_type *t = find_type(kind | AK_X4_FLAG);
+    return t ? ak_group_rows(t) : -1;
 }
 
 int ak_x4_available(void) {
@@ -124,33 +133,52 @@ static void quantize_row(const float *x, void *scratch, int r, int k, int g) {
     }
 }
 
+/* the offsets of scratch row r for t's interleaved product (ak_act.off4, k/4 int32 reserved a row): −offset · the
+ * sum of each 4 quants, or of each 16 for a type interleaved in sixteens (Q6_K: a scale group's) */
+static void row_offsets(const ak_type *t, const void *scratch, int r, int k, int32_t *dst) {
+    const int8_t *q = act_row(scratch, r, k).qs;
+    const int span = ak_group_rows(t) == 16 ? 16 : 4;
+    for (int g = 0; g < k / span; g++) {
+        int sum = 0;
+        for (int l = 0; l < span; l++) sum += q[span * g + l];
+        dst[g] = -t->offset * sum;
+    }
+}
+
+/* rows 0 .. m − 1 of scratch (quantized for kind) → off4 (m, k/4): the offsets kind's interleaved product wants
+ * (ak_gemv_rows' off4); 0, or 1 for a kind without offsets */
+int ak_act_offsets(int kind, const void *scratch, int m, int k, int32_t *off4) {
+    const ak_type *t = find_type(kind | AK_X4_FLAG);
+    if (!t || !t->offset || k % 16) return 1;
+    for (int r = 0; r < m; r++) row_offsets(t, scratch, r, k, off4 + (size_t)r * (k / 4));
+    return 0;
+}
+
 /* y (m, n) = x (m, k) · W (n, k)ᵀ for W of block type `kind`; scratch holds m · k/32 activation blocks (40 bytes
  * each). Threads take groups of output rows; each group multiplies activation rows four at a time. */
 int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads) {
     const ak_type *t = find_type(kind);
-    const int R = kind & AK_X4_FLAG ? 4 : 1;
+    const int x4 = (kind & AK_X4_FLAG) != 0, R = !t ? 1 : x4 ? ak_group_rows(t) : 1;
     if (!t || m < 1 || n < 1 || k % t->block_elems || n % R) return 1;
     /* from GEMM_ROWS rows on, a type with the matrix product in dot_x4's order takes that (the same bits) */
     const int from = t->x4_mode == AK_X4_L32 ? GEMM_ROWS_L32 : t->x4_mode == AK_PANEL_MIN ? GEMM_ROWS_MIN : GEMM_ROWS;
-    if (R == 4 && t->x4_mode && m >= from && n % 16 == 0 && k % 256 == 0)
+    if (x4 && R == 4 && t->x4_mode && m >= from && n % 16 == 0 && k % 256 == 0)
         return ak_gemm_x4(kind, w, x, y, m, n, k, scratch, threads);
     const int nb = k / t->block_elems;
     const size_t gbytes = (size_t)R * nb * t->block_bytes;
-    const ak_dot_fn dot = R == 4 ? t->dot_x4 : t->dot;
-    for (int r = 0; r < m; r++) quantize_row(x + (size_t)r * k, scratch, r, k, t->block_elems);
+    const ak_dot_fn dot = x4 ? t->dot_x4 : t->dot;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && m >= 8)
+    for (int r = 0; r < m; r++) quantize_row(x + (size_t)r * k, scratch, r, k, t->block_elems); /* each on its own */
     static __thread int32_t *off4; /* −offset · sums of 4 quants, for the types that want them (grown, kept) */
     static __thread size_t off4_cap;
-    const int want_off4 = R == 4 && t->offset;
+    const int want_off4 = x4 && t->offset;
     if (want_off4) {
         if (off4_cap < (size_t)m * (k / 4)) {
             int32_t *p = realloc(off4, sizeof(int32_t) * (size_t)m * (k / 4));
             if (!p) return 2;
             off4 = p, off4_cap = (size_t)m * (k / 4);
         }
-        for (int r = 0; r < m; r++) {
-            const int8_t *q = act_row(scratch, r, k).qs;
-            for (int g = 0; g < k / 4; g++) off4[(size_t)r * (k / 4) + g] = -t->offset * (q[4 * g] + q[4 * g + 1] + q[4 * g + 2] + q[4 * g + 3]);
-        }
+        for (int r = 0; r < m; r++) row_offsets(t, scratch, r, k, off4 + (size_t)r * (k / 4));
     }
     const int32_t *const sums = want_off4 ? off4 : NULL; /* off4 is this thread's: the workers take the pointer */
     (void)threads;
@@ -196,19 +224,19 @@ int ak_type_offset(int kind) {
     return !t ? -1 : kind & AK_X4_FLAG ? t->offset : 0;
 }
 
-/* y[i · ystride + j − n0] = W row j · scratch row rows[i] for i < m and n0 <= j < n1 (multiples of 4 for the
- * interleaved layout), on the calling thread. off4: −ak_type_offset(kind) · the sums of each 4 quants of the
- * scratch rows (k/4 int32 a row, indexed as the scratch), NULL when the offset is 0. */
+/* y[i · ystride + j − n0] = W row j · scratch row rows[i] for i < m and n0 <= j < n1 (multiples of the interleaved
+ * layout's group rows), on the calling thread. off4: the scratch rows' offsets (ak_act_offsets; k/4 int32 a row,
+ * indexed as the scratch), NULL when the type's offset is 0. */
 int ak_gemv_rows(int kind, const void *w, int n0, int n1, const void *scratch, const int32_t *off4, const int *rows,
                  int m, int k, float *y, size_t ystride) {
     const ak_type *t = find_type(kind);
-    const int R = kind & AK_X4_FLAG ? 4 : 1;
+    const int x4 = (kind & AK_X4_FLAG) != 0, R = !t ? 1 : x4 ? ak_group_rows(t) : 1;
     if (!t || m < 1 || n0 < 0 || n1 <= n0 || k % t->block_elems || n0 % R || n1 % R ||
-        ((R == 4 && t->offset) != (off4 != NULL)))
+        ((x4 && t->offset) != (off4 != NULL)))
         return 1;
     const int nb = k / t->block_elems;
     const size_t gbytes = (size_t)R * nb * t->block_bytes;
-    const ak_dot_fn dot = R == 4 ? t->dot_x4 : t->dot;
+    const ak_dot_fn dot = x4 ? t->dot_x4 : t->dot;
     for (int g = n0 / R; g < n1 / R; g++) {
         ak_act xs[4];
         for (int r0 = 0; r0 < m; r0 += 4) {
@@ -252,26 +280,27 @@ static inline void copy_granule(uint8_t *d, const uint8_t *s, int g) {
 
 /* block b of row j of an interleaved matrix, gathered field by field into buf in GGUF's layout */
 static const uint8_t *x4_block(const ak_type *t, const uint8_t *w, int j, int b, int nb, uint8_t *buf) {
-    const uint8_t *col = w + ((size_t)(j / 4) * nb + b) * 4 * t->block_bytes;
-    const int r = j % 4;
+    const int R = ak_group_rows(t), r = j % R;
+    const uint8_t *col = w + ((size_t)(j / R) * nb + b) * R * t->block_bytes;
     int at = 0;
     for (const ak_field *f = t->x4_fields; f->granule; f++) {
-        for (int c = 0; c < f->bytes; c += f->granule) copy_granule(buf + f->offset + c, col + 4 * (at + c) + r * f->granule, f->granule);
+        for (int c = 0; c < f->bytes; c += f->granule) copy_granule(buf + f->offset + c, col + R * (at + c) + r * f->granule, f->granule);
         at += f->bytes;
     }
     return buf;
 }
 
-/* count block columns of an interleaved group → the four rows' blocks in GGUF's layout (dst: 4 rows of count
+/* count block columns of an interleaved group → its R rows' blocks in GGUF's layout (dst: R rows of count
  * blocks), field by field; the granule's switch is outside the copy loops, so each loop moves a fixed size */
 static void x4_columns(const ak_type *t, const uint8_t *col, int count, uint8_t *dst) {
+    const int R = ak_group_rows(t);
     const size_t bb = (size_t)t->block_bytes, rb = (size_t)count * bb;
-    for (int b = 0; b < count; b++, col += 4 * bb) {
+    for (int b = 0; b < count; b++, col += R * bb) {
         int at = 0;
         for (const ak_field *f = t->x4_fields; f->granule; f++) {
 #define COPY(G)                                                                                      \
     for (int c = 0; c < f->bytes; c += G)                                                            \
-        for (int r = 0; r < 4; r++) memcpy(dst + r * rb + b * bb + f->offset + c, col + 4 * (at + c) + r * G, G);
+        for (int r = 0; r < R; r++) memcpy(dst + r * rb + b * bb + f->offset + c, col + R * (at + c) + r * G, G);
             switch (f->granule) {
                 case 1: COPY(1) break;
                 case 2: COPY(2) break;
@@ -279,7 +308,7 @@ static void x4_columns(const ak_type *t, const uint8_t *col, int count, uint8_t 
                 case 16: COPY(16) break;
                 case 32: COPY(32) break;
                 default: for (int c = 0; c < f->bytes; c += f->granule)
-                        for (int r = 0; r < 4; r++) copy_granule(dst + r * rb + b * bb + f->offset + c, col + 4 * (at + c) + r * f->granule, f->granule);
+                        for (int r = 0; r < R; r++) copy_granule(dst + r * rb + b * bb + f->offset + c, col + R * (at + c) + r * f->granule, f->granule);
             }
 #undef COPY
             at += f->bytes;
@@ -295,10 +324,12 @@ static inline void blocks_out(const ak_type *t, const uint8_t *blocks, int count
     if (out16) floats_to_bf16(tmp, out16, count * t->block_elems);
 }
 
-/* rows j0 .. j0 + R − 1 of W (R = 4: one interleaved group, else 1 row) → k floats or bfloat16 each, a chunk at a time */
+/* rows j0 .. j0 + R − 1 of W (x4: one interleaved group of R rows, else 1 row) → k floats or bfloat16 each, a chunk
+ * at a time */
 static void dequantize_rows_of(const ak_type *t, int x4, const uint8_t *w, int j0, int nb, float *out32, uint16_t *out16) {
     float tmp[CHUNK];
-    uint8_t buf[4 * (CHUNK / 32) * 34]; /* four rows of CHUNK weights at <= 34/32 bytes a weight (Q8_0's) */
+    uint8_t buf[16 * (CHUNK / 32) * 34]; /* 16 rows of CHUNK weights at <= 34/32 bytes a weight (Q8_0's) */
+    const int R = ak_group_rows(t);
     const int be = t->block_elems, per = be >= CHUNK ? 1 : CHUNK / be;
     const size_t k = (size_t)nb * be;
     for (int b = 0; b < nb; b += per) {
@@ -309,14 +340,14 @@ static void dequantize_rows_of(const ak_type *t, int x4, const uint8_t *w, int j
             continue;
         }
         if (t->to_float_x4) {
-            for (int r = 0; r < 4; r++) {
-                t->to_float_x4(w + (size_t)(j0 / 4) * nb * 4 * t->block_bytes, r, b, cnt, out16 ? tmp : out32 + r * k + (size_t)b * be);
+            for (int r = 0; r < R; r++) {
+                t->to_float_x4(w + (size_t)(j0 / R) * nb * R * t->block_bytes, r, b, cnt, out16 ? tmp : out32 + r * k + (size_t)b * be);
                 if (out16) floats_to_bf16(tmp, out16 + r * k + (size_t)b * be, cnt * be);
             }
             continue;
         }
-        x4_columns(t, w + ((size_t)(j0 / 4) * nb + b) * 4 * t->block_bytes, cnt, buf);
-        for (int r = 0; r < 4; r++)
+        x4_columns(t, w + ((size_t)(j0 / R) * nb + b) * R * t->block_bytes, cnt, buf);
+        for (int r = 0; r < R; r++)
             blocks_out(t, buf + (size_t)r * cnt * t->block_bytes, cnt, out32 ? out32 + r * k + (size_t)b * be : NULL,
                        out16 ? out16 + r * k + (size_t)b * be : NULL, tmp);
     }
@@ -325,7 +356,7 @@ static void dequantize_rows_of(const ak_type *t, int x4, const uint8_t *w, int j
 /* W (n, k) blocks -> dense (n, k): float32, or bfloat16 when bf16 is set (the dense products of prefill) */
 int ak_dequantize(int kind, const void *w, void *out, int bf16, int n, int k, int threads) {
     const ak_type *t = find_type(kind);
-    const int x4 = (kind & AK_X4_FLAG) != 0, R = x4 ? 4 : 1;
+    const int x4 = (kind & AK_X4_FLAG) != 0, R = !t ? 1 : x4 ? ak_group_rows(t) : 1;
     if (!t || k % t->block_elems || n % R) return 1;
     const int nb = k / t->block_elems;
     (void)threads;
@@ -344,7 +375,8 @@ static void dequantize_row(const ak_type *t, int x4, const uint8_t *w, int j, in
         return;
     }
     if (t->to_float_x4) {
-        t->to_float_x4(w + (size_t)(j / 4) * nb * 4 * t->block_bytes, j % 4, 0, nb, out);
+        const int R = ak_group_rows(t);
+        t->to_float_x4(w + (size_t)(j / R) * nb * R * t->block_bytes, j % R, 0, nb, out);
         return;
     }
     for (int b = 0; b < nb; b++) t->to_float(x4_block(t, w, j, b, nb, buf), 1, out + (size_t)b * t->block_elems);
@@ -354,7 +386,7 @@ static void dequantize_row(const ak_type *t, int x4, const uint8_t *w, int j, in
 int ak_dequantize_rows(int kind, const void *w, const int64_t *rows, int nrows, float *out, int n, int k) {
     const ak_type *t = find_type(kind);
     const int x4 = (kind & AK_X4_FLAG) != 0;
-    if (!t || k % t->block_elems || (x4 && n % 4)) return 1;
+    if (!t || k % t->block_elems || (x4 && n % ak_group_rows(t))) return 1;
     for (int i = 0; i < nrows; i++)
         if (rows[i] < 0 || rows[i] >= n) return 2;
     for (int i = 0; i < nrows; i++)

@@ -114,14 +114,7 @@ static void split(const task *tasks, int t0, int t1, const int *start, int threa
     cut[threads] = t1;
 }
 
-/* off4 (m, k/4) = −o · the sums of each 4 quants of scratch rows 0 .. m − 1 (as ak_gemv computes them) */
-static void offsets(const void *scratch, int m, int k, int o, int32_t *off4) {
-    for (int r = 0; r < m; r++) {
-        const int8_t *q = act_row(scratch, r, k).qs;
-        int32_t *dst = off4 + (size_t)r * (k / 4);
-        for (int g = 0; g < k / 4; g++) dst[g] = -o * (q[4 * g] + q[4 * g + 1] + q[4 * g + 2] + q[4 * g + 3]);
-    }
-}
+int ak_act_offsets(int kind, const void *scratch, int m, int k, int32_t *off4);
 
 int ak_moe_ffn(const ak_moe *m, const float *xn, float *out, int B, int d, void *work, size_t work_bytes,
                int threads) {
@@ -222,7 +215,7 @@ int ak_moe_ffn(const ak_moe *m, const float *xn, float *out, int B, int d, void 
     for (int p = 0; p < X0->n_gate_up; p++)
         if ((p == 0 || qx[1] != qx[0]) && ak_quantize_act(X0->gate_up[p].kind, xn, B, d, (void *)qx[p])) return 1;
     for (int p = 0; p < 2; p++)
-        if (o_gu[p]) offsets(qx[p], B, d, o_gu[p], L.offx + (size_t)p * B * (d / 4));
+        if (o_gu[p]) ak_act_offsets(X0->gate_up[p].kind, qx[p], B, d, L.offx + (size_t)p * B * (d / 4));
 
     int err = 0;
     const int nas = B * K;
@@ -253,7 +246,7 @@ int ak_moe_ffn(const ak_moe *m, const float *xn, float *out, int B, int d, void 
             uint8_t *qa = L.qh + (size_t)a * (ff / 32) * sizeof(block_q8x); /* scratch row a */
             ak_silu_mul(L.gu + (size_t)a * 2 * ff, L.h + (size_t)a * ff, ff);
             ak_quantize_act(X0->down.kind, L.h + (size_t)a * ff, 1, ff, qa); /* its kind was checked above */
-            if (o_dn) offsets(qa, 1, ff, o_dn, L.offh + (size_t)a * (ff / 4));
+            if (o_dn) ak_act_offsets(X0->down.kind, qa, 1, ff, L.offh + (size_t)a * (ff / 4));
         }
         for (int i = cuts[nth + 1 + th]; i < cuts[nth + 2 + th]; i++) {
             const task T = L.tasks[i];

@@ -148,97 +148,97 @@ AK_INLINE void x4_scales(const uint8_t *col, __m128i sc[2], __m128i mn[2]) {
 #endif
 
 #ifdef AK_X4
-/* Four rows interleaved: d[4], dmin[4], the scales' three 32-bit words word by word (w0 of rows 0-3, w1, w2),
- * [qh: 4 rows × 16 bytes, twice], qs: 4 rows × 16 bytes, 8 times. A 512-bit register of nibbles holds 16 weights
- * of a sub-block for each row (lane 4r..4r+3: row r), against those 16 activations broadcast. The arithmetic is
- * gemm.c's AK_PANEL_MIN in its order, so the two give the same bits and ak_gemv may take either for any row:
- * each sub-block's integer sums are scaled by its 6-bit scale in int32 (two sub-blocks' sums packed to int16, one
- * vpdpwssd) and summed over the super-block, completed across lanes (rows_sums), then
- *   acc = (acc + Σ·(d·dx)) − Σ_j (dmin·m_j)·sx_j,
- * the mins' sum taken apart (m_0·sx_0 first, then one FMA each) so that the chain through acc is two operations. */
-AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys, const int HIGH) {
-    const __m512i low = _mm512_set1_epi8(0x0f), sixteen = _mm512_set1_epi8(0x10);
-    const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    /* pair[e]: the bytes of sc_2e, sc_2e+1 of row c (x4_scales' 4c + j) as int16, four times each, in 128-bit lane c */
-#define P4(c, j) 4 * (c) + (j), -128
-#define PAIR(c, e) P4(c, 2 * (e)), P4(c, 2 * (e)), P4(c, 2 * (e)), P4(c, 2 * (e)), P4(c, 2 * (e) + 1), P4(c, 2 * (e) + 1), P4(c, 2 * (e) + 1), P4(c, 2 * (e) + 1)
-    static const int8_t pairs[2][64] __attribute__((aligned(64))) = {{PAIR(0, 0), PAIR(1, 0), PAIR(2, 0), PAIR(3, 0)},
-                                                                      {PAIR(0, 1), PAIR(1, 1), PAIR(2, 1), PAIR(3, 1)}};
-#undef PAIR
-#undef P4
-    const __m512i pair[2] = {_mm512_load_si512(pairs[0]), _mm512_load_si512(pairs[1])};
-    __m512 acc = _mm512_setzero_ps(); /* lane 4c + r: weight row c · activation row r */
-    __m128 acc1 = _mm_setzero_ps();   /* M = 1: lane c */
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *col = w + (size_t)b * 4 * SB(HIGH), *qs = col + 64 + 128 * HIGH;
-        const __m128 d4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)col));
-        const __m512 DM = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(col + 8)))));
-        __m128i scs[2], mns[2];
-        x4_scales(col, scs, mns);
-        const __m512i SC[2] = {_mm512_broadcast_i32x4(scs[0]), _mm512_broadcast_i32x4(scs[1])};
-        const __m512 MF[2] = {_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mns[0])), DM),  /* lane 4c+j: dmin·m_j */
-                              _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mns[1])), DM)}; /* j + 4 */
-        __m512i h0 = _mm512_setzero_si512(), h1 = h0, is[4];
-        if (HIGH) h0 = _mm512_loadu_si512(col + 64), h1 = _mm512_loadu_si512(col + 128);
-        for (int r = 0; r < M; r++) is[r] = _mm512_setzero_si512();
-        for (int p = 0; p < 4; p++) { /* sub-blocks 2p (low nibbles) and 2p+1 (high), weights 0-15 (a) and 16-31 (b) */
-            const __m512i qa = _mm512_loadu_si512(qs + 128 * p), qb = _mm512_loadu_si512(qs + 128 * p + 64);
-            __m512i la = _mm512_and_si512(qa, low), lb = _mm512_and_si512(qb, low);
-            __m512i ha = _mm512_and_si512(_mm512_srli_epi16(qa, 4), low), hb = _mm512_and_si512(_mm512_srli_epi16(qb, 4), low);
-            if (HIGH) { /* | bit j of qh as bit 4: (qh >> j) << 4 & 0x10 */
-                la = _mm512_ternarylogic_epi32(la, _mm512_slli_epi16(_mm512_srli_epi16(h0, 2 * p), 4), sixteen, 0xF8);
-                lb = _mm512_ternarylogic_epi32(lb, _mm512_slli_epi16(_mm512_srli_epi16(h1, 2 * p), 4), sixteen, 0xF8);
-                ha = _mm512_ternarylogic_epi32(ha, _mm512_slli_epi16(_mm512_srli_epi16(h0, 2 * p + 1), 4), sixteen, 0xF8);
-                hb = _mm512_ternarylogic_epi32(hb, _mm512_slli_epi16(_mm512_srli_epi16(h1, 2 * p + 1), 4), sixteen, 0xF8);
-            }
-            const __m512i s16 = _mm512_shuffle_epi8(SC[p >> 1], pair[p & 1]); /* sc_2p ×4, sc_2p+1 ×4 a row, int16 */
-            for (int r = 0; r < M; r++) { /* a lane's 8 products fit int16 (8·31·127): packed in pairs, then scaled */
-                const int8_t *xq = x[r].qs + 256 * (size_t)b + 64 * p;
-                const __m512i ilo = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), la, bcast16(xq)), lb, bcast16(xq + 16));
-                const __m512i ihi = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ha, bcast16(xq + 32)), hb, bcast16(xq + 48));
-                is[r] = _mm512_dpwssd_epi32(is[r], _mm512_packs_epi32(ilo, ihi), s16);
-            }
-        }
-        if (M == 1) { /* one activation row: the four weight rows' sums in 128 bits (lane c) */
-            const __m512i t = _mm512_add_epi32(is[0], _mm512_shuffle_epi32(is[0], _MM_PERM_CDAB));
-            const __m512i u = _mm512_add_epi32(t, _mm512_shuffle_epi32(t, _MM_PERM_BADC));
-            const __m128i tot = _mm512_castsi512_si128(_mm512_permutexvar_epi32(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0), u));
-            const __m512i tr = transpose4x4(); /* lane 4j + c ← 4c + j */
-            const __m512 T[2] = {_mm512_permutexvar_ps(tr, MF[0]), _mm512_permutexvar_ps(tr, MF[1])};
-            const float *sx = x[0].s + 8 * (size_t)b;
-            __m128 mn = _mm_mul_ps(_mm512_castps512_ps128(T[0]), _mm_set1_ps(sx[0]));
-            mn = _mm_fmadd_ps(_mm512_extractf32x4_ps(T[0], 1), _mm_set1_ps(sx[1]), mn);
-            mn = _mm_fmadd_ps(_mm512_extractf32x4_ps(T[0], 2), _mm_set1_ps(sx[2]), mn);
-            mn = _mm_fmadd_ps(_mm512_extractf32x4_ps(T[0], 3), _mm_set1_ps(sx[3]), mn);
-            mn = _mm_fmadd_ps(_mm512_castps512_ps128(T[1]), _mm_set1_ps(sx[4]), mn);
-            mn = _mm_fmadd_ps(_mm512_extractf32x4_ps(T[1], 1), _mm_set1_ps(sx[5]), mn);
-            mn = _mm_fmadd_ps(_mm512_extractf32x4_ps(T[1], 2), _mm_set1_ps(sx[6]), mn);
-            mn = _mm_fmadd_ps(_mm512_extractf32x4_ps(T[1], 3), _mm_set1_ps(sx[7]), mn);
-            acc1 = _mm_sub_ps(_mm_fmadd_ps(_mm_cvtepi32_ps(tot), _mm_mul_ps(d4, _mm_set1_ps(x[0].d[8 * (size_t)b])), acc1), mn);
-            continue;
-        }
-        float dx[4] = {0.f, 0.f, 0.f, 0.f};
-        for (int r = 0; r < M; r++) dx[r] = x[r].d[8 * (size_t)b];
-        const __m512 D = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(d4));
-        const __m512 s01 = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(x[0].s + 8 * (size_t)b)), _mm256_loadu_ps(x[1].s + 8 * (size_t)b), 1);
-        __m512 s23 = s01; /* rows 0, 1 | rows 2, 3: their 8 sx_j each */
-        if (M > 2)
-            s23 = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(x[2].s + 8 * (size_t)b)),
-                                     _mm256_loadu_ps(x[M > 3 ? 3 : 2].s + 8 * (size_t)b), 1);
-        /* lane 4c + r ← row r's sx_j: lane 8r + j of (s01, s23) */
-#define MN_J(j) _mm512_shuffle_ps(MF[(j) >> 2], MF[(j) >> 2], 0x55 * ((j) & 3))
-#define SX_J(j) _mm512_permutex2var_ps(s01, _mm512_set_epi32(24 + (j), 16 + (j), 8 + (j), j, 24 + (j), 16 + (j), 8 + (j), j, \
-                                                             24 + (j), 16 + (j), 8 + (j), j, 24 + (j), 16 + (j), 8 + (j), j), s23)
-        __m512 mn = _mm512_mul_ps(MN_J(0), SX_J(0));
-#define MIN_A(j) mn = _mm512_fmadd_ps(MN_J(j), SX_J(j), mn)
-        MIN_A(1); MIN_A(2); MIN_A(3); MIN_A(4); MIN_A(5); MIN_A(6); MIN_A(7);
-#undef MIN_A
-#undef SX_J
-#undef MN_J
-        acc = _mm512_sub_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(rows_sums(is, M)), _mm512_mul_ps(D, _mm512_broadcast_f32x4(_mm_loadu_ps(dx))), acc), mn);
+/* Sixteen rows interleaved (a panel of gemm.c): per super-block column d[16], dmin[16] (fp16), the scales' three
+ * 32-bit words word by word (w0 of rows 0-15, w1, w2), [qh: 8 chunks,] qs: 32 chunks, a chunk holding 4 bytes of
+ * each of the 16 rows, so that 32-bit lane L of any 512-bit load is row L. A qs chunk's low nibbles are a panel
+ * slot (4 inputs of each row) of an even sub-block, its high nibbles the same 4 inputs of the next sub-block:
+ * the weights' bytes come out of a load by an AND and a shift, with no transpose (Q5_K's bit 4 of weight l of
+ * sub-block j: bit j of qh byte l). Per slot, one vpdpbusd per activation row against its 4 quants broadcast;
+ * each sub-block's integer sum is scaled by its 6-bit scale in int32 and summed over the super-block, then
+ *   acc = (acc + Σ·(d·dx)) − Σ_j (dmin·m_j)·sx_j
+ * per row (gemm.c's AK_PANEL_MIN arithmetic, rows_tile). This is the product for any number of rows, prompts
+ * included (ak_gemm hands these types to ak_gemv): the nibbles taken out of each load again for every 4 rows cost
+ * less than unpacking a panel into memory (0.61× gemm.c's time at 16 rows, 0.93× at 512; docs/performance.md), and
+ * a row's bits never depend on the rows beside it. Four integer chains a row (the low and high slots of even and
+ * odd chunks) hide vpdpbusd's latency for one row. */
+#define X16_COL(HIGH) (16 * SB(HIGH))
+#define X16_QH 256 /* after d, dmin and the scale words */
+#ifndef X16_PREFETCH
+#define X16_PREFETCH 2 /* columns ahead; without it the loads of a streamed matrix ran ~1.3× slower (Zen 5) */
+#endif
+static inline __m512i x16_dp4(__m512i t, __m512i w, const ak_act *a, size_t i) {
+#if defined(__GNUC__) && !defined(AK_NO_ASM)
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(t) : "v"(w), "m"(*(const int32_t *)(a->qs + i)));
+    return t;
+#else
+    int32_t v;
+    memcpy(&v, a->qs + i, 4);
+    return _mm512_dpbusd_epi32(t, w, _mm512_set1_epi32(v));
+#endif
+}
+/* a column's scales (S: bytes j of sc_j, j < 4 in [0], 4..7 in [1]; Mn the same for the mins) as ggml's kmasks */
+AK_INLINE void x16_scales(const uint8_t *col, __m512i S[2], __m512i Mn[2]) {
+    const __m512i k1 = _mm512_set1_epi32(0x3f3f3f3f), k2 = _mm512_set1_epi32(0x0f0f0f0f), k3 = _mm512_set1_epi32(0x03030303);
+    const __m512i w0 = _mm512_loadu_si512(col + 64), w1 = _mm512_loadu_si512(col + 128), w2 = _mm512_loadu_si512(col + 192);
+    S[0] = _mm512_and_si512(w0, k1), Mn[0] = _mm512_and_si512(w1, k1);
+    S[1] = _mm512_or_si512(_mm512_and_si512(w2, k2), _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(w0, 6), k3), 4));
+    Mn[1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(w2, 4), k2), _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(w1, 6), k3), 4));
+}
+/* byte j % 4 of v's lanes as int32 */
+static inline __m512i x16_byte(__m512i v, int j) { return _mm512_and_si512(_mm512_srli_epi32(v, 8 * (j & 3)), _mm512_set1_epi32(0xff)); }
+/* chunk c of a column → the low (sub-block 2p) and high (2p + 1) slots' bytes, Q5_K's bit 4 added */
+AK_INLINE void x16_slots(const uint8_t *col, int p, int i, __m512i *lo, __m512i *hi, const int HIGH) {
+    const __m512i low = _mm512_set1_epi8(0x0f), v = _mm512_loadu_si512(col + X16_QH + 512 * HIGH + 64 * (8 * p + i));
+    *lo = _mm512_and_si512(v, low), *hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    if (HIGH) {
+        const __m512i h = _mm512_loadu_si512(col + X16_QH + 64 * i), sixteen = _mm512_set1_epi8(0x10);
+        *lo = _mm512_ternarylogic_epi32(*lo, _mm512_slli_epi16(_mm512_srli_epi16(h, 2 * p), 4), sixteen, 0xF8);
+        *hi = _mm512_ternarylogic_epi32(*hi, _mm512_slli_epi16(_mm512_srli_epi16(h, 2 * p + 1), 4), sixteen, 0xF8);
     }
-    if (M == 1) _mm_storeu_ps(y, acc1);
-    else store_rows(acc, M, y, ys);
+}
+AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys, const int HIGH) {
+    __m512 acc[4];
+    for (int r = 0; r < M; r++) acc[r] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *col = w + (size_t)b * X16_COL(HIGH);
+        __m512i S[2], Mn[2], is[4];
+        x16_scales(col, S, Mn);
+        for (int r = 0; r < M; r++) is[r] = _mm512_setzero_si512();
+        for (int p = 0; p < 4; p++) { /* sub-blocks 2p and 2p + 1 */
+            for (int l = 0; l < X16_COL(HIGH) / 256; l++) /* a quarter of the column X16_PREFETCH ahead */
+                _mm_prefetch((const char *)col + X16_PREFETCH * X16_COL(HIGH) + X16_COL(HIGH) / 4 * p + 64 * l, _MM_HINT_T0);
+            __m512i t[4][4];
+            for (int r = 0; r < M; r++) t[r][0] = t[r][1] = t[r][2] = t[r][3] = _mm512_setzero_si512();
+            for (int i = 0; i < 8; i += 2) {
+                __m512i lo0, hi0, lo1, hi1;
+                x16_slots(col, p, i, &lo0, &hi0, HIGH);
+                x16_slots(col, p, i + 1, &lo1, &hi1, HIGH);
+                const size_t at = 256 * (size_t)b + 64 * p + 4 * i;
+                for (int r = 0; r < M; r++) {
+                    t[r][0] = x16_dp4(t[r][0], lo0, x + r, at);
+                    t[r][1] = x16_dp4(t[r][1], hi0, x + r, at + 32);
+                    t[r][2] = x16_dp4(t[r][2], lo1, x + r, at + 4);
+                    t[r][3] = x16_dp4(t[r][3], hi1, x + r, at + 36);
+                }
+            }
+            const __m512i sl = x16_byte(S[p >> 1], 2 * p), sh = x16_byte(S[p >> 1], 2 * p + 1);
+            for (int r = 0; r < M; r++)
+                is[r] = _mm512_add_epi32(is[r], _mm512_add_epi32(_mm512_mullo_epi32(_mm512_add_epi32(t[r][0], t[r][2]), sl),
+                                                                 _mm512_mullo_epi32(_mm512_add_epi32(t[r][1], t[r][3]), sh)));
+        }
+        const __m512 D = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)col));
+        const __m512 DM = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(col + 32)));
+        __m512 mf[8];
+        for (int j = 0; j < 8; j++) mf[j] = _mm512_mul_ps(_mm512_cvtepi32_ps(x16_byte(Mn[j >> 2], j)), DM);
+        for (int r = 0; r < M; r++) {
+            const __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[r]), _mm512_mul_ps(D, _mm512_set1_ps(x[r].d[8 * (size_t)b])), acc[r]);
+            const float *sx = x[r].s + 8 * (size_t)b;
+            __m512 mn = _mm512_mul_ps(mf[0], _mm512_set1_ps(sx[0]));
+            for (int j = 1; j < 8; j++) mn = _mm512_fmadd_ps(mf[j], _mm512_set1_ps(sx[j]), mn);
+            acc[r] = _mm512_sub_ps(a, mn);
+        }
+    }
+    for (int r = 0; r < M; r++) _mm512_storeu_ps(y + r * ys, acc[r]);
 }
 #endif
 
@@ -319,55 +319,13 @@ AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float 
 #endif
 
 #ifdef AK_X4
-/* unit u (super-block u) of four interleaved groups → a panel (gemm.c): the quants' nibbles (and Q5_K's high bits)
- * unpacked to bytes, slot by slot; the scales and mins unpacked by x4_scales and moved to lane 4r + g */
-AK_INLINE void panel(const uint8_t *w, size_t gbytes, int u, ak_panel *P, const int HIGH) {
-    const __m512i low = _mm512_set1_epi8(0x0f), sixteen = _mm512_set1_epi8(0x10);
-    const size_t at = (size_t)u * 4 * SB(HIGH);
-    const __m512i tr = transpose4x4(); /* 4r + g ← 4g + r */
-    __m512i S[2], M[2]; /* 32-bit lane 4r + g: row r of group g's scale (mins) bytes j = 0..3 (S[0]) or 4..7 (S[1]) */
-    for (int h = 0; h < 2; h++) S[h] = M[h] = _mm512_setzero_si512();
-    for (int g = 0; g < 4; g++) {
-        __m128i scs[2], mns[2];
-        x4_scales(w + g * gbytes + at, scs, mns);
-        for (int h = 0; h < 2; h++) { /* lane 4g + r, for now */
-            S[h] = _mm512_mask_broadcast_i32x4(S[h], (__mmask16)(0xF << (4 * g)), scs[h]);
-            M[h] = _mm512_mask_broadcast_i32x4(M[h], (__mmask16)(0xF << (4 * g)), mns[h]);
-        }
-    }
-    for (int h = 0; h < 2; h++) S[h] = _mm512_permutexvar_epi32(tr, S[h]), M[h] = _mm512_permutexvar_epi32(tr, M[h]);
-    const __m512 D = panel_halves(w, gbytes, at), DM = panel_halves(w, gbytes, at + 8);
-    const __m512i byte = _mm512_set1_epi32(0xff);
-    P->d[0] = D;
-    for (int j = 0; j < 8; j++) { /* byte j % 4 of each lane */
-        P->sc[j] = _mm512_and_si512(_mm512_srli_epi32(S[j >> 2], 8 * (j & 3)), byte);
-        P->mn[j] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(M[j >> 2], 8 * (j & 3)), byte)), DM);
-    }
-    for (int p = 0; p < 4; p++)      /* qs chunk 2p + half: weights 16·half .. of sub-blocks 2p (low) and 2p + 1 (high) */
-        for (int half = 0; half < 2; half++) {
-            __m512i lo[4], hi[4];
-            for (int g = 0; g < 4; g++) {
-                const uint8_t *col = w + g * gbytes + at;
-                const __m512i q = _mm512_loadu_si512(col + 64 + 128 * HIGH + 128 * p + 64 * half);
-                lo[g] = _mm512_and_si512(q, low), hi[g] = _mm512_and_si512(_mm512_srli_epi16(q, 4), low);
-                if (HIGH) { /* | bit j of qh as bit 4 */
-                    const __m512i h = _mm512_loadu_si512(col + 64 + 64 * half);
-                    lo[g] = _mm512_ternarylogic_epi32(lo[g], _mm512_slli_epi16(_mm512_srli_epi16(h, 2 * p), 4), sixteen, 0xF8);
-                    hi[g] = _mm512_ternarylogic_epi32(hi[g], _mm512_slli_epi16(_mm512_srli_epi16(h, 2 * p + 1), 4), sixteen, 0xF8);
-                }
-            }
-            panel_slots(lo, P->q + 8 * (2 * p) + 4 * half);
-            panel_slots(hi, P->q + 8 * (2 * p + 1) + 4 * half);
-        }
-}
-#define KTYPE_PANEL(name, HIGH) \
-    static void name##_panel(const uint8_t *w, size_t gbytes, int u, int nb, ak_panel *P) { (void)nb; panel(w, gbytes, u, P, HIGH); }
-#define PANEL(name) name##_panel
 #define X4_MODE AK_PANEL_MIN /* x4 sums in gemm.c's order */
+#define X4_ROWS 16
+#define QS_GRANULE 4
 #else
 #define X4_MODE 0
-#define KTYPE_PANEL(name, HIGH)
-#define PANEL(name) NULL
+#define X4_ROWS 4 /* the AVX2 kernel */
+#define QS_GRANULE 16
 #endif
 
 #if defined(AK_X4) || defined(AK_AVX2)
@@ -389,10 +347,9 @@ AK_INLINE void panel(const uint8_t *w, size_t gbytes, int u, ak_panel *P, const 
         dot(w, nb, x, M, y, ys, HIGH);                                                                    \
     }                                                                                                     \
     KTYPE_X4(name, HIGH)                                                                                  \
-    KTYPE_PANEL(name, HIGH)                                                                               \
     const ak_type ak_type_##name = {ID, 256, SB(HIGH), name##_to_float, name##_dot, X4(name##_dot_x4),   \
-                                    {{0, 2, 2}, {2, 2, 2}, {4, 12, 4}, {16, HIGH ? 32 : 0, 16}, {16 + 32 * HIGH, 128, 16}, {0, 0, 0}}, 0, NULL, \
-                                    PANEL(name), AK_PANEL_MIN, X4_MODE};
+                                    {{0, 2, 2}, {2, 2, 2}, {4, 12, 4}, {16, HIGH ? 32 : 0, QS_GRANULE}, {16 + 32 * HIGH, 128, QS_GRANULE}, {0, 0, 0}}, \
+                                    0, NULL, NULL, AK_PANEL_MIN, X4_MODE, X4_ROWS};
 
 KTYPE(q4_k, AK_Q4_K, 0)
 KTYPE(q5_k, AK_Q5_K, 1)

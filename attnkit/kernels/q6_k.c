@@ -110,99 +110,77 @@ static void q6_k_dot(const uint8_t *w, int nb, const ak_act *x, int M, float *y,
 #endif
 
 #ifdef AK_X4
-/* Four rows interleaved, in the order the product reads them: d[4], the scales byte by byte (sc_g of rows 0-3,
- * g = 0..15), then for each half h of the super-block its qh (4 rows × 16 bytes, twice) and ql (4 rows × 16
- * bytes, 4 times); 840 bytes a block column. A 512-bit register holds 16 unsigned quants q of each row (lane
- * 4r..4r+3: row r), a scale group's; the dot products start from −32·Σx (ak_act.off4), so they sum (q − 32)·x,
- * and each is scaled by its int8 scale in int32 (vpmulld) and summed over the super-block, whose sums are
- * completed (rows_sums) before one conversion and one FMA by d·dx: gemm.c's operations in its order, so the two
- * give the same bits and ak_gemv may take either for any row. */
+/* Sixteen rows interleaved, 4 bytes of each at a time (a panel of gemm.c as it lies, as Q4_K's x16): per column
+ * d[16] (fp16), the scales byte by byte (sc_g of rows 0-15, g = 0..15), qh: 16 chunks, ql: 32 chunks, a chunk
+ * holding 4 bytes of each of the 16 rows (lane L: row L); 3360 bytes. A qh chunk (half h, bytes 4j..) and the two
+ * ql chunks of the same bytes give the unsigned 6-bit quants q of inputs 128h + 32i + 4j .. + 3 for i = 0..3, a
+ * slot of scale group 8h + 2i + j/4 each. Per slot one vpdpbusd per activation row; a group's four sums start from
+ * −32·Σqx of its 16 inputs (ak_act.off4: the type's offsets, 16 inputs each) so they sum (q − 32)·qx, are scaled
+ * by the int8 scale in int32 and summed over the super-block, then acc += Σ·(d·dx): gemm.c's AK_PANEL_K16
+ * arithmetic (rows_tile), for any number of rows. */
+#define X16_COL 3360
+#define X16_QH 288
+#define X16_QL 1312
+static inline __m512i x16_dp4(__m512i t, __m512i w, const ak_act *a, size_t i) {
+#if defined(__GNUC__) && !defined(AK_NO_ASM)
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(t) : "v"(w), "m"(*(const int32_t *)(a->qs + i)));
+    return t;
+#else
+    int32_t v;
+    memcpy(&v, a->qs + i, 4);
+    return _mm512_dpbusd_epi32(t, w, _mm512_set1_epi32(v));
+#endif
+}
 AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys) {
     const __m512i low = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
-    const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    __m512i pick[4]; /* lane 4r+i ← lane 4t+r: the scale 4q + t of row r in all four lanes of row r */
-    for (int t = 0; t < 4; t++) pick[t] = _mm512_add_epi32(spread, _mm512_set1_epi32(4 * t));
-    __m512 acc = _mm512_setzero_ps(); /* lane 4c + r: weight row c · activation row r */
+    __m512 acc[4];
+    for (int r = 0; r < M; r++) acc[r] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
-        const uint8_t *col = w + (size_t)b * 840;
-        __m512i SC[4]; /* lane 4t + r: the int8 scale 4q + t of row r, widened */
-        for (int q = 0; q < 4; q++) SC[q] = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(col + 8 + 16 * q)));
+        const uint8_t *col = w + (size_t)b * X16_COL;
         __m512i is[4];
         for (int r = 0; r < M; r++) is[r] = _mm512_setzero_si512();
         for (int h = 0; h < 2; h++)
-            for (int e = 0; e < 2; e++) {
-                const uint8_t *half = col + 72 + 384 * h; /* qh: 2 × 64 bytes, then ql: 4 × 64 */
-                const __m512i hc = _mm512_loadu_si512(half + 64 * e);
-                const __m512i a = _mm512_loadu_si512(half + 128 + 64 * e), c = _mm512_loadu_si512(half + 256 + 64 * e);
-                __m512i u[4]; /* weights 128h + 32i + 16e + (0..15): scale group 8h + 2i + e */
-                u[0] = _mm512_ternarylogic_epi32(_mm512_and_si512(a, low), _mm512_slli_epi16(hc, 4), m30, 0xF8);
-                u[1] = _mm512_ternarylogic_epi32(_mm512_and_si512(c, low), _mm512_slli_epi16(hc, 2), m30, 0xF8);
-                u[2] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(a, 4), low), hc, m30, 0xF8);
-                u[3] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(c, 4), low), _mm512_srli_epi16(hc, 2), m30, 0xF8);
+            for (int jh = 0; jh < 2; jh++) { /* groups 8h + 2i + jh, i = 0..3: inputs 128h + 32i + 16jh .. + 15 */
+                for (int l = 0; l < X16_COL / 256; l++) /* a quarter of the column 2 ahead (q4_k.c's X16_PREFETCH) */
+                    _mm_prefetch((const char *)col + 2 * X16_COL + X16_COL / 4 * (2 * h + jh) + 64 * l, _MM_HINT_T0);
+                __m512i t[4][4]; /* [row][i] */
+                for (int r = 0; r < M; r++)
+                    for (int i = 0; i < 4; i++) t[r][i] = _mm512_set1_epi32(x[r].off4[16 * (size_t)b + 8 * h + 2 * i + jh]);
+                for (int j = 4 * jh; j < 4 * jh + 4; j++) {
+                    const __m512i hc = _mm512_loadu_si512(col + X16_QH + 64 * (8 * h + j));
+                    const __m512i a = _mm512_loadu_si512(col + X16_QL + 64 * (16 * h + j));
+                    const __m512i c = _mm512_loadu_si512(col + X16_QL + 64 * (16 * h + 8 + j));
+                    __m512i u[4];
+                    u[0] = _mm512_ternarylogic_epi32(_mm512_and_si512(a, low), _mm512_slli_epi16(hc, 4), m30, 0xF8);
+                    u[1] = _mm512_ternarylogic_epi32(_mm512_and_si512(c, low), _mm512_slli_epi16(hc, 2), m30, 0xF8);
+                    u[2] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(a, 4), low), hc, m30, 0xF8);
+                    u[3] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(c, 4), low), _mm512_srli_epi16(hc, 2), m30, 0xF8);
+                    for (int r = 0; r < M; r++)
+                        for (int i = 0; i < 4; i++) t[r][i] = x16_dp4(t[r][i], u[i], x + r, 256 * (size_t)b + 128 * h + 32 * i + 4 * j);
+                }
                 for (int i = 0; i < 4; i++) {
-                    const int g = 8 * h + 2 * i + e, at = 16 * g;
-                    const __m512i sc = _mm512_permutexvar_epi32(pick[g & 3], SC[g >> 2]);
-                    for (int r = 0; r < M; r++) {
-                        const int8_t *xq = x[r].qs + 256 * (size_t)b + at;
-                        const int32_t *o4 = x[r].off4 + 64 * (size_t)b + at / 4;
-                        const __m512i t = _mm512_dpbusd_epi32(bcast16((const int8_t *)o4), u[i], bcast16(xq));
-                        is[r] = _mm512_add_epi32(is[r], _mm512_mullo_epi32(t, sc));
-                    }
+                    const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(col + 32 + 16 * (8 * h + 2 * i + jh))));
+                    for (int r = 0; r < M; r++) is[r] = _mm512_add_epi32(is[r], _mm512_mullo_epi32(t[r][i], sc));
                 }
             }
-        const __m512 D = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)col))));
-        float dx[4] = {0.f, 0.f, 0.f, 0.f};
-        for (int r = 0; r < M; r++) dx[r] = x[r].d[8 * (size_t)b];
-        const __m512 DX = M == 1 ? _mm512_set1_ps(dx[0]) : _mm512_broadcast_f32x4(_mm_loadu_ps(dx));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(rows_sums(is, M)), _mm512_mul_ps(D, DX), acc);
+        const __m512 D = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)col));
+        for (int r = 0; r < M; r++)
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[r]), _mm512_mul_ps(D, _mm512_set1_ps(x[r].d[8 * (size_t)b])), acc[r]);
     }
-    store_rows(acc, M, y, ys);
+    for (int r = 0; r < M; r++) _mm512_storeu_ps(y + r * ys, acc[r]);
 }
 static void q6_k_dot_x4(const uint8_t *w, int nb, const ak_act *x, int M, float *y, size_t ys) {
     AK_DISPATCH_M(x4, w, nb, x, M, y, ys)
 }
-/* unit u (super-block u) of four interleaved groups → a panel (gemm.c): the unsigned 6-bit quants q as x4 unpacks
- * them, the int8 scales widened to int32 lanes */
-static void q6_k_panel(const uint8_t *w, size_t gbytes, int u, int nb, ak_panel *P) { /* nb: always 8 (256 | k) */
-    (void)nb;
-    const __m512i low = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
-    const size_t at = (size_t)u * 840;
-    P->d[0] = panel_halves(w, gbytes, at);
-    const __m512i tr = transpose4x4(); /* 4r + g ← 4g + r */
-    for (int q = 0; q < 4; q++) { /* scales 4q .. 4q + 3: byte 4c' + r of each group's 16 at 8 + 16q */
-        __m512i Z = _mm512_setzero_si512(); /* 128-bit lane g: group g's */
-        for (int g = 0; g < 4; g++)
-            Z = _mm512_mask_broadcast_i32x4(Z, (__mmask16)(0xF << (4 * g)), _mm_loadu_si128((const __m128i *)(w + g * gbytes + at + 8 + 16 * q)));
-        for (int c = 0; c < 4; c++) { /* byte 4c + r → the top byte of 32-bit lane r, sign-extended; lane 4g + r → 4r + g */
-            const __m512i pick = _mm512_set1_epi32((int)(((uint32_t)(4 * c) << 24) | 0x808080u));
-            const __m512i rows = _mm512_add_epi32(pick, _mm512_set_epi32(3 << 24, 2 << 24, 1 << 24, 0, 3 << 24, 2 << 24, 1 << 24, 0,
-                                                                         3 << 24, 2 << 24, 1 << 24, 0, 3 << 24, 2 << 24, 1 << 24, 0));
-            P->sc[4 * q + c] = _mm512_permutexvar_epi32(tr, _mm512_srai_epi32(_mm512_shuffle_epi8(Z, rows), 24));
-        }
-    }
-    for (int h = 0; h < 2; h++)
-        for (int e = 0; e < 2; e++) {
-            __m512i v[4][4]; /* [i][g]: weights 128h + 32i + 16e + (0..15) of group g */
-            for (int g = 0; g < 4; g++) {
-                const uint8_t *half = w + g * gbytes + at + 72 + 384 * h;
-                const __m512i hc = _mm512_loadu_si512(half + 64 * e);
-                const __m512i a = _mm512_loadu_si512(half + 128 + 64 * e), c = _mm512_loadu_si512(half + 256 + 64 * e);
-                v[0][g] = _mm512_ternarylogic_epi32(_mm512_and_si512(a, low), _mm512_slli_epi16(hc, 4), m30, 0xF8);
-                v[1][g] = _mm512_ternarylogic_epi32(_mm512_and_si512(c, low), _mm512_slli_epi16(hc, 2), m30, 0xF8);
-                v[2][g] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(a, 4), low), hc, m30, 0xF8);
-                v[3][g] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(c, 4), low), _mm512_srli_epi16(hc, 2), m30, 0xF8);
-            }
-            for (int i = 0; i < 4; i++) panel_slots(v[i], P->q + 32 * h + 8 * i + 4 * e);
-        }
-}
-#define Q6_K_PANEL q6_k_panel
 #define Q6_K_X4_MODE AK_PANEL_K16 /* x4 sums in gemm.c's K16 order */
+#define Q6_K_X4_FIELDS {{208, 2, 2}, {192, 16, 1}, {128, 64, 4}, {0, 128, 4}, {0, 0, 0}}
+#define Q6_K_X4_ROWS 16
 #else
 #define q6_k_dot_x4 NULL
-#define Q6_K_PANEL NULL
 #define Q6_K_X4_MODE 0
+#define Q6_K_X4_FIELDS {{208, 2, 2}, {192, 16, 1}, {128, 64, 4}, {0, 128, 4}, {0, 0, 0}}
+#define Q6_K_X4_ROWS 16
 #endif
 
-const ak_type ak_type_q6_k = {AK_Q6_K, 256, 210, q6_k_to_float, q6_k_dot, q6_k_dot_x4,
-                              {{208, 2, 2}, {192, 16, 1}, {128, 32, 16}, {0, 64, 16}, {160, 32, 16}, {64, 64, 16}, {0, 0, 0}},
-                              32, NULL, Q6_K_PANEL, AK_PANEL_K16, Q6_K_X4_MODE};
+const ak_type ak_type_q6_k = {AK_Q6_K, 256, 210, q6_k_to_float, q6_k_dot, q6_k_dot_x4, Q6_K_X4_FIELDS,
+                              32, NULL, NULL, AK_PANEL_K16, Q6_K_X4_MODE, Q6_K_X4_ROWS};

@@ -24,7 +24,9 @@ Where the kernels have a product on them the blocks are kept with rows interleav
 the same bytes, permuted within each group of four rows, so that one vector product covers weights of four rows
 and one float FMA applies a block column's scales for all four — every type with AVX-512 VNNI, every type but Q6_K
 with AVX2 (there the legacy types and Q8_0 ~2× the row layout's products at 4–32 activation rows and 1.2–1.9× at
-one; Q4_K 1.15–1.2×, Q5_K ~1.08×).
+one; Q4_K 1.15–1.2×, Q5_K ~1.08×). Q4_K, Q5_K and Q6_K with AVX-512 VNNI interleave groups of 16 rows, 4 bytes of each
+at a time (:func:`group_rows`): a load is 4 weights of each of 16 rows, gemm.c's panel as it lies, so the decode
+kernel needs no transposes and the matrix product no unpacking but an AND and a shift.
 ``blocks`` then holds that layout; :meth:`GGUFBlockLinear.row_blocks` gives GGUF's own.
 """
 
@@ -64,6 +66,8 @@ class BlockType:
     # 73 vs 65); for Q6_K 60 vs 64, but its short prompts are 3× faster (32 tokens: 0.53 s to the first token,
     # while the dense product decodes every weight however few the rows); for Q8_0 52 vs 65 (kept dense)
     integer_prompts: bool = False
+    # the fields in groups of 16 rows, where a build of the kernels interleaves this type so (AVX-512 VNNI)
+    x16_fields: tuple[tuple[int, int, int], ...] | None = None
 
 
 BLOCK_TYPES = {t.name: t for t in (
@@ -73,11 +77,13 @@ BLOCK_TYPES = {t.name: t for t in (
     BlockType("Q5_1", 7, 32, 24, ((0, 2, 2), (2, 2, 2), (4, 4, 4), (8, 16, 16)), (0, 2)),  # w = d·q + m: d, m, qh, qs
     BlockType("Q8_0", 8, 32, 34, ((0, 2, 2), (2, 32, 16)), (0,)),  # w = d·q: d, qs
     # w = d·sc·q − dmin·m: d, dmin, scales, [qh,] qs
-    BlockType("Q4_K", 12, 256, 144, ((0, 2, 2), (2, 2, 2), (4, 12, 4), (16, 128, 16)), (0, 2), True),
-    BlockType("Q5_K", 13, 256, 176, ((0, 2, 2), (2, 2, 2), (4, 12, 4), (16, 32, 16), (48, 128, 16)), (0, 2), True),
+    BlockType("Q4_K", 12, 256, 144, ((0, 2, 2), (2, 2, 2), (4, 12, 4), (16, 128, 16)), (0, 2), True,
+              ((0, 2, 2), (2, 2, 2), (4, 12, 4), (16, 128, 4))),
+    BlockType("Q5_K", 13, 256, 176, ((0, 2, 2), (2, 2, 2), (4, 12, 4), (16, 32, 16), (48, 128, 16)), (0, 2), True,
+              ((0, 2, 2), (2, 2, 2), (4, 12, 4), (16, 32, 4), (48, 128, 4))),
     # w = d·sc·(q − 32): ql[128], qh[64], scales[16], d; interleaved d, scales, then qh and ql of each half in turn
     BlockType("Q6_K", 14, 256, 210, ((208, 2, 2), (192, 16, 1), (128, 32, 16), (0, 64, 16), (160, 32, 16), (64, 64, 16)),
-              (208,), True),
+              (208,), True, ((208, 2, 2), (192, 16, 1), (128, 64, 4), (0, 128, 4))),
 )}
 NATIVE_TYPES = frozenset(BLOCK_TYPES)
 X4_FLAG = 0x100  # the kernels' kind for a type's blocks with rows interleaved in fours: ggml id | X4_FLAG
@@ -95,10 +101,26 @@ def _kernels():
                 raise RuntimeError(f"attnkit's C kernels disagree with BLOCK_TYPES on {t.name}")
             n = lib.ak_type_x4_fields(t.ggml_id, f, 8)
             fields = tuple((f[3 * i], f[3 * i + 1], f[3 * i + 2]) for i in range(n))
-            if n >= 0 and fields != t.x4_fields:
-                raise RuntimeError(f"attnkit's C kernels interleave {t.name} as {fields}, BLOCK_TYPES as {t.x4_fields}")
+            rows = lib.ak_type_x4_rows(t.ggml_id)
+            want = t.x16_fields if rows == 16 else t.x4_fields
+            if n >= 0 and (rows not in (4, 16) or fields != want):
+                raise RuntimeError(f"attnkit's C kernels interleave {t.name} as {fields} in groups of {rows} rows, "
+                                   f"BLOCK_TYPES as {want}")
         lib._attnkit_types_checked = True
     return lib
+
+
+def group_rows(kind: str) -> int:
+    """Rows a group of ``kind``'s interleaved layout in the built kernels: 16 (Q4_K, Q5_K, Q6_K with AVX-512 VNNI) or 4."""
+    lib = _kernels()
+    rows = lib.ak_type_x4_rows(BLOCK_TYPES[kind].ggml_id) if lib is not None else -1
+    return rows if rows > 0 else 4
+
+
+def _layout(kind: str) -> tuple[int, tuple[tuple[int, int, int], ...]]:
+    """(rows a group, fields) of ``kind``'s interleaved layout here."""
+    t, rows = BLOCK_TYPES[kind], group_rows(kind)
+    return rows, (t.x16_fields if rows == 16 else t.x4_fields)
 
 
 def has_x4(kind: str) -> bool:
@@ -109,47 +131,51 @@ def has_x4(kind: str) -> bool:
 
 
 def interleave(blocks: torch.Tensor, kind: str, out: torch.Tensor | None = None) -> torch.Tensor:
-    """(n, nb · block bytes) blocks in GGUF's row layout → rows interleaved in fours (n % 4 == 0), a new tensor.
+    """(n, nb · block bytes) blocks in GGUF's row layout → rows interleaved in groups of R = :func:`group_rows`
+    (n % R == 0), a new tensor.
 
-    For rows 4g..4g+3 and block column b the interleaved layout holds each field of the four blocks in turn, its
-    bytes alternating between the rows granule by granule (BlockType.x4_fields): Q4_1 d[4] m[4] qs[4][16], Q4_K
-    d[4] dmin[4], the 12 scale bytes a 32-bit word of each row at a time, then the quants 16 bytes of each row at a
-    time; so one 512-bit load holds 16 weights of each of the four rows. A permutation within each group of rows.
+    For rows R·g .. R·g + R − 1 and block column b the interleaved layout holds each field of the R blocks in turn,
+    its bytes alternating between the rows granule by granule (BlockType.x4_fields, or x16_fields): Q4_1 d[4] m[4]
+    qs[4][16], so that one 512-bit load holds 16 weights of each of the four rows; Q4_K in sixteens d[16] dmin[16],
+    the 12 scale bytes a 32-bit word of each row at a time, then the quants 4 bytes of each row at a time (a load:
+    4 bytes of each of 16 rows). A permutation within each group of rows.
     """
     t = BLOCK_TYPES[kind]
+    R, fields = _layout(kind)
     n, row = blocks.shape
     lib = _kernels()
     if lib is not None and blocks.is_contiguous() and blocks.device.type == "cpu":  # one pass in C (kernels/repack.c)
         out = empty_weights_like(blocks) if out is None else out
-        fields = (ctypes.c_int * (3 * len(t.x4_fields)))(*(v for f in t.x4_fields for v in f))
+        packed = (ctypes.c_int * (3 * len(fields)))(*(v for f in fields for v in f))
         vp, i = ctypes.c_void_p, ctypes.c_int
-        lib.ak_interleave.argtypes = [vp, vp, i, i, i, vp, i, i]
-        if lib.ak_interleave(blocks.data_ptr(), out.data_ptr(), n, row, t.block_bytes, fields, len(t.x4_fields),
+        lib.ak_interleave.argtypes = [vp, vp, i, i, i, vp, i, i, i]
+        if lib.ak_interleave(blocks.data_ptr(), out.data_ptr(), n, row, t.block_bytes, packed, len(fields), R,
                              torch.get_num_threads()):
             raise ValueError(f"cannot interleave {kind} blocks of shape {tuple(blocks.shape)}")
         return out
     if out is not None:
         return out.copy_(interleave(blocks, kind))
-    b = blocks.reshape(n // 4, 4, row // t.block_bytes, t.block_bytes).transpose(1, 2)  # (G, nb, 4 rows, bb)
+    b = blocks.reshape(n // R, R, row // t.block_bytes, t.block_bytes).transpose(1, 2)  # (G, nb, R rows, bb)
     parts = []
-    for off, width, g in t.x4_fields:
-        f = b[..., off:off + width].reshape(*b.shape[:3], width // g, g).transpose(2, 3)  # (G, nb, width/g, 4, g)
-        parts.append(f.reshape(*b.shape[:2], 4 * width))
+    for off, width, g in fields:
+        f = b[..., off:off + width].reshape(*b.shape[:3], width // g, g).transpose(2, 3)  # (G, nb, width/g, R, g)
+        parts.append(f.reshape(*b.shape[:2], R * width))
     return torch.cat(parts, dim=-1).reshape(n, row)
 
 
 def deinterleave(blocks: torch.Tensor, kind: str) -> torch.Tensor:
     """The inverse of :func:`interleave`: GGUF's row layout again."""
     t = BLOCK_TYPES[kind]
+    R, fields = _layout(kind)
     n, row = blocks.shape
-    c = blocks.reshape(n // 4, row // t.block_bytes, 4 * t.block_bytes)  # (G, nb, 4 · bb)
-    rows = torch.empty(*c.shape[:2], 4, t.block_bytes, dtype=blocks.dtype)  # (G, nb, 4, bb)
+    c = blocks.reshape(n // R, row // t.block_bytes, R * t.block_bytes)  # (G, nb, R · bb)
+    rows = torch.empty(*c.shape[:2], R, t.block_bytes, dtype=blocks.dtype)  # (G, nb, R, bb)
     at = 0
-    for off, width, g in t.x4_fields:
-        f = c[..., 4 * at:4 * (at + width)].reshape(*c.shape[:2], width // g, 4, g).transpose(2, 3)
-        rows[..., off:off + width] = f.reshape(*c.shape[:2], 4, width)
+    for off, width, g in fields:
+        f = c[..., R * at:R * (at + width)].reshape(*c.shape[:2], width // g, R, g).transpose(2, 3)
+        rows[..., off:off + width] = f.reshape(*c.shape[:2], R, width)
         at += width
-    return rows.transpose(1, 2).reshape(n, row)  # (G, 4, nb, bb) → rows
+    return rows.transpose(1, 2).reshape(n, row)  # (G, R, nb, bb) → rows
 
 
 # weights (64 MiB of float32) above which a bf16 dense product outside the engine goes by tiles; a float32 one always
@@ -182,11 +208,11 @@ class GGUFBlockLinear(nn.Module):
         self.dense_dtype = torch.float32  # of the products above kernel_max_rows (set_dense_dtype)
         self.on_release: Callable[[], None] | None = None  # see release_source
         if interleaved is None:
-            interleaved = packed or (self.out_features % 4 == 0 and has_x4(kind))
+            interleaved = packed or (self.out_features % group_rows(kind) == 0 and has_x4(kind))
         if packed and not interleaved:
             raise ValueError("packed blocks are interleaved in fours: interleaved=False contradicts packed=True")
-        if interleaved and self.out_features % 4:
-            raise ValueError(f"interleaved GGUF blocks need a multiple of 4 rows, got {self.out_features}")
+        if interleaved and self.out_features % group_rows(kind):
+            raise ValueError(f"interleaved {kind} blocks need a multiple of {group_rows(kind)} rows, got {self.out_features}")
         if interleaved and _kernels() is not None and not has_x4(kind):
             raise ValueError(f"the C kernels built here have no product on interleaved {kind} blocks")
         self.interleaved = bool(interleaved)
@@ -208,7 +234,7 @@ class GGUFBlockLinear(nn.Module):
         biases = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in mods]
         bias = torch.cat(biases) if any(m.bias is not None for m in mods) else None
         kind, k = mods[0].kind, mods[0].in_features
-        if not all(m.out_features % 4 == 0 for m in mods) or not has_x4(kind):
+        if not all(m.out_features % group_rows(kind) == 0 for m in mods) or not has_x4(kind):
             parts = [m.row_blocks() for m in mods]
             blocks = torch.cat(parts, out=empty_weights((sum(len(b) for b in parts), parts[0].shape[1])))
             fused = cls(blocks, kind, k, bias, interleaved=False)
@@ -216,7 +242,7 @@ class GGUFBlockLinear(nn.Module):
             for m in mods:  # copied: the file's pages of the parts are no longer needed
                 m.release_source()
             return fused
-        # groups of four rows never straddle two parts: each part goes into its slice of the fused layout once,
+        # groups of rows never straddle two parts: each part goes into its slice of the fused layout once,
         # straight from the file's mapping when it was loaded in GGUF's layout for this
         out = empty_weights((sum(m.out_features for m in mods), mods[0].blocks.shape[1]))
         at = 0
@@ -241,7 +267,7 @@ class GGUFBlockLinear(nn.Module):
     def packed(self) -> GGUFBlockLinear:
         """This layer with its rows interleaved in fours where the kernels have that layout (self if it is, or
         cannot be)."""
-        if self.interleaved or self.out_features % 4 or not has_x4(self.kind):
+        if self.interleaved or self.out_features % group_rows(self.kind) or not has_x4(self.kind):
             if self.on_release is not None:  # still viewing its source (a file's pages): copied onto huge pages
                 self.own_blocks()
             return self
@@ -331,9 +357,10 @@ class GGUFBlockLinear(nn.Module):
             rows = rows.reshape(-1).long()
         if rows is None:
             return deinterleave(self.blocks, self.kind)
-        groups = self.blocks.view(self.out_features // 4, -1)[rows // 4]  # (N, 4 rows' bytes)
-        unpacked = deinterleave(groups.view(4 * len(rows), -1), self.kind).view(len(rows), 4, -1)
-        return unpacked[torch.arange(len(rows)), rows % 4]
+        R = group_rows(self.kind)
+        groups = self.blocks.view(self.out_features // R, -1)[rows // R]  # (N, R rows' bytes)
+        unpacked = deinterleave(groups.view(R * len(rows), -1), self.kind).view(len(rows), R, -1)
+        return unpacked[torch.arange(len(rows)), rows % R]
 
     def dequantize(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
         """The dense (out, in) weight in ``dtype`` (written into ``out`` when given: a reused buffer of that dtype)."""
@@ -360,8 +387,10 @@ class GGUFBlockLinear(nn.Module):
         if lib is None:
             rows = torch.arange(start, stop)
             return out.copy_(dequantize_reference(self.row_blocks(rows), self.kind, self.in_features))
-        if self.interleaved and (start % 4 or stop % 4):
-            raise ValueError(f"dequantize_rows: interleaved blocks are cut at multiples of 4 rows, got [{start}, {stop})")
+        R = group_rows(self.kind) if self.interleaved else 1
+        if start % R or stop % R:
+            raise ValueError(f"dequantize_rows: interleaved {self.kind} blocks are cut at multiples of {R} rows, got "
+                             f"[{start}, {stop})")
         part = self.blocks[start:stop]
         lib.ak_dequantize(self.kernel_kind, part.data_ptr(), out.data_ptr(), 0, stop - start, self.in_features,
                           torch.get_num_threads())
