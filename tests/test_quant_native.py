@@ -37,21 +37,22 @@ def test_decoding_matches_gguf_reference(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
-def test_interleaving_is_a_permutation_within_groups_of_four_rows(kind: str) -> None:
-    from attnkit.quant.native import deinterleave, interleave
+def test_interleaving_is_a_permutation_within_groups_of_rows(kind: str) -> None:
+    from attnkit.quant.native import deinterleave, group_rows, interleave
 
-    layer, dense = _layer(kind, 12, 96, interleaved=False)
+    R = group_rows(kind)  # 4, or 16 (Q8_0 with AVX-512 VNNI)
+    layer, dense = _layer(kind, 3 * R, 96, interleaved=False)
     packed = interleave(layer.blocks, kind)
     assert packed.shape == layer.blocks.shape and not torch.equal(packed, layer.blocks)
-    for g in range(3):  # each group of four rows keeps its own bytes
-        rows = slice(4 * g, 4 * g + 4)
+    for g in range(3):  # each group of rows keeps its own bytes
+        rows = slice(R * g, R * g + R)
         assert torch.equal(packed[rows].flatten().sort().values, layer.blocks[rows].flatten().sort().values)
     assert torch.equal(deinterleave(packed, kind), layer.blocks)
     if library() is not None and not has_x4(kind):  # an AVX2 build: no interleaved product, said so clearly
         with pytest.raises(ValueError, match="no product on interleaved"):
             GGUFBlockLinear(layer.blocks, kind, 96, interleaved=True)
         assert not GGUFBlockLinear(layer.blocks, kind, 96).interleaved  # the default keeps the row layout
-        with pytest.raises(ValueError, match="multiple of 4 rows"):
+        with pytest.raises(ValueError, match=f"multiple of {R} rows"):
             GGUFBlockLinear(layer.blocks[:10], kind, 96, interleaved=True)
         return
     x4 = GGUFBlockLinear(layer.blocks, kind, 96, interleaved=True)
@@ -62,7 +63,7 @@ def test_interleaving_is_a_permutation_within_groups_of_four_rows(kind: str) -> 
     if library() is not None:
         assert torch.equal(x4.dequantize(), dense)
         assert torch.equal(x4.dequantize(torch.bfloat16), dense.bfloat16())
-    with pytest.raises(ValueError, match="multiple of 4 rows"):
+    with pytest.raises(ValueError, match=f"multiple of {R} rows"):
         GGUFBlockLinear(layer.blocks[:10], kind, 96, interleaved=True)
 
 
@@ -71,7 +72,7 @@ def test_interleaving_is_a_permutation_within_groups_of_four_rows(kind: str) -> 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
 def test_interleaved_product_equals_the_row_layout_one(kind: str, rows: int) -> None:
     """The same integer block sums and scales, added in another order: equal up to float32 rounding."""
-    plain, dense = _layer(kind, 200, 576, seed=rows, interleaved=False)
+    plain, dense = _layer(kind, 208, 576, seed=rows, interleaved=False)  # 13 groups of 16 rows, 52 of 4
     x4 = GGUFBlockLinear(plain.blocks, kind, 576, interleaved=True)
     assert x4.interleaved and x4.kernel_kind == plain.kernel_kind | 0x100
     x = torch.randn(rows, 576)

@@ -131,6 +131,8 @@ static inline int ak_group_rows(const ak_type *t) { return t->x4_rows ? t->x4_ro
 const ak_type *ak_find_type(int kind);
 int ak_quantize_act(int kind, const float *x, int m, int k, void *scratch);
 int ak_gemm_x4(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads);
+int ak_gemm(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads);
+int ak_gemm_takes(int kind, int n, int k);
 
 extern const ak_type ak_type_q4_0, ak_type_q4_1, ak_type_q5_0, ak_type_q5_1, ak_type_q8_0, ak_type_q4_k,
     ak_type_q5_k, ak_type_q6_k;

@@ -17,8 +17,9 @@
  * result does not depend on the rows beside it (batch invariance). The activations are quantized as ak_gemv does
  * (llama.cpp's q8_K / q8_0). 1.2–1.6× decoding the weights + oneDNN's bf16 product at 512 rows of a 1B's layers
  * on AVX-512 VNNI + BF16 (Zen 4, 2 threads; benchmarks/gguf_kernels.py, docs/performance.md session 16).
- * Q4_K and Q5_K on AVX-512 VNNI are stored as panels already (16 rows interleaved 4 bytes at a time, q4_k.c):
- * their product is their decode kernel, this tile with the nibbles taken out of each load (ak_gemv). */
+ * Q4_K, Q5_K, Q6_K and Q8_0 on AVX-512 VNNI are stored as panels already (16 rows interleaved 4 bytes at a time,
+ * q4_k.c): the K-quants' product is their decode kernel, this tile with the quants taken out of each load
+ * (ak_gemv); Q8_0's panel is its chunks with the sign bit flipped (q8.c). */
 #include <stdlib.h>
 
 #include "blocks.h"
@@ -180,7 +181,7 @@ static int gemm(int kind, const void *w, const float *x, float *y, int m, int n,
 #ifdef AK_X4
     const ak_type *t = ak_find_type(kind);
     if (!ak_gemm_takes(kind, n, k) || m < 1 || (x4_order && k % 256)) return 1;
-    if (ak_group_rows(t) == 16) /* the decode kernel is this tile on the weights as they lie (kernels.c) */
+    if (ak_group_rows(t) == 16 && !t->panel) /* the decode kernel is this tile on the weights as they lie */
         return ak_gemv(kind, w, x, y, m, n, k, scratch, threads);
     const int mode = x4_order ? t->x4_mode : t->panel_mode;
     if (!mode) return 1;
@@ -191,7 +192,8 @@ static int gemm(int kind, const void *w, const float *x, float *y, int m, int n,
     if (per && !(t0 = malloc(sizeof(int32_t) * (size_t)m * nu * per))) return 2;
     const size_t row_bytes = (size_t)(k / 32) * sizeof(block_q8x);
     const size_t gbytes = (size_t)4 * (k / t->block_elems) * t->block_bytes;
-    const __m512i unperm = transpose4x4(); /* 4g + r ← 4r + g */
+    const __m512i unperm = ak_group_rows(t) == 16 ? _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)
+                                                  : transpose4x4(); /* 4g + r ← 4r + g; a group of 16: lane L is row L */
     int failed = 0;
     (void)threads;
 #pragma omp parallel num_threads(threads) if (threads > 1 && n >= 32)

@@ -44,7 +44,10 @@ const ak_type *ak_find_type(int kind) { return find_type(kind); }
  * 16 rows (Q4_K, Q5_K on AVX-512 VNNI) never: their decode kernel is gemm.c's tile on the weights as they lie, and
  * ahead of unpacking them into panels at every row count (a 1B's 8192×2048 Q4_K streamed, 2 threads, Zen 5: 0.61× the
  * time at 16 rows, 0.84× at 64, 0.93× at 512) */
-enum { GEMM_ROWS = 4, GEMM_ROWS_MIN = 12, GEMM_ROWS_L32 = 16 };
+enum { GEMM_ROWS = 4, GEMM_ROWS_MIN = 12, GEMM_ROWS_L32 = 16, GEMM_ROWS_X16 = 64 /* Q8_0 in sixteens: q8.c */ };
+/* ak_gemv's chunk of row groups that 4 activation rows pass before the next 4: within half of a 1 MiB L2 (32 groups
+ * of 16 Q8_0 rows of 2048 inputs took 1.1 MB and ran 1.2–1.4× slower at 6–16 rows than chunks of 15; Zen 5) */
+#define CHUNK_BYTES ((size_t)512 << 10)
 
 /* 0 and the block's elements and bytes when this build multiplies `kind`, -1 otherwise */
 int ak_type_info(int kind, int *block_elems, int *block_bytes) {
@@ -134,10 +137,10 @@ static void quantize_row(const float *x, void *scratch, int r, int k, int g) {
 }
 
 /* the offsets of scratch row r for t's interleaved product (ak_act.off4, k/4 int32 reserved a row): −offset · the
- * sum of each 4 quants, or of each 16 for a type interleaved in sixteens (Q6_K: a scale group's) */
+ * sum of each 4 quants, or for a type interleaved in sixteens of each scale group's (Q6_K: 16) or block's (Q8_0: 32) */
 static void row_offsets(const ak_type *t, const void *scratch, int r, int k, int32_t *dst) {
     const int8_t *q = act_row(scratch, r, k).qs;
-    const int span = ak_group_rows(t) == 16 ? 16 : 4;
+    const int span = ak_group_rows(t) == 4 ? 4 : t->block_elems == 32 ? 32 : 16; /* in sixteens: a block's or a scale group's */
     for (int g = 0; g < k / span; g++) {
         int sum = 0;
         for (int l = 0; l < span; l++) sum += q[span * g + l];
@@ -164,6 +167,8 @@ int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int
     const int from = t->x4_mode == AK_X4_L32 ? GEMM_ROWS_L32 : t->x4_mode == AK_PANEL_MIN ? GEMM_ROWS_MIN : GEMM_ROWS;
     if (x4 && R == 4 && t->x4_mode && m >= from && n % 16 == 0 && k % 256 == 0)
         return ak_gemm_x4(kind, w, x, y, m, n, k, scratch, threads);
+    if (x4 && R == 16 && t->panel && m >= GEMM_ROWS_X16 && ak_gemm_takes(kind, n, k)) /* the same order: its panel */
+        return ak_gemm(kind, w, x, y, m, n, k, scratch, threads);
     const int nb = k / t->block_elems;
     const size_t gbytes = (size_t)R * nb * t->block_bytes;
     const ak_dot_fn dot = x4 ? t->dot_x4 : t->dot;
@@ -184,9 +189,11 @@ int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int
     (void)threads;
     /* Threads take chunks of row groups; within a chunk, each 4 activation rows (in L1) pass all of its groups (in
      * L2) before the next 4, so more than 4 rows are read from memory once per chunk, not once per group. Chunks
-     * of up to 32 groups, at least 4 a thread; one group each for at most 4 rows (nothing to reuse: an even split). */
+     * of up to 32 groups and CHUNK_BYTES, at least 4 a thread; one group each for at most 4 rows (nothing to reuse:
+     * an even split). */
     const int groups = n / R, per = groups / (4 * (threads > 1 ? threads : 1));
-    const int chunk = m <= 4 || per < 1 ? 1 : per > 32 ? 32 : per, chunks = (groups + chunk - 1) / chunk;
+    const int most = gbytes >= CHUNK_BYTES ? 1 : CHUNK_BYTES / gbytes > 32 ? 32 : (int)(CHUNK_BYTES / gbytes);
+    const int chunk = m <= 4 || per < 1 ? 1 : per > most ? most : per, chunks = (groups + chunk - 1) / chunk;
 #pragma omp parallel for schedule(static) num_threads(threads) if (n >= 64 && threads > 1)
     for (int c = 0; c < chunks; c++) {
         const int g1 = (c + 1) * chunk < groups ? (c + 1) * chunk : groups;

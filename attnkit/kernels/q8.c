@@ -18,22 +18,6 @@ static void q8_0_to_float(const uint8_t *blocks, int count, float *o) {
     }
 }
 
-static void q8_0_to_float_x4(const uint8_t *group, int r, int b0, int count, float *o) {
-    for (int k = 0; k < count; k++, o += 32) {
-        const uint8_t *c = group + (size_t)(b0 + k) * 136;
-        const float d = ld_half(c + 2 * r);
-        for (int h = 0; h < 2; h++) {
-            const int8_t *q = (const int8_t *)(c + 8 + 64 * h + 16 * r); /* weights 16h .. 16h + 15 */
-#ifdef __AVX512F__
-            _mm512_storeu_ps(o + 16 * h, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                                             _mm_loadu_si128((const __m128i *)q))), _mm512_set1_ps(d)));
-#else
-            for (int i = 0; i < 16; i++) o[16 * h + i] = (float)q[i] * d;
-#endif
-        }
-    }
-}
-
 #ifdef AK_AVX2
 /* one row against M activation rows: each block's |q| loaded once for all of them; even and odd blocks summed
  * apart (two FMA chains: one would bound the loop by its latency); row r's operations are the same, in the same
@@ -76,47 +60,70 @@ static void q8_0_dot(const uint8_t *w, int nb, const ak_act *x, int M, float *y,
 #endif
 
 #ifdef AK_X4
-/* Four rows interleaved: d[4], then the quants 16 bytes of each row at a time (qs[0..15] of rows 0-3, then
- * qs[16..31]); 136 bytes a block column. A 512-bit register holds 16 weights of each row (lane 4r..4r+3: row r)
- * as unsigned q + 128, and the dot products start from −128·Σx (ak_act.off4), so they sum q·x. */
+/* Sixteen rows interleaved, 4 bytes of each at a time (a panel of gemm.c as it lies, as q4_k.c's): per block
+ * column d[16] (fp16), then the quants in 8 chunks of 4 bytes of each row (lane L: row L); 544 bytes. A chunk, as
+ * unsigned q + 128, is one vpdpbusd per activation row against its 4 quants broadcast, the sums starting from
+ * −128·Σqx of the block (ak_act.off4: the type's offsets, one a block), so they sum q·qx (even and odd chunks in
+ * two chains, then added), then acc += Σ·(d·dx) per block and row: gemm.c's AK_PANEL_B32 arithmetic in its order,
+ * so the two give the same bits. From 64 rows ak_gemv hands the rows to gemm.c, whose panels (each chunk's
+ * q + 128 as it lies, q8_0_panel) serve all the rows: 0.87× this kernel's time at 512 rows of a 1B's 8192×2048
+ * (Zen 5, 2 threads), equal at 64, 0.6–1.4× slower below. */
+static void q8_0_to_float_x4(const uint8_t *group, int r, int b0, int count, float *o) {
+    for (int k = 0; k < count; k++, o += 32) {
+        const uint8_t *c = group + (size_t)(b0 + k) * 544;
+        const float d = ld_half(c + 2 * r);
+        for (int i = 0; i < 32; i++) o[i] = (float)(int8_t)c[32 + 64 * (i / 4) + 4 * r + i % 4] * d;
+    }
+}
+static inline __m512i x16_dp4(__m512i t, __m512i w, const ak_act *a, size_t i) {
+#if defined(__GNUC__) && !defined(AK_NO_ASM)
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(t) : "v"(w), "m"(*(const int32_t *)(a->qs + i)));
+    return t;
+#else
+    int32_t v;
+    memcpy(&v, a->qs + i, 4);
+    return _mm512_dpbusd_epi32(t, w, _mm512_set1_epi32(v));
+#endif
+}
 AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
-    const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    __m512 acc[4][2]; /* even and odd block columns: shorter FMA dependency chains */
-    for (int r = 0; r < M; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    __m512 acc[4];
+    for (int r = 0; r < M; r++) acc[r] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
-        const uint8_t *col = w + (size_t)b * 136;
-        const __m512i ua = _mm512_xor_si512(_mm512_loadu_si512(col + 8), flip), ub = _mm512_xor_si512(_mm512_loadu_si512(col + 72), flip);
-        const __m512 D = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)col))));
-        for (int r = 0; r < M; r++) {
-            const int8_t *xq = x[r].qs + 32 * (size_t)b;
-            const int8_t *o4 = (const int8_t *)(x[r].off4 + 8 * (size_t)b);
-            __m512i s = _mm512_dpbusd_epi32(bcast16(o4), ua, bcast16(xq));
-            s = _mm512_add_epi32(_mm512_dpbusd_epi32(s, ub, bcast16(xq + 16)), bcast16(o4 + 16));
-            acc[r][b & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(D, _mm512_set1_ps(x[r].d[b])), acc[r][b & 1]);
+        const uint8_t *col = w + (size_t)b * 544;
+        if ((b & 3) == 0) /* four columns (2176 bytes) 8 ahead, a line at a time */
+            for (int l = 0; l < 34; l++) _mm_prefetch((const char *)col + 8 * 544 + 64 * l, _MM_HINT_T0);
+        __m512i t[4][2];
+        for (int r = 0; r < M; r++) t[r][0] = _mm512_set1_epi32(x[r].off4[b]), t[r][1] = _mm512_setzero_si512();
+        for (int c = 0; c < 8; c++) {
+            const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(col + 32 + 64 * c), flip);
+            for (int r = 0; r < M; r++) t[r][c & 1] = x16_dp4(t[r][c & 1], u, x + r, 32 * (size_t)b + 4 * c);
         }
+        const __m512 D = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)col));
+        for (int r = 0; r < M; r++)
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(t[r][0], t[r][1])), _mm512_mul_ps(D, _mm512_set1_ps(x[r].d[b])), acc[r]);
     }
-    for (int r = 0; r < M; r++) _mm_storeu_ps(y + r * ys, lane_sums(_mm512_add_ps(acc[r][0], acc[r][1])));
+    for (int r = 0; r < M; r++) _mm512_storeu_ps(y + r * ys, acc[r]);
+}
+/* unit u (block columns 8u .. 8u + 7) of a group of 16 rows → a panel (gemm.c): each chunk as unsigned q + 128 */
+static void q8_0_panel(const uint8_t *w, size_t gbytes, int u, int nb, ak_panel *P) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    (void)gbytes;
+    for (int j = 0; j < nb; j++) {
+        const uint8_t *col = w + ((size_t)8 * u + j) * 544;
+        P->d[j] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)col));
+        for (int c = 0; c < 8; c++) P->q[8 * j + c] = _mm512_xor_si512(_mm512_loadu_si512(col + 32 + 64 * c), flip);
+    }
 }
 static void q8_0_dot_x4(const uint8_t *w, int nb, const ak_act *x, int M, float *y, size_t ys) {
     AK_DISPATCH_M(x4, w, nb, x, M, y, ys)
 }
-/* unit u (block columns 8u .. 8u + 7) of four interleaved groups → a panel (gemm.c): quants as unsigned q + 128 */
-static void q8_0_panel(const uint8_t *w, size_t gbytes, int u, int nb, ak_panel *P) {
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
-    for (int j = 0; j < nb; j++) {
-        const size_t at = ((size_t)8 * u + j) * 136;
-        P->d[j] = panel_halves(w, gbytes, at);
-        for (int half = 0; half < 2; half++) {
-            __m512i v[4];
-            for (int g = 0; g < 4; g++) v[g] = _mm512_xor_si512(_mm512_loadu_si512(w + g * gbytes + at + 8 + 64 * half), flip);
-            panel_slots(v, P->q + 8 * j + 4 * half);
-        }
-    }
-}
+#define Q8_0_TO_FLOAT_X4 q8_0_to_float_x4
 #define Q8_0_PANEL q8_0_panel
-#define Q8_0_X4_MODE AK_X4_B32
+#define Q8_0_X4_MODE AK_PANEL_B32
 #define Q8_0_OFFSET 128
+#define Q8_0_X4_ROWS 16
+#define Q8_0_QS_GRANULE 4
 #elif defined(AK_AVX2)
 /* Four rows interleaved, 256-bit: a register holds 16 quants of two rows (128-bit lane 0 row 2p, lane 1 row
  * 2p + 1), |q| against the activation's 16 quants broadcast to both lanes carrying q's sign; per block column and
@@ -146,14 +153,19 @@ static void q8_0_dot_x4(const uint8_t *w, int nb, const ak_act *x, int M, float 
     AK_DISPATCH_M(x4, w, nb, x, M, y, ys)
 }
 #define Q8_0_OFFSET 0 /* signs, not an offset */
-#define Q8_0_PANEL NULL
 #define Q8_0_X4_MODE 0
-#else
+#endif
+#ifndef Q8_0_X4_ROWS
+#define Q8_0_TO_FLOAT_X4 NULL
+#define Q8_0_PANEL NULL
+#define Q8_0_X4_ROWS 4
+#define Q8_0_QS_GRANULE 16
+#endif
+#ifndef Q8_0_OFFSET
 #define q8_0_dot_x4 NULL
 #define Q8_0_OFFSET 0
-#define Q8_0_PANEL NULL
 #define Q8_0_X4_MODE 0
 #endif
 
-const ak_type ak_type_q8_0 = {AK_Q8_0, 32, 34, q8_0_to_float, q8_0_dot, q8_0_dot_x4, {{0, 2, 2}, {2, 32, 16}, {0, 0, 0}},
-                              Q8_0_OFFSET, q8_0_to_float_x4, Q8_0_PANEL, AK_PANEL_B32, Q8_0_X4_MODE, 4};
+const ak_type ak_type_q8_0 = {AK_Q8_0, 32, 34, q8_0_to_float, q8_0_dot, q8_0_dot_x4, {{0, 2, 2}, {2, 32, Q8_0_QS_GRANULE}, {0, 0, 0}},
+                              Q8_0_OFFSET, Q8_0_TO_FLOAT_X4, Q8_0_PANEL, AK_PANEL_B32, Q8_0_X4_MODE, Q8_0_X4_ROWS};

@@ -24,7 +24,7 @@ Where the kernels have a product on them the blocks are kept with rows interleav
 the same bytes, permuted within each group of four rows, so that one vector product covers weights of four rows
 and one float FMA applies a block column's scales for all four — every type with AVX-512 VNNI, every type but Q6_K
 with AVX2 (there the legacy types and Q8_0 ~2× the row layout's products at 4–32 activation rows and 1.2–1.9× at
-one; Q4_K 1.15–1.2×, Q5_K ~1.08×). Q4_K, Q5_K and Q6_K with AVX-512 VNNI interleave groups of 16 rows, 4 bytes of each
+one; Q4_K 1.15–1.2×, Q5_K ~1.08×). Q4_K, Q5_K, Q6_K and Q8_0 with AVX-512 VNNI interleave groups of 16 rows, 4 bytes of each
 at a time (:func:`group_rows`): a load is 4 weights of each of 16 rows, gemm.c's panel as it lies, so the decode
 kernel needs no transposes and the matrix product no unpacking but an AND and a shift.
 ``blocks`` then holds that layout; :meth:`GGUFBlockLinear.row_blocks` gives GGUF's own.
@@ -75,7 +75,7 @@ BLOCK_TYPES = {t.name: t for t in (
     BlockType("Q4_1", 3, 32, 20, ((0, 2, 2), (2, 2, 2), (4, 16, 16)), (0, 2)),  # w = d·q + m: d, m, qs
     BlockType("Q5_0", 6, 32, 22, ((0, 2, 2), (2, 4, 4), (6, 16, 16)), (0,)),  # w = d·(q − 16): d, qh, qs
     BlockType("Q5_1", 7, 32, 24, ((0, 2, 2), (2, 2, 2), (4, 4, 4), (8, 16, 16)), (0, 2)),  # w = d·q + m: d, m, qh, qs
-    BlockType("Q8_0", 8, 32, 34, ((0, 2, 2), (2, 32, 16)), (0,)),  # w = d·q: d, qs
+    BlockType("Q8_0", 8, 32, 34, ((0, 2, 2), (2, 32, 16)), (0,), x16_fields=((0, 2, 2), (2, 32, 4))),  # w = d·q: d, qs
     # w = d·sc·q − dmin·m: d, dmin, scales, [qh,] qs
     BlockType("Q4_K", 12, 256, 144, ((0, 2, 2), (2, 2, 2), (4, 12, 4), (16, 128, 16)), (0, 2), True,
               ((0, 2, 2), (2, 2, 2), (4, 12, 4), (16, 128, 4))),
@@ -111,7 +111,8 @@ def _kernels():
 
 
 def group_rows(kind: str) -> int:
-    """Rows a group of ``kind``'s interleaved layout in the built kernels: 16 (Q4_K, Q5_K, Q6_K with AVX-512 VNNI) or 4."""
+    """Rows a group of ``kind``'s interleaved layout in the built kernels: 16 (Q4_K, Q5_K, Q6_K, Q8_0 with AVX-512
+    VNNI) or 4."""
     lib = _kernels()
     rows = lib.ak_type_x4_rows(BLOCK_TYPES[kind].ggml_id) if lib is not None else -1
     return rows if rows > 0 else 4
