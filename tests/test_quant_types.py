@@ -265,7 +265,7 @@ def test_the_prompt_product_follows_the_layout_unless_set(monkeypatch) -> None:
         pytest.skip("no interleaved Q4_1 or Q8_0 product in this build")
     monkeypatch.setattr(native, "native_bf16", lambda: False)
     k = width(kind)
-    row = GGUFBlockLinear(torch.from_numpy(random_blocks(kind, 8, k, 4)), kind, k, interleaved=False)
+    row = GGUFBlockLinear(torch.from_numpy(random_blocks(kind, native.group_rows(kind), k, 4)), kind, k, interleaved=False)
     assert row.dense_for_prompts and not row.packed().dense_for_prompts
     row.dense_for_prompts = True  # the caller's choice survives packing
     assert row.packed().interleaved and row.packed().dense_for_prompts

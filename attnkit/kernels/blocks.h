@@ -33,68 +33,25 @@ static inline ak_act act_row(const void *scratch, int r, int k) {
     return a;
 }
 
-/* ---- the prompt rows' product (gemm.c) reads a panel of 16 weight rows (four interleaved groups) unpacked per
- * 256 inputs: one quant byte per weight and the scales in 512-bit lanes, lane 4r + g holding row r of group g.
- * How the scales apply (the panel's mode): AK_PANEL_MIN (Q4_K, Q5_K: w = d·sc_j·q − dmin·m_j, sub-blocks of 32),
- * AK_PANEL_K16 (Q6_K: w = d·sc_j·(q − 32), sub-blocks of 16), AK_PANEL_B32 (Q8_0: w = d_b·(q − 128) as unsigned
- * q, blocks of 32), AK_PANEL_L32 (Q4_0, Q4_1, Q5_0, Q5_1: w = d_b·q + m_b, Σ w·x = d·dx·Σ q·qx + m·sx). */
-enum { AK_PANEL_MIN = 1, AK_PANEL_K16 = 2, AK_PANEL_B32 = 3, AK_X4_B32 = 4 /* Q8_0 in dot_x4's order */,
-       AK_PANEL_L32 = 5, AK_X4_L32 = 6 /* the 32-weight types in dot_x4's order */ };
+/* ---- the prompt rows' product (gemm.c) reads a panel of 16 weight rows (one interleaved group) unpacked per 256
+ * inputs: one quant byte per weight and the scales in 512-bit lanes, lane L holding row L. How the scales apply
+ * (the type's mode): AK_PANEL_B32 (Q8_0: w = d_b·(q − 128) as unsigned q, blocks of 32), AK_PANEL_L32 (Q4_0, Q4_1,
+ * Q5_0, Q5_1: w = d_b·q + m_b, Σ w·x = d·dx·Σ q·qx + m·sx); the K-quants' modes (their decode kernels' arithmetic,
+ * no panel): AK_PANEL_MIN (Q4_K, Q5_K: w = d·sc_j·q − dmin·m_j, sub-blocks of 32), AK_PANEL_K16 (Q6_K:
+ * w = d·sc_j·(q − 32), sub-blocks of 16). */
+enum { AK_PANEL_MIN = 1, AK_PANEL_K16 = 2, AK_PANEL_B32 = 3, AK_PANEL_L32 = 5 };
 #ifdef AK_X4
 typedef struct {
-    __m512i q[64];  /* unsigned quants: slot s holds inputs 4s .. 4s + 3 of each lane's row */
-    __m512i sc[16]; /* int32 scale of each sub-block (AK_PANEL_MIN: 8, AK_PANEL_K16: 16) */
-    __m512 d[8];    /* d (d[0]: a super-block's), or each block of 32's d_b (AK_PANEL_B32) */
-    __m512 mn[8];   /* dmin·m_j (AK_PANEL_MIN), each block's m (AK_PANEL_L32) */
+    __m512i q[64]; /* unsigned quants: slot s holds inputs 4s .. 4s + 3 of each lane's row */
+    __m512 d[8];   /* each block of 32's d */
+    __m512 mn[8];  /* each block's m (AK_PANEL_L32) */
 } ak_panel;
-/* unit u (inputs 256u ..) of the four interleaved groups at w, gbytes apart → *p; nb: its blocks of 32 (8, or fewer
- * in the last unit of a row of k % 256 inputs: the 32-weight types only) */
-typedef void (*ak_panel_fn)(const uint8_t *w, size_t gbytes, int u, int nb, ak_panel *p);
-/* v[g] (g < 4): 128-bit lane r holds row r of group g, its four 32-bit words four slots in turn → out[i] = slot
- * i of the 16 rows, lane 4r + g (a 4×4 transpose within each 128-bit lane) */
-static inline void panel_slots(const __m512i v[4], __m512i *out) {
-    const __m512i t0 = _mm512_unpacklo_epi32(v[0], v[1]), t1 = _mm512_unpackhi_epi32(v[0], v[1]);
-    const __m512i t2 = _mm512_unpacklo_epi32(v[2], v[3]), t3 = _mm512_unpackhi_epi32(v[2], v[3]);
-    out[0] = _mm512_unpacklo_epi64(t0, t2), out[1] = _mm512_unpackhi_epi64(t0, t2);
-    out[2] = _mm512_unpacklo_epi64(t1, t3), out[3] = _mm512_unpackhi_epi64(t1, t3);
-}
-/* T[r] (r < M): 128-bit lane c holds four partial int32 sums of weight row c against activation row r → lane
- * 4c + r: their sum (exact, so any order gives the same; fewer additions for fewer rows, lanes of rows >= M left
- * undefined) */
-static inline __attribute__((always_inline)) __m512i rows_sums(__m512i T[4], const int M) {
-    if (M == 1) {
-        const __m512i t = _mm512_add_epi32(T[0], _mm512_shuffle_epi32(T[0], _MM_PERM_CDAB));
-        return _mm512_add_epi32(t, _mm512_shuffle_epi32(t, _MM_PERM_BADC));
-    }
-    if (M == 2) {
-        const __m512i t0 = _mm512_add_epi32(T[0], _mm512_shuffle_epi32(T[0], _MM_PERM_BADC));
-        const __m512i t1 = _mm512_add_epi32(T[1], _mm512_shuffle_epi32(T[1], _MM_PERM_BADC));
-        const __m512i u = _mm512_unpacklo_epi32(t0, t1);
-        return _mm512_add_epi32(u, _mm512_shuffle_epi32(u, _MM_PERM_BADC));
-    }
-    if (M == 3) T[3] = _mm512_setzero_si512();
-    __m512i S[4];
-    panel_slots(T, S);
-    return _mm512_add_epi32(_mm512_add_epi32(S[0], S[1]), _mm512_add_epi32(S[2], S[3]));
-}
-/* lanes 4c + r of acc → y[r · ys + c], r < M */
-static inline __attribute__((always_inline)) void store_rows(__m512 acc, const int M, float *y, size_t ys) {
-    for (int r = 0; r < M; r++)
-        _mm_storeu_ps(y + r * ys, _mm512_castps512_ps128(_mm512_permutexvar_ps(
-                                      _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12 + r, 8 + r, 4 + r, r), acc)));
-}
-/* the permutation of a 4 × 4 transpose of 32-bit lanes: lane 4a + b ← lane 4b + a (its own inverse) */
-static inline __m512i transpose4x4(void) { return _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0); }
-/* the four rows' fp16 scales at p[0..3] of each group → lane 4r + g */
-static inline __m512 panel_halves(const uint8_t *w, size_t gbytes, size_t at) {
-    int64_t h[4];
-    for (int g = 0; g < 4; g++) memcpy(h + g, w + g * gbytes + at, 8);
-    const __m512 f = _mm512_cvtph_ps(_mm256_set_epi64x(h[3], h[2], h[1], h[0])); /* lane 4g + r */
-    return _mm512_permutexvar_ps(transpose4x4(), f);
-}
+/* unit u (inputs 256u ..) of the group of 16 interleaved rows at w → *p; nb: its blocks of 32 (8, or fewer in the
+ * last unit of a row of k % 256 inputs) */
+typedef void (*ak_panel_fn)(const uint8_t *group, int u, int nb, ak_panel *p);
 #else
 typedef struct ak_panel ak_panel;
-typedef void (*ak_panel_fn)(const uint8_t *w, size_t gbytes, int u, int nb, ak_panel *p);
+typedef void (*ak_panel_fn)(const uint8_t *group, int u, int nb, ak_panel *p);
 #endif
 
 /* ---- one row of the block-type table (ggml's type traits). Kinds are ggml's type ids; AK_X4_FLAG selects the
@@ -118,10 +75,9 @@ typedef struct {
     /* row r of an interleaved group, block columns b0 .. b0 + count − 1 → floats, read in place (NULL: the blocks
      * are gathered into GGUF's layout for to_float) */
     void (*to_float_x4)(const uint8_t *group, int r, int b0, int count, float *out);
-    ak_panel_fn panel; /* interleaved blocks → the prompt product's panels (NULL: none in this build) */
-    int panel_mode;    /* AK_PANEL_* */
-    int x4_mode;       /* the panel's mode that sums in dot_x4's order (same bits: ak_gemm_x4), 0 where none */
-    int x4_rows;       /* rows a group of the interleaved layout: 4, or 16 (a panel of gemm.c: q4_k.c on AVX-512 VNNI) */
+    ak_panel_fn panel; /* interleaved blocks → the prompt product's panels (NULL: none, or the K-quants' decode kernel) */
+    int panel_mode;    /* AK_PANEL_*: the arithmetic of the type's interleaved product */
+    int x4_rows;       /* rows a group of the interleaved layout: 16 with AVX-512 VNNI (gemm.c's panel), 4 with AVX2 */
 } ak_type;
 /* the rows of one interleaved group of t's blocks (dot_x4 multiplies one group) */
 static inline int ak_group_rows(const ak_type *t) { return t->x4_rows ? t->x4_rows : 4; }
@@ -130,7 +86,6 @@ static inline int ak_group_rows(const ak_type *t) { return t->x4_rows ? t->x4_ro
  * quantizes them */
 const ak_type *ak_find_type(int kind);
 int ak_quantize_act(int kind, const float *x, int m, int k, void *scratch);
-int ak_gemm_x4(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads);
 int ak_gemm(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads);
 int ak_gemm_takes(int kind, int n, int k);
 
@@ -197,17 +152,6 @@ static inline __m128 x4_sums(__m256 v) {
     const __m128 s = _mm_hadd_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)); /* r0 r2 r1 r3 */
     return _mm_shuffle_ps(s, s, _MM_SHUFFLE(3, 1, 2, 0));
 }
-#endif
-#ifdef AK_X4
-/* out[r] = the sum of the four floats of 128-bit lane r of v (the four rows of an interleaved group) */
-static inline __m128 lane_sums(__m512 v) {
-    __m128 a = _mm512_castps512_ps128(v), b = _mm512_extractf32x4_ps(v, 1), c = _mm512_extractf32x4_ps(v, 2),
-           d = _mm512_extractf32x4_ps(v, 3);
-    _MM_TRANSPOSE4_PS(a, b, c, d);
-    return _mm_add_ps(_mm_add_ps(a, b), _mm_add_ps(c, d));
-}
-/* 16 int8 of x broadcast to the four 128-bit lanes (one per row of an interleaved group) */
-static inline __m512i bcast16(const int8_t *x) { return _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)x)); }
 #endif
 
 /* M (1..4 activation rows) as a literal: each M gets its own unrolled copy of the always_inline body

@@ -10,12 +10,12 @@
  * The block types are the rows of TYPES (ggml's type traits: block size, bytes, decoding to float, the product
  * per instruction set); ak_gemv, ak_dequantize and ak_dequantize_rows dispatch through them, so a new type is one
  * kernel file and one row here. Built at run time by attnkit/kernels/__init__.py for the machine's instruction
- * set: AVX-512 VNNI (512-bit products on rows interleaved in fours), AVX2, or portable C.
+ * set: AVX-512 VNNI (512-bit products on rows interleaved in sixteens), AVX2 (in fours), or portable C.
  *
  * Batch invariance: activation row r's outputs are computed by the same instructions in the same order whatever
- * the number of rows m, the other rows and the thread count (threads split the output columns); where a type's
- * decode kernel sums in gemm.c's order (its x4_mode: every type with AVX-512 VNNI), batches of GEMM_ROWS rows or
- * more take gemm.c's matrix product instead, which gives each row the same bits.
+ * the number of rows m, the other rows and the thread count (threads split the output columns); with AVX-512 VNNI
+ * every type's decode kernel sums in gemm.c's order, and batches of GEMM_ROWS rows or more of a type with a panel
+ * take gemm.c's matrix product instead, which gives each row the same bits.
  */
 #include <stdlib.h>
 
@@ -35,16 +35,12 @@ static const ak_type *find_type(int kind) {
 
 const ak_type *ak_find_type(int kind) { return find_type(kind); }
 
-/* activation rows from which ak_gemv hands a type with an x4_mode to ak_gemm_x4 (the same bits either way): Q6_K
- * and Q8_0 from 4 rows — with the weights streamed from memory, a Llama-3.2-3B Q8_0 decode step of 4 sequences
- * took 225–234 ms on the decode kernel and 189–190 ms here (Zen 4, 2 threads; from cache the two are equal at 4
- * rows, 0.57 / 0.56 ms a 1B gate/up, and the decode kernel is ahead at 2, 0.31 / 0.46) —, Q4_K and Q5_K from 12
- * (a 1B gate/up streamed from memory: at 8 rows 0.78 ms on the decode kernel, 0.80 here; at 12 1.13 / 0.99; at 16
- * 1.49 / 1.18), the 32-weight types from 16 (at 8 rows 0.89–1.06×, at 16 1.1–1.3×). Types interleaved in groups of
- * 16 rows (Q4_K, Q5_K on AVX-512 VNNI) never: their decode kernel is gemm.c's tile on the weights as they lie, and
- * ahead of unpacking them into panels at every row count (a 1B's 8192×2048 Q4_K streamed, 2 threads, Zen 5: 0.61× the
- * time at 16 rows, 0.84× at 64, 0.93× at 512) */
-enum { GEMM_ROWS = 4, GEMM_ROWS_MIN = 12, GEMM_ROWS_L32 = 16, GEMM_ROWS_X16 = 64 /* Q8_0 in sixteens: q8.c */ };
+/* activation rows from which ak_gemv hands a type with a panel (Q8_0 and the 32-weight types, interleaved in
+ * sixteens) to gemm.c's product, the same bits: Q8_0's panels took 0.87× its decode kernel's time at 512 rows of a
+ * 1B's 8192×2048, the same at 64, more below (Zen 5, 2 threads; docs/performance.md, session 23). The K-quants
+ * never: their decode kernel is that product's arithmetic on the weights as they lie, ahead of unpacking them at
+ * every row count (Q4_K: 0.61× the time at 16 rows, 0.84× at 64, 0.93× at 512). */
+enum { GEMM_ROWS = 64 };
 /* ak_gemv's chunk of row groups that 4 activation rows pass before the next 4: within half of a 1 MiB L2 (32 groups
  * of 16 Q8_0 rows of 2048 inputs took 1.1 MB and ran 1.2–1.4× slower at 6–16 rows than chunks of 15; Zen 5) */
 #define CHUNK_BYTES ((size_t)512 << 10)
@@ -163,11 +159,7 @@ int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int
     const ak_type *t = find_type(kind);
     const int x4 = (kind & AK_X4_FLAG) != 0, R = !t ? 1 : x4 ? ak_group_rows(t) : 1;
     if (!t || m < 1 || n < 1 || k % t->block_elems || n % R) return 1;
-    /* from GEMM_ROWS rows on, a type with the matrix product in dot_x4's order takes that (the same bits) */
-    const int from = t->x4_mode == AK_X4_L32 ? GEMM_ROWS_L32 : t->x4_mode == AK_PANEL_MIN ? GEMM_ROWS_MIN : GEMM_ROWS;
-    if (x4 && R == 4 && t->x4_mode && m >= from && n % 16 == 0 && k % 256 == 0)
-        return ak_gemm_x4(kind, w, x, y, m, n, k, scratch, threads);
-    if (x4 && R == 16 && t->panel && m >= GEMM_ROWS_X16 && ak_gemm_takes(kind, n, k)) /* the same order: its panel */
+    if (x4 && t->panel && m >= GEMM_ROWS && ak_gemm_takes(kind, n, k)) /* the same order on its panels */
         return ak_gemm(kind, w, x, y, m, n, k, scratch, threads);
     const int nb = k / t->block_elems;
     const size_t gbytes = (size_t)R * nb * t->block_bytes;

@@ -62,12 +62,26 @@ AK_INLINE void to_float(const uint8_t *blocks, int count, float *o, const int MI
     }
 }
 
-/* row r of an interleaved group (d[4], m[4], qh[4], qs[4][16] a block column), block columns b0 .. b0 + count − 1 */
+#ifdef AK_X4
+/* the interleaved layout (below): 16 rows, d[16], [m[16],] [qh[16],] qs in 4 chunks of 4 bytes of each row */
+#define GROUP 16
+#define OFF_M 32
+#define OFF_QH(MIN) (32 + 32 * (MIN))
+#define OFF_QS(MIN, HIGH) (32 + 32 * (MIN) + 64 * (HIGH))
+#else /* AVX2: 4 rows, d[4], [m[4],] [qh[4],] qs[4][16] */
+#define GROUP 4
+#define OFF_M 8
+#define OFF_QH(MIN) (8 + 8 * (MIN))
+#define OFF_QS(MIN, HIGH) (8 + 8 * (MIN) + 16 * (HIGH))
+#endif
+/* row r of an interleaved group, block columns b0 .. b0 + count − 1 */
 AK_INLINE void to_float_x4(const uint8_t *group, int r, int b0, int count, float *o, const int MIN, const int HIGH) {
     for (int k = 0; k < count; k++, o += 32) {
-        const uint8_t *c = group + (size_t)(b0 + k) * 4 * BB(MIN, HIGH);
-        block_floats(ld_half(c + 2 * r), MIN ? ld_half(c + 8 + 2 * r) : 0.f, c + 8 + 8 * MIN + 16 * HIGH + 16 * r,
-                     HIGH ? ld_u32(c + 8 + 8 * MIN + 4 * r) : 0, o, MIN, HIGH);
+        const uint8_t *c = group + (size_t)(b0 + k) * GROUP * BB(MIN, HIGH), *qs = c + OFF_QS(MIN, HIGH);
+        uint8_t q[16];
+        for (int i = 0; i < 16; i += 4) memcpy(q + i, GROUP == 16 ? qs + 16 * i + 4 * r : qs + 16 * r + i, 4);
+        block_floats(ld_half(c + 2 * r), MIN ? ld_half(c + OFF_M + 2 * r) : 0.f, q,
+                     HIGH ? ld_u32(c + OFF_QH(MIN) + 4 * r) : 0, o, MIN, HIGH);
     }
 }
 
@@ -137,39 +151,69 @@ AK_INLINE void dot(const uint8_t *w, int nb, const ak_act *x, int M, float *y, s
 #endif
 
 #ifdef AK_X4
-/* Four rows interleaved (fields d[4], m[4], qh[4], qs[4][16]): one 512-bit register holds the nibbles of a block
- * of each row, lane 4r..4r+3 row r, against the activation block's 16 + 16 quants broadcast to the four lanes. */
-AK_INLINE void dot_x4(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys, const int MIN,
-                      const int HIGH) {
-    const size_t cb = 4 * BB(MIN, HIGH);
+static inline __m512i dp4(__m512i t, __m512i w, const ak_act *a, size_t i) { /* t + Σ w·(4 quants broadcast) */
+#if defined(__GNUC__) && !defined(AK_NO_ASM)
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(t) : "v"(w), "m"(*(const int32_t *)(a->qs + i)));
+    return t;
+#else
+    int32_t v;
+    memcpy(&v, a->qs + i, 4);
+    return _mm512_dpbusd_epi32(t, w, _mm512_set1_epi32(v));
+#endif
+}
+/* the slots of block column b of a group (the kernel's u[8]: slot s = weights 4s .. 4s + 3 of each row, unsigned) */
+AK_INLINE void slots(const uint8_t *col, __m512i u[8], const int MIN, const int HIGH) {
     const __m512i low = _mm512_set1_epi8(0x0f), sixteen = _mm512_set1_epi8(0x10);
-    const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    __m512 acc[4];
-    __m128 accm[4];
-    for (int r = 0; r < M; r++) acc[r] = _mm512_setzero_ps(), accm[r] = _mm_setzero_ps();
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *col = w + (size_t)b * cb;
-        const __m512i q = _mm512_loadu_si512(col + 8 + 8 * MIN + 16 * HIGH);
-        __m512i lo = _mm512_and_si512(q, low), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), low);
-        if (HIGH) { /* bits 0-15 of row r's qh go to bytes 16r.. of lo, bits 16-31 to those of hi */
-            const __m128i h = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(col + 8 + 8 * MIN)),
-                                               _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15));
-            lo = _mm512_mask_add_epi8(lo, (__mmask64)_mm_cvtsi128_si64(h), lo, sixteen);
-            hi = _mm512_mask_add_epi8(hi, (__mmask64)_mm_extract_epi64(h, 1), hi, sixteen);
-        }
-        const __m128 d4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)col));
-        const __m128 m4 = MIN ? _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(col + 8)))
-                              : _mm_mul_ps(d4, _mm_set1_ps(HIGH ? -16.f : -8.f));
-        for (int r = 0; r < M; r++) {
-            const int8_t *xq = x[r].qs + 32 * b;
-            const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, bcast16(xq)), hi,
-                                                  bcast16(xq + 16));
-            const __m512 sc = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(d4, _mm_set1_ps(x[r].d[b]))));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, acc[r]);
-            accm[r] = _mm_fmadd_ps(m4, _mm_set1_ps(x[r].s[b]), accm[r]);
+    for (int c = 0; c < 4; c++) {
+        const __m512i v = _mm512_loadu_si512(col + OFF_QS(MIN, HIGH) + 64 * c);
+        u[c] = _mm512_and_si512(v, low), u[4 + c] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    }
+    if (HIGH) { /* slot s's byte i gets bit 4s + i of its row's qh: byte s/2 of the lane, bit 4·(s & 1) + i */
+        const __m512i qh = _mm512_loadu_si512(col + OFF_QH(MIN));
+        const __m512i lane = _mm512_set4_epi32(0x0c0c0c0c, 0x08080808, 0x04040404, 0); /* its 32-bit lane's byte 0 */
+        for (int s = 0; s < 8; s++) {
+            const __m512i lanes = _mm512_add_epi8(lane, _mm512_set1_epi8((char)(s >> 1)));
+            const __m512i bits = _mm512_set1_epi32((int)(0x08040201u << (4 * (s & 1))));
+            u[s] = _mm512_mask_add_epi8(u[s], _mm512_test_epi8_mask(_mm512_shuffle_epi8(qh, lanes), bits), u[s], sixteen);
         }
     }
-    for (int r = 0; r < M; r++) _mm_storeu_ps(y + r * ys, _mm_add_ps(lane_sums(acc[r]), accm[r]));
+}
+/* Sixteen rows interleaved, 4 bytes of each at a time (as q4_k.c's): a block column holds d[16], [m[16],] [qh[16]
+ * (32-bit lane L: row L's high bits),] and qs in 4 chunks of 4 bytes of each row: chunk c's low nibbles are weights
+ * 4c .. 4c + 3 of each row (lane L), its high nibbles weights 16 + 4c ..; Q5's bit 4 spread from byte c/2 of qh's
+ * lane. Per chunk and activation row two vpdpbusd (low and high) against its 4 quants broadcast, summed in int32
+ * over the block, then acc_e += Σ·(d·dx) and acc_e += m·sx, e the block's parity (two chains), summed at the end:
+ * gemm.c's AK_PANEL_L32 order, so from GEMM_ROWS rows ak_gemv hands the rows to its panels (panel, below) with the
+ * same bits. */
+/* block column b into acc[r] (the chain of b's parity; literal in the caller, so the accumulators stay registers) */
+AK_INLINE void x16_block(const uint8_t *w, size_t b, const ak_act *x, const int M, __m512 *acc, const int MIN, const int HIGH) {
+    const size_t cb = 16 * BB(MIN, HIGH);
+    const uint8_t *col = w + b * cb;
+    if ((b & 1) == 0) /* two columns 8 ahead */
+        for (int l = 0; l < (int)(2 * cb + 63) / 64; l++) _mm_prefetch((const char *)col + 8 * cb + 64 * l, _MM_HINT_T0);
+    __m512i u[8]; /* slot s: weights 4s .. 4s + 3 of each row */
+    slots(col, u, MIN, HIGH);
+    const __m512 D = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)col));
+    const __m512 MN = MIN ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(col + OFF_M))) : _mm512_mul_ps(D, _mm512_set1_ps(HIGH ? -16.f : -8.f));
+    for (int r = 0; r < M; r++) {
+        __m512i t0 = _mm512_setzero_si512(), t1 = _mm512_setzero_si512();
+        for (int c = 0; c < 4; c++) {
+            t0 = dp4(t0, u[c], x + r, 32 * b + 4 * c);
+            t1 = dp4(t1, u[4 + c], x + r, 32 * b + 16 + 4 * c);
+        }
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(t0, t1)), _mm512_mul_ps(D, _mm512_set1_ps(x[r].d[b])), acc[r]);
+        acc[r] = _mm512_fmadd_ps(MN, _mm512_set1_ps(x[r].s[b]), acc[r]);
+    }
+}
+AK_INLINE void dot_x4(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys, const int MIN,
+                      const int HIGH) {
+    __m512 even[4], odd[4];
+    for (int r = 0; r < M; r++) even[r] = odd[r] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b += 2) {
+        x16_block(w, (size_t)b, x, M, even, MIN, HIGH);
+        if (b + 1 < nb) x16_block(w, (size_t)b + 1, x, M, odd, MIN, HIGH);
+    }
+    for (int r = 0; r < M; r++) _mm512_storeu_ps(y + r * ys, _mm512_add_ps(even[r], odd[r]));
 }
 #endif
 
@@ -219,41 +263,29 @@ AK_INLINE void dot_x4(const uint8_t *w, int nb, const ak_act *x, const int M, fl
 #endif
 
 #ifdef AK_X4
-/* unit u (block columns 8u .. 8u + 7) of four interleaved groups → a panel (gemm.c): the quants unpacked to bytes
- * (Q5's high bits added as x4 adds them), each block's d and its m (Q4_1, Q5_1) or −8d / −16d */
-AK_INLINE void panel(const uint8_t *w, size_t gbytes, int u, int nb, ak_panel *P, const int MIN, const int HIGH) {
-    const size_t cb = 4 * BB(MIN, HIGH);
-    const __m512i low = _mm512_set1_epi8(0x0f), sixteen = _mm512_set1_epi8(0x10);
+/* unit u (block columns 8u .. 8u + nb − 1) of a group of 16 rows → a panel (gemm.c): the slots as the decode kernel
+ * takes them out, each block's d and its m (Q4_1, Q5_1) or −8d / −16d */
+AK_INLINE void panel(const uint8_t *w, int u, int nb, ak_panel *P, const int MIN, const int HIGH) {
     for (int j = 0; j < nb; j++) {
-        const size_t at = ((size_t)8 * u + j) * cb;
-        P->d[j] = panel_halves(w, gbytes, at);
-        P->mn[j] = MIN ? panel_halves(w, gbytes, at + 8) : _mm512_mul_ps(P->d[j], _mm512_set1_ps(HIGH ? -16.f : -8.f));
-        __m512i lo[4], hi[4];
-        for (int g = 0; g < 4; g++) {
-            const uint8_t *col = w + g * gbytes + at;
-            const __m512i q = _mm512_loadu_si512(col + 8 + 8 * MIN + 16 * HIGH);
-            lo[g] = _mm512_and_si512(q, low), hi[g] = _mm512_and_si512(_mm512_srli_epi16(q, 4), low);
-            if (HIGH) {
-                const __m128i h = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(col + 8 + 8 * MIN)),
-                                                   _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15));
-                lo[g] = _mm512_mask_add_epi8(lo[g], (__mmask64)_mm_cvtsi128_si64(h), lo[g], sixteen);
-                hi[g] = _mm512_mask_add_epi8(hi[g], (__mmask64)_mm_extract_epi64(h, 1), hi[g], sixteen);
-            }
-        }
-        panel_slots(lo, P->q + 8 * j), panel_slots(hi, P->q + 8 * j + 4);
+        const uint8_t *col = w + ((size_t)8 * u + j) * 16 * BB(MIN, HIGH);
+        P->d[j] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)col));
+        P->mn[j] = MIN ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(col + OFF_M))) : _mm512_mul_ps(P->d[j], _mm512_set1_ps(HIGH ? -16.f : -8.f));
+        slots(col, P->q + 8 * j, MIN, HIGH);
     }
 }
 #define LEGACY_PANEL(name, MIN, HIGH) \
-    static void name##_panel(const uint8_t *w, size_t gbytes, int u, int nb, ak_panel *P) { panel(w, gbytes, u, nb, P, MIN, HIGH); }
+    static void name##_panel(const uint8_t *w, int u, int nb, ak_panel *P) { panel(w, u, nb, P, MIN, HIGH); }
 #define PANEL(name) name##_panel
-#define X4_MODE AK_X4_L32
+#define X4_ROWS 16
+#define QS_GRANULE 4
 #else
 #define LEGACY_PANEL(name, MIN, HIGH)
 #define PANEL(name) NULL
-#define X4_MODE 0
+#define X4_ROWS 4
+#define QS_GRANULE 16
 #endif
 
-#define FIELDS(MIN, HIGH) {{0, 2, 2}, {2, MIN ? 2 : 0, 2}, {2 + 2 * MIN, HIGH ? 4 : 0, 4}, {2 + 2 * MIN + 4 * HIGH, 16, 16}, {0, 0, 0}}
+#define FIELDS(MIN, HIGH) {{0, 2, 2}, {2, MIN ? 2 : 0, 2}, {2 + 2 * MIN, HIGH ? 4 : 0, 4}, {2 + 2 * MIN + 4 * HIGH, 16, QS_GRANULE}, {0, 0, 0}}
 #if defined(AK_X4) || defined(AK_AVX2)
 #define X4(name) name
 #else
@@ -271,7 +303,7 @@ AK_INLINE void panel(const uint8_t *w, size_t gbytes, int u, int nb, ak_panel *P
     LEGACY_X4(name, MIN, HIGH)                                                                               \
     LEGACY_PANEL(name, MIN, HIGH)                                                                            \
     const ak_type ak_type_##name = {ID, 32, BB(MIN, HIGH), name##_to_float, name##_dot, X4(name##_dot_x4),  \
-                                    FIELDS(MIN, HIGH), 0, name##_to_float_x4, PANEL(name), AK_PANEL_L32, X4_MODE, 4};
+                                    FIELDS(MIN, HIGH), 0, name##_to_float_x4, PANEL(name), AK_PANEL_L32, X4_ROWS};
 #if defined(AK_X4) || defined(AK_AVX2)
 #define LEGACY_X4(name, MIN, HIGH)                                                                                \
     AK_INLINE void name##_x4(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys) {      \

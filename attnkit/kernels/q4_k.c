@@ -319,11 +319,9 @@ AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float 
 #endif
 
 #ifdef AK_X4
-#define X4_MODE AK_PANEL_MIN /* x4 sums in gemm.c's order */
 #define X4_ROWS 16
 #define QS_GRANULE 4
 #else
-#define X4_MODE 0
 #define X4_ROWS 4 /* the AVX2 kernel */
 #define QS_GRANULE 16
 #endif
@@ -349,7 +347,7 @@ AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float 
     KTYPE_X4(name, HIGH)                                                                                  \
     const ak_type ak_type_##name = {ID, 256, SB(HIGH), name##_to_float, name##_dot, X4(name##_dot_x4),   \
                                     {{0, 2, 2}, {2, 2, 2}, {4, 12, 4}, {16, HIGH ? 32 : 0, QS_GRANULE}, {16 + 32 * HIGH, 128, QS_GRANULE}, {0, 0, 0}}, \
-                                    0, NULL, NULL, AK_PANEL_MIN, X4_MODE, X4_ROWS};
+                                    0, NULL, NULL, AK_PANEL_MIN, X4_ROWS};
 
 KTYPE(q4_k, AK_Q4_K, 0)
 KTYPE(q5_k, AK_Q5_K, 1)

@@ -172,15 +172,13 @@ AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float 
 static void q6_k_dot_x4(const uint8_t *w, int nb, const ak_act *x, int M, float *y, size_t ys) {
     AK_DISPATCH_M(x4, w, nb, x, M, y, ys)
 }
-#define Q6_K_X4_MODE AK_PANEL_K16 /* x4 sums in gemm.c's K16 order */
 #define Q6_K_X4_FIELDS {{208, 2, 2}, {192, 16, 1}, {128, 64, 4}, {0, 128, 4}, {0, 0, 0}}
 #define Q6_K_X4_ROWS 16
 #else
 #define q6_k_dot_x4 NULL
-#define Q6_K_X4_MODE 0
 #define Q6_K_X4_FIELDS {{208, 2, 2}, {192, 16, 1}, {128, 64, 4}, {0, 128, 4}, {0, 0, 0}}
 #define Q6_K_X4_ROWS 16
 #endif
 
 const ak_type ak_type_q6_k = {AK_Q6_K, 256, 210, q6_k_to_float, q6_k_dot, q6_k_dot_x4, Q6_K_X4_FIELDS,
-                              32, NULL, NULL, AK_PANEL_K16, Q6_K_X4_MODE, Q6_K_X4_ROWS};
+                              32, NULL, NULL, AK_PANEL_K16, Q6_K_X4_ROWS};

@@ -64,10 +64,10 @@ static void q8_0_dot(const uint8_t *w, int nb, const ak_act *x, int M, float *y,
  * column d[16] (fp16), then the quants in 8 chunks of 4 bytes of each row (lane L: row L); 544 bytes. A chunk, as
  * unsigned q + 128, is one vpdpbusd per activation row against its 4 quants broadcast, the sums starting from
  * −128·Σqx of the block (ak_act.off4: the type's offsets, one a block), so they sum q·qx (even and odd chunks in
- * two chains, then added), then acc += Σ·(d·dx) per block and row: gemm.c's AK_PANEL_B32 arithmetic in its order,
- * so the two give the same bits. From 64 rows ak_gemv hands the rows to gemm.c, whose panels (each chunk's
- * q + 128 as it lies, q8_0_panel) serve all the rows: 0.87× this kernel's time at 512 rows of a 1B's 8192×2048
- * (Zen 5, 2 threads), equal at 64, 0.6–1.4× slower below. */
+ * two chains, then added), then acc_e += Σ·(d·dx) per block and row, e the block's parity, summed at the end:
+ * gemm.c's AK_PANEL_B32 arithmetic in its order, so the two give the same bits. From 64 rows ak_gemv hands the
+ * rows to gemm.c, whose panels (each chunk's q + 128 as it lies, q8_0_panel) serve all the rows: 0.87× this
+ * kernel's time at 512 rows of a 1B's 8192×2048 (Zen 5, 2 threads), equal at 64, 0.6–1.4× slower below. */
 static void q8_0_to_float_x4(const uint8_t *group, int r, int b0, int count, float *o) {
     for (int k = 0; k < count; k++, o += 32) {
         const uint8_t *c = group + (size_t)(b0 + k) * 544;
@@ -85,30 +85,34 @@ static inline __m512i x16_dp4(__m512i t, __m512i w, const ak_act *a, size_t i) {
     return _mm512_dpbusd_epi32(t, w, _mm512_set1_epi32(v));
 #endif
 }
-AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys) {
+/* block column b into acc[r] (the chain of b's parity; literal in the caller, so the accumulators stay registers) */
+AK_INLINE void x16_block(const uint8_t *w, size_t b, const ak_act *x, const int M, __m512 *acc) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
-    __m512 acc[4];
-    for (int r = 0; r < M; r++) acc[r] = _mm512_setzero_ps();
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *col = w + (size_t)b * 544;
-        if ((b & 3) == 0) /* four columns (2176 bytes) 8 ahead, a line at a time */
-            for (int l = 0; l < 34; l++) _mm_prefetch((const char *)col + 8 * 544 + 64 * l, _MM_HINT_T0);
-        __m512i t[4][2];
-        for (int r = 0; r < M; r++) t[r][0] = _mm512_set1_epi32(x[r].off4[b]), t[r][1] = _mm512_setzero_si512();
-        for (int c = 0; c < 8; c++) {
-            const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(col + 32 + 64 * c), flip);
-            for (int r = 0; r < M; r++) t[r][c & 1] = x16_dp4(t[r][c & 1], u, x + r, 32 * (size_t)b + 4 * c);
-        }
-        const __m512 D = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)col));
-        for (int r = 0; r < M; r++)
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(t[r][0], t[r][1])), _mm512_mul_ps(D, _mm512_set1_ps(x[r].d[b])), acc[r]);
+    const uint8_t *col = w + b * 544;
+    if ((b & 3) == 0) /* four columns (2176 bytes) 8 ahead, a line at a time */
+        for (int l = 0; l < 34; l++) _mm_prefetch((const char *)col + 8 * 544 + 64 * l, _MM_HINT_T0);
+    __m512i t[4][2];
+    for (int r = 0; r < M; r++) t[r][0] = _mm512_set1_epi32(x[r].off4[b]), t[r][1] = _mm512_setzero_si512();
+    for (int c = 0; c < 8; c++) {
+        const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(col + 32 + 64 * c), flip);
+        for (int r = 0; r < M; r++) t[r][c & 1] = x16_dp4(t[r][c & 1], u, x + r, 32 * b + 4 * c);
     }
-    for (int r = 0; r < M; r++) _mm512_storeu_ps(y + r * ys, acc[r]);
+    const __m512 D = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)col));
+    for (int r = 0; r < M; r++)
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(t[r][0], t[r][1])), _mm512_mul_ps(D, _mm512_set1_ps(x[r].d[b])), acc[r]);
+}
+AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys) {
+    __m512 even[4], odd[4]; /* even and odd block columns: shorter FMA dependency chains */
+    for (int r = 0; r < M; r++) even[r] = odd[r] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b += 2) {
+        x16_block(w, (size_t)b, x, M, even);
+        if (b + 1 < nb) x16_block(w, (size_t)b + 1, x, M, odd);
+    }
+    for (int r = 0; r < M; r++) _mm512_storeu_ps(y + r * ys, _mm512_add_ps(even[r], odd[r]));
 }
 /* unit u (block columns 8u .. 8u + 7) of a group of 16 rows → a panel (gemm.c): each chunk as unsigned q + 128 */
-static void q8_0_panel(const uint8_t *w, size_t gbytes, int u, int nb, ak_panel *P) {
+static void q8_0_panel(const uint8_t *w, int u, int nb, ak_panel *P) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
-    (void)gbytes;
     for (int j = 0; j < nb; j++) {
         const uint8_t *col = w + ((size_t)8 * u + j) * 544;
         P->d[j] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)col));
@@ -120,7 +124,6 @@ static void q8_0_dot_x4(const uint8_t *w, int nb, const ak_act *x, int M, float 
 }
 #define Q8_0_TO_FLOAT_X4 q8_0_to_float_x4
 #define Q8_0_PANEL q8_0_panel
-#define Q8_0_X4_MODE AK_PANEL_B32
 #define Q8_0_OFFSET 128
 #define Q8_0_X4_ROWS 16
 #define Q8_0_QS_GRANULE 4
@@ -153,7 +156,6 @@ static void q8_0_dot_x4(const uint8_t *w, int nb, const ak_act *x, int M, float 
     AK_DISPATCH_M(x4, w, nb, x, M, y, ys)
 }
 #define Q8_0_OFFSET 0 /* signs, not an offset */
-#define Q8_0_X4_MODE 0
 #endif
 #ifndef Q8_0_X4_ROWS
 #define Q8_0_TO_FLOAT_X4 NULL
@@ -164,8 +166,7 @@ static void q8_0_dot_x4(const uint8_t *w, int nb, const ak_act *x, int M, float 
 #ifndef Q8_0_OFFSET
 #define q8_0_dot_x4 NULL
 #define Q8_0_OFFSET 0
-#define Q8_0_X4_MODE 0
 #endif
 
 const ak_type ak_type_q8_0 = {AK_Q8_0, 32, 34, q8_0_to_float, q8_0_dot, q8_0_dot_x4, {{0, 2, 2}, {2, 32, Q8_0_QS_GRANULE}, {0, 0, 0}},
-                              Q8_0_OFFSET, Q8_0_TO_FLOAT_X4, Q8_0_PANEL, AK_PANEL_B32, Q8_0_X4_MODE, Q8_0_X4_ROWS};
+                              Q8_0_OFFSET, Q8_0_TO_FLOAT_X4, Q8_0_PANEL, AK_PANEL_B32, Q8_0_X4_ROWS};

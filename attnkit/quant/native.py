@@ -71,10 +71,13 @@ class BlockType:
 
 
 BLOCK_TYPES = {t.name: t for t in (
-    BlockType("Q4_0", 2, 32, 18, ((0, 2, 2), (2, 16, 16)), (0,)),  # w = d·(q − 8): d, qs
-    BlockType("Q4_1", 3, 32, 20, ((0, 2, 2), (2, 2, 2), (4, 16, 16)), (0, 2)),  # w = d·q + m: d, m, qs
-    BlockType("Q5_0", 6, 32, 22, ((0, 2, 2), (2, 4, 4), (6, 16, 16)), (0,)),  # w = d·(q − 16): d, qh, qs
-    BlockType("Q5_1", 7, 32, 24, ((0, 2, 2), (2, 2, 2), (4, 4, 4), (8, 16, 16)), (0, 2)),  # w = d·q + m: d, m, qh, qs
+    BlockType("Q4_0", 2, 32, 18, ((0, 2, 2), (2, 16, 16)), (0,), x16_fields=((0, 2, 2), (2, 16, 4))),  # w = d·(q − 8): d, qs
+    BlockType("Q4_1", 3, 32, 20, ((0, 2, 2), (2, 2, 2), (4, 16, 16)), (0, 2),  # w = d·q + m: d, m, qs
+              x16_fields=((0, 2, 2), (2, 2, 2), (4, 16, 4))),
+    BlockType("Q5_0", 6, 32, 22, ((0, 2, 2), (2, 4, 4), (6, 16, 16)), (0,),  # w = d·(q − 16): d, qh, qs
+              x16_fields=((0, 2, 2), (2, 4, 4), (6, 16, 4))),
+    BlockType("Q5_1", 7, 32, 24, ((0, 2, 2), (2, 2, 2), (4, 4, 4), (8, 16, 16)), (0, 2),  # w = d·q + m: d, m, qh, qs
+              x16_fields=((0, 2, 2), (2, 2, 2), (4, 4, 4), (8, 16, 4))),
     BlockType("Q8_0", 8, 32, 34, ((0, 2, 2), (2, 32, 16)), (0,), x16_fields=((0, 2, 2), (2, 32, 4))),  # w = d·q: d, qs
     # w = d·sc·q − dmin·m: d, dmin, scales, [qh,] qs
     BlockType("Q4_K", 12, 256, 144, ((0, 2, 2), (2, 2, 2), (4, 12, 4), (16, 128, 16)), (0, 2), True,
@@ -111,8 +114,8 @@ def _kernels():
 
 
 def group_rows(kind: str) -> int:
-    """Rows a group of ``kind``'s interleaved layout in the built kernels: 16 (Q4_K, Q5_K, Q6_K, Q8_0 with AVX-512
-    VNNI) or 4."""
+    """Rows a group of ``kind``'s interleaved layout in the built kernels: 16 with AVX-512 VNNI (every type), 4 with
+    AVX2."""
     lib = _kernels()
     rows = lib.ak_type_x4_rows(BLOCK_TYPES[kind].ggml_id) if lib is not None else -1
     return rows if rows > 0 else 4
