@@ -154,6 +154,21 @@ static inline __m128 x4_sums(__m256 v) {
 }
 #endif
 
+#ifdef AK_X4
+/* t + Σ w·(the 4 activation quants at a->qs + i, broadcast to every 32-bit lane): vpdpbusd with the broadcast as
+ * its memory operand ({1to16}), where compilers emit a separate vpbroadcastd for the intrinsic's set1 */
+static inline __m512i ak_dp4(__m512i t, __m512i w, const ak_act *a, size_t i) {
+#if defined(__GNUC__) && !defined(AK_NO_ASM)
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(t) : "v"(w), "m"(*(const int32_t *)(a->qs + i)));
+    return t;
+#else
+    int32_t v;
+    memcpy(&v, a->qs + i, 4);
+    return _mm512_dpbusd_epi32(t, w, _mm512_set1_epi32(v));
+#endif
+}
+#endif
+
 /* M (1..4 activation rows) as a literal: each M gets its own unrolled copy of the always_inline body
  * F(w, nb, x, M, y, ystride) */
 #define AK_DISPATCH_M(F, w, nb, x, M, y, ys)         \

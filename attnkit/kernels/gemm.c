@@ -27,19 +27,6 @@ int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int
 #ifdef AK_X4
 enum { TR = 4 }; /* activation rows a tile */
 
-/* t + Σ w·(the 4 quants at a->qs + i, broadcast): vpdpbusd with the broadcast as its memory operand ({1to16}), where
- * compilers emit a separate vpbroadcastd for the intrinsic's set1 */
-static inline __m512i dp4(__m512i t, __m512i w, const ak_act *a, size_t i) {
-#if defined(__GNUC__) && !defined(AK_NO_ASM)
-    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(t) : "v"(w), "m"(*(const int32_t *)(a->qs + i)));
-    return t;
-#else
-    int32_t v;
-    memcpy(&v, a->qs + i, 4);
-    return _mm512_dpbusd_epi32(t, w, _mm512_set1_epi32(v));
-#endif
-}
-
 /* R activation rows against nu units of one panel → out[r] (lane L: weight row L); the last unit holds `last`
  * blocks of 32 (8 but where k % 256). t0[r]: row r's −128·Σqx of each block (AK_PANEL_B32), else unused. */
 /* block j of panel unit S (block b of the row) into acc[r] */
@@ -49,7 +36,7 @@ AK_INLINE void block_tile(const ak_panel *S, int j, size_t b, const ak_act *x, c
     for (int r = 0; r < R; r++) t[r] = MODE == AK_PANEL_B32 ? _mm512_set1_epi32(t0[r][b]) : _mm512_setzero_si512();
     for (int s = 0; s < 8; s++) {
         const __m512i wq = _mm512_load_si512(S->q + 8 * j + s);
-        for (int r = 0; r < R; r++) t[r] = dp4(t[r], wq, x + r, 32 * b + 4 * s);
+        for (int r = 0; r < R; r++) t[r] = ak_dp4(t[r], wq, x + r, 32 * b + 4 * s);
     }
     for (int r = 0; r < R; r++) {
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t[r]), _mm512_mul_ps(S->d[j], _mm512_set1_ps(x[r].d[b])), acc[r]);

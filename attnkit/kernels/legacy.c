@@ -151,16 +151,6 @@ AK_INLINE void dot(const uint8_t *w, int nb, const ak_act *x, int M, float *y, s
 #endif
 
 #ifdef AK_X4
-static inline __m512i dp4(__m512i t, __m512i w, const ak_act *a, size_t i) { /* t + Σ w·(4 quants broadcast) */
-#if defined(__GNUC__) && !defined(AK_NO_ASM)
-    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(t) : "v"(w), "m"(*(const int32_t *)(a->qs + i)));
-    return t;
-#else
-    int32_t v;
-    memcpy(&v, a->qs + i, 4);
-    return _mm512_dpbusd_epi32(t, w, _mm512_set1_epi32(v));
-#endif
-}
 /* the slots of block column b of a group (the kernel's u[8]: slot s = weights 4s .. 4s + 3 of each row, unsigned) */
 AK_INLINE void slots(const uint8_t *col, __m512i u[8], const int MIN, const int HIGH) {
     const __m512i low = _mm512_set1_epi8(0x0f), sixteen = _mm512_set1_epi8(0x10);
@@ -198,8 +188,8 @@ AK_INLINE void x16_block(const uint8_t *w, size_t b, const ak_act *x, const int 
     for (int r = 0; r < M; r++) {
         __m512i t0 = _mm512_setzero_si512(), t1 = _mm512_setzero_si512();
         for (int c = 0; c < 4; c++) {
-            t0 = dp4(t0, u[c], x + r, 32 * b + 4 * c);
-            t1 = dp4(t1, u[4 + c], x + r, 32 * b + 16 + 4 * c);
+            t0 = ak_dp4(t0, u[c], x + r, 32 * b + 4 * c);
+            t1 = ak_dp4(t1, u[4 + c], x + r, 32 * b + 16 + 4 * c);
         }
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(t0, t1)), _mm512_mul_ps(D, _mm512_set1_ps(x[r].d[b])), acc[r]);
         acc[r] = _mm512_fmadd_ps(MN, _mm512_set1_ps(x[r].s[b]), acc[r]);

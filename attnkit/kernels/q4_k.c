@@ -166,16 +166,6 @@ AK_INLINE void x4_scales(const uint8_t *col, __m128i sc[2], __m128i mn[2]) {
 #ifndef X16_PREFETCH
 #define X16_PREFETCH 2 /* columns ahead; without it the loads of a streamed matrix ran ~1.3× slower (Zen 5) */
 #endif
-static inline __m512i x16_dp4(__m512i t, __m512i w, const ak_act *a, size_t i) {
-#if defined(__GNUC__) && !defined(AK_NO_ASM)
-    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(t) : "v"(w), "m"(*(const int32_t *)(a->qs + i)));
-    return t;
-#else
-    int32_t v;
-    memcpy(&v, a->qs + i, 4);
-    return _mm512_dpbusd_epi32(t, w, _mm512_set1_epi32(v));
-#endif
-}
 /* a column's scales (S: bytes j of sc_j, j < 4 in [0], 4..7 in [1]; Mn the same for the mins) as ggml's kmasks */
 AK_INLINE void x16_scales(const uint8_t *col, __m512i S[2], __m512i Mn[2]) {
     const __m512i k1 = _mm512_set1_epi32(0x3f3f3f3f), k2 = _mm512_set1_epi32(0x0f0f0f0f), k3 = _mm512_set1_epi32(0x03030303);
@@ -215,10 +205,10 @@ AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float 
                 x16_slots(col, p, i + 1, &lo1, &hi1, HIGH);
                 const size_t at = 256 * (size_t)b + 64 * p + 4 * i;
                 for (int r = 0; r < M; r++) {
-                    t[r][0] = x16_dp4(t[r][0], lo0, x + r, at);
-                    t[r][1] = x16_dp4(t[r][1], hi0, x + r, at + 32);
-                    t[r][2] = x16_dp4(t[r][2], lo1, x + r, at + 4);
-                    t[r][3] = x16_dp4(t[r][3], hi1, x + r, at + 36);
+                    t[r][0] = ak_dp4(t[r][0], lo0, x + r, at);
+                    t[r][1] = ak_dp4(t[r][1], hi0, x + r, at + 32);
+                    t[r][2] = ak_dp4(t[r][2], lo1, x + r, at + 4);
+                    t[r][3] = ak_dp4(t[r][3], hi1, x + r, at + 36);
                 }
             }
             const __m512i sl = x16_byte(S[p >> 1], 2 * p), sh = x16_byte(S[p >> 1], 2 * p + 1);

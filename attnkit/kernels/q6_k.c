@@ -121,16 +121,6 @@ static void q6_k_dot(const uint8_t *w, int nb, const ak_act *x, int M, float *y,
 #define X16_COL 3360
 #define X16_QH 288
 #define X16_QL 1312
-static inline __m512i x16_dp4(__m512i t, __m512i w, const ak_act *a, size_t i) {
-#if defined(__GNUC__) && !defined(AK_NO_ASM)
-    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(t) : "v"(w), "m"(*(const int32_t *)(a->qs + i)));
-    return t;
-#else
-    int32_t v;
-    memcpy(&v, a->qs + i, 4);
-    return _mm512_dpbusd_epi32(t, w, _mm512_set1_epi32(v));
-#endif
-}
 AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys) {
     const __m512i low = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
     __m512 acc[4];
@@ -156,7 +146,7 @@ AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float 
                     u[2] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(a, 4), low), hc, m30, 0xF8);
                     u[3] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(c, 4), low), _mm512_srli_epi16(hc, 2), m30, 0xF8);
                     for (int r = 0; r < M; r++)
-                        for (int i = 0; i < 4; i++) t[r][i] = x16_dp4(t[r][i], u[i], x + r, 256 * (size_t)b + 128 * h + 32 * i + 4 * j);
+                        for (int i = 0; i < 4; i++) t[r][i] = ak_dp4(t[r][i], u[i], x + r, 256 * (size_t)b + 128 * h + 32 * i + 4 * j);
                 }
                 for (int i = 0; i < 4; i++) {
                     const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(col + 32 + 16 * (8 * h + 2 * i + jh))));

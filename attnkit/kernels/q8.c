@@ -75,16 +75,6 @@ static void q8_0_to_float_x4(const uint8_t *group, int r, int b0, int count, flo
         for (int i = 0; i < 32; i++) o[i] = (float)(int8_t)c[32 + 64 * (i / 4) + 4 * r + i % 4] * d;
     }
 }
-static inline __m512i x16_dp4(__m512i t, __m512i w, const ak_act *a, size_t i) {
-#if defined(__GNUC__) && !defined(AK_NO_ASM)
-    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(t) : "v"(w), "m"(*(const int32_t *)(a->qs + i)));
-    return t;
-#else
-    int32_t v;
-    memcpy(&v, a->qs + i, 4);
-    return _mm512_dpbusd_epi32(t, w, _mm512_set1_epi32(v));
-#endif
-}
 /* block column b into acc[r] (the chain of b's parity; literal in the caller, so the accumulators stay registers) */
 AK_INLINE void x16_block(const uint8_t *w, size_t b, const ak_act *x, const int M, __m512 *acc) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
@@ -95,7 +85,7 @@ AK_INLINE void x16_block(const uint8_t *w, size_t b, const ak_act *x, const int 
     for (int r = 0; r < M; r++) t[r][0] = _mm512_set1_epi32(x[r].off4[b]), t[r][1] = _mm512_setzero_si512();
     for (int c = 0; c < 8; c++) {
         const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(col + 32 + 64 * c), flip);
-        for (int r = 0; r < M; r++) t[r][c & 1] = x16_dp4(t[r][c & 1], u, x + r, 32 * b + 4 * c);
+        for (int r = 0; r < M; r++) t[r][c & 1] = ak_dp4(t[r][c & 1], u, x + r, 32 * b + 4 * c);
     }
     const __m512 D = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)col));
     for (int r = 0; r < M; r++)

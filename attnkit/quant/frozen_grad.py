@@ -26,7 +26,7 @@ class RowDequantizing(Protocol):
 
 
 def tile_rows(layer: RowDequantizing) -> int:
-    """Rows per tile: a multiple of 64 (GGUF's interleaved layouts keep rows in fours), at least 64."""
+    """Rows per tile: a multiple of 64 (GGUF's interleaved layouts keep rows in groups of 4 or 16), at least 64."""
     return max(64, TILE_ELEMS // layer.in_features // 64 * 64)
 
 

@@ -18,15 +18,15 @@ sums, the bf16 result widened to float32) — 2–3× faster where the CPU has b
 :func:`attnkit.kernels.native_bf16`), which is what ``InferenceOptions``' ``matmul_dtype="auto"`` picks there.
 
 On interleaved blocks of every type (Q4_0 … Q8_0, Q4_K, Q5_K, Q6_K) with AVX-512 VNNI the engine's prompt rows take neither: an integer
-matrix product on the weights unpacked 16 rows at a time (kernels/gemm.c, :attr:`GGUFBlockLinear.int8_prompts`).
+matrix product on 16 rows at a time (kernels/gemm.c, :attr:`GGUFBlockLinear.int8_prompts`).
 
-Where the kernels have a product on them the blocks are kept with rows interleaved in fours (:func:`interleave`):
-the same bytes, permuted within each group of four rows, so that one vector product covers weights of four rows
-and one float FMA applies a block column's scales for all four — every type with AVX-512 VNNI, every type but Q6_K
-with AVX2 (there the legacy types and Q8_0 ~2× the row layout's products at 4–32 activation rows and 1.2–1.9× at
-one; Q4_K 1.15–1.2×, Q5_K ~1.08×). Q4_K, Q5_K, Q6_K and Q8_0 with AVX-512 VNNI interleave groups of 16 rows, 4 bytes of each
-at a time (:func:`group_rows`): a load is 4 weights of each of 16 rows, gemm.c's panel as it lies, so the decode
-kernel needs no transposes and the matrix product no unpacking but an AND and a shift.
+Where the kernels have a product on them the blocks are kept with rows interleaved (:func:`interleave`): the same
+bytes, permuted within each group of rows, so that one vector product covers weights of several rows and one float
+FMA applies a block column's scales for all of them. With AVX2 (every type but Q6_K) groups of four, 16 bytes of
+each row at a time (the legacy types and Q8_0 ~2× the row layout's products at 4–32 activation rows and 1.2–1.9× at
+one; Q4_K 1.15–1.2×, Q5_K ~1.08×); with AVX-512 VNNI (every type) groups of sixteen, 4 bytes of each row at a time
+(:func:`group_rows`): a load is 4 weights of each of 16 rows, gemm.c's panel as it lies, so the decode kernel needs
+no transposes and serves a batch of any size (docs/performance.md, session 23).
 ``blocks`` then holds that layout; :meth:`GGUFBlockLinear.row_blocks` gives GGUF's own.
 """
 
@@ -51,9 +51,9 @@ from .weight_memory import empty_weights, empty_weights_like
 @dataclass(frozen=True)
 class BlockType:
     """One GGUF block type the C kernels multiply (a row of attnkit/kernels/kernels.c's TYPES): ggml's type id, a
-    block's weights and bytes, and its fields as stored with rows interleaved in fours, (offset, bytes, granule)
-    each, in the order they lie in a block column: the four rows' bytes of a field alternate granule by granule
-    (:func:`interleave`)."""
+    block's weights and bytes, and its fields as stored with rows interleaved in fours (x4_fields; AVX2) or sixteens
+    (x16_fields; AVX-512 VNNI), (offset, bytes, granule) each, in the order they lie in a block column: the group's
+    rows' bytes of a field alternate granule by granule (:func:`interleave`)."""
 
     name: str
     ggml_id: int
@@ -89,7 +89,7 @@ BLOCK_TYPES = {t.name: t for t in (
               (208,), True, ((208, 2, 2), (192, 16, 1), (128, 64, 4), (0, 128, 4))),
 )}
 NATIVE_TYPES = frozenset(BLOCK_TYPES)
-X4_FLAG = 0x100  # the kernels' kind for a type's blocks with rows interleaved in fours: ggml id | X4_FLAG
+X4_FLAG = 0x100  # the kernels' kind for a type's blocks with rows interleaved (in fours or sixteens): ggml id | X4_FLAG
 ACT_BLOCK_BYTES = 40  # the kernels' scratch for one block of 32 quantized activations
 
 
@@ -128,7 +128,7 @@ def _layout(kind: str) -> tuple[int, tuple[tuple[int, int, int], ...]]:
 
 
 def has_x4(kind: str) -> bool:
-    """Whether the built kernels multiply ``kind`` on rows interleaved in fours (AVX-512 VNNI: every type; AVX2:
+    """Whether the built kernels multiply ``kind`` on interleaved rows (AVX-512 VNNI: every type, in sixteens; AVX2:
     every type but Q6_K)."""
     lib = _kernels()
     return lib is not None and bool(lib.ak_x4_available()) and lib.ak_type_info(BLOCK_TYPES[kind].ggml_id | X4_FLAG, None, None) == 0
@@ -196,8 +196,8 @@ class GGUFBlockLinear(nn.Module):
     def __init__(self, blocks: torch.Tensor, kind: str, in_features: int, bias: torch.Tensor | None = None,
                  interleaved: bool | None = None, packed: bool = False) -> None:
         """``blocks`` in GGUF's row layout; ``interleaved`` (None: where the kernels have that layout and
-        the rows are a multiple of 4) keeps them interleaved in fours for the 512-bit products; ``packed``:
-        ``blocks`` are interleaved in fours already (kept as they are)."""
+        the rows are a multiple of :func:`group_rows`) keeps them interleaved for the vector products; ``packed``:
+        ``blocks`` are interleaved already (kept as they are)."""
         super().__init__()
         if kind not in BLOCK_TYPES:
             raise ValueError(f"GGUF block type {kind!r} has no kernel (supported: {', '.join(BLOCK_TYPES)})")
@@ -214,7 +214,7 @@ class GGUFBlockLinear(nn.Module):
         if interleaved is None:
             interleaved = packed or (self.out_features % group_rows(kind) == 0 and has_x4(kind))
         if packed and not interleaved:
-            raise ValueError("packed blocks are interleaved in fours: interleaved=False contradicts packed=True")
+            raise ValueError("packed blocks are interleaved: interleaved=False contradicts packed=True")
         if interleaved and self.out_features % group_rows(kind):
             raise ValueError(f"interleaved {kind} blocks need a multiple of {group_rows(kind)} rows, got {self.out_features}")
         if interleaved and _kernels() is not None and not has_x4(kind):
@@ -269,7 +269,7 @@ class GGUFBlockLinear(nn.Module):
             self._int8_prompts = None
 
     def packed(self) -> GGUFBlockLinear:
-        """This layer with its rows interleaved in fours where the kernels have that layout (self if it is, or
+        """This layer with its rows interleaved where the kernels have that layout (self if it is, or
         cannot be)."""
         if self.interleaved or self.out_features % group_rows(self.kind) or not has_x4(self.kind):
             if self.on_release is not None:  # still viewing its source (a file's pages): copied onto huge pages

@@ -6,7 +6,7 @@ hardware prefetchers stop at every page boundary and the TLB misses every 4 KiB;
 ``madvise``) the same one-row kernels read 2–30% faster with the weights cold (benchmarks/gguf_kernels.py,
 docs/performance.md, session 15).
 Linux does not give a file's page-cache mapping huge pages, so this is for the blocks attnkit copies anyway (rows
-interleaved in fours, fused layers, experts).
+interleaved in fours or sixteens, fused layers, experts).
 
 Tensors of at least :data:`MIN_BYTES` are carved, 64-byte aligned, from 2 MiB-aligned chunks of :data:`CHUNK`
 bytes (a larger tensor gets a mapping of its own); a chunk lives while any tensor carved from it does. Only what
