@@ -42,8 +42,9 @@ static inline ak_act act_row(const void *scratch, int r, int k) {
 enum { AK_PANEL_MIN = 1, AK_PANEL_K16 = 2, AK_PANEL_B32 = 3, AK_PANEL_L32 = 5 };
 #ifdef AK_X4
 typedef struct {
-    __m512i q[64]; /* unsigned quants: slot s holds inputs 4s .. 4s + 3 of each lane's row */
-    __m512 d[8];   /* each block of 32's d */
+    __m512i q[64];  /* unsigned quants: slot s holds inputs 4s .. 4s + 3 of each lane's row */
+    __m512i sc[16]; /* AK_PANEL_K16: each group of 16 inputs' int8 scale, widened */
+    __m512 d[8];    /* each block of 32's d (AK_PANEL_K16: d[0], the super-block's) */
     __m512 mn[8];  /* each block's m (AK_PANEL_L32) */
 } ak_panel;
 /* unit u (inputs 256u ..) of the group of 16 interleaved rows at w → *p; nb: its blocks of 32 (8, or fewer in the

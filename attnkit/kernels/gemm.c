@@ -2,15 +2,16 @@
  * rows at a time.
  *
  * Every type is stored 16 rows to a group, 4 bytes of each row at a time (kernels.c, BlockType.x16_fields), so a
- * 512-bit load is 4 weights of each of 16 rows: lane L row L. The K-quants (Q4_K, Q5_K, Q6_K) have no panel here:
- * their decode kernel is this product's arithmetic on the weights as they lie, the nibbles taken out of each load
- * again for every 4 rows, and that ran ahead of unpacking them into memory at every row count (0.61× the time at
- * 16 rows, 0.93× at 512; docs/performance.md, session 23), so ak_gemm hands them to ak_gemv. For Q8_0 and the
- * 32-weight types (Q4_0, Q4_1, Q5_0, Q5_1), whose per-block float work is a larger share, a panel per 256 inputs
- * (ak_panel: a byte per weight, each block's d and m as floats; the type's `panel`) is unpacked once per call and
- * multiplied with every activation row, four rows at a time: per 4 inputs one VNNI dot product (vpdpbusd) per row
- * against the 4 activation quants broadcast, summed in int32 over a block of 32 (Q8_0's from −128·Σqx: its quants
- * as unsigned q + 128), then per block and row
+ * 512-bit load is 4 weights of each of 16 rows: lane L row L. Q4_K and Q5_K have no panel here: their decode kernel
+ * is this product's arithmetic on the weights as they lie, the nibbles taken out of each load again for every 4
+ * rows, and that ran ahead of unpacking them into memory at every row count (0.61× the time at 16 rows, 0.93× at
+ * 512; docs/performance.md, session 23), so ak_gemm hands them to ak_gemv. For Q6_K (whose 6-bit quants cost more
+ * to take out), Q8_0 and the 32-weight types (Q4_0, Q4_1, Q5_0, Q5_1), a panel per 256 inputs (ak_panel: a byte per
+ * weight, the scales widened; the type's `panel`) is unpacked once per call and multiplied with every activation
+ * row, four rows at a time: per 4 inputs one VNNI dot product (vpdpbusd) per row against the 4 activation quants
+ * broadcast. Q6_K (AK_PANEL_K16) sums each group of 16 inputs from −32·Σqx, scales it by its int8 scale in int32
+ * and ends a super-block in one FMA, as q6_k.c's kernel. The others sum in int32 over a block of 32 (Q8_0's from
+ * −128·Σqx: its quants as unsigned q + 128), then per block and row
  *   acc_e += Σ·(d·dx)   [then acc_e += m·sx for the 32-weight types, w = d·q + m],
  * e the block's parity (two chains: shorter dependencies), and out = acc_0 + acc_1: the order of the types' decode
  * kernels (q8.c, legacy.c), so ak_gemv may hand a batch of rows to either with the same bits.
@@ -45,6 +46,28 @@ AK_INLINE void block_tile(const ak_panel *S, int j, size_t b, const ak_act *x, c
 }
 AK_INLINE void rows_tile(const ak_panel *P, int nu, int last, const ak_act *x, const int32_t *const *t0, const int R,
                          const int MODE, __m512 *out) {
+    if (MODE == AK_PANEL_K16) { /* Q6_K: q6_k.c's x4 arithmetic, a group of 16 inputs at a time, one FMA a unit */
+        __m512 acc[TR];
+        for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+        for (int u = 0; u < nu; u++) {
+            const ak_panel *S = P + u;
+            __m512i is[TR];
+            for (int r = 0; r < R; r++) is[r] = _mm512_setzero_si512();
+            for (int g = 0; g < 16; g++) {
+                __m512i t[TR];
+                for (int r = 0; r < R; r++) t[r] = _mm512_set1_epi32(t0[r][16 * (size_t)u + g]);
+                for (int s = 0; s < 4; s++) {
+                    const __m512i wq = _mm512_load_si512(S->q + 4 * g + s);
+                    for (int r = 0; r < R; r++) t[r] = ak_dp4(t[r], wq, x + r, 256 * (size_t)u + 16 * g + 4 * s);
+                }
+                for (int r = 0; r < R; r++) is[r] = _mm512_add_epi32(is[r], _mm512_mullo_epi32(t[r], S->sc[g]));
+            }
+            for (int r = 0; r < R; r++)
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[r]), _mm512_mul_ps(S->d[0], _mm512_set1_ps(x[r].d[8 * (size_t)u])), acc[r]);
+        }
+        for (int r = 0; r < R; r++) out[r] = acc[r];
+        return;
+    }
     __m512 even[TR], odd[TR]; /* the chains of even and odd blocks (8 a unit: a unit starts even) */
     for (int r = 0; r < R; r++) even[r] = odd[r] = _mm512_setzero_ps();
     for (int u = 0; u < nu; u++)
@@ -65,6 +88,7 @@ AK_INLINE void rows_tile(const ak_panel *P, int nu, int last, const ak_act *x, c
 static void tile(const ak_panel *P, int nu, int last, const ak_act *x, const int32_t *const *t0, int R, int mode,
                  __m512 *out) {
     if (mode == AK_PANEL_B32) { TILE_R(AK_PANEL_B32) }
+    else if (mode == AK_PANEL_K16) { TILE_R(AK_PANEL_K16) }
     else { TILE_R(AK_PANEL_L32) }
 }
 #endif
@@ -97,9 +121,11 @@ int ak_gemm(int kind, const void *w, const float *x, float *y, int m, int n, int
     if (!t->panel) return ak_gemv(kind, w, x, y, m, n, k, scratch, threads); /* the K-quants: their decode kernel */
     const int mode = t->panel_mode;
     const int nu = (k + 255) / 256, last = k % 256 ? k % 256 / 32 : 8; /* units of 256 inputs; the last one's blocks */
-    int32_t *t0 = NULL; /* Q8_0: −128 · Σqx of each block of 32 */
-    if (mode == AK_PANEL_B32 && !(t0 = malloc(sizeof(int32_t) * (size_t)m * (k / 32)))) return 2;
-    const size_t row_bytes = (size_t)(k / 32) * sizeof(block_q8x), gbytes = (size_t)16 * (k / 32) * t->block_bytes;
+    /* −offset · Σqx of each block of 32 (Q8_0: offset 128) or group of 16 (Q6_K: 32) */
+    const int span = mode == AK_PANEL_B32 ? 32 : 16, off = mode == AK_PANEL_B32 ? 128 : 32;
+    int32_t *t0 = NULL;
+    if ((mode == AK_PANEL_B32 || mode == AK_PANEL_K16) && !(t0 = malloc(sizeof(int32_t) * (size_t)m * (k / span)))) return 2;
+    const size_t row_bytes = (size_t)(k / 32) * sizeof(block_q8x), gbytes = (size_t)16 * (k / t->block_elems) * t->block_bytes;
     int failed = 0;
     (void)threads;
 #pragma omp parallel num_threads(threads) if (threads > 1 && n >= 32)
@@ -120,10 +146,10 @@ int ak_gemm(int kind, const void *w, const float *x, float *y, int m, int n, int
             ak_quantize_act(kind, x + (size_t)r * k, 1, k, (uint8_t *)scratch + r * row_bytes);
             if (!t0) continue;
             const int8_t *q = act_row(scratch, r, k).qs;
-            for (int i = 0; i < k / 32; i++) {
+            for (int i = 0; i < k / span; i++) {
                 int sum = 0;
-                for (int l = 0; l < 32; l++) sum += q[32 * i + l];
-                t0[(size_t)r * (k / 32) + i] = -128 * sum;
+                for (int l = 0; l < span; l++) sum += q[span * i + l];
+                t0[(size_t)r * (k / span) + i] = -off * sum;
             }
         }
 #pragma omp for schedule(static)
@@ -137,7 +163,7 @@ int ak_gemm(int kind, const void *w, const float *x, float *y, int m, int n, int
                 __m512 out[TR];
                 for (int i = 0; i < R; i++) {
                     xs[i] = act_row(scratch, r0 + i, k);
-                    if (t0) t0s[i] = t0 + (size_t)(r0 + i) * (k / 32);
+                    if (t0) t0s[i] = t0 + (size_t)(r0 + i) * (k / span);
                 }
                 tile(P, nu, last, xs, t0s, R, mode, out);
                 for (int i = 0; i < R; i++) _mm512_storeu_ps(y + (size_t)(r0 + i) * n + 16 * (size_t)pn, out[i]);

@@ -35,11 +35,12 @@ static const ak_type *find_type(int kind) {
 
 const ak_type *ak_find_type(int kind) { return find_type(kind); }
 
-/* activation rows from which ak_gemv hands a type with a panel (Q8_0 and the 32-weight types, interleaved in
+/* activation rows from which ak_gemv hands a type with a panel (Q6_K, Q8_0 and the 32-weight types, interleaved in
  * sixteens) to gemm.c's product, the same bits: Q8_0's panels took 0.87× its decode kernel's time at 512 rows of a
- * 1B's 8192×2048, the same at 64, more below (Zen 5, 2 threads; docs/performance.md, session 23). The K-quants
- * never: their decode kernel is that product's arithmetic on the weights as they lie, ahead of unpacking them at
- * every row count (Q4_K: 0.61× the time at 16 rows, 0.84× at 64, 0.93× at 512). */
+ * 1B's 8192×2048, the same at 64, more below; Q6_K's 0.77× at 512, 0.87× at 64 (Zen 5, 2 threads;
+ * docs/performance.md, session 23). Q4_K and Q5_K never: their decode kernel is that product's arithmetic on the
+ * weights as they lie, ahead of unpacking them at every row count (0.61× the time at 16 rows, 0.84× at 64, 0.93× at
+ * 512). */
 enum { GEMM_ROWS = 64 };
 /* ak_gemv's chunk of row groups that 4 activation rows pass before the next 4: within half of a 1 MiB L2 (32 groups
  * of 16 Q8_0 rows of 2048 inputs took 1.1 MB and ran 1.2–1.4× slower at 6–16 rows than chunks of 15; Zen 5) */
