@@ -36,9 +36,9 @@ static inline ak_act act_row(const void *scratch, int r, int k) {
 /* ---- the prompt rows' product (gemm.c) reads a panel of 16 weight rows (one interleaved group) unpacked per 256
  * inputs: one quant byte per weight and the scales in 512-bit lanes, lane L holding row L. How the scales apply
  * (the type's mode): AK_PANEL_B32 (Q8_0: w = d_b·(q − 128) as unsigned q, blocks of 32), AK_PANEL_L32 (Q4_0, Q4_1,
- * Q5_0, Q5_1: w = d_b·q + m_b, Σ w·x = d·dx·Σ q·qx + m·sx); the K-quants' modes (their decode kernels' arithmetic,
- * no panel): AK_PANEL_MIN (Q4_K, Q5_K: w = d·sc_j·q − dmin·m_j, sub-blocks of 32), AK_PANEL_K16 (Q6_K:
- * w = d·sc_j·(q − 32), sub-blocks of 16). */
+ * Q5_0, Q5_1: w = d_b·q + m_b, Σ w·x = d·dx·Σ q·qx + m·sx), AK_PANEL_K16 (Q6_K: w = d·sc_j·(q − 32), groups of
+ * 16); AK_PANEL_MIN (Q4_K, Q5_K: w = d·sc_j·q − dmin·m_j, sub-blocks of 32) is their decode kernel's arithmetic,
+ * with no panel. */
 enum { AK_PANEL_MIN = 1, AK_PANEL_K16 = 2, AK_PANEL_B32 = 3, AK_PANEL_L32 = 5 };
 #ifdef AK_X4
 typedef struct {

@@ -24,12 +24,14 @@
 #include "blocks.h"
 
 int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads);
+int ak_act_offsets(int kind, const void *scratch, int m, int k, int32_t *off4);
 
 #ifdef AK_X4
 enum { TR = 4 }; /* activation rows a tile */
 
 /* R activation rows against nu units of one panel → out[r] (lane L: weight row L); the last unit holds `last`
- * blocks of 32 (8 but where k % 256). t0[r]: row r's −128·Σqx of each block (AK_PANEL_B32), else unused. */
+ * blocks of 32 (8 but where k % 256). t0[r]: row r's offsets (ak_act_offsets: −128·Σqx of each block of 32 for
+ * AK_PANEL_B32, −32·Σqx of each group of 16 for AK_PANEL_K16), else unused. */
 /* block j of panel unit S (block b of the row) into acc[r] */
 AK_INLINE void block_tile(const ak_panel *S, int j, size_t b, const ak_act *x, const int32_t *const *t0, const int R,
                           const int MODE, __m512 *acc) {
@@ -121,10 +123,8 @@ int ak_gemm(int kind, const void *w, const float *x, float *y, int m, int n, int
     if (!t->panel) return ak_gemv(kind, w, x, y, m, n, k, scratch, threads); /* the K-quants: their decode kernel */
     const int mode = t->panel_mode;
     const int nu = (k + 255) / 256, last = k % 256 ? k % 256 / 32 : 8; /* units of 256 inputs; the last one's blocks */
-    /* −offset · Σqx of each block of 32 (Q8_0: offset 128) or group of 16 (Q6_K: 32) */
-    const int span = mode == AK_PANEL_B32 ? 32 : 16, off = mode == AK_PANEL_B32 ? 128 : 32;
-    int32_t *t0 = NULL;
-    if ((mode == AK_PANEL_B32 || mode == AK_PANEL_K16) && !(t0 = malloc(sizeof(int32_t) * (size_t)m * (k / span)))) return 2;
+    int32_t *t0 = NULL; /* the rows' offsets (k/4 int32 reserved a row), for the types with a quant offset */
+    if (t->offset && !(t0 = malloc(sizeof(int32_t) * (size_t)m * (k / 4)))) return 2;
     const size_t row_bytes = (size_t)(k / 32) * sizeof(block_q8x), gbytes = (size_t)16 * (k / t->block_elems) * t->block_bytes;
     int failed = 0;
     (void)threads;
@@ -144,13 +144,7 @@ int ak_gemm(int kind, const void *w, const float *x, float *y, int m, int n, int
 #pragma omp for schedule(static)
         for (int r = 0; r < m; r++) { /* the rows quantized as ak_gemv does, each on its own */
             ak_quantize_act(kind, x + (size_t)r * k, 1, k, (uint8_t *)scratch + r * row_bytes);
-            if (!t0) continue;
-            const int8_t *q = act_row(scratch, r, k).qs;
-            for (int i = 0; i < k / span; i++) {
-                int sum = 0;
-                for (int l = 0; l < span; l++) sum += q[span * i + l];
-                t0[(size_t)r * (k / span) + i] = -off * sum;
-            }
+            if (t0) ak_act_offsets(kind, (uint8_t *)scratch + r * row_bytes, 1, k, t0 + (size_t)r * (k / 4));
         }
 #pragma omp for schedule(static)
         for (int pn = 0; pn < n / 16; pn++) {
@@ -163,7 +157,7 @@ int ak_gemm(int kind, const void *w, const float *x, float *y, int m, int n, int
                 __m512 out[TR];
                 for (int i = 0; i < R; i++) {
                     xs[i] = act_row(scratch, r0 + i, k);
-                    if (t0) t0s[i] = t0 + (size_t)(r0 + i) * (k / span);
+                    if (t0) t0s[i] = t0 + (size_t)(r0 + i) * (k / 4);
                 }
                 tile(P, nu, last, xs, t0s, R, mode, out);
                 for (int i = 0; i < R; i++) _mm512_storeu_ps(y + (size_t)(r0 + i) * n + 16 * (size_t)pn, out[i]);

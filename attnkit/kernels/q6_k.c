@@ -122,8 +122,19 @@ static void q6_k_dot(const uint8_t *w, int nb, const ak_act *x, int M, float *y,
 #define X16_COL 3360
 #define X16_QH 288
 #define X16_QL 1312
-AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys) {
+/* the unsigned 6-bit quants of slots i = 0..3 (inputs 128h + 32i + 4j .. + 3 of each row) of a column, from its qh
+ * chunk 8h + j and ql chunks 16h + j and 16h + 8 + j */
+AK_INLINE void q6_slots(const uint8_t *col, int h, int j, __m512i u[4]) {
     const __m512i low = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
+    const __m512i hc = _mm512_loadu_si512(col + X16_QH + 64 * (8 * h + j));
+    const __m512i a = _mm512_loadu_si512(col + X16_QL + 64 * (16 * h + j));
+    const __m512i c = _mm512_loadu_si512(col + X16_QL + 64 * (16 * h + 8 + j));
+    u[0] = _mm512_ternarylogic_epi32(_mm512_and_si512(a, low), _mm512_slli_epi16(hc, 4), m30, 0xF8);
+    u[1] = _mm512_ternarylogic_epi32(_mm512_and_si512(c, low), _mm512_slli_epi16(hc, 2), m30, 0xF8);
+    u[2] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(a, 4), low), hc, m30, 0xF8);
+    u[3] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(c, 4), low), _mm512_srli_epi16(hc, 2), m30, 0xF8);
+}
+AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys) {
     __m512 acc[4];
     for (int r = 0; r < M; r++) acc[r] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
@@ -138,14 +149,8 @@ AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float 
                 for (int r = 0; r < M; r++)
                     for (int i = 0; i < 4; i++) t[r][i] = _mm512_set1_epi32(x[r].off4[16 * (size_t)b + 8 * h + 2 * i + jh]);
                 for (int j = 4 * jh; j < 4 * jh + 4; j++) {
-                    const __m512i hc = _mm512_loadu_si512(col + X16_QH + 64 * (8 * h + j));
-                    const __m512i a = _mm512_loadu_si512(col + X16_QL + 64 * (16 * h + j));
-                    const __m512i c = _mm512_loadu_si512(col + X16_QL + 64 * (16 * h + 8 + j));
                     __m512i u[4];
-                    u[0] = _mm512_ternarylogic_epi32(_mm512_and_si512(a, low), _mm512_slli_epi16(hc, 4), m30, 0xF8);
-                    u[1] = _mm512_ternarylogic_epi32(_mm512_and_si512(c, low), _mm512_slli_epi16(hc, 2), m30, 0xF8);
-                    u[2] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(a, 4), low), hc, m30, 0xF8);
-                    u[3] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(c, 4), low), _mm512_srli_epi16(hc, 2), m30, 0xF8);
+                    q6_slots(col, h, j, u);
                     for (int r = 0; r < M; r++)
                         for (int i = 0; i < 4; i++) t[r][i] = ak_dp4(t[r][i], u[i], x + r, 256 * (size_t)b + 128 * h + 32 * i + 4 * j);
                 }
@@ -166,21 +171,15 @@ static void q6_k_dot_x4(const uint8_t *w, int nb, const ak_act *x, int M, float 
 /* unit u (super-block column u) of a group of 16 rows → a panel (gemm.c's AK_PANEL_K16): the quants as x4 takes them
  * out, slot 32h + 8i + j = inputs 128h + 32i + 4j .. + 3; the scales widened; d */
 static void q6_k_panel(const uint8_t *w, int u, int nb, ak_panel *P) {
-    const __m512i low = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
     const uint8_t *col = w + (size_t)u * X16_COL;
     (void)nb;
     P->d[0] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)col));
     for (int g = 0; g < 16; g++) P->sc[g] = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(col + 32 + 16 * g)));
     for (int h = 0; h < 2; h++)
         for (int j = 0; j < 8; j++) {
-            const __m512i hc = _mm512_loadu_si512(col + X16_QH + 64 * (8 * h + j));
-            const __m512i a = _mm512_loadu_si512(col + X16_QL + 64 * (16 * h + j));
-            const __m512i c = _mm512_loadu_si512(col + X16_QL + 64 * (16 * h + 8 + j));
-            __m512i *q = P->q + 32 * h + j;
-            q[0] = _mm512_ternarylogic_epi32(_mm512_and_si512(a, low), _mm512_slli_epi16(hc, 4), m30, 0xF8);
-            q[8] = _mm512_ternarylogic_epi32(_mm512_and_si512(c, low), _mm512_slli_epi16(hc, 2), m30, 0xF8);
-            q[16] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(a, 4), low), hc, m30, 0xF8);
-            q[24] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(c, 4), low), _mm512_srli_epi16(hc, 2), m30, 0xF8);
+            __m512i q[4];
+            q6_slots(col, h, j, q);
+            for (int i = 0; i < 4; i++) P->q[32 * h + 8 * i + j] = q[i];
         }
 }
 #define Q6_K_PANEL q6_k_panel
