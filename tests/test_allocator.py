@@ -20,11 +20,11 @@ libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = Info
 """
 
-# a 20 MB tensor, then where glibc put it
+# a tensor of sys.argv[1] MB, then where glibc put it
 WHERE = MALLINFO + """
 tuned = tune_malloc()
 before = libc.mallinfo2().hblkhd
-t = torch.ones(20 << 18)
+t = torch.ones(int(sys.argv[1]) << 18)
 print(tuned, libc.mallinfo2().hblkhd - before)
 """
 
@@ -39,11 +39,35 @@ def mapped_bytes(script: str, env: dict[str, str], *argv: str) -> tuple[str, int
     return done, int(mapped)
 
 
-def test_tuned_malloc_keeps_large_tensors_on_the_heap():
-    """The mechanism, exactly: tuned, a 20 MB tensor comes from the heap (reused step after step); untuned, from a
-    fresh mapping of its own (unmapped when freed, faulted in again by the next step)."""
-    out = dict(mapped_bytes(WHERE, {} if tuning else {"ATTNKIT_NO_MALLOC_TUNING": "1"}) for tuning in (True, False))
-    assert out["True"] == 0 and out["False"] >= 20 << 20, out  # (the mapping: the tensor and a page of header)
+@pytest.mark.parametrize("mb", [20, 40])
+def test_tuned_malloc_keeps_large_tensors_on_the_heap(mb):
+    """The mechanism, exactly: tuned, a 20 MB tensor comes from the heap (reused step after step), and so does one
+    past glibc's 32 MiB ceiling for the mmap threshold (a 1B's 512-row gate/up output is 32 MiB and a header);
+    untuned, each from a fresh mapping of its own (unmapped when freed, faulted in again by the next step)."""
+    out = dict(mapped_bytes(WHERE, {} if tuning else {"ATTNKIT_NO_MALLOC_TUNING": "1"}, str(mb)) for tuning in (True, False))
+    assert out["True"] == 0 and out["False"] >= mb << 20, out  # (the mapping: the tensor and a page of header)
+
+
+# tuned, a 100 MB tensor made and filled on another thread (its own arena's heaps hold at most 64 MB)
+IN_A_THREAD = MALLINFO + """
+import threading
+tuned = tune_malloc()
+out = []
+def work():
+    t = torch.ones(100 << 18)
+    out.append(float(t.sum()))
+th = threading.Thread(target=work)
+th.start()
+th.join()
+print(tuned, int(out[0]))
+"""
+
+
+def test_tuned_malloc_serves_a_large_block_on_another_thread():
+    """With mmap off, a block larger than a thread arena's heap is served by the main heap (glibc's arena retry):
+    the server's engine thread allocates such blocks (a KV pool, a long prompt's activations)."""
+    done, total = mapped_bytes(IN_A_THREAD, {})
+    assert done == "True" and total == 100 << 18
 
 
 def test_the_engine_tunes_malloc_on_the_cpu():
@@ -74,3 +98,19 @@ def test_returning_freed_memory_keeps_large_tensors_off_the_heap():
     (and stays there when freed); after return_freed_memory() it gets a mapping of its own, unmapped when freed."""
     out = dict(mapped_bytes(AFTER_A_FREE, {}, on) for on in ("1", "0"))
     assert out["True"] >= 2 << 20 and out["False"] == 0, out
+
+
+# tuned (mmap off), then return_freed_memory(): where a 2 MB tensor goes
+AFTER_TUNING = MALLINFO + """
+tune_malloc()
+done = return_freed_memory()
+before = libc.mallinfo2().hblkhd
+small = torch.ones(2 << 18)
+print(done, libc.mallinfo2().hblkhd - before)
+"""
+
+
+def test_returning_freed_memory_turns_mmap_back_on():
+    """A process that served (tune_malloc: no mmap) and then trains under a budget gets mappings again."""
+    done, mapped = mapped_bytes(AFTER_TUNING, {})
+    assert done == "True" and mapped >= 2 << 20

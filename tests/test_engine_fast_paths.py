@@ -117,3 +117,26 @@ def test_native_paged_attention_matches_the_block_table_reference() -> None:
     torch.testing.assert_close(paged_decode_attention_native(q, k_pool, v_pool, tables, lens, starts), ref,
                                rtol=1e-5, atol=1e-5)
     assert paged_decode_attention_native(q.double(), k_pool, v_pool, tables, lens, starts) is None  # float32 only
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 64, 130])
+def test_the_fused_ffn_writes_silu_times_up_over_its_own_gate_up_output(rows) -> None:
+    """Inference (no grad): SiLU(gate)·up is written over gate_up's output (rows in blocks [r0, 2·r0)); every row's
+    values are exactly those of F.silu(gate) * up, and the returned tensor lies in gate_up's storage."""
+    from attnkit.nn.ffn import silu_mul_over
+
+    torch.manual_seed(rows)
+    glu = SwiGLU(16, 24)
+    glu.fuse()
+    x = torch.randn(rows, 16)
+    with torch.no_grad():
+        gu = glu.gate_up_proj(x)
+        gate, up = gu.chunk(2, dim=-1)
+        want = F.silu(gate) * up
+        h = silu_mul_over(gu)
+        assert h.data_ptr() == gu.data_ptr() and h.is_contiguous() and h.shape == (rows, 24)
+        assert torch.equal(h, want)
+        assert torch.equal(glu(x), glu.down_proj(want))
+    y = glu(x.requires_grad_())  # training: out of place, so autograd keeps its inputs
+    y.sum().backward()
+    assert x.grad is not None and torch.equal(y.detach(), glu.down_proj(want).detach())

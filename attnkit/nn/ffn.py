@@ -72,6 +72,25 @@ def _silu_times(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return F.silu(g) * u
 
 
+def silu_mul_over(gu: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) ⊙ up for a contiguous gu = [gate | up] (…, 2·d_ff) written over gu's own storage (inference): a
+    prompt's FFN then holds one (tokens × 2·d_ff) tensor at its peak instead of also SiLU(gate) and the product.
+    Row r of the result goes to r·d_ff; rows are taken in blocks [r0, 2·r0), so that no block's output overlaps an
+    input row not yet read. The same operations, in the same order per element, as F.silu(gate) * up."""
+    ff = gu.shape[-1] // 2
+    rows = gu.view(-1, 2 * ff)
+    gate, up = rows[:, :ff], rows[:, ff:]
+    F.silu(gate, inplace=True)
+    flat, m = rows.view(-1), rows.shape[0]
+    gate[:1].mul_(up[:1])  # row 0's output is its gate's place
+    r0 = 1
+    while r0 < m:
+        r1 = min(m, 2 * r0)
+        torch.mul(gate[r0:r1], up[r0:r1], out=flat[r0 * ff:r1 * ff].view(r1 - r0, ff))
+        r0 = r1
+    return flat[:m * ff].view(*gu.shape[:-1], ff)
+
+
 class SwiGLU(nn.Module):
     """(act(x·W_gate) ⊙ x·W_up)·W_down; act = SiLU gives SwiGLU, GELU gives GeGLU."""
 
@@ -92,8 +111,12 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            h = self.act(gate) * up
+            gu = self.gate_up_proj(x)
+            if self.act is F.silu and gu.is_contiguous() and not (torch.is_grad_enabled() and gu.requires_grad):
+                h = silu_mul_over(gu)
+            else:
+                gate, up = gu.chunk(2, dim=-1)
+                h = self.act(gate) * up
         elif self.act is F.silu:
             h = silu_mul(self.gate_proj(x), self.up_proj(x))
         else:
