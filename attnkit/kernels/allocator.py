@@ -7,9 +7,10 @@ page faults of touching that memory again: on the 64-request offline workload ab
 time (docs/performance.md). PyTorch's CPU allocator has no cache of its own; its CPU performance
 guide recommends jemalloc or tcmalloc for the same reason. Tuned, every block comes from the heap and stays
 mapped for reuse: the mmap threshold raised to glibc's ceiling (32 MiB) and mmap then turned off for blocks above
-it (M_MMAP_MAX 0) — a 1B's 512-token prompt makes a (512, 16384) float32 gate/up output, 32 MiB and a header, and
-mapping it afresh in each of 16 layers cost ~137,000 page faults and 0.27 s of a 1.3 s prompt (Zen 5) — and the
-heap is trimmed only past 1 GiB free. A thread's arena that cannot hold a block hands it to the main heap (glibc's
+it (M_MMAP_MAX 0) — a 1B's 512-token prompt makes a (512, 16384) float32 gate/up output, 32 MiB and a header,
+mapped afresh in each of 16 layers whenever the heap held no free chunk that large: 46,000–62,000 page faults in a
+process's first such prompt, ~137,000 and 0.27 s of a 1.3 s prompt after its heap had been trimmed (Zen 5) — and
+the heap is trimmed only past 1 GiB free. A thread's arena that cannot hold a block hands it to the main heap (glibc's
 arena retry). Peak RSS grows little, since a step's working set is reused rather than duplicated.
 
 Applied once per process by the engine on the CPU; ``ATTNKIT_NO_MALLOC_TUNING=1`` leaves malloc as it is.
