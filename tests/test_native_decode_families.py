@@ -165,6 +165,37 @@ def test_moe_rows_are_batch_invariant():
         assert torch.equal(a, b)
 
 
+def _prompt_logits(model: Llama, prompts: list[list[int]], eager: bool = False) -> list[torch.Tensor]:
+    """Each prompt's first-token logits from one engine step over all of them (``eager``: without the C step)."""
+    engine = LLMEngine(model, config=EngineConfig(block_size=4, kv_cache_bytes=4 << 20))
+    ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)) for p in prompts]
+    if eager:
+        engine.runner.native = False
+    batch = engine.scheduler.schedule()
+    assert sorted(batch.num_tokens) == sorted(map(len, prompts))  # every prompt whole in this step
+    logits, rows = engine.runner.run(batch)
+    got = {ids.index(batch.seqs[r].request_id): logits[i] for i, r in enumerate(rows)}
+    return [got[i] for i in range(len(prompts))]
+
+
+def test_moe_prompt_rows_take_the_c_moe_and_are_batch_invariant(monkeypatch):
+    """A prompt's MoE layers run by the C step's function (one call a layer, the rows routed in C), bit for bit the
+    same alone and beside other prompts, and within the integer kernels' rounding of the eager grouped products."""
+    model = _model(n_experts=8, n_experts_per_tok=2, qk_norm="head")
+    calls: list[int] = []
+    moe_rows = NativeDecoder.moe_rows
+    monkeypatch.setattr(NativeDecoder, "moe_rows", lambda self, f, x: calls.append(len(x)) or moe_rows(self, f, x))
+    alone = _prompt_logits(model, [PROMPTS3[2]])[0]
+    assert calls == [13, 13]  # both layers, the prompt's 13 rows
+    together = _prompt_logits(model, PROMPTS3)
+    assert torch.equal(alone, together[2])
+    calls.clear()
+    eager = _prompt_logits(model, PROMPTS3, eager=True)
+    assert not calls
+    for a, b in zip(together, eager):
+        assert (a - b).abs().max() < 0.1
+
+
 def test_moe_threads_split_every_expert_task_once():
     """The threads take contiguous runs of the expert tasks (moe.c's split): 1, 3 and 5 threads on the same rows —
     teams larger than some layers' task counts — give the same logits bit for bit."""

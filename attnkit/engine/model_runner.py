@@ -14,6 +14,7 @@ import warnings
 import torch
 from torch import nn
 
+from ..nn.moe import moe_rows_by
 from ..quant.row_kernel import SHORT_PROMPT, RowKind, rows_are
 from .lora import StepAdapters
 from .native_decode import NativeDecoder, why_not
@@ -124,7 +125,7 @@ class ModelRunner:
         # cache indices (seq_id → ([(nh, m, hd) per layer], (m,))), for compact()
         self.observed: dict[int, tuple[list[torch.Tensor], torch.Tensor]] = {}
         # decode-only steps run all layers in one C call when the model allows it
-        # (attnkit.engine.native_decode); built at the first such step; False: eager only
+        # (attnkit.engine.native_decode); built at the first step; False: eager only
         self.native: NativeDecoder | bool | None = None
         self.native_reason: str | None = None  # why not, when native is False
         self.batch_invariant = batch_invariant
@@ -313,11 +314,12 @@ class ModelRunner:
                  for key in keys}
         meta = metas[keys[0]]
         model = self.model
-        if meta.decode_only and generated and not self.compile and self.lora_step is None and len(keys) == 1:
-            if self.native is None:
-                self.native_reason = why_not(model, self.k_pool, self.kv_format)
-                self.native = NativeDecoder(model, self.k_pool, self.v_pool, self.kv_format, self.tail) \
-                    if self.native_reason is None else False
+        c_step = not self.compile and self.lora_step is None
+        if c_step and self.native is None:  # built at the first step of any kind: prompt rows use its MoE too
+            self.native_reason = why_not(model, self.k_pool, self.kv_format)
+            self.native = NativeDecoder(model, self.k_pool, self.v_pool, self.kv_format, self.tail) \
+                if self.native_reason is None else False
+        if meta.decode_only and generated and c_step and len(keys) == 1:
             if self.native and (self.batch_invariant or len(ids) <= self.native.max_rows):
                 assert meta.decode_tables is not None and meta.decode_lens is not None and meta.decode_starts is not None
                 h = self.native.hidden(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device),
@@ -337,10 +339,13 @@ class ModelRunner:
             c.meta = metas[key]
         if self.lora_step is not None:
             self.lora_step.set([s.adapter for s in batch.seqs], batch.num_tokens, self.device)
+        # a prompt's mixture-of-experts layers by the C step's function (one parallel call a layer), as its decode
+        moe_by = self.native.moe_rows if self.native and c_step and not generated else None
         try:
-            logits = model(torch.tensor([ids], device=self.device), cache=self.caches,
-                                positions=torch.tensor(pos, device=self.device),
-                                logits_indices=torch.tensor(logits_idx + prompt_idx, device=self.device, dtype=torch.long))
+            with moe_rows_by(moe_by):
+                logits = model(torch.tensor([ids], device=self.device), cache=self.caches,
+                               positions=torch.tensor(pos, device=self.device),
+                               logits_indices=torch.tensor(logits_idx + prompt_idx, device=self.device, dtype=torch.long))
         finally:
             for c in self.caches:
                 c.meta = None

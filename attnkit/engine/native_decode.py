@@ -194,6 +194,8 @@ class NativeDecoder:
         self.max_rows = min(m.decode_rows for m in model.modules() if isinstance(m, GGUFBlockLinear))  # without batch invariance
         keep: list = [k_pool, v_pool]  # the pointers below stay valid while the decoder lives
         self._moe_shapes: list[tuple[int, int, int]] = []  # (n_experts, top_k, ff) of each MoE layer
+        self._moe_of: dict[int, _Moe] = {}  # id(SparseMoE) → its C view, for prompt rows (moe_rows)
+        self._moe_work = torch.empty(0, dtype=torch.uint8)
         for i, layer in enumerate(model.layers):
             attn, ffn = layer.self_attn, layer.ffn
             qkv, o = attn.qkv_proj, attn.o_proj
@@ -242,7 +244,29 @@ class NativeDecoder:
                    ctypes.addressof(arr))
         keep += [arr, moe]
         self._moe_shapes.append((ffn.n_experts, ffn.top_k, ff))
+        self._moe_of[id(ffn)] = moe
         return moe
+
+    def moe_rows(self, ffn: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """A SparseMoE layer of this model on rows x (N, d) float32 by the decode step's own C function
+        (kernels/moe.c: the router, each chosen expert once on its rows, all in one parallel call), or None for a
+        layer or input it does not take. For the engine's prompt rows (attnkit.nn.moe.moe_rows_by): a row's result
+        does not depend on the other rows, as in a decode step."""
+        moe = self._moe_of.get(id(ffn))
+        if moe is None or x.dtype != torch.float32 or x.requires_grad or x.dim() != 2:
+            return None
+        x = x.contiguous()
+        n, d = x.shape
+        e, k, ff = moe.n_experts, moe.top_k, moe.ff
+        need = self.lib.ak_moe_work_bytes(n, d, e, k, ff, self.threads)
+        if self._moe_work.numel() < need:
+            self._moe_work = torch.empty(need, dtype=torch.uint8)
+        out = torch.empty_like(x)
+        rc = self.lib.ak_moe_ffn(ctypes.addressof(moe), x.data_ptr(), out.data_ptr(), n, d, self._moe_work.data_ptr(),
+                                 need, self.threads)
+        if rc:
+            raise RuntimeError(f"ak_moe_ffn failed (code {rc})")
+        return out
 
     def _scratch(self, B: int, max_nb: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         key = (B, max_nb)

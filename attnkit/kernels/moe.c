@@ -143,7 +143,8 @@ int ak_moe_ffn(const ak_moe *m, const float *xn, float *out, int B, int d, void 
     } else if (m->router.rows != E || ak_gemv(m->router.kind, m->router.w, xn, L.probs, B, E, d, L.qx[0], threads)) {
         return 1;
     }
-    /* each row: softmax, its top_k, their weights */
+    /* each row: softmax, its top_k, their weights (rows apart: a prompt's hundreds of rows over both threads) */
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && B >= 16)
     for (int b = 0; b < B; b++) {
         float *p = L.probs + (size_t)b * E, mx = p[0], sum = 0.f;
         for (int e = 1; e < E; e++) mx = fmaxf(mx, p[e]);

@@ -72,9 +72,13 @@ def _silu_times(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return F.silu(g) * u
 
 
+OVER_ROWS = 64  # from this many rows silu_mul_over writes the product over gate/up's storage
+
+
 def silu_mul_over(gu: torch.Tensor) -> torch.Tensor:
-    """SiLU(gate) ⊙ up for a contiguous gu = [gate | up] (…, 2·d_ff) written over gu's own storage (inference): a
-    prompt's FFN then holds one (tokens × 2·d_ff) tensor at its peak instead of also SiLU(gate) and the product.
+    """SiLU(gate) ⊙ up for a contiguous gu = [gate | up] (…, 2·d_ff) written over gu's own storage (inference; from
+    OVER_ROWS rows, fewer take a product of their own): a prompt's FFN then holds one (tokens × 2·d_ff) tensor at its
+    peak instead of also SiLU(gate) and the product.
     Row r of the result goes to r·d_ff; rows are taken in blocks [r0, 2·r0), so that no block's output overlaps an
     input row not yet read. The same operations, in the same order per element, as F.silu(gate) * up."""
     ff = gu.shape[-1] // 2
@@ -82,6 +86,8 @@ def silu_mul_over(gu: torch.Tensor) -> torch.Tensor:
     gate, up = rows[:, :ff], rows[:, ff:]
     F.silu(gate, inplace=True)
     flat, m = rows.view(-1), rows.shape[0]
+    if m < OVER_ROWS:  # a few rows: their product apart costs less than the blocks' extra calls
+        return (gate * up).view(*gu.shape[:-1], ff)
     gate[:1].mul_(up[:1])  # row 0's output is its gate's place
     r0 = 1
     while r0 < m:

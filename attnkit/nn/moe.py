@@ -18,10 +18,30 @@ of the file's stacked tensor), and ``gate_up_proj`` instead of gate/up once fuse
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 from torch import nn
 
 from .ffn import SwiGLU
+
+RowsFn = Callable[["SparseMoE", torch.Tensor], "torch.Tensor | None"]
+_ROWS_BY: ContextVar[RowsFn | None] = ContextVar("moe_rows_by", default=None)
+
+
+@contextmanager
+def moe_rows_by(fn: RowsFn | None) -> Iterator[None]:
+    """Within the block, every SparseMoE computes its rows by ``fn(layer, x (N, d))`` where that returns a tensor
+    (None: the layer's own grouped products). The engine runs its prompt rows through the C decode step's MoE this
+    way (attnkit.engine.native_decode), so that a prompt's experts are one parallel C call per layer instead of a
+    Python loop over the experts."""
+    token = _ROWS_BY.set(fn)
+    try:
+        yield
+    finally:
+        _ROWS_BY.reset(token)
 
 
 class SparseMoE(nn.Module):
@@ -51,6 +71,10 @@ class SparseMoE(nn.Module):
         """x (..., d) → (..., d)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, d)
+        by = _ROWS_BY.get()
+        out = by(self, x) if by is not None else None
+        if out is not None:
+            return out.view(shape)
         chosen, weights = self.route(x)
         weights = weights.to(x.dtype)
         out = self._one(x, chosen, weights) if x.shape[0] == 1 else self._grouped(x, chosen, weights)
