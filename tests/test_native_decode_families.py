@@ -178,10 +178,16 @@ def _prompt_logits(model: Llama, prompts: list[list[int]], eager: bool = False) 
     return [got[i] for i in range(len(prompts))]
 
 
-def test_moe_prompt_rows_take_the_c_moe_and_are_batch_invariant(monkeypatch):
+@pytest.mark.parametrize("variant", [
+    dict(),  # Qwen3-MoE-like: float32 router, fused gate/up
+    dict(norm_topk_prob=False, qk_norm="full", router="Q8_0"),  # OLMoE-like, a GGUF router
+    dict(fuse="experts apart", kinds={"*": "Q4_0", "down_proj": "Q8_0"}),  # Mixtral-like, gate/up as two parts
+])
+def test_moe_prompt_rows_take_the_c_moe_and_are_batch_invariant(monkeypatch, variant):
     """A prompt's MoE layers run by the C step's function (one call a layer, the rows routed in C), bit for bit the
     same alone and beside other prompts, and within the integer kernels' rounding of the eager grouped products."""
-    model = _model(n_experts=8, n_experts_per_tok=2, qk_norm="head")
+    v = dict(variant)
+    model = _model(n_experts=8, n_experts_per_tok=2, qk_norm=v.pop("qk_norm", "head"), **v)
     calls: list[int] = []
     moe_rows = NativeDecoder.moe_rows
     monkeypatch.setattr(NativeDecoder, "moe_rows", lambda self, f, x: calls.append(len(x)) or moe_rows(self, f, x))
