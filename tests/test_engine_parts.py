@@ -171,3 +171,53 @@ def test_a_prompts_rows_are_of_one_kind_set_by_the_whole_prompts_length():
     short.num_computed = SHORT_PROMPT
     short.append(7)
     assert row_kind(short, 1) == "generated"
+
+
+def test_a_layer_says_whether_short_and_long_prompts_take_the_same_product():
+    """GGUFBlockLinear.prompt_kinds_alike follows forward's choice: both on the integer matrix product, or both on the
+    integer kernel, alike; a long prompt on the dense product or a short one kept off the matrix product, not."""
+    from attnkit.quant.native import GGUFBlockLinear, random_blocks
+
+    layer = GGUFBlockLinear(random_blocks("Q8_0", 64, 64), "Q8_0", 64)
+    for int8, dense, alike in ((True, None, True), (True, True, True), (False, False, True), (False, True, False),
+                               (True, False, False)):
+        layer._int8_prompts, layer._dense_for_prompts = int8, dense
+        assert layer.prompt_kinds_alike() == alike, (int8, dense)
+
+
+def test_short_and_long_prompts_share_a_pass_when_every_layer_takes_the_same_product(monkeypatch):
+    """With batch invariance a step runs one pass per kind of row; a short prompt's rows and a long one's share one
+    pass when every layer takes the same product for both (the tokens cannot change), and not otherwise."""
+    from attnkit.engine import EngineConfig, LLMEngine
+    from attnkit.engine.model_runner import ModelRunner
+    from attnkit.quant.native import GGUFBlockLinear, to_blocks
+    from attnkit.quant.row_kernel import SHORT_PROMPT
+
+    from engine_helpers import tiny_llama
+
+    model = tiny_llama()
+    to_blocks(model, "Q8_0")
+    passes: list[list[int]] = []
+    run = ModelRunner._run
+    monkeypatch.setattr(ModelRunner, "_run", lambda self, b, g=True: passes.append(b.num_tokens) or run(self, b, g))
+    prompts = [list(range(1, 10)), list(range(1, SHORT_PROMPT + 20))]  # a short and a long prompt
+
+    def first_step(dense_layer: bool) -> torch.Tensor:
+        engine = LLMEngine(model, config=EngineConfig(block_size=4, kv_cache_bytes=4 << 20))
+        layer = next(m for m in model.modules() if isinstance(m, GGUFBlockLinear))
+        layer._int8_prompts, layer._dense_for_prompts = (False, True) if dense_layer else (None, None)
+        for p in prompts:
+            engine.add_request(p, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+        passes.clear()
+        logits, _ = engine.runner.run(engine.scheduler.schedule())
+        return logits
+
+    alike = all(m.prompt_kinds_alike() for m in model.modules() if isinstance(m, GGUFBlockLinear))
+    one = first_step(False)
+    assert passes == ([[9, SHORT_PROMPT + 19]] if alike else [[9], [SHORT_PROMPT + 19]])
+    monkeypatch.setattr(ModelRunner, "_prompt_kinds_alike", lambda self: False)
+    assert torch.equal(first_step(False), one) and len(passes) == 2  # the same logits from two passes
+    monkeypatch.undo()
+    monkeypatch.setattr(ModelRunner, "_run", lambda self, b, g=True: passes.append(b.num_tokens) or run(self, b, g))
+    first_step(True)
+    assert passes == [[9], [SHORT_PROMPT + 19]]

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..nn.moe import moe_rows_by
+from ..quant.native import GGUFBlockLinear
 from ..quant.row_kernel import SHORT_PROMPT, RowKind, rows_are
 from .lora import StepAdapters
 from .native_decode import NativeDecoder, why_not
@@ -187,6 +188,8 @@ class ModelRunner:
         if not self.batch_invariant:
             return self._run(batch)
         kinds = [row_kind(s, n) for s, n in zip(batch.seqs, batch.num_tokens)]
+        if "short-prompt" in kinds and "prompt" in kinds and self._prompt_kinds_alike():
+            kinds = ["prompt" if k == "short-prompt" else k for k in kinds]  # one pass: every layer's product the same
         if len(set(kinds)) == 1:
             with rows_are(kinds[0]):
                 return self._run(batch, kinds[0] == "generated")
@@ -205,6 +208,11 @@ class ModelRunner:
                 prompt_logits.append(self.prompt_logits[1])
         self.prompt_logits = (prompt_rows, torch.cat(prompt_logits) if prompt_rows else torch.empty(0))
         return torch.cat(logits), rows
+
+    def _prompt_kinds_alike(self) -> bool:
+        """Whether short and long prompts' rows take the same product in every layer that chooses by the kind (the
+        model's GGUF blocks; asked at each mixed step, since a caller may change a layer's choice between steps)."""
+        return all(m.prompt_kinds_alike() for m in self.model.modules() if isinstance(m, GGUFBlockLinear))
 
     def _observe(self, rows: list[tuple[Sequence, int, int, int]], meta: AttentionMetadata) -> None:
         """Have every layer keep the queries of the last rows of each kv_budget sequence's prompt chunk (SnapKV)."""

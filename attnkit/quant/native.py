@@ -313,6 +313,14 @@ class GGUFBlockLinear(nn.Module):
             return self._int8_prompts
         return self._dense_for_prompts is not False and self.gemm_shape()
 
+    def prompt_kinds_alike(self) -> bool:
+        """Whether a short prompt's rows take the same product here as a long prompt's (forward's choice by
+        :func:`~attnkit.quant.row_kernel.current_rows`): then the engine may run both kinds in one pass."""
+        long_int8 = self.int8_prompts
+        if long_int8 != (self._dense_for_prompts is not False and long_int8):
+            return False
+        return long_int8 or not self.dense_for_prompts
+
     @int8_prompts.setter
     def int8_prompts(self, on: bool) -> None:
         if on and not self.gemm_shape():
