@@ -220,7 +220,7 @@ class NativeDecoder:
         self.layers = (_Layer * len(layers))(*layers)
         self.keep = keep
         self.threads = torch.get_num_threads()
-        self._buffers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._buffers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def _moe(self, ffn: nn.Module, keep: list) -> _Moe:
         """The C view of a SparseMoE layer (its structs and router weight kept alive in ``keep``)."""
@@ -257,27 +257,31 @@ class NativeDecoder:
             return None
         x = x.contiguous()
         n, d = x.shape
-        e, k, ff = moe.n_experts, moe.top_k, moe.ff
-        need = self.lib.ak_moe_work_bytes(n, d, e, k, ff, self.threads)
-        if self._moe_work.numel() < need:
-            self._moe_work = torch.empty(need, dtype=torch.uint8)
+        work = self._moe_buffer(n)
         out = torch.empty_like(x)
-        rc = self.lib.ak_moe_ffn(ctypes.addressof(moe), x.data_ptr(), out.data_ptr(), n, d, self._moe_work.data_ptr(),
-                                 need, self.threads)
+        rc = self.lib.ak_moe_ffn(ctypes.addressof(moe), x.data_ptr(), out.data_ptr(), n, d, work.data_ptr(),
+                                 work.numel(), self.threads)
         if rc:
             raise RuntimeError(f"ak_moe_ffn failed (code {rc})")
         return out
 
-    def _scratch(self, B: int, max_nb: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _moe_buffer(self, rows: int) -> torch.Tensor:
+        """The MoE layers' work space for ``rows`` rows (ak_moe_work_bytes of the widest layer): one buffer for the
+        decode steps and the prompts' rows (moe_rows), grown to the largest; empty without MoE layers."""
+        need = max((self.lib.ak_moe_work_bytes(rows, self.d, e, k, ff, self.threads) for e, k, ff in self._moe_shapes),
+                   default=0)
+        if self._moe_work.numel() < need:
+            self._moe_work = torch.empty(need, dtype=torch.uint8)
+        return self._moe_work
+
+    def _scratch(self, B: int, max_nb: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         key = (B, max_nb)
         if key not in self._buffers:
             nq, nqkv = self.nh * self.hd, (self.nh + 2 * self.nkv) * self.hd
             work = torch.empty(B * (2 * self.d + nqkv + 2 * nq + 2 * self.ff + max(nqkv, 2 * self.ff)))
             act = torch.empty(B * max(self.d, self.ff, nq) // 32 * ACT_BLOCK_BYTES, dtype=torch.uint8)
             scores = torch.empty(self.threads * (self.nh // self.nkv) * max_nb * self.bs)
-            moe = max((self.lib.ak_moe_work_bytes(B, self.d, e, k, ff, self.threads) for e, k, ff in self._moe_shapes),
-                      default=0)
-            self._buffers = {key: (work, act, scores, torch.empty(moe, dtype=torch.uint8))}  # one shape at a time
+            self._buffers = {key: (work, act, scores)}  # one shape at a time
         return self._buffers[key]
 
     @torch.inference_mode()
@@ -304,7 +308,8 @@ class NativeDecoder:
         cos, sin = self.model.rotary.cos_sin(positions)  # (B, hd) each
         cos, sin = cos.contiguous(), sin.contiguous()
         B, max_nb = tables.shape
-        work, act, scores, moe = self._scratch(B, max_nb)
+        work, act, scores = self._scratch(B, max_nb)
+        moe = self._moe_buffer(B)
         keep = [t.contiguous() for t in (slots, tables, lens, starts)]
         rc = self.lib.ak_llama_decode(self.layers, len(self.layers), x.data_ptr(), B, self.d, self.nh, self.nkv, self.hd,
                                       self.ff, ctypes.c_float(self.eps), cos.data_ptr(), sin.data_ptr(),
