@@ -143,13 +143,12 @@ AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float 
         for (int r = 0; r < M; r++) is[r] = _mm512_setzero_si512();
         for (int h = 0; h < 2; h++)
             for (int jh = 0; jh < 2; jh++) { /* groups 8h + 2i + jh, i = 0..3: inputs 128h + 32i + 16jh .. + 15 */
-                for (int l = 0; l < X16_COL / 256; l++) /* a quarter of the column 2 ahead (q4_k.c's X16_PREFETCH) */
-                    _mm_prefetch((const char *)col + 2 * X16_COL + X16_COL / 4 * (2 * h + jh) + 64 * l, _MM_HINT_T0);
                 __m512i t[4][4]; /* [row][i] */
                 for (int r = 0; r < M; r++)
                     for (int i = 0; i < 4; i++) t[r][i] = _mm512_set1_epi32(x[r].off4[16 * (size_t)b + 8 * h + 2 * i + jh]);
                 for (int j = 4 * jh; j < 4 * jh + 4; j++) {
                     __m512i u[4];
+                    ak_prefetch_share(col, X16_COL, 2, 8 * h + j, 16); /* the column 2 ahead, a 16th a step */
                     q6_slots(col, h, j, u);
                     for (int r = 0; r < M; r++)
                         for (int i = 0; i < 4; i++) t[r][i] = ak_dp4(t[r][i], u[i], x + r, 256 * (size_t)b + 128 * h + 32 * i + 4 * j);
