@@ -171,15 +171,18 @@ static inline __m512i ak_dp4(__m512i t, __m512i w, const ak_act *a, size_t i) {
 #endif
 
 #ifdef AK_X4
-/* Share i of n of a streamed matrix's column, `ahead` columns on, prefetched into L1: called once per step of the
- * column's loop, so the prefetches go out at the rate the kernel consumes the stream rather than in a burst per
- * quarter column (the hardware prefetchers follow these streams poorly: without software prefetch the Q6_K kernel
- * read 12 GB/s on one core of a Zen 5, with a burst per quarter 31, spread over its 16 steps 39; plain loads 42) */
-static inline __attribute__((always_inline)) void ak_prefetch_share(const uint8_t *col, size_t cb, int ahead, int i, int n) {
-    const uintptr_t from = (uintptr_t)(col + ahead * cb + cb * (size_t)i / (size_t)n) & ~(uintptr_t)63;
-    const uintptr_t to = (uintptr_t)(col + ahead * cb + cb * (size_t)(i + 1) / (size_t)n);
-    for (uintptr_t a = from; a < to; a += 64) _mm_prefetch((const char *)a, _MM_HINT_T0);
-}
+/* Share i of n of a streamed matrix's column (cb bytes), `ahead` columns on, prefetched into L1: called once per
+ * step of the column's loop, so the prefetches go out at the rate the kernel consumes the stream, in address order,
+ * rather than a burst per quarter column. The hardware prefetchers follow these streams poorly: without software
+ * prefetch the Q6_K kernel read 12 GB/s on one core of a Zen 5, with a burst per quarter column 31, spread so 39;
+ * plain loads 42 (docs/performance.md, session 25). LINES = ceil(cb / n / 64) lines from the line holding the
+ * share's first byte: consecutive shares' lines chain, and a constant count takes no branch (a loop to the share's
+ * exact end cost twice the time with the matrix in cache: its trip count changed step by step). */
+#define AK_PREFETCH_SHARE(col, cb, ahead, i, n, LINES)                                                              \
+    do {                                                                                                         \
+        const uintptr_t at_ = (uintptr_t)((col) + (size_t)(ahead) * (cb) + (size_t)(cb) * (size_t)(i) / (size_t)(n)) & ~(uintptr_t)63; \
+        for (int l_ = 0; l_ < (LINES); l_++) _mm_prefetch((const char *)(at_ + 64 * (uintptr_t)l_), _MM_HINT_T0); \
+    } while (0)
 #endif
 
 /* M (1..4 activation rows) as a literal: each M gets its own unrolled copy of the always_inline body

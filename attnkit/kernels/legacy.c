@@ -179,8 +179,7 @@ AK_INLINE void slots(const uint8_t *col, __m512i u[8], const int MIN, const int 
 AK_INLINE void x16_block(const uint8_t *w, size_t b, const ak_act *x, const int M, __m512 *acc, const int MIN, const int HIGH) {
     const size_t cb = 16 * BB(MIN, HIGH);
     const uint8_t *col = w + b * cb;
-    if ((b & 1) == 0) /* two columns 8 ahead */
-        for (int l = 0; l < (int)(2 * cb + 63) / 64; l++) _mm_prefetch((const char *)col + 8 * cb + 64 * l, _MM_HINT_T0);
+    AK_PREFETCH_SHARE(col, cb, 8, 0, 1, (int)(cb + 63) / 64); /* the column 8 ahead */
     __m512i u[8]; /* slot s: weights 4s .. 4s + 3 of each row */
     slots(col, u, MIN, HIGH);
     const __m512 D = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)col));

@@ -164,7 +164,7 @@ AK_INLINE void x4_scales(const uint8_t *col, __m128i sc[2], __m128i mn[2]) {
 #define X16_COL(HIGH) (16 * SB(HIGH))
 #define X16_QH 256 /* after d, dmin and the scale words */
 #ifndef X16_PREFETCH
-#define X16_PREFETCH 2 /* columns ahead, a 16th of one per step (ak_prefetch_share); without it ~1.3× slower (Zen 5) */
+#define X16_PREFETCH 2 /* columns ahead, a 16th of one per step (AK_PREFETCH_SHARE); without it ~1.3× slower (Zen 5) */
 #endif
 /* a column's scales (S: bytes j of sc_j, j < 4 in [0], 4..7 in [1]; Mn the same for the mins) as ggml's kmasks */
 AK_INLINE void x16_scales(const uint8_t *col, __m512i S[2], __m512i Mn[2]) {
@@ -199,7 +199,7 @@ AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float 
             for (int r = 0; r < M; r++) t[r][0] = t[r][1] = t[r][2] = t[r][3] = _mm512_setzero_si512();
             for (int i = 0; i < 8; i += 2) {
                 __m512i lo0, hi0, lo1, hi1;
-                ak_prefetch_share(col, X16_COL(HIGH), X16_PREFETCH, 4 * p + i / 2, 16);
+                AK_PREFETCH_SHARE(col, X16_COL(HIGH), X16_PREFETCH, 4 * p + i / 2, 16, 3); /* 144 or 176 bytes */
                 x16_slots(col, p, i, &lo0, &hi0, HIGH);
                 x16_slots(col, p, i + 1, &lo1, &hi1, HIGH);
                 const size_t at = 256 * (size_t)b + 64 * p + 4 * i;

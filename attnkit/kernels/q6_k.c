@@ -148,7 +148,7 @@ AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float 
                     for (int i = 0; i < 4; i++) t[r][i] = _mm512_set1_epi32(x[r].off4[16 * (size_t)b + 8 * h + 2 * i + jh]);
                 for (int j = 4 * jh; j < 4 * jh + 4; j++) {
                     __m512i u[4];
-                    ak_prefetch_share(col, X16_COL, 2, 8 * h + j, 16); /* the column 2 ahead, a 16th a step */
+                    AK_PREFETCH_SHARE(col, X16_COL, 2, 8 * h + j, 16, 4); /* the column 2 ahead, a 16th a step */
                     q6_slots(col, h, j, u);
                     for (int r = 0; r < M; r++)
                         for (int i = 0; i < 4; i++) t[r][i] = ak_dp4(t[r][i], u[i], x + r, 256 * (size_t)b + 128 * h + 32 * i + 4 * j);

@@ -79,8 +79,7 @@ static void q8_0_to_float_x4(const uint8_t *group, int r, int b0, int count, flo
 AK_INLINE void x16_block(const uint8_t *w, size_t b, const ak_act *x, const int M, __m512 *acc) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     const uint8_t *col = w + b * 544;
-    if ((b & 3) == 0) /* four columns (2176 bytes) 8 ahead, a line at a time */
-        for (int l = 0; l < 34; l++) _mm_prefetch((const char *)col + 8 * 544 + 64 * l, _MM_HINT_T0);
+    AK_PREFETCH_SHARE(col, 544, 8, 0, 1, 9); /* the column 8 ahead (8.5 lines) */
     __m512i t[4][2];
     for (int r = 0; r < M; r++) t[r][0] = _mm512_set1_epi32(x[r].off4[b]), t[r][1] = _mm512_setzero_si512();
     for (int c = 0; c < 8; c++) {
