@@ -25,11 +25,14 @@
 typedef struct { float d, s; int8_t qs[32]; } block_q8x; /* its size is what one block of 32 takes */
 /* off4: for the interleaved products of a type with a quant offset o (its row's `offset`), −o · Σ of each 4
  * consecutive qs (k/4 int32, the start of the 4-lane dot products: Σ (q − o)·x = Σ q·x − o·Σ x); else NULL */
-typedef struct { const int8_t *qs; const float *d, *s; const int32_t *off4; } ak_act;
+/* a second stream of prefetches that a batch's products carry along (ak_gemv): `per` lines from p into L2 at each
+ * weight column, p advanced past them */
+typedef struct { const char *p; int per; } ak_side;
+typedef struct { const int8_t *qs; const float *d, *s; const int32_t *off4; ak_side *side; } ak_act;
 
 static inline ak_act act_row(const void *scratch, int r, int k) {
     const int8_t *p = (const int8_t *)scratch + (size_t)r * (size_t)(k / 32) * sizeof(block_q8x);
-    ak_act a = {p, (const float *)(p + k), (const float *)(p + k) + k / 32, NULL};
+    ak_act a = {p, (const float *)(p + k), (const float *)(p + k) + k / 32, NULL, NULL};
     return a;
 }
 
@@ -182,6 +185,18 @@ static inline __m512i ak_dp4(__m512i t, __m512i w, const ak_act *a, size_t i) {
     do {                                                                                                         \
         const uintptr_t at_ = (uintptr_t)((col) + (size_t)(ahead) * (cb) + (size_t)(cb) * (size_t)(i) / (size_t)(n)) & ~(uintptr_t)63; \
         for (int l_ = 0; l_ < (LINES); l_++) _mm_prefetch((const char *)(at_ + 64 * (uintptr_t)l_), _MM_HINT_T0); \
+    } while (0)
+#endif
+
+#ifdef AK_X4
+/* the side stream's lines for one weight column of an interleaved kernel (x->side: NULL but in ak_gemv's batches) */
+#define AK_SIDE_PREFETCH(x)                                                                                \
+    do {                                                                                                   \
+        ak_side *s_ = (x)->side;                                                                           \
+        if (s_) {                                                                                          \
+            for (int l_ = 0; l_ < s_->per; l_++) _mm_prefetch(s_->p + 64 * l_, _MM_HINT_T1);              \
+            s_->p += 64 * s_->per;                                                                         \
+        }                                                                                                  \
     } while (0)
 #endif
 

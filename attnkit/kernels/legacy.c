@@ -180,6 +180,7 @@ AK_INLINE void x16_block(const uint8_t *w, size_t b, const ak_act *x, const int 
     const size_t cb = 16 * BB(MIN, HIGH);
     const uint8_t *col = w + b * cb;
     AK_PREFETCH_SHARE(col, cb, 8, 0, 1, (int)(cb + 63) / 64); /* the column 8 ahead */
+    AK_SIDE_PREFETCH(x);
     __m512i u[8]; /* slot s: weights 4s .. 4s + 3 of each row */
     slots(col, u, MIN, HIGH);
     const __m512 D = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)col));

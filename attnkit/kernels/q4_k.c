@@ -194,6 +194,7 @@ AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float 
         __m512i S[2], Mn[2], is[4];
         x16_scales(col, S, Mn);
         for (int r = 0; r < M; r++) is[r] = _mm512_setzero_si512();
+        AK_SIDE_PREFETCH(x);
         for (int p = 0; p < 4; p++) { /* sub-blocks 2p and 2p + 1 */
             __m512i t[4][4];
             for (int r = 0; r < M; r++) t[r][0] = t[r][1] = t[r][2] = t[r][3] = _mm512_setzero_si512();

@@ -141,6 +141,7 @@ AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float 
         const uint8_t *col = w + (size_t)b * X16_COL;
         __m512i is[4];
         for (int r = 0; r < M; r++) is[r] = _mm512_setzero_si512();
+        AK_SIDE_PREFETCH(x);
         for (int h = 0; h < 2; h++)
             for (int jh = 0; jh < 2; jh++) { /* groups 8h + 2i + jh, i = 0..3: inputs 128h + 32i + 16jh .. + 15 */
                 __m512i t[4][4]; /* [row][i] */

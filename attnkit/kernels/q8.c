@@ -80,6 +80,7 @@ AK_INLINE void x16_block(const uint8_t *w, size_t b, const ak_act *x, const int 
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     const uint8_t *col = w + b * 544;
     AK_PREFETCH_SHARE(col, 544, 8, 0, 1, 9); /* the column 8 ahead (8.5 lines) */
+    AK_SIDE_PREFETCH(x);
     __m512i t[4][2];
     for (int r = 0; r < M; r++) t[r][0] = _mm512_set1_epi32(x[r].off4[b]), t[r][1] = _mm512_setzero_si512();
     for (int c = 0; c < 8; c++) {
