@@ -43,13 +43,12 @@ const ak_type *ak_find_type(int kind) { return find_type(kind); }
  * weights as they lie, ahead of unpacking them at every row count (0.61× the time at 16 rows, 0.84× at 64, 0.93× at
  * 512). */
 enum { GEMM_ROWS = 64 };
-/* ak_gemv's chunk of row groups that 4 activation rows pass before the next 4: within a quarter of a 1 MiB L2, which
- * also takes the next chunk as the passes prefetch it (ak_side). 32 groups of 16 Q8_0 rows of 2048 inputs (1.1 MB)
- * ran 1.2–1.4× slower at 6–16 rows than chunks of 15 (Zen 5, session 23); with the next chunk prefetched, 128–256 KB
- * chunks ran 2–9% faster than 384–512 KB ones at 6–16 rows (session 25) */
-#ifndef CHUNK_BYTES
-#define CHUNK_BYTES ((size_t)256 << 10)
-#endif
+/* ak_gemv's chunk of row groups that 4 activation rows pass before the next 4: within half of a 1 MiB L2 (32 groups of
+ * 16 Q8_0 rows of 2048 inputs took 1.1 MB and ran 1.2–1.4× slower at 6–16 rows than chunks of 15; Zen 5); a quarter
+ * where the passes also bring the next chunk in (ak_side: 128–256 KB chunks then ran 2–9% faster than 384–512 KB
+ * ones at 6–16 rows; at 512 rows, without the side stream, 256 KB chunks ran 3% slower than 512 KB; session 25) */
+#define CHUNK_BYTES ((size_t)512 << 10)
+#define CHUNK_BYTES_SIDE ((size_t)256 << 10)
 
 /* 0 and the block's elements and bytes when this build multiplies `kind`, -1 otherwise */
 int ak_type_info(int kind, int *block_elems, int *block_bytes) {
@@ -190,8 +189,15 @@ int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int
      * within a chunk, each 4 activation rows (in L1) pass all of its groups (in L2) before the next 4, so more than
      * 4 rows are read from memory once per chunk, not once per group. Chunks of up to 32 groups and CHUNK_BYTES, at
      * least 4 a thread; the whole run at once for at most 4 rows (nothing to reuse). */
+    /* With more than 4 rows, every pass over a chunk carries a share of the next chunk's prefetches into L2, at an
+     * even pace, so that its first pass reads it from cache: the memory is read while the later passes compute
+     * (without: the first pass of each chunk waited on memory, the others on arithmetic). At least a line a weight
+     * column: on while that covers at most twice the chunk. */
+    const size_t col = (size_t)R * t->block_bytes, passes = (size_t)(m + 3) / 4; /* a weight column's bytes */
+    const int side_on = x4 && passes > 1 && col >= 32 * passes;
+    const size_t chunk_bytes = side_on ? CHUNK_BYTES_SIDE : CHUNK_BYTES;
     const int groups = n / R, per = groups / (4 * (threads > 1 ? threads : 1));
-    const int most = gbytes >= CHUNK_BYTES ? 1 : CHUNK_BYTES / gbytes > 32 ? 32 : (int)(CHUNK_BYTES / gbytes);
+    const int most = gbytes >= chunk_bytes ? 1 : chunk_bytes / gbytes > 32 ? 32 : (int)(chunk_bytes / gbytes);
     const int chunk = m <= 4 ? groups : per < 1 ? 1 : per > most ? most : per;
 #pragma omp parallel num_threads(threads) if (n >= 64 && threads > 1)
     {
@@ -201,20 +207,15 @@ int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int
         for (int c0 = a; c0 < b; c0 += chunk) {
             const int g1 = b - c0 < chunk ? b : c0 + chunk;
             ak_act xs[4];
-            /* With more than 4 rows, all passes over this chunk carry the next chunk's prefetches into L2 along at
-             * an even pace, so that its first pass streams it from cache: the memory is read while the later
-             * passes compute (without: the first pass of each chunk waited on memory, the others on arithmetic) */
-            const size_t col = (size_t)R * t->block_bytes, passes = (size_t)(m + 3) / 4; /* a weight column's bytes */
             side.p = (const char *)w + (size_t)g1 * gbytes;
-            side.per = (int)((col + 64 * passes - 1) / (64 * passes)); /* at least a line a column: on from 2 passes
-                                                                          while that covers at most twice the chunk */
+            side.per = (int)((col + 64 * passes - 1) / (64 * passes));
             for (int r0 = 0; r0 < m; r0 += 4) {
                 const int M = m - r0 < 4 ? m - r0 : 4;
                 for (int i = 0; i < M; i++) {
                     xs[i] = act_row(scratch, r0 + i, k);
                     if (sums) xs[i].off4 = sums + (size_t)(r0 + i) * (k / 4);
                 }
-                xs[0].side = x4 && passes > 1 && col >= 32 * passes && g1 < b ? &side : NULL;
+                xs[0].side = side_on && g1 < b ? &side : NULL;
                 for (int g = c0; g < g1; g++)
                     dot((const uint8_t *)w + (size_t)g * gbytes, nb, xs, M, y + (size_t)r0 * n + (size_t)g * R, (size_t)n);
             }
