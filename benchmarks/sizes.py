@@ -9,7 +9,9 @@ systems then run the same file, each measurement in a fresh process on ``--threa
 
 - the machine's read bandwidth, measured in the same run (the best of torch's sum of a 1 GiB tensor and
   attnkit's C read loop, kernels/membench.c, over it and over 1 GiB on 2 MiB pages, best of 10 each; a plain
-  read, so a decode step that overlaps its reads better can pass 100% of it);
+  read, so a decode step that overlaps its reads better can pass 100% of it), and again right before each
+  system's run (the C loop on 2 MiB pages, best of 4: ``decode / probe beside``), since this machine's bandwidth
+  moves within minutes;
 - attnkit (``LLM(path)``, as benchmarks/engine.py uses it): load time, time to first token of a 32-token
   prompt, prefill of a 512-token prompt (512 / its TTFT) and decode after the 32-token prompt (each the mean of
   as many runs as llama-bench's ``-r``, as its avg_ts is), the offline
@@ -176,10 +178,11 @@ def ensure_preset(size: str, preset: str, f16: Path, work: Path, quantizer: str,
 
 # -- children: one measurement each, in a fresh process ---------------------------------------------------------------
 
-def child_bandwidth(threads: int) -> dict:
+def child_bandwidth(threads: int, brief: bool = False) -> dict:
     """The best of three read probes over 1 GiB (far above the L3): torch's sum of float32, and attnkit's C loop
     summing 64-bit words on the same threads (kernels/membench.c) over the same buffer and over one on 2 MiB pages
-    (attnkit.quant.weight_memory, where the engine keeps its weight blocks); best of 10 passes each."""
+    (attnkit.quant.weight_memory, where the engine keeps its weight blocks); best of 10 passes each. ``brief``: the
+    C loop on 2 MiB pages alone, best of 4 (~1 s: the probe taken beside each system's run)."""
     import ctypes
 
     import torch
@@ -189,17 +192,20 @@ def child_bandwidth(threads: int) -> dict:
 
     torch.set_num_threads(threads)
     x = torch.ones(GIB // 8, dtype=torch.int64)
-    probes = {"torch_sum_f32": lambda: x.view(torch.float32).sum()}
+    probes = {} if brief else {"torch_sum_f32": lambda: x.view(torch.float32).sum()}
     lib = library()
     if lib is not None:
         lib.ak_read_sum.argtypes, lib.ak_read_sum.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_uint64
-        probes["c_sum_u64"] = lambda: lib.ak_read_sum(x.data_ptr(), x.numel(), threads)
+        if not brief:
+            probes["c_sum_u64"] = lambda: lib.ak_read_sum(x.data_ptr(), x.numel(), threads)
         huge = empty_weights((GIB // 8,), torch.int64).fill_(1)
         probes["c_sum_u64_huge_pages"] = lambda: lib.ak_read_sum(huge.data_ptr(), huge.numel(), threads)
+    elif brief:
+        probes["torch_sum_f32"] = lambda: x.view(torch.float32).sum()
     res: dict = {"bytes": GIB}
     for name, f in probes.items():
         best = float("inf")
-        for _ in range(11):  # the first touches the pages; best of the other 10
+        for _ in range(5 if brief else 11):  # the first touches the pages; best of the others
             t = time.perf_counter()
             f()
             best = min(best, time.perf_counter() - t)
@@ -324,8 +330,8 @@ def child_llama_server(path: Path, binary: Path, threads: int, quick: bool, requ
 
 
 def child(args: argparse.Namespace) -> int:
-    if args.child == "bandwidth":
-        res = child_bandwidth(args.threads)
+    if args.child in ("bandwidth", "bandwidth-brief"):
+        res = child_bandwidth(args.threads, args.child == "bandwidth-brief")
     elif args.child == "attnkit":
         res = child_attnkit(Path(args.model), args.threads, args.quick, args.requests, args.kv_per_token)
     elif args.child == "llama-bench":
@@ -360,6 +366,7 @@ def run_child(kind: str, args: argparse.Namespace, timeout: float, model: Path |
 
 COLUMNS = [("load_s", "load s", 1), ("ttft_32_s", "TTFT 32 s", 2), ("prefill_512_tok_s", "prefill 512 tok/s", 1),
            ("decode_tok_s", "decode tok/s", 2), ("roofline", "decode / roofline", 2),
+           ("roofline_beside", "decode / probe beside", 2),
            ("offline_out_tok_s", "offline out tok/s", 2), ("peak_rss_mb", "peak RSS GB", 2)]
 
 
@@ -369,7 +376,7 @@ def _cell(res: dict, key: str, digits: int) -> str:
         return "—"
     if key == "peak_rss_mb":
         return f"{v / 1024:.{digits}f}"
-    if key == "roofline":
+    if key in ("roofline", "roofline_beside"):
         return f"{v:.0%}"
     return f"{v:.{digits}f}"
 
@@ -464,7 +471,12 @@ def main() -> int:
             for rnd in range(args.rounds):
                 for system, extra in runnable:
                     print(f"[{size} {preset}] {system} (round {rnd + 1} of {args.rounds}) …", file=sys.stderr, flush=True)
+                    near, _ = run_child("bandwidth-brief", args, 120)  # this machine's bandwidth moves within minutes
                     res, why = run_child(system, args, args.timeout, path, extra)
+                    if res is not None and near:
+                        res["bandwidth_beside_gb_s"] = near["read_gb_s"]
+                        if res.get("decode_tok_s"):
+                            res["roofline_beside"] = res["decode_tok_s"] * info["decode_bytes_per_token"] / (near["read_gb_s"] * 1e9)
                     if res is None:
                         failed.setdefault(system, []).append(f"round {rnd + 1}: {why}")
                     else:
