@@ -7,7 +7,7 @@ import torch
 
 from attnkit.engine import SamplingParams, SamplingParamsError
 from attnkit.engine.block_manager import BlockManager
-from attnkit.engine.sampler import sample
+from attnkit.engine.sampler import plain_greedy, sample
 from attnkit.engine.scheduler import QueueFullError, Scheduler
 from attnkit.engine.sequence import Sequence
 
@@ -54,6 +54,23 @@ def test_sampler_penalties_and_min_tokens():
     s[2].output_ids = [4, 4, 4]
     tokens, _ = sample(logits, s, eos_ids={4})
     assert tokens[0] != 4 and tokens[1] != 4 and tokens[2] != 4
+
+
+def test_plain_greedy_rows_are_the_full_samplers_tokens():
+    """The engine's fast path (one argmax over a step's rows) applies only where no processor can move the argmax,
+    and there gives the sampler's own tokens."""
+    torch.manual_seed(1)
+    logits = torch.randn(5, 64)
+    plain = _seqs([SamplingParams(temperature=0), SamplingParams(temperature=0, max_tokens=3),
+                   SamplingParams(temperature=0, min_tokens=1)])
+    plain[2].output_ids = [9]  # its min_tokens already met: EOS no longer banned
+    assert all(map(plain_greedy, plain))
+    assert logits[:3].argmax(-1).tolist() == sample(logits[:3], plain, eos_ids={int(logits[2].argmax())})[0]
+    not_plain = _seqs([SamplingParams(), SamplingParams(temperature=0, logit_bias={3: 1.0}),
+                       SamplingParams(temperature=0, repetition_penalty=1.1),
+                       SamplingParams(temperature=0, presence_penalty=0.5),
+                       SamplingParams(temperature=0, logprobs=0), SamplingParams(temperature=0, min_tokens=1)])
+    assert not any(map(plain_greedy, not_plain))
 
 
 def test_seeded_sampling_ignores_the_rest_of_the_batch():

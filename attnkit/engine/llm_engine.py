@@ -34,7 +34,7 @@ from .grammar import Grammars
 from .lora import LoraAdapters
 from .model_runner import ModelRunner, is_generated
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
-from .sampler import sample
+from .sampler import plain_greedy, sample
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence
@@ -379,18 +379,14 @@ class LLMEngine:
         active = list(range(len(seqs)))
         accepted = [0] * len(seqs)
         depth = 0
+        # every row plain greedy: one argmax over all the rows, no sampler call per depth (the same tokens)
+        argmax = logits.argmax(-1).tolist() if masks is None and all(map(plain_greedy, seqs)) else None
         while active:
             cur = [seqs[i] for i in active]
-            allowed = None
-            if depth == 0 and masks is not None:  # filled while the forward ran
-                at_row = {id(s): r for r, s in enumerate(cur)}
-                pairs = [(i, at_row[id(s)]) for i, s in enumerate(constrained) if id(s) in at_row]
-                allowed = (masks.result()[[i for i, _ in pairs]], [r for _, r in pairs])
-            elif depth:
-                rows = [r for r, s in enumerate(cur) if s.grammar is not None]
-                if rows:
-                    allowed = (self.grammars.fill([cur[r].grammar for r in rows]), rows)
-            tokens, lps = sample(logits[[offsets[i] + depth for i in active]], cur, self.eos_ids, allowed)
+            if argmax is not None:
+                tokens, lps = [argmax[offsets[i] + depth] for i in active], [None] * len(active)
+            else:
+                tokens, lps = self._sample_depth(logits, offsets, active, cur, depth, constrained, masks)
             nxt = []
             for i, seq, tok, lp in zip(active, cur, tokens, lps):
                 seq.append(tok)
@@ -413,6 +409,20 @@ class LLMEngine:
             seq.draft_computed = min(seq.draft_computed, seq.num_computed)
             self.scheduler.bm.register_full_blocks(seq)
             self.scheduler.bm.trim(seq)
+
+    def _sample_depth(self, logits: torch.Tensor, offsets: list[int], active: list[int], cur: list[Sequence],
+                      depth: int, constrained: list[Sequence], masks: Future | None):
+        """Depth ``depth``'s tokens (and log-probabilities) of the active sequences, by the full sampler."""
+        allowed = None
+        if depth == 0 and masks is not None:  # filled while the forward ran
+            at_row = {id(s): r for r, s in enumerate(cur)}
+            pairs = [(i, at_row[id(s)]) for i, s in enumerate(constrained) if id(s) in at_row]
+            allowed = (masks.result()[[i for i, _ in pairs]], [r for _, r in pairs])
+        elif depth:
+            rows = [r for r, s in enumerate(cur) if s.grammar is not None]
+            if rows:
+                allowed = (self.grammars.fill([cur[r].grammar for r in rows]), rows)
+        return sample(logits[[offsets[i] + depth for i in active]], cur, self.eos_ids, allowed)
 
     def _prompt_logprobs(self, batch: ScheduledBatch) -> None:
         """Record log p(prompt token i | tokens before it), with the top alternatives, for the rows computed."""

@@ -68,6 +68,16 @@ def apply_grammar(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) 
         logits[rows[i], allowed_tokens(bitmask[i], logits.shape[1])] = 0.0
 
 
+def plain_greedy(seq: Sequence) -> bool:
+    """Whether the sequence's next tokens are the argmax of its raw logits at every depth of a step: greedy, and
+    no processor before the argmax can apply (no bias, penalties, grammar, min_tokens still banning EOS) nor
+    log-probabilities are wanted. Such rows skip :func:`sample` (its copies and per-row loops): the same tokens."""
+    p = seq.params
+    return (p.greedy and not p.logit_bias and p.repetition_penalty == 1.0 and not p.presence_penalty
+            and not p.frequency_penalty and p.logprobs is None and seq.grammar is None
+            and len(seq.output_ids) >= p.min_tokens)
+
+
 def sample(logits: torch.Tensor, seqs: Seq[Sequence], eos_ids: set[int] = frozenset(),
            allowed: tuple[torch.Tensor, list[int]] | None = None) -> tuple[list[int], list[dict[int, float] | None]]:
     """logits (B, V) → one token per row, and per row its log-probabilities if requested. ``allowed``: the
