@@ -18,6 +18,10 @@ systems then run the same file, each measurement in a fresh process on ``--threa
   workload of benchmarks/engine.py (64 requests, input 32–512, output 32–256 random token ids, greedy,
   ignore_eos: output tok/s), whether its 4 requests of fewest new tokens get the same tokens again alone
   (``alone_equals_batch``: batch invariance at this size) and peak RSS;
+- decode taken back to back: in each attnkit run, ``--paired-decode`` times (default 4) attnkit's decode and then
+  ``llama-bench -p 0 -n N -r 1``, this process idle while llama-bench runs; the median of the pairs' ratios
+  (each pair from the same few seconds: this machine's speed moves within minutes, and the two systems' own
+  decode figures below are taken minutes apart);
 - llama.cpp: ``llama-bench -p 512 -n N`` (pp512, tgN; its peak RSS) and ``llama-server`` with the same
   offline workload at each ``--llama-slots`` count (the best is reported; its VmHWM as peak RSS);
 - decode as a fraction of the bandwidth roofline: bandwidth / bytes of weights one decode step reads (every
@@ -44,6 +48,7 @@ import os
 import platform
 import resource
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -246,7 +251,33 @@ def attnkit_memory_estimate(path: Path) -> tuple[int, list[str]]:
     return total, sorted(slow)
 
 
-def child_attnkit(path: Path, threads: int, quick: bool, requests: int, kv_per_token: int) -> dict:
+def llama_bench_decode(path: Path, binary: Path, threads: int, n_gen: int) -> float:
+    """llama-bench's tg``n_gen`` tok/s, one repetition (``-p 0 -r 1``)."""
+    r = subprocess.run([str(binary), "-m", str(path), "-t", str(threads), "-p", "0", "-n", str(n_gen), "-o", "json",
+                        "-r", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"llama-bench exit {r.returncode}: {r.stderr[-400:]}")
+    return next(row["avg_ts"] for row in json.loads(r.stdout) if row["n_gen"] and not row["n_prompt"])
+
+
+def paired_decode(llm, path: Path, binary: Path, threads: int, n_new: int, pairs: int, short: list[int]) -> dict:
+    """attnkit's decode and llama-bench's, taken back to back ``pairs`` times (this process idle while llama-bench
+    runs): each pair's ratio comes from the same few seconds of the machine, whose speed moves within minutes."""
+    from attnkit import SamplingParams
+
+    got = []
+    for i in range(pairs):
+        o = llm.generate(short[10 + i:] + short[:10 + i], SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True))[0]
+        m = o.metrics
+        ours = (n_new - 1) / (m.finish_time - m.first_token_time)
+        time.sleep(0.2)  # the OpenMP workers' spin ends before llama-bench starts
+        got.append((ours, llama_bench_decode(path, binary, threads, n_new)))
+    ratios = sorted(a / b for a, b in got)
+    return {"pairs": got, "ratio_median": statistics.median(ratios), "ratio_min": ratios[0], "ratio_max": ratios[-1]}
+
+
+def child_attnkit(path: Path, threads: int, quick: bool, requests: int, kv_per_token: int,
+                  llama_bench: Path | None = None, pairs: int = 0) -> dict:
     from attnkit import LLM, SamplingParams
 
     w = workload(quick, requests)
@@ -272,6 +303,8 @@ def child_attnkit(path: Path, threads: int, quick: bool, requests: int, kv_per_t
         res.setdefault("ttft_512_s", o.metrics.ttft)
         prefill.append(len(long_) / o.metrics.ttft)
     res["decode_tok_s"], res["decode_reps"] = sum(decode) / reps, decode
+    if llama_bench is not None and pairs > 0:
+        res["paired_decode"] = paired_decode(llm, path, llama_bench, threads, n_new, pairs, short)
     res["decode_tokens"] = n_new
     res["prefill_512_tok_s"], res["prefill_reps"] = sum(prefill) / reps, prefill
     reqs = w["offline"]
@@ -333,7 +366,9 @@ def child(args: argparse.Namespace) -> int:
     if args.child in ("bandwidth", "bandwidth-brief"):
         res = child_bandwidth(args.threads, args.child == "bandwidth-brief")
     elif args.child == "attnkit":
-        res = child_attnkit(Path(args.model), args.threads, args.quick, args.requests, args.kv_per_token)
+        bench = Path(args.llama_bin) / "llama-bench" if args.llama_bin and args.paired_decode else None
+        res = child_attnkit(Path(args.model), args.threads, args.quick, args.requests, args.kv_per_token,
+                            bench if bench is not None and bench.exists() else None, args.paired_decode)
     elif args.child == "llama-bench":
         res = child_llama_bench(Path(args.model), Path(args.llama_bin) / "llama-bench", args.threads, args.quick)
     else:
@@ -347,7 +382,7 @@ def run_child(kind: str, args: argparse.Namespace, timeout: float, model: Path |
               extra: list[str] | None = None) -> tuple[dict | None, str | None]:
     """(result, None) or (None, why it failed). The child gets its own process group, killed on timeout."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--threads", str(args.threads),
-           "--requests", str(args.requests), "--llama-slots", args.llama_slots] + (["--quick"] if args.quick else []) + (
+           "--requests", str(args.requests), "--llama-slots", args.llama_slots, "--paired-decode", str(args.paired_decode)] + (["--quick"] if args.quick else []) + (
         ["--model", str(model)] if model else []) + (["--llama-bin", args.llama_bin] if args.llama_bin else []) + (extra or [])
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -400,6 +435,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1,
                     help="run the systems in turn this many times per file and report each figure's median (this "
                          "machine's speed drifts between runs: alternating rounds put both systems under the same drift)")
+    ap.add_argument("--paired-decode", type=int, default=4,
+                    help="also take attnkit's decode and llama-bench's back to back this many times in each attnkit "
+                         "run (with --llama-bin; 0: not): the ratio of each pair, from the same few seconds")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds each child process may take")
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -520,6 +558,14 @@ def main() -> int:
             print(f"{head} {name} | " + " | ".join(_cell(r, k, d) for k, _, d in COLUMNS) + " |")
         for name, why in e["skipped"].items():
             print(f"{head} {name} | {why} |")
+    for e in rows:
+        a = e.get("results", {}).get("attnkit")
+        got = [r["paired_decode"] for r in (a or {}).get("rounds", [a] if a else []) if r.get("paired_decode")]
+        if got:
+            ratios = sorted(x / y for g in got for x, y in g["pairs"])
+            a["paired_decode_ratio"] = statistics.median(ratios)
+            print(f"{e['shape']} {e['preset']}: decode taken back to back with llama-bench, {len(ratios)} pairs: "
+                  f"attnkit ÷ llama.cpp median {a['paired_decode_ratio']:.2f}× (range {ratios[0]:.2f}–{ratios[-1]:.2f}×)")
     for e in rows:
         a = e.get("results", {}).get("attnkit")
         if a and "alone_equals_batch" in a:
