@@ -193,7 +193,8 @@ int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int
      * even pace, so that its first pass reads it from cache: the memory is read while the later passes compute
      * (without: the first pass of each chunk waited on memory, the others on arithmetic). At least a line a weight
      * column: on while that covers at most twice the chunk. */
-    const size_t col = (size_t)R * t->block_bytes, passes = (size_t)(m + 3) / 4; /* a weight column's bytes */
+    const size_t col = (size_t)R * t->block_bytes; /* a weight column's bytes */
+    const size_t passes = (size_t)(m + 3) / 4;
     const int side_on = x4 && passes > 1 && col >= 32 * passes;
     const size_t chunk_bytes = side_on ? CHUNK_BYTES_SIDE : CHUNK_BYTES;
     const int groups = n / R, per = groups / (4 * (threads > 1 ? threads : 1));
