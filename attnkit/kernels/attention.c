@@ -132,6 +132,21 @@ static inline const float *kv_row(const void *pool, int kv_type, size_t r, int h
                      r = ((int64_t)(h) * (num_blocks) + (tab)[j_]) * (bs) + t0_ - j_ * (bs);                         \
              t < e_; t++, r++)
 
+/* Inside a KV_ROWS body: the lines of the pool row AHEAD keys on prefetched (further in this block, or at the same
+ * place of the sequence's next block: the hardware prefetchers follow neither a block table's jumps nor, on the
+ * machine measured, much of a block's own rows) */
+#define KV_AHEAD 8
+#define KV_PREFETCH(pool, rb, tab, len, h, bs, num_blocks, t, r)                                                    \
+    do {                                                                                                       \
+        const int64_t o_ = (t) - j_ * (bs) + KV_AHEAD;                                                         \
+        const int64_t n_ = o_ < (bs) ? (r) + KV_AHEAD                                                          \
+                           : (j_ + 1) * (bs) + o_ - (bs) < (len)                                               \
+                               ? ((int64_t)(h) * (num_blocks) + (tab)[j_ + 1]) * (bs) + o_ - (bs)              \
+                               : -1;                                                                           \
+        if (n_ >= 0)                                                                                           \
+            for (size_t l_ = 0; l_ < (rb); l_ += 64) _mm_prefetch((const char *)(pool) + (size_t)n_ * (rb) + l_, _MM_HINT_T0); \
+    } while (0)
+
 /* p[0 .. n) ← softmax(p), n >= 1 (8 lanes at a time with AVX2) */
 static inline void softmax(float *p, int64_t n) {
     float mx = -INFINITY, sum = 0.f;
@@ -237,8 +252,10 @@ AK_INLINE void attend_task512(const float *qb, const void *k_pool, const void *v
     const int GB = HD == 64 ? 4 : 2; /* heads a pass over V: GB · HD/16 accumulators + HD/16 for the row */
     for (int i = 0; i < g * HD; i++) ob[i] = 0.f;
     if (len <= st) return;
+    const size_t rb = ak_kv_row_bytes(KV, HD);
     KV_ROWS(tab, st, len, h, bs, num_blocks, t, r) {
         __m512 k[8]; /* fixed sizes, not HD / 16: a variable-length array stays in memory */
+        KV_PREFETCH(k_pool, rb, tab, len, h, bs, num_blocks, t, r);
         row512(k_pool, KV, (size_t)r, HD, k);
         for (int gi = 0; gi < g; gi++) {
             const float *qg = qb + (size_t)gi * HD;
@@ -275,6 +292,7 @@ AK_INLINE void attend_task512(const float *qb, const void *k_pool, const void *v
             for (int i = 0; i < HD / 16; i++) acc[a][i] = _mm512_setzero_ps();
         KV_ROWS(tab, st, len, h, bs, num_blocks, t, r) {
             __m512 v[8];
+            KV_PREFETCH(v_pool, rb, tab, len, h, bs, num_blocks, t, r);
             row512(v_pool, KV, (size_t)r, HD, v);
             for (int a = 0; a < ng; a++) {
                 const __m512 p = _mm512_set1_ps(s[(size_t)(g0 + a) * L + t]);
