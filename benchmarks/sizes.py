@@ -196,17 +196,15 @@ def child_bandwidth(threads: int, brief: bool = False) -> dict:
     from attnkit.quant.weight_memory import empty_weights
 
     torch.set_num_threads(threads)
-    x = torch.ones(GIB // 8, dtype=torch.int64)
-    probes = {} if brief else {"torch_sum_f32": lambda: x.view(torch.float32).sum()}
     lib = library()
+    x = torch.ones(GIB // 8, dtype=torch.int64) if lib is None or not brief else None  # brief: the C loop alone
+    probes = {} if x is None else {"torch_sum_f32": lambda: x.view(torch.float32).sum()}
     if lib is not None:
         lib.ak_read_sum.argtypes, lib.ak_read_sum.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_uint64
-        if not brief:
+        if x is not None:
             probes["c_sum_u64"] = lambda: lib.ak_read_sum(x.data_ptr(), x.numel(), threads)
         huge = empty_weights((GIB // 8,), torch.int64).fill_(1)
         probes["c_sum_u64_huge_pages"] = lambda: lib.ak_read_sum(huge.data_ptr(), huge.numel(), threads)
-    elif brief:
-        probes["torch_sum_f32"] = lambda: x.view(torch.float32).sum()
     res: dict = {"bytes": GIB}
     for name, f in probes.items():
         best = float("inf")
@@ -251,13 +249,19 @@ def attnkit_memory_estimate(path: Path) -> tuple[int, list[str]]:
     return total, sorted(slow)
 
 
-def llama_bench_decode(path: Path, binary: Path, threads: int, n_gen: int) -> float:
-    """llama-bench's tg``n_gen`` tok/s, one repetition (``-p 0 -r 1``)."""
-    r = subprocess.run([str(binary), "-m", str(path), "-t", str(threads), "-p", "0", "-n", str(n_gen), "-o", "json",
-                        "-r", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def llama_bench_rows(path: Path, binary: Path, threads: int, n_prompt: int, n_gen: int, reps: int) -> list[dict]:
+    """llama-bench's JSON rows for ``-p n_prompt -n n_gen -r reps`` (raises with its stderr on failure)."""
+    r = subprocess.run([str(binary), "-m", str(path), "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen),
+                        "-o", "json", "-r", str(reps)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"llama-bench exit {r.returncode}: {r.stderr[-400:]}")
-    return next(row["avg_ts"] for row in json.loads(r.stdout) if row["n_gen"] and not row["n_prompt"])
+    return json.loads(r.stdout)
+
+
+def llama_bench_decode(path: Path, binary: Path, threads: int, n_gen: int) -> float:
+    """llama-bench's tg``n_gen`` tok/s, one repetition."""
+    rows = llama_bench_rows(path, binary, threads, 0, n_gen, 1)
+    return next(row["avg_ts"] for row in rows if row["n_gen"] and not row["n_prompt"])
 
 
 def paired_decode(llm, path: Path, binary: Path, threads: int, n_new: int, pairs: int, short: list[int]) -> dict:
@@ -327,12 +331,7 @@ def child_attnkit(path: Path, threads: int, quick: bool, requests: int, kv_per_t
 
 def child_llama_bench(path: Path, binary: Path, threads: int, quick: bool) -> dict:
     n_gen = workload(quick, 64)["single_new"]
-    cmd = [str(binary), "-m", str(path), "-t", str(threads), "-p", "512", "-n", str(n_gen), "-o", "json",
-           "-r", "2" if quick else "3"]
-    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"llama-bench exit {r.returncode}: {r.stderr[-400:]}")
-    rows = json.loads(r.stdout)
+    rows = llama_bench_rows(path, binary, threads, 512, n_gen, 2 if quick else 3)
     res: dict = {"decode_tokens": n_gen}
     for row in rows:
         if row["n_prompt"] and not row["n_gen"]:
