@@ -369,6 +369,43 @@ def test_gguf_q8_0(tmp_path, arch):
     assert got.argmax(-1).eq(want.argmax(-1)).float().mean() > 0.9
 
 
+@pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3"])
+def test_gguf_blocks_decode_in_the_c_step_as_eagerly(tmp_path, arch):
+    """The engine on a Q8_0 file's blocks: Gemma and Gemma 3 decode in the C step ((1 + γ) norms folded by the
+    converter, sandwich norms, GeGLU, q/k norms, query_pre_attn_scalar, local layers with their own block tables,
+    window and RoPE base) with the eager engine's greedy tokens, past the window; Gemma 2's soft-capped attention
+    stays eager and says so."""
+    from attnkit.engine import EngineConfig, LLMEngine, SamplingParams
+    from attnkit.engine.native_decode import NativeDecoder
+    from attnkit.nn.fused import fuse_for_inference
+
+    if library() is None:
+        pytest.skip("attnkit's C kernels are not built")
+    ref = gemma1() if arch == "gemma" else {"gemma2": gemma2, "gemma3": gemma3}[arch]()
+    path = write_gemma_gguf(tmp_path / f"{arch}.gguf", ref, arch, "Q8_0")
+    prompts = [_ids(B=1, seed=s)[0, :n].tolist() for s, n in ((3, 5), (4, 13), (5, 20))]
+    outs = {}
+    for native in (True, False):
+        engine = LLMEngine(fuse_for_inference(load_gguf_model(path, quantize="gguf")),
+                           config=EngineConfig(block_size=4, kv_cache_bytes=4 << 20))
+        if not native:
+            engine.runner.native = False
+        for p in prompts:
+            engine.add_request(p, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+        got = {}
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.finished:
+                    got[tuple(o.prompt_token_ids)] = list(o.token_ids)
+        outs[native] = [got[tuple(p)] for p in prompts]
+        if native and arch == "gemma2":
+            assert engine.runner.native is False and "soft-capping" in engine.runner.native_reason
+        elif native:
+            assert isinstance(engine.runner.native, NativeDecoder), engine.runner.native_reason
+            assert len(set(engine.runner.native.layer_views)) == (1 if arch == "gemma" else 2)
+    assert outs[True] == outs[False]
+
+
 # llama.cpp itself: a small C program against libllama that prints the logits of every position
 _LLAMA_CPP_MAIN = r"""
 #include <stdio.h>

@@ -303,7 +303,7 @@ def test_gguf_errors(tmp_path, phi3):
 # -- engine and C decode step ---------------------------------------------------------------------
 def test_engine_and_c_step_match_the_model(tmp_path, phi3, phi4):
     """Prompts within the original context, decoding past it (the engine takes each position at its own length,
-    as the model's cached loop does while decoding). Phi-3 runs the C step; Phi-4-mini's partial rotary does not."""
+    as the model's cached loop does while decoding). Both run the C step (Phi-4-mini's RoPE on part of each head)."""
     from attnkit.engine import EngineConfig, LLMEngine, SamplingParams
     from attnkit.kernels import library
     from attnkit.nn.fused import fuse_for_inference
@@ -322,10 +322,7 @@ def test_engine_and_c_step_match_the_model(tmp_path, phi3, phi4):
             for o in engine.step():
                 if o.finished:
                     outs[tuple(o.prompt_token_ids)] = list(o.token_ids)
-        if which == "phi3":
-            assert engine.runner.native and engine.runner.native_reason is None
-        else:
-            assert engine.runner.native_reason == "partial rotary"
+        assert engine.runner.native and engine.runner.native_reason is None
         for p in prompts:  # the model's own KV-cache loop on the same blocks
             ids, cache = list(p), model.new_cache()
             with torch.no_grad():

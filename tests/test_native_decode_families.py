@@ -15,6 +15,8 @@ from attnkit.engine.native_decode import NativeDecoder, why_not
 from attnkit.kernels import library
 from attnkit.models.llama import Llama, LlamaConfig
 from attnkit.nn.fused import fuse_for_inference
+from attnkit.nn.norm import RMSNorm
+from attnkit.nn.positional import RotaryEmbedding
 from attnkit.quant.native import GGUFBlockLinear
 
 pytestmark = pytest.mark.skipif(library() is None, reason="no C compiler: the kernels could not be built")
@@ -63,10 +65,13 @@ def _model(kinds: dict[str, str] | None = None, router: str = "F32", fuse: str =
     return model
 
 
-def _run(model: Llama, prompts: list[list[int]], steps: int = 12, check_eager: bool = True):
+def _run(model: Llama, prompts: list[list[int]], steps: int = 12, check_eager: bool = True, engines: list | None = None,
+         **engine_kw):
     """Greedy decode through the engine; at each decode-only step also the eager step on the same batch.
-    Returns [(native logits, eager logits or None, request ids of the rows)]."""
-    engine = LLMEngine(model, config=EngineConfig(block_size=4, kv_cache_bytes=4 << 20))
+    Returns [(native logits, eager logits or None, request ids of the rows)]; the engine is appended to ``engines``."""
+    engine = LLMEngine(model, config=EngineConfig(block_size=4, kv_cache_bytes=4 << 20, **engine_kw))
+    if engines is not None:
+        engines.append(engine)
     ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)) for p in prompts]
     runner, out = engine.runner, []
     from attnkit.engine.sampler import sample
@@ -111,6 +116,33 @@ PROMPTS3 = [[5, 17, 99, 3, 42, 7, 8], [150, 2], [61, 62, 63, 64, 65, 66, 67, 68,
 def _integer_kernel_everywhere(monkeypatch):
     # the eager step on the same integer kernel for every row count (it would take a dense product above 8)
     monkeypatch.setattr(GGUFBlockLinear, "kernel_max_rows", 64)
+
+
+GEMMA3 = dict(norm_offset=1.0, post_norms=True, embed_scale=8.0, act="gelu_tanh", qk_norm="head", head_dim=32,
+              attn_scale=32 ** -0.5 * 0.9, rope_theta=1e6, rope_local_theta=1e4, layer_windows=[5, None, 5])
+
+
+@pytest.mark.parametrize("variant", [
+    dict(GEMMA3, n_layers=3),  # Gemma 3: (1 + γ) and sandwich norms, GeGLU, q/k norms, its scale, local/global layers
+    dict(GEMMA3, n_layers=3, free_window_kv=False),  # the windows over one block table: two views of it
+    dict(partial_rotary=0.5, head_dim=32),  # Phi-4-mini: RoPE on part of each head
+    dict(sliding_window=6),  # Mistral: one window for all layers
+])
+def test_gemma_phi4_and_windowed_layers_decode_as_the_eager_model(variant):
+    variant = dict(variant)
+    free = variant.pop("free_window_kv", True)
+    model = _model(**variant)
+    assert why_not(model, torch.empty(1, 1, 1, 4, 32)) is None
+    for layer in model.layers:  # γ of the (1 + γ) norms near 0, as trained Gemma checkpoints have them
+        for m in layer.modules():
+            if isinstance(m, RMSNorm) and m.offset:
+                m.weight.data.normal_(0.0, 0.3)
+    engines: list = []
+    _assert_like_eager(_run(model, PROMPTS3, engines=engines, free_window_kv=free))
+    runner = engines[0].runner
+    # Gemma 3's local and global layers read two views (two block tables, or two windows of one)
+    assert len(runner.meta_keys) == (2 if "layer_windows" in variant else 1)
+    assert sorted(set(runner.native.layer_views)) == list(range(len(runner.meta_keys)))
 
 
 @pytest.mark.parametrize("qk_norm", ["head", "full"])
@@ -220,16 +252,13 @@ def test_moe_threads_split_every_expert_task_once():
 
 
 @pytest.mark.parametrize("change,reason", [
-    (lambda m: setattr(m.layers[1].self_attn, "scale", 0.3), "attention scale"),
     (lambda m: setattr(m.layers[0].self_attn, "softcap", 50.0), "soft-capping"),
-    (lambda m: setattr(m.layers[1].self_attn, "window", 16), "sliding window"),
-    (lambda m: setattr(m.layers[0], "post_ffn_norm", m.layers[0].norm2), "sandwich"),
-    (lambda m: setattr(m.layers[0].norm1, "offset", 1.0), "RMSNorm"),
-    (lambda m: setattr(m.layers[0].self_attn.k_norm, "offset", 1.0), "q/k norms"),
+    (lambda m: setattr(m.layers[0], "post_ffn_norm", RMSNorm(64, eps=1e-3)), "RMSNorm"),
+    (lambda m: setattr(m.layers[0].self_attn.k_norm, "weight", nn.Parameter(torch.ones(16).half())), "q/k norms"),
     (lambda m: setattr(m.layers[0].ffn.experts[3], "act", torch.nn.functional.gelu), "expert 3"),
     (lambda m: setattr(m.layers[0].ffn, "router", m.layers[0].ffn.router.half()), "router"),
     (lambda m: setattr(m.layers[1].ffn.experts[0].down_proj, "bias", torch.zeros(64)), "expert 0"),
-    (lambda m: setattr(m, "rotary_local", m.rotary), "rope_local_theta"),
+    (lambda m: setattr(m, "rotary_local", RotaryEmbedding(16, rotary_dim=8)), "another part"),
 ])
 def test_what_the_step_does_not_implement_stays_eager(change, reason):
     model = _model(n_experts=4, n_experts_per_tok=2, qk_norm="head")

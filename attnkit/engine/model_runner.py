@@ -325,14 +325,15 @@ class ModelRunner:
         c_step = not self.compile and self.lora_step is None
         if c_step and self.native is None:  # built at the first step of any kind: prompt rows use its MoE too
             self.native_reason = why_not(model, self.k_pool, self.kv_format)
-            self.native = NativeDecoder(model, self.k_pool, self.v_pool, self.kv_format, self.tail) \
+            views = [keys.index((g, w)) for g, w in zip(self.group_of, self.windows)]  # each layer's metadata
+            self.native = NativeDecoder(model, self.k_pool, self.v_pool, self.kv_format, self.tail, views) \
                 if self.native_reason is None else False
-        if meta.decode_only and generated and c_step and len(keys) == 1:
+        if meta.decode_only and generated and c_step:
             if self.native and (self.batch_invariant or len(ids) <= self.native.max_rows):
-                assert meta.decode_tables is not None and meta.decode_lens is not None and meta.decode_starts is not None
+                views = [(m.slots, m.decode_tables, m.decode_lens, m.decode_starts) for m in (metas[k] for k in keys)]
+                assert all(t is not None for view in views for t in view)
                 h = self.native.hidden(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device),
-                                       meta.slots, meta.decode_tables, meta.decode_lens, meta.decode_starts,
-                                       meta.decode_tail)
+                                       *views[0], meta.decode_tail, others=tuple(views[1:]))  # type: ignore[arg-type]
                 self.prompt_logits = ([], torch.empty(0))
                 return self.native.logits(h).float(), sample_rows
         for key, m in metas.items():

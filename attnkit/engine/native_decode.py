@@ -7,10 +7,12 @@ layers to C for steps in which every sequence decodes one token; the embedding l
 final norm, the LM head (and its soft-capping) and sampling stay in PyTorch. It computes what the eager model
 computes (tests compare the two), and it only takes models it can run exactly (:func:`why_not` names what it
 cannot): q/k/v and gate/up projections fused (one matrix, or one part per block type where they differ) on
-GGUF blocks of any type the kernels have, no biases but Qwen2's on q/k/v, RMSNorm without offset, q/k RMSNorm per
-head (Qwen3) or over the projection (OLMoE), SiLU, full rotary, the default softmax scale, one sliding window
-for all layers, no sandwich norms, no LoRA; the FFN a SwiGLU or a sparse mixture of SwiGLU experts
-(:class:`attnkit.nn.moe.SparseMoE`: Qwen3-MoE, Mixtral, OLMoE; kernels/moe.c) with a float32 or GGUF router.
+GGUF blocks of any type the kernels have, no biases but Qwen2's on q/k/v, RMSNorm (with Gemma's 1 + γ, and its
+sandwich norms), q/k RMSNorm per head (Qwen3, Gemma 3) or over the projection (OLMoE), SwiGLU or GeGLU, RoPE on
+all or part of each head, any softmax scale, each layer's sliding window and a second RoPE for the windowed layers
+(Gemma 3: one :class:`_View` per kind of layer), no attention soft-capping (Gemma 2), no LoRA; the FFN gated or a
+sparse mixture of SwiGLU experts (:class:`attnkit.nn.moe.SparseMoE`: Qwen3-MoE, Mixtral, OLMoE; kernels/moe.c) with a
+float32 or GGUF router.
 """
 
 from __future__ import annotations
@@ -38,7 +40,14 @@ class _Layer(ctypes.Structure):  # kernels/decode.h's ak_layer
                 ("ffn_norm", ctypes.c_void_p), ("k_pool", ctypes.c_void_p), ("v_pool", ctypes.c_void_p),
                 ("k_tail", ctypes.c_void_p), ("v_tail", ctypes.c_void_p), ("qk_norm", ctypes.c_int),
                 ("qk_eps", ctypes.c_float), ("q_norm", ctypes.c_void_p),
-                ("k_norm", ctypes.c_void_p), ("moe", ctypes.c_void_p)]
+                ("k_norm", ctypes.c_void_p), ("moe", ctypes.c_void_p), ("post_attn_norm", ctypes.c_void_p),
+                ("post_ffn_norm", ctypes.c_void_p), ("scale", ctypes.c_float), ("act", ctypes.c_int),
+                ("view", ctypes.c_int)]
+
+
+class _View(ctypes.Structure):  # ak_view: what the layers of one kind see in a step
+    _fields_ = [("slots", ctypes.c_void_p), ("tables", ctypes.c_void_p), ("lens", ctypes.c_void_p),
+                ("starts", ctypes.c_void_p), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("max_nb", ctypes.c_int)]
 
 
 class _Expert(ctypes.Structure):  # ak_expert
@@ -65,10 +74,30 @@ def _c_parts(m: nn.Module, n: int):
 
 
 def _plain_rmsnorm(norm: nn.Module | None, dim: int) -> bool:
+    """An RMSNorm of ``dim`` float32 weights (γ, or Gemma's 1 + γ: the step reads :func:`_norm_weight`)."""
     from ..nn.norm import RMSNorm
 
-    return (type(norm) is RMSNorm and not norm.offset and norm.weight.dtype == torch.float32  # type: ignore[union-attr]
+    return (type(norm) is RMSNorm and norm.weight.dtype == torch.float32  # type: ignore[union-attr]
             and tuple(norm.weight.shape) == (dim,))  # type: ignore[union-attr]
+
+
+def _norm_weight(norm: nn.Module, keep: list) -> int:
+    """The address of the weights the step multiplies by: γ, or γ + offset as RMSNorm.forward makes it (kept)."""
+    w = norm.weight.detach()
+    if norm.offset:  # type: ignore[union-attr]
+        w = w + norm.offset  # type: ignore[union-attr]
+        keep.append(w)
+    return w.data_ptr()
+
+
+_ACTS = {"silu": 0, "gelu_tanh": 1}  # the gated FFN's activation, as ak_layer.act
+
+
+def _act_code(ffn: nn.Module) -> int | None:
+    from ..nn.ffn import ACTIVATIONS
+
+    act = getattr(ffn, "act", None)
+    return next((code for name, code in _ACTS.items() if act is ACTIVATIONS[name]), None)
 
 
 def _gate_up(ffn: nn.Module) -> list[GGUFBlockLinear]:
@@ -121,10 +150,9 @@ def why_not(model: nn.Module, k_pool: torch.Tensor, fmt: KVFormat | None = None)
     if k_pool.device.type != "cpu" or fmt.code < 0:
         return f"KV pool of {fmt.name} on {k_pool.device}"
     cfg = model.cfg
-    if model.rotary.rotary_dim != cfg.hd:
-        return "partial rotary"
-    if getattr(model, "rotary_local", None) is not None:
-        return "a second RoPE for the windowed layers (rope_local_theta)"
+    local = getattr(model, "rotary_local", None)
+    if local is not None and local.rotary_dim != model.rotary.rotary_dim:
+        return "the windowed layers' RoPE rotates another part of each head"
     d, hd, nh, nkv = cfg.d_model, cfg.hd, cfg.n_heads, cfg.n_kv_heads
     dense_ff = set()
     for i, layer in enumerate(model.layers):
@@ -139,19 +167,14 @@ def why_not(model: nn.Module, k_pool: torch.Tensor, fmt: KVFormat | None = None)
                     return f"layer {i} {name} has a bias"
             elif not _parts(m) or len(_parts(m)) > (3 if name == "qkv_proj" else 2 if name == "gate_up_proj" else 1):
                 return f"layer {i} {name} is {type(m).__name__}, not GGUF blocks"
-        for norm in (layer.norm1, layer.norm2):
+        post = [n for n in (getattr(layer, "post_attn_norm", None), getattr(layer, "post_ffn_norm", None)) if n is not None]
+        for norm in (layer.norm1, layer.norm2, *post):
             if not _plain_rmsnorm(norm, d) or norm.eps != model.layers[0].norm1.eps:
-                return f"layer {i}: not a plain float32 RMSNorm (of the first layer's eps)"
+                return f"layer {i}: not a float32 RMSNorm (of the first layer's eps)"
         if not layer.norm_first:
             return f"layer {i}: not pre-norm"
-        if getattr(layer, "post_attn_norm", None) is not None or getattr(layer, "post_ffn_norm", None) is not None:
-            return f"layer {i}: sandwich norms (post_norms)"
-        if abs(getattr(attn, "scale", hd ** -0.5) - hd ** -0.5) > 1e-6 * hd ** -0.5:
-            return f"layer {i}: an attention scale other than 1/sqrt(head_dim)"
         if getattr(attn, "softcap", None) is not None:
             return f"layer {i}: attention logit soft-capping"
-        if getattr(attn, "window", None) != getattr(model.layers[0].self_attn, "window", None):
-            return f"layer {i}: a sliding window of its own (the step applies one window to every layer)"
         qk = getattr(attn, "qk_norm", None)
         if qk not in _QK_NORM:
             return f"layer {i}: q/k norm {qk!r}"
@@ -164,8 +187,8 @@ def why_not(model: nn.Module, k_pool: torch.Tensor, fmt: KVFormat | None = None)
             reason = _moe_why_not(i, ffn, d)
             if reason:
                 return reason
-        elif getattr(ffn, "act", None) is not torch.nn.functional.silu:
-            return f"layer {i}: not pre-norm SwiGLU"
+        elif not hasattr(ffn, "gate_up_proj") or _act_code(ffn) is None:
+            return f"layer {i}: not a pre-norm SwiGLU or GeGLU"
         else:
             dense_ff.add(ffn.down_proj.in_features)
     if len(dense_ff) > 1:
@@ -181,10 +204,20 @@ class NativeDecoder:
     """
 
     def __init__(self, model: nn.Module, k_pool: torch.Tensor, v_pool: torch.Tensor, fmt: KVFormat | None = None,
-                 tail: KVTail | None = None) -> None:
+                 tail: KVTail | None = None, layer_views: list[int] | None = None) -> None:
+        """``layer_views``: each layer's view (the engine's (KV group, window) metadata it reads; all 0 when None):
+        :meth:`hidden` takes the tables of view 0, then ``others`` for views 1, …."""
         self.model, self.lib, self.tail = model, library(), tail
         cfg = model.cfg
         self.d, self.nh, self.nkv, self.hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.hd
+        self.rd = model.rotary.rotary_dim
+        self.layer_views = layer_views or [0] * len(model.layers)
+        local = getattr(model, "rotary_local", None)  # the windowed layers' RoPE (Gemma 3), else the model's
+        self.view_rotary: dict[int, nn.Module] = {}
+        for v, layer in zip(self.layer_views, model.layers):
+            rotary = local if local is not None and getattr(layer.self_attn, "window", None) is not None else model.rotary
+            if self.view_rotary.setdefault(v, rotary) is not rotary:
+                raise ValueError(f"view {v}: its layers use different RoPEs")
         dense = [layer.ffn for layer in model.layers if not hasattr(layer.ffn, "experts")]
         self.ff = dense[0].down_proj.in_features if dense else 0  # the dense layers' (why_not: all the same)
         self.eps = float(model.layers[0].norm1.eps)
@@ -209,14 +242,18 @@ class NativeDecoder:
                 (gu_parts, n_gu), down = ((_Part * 2)(), 0), _Part()
             layers.append(_Layer(qkv_parts, gu_parts, _c_parts(o, 1)[0][0], down, n_qkv, n_gu,
                                  bias.data_ptr() if bias is not None else None,
-                                 layer.norm1.weight.data_ptr(), layer.norm2.weight.data_ptr(),
+                                 _norm_weight(layer.norm1, keep), _norm_weight(layer.norm2, keep),
                                  k_pool[i].data_ptr(), v_pool[i].data_ptr(),
                                  tail.k[i].data_ptr() if tail is not None else None,
                                  tail.v[i].data_ptr() if tail is not None else None, qk,
                                  float(attn.q_norm.eps) if qk else 0.0,
-                                 attn.q_norm.weight.data_ptr() if qk else None,
-                                 attn.k_norm.weight.data_ptr() if qk else None,
-                                 ctypes.addressof(moe) if moe is not None else None))
+                                 _norm_weight(attn.q_norm, keep) if qk else None,
+                                 _norm_weight(attn.k_norm, keep) if qk else None,
+                                 ctypes.addressof(moe) if moe is not None else None,
+                                 *(_norm_weight(n, keep) if n is not None else None
+                                   for n in (getattr(layer, "post_attn_norm", None), getattr(layer, "post_ffn_norm", None))),
+                                 float(getattr(attn, "scale", None) or self.hd ** -0.5),
+                                 _act_code(ffn) if moe is None else 0, self.layer_views[i]))
         self.layers = (_Layer * len(layers))(*layers)
         self.keep = keep
         self.threads = torch.get_num_threads()
@@ -297,24 +334,33 @@ class NativeDecoder:
 
     @torch.inference_mode()
     def hidden(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
-               lens: torch.Tensor, starts: torch.Tensor, tail: tuple[torch.Tensor, torch.Tensor] | None = None
-               ) -> torch.Tensor:
+               lens: torch.Tensor, starts: torch.Tensor, tail: tuple[torch.Tensor, torch.Tensor] | None = None,
+               others: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], ...] = ()) -> torch.Tensor:
         """ids, positions, slots (B,); tables (B, max_nb); lens, starts (B,) → the last layer's output (B, d).
-        ``tail``: each row's exact-block slot and first exact key (B,) each (attnkit.engine.kv_tail), or None."""
+        slots … starts are view 0's; ``others``: (slots, tables, lens, starts) of views 1, … (the layers of another
+        KV group or window). ``tail``: each row's exact-block slot and first exact key (B,) each
+        (attnkit.engine.kv_tail), or None."""
         x = self.model.tok_embeddings(ids)  # (B, d)
         if self.model.cfg.embed_scale != 1.0:  # as Llama.forward: the scale rounded to the embeddings' dtype
             x = x * torch.tensor(self.model.cfg.embed_scale, dtype=x.dtype)
         x = x.float().contiguous()
-        cos, sin = self.model.rotary.cos_sin(positions)  # (B, hd) each
-        cos, sin = cos.contiguous(), sin.contiguous()
-        B, max_nb = tables.shape
-        work, act, scores = self._scratch(B, max_nb)
+        keep: list = []
+        views = (_View * (1 + len(others)))()
+        angles: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(rotary) → cos, sin (B, rd): once a RoPE
+        for v, meta in enumerate(((slots, tables, lens, starts), *others)):
+            rotary = self.view_rotary.get(v, self.model.rotary)
+            if id(rotary) not in angles:
+                angles[id(rotary)] = tuple(t.contiguous() for t in rotary.cos_sin(positions))  # type: ignore[assignment]
+            cos, sin = angles[id(rotary)]
+            ts = [t.contiguous() for t in meta]
+            keep += ts
+            views[v] = _View(*(t.data_ptr() for t in ts), cos.data_ptr(), sin.data_ptr(), ts[1].shape[1])
+        B = ids.shape[0]
+        work, act, scores = self._scratch(B, max(view.max_nb for view in views))
         moe = self._moe_buffer(B)
-        keep = [t.contiguous() for t in (slots, tables, lens, starts)]
         rc = self.lib.ak_llama_decode(self.layers, len(self.layers), x.data_ptr(), B, self.d, self.nh, self.nkv, self.hd,
-                                      self.ff, ctypes.c_float(self.eps), cos.data_ptr(), sin.data_ptr(),
-                                      *(t.data_ptr() for t in keep), max_nb, self.bs, self.num_blocks, self.kv_type,
-                                      work.data_ptr(), act.data_ptr(), scores.data_ptr(),
+                                      self.rd, self.ff, ctypes.c_float(self.eps), views, self.bs, self.num_blocks,
+                                      self.kv_type, work.data_ptr(), act.data_ptr(), scores.data_ptr(),
                                       moe.data_ptr() if moe.numel() else None, moe.numel(), self.threads,
                                       tail_arg(self.tail, tail, keep))
         if rc:

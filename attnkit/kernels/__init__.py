@@ -139,8 +139,8 @@ def load(so: Path) -> ctypes.CDLL:
     lib.ak_paged_attention_kv.argtypes = [vp, vp, vp, i, vp, vp, vp, vp, i, i, i, i, i, i, i, ctypes.c_float, vp, i, vp]
     lib.ak_quantize_kv_rows.argtypes = [i, vp, vp, i, i]
     lib.ak_hadamard64.argtypes = [vp, ctypes.c_int64, i]
-    lib.ak_llama_decode.argtypes = [vp, i, vp, i, i, i, i, i, i, ctypes.c_float, vp, vp, vp, vp, vp, vp, i, i, i, i,
-                                    vp, vp, vp, vp, ctypes.c_size_t, i, vp]
+    lib.ak_llama_decode.argtypes = [vp, i, vp, i, i, i, i, i, i, i, ctypes.c_float, vp, i, i, i, vp, vp, vp, vp,
+                                    ctypes.c_size_t, i, vp]
     lib.ak_moe_work_bytes.argtypes = [i, i, i, i, i, i]
     lib.ak_moe_work_bytes.restype = ctypes.c_size_t
     lib.ak_moe_ffn.argtypes = [vp, vp, vp, i, i, vp, ctypes.c_size_t, i]

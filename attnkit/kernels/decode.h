@@ -92,7 +92,19 @@ typedef struct {
     float qk_eps;
     const float *q_norm, *k_norm;
     const ak_moe *moe; /* NULL: the dense SwiGLU above (gate_up, down); else this FFN, and gate_up/down are unused */
+    const float *post_attn_norm, *post_ffn_norm; /* sandwich norms on each sublayer's output (Gemma 2/3), or NULL */
+    float scale; /* the softmax scale (1/√hd, or Gemma's query_pre_attn_scalar^−½) */
+    int act;     /* the gated FFN's activation: 0 SiLU (SwiGLU), 1 GELU with the tanh approximation (GeGLU, Gemma) */
+    int view;    /* its entry of the step's ak_view array: the keys it sees and its RoPE angles */
 } ak_layer;
+
+/* what the layers of one kind see in a step: a KV group's block tables and slots, a window's first keys, a RoPE's
+ * angles (Gemma 3's windowed layers: their own tables, window and base) */
+typedef struct {
+    const int64_t *slots, *tables, *lens, *starts; /* (B,) where each new K/V goes; (B, max_nb); (B,) keys st <= t < len */
+    const float *cos, *sin;                        /* (B, rd) the rows' RoPE angles */
+    int max_nb;
+} ak_view;
 
 /* y = x / √(mean(x²) + eps) · w over d features (y may be x: each y[i] is written after x[i] is read) */
 static inline void ak_rmsnorm(const float *x, const float *w, float *y, int d, float eps) {
@@ -121,6 +133,36 @@ static inline void ak_silu_mul(const float *gu, float *h, int ff) {
     }
 #endif
     for (; i < ff; i++) h[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+}
+
+/* h = GELU(g) · u for one row, GELU(g) = g/2 · (1 + tanh(√(2/π) · (g + 0.044715 g³))) (PyTorch's approximate="tanh"),
+ * tanh(y) = 1 − 2 / (e^{2y} + 1); g then u in gu (2·ff); h may overlap the start of gu, as ak_silu_mul */
+static inline void ak_gelu_tanh_mul(const float *gu, float *h, int ff) {
+    const float *g = gu, *u = gu + ff;
+    const float c = 0.7978845608028654f, a = 0.044715f;
+    int i = 0;
+#ifdef __AVX512F__
+    for (; i + 16 <= ff; i += 16) {
+        const __m512 gv = _mm512_loadu_ps(g + i), one = _mm512_set1_ps(1.f);
+        const __m512 y = _mm512_mul_ps(_mm512_set1_ps(c), _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(a), gv),
+                                                                         _mm512_mul_ps(gv, gv), gv));
+        const __m512 e = exp16(_mm512_add_ps(y, y));
+        const __m512 t = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(e, one)));
+        _mm512_storeu_ps(h + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(.5f), gv), _mm512_add_ps(one, t)),
+                                              _mm512_loadu_ps(u + i)));
+    }
+#elif defined(AK_AVX2)
+    for (; i + 8 <= ff; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i), one = _mm256_set1_ps(1.f);
+        const __m256 y = _mm256_mul_ps(_mm256_set1_ps(c), _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(a), gv),
+                                                                         _mm256_mul_ps(gv, gv), gv));
+        const __m256 e = exp8(_mm256_add_ps(y, y));
+        const __m256 t = _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.f), _mm256_add_ps(e, one)));
+        _mm256_storeu_ps(h + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(.5f), gv), _mm256_add_ps(one, t)),
+                                              _mm256_loadu_ps(u + i)));
+    }
+#endif
+    for (; i < ff; i++) h[i] = .5f * g[i] * (1.f + tanhf(c * (g[i] + a * g[i] * g[i] * g[i]))) * u[i];
 }
 
 /* the bytes of the MoE scratch (ak_moe_ffn's work) for B rows of d features, experts of `ff`, threads threads */

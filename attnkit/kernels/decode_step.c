@@ -1,15 +1,16 @@
 /* A whole decode step of a Llama-family model with GGUF weights in one call (attnkit/engine/native_decode.py).
  *
  * For B sequences with one new token each, every layer computes, as attnkit.models.llama does eagerly:
- *   h   = x + W_o · Attn(RoPE(W_qkv · RMSNorm(x)))        (the new K/V written into the paged pool)
- *   x'  = h + W_down · (SiLU(W_gate · RMSNorm(h)) ⊙ W_up · RMSNorm(h))
+ *   h   = x + [N_a] W_o · Attn(RoPE(W_qkv · RMSNorm(x)))        (the new K/V written into the paged pool)
+ *   x'  = h + [N_f] W_down · (act(W_gate · RMSNorm(h)) ⊙ W_up · RMSNorm(h))
  * with the projections on the checkpoint's blocks (ak_gemv) and the attention over the block tables
  * (ak_paged_attention_kv, over float32, float16, Q8_0 or Q4_0 K/V rows). Eagerly the same step is ~80 PyTorch
  * operations per layer, each with its Python and dispatch overhead; here it is one call for all layers.
  *
  * Options of the families: Qwen2's q/k/v bias; q/k RMSNorm before RoPE, per head (Qwen3) or over the whole
- * projection (OLMoE); and in place of the dense SwiGLU a sparse mixture of experts (moe.c: Qwen3-MoE, Mixtral,
- * OLMoE).
+ * projection (OLMoE); RoPE on part of each head (Phi-4-mini); Gemma's sandwich norms N_a, N_f on each sublayer's output,
+ * GeGLU, softmax scale, and layers of two kinds (Gemma 3: windowed layers with their own block tables and RoPE base:
+ * ak_view); and in place of the dense FFN a sparse mixture of experts (moe.c: Qwen3-MoE, Mixtral, OLMoE).
  */
 #include <math.h>
 #include <stddef.h>
@@ -20,9 +21,10 @@
 
 int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads);
 
-/* half-split RoPE on n heads of hd: (x1, x2) -> (x1·cos − x2·sin, x2·cos + x1·sin); cos/sin (hd,) */
-static void rope(float *x, int n, int hd, const float *cos, const float *sin) {
-    const int h2 = hd / 2;
+/* half-split RoPE on the first rd of each of n heads of hd (the rest as they are: partial rotary, Phi-4-mini):
+ * (x1, x2) -> (x1·cos − x2·sin, x2·cos + x1·sin); cos/sin (rd,) */
+static void rope(float *x, int n, int hd, int rd, const float *cos, const float *sin) {
+    const int h2 = rd / 2;
     for (int h = 0; h < n; h++) {
         float *v = x + (size_t)h * hd;
         for (int i = 0; i < h2; i++) {
@@ -96,33 +98,32 @@ static int gemv_parts(const ak_part *p, int np, const float *x, float *y, float 
 }
 
 /* x (B, d) in/out: the residual stream before layer 0 in, after the last layer out.
- * cos/sin (B, hd); slots (B,) where each new K/V goes; tables (B, max_nb), lens/starts (B,): the keys; kv_type:
- * the pools' rows (AK_KV_*: 0 float32, 1 float16, 2 Q8_0, 3 Q4_0; the new rows quantized as ak_quantize_kv_rows).
+ * views: what each kind of layer sees (ak_view: where each new K/V goes, the block tables and keys, the RoPE angles of
+ * rd dims; layer l reads views[layers[l].view]); kv_type: the pools' rows (AK_KV_*: 0 float32, 1 float16, 2 Q8_0,
+ * 3 Q4_0; the new rows quantized as ak_quantize_kv_rows).
  * work: B·(2d + nqkv + 2·nh·hd + 2·ff + max(nqkv, 2·ff)) floats (ff: the dense layers' hidden size, 0 when every
  * layer is a mixture of experts); act: the quantized activations (ak_gemv's scratch, for the widest input:
- * B · max(d, ff, nh·hd)/32 · 40 bytes); scores: ak_paged_attention_kv's scratch; moe_work: moe_bytes bytes, at least
- * ak_moe_work_bytes for the widest MoE layer (NULL, 0 without one); tail: the exact blocks' slots (ak_kv_tail, its k and
- * v unused: each layer's k_tail, v_tail) or NULL. Returns 0, or 1 (a product refused), 2 (the
- * attention refused; a kv_type or hd the pools cannot hold: before any row is written), 3–5 (an MoE layer:
+ * B · max(d, ff, nh·hd)/32 · 40 bytes); scores: ak_paged_attention_kv's scratch (for the largest max_nb); moe_work:
+ * moe_bytes bytes, at least ak_moe_work_bytes for the widest MoE layer (NULL, 0 without one); tail: the exact blocks'
+ * slots (ak_kv_tail, its k and v unused: each layer's k_tail, v_tail) or NULL. Returns 0, or 1 (a product refused), 2
+ * (the attention refused; a kv_type or hd the pools cannot hold: before any row is written), 3–5 (an MoE layer:
  * ak_moe_ffn's code + 2). */
-int ak_llama_decode(const ak_layer *layers, int n_layers, float *x, int B, int d, int nh, int nkv, int hd, int ff,
-                    float eps, const float *cos, const float *sin, const int64_t *slots, const int64_t *tables,
-                    const int64_t *lens, const int64_t *starts, int max_nb, int bs, int num_blocks, int kv_type,
-                    float *work, void *act, float *scores, void *moe_work, size_t moe_bytes, int threads,
-                    const ak_kv_tail *tail) {
+int ak_llama_decode(const ak_layer *layers, int n_layers, float *x, int B, int d, int nh, int nkv, int hd, int rd,
+                    int ff, float eps, const ak_view *views, int bs, int num_blocks, int kv_type, float *work, void *act,
+                    float *scores, void *moe_work, size_t moe_bytes, int threads, const ak_kv_tail *tail) {
     const int nq = nh * hd, nkvd = nkv * hd, nqkv = nq + 2 * nkvd;
     float *xn = work;                            /* (B, d)     normed input */
     float *qkv = xn + (size_t)B * d;             /* (B, nqkv)  projections */
     float *q = qkv + (size_t)B * nqkv;           /* (B, nq)    rotated queries, contiguous */
     float *att = q + (size_t)B * nq;             /* (B, nq)    attention output */
-    float *gu = att + (size_t)B * nq;            /* (B, 2·ff)  gate | up, then SiLU(gate)·up in the first ff */
+    float *gu = att + (size_t)B * nq;            /* (B, 2·ff)  gate | up, then act(gate)·up in the first ff */
     float *dn = gu + (size_t)B * 2 * ff;         /* (B, d)     a sublayer's output */
     float *tmp = dn + (size_t)B * d;             /* (B, max(nqkv, 2·ff)) one part's output (gemv_parts) */
-    const float scale = 1.f / sqrtf((float)hd);
     const int rot = (kv_type == AK_KV_Q8_0 || kv_type == AK_KV_Q4_0) && hd % 64 == 0; /* as KVFormat.rotates */
-    if (!ak_kv_row_bytes(kv_type, hd)) return 2;
+    if (!ak_kv_row_bytes(kv_type, hd) || rd < 2 || rd > hd || rd % 2) return 2;
     for (int l = 0; l < n_layers; l++) {
         const ak_layer *L = layers + l;
+        const ak_view *V = views + L->view;
         for (int b = 0; b < B; b++) ak_rmsnorm(x + (size_t)b * d, L->attn_norm, xn + (size_t)b * d, d, eps);
         if (gemv_parts(L->qkv, L->n_qkv, xn, qkv, tmp, B, d, act, threads)) return 1;
         for (int b = 0; b < B; b++) {
@@ -136,30 +137,38 @@ int ak_llama_decode(const ak_layer *layers, int n_layers, float *x, int B, int d
                 ak_rmsnorm(r, L->q_norm, r, nq, L->qk_eps);
                 ak_rmsnorm(r + nq, L->k_norm, r + nq, nkvd, L->qk_eps);
             }
-            rope(r, nh + nkv, hd, cos + (size_t)b * hd, sin + (size_t)b * hd); /* q and k heads are adjacent */
+            rope(r, nh + nkv, hd, rd, V->cos + (size_t)b * rd, V->sin + (size_t)b * rd); /* q and k heads are adjacent */
             if (rot) hadamard64(r, (size_t)nqkv); /* q, k and v */
             for (int i = 0; i < nq; i++) q[(size_t)b * nq + i] = r[i];
             const int64_t ts = tail ? tail->slot[b] : -1;
             const int n_ts = tail ? tail->slots : 0;
-            store_kv(L->k_pool, kv_type, r + nq, nkv, hd, num_blocks, bs, slots[b], L->k_tail, n_ts, ts);
-            store_kv(L->v_pool, kv_type, r + nq + nkvd, nkv, hd, num_blocks, bs, slots[b], L->v_tail, n_ts, ts);
+            store_kv(L->k_pool, kv_type, r + nq, nkv, hd, num_blocks, bs, V->slots[b], L->k_tail, n_ts, ts);
+            store_kv(L->v_pool, kv_type, r + nq + nkvd, nkv, hd, num_blocks, bs, V->slots[b], L->v_tail, n_ts, ts);
         }
         ak_kv_tail lt;
         if (tail) lt = (ak_kv_tail){L->k_tail, L->v_tail, tail->slots, tail->slot, tail->from};
-        int rc = ak_paged_attention_kv(q, L->k_pool, L->v_pool, kv_type, tables, lens, starts, att, B, nh, nkv, hd, bs,
-                                       num_blocks, max_nb, scale, scores, threads, tail && L->k_tail ? &lt : NULL);
+        int rc = ak_paged_attention_kv(q, L->k_pool, L->v_pool, kv_type, V->tables, V->lens, V->starts, att, B, nh, nkv,
+                                       hd, bs, num_blocks, V->max_nb, L->scale, scores, threads,
+                                       tail && L->k_tail ? &lt : NULL);
         if (rc) return 2;
         if (rot) hadamard64(att, (size_t)B * nq);
         if (ak_gemv(L->o.kind, L->o.w, att, dn, B, d, nq, act, threads)) return 1;
+        if (L->post_attn_norm)
+            for (int b = 0; b < B; b++) ak_rmsnorm(dn + (size_t)b * d, L->post_attn_norm, dn + (size_t)b * d, d, eps);
         for (size_t i = 0; i < (size_t)B * d; i++) x[i] += dn[i];
         for (int b = 0; b < B; b++) ak_rmsnorm(x + (size_t)b * d, L->ffn_norm, xn + (size_t)b * d, d, eps);
         if (L->moe) {
             if ((rc = ak_moe_ffn(L->moe, xn, dn, B, d, moe_work, moe_bytes, threads))) return rc + 2;
         } else {
             if (gemv_parts(L->gate_up, L->n_gate_up, xn, gu, tmp, B, d, act, threads)) return 1;
-            for (int b = 0; b < B; b++) ak_silu_mul(gu + (size_t)b * 2 * ff, gu + (size_t)b * ff, ff);
+            for (int b = 0; b < B; b++) {
+                if (L->act) ak_gelu_tanh_mul(gu + (size_t)b * 2 * ff, gu + (size_t)b * ff, ff);
+                else ak_silu_mul(gu + (size_t)b * 2 * ff, gu + (size_t)b * ff, ff);
+            }
             if (ak_gemv(L->down.kind, L->down.w, gu, dn, B, d, ff, act, threads)) return 1;
         }
+        if (L->post_ffn_norm)
+            for (int b = 0; b < B; b++) ak_rmsnorm(dn + (size_t)b * d, L->post_ffn_norm, dn + (size_t)b * d, d, eps);
         for (size_t i = 0; i < (size_t)B * d; i++) x[i] += dn[i];
     }
     return 0;

@@ -120,6 +120,6 @@ def needs_reprefill(model: Any, cached: int, total: int) -> bool:
 register(Family("phi3", hf_types=("phi3",), gguf_archs=("phi3",), hf_config=phi3_hf, gguf_config=phi3_gguf,
                 hf_rules=HF_RULES, gguf_rules=GGUF_RULES,
                 supports={"HF": "yes", "GGUF": "yes", "engine": "yes",
-                          "C step": "yes (Phi-3/3.5; Phi-4-mini: no, partial rotary)",
+                          "C step": "yes",
                           "LoRA": "yes (attnkit names; not HF PEFT's fused qkv_proj/gate_up_proj)"},
                 example="Phi-3-mini, Phi-3.5-mini, Phi-4-mini"))
