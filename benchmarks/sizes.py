@@ -62,7 +62,8 @@ from engine import workload  # noqa: E402 (the offline workload of the engine be
 
 SIZES = {"1b": "llama-3.2-1b", "3b": "llama-3.2-3b", "qwen3-1.7b": "qwen3-1.7b",  # shapes of attnkit.loading.gguf_writer
          "moe": "qwen3-moe-2.6b-a0.5b", "small-moe": "small-qwen3moe",  # small-moe: 131M, measurable on a busy machine
-         "tiny": "tiny", "tiny-moe": "tiny-qwen3moe"}  # tiny*: smoke tests
+         "gemma3-1b": "gemma3-1b",  # Gemma-3-1B's layers (the default tokenizer's vocabulary)
+         "tiny": "tiny", "tiny-moe": "tiny-qwen3moe", "tiny-gemma3": "tiny-gemma3"}  # tiny*: smoke tests
 DEFAULT_PRESETS = "Q4_K_M,Q5_K_M,Q6_K,Q8_0,Q4_0"
 GIB = 1 << 30
 

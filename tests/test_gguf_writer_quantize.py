@@ -276,6 +276,45 @@ def test_llama_cpp_takes_the_qwen3moe_file(tmp_path):
     assert "qwen3moe" in row["model_type"] and row["avg_ts"] > 0
 
 
+# -- Gemma 3 files (general.architecture gemma3) ----------------------------------------------------------------------
+def test_gemma3_file_loads_as_gemma3_and_decodes_in_the_c_step(tmp_path):
+    """The writer's gemma3 file: its keys and tensors as llama.cpp's converter names them; attnkit reads five
+    windowed layers to one global with their own RoPE base, q/k and sandwich norms; its engine decodes it in the C
+    step with the eager engine's greedy tokens, past the window (8)."""
+    from attnkit.engine import EngineConfig, LLMEngine, SamplingParams
+    from attnkit.engine.native_decode import NativeDecoder
+    from attnkit.kernels import library
+    from attnkit.nn.fused import fuse_for_inference
+
+    p = write_llama_gguf(tmp_path / "gemma3.gguf", "tiny-gemma3", "Q8_0", threads=1)
+    g = GGUFFile(p)
+    m = g.metadata
+    assert m["general.architecture"] == "gemma3" and m["gemma3.attention.sliding_window"] == 8
+    assert g.tensors["blk.0.post_ffw_norm.weight"].shape == (64,) and "blk.5.attn_k_norm.weight" in g.tensors
+    cfg = load_gguf_model(p).cfg
+    assert cfg.layer_windows == [8] * 5 + [None] and cfg.rope_local_theta == 10000.0 and cfg.post_norms
+    assert cfg.act == "gelu_tanh" and cfg.qk_norm == "head" and cfg.embed_scale == pytest.approx(8.0)
+    if library() is None:
+        pytest.skip("attnkit's C kernels are not built")
+    prompts = [[1, 500, 1000, 2000, 7], list(range(300, 320))]
+    outs = []
+    for native in (True, False):
+        engine = LLMEngine(fuse_for_inference(load_gguf_model(p, quantize="gguf")), config=EngineConfig(block_size=4))
+        if not native:
+            engine.runner.native = False
+        for q in prompts:
+            engine.add_request(q, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+        got = {}
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.finished:
+                    got[tuple(o.prompt_token_ids)] = list(o.token_ids)
+        outs.append([got[tuple(q)] for q in prompts])
+        if native:
+            assert isinstance(engine.runner.native, NativeDecoder), engine.runner.native_reason
+    assert outs[0] == outs[1]
+
+
 # -- requantize and the CLI ---------------------------------------------------------------------------------------
 
 def test_requantize_keeps_metadata_and_types(tiny_f16, tmp_path):

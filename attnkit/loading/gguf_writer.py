@@ -47,8 +47,16 @@ SHAPES: dict[str, dict[str, Any]] = {
     "tiny-qwen3moe": {"arch": "qwen3moe", "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 32,
                       "d_ff": 128, "n_experts": 8, "n_experts_per_tok": 2, "moe_d_ff": 32, "rope_theta": 10000.0,
                       "context_length": 2048, "norm_eps": 1e-6},
+    # Gemma-3-1B's config.json but the vocabulary (the default tokenizer's 49,152 tokens, not Gemma's 262,144): five
+    # windowed layers of 512 keys to one global, head_dim 256, one KV head, q/k norms, sandwich norms, GeGLU
+    "gemma3-1b": {"arch": "gemma3", "d_model": 1152, "n_layers": 26, "n_heads": 4, "n_kv_heads": 1, "head_dim": 256,
+                  "d_ff": 6912, "sliding_window": 512, "rope_theta": 1000000.0, "rope_local_theta": 10000.0,
+                  "context_length": 32768, "norm_eps": 1e-6},
+    "tiny-gemma3": {"arch": "gemma3", "d_model": 64, "n_layers": 6, "n_heads": 4, "n_kv_heads": 2, "head_dim": 32,
+                    "d_ff": 128, "sliding_window": 8, "rope_theta": 1000000.0, "rope_local_theta": 10000.0,
+                    "context_length": 2048, "norm_eps": 1e-6},
 }
-ARCHS = ("llama", "qwen3", "qwen3moe")
+ARCHS = ("llama", "qwen3", "qwen3moe", "gemma3")
 _DEFAULTS = {"rope_theta": 500000.0, "context_length": 4096, "norm_eps": 1e-5, "tied_embeddings": True,
              "weight_std": 0.02, "norm_std": 0.1}
 
@@ -92,8 +100,10 @@ def tensor_shapes(s: dict[str, Any], vocab_size: int) -> list[tuple[str, tuple[i
         out += [(b + "attn_norm.weight", (d,)), (b + "attn_q.weight", (s["n_heads"] * hd, d)),
                 (b + "attn_k.weight", (s["n_kv_heads"] * hd, d)), (b + "attn_v.weight", (s["n_kv_heads"] * hd, d)),
                 (b + "attn_output.weight", (d, s["n_heads"] * hd))]
-        if arch in ("qwen3", "qwen3moe"):
+        if arch in ("qwen3", "qwen3moe", "gemma3"):
             out += [(b + "attn_q_norm.weight", (hd,)), (b + "attn_k_norm.weight", (hd,))]
+        if arch == "gemma3":  # sandwich norms: each sublayer's output normalised before the residual add
+            out += [(b + "post_attention_norm.weight", (d,)), (b + "post_ffw_norm.weight", (d,))]
         out.append((b + "ffn_norm.weight", (d,)))
         if arch == "qwen3moe":
             E, ff = s["n_experts"], s["moe_d_ff"]
@@ -167,6 +177,9 @@ def write_llama_gguf(path: str | Path, shape: dict | str, preset: str = "F16", t
         w.add_uint32(f"{arch}.expert_count", s["n_experts"])
         w.add_uint32(f"{arch}.expert_used_count", s["n_experts_per_tok"])
         w.add_uint32(f"{arch}.expert_feed_forward_length", s["moe_d_ff"])
+    if arch == "gemma3":  # llama.cpp's gemma3: windowed layers (5 of every 6) with their own RoPE base
+        w.add_uint32(f"{arch}.attention.sliding_window", s["sliding_window"])
+        w.add_float32(f"{arch}.rope.freq_base_swa", float(s["rope_local_theta"]))
     w.add_uint32(f"{arch}.rope.dimension_count", s["head_dim"])
     w.add_uint32(f"{arch}.vocab_size", vocab)
     w.add_uint32("general.file_type", PRESETS[preset][0])
