@@ -98,24 +98,34 @@ def test_compiled_decode_step_gives_the_same_greedy_tokens() -> None:
     assert [o.outputs[0].token_ids for o in outs] == want
 
 
-def test_native_paged_attention_matches_the_block_table_reference() -> None:
-    """The C kernel (attnkit.quant.native) reads K/V in place; a sliding window is a per-sequence start."""
+@pytest.mark.parametrize("hd,softcap", [(64, None), (64, 2.0), (128, 3.0), (24, 2.0)])
+def test_native_paged_attention_matches_the_block_table_reference(hd, softcap) -> None:
+    """The C kernel (attnkit.quant.native) reads K/V in place; a sliding window is a per-sequence start; soft-capped
+    scores (Gemma 2) as decode_attention caps them, on the AVX-512 / AVX2 head sizes and the portable one (24)."""
     from attnkit.engine.paged_attention import paged_decode_attention_native
     from attnkit.kernels import library
 
     if library() is None:
         pytest.skip("no C compiler: the kernel could not be built")
     torch.manual_seed(3)
-    n_kv, g, bs, hd, num_blocks = 3, 3, 16, 64, 50
+    n_kv, g, bs, num_blocks = 3, 3, 16, 50
     k_pool, v_pool = torch.randn(n_kv, num_blocks, bs, hd), torch.randn(n_kv, num_blocks, bs, hd)
     tables = torch.randint(0, num_blocks, (4, 6))
     lens, starts = torch.tensor([96, 1, 40, 77]), torch.tensor([0, 0, 10, 0])
     q = torch.randn(n_kv * g, 4, hd)
     j = torch.arange(6 * bs)[None]
     bias = torch.zeros(4, 6 * bs).masked_fill_((j >= lens[:, None]) | (j < starts[:, None]), float("-inf"))
-    ref = paged_decode_attention(q, k_pool, v_pool, tables, bias)
-    torch.testing.assert_close(paged_decode_attention_native(q, k_pool, v_pool, tables, lens, starts), ref,
-                               rtol=1e-5, atol=1e-5)
+    if softcap is not None:  # scores of a few units: the cap bends them
+        q = q * 2
+    t = torch.arange(6 * bs)
+    blk, off = tables[:, t // bs], t % bs  # the sequences' K/V gathered for decode_attention's reference
+    ref = decode_attention(q, k_pool[:, blk, off], v_pool[:, blk, off], bias, softcap=softcap)
+    torch.testing.assert_close(paged_decode_attention(q, k_pool, v_pool, tables, bias),
+                               decode_attention(q, k_pool[:, blk, off], v_pool[:, blk, off], bias), rtol=1e-5, atol=1e-5)
+    got = paged_decode_attention_native(q, k_pool, v_pool, tables, lens, starts, softcap=softcap)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    if softcap is not None:  # negative control: without the cap the outputs differ
+        assert (paged_decode_attention(q, k_pool, v_pool, tables, bias) - got).abs().max() > 1e-2
     assert paged_decode_attention_native(q.double(), k_pool, v_pool, tables, lens, starts) is None  # float32 only
 
 

@@ -371,10 +371,9 @@ def test_gguf_q8_0(tmp_path, arch):
 
 @pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3"])
 def test_gguf_blocks_decode_in_the_c_step_as_eagerly(tmp_path, arch):
-    """The engine on a Q8_0 file's blocks: Gemma and Gemma 3 decode in the C step ((1 + γ) norms folded by the
-    converter, sandwich norms, GeGLU, q/k norms, query_pre_attn_scalar, local layers with their own block tables,
-    window and RoPE base) with the eager engine's greedy tokens, past the window; Gemma 2's soft-capped attention
-    stays eager and says so."""
+    """The engine on a Q8_0 file's blocks: Gemma, Gemma 2 and Gemma 3 decode in the C step ((1 + γ) norms folded by
+    the converter, sandwich norms, GeGLU, q/k norms, query_pre_attn_scalar, soft-capped scores and logits, local layers
+    with their own block tables, window and RoPE base) with the eager engine's greedy tokens, past the window."""
     from attnkit.engine import EngineConfig, LLMEngine, SamplingParams
     from attnkit.engine.native_decode import NativeDecoder
     from attnkit.nn.fused import fuse_for_inference
@@ -398,9 +397,7 @@ def test_gguf_blocks_decode_in_the_c_step_as_eagerly(tmp_path, arch):
                 if o.finished:
                     got[tuple(o.prompt_token_ids)] = list(o.token_ids)
         outs[native] = [got[tuple(p)] for p in prompts]
-        if native and arch == "gemma2":
-            assert engine.runner.native is False and "soft-capping" in engine.runner.native_reason
-        elif native:
+        if native:
             assert isinstance(engine.runner.native, NativeDecoder), engine.runner.native_reason
             assert len(set(engine.runner.native.layer_views)) == (1 if arch == "gemma" else 2)
     assert outs[True] == outs[False]

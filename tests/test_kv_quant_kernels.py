@@ -68,7 +68,7 @@ def attention(q, k_pool, v_pool, kv_type, tables, lens, starts, threads=2, tail=
     scratch = np.zeros(threads * (nh // nkv) * max_nb * bs, dtype=np.float32)
     rc = lib.ak_paged_attention_kv(ptr(q), ptr(k_pool), ptr(v_pool), kv_type, ptr(tables), ptr(lens), ptr(starts),
                                    ptr(out), B, nh, nkv, hd, bs, num_blocks, max_nb, ctypes.c_float(hd ** -0.5),
-                                   ptr(scratch), threads, tail_struct(tail))
+                                   ptr(scratch), threads, tail_struct(tail), ctypes.c_float(0.0))
     return out, rc
 
 

@@ -125,6 +125,7 @@ GEMMA3 = dict(norm_offset=1.0, post_norms=True, embed_scale=8.0, act="gelu_tanh"
 @pytest.mark.parametrize("variant", [
     dict(GEMMA3, n_layers=3),  # Gemma 3: (1 + γ) and sandwich norms, GeGLU, q/k norms, its scale, local/global layers
     dict(GEMMA3, n_layers=3, free_window_kv=False),  # the windows over one block table: two views of it
+    dict(GEMMA3, n_layers=3, attn_softcap=3.0, final_softcap=5.0, qk_norm=None),  # Gemma 2: soft-capped scores
     dict(partial_rotary=0.5, head_dim=32),  # Phi-4-mini: RoPE on part of each head
     dict(sliding_window=6),  # Mistral: one window for all layers
 ])
@@ -252,7 +253,6 @@ def test_moe_threads_split_every_expert_task_once():
 
 
 @pytest.mark.parametrize("change,reason", [
-    (lambda m: setattr(m.layers[0].self_attn, "softcap", 50.0), "soft-capping"),
     (lambda m: setattr(m.layers[0], "post_ffn_norm", RMSNorm(64, eps=1e-3)), "RMSNorm"),
     (lambda m: setattr(m.layers[0].self_attn.k_norm, "weight", nn.Parameter(torch.ones(16).half())), "q/k norms"),
     (lambda m: setattr(m.layers[0].ffn.experts[3], "act", torch.nn.functional.gelu), "expert 3"),

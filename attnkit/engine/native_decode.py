@@ -9,8 +9,8 @@ computes (tests compare the two), and it only takes models it can run exactly (:
 cannot): q/k/v and gate/up projections fused (one matrix, or one part per block type where they differ) on
 GGUF blocks of any type the kernels have, no biases but Qwen2's on q/k/v, RMSNorm (with Gemma's 1 + γ, and its
 sandwich norms), q/k RMSNorm per head (Qwen3, Gemma 3) or over the projection (OLMoE), SwiGLU or GeGLU, RoPE on
-all or part of each head, any softmax scale, each layer's sliding window and a second RoPE for the windowed layers
-(Gemma 3: one :class:`_View` per kind of layer), no attention soft-capping (Gemma 2), no LoRA; the FFN gated or a
+all or part of each head, any softmax scale, attention soft-capping (Gemma 2), each layer's sliding window and a
+second RoPE for the windowed layers (Gemma 3: one :class:`_View` per kind of layer), no LoRA; the FFN gated or a
 sparse mixture of SwiGLU experts (:class:`attnkit.nn.moe.SparseMoE`: Qwen3-MoE, Mixtral, OLMoE; kernels/moe.c) with a
 float32 or GGUF router.
 """
@@ -41,7 +41,8 @@ class _Layer(ctypes.Structure):  # kernels/decode.h's ak_layer
                 ("k_tail", ctypes.c_void_p), ("v_tail", ctypes.c_void_p), ("qk_norm", ctypes.c_int),
                 ("qk_eps", ctypes.c_float), ("q_norm", ctypes.c_void_p),
                 ("k_norm", ctypes.c_void_p), ("moe", ctypes.c_void_p), ("post_attn_norm", ctypes.c_void_p),
-                ("post_ffn_norm", ctypes.c_void_p), ("scale", ctypes.c_float), ("act", ctypes.c_int),
+                ("post_ffn_norm", ctypes.c_void_p), ("scale", ctypes.c_float), ("softcap", ctypes.c_float),
+                ("act", ctypes.c_int),
                 ("view", ctypes.c_int)]
 
 
@@ -173,8 +174,6 @@ def why_not(model: nn.Module, k_pool: torch.Tensor, fmt: KVFormat | None = None)
                 return f"layer {i}: not a float32 RMSNorm (of the first layer's eps)"
         if not layer.norm_first:
             return f"layer {i}: not pre-norm"
-        if getattr(attn, "softcap", None) is not None:
-            return f"layer {i}: attention logit soft-capping"
         qk = getattr(attn, "qk_norm", None)
         if qk not in _QK_NORM:
             return f"layer {i}: q/k norm {qk!r}"
@@ -253,6 +252,7 @@ class NativeDecoder:
                                  *(_norm_weight(n, keep) if n is not None else None
                                    for n in (getattr(layer, "post_attn_norm", None), getattr(layer, "post_ffn_norm", None))),
                                  float(getattr(attn, "scale", None) or self.hd ** -0.5),
+                                 float(getattr(attn, "softcap", None) or 0.0),
                                  _act_code(ffn) if moe is None else 0, self.layer_views[i]))
         self.layers = (_Layer * len(layers))(*layers)
         self.keep = keep

@@ -133,10 +133,11 @@ class PagedKVCache:
         assert meta.decode_tables is not None and meta.decode_bias is not None
         if meta.native is None:  # first layer of the step: can the C kernel run it?
             meta.native = NativeDecodeArgs.prepare(meta, q, self.k_pool, self.fmt) or False
-        if meta.native and self.softcap is None:
+        if meta.native:
             return paged_decode_attention_native(q, self.k_pool, self.v_pool, meta.decode_tables, meta.decode_lens,
                                                  meta.decode_starts, meta.native, self.scale,  # type: ignore[arg-type]
-                                                 tail=(self.tail, self.layer) if meta.decode_tail is not None else None)
+                                                 tail=(self.tail, self.layer) if meta.decode_tail is not None else None,
+                                                 softcap=self.softcap)
         if meta.fused_gather and self.softcap is None and not self.fmt.quantized:
             return compiled_paged_decode_attention()(q, self.k_pool, self.v_pool, meta.decode_tables, meta.decode_bias,
                                                      self.scale)
@@ -306,13 +307,11 @@ def native_kernel(q: torch.Tensor, k_pool: torch.Tensor, fmt: KVFormat | None = 
     fmt = fmt or kv_format(k_pool.dtype)
     if lib is None or q.dtype != torch.float32 or q.device.type != "cpu" or fmt.code < 0:
         return None
-    if not fmt.quantized:
-        return lib.ak_paged_attention if fmt.code == 0 else lib.ak_paged_attention_f16
     return functools.partial(_paged_attention_kv, lib, fmt.code)
 
 
-def _paged_attention_kv(lib, kv_type: int, q, k_pool, v_pool, *rest, tail=None) -> int:
-    return lib.ak_paged_attention_kv(q, k_pool, v_pool, kv_type, *rest, tail)
+def _paged_attention_kv(lib, kv_type: int, q, k_pool, v_pool, *rest, tail=None, softcap: float | None = None) -> int:
+    return lib.ak_paged_attention_kv(q, k_pool, v_pool, kv_type, *rest, tail, softcap or 0.0)
 
 
 class _Tail(ctypes.Structure):  # kernels/decode.h's ak_kv_tail
@@ -366,8 +365,8 @@ class NativeDecodeArgs:
 def paged_decode_attention_native(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
                                   lens: torch.Tensor, starts: torch.Tensor,
                                   prepared: NativeDecodeArgs | None = None, scale: float | None = None,
-                                  fmt: KVFormat | None = None, tail: tuple[KVTail, int] | None = None
-                                  ) -> torch.Tensor | None:
+                                  fmt: KVFormat | None = None, tail: tuple[KVTail, int] | None = None,
+                                  softcap: float | None = None) -> torch.Tensor | None:
     """One query token per sequence over its K/V read in place through the block tables (C kernel).
 
     q (nh, B, hd) float32; pools (n_kv, num_blocks, block_size, width) float32 or float16 rows, or q8_0/q4_0
@@ -375,7 +374,8 @@ def paged_decode_attention_native(q: torch.Tensor, k_pool: torch.Tensor, v_pool:
     (B, nb), lens and starts (B,) int64: sequence b attends to keys starts[b] ≤ j < lens[b]. Returns (nh, B, hd),
     or None when the kernel is not available for these inputs (then the caller gathers and uses bmm).
     ``prepared``: the step's arguments made once (:class:`NativeDecodeArgs`), shared by every layer. ``tail``: the
-    exact blocks and this layer's index (a q8_0/q4_0 pool; the rows' slots in ``prepared.tail``).
+    exact blocks and this layer's index (a q8_0/q4_0 pool; the rows' slots in ``prepared.tail``). ``softcap``: the
+    scores soft-capped, tanh(s / c) · c, before the softmax (Gemma 2).
     """
     nh, B, hd = q.shape
     n_kv, num_blocks, bs, _ = k_pool.shape
@@ -392,6 +392,8 @@ def paged_decode_attention_native(q: torch.Tensor, k_pool: torch.Tensor, v_pool:
     extra, keep = {}, []  # keep: what the tail argument points to, alive through the call
     if tail is not None:
         extra["tail"] = tail_arg(tail[0], prepared.tail, keep, tail[1])
+    if softcap is not None:  # Gemma 2: the scores soft-capped before the softmax
+        extra["softcap"] = softcap
     prepared.kernel(qb.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), t, ln, st, out.data_ptr(), B, nh, n_kv, hd,
                     bs, num_blocks, prepared.max_nb, hd ** -0.5 if scale is None else scale, prepared.scratch.data_ptr(),
                     prepared.threads, **extra)

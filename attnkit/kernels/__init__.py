@@ -136,7 +136,8 @@ def load(so: Path) -> ctypes.CDLL:
     lib.ak_dequantize_rows.argtypes = [i, vp, vp, i, vp, i, i]
     lib.ak_paged_attention.argtypes = [vp, vp, vp, vp, vp, vp, vp, i, i, i, i, i, i, i, ctypes.c_float, vp, i]
     lib.ak_paged_attention_f16.argtypes = lib.ak_paged_attention.argtypes  # K/V pools of IEEE halves
-    lib.ak_paged_attention_kv.argtypes = [vp, vp, vp, i, vp, vp, vp, vp, i, i, i, i, i, i, i, ctypes.c_float, vp, i, vp]
+    lib.ak_paged_attention_kv.argtypes = [vp, vp, vp, i, vp, vp, vp, vp, i, i, i, i, i, i, i, ctypes.c_float, vp, i, vp,
+                                          ctypes.c_float]
     lib.ak_quantize_kv_rows.argtypes = [i, vp, vp, i, i]
     lib.ak_hadamard64.argtypes = [vp, ctypes.c_int64, i]
     lib.ak_llama_decode.argtypes = [vp, i, vp, i, i, i, i, i, i, i, ctypes.c_float, vp, i, i, i, vp, vp, vp, vp,

@@ -147,6 +147,26 @@ static inline const float *kv_row(const void *pool, int kv_type, size_t r, int h
             for (size_t l_ = 0; l_ < (rb); l_ += 64) _mm_prefetch((const char *)(pool) + (size_t)n_ * (rb) + l_, _MM_HINT_T0); \
     } while (0)
 
+/* p[0 .. n) ← tanh(p / c) · c: attention logit soft-capping (Gemma 2), as the eager decode_attention computes it;
+ * tanh(y) = 1 − 2 / (e^{2y} + 1) on the vector lanes */
+static inline void softcap_scores(float *p, int64_t n, float c) {
+    int64_t t = 0;
+#ifdef __AVX512F__
+    const __m512 vc = _mm512_set1_ps(c), one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f);
+    for (; t + 16 <= n; t += 16) {
+        const __m512 y = _mm512_div_ps(_mm512_loadu_ps(p + t), vc), e = exp16(_mm512_add_ps(y, y));
+        _mm512_storeu_ps(p + t, _mm512_mul_ps(_mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(e, one))), vc));
+    }
+#elif defined(AK_AVX2)
+    const __m256 vc = _mm256_set1_ps(c), one = _mm256_set1_ps(1.f), two = _mm256_set1_ps(2.f);
+    for (; t + 8 <= n; t += 8) {
+        const __m256 y = _mm256_div_ps(_mm256_loadu_ps(p + t), vc), e = exp8(_mm256_add_ps(y, y));
+        _mm256_storeu_ps(p + t, _mm256_mul_ps(_mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(e, one))), vc));
+    }
+#endif
+    for (; t < n; t++) p[t] = tanhf(p[t] / c) * c;
+}
+
 /* p[0 .. n) ← softmax(p), n >= 1 (8 lanes at a time with AVX2) */
 static inline void softmax(float *p, int64_t n) {
     float mx = -INFINITY, sum = 0.f;
@@ -196,7 +216,7 @@ static inline void softmax(float *p, int64_t n) {
  * tf <= t < len are its rows trow + t % bs instead of the pool's. */
 static inline __attribute__((always_inline)) void attend_task(
         const float *qb, const void *k_pool, const void *v_pool, int kv_type, const int64_t *tab, int64_t st,
-        int64_t len, int h, int g, const int hd, int bs, int num_blocks, size_t L, float scale, float *s, float *ob,
+        int64_t len, int h, int g, const int hd, int bs, int num_blocks, size_t L, float scale, float softcap, float *s, float *ob,
         const void *tk, const void *tv, int64_t tf, int64_t trow) {
     float kt[hd];
     for (int i = 0; i < g * hd; i++) ob[i] = 0.f;
@@ -213,7 +233,10 @@ static inline __attribute__((always_inline)) void attend_task(
         ROW(t, x)                                                                          \
     }
     EACH_ROW(k_pool, tk, SCORE_ROW)
-    for (int gi = 0; gi < g; gi++) softmax(s + (size_t)gi * L + st, len - st);
+    for (int gi = 0; gi < g; gi++) {
+        if (softcap > 0.f) softcap_scores(s + (size_t)gi * L + st, len - st, softcap);
+        softmax(s + (size_t)gi * L + st, len - st);
+    }
     EACH_ROW(v_pool, tv, ADD_ROW)
 #undef EACH_ROW
 }
@@ -247,7 +270,7 @@ AK_INLINE void row512(const void *pool, const int KV, size_t r, const int HD, __
  * accumulated in registers across the keys */
 AK_INLINE void attend_task512(const float *qb, const void *k_pool, const void *v_pool, const int KV, const int64_t *tab,
                               int64_t st, int64_t len, int h, int g, const int HD, int bs, int num_blocks, size_t L,
-                              float scale, float *s, float *ob) {
+                              float scale, float softcap, float *s, float *ob) {
     enum { GMAX = 4 };
     const int GB = HD == 64 ? 4 : 2; /* heads a pass over V: GB · HD/16 accumulators + HD/16 for the row */
     for (int i = 0; i < g * HD; i++) ob[i] = 0.f;
@@ -267,6 +290,7 @@ AK_INLINE void attend_task512(const float *qb, const void *k_pool, const void *v
     const int64_t n = len - st;
     for (int gi = 0; gi < g; gi++) {
         float *sg = s + (size_t)gi * L + st;
+        if (softcap > 0.f) softcap_scores(sg, n, softcap);
         __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
         for (int64_t t = 0; t < n; t += 16) {
             const __mmask16 m = n - t >= 16 ? 0xffff : (__mmask16)((1u << (n - t)) - 1);
@@ -329,8 +353,8 @@ AK_INLINE __m256 row8(const void *pool, const int KV, size_t r, const int HD, in
  * (on AVX-512 machines too, for the exact tails attend_task512 does not read) */
 AK_INLINE void attend_task_avx2(const float *qb, const void *k_pool, const void *v_pool, const int KV,
                                 const int64_t *tab, int64_t st, int64_t len, int h, int g, const int HD, int bs,
-                                int num_blocks, size_t L, float scale, float *s, float *ob, const void *tk,
-                                const void *tv, int64_t tf, int64_t trow) {
+                                int num_blocks, size_t L, float scale, float softcap, float *s, float *ob,
+                                const void *tk, const void *tv, int64_t tf, int64_t trow) {
     if (len <= st) {
         for (int i = 0; i < g * HD; i++) ob[i] = 0.f;
         return;
@@ -353,7 +377,10 @@ AK_INLINE void attend_task_avx2(const float *qb, const void *k_pool, const void 
     KV_ROWS(tab, st, pend, h, bs, num_blocks, t, r) SCORE_ROW(k_pool, KV, r, t)
     for (int64_t t = pend > st ? pend : st; t < len; t++) SCORE_ROW(tk, AK_KV_Q8_0, (size_t)(trow + t % bs), t)
 #undef SCORE_ROW
-    for (int gi = 0; gi < g; gi++) softmax(s + (size_t)gi * L + st, len - st);
+    for (int gi = 0; gi < g; gi++) {
+        if (softcap > 0.f) softcap_scores(s + (size_t)gi * L + st, len - st, softcap);
+        softmax(s + (size_t)gi * L + st, len - st);
+    }
     for (int gi = 0; gi < g; gi++) {
         __m256 acc[16];
         for (int i = 0; i < HD / 8; i++) acc[i] = _mm256_setzero_ps();
@@ -385,7 +412,7 @@ AK_INLINE void attend_task_avx2(const float *qb, const void *k_pool, const void 
 static int paged_attention(const float *q, const void *k_pool, const void *v_pool, int kv_type, const int64_t *tables,
                            const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
                            int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads,
-                           const ak_kv_tail *tail) {
+                           const ak_kv_tail *tail, float softcap) {
     if (nh % nkv != 0) return 1;
     if (kv_type < AK_KV_F32 || kv_type > AK_KV_Q4_0) return 4;
     if (!ak_kv_row_bytes(kv_type, hd)) return 3;
@@ -403,7 +430,7 @@ static int paged_attention(const float *q, const void *k_pool, const void *v_poo
             const void *tk = slot >= 0 ? tail->k : NULL, *tv = slot >= 0 ? tail->v : NULL;
             const int64_t tf = slot >= 0 ? tail->from[b] : len, trow = ((int64_t)h * (slot >= 0 ? tail->slots : 0) + slot) * bs;
 #ifdef __AVX512F__
-#define TASK512(KV, HD) attend_task512(qb, k_pool, v_pool, KV, tab, st, len, h, g, HD, bs, num_blocks, L, scale, s, ob)
+#define TASK512(KV, HD) attend_task512(qb, k_pool, v_pool, KV, tab, st, len, h, g, HD, bs, num_blocks, L, scale, softcap, s, ob)
             if (hd == 64 && !tk) BY_KV(TASK512, 64) /* the AVX-512 kernel; an exact tail's rows: AVX2's below */
             else if (hd == 128 && !tk) BY_KV(TASK512, 128)
             else
@@ -411,20 +438,20 @@ static int paged_attention(const float *q, const void *k_pool, const void *v_poo
 #endif
 #if defined(AK_AVX2)
 #define AVX2_TASK(KV, HD) \
-    attend_task_avx2(qb, k_pool, v_pool, KV, tab, st, len, h, g, HD, bs, num_blocks, L, scale, s, ob, tk, tv, tf, trow)
+    attend_task_avx2(qb, k_pool, v_pool, KV, tab, st, len, h, g, HD, bs, num_blocks, L, scale, softcap, s, ob, tk, tv, tf, trow)
             if (hd == 64) BY_KV(AVX2_TASK, 64)
             else if (hd == 128) BY_KV(AVX2_TASK, 128)
             else
 #undef AVX2_TASK
 #endif
             if (hd == 64)
-                attend_task(qb, k_pool, v_pool, kv_type, tab, st, len, h, g, 64, bs, num_blocks, L, scale, s, ob, tk, tv,
+                attend_task(qb, k_pool, v_pool, kv_type, tab, st, len, h, g, 64, bs, num_blocks, L, scale, softcap, s, ob, tk, tv,
                             tf, trow);
             else if (hd == 128)
-                attend_task(qb, k_pool, v_pool, kv_type, tab, st, len, h, g, 128, bs, num_blocks, L, scale, s, ob, tk, tv,
+                attend_task(qb, k_pool, v_pool, kv_type, tab, st, len, h, g, 128, bs, num_blocks, L, scale, softcap, s, ob, tk, tv,
                             tf, trow);
             else
-                attend_task(qb, k_pool, v_pool, kv_type, tab, st, len, h, g, hd, bs, num_blocks, L, scale, s, ob, tk, tv,
+                attend_task(qb, k_pool, v_pool, kv_type, tab, st, len, h, g, hd, bs, num_blocks, L, scale, softcap, s, ob, tk, tv,
                             tf, trow);
         }
     }
@@ -436,22 +463,22 @@ int ak_paged_attention(const float *q, const float *k_pool, const float *v_pool,
                        const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
                        int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads) {
     return paged_attention(q, k_pool, v_pool, AK_KV_F32, tables, lens, starts, out, B, nh, nkv, hd, bs, num_blocks,
-                           max_nb, scale, scratch, threads, NULL);
+                           max_nb, scale, scratch, threads, NULL, 0.f);
 }
 
 int ak_paged_attention_f16(const float *q, const uint16_t *k_pool, const uint16_t *v_pool, const int64_t *tables,
                            const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
                            int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads) {
     return paged_attention(q, k_pool, v_pool, AK_KV_F16, tables, lens, starts, out, B, nh, nkv, hd, bs, num_blocks,
-                           max_nb, scale, scratch, threads, NULL);
+                           max_nb, scale, scratch, threads, NULL, 0.f);
 }
 
 /* the paged attention over pools of kv_type (AK_KV_*: float32, float16, Q8_0 or Q4_0 rows), tail: NULL or the
- * exact blocks (ak_kv_tail) */
+ * exact blocks (ak_kv_tail); softcap > 0: the scores s ← tanh(s / softcap) · softcap before the softmax (Gemma 2) */
 int ak_paged_attention_kv(const float *q, const void *k_pool, const void *v_pool, int kv_type, const int64_t *tables,
                           const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
                           int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads,
-                          const ak_kv_tail *tail) {
+                          const ak_kv_tail *tail, float softcap) {
     return paged_attention(q, k_pool, v_pool, kv_type, tables, lens, starts, out, B, nh, nkv, hd, bs, num_blocks,
-                           max_nb, scale, scratch, threads, tail);
+                           max_nb, scale, scratch, threads, tail, softcap);
 }

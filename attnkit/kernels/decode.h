@@ -51,12 +51,13 @@ int ak_quantize_kv_rows(int kv_type, const float *x, void *out, int n_rows, int 
  * indices from[b] <= t < lens[b] as Q8_0 rows from tail slot slot[b] (slot < 0: none), not from the pool;
  * k, v: this layer's (nkv, slots, bs, Q8_0 row) rows. */
 typedef struct { const void *k, *v; int slots; const int64_t *slot, *from; } ak_kv_tail;
-/* the paged decode attention (attention.c) over K/V pools of kv_type (tail: NULL, or the exact blocks); 0, 1
+/* the paged decode attention (attention.c) over K/V pools of kv_type (tail: NULL, or the exact blocks; softcap > 0:
+ * the scores soft-capped, Gemma 2); 0, 1
  * (nh % nkv), 3 (hd % 32 for a quantized kv_type), 4 (an unknown kv_type) */
 int ak_paged_attention_kv(const float *q, const void *k_pool, const void *v_pool, int kv_type, const int64_t *tables,
                           const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
                           int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads,
-                          const ak_kv_tail *tail);
+                          const ak_kv_tail *tail, float softcap);
 
 /* one matrix of GGUF blocks: its kernel kind (ak_gemv) and output rows */
 typedef struct { const void *w; int kind, rows; } ak_part;
@@ -93,7 +94,8 @@ typedef struct {
     const float *q_norm, *k_norm;
     const ak_moe *moe; /* NULL: the dense SwiGLU above (gate_up, down); else this FFN, and gate_up/down are unused */
     const float *post_attn_norm, *post_ffn_norm; /* sandwich norms on each sublayer's output (Gemma 2/3), or NULL */
-    float scale; /* the softmax scale (1/√hd, or Gemma's query_pre_attn_scalar^−½) */
+    float scale;   /* the softmax scale (1/√hd, or Gemma's query_pre_attn_scalar^−½) */
+    float softcap; /* > 0: the attention scores soft-capped, tanh(s / softcap) · softcap (Gemma 2) */
     int act;     /* the gated FFN's activation: 0 SiLU (SwiGLU), 1 GELU with the tanh approximation (GeGLU, Gemma) */
     int view;    /* its entry of the step's ak_view array: the keys it sees and its RoPE angles */
 } ak_layer;

@@ -9,7 +9,7 @@
  *
  * Options of the families: Qwen2's q/k/v bias; q/k RMSNorm before RoPE, per head (Qwen3) or over the whole
  * projection (OLMoE); RoPE on part of each head (Phi-4-mini); Gemma's sandwich norms N_a, N_f on each sublayer's output,
- * GeGLU, softmax scale, and layers of two kinds (Gemma 3: windowed layers with their own block tables and RoPE base:
+ * GeGLU, softmax scale and soft-capping, and layers of two kinds (Gemma 3: windowed layers with their own block tables and RoPE base:
  * ak_view); and in place of the dense FFN a sparse mixture of experts (moe.c: Qwen3-MoE, Mixtral, OLMoE).
  */
 #include <math.h>
@@ -149,7 +149,7 @@ int ak_llama_decode(const ak_layer *layers, int n_layers, float *x, int B, int d
         if (tail) lt = (ak_kv_tail){L->k_tail, L->v_tail, tail->slots, tail->slot, tail->from};
         int rc = ak_paged_attention_kv(q, L->k_pool, L->v_pool, kv_type, V->tables, V->lens, V->starts, att, B, nh, nkv,
                                        hd, bs, num_blocks, V->max_nb, L->scale, scores, threads,
-                                       tail && L->k_tail ? &lt : NULL);
+                                       tail && L->k_tail ? &lt : NULL, L->softcap);
         if (rc) return 2;
         if (rot) hadamard64(att, (size_t)B * nq);
         if (ak_gemv(L->o.kind, L->o.w, att, dn, B, d, nq, act, threads)) return 1;

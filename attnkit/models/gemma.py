@@ -210,12 +210,11 @@ _GGUF_SANDWICH = (
     (r"layers\.(\d+)\.post_ffn_norm\.weight", r"blk.\1.post_ffw_norm.weight"),
 )
 _SUPPORTS = {"HF": "yes", "GGUF": "yes", "engine": "yes", "C step": "yes", "LoRA": "yes"}
-_SUPPORTS2 = {**_SUPPORTS, "C step": "no (eager: attention soft-capping)"}
 
 register(Family("gemma", hf_types=("gemma",), gguf_archs=("gemma",), hf_config=gemma_hf, gguf_config=gemma_gguf,
                 supports=_SUPPORTS, example="gemma-2b, gemma-1.1-7b-it"))
 register(Family("gemma2", hf_types=("gemma2",), gguf_archs=("gemma2",), hf_config=gemma2_hf, gguf_config=gemma2_gguf,
-                hf_rules=_HF_SANDWICH, gguf_rules=_GGUF_SANDWICH, supports=_SUPPORTS2,
+                hf_rules=_HF_SANDWICH, gguf_rules=_GGUF_SANDWICH, supports=_SUPPORTS,
                 example="gemma-2-2b-it, gemma-2-9b"))
 register(Family("gemma3", hf_types=("gemma3_text",), gguf_archs=("gemma3",), hf_config=gemma3_hf,
                 gguf_config=gemma3_gguf, hf_rules=_HF_SANDWICH, gguf_rules=_GGUF_SANDWICH, supports=_SUPPORTS,
