@@ -66,13 +66,18 @@ def _model(kinds: dict[str, str] | None = None, router: str = "F32", fuse: str =
 
 
 def _run(model: Llama, prompts: list[list[int]], steps: int = 12, check_eager: bool = True, engines: list | None = None,
-         **engine_kw):
+         loras: dict | None = None, lora_of: list | None = None, **engine_kw):
     """Greedy decode through the engine; at each decode-only step also the eager step on the same batch.
-    Returns [(native logits, eager logits or None, request ids of the rows)]; the engine is appended to ``engines``."""
+    Returns [(native logits, eager logits or None, request ids of the rows)]; the engine is appended to ``engines``.
+    ``loras``: LoRA adapters to serve ({name: PEFT directory}); ``lora_of``: each prompt's adapter name or None."""
     engine = LLMEngine(model, config=EngineConfig(block_size=4, kv_cache_bytes=4 << 20, **engine_kw))
     if engines is not None:
         engines.append(engine)
-    ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)) for p in prompts]
+    for name, directory in (loras or {}).items():
+        engine.add_lora(name, directory)
+    lora_of = lora_of or [None] * len(prompts)
+    ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True), lora=name)
+           for p, name in zip(prompts, lora_of)]
     runner, out = engine.runner, []
     from attnkit.engine.sampler import sample
 
@@ -144,6 +149,39 @@ def test_gemma_phi4_and_windowed_layers_decode_as_the_eager_model(variant):
     # Gemma 3's local and global layers read two views (two block tables, or two windows of one)
     assert len(runner.meta_keys) == (2 if "layer_windows" in variant else 1)
     assert sorted(set(runner.native.layer_views)) == list(range(len(runner.meta_keys)))
+
+
+def test_lora_adapters_decode_in_the_c_step_as_eagerly(tmp_path):
+    """Served LoRA adapters (HF PEFT's format; attention and FFN targets, two ranks) in the C step, each row with its
+    own adapter or none in one batch: logits as the eager engine's (MultiLoraLinear) on the same blocks; and the
+    adapters do change them."""
+    from attnkit.peft import LoraConfig, get_peft_model
+
+    configs = {"attn": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+               "ffn": LoraConfig(r=2, lora_alpha=3, target_modules=["gate_proj", "up_proj", "down_proj"])}
+    loras = {}
+    for k, (name, config) in enumerate(configs.items()):
+        torch.manual_seed(0)
+        peft = get_peft_model(Llama(LlamaConfig(vocab_size=200, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                                d_ff=128, max_seq_len=512)), config)
+        g = torch.Generator().manual_seed(10 + k)
+        with torch.no_grad():
+            for p in peft.adapter_parameters("default").values():
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+        peft.save_pretrained(tmp_path / name)
+        loras[name] = tmp_path / name
+    prompts = PROMPTS3 + [[9, 8, 7, 6]]
+    engines: list = []
+    steps = _run(_model(), prompts, loras=loras, lora_of=[None, "attn", "ffn", "attn"], engines=engines)
+    _assert_like_eager(steps)
+    assert engines[0].runner.lora_step is not None
+    base = _run(_model(), prompts, check_eager=False)  # negative control: the same prompts without adapters
+    with_lora = steps[-1][0]
+    rows = {r: i for i, r in enumerate(steps[-1][2])}
+    plain = {r: i for i, r in enumerate(base[-1][2])}
+    for r, name in enumerate([None, "attn", "ffn", "attn"]):
+        diff = (with_lora[rows[r]] - base[-1][0][plain[r]]).abs().max()
+        assert (diff > 1e-2) if name else (diff < 1e-4), (r, name, diff)
 
 
 @pytest.mark.parametrize("qk_norm", ["head", "full"])

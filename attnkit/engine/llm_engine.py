@@ -186,6 +186,7 @@ class LLMEngine:
             self.loras = LoraAdapters(self.model)
             self.runner.lora_step = self.loras.step
         self.loras.add(name, directory)
+        self.runner.native = None  # the C step is rebuilt at the next step, over the adapters now stacked
 
     def remove_lora(self, name: str) -> None:
         """Unload adapter ``name``; refused while a request uses it."""
@@ -196,6 +197,7 @@ class LLMEngine:
         if busy:
             raise ValueError(f"LoRA adapter {name!r} is in use by {len(busy)} unfinished request(s)")
         self.loras.remove(name)
+        self.runner.native = None
 
     def lora_names(self) -> list[str]:
         return self.loras.names() if self.loras is not None else []

@@ -322,7 +322,7 @@ class ModelRunner:
                  for key in keys}
         meta = metas[keys[0]]
         model = self.model
-        c_step = not self.compile and self.lora_step is None
+        c_step = not self.compile
         if c_step and self.native is None:  # built at the first step of any kind: prompt rows use its MoE too
             self.native_reason = why_not(model, self.k_pool, self.kv_format)
             views = [keys.index((g, w)) for g, w in zip(self.group_of, self.windows)]  # each layer's metadata
@@ -332,8 +332,12 @@ class ModelRunner:
             if self.native and (self.batch_invariant or len(ids) <= self.native.max_rows):
                 views = [(m.slots, m.decode_tables, m.decode_lens, m.decode_starts) for m in (metas[k] for k in keys)]
                 assert all(t is not None for view in views for t in view)
+                adapters = None  # each row's LoRA adapter (a verifying sequence's rows all its own)
+                if self.lora_step is not None and any(s.adapter for s in batch.seqs):
+                    adapters = torch.tensor([s.adapter for s, n in zip(batch.seqs, batch.num_tokens) for _ in range(n)])
                 h = self.native.hidden(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device),
-                                       *views[0], meta.decode_tail, others=tuple(views[1:]))  # type: ignore[arg-type]
+                                       *views[0], meta.decode_tail, others=tuple(views[1:]),  # type: ignore[arg-type]
+                                       adapters=adapters)
                 self.prompt_logits = ([], torch.empty(0))
                 return self.native.logits(h).float(), sample_rows
         for key, m in metas.items():

@@ -10,7 +10,8 @@ cannot): q/k/v and gate/up projections fused (one matrix, or one part per block 
 GGUF blocks of any type the kernels have, no biases but Qwen2's on q/k/v, RMSNorm (with Gemma's 1 + γ, and its
 sandwich norms), q/k RMSNorm per head (Qwen3, Gemma 3) or over the projection (OLMoE), SwiGLU or GeGLU, RoPE on
 all or part of each head, any softmax scale, attention soft-capping (Gemma 2), each layer's sliding window and a
-second RoPE for the windowed layers (Gemma 3: one :class:`_View` per kind of layer), no LoRA; the FFN gated or a
+second RoPE for the windowed layers (Gemma 3: one :class:`_View` per kind of layer), served LoRA adapters on the
+dense projections (each row its own adapter, :class:`_Lora`); the FFN gated or a
 sparse mixture of SwiGLU experts (:class:`attnkit.nn.moe.SparseMoE`: Qwen3-MoE, Mixtral, OLMoE; kernels/moe.c) with a
 float32 or GGUF router.
 """
@@ -26,6 +27,7 @@ from ..kernels import library
 from ..quant.native import ACT_BLOCK_BYTES, GGUFBlockLinear
 from .kv_format import KVFormat, kv_format
 from .kv_tail import KVTail
+from .lora import MultiLoraLinear
 from .paged_attention import tail_arg
 
 
@@ -42,8 +44,12 @@ class _Layer(ctypes.Structure):  # kernels/decode.h's ak_layer
                 ("qk_eps", ctypes.c_float), ("q_norm", ctypes.c_void_p),
                 ("k_norm", ctypes.c_void_p), ("moe", ctypes.c_void_p), ("post_attn_norm", ctypes.c_void_p),
                 ("post_ffn_norm", ctypes.c_void_p), ("scale", ctypes.c_float), ("softcap", ctypes.c_float),
-                ("act", ctypes.c_int),
-                ("view", ctypes.c_int)]
+                ("act", ctypes.c_int), ("view", ctypes.c_int), ("lora_qkv", ctypes.c_void_p), ("lora_o", ctypes.c_void_p),
+                ("lora_gate_up", ctypes.c_void_p), ("lora_down", ctypes.c_void_p)]
+
+
+class _Lora(ctypes.Structure):  # ak_lora: the adapters stacked on one projection (MultiLoraLinear's A, B, columns)
+    _fields_ = [("A", ctypes.c_void_p), ("B", ctypes.c_void_p), ("cols", ctypes.c_void_p), ("R", ctypes.c_int)]
 
 
 class _View(ctypes.Structure):  # ak_view: what the layers of one kind see in a step
@@ -60,6 +66,22 @@ class _Moe(ctypes.Structure):  # ak_moe
                 ("router_f32", ctypes.c_void_p), ("router", _Part), ("experts", ctypes.c_void_p)]
 
 _QK_NORM = {None: 0, "head": 1, "full": 2}
+
+
+def _base(m: nn.Module | None) -> nn.Module | None:
+    """A dense projection under its served LoRA adapters (MultiLoraLinear: the step adds their updates), or itself."""
+    return m.base if isinstance(m, MultiLoraLinear) else m
+
+
+def _lora(m: nn.Module | None, keep: list) -> int | None:
+    """The address of an ak_lora for a MultiLoraLinear's stacked adapters (kept alive in ``keep``), or None."""
+    if not isinstance(m, MultiLoraLinear) or m.A is None:
+        return None
+    cols = torch.tensor(m.columns, dtype=torch.int64)
+    A, B = m.A.detach().contiguous(), m.B.detach().contiguous()  # type: ignore[union-attr]
+    lora = _Lora(A.data_ptr(), B.data_ptr(), cols.data_ptr(), A.shape[0])
+    keep += [A, B, cols, lora]
+    return ctypes.addressof(lora)
 
 
 def _parts(m: nn.Module) -> list[GGUFBlockLinear]:
@@ -162,7 +184,11 @@ def why_not(model: nn.Module, k_pool: torch.Tensor, fmt: KVFormat | None = None)
         mods = {"qkv_proj": getattr(attn, "qkv_proj", None), "o_proj": attn.o_proj}
         if not moe:
             mods.update(gate_up_proj=getattr(ffn, "gate_up_proj", None), down_proj=getattr(ffn, "down_proj", None))
-        for name, m in mods.items():
+        for name, m in list(mods.items()):
+            if isinstance(m, MultiLoraLinear) and m.A is not None and not (
+                    m.A.dtype == m.B.dtype == torch.float32 and m.A.device.type == "cpu"):  # type: ignore[union-attr]
+                return f"layer {i} {name}: LoRA adapters not float32 on the CPU"
+            mods[name] = m = _base(m)
             if type(m) is GGUFBlockLinear:
                 if m.bias is not None and name != "qkv_proj":
                     return f"layer {i} {name} has a bias"
@@ -189,7 +215,7 @@ def why_not(model: nn.Module, k_pool: torch.Tensor, fmt: KVFormat | None = None)
         elif not hasattr(ffn, "gate_up_proj") or _act_code(ffn) is None:
             return f"layer {i}: not a pre-norm SwiGLU or GeGLU"
         else:
-            dense_ff.add(ffn.down_proj.in_features)
+            dense_ff.add(_base(ffn.down_proj).in_features)
     if len(dense_ff) > 1:
         return "dense layers of different d_ff"
     return None
@@ -218,7 +244,7 @@ class NativeDecoder:
             if self.view_rotary.setdefault(v, rotary) is not rotary:
                 raise ValueError(f"view {v}: its layers use different RoPEs")
         dense = [layer.ffn for layer in model.layers if not hasattr(layer.ffn, "experts")]
-        self.ff = dense[0].down_proj.in_features if dense else 0  # the dense layers' (why_not: all the same)
+        self.ff = _base(dense[0].down_proj).in_features if dense else 0  # the dense layers' (why_not: all the same)
         self.eps = float(model.layers[0].norm1.eps)
         self.kv_type = (fmt or kv_format(k_pool.dtype)).code  # the C step's: 0 float32, 1 float16, 2 q8_0, 3 q4_0
         _, _, self.num_blocks, self.bs, _ = k_pool.shape
@@ -230,13 +256,13 @@ class NativeDecoder:
         self._moe_work = torch.empty(0, dtype=torch.uint8)
         for i, layer in enumerate(model.layers):
             attn, ffn = layer.self_attn, layer.ffn
-            qkv, o = attn.qkv_proj, attn.o_proj
+            qkv, o = _base(attn.qkv_proj), _base(attn.o_proj)
             qkv_parts, n_qkv = _c_parts(qkv, 3)
             bias = getattr(qkv, "bias", None)
             qk = _QK_NORM[getattr(attn, "qk_norm", None)]
             moe = self._moe(ffn, keep) if hasattr(ffn, "experts") else None
             if moe is None:
-                (gu_parts, n_gu), down = _c_parts(ffn.gate_up_proj, 2), _c_parts(ffn.down_proj, 1)[0][0]
+                (gu_parts, n_gu), down = _c_parts(_base(ffn.gate_up_proj), 2), _c_parts(_base(ffn.down_proj), 1)[0][0]
             else:
                 (gu_parts, n_gu), down = ((_Part * 2)(), 0), _Part()
             layers.append(_Layer(qkv_parts, gu_parts, _c_parts(o, 1)[0][0], down, n_qkv, n_gu,
@@ -253,7 +279,10 @@ class NativeDecoder:
                                    for n in (getattr(layer, "post_attn_norm", None), getattr(layer, "post_ffn_norm", None))),
                                  float(getattr(attn, "scale", None) or self.hd ** -0.5),
                                  float(getattr(attn, "softcap", None) or 0.0),
-                                 _act_code(ffn) if moe is None else 0, self.layer_views[i]))
+                                 _act_code(ffn) if moe is None else 0, self.layer_views[i],
+                                 _lora(attn.qkv_proj, keep), _lora(attn.o_proj, keep),
+                                 *((_lora(ffn.gate_up_proj, keep), _lora(ffn.down_proj, keep)) if moe is None
+                                   else (None, None))))
         self.layers = (_Layer * len(layers))(*layers)
         self.keep = keep
         self.threads = torch.get_num_threads()
@@ -335,11 +364,12 @@ class NativeDecoder:
     @torch.inference_mode()
     def hidden(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
                lens: torch.Tensor, starts: torch.Tensor, tail: tuple[torch.Tensor, torch.Tensor] | None = None,
-               others: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], ...] = ()) -> torch.Tensor:
+               others: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], ...] = (),
+               adapters: torch.Tensor | None = None) -> torch.Tensor:
         """ids, positions, slots (B,); tables (B, max_nb); lens, starts (B,) → the last layer's output (B, d).
         slots … starts are view 0's; ``others``: (slots, tables, lens, starts) of views 1, … (the layers of another
         KV group or window). ``tail``: each row's exact-block slot and first exact key (B,) each
-        (attnkit.engine.kv_tail), or None."""
+        (attnkit.engine.kv_tail), or None. ``adapters``: each row's LoRA adapter id (B,) int64 (0: the base), or None."""
         x = self.model.tok_embeddings(ids)  # (B, d)
         if self.model.cfg.embed_scale != 1.0:  # as Llama.forward: the scale rounded to the embeddings' dtype
             x = x * torch.tensor(self.model.cfg.embed_scale, dtype=x.dtype)
@@ -356,13 +386,14 @@ class NativeDecoder:
             keep += ts
             views[v] = _View(*(t.data_ptr() for t in ts), cos.data_ptr(), sin.data_ptr(), ts[1].shape[1])
         B = ids.shape[0]
+        ada = adapters.to(torch.int64).contiguous() if adapters is not None else None
         work, act, scores = self._scratch(B, max(view.max_nb for view in views))
         moe = self._moe_buffer(B)
         rc = self.lib.ak_llama_decode(self.layers, len(self.layers), x.data_ptr(), B, self.d, self.nh, self.nkv, self.hd,
                                       self.rd, self.ff, ctypes.c_float(self.eps), views, self.bs, self.num_blocks,
                                       self.kv_type, work.data_ptr(), act.data_ptr(), scores.data_ptr(),
                                       moe.data_ptr() if moe.numel() else None, moe.numel(), self.threads,
-                                      tail_arg(self.tail, tail, keep))
+                                      tail_arg(self.tail, tail, keep), ada.data_ptr() if ada is not None else None)
         if rc:
             raise RuntimeError(f"ak_llama_decode failed (code {rc})")
         return x

@@ -141,7 +141,7 @@ def load(so: Path) -> ctypes.CDLL:
     lib.ak_quantize_kv_rows.argtypes = [i, vp, vp, i, i]
     lib.ak_hadamard64.argtypes = [vp, ctypes.c_int64, i]
     lib.ak_llama_decode.argtypes = [vp, i, vp, i, i, i, i, i, i, i, ctypes.c_float, vp, i, i, i, vp, vp, vp, vp,
-                                    ctypes.c_size_t, i, vp]
+                                    ctypes.c_size_t, i, vp, vp]
     lib.ak_moe_work_bytes.argtypes = [i, i, i, i, i, i]
     lib.ak_moe_work_bytes.restype = ctypes.c_size_t
     lib.ak_moe_ffn.argtypes = [vp, vp, vp, i, i, vp, ctypes.c_size_t, i]

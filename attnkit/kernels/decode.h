@@ -78,6 +78,14 @@ typedef struct {
     const ak_expert *experts; /* n_experts */
 } ak_moe;
 
+/* the LoRA adapters served on one projection (attnkit.engine.lora.MultiLoraLinear), stacked: A (R, in) the adapters'
+ * A's one after the other, B (out, R) their B's (scaling folded in), cols (R,) the adapter of each column */
+typedef struct {
+    const float *A, *B;
+    const int64_t *cols;
+    int R;
+} ak_lora;
+
 typedef struct {
     /* q/k/v ((nh+2·nkv)·hd rows) and gate/up (2·ff rows): one fused matrix, or one part each where their block
      * types differ (Q4_K_M keeps attn_v in Q6_K in some layers); the outputs of the parts lie side by side */
@@ -98,6 +106,7 @@ typedef struct {
     float softcap; /* > 0: the attention scores soft-capped, tanh(s / softcap) · softcap (Gemma 2) */
     int act;     /* the gated FFN's activation: 0 SiLU (SwiGLU), 1 GELU with the tanh approximation (GeGLU, Gemma) */
     int view;    /* its entry of the step's ak_view array: the keys it sees and its RoPE angles */
+    const ak_lora *lora_qkv, *lora_o, *lora_gate_up, *lora_down; /* LoRA adapters on the projections, or NULL */
 } ak_layer;
 
 /* what the layers of one kind see in a step: a KV group's block tables and slots, a window's first keys, a RoPE's

@@ -8,7 +8,7 @@
  * operations per layer, each with its Python and dispatch overhead; here it is one call for all layers.
  *
  * Options of the families: Qwen2's q/k/v bias; q/k RMSNorm before RoPE, per head (Qwen3) or over the whole
- * projection (OLMoE); RoPE on part of each head (Phi-4-mini); Gemma's sandwich norms N_a, N_f on each sublayer's output,
+ * projection (OLMoE); served LoRA adapters, each row its own (lora_add); RoPE on part of each head (Phi-4-mini); Gemma's sandwich norms N_a, N_f on each sublayer's output,
  * GeGLU, softmax scale and soft-capping, and layers of two kinds (Gemma 3: windowed layers with their own block tables and RoPE base:
  * ak_view); and in place of the dense FFN a sparse mixture of experts (moe.c: Qwen3-MoE, Mixtral, OLMoE).
  */
@@ -97,6 +97,42 @@ static int gemv_parts(const ak_part *p, int np, const float *x, float *y, float 
     return 0;
 }
 
+/* y (B, n) += each row's LoRA update (Hu et al. 2021; multi-LoRA serving as Punica / S-LoRA): for row b with adapter
+ * a = row_adapter[b] (0: none), Σ over the columns r of adapter a of B[:, r]·(A[r] · x_b); x (B, k) */
+static void lora_add(const ak_lora *L, const float *x, float *y, int B, int k, int n, const int64_t *row_adapter,
+                     int threads) {
+    if (!L || !row_adapter) return;
+    const int R = L->R;
+    for (int b = 0; b < B; b++) {
+        const int64_t a = row_adapter[b];
+        if (!a) continue;
+        float t[R];
+        int r0 = -1, r1 = -1; /* an adapter's columns are contiguous in the stack */
+        for (int r = 0; r < R; r++)
+            if (L->cols[r] == a) {
+                if (r0 < 0) r0 = r;
+                r1 = r + 1;
+            }
+        if (r0 < 0) continue; /* this projection has no update for adapter a */
+        const float *xb = x + (size_t)b * k;
+        for (int r = r0; r < r1; r++) {
+            const float *ar = L->A + (size_t)r * k;
+            float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+            for (int i = 0; i < k; i++) acc += ar[i] * xb[i];
+            t[r] = acc;
+        }
+        float *yb = y + (size_t)b * n;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && (size_t)n * (size_t)(r1 - r0) >= 65536)
+        for (int o = 0; o < n; o++) {
+            const float *bo = L->B + (size_t)o * R;
+            float acc = 0.f;
+            for (int r = r0; r < r1; r++) acc += bo[r] * t[r];
+            yb[o] += acc;
+        }
+    }
+}
+
 /* x (B, d) in/out: the residual stream before layer 0 in, after the last layer out.
  * views: what each kind of layer sees (ak_view: where each new K/V goes, the block tables and keys, the RoPE angles of
  * rd dims; layer l reads views[layers[l].view]); kv_type: the pools' rows (AK_KV_*: 0 float32, 1 float16, 2 Q8_0,
@@ -105,12 +141,14 @@ static int gemv_parts(const ak_part *p, int np, const float *x, float *y, float 
  * layer is a mixture of experts); act: the quantized activations (ak_gemv's scratch, for the widest input:
  * B · max(d, ff, nh·hd)/32 · 40 bytes); scores: ak_paged_attention_kv's scratch (for the largest max_nb); moe_work:
  * moe_bytes bytes, at least ak_moe_work_bytes for the widest MoE layer (NULL, 0 without one); tail: the exact blocks'
- * slots (ak_kv_tail, its k and v unused: each layer's k_tail, v_tail) or NULL. Returns 0, or 1 (a product refused), 2
+ * slots (ak_kv_tail, its k and v unused: each layer's k_tail, v_tail) or NULL; row_adapter: each row's LoRA adapter
+ * (B,) (0: the base alone), or NULL without adapters. Returns 0, or 1 (a product refused), 2
  * (the attention refused; a kv_type or hd the pools cannot hold: before any row is written), 3–5 (an MoE layer:
  * ak_moe_ffn's code + 2). */
 int ak_llama_decode(const ak_layer *layers, int n_layers, float *x, int B, int d, int nh, int nkv, int hd, int rd,
                     int ff, float eps, const ak_view *views, int bs, int num_blocks, int kv_type, float *work, void *act,
-                    float *scores, void *moe_work, size_t moe_bytes, int threads, const ak_kv_tail *tail) {
+                    float *scores, void *moe_work, size_t moe_bytes, int threads, const ak_kv_tail *tail,
+                    const int64_t *row_adapter) {
     const int nq = nh * hd, nkvd = nkv * hd, nqkv = nq + 2 * nkvd;
     float *xn = work;                            /* (B, d)     normed input */
     float *qkv = xn + (size_t)B * d;             /* (B, nqkv)  projections */
@@ -126,6 +164,7 @@ int ak_llama_decode(const ak_layer *layers, int n_layers, float *x, int B, int d
         const ak_view *V = views + L->view;
         for (int b = 0; b < B; b++) ak_rmsnorm(x + (size_t)b * d, L->attn_norm, xn + (size_t)b * d, d, eps);
         if (gemv_parts(L->qkv, L->n_qkv, xn, qkv, tmp, B, d, act, threads)) return 1;
+        lora_add(L->lora_qkv, xn, qkv, B, d, nqkv, row_adapter, threads);
         for (int b = 0; b < B; b++) {
             float *r = qkv + (size_t)b * nqkv;
             if (L->qkv_bias)
@@ -153,6 +192,7 @@ int ak_llama_decode(const ak_layer *layers, int n_layers, float *x, int B, int d
         if (rc) return 2;
         if (rot) hadamard64(att, (size_t)B * nq);
         if (ak_gemv(L->o.kind, L->o.w, att, dn, B, d, nq, act, threads)) return 1;
+        lora_add(L->lora_o, att, dn, B, nq, d, row_adapter, threads);
         if (L->post_attn_norm)
             for (int b = 0; b < B; b++) ak_rmsnorm(dn + (size_t)b * d, L->post_attn_norm, dn + (size_t)b * d, d, eps);
         for (size_t i = 0; i < (size_t)B * d; i++) x[i] += dn[i];
@@ -161,11 +201,13 @@ int ak_llama_decode(const ak_layer *layers, int n_layers, float *x, int B, int d
             if ((rc = ak_moe_ffn(L->moe, xn, dn, B, d, moe_work, moe_bytes, threads))) return rc + 2;
         } else {
             if (gemv_parts(L->gate_up, L->n_gate_up, xn, gu, tmp, B, d, act, threads)) return 1;
+            lora_add(L->lora_gate_up, xn, gu, B, d, 2 * ff, row_adapter, threads);
             for (int b = 0; b < B; b++) {
                 if (L->act) ak_gelu_tanh_mul(gu + (size_t)b * 2 * ff, gu + (size_t)b * ff, ff);
                 else ak_silu_mul(gu + (size_t)b * 2 * ff, gu + (size_t)b * ff, ff);
             }
             if (ak_gemv(L->down.kind, L->down.w, gu, dn, B, d, ff, act, threads)) return 1;
+            lora_add(L->lora_down, gu, dn, B, ff, d, row_adapter, threads);
         }
         if (L->post_ffn_norm)
             for (int b = 0; b < B; b++) ak_rmsnorm(dn + (size_t)b * d, L->post_ffn_norm, dn + (size_t)b * d, d, eps);
