@@ -49,7 +49,8 @@ class _Layer(ctypes.Structure):  # kernels/decode.h's ak_layer
 
 
 class _Lora(ctypes.Structure):  # ak_lora: the adapters stacked on one projection (MultiLoraLinear's A, B, columns)
-    _fields_ = [("A", ctypes.c_void_p), ("B", ctypes.c_void_p), ("cols", ctypes.c_void_p), ("R", ctypes.c_int)]
+    _fields_ = [("A", ctypes.c_void_p), ("Bt", ctypes.c_void_p), ("cols", ctypes.c_void_p), ("span", ctypes.c_void_p),
+                ("R", ctypes.c_int)]
 
 
 class _View(ctypes.Structure):  # ak_view: what the layers of one kind see in a step
@@ -78,9 +79,13 @@ def _lora(m: nn.Module | None, keep: list) -> int | None:
     if not isinstance(m, MultiLoraLinear) or m.A is None:
         return None
     cols = torch.tensor(m.columns, dtype=torch.int64)
-    A, B = m.A.detach().contiguous(), m.B.detach().contiguous()  # type: ignore[union-attr]
-    lora = _Lora(A.data_ptr(), B.data_ptr(), cols.data_ptr(), A.shape[0])
-    keep += [A, B, cols, lora]
+    A, Bt = m.A.detach().contiguous(), m.B.detach().t().contiguous()  # type: ignore[union-attr]  (R, in), (R, out)
+    nz = Bt != 0  # a fused projection's B is block-diagonal: column r writes one part's outputs
+    lo = torch.where(nz.any(1), nz.float().argmax(1), 0)
+    hi = torch.where(nz.any(1), Bt.shape[1] - nz.flip(1).float().argmax(1), 0)
+    span = torch.stack([lo, hi], 1).to(torch.int64).contiguous()
+    lora = _Lora(A.data_ptr(), Bt.data_ptr(), cols.data_ptr(), span.data_ptr(), A.shape[0])
+    keep += [A, Bt, cols, span, lora]
     return ctypes.addressof(lora)
 
 

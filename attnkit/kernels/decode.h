@@ -79,10 +79,11 @@ typedef struct {
 } ak_moe;
 
 /* the LoRA adapters served on one projection (attnkit.engine.lora.MultiLoraLinear), stacked: A (R, in) the adapters'
- * A's one after the other, B (out, R) their B's (scaling folded in), cols (R,) the adapter of each column */
+ * A's one after the other, Bt (R, out) their B's transposed (scaling folded in), cols (R,) the adapter of each
+ * column, span (R, 2) the outputs [lo, hi) where column r's B is not zero (a fused q/k/v or gate/up: one part's) */
 typedef struct {
-    const float *A, *B;
-    const int64_t *cols;
+    const float *A, *Bt;
+    const int64_t *cols, *span;
     int R;
 } ak_lora;
 
