@@ -59,3 +59,20 @@ def make_llm(model: Llama, tokenizer=None, eos_ids=frozenset(), **cfg) -> LLM:
 
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8)
+
+
+def engine_greedy(engine, prompts: list[list[int]], n: int, c_step: bool = True) -> list[list[int]]:
+    """Each prompt's ``n`` greedy tokens from ``engine`` (an LLMEngine), all queued at once; ``c_step`` False keeps
+    its decode steps eager (no C decode step)."""
+    from attnkit.engine import SamplingParams
+
+    if not c_step:
+        engine.runner.native = False
+    for p in prompts:
+        engine.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+    got = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                got[tuple(o.prompt_token_ids)] = list(o.token_ids)
+    return [got[tuple(p)] for p in prompts]

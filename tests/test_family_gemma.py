@@ -374,7 +374,9 @@ def test_gguf_blocks_decode_in_the_c_step_as_eagerly(tmp_path, arch):
     """The engine on a Q8_0 file's blocks: Gemma, Gemma 2 and Gemma 3 decode in the C step ((1 + γ) norms folded by
     the converter, sandwich norms, GeGLU, q/k norms, query_pre_attn_scalar, soft-capped scores and logits, local layers
     with their own block tables, window and RoPE base) with the eager engine's greedy tokens, past the window."""
-    from attnkit.engine import EngineConfig, LLMEngine, SamplingParams
+    from engine_helpers import engine_greedy
+
+    from attnkit.engine import EngineConfig, LLMEngine
     from attnkit.engine.native_decode import NativeDecoder
     from attnkit.nn.fused import fuse_for_inference
 
@@ -387,16 +389,7 @@ def test_gguf_blocks_decode_in_the_c_step_as_eagerly(tmp_path, arch):
     for native in (True, False):
         engine = LLMEngine(fuse_for_inference(load_gguf_model(path, quantize="gguf")),
                            config=EngineConfig(block_size=4, kv_cache_bytes=4 << 20))
-        if not native:
-            engine.runner.native = False
-        for p in prompts:
-            engine.add_request(p, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
-        got = {}
-        while engine.has_unfinished_requests():
-            for o in engine.step():
-                if o.finished:
-                    got[tuple(o.prompt_token_ids)] = list(o.token_ids)
-        outs[native] = [got[tuple(p)] for p in prompts]
+        outs[native] = engine_greedy(engine, prompts, 16, c_step=native)
         if native:
             assert isinstance(engine.runner.native, NativeDecoder), engine.runner.native_reason
             assert len(set(engine.runner.native.layer_views)) == (1 if arch == "gemma" else 2)

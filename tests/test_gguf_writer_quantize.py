@@ -281,7 +281,9 @@ def test_gemma3_file_loads_as_gemma3_and_decodes_in_the_c_step(tmp_path):
     """The writer's gemma3 file: its keys and tensors as llama.cpp's converter names them; attnkit reads five
     windowed layers to one global with their own RoPE base, q/k and sandwich norms; its engine decodes it in the C
     step with the eager engine's greedy tokens, past the window (8)."""
-    from attnkit.engine import EngineConfig, LLMEngine, SamplingParams
+    from engine_helpers import engine_greedy
+
+    from attnkit.engine import EngineConfig, LLMEngine
     from attnkit.engine.native_decode import NativeDecoder
     from attnkit.kernels import library
     from attnkit.nn.fused import fuse_for_inference
@@ -300,16 +302,7 @@ def test_gemma3_file_loads_as_gemma3_and_decodes_in_the_c_step(tmp_path):
     outs = []
     for native in (True, False):
         engine = LLMEngine(fuse_for_inference(load_gguf_model(p, quantize="gguf")), config=EngineConfig(block_size=4))
-        if not native:
-            engine.runner.native = False
-        for q in prompts:
-            engine.add_request(q, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
-        got = {}
-        while engine.has_unfinished_requests():
-            for o in engine.step():
-                if o.finished:
-                    got[tuple(o.prompt_token_ids)] = list(o.token_ids)
-        outs.append([got[tuple(q)] for q in prompts])
+        outs.append(engine_greedy(engine, prompts, 12, c_step=native))
         if native:
             assert isinstance(engine.runner.native, NativeDecoder), engine.runner.native_reason
     assert outs[0] == outs[1]
