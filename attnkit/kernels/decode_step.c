@@ -99,9 +99,11 @@ static int gemv_parts(const ak_part *p, int np, const float *x, float *y, float 
 
 /* y (B, n) += each row's LoRA update (Hu et al. 2021; multi-LoRA serving as Punica / S-LoRA): for row b with adapter
  * a = row_adapter[b] (0: none), Σ over the columns r of adapter a of (A[r] · x_b) · Bt[r] over column r's span; x (B, k) */
-static void lora_add(const ak_lora *L, const float *x, float *y, int B, int k, int n, const int64_t *row_adapter) {
+static void lora_add(const ak_lora *L, const float *x, float *y, int B, int k, int n, const int64_t *row_adapter,
+                     int threads) {
     if (!L || !row_adapter) return;
-    for (int b = 0; b < B; b++) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && B > 1)
+    for (int b = 0; b < B; b++) { /* each row by itself (its own y row): the same sums however many rows */
         const int64_t a = row_adapter[b];
         if (!a) continue;
         const float *xb = x + (size_t)b * k;
@@ -151,7 +153,7 @@ int ak_llama_decode(const ak_layer *layers, int n_layers, float *x, int B, int d
         const ak_view *V = views + L->view;
         for (int b = 0; b < B; b++) ak_rmsnorm(x + (size_t)b * d, L->attn_norm, xn + (size_t)b * d, d, eps);
         if (gemv_parts(L->qkv, L->n_qkv, xn, qkv, tmp, B, d, act, threads)) return 1;
-        lora_add(L->lora_qkv, xn, qkv, B, d, nqkv, row_adapter);
+        lora_add(L->lora_qkv, xn, qkv, B, d, nqkv, row_adapter, threads);
         for (int b = 0; b < B; b++) {
             float *r = qkv + (size_t)b * nqkv;
             if (L->qkv_bias)
@@ -179,7 +181,7 @@ int ak_llama_decode(const ak_layer *layers, int n_layers, float *x, int B, int d
         if (rc) return 2;
         if (rot) hadamard64(att, (size_t)B * nq);
         if (ak_gemv(L->o.kind, L->o.w, att, dn, B, d, nq, act, threads)) return 1;
-        lora_add(L->lora_o, att, dn, B, nq, d, row_adapter);
+        lora_add(L->lora_o, att, dn, B, nq, d, row_adapter, threads);
         if (L->post_attn_norm)
             for (int b = 0; b < B; b++) ak_rmsnorm(dn + (size_t)b * d, L->post_attn_norm, dn + (size_t)b * d, d, eps);
         for (size_t i = 0; i < (size_t)B * d; i++) x[i] += dn[i];
@@ -188,13 +190,13 @@ int ak_llama_decode(const ak_layer *layers, int n_layers, float *x, int B, int d
             if ((rc = ak_moe_ffn(L->moe, xn, dn, B, d, moe_work, moe_bytes, threads))) return rc + 2;
         } else {
             if (gemv_parts(L->gate_up, L->n_gate_up, xn, gu, tmp, B, d, act, threads)) return 1;
-            lora_add(L->lora_gate_up, xn, gu, B, d, 2 * ff, row_adapter);
+            lora_add(L->lora_gate_up, xn, gu, B, d, 2 * ff, row_adapter, threads);
             for (int b = 0; b < B; b++) {
                 if (L->act) ak_gelu_tanh_mul(gu + (size_t)b * 2 * ff, gu + (size_t)b * ff, ff);
                 else ak_silu_mul(gu + (size_t)b * 2 * ff, gu + (size_t)b * ff, ff);
             }
             if (ak_gemv(L->down.kind, L->down.w, gu, dn, B, d, ff, act, threads)) return 1;
-            lora_add(L->lora_down, gu, dn, B, ff, d, row_adapter);
+            lora_add(L->lora_down, gu, dn, B, ff, d, row_adapter, threads);
         }
         if (L->post_ffn_norm)
             for (int b = 0; b < B; b++) ak_rmsnorm(dn + (size_t)b * d, L->post_ffn_norm, dn + (size_t)b * d, d, eps);
