@@ -177,3 +177,28 @@ def test_multi_lora_layer_adds_each_adapters_update_to_its_rows(wide):
     step.set([0, 0], [3, 2], x.device)
     assert step.token_adapter is None
     torch.testing.assert_close(layer(x)[0], base(x)[0])
+
+
+def test_lora_on_experts_is_refused_and_nothing_loads(tmp_path):
+    """A mixture of experts serves adapters on its attention projections; one that also targets the experts (whose
+    products see only their routed rows, where a batch mixes adapters) is refused whole, naming the module."""
+    from attnkit.engine import EngineConfig, LLMEngine, SamplingParams
+    from attnkit.models.llama import Llama, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, n_experts=4,
+                      n_experts_per_tok=2, max_seq_len=128)
+    for name, targets in (("attn", ["q_proj", "v_proj"]), ("experts", ["q_proj", "gate_proj"])):
+        torch.manual_seed(0)
+        get_peft_model(Llama(cfg), LoraConfig(r=2, target_modules=targets)).save_pretrained(tmp_path / name)
+    torch.manual_seed(0)
+    engine = LLMEngine(Llama(cfg).eval(), config=EngineConfig(block_size=4))
+    with pytest.raises(AdapterLoadError, match="experts"):
+        engine.add_lora("experts", tmp_path / "experts")
+    assert engine.lora_names() == []
+    engine.add_lora("attn", tmp_path / "attn")
+    engine.add_request([1, 2, 3, 4, 5], SamplingParams(max_tokens=4, temperature=0), lora="attn")
+    engine.add_request([7, 8, 9], SamplingParams(max_tokens=4, temperature=0))  # a batch mixing base and adapter
+    while engine.has_unfinished_requests():
+        engine.step()
+    wrapped = [n for n, m in engine.model.named_modules() if isinstance(m, MultiLoraLinear)]
+    assert wrapped and not any("experts" in n for n in wrapped)

@@ -210,6 +210,9 @@ class LoraAdapters:
                     A = split.of(A)
                     ours = f"{ours}.local"  # inside the all-reduce: the ranks' partial updates are summed with the base's
             path, part = self._target(ours)
+            if ".experts." in f".{path}." or ".router" in f".{path}":  # an expert sees only its routed rows
+                raise AdapterLoadError(f"{source}: LoRA on {ours}: a mixture of experts' experts and router are not "
+                                       "served (its attention projections are); merge the adapter instead")
             parts.setdefault(path, []).append((part, A, B * scale))
         out = {}
         p = next(self.model.parameters())
