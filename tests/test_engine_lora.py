@@ -179,26 +179,50 @@ def test_multi_lora_layer_adds_each_adapters_update_to_its_rows(wide):
     torch.testing.assert_close(layer(x)[0], base(x)[0])
 
 
-def test_lora_on_experts_is_refused_and_nothing_loads(tmp_path):
-    """A mixture of experts serves adapters on its attention projections; one that also targets the experts (whose
-    products see only their routed rows, where a batch mixes adapters) is refused whole, naming the module."""
+def test_lora_on_experts_serves_a_mixed_batch_as_the_merged_models(tmp_path):
+    """A mixture of experts' adapters on its experts too (each expert's product sees only its routed rows, so each
+    row's adapter is looked up among them): a batch mixing the base and the adapter gives each request the merged
+    model's greedy tokens; an adapter on the router is refused whole, naming it."""
     from attnkit.engine import EngineConfig, LLMEngine, SamplingParams
     from attnkit.models.llama import Llama, LlamaConfig
 
     cfg = LlamaConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, n_experts=4,
                       n_experts_per_tok=2, max_seq_len=128)
-    for name, targets in (("attn", ["q_proj", "v_proj"]), ("experts", ["q_proj", "gate_proj"])):
+
+    def base():
         torch.manual_seed(0)
-        get_peft_model(Llama(cfg), LoraConfig(r=2, target_modules=targets)).save_pretrained(tmp_path / name)
-    torch.manual_seed(0)
-    engine = LLMEngine(Llama(cfg).eval(), config=EngineConfig(block_size=4))
-    with pytest.raises(AdapterLoadError, match="experts"):
+        return Llama(cfg).eval()
+
+    for name, targets in (("experts", ["q_proj", "gate_proj", "down_proj"]), ("router", ["router"])):
+        peft = get_peft_model(base(), LoraConfig(r=2, lora_alpha=4, target_modules=targets))
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for p in peft.adapter_parameters("default").values():
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+        peft.save_pretrained(tmp_path / name)
+    merged = PeftModel.from_pretrained(base(), tmp_path / "experts").merge_and_unload().eval()
+    for wide in (False, True):  # the masked product, and (stacked rank past in/2) each adapter's rows gathered
+        engine = LLMEngine(base(), config=EngineConfig(block_size=4))
+        with pytest.raises(AdapterLoadError, match="router"):
+            engine.add_lora("router", tmp_path / "router")
         engine.add_lora("experts", tmp_path / "experts")
-    assert engine.lora_names() == []
-    engine.add_lora("attn", tmp_path / "attn")
-    engine.add_request([1, 2, 3, 4, 5], SamplingParams(max_tokens=4, temperature=0), lora="attn")
-    engine.add_request([7, 8, 9], SamplingParams(max_tokens=4, temperature=0))  # a batch mixing base and adapter
-    while engine.has_unfinished_requests():
-        engine.step()
-    wrapped = [n for n, m in engine.model.named_modules() if isinstance(m, MultiLoraLinear)]
-    assert wrapped and not any("experts" in n for n in wrapped)
+        if wide:
+            for m in engine.model.modules():
+                if isinstance(m, MultiLoraLinear):
+                    m.columns = m.columns + (99,) * 64  # columns of an absent adapter: only the width changes
+                    m.A = torch.cat([m.A, torch.zeros(64, m.A.shape[1])])
+                    m.B = torch.cat([m.B, torch.zeros(m.B.shape[0], 64)], 1)
+                    m.spans = dict(m.spans)
+        prompts = [[1, 2, 3, 4, 5], [7, 8, 9], [11, 12, 13, 14]]
+        names = ["experts", None, "experts"]
+        ids = [engine.add_request(p, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), lora=n)
+               for p, n in zip(prompts, names)]
+        got = {}
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.finished:
+                    got[o.request_id] = list(o.token_ids)
+        for rid, p, n in zip(ids, prompts, names):
+            assert got[rid] == greedy_reference(merged if n else base(), p, 6), (wide, n)
+    assert any("experts" in n for n, m in engine.model.named_modules() if isinstance(m, MultiLoraLinear))
+    assert greedy_reference(merged, prompts[0], 6) != greedy_reference(base(), prompts[0], 6)  # the adapter matters

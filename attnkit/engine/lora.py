@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..nn.moe import routed_rows
+
 _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
@@ -111,21 +113,24 @@ class MultiLoraLinear(nn.Module):
         if step.token_adapter is None or self.A is None:
             return y
         y = y.contiguous()
-        x2 = x.reshape(-1, x.shape[-1])  # (N, in): the packed tokens
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in): the packed tokens (an expert's: the rows routed to it)
         y2 = y.view(-1, y.shape[-1])  # (N, out), a view of y
         A, B = self.A, self.B
         assert B is not None
+        sub = routed_rows()  # inside a mixture of experts' expert: its rows of the packed batch
         if step.single is not None:
             span = self.spans.get(step.single)
             if span is not None:
                 r0, r1 = span
                 y2.addmm_(x2 @ A[r0:r1].T, B[:, r0:r1].T)
         elif len(self.columns) <= x2.shape[1] // 2:
-            xa = (x2 @ A.T).mul_(step.mask(self.columns, A.dtype))  # (N, R), other adapters' columns zeroed
+            mask = step.mask(self.columns, A.dtype)
+            xa = (x2 @ A.T).mul_(mask if sub is None else mask[sub])  # (N, R), other adapters' columns zeroed
             y2.addmm_(xa, B.T)
         else:
+            owner = step.token_adapter if sub is None else step.token_adapter[sub]
             for a, (r0, r1) in self.spans.items():
-                rows = step.rows(a)
+                rows = step.rows(a) if sub is None else (owner == a).nonzero().squeeze(1)
                 if rows.numel():
                     y2.index_add_(0, rows, (x2.index_select(0, rows) @ A[r0:r1].T) @ B[:, r0:r1].T)
         return y
@@ -210,9 +215,9 @@ class LoraAdapters:
                     A = split.of(A)
                     ours = f"{ours}.local"  # inside the all-reduce: the ranks' partial updates are summed with the base's
             path, part = self._target(ours)
-            if ".experts." in f".{path}." or ".router" in f".{path}":  # an expert sees only its routed rows
-                raise AdapterLoadError(f"{source}: LoRA on {ours}: a mixture of experts' experts and router are not "
-                                       "served (its attention projections are); merge the adapter instead")
+            if path.endswith(".router"):
+                raise AdapterLoadError(f"{source}: LoRA on {ours}: a mixture of experts' router is not served "
+                                       "(its attention projections and experts are); merge the adapter instead")
             parts.setdefault(path, []).append((part, A, B * scale))
         out = {}
         p = next(self.model.parameters())

@@ -141,7 +141,7 @@ _GGUF = (
     # every expert e of a layer reads its slice of the stacked tensor (attnkit.loading.gguf.expert_of)
     (r"layers\.(\d+)\.ffn\.experts\.\d+\.(gate|up|down)_proj\.weight", r"blk.\1.ffn_\2_exps.weight"),
 )
-_SUPPORTS = {"HF": "yes", "GGUF": "yes", "engine": "yes", "C step": "yes", "LoRA": "attention only"}
+_SUPPORTS = {"HF": "yes", "GGUF": "yes", "engine": "yes", "C step": "yes", "LoRA": "yes (not the router)"}
 
 register(Family("mixtral", hf_types=("mixtral",), hf_config=mixtral_hf, hf_rules=_MIXTRAL_HF, gguf_rules=_GGUF,
                 permute_qk=True, supports={**_SUPPORTS, "GGUF": "yes (as llama)"}, example="Mixtral-8x7B"))

@@ -29,6 +29,22 @@ from .ffn import SwiGLU
 
 RowsFn = Callable[["SparseMoE", torch.Tensor], "torch.Tensor | None"]
 _ROWS_BY: ContextVar[RowsFn | None] = ContextVar("moe_rows_by", default=None)
+_ROUTED: ContextVar[torch.Tensor | None] = ContextVar("moe_routed_rows", default=None)
+
+
+def routed_rows() -> torch.Tensor | None:
+    """While an expert runs: which rows of its layer's input (N, d) it was given, in order (None outside one). A
+    wrapper that knows each input row's owner — the engine's per-request LoRA adapters — reads it there."""
+    return _ROUTED.get()
+
+
+@contextmanager
+def _routed(rows: torch.Tensor) -> Iterator[None]:
+    token = _ROUTED.set(rows)
+    try:
+        yield
+    finally:
+        _ROUTED.reset(token)
 
 
 @contextmanager
@@ -93,7 +109,9 @@ class SparseMoE(nn.Module):
         for e, n in enumerate(counts):
             if n:
                 rows = token[start:start + n]
-                out.index_add_(0, rows, self.experts[e](x[rows]) * w[start:start + n])
+                with _routed(rows):
+                    y = self.experts[e](x[rows])
+                out.index_add_(0, rows, y * w[start:start + n])
                 start += n
         return out
 
@@ -102,8 +120,9 @@ class SparseMoE(nn.Module):
         operations in the same order as :meth:`_grouped`, so the same bits."""
         ids = chosen[0].tolist()
         out = torch.zeros_like(x)
-        for j in sorted(range(self.top_k), key=ids.__getitem__):
-            out += self.experts[ids[j]](x) * weights[0, j]
+        with _routed(torch.zeros(1, dtype=torch.long, device=x.device)):
+            for j in sorted(range(self.top_k), key=ids.__getitem__):
+                out += self.experts[ids[j]](x) * weights[0, j]
         return out
 
     def extra_repr(self) -> str:
