@@ -101,7 +101,7 @@ def _c_parts(m: nn.Module, n: int):
     return (_Part * n)(*(_Part(p.blocks.data_ptr(), p.kernel_kind, p.out_features) for p in parts)), len(parts)
 
 
-def _plain_rmsnorm(norm: nn.Module | None, dim: int) -> bool:
+def _float_rmsnorm(norm: nn.Module | None, dim: int) -> bool:
     """An RMSNorm of ``dim`` float32 weights (γ, or Gemma's 1 + γ: the step reads :func:`_norm_weight`)."""
     from ..nn.norm import RMSNorm
 
@@ -201,7 +201,7 @@ def why_not(model: nn.Module, k_pool: torch.Tensor, fmt: KVFormat | None = None)
                 return f"layer {i} {name} is {type(m).__name__}, not GGUF blocks"
         post = [n for n in (getattr(layer, "post_attn_norm", None), getattr(layer, "post_ffn_norm", None)) if n is not None]
         for norm in (layer.norm1, layer.norm2, *post):
-            if not _plain_rmsnorm(norm, d) or norm.eps != model.layers[0].norm1.eps:
+            if not _float_rmsnorm(norm, d) or norm.eps != model.layers[0].norm1.eps:
                 return f"layer {i}: not a float32 RMSNorm (of the first layer's eps)"
         if not layer.norm_first:
             return f"layer {i}: not pre-norm"
@@ -210,9 +210,9 @@ def why_not(model: nn.Module, k_pool: torch.Tensor, fmt: KVFormat | None = None)
             return f"layer {i}: q/k norm {qk!r}"
         if qk is not None:
             nq, nk = (hd, hd) if qk == "head" else (nh * hd, nkv * hd)
-            if not (_plain_rmsnorm(attn.q_norm, nq) and _plain_rmsnorm(attn.k_norm, nk)) \
+            if not (_float_rmsnorm(attn.q_norm, nq) and _float_rmsnorm(attn.k_norm, nk)) \
                     or attn.q_norm.eps != attn.k_norm.eps:
-                return f"layer {i}: q/k norms are not plain float32 RMSNorms"
+                return f"layer {i}: q/k norms are not float32 RMSNorms"
         if moe:
             reason = _moe_why_not(i, ffn, d)
             if reason:
@@ -241,6 +241,8 @@ class NativeDecoder:
         cfg = model.cfg
         self.d, self.nh, self.nkv, self.hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.hd
         self.rd = model.rotary.rotary_dim
+        if layer_views is None and len({getattr(layer.self_attn, "window", None) for layer in model.layers}) > 1:
+            raise ValueError("NativeDecoder: layers of different sliding windows read different views: give layer_views")
         self.layer_views = layer_views or [0] * len(model.layers)
         local = getattr(model, "rotary_local", None)  # the windowed layers' RoPE (Gemma 3), else the model's
         self.view_rotary: dict[int, nn.Module] = {}
