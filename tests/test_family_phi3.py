@@ -375,32 +375,97 @@ def test_phi3_chat_template_matches_transformers(tmp_path):
 
 
 # -- LoRA ---------------------------------------------------------------------------------------------
-def test_lora_on_phi3_saves_in_attnkit_names_and_round_trips(phi3, tmp_path):
-    """q/k/v and gate/up are rows of HF's fused qkv_proj / gate_up_proj: their adapters keep attnkit's names (no
-    two of them share HF's fused name), o_proj / down_proj keep HF's; saved and loaded, the outputs are the same."""
-    from attnkit.peft import LoraConfig, PeftModel, get_peft_model
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
+def test_phi3_adapters_cross_to_hf_peft_both_ways(phi3, tmp_path, method):
+    """q/k/v and gate/up are rows of HF's fused qkv_proj / gate_up_proj. attnkit's adapters on some of those parts
+    save as HF PEFT's adapter of the fused module (LoRA: the parts' A's stacked, each B in its rows, α scaled with the
+    rank; DoRA's magnitude and IA³'s vector with the rows of the parts not adapted as they are) and HF PEFT loads them
+    with attnkit's logits; HF PEFT's adapter on the fused modules loads into attnkit split by rows (A shared) with HF
+    PEFT's logits."""
+    peft = pytest.importorskip("peft")
+    from attnkit.peft import IA3Config, LoraConfig, PeftModel, get_peft_model
     from attnkit.peft.families import hf_name_table
 
-    path = phi3[1]
+    _, path = phi3
+
+    def fresh():  # a new transformers model each time (its LongRoPE keeps state from earlier calls on the fixture's)
+        return transformers.Phi3ForCausalLM.from_pretrained(path).eval()
+
     table = hf_name_table(load_hf_model(path))
-    assert table["layers.0.self_attn.q_proj"] == ("model.layers.0.self_attn.q_proj", None)
-    assert table["layers.0.ffn.up_proj"] == ("model.layers.0.ffn.up_proj", None)
+    assert table["layers.0.self_attn.k_proj"] == ("model.layers.0.self_attn.qkv_proj", 1)
+    assert table["layers.0.ffn.up_proj"] == ("model.layers.0.mlp.gate_up_proj", 1)
     assert table["layers.0.self_attn.o_proj"] == ("model.layers.0.self_attn.o_proj", None)
-    assert len({hf for hf, _ in table.values()}) == len(table)
-    ours = get_peft_model(load_hf_model(path), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
-    g = torch.Generator().manual_seed(3)
+    ids = _ids(12)
+
+    def perturb(params):
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+
+    # attnkit → HF PEFT
+    ours_cfg = {"lora": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj", "o_proj"]),
+                "dora": LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["k_proj", "gate_proj"]),
+                "ia3": IA3Config(target_modules=["k_proj", "v_proj", "up_proj", "down_proj"],
+                                 feedforward_modules=["down_proj"])}[method]
+    ours = get_peft_model(load_hf_model(path), ours_cfg)
+    perturb(ours.adapter_parameters("default").values())
+    ours.eval()
+    ours.save_pretrained(tmp_path / "ours")
+    with torch.no_grad():
+        out = ours(ids)
+        with ours.disable_adapter():
+            assert (ours(ids) - out).abs().max() > 1e-2  # the adapter matters
+    pm = peft.PeftModel.from_pretrained(fresh(), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pm(input_ids=ids).logits, out, atol=TOL, rtol=0)
+    # HF PEFT → attnkit
+    hf_cfg = {"lora": peft.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj", "down_proj"]),
+              "dora": peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["qkv_proj", "o_proj"]),
+              "ia3": peft.IA3Config(target_modules=["qkv_proj", "gate_up_proj", "down_proj"],
+                                    feedforward_modules=["down_proj"])}[method]
+    pm = peft.get_peft_model(fresh(), hf_cfg)
+    perturb([p for n, p in pm.named_parameters() if p.requires_grad])
+    pm.eval().save_pretrained(tmp_path / "hf")
+    back = PeftModel.from_pretrained(load_hf_model(path), tmp_path / "hf").eval()
+    with torch.no_grad():
+        want = pm(input_ids=ids).logits
+        assert (want - fresh()(input_ids=ids).logits).abs().max() > 1e-2
+        torch.testing.assert_close(back(ids), want, atol=TOL, rtol=0)
+
+
+def test_phi3_lora_under_attnkit_part_names_still_loads(phi3, tmp_path):
+    """An adapter saved before the parts took HF's fused names (``model.layers.N.self_attn.q_proj``) loads as it did."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from attnkit.peft import LoraConfig, PeftModel, get_peft_model
+
+    _, path = phi3
+    ours = get_peft_model(load_hf_model(path), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for p in ours.adapter_parameters("default").values():
             p.add_(torch.randn(p.shape, generator=g) * 0.5)
-    ours.eval()
-    ours.save_pretrained(tmp_path)
+    ours.eval().save_pretrained(tmp_path)
+    t = load_file(tmp_path / "adapter_model.safetensors")  # rewrite it as the old files were: q_proj's own A and B
+    old = {}
+    for k, v in t.items():
+        if ".qkv_proj.lora_A" in k:
+            old[k.replace("qkv_proj", "q_proj")] = v
+        elif ".qkv_proj.lora_B" in k:
+            old[k.replace("qkv_proj", "q_proj")] = v[:64]  # q's rows of the fused B: n_heads · hd = 64
+        else:
+            old[k] = v
+    save_file(old, tmp_path / "adapter_model.safetensors")
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["target_modules"], cfg["rank_pattern"], cfg["alpha_pattern"] = ["q_proj"], {}, {}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    back = PeftModel.from_pretrained(load_hf_model(path), tmp_path).eval()
     ids = _ids(12)
     with torch.no_grad():
-        out = ours(ids)
-        back = PeftModel.from_pretrained(load_hf_model(path), tmp_path).eval()
-        torch.testing.assert_close(back(ids), out, atol=TOL, rtol=0)
-        with ours.disable_adapter():
-            assert (ours(ids) - out).abs().max() > 1e-2  # negative control: the adapter matters
+        torch.testing.assert_close(back(ids), ours(ids), atol=TOL, rtol=0)
 
 
 def test_phi4_mini_config_json_as_published():

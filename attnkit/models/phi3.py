@@ -121,5 +121,5 @@ register(Family("phi3", hf_types=("phi3",), gguf_archs=("phi3",), hf_config=phi3
                 hf_rules=HF_RULES, gguf_rules=GGUF_RULES,
                 supports={"HF": "yes", "GGUF": "yes", "engine": "yes",
                           "C step": "yes",
-                          "LoRA": "yes (attnkit names; not HF PEFT's fused qkv_proj/gate_up_proj)"},
+                          "LoRA": "yes"},
                 example="Phi-3-mini, Phi-3.5-mini, Phi-4-mini"))

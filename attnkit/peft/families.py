@@ -50,19 +50,17 @@ def kv_shape(model: nn.Module) -> tuple[int, int, int, int]:
 
 
 def hf_module_name(model: nn.Module, ours: str, prefix: str | None = None) -> tuple[str, int | None]:
-    """The HF module name of attnkit module ``ours`` and, for GPT-2's fused ``c_attn``, which third
-    (0 = q, 1 = k, 2 = v) of it ours is; e.g. ``layers.0.ffn.gate_proj`` → (``model.layers.0.mlp.gate_proj``, None)."""
+    """The HF module name of attnkit module ``ours`` and, where HF fuses modules attnkit keeps apart, which part of
+    the fused one's output rows ours is (GPT-2's ``c_attn``: 0 q, 1 k, 2 v; Phi-3's ``qkv_proj`` likewise and
+    ``gate_up_proj``: 0 gate, 1 up); e.g. ``layers.0.ffn.gate_proj`` → (``model.layers.0.mlp.gate_proj``, None)."""
     _, rules, _, _ = name_rules(model.cfg)
     prefix = family_of(model).hf_prefix if prefix is None else prefix
     for pattern, template, transform in rules:
         m = re.fullmatch(pattern, ours + ".weight")
         if m:
-            if getattr(transform, "fused_part", None) is not None:
-                # rows of an HF module that attnkit keeps apart (Phi-3's qkv_proj, gate_up_proj; see
-                # attnkit.models.phi3): no HF PEFT counterpart, so the adapter keeps attnkit's own module name
-                return prefix + ours, None
             name = m.expand(template.replace("{p}", prefix)).removesuffix(".weight")
-            part = None
+            fused = getattr(transform, "fused_part", None)  # rows of an HF module (attnkit.models.phi3)
+            part = fused[1] if fused is not None else None
             if name.endswith("attn.c_attn"):
                 part = "qkv".index(ours.rsplit(".", 1)[1][0])
             return name, part

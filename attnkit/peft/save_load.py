@@ -79,7 +79,7 @@ def _layer_tensors(peft: AdapterModel, name: str, config: PeftConfig) -> tuple[d
     model = peft.base_model
     table = hf_name_table(model)
     tensors: dict[str, torch.Tensor] = {}
-    fused: dict[str, dict[int, TunerLayerState]] = {}  # GPT-2 c_attn → {part: state}
+    fused: dict[str, dict[int, TunerLayerState]] = {}  # GPT-2's c_attn, Phi-3's qkv_proj / gate_up_proj → {part: state}
     ranks: dict[str, tuple[int, float]] = {}  # HF module → (r, α) for LoRA
     for ours, layer in tuner_layers(model):
         if name not in layer.adapter_names():
@@ -96,16 +96,16 @@ def _layer_tensors(peft: AdapterModel, name: str, config: PeftConfig) -> tuple[d
         if isinstance(layer, LoraLinear):
             ranks[hf] = (state["lora_A.weight"].shape[0], _alpha(layer, name, config))
     for hf, parts in fused.items():
+        sizes = part_sizes(model, table, hf)
         if isinstance(config, LoraConfig):
-            A, B, r = _fuse_lora(parts, name, config)
+            A, B, r = _fuse_lora(parts, sizes)
             tensors[f"{ROOT}{hf}.lora_A.weight"], tensors[f"{ROOT}{hf}.lora_B.weight"] = A, B
             if config.use_dora:
                 tensors[f"{ROOT}{hf}.lora_magnitude_vector"] = _fuse_magnitude(parts, hf, table, model)
             ranks[hf] = (r, _scaling_of(parts, name) * (math.sqrt(r) if config.use_rslora else r))
-        else:  # IA³ on k, v: c_attn's vector, with ones for the part not adapted
-            d = next(iter(parts.values()))[1]["ia3_l"].shape[0]
-            tensors[f"{ROOT}{hf}.ia3_l"] = torch.cat([parts[j][1]["ia3_l"] if j in parts else torch.ones(d, 1)
-                                                     for j in range(3)])
+        else:  # IA³ on some parts: the fused module's vector, with ones for the parts not adapted
+            tensors[f"{ROOT}{hf}.ia3_l"] = torch.cat([parts[j][1]["ia3_l"] if j in parts else torch.ones(n, 1)
+                                                     for j, n in enumerate(sizes)])
     cfg = config.to_dict()
     adapted = sorted({k[len(ROOT):].rsplit(".lora_", 1)[0].removesuffix(".ia3_l").split(".adapter_")[0]
                       for k in tensors})
@@ -133,30 +133,40 @@ def _alpha(layer: LoraLinear, name: str, config: LoraConfig) -> float:
 def _scaling_of(parts: dict[int, TunerLayerState], name: str) -> float:
     scalings = {parts[j][0].scaling[name] for j in parts}
     if len(scalings) != 1:
-        raise ValueError("GPT-2 q/k/v LoRAs with different α/r cannot be saved as one fused c_attn LoRA")
+        raise ValueError("LoRAs of one fused HF module's parts (GPT-2's c_attn, Phi-3's qkv_proj / gate_up_proj) with "
+                         "different α/r cannot be saved as one LoRA of it")
     return scalings.pop()
 
 
-def _fuse_lora(parts: dict[int, TunerLayerState], name: str, config: LoraConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Stack A (Σr, d) and place each B (d, r_j) in rows of its third, columns of its rank block."""
+def part_sizes(model: nn.Module, table: dict[str, tuple[str, int | None]], hf: str) -> list[int]:
+    """The output rows of each part of fused HF module ``hf`` (GPT-2's c_attn: three equal; Phi-3's qkv_proj: q, k,
+    v; gate_up_proj: gate, up), from attnkit's modules of those parts."""
+    ours = sorted((part, name) for name, (h, part) in table.items() if h == hf and part is not None)
+    return [dense_weight(model.get_submodule(name)).shape[0] for _, name in ours]
+
+
+def _fuse_lora(parts: dict[int, TunerLayerState], sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Stack A (Σr, d) and place each part's B (n_j, r_j) in its rows of the fused output, columns of its rank block:
+    the fused module's update is exactly the parts' updates side by side."""
     As = [parts[j][1]["lora_A.weight"] for j in sorted(parts)]
-    d_out = parts[next(iter(parts))][1]["lora_B.weight"].shape[0]
     r = sum(a.shape[0] for a in As)
-    B = torch.zeros(3 * d_out, r)
+    B = torch.zeros(sum(sizes), r)
     col = 0
     for j in sorted(parts):
         b = parts[j][1]["lora_B.weight"]
-        B[j * d_out:(j + 1) * d_out, col:col + b.shape[1]] = b
+        row = sum(sizes[:j])
+        B[row:row + sizes[j], col:col + b.shape[1]] = b
         col += b.shape[1]
     return torch.cat(As), B, r
 
 
 def _fuse_magnitude(parts: dict[int, TunerLayerState], hf: str, table: dict, model: nn.Module) -> torch.Tensor:
-    """DoRA's m of a fused c_attn (3d,): each part's m, or for a part not adapted its weight's row norms (m/‖W‖ = 1)."""
+    """DoRA's m of a fused module (its rows): each part's m, or for a part not adapted its weight's row norms
+    (m/‖W‖ = 1)."""
     ours = {part: o for o, (h, part) in table.items() if h == hf}
     return torch.cat([parts[j][1]["lora_magnitude_vector"] if j in parts
                       else LoraLinear.weight_norm(dense_weight(model.get_submodule(ours[j])).detach(), 0.0)
-                      for j in range(3)])
+                      for j in range(len(ours))])
 
 
 def _suffixes(chosen: list[str], every: list[str]) -> list[str]:
@@ -239,8 +249,11 @@ def _to_ours(flat: dict[str, torch.Tensor], model: nn.Module, file: Path, config
     candidates = [fam.hf_prefix, "", "bert."] if fam.name == "bert" else [fam.hf_prefix]
     for prefix in candidates:
         inverse: dict[str, list[tuple[str, int | None]]] = {}
-        for ours, (hf, part) in hf_name_table(model, prefix).items():
+        table = hf_name_table(model, prefix)
+        for ours, (hf, part) in table.items():
             inverse.setdefault(hf, []).append((ours, part))
+            if part is not None:  # a part under attnkit's own name (Phi-3's adapters before they took HF's fused ones)
+                inverse.setdefault(prefix + ours, []).append((ours, None))
         if all(m in inverse for m in by_module):
             break
     else:
@@ -251,19 +264,19 @@ def _to_ours(flat: dict[str, torch.Tensor], model: nn.Module, file: Path, config
     alphas: dict[str, float] = {}
     for hf, state in by_module.items():
         for ours, part in inverse[hf]:
-            out[ours] = state if part is None else _split_fused(state, part)
+            out[ours] = state if part is None else _split_fused(state, part, part_sizes(model, table, hf))
             if isinstance(config, LoraConfig):
                 alphas[ours] = float(pattern_value(hf, config.alpha_pattern, config.lora_alpha))
     return out, alphas
 
 
-def _split_fused(state: dict[str, torch.Tensor], part: int) -> dict[str, torch.Tensor]:
-    """Part (0 q, 1 k, 2 v) of a tensor set on GPT-2's fused c_attn."""
+def _split_fused(state: dict[str, torch.Tensor], part: int, sizes: list[int]) -> dict[str, torch.Tensor]:
+    """Part ``part`` of a tensor set on a fused HF module whose parts have ``sizes`` output rows (A is shared)."""
+    lo = sum(sizes[:part])
+    hi = lo + sizes[part]
     if "ia3_l" in state:
-        d = state["ia3_l"].shape[0] // 3
-        return {"ia3_l": state["ia3_l"][part * d:(part + 1) * d]}
-    d = state["lora_B.weight"].shape[0] // 3
-    return {k: v if k == "lora_A.weight" else v[part * d:(part + 1) * d] for k, v in state.items()}
+        return {"ia3_l": state["ia3_l"][lo:hi]}
+    return {k: v if k == "lora_A.weight" else v[lo:hi] for k, v in state.items()}
 
 
 def _config_for(config: PeftConfig, tensors: dict, alphas: dict[str, float]) -> PeftConfig:
