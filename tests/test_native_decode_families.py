@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from attnkit.engine import EngineConfig, LLMEngine, SamplingParams
+from attnkit.engine.lora import MultiLoraLinear, StepAdapters
 from attnkit.engine.native_decode import NativeDecoder, why_not
 from attnkit.kernels import library
 from attnkit.models.llama import Llama, LlamaConfig
@@ -297,6 +298,8 @@ def test_moe_threads_split_every_expert_task_once():
     (lambda m: setattr(m.layers[0].ffn, "router", m.layers[0].ffn.router.half()), "router"),
     (lambda m: setattr(m.layers[1].ffn.experts[0].down_proj, "bias", torch.zeros(64)), "expert 0"),
     (lambda m: setattr(m, "rotary_local", RotaryEmbedding(16, rotary_dim=8)), "another part"),
+    (lambda m: setattr(m.layers[1].ffn.experts[2], "down_proj",
+                       MultiLoraLinear(m.layers[1].ffn.experts[2].down_proj, StepAdapters())), "LoRA adapters on the experts"),
 ])
 def test_what_the_step_does_not_implement_stays_eager(change, reason):
     model = _model(n_experts=4, n_experts_per_tok=2, qk_norm="head")

@@ -155,6 +155,8 @@ def _moe_why_not(i: int, ffn: nn.Module, d: int) -> str | None:
     for e, x in enumerate(ffn.experts):
         if type(x) is not SwiGLU or x.act is not torch.nn.functional.silu:
             return f"layer {i} expert {e}: not a SwiGLU"
+        if any(isinstance(m, MultiLoraLinear) for m in x.children()):
+            return f"layer {i} expert {e}: served LoRA adapters on the experts (the C step's MoE has none)"
         gu, dn = _gate_up(x), x.down_proj
         if not gu or len(gu) > 2 or type(dn) is not GGUFBlockLinear or dn.bias is not None:
             return f"layer {i} expert {e}: its projections are not GGUF blocks without bias"
