@@ -126,55 +126,36 @@ static inline void ak_rmsnorm(const float *x, const float *w, float *y, int d, f
     for (int i = 0; i < d; i++) y[i] = x[i] * r * w[i];
 }
 
-/* h = SiLU(g) · u for one row: g then u in gu (2·ff); h may overlap the start of gu (h[i] is written after g[i]
- * and u[i] are read) */
-static inline void ak_silu_mul(const float *gu, float *h, int ff) {
+/* h = act(g) · u for one row, act(g) = g · σ(z): SiLU (act 0, z = g) or GELU with PyTorch's tanh approximation (act 1:
+ * g/2 · (1 + tanh(y)) = g · σ(2y), y = √(2/π) · (g + 0.044715 g³)); g then u in gu (2·ff); h may overlap the start
+ * of gu (h[i] is written after g[i] and u[i] are read) */
+static inline void ak_act_mul(const float *gu, float *h, int ff, int act) {
     const float *g = gu, *u = gu + ff;
+    const float c2 = 2.f * 0.7978845608028654f, a = 0.044715f;
     int i = 0;
 #ifdef __AVX512F__
     for (; i + 16 <= ff; i += 16) {
-        const __m512 gv = _mm512_loadu_ps(g + i), e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        const __m512 gv = _mm512_loadu_ps(g + i);
+        const __m512 z = act ? _mm512_mul_ps(_mm512_set1_ps(c2), _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(a), gv),
+                                                                                  _mm512_mul_ps(gv, gv), gv)) : gv;
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), z));
         _mm512_storeu_ps(h + i, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e)),
                                               _mm512_loadu_ps(u + i)));
     }
 #elif defined(AK_AVX2)
     for (; i + 8 <= ff; i += 8) {
-        const __m256 gv = _mm256_loadu_ps(g + i), e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 z = act ? _mm256_mul_ps(_mm256_set1_ps(c2), _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(a), gv),
+                                                                                  _mm256_mul_ps(gv, gv), gv)) : gv;
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), z));
         _mm256_storeu_ps(h + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.f), e)),
                                               _mm256_loadu_ps(u + i)));
     }
 #endif
-    for (; i < ff; i++) h[i] = g[i] / (1.f + expf(-g[i])) * u[i];
-}
-
-/* h = GELU(g) · u for one row, GELU(g) = g/2 · (1 + tanh(√(2/π) · (g + 0.044715 g³))) (PyTorch's approximate="tanh"),
- * tanh(y) = 1 − 2 / (e^{2y} + 1); g then u in gu (2·ff); h may overlap the start of gu, as ak_silu_mul */
-static inline void ak_gelu_tanh_mul(const float *gu, float *h, int ff) {
-    const float *g = gu, *u = gu + ff;
-    const float c = 0.7978845608028654f, a = 0.044715f;
-    int i = 0;
-#ifdef __AVX512F__
-    for (; i + 16 <= ff; i += 16) {
-        const __m512 gv = _mm512_loadu_ps(g + i), one = _mm512_set1_ps(1.f);
-        const __m512 y = _mm512_mul_ps(_mm512_set1_ps(c), _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(a), gv),
-                                                                         _mm512_mul_ps(gv, gv), gv));
-        const __m512 e = exp16(_mm512_add_ps(y, y));
-        const __m512 t = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(e, one)));
-        _mm512_storeu_ps(h + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(.5f), gv), _mm512_add_ps(one, t)),
-                                              _mm512_loadu_ps(u + i)));
+    for (; i < ff; i++) {
+        const float z = act ? c2 * (g[i] + a * g[i] * g[i] * g[i]) : g[i];
+        h[i] = g[i] / (1.f + expf(-z)) * u[i];
     }
-#elif defined(AK_AVX2)
-    for (; i + 8 <= ff; i += 8) {
-        const __m256 gv = _mm256_loadu_ps(g + i), one = _mm256_set1_ps(1.f);
-        const __m256 y = _mm256_mul_ps(_mm256_set1_ps(c), _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(a), gv),
-                                                                         _mm256_mul_ps(gv, gv), gv));
-        const __m256 e = exp8(_mm256_add_ps(y, y));
-        const __m256 t = _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.f), _mm256_add_ps(e, one)));
-        _mm256_storeu_ps(h + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(.5f), gv), _mm256_add_ps(one, t)),
-                                              _mm256_loadu_ps(u + i)));
-    }
-#endif
-    for (; i < ff; i++) h[i] = .5f * g[i] * (1.f + tanhf(c * (g[i] + a * g[i] * g[i] * g[i]))) * u[i];
 }
 
 /* the bytes of the MoE scratch (ak_moe_ffn's work) for B rows of d features, experts of `ff`, threads threads */

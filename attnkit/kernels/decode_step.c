@@ -17,7 +17,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "decode.h" /* ak_layer, ak_rmsnorm, ak_silu_mul, the K/V rows, ak_paged_attention_kv */
+#include "decode.h" /* ak_layer, ak_rmsnorm, ak_act_mul, the K/V rows, ak_paged_attention_kv */
 
 int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads);
 
@@ -191,10 +191,7 @@ int ak_llama_decode(const ak_layer *layers, int n_layers, float *x, int B, int d
         } else {
             if (gemv_parts(L->gate_up, L->n_gate_up, xn, gu, tmp, B, d, act, threads)) return 1;
             lora_add(L->lora_gate_up, xn, gu, B, d, 2 * ff, row_adapter, threads);
-            for (int b = 0; b < B; b++) {
-                if (L->act) ak_gelu_tanh_mul(gu + (size_t)b * 2 * ff, gu + (size_t)b * ff, ff);
-                else ak_silu_mul(gu + (size_t)b * 2 * ff, gu + (size_t)b * ff, ff);
-            }
+            for (int b = 0; b < B; b++) ak_act_mul(gu + (size_t)b * 2 * ff, gu + (size_t)b * ff, ff, L->act);
             if (ak_gemv(L->down.kind, L->down.w, gu, dn, B, d, ff, act, threads)) return 1;
             lora_add(L->lora_down, gu, dn, B, ff, d, row_adapter, threads);
         }

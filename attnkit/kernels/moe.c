@@ -245,7 +245,7 @@ int ak_moe_ffn(const ak_moe *m, const float *xn, float *out, int B, int d, void 
 #pragma omp for schedule(static)
         for (int a = 0; a < nas; a++) {
             uint8_t *qa = L.qh + (size_t)a * (ff / 32) * sizeof(block_q8x); /* scratch row a */
-            ak_silu_mul(L.gu + (size_t)a * 2 * ff, L.h + (size_t)a * ff, ff);
+            ak_act_mul(L.gu + (size_t)a * 2 * ff, L.h + (size_t)a * ff, ff, 0);
             ak_quantize_act(X0->down.kind, L.h + (size_t)a * ff, 1, ff, qa); /* its kind was checked above */
             if (o_dn) ak_act_offsets(X0->down.kind, qa, 1, ff, L.offh + (size_t)a * (ff / 4));
         }
