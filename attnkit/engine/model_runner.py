@@ -325,8 +325,8 @@ class ModelRunner:
         c_step = not self.compile
         if c_step and self.native is None:  # built at the first step of any kind: prompt rows use its MoE too
             self.native_reason = why_not(model, self.k_pool, self.kv_format)
-            views = [keys.index((g, w)) for g, w in zip(self.group_of, self.windows)]  # each layer's metadata
-            self.native = NativeDecoder(model, self.k_pool, self.v_pool, self.kv_format, self.tail, views) \
+            layer_views = [keys.index((g, w)) for g, w in zip(self.group_of, self.windows)]  # each layer's metadata
+            self.native = NativeDecoder(model, self.k_pool, self.v_pool, self.kv_format, self.tail, layer_views) \
                 if self.native_reason is None else False
         if meta.decode_only and generated and c_step:
             if self.native and (self.batch_invariant or len(ids) <= self.native.max_rows):

@@ -299,8 +299,9 @@ def compiled_paged_decode_attention():
 
 
 def native_kernel(q: torch.Tensor, k_pool: torch.Tensor, fmt: KVFormat | None = None):
-    """The C paged attention for float32 queries over a float32, float16, q8_0 or q4_0 pool on the CPU, else None.
-    It is called as ``ak_paged_attention``: (q, k_pool, v_pool, tables, lens, starts, out, B, nh, …)."""
+    """The C paged attention (``ak_paged_attention_kv`` for the pool's row format) for float32 queries over a float32,
+    float16, q8_0 or q4_0 pool on the CPU, else None. It is called as (q, k_pool, v_pool, tables, lens, starts, out,
+    B, nh, …, tail=, softcap=)."""
     from ..kernels import library
 
     lib = library()

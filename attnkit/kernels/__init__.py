@@ -134,8 +134,6 @@ def load(so: Path) -> ctypes.CDLL:
     lib.ak_gemm_takes.argtypes = [i, i, i]
     lib.ak_dequantize.argtypes = [i, vp, vp, i, i, i, i]
     lib.ak_dequantize_rows.argtypes = [i, vp, vp, i, vp, i, i]
-    lib.ak_paged_attention.argtypes = [vp, vp, vp, vp, vp, vp, vp, i, i, i, i, i, i, i, ctypes.c_float, vp, i]
-    lib.ak_paged_attention_f16.argtypes = lib.ak_paged_attention.argtypes  # K/V pools of IEEE halves
     lib.ak_paged_attention_kv.argtypes = [vp, vp, vp, i, vp, vp, vp, vp, i, i, i, i, i, i, i, ctypes.c_float, vp, i, vp,
                                           ctypes.c_float]
     lib.ak_quantize_kv_rows.argtypes = [i, vp, vp, i, i]

@@ -459,20 +459,6 @@ static int paged_attention(const float *q, const void *k_pool, const void *v_poo
 }
 #undef BY_KV
 
-int ak_paged_attention(const float *q, const float *k_pool, const float *v_pool, const int64_t *tables,
-                       const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
-                       int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads) {
-    return paged_attention(q, k_pool, v_pool, AK_KV_F32, tables, lens, starts, out, B, nh, nkv, hd, bs, num_blocks,
-                           max_nb, scale, scratch, threads, NULL, 0.f);
-}
-
-int ak_paged_attention_f16(const float *q, const uint16_t *k_pool, const uint16_t *v_pool, const int64_t *tables,
-                           const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
-                           int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads) {
-    return paged_attention(q, k_pool, v_pool, AK_KV_F16, tables, lens, starts, out, B, nh, nkv, hd, bs, num_blocks,
-                           max_nb, scale, scratch, threads, NULL, 0.f);
-}
-
 /* the paged attention over pools of kv_type (AK_KV_*: float32, float16, Q8_0 or Q4_0 rows), tail: NULL or the
  * exact blocks (ak_kv_tail); softcap > 0: the scores s ← tanh(s / softcap) · softcap before the softmax (Gemma 2) */
 int ak_paged_attention_kv(const float *q, const void *k_pool, const void *v_pool, int kv_type, const int64_t *tables,
