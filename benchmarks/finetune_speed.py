@@ -34,7 +34,6 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def write_data(path: Path, n_train: int, n_eval: int) -> tuple[Path, Path]:
@@ -162,6 +161,9 @@ def main() -> int:
     ap.add_argument("--qlora-steps", type=int, default=4)
     ap.add_argument("--qlora-batch", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--omp-wait-policy", choices=("unset", "PASSIVE", "ACTIVE"), default="unset",
+                    help="OMP_WAIT_POLICY for both systems' processes; unset: the OpenMP runtime's own (as a user runs "
+                         "them: threads spin a while between parallel regions)")
     ap.add_argument("--json", default="docs/results/finetune_speed.json")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-args", default=None, help=argparse.SUPPRESS)
@@ -172,8 +174,13 @@ def main() -> int:
         return 0
 
     parts = args.parts.split(",")
+    if args.omp_wait_policy == "unset":
+        os.environ.pop("OMP_WAIT_POLICY", None)
+    else:
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
     report: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
-                                "python": platform.python_version()}, "parts": {}}
+                                "python": platform.python_version(), "omp_wait_policy": args.omp_wait_policy},
+                    "parts": {}}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

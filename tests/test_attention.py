@@ -114,3 +114,47 @@ def test_bad_input_errors_name_the_problem():
         MultiHeadAttention(30, n_heads=8)
     with pytest.raises(ValueError, match=r"\(B, T, d_model\)"):
         MultiHeadAttention(16, 4)(torch.randn(16))
+
+
+@pytest.mark.parametrize("chunk", [None, 3 * 7 * 9, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_attention_by_batched_products_matches_float64_sdpa(monkeypatch, dtype, chunk):
+    """Training on the CPU takes bmm_attention (P recomputed in the backward): output and the gradients of q, k, v
+    against torch's SDPA in float64, with GQA, bias, a padding mask and a query row that may attend nowhere; in one
+    chunk, and in chunks of one batch row and one GQA group (or smaller than a group: still one)."""
+    from attnkit.nn import bmm_attention as bmm_module
+
+    if chunk is not None:
+        monkeypatch.setattr(bmm_module, "CHUNK_SCORES", chunk)
+        assert len(bmm_module._chunks(torch.empty(2, 6, 7, 16), torch.empty(2, 2, 9, 16))) == 4
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 6, 7, 16, generator=g)
+    k, v = torch.randn(2, 2, 9, 16, generator=g), torch.randn(2, 2, 9, 16, generator=g)
+    bias, d_out = torch.randn(1, 6, 7, 9, generator=g), torch.randn(2, 6, 7, 16, generator=g)
+    mask = lengths_mask(torch.tensor([9, 4]), 9).expand(2, 1, 7, 9).clone()
+    mask[1, :, 3] = False  # a query row with no key: zeros and zero gradients, never NaN
+    calls = []
+    real = bmm_module._BmmAttention.apply
+    bmm_module._BmmAttention.apply = lambda *a: calls.append(1) or real(*a)
+    try:
+        leaves = [t.to(dtype).detach().requires_grad_() for t in (q, k, v)]
+        out, _ = scaled_dot_product_attention(*leaves, mask=mask, bias=bias, impl="sdpa", scale=0.3)
+        out.backward(d_out.to(dtype))
+    finally:
+        bmm_module._BmmAttention.apply = real
+    assert calls, "a training forward on the CPU should take bmm_attention"
+    ref_leaves = [t.double().detach().requires_grad_() for t in (q, k, v)]
+    add = bias.double().masked_fill(~mask, float("-inf"))
+    ref = torch.nn.functional.scaled_dot_product_attention(*ref_leaves, attn_mask=add, scale=0.3, enable_gqa=True)
+    ref = ref.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+    ref.backward(d_out.double())
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=0.05, rtol=0.05)
+    torch.testing.assert_close(out.double(), ref, **tol)
+    for got, want in zip(leaves, ref_leaves):
+        assert torch.isfinite(got.grad).all()
+        torch.testing.assert_close(got.grad.double(), want.grad, **tol)
+    assert torch.equal(out[1, :, 3], torch.zeros_like(out[1, :, 3]))
+    with torch.no_grad():  # inference keeps torch's fused kernel
+        torch.testing.assert_close(scaled_dot_product_attention(q, k, v, mask=mask, bias=bias, impl="sdpa", scale=0.3)[0],
+                                   ref.float(), atol=2e-5, rtol=2e-5)

@@ -78,3 +78,34 @@ def test_the_frozen_heads_gradient_equals_autograds_cross_entropy(dtype) -> None
     total.backward()
     torch.testing.assert_close(float(total), ref, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(h.grad, torch.cat(grads), rtol=1e-5 if dtype == torch.float32 else 1e-3, atol=1e-6)
+
+
+def test_a_frozen_head_is_cast_once_under_autocast_with_the_same_loss_and_gradients(monkeypatch) -> None:
+    """Under bf16 autocast the frozen float head is cast once for all chunks (hidden_head); loss and adapter
+    gradients equal those of the head cast by autocast in each chunk, bit for bit."""
+    monkeypatch.setattr(chunked_loss, "CHUNK_ELEMS", 7 * 96)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
+    model = get_peft_model(Llama(cfg), LoraConfig(r=4, target_modules="all-linear"))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    x, y = _batch(96)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        head, _ = chunked_loss.hidden_head(model)
+        assert head.keywords["head_weight"].dtype == torch.bfloat16
+    assert chunked_loss.hidden_head(model)[0] == model.base_model.logits  # no autocast: the head as it is
+
+    def run() -> tuple[torch.Tensor, dict]:
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model_loss(model, x, y)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    once, grads = run()
+    monkeypatch.setattr(chunked_loss, "_frozen_float_head", lambda base: None)  # autocast casts it in every chunk
+    each, ref = run()
+    assert torch.equal(once, each)
+    for n, g in grads.items():
+        assert torch.equal(g, ref[n]), n

@@ -231,3 +231,25 @@ def test_load_adapter_into_wrong_size(tmp_path):
     other = Llama(LlamaConfig(vocab_size=V, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=64))
     with pytest.raises(AdapterLoadError, match="prompt_embeddings has shape"):
         PeftModel.from_pretrained(other, tmp_path)
+
+
+def test_lora_under_autocast_takes_its_input_as_autocast_would():
+    """Under bf16 autocast a LoRA layer feeds its bf16 input to A as it is (A's autocast casts it): output and
+    gradients equal those of the same layer given the input in float32, which autocast casts to bf16 anyway."""
+    from attnkit.peft.lora.layer import LoraLinear
+
+    peft = get_peft_model(make("llama"), METHODS["lora"]())
+    _perturb(peft)
+    layer = next(m for m in peft.modules() if isinstance(m, LoraLinear))
+    x = torch.randn(3, 5, 32).bfloat16()
+    outs, grads = [], []
+    for given in (x, x.float()):
+        layer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(given)
+        y.float().square().sum().backward()
+        outs.append(y)
+        grads.append([p.grad.clone() for p in layer.parameters() if p.requires_grad])
+    assert outs[0].dtype == torch.bfloat16 and torch.equal(outs[0], outs[1])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

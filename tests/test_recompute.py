@@ -65,13 +65,16 @@ def test_the_layers_keep_one_additive_mask_between_them():
     x = torch.randint(0, 96, (2, 16))
     docs = torch.tensor([[0] * 9 + [1] * 7, [0] * 16])
     loss = model_loss(model, x, x, doc_ids=docs)
-    masks, stack, seen = set(), [loss.grad_fn], set()
+    masks, stack, seen, layers = set(), [loss.grad_fn], set(), 0
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        if hasattr(node, "_saved_attn_mask") and node._saved_attn_mask is not None:
+        if hasattr(node, "_saved_attn_mask") and node._saved_attn_mask is not None:  # torch's SDPA
             masks.add(node._saved_attn_mask.untyped_storage().data_ptr())
+        if type(node).__name__ == "_BmmAttentionBackward":  # attnkit.nn.bmm_attention (training on the CPU)
+            masks.add(node.saved_tensors[4].untyped_storage().data_ptr())
+            layers += 1
         stack.extend(n for n, _ in node.next_functions)
-    assert len(masks) == 1  # SDPA given a bool mask would convert and keep one per layer (3 here)
+    assert layers == 3 and len(masks) == 1  # SDPA given a bool mask would convert and keep one per layer (3 here)

@@ -336,10 +336,13 @@ class Llama(nn.Module):
         x = x[:, -1:] if last_only else x
         return x if hidden_only else self.logits(x)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """The last layer's output (B, T, d) → RMSNorm → LM head → logits (B, T, vocab)."""
+    def logits(self, h: torch.Tensor, head_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The last layer's output (B, T, d) → RMSNorm → LM head → logits (B, T, vocab). ``head_weight``: the head's
+        weight as the caller holds it (a frozen head cast once for many calls: :mod:`attnkit.train.chunked_loss`)."""
         x = self.norm(h)
-        if self.output_head is not None:
+        if head_weight is not None:
+            logits = F.linear(x, head_weight)
+        elif self.output_head is not None:
             logits = self.output_head(x)  # (B, T, vocab)
         else:
             w = self.tok_embeddings.weight if self.lm_head is None else self.lm_head.weight

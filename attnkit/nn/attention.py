@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bmm_attention import bmm_attention
 from .fused import cat_out_features
 from .norm import RMSNorm
 from .recompute import remember
@@ -111,13 +112,20 @@ def scaled_dot_product_attention(
     row_has_key = None if mask is None else mask.any(dim=-1, keepdim=True)  # (..., T_q, 1)
 
     if impl == "sdpa" and not need_weights and softcap is None:
+        # training on the CPU: batched products, twice as fast as torch's fused kernel there (bmm_attention)
+        by_bmm = q.device.type == "cpu" and dropout_p == 0.0 and torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad)
+        dt = torch.float32 if by_bmm else q.dtype
         if bias is not None:
-            attn_mask = bias.to(q.dtype) if mask is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
+            attn_mask = bias.to(dt) if mask is None else bias.to(dt).masked_fill(~mask, float("-inf"))
         else:
-            attn_mask = None if mask is None else additive_mask(mask, q.dtype)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale, enable_gqa=n_rep > 1
-        )
+            attn_mask = None if mask is None else additive_mask(mask, dt)
+        if by_bmm:
+            out = bmm_attention(q, k, v, attn_mask, scale)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale, enable_gqa=n_rep > 1
+            )
         if row_has_key is not None:
             out = out.masked_fill(~row_has_key, 0.0)
         return out, None

@@ -125,9 +125,10 @@ class LoraLinear(TunerLayer):
         if name is None or name in self.merged:
             return y
         A, B, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-        x = x.to(A.weight.dtype)
         if name in self.lora_magnitude_vector:
-            return (y + self._dora(name, x, y)).to(y.dtype)
+            return (y + self._dora(name, x.to(A.weight.dtype), y)).to(y.dtype)
+        if not torch.is_autocast_enabled(x.device.type):  # (under autocast A casts x to its dtype itself: a
+            x = x.to(A.weight.dtype)                      # float32 copy here would be cast straight back)
         h = A(dropout(x))  # (..., r)
         if B.bias is None and h.dtype == y.dtype:  # y + s·h·Bᵀ in one product: no (..., out) temporaries
             return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), B.weight.t(),

@@ -1,0 +1,133 @@
+"""Attention for training on the CPU by batched products, the weights recomputed in the backward pass.
+
+    S = Q·Kᵀ·scale + M        P = softmax(S) by rows        O = P·V
+    dV = Pᵀ·dO    dP = dO·Vᵀ    dS = P ⊙ (dP − rowsum(dO ⊙ O))    dQ = dS·K·scale    dK = dSᵀ·Q·scale
+
+The backward of FlashAttention (Dao et al. 2022, Algorithm 4) with one tile the whole (T_q × T_k) score matrix of
+a layer (or of a few heads, for long sequences: CHUNK_SCORES): only Q, K, V and O are kept for the backward, about
+what torch's fused kernel keeps, and S and P exist only while their chunk runs (P is recomputed by the same
+operations, so it is the same P). On the CPU at training shapes that fused kernel is slow: for the default model's 9 heads of 64 at
+4 × 256 packed tokens in bf16 it took 4.3 ms forward and 10.0 ms backward per layer, this 2.1 ms and 4.2 ms
+(docs/finetune.md, session 27). Scores and P are float32; the four products run in the inputs' dtype (bf16
+under autocast) with oneDNN's float32 accumulation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _grouped(x: torch.Tensor, rep: int) -> torch.Tensor:
+    """(B, n_kv, T, d) → (B, n_kv·rep, T, d): KV head j serves query heads j·rep … j·rep + rep − 1 (GQA)."""
+    return x if rep == 1 else x.repeat_interleave(rep, dim=1)
+
+
+def _ungrouped(x: torch.Tensor, rep: int) -> torch.Tensor:
+    """The gradient of :func:`_grouped`: each KV head's rep query heads summed."""
+    if rep == 1:
+        return x
+    b, nh, t, d = x.shape
+    return x.view(b, nh // rep, rep, t, d).sum(2)
+
+
+_SCRATCH: dict[str, torch.Tensor] = {}
+
+
+def _scratch(name: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """A (T_q × T_k)-sized buffer reused by every layer (they run one at a time): a fresh 9 MB tensor per product
+    costs its page faults each time, more than the softmax itself at these sizes."""
+    n = shape.numel()
+    buf = _SCRATCH.get(name)
+    if buf is None or buf.numel() < n or buf.dtype != dtype:
+        _SCRATCH[name] = buf = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
+
+
+def _probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """P = softmax(Q·Kᵀ·scale + M) by rows, float32, in a reused buffer; a row with no key gets P = 0."""
+    shape = q.shape[:-1] + k.shape[-2:-1]  # (B, nh, T_q, T_k)
+    p = _scratch("p", shape, torch.float32)
+    if q.dtype == torch.float32:
+        torch.matmul(q, k.transpose(-2, -1), out=p)
+    else:
+        p.copy_(torch.matmul(q, k.transpose(-2, -1), out=_scratch("low", shape, q.dtype)))
+    p.mul_(scale)
+    if mask is not None:
+        p.add_(mask)
+    return torch.ops.aten._softmax.out(p, -1, False, out=p).nan_to_num_(0.0)
+
+
+def _low(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in the products' dtype (the reused buffer where that is not float32)."""
+    return x if dtype == torch.float32 else _scratch("low", x.shape, dtype).copy_(x)
+
+
+CHUNK_SCORES = 1 << 22  # scores a chunk (16 MiB of float32): longer sequences go a few heads, then one, at a time
+
+
+def _chunks(q: torch.Tensor, k: torch.Tensor) -> list[tuple[slice, slice, slice]]:
+    """(batch rows, query heads, KV heads) of each chunk: the whole call where its scores fit CHUNK_SCORES, else
+    one batch row and as many whole GQA groups as fit (at least one)."""
+    B, nh, tq, _ = q.shape
+    tk, n_kv = k.shape[2], k.shape[1]
+    rep = nh // n_kv
+    if B * nh * tq * tk <= CHUNK_SCORES:
+        return [(slice(0, B), slice(0, nh), slice(0, n_kv))]
+    groups = max(1, CHUNK_SCORES // (rep * tq * tk))  # KV heads a chunk
+    return [(slice(b, b + 1), slice(j * rep, min(j + groups, n_kv) * rep), slice(j, min(j + groups, n_kv)))
+            for b in range(B) for j in range(0, n_kv, groups)]
+
+
+def _part(mask: torch.Tensor | None, rows: slice, heads: slice) -> torch.Tensor | None:
+    """The mask's part for a chunk (its batch and head dims may be broadcast, size 1)."""
+    if mask is None:
+        return None
+    return mask[rows if mask.shape[0] > 1 else slice(None), heads if mask.shape[1] > 1 else slice(None)]
+
+
+class _BmmAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale):  # type: ignore[override]
+        rep = q.shape[1] // k.shape[1]
+        out = q.new_empty(q.shape[:-1] + v.shape[-1:])  # (B, nh, T_q, d)
+        for rows, heads, kv in _chunks(q, k):
+            p = _probs(q[rows, heads], _grouped(k[rows, kv], rep), _part(mask, rows, heads), scale)
+            torch.matmul(_low(p, v.dtype), _grouped(v[rows, kv], rep), out=out[rows, heads])
+        ctx.save_for_backward(q, k, v, out, mask)
+        ctx.scale, ctx.rep = scale, rep
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):  # type: ignore[override]
+        q, k, v, out, mask = ctx.saved_tensors
+        scale, rep = ctx.scale, ctx.rep
+        d_out = d_out.to(v.dtype).contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for rows, heads, kv in _chunks(q, k):
+            qc, kg, vg, do = q[rows, heads], _grouped(k[rows, kv], rep), _grouped(v[rows, kv], rep), d_out[rows, heads]
+            p = _probs(qc, kg, _part(mask, rows, heads), scale)  # recomputed: the same operations give the same P
+            dv[rows, kv] = _ungrouped(torch.matmul(_low(p, v.dtype).transpose(-2, -1), do), rep)
+            ds = _scratch("ds", p.shape, torch.float32)
+            if v.dtype == torch.float32:
+                torch.matmul(do, vg.transpose(-2, -1), out=ds)  # dP
+            else:
+                ds.copy_(torch.matmul(do, vg.transpose(-2, -1), out=_scratch("low", p.shape, v.dtype)))
+            delta = (do.float() * out[rows, heads].float()).sum(-1, keepdim=True)  # rowsum(dO ⊙ O)
+            ds.sub_(delta).mul_(p).mul_(scale)  # dS·scale = P ⊙ (dP − δ)·scale
+            ds = _low(ds, q.dtype)
+            dq[rows, heads] = torch.matmul(ds, kg)
+            dk[rows, kv] = _ungrouped(torch.matmul(ds.transpose(-2, -1), qc), rep)
+        return dq, dk, dv, None, None
+
+
+def bmm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                  scale: float) -> torch.Tensor:
+    """softmax(Q·Kᵀ·scale + mask)·V with the weights recomputed in the backward.
+
+    q (B, nh, T_q, d); k, v (B, n_kv, T_k, d), nh a multiple of n_kv; mask: an additive float mask broadcastable
+    to (B, nh, T_q, T_k) (−∞ where a key may not be attended) or None. A row with no key gets zeros.
+    """
+    if mask is not None:
+        mask = mask.float()
+        mask = mask.view((1,) * (4 - mask.dim()) + mask.shape)  # (B | 1, nh | 1, T_q | 1, T_k | 1)
+    return _BmmAttention.apply(q, k, v, mask, scale)
