@@ -10,9 +10,10 @@ RSS, held-out loss after, and attnkit's ratios to each PEFT run.
 
 ``qlora`` — LoRA r=16 on every linear layer over a GGUF base that stays quantized (``--gguf``, e.g. the
 Llama-3.2-1B-shaped Q4_K_M that benchmarks/sizes.py writes): tokens/s and peak RSS against the file's size, also
-less the runtime (the child's RSS with Python, PyTorch and attnkit imported, before anything is loaded); with
-gradient checkpointing, and with it under glibc's own malloc policy (``ATTNKIT_NO_MALLOC_TUNING=1``) in place of the
-one a quantized base's training sets.
+less the runtime (the child's RSS with Python, PyTorch and attnkit imported, before anything is loaded); in attnkit's
+default precision (bf16 tiles where the CPU multiplies bf16 in hardware), with gradient checkpointing, with it in
+float32, and with it under glibc's own malloc policy (``ATTNKIT_NO_MALLOC_TUNING=1``) in place of the one a quantized
+base's training sets.
 
     python benchmarks/finetune_speed.py --parts peft,qlora --gguf ~/.cache/attnkit/sizes/llama-3.2-1b-Q4_K_M.lq.gguf
     attnkit bench finetune_speed -- --parts peft --steps 30
@@ -217,6 +218,8 @@ def main() -> int:
                 # a quantized base's training sets (attnkit.kernels.allocator.return_freed_memory)
                 for label, extra, env in (("quantized base (gguf)", {"quantize": "gguf"}, None),
                                           ("+ gradient checkpointing", {"quantize": "gguf", "checkpointing": True}, None),
+                                          ("+ checkpointing, float32 (--no-bf16)",
+                                           {"quantize": "gguf", "checkpointing": True, "bf16": False}, None),
                                           ("+ checkpointing, glibc's own malloc policy", {"quantize": "gguf", "checkpointing": True},
                                            {"ATTNKIT_NO_MALLOC_TUNING": "1"})):
                     r = run_child("attnkit", {**q, **extra, "out": str(work / f"run-q{len(out)}")}, args.timeout, env)

@@ -162,19 +162,21 @@ def test_a_merge_into_a_quantized_base_is_refused() -> None:
 
 
 @needs_kernel
-def test_a_vocabulary_sized_layer_outside_the_engine_goes_by_tiles(monkeypatch, small_tiles) -> None:
-    """Evaluation without gradients: the product of a layer above TILED_ABOVE weights is computed tile by tile,
-    never through a float copy of the whole matrix (the engine's reused scratch)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_layer_outside_the_engine_goes_by_tiles(monkeypatch, small_tiles, dtype) -> None:
+    """Evaluation without gradients (a QLoRA run's, float32 or under bf16 autocast): the product is computed tile
+    by tile in its dtype, never through a copy of the whole matrix (the engine's reused scratch)."""
     from attnkit.quant import native
 
-    monkeypatch.setattr(native, "TILED_ABOVE", 100 * 256)
     monkeypatch.setattr(native, "_SCRATCH", {})
     blocks = random_blocks("Q6_K", 300, 256, seed=3)
     layer = GGUFBlockLinear(blocks, "Q6_K", 256, interleaved=False)
     x = torch.randn(40, 256)
-    with torch.no_grad():
-        y = layer(x)
-    torch.testing.assert_close(y, x @ dequantize_reference(blocks, "Q6_K", 256).T, rtol=0, atol=1e-4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        y = layer(x.to(dtype))
+    want = x @ dequantize_reference(blocks, "Q6_K", 256).T
+    tol = 1e-4 if dtype == torch.float32 else 2e-2 * float(want.abs().max())
+    torch.testing.assert_close(y.float(), want, rtol=0, atol=tol)
     assert not native._SCRATCH
 
 
@@ -187,7 +189,6 @@ def test_a_float32_evaluation_outside_the_engine_takes_the_training_forwards_til
     monkeypatch.setattr(native, "_SCRATCH", {})
     blocks = random_blocks("Q4_K", 192, 512, seed=5)
     layer = GGUFBlockLinear(blocks, "Q4_K", 512)
-    assert layer.out_features * layer.in_features <= native.TILED_ABOVE
     x = torch.randn(GGUFBlockLinear.kernel_max_rows + 7, 512)
     with torch.no_grad():
         y = layer(x)
@@ -212,3 +213,43 @@ def test_tiles_made_under_inference_mode_serve_training_after(small_tiles) -> No
     dense = layer.dequantize(torch.float32)
     torch.testing.assert_close(y.detach(), x.detach() @ dense.T, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(x.grad, dense.sum(0).expand(3, 128), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("base", ["Q4_K", "Q6_K", "nf4"])
+def test_under_bf16_autocast_the_frozen_products_run_on_bf16_tiles(small_tiles, base: str) -> None:
+    """Under CPU bf16 autocast (a bf16 run) the tiles are bfloat16 — decoded so by the kernels for GGUF blocks,
+    converted for the others — and the product is bf16 autocast's over the same weight in bf16: the output equals
+    F.linear of the bf16-rounded dequantized weight under autocast and the input's gradient equals autograd's, to bf16
+    rounding of the tiles' partial sums (summed in float32)."""
+    from attnkit.quant.quantize import quantize_weight
+
+    n, k = 200, 256
+    if base == "nf4":
+        torch.manual_seed(5)
+        layer = quantize_weight(torch.randn(n, k) * 0.05, "nf4", None).float()
+        dense = layer.dequantize(torch.float32)
+    else:
+        blocks = random_blocks(base, n, k, seed=4)
+        layer = GGUFBlockLinear(blocks, base, k, interleaved=False)
+        dense = dequantize_reference(blocks, base, k)
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, k, requires_grad=True)
+    ref_x = x.detach().clone().requires_grad_(True)
+    seen = []
+    real = frozen_grad._tile
+    frozen_grad._tile = lambda n_, k_, dtype=torch.float32: seen.append(dtype) or real(n_, k_, dtype)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+            ref = F.linear(ref_x, dense)
+    finally:
+        frozen_grad._tile = real
+    assert set(seen) == {torch.bfloat16} and y.dtype == torch.bfloat16
+    # the same bf16 weights and inputs through bf16 products (a tile's and the whole weight's may block differently)
+    torch.testing.assert_close(y.float(), ref.float(), rtol=0, atol=1e-2 * float(ref.detach().abs().max()))
+    g = torch.randn(y.shape).bfloat16()
+    y.backward(g)
+    ref.backward(g)
+    assert x.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=0, atol=2e-2 * float(ref_x.grad.abs().max()))

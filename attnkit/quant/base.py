@@ -53,7 +53,7 @@ class QuantLinear(nn.Module):
         raise NotImplementedError
 
     def dequantize_rows(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
-        """Rows [start, stop) of Ŵ as float32 into ``out``: the tiles of :mod:`attnkit.quant.frozen_grad`."""
+        """Rows [start, stop) of Ŵ into ``out`` (float32 or bfloat16): the tiles of :mod:`attnkit.quant.frozen_grad`."""
         return out.copy_(self.dequantize(torch.float32, start, stop))
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:

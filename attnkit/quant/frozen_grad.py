@@ -30,51 +30,62 @@ def tile_rows(layer: RowDequantizing) -> int:
     return max(64, TILE_ELEMS // layer.in_features // 64 * 64)
 
 
-_TILE: list[torch.Tensor] = []
+_TILES: dict[torch.dtype, torch.Tensor] = {}
 
 
-def _tile(n: int, k: int) -> torch.Tensor:
-    """An (n, k) float32 view of a buffer reused by every tile of every layer (training runs one thread of
+def _tile(n: int, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An (n, k) view of a buffer of ``dtype`` reused by every tile of every layer (training runs one thread of
     products at a time). One made under torch.inference_mode is replaced outside it (it cannot be written there)."""
-    if not _TILE or _TILE[0].numel() < n * k or (_TILE[0].is_inference() and not torch.is_inference_mode_enabled()):
-        _TILE[:] = [torch.empty(n * k)]
-    return _TILE[0][: n * k].view(n, k)
+    buf = _TILES.get(dtype)
+    if buf is None or buf.numel() < n * k or (buf.is_inference() and not torch.is_inference_mode_enabled()):
+        _TILES[dtype] = buf = torch.empty(n * k, dtype=dtype)
+    return buf[: n * k].view(n, k)
 
 
-def tiles(layer: RowDequantizing):
-    """(start, stop, Ŵ[start:stop]) for each tile of output rows, dequantized into the one reused buffer."""
+def tiles(layer: RowDequantizing, dtype: torch.dtype = torch.float32):
+    """(start, stop, Ŵ[start:stop]) for each tile of output rows, dequantized into the one reused buffer of
+    ``dtype`` (float32, or bfloat16 for the products of a bf16 run)."""
     n, k = layer.out_features, layer.in_features
     rows = tile_rows(layer)
     for r in range(0, n, rows):
         e = min(n, r + rows)
-        yield r, e, layer.dequantize_rows(r, e, _tile(e - r, k))
+        yield r, e, layer.dequantize_rows(r, e, _tile(e - r, k, dtype))
 
 
 def tiled_product(layer: RowDequantizing, x: torch.Tensor) -> torch.Tensor:
-    """x·Ŵᵀ (no bias): x (M, in) float32 → (M, out) float32, Ŵ dequantized tile by tile."""
+    """x·Ŵᵀ (no bias): x (M, in) float32 or bfloat16 → (M, out) in x's dtype, Ŵ dequantized tile by tile."""
     y = x.new_empty(x.shape[0], layer.out_features)  # (M, out)
-    for r, e, w in tiles(layer):
+    for r, e, w in tiles(layer, x.dtype):
         torch.mm(x, w.t(), out=y[:, r:e])
     return y
 
 
 def tiled_input_grad(layer: RowDequantizing, gy: torch.Tensor) -> torch.Tensor:
-    """∂L/∂x = ∂L/∂y · Ŵ: gy (M, out) float32 → (M, in) float32, summed over tiles of Ŵ's rows."""
-    gx = gy.new_zeros(gy.shape[0], layer.in_features)  # (M, in)
-    for r, e, w in tiles(layer):
-        gx.addmm_(gy[:, r:e], w)
+    """∂L/∂x = ∂L/∂y · Ŵ: gy (M, out) float32 or bfloat16 → (M, in) float32, summed over tiles of Ŵ's rows (in
+    float32: a bfloat16 tile's product is added to the float32 sum)."""
+    gx = gy.new_zeros(gy.shape[0], layer.in_features, dtype=torch.float32)  # (M, in)
+    for r, e, w in tiles(layer, gy.dtype):
+        if gy.dtype == torch.float32:
+            gx.addmm_(gy[:, r:e], w)
+        else:
+            gx.add_(torch.mm(gy[:, r:e], w))
     return gx
 
 
 class _FrozenProduct(torch.autograd.Function):
+    """Under CPU autocast the products run in its dtype (bf16 tiles: oneDNN's bf16 products, ~2× float32's on
+    bf16 hardware), else in float32."""
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: RowDequantizing) -> torch.Tensor:  # type: ignore[override]
-        ctx.layer, ctx.dtype = layer, x.dtype
-        return tiled_product(layer, x.float()).to(x.dtype)
+        dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
+        ctx.layer, ctx.dtype, ctx.dt = layer, x.dtype, dt
+        y = tiled_product(layer, x.to(dt))
+        return y if dt != torch.float32 else y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, gy: torch.Tensor):  # type: ignore[override]
-        return tiled_input_grad(ctx.layer, gy.float().contiguous()).to(ctx.dtype), None
+        return tiled_input_grad(ctx.layer, gy.to(ctx.dt).contiguous()).to(ctx.dtype), None
 
 
 def frozen_linear(layer: RowDequantizing, x: torch.Tensor) -> torch.Tensor:

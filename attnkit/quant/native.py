@@ -182,11 +182,6 @@ def deinterleave(blocks: torch.Tensor, kind: str) -> torch.Tensor:
     return rows.transpose(1, 2).reshape(n, row)  # (G, R, nb, bb) → rows
 
 
-# weights (64 MiB of float32) above which a bf16 dense product outside the engine goes by tiles; a float32 one always
-# does (the same arithmetic as a training step's forward, frozen_grad.tiled_product, and no layer-sized buffer)
-TILED_ABOVE = 1 << 24
-
-
 class GGUFBlockLinear(nn.Module):
     """y = x·Wᵀ (+ b) with W stored as GGUF blocks: ``blocks`` (out, in/32 · block bytes) uint8."""
 
@@ -389,12 +384,12 @@ class GGUFBlockLinear(nn.Module):
         return out
 
     def dequantize_rows(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
-        """Rows [start, stop) of the weight as float32, written into ``out`` (stop − start, in): the tiles of
-        :mod:`attnkit.quant.frozen_grad`. Interleaved blocks are cut at multiples of 4 rows."""
+        """Rows [start, stop) of the weight as float32 or bfloat16 (``out``'s dtype), written into ``out`` (stop −
+        start, in): the tiles of :mod:`attnkit.quant.frozen_grad`. Interleaved blocks are cut at multiples of 4 rows."""
         if not 0 <= start < stop <= self.out_features or out.shape != (stop - start, self.in_features) \
-                or out.dtype != torch.float32 or not out.is_contiguous():
+                or out.dtype not in (torch.float32, torch.bfloat16) or not out.is_contiguous():
             raise ValueError(f"dequantize_rows: rows [{start}, {stop}) of {self.out_features} into a contiguous float32 "
-                             f"({stop - start}, {self.in_features}) tensor; got {out.dtype} {tuple(out.shape)}")
+                             f"or bfloat16 ({stop - start}, {self.in_features}) tensor; got {out.dtype} {tuple(out.shape)}")
         lib = _kernels()
         if lib is None:
             rows = torch.arange(start, stop)
@@ -404,8 +399,8 @@ class GGUFBlockLinear(nn.Module):
             raise ValueError(f"dequantize_rows: interleaved {self.kind} blocks are cut at multiples of {R} rows, got "
                              f"[{start}, {stop})")
         part = self.blocks[start:stop]
-        lib.ak_dequantize(self.kernel_kind, part.data_ptr(), out.data_ptr(), 0, stop - start, self.in_features,
-                          torch.get_num_threads())
+        lib.ak_dequantize(self.kernel_kind, part.data_ptr(), out.data_ptr(), int(out.dtype == torch.bfloat16),
+                          stop - start, self.in_features, torch.get_num_threads())
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -424,8 +419,8 @@ class GGUFBlockLinear(nn.Module):
             y = self._kernel(lib, x2, gemm=True)  # a short prompt's rows too (TTFT −25% at 32 tokens), not an expert's
         elif dense:
             dt = torch.bfloat16 if torch.bfloat16 in (x2.dtype, self.dense_dtype) else torch.float32
-            if rows is None and (dt == torch.float32 or self.out_features * self.in_features > TILED_ABOVE):
-                y = tiled_product(self, x2.float())  # outside the engine (an evaluation): no float copy of a layer
+            if rows is None:  # outside the engine (an evaluation): by tiles, the training forward's arithmetic in
+                y = tiled_product(self, x2.to(dt))  # its dtype, and no layer-sized buffer (it set QLoRA's peak)
             else:  # compute-bound: a dense product on the weight decoded into a reused buffer
                 y = F.linear(_batch_rows(x2.to(dt), rows is not None),
                              self.dequantize(dt, out=_scratch(self.out_features, self.in_features, dt)))[:x2.shape[0]]
@@ -564,9 +559,9 @@ def _scratch(n: int, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor
 
 def release_scratch() -> None:
     """Free the buffers :func:`_scratch` keeps (the dense products' decoded weights, grown to the largest layer:
-    64 MB of float32 for a 1B's gate/up). A training run over a quantized base calls it after each evaluation, whose
-    bf16 products (``--bf16``) grow them (float32 ones go by tiles), so that its steps do not hold them next to their
-    activations."""
+    64 MB of float32 for a 1B's gate/up). A training run over a quantized base calls it after each evaluation, so
+    that its steps never hold them next to their activations (products outside the engine go by tiles and should
+    not grow them)."""
     _SCRATCH.clear()
 
 

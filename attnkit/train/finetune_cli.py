@@ -52,7 +52,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "packing_strategy": "with --packing: bfd (best-fit decreasing: fewest padded rows) | order (the data's order)",
         "encoder_type": "P-tuning encoder: MLP | LSTM",
         "bf16": "bf16 autocast (--no-bf16: float32); default: on where the CPU multiplies bf16 in hardware "
-                "(AVX512-BF16, AMX) and the base is float"},
+                "(AVX512-BF16, AMX); a quantized base's products then run on bf16 tiles"},
         named_only=True)
     p.set_defaults(func=_finetune)
 
