@@ -3,6 +3,7 @@ and the declared activations are saved as recipes, not tensors."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from attnkit.models.llama import Llama, LlamaConfig
@@ -25,7 +26,10 @@ def test_a_declared_activation_and_its_views_are_saved_as_recipes():
     assert isinstance(recompute._pack(silu_mul(g, u)), torch.Tensor)  # outside the context nothing is declared
 
 
-def test_lora_gradients_are_unchanged_by_recomputation():
+@pytest.mark.parametrize("bf16", [False, True])
+def test_lora_gradients_are_unchanged_by_recomputation(bf16):
+    """Under bf16 autocast too: there the frozen weights' casts and the norms' outputs (cast once, in the norm)
+    are recipes as well, so the step keeps no bf16 copy of a weight nor of a norm's output."""
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
     model = get_peft_model(Llama(cfg), LoraConfig(r=4, target_modules="all-linear"))
@@ -34,16 +38,35 @@ def test_lora_gradients_are_unchanged_by_recomputation():
             torch.nn.init.normal_(p, std=0.1)
     x = torch.randint(0, 96, (3, 20))
     docs = torch.tensor([[0] * 12 + [1] * 8, [0] * 20, [0] * 15 + [-1] * 5])  # packed rows, one padded
-    grads = []
+    grads, kept = [], []
+    pack = recompute._pack
+
+    def counting(t):
+        packed = pack(t)
+        if isinstance(packed, torch.Tensor):
+            kept.append(packed)
+        return packed
+
     for context in (torch.enable_grad, recompute.recompute_saved):
         model.zero_grad()
-        with context():
-            loss = model_loss(model, x, x, doc_ids=docs)
+        kept.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(recompute, "_pack", counting)  # before the context takes it as its hook
+            with context(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = model_loss(model, x, x, doc_ids=docs)
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 7 * 2
     for n in grads[0]:
         assert torch.equal(grads[0][n], grads[1][n]), n
+    if bf16:
+        frozen = {tuple(p.shape) for n, p in model.named_parameters() if not p.requires_grad and p.dim() == 2}
+        assert not [t for t in kept if t.dtype == torch.bfloat16 and tuple(t.shape) in frozen]  # weight casts
+        normed = [t for t in kept if t.dtype == torch.bfloat16 and t.dim() == 2 and t.shape == (x.numel(), cfg.d_model)]
+        # a norm's output, which each product cast and kept a copy of (2 layers × (q, k, v; gate, up) × (W₀, A)):
+        # now only the first norm's, kept once — its input, the embedding, needs no gradient, so autograd keeps no
+        # 1/rms to remake it from
+        assert len(normed) == 3
 
 
 def test_a_recipe_keeps_nothing_alive():

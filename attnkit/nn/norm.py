@@ -44,10 +44,13 @@ class RMSNorm(nn.Module):
         if self.offset:
             w = w + self.offset
         r = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(self.eps))  # (..., 1)
-        y = _normed(xf, r, w, x.dtype)
+        # under autocast the output is cast once here, to the dtype every product after it would cast it to (each
+        # product's autocast would make, and its backward keep, a copy of its own)
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        y = _normed(xf, r, w, dt)
         # autograd keeps x and r for the norm's own backward: the output, which the next layer's adapters would
         # keep too, is remade from them (attnkit.nn.recompute)
-        return remember(y, _normed, xf, r, w, x.dtype)
+        return remember(y, _normed, xf, r, w, dt)
 
 
 def _normed(xf: torch.Tensor, r: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -17,7 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...nn.recompute import remember
 from ..tuner import TunerLayer, base_linear, dense_weight, is_quantized
+
+
+def _cast(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return w.to(dtype)
 
 
 class LoraLinear(TunerLayer):
@@ -120,7 +125,7 @@ class LoraLinear(TunerLayer):
             self.merge(n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)  # (..., out)
+        y = self._base(x)  # (..., out)
         name = self.active()
         if name is None or name in self.merged:
             return y
@@ -134,6 +139,18 @@ class LoraLinear(TunerLayer):
             return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), B.weight.t(),
                                alpha=self.scaling[name]).view(y.shape)
         return y + B(h).to(y.dtype) * self.scaling[name]
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        """W₀x. Training under autocast, a frozen float W₀ is cast here, where the cast can be named for
+        :mod:`attnkit.nn.recompute`: its backward casts W₀ again instead of keeping autocast's copy of every layer's
+        weight through the step (the default model: ~200 MB a micro-batch)."""
+        lin = self.base_layer
+        dev = x.device.type
+        if type(lin) is nn.Linear and torch.is_grad_enabled() and torch.is_autocast_enabled(dev) \
+                and not lin.weight.requires_grad and lin.weight.dtype != torch.get_autocast_dtype(dev):
+            dt = torch.get_autocast_dtype(dev)
+            return F.linear(x, remember(lin.weight.to(dt), _cast, lin.weight, dt), lin.bias)
+        return lin(x)
 
     def _dora(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(m/‖W‖ − 1)·W₀x + (m/‖W‖)·(α/r)·B·A·x, ‖W‖ = ‖W₀ + (α/r)·B·A‖ detached (DoRA §4.3); PEFT's
