@@ -308,7 +308,7 @@ def finetune(args: FinetuneArgs, out_dir: str | Path, resume: bool = False, prog
         if note and show:
             print(note, file=sys.stderr)
     if args.bf16 is None:  # bf16 hardware: 2–3× float32's products, the same eval loss (docs/finetune.md, session 21);
-        args = replace(args, bf16=native_bf16())  # a quantized base's tiles too (bf16 tiles: 2.5× at 1B, session 27)
+        args = replace(args, bf16=native_bf16())  # a quantized base's tiles too (bf16 tiles: 2.7× at 1B, session 27)
     torch.manual_seed(args.seed)
     if args.quantize is not None:  # QLoRA runs under a memory budget: freed temporaries go back, not kept in the heap
         return_freed_memory()
