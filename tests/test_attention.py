@@ -116,17 +116,18 @@ def test_bad_input_errors_name_the_problem():
         MultiHeadAttention(16, 4)(torch.randn(16))
 
 
-@pytest.mark.parametrize("chunk", [None, 3 * 7 * 9, 1])
+@pytest.mark.parametrize("chunk", [None, 3 * 7 * 9, 3 * 2 * 9, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_training_attention_by_batched_products_matches_float64_sdpa(monkeypatch, dtype, chunk):
     """Training on the CPU takes bmm_attention (P recomputed in the backward): output and the gradients of q, k, v
     against torch's SDPA in float64, with GQA, bias, a padding mask and a query row that may attend nowhere; in one
-    chunk, and in chunks of one batch row and one GQA group (or smaller than a group: still one)."""
+    chunk, in chunks of one batch row and one GQA group, of a group and two query rows, of a group and one row."""
     from attnkit.nn import bmm_attention as bmm_module
 
     if chunk is not None:
         monkeypatch.setattr(bmm_module, "CHUNK_SCORES", chunk)
-        assert len(bmm_module._chunks(torch.empty(2, 6, 7, 16), torch.empty(2, 2, 9, 16))) == 4
+        n = len(bmm_module._chunks(torch.empty(2, 6, 7, 16), torch.empty(2, 2, 9, 16)))
+        assert n == {3 * 7 * 9: 4, 3 * 2 * 9: 2 * 2 * 4, 1: 2 * 2 * 7}[chunk]
 
     g = torch.Generator().manual_seed(3)
     q = torch.randn(2, 6, 7, 16, generator=g)

@@ -4,12 +4,12 @@
     dV = Pᵀ·dO    dP = dO·Vᵀ    dS = P ⊙ (dP − rowsum(dO ⊙ O))    dQ = dS·K·scale    dK = dSᵀ·Q·scale
 
 The backward of FlashAttention (Dao et al. 2022, Algorithm 4) with one tile the whole (T_q × T_k) score matrix of
-a layer (or of a few heads, for long sequences: CHUNK_SCORES): only Q, K, V and O are kept for the backward, about
+a layer (or of a few heads or query rows, for long sequences: CHUNK_SCORES): only Q, K, V and O are kept for the backward, about
 what torch's fused kernel keeps, and S and P exist only while their chunk runs (P is recomputed by the same
-operations, so it is the same P). On the CPU at training shapes that fused kernel is slow: for the default model's 9 heads of 64 at
-4 × 256 packed tokens in bf16 it took 4.3 ms forward and 10.0 ms backward per layer, this 2.1 ms and 4.2 ms
-(docs/finetune.md, session 27). Scores and P are float32; the four products run in the inputs' dtype (bf16
-under autocast) with oneDNN's float32 accumulation.
+operations, so it is the same P). On the CPU at training shapes that fused kernel is slow: for the default
+model's 9 heads of 64 over 4 × 256 packed tokens in bf16 it took 4.0–4.4 ms forward and 9.0–10.0 ms backward a
+layer, this 2.4 ms and 6.7 ms (docs/finetune.md, session 27). Scores and P are float32; the five products run in
+the inputs' dtype (bf16 under autocast) with float32 accumulation.
 """
 
 from __future__ import annotations
@@ -62,27 +62,36 @@ def _low(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if dtype == torch.float32 else _scratch("low", x.shape, dtype).copy_(x)
 
 
-CHUNK_SCORES = 1 << 22  # scores a chunk (16 MiB of float32): longer sequences go a few heads, then one, at a time
+CHUNK_SCORES = 1 << 22  # scores a chunk (16 MiB of float32): longer sequences go by heads, then by query rows
+
+Chunk = tuple[slice, slice, slice, slice]  # batch rows, query heads, KV heads, query positions
 
 
-def _chunks(q: torch.Tensor, k: torch.Tensor) -> list[tuple[slice, slice, slice]]:
-    """(batch rows, query heads, KV heads) of each chunk: the whole call where its scores fit CHUNK_SCORES, else
-    one batch row and as many whole GQA groups as fit (at least one)."""
+def _chunks(q: torch.Tensor, k: torch.Tensor) -> list[Chunk]:
+    """The call's chunks: the whole of it where its scores fit CHUNK_SCORES; else one batch row and as many whole
+    GQA groups as fit; else one group and as many query rows as fit (at least one)."""
     B, nh, tq, _ = q.shape
     tk, n_kv = k.shape[2], k.shape[1]
-    rep = nh // n_kv
+    rep, every = nh // n_kv, slice(None)
     if B * nh * tq * tk <= CHUNK_SCORES:
-        return [(slice(0, B), slice(0, nh), slice(0, n_kv))]
-    groups = max(1, CHUNK_SCORES // (rep * tq * tk))  # KV heads a chunk
-    return [(slice(b, b + 1), slice(j * rep, min(j + groups, n_kv) * rep), slice(j, min(j + groups, n_kv)))
-            for b in range(B) for j in range(0, n_kv, groups)]
+        return [(every, every, every, every)]
+    groups = CHUNK_SCORES // (rep * tq * tk)  # KV heads a chunk
+    if groups:
+        return [(slice(b, b + 1), slice(j * rep, min(j + groups, n_kv) * rep), slice(j, min(j + groups, n_kv)), every)
+                for b in range(B) for j in range(0, n_kv, groups)]
+    rows = max(1, CHUNK_SCORES // (rep * tk))  # query positions a chunk
+    return [(slice(b, b + 1), slice(j * rep, (j + 1) * rep), slice(j, j + 1), slice(t, t + rows))
+            for b in range(B) for j in range(n_kv) for t in range(0, tq, rows)]
 
 
-def _part(mask: torch.Tensor | None, rows: slice, heads: slice) -> torch.Tensor | None:
-    """The mask's part for a chunk (its batch and head dims may be broadcast, size 1)."""
+def _part(mask: torch.Tensor | None, c: Chunk) -> torch.Tensor | None:
+    """The (B | 1, nh | 1, T_q | 1, T_k) mask's part for chunk ``c`` (a dim of size 1 is broadcast, not cut)."""
     if mask is None:
         return None
-    return mask[rows if mask.shape[0] > 1 else slice(None), heads if mask.shape[1] > 1 else slice(None)]
+    rows, heads, _, qs = c
+    every = slice(None)
+    return mask[rows if mask.shape[0] > 1 else every, heads if mask.shape[1] > 1 else every,
+                qs if mask.shape[2] > 1 else every]
 
 
 class _BmmAttention(torch.autograd.Function):
@@ -90,9 +99,10 @@ class _BmmAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, mask, scale):  # type: ignore[override]
         rep = q.shape[1] // k.shape[1]
         out = q.new_empty(q.shape[:-1] + v.shape[-1:])  # (B, nh, T_q, d)
-        for rows, heads, kv in _chunks(q, k):
-            p = _probs(q[rows, heads], _grouped(k[rows, kv], rep), _part(mask, rows, heads), scale)
-            torch.matmul(_low(p, v.dtype), _grouped(v[rows, kv], rep), out=out[rows, heads])
+        for c in _chunks(q, k):
+            rows, heads, kv, qs = c
+            p = _probs(q[rows, heads, qs], _grouped(k[rows, kv], rep), _part(mask, c), scale)
+            out[rows, heads, qs] = torch.matmul(_low(p, v.dtype), _grouped(v[rows, kv], rep))
         ctx.save_for_backward(q, k, v, out, mask)
         ctx.scale, ctx.rep = scale, rep
         return out
@@ -102,21 +112,23 @@ class _BmmAttention(torch.autograd.Function):
         q, k, v, out, mask = ctx.saved_tensors
         scale, rep = ctx.scale, ctx.rep
         d_out = d_out.to(v.dtype).contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        for rows, heads, kv in _chunks(q, k):
-            qc, kg, vg, do = q[rows, heads], _grouped(k[rows, kv], rep), _grouped(v[rows, kv], rep), d_out[rows, heads]
-            p = _probs(qc, kg, _part(mask, rows, heads), scale)  # recomputed: the same operations give the same P
-            dv[rows, kv] = _ungrouped(torch.matmul(_low(p, v.dtype).transpose(-2, -1), do), rep)
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)  # dK, dV: summed over query chunks
+        for c in _chunks(q, k):
+            rows, heads, kv, qs = c
+            qc, do = q[rows, heads, qs], d_out[rows, heads, qs]
+            kg, vg = _grouped(k[rows, kv], rep), _grouped(v[rows, kv], rep)
+            p = _probs(qc, kg, _part(mask, c), scale)  # recomputed: the same operations give the same P
+            dv[rows, kv] += _ungrouped(torch.matmul(_low(p, v.dtype).transpose(-2, -1), do), rep)
             ds = _scratch("ds", p.shape, torch.float32)
             if v.dtype == torch.float32:
                 torch.matmul(do, vg.transpose(-2, -1), out=ds)  # dP
             else:
                 ds.copy_(torch.matmul(do, vg.transpose(-2, -1), out=_scratch("low", p.shape, v.dtype)))
-            delta = (do.float() * out[rows, heads].float()).sum(-1, keepdim=True)  # rowsum(dO ⊙ O)
+            delta = (do.float() * out[rows, heads, qs].float()).sum(-1, keepdim=True)  # rowsum(dO ⊙ O)
             ds.sub_(delta).mul_(p).mul_(scale)  # dS·scale = P ⊙ (dP − δ)·scale
             ds = _low(ds, q.dtype)
-            dq[rows, heads] = torch.matmul(ds, kg)
-            dk[rows, kv] = _ungrouped(torch.matmul(ds.transpose(-2, -1), qc), rep)
+            dq[rows, heads, qs] = torch.matmul(ds, kg)
+            dk[rows, kv] += _ungrouped(torch.matmul(ds.transpose(-2, -1), qc), rep)
         return dq, dk, dv, None, None
 
 
