@@ -265,48 +265,9 @@ AK_INLINE void row512(const void *pool, const int KV, size_t r, const int HD, __
     }
 }
 
-/* The horizontal sums of a[0..15] into one vector, a[j]'s in lane j, by the additions _mm512_reduce_add_ps makes
- * of each (halves, then quarters, then pairs within a quarter, then the last two: the same operands added in the
- * same tree, so the same bits), 16 sums at a time: 15 additions and 31 shuffles for what takes 16 · 7 one by one. */
-AK_INLINE __m512 reduce_add16(const __m512 *a) {
-    __m512 c[8], d[4];
-    for (int m = 0; m < 8; m++) /* lanes 0-7: a[2m]'s l + (l + 8); lanes 8-15: a[2m + 1]'s */
-        c[m] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * m], a[2 * m + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                             _mm512_shuffle_f32x4(a[2 * m], a[2 * m + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-    for (int n = 0; n < 4; n++) /* quarter q: a[4n + q]'s j + (j + 4), j < 4 */
-        d[n] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * n], c[2 * n + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                             _mm512_shuffle_f32x4(c[2 * n], c[2 * n + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-    /* quarter q: [a[q]'s 0 + 2, its 1 + 3, a[4 + q]'s 0 + 2, 1 + 3] (e0), the same of a[8 + q], a[12 + q] (e1) */
-    const __m512 e0 = _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(1, 0, 1, 0)),
-                                    _mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(3, 2, 3, 2)));
-    const __m512 e1 = _mm512_add_ps(_mm512_shuffle_ps(d[2], d[3], _MM_SHUFFLE(1, 0, 1, 0)),
-                                    _mm512_shuffle_ps(d[2], d[3], _MM_SHUFFLE(3, 2, 3, 2)));
-    /* lane 4q + n: a[4n + q]'s sum */
-    const __m512 f = _mm512_add_ps(_mm512_shuffle_ps(e0, e1, _MM_SHUFFLE(2, 0, 2, 0)),
-                                   _mm512_shuffle_ps(e0, e1, _MM_SHUFFLE(3, 1, 3, 1)));
-    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), f);
-}
-
-/* s[gi·L + j] = scale · (q of head gi)·(row j of kb), j < n <= 16, for the g heads: per key the products of
- * attend_task512's one-key loop, summed 16 keys at a time (reduce_add16) */
-AK_INLINE void scores16(const float *qb, const float *kb, int g, const int HD, int n, float *s, size_t L, float scale) {
-    const __mmask16 m = n >= 16 ? 0xffff : (__mmask16)((1u << n) - 1);
-    for (int gi = 0; gi < g; gi++) {
-        const float *qg = qb + (size_t)gi * HD;
-        __m512 a[16], q = _mm512_loadu_ps(qg);
-        for (int j = 0; j < 16; j++) a[j] = _mm512_mul_ps(q, _mm512_load_ps(kb + (size_t)j * HD));
-        for (int i = 1; i < HD / 16; i++) {
-            q = _mm512_loadu_ps(qg + 16 * i);
-            for (int j = 0; j < 16; j++) a[j] = _mm512_fmadd_ps(q, _mm512_load_ps(kb + (size_t)j * HD + 16 * i), a[j]);
-        }
-        _mm512_mask_storeu_ps(s + (size_t)gi * L, m, _mm512_mul_ps(reduce_add16(a), _mm512_set1_ps(scale)));
-    }
-}
-
-/* attend_task for HD = 64 or 128 in AVX-512 over pools of type KV: K rows decoded once for the g heads and their
- * scores summed 16 keys at a time (scores16), V rows decoded once into registers a pass, the softmax 16 scores at
- * a time, and the output rows of up to 4 (HD 64) or 2 (HD 128) query heads a pass accumulated in registers across
- * the keys */
+/* attend_task for HD = 64 or 128 in AVX-512 over pools of type KV: K and V rows decoded once into registers (V once
+ * a pass), the softmax 16 scores at a time, and the output rows of up to 4 (HD 64) or 2 (HD 128) query heads a pass
+ * accumulated in registers across the keys */
 AK_INLINE void attend_task512(const float *qb, const void *k_pool, const void *v_pool, const int KV, const int64_t *tab,
                               int64_t st, int64_t len, int h, int g, const int HD, int bs, int num_blocks, size_t L,
                               float scale, float softcap, float *s, float *ob) {
@@ -315,17 +276,17 @@ AK_INLINE void attend_task512(const float *qb, const void *k_pool, const void *v
     for (int i = 0; i < g * HD; i++) ob[i] = 0.f;
     if (len <= st) return;
     const size_t rb = ak_kv_row_bytes(KV, HD);
-    float kb[16 * 128] __attribute__((aligned(64))); /* 16 decoded K rows; a short last group reads stale ones */
-    for (int i = 0; i < 16 * HD; i++) kb[i] = 0.f;
-    int nk = 0;
     KV_ROWS(tab, st, len, h, bs, num_blocks, t, r) {
         __m512 k[8]; /* fixed sizes, not HD / 16: a variable-length array stays in memory */
         KV_PREFETCH(k_pool, rb, tab, len, h, bs, num_blocks, t, r);
         row512(k_pool, KV, (size_t)r, HD, k);
-        for (int i = 0; i < HD / 16; i++) _mm512_store_ps(kb + (size_t)nk * HD + 16 * i, k[i]);
-        if (++nk == 16) scores16(qb, kb, g, HD, 16, s + t - 15, L, scale), nk = 0;
+        for (int gi = 0; gi < g; gi++) {
+            const float *qg = qb + (size_t)gi * HD;
+            __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qg), k[0]);
+            for (int i = 1; i < HD / 16; i++) a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * i), k[i], a);
+            s[(size_t)gi * L + t] = _mm512_reduce_add_ps(a) * scale;
+        }
     }
-    if (nk) scores16(qb, kb, g, HD, nk, s + len - nk, L, scale);
     const int64_t n = len - st;
     for (int gi = 0; gi < g; gi++) {
         float *sg = s + (size_t)gi * L + st;
@@ -458,8 +419,8 @@ static int paged_attention(const float *q, const void *k_pool, const void *v_poo
     const int g = nh / nkv;
     const size_t L = (size_t)max_nb * bs;
 #pragma omp parallel for collapse(2) schedule(dynamic) num_threads(threads) if (threads > 1 && B * nkv > 1)
-    for (int h = 0; h < nkv; h++) {     /* a KV head's rows in turn: the rows of one sequence (a prompt's) read */
-        for (int b = 0; b < B; b++) {   /* the same K/V, kept in the core's L2 from one task to the next */
+    for (int b = 0; b < B; b++) {
+        for (int h = 0; h < nkv; h++) {
             float *s = scratch + (size_t)omp_get_thread_num() * g * L;
             const float *qb = q + ((size_t)b * nh + (size_t)h * g) * hd;
             float *ob = out + ((size_t)b * nh + (size_t)h * g) * hd;
