@@ -422,7 +422,7 @@ class GGUFBlockLinear(nn.Module):
             if rows is None:  # outside the engine (an evaluation): by tiles, the training forward's arithmetic in
                 y = tiled_product(self, x2.to(dt))  # its dtype, and no layer-sized buffer (it set QLoRA's peak)
             else:  # compute-bound: a dense product on the weight decoded into a reused buffer
-                y = F.linear(_batch_rows(x2.to(dt), rows is not None),
+                y = F.linear(_batch_rows(x2.to(dt)),
                              self.dequantize(dt, out=_scratch(self.out_features, self.in_features, dt)))[:x2.shape[0]]
         else:
             y = self._kernel(lib, x2)
@@ -533,12 +533,12 @@ class GGUFBlockEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.head[0].kind} blocks of the output head"
 
 
-def _batch_rows(x: torch.Tensor, invariant: bool) -> torch.Tensor:
+def _batch_rows(x: torch.Tensor) -> torch.Tensor:
     """x, padded with copies of its first row where oneDNN would multiply so few rows by another method than
     a batch's (a matrix-vector product for one bf16 row; other small-matrix kernels below 16 float32 rows), so
     that each row is summed in the same order whatever the row count (tests/test_quant_types.py checks it)."""
     least = 2 if x.dtype == torch.bfloat16 else 16
-    if not invariant or x.shape[0] >= least:
+    if x.shape[0] >= least:
         return x
     return torch.cat([x, x[:1].expand(least - x.shape[0], -1)])
 
