@@ -336,17 +336,19 @@ class Llama(nn.Module):
         x = x[:, -1:] if last_only else x
         return x if hidden_only else self.logits(x)
 
+    def head_weight(self) -> torch.Tensor | None:
+        """The LM head's (vocab, d) weight where it is a plain matrix — the tied embedding's or ``lm_head``'s — or
+        None where ``output_head`` (a quantized head) replaces it."""
+        if self.output_head is not None:
+            return None
+        return self.tok_embeddings.weight if self.lm_head is None else self.lm_head.weight
+
     def logits(self, h: torch.Tensor, head_weight: torch.Tensor | None = None) -> torch.Tensor:
         """The last layer's output (B, T, d) → RMSNorm → LM head → logits (B, T, vocab). ``head_weight``: the head's
         weight as the caller holds it (a frozen head cast once for many calls: :mod:`attnkit.train.chunked_loss`)."""
         x = self.norm(h)
-        if head_weight is not None:
-            logits = F.linear(x, head_weight)
-        elif self.output_head is not None:
-            logits = self.output_head(x)  # (B, T, vocab)
-        else:
-            w = self.tok_embeddings.weight if self.lm_head is None else self.lm_head.weight
-            logits = F.linear(x, w)  # (B, T, vocab)
+        w = self.head_weight() if head_weight is None else head_weight
+        logits = self.output_head(x) if w is None else F.linear(x, w)  # (B, T, vocab)
         if self.cfg.final_softcap is not None:  # Gemma 2: c·tanh(logits/c)
             c = self.cfg.final_softcap
             logits = torch.tanh(logits / c) * c

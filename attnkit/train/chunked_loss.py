@@ -46,12 +46,9 @@ def hidden_head(model: nn.Module) -> tuple[Head, int] | None:
 
 
 def _frozen_float_head(base: nn.Module) -> torch.Tensor | None:
-    """The LM head's weight where it is a frozen float32 matrix used as it is (the tied embedding, a plain
-    ``lm_head``), else None (a quantized or adapted head: it runs as its module does)."""
-    if getattr(base, "output_head", None) is not None:
-        return None
-    lm_head = getattr(base, "lm_head", None)
-    w = getattr(getattr(base, "tok_embeddings", None) if lm_head is None else lm_head, "weight", None)
+    """The LM head's weight (the model's ``head_weight``) where it is a frozen float32 matrix, else None (a
+    quantized head, or one that trains: it runs as the model runs it)."""
+    w = base.head_weight() if hasattr(base, "head_weight") else None
     return w if isinstance(w, torch.Tensor) and w.dtype == torch.float32 and not w.requires_grad else None
 
 
