@@ -37,3 +37,16 @@ QA = [("what colour is the sky ?", "blue"), ("what colour is the grass ?", "gree
 def chat_rows(n: int = 12) -> list[dict]:
     return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
             for q, a in (QA * n)[:n]]
+
+
+def lora_llama(seed: int = 0):
+    """An all-linear LoRA (r 4) over a tiny random Llama of 96 tokens, its B's drawn so that the adapter matters."""
+    from attnkit.peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
+    model = get_peft_model(Llama(cfg), LoraConfig(r=4, target_modules="all-linear"))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    return model

@@ -12,6 +12,7 @@ from attnkit.peft import LoraConfig, PromptTuningConfig, get_peft_model
 from attnkit.train import chunked_loss
 from attnkit.train.finetune import lm_loss, model_loss
 from attnkit.train.sft_data import IGNORE
+from finetune_helpers import lora_llama
 
 
 def _batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,12 +85,7 @@ def test_a_frozen_head_is_cast_once_under_autocast_with_the_same_loss_and_gradie
     """Under bf16 autocast the frozen float head is cast once for all chunks (hidden_head); loss and adapter
     gradients equal those of the head cast by autocast in each chunk, bit for bit."""
     monkeypatch.setattr(chunked_loss, "CHUNK_ELEMS", 7 * 96)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
-    model = get_peft_model(Llama(cfg), LoraConfig(r=4, target_modules="all-linear"))
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.1)
+    model = lora_llama()
     x, y = _batch(96)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         head, _ = chunked_loss.hidden_head(model)

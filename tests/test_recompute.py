@@ -11,6 +11,7 @@ from attnkit.nn import recompute
 from attnkit.nn.ffn import silu_mul
 from attnkit.peft import LoraConfig, get_peft_model
 from attnkit.train.finetune import model_loss
+from finetune_helpers import lora_llama
 
 
 def test_a_declared_activation_and_its_views_are_saved_as_recipes():
@@ -30,12 +31,8 @@ def test_a_declared_activation_and_its_views_are_saved_as_recipes():
 def test_lora_gradients_are_unchanged_by_recomputation(bf16):
     """Under bf16 autocast too: there the frozen weights' casts and the norms' outputs (cast once, in the norm)
     are recipes as well, so the step keeps no bf16 copy of a weight nor of a norm's output."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
-    model = get_peft_model(Llama(cfg), LoraConfig(r=4, target_modules="all-linear"))
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.1)
+    model = lora_llama()
+    d_model = model.base_model.cfg.d_model
     x = torch.randint(0, 96, (3, 20))
     docs = torch.tensor([[0] * 12 + [1] * 8, [0] * 20, [0] * 15 + [-1] * 5])  # packed rows, one padded
     grads, kept = [], []
@@ -62,7 +59,7 @@ def test_lora_gradients_are_unchanged_by_recomputation(bf16):
     if bf16:
         frozen = {tuple(p.shape) for n, p in model.named_parameters() if not p.requires_grad and p.dim() == 2}
         assert not [t for t in kept if t.dtype == torch.bfloat16 and tuple(t.shape) in frozen]  # weight casts
-        normed = [t for t in kept if t.dtype == torch.bfloat16 and t.dim() == 2 and t.shape == (x.numel(), cfg.d_model)]
+        normed = [t for t in kept if t.dtype == torch.bfloat16 and t.dim() == 2 and t.shape == (x.numel(), d_model)]
         # a norm's output, which each product cast and kept a copy of (2 layers × (q, k, v; gate, up) × (W₀, A)):
         # now only the first norm's, kept once — its input, the embedding, needs no gradient, so autograd keeps no
         # 1/rms to remake it from
