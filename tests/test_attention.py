@@ -116,15 +116,20 @@ def test_bad_input_errors_name_the_problem():
         MultiHeadAttention(16, 4)(torch.randn(16))
 
 
-@pytest.mark.parametrize("chunk", [None, 3 * 7 * 9, 3 * 2 * 9, 1])
+@pytest.mark.parametrize("chunk", [None, 3 * 7 * 9, 3 * 2 * 9, 1, "pieces"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_training_attention_by_batched_products_matches_float64_sdpa(monkeypatch, dtype, chunk):
     """Training on the CPU takes bmm_attention (P recomputed in the backward): output and the gradients of q, k, v
     against torch's SDPA in float64, with GQA, bias, a padding mask and a query row that may attend nowhere; in one
-    chunk, in chunks of one batch row and one GQA group, of a group and two query rows, of a group and one row."""
+    chunk, in chunks of one batch row and one GQA group, of a group and two query rows, of a group and one row, and
+    in pieces of two query rows that take only the keys their rows may attend (a per-head bias: not the C tiles)."""
     from attnkit.nn import bmm_attention as bmm_module
 
-    if chunk is not None:
+    if chunk == "pieces":
+        monkeypatch.setattr(bmm_module, "QUERY_ROWS", 2)
+        spans = bmm_module._key_spans(torch.zeros(2, 1, 7, 9).masked_fill(~causal_mask(7, 9), float("-inf")), 7, 9)
+        assert spans == [(0, 4), (0, 6), (0, 8), (0, 9)]  # rows 0-1 see keys 0..3 (causal with 2 keys of past)
+    elif chunk is not None:
         monkeypatch.setattr(bmm_module, "CHUNK_SCORES", chunk)
         n = len(bmm_module._chunks(torch.empty(2, 6, 7, 16), torch.empty(2, 2, 9, 16)))
         assert n == {3 * 7 * 9: 4, 3 * 2 * 9: 2 * 2 * 4, 1: 2 * 2 * 7}[chunk]
@@ -135,6 +140,8 @@ def test_training_attention_by_batched_products_matches_float64_sdpa(monkeypatch
     bias, d_out = torch.randn(1, 6, 7, 9, generator=g), torch.randn(2, 6, 7, 16, generator=g)
     mask = lengths_mask(torch.tensor([9, 4]), 9).expand(2, 1, 7, 9).clone()
     mask[1, :, 3] = False  # a query row with no key: zeros and zero gradients, never NaN
+    if chunk == "pieces":
+        mask &= causal_mask(7, 9)
     calls = []
     real = bmm_module._BmmAttention.apply
     bmm_module._BmmAttention.apply = lambda *a: calls.append(1) or real(*a)
@@ -159,3 +166,86 @@ def test_training_attention_by_batched_products_matches_float64_sdpa(monkeypatch
     with torch.no_grad():  # inference keeps torch's fused kernel
         torch.testing.assert_close(scaled_dot_product_attention(q, k, v, mask=mask, bias=bias, impl="sdpa", scale=0.3)[0],
                                    ref.float(), atol=2e-5, rtol=2e-5)
+
+
+def _tiled_available(dtype: torch.dtype) -> bool:
+    from attnkit.kernels import cpu_flags, library
+
+    need = {"avx512f", "avx512_bf16"} if dtype == torch.bfloat16 else {"avx512f"}
+    return need <= cpu_flags() and library() is not None
+
+
+def _doc_causal(doc: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T): causal within each row's documents (packed training rows)."""
+    T = doc.shape[1]
+    return (torch.ones(T, T, dtype=torch.bool).tril() & (doc[:, :, None] == doc[:, None, :]))[:, None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,kind", [((2, 6, 2, 37, 16), "causal"), ((2, 4, 2, 150, 64), "packed"),
+                                        ((1, 4, 4, 70, 128), "padding"), ((2, 2, 1, 5, 32), "none")])
+def test_training_attention_in_c_tiles_matches_float64_sdpa(monkeypatch, dtype, shape, kind):
+    """Training attention on a 512-bit CPU takes the C kernels' tiles (kernels/train_attention.c): output and the
+    gradients of q, k, v against torch's SDPA in float64 — GQA, odd lengths, head sizes 16 to 128, causal, packed
+    documents, padding with a query row that may attend nowhere, and no mask."""
+    from attnkit.nn import train_attention as tiled_module
+
+    if not _tiled_available(dtype):
+        pytest.skip("no 512-bit C kernels for this dtype on this machine")
+    B, nh, nkv, T, D = shape
+    g = torch.Generator().manual_seed(5)
+    q, k, v, d_out = (torch.randn(B, n, T, D, generator=g) for n in (nh, nkv, nkv, nh))
+    if kind == "causal":
+        mask = causal_mask(T)[None, None].expand(B, 1, T, T)
+    elif kind == "packed":
+        mask = _doc_causal(torch.randint(0, 4, (B, T), generator=g).sort(-1).values)
+    elif kind == "padding":
+        mask = lengths_mask(torch.tensor([50]), T).expand(B, 1, T, T).clone()
+        mask[:, :, 3] = False
+    else:
+        mask = None
+    calls = []
+    real = tiled_module._TiledAttention.apply
+    monkeypatch.setattr(tiled_module._TiledAttention, "apply", lambda *a: calls.append(1) or real(*a))
+    leaves = [t.to(dtype).detach().requires_grad_() for t in (q, k, v)]
+    out, _ = scaled_dot_product_attention(*leaves, mask=mask, impl="sdpa", scale=0.3)
+    out.backward(d_out.to(dtype))
+    assert calls, "a 512-bit CPU's training forward should take the C tiles"
+    ref_leaves = [t.double().detach().requires_grad_() for t in (q, k, v)]
+    add = None if mask is None else torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, float("-inf"))
+    ref = torch.nn.functional.scaled_dot_product_attention(*ref_leaves, attn_mask=add, scale=0.3, enable_gqa=True)
+    if mask is not None:
+        ref = ref.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+    ref.backward(d_out.double())
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=0.05, rtol=0.05)
+    torch.testing.assert_close(out.double(), ref, **tol)
+    for got, want in zip(leaves, ref_leaves):
+        assert torch.isfinite(got.grad).all()
+        torch.testing.assert_close(got.grad.double(), want.grad, **tol)
+    if kind == "padding":
+        assert torch.equal(out[:, :, 3], torch.zeros_like(out[:, :, 3]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_attention_tiles_skip_keys_no_row_attends(dtype):
+    """A tile of keys that every row's mask excludes is never read: NaN values there leave output and gradients
+    finite and equal to attention over the other keys alone (the batched products would multiply them by P = 0)."""
+    from attnkit.nn.train_attention import train_attention
+
+    if not _tiled_available(dtype):
+        pytest.skip("no 512-bit C kernels for this dtype on this machine")
+    g = torch.Generator().manual_seed(6)
+    q, k, v, d_out = (torch.randn(1, 2, 64, 32, generator=g) for _ in range(4))
+    k2, v2 = torch.cat([k, torch.full_like(k, float("nan"))], 2), torch.cat([v, torch.full_like(v, float("nan"))], 2)
+    keys = lengths_mask(torch.tensor([64]), 128)  # keys 64..127 masked for every row: a whole tile of 64
+    add = torch.zeros(1, 1, 64, 128).masked_fill(~keys, float("-inf"))
+    got = [t.to(dtype).detach().requires_grad_() for t in (q, k2, v2)]
+    out = train_attention(*got, add, 0.2)
+    out.backward(d_out.to(dtype))
+    want = [t.to(dtype).detach().requires_grad_() for t in (q, k, v)]
+    ref = train_attention(*want, None, 0.2)
+    ref.backward(d_out.to(dtype))
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    torch.testing.assert_close(got[0].grad, want[0].grad, atol=0, rtol=0)
+    torch.testing.assert_close(got[1].grad[:, :, :64], want[1].grad, atol=0, rtol=0)
+    assert torch.equal(got[2].grad[:, :, 64:], torch.zeros_like(got[2].grad[:, :, 64:]))

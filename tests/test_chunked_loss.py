@@ -60,14 +60,20 @@ def test_a_batch_without_labels_has_zero_loss_and_a_graph() -> None:
 
 
 
+@pytest.mark.parametrize("c_loss", [True, False])
+@pytest.mark.parametrize("vocab", [96, 101])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_frozen_heads_gradient_equals_autograds_cross_entropy(dtype) -> None:
-    """The frozen-head loss makes ∂L/∂h by hand (softmax − onehot in float32, cast to the logits' dtype): the loss and
-    gradient equal autograd's cross-entropy over the same chunks' logits (under bf16 autocast: the same bf16 logits)."""
+def test_the_frozen_heads_gradient_equals_autograds_cross_entropy(monkeypatch, dtype, vocab, c_loss) -> None:
+    """The frozen-head loss makes ∂L/∂h by hand (softmax − onehot in float32, cast to the logits' dtype; by the C
+    kernel's two passes, or PyTorch's ops): the loss and gradient equal autograd's cross-entropy over the same
+    chunks' logits (under bf16 autocast: the same bf16 logits), a vocabulary a multiple of 16 or not."""
+    monkeypatch.setattr(chunked_loss, "C_LOSS", c_loss)
+    if c_loss and chunked_loss._loss_kernels(torch.empty(1, 1)) is None:
+        pytest.skip("no C kernels here")
     torch.manual_seed(0)
-    w, norm = torch.randn(96, 32) * 0.3, torch.nn.RMSNorm(32)
+    w, norm = torch.randn(vocab, 32) * 0.3, torch.nn.RMSNorm(32)
     head = lambda h: torch.nn.functional.linear(norm(h), w)  # noqa: E731
-    h, y = torch.randn(20, 32, requires_grad=True), torch.randint(0, 96, (20,))
+    h, y = torch.randn(20, 32, requires_grad=True), torch.randint(0, vocab, (20,))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         total = chunked_loss._LossWithGrad.apply(h, y, head, 7)
         ref, grads = 0.0, []
@@ -79,6 +85,31 @@ def test_the_frozen_heads_gradient_equals_autograds_cross_entropy(dtype) -> None
     total.backward()
     torch.testing.assert_close(float(total), ref, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(h.grad, torch.cat(grads), rtol=1e-5 if dtype == torch.float32 else 1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_c_cross_entropy_against_torch_with_masked_logits_and_bad_labels(dtype) -> None:
+    """kernels/cross_entropy.c alone: per-row loss and softmax − onehot against torch (logits of −∞ included, a
+    vocabulary of 37 — vector columns and a tail), the gradient written over the logits; a label outside the
+    vocabulary is refused (1), never read past the row."""
+    from attnkit.kernels import library
+
+    lib = library()
+    if lib is None:
+        pytest.skip("no C kernels here")
+    g = torch.Generator().manual_seed(2)
+    z = (torch.randn(5, 37, generator=g) * 4).to(dtype)
+    z[1, 3:30] = float("-inf")
+    y = torch.tensor([0, 2, 36, 17, 5])
+    want = torch.nn.functional.cross_entropy(z.float(), y, reduction="none")
+    want_grad = (torch.softmax(z.float(), -1) - torch.nn.functional.one_hot(y, 37)).to(dtype)
+    loss, zc = torch.empty(5), z.clone()
+    assert lib.ak_cross_entropy(zc.data_ptr(), y.data_ptr(), 5, 37, int(dtype == torch.bfloat16), loss.data_ptr(),
+                                zc.data_ptr(), 1) == 0
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(zc.float(), want_grad.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-6)
+    assert lib.ak_cross_entropy(z.data_ptr(), torch.tensor([0, 1, 37, 0, 0]).data_ptr(), 5, 37,
+                                int(dtype == torch.bfloat16), loss.data_ptr(), zc.data_ptr(), 1) == 1
 
 
 def test_a_frozen_head_is_cast_once_under_autocast_with_the_same_loss_and_gradients(monkeypatch) -> None:

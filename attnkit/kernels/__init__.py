@@ -1,6 +1,6 @@
 """attnkit's C kernels: GGUF block matrix–vector products (``kernels.c``, which dispatches through the table of
 block types: one kernel file per type or family, ``legacy.c`` (Q4_0, Q4_1, Q5_0, Q5_1), ``q8.c``, ``q4_k.c``
-(Q4_K, Q5_K), ``q6_k.c``), the prompt rows' integer matrix product (``gemm.c``), paged decode attention (``attention.c``), and a whole decode step of a Llama-family
+(Q4_K, Q5_K), ``q6_k.c``), the prompt rows' integer matrix product (``gemm.c``), paged decode attention (``attention.c``), training attention's forward and backward (``train_attention.c``), the loss's softmax and its gradient (``cross_entropy.c``), and a whole decode step of a Llama-family
 model built on them (``decode_step.c``, its mixture-of-experts FFN ``moe.c``). Beside them, :mod:`.allocator`: glibc's
 malloc policy for the process (keep freed activations for the engine's step loop, or give them back when training).
 
@@ -140,6 +140,12 @@ def load(so: Path) -> ctypes.CDLL:
     lib.ak_hadamard64.argtypes = [vp, ctypes.c_int64, i]
     lib.ak_llama_decode.argtypes = [vp, i, vp, i, i, i, i, i, i, i, ctypes.c_float, vp, i, i, i, vp, vp, vp, vp,
                                     ctypes.c_size_t, i, vp, vp]
+    i64, f = ctypes.c_int64, ctypes.c_float
+    lib.ak_attn_train_forward.argtypes = [vp, vp, vp, vp, i64, vp, vp, i, i, i, i, i, i, i]
+    lib.ak_attn_train_backward.argtypes = [vp, vp, vp, vp, i64, vp, vp, vp, vp, vp, vp, i, i, i, i, i, i, f, i]
+    lib.ak_attn_train_forward_bf16.argtypes = [vp, vp, vp, vp, i64, vp, vp, i, i, i, i, i, i, f, i]
+    lib.ak_attn_train_backward_bf16.argtypes = lib.ak_attn_train_backward.argtypes
+    lib.ak_cross_entropy.argtypes = [vp, vp, i, i, i, vp, vp, i]
     lib.ak_moe_work_bytes.argtypes = [i, i, i, i, i, i]
     lib.ak_moe_work_bytes.restype = ctypes.c_size_t
     lib.ak_moe_ffn.argtypes = [vp, vp, vp, i, i, vp, ctypes.c_size_t, i]

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bmm_attention import bmm_attention
+from .train_attention import train_attention
 from .fused import cat_out_features
 from .norm import RMSNorm
 from .recompute import remember
@@ -112,16 +112,16 @@ def scaled_dot_product_attention(
     row_has_key = None if mask is None else mask.any(dim=-1, keepdim=True)  # (..., T_q, 1)
 
     if impl == "sdpa" and not need_weights and softcap is None:
-        # training on the CPU: batched products, twice as fast as torch's fused kernel there (bmm_attention)
-        by_bmm = q.device.type == "cpu" and dropout_p == 0.0 and torch.is_grad_enabled() and (
+        # training on the CPU: C tiles or batched products, faster than torch's fused kernel there (train_attention)
+        by_tiles = q.device.type == "cpu" and dropout_p == 0.0 and torch.is_grad_enabled() and (
             q.requires_grad or k.requires_grad or v.requires_grad)
-        dt = torch.float32 if by_bmm else q.dtype
+        dt = torch.float32 if by_tiles else q.dtype
         if bias is not None:
             attn_mask = bias.to(dt) if mask is None else bias.to(dt).masked_fill(~mask, float("-inf"))
         else:
             attn_mask = None if mask is None else additive_mask(mask, dt)
-        if by_bmm:
-            out = bmm_attention(q, k, v, attn_mask, scale)
+        if by_tiles:
+            out = train_attention(q, k, v, attn_mask, scale)
         else:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale, enable_gqa=n_rep > 1

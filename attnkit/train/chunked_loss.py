@@ -7,7 +7,8 @@ Only labelled positions reach the head (a prompt's tokens cost no logits), a chu
 float32 logits and their softmax — 1024 tokens × a 128k vocabulary = 0.5 GB each — never exist for a whole batch.
 Where the head is frozen (LoRA and the other adapters; the tied embedding of most models) each chunk's
 ∂L/∂h is computed right after its loss, in the forward, and only that (N, d) gradient is kept: the head's two
-products (logits, and ∂L/∂h = ∂L/∂logits · W) run once each. Where the head trains, each chunk's logits are
+products (logits, and ∂L/∂h = ∂L/∂logits · W) run once each, and between them the loss and ∂L/∂logits come from
+the C kernel's two passes over each row (kernels/cross_entropy.c), written over the logits. Where the head trains, each chunk's logits are
 recomputed in the backward instead (activation checkpointing: three products).
 """
 
@@ -52,6 +53,19 @@ def _frozen_float_head(base: nn.Module) -> torch.Tensor | None:
     return w if isinstance(w, torch.Tensor) and w.dtype == torch.float32 and not w.requires_grad else None
 
 
+def _loss_kernels(z: torch.Tensor):
+    """The C kernels where they take a chunk's logits (kernels/cross_entropy.c: a CPU, contiguous bf16 or float32),
+    else None (PyTorch's ops)."""
+    if z.device.type != "cpu" or z.dtype not in (torch.bfloat16, torch.float32) or not z.is_contiguous() or not C_LOSS:
+        return None
+    from ..kernels import library
+
+    return library()
+
+
+C_LOSS = True  # the C kernel where it takes the chunk (False: PyTorch's ops, as where there is no compiler)
+
+
 def _chunk_loss(head: Head, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(h).float(), y, reduction="sum")
 
@@ -78,6 +92,15 @@ class _LossWithGrad(torch.autograd.Function):
             with torch.enable_grad():
                 hc = h[i:i + rows].detach().requires_grad_(True)
                 z = head(hc)  # (n, vocab): bfloat16 under autocast
+            lib = _loss_kernels(z)
+            if lib is not None:  # two passes over each row in C; the gradient over the logits, in place
+                zd, loss = z.detach(), torch.empty(n)
+                if lib.ak_cross_entropy(zd.data_ptr(), yc.data_ptr(), n, zd.shape[1], int(zd.dtype == torch.bfloat16),
+                                        loss.data_ptr(), zd.data_ptr(), torch.get_num_threads()):
+                    raise IndexError(f"a label is outside the vocabulary of {zd.shape[1]}")
+                total += loss.sum()
+                grad[i:i + rows] = torch.autograd.grad(z, hc, zd)[0]
+                continue
             if p_buf is None:
                 p_buf = torch.empty(min(rows, len(y)), z.shape[1], dtype=torch.float32)
                 g_buf = p_buf if z.dtype == torch.float32 else torch.empty(p_buf.shape, dtype=z.dtype)
