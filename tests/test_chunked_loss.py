@@ -113,15 +113,23 @@ def test_the_c_cross_entropy_against_torch_with_masked_logits_and_bad_labels(dty
 
 
 def test_a_frozen_head_is_cast_once_under_autocast_with_the_same_loss_and_gradients(monkeypatch) -> None:
-    """Under bf16 autocast the frozen float head is cast once for all chunks (hidden_head); loss and adapter
-    gradients equal those of the head cast by autocast in each chunk, bit for bit."""
+    """Under bf16 autocast the frozen float head is cast once (hidden_head: kept while the weight is unchanged) and
+    its loss takes the two products apart into reused buffers; loss and adapter gradients equal those of the model's
+    own logits (autocast casting the head in each chunk), bit for bit."""
+    import attnkit.train.finetune as finetune_module
+
     monkeypatch.setattr(chunked_loss, "CHUNK_ELEMS", 7 * 96)
     model = lora_llama()
     x, y = _batch(96)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         head, _ = chunked_loss.hidden_head(model)
-        assert head.keywords["head_weight"].dtype == torch.bfloat16
-    assert chunked_loss.hidden_head(model)[0] == model.base_model.logits  # no autocast: the head as it is
+        assert isinstance(head, chunked_loss.FrozenHead) and head.weight.dtype == torch.bfloat16
+        assert chunked_loss.hidden_head(model)[0].weight is head.weight  # the same cast, not a new one
+        w = model.base_model.head_weight()
+        with torch.no_grad():
+            w.mul_(1.0)  # changed (its version): cast again
+        assert chunked_loss.hidden_head(model)[0].weight is not head.weight
+    assert chunked_loss.hidden_head(model)[0].weight is w  # no autocast: the head as it is
 
     def run() -> tuple[torch.Tensor, dict]:
         model.zero_grad()
@@ -131,7 +139,7 @@ def test_a_frozen_head_is_cast_once_under_autocast_with_the_same_loss_and_gradie
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     once, grads = run()
-    monkeypatch.setattr(chunked_loss, "_frozen_float_head", lambda base: None)  # autocast casts it in every chunk
+    monkeypatch.setattr(finetune_module, "hidden_head", lambda m: (m.base_model.logits, 96))  # cast in every chunk
     each, ref = run()
     assert torch.equal(once, each)
     for n, g in grads.items():

@@ -343,11 +343,16 @@ class Llama(nn.Module):
             return None
         return self.tok_embeddings.weight if self.lm_head is None else self.lm_head.weight
 
-    def logits(self, h: torch.Tensor, head_weight: torch.Tensor | None = None) -> torch.Tensor:
-        """The last layer's output (B, T, d) → RMSNorm → LM head → logits (B, T, vocab). ``head_weight``: the head's
-        weight as the caller holds it (a frozen head cast once for many calls: :mod:`attnkit.train.chunked_loss`)."""
+    def head_parts(self) -> tuple[nn.Module, torch.Tensor] | None:
+        """(the final norm, the head's plain weight) where :meth:`logits` is exactly ``F.linear(norm(h), weight)`` —
+        no soft-capping, no quantized head — else None."""
+        w = self.head_weight()
+        return None if w is None or self.cfg.final_softcap is not None else (self.norm, w)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The last layer's output (B, T, d) → RMSNorm → LM head → logits (B, T, vocab)."""
         x = self.norm(h)
-        w = self.head_weight() if head_weight is None else head_weight
+        w = self.head_weight()
         logits = self.output_head(x) if w is None else F.linear(x, w)  # (B, T, vocab)
         if self.cfg.final_softcap is not None:  # Gemma 2: c·tanh(logits/c)
             c = self.cfg.final_softcap

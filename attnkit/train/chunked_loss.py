@@ -14,8 +14,8 @@ recomputed in the backward instead (activation checkpointing: three products).
 
 from __future__ import annotations
 
-import functools
 import inspect
+import weakref
 from typing import Callable
 
 import torch
@@ -30,27 +30,90 @@ CHUNK_ELEMS = 1 << 24  # logits per chunk (64 MiB of float32)
 Head = Callable[[torch.Tensor], torch.Tensor]
 
 
-def hidden_head(model: nn.Module) -> tuple[Head, int] | None:
-    """(the base model's ``logits``: final norm → LM head, its vocabulary size) where its forward can return the
-    last hidden states instead of logits (``hidden_only``); None where it cannot (the loss takes the logits).
+class FrozenHead:
+    """A frozen plain head: logits = W·norm(h), W the head's weight (cast once to the autocast dtype where training
+    runs under one). The loss takes its two parts apart: the norm through autograd, the two products with W into
+    reused buffers."""
 
-    Under CPU autocast a frozen float head is cast to the autocast dtype here, once for all the chunks of a batch:
-    autocast caches the casts of trainable weights only, and cast the (vocab × d) weight again for each chunk (112
-    of a step's ~1,500 ms for the default model's 49,152 × 576 head in three chunks)."""
+    def __init__(self, norm: nn.Module, weight: torch.Tensor) -> None:
+        self.norm, self.weight = norm, weight
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.norm(h), self.weight)
+
+
+_CASTS: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}  # id(w) → (w held weakly, its version, its cast)
+
+
+def _cast_once(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``w.to(dtype)``, kept while ``w`` lives and is not changed (its version): a frozen head's cast is made once
+    for a whole run instead of once a batch (28M weights of the default model, page faults of 56 MB included)."""
+    for key in [k for k, (ref, _, _) in _CASTS.items() if ref() is None]:
+        del _CASTS[key]
+    held = _CASTS.get(id(w))
+    if held is None or held[0]() is not w or held[1] != w._version or held[2].dtype != dtype:
+        held = (weakref.ref(w), w._version, w.detach().to(dtype))
+        _CASTS[id(w)] = held
+    return held[2]
+
+
+def hidden_head(model: nn.Module) -> tuple[Head, int] | None:
+    """(the base model's head: final norm → LM head, its vocabulary size) where its forward can return the last
+    hidden states instead of logits (``hidden_only``); None where it cannot (the loss takes the logits).
+
+    A frozen float head (LoRA and the other adapters) is a :class:`FrozenHead`; under CPU autocast its weight is
+    cast to the autocast dtype once (autocast caches the casts of trainable weights only, and cast the (vocab × d)
+    weight again for each chunk: 112 of a step's ~1,500 ms for the default model's 49,152 × 576 head in three chunks,
+    session 27). Any other head runs as the model's ``logits`` runs it."""
     base = getattr(model, "base_model", model)  # a PeftModel's base
     if not hasattr(base, "logits") or "hidden_only" not in inspect.signature(base.forward).parameters:
         return None
-    w = _frozen_float_head(base)
-    if w is not None and torch.is_autocast_enabled("cpu") and w.device.type == "cpu":
-        return functools.partial(base.logits, head_weight=w.to(torch.get_autocast_dtype("cpu"))), int(base.cfg.vocab_size)
-    return base.logits, int(base.cfg.vocab_size)
+    vocab = int(base.cfg.vocab_size)
+    parts = base.head_parts() if hasattr(base, "head_parts") else None
+    if parts is not None and parts[1].dtype == torch.float32 and not parts[1].requires_grad \
+            and not any(p.requires_grad for p in parts[0].parameters()):
+        norm, w = parts
+        if torch.is_autocast_enabled("cpu") and w.device.type == "cpu":
+            w = _cast_once(w, torch.get_autocast_dtype("cpu"))
+        return FrozenHead(norm, w), vocab
+    return base.logits, vocab
 
 
-def _frozen_float_head(base: nn.Module) -> torch.Tensor | None:
-    """The LM head's weight (the model's ``head_weight``) where it is a frozen float32 matrix, else None (a
-    quantized head, or one that trains: it runs as the model runs it)."""
-    w = base.head_weight() if hasattr(base, "head_weight") else None
-    return w if isinstance(w, torch.Tensor) and w.dtype == torch.float32 and not w.requires_grad else None
+_BUFFERS: dict[str, torch.Tensor] = {}
+
+
+def _buffer(name: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """A reused (rows, cols) buffer: the loss's logits chunk (33 MB for the default model) is not mapped afresh —
+    and faulted in page by page — for every chunk of every batch."""
+    buf = _BUFFERS.get(name)
+    if buf is None or buf.numel() < shape[0] * shape[1] or buf.dtype != dtype:
+        _BUFFERS[name] = buf = torch.empty(shape[0] * shape[1], dtype=dtype)
+    return buf[:shape[0] * shape[1]].view(shape)
+
+
+def release_buffers() -> None:
+    """Drop the reused buffers and cached head casts (the end of a run)."""
+    _BUFFERS.clear()
+    _CASTS.clear()
+
+
+def _frozen_chunk(head: FrozenHead, h: torch.Tensor, y: torch.Tensor, grad: torch.Tensor, lib) -> torch.Tensor:
+    """One chunk's summed loss, ∂L/∂h written into ``grad``: x = norm(h) through autograd; z = x·Wᵀ, the loss and
+    ∂L/∂z (in place, kernels/cross_entropy.c) and ∂L/∂x = ∂L/∂z·W in reused buffers; then ∂L/∂h by autograd."""
+    n, (vocab, d) = len(y), head.weight.shape
+    with torch.enable_grad():
+        hc = h.detach().requires_grad_(True)
+        x = head.norm(hc)  # (n, d): bf16 under autocast, as F.linear would take it
+    w = head.weight
+    xd = x.detach() if x.dtype == w.dtype else x.detach().to(w.dtype)
+    z = torch.mm(xd, w.t(), out=_buffer("logits", (n, vocab), w.dtype))
+    loss = torch.empty(n)
+    if lib.ak_cross_entropy(z.data_ptr(), y.data_ptr(), n, vocab, int(z.dtype == torch.bfloat16), loss.data_ptr(),
+                            z.data_ptr(), torch.get_num_threads()):
+        raise IndexError(f"a label is outside the vocabulary of {vocab}")
+    gx = torch.mm(z, w, out=_buffer("grad_x", (n, d), w.dtype))
+    grad.copy_(torch.autograd.grad(x, hc, gx.to(x.dtype))[0])
+    return loss.sum()
 
 
 def _loss_kernels(z: torch.Tensor):
@@ -89,6 +152,9 @@ class _LossWithGrad(torch.autograd.Function):
         for i in range(0, len(y), rows):
             yc = y[i:i + rows]
             n = len(yc)
+            if isinstance(head, FrozenHead) and (lib := _loss_kernels(h)) is not None:
+                total += _frozen_chunk(head, h[i:i + rows], yc, grad[i:i + rows], lib)
+                continue
             with torch.enable_grad():
                 hc = h[i:i + rows].detach().requires_grad_(True)
                 z = head(hc)  # (n, vocab): bfloat16 under autocast

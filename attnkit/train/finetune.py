@@ -41,7 +41,7 @@ from ..models.json_config import JsonConfig
 from ..nn.recompute import recompute_saved
 from ..peft import METHODS, PeftConfig, PeftModel, get_peft_model
 from ..quant.native import release_scratch
-from .chunked_loss import chunked_lm_loss, head_is_frozen, hidden_head
+from .chunked_loss import chunked_lm_loss, head_is_frozen, hidden_head, release_buffers
 from .checkpoint import CheckpointError, commit_dir, load_optimizer_state, read_trainer_state, recover_dir
 from .distributed import (Dist, fsdp_units, full_weights, init_distributed, optimizer_tensors, shard_optimizer_state,
                           sync_gradients, trainable_tensors, unwrap, wrap)
@@ -434,6 +434,7 @@ def finetune(args: FinetuneArgs, out_dir: str | Path, resume: bool = False, prog
         if args.save_every and s % args.save_every == 0 and s < args.steps:
             checkpoint()
     bar.close()
+    release_buffers()  # the loss's reused buffers and cast head: the run is over
     checkpoint()
     model.eval()
     if state["step"] < args.steps:  # interrupted on purpose: the checkpoint is the result
