@@ -1,6 +1,6 @@
 """attnkit's C kernels: GGUF block matrix–vector products (``kernels.c``, which dispatches through the table of
 block types: one kernel file per type or family, ``legacy.c`` (Q4_0, Q4_1, Q5_0, Q5_1), ``q8.c``, ``q4_k.c``
-(Q4_K, Q5_K), ``q6_k.c``), the prompt rows' integer matrix product (``gemm.c``), paged decode attention (``attention.c``), training attention's forward and backward (``train_attention.c``), the loss's softmax and its gradient (``cross_entropy.c``), and a whole decode step of a Llama-family
+(Q4_K, Q5_K), ``q6_k.c``), the prompt rows' integer matrix product (``gemm.c``), paged decode attention (``attention.c``), training attention's forward and backward (``train_attention.c``), the loss's softmax and its gradient (``cross_entropy.c``), a training step's SwiGLU and RMSNorm (``train_ops.c``), and a whole decode step of a Llama-family
 model built on them (``decode_step.c``, its mixture-of-experts FFN ``moe.c``). Beside them, :mod:`.allocator`: glibc's
 malloc policy for the process (keep freed activations for the engine's step loop, or give them back when training).
 
@@ -41,6 +41,11 @@ def cpu_flags() -> frozenset[str]:
     except OSError:
         return frozenset()
     return frozenset(line.partition(":")[2].split())
+
+
+def train_kernels() -> ctypes.CDLL | None:
+    """The library where its 512-bit training kernels run (AVX512-F/BW/VL: train_ops.c), else None."""
+    return library() if {"avx512f", "avx512bw", "avx512vl"} <= cpu_flags() else None
 
 
 def native_bf16() -> bool:
@@ -146,6 +151,10 @@ def load(so: Path) -> ctypes.CDLL:
     lib.ak_attn_train_forward_bf16.argtypes = [vp, vp, vp, vp, i64, vp, vp, i, i, i, i, i, i, f, i]
     lib.ak_attn_train_backward_bf16.argtypes = lib.ak_attn_train_backward.argtypes
     lib.ak_cross_entropy.argtypes = [vp, vp, i, i, i, vp, vp, i]
+    lib.ak_swiglu_forward.argtypes = [vp, vp, i64, i64, i, i, i, vp, i]
+    lib.ak_swiglu_backward.argtypes = [vp, vp, i64, i64, vp, i, i, i, vp, vp, i]
+    lib.ak_rmsnorm_forward.argtypes = [vp, vp, i, i, f, vp, i, vp, i, i]
+    lib.ak_rmsnorm_backward.argtypes = [vp, vp, vp, vp, i, i, i, vp, vp, i]
     lib.ak_moe_work_bytes.argtypes = [i, i, i, i, i, i]
     lib.ak_moe_work_bytes.restype = ctypes.c_size_t
     lib.ak_moe_ffn.argtypes = [vp, vp, vp, i, i, vp, ctypes.c_size_t, i]

@@ -44,32 +44,64 @@ class FeedForward(nn.Module):
 
 class _SiLUMul(torch.autograd.Function):
     """SiLU(g) ⊙ u keeping only g and u for the backward (SiLU recomputed there, as Liger-Kernel's SwiGLU):
-    autograd of the two ops keeps SiLU(g) too, a third (tokens × d_ff) tensor per layer.
+    autograd of the two ops keeps SiLU(g) too, a third (tokens × d_ff) tensor per layer. Both passes run in one
+    pass over the rows in C where the 512-bit kernels take them (kernels/train_ops.c; ``lib``), else in PyTorch.
 
         ∂/∂u = ∂h·SiLU(g)        ∂/∂g = ∂h·u·σ(g)·(1 + g·(1 − σ(g)))
     """
 
     @staticmethod
-    def forward(ctx, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, g: torch.Tensor, u: torch.Tensor, lib) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(g, u)
-        return _silu_times(g, u)
+        ctx.lib = lib
+        return _silu_times(g, u) if lib is None else _c_silu_times(g, u, lib)
 
     @staticmethod
     def backward(ctx, dh: torch.Tensor):  # type: ignore[override]
         g, u = ctx.saved_tensors
-        return torch.ops.aten.silu_backward(dh * u, g), dh * F.silu(g)
+        if ctx.lib is not None and dh.dtype == g.dtype:
+            dh = dh.contiguous()
+            dg, du = torch.empty_like(g), torch.empty_like(u)
+            ff = g.shape[-1]
+            if not ctx.lib.ak_swiglu_backward(g.data_ptr(), u.data_ptr(), ff, ff, dh.data_ptr(), g.numel() // ff, ff,
+                                              int(g.dtype == torch.bfloat16), dg.data_ptr(), du.data_ptr(),
+                                              torch.get_num_threads()):
+                return dg, du, None
+        return torch.ops.aten.silu_backward(dh * u, g), dh * F.silu(g), None
 
 
 def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """SiLU(g) ⊙ u; under autograd through :class:`_SiLUMul`, and recomputed where a later op would keep it
     (:mod:`attnkit.nn.recompute`: the input of LoRA's A on the down projection)."""
     if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
-        return remember(_SiLUMul.apply(g, u), _silu_times, g, u)
+        lib = _swiglu_kernels(g, u)
+        return remember(_SiLUMul.apply(g, u, lib), _silu_times if lib is None else _c_silu_times, g, u,
+                        *(() if lib is None else (lib,)))
     return _silu_times(g, u)
+
+
+def _swiglu_kernels(g: torch.Tensor, u: torch.Tensor):
+    """The C kernels where they take these operands (CPU, contiguous, both bf16 or both float32), else None."""
+    if g.device.type != "cpu" or g.dtype != u.dtype or g.dtype not in (torch.bfloat16, torch.float32) \
+            or g.shape != u.shape or not (g.is_contiguous() and u.is_contiguous()) or not g.numel():
+        return None
+    from ..kernels import train_kernels
+
+    lib = train_kernels()
+    return lib if lib is not None and lib.ak_swiglu_forward(0, 0, 0, 0, 0, 16, 0, 0, 1) == 0 else None
 
 
 def _silu_times(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return F.silu(g) * u
+
+
+def _c_silu_times(g: torch.Tensor, u: torch.Tensor, lib) -> torch.Tensor:
+    """SiLU(g)·u by the C kernel (rounded once, where PyTorch's two ops round twice in bf16)."""
+    h = torch.empty_like(g)
+    ff = g.shape[-1]
+    lib.ak_swiglu_forward(g.data_ptr(), u.data_ptr(), ff, ff, g.numel() // ff, ff, int(g.dtype == torch.bfloat16),
+                          h.data_ptr(), torch.get_num_threads())
+    return h
 
 
 OVER_ROWS = 64  # from this many rows silu_mul_over writes the product over gate/up's storage

@@ -43,10 +43,13 @@ class RMSNorm(nn.Module):
         w = self.weight if self.weight.dtype == f32 else self.weight.float()
         if self.offset:
             w = w + self.offset
-        r = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(self.eps))  # (..., 1)
         # under autocast the output is cast once here, to the dtype every product after it would cast it to (each
         # product's autocast would make, and its backward keep, a copy of its own)
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad) and (lib := _norm_kernels(xf, dt)):
+            y, _ = _RMSNormC.apply(xf, w, self.eps, dt, lib)
+            return remember(y, _c_normed, xf, w, self.eps, dt, lib)  # (as below)
+        r = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(self.eps))  # (..., 1)
         y = _normed(xf, r, w, dt)
         # autograd keeps x and r for the norm's own backward: the output, which the next layer's adapters would
         # keep too, is remade from them (attnkit.nn.recompute)
@@ -56,6 +59,58 @@ class RMSNorm(nn.Module):
 def _normed(xf: torch.Tensor, r: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     y = xf * r * w
     return y if y.dtype == dtype else y.to(dtype)
+
+
+class _RMSNormC(torch.autograd.Function):
+    """RMSNorm for a training step in one pass over each row, forward and backward (kernels/train_ops.c); returns
+    (y, r), r = 1/√(mean(x²) + ε) per row, kept with x for the backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, eps: float, dtype: torch.dtype, lib):  # type: ignore[override]
+        d = x.shape[-1]
+        xc, wc = x.contiguous(), w.detach().contiguous()
+        r = torch.empty(*x.shape[:-1], 1)
+        y = torch.empty(x.shape, dtype=dtype)
+        lib.ak_rmsnorm_forward(xc.data_ptr(), wc.data_ptr(), xc.numel() // d, d, eps, r.data_ptr(), 1, y.data_ptr(),
+                               int(dtype == torch.bfloat16), torch.get_num_threads())
+        ctx.save_for_backward(xc, wc, r)
+        ctx.lib, ctx.w_grad = lib, w.requires_grad
+        ctx.mark_non_differentiable(r)
+        return y, r
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor, _dr):  # type: ignore[override]
+        x, w, r = ctx.saved_tensors
+        d = x.shape[-1]
+        dy = (dy if dy.dtype in (torch.bfloat16, torch.float32) else dy.float()).contiguous()
+        dx = torch.empty_like(x)
+        dw = torch.empty(d) if ctx.w_grad else None
+        if ctx.lib.ak_rmsnorm_backward(x.data_ptr(), w.data_ptr(), r.data_ptr(), dy.data_ptr(),
+                                       int(dy.dtype == torch.bfloat16), x.numel() // d, d, dx.data_ptr(),
+                                       0 if dw is None else dw.data_ptr(), torch.get_num_threads()):
+            raise RuntimeError("ak_rmsnorm_backward failed")
+        return dx, dw, None, None, None
+
+
+def _norm_kernels(x: torch.Tensor, dtype: torch.dtype):
+    """The C kernels where they take this norm (CPU, float32 rows, output bf16 or float32), else None."""
+    if x.device.type != "cpu" or dtype not in (torch.bfloat16, torch.float32) or not x.numel():
+        return None
+    from ..kernels import train_kernels
+
+    lib = train_kernels()
+    return lib if lib is not None and lib.ak_rmsnorm_forward(0, 0, 0, 16, 0.0, 0, 1, 0, 0, 1) == 0 else None
+
+
+def _c_normed(xf: torch.Tensor, w: torch.Tensor, eps: float, dtype: torch.dtype, lib) -> torch.Tensor:
+    """The C forward's output again from x (the recompute of :mod:`.recompute`: the same operations, r included)."""
+    d = xf.shape[-1]
+    xc, wc = xf.contiguous(), w.detach().contiguous()
+    r = torch.empty(*xf.shape[:-1], 1)
+    y = torch.empty(xf.shape, dtype=dtype)
+    lib.ak_rmsnorm_forward(xc.data_ptr(), wc.data_ptr(), xc.numel() // d, d, eps, r.data_ptr(), 1, y.data_ptr(),
+                           int(dtype == torch.bfloat16), torch.get_num_threads())
+    return y
 
 
 def make_norm(kind: str, dim: int, eps: float, offset: float = 0.0) -> nn.Module:
