@@ -169,10 +169,10 @@ def test_training_attention_by_batched_products_matches_float64_sdpa(monkeypatch
 
 
 def _tiled_available(dtype: torch.dtype) -> bool:
-    from attnkit.kernels import cpu_flags, library
+    from attnkit.nn.train_attention import _tiled_kernels
 
-    need = {"avx512f", "avx512_bf16"} if dtype == torch.bfloat16 else {"avx512f"}
-    return need <= cpu_flags() and library() is not None
+    t = torch.empty(1, 1, 1, 16, dtype=dtype)
+    return _tiled_kernels(t, t, t, None) is not None
 
 
 def _doc_causal(doc: torch.Tensor) -> torch.Tensor:

@@ -146,6 +146,7 @@ def load(so: Path) -> ctypes.CDLL:
     lib.ak_llama_decode.argtypes = [vp, i, vp, i, i, i, i, i, i, i, ctypes.c_float, vp, i, i, i, vp, vp, vp, vp,
                                     ctypes.c_size_t, i, vp, vp]
     i64, f = ctypes.c_int64, ctypes.c_float
+    lib.ak_attn_train_available.argtypes = [i]
     lib.ak_attn_train_forward.argtypes = [vp, vp, vp, vp, i64, vp, vp, i, i, i, i, i, i, i]
     lib.ak_attn_train_backward.argtypes = [vp, vp, vp, vp, i64, vp, vp, vp, vp, vp, vp, i, i, i, i, i, i, f, i]
     lib.ak_attn_train_forward_bf16.argtypes = [vp, vp, vp, vp, i64, vp, vp, i, i, i, i, i, i, f, i]

@@ -126,6 +126,55 @@ static inline __m512 exp_or_zero(__m512 s, __m512 mx) {
     return _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(s, mx)));
 }
 
+/* One tile's step of the forward's running softmax (Milakov & Gimelshein 2018): for each of the nq rows of scores S
+ * (nk keys), raise the row's max mx and sum l, rescale its output O (D floats) by exp(old max − new max), and leave
+ * P = exp(S − max) in S (0 where a row has no key yet) */
+static void online_softmax(float *S, int nq, int nk, float *mx, float *l, float *O, int D) {
+    for (int r = 0; r < nq; r++) {
+        float *s = S + r * BK, tmax = -INFINITY;
+        for (int c = 0; c < nk; c += 16) tmax = fmaxf(tmax, _mm512_mask_reduce_max_ps(tail(nk - c), _mm512_loadu_ps(s + c)));
+        const float m_new = fmaxf(mx[r], tmax);
+        if (m_new == -INFINITY) {
+            for (int c = 0; c < nk; c++) s[c] = 0.f;
+            continue;
+        }
+        const float corr = mx[r] == -INFINITY ? 0.f : expf(mx[r] - m_new);
+        __m512 sum = _mm512_setzero_ps();
+        for (int c = 0; c < nk; c += 16) {
+            const __mmask16 t = tail(nk - c);
+            const __m512 e = _mm512_maskz_mov_ps(t, exp_or_zero(_mm512_maskz_loadu_ps(t, s + c), _mm512_set1_ps(m_new)));
+            _mm512_mask_storeu_ps(s + c, t, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        l[r] = l[r] * corr + _mm512_reduce_add_ps(sum);
+        mx[r] = m_new;
+        if (corr != 1.f)
+            for (int d = 0; d < D; d += 16)
+                _mm512_storeu_ps(O + r * D + d, _mm512_mul_ps(_mm512_loadu_ps(O + r * D + d), _mm512_set1_ps(corr)));
+    }
+}
+
+/* the forward's end for a tile of rows: out = O / l and L = max + log l (0 and −∞ for a row with no key) */
+static void finish_rows(const float *O, const float *mx, const float *l, int nq, int D, float *out, float *L) {
+    for (int r = 0; r < nq; r++) {
+        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        for (int d = 0; d < D; d += 16)
+            _mm512_storeu_ps(out + (size_t)r * D + d, _mm512_mul_ps(_mm512_loadu_ps(O + r * D + d), _mm512_set1_ps(inv)));
+        L[r] = l[r] > 0.f ? mx[r] + logf(l[r]) : -INFINITY;
+    }
+}
+
+/* the backward's P = exp(S − L) for a tile, in place (0 for a row with no key, L = −∞) */
+static void probs_from_lse(float *P, const float *L, int nq, int nk) {
+    for (int r = 0; r < nq; r++)
+        for (int c = 0; c < nk; c += 16) {
+            const __mmask16 t = tail(nk - c);
+            const __m512 p = L[r] == -INFINITY ? _mm512_setzero_ps()
+                                               : exp_or_zero(_mm512_maskz_loadu_ps(t, P + r * BK + c), _mm512_set1_ps(L[r]));
+            _mm512_mask_storeu_ps(P + r * BK + c, t, p);
+        }
+}
+
 /* KT[u·D·ld + d·ld + t] = K[u, t, d] for each of the BH heads, ld = ld_t(Tk) */
 static void transpose_heads(const float *k, float *kt, int BH, int Tk, int D, int threads) {
     const int ld = ld_t(Tk);
@@ -135,6 +184,19 @@ static void transpose_heads(const float *k, float *kt, int BH, int Tk, int D, in
             for (int d = 0; d < D; d++) kt[(size_t)u * D * ld + (size_t)d * ld + t] = k[(size_t)u * Tk * D + (size_t)t * D + d];
 }
 #endif
+
+/* whether this build has the float32 kernels (``bf16`` 0) or the bf16 ones (1) */
+int ak_attn_train_available(int bf16) {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    (void)bf16;
+    return 1;
+#elif defined(__AVX512F__)
+    return !bf16;
+#else
+    (void)bf16;
+    return 0;
+#endif
+}
 
 /* 0, or 1 where this build has no such kernel (not 512-bit) or D is not a multiple of 16 up to MAX_D, or 2 where
  * memory for the transposed keys could not be had */
@@ -159,39 +221,12 @@ int ak_attn_train_forward(const float *q, const float *k, const float *v, const 
             const int nk = Tk - j0 < BK ? Tk - j0 : BK;
             if (!tile_live(m, Tk, i0, nq, j0, nk)) continue;
             scores(Q, KT, m, D, Tk, i0, nq, j0, nk, S);
-            for (int r = 0; r < nq; r++) { /* the running max and sum (Milakov & Gimelshein 2018) */
-                float *s = S + r * BK, tmax = -INFINITY;
-                for (int c = 0; c < nk; c += 16)
-                    tmax = fmaxf(tmax, _mm512_mask_reduce_max_ps(tail(nk - c), _mm512_loadu_ps(s + c)));
-                const float m_new = fmaxf(mx[r], tmax);
-                if (m_new == -INFINITY) { /* no key yet for this row */
-                    for (int c = 0; c < nk; c++) s[c] = 0.f;
-                    continue;
-                }
-                const float corr = mx[r] == -INFINITY ? 0.f : expf(mx[r] - m_new);
-                __m512 sum = _mm512_setzero_ps();
-                for (int c = 0; c < nk; c += 16) {
-                    const __mmask16 t = tail(nk - c);
-                    const __m512 e = _mm512_maskz_mov_ps(t, exp_or_zero(_mm512_maskz_loadu_ps(t, s + c), _mm512_set1_ps(m_new)));
-                    _mm512_mask_storeu_ps(s + c, t, e);
-                    sum = _mm512_add_ps(sum, e);
-                }
-                l[r] = l[r] * corr + _mm512_reduce_add_ps(sum);
-                mx[r] = m_new;
-                if (corr != 1.f)
-                    for (int d = 0; d < D; d += 16)
-                        _mm512_storeu_ps(O + r * D + d, _mm512_mul_ps(_mm512_loadu_ps(O + r * D + d), _mm512_set1_ps(corr)));
-            }
+            online_softmax(S, nq, nk, mx, l, O, D);
             for (int r = 0; r < nq; r += 4)
                 prod_acc(S + r * BK, BK, 1, nk, V + (size_t)j0 * D, D, D, nq - r < 4 ? nq - r : 4, O + r * D, D);
         }
         float *o = out + (((size_t)b * nh + h) * T + i0) * D, *L = lse + ((size_t)b * nh + h) * T + i0;
-        for (int r = 0; r < nq; r++) {
-            const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-            for (int d = 0; d < D; d += 16)
-                _mm512_storeu_ps(o + (size_t)r * D + d, _mm512_mul_ps(_mm512_loadu_ps(O + r * D + d), _mm512_set1_ps(inv)));
-            L[r] = l[r] > 0.f ? mx[r] + logf(l[r]) : -INFINITY;
-        }
+        finish_rows(O, mx, l, nq, D, o, L);
     }
     free(kt);
     return 0;
@@ -240,15 +275,7 @@ int ak_attn_train_backward(const float *q, const float *k, const float *v, const
                     const int nk = Tk - j0 < BK ? Tk - j0 : BK;
                     if (!tile_live(m, Tk, i0, nq, j0, nk)) continue;
                     scores(Q, KT, m, D, Tk, i0, nq, j0, nk, P);
-                    for (int r = 0; r < nq; r++) { /* P = exp(S − L): the forward's probabilities (0 for a row with no key) */
-                        const float Lr = L[i0 + r];
-                        for (int c = 0; c < nk; c += 16) {
-                            const __mmask16 t = tail(nk - c);
-                            const __m512 p = Lr == -INFINITY ? _mm512_setzero_ps()
-                                                             : exp_or_zero(_mm512_maskz_loadu_ps(t, P + r * BK + c), _mm512_set1_ps(Lr));
-                            _mm512_mask_storeu_ps(P + r * BK + c, t, p);
-                        }
-                    }
+                    probs_from_lse(P, L + i0, nq, nk); /* the forward's probabilities */
                     for (int c = 0; c < nk; c += 4) /* dV += Pᵀ·dO */
                         prod_acc(P + c, 1, BK, nq, dO + (size_t)i0 * D, D, D, nk - c < 4 ? nk - c : 4, dV + (size_t)(j0 + c) * D, D);
                     for (int r = 0; r < nq; r += 4) /* dP = dO·Vᵀ */
@@ -445,41 +472,14 @@ int ak_attn_train_forward_bf16(const uint16_t *q, const uint16_t *k, const uint1
             const int nk = Tk - j0 < BK ? Tk - j0 : BK;
             if (!tile_live(m, Tk, i0, nq, j0, nk)) continue;
             scores_bf16(Q, KT, m, scale, D, Tk, i0, nq, j0, nk, S);
-            for (int r = 0; r < nq; r++) {
-                float *s = S + r * BK, tmax = -INFINITY;
-                for (int c = 0; c < nk; c += 16)
-                    tmax = fmaxf(tmax, _mm512_mask_reduce_max_ps(tail(nk - c), _mm512_loadu_ps(s + c)));
-                const float m_new = fmaxf(mx[r], tmax);
-                if (m_new == -INFINITY) {
-                    for (int c = 0; c < nk; c++) s[c] = 0.f;
-                    continue;
-                }
-                const float corr = mx[r] == -INFINITY ? 0.f : expf(mx[r] - m_new);
-                __m512 sum = _mm512_setzero_ps();
-                for (int c = 0; c < nk; c += 16) {
-                    const __mmask16 t = tail(nk - c);
-                    const __m512 e = _mm512_maskz_mov_ps(t, exp_or_zero(_mm512_maskz_loadu_ps(t, s + c), _mm512_set1_ps(m_new)));
-                    _mm512_mask_storeu_ps(s + c, t, e);
-                    sum = _mm512_add_ps(sum, e);
-                }
-                l[r] = l[r] * corr + _mm512_reduce_add_ps(sum);
-                mx[r] = m_new;
-                if (corr != 1.f)
-                    for (int d = 0; d < D; d += 16)
-                        _mm512_storeu_ps(O + r * D + d, _mm512_mul_ps(_mm512_loadu_ps(O + r * D + d), _mm512_set1_ps(corr)));
-            }
+            online_softmax(S, nq, nk, mx, l, O, D);
             tile_bf16(S, nq, nk, Pb, NULL);
             for (int r = 0; r < nq; r += 4)
                 bacc((const pair16 *)Pb + r * (BK / 2), BK / 2, 1, (nk + 1) / 2, V2 + (size_t)(j0 / 2) * D, D, D,
                      nq - r < 4 ? nq - r : 4, O + r * D, D);
         }
         float *o = out + (((size_t)b * nh + h) * T + i0) * D, *L = lse + ((size_t)b * nh + h) * T + i0;
-        for (int r = 0; r < nq; r++) {
-            const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-            for (int d = 0; d < D; d += 16)
-                _mm512_storeu_ps(o + (size_t)r * D + d, _mm512_mul_ps(_mm512_loadu_ps(O + r * D + d), _mm512_set1_ps(inv)));
-            L[r] = l[r] > 0.f ? mx[r] + logf(l[r]) : -INFINITY;
-        }
+        finish_rows(O, mx, l, nq, D, o, L);
     }
     free(kt);
     return 0;
@@ -541,15 +541,7 @@ int ak_attn_train_backward_bf16(const uint16_t *q, const uint16_t *k, const uint
                     const int nk = Tk - j0 < BK ? Tk - j0 : BK;
                     if (!tile_live(m, Tk, i0, nq, j0, nk)) continue;
                     scores_bf16(Q, KT, m, scale, D, Tk, i0, nq, j0, nk, P);
-                    for (int r = 0; r < nq; r++) {
-                        const float Lr = L[i0 + r];
-                        for (int c = 0; c < nk; c += 16) {
-                            const __mmask16 t = tail(nk - c);
-                            const __m512 p = Lr == -INFINITY ? _mm512_setzero_ps()
-                                                             : exp_or_zero(_mm512_maskz_loadu_ps(t, P + r * BK + c), _mm512_set1_ps(Lr));
-                            _mm512_mask_storeu_ps(P + r * BK + c, t, p);
-                        }
-                    }
+                    probs_from_lse(P, L + i0, nq, nk);
                     tile_bf16(P, nq, nk, Pb, PI);
                     for (int c = 0; c < nk; c += 4) /* dV += Pᵀ·dO */
                         bacc(PI + c, 1, BK, (nq + 1) / 2, dO2 + (size_t)(i0 / 2) * D, D, D, nk - c < 4 ? nk - c : 4,

@@ -67,12 +67,8 @@ class _RMSNormC(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, eps: float, dtype: torch.dtype, lib):  # type: ignore[override]
-        d = x.shape[-1]
         xc, wc = x.contiguous(), w.detach().contiguous()
-        r = torch.empty(*x.shape[:-1], 1)
-        y = torch.empty(x.shape, dtype=dtype)
-        lib.ak_rmsnorm_forward(xc.data_ptr(), wc.data_ptr(), xc.numel() // d, d, eps, r.data_ptr(), 1, y.data_ptr(),
-                               int(dtype == torch.bfloat16), torch.get_num_threads())
+        y, r = _c_rmsnorm(xc, wc, eps, dtype, lib)
         ctx.save_for_backward(xc, wc, r)
         ctx.lib, ctx.w_grad = lib, w.requires_grad
         ctx.mark_non_differentiable(r)
@@ -102,15 +98,19 @@ def _norm_kernels(x: torch.Tensor, dtype: torch.dtype):
     return lib if lib is not None and lib.ak_rmsnorm_forward(0, 0, 0, 16, 0.0, 0, 1, 0, 0, 1) == 0 else None
 
 
-def _c_normed(xf: torch.Tensor, w: torch.Tensor, eps: float, dtype: torch.dtype, lib) -> torch.Tensor:
-    """The C forward's output again from x (the recompute of :mod:`.recompute`: the same operations, r included)."""
-    d = xf.shape[-1]
-    xc, wc = xf.contiguous(), w.detach().contiguous()
-    r = torch.empty(*xf.shape[:-1], 1)
-    y = torch.empty(xf.shape, dtype=dtype)
+def _c_rmsnorm(xc: torch.Tensor, wc: torch.Tensor, eps: float, dtype: torch.dtype, lib) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, r) by the C forward, x and w contiguous float32."""
+    d = xc.shape[-1]
+    r = torch.empty(*xc.shape[:-1], 1)
+    y = torch.empty(xc.shape, dtype=dtype)
     lib.ak_rmsnorm_forward(xc.data_ptr(), wc.data_ptr(), xc.numel() // d, d, eps, r.data_ptr(), 1, y.data_ptr(),
                            int(dtype == torch.bfloat16), torch.get_num_threads())
-    return y
+    return y, r
+
+
+def _c_normed(xf: torch.Tensor, w: torch.Tensor, eps: float, dtype: torch.dtype, lib) -> torch.Tensor:
+    """The C forward's output again from x (the recompute of :mod:`.recompute`: the same operations, r included)."""
+    return _c_rmsnorm(xf.contiguous(), w.detach().contiguous(), eps, dtype, lib)[0]
 
 
 def make_norm(kind: str, dim: int, eps: float, offset: float = 0.0) -> nn.Module:

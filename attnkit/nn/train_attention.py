@@ -83,8 +83,11 @@ def _tiled_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
         return None
     from ..kernels import cpu_flags, library
 
-    need = {"avx512f", "avx512_bf16"} if q.dtype == k.dtype == v.dtype == torch.bfloat16 else {"avx512f"}
-    return library() if need <= cpu_flags() else None
+    bf16 = q.dtype == k.dtype == v.dtype == torch.bfloat16
+    if not ({"avx512f", "avx512_bf16"} if bf16 else {"avx512f"}) <= cpu_flags():
+        return None
+    lib = library()
+    return lib if lib is not None and lib.ak_attn_train_available(int(bf16)) else None
 
 
 def train_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
