@@ -46,8 +46,11 @@ def test_chunked_loss_equals_the_whole_logits_loss(monkeypatch, config) -> None:
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-7, msg=n)
-    with torch.no_grad():
+    with torch.no_grad():  # an evaluation's chunks: the loss alone (kernels/cross_entropy.c where built)
         torch.testing.assert_close(model_loss(model, x, y, reduction="sum"), lm_loss(model(x), y, reduction="sum"))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(model_loss(model, x, y, reduction="sum"), lm_loss(model(x), y, reduction="sum"),
+                                       rtol=1e-5, atol=1e-4)
 
 
 def test_a_batch_without_labels_has_zero_loss_and_a_graph() -> None:

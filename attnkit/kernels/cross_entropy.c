@@ -56,7 +56,8 @@ static inline void scalar_store(void *g, int bf16, size_t i, float x) {
 }
 
 /* z (n, V) logits (bf16 when ``bf16``, else float32), y (n) labels in [0, V); loss (n) float32 per row; grad (n, V)
- * in z's dtype (may be z itself). Returns 0, or 1 for a label out of range (nothing written for that row). */
+ * in z's dtype (may be z itself; NULL: the loss alone, one pass). Returns 0, or 1 for a label out of range
+ * (nothing written for that row). */
 int ak_cross_entropy(const void *z, const int64_t *y, int n, int V, int bf16, float *loss, void *grad, int threads) {
     int bad = 0;
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(| : bad)
@@ -93,6 +94,7 @@ int ak_cross_entropy(const void *z, const int64_t *y, int n, int V, int bf16, fl
         }
         const float lse = mx + logf(sum), zy = scalar_at(z, bf16, row + (size_t)y[i]), inv = 1.f / sum;
         loss[i] = lse - zy;
+        if (!grad) continue; /* the loss alone (an evaluation) */
         v = 0;
 #ifdef CE_512
         for (; v < V; v += 16) {

@@ -130,7 +130,14 @@ C_LOSS = True  # the C kernel where it takes the chunk (False: PyTorch's ops, as
 
 
 def _chunk_loss(head: Head, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(h).float(), y, reduction="sum")
+    z = head(h)
+    if not torch.is_grad_enabled() and (lib := _loss_kernels(z)) is not None:  # an evaluation: one pass in C, where
+        loss = torch.empty(len(y))  # F.cross_entropy would make a float32 copy and its log-softmax (2 × 67 MB here)
+        if lib.ak_cross_entropy(z.data_ptr(), y.data_ptr(), len(y), z.shape[-1], int(z.dtype == torch.bfloat16),
+                                loss.data_ptr(), None, torch.get_num_threads()):
+            raise IndexError(f"a label is outside the vocabulary of {z.shape[-1]}")
+        return loss.sum()
+    return F.cross_entropy(z.float(), y, reduction="sum")
 
 
 def head_is_frozen(model: nn.Module) -> bool:
