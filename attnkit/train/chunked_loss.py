@@ -116,6 +116,36 @@ def _frozen_chunk(head: FrozenHead, h: torch.Tensor, y: torch.Tensor, grad: torc
     return loss.sum()
 
 
+def _head_chunk(head: Head, h: torch.Tensor, y: torch.Tensor, grad: torch.Tensor, bufs: dict) -> torch.Tensor:
+    """One chunk's summed loss through the head as the model runs it, ∂L/∂h written into ``grad``: the loss and
+    ∂L/∂z = softmax(z) − onehot(y) by the C kernel over the logits in place, else by PyTorch's ops in float32 in
+    place (autograd's log-softmax would allocate its output, a zeroed gradient and its own result, each (n, vocab))."""
+    n = len(y)
+    with torch.enable_grad():
+        hc = h.detach().requires_grad_(True)
+        z = head(hc)  # (n, vocab): bfloat16 under autocast
+    zd = z.detach()
+    if (lib := _loss_kernels(z)) is not None:
+        loss = torch.empty(n)
+        if lib.ak_cross_entropy(zd.data_ptr(), y.data_ptr(), n, zd.shape[1], int(zd.dtype == torch.bfloat16),
+                                loss.data_ptr(), zd.data_ptr(), torch.get_num_threads()):
+            raise IndexError(f"a label is outside the vocabulary of {zd.shape[1]}")
+        grad.copy_(torch.autograd.grad(z, hc, zd)[0])
+        return loss.sum()
+    if "p" not in bufs:
+        bufs["p"] = torch.empty(n, z.shape[1], dtype=torch.float32)  # the first chunk is the largest
+        bufs["g"] = bufs["p"] if z.dtype == torch.float32 else torch.empty(bufs["p"].shape, dtype=z.dtype)
+    p = bufs["p"][:n].copy_(zd)
+    zy = p.gather(1, y[:, None])  # (n, 1)
+    m = p.amax(-1, keepdim=True)
+    s = p.sub_(m).exp_().sum(-1, keepdim=True)
+    p.div_(s)
+    p[torch.arange(n), y] -= 1.0
+    gz = bufs["g"][:n].copy_(p) if bufs["g"] is not bufs["p"] else p
+    grad.copy_(torch.autograd.grad(z, hc, gz)[0])
+    return (m + s.log() - zy).sum()
+
+
 def _loss_kernels(z: torch.Tensor):
     """The C kernels where they take a chunk's logits (kernels/cross_entropy.c: a CPU, contiguous bf16 or float32),
     else None (PyTorch's ops)."""
@@ -155,39 +185,13 @@ class _LossWithGrad(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, y: torch.Tensor, head: Head, rows: int) -> torch.Tensor:  # type: ignore[override]
         grad = torch.empty_like(h)  # (N, d)
         total = torch.zeros((), dtype=torch.float32)
-        p_buf = g_buf = None  # one float32 buffer for every chunk's softmax, one for its gradient in z's dtype
+        bufs: dict[str, torch.Tensor] = {}  # PyTorch's path: one float32 softmax buffer, one gradient in z's dtype
         for i in range(0, len(y), rows):
-            yc = y[i:i + rows]
-            n = len(yc)
+            hc, yc, part = h[i:i + rows], y[i:i + rows], grad[i:i + rows]
             if isinstance(head, FrozenHead) and (lib := _loss_kernels(h)) is not None:
-                total += _frozen_chunk(head, h[i:i + rows], yc, grad[i:i + rows], lib)
-                continue
-            with torch.enable_grad():
-                hc = h[i:i + rows].detach().requires_grad_(True)
-                z = head(hc)  # (n, vocab): bfloat16 under autocast
-            lib = _loss_kernels(z)
-            if lib is not None:  # two passes over each row in C; the gradient over the logits, in place
-                zd, loss = z.detach(), torch.empty(n)
-                if lib.ak_cross_entropy(zd.data_ptr(), yc.data_ptr(), n, zd.shape[1], int(zd.dtype == torch.bfloat16),
-                                        loss.data_ptr(), zd.data_ptr(), torch.get_num_threads()):
-                    raise IndexError(f"a label is outside the vocabulary of {zd.shape[1]}")
-                total += loss.sum()
-                grad[i:i + rows] = torch.autograd.grad(z, hc, zd)[0]
-                continue
-            if p_buf is None:
-                p_buf = torch.empty(min(rows, len(y)), z.shape[1], dtype=torch.float32)
-                g_buf = p_buf if z.dtype == torch.float32 else torch.empty(p_buf.shape, dtype=z.dtype)
-            # L = Σ_t lse(z_t) − z_t[y_t] and ∂L/∂z = softmax(z) − onehot(y), in place in float32 (autograd's
-            # log-softmax would allocate its output, a zeroed gradient and its own result, each (n, vocab))
-            p = p_buf[:n].copy_(z.detach())
-            zy = p.gather(1, yc[:, None])  # (n, 1)
-            m = p.amax(-1, keepdim=True)
-            s = p.sub_(m).exp_().sum(-1, keepdim=True)
-            total += (m + s.log() - zy).sum()
-            p.div_(s)
-            p[torch.arange(n), yc] -= 1.0
-            gz = g_buf[:n].copy_(p) if g_buf is not p_buf else p
-            grad[i:i + rows] = torch.autograd.grad(z, hc, gz)[0]
+                total += _frozen_chunk(head, hc, yc, part, lib)
+            else:
+                total += _head_chunk(head, hc, yc, part, bufs)
         ctx.save_for_backward(grad)
         return total
 
