@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .train_attention import train_attention
 from .fused import cat_out_features
 from .norm import RMSNorm
 from .recompute import remember
+from .train_attention import train_attention
 
 AttentionImpl = Literal["math", "sdpa"]
 
@@ -109,7 +109,6 @@ def scaled_dot_product_attention(
         raise TypeError(f"attention mask must be bool (True = may attend), got {mask.dtype}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     n_rep = q.shape[1] // k.shape[1]
-    row_has_key = None if mask is None else mask.any(dim=-1, keepdim=True)  # (..., T_q, 1)
 
     if impl == "sdpa" and not need_weights and softcap is None:
         # training on the CPU: C tiles or batched products, faster than torch's fused kernel there (train_attention)
@@ -120,17 +119,17 @@ def scaled_dot_product_attention(
             attn_mask = bias.to(dt) if mask is None else bias.to(dt).masked_fill(~mask, float("-inf"))
         else:
             attn_mask = None if mask is None else additive_mask(mask, dt)
-        if by_tiles:
-            out = train_attention(q, k, v, attn_mask, scale)
-        else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale, enable_gqa=n_rep > 1
-            )
-        if row_has_key is not None:
-            out = out.masked_fill(~row_has_key, 0.0)
+        if by_tiles:  # gives a row with no key zeros itself
+            return train_attention(q, k, v, attn_mask, scale), None
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale, enable_gqa=n_rep > 1
+        )
+        if mask is not None:
+            out = out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
         return out, None
     if impl not in ("math", "sdpa"):
         raise ValueError(f"unknown attention impl {impl!r}; expected 'math' or 'sdpa'")
+    row_has_key = None if mask is None else mask.any(dim=-1, keepdim=True)  # (..., T_q, 1)
 
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, nh, T_q, T_k)
