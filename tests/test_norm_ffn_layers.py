@@ -63,8 +63,7 @@ def test_swiglu_product_keeps_two_tensors_and_autograd_gradients():
 def _train_kernels_here() -> bool:
     from attnkit.kernels import train_kernels
 
-    lib = train_kernels()
-    return lib is not None and lib.ak_swiglu_forward(0, 0, 0, 0, 0, 16, 0, 0, 1) == 0
+    return train_kernels() is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -43,9 +43,11 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(line.partition(":")[2].split())
 
 
+@functools.cache
 def train_kernels() -> ctypes.CDLL | None:
-    """The library where its 512-bit training kernels run (AVX512-F/BW/VL: train_ops.c), else None."""
-    return library() if {"avx512f", "avx512bw", "avx512vl"} <= cpu_flags() else None
+    """The library where this build has its 512-bit training kernels (AVX512-F/BW/VL: train_ops.c), else None."""
+    lib = library() if {"avx512f", "avx512bw", "avx512vl"} <= cpu_flags() else None
+    return lib if lib is not None and lib.ak_train_ops_available() else None
 
 
 def native_bf16() -> bool:
@@ -152,6 +154,7 @@ def load(so: Path) -> ctypes.CDLL:
     lib.ak_attn_train_forward_bf16.argtypes = [vp, vp, vp, vp, i64, vp, vp, i, i, i, i, i, i, f, i]
     lib.ak_attn_train_backward_bf16.argtypes = lib.ak_attn_train_backward.argtypes
     lib.ak_cross_entropy.argtypes = [vp, vp, i, i, i, vp, vp, i]
+    lib.ak_train_ops_available.argtypes = []
     lib.ak_swiglu_forward.argtypes = [vp, vp, i64, i64, i, i, i, vp, i]
     lib.ak_swiglu_backward.argtypes = [vp, vp, i64, i64, vp, i, i, i, vp, vp, i]
     lib.ak_rmsnorm_forward.argtypes = [vp, vp, i, i, f, vp, i, vp, i, i]

@@ -40,6 +40,15 @@ static inline __m512 sigmoid16(__m512 g) {
 }
 #endif
 
+/* whether this build has these kernels (else each returns 1 and the callers keep PyTorch's operations) */
+int ak_train_ops_available(void) {
+#ifdef OPS_512
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* h = SiLU(g)·u for n rows of ff; g and u rows gs and us elements apart (views of one gate/up output), h contiguous;
  * all bf16 when ``bf16``, else float32 */
 int ak_swiglu_forward(const void *g, const void *u, int64_t gs, int64_t us, int n, int ff, int bf16, void *h, int threads) {

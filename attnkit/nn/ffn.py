@@ -87,8 +87,7 @@ def _swiglu_kernels(g: torch.Tensor, u: torch.Tensor):
         return None
     from ..kernels import train_kernels
 
-    lib = train_kernels()
-    return lib if lib is not None and lib.ak_swiglu_forward(0, 0, 0, 0, 0, 16, 0, 0, 1) == 0 else None
+    return train_kernels()
 
 
 def _silu_times(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

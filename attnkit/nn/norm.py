@@ -94,8 +94,7 @@ def _norm_kernels(x: torch.Tensor, dtype: torch.dtype):
         return None
     from ..kernels import train_kernels
 
-    lib = train_kernels()
-    return lib if lib is not None and lib.ak_rmsnorm_forward(0, 0, 0, 16, 0.0, 0, 1, 0, 0, 1) == 0 else None
+    return train_kernels()
 
 
 def _c_rmsnorm(xc: torch.Tensor, wc: torch.Tensor, eps: float, dtype: torch.dtype, lib) -> tuple[torch.Tensor, torch.Tensor]:
