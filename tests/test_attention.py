@@ -116,6 +116,25 @@ def test_bad_input_errors_name_the_problem():
         MultiHeadAttention(16, 4)(torch.randn(16))
 
 
+def _assert_matches_float64_sdpa(out, leaves, qkv, d_out, mask, bias, dtype) -> torch.Tensor:
+    """``out`` and its leaves' gradients (after ``out.backward(d_out)``) against torch's SDPA in float64 with the same
+    mask and bias, scale 0.3, rows with no key zero; returns the float64 output."""
+    ref_leaves = [t.double().detach().requires_grad_() for t in qkv]
+    add = bias if mask is None or bias is not None else torch.zeros(mask.shape, dtype=torch.float64)
+    if mask is not None:
+        add = add.masked_fill(~mask, float("-inf"))
+    ref = torch.nn.functional.scaled_dot_product_attention(*ref_leaves, attn_mask=add, scale=0.3, enable_gqa=True)
+    if mask is not None:
+        ref = ref.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+    ref.backward(d_out.double())
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=0.05, rtol=0.05)
+    torch.testing.assert_close(out.double(), ref, **tol)
+    for got, want in zip(leaves, ref_leaves):
+        assert torch.isfinite(got.grad).all()
+        torch.testing.assert_close(got.grad.double(), want.grad, **tol)
+    return ref
+
+
 @pytest.mark.parametrize("chunk", [None, 3 * 7 * 9, 3 * 2 * 9, 1, "pieces"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_training_attention_by_batched_products_matches_float64_sdpa(monkeypatch, dtype, chunk):
@@ -152,16 +171,7 @@ def test_training_attention_by_batched_products_matches_float64_sdpa(monkeypatch
     finally:
         bmm_module._BmmAttention.apply = real
     assert calls, "a training forward on the CPU should take bmm_attention"
-    ref_leaves = [t.double().detach().requires_grad_() for t in (q, k, v)]
-    add = bias.double().masked_fill(~mask, float("-inf"))
-    ref = torch.nn.functional.scaled_dot_product_attention(*ref_leaves, attn_mask=add, scale=0.3, enable_gqa=True)
-    ref = ref.masked_fill(~mask.any(-1, keepdim=True), 0.0)
-    ref.backward(d_out.double())
-    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=0.05, rtol=0.05)
-    torch.testing.assert_close(out.double(), ref, **tol)
-    for got, want in zip(leaves, ref_leaves):
-        assert torch.isfinite(got.grad).all()
-        torch.testing.assert_close(got.grad.double(), want.grad, **tol)
+    ref = _assert_matches_float64_sdpa(out, leaves, (q, k, v), d_out, mask, bias.double(), dtype)
     assert torch.equal(out[1, :, 3], torch.zeros_like(out[1, :, 3]))
     with torch.no_grad():  # inference keeps torch's fused kernel
         torch.testing.assert_close(scaled_dot_product_attention(q, k, v, mask=mask, bias=bias, impl="sdpa", scale=0.3)[0],
@@ -211,17 +221,7 @@ def test_training_attention_in_c_tiles_matches_float64_sdpa(monkeypatch, dtype, 
     out, _ = scaled_dot_product_attention(*leaves, mask=mask, impl="sdpa", scale=0.3)
     out.backward(d_out.to(dtype))
     assert calls, "a 512-bit CPU's training forward should take the C tiles"
-    ref_leaves = [t.double().detach().requires_grad_() for t in (q, k, v)]
-    add = None if mask is None else torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, float("-inf"))
-    ref = torch.nn.functional.scaled_dot_product_attention(*ref_leaves, attn_mask=add, scale=0.3, enable_gqa=True)
-    if mask is not None:
-        ref = ref.masked_fill(~mask.any(-1, keepdim=True), 0.0)
-    ref.backward(d_out.double())
-    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=0.05, rtol=0.05)
-    torch.testing.assert_close(out.double(), ref, **tol)
-    for got, want in zip(leaves, ref_leaves):
-        assert torch.isfinite(got.grad).all()
-        torch.testing.assert_close(got.grad.double(), want.grad, **tol)
+    _assert_matches_float64_sdpa(out, leaves, (q, k, v), d_out, mask, None, dtype)
     if kind == "padding":
         assert torch.equal(out[:, :, 3], torch.zeros_like(out[:, :, 3]))
 
