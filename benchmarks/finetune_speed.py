@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 
 
-
 def write_data(path: Path, n_train: int, n_eval: int) -> tuple[Path, Path]:
     from attnkit.data.text_corpus import docstring_paragraphs
 

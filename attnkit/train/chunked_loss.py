@@ -188,7 +188,7 @@ class _LossWithGrad(torch.autograd.Function):
         bufs: dict[str, torch.Tensor] = {}  # PyTorch's path: one float32 softmax buffer, one gradient in z's dtype
         for i in range(0, len(y), rows):
             hc, yc, part = h[i:i + rows], y[i:i + rows], grad[i:i + rows]
-            if isinstance(head, FrozenHead) and (lib := _loss_kernels(h)) is not None:
+            if isinstance(head, FrozenHead) and (lib := _loss_kernels(head.weight)) is not None:  # its logits' dtype
                 total += _frozen_chunk(head, hc, yc, part, lib)
             else:
                 total += _head_chunk(head, hc, yc, part, bufs)
