@@ -159,6 +159,39 @@ def test_exact_blocks_are_read_from_the_tail(kv_type, hd):
     assert np.abs(out[:3] - plain[:3]).max() > 1e-2  # the others did read the tail
 
 
+@pytest.mark.parametrize("kv_type", [0, 1, 2, 3])
+@pytest.mark.parametrize("hd,nh,nkv", [(64, 8, 2), (128, 6, 2), (64, 3, 3), (96, 4, 2)])
+def test_a_prompts_rows_attended_together_are_each_the_row_alone(kv_type, hd, nh, nkv):
+    """Rows of one sequence at consecutive positions (a prompt's chunk, a verification) are attended in tiles that
+    share each K/V row and reduce 16 scores at once; every row's output is bit for bit the one it gets alone (batch
+    invariance), and matches the float64 reference. Runs: 37 rows (tiles of 16, 16, 5), a window's start > 0, runs
+    broken by another sequence's row, by a different block table and by a position skipped."""
+    rng = np.random.default_rng(10 * hd + kv_type + nh)
+    num_blocks, bs, max_nb = 40, 8, 10
+    tabs = [rng.permutation(num_blocks)[:max_nb] for _ in range(3)]
+    rows_ = ([(0, 0, n) for n in range(30, 67)] + [(1, 0, 5)] + [(2, 9, n) for n in range(12, 20)]
+             + [(1, 0, 6), (1, 0, 7), (1, 0, 9), (0, 0, 1), (0, 0, 2), (2, 0, 2)])
+    tables = np.stack([tabs[t] for t, _, _ in rows_]).astype(np.int64)
+    tables[-3, 3] = (tables[-3, 3] + 1) % num_blocks  # a different block past where its keys end: still one run
+    starts = np.array([s for _, s, _ in rows_], dtype=np.int64)
+    lens = np.array([n for _, _, n in rows_], dtype=np.int64)
+    dense = rng.standard_normal((2, nkv * num_blocks * bs, hd)).astype(np.float32) * 2
+    if kv_type >= 2:
+        k_pool, v_pool = (quants.quantize(x, KV_TYPES[kv_type]).reshape(nkv, num_blocks, bs, -1) for x in dense)
+        k, v = (quants.dequantize(p, KV_TYPES[kv_type]) for p in (k_pool, v_pool))
+    else:
+        k_pool, v_pool = (x.astype(np.float32 if kv_type == 0 else np.float16).reshape(nkv, num_blocks, bs, hd) for x in dense)
+        k, v = (p.astype(np.float32) for p in (k_pool, v_pool))
+    q = rng.standard_normal((len(rows_), nh, hd)).astype(np.float32)
+    out, rc = attention(q, k_pool, v_pool, kv_type, tables, lens, starts)
+    assert rc == 0
+    for b in range(len(rows_)):
+        alone, rc = attention(q[b:b + 1], k_pool, v_pool, kv_type, tables[b:b + 1], lens[b:b + 1], starts[b:b + 1])
+        assert rc == 0 and np.array_equal(alone[0], out[b]), b
+    ref = reference(q, k, v, tables, lens, starts)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
 def test_error_codes():
     x = np.ones((2, 48), dtype=np.float32)
     out = np.zeros(2 * 48 * 2, dtype=np.uint8)

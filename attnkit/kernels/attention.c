@@ -3,6 +3,7 @@
  * or portable C. Each (sequence, KV head) is one task; a sequence's result never depends on the others in the
  * call (batch invariance). */
 #include <omp.h>
+#include <stdlib.h>
 
 #include "blocks.h"
 #include "decode.h" /* the KV row formats (ak_kv_row_bytes, ak_float_to_half) */
@@ -265,6 +266,28 @@ AK_INLINE void row512(const void *pool, const int KV, size_t r, const int HD, __
     }
 }
 
+/* sg[0 .. n) ← softmax(sg) (soft-capped first where softcap > 0), 16 scores at a time from sg[0] */
+static inline void softmax512(float *sg, int64_t n, float softcap) {
+    if (softcap > 0.f) softcap_scores(sg, n, softcap);
+    __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+    for (int64_t t = 0; t < n; t += 16) {
+        const __mmask16 m = n - t >= 16 ? 0xffff : (__mmask16)((1u << (n - t)) - 1);
+        mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, m, sg + t));
+    }
+    const __m512 vmx = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    for (int64_t t = 0; t < n; t += 16) {
+        const __mmask16 m = n - t >= 16 ? 0xffff : (__mmask16)((1u << (n - t)) - 1);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sg + t), vmx));
+        _mm512_mask_storeu_ps(sg + t, m, e);
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+    for (int64_t t = 0; t < n; t += 16) {
+        const __mmask16 m = n - t >= 16 ? 0xffff : (__mmask16)((1u << (n - t)) - 1);
+        _mm512_mask_storeu_ps(sg + t, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sg + t), inv));
+    }
+}
+
 /* attend_task for HD = 64 or 128 in AVX-512 over pools of type KV: K and V rows decoded once into registers (V once
  * a pass), the softmax 16 scores at a time, and the output rows of up to 4 (HD 64) or 2 (HD 128) query heads a pass
  * accumulated in registers across the keys */
@@ -287,28 +310,7 @@ AK_INLINE void attend_task512(const float *qb, const void *k_pool, const void *v
             s[(size_t)gi * L + t] = _mm512_reduce_add_ps(a) * scale;
         }
     }
-    const int64_t n = len - st;
-    for (int gi = 0; gi < g; gi++) {
-        float *sg = s + (size_t)gi * L + st;
-        if (softcap > 0.f) softcap_scores(sg, n, softcap);
-        __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
-        for (int64_t t = 0; t < n; t += 16) {
-            const __mmask16 m = n - t >= 16 ? 0xffff : (__mmask16)((1u << (n - t)) - 1);
-            mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, m, sg + t));
-        }
-        const __m512 vmx = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-        for (int64_t t = 0; t < n; t += 16) {
-            const __mmask16 m = n - t >= 16 ? 0xffff : (__mmask16)((1u << (n - t)) - 1);
-            const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sg + t), vmx));
-            _mm512_mask_storeu_ps(sg + t, m, e);
-            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
-        }
-        const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
-        for (int64_t t = 0; t < n; t += 16) {
-            const __mmask16 m = n - t >= 16 ? 0xffff : (__mmask16)((1u << (n - t)) - 1);
-            _mm512_mask_storeu_ps(sg + t, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sg + t), inv));
-        }
-    }
+    for (int gi = 0; gi < g; gi++) softmax512(s + (size_t)gi * L + st, len - st, softcap);
     for (int g0 = 0; g0 < g; g0 += GB) {
         const int ng = g - g0 < GB ? g - g0 : GB;
         __m512 acc[GMAX][8];
@@ -327,7 +329,102 @@ AK_INLINE void attend_task512(const float *qb, const void *k_pool, const void *v
             for (int i = 0; i < HD / 16; i++) _mm512_storeu_ps(ob + (size_t)(g0 + a) * HD + 16 * i, acc[a][i]);
     }
 }
+/* ---- several query rows of one sequence at a time: a prompt's chunk, a speculative verification. Rows at
+ * consecutive positions (lens l, l + 1, …, one start, one block table) share each K and V row decoded, and their
+ * scores come out 16 keys at a time. A row's result is bit for bit attend_task512's for it alone: each score the
+ * same products summed in the same order (reduce16 pairs a key's 16 lanes as _mm512_reduce_add_ps does), the same
+ * softmax (softmax512), each output the same chain of FMAs over the keys in order. */
+enum { TILE_ROWS = 16, TILE_SCORES = 1 << 20 }; /* rows a tile (fewer where their scores would pass TILE_SCORES floats) */
+
+/* a[k]: key k's 16 lane sums → lane k: the sum of a[k]'s lanes, paired as _mm512_reduce_add_ps pairs them (lanes
+ * j + 8 and j, then j + 4 and j, then 0 + 2 and 1 + 3, then 0 + 1; addition commutes, so only the pairing counts) */
+AK_INLINE __m512 reduce16(const __m512 *a) {
+    __m512 z[8], w[4], u[2];
+    for (int p = 0; p < 8; p++) /* keys 2p, 2p + 1 in lanes 0-7, 8-15: lane j + 8 plus lane j */
+        z[p] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * p], a[2 * p + 1], 0x44), _mm512_shuffle_f32x4(a[2 * p], a[2 * p + 1], 0xEE));
+    for (int p = 0; p < 4; p++) /* key 4p + i in 128-bit lane i: element j + 4 plus element j */
+        w[p] = _mm512_add_ps(_mm512_shuffle_f32x4(z[2 * p], z[2 * p + 1], 0x88), _mm512_shuffle_f32x4(z[2 * p], z[2 * p + 1], 0xDD));
+    for (int p = 0; p < 2; p++) /* 128-bit lane i: key 8p + i in elements 0, 1, key 8p + 4 + i in 2, 3 (0 + 2, 1 + 3) */
+        u[p] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * p], w[2 * p + 1], 0x44), _mm512_shuffle_ps(w[2 * p], w[2 * p + 1], 0xEE));
+    /* 0 + 1: element e of 128-bit lane i holds key 4e + i */
+    const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], 0x88), _mm512_shuffle_ps(u[0], u[1], 0xDD));
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), r);
+}
+
+/* key t's row of KV head h in a pool */
+static inline size_t pool_row(const int64_t *tab, int64_t t, int h, int bs, int num_blocks) {
+    return (size_t)(((int64_t)h * num_blocks + tab[t / bs]) * bs + t % bs);
+}
+
+/* nq rows of one sequence (row ρ: queries q + ρ·nh·HD, its g heads of KV head h at + gi·HD; keys st .. lens[ρ] − 1,
+ * lens[ρ] = lens[0] + ρ) → out alike. s: nq · g · LS scores (LS ≥ lens[nq − 1] − st rounded up to 16); kbuf: 16 · HD
+ * floats, 64-byte aligned. */
+AK_INLINE void attend_tile512(const float *q, const void *k_pool, const void *v_pool, const int KV, const int64_t *tab,
+                              int64_t st, const int64_t *lens, int nq, int h, int g, int nh, const int HD, int bs,
+                              int num_blocks, float scale, float softcap, float *s, size_t LS, float *kbuf, float *out) {
+    const int64_t end = lens[nq - 1];
+    const __m512 vscale = _mm512_set1_ps(scale);
+    for (int64_t t0 = st; t0 < end; t0 += 16) {
+        for (int k = 0; k < 16; k++) {
+            __m512 kr[8];
+            if (t0 + k < end) row512(k_pool, KV, pool_row(tab, t0 + k, h, bs, num_blocks), HD, kr);
+            else
+                for (int i = 0; i < HD / 16; i++) kr[i] = _mm512_setzero_ps();
+            for (int i = 0; i < HD / 16; i++) _mm512_store_ps(kbuf + k * HD + 16 * i, kr[i]);
+        }
+        for (int rho = 0; rho < nq; rho++) {
+            if (lens[rho] <= t0) continue;
+            for (int gi = 0; gi < g; gi++) {
+                const float *qg = q + (size_t)rho * nh * HD + (size_t)gi * HD;
+                __m512 qv[8], a[16];
+                for (int i = 0; i < HD / 16; i++) qv[i] = _mm512_loadu_ps(qg + 16 * i);
+                for (int k = 0; k < 16; k++) {
+                    __m512 acc = _mm512_mul_ps(qv[0], _mm512_load_ps(kbuf + k * HD));
+                    for (int i = 1; i < HD / 16; i++) acc = _mm512_fmadd_ps(qv[i], _mm512_load_ps(kbuf + k * HD + 16 * i), acc);
+                    a[k] = acc;
+                }
+                _mm512_storeu_ps(s + ((size_t)rho * g + gi) * LS + (size_t)(t0 - st), _mm512_mul_ps(reduce16(a), vscale));
+            }
+        }
+    }
+    for (int rho = 0; rho < nq; rho++)
+        for (int gi = 0; gi < g; gi++) softmax512(s + ((size_t)rho * g + gi) * LS, lens[rho] - st, softcap);
+    /* the outputs, GB (row, head) pairs a pass over V, pairs in row order (their key counts never fall); a pass short
+     * of GB pairs repeats its last, so the loops over pairs have a fixed count */
+    const int GB = HD == 64 ? 6 : 3, np = nq * g;
+    for (int p0 = 0; p0 < np; p0 += GB) {
+        const float *ps[6];
+        int64_t plen[6];
+        __m512 acc[6][8];
+        for (int a = 0; a < GB; a++) {
+            const int pr = p0 + a < np ? p0 + a : np - 1;
+            ps[a] = s + (size_t)pr * LS - st, plen[a] = lens[pr / g];
+            for (int i = 0; i < HD / 16; i++) acc[a][i] = _mm512_setzero_ps();
+        }
+        const int64_t all = plen[0], last = plen[GB - 1];
+        for (int64_t t = st; t < last; t++) {
+            __m512 v[8];
+            row512(v_pool, KV, pool_row(tab, t, h, bs, num_blocks), HD, v);
+            if (t < all)
+                for (int a = 0; a < GB; a++) {
+                    const __m512 p = _mm512_set1_ps(ps[a][t]);
+                    for (int i = 0; i < HD / 16; i++) acc[a][i] = _mm512_fmadd_ps(p, v[i], acc[a][i]);
+                }
+            else
+                for (int a = 0; a < GB; a++)
+                    if (t < plen[a]) {
+                        const __m512 p = _mm512_set1_ps(ps[a][t]);
+                        for (int i = 0; i < HD / 16; i++) acc[a][i] = _mm512_fmadd_ps(p, v[i], acc[a][i]);
+                    }
+        }
+        for (int a = 0; a < GB && p0 + a < np; a++) {
+            float *o = out + (size_t)((p0 + a) / g) * nh * HD + (size_t)((p0 + a) % g) * HD;
+            for (int i = 0; i < HD / 16; i++) _mm512_storeu_ps(o + 16 * i, acc[a][i]);
+        }
+    }
+}
 #endif
+
 
 #if defined(AK_AVX2)
 /* floats 8i .. 8i + 7 of pool row r (HD values of KV) as kv_row decodes them: read in place (float32), widened
@@ -408,7 +505,54 @@ AK_INLINE void attend_task_avx2(const float *qb, const void *k_pool, const void 
         default: TASK(AK_KV_Q4_0, HD);                \
     }
 
-/* 0, or 1 (nh % nkv), 3 (a quantized kv_type and hd % 32), 4 (an unknown kv_type) */
+/* query row b's g heads of KV head h over its keys starts[b] .. lens[b] − 1 (s: g · L scores) */
+static void attend_row(const float *q, const void *k_pool, const void *v_pool, int kv_type, const int64_t *tables,
+                       const int64_t *lens, const int64_t *starts, float *out, int b, int h, int nh, int g, int hd, int bs,
+                       int num_blocks, int max_nb, float scale, float *s, const ak_kv_tail *tail, float softcap) {
+    const size_t L = (size_t)max_nb * bs;
+    const float *qb = q + ((size_t)b * nh + (size_t)h * g) * hd;
+    float *ob = out + ((size_t)b * nh + (size_t)h * g) * hd;
+    const int64_t *tab = tables + (size_t)b * max_nb;
+    const int64_t st = starts[b], len = lens[b];
+    const int slot = tail && tail->slot[b] >= 0 ? (int)tail->slot[b] : -1;
+    const void *tk = slot >= 0 ? tail->k : NULL, *tv = slot >= 0 ? tail->v : NULL;
+    const int64_t tf = slot >= 0 ? tail->from[b] : len, trow = ((int64_t)h * (slot >= 0 ? tail->slots : 0) + slot) * bs;
+#ifdef __AVX512F__
+#define TASK512(KV, HD) attend_task512(qb, k_pool, v_pool, KV, tab, st, len, h, g, HD, bs, num_blocks, L, scale, softcap, s, ob)
+    if (hd == 64 && !tk) BY_KV(TASK512, 64) /* the AVX-512 kernel; an exact tail's rows: AVX2's below */
+    else if (hd == 128 && !tk) BY_KV(TASK512, 128)
+    else
+#undef TASK512
+#endif
+#if defined(AK_AVX2)
+#define AVX2_TASK(KV, HD) \
+    attend_task_avx2(qb, k_pool, v_pool, KV, tab, st, len, h, g, HD, bs, num_blocks, L, scale, softcap, s, ob, tk, tv, tf, trow)
+    if (hd == 64) BY_KV(AVX2_TASK, 64)
+    else if (hd == 128) BY_KV(AVX2_TASK, 128)
+    else
+#undef AVX2_TASK
+#endif
+    if (hd == 64)
+        attend_task(qb, k_pool, v_pool, kv_type, tab, st, len, h, g, 64, bs, num_blocks, L, scale, softcap, s, ob, tk, tv, tf, trow);
+    else if (hd == 128)
+        attend_task(qb, k_pool, v_pool, kv_type, tab, st, len, h, g, 128, bs, num_blocks, L, scale, softcap, s, ob, tk, tv, tf, trow);
+    else
+        attend_task(qb, k_pool, v_pool, kv_type, tab, st, len, h, g, hd, bs, num_blocks, L, scale, softcap, s, ob, tk, tv, tf, trow);
+}
+
+#ifdef __AVX512F__
+/* 1 when row b + 1 continues row b's sequence one position on: the same start and blocks, no exact tail */
+static int next_position(const int64_t *tables, const int64_t *lens, const int64_t *starts, int b, int bs, int max_nb,
+                         const ak_kv_tail *tail) {
+    if (starts[b + 1] != starts[b] || lens[b + 1] != lens[b] + 1 || lens[b] <= starts[b]) return 0;
+    if (tail && (tail->slot[b] >= 0 || tail->slot[b + 1] >= 0)) return 0;
+    const int64_t nb = (lens[b + 1] + bs - 1) / bs;
+    if (nb > max_nb) return 0;
+    return memcmp(tables + (size_t)b * max_nb, tables + (size_t)(b + 1) * max_nb, sizeof(int64_t) * (size_t)nb) == 0;
+}
+#endif
+
+/* 0, or 1 (nh % nkv), 2 (out of memory), 3 (a quantized kv_type and hd % 32), 4 (an unknown kv_type) */
 static int paged_attention(const float *q, const void *k_pool, const void *v_pool, int kv_type, const int64_t *tables,
                            const int64_t *lens, const int64_t *starts, float *out, int B, int nh, int nkv, int hd,
                            int bs, int num_blocks, int max_nb, float scale, float *scratch, int threads,
@@ -418,44 +562,56 @@ static int paged_attention(const float *q, const void *k_pool, const void *v_poo
     if (!ak_kv_row_bytes(kv_type, hd)) return 3;
     const int g = nh / nkv;
     const size_t L = (size_t)max_nb * bs;
-#pragma omp parallel for collapse(2) schedule(dynamic) num_threads(threads) if (threads > 1 && B * nkv > 1)
-    for (int b = 0; b < B; b++) {
-        for (int h = 0; h < nkv; h++) {
-            float *s = scratch + (size_t)omp_get_thread_num() * g * L;
-            const float *qb = q + ((size_t)b * nh + (size_t)h * g) * hd;
-            float *ob = out + ((size_t)b * nh + (size_t)h * g) * hd;
-            const int64_t *tab = tables + (size_t)b * max_nb;
-            const int64_t st = starts[b], len = lens[b];
-            const int slot = tail && tail->slot[b] >= 0 ? (int)tail->slot[b] : -1;
-            const void *tk = slot >= 0 ? tail->k : NULL, *tv = slot >= 0 ? tail->v : NULL;
-            const int64_t tf = slot >= 0 ? tail->from[b] : len, trow = ((int64_t)h * (slot >= 0 ? tail->slots : 0) + slot) * bs;
+    int *first = NULL, ntiles = B; /* tile i: rows first[i] .. first[i + 1] − 1 (one row each without tiles) */
 #ifdef __AVX512F__
-#define TASK512(KV, HD) attend_task512(qb, k_pool, v_pool, KV, tab, st, len, h, g, HD, bs, num_blocks, L, scale, softcap, s, ob)
-            if (hd == 64 && !tk) BY_KV(TASK512, 64) /* the AVX-512 kernel; an exact tail's rows: AVX2's below */
-            else if (hd == 128 && !tk) BY_KV(TASK512, 128)
-            else
-#undef TASK512
-#endif
-#if defined(AK_AVX2)
-#define AVX2_TASK(KV, HD) \
-    attend_task_avx2(qb, k_pool, v_pool, KV, tab, st, len, h, g, HD, bs, num_blocks, L, scale, softcap, s, ob, tk, tv, tf, trow)
-            if (hd == 64) BY_KV(AVX2_TASK, 64)
-            else if (hd == 128) BY_KV(AVX2_TASK, 128)
-            else
-#undef AVX2_TASK
-#endif
-            if (hd == 64)
-                attend_task(qb, k_pool, v_pool, kv_type, tab, st, len, h, g, 64, bs, num_blocks, L, scale, softcap, s, ob, tk, tv,
-                            tf, trow);
-            else if (hd == 128)
-                attend_task(qb, k_pool, v_pool, kv_type, tab, st, len, h, g, 128, bs, num_blocks, L, scale, softcap, s, ob, tk, tv,
-                            tf, trow);
-            else
-                attend_task(qb, k_pool, v_pool, kv_type, tab, st, len, h, g, hd, bs, num_blocks, L, scale, softcap, s, ob, tk, tv,
-                            tf, trow);
-        }
+    const size_t LS = (L + 15) / 16 * 16; /* a tile row's scores for each of its g heads */
+    int most = (int)(TILE_SCORES / ((size_t)g * LS));
+    most = most > TILE_ROWS ? TILE_ROWS : most;
+    if ((hd == 64 || hd == 128) && B > 1 && most >= 2) {
+        if (!(first = malloc(sizeof(int) * ((size_t)B + 1)))) return 2;
+        ntiles = 0;
+        for (int b = 0; b < B; b++)
+            if (b == 0 || b - first[ntiles - 1] >= most || !next_position(tables, lens, starts, b - 1, bs, max_nb, tail))
+                first[ntiles++] = b;
+        first[ntiles] = B;
     }
-    return 0;
+#endif
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1 && ntiles * nkv > 1)
+    for (int task = 0; task < ntiles * nkv; task++) {
+        const int ti = task / nkv, h = task % nkv, b0 = first ? first[ti] : ti, nq = first ? first[ti + 1] - b0 : 1;
+        if (nq == 1) {
+            attend_row(q, k_pool, v_pool, kv_type, tables, lens, starts, out, b0, h, nh, g, hd, bs, num_blocks, max_nb,
+                       scale, scratch + (size_t)omp_get_thread_num() * g * L, tail, softcap);
+            continue;
+        }
+#ifdef __AVX512F__
+        static __thread float *buf; /* this thread's scores and decoded keys, grown and kept */
+        static __thread size_t cap;
+        const size_t need = (size_t)most * g * LS + 16 * 128;
+        if (cap < need) {
+            free(buf);
+            buf = aligned_alloc(64, (need * sizeof(float) + 63) / 64 * 64);
+            cap = buf ? need : 0;
+        }
+        if (!buf) {
+#pragma omp atomic write
+            failed = 1;
+            continue;
+        }
+        const float *qt = q + ((size_t)b0 * nh + (size_t)h * g) * hd;
+        float *ot = out + ((size_t)b0 * nh + (size_t)h * g) * hd;
+        const int64_t *tab = tables + (size_t)b0 * max_nb;
+        float *kbuf = buf + (size_t)most * g * LS;
+#define TILE512(KV, HD) attend_tile512(qt, k_pool, v_pool, KV, tab, starts[b0], lens + b0, nq, h, g, nh, HD, bs, num_blocks, \
+                                       scale, softcap, buf, LS, kbuf, ot)
+        if (hd == 64) BY_KV(TILE512, 64)
+        else BY_KV(TILE512, 128)
+#undef TILE512
+#endif
+    }
+    free(first);
+    return failed ? 2 : 0;
 }
 #undef BY_KV
 
