@@ -68,6 +68,25 @@ def test_rope_batched_positions_and_partial_rotary():
     torch.testing.assert_close(rq[1:], one)
 
 
+@pytest.mark.parametrize("hd,rd", [(64, 64), (128, 128), (96, 72), (8, 4)])
+def test_rope_in_place_on_the_c_kernel_is_torchs_bit_for_bit(hd, rd):
+    """Inference rotates a prompt's q and k heads in place, in one pass of C (kernels/rope.c) where the kernels are
+    built: bit for bit rotate()'s x·cos + rotate_half(x)·sin (each product rounded, no FMA), the heads beyond
+    (v) and the features past rotary_dim untouched; with gradients, out of place as before."""
+    rope = RotaryEmbedding(hd, rotary_dim=rd, base=500000.0)
+    bound = rope.at(torch.arange(1000, 1037))
+    qkv = torch.randn(1, 37, 7, hd) * 4  # 5 q/k heads, then 2 v heads
+    want = bound.rotate_heads(qkv[:, :, :5])
+    with torch.inference_mode():
+        x = qkv.clone()
+        got = bound.rotate_heads(x[:, :, :5], inplace=True)
+    assert torch.equal(got, want) and torch.equal(x[:, :, 5:], qkv[:, :, 5:])
+    from attnkit.kernels import library
+
+    assert (got.data_ptr() == x.data_ptr()) == (library() is not None)  # rotated where it lay
+    assert not torch.equal(want, qkv[:, :, :5])
+
+
 def test_alibi_slopes_match_the_paper():
     assert alibi_slopes(8).tolist() == pytest.approx([2 ** -(i + 1) for i in range(8)])
     assert alibi_slopes(16).tolist() == pytest.approx([2 ** -(0.5 * (i + 1)) for i in range(16)])

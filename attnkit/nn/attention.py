@@ -266,7 +266,8 @@ class MultiHeadAttention(nn.Module):
             qkv = qkv.view(B, T, nh + 2 * nkv, self.head_dim)  # (B, T, nh + 2·n_kv, hd)
             if self.qk_norm == "head":
                 qkv = torch.cat([self.q_norm(qkv[:, :, :nh]), self.k_norm(qkv[:, :, nh:nh + nkv]), qkv[:, :, nh + nkv:]], 2)  # type: ignore[misc]
-            qk = rotary.rotate_heads(qkv[:, :, :nh + nkv]) if hasattr(rotary, "rotate_heads") else None  # type: ignore[union-attr]
+            qk = rotary.rotate_heads(qkv[:, :, :nh + nkv], inplace=not torch.is_grad_enabled()) \
+                if hasattr(rotary, "rotate_heads") else None  # type: ignore[union-attr]
             if qk is None:
                 qk = qkv[:, :, :nh + nkv]
             else:

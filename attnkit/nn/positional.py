@@ -191,12 +191,32 @@ class BoundRotary:
             return self.rotary(q, k, positions)
         return self.rotary.rotate(q, self.cos, self.sin), self.rotary.rotate(k, self.cos, self.sin)
 
-    def rotate_heads(self, x: torch.Tensor) -> torch.Tensor | None:
+    def rotate_heads(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor | None:
         """x (B, T, heads, hd) with heads last-but-one — q and k heads side by side, rotated in one pass.
-        None when the angles are per batch row ((B, T) positions): use ``__call__``."""
+        None when the angles are per batch row ((B, T) positions): use ``__call__``. ``inplace`` (no gradient):
+        x may be rotated in place and returned — in one pass of C over float32 rows where the kernels are built
+        (kernels/rope.c: bit for bit the operations below)."""
         if self.cos.dim() != 2:
             return None
+        if inplace and (lib := _rope_kernel(x, self.cos)) is not None:
+            hd = x.shape[-1]
+            cos, sin = self.cos.contiguous(), self.sin.contiguous()
+            if lib.ak_rope_rows(x.data_ptr(), x.stride(1), x.shape[1], x.shape[2], hd, cos.shape[-1], cos.data_ptr(),
+                                sin.data_ptr(), torch.get_num_threads()) == 0:
+                return x
         return self.rotary.rotate(x, self.cos[:, None], self.sin[:, None])
+
+
+def _rope_kernel(x: torch.Tensor, cos: torch.Tensor):
+    """The C kernels for an in-place rotation of x (1, T, heads, hd) float32 on the CPU, each head's features
+    contiguous and the heads one after another, with float32 angles (T, rd); else None."""
+    if (x.dtype != torch.float32 or cos.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 4
+            or x.shape[0] != 1 or x.stride(-1) != 1 or x.stride(-2) != x.shape[-1] or x.requires_grad
+            or cos.shape[0] != x.shape[1]):
+        return None
+    from ..kernels import library
+
+    return library()
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
