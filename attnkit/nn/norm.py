@@ -46,9 +46,11 @@ class RMSNorm(nn.Module):
         # under autocast the output is cast once here, to the dtype every product after it would cast it to (each
         # product's autocast would make, and its backward keep, a copy of its own)
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad) and (lib := _norm_kernels(xf, dt)):
-            y, _ = _RMSNormC.apply(xf, w, self.eps, dt, lib)
-            return remember(y, _c_normed, xf, w, self.eps, dt, lib)  # (as below)
+        if lib := _norm_kernels(xf, dt):  # one pass over each row in C
+            if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+                y, _ = _RMSNormC.apply(xf, w, self.eps, dt, lib)
+                return remember(y, _c_normed, xf, w, self.eps, dt, lib)  # (as below)
+            return _c_rmsnorm(xf.contiguous(), w.contiguous(), self.eps, dt, lib)[0]
         r = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(self.eps))  # (..., 1)
         y = _normed(xf, r, w, dt)
         # autograd keeps x and r for the norm's own backward: the output, which the next layer's adapters would
