@@ -149,6 +149,37 @@ def test_cat_out_and_bias() -> None:
         GGUFBlockLinear.cat_out([a, _layer("Q4_1", 16, 96)[0]])
 
 
+@needs_kernel
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("interleaved", [None, False])
+def test_the_gated_product_applies_act_to_the_forwards_products(kind: str, interleaved: bool | None) -> None:
+    """A fused gate/up's gated_product (the kernels' epilogue: the (rows, 2·ff) product never made) is act(gate)·up
+    of the forward's own products, SiLU and GELU-tanh, on the prompt rows' product and the decode kernel; a row's
+    bits are the same alone and among 130 rows (gemm.c's panels from 64 rows, the decode kernel below). None where
+    the forward would take a dense product."""
+    from attnkit.quant.native import random_blocks
+    from attnkit.quant.row_kernel import rows_are
+
+    k, ff = 256, 48
+    gu = GGUFBlockLinear.cat_out([GGUFBlockLinear(random_blocks(kind, ff, k, seed=s), kind, k, interleaved=interleaved)
+                                  for s in (1, 2)])
+    x = torch.randn(130, k)
+    for rows in ("prompt", "short-prompt", "generated"):
+        with torch.inference_mode(), rows_are(rows):
+            full = gu(x)
+            g, u = full[:, :ff].double(), full[:, ff:].double()
+            for act, ref in (("silu", torch.nn.functional.silu(g) * u),
+                             ("gelu_tanh", torch.nn.functional.gelu(g, approximate="tanh") * u)):
+                h = gu.gated_product(x, act)
+                torch.testing.assert_close(h.double(), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+                alone = torch.cat([gu.gated_product(x[i:i + 1], act) for i in range(0, 130, 13)])
+                assert torch.equal(alone, h[::13]) and torch.equal(gu.gated_product(x[:70], act), h[:70])
+    assert gu.gated_product(x, "relu") is None  # not an activation the epilogue has
+    gu.int8_prompts, gu.dense_for_prompts = False, True
+    with torch.inference_mode(), rows_are("prompt"):
+        assert gu.gated_product(x, "silu") is None  # the forward's dense product: act is the caller's
+
+
 def test_bad_inputs_are_named() -> None:
     layer, _ = _layer("Q4_1", 8, 64)
     with pytest.raises(ValueError, match="no kernel"):

@@ -1,6 +1,6 @@
 """attnkit's C kernels: GGUF block matrix–vector products (``kernels.c``, which dispatches through the table of
 block types: one kernel file per type or family, ``legacy.c`` (Q4_0, Q4_1, Q5_0, Q5_1), ``q8.c``, ``q4_k.c``
-(Q4_K, Q5_K), ``q6_k.c``), the prompt rows' integer matrix product (``gemm.c``), paged decode attention (``attention.c``), training attention's forward and backward (``train_attention.c``), the loss's softmax and its gradient (``cross_entropy.c``), a training step's SwiGLU and RMSNorm (``train_ops.c``), and a whole decode step of a Llama-family
+(Q4_K, Q5_K), ``q6_k.c``), the prompt rows' integer matrix product (``gemm.c``), paged decode attention (``attention.c``), training attention's forward and backward (``train_attention.c``), the loss's softmax and its gradient (``cross_entropy.c``), a training step's SwiGLU and RMSNorm (``train_ops.c``), RoPE on a prompt's rows (``rope.c``), and a whole decode step of a Llama-family
 model built on them (``decode_step.c``, its mixture-of-experts FFN ``moe.c``). Beside them, :mod:`.allocator`: glibc's
 malloc policy for the process (keep freed activations for the engine's step loop, or give them back when training).
 
@@ -137,6 +137,8 @@ def load(so: Path) -> ctypes.CDLL:
     lib.ak_type_x4_rows.argtypes = [i]
     lib.ak_gemv.argtypes = [i, vp, vp, vp, i, i, i, vp, i]
     lib.ak_gemm.argtypes = lib.ak_gemv.argtypes  # the prompt rows' product (gemm.c)
+    lib.ak_gemv_gated.argtypes = [i, vp, vp, vp, i, i, i, vp, i, i]  # act(gate)·up of a fused gate/up
+    lib.ak_gemm_gated.argtypes = lib.ak_gemv_gated.argtypes
     lib.ak_gemm_available.argtypes = [i]
     lib.ak_gemm_takes.argtypes = [i, i, i]
     lib.ak_dequantize.argtypes = [i, vp, vp, i, i, i, i]
@@ -159,6 +161,7 @@ def load(so: Path) -> ctypes.CDLL:
     lib.ak_swiglu_backward.argtypes = [vp, vp, i64, i64, vp, i, i, i, vp, vp, i]
     lib.ak_rmsnorm_forward.argtypes = [vp, vp, i, i, f, vp, i, vp, i, i]
     lib.ak_rmsnorm_backward.argtypes = [vp, vp, vp, vp, i, i, i, vp, vp, i]
+    lib.ak_rope_rows.argtypes = [vp, i64, i, i, i, i, vp, vp, i]
     lib.ak_moe_work_bytes.argtypes = [i, i, i, i, i, i]
     lib.ak_moe_work_bytes.restype = ctypes.c_size_t
     lib.ak_moe_ffn.argtypes = [vp, vp, vp, i, i, vp, ctypes.c_size_t, i]

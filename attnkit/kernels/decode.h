@@ -126,11 +126,10 @@ static inline void ak_rmsnorm(const float *x, const float *w, float *y, int d, f
     for (int i = 0; i < d; i++) y[i] = x[i] * r * w[i];
 }
 
-/* h = act(g) · u for one row, act(g) = g · σ(z): SiLU (act 0, z = g) or GELU with PyTorch's tanh approximation (act 1:
- * g/2 · (1 + tanh(y)) = g · σ(2y), y = √(2/π) · (g + 0.044715 g³)); g then u in gu (2·ff); h may overlap the start
- * of gu (h[i] is written after g[i] and u[i] are read) */
-static inline void ak_act_mul(const float *gu, float *h, int ff, int act) {
-    const float *g = gu, *u = gu + ff;
+/* h = act(g) · u over n values, act(g) = g · σ(z): SiLU (act 0, z = g) or GELU with PyTorch's tanh approximation (act 1:
+ * g/2 · (1 + tanh(y)) = g · σ(2y), y = √(2/π) · (g + 0.044715 g³)); h may be g (h[i] is written after g[i] and u[i]
+ * are read). 16 values at a time with AVX-512 (the gated products' epilogue: kernels.c, gemm.c), 8 with AVX2. */
+static inline void ak_act_mul2(const float *g, const float *u, float *h, int ff, int act) {
     const float c2 = 2.f * 0.7978845608028654f, a = 0.044715f;
     int i = 0;
 #ifdef __AVX512F__
@@ -157,6 +156,9 @@ static inline void ak_act_mul(const float *gu, float *h, int ff, int act) {
         h[i] = g[i] / (1.f + expf(-z)) * u[i];
     }
 }
+
+/* ak_act_mul2 for one row's gate/up output gu = [g (ff) | u (ff)]; h may overlap the start of gu */
+static inline void ak_act_mul(const float *gu, float *h, int ff, int act) { ak_act_mul2(gu, gu + ff, h, ff, act); }
 
 /* the bytes of the MoE scratch (ak_moe_ffn's work) for B rows of d features, experts of `ff`, threads threads */
 size_t ak_moe_work_bytes(int B, int d, int n_experts, int top_k, int ff, int threads);

@@ -22,8 +22,10 @@
 #include <stdlib.h>
 
 #include "blocks.h"
+#include "decode.h" /* ak_act_mul2 */
 
 int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads);
+int ak_gemv_gated(int kind, const void *w, const float *x, float *h, int m, int n, int k, void *scratch, int act, int threads);
 int ak_act_offsets(int kind, const void *scratch, int m, int k, int32_t *off4);
 
 #ifdef AK_X4
@@ -114,13 +116,15 @@ int ak_gemm_takes(int kind, int n, int k) {
 }
 
 /* y (m, n) = x (m, k) · W (n, k)ᵀ for interleaved blocks W of `kind` (shapes as ak_gemm_takes); scratch as
- * ak_gemv's (m · k/32 activation blocks). Threads take panels of 16 output columns. 0, or 1 (a kind or shape
- * this build does not multiply), 2 (out of memory). */
-int ak_gemm(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads) {
+ * ak_gemv's (m · k/32 activation blocks). Threads take panels of 16 output columns. act >= 0: W holds 2n rows, a
+ * gate's n then an up's n, and y = act(x·W_gateᵀ) ⊙ x·W_upᵀ (ak_act_mul2 on each panel's 16 outputs: the gate/up
+ * product never lies in memory). 0, or 1 (a kind or shape this build does not multiply), 2 (out of memory). */
+static int gemm(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads, int act) {
 #ifdef AK_X4
     const ak_type *t = ak_find_type(kind);
-    if (!ak_gemm_takes(kind, n, k) || m < 1) return 1;
-    if (!t->panel) return ak_gemv(kind, w, x, y, m, n, k, scratch, threads); /* the K-quants: their decode kernel */
+    if (!ak_gemm_takes(kind, act >= 0 ? 2 * n : n, k) || m < 1 || (act >= 0 && n % 16)) return 1;
+    if (!t->panel) /* the K-quants: their decode kernel */
+        return act >= 0 ? ak_gemv_gated(kind, w, x, y, m, n, k, scratch, act, threads) : ak_gemv(kind, w, x, y, m, n, k, scratch, threads);
     const int mode = t->panel_mode;
     const int nu = (k + 255) / 256, last = k % 256 ? k % 256 / 32 : 8; /* units of 256 inputs; the last one's blocks */
     int32_t *t0 = NULL; /* the rows' offsets (k/4 int32 reserved a row), for the types with a quant offset */
@@ -130,12 +134,12 @@ int ak_gemm(int kind, const void *w, const float *x, float *y, int m, int n, int
     (void)threads;
 #pragma omp parallel num_threads(threads) if (threads > 1 && n >= 32)
     {
-        static __thread ak_panel *P; /* this thread's panel, grown and kept */
+        static __thread ak_panel *P; /* this thread's panel (two: gate and up), grown and kept */
         static __thread int cap;
-        if (cap < nu) {
+        if (cap < 2 * nu) {
             free(P);
-            P = aligned_alloc(64, sizeof(ak_panel) * (size_t)nu);
-            cap = P ? nu : 0;
+            P = aligned_alloc(64, sizeof(ak_panel) * 2 * (size_t)nu);
+            cap = P ? 2 * nu : 0;
         }
         if (!P) {
 #pragma omp atomic write
@@ -150,6 +154,9 @@ int ak_gemm(int kind, const void *w, const float *x, float *y, int m, int n, int
         for (int pn = 0; pn < n / 16; pn++) {
             if (!P) continue;
             for (int u = 0; u < nu; u++) t->panel((const uint8_t *)w + (size_t)pn * gbytes, u, u == nu - 1 ? last : 8, P + u);
+            if (act >= 0) /* the up rows' panel of the same outputs */
+                for (int u = 0; u < nu; u++)
+                    t->panel((const uint8_t *)w + (size_t)(pn + n / 16) * gbytes, u, u == nu - 1 ? last : 8, P + nu + u);
             for (int r0 = 0; r0 < m; r0 += TR) {
                 const int R = m - r0 < TR ? m - r0 : TR;
                 ak_act xs[TR];
@@ -160,14 +167,32 @@ int ak_gemm(int kind, const void *w, const float *x, float *y, int m, int n, int
                     if (t0) t0s[i] = t0 + (size_t)(r0 + i) * (k / 4);
                 }
                 tile(P, nu, last, xs, t0s, R, mode, out);
-                for (int i = 0; i < R; i++) _mm512_storeu_ps(y + (size_t)(r0 + i) * n + 16 * (size_t)pn, out[i]);
+                if (act >= 0) {
+                    __m512 up[TR];
+                    tile(P + nu, nu, last, xs, t0s, R, mode, up);
+                    for (int i = 0; i < R; i++) {
+                        float g16[16], u16[16];
+                        _mm512_storeu_ps(g16, out[i]), _mm512_storeu_ps(u16, up[i]);
+                        ak_act_mul2(g16, u16, y + (size_t)(r0 + i) * n + 16 * (size_t)pn, 16, act);
+                    }
+                } else
+                    for (int i = 0; i < R; i++) _mm512_storeu_ps(y + (size_t)(r0 + i) * n + 16 * (size_t)pn, out[i]);
             }
         }
     }
     free(t0);
     return failed ? 2 : 0;
 #else
-    (void)kind, (void)w, (void)x, (void)y, (void)m, (void)n, (void)k, (void)scratch, (void)threads;
+    (void)kind, (void)w, (void)x, (void)y, (void)m, (void)n, (void)k, (void)scratch, (void)threads, (void)act;
     return 1;
 #endif
+}
+
+int ak_gemm(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads) {
+    return gemm(kind, w, x, y, m, n, k, scratch, threads, -1);
+}
+
+/* h (m, n) = act(x·W_gateᵀ) ⊙ x·W_upᵀ, W (2n, k) the gate's rows then the up's (act 0 SiLU, 1 GELU-tanh) */
+int ak_gemm_gated(int kind, const void *w, const float *x, float *h, int m, int n, int k, void *scratch, int act, int threads) {
+    return act < 0 || act > 1 ? 1 : gemm(kind, w, x, h, m, n, k, scratch, threads, act);
 }

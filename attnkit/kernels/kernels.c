@@ -158,14 +158,18 @@ int ak_act_offsets(int kind, const void *scratch, int m, int k, int32_t *off4) {
     return 0;
 }
 
+int ak_gemm_gated(int kind, const void *w, const float *x, float *h, int m, int n, int k, void *scratch, int act, int threads);
+
 /* y (m, n) = x (m, k) · W (n, k)ᵀ for W of block type `kind`; scratch holds m · k/32 activation blocks (40 bytes
- * each). Threads take groups of output rows; each group multiplies activation rows four at a time. */
-int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads) {
+ * each). Threads take groups of output rows; each group multiplies activation rows four at a time. act >= 0: W
+ * holds 2n rows, a gate's n then an up's n, and y = act(x·W_gateᵀ) ⊙ x·W_upᵀ (ak_act_mul2 on each group's outputs,
+ * the gate/up product never in memory). */
+static int gemv(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads, int act) {
     const ak_type *t = find_type(kind);
     const int x4 = (kind & AK_X4_FLAG) != 0, R = !t ? 1 : x4 ? ak_group_rows(t) : 1;
     if (!t || m < 1 || n < 1 || k % t->block_elems || n % R) return 1;
-    if (x4 && t->panel && m >= GEMM_ROWS && ak_gemm_takes(kind, n, k)) /* the same order on its panels */
-        return ak_gemm(kind, w, x, y, m, n, k, scratch, threads);
+    if (x4 && t->panel && m >= GEMM_ROWS && ak_gemm_takes(kind, act >= 0 ? 2 * n : n, k)) /* the same order on its panels */
+        return act >= 0 ? ak_gemm_gated(kind, w, x, y, m, n, k, scratch, act, threads) : ak_gemm(kind, w, x, y, m, n, k, scratch, threads);
     const int nb = k / t->block_elems;
     const size_t gbytes = (size_t)R * nb * t->block_bytes;
     const ak_dot_fn dot = x4 ? t->dot_x4 : t->dot;
@@ -217,12 +221,31 @@ int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int
                     if (sums) xs[i].off4 = sums + (size_t)(r0 + i) * (k / 4);
                 }
                 xs[0].side = side_on && g1 < b ? &side : NULL;
-                for (int g = c0; g < g1; g++)
-                    dot((const uint8_t *)w + (size_t)g * gbytes, nb, xs, M, y + (size_t)r0 * n + (size_t)g * R, (size_t)n);
+                if (act < 0)
+                    for (int g = c0; g < g1; g++)
+                        dot((const uint8_t *)w + (size_t)g * gbytes, nb, xs, M, y + (size_t)r0 * n + (size_t)g * R, (size_t)n);
+                else
+                    for (int g = c0; g < g1; g++) { /* the group's gate outputs, its up outputs, then act(gate)·up */
+                        float gate[4 * 16], up[4 * 16];
+                        dot((const uint8_t *)w + (size_t)g * gbytes, nb, xs, M, gate, (size_t)R);
+                        dot((const uint8_t *)w + (size_t)(g + groups) * gbytes, nb, xs, M, up, (size_t)R);
+                        for (int i = 0; i < M; i++)
+                            ak_act_mul2(gate + i * R, up + i * R, y + (size_t)(r0 + i) * n + (size_t)g * R, R, act);
+                    }
             }
         }
     }
     return 0;
+}
+
+int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads) {
+    return gemv(kind, w, x, y, m, n, k, scratch, threads, -1);
+}
+
+/* h (m, n) = act(x·W_gateᵀ) ⊙ x·W_upᵀ, W (2n, k) the gate's rows then the up's (act 0 SiLU, 1 GELU-tanh); each
+ * output is ak_gemv's gate and up products' (their bits) through ak_act_mul2 */
+int ak_gemv_gated(int kind, const void *w, const float *x, float *h, int m, int n, int k, void *scratch, int act, int threads) {
+    return act < 0 || act > 1 ? 1 : gemv(kind, w, x, h, m, n, k, scratch, threads, act);
 }
 
 /* ---- products on activation rows quantized once, for a caller that runs many products on the same rows from

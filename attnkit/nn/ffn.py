@@ -133,7 +133,7 @@ class SwiGLU(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, activation: str = "silu", bias: bool = False, dropout: float = 0.0) -> None:
         super().__init__()
-        self.act = get_activation(activation)
+        self.activation, self.act = activation, get_activation(activation)
         self.gate_proj = nn.Linear(d_model, d_ff, bias=bias)
         self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
         self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
@@ -148,6 +148,10 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
+            # a quantized projection may apply act to its products as it makes them (no (rows, 2·d_ff) output)
+            gated = getattr(self.gate_up_proj, "gated_product", None)
+            if gated is not None and not torch.is_grad_enabled() and (h := gated(x, self.activation)) is not None:
+                return self.down_proj(h)
             gu = self.gate_up_proj(x)
             if self.act is F.silu and gu.is_contiguous() and not (torch.is_grad_enabled() and gu.requires_grad):
                 h = silu_mul_over(gu)

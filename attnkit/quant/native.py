@@ -410,14 +410,13 @@ class GGUFBlockLinear(nn.Module):
             return frozen_linear(self, x)
         x2 = x.reshape(-1, self.in_features)
         lib = _kernels()
-        rows = current_rows()  # set by the engine: the product follows what the rows are, never how many
-        # (a short prompt's rows: the integer kernel, decoding every weight for them would cost more)
-        dense = x2.shape[0] > self.kernel_max_rows if rows is None else rows == "prompt" and self.dense_for_prompts
+        path = self._path(x2)
         if lib is None or x.device.type != "cpu" or x.requires_grad:
             y = F.linear(x2, self.dequantize(x.dtype))
-        elif (rows == "prompt" or rows == "short-prompt" and self._dense_for_prompts is not False) and self.int8_prompts:
+        elif path == "gemm":
             y = self._kernel(lib, x2, gemm=True)  # a short prompt's rows too (TTFT −25% at 32 tokens), not an expert's
-        elif dense:
+        elif path == "dense":
+            rows = current_rows()
             dt = torch.bfloat16 if torch.bfloat16 in (x2.dtype, self.dense_dtype) else torch.float32
             if rows is None:  # outside the engine (an evaluation): by tiles, the training forward's arithmetic in
                 y = tiled_product(self, x2.to(dt))  # its dtype, and no layer-sized buffer (it set QLoRA's peak)
@@ -427,6 +426,42 @@ class GGUFBlockLinear(nn.Module):
         else:
             y = self._kernel(lib, x2)
         return self._finish(y.to(x.dtype), x.shape[:-1])
+
+    def _path(self, x2: torch.Tensor) -> str:
+        """The product the forward takes for these rows: "gemm" (the integer matrix product), "dense" (a float
+        product on the decoded weight) or "kernel" (the integer decode kernel). The engine sets what the rows are
+        (:func:`current_rows`), and the product follows that, never how many rows share the step; a short prompt's
+        rows take the integer product too (decoding every weight for them would cost more)."""
+        rows = current_rows()
+        if (rows == "prompt" or rows == "short-prompt" and self._dense_for_prompts is not False) and self.int8_prompts:
+            return "gemm"
+        dense = x2.shape[0] > self.kernel_max_rows if rows is None else rows == "prompt" and self.dense_for_prompts
+        return "dense" if dense else "kernel"
+
+    def gated_product(self, x: torch.Tensor, activation: str) -> torch.Tensor | None:
+        """act(x·W_gateᵀ) ⊙ x·W_upᵀ for this layer as a fused [gate | up] projection (2·ff outputs), computed in the
+        integer kernels' epilogue (ak_gemm_gated / ak_gemv_gated: each output the forward's gate and up products
+        through the C decode step's act), so that the (rows, 2·ff) product never lies in memory. ``activation``:
+        "silu" (SwiGLU) or "gelu_tanh" (GeGLU). None where the forward would not take an integer kernel (a dense
+        product, no kernels, gradients, a bias): the caller then multiplies and applies act itself."""
+        act = {"silu": 0, "gelu_tanh": 1}.get(activation)
+        lib = _kernels()
+        if (act is None or lib is None or self.bias is not None or x.device.type != "cpu" or x.requires_grad
+                or x.shape[-1] != self.in_features
+                or self.out_features % (2 * (group_rows(self.kind) if self.interleaved else 1))):
+            return None
+        x2 = x.reshape(-1, self.in_features)
+        path = self._path(x2)
+        if path == "dense":
+            return None
+        xf = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.float().contiguous()
+        m, ff = xf.shape[0], self.out_features // 2
+        h = torch.empty(m, ff)
+        fn = lib.ak_gemm_gated if path == "gemm" else lib.ak_gemv_gated
+        if m and fn(self.kernel_kind, self.blocks.data_ptr(), xf.data_ptr(), h.data_ptr(), m, ff, self.in_features,
+                    _act_scratch(m * (self.in_features // 32) * ACT_BLOCK_BYTES), act, torch.get_num_threads()):
+            raise RuntimeError(f"{fn.__name__} refused {self.kind} blocks of {self.out_features}×{self.in_features}")
+        return h.to(x.dtype).reshape(*x.shape[:-1], ff)
 
     def kernel_product(self, x: torch.Tensor) -> torch.Tensor:
         """x·Wᵀ (+ b) through the integer kernel (8-bit activations, a scale per weight block), any number of rows."""
