@@ -281,13 +281,20 @@ def paired_decode(llm, path: Path, binary: Path, threads: int, n_new: int, pairs
     return {"pairs": got, "ratio_median": statistics.median(ratios), "ratio_min": ratios[0], "ratio_max": ratios[-1]}
 
 
+def context_tokens(w: dict) -> int:
+    """The K/V pool attnkit gets, in tokens: the context llama-server gets with one slot per offline request
+    (``-c`` = slots × the longest request, benchmarks/engine.py), or the 512-token prompt test's if that is more,
+    so that peak RSS compares the same file and context (not the engine's default 1 GiB pool)."""
+    reqs = w["offline"]
+    return max(len(reqs) * max(len(p) + n for p, n in reqs), max(len(q) for q in w["single"]) + w["single_new"])
+
+
 def child_attnkit(path: Path, threads: int, quick: bool, requests: int, kv_per_token: int,
                   llama_bench: Path | None = None, pairs: int = 0) -> dict:
     from attnkit import LLM, SamplingParams
 
     w = workload(quick, requests)
-    need = sum(len(p) + n for p, n in w["offline"]) + 1024
-    kv_bytes = max(GIB, int(need * kv_per_token * 1.1))
+    kv_bytes = context_tokens(w) * kv_per_token
     t0 = time.perf_counter()
     llm = LLM(str(path), threads=threads, kv_cache_bytes=kv_bytes)
     res: dict = {"load_s": time.perf_counter() - t0, "kv_cache_bytes": kv_bytes}
