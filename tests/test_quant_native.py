@@ -171,6 +171,9 @@ def test_the_gated_product_applies_act_to_the_forwards_products(kind: str, inter
             for act, ref in (("silu", torch.nn.functional.silu(g) * u),
                              ("gelu_tanh", torch.nn.functional.gelu(g, approximate="tanh") * u)):
                 h = gu.gated_product(x, act)
+                if gu._path(x) == "dense":  # (no integer product for a prompt's rows in this build)
+                    assert h is None
+                    continue
                 torch.testing.assert_close(h.double(), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
                 alone = torch.cat([gu.gated_product(x[i:i + 1], act) for i in range(0, 130, 13)])
                 assert torch.equal(alone, h[::13]) and torch.equal(gu.gated_product(x[:70], act), h[:70])

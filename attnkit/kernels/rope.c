@@ -7,6 +7,8 @@
 
 #include "blocks.h"
 
+#pragma STDC FP_CONTRACT OFF /* clang; GCC takes the function attribute below */
+
 /* n rows (row r at x + r·stride) of `heads` heads of hd floats; row r's angles cos, sin + r·rd (rd each, the
  * halves' angles alike as RotaryEmbedding.cos_sin makes them); 0, or 1 (rd odd or > hd) */
 __attribute__((optimize("fp-contract=off"))) int ak_rope_rows(float *x, int64_t stride, int n, int heads, int hd,
