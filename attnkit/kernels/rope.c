@@ -7,7 +7,9 @@
 
 #include "blocks.h"
 
-#pragma STDC FP_CONTRACT OFF /* clang; GCC takes the function attribute below */
+#ifdef __clang__
+#pragma STDC FP_CONTRACT OFF /* GCC takes the function attribute below */
+#endif
 
 /* n rows (row r at x + r·stride) of `heads` heads of hd floats; row r's angles cos, sin + r·rd (rd each, the
  * halves' angles alike as RotaryEmbedding.cos_sin makes them); 0, or 1 (rd odd or > hd) */
