@@ -58,9 +58,9 @@ def test_quantized_rows_are_ggufs_blocks(kv_type, hd):
     np.testing.assert_array_equal(got, quants.quantize(x, KV_TYPES[kv_type]))
 
 
-def attention(q, k_pool, v_pool, kv_type, tables, lens, starts, threads=2, tail=None):
+def attention(q, k_pool, v_pool, kv_type, tables, lens, starts, threads=2, tail=None, softcap=0.0):
     """ak_paged_attention_kv's output (B, nh, hd) and return code; ``tail``: (k, v (nkv, slots, bs, Q8_0 row bytes),
-    slot (B,), first exact key (B,)) — the exact blocks (attnkit.engine.kv_tail)."""
+    slot (B,), first exact key (B,)) — the exact blocks (attnkit.engine.kv_tail); ``softcap`` > 0: Gemma 2's."""
     B, nh, hd = q.shape
     nkv, num_blocks, bs, _ = k_pool.shape
     max_nb = tables.shape[1]
@@ -68,7 +68,7 @@ def attention(q, k_pool, v_pool, kv_type, tables, lens, starts, threads=2, tail=
     scratch = np.zeros(threads * (nh // nkv) * max_nb * bs, dtype=np.float32)
     rc = lib.ak_paged_attention_kv(ptr(q), ptr(k_pool), ptr(v_pool), kv_type, ptr(tables), ptr(lens), ptr(starts),
                                    ptr(out), B, nh, nkv, hd, bs, num_blocks, max_nb, ctypes.c_float(hd ** -0.5),
-                                   ptr(scratch), threads, tail_struct(tail), ctypes.c_float(0.0))
+                                   ptr(scratch), threads, tail_struct(tail), ctypes.c_float(softcap))
     return out, rc
 
 
@@ -183,11 +183,14 @@ def test_a_prompts_rows_attended_together_are_each_the_row_alone(kv_type, hd, nh
         k_pool, v_pool = (x.astype(np.float32 if kv_type == 0 else np.float16).reshape(nkv, num_blocks, bs, hd) for x in dense)
         k, v = (p.astype(np.float32) for p in (k_pool, v_pool))
     q = rng.standard_normal((len(rows_), nh, hd)).astype(np.float32)
-    out, rc = attention(q, k_pool, v_pool, kv_type, tables, lens, starts)
-    assert rc == 0
-    for b in range(len(rows_)):
-        alone, rc = attention(q[b:b + 1], k_pool, v_pool, kv_type, tables[b:b + 1], lens[b:b + 1], starts[b:b + 1])
-        assert rc == 0 and np.array_equal(alone[0], out[b]), b
+    for softcap in (0.0, 3.0):  # Gemma 2's soft-capped scores too
+        out, rc = attention(q, k_pool, v_pool, kv_type, tables, lens, starts, softcap=softcap)
+        assert rc == 0
+        for b in range(len(rows_)):
+            alone, rc = attention(q[b:b + 1], k_pool, v_pool, kv_type, tables[b:b + 1], lens[b:b + 1], starts[b:b + 1],
+                                  softcap=softcap)
+            assert rc == 0 and np.array_equal(alone[0], out[b]), b
+    out, _ = attention(q, k_pool, v_pool, kv_type, tables, lens, starts)
     ref = reference(q, k, v, tables, lens, starts)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
