@@ -63,7 +63,9 @@ from engine import workload  # noqa: E402 (the offline workload of the engine be
 SIZES = {"1b": "llama-3.2-1b", "3b": "llama-3.2-3b", "qwen3-1.7b": "qwen3-1.7b",  # shapes of attnkit.loading.gguf_writer
          "moe": "qwen3-moe-2.6b-a0.5b", "small-moe": "small-qwen3moe",  # small-moe: 131M, measurable on a busy machine
          "gemma3-1b": "gemma3-1b",  # Gemma-3-1B's layers (the default tokenizer's vocabulary)
-         "tiny": "tiny", "tiny-moe": "tiny-qwen3moe", "tiny-gemma3": "tiny-gemma3"}  # tiny*: smoke tests
+         "tiny": "tiny", "tiny-moe": "tiny-qwen3moe", "tiny-gemma3": "tiny-gemma3",  # tiny*: smoke tests
+         "default": "smollm2-135m"}  # the shipped default model's own GGUF (Q4_1), as it is: no preset applies
+SHIPPED = "shipped"  # the default size's one "preset": the file as the package ships it
 DEFAULT_PRESETS = "Q4_K_M,Q5_K_M,Q6_K,Q8_0,Q4_0"
 GIB = 1 << 30
 
@@ -426,7 +428,8 @@ def _cell(res: dict, key: str, digits: int) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1b,3b", help="comma-separated: 1b, 3b (Llama-3.2's shapes), qwen3-1.7b, "
-                    "moe (Qwen3-MoE, 2.6B total / 0.48B active), small-moe (0.13B / 0.04B); tiny, tiny-moe: smoke tests")
+                    "moe (Qwen3-MoE, 2.6B total / 0.48B active), small-moe (0.13B / 0.04B), default (the shipped "
+                    "SmolLM2-135M Q4_1 file itself); tiny, tiny-moe: smoke tests")
     ap.add_argument("--presets", default=DEFAULT_PRESETS, help="llama-quantize presets (attnkit.quant.gguf_quantize.PRESETS)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llama-bin", default=None, metavar="DIR",
@@ -481,12 +484,18 @@ def main() -> int:
 
     rows: list[dict] = []
     for size in sizes:
-        f16, f16_s = ensure_f16(size, work, args.threads)
-        for preset in presets:
+        shipped = size == "default"
+        f16, f16_s = (None, None) if shipped else ensure_f16(size, work, args.threads)
+        for preset in [SHIPPED] if shipped else presets:
             entry: dict = {"size": size, "shape": SIZES[size], "preset": preset}
             try:
-                path, quantizer, q_s = ensure_preset(size, preset, f16, work, args.quantizer, tools["llama-quantize"],
-                                                     args.threads)
+                if shipped:
+                    from attnkit.loading.defaults import default_chat_model
+
+                    path, quantizer, q_s = Path(default_chat_model()), "shipped (Q4_1)", None
+                else:
+                    path, quantizer, q_s = ensure_preset(size, preset, f16, work, args.quantizer,
+                                                         tools["llama-quantize"], args.threads)
             except (RuntimeError, FileNotFoundError, ValueError) as e:
                 entry["error"] = f"quantization failed: {e}"
                 rows.append(entry)
