@@ -179,9 +179,10 @@ def test_a_quantized_base_trains_with_freed_memory_returned_and_evaluates_at_the
 
 
 def test_release_scratch_frees_the_decoded_weight_buffer():
+    from attnkit.nn import scratch
     from attnkit.quant import native
 
     buf = native._scratch(64, 32)
-    assert native._SCRATCH and buf.shape == (64, 32)
+    assert scratch.held("dense.") and buf.shape == (64, 32)
     native.release_scratch()
-    assert not native._SCRATCH
+    assert not scratch.held("dense.")

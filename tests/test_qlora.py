@@ -166,9 +166,9 @@ def test_a_merge_into_a_quantized_base_is_refused() -> None:
 def test_a_layer_outside_the_engine_goes_by_tiles(monkeypatch, small_tiles, dtype) -> None:
     """Evaluation without gradients (a QLoRA run's, float32 or under bf16 autocast): the product is computed tile
     by tile in its dtype, never through a copy of the whole matrix (the engine's reused scratch)."""
-    from attnkit.quant import native
+    from attnkit.nn import scratch
 
-    monkeypatch.setattr(native, "_SCRATCH", {})
+    scratch.release("dense.")  # the engine's decoded-weight buffers, none held
     blocks = random_blocks("Q6_K", 300, 256, seed=3)
     layer = GGUFBlockLinear(blocks, "Q6_K", 256, interleaved=False)
     x = torch.randn(40, 256)
@@ -177,16 +177,16 @@ def test_a_layer_outside_the_engine_goes_by_tiles(monkeypatch, small_tiles, dtyp
     want = x @ dequantize_reference(blocks, "Q6_K", 256).T
     tol = 1e-4 if dtype == torch.float32 else 2e-2 * float(want.abs().max())
     torch.testing.assert_close(y.float(), want, rtol=0, atol=tol)
-    assert not native._SCRATCH
+    assert not scratch.held("dense.")
 
 
 @needs_kernel
 def test_a_float32_evaluation_outside_the_engine_takes_the_training_forwards_tiles(monkeypatch, small_tiles) -> None:
     """Any float32 product of many rows outside the engine (a QLoRA run's evaluation) goes tile by tile as the
     training forward does — the same numbers, and no layer-sized float buffer (it set a QLoRA run's peak)."""
-    from attnkit.quant import native
+    from attnkit.nn import scratch
 
-    monkeypatch.setattr(native, "_SCRATCH", {})
+    scratch.release("dense.")  # the engine's decoded-weight buffers, none held
     blocks = random_blocks("Q4_K", 192, 512, seed=5)
     layer = GGUFBlockLinear(blocks, "Q4_K", 512)
     x = torch.randn(GGUFBlockLinear.kernel_max_rows + 7, 512)
@@ -194,7 +194,7 @@ def test_a_float32_evaluation_outside_the_engine_takes_the_training_forwards_til
         y = layer(x)
     assert torch.equal(y, frozen_grad.tiled_product(layer, x))
     assert torch.equal(y, frozen_grad.frozen_linear(layer, x.requires_grad_()).detach())
-    assert not native._SCRATCH
+    assert not scratch.held("dense.")
 
 
 def test_tiles_made_under_inference_mode_serve_training_after(small_tiles) -> None:

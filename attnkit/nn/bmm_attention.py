@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from .scratch import reused
+
 
 def _grouped(x: torch.Tensor, rep: int) -> torch.Tensor:
     """(B, n_kv, T, d) → (B, n_kv·rep, T, d): KV head j serves query heads j·rep … j·rep + rep − 1 (GQA)."""
@@ -32,17 +34,10 @@ def _ungrouped(x: torch.Tensor, rep: int) -> torch.Tensor:
     return x.view(b, nh // rep, rep, t, d).sum(2)
 
 
-_SCRATCH: dict[str, torch.Tensor] = {}
-
-
 def _scratch(name: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """A (T_q × T_k)-sized buffer reused by every layer (they run one at a time): a fresh 9 MB tensor per product
-    costs its page faults each time, more than the softmax itself at these sizes."""
-    n = shape.numel()
-    buf = _SCRATCH.get(name)
-    if buf is None or buf.numel() < n or buf.dtype != dtype:
-        _SCRATCH[name] = buf = torch.empty(n, dtype=dtype)
-    return buf[:n].view(shape)
+    """A (T_q × T_k)-sized buffer reused by every layer (:mod:`.scratch`): a fresh 9 MB tensor per product costs its
+    page faults each time, more than the softmax itself at these sizes."""
+    return reused(f"attention.{name}", shape, dtype)
 
 
 def _probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, empty_rows: bool) -> torch.Tensor:

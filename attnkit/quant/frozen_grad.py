@@ -14,6 +14,8 @@ from typing import Protocol
 
 import torch
 
+from ..nn.scratch import reused
+
 TILE_ELEMS = 1 << 22  # weights dequantized at a time (16 MiB of float32): a 128k-vocabulary head in ~30 tiles
 
 
@@ -30,16 +32,10 @@ def tile_rows(layer: RowDequantizing) -> int:
     return max(64, TILE_ELEMS // layer.in_features // 64 * 64)
 
 
-_TILES: dict[torch.dtype, torch.Tensor] = {}
-
-
 def _tile(n: int, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """An (n, k) view of a buffer of ``dtype`` reused by every tile of every layer (training runs one thread of
-    products at a time). One made under torch.inference_mode is replaced outside it (it cannot be written there)."""
-    buf = _TILES.get(dtype)
-    if buf is None or buf.numel() < n * k or (buf.is_inference() and not torch.is_inference_mode_enabled()):
-        _TILES[dtype] = buf = torch.empty(n * k, dtype=dtype)
-    return buf[: n * k].view(n, k)
+    """An (n, k) view of a buffer of ``dtype`` reused by every tile of every layer (:mod:`attnkit.nn.scratch`;
+    training runs one thread of products at a time)."""
+    return reused(f"tile.{dtype}", (n, k), dtype)
 
 
 def tiles(layer: RowDequantizing, dtype: torch.dtype = torch.float32):

@@ -43,6 +43,7 @@ from torch import nn
 
 from ..kernels import library, native_bf16
 from ..nn.fused import ConcatLinear
+from ..nn.scratch import release, reused
 from .frozen_grad import frozen_linear, tiled_product
 from .row_kernel import current_rows
 from .weight_memory import empty_weights, empty_weights_like
@@ -578,18 +579,11 @@ def _batch_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x[:1].expand(least - x.shape[0], -1)])
 
 
-_SCRATCH: dict[torch.dtype, torch.Tensor] = {}
-
-
 def _scratch(n: int, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """An (n, k) view of one buffer of that dtype reused by every layer (grown to the largest): a fresh
-    multi-megabyte tensor per call would cost its page faults every time, and one buffer per layer shape the
-    memory of all of them. Each product is done with it before the next begins (one engine thread runs the
-    model)."""
-    buf = _SCRATCH.get(dtype)
-    if buf is None or buf.numel() < n * k:
-        buf = _SCRATCH[dtype] = torch.empty(n * k, dtype=dtype)
-    return buf[:n * k].view(n, k)
+    """An (n, k) view of one buffer of that dtype reused by every layer (grown to the largest, :mod:`attnkit.nn.scratch`):
+    a fresh multi-megabyte tensor per call would cost its page faults every time, and one buffer per layer shape the
+    memory of all of them. Each product is done with it before the next begins (one engine thread runs the model)."""
+    return reused(f"dense.{dtype}", (n, k), dtype)
 
 
 def release_scratch() -> None:
@@ -597,7 +591,7 @@ def release_scratch() -> None:
     64 MB of float32 for a 1B's gate/up). A training run over a quantized base calls it after each evaluation, so
     that its steps never hold them next to their activations (products outside the engine go by tiles and should
     not grow them)."""
-    _SCRATCH.clear()
+    release("dense.")
 
 
 _ACT: list[torch.Tensor] = []

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..nn.scratch import release, reused
 from .sft_data import IGNORE
 
 CHUNK_ELEMS = 1 << 24  # logits per chunk (64 MiB of float32)
@@ -79,21 +80,9 @@ def hidden_head(model: nn.Module) -> tuple[Head, int] | None:
     return base.logits, vocab
 
 
-_BUFFERS: dict[str, torch.Tensor] = {}
-
-
-def _buffer(name: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-    """A reused (rows, cols) buffer: the loss's logits chunk (33 MB for the default model) is not mapped afresh —
-    and faulted in page by page — for every chunk of every batch."""
-    buf = _BUFFERS.get(name)
-    if buf is None or buf.numel() < shape[0] * shape[1] or buf.dtype != dtype:
-        _BUFFERS[name] = buf = torch.empty(shape[0] * shape[1], dtype=dtype)
-    return buf[:shape[0] * shape[1]].view(shape)
-
-
 def release_buffers() -> None:
-    """Drop the reused buffers and cached head casts (the end of a run)."""
-    _BUFFERS.clear()
+    """Drop the loss's reused buffers and cached head casts (the end of a run)."""
+    release("loss.")
     _CASTS.clear()
 
 
@@ -106,12 +95,12 @@ def _frozen_chunk(head: FrozenHead, h: torch.Tensor, y: torch.Tensor, grad: torc
         x = head.norm(hc)  # (n, d): bf16 under autocast, as F.linear would take it
     w = head.weight
     xd = x.detach() if x.dtype == w.dtype else x.detach().to(w.dtype)
-    z = torch.mm(xd, w.t(), out=_buffer("logits", (n, vocab), w.dtype))
+    z = torch.mm(xd, w.t(), out=reused("loss.logits", (n, vocab), w.dtype))  # (not mapped afresh each chunk)
     loss = torch.empty(n)
     if lib.ak_cross_entropy(z.data_ptr(), y.data_ptr(), n, vocab, int(z.dtype == torch.bfloat16), loss.data_ptr(),
                             z.data_ptr(), torch.get_num_threads()):
         raise IndexError(f"a label is outside the vocabulary of {vocab}")
-    gx = torch.mm(z, w, out=_buffer("grad_x", (n, d), w.dtype))
+    gx = torch.mm(z, w, out=reused("loss.grad_x", (n, d), w.dtype))
     grad.copy_(torch.autograd.grad(x, hc, gx.to(x.dtype))[0])
     return loss.sum()
 
