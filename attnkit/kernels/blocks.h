@@ -229,6 +229,16 @@ static inline __m512 exp16(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
     return _mm512_scalef_ps(p, n);
 }
+
+/* act(g) = g·σ(z) = g / (1 + exp(−z)) of 16 gates: SiLU (act 0, z = g) or GELU with PyTorch's tanh approximation
+ * (act 1: g/2 · (1 + tanh(y)) = g·σ(2y), y = √(2/π) · (g + 0.044715 g³)) — the gated FFN's activation, one
+ * definition for the decode step (ak_act_mul2), the prompts' gated products (gemm.c) and training (train_ops.c) */
+static inline __m512 ak_gate_act16(__m512 g, int act) {
+    const __m512 z = act ? _mm512_mul_ps(_mm512_set1_ps(2.f * 0.7978845608028654f),
+                                         _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), g), _mm512_mul_ps(g, g), g))
+                         : g;
+    return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), z))));
+}
 #endif
 
 #ifdef AK_AVX2

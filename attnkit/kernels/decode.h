@@ -133,14 +133,8 @@ static inline void ak_act_mul2(const float *g, const float *u, float *h, int ff,
     const float c2 = 2.f * 0.7978845608028654f, a = 0.044715f;
     int i = 0;
 #ifdef __AVX512F__
-    for (; i + 16 <= ff; i += 16) {
-        const __m512 gv = _mm512_loadu_ps(g + i);
-        const __m512 z = act ? _mm512_mul_ps(_mm512_set1_ps(c2), _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(a), gv),
-                                                                                  _mm512_mul_ps(gv, gv), gv)) : gv;
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), z));
-        _mm512_storeu_ps(h + i, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e)),
-                                              _mm512_loadu_ps(u + i)));
-    }
+    for (; i + 16 <= ff; i += 16)
+        _mm512_storeu_ps(h + i, _mm512_mul_ps(ak_gate_act16(_mm512_loadu_ps(g + i), act), _mm512_loadu_ps(u + i)));
 #elif defined(AK_AVX2)
     for (; i + 8 <= ff; i += 8) {
         const __m256 gv = _mm256_loadu_ps(g + i);

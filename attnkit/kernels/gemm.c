@@ -22,7 +22,6 @@
 #include <stdlib.h>
 
 #include "blocks.h"
-#include "decode.h" /* ak_act_mul2 */
 
 int ak_gemv(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads);
 int ak_gemv_gated(int kind, const void *w, const float *x, float *h, int m, int n, int k, void *scratch, int act, int threads);
@@ -117,7 +116,7 @@ int ak_gemm_takes(int kind, int n, int k) {
 
 /* y (m, n) = x (m, k) · W (n, k)ᵀ for interleaved blocks W of `kind` (shapes as ak_gemm_takes); scratch as
  * ak_gemv's (m · k/32 activation blocks). Threads take panels of 16 output columns. act >= 0: W holds 2n rows, a
- * gate's n then an up's n, and y = act(x·W_gateᵀ) ⊙ x·W_upᵀ (ak_act_mul2 on each panel's 16 outputs: the gate/up
+ * gate's n then an up's n, and y = act(x·W_gateᵀ) ⊙ x·W_upᵀ (ak_gate_act16 on each panel's 16 outputs: the gate/up
  * product never lies in memory). 0, or 1 (a kind or shape this build does not multiply), 2 (out of memory). */
 static int gemm(int kind, const void *w, const float *x, float *y, int m, int n, int k, void *scratch, int threads, int act) {
 #ifdef AK_X4
@@ -170,11 +169,8 @@ static int gemm(int kind, const void *w, const float *x, float *y, int m, int n,
                 if (act >= 0) {
                     __m512 up[TR];
                     tile(P + nu, nu, last, xs, t0s, R, mode, up);
-                    for (int i = 0; i < R; i++) {
-                        float g16[16], u16[16];
-                        _mm512_storeu_ps(g16, out[i]), _mm512_storeu_ps(u16, up[i]);
-                        ak_act_mul2(g16, u16, y + (size_t)(r0 + i) * n + 16 * (size_t)pn, 16, act);
-                    }
+                    for (int i = 0; i < R; i++) /* (ak_act_mul2's arithmetic, as the decode kernel's path gives it) */
+                        _mm512_storeu_ps(y + (size_t)(r0 + i) * n + 16 * (size_t)pn, _mm512_mul_ps(ak_gate_act16(out[i], act), up[i]));
                 } else
                     for (int i = 0; i < R; i++) _mm512_storeu_ps(y + (size_t)(r0 + i) * n + 16 * (size_t)pn, out[i]);
             }

@@ -58,7 +58,7 @@ int ak_swiglu_forward(const void *g, const void *u, int64_t gs, int64_t us, int 
         for (int c = 0; c < ff; c += 16) {
             const __mmask16 m = ops_tail(ff - c);
             const __m512 gv = ld(g, bf16, (size_t)i * gs + c, m), uv = ld(u, bf16, (size_t)i * us + c, m);
-            st(h, bf16, (size_t)i * ff + c, m, _mm512_mul_ps(_mm512_mul_ps(gv, sigmoid16(gv)), uv));
+            st(h, bf16, (size_t)i * ff + c, m, _mm512_mul_ps(ak_gate_act16(gv, 0), uv));
         }
     return 0;
 #else
