@@ -402,9 +402,9 @@ AK_INLINE void attend_tile512(const float *q, const void *k_pool, const void *v_
             for (int i = 0; i < HD / 16; i++) acc[a][i] = _mm512_setzero_ps();
         }
         const int64_t all = plen[0], last = plen[GB - 1];
-        for (int64_t t = st; t < last; t++) {
+        KV_ROWS(tab, st, last, h, bs, num_blocks, t, r) {
             __m512 v[8];
-            row512(v_pool, KV, pool_row(tab, t, h, bs, num_blocks), HD, v);
+            row512(v_pool, KV, (size_t)r, HD, v);
             if (t < all)
                 for (int a = 0; a < GB; a++) {
                     const __m512 p = _mm512_set1_ps(ps[a][t]);
