@@ -455,14 +455,8 @@ class GGUFBlockLinear(nn.Module):
         path = self._path(x2)
         if path == "dense":
             return None
-        xf = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.float().contiguous()
-        m, ff = xf.shape[0], self.out_features // 2
-        h = torch.empty(m, ff)
-        fn = lib.ak_gemm_gated if path == "gemm" else lib.ak_gemv_gated
-        if m and fn(self.kernel_kind, self.blocks.data_ptr(), xf.data_ptr(), h.data_ptr(), m, ff, self.in_features,
-                    _act_scratch(m * (self.in_features // 32) * ACT_BLOCK_BYTES), act, torch.get_num_threads()):
-            raise RuntimeError(f"{fn.__name__} refused {self.kind} blocks of {self.out_features}×{self.in_features}")
-        return h.to(x.dtype).reshape(*x.shape[:-1], ff)
+        h = self._kernel(lib, x2, gemm=path == "gemm", act=act)
+        return h.to(x.dtype).reshape(*x.shape[:-1], h.shape[1])
 
     def kernel_product(self, x: torch.Tensor) -> torch.Tensor:
         """x·Wᵀ (+ b) through the integer kernel (8-bit activations, a scale per weight block), any number of rows."""
@@ -471,14 +465,16 @@ class GGUFBlockLinear(nn.Module):
             raise RuntimeError("GGUFBlockLinear.kernel_product needs the C kernels and a CPU tensor")
         return self._finish(self._kernel(lib, x.reshape(-1, self.in_features)).to(x.dtype), x.shape[:-1])
 
-    def _kernel(self, lib, x2: torch.Tensor, gemm: bool = False) -> torch.Tensor:
-        """(m, in) → (m, out) float32 through ak_gemv, or ak_gemm (kernels/gemm.c) with ``gemm``."""
+    def _kernel(self, lib, x2: torch.Tensor, gemm: bool = False, act: int | None = None) -> torch.Tensor:
+        """(m, in) → (m, out) float32 through ak_gemv, or ak_gemm (kernels/gemm.c) with ``gemm``; with ``act`` (0
+        SiLU, 1 GELU-tanh) the gated form (m, out / 2) = act(gate)·up of their epilogue (ak_gemv_gated, ak_gemm_gated)."""
         xf = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.float().contiguous()
-        m = xf.shape[0]
-        y = torch.empty(m, self.out_features)
-        fn = lib.ak_gemm if gemm else lib.ak_gemv
-        if m and fn(self.kernel_kind, self.blocks.data_ptr(), xf.data_ptr(), y.data_ptr(), m, self.out_features,
-                    self.in_features, _act_scratch(m * (self.in_features // 32) * ACT_BLOCK_BYTES), torch.get_num_threads()):
+        m, n = xf.shape[0], self.out_features if act is None else self.out_features // 2
+        y = torch.empty(m, n)
+        fn = (lib.ak_gemm if gemm else lib.ak_gemv) if act is None else (lib.ak_gemm_gated if gemm else lib.ak_gemv_gated)
+        if m and fn(self.kernel_kind, self.blocks.data_ptr(), xf.data_ptr(), y.data_ptr(), m, n, self.in_features,
+                    _act_scratch(m * (self.in_features // 32) * ACT_BLOCK_BYTES), *(() if act is None else (act,)),
+                    torch.get_num_threads()):
             raise RuntimeError(f"{fn.__name__} refused {self.kind} blocks of {self.out_features}×{self.in_features}")
         return y
 
