@@ -96,10 +96,7 @@ def _frozen_chunk(head: FrozenHead, h: torch.Tensor, y: torch.Tensor, grad: torc
     w = head.weight
     xd = x.detach() if x.dtype == w.dtype else x.detach().to(w.dtype)
     z = torch.mm(xd, w.t(), out=reused("loss.logits", (n, vocab), w.dtype))  # (not mapped afresh each chunk)
-    loss = torch.empty(n)
-    if lib.ak_cross_entropy(z.data_ptr(), y.data_ptr(), n, vocab, int(z.dtype == torch.bfloat16), loss.data_ptr(),
-                            z.data_ptr(), torch.get_num_threads()):
-        raise IndexError(f"a label is outside the vocabulary of {vocab}")
+    loss = _c_loss(lib, z, y, grad_over_z=True)
     gx = torch.mm(z, w, out=reused("loss.grad_x", (n, d), w.dtype))
     grad.copy_(torch.autograd.grad(x, hc, gx.to(x.dtype))[0])
     return loss.sum()
@@ -115,10 +112,7 @@ def _head_chunk(head: Head, h: torch.Tensor, y: torch.Tensor, grad: torch.Tensor
         z = head(hc)  # (n, vocab): bfloat16 under autocast
     zd = z.detach()
     if (lib := _loss_kernels(z)) is not None:
-        loss = torch.empty(n)
-        if lib.ak_cross_entropy(zd.data_ptr(), y.data_ptr(), n, zd.shape[1], int(zd.dtype == torch.bfloat16),
-                                loss.data_ptr(), zd.data_ptr(), torch.get_num_threads()):
-            raise IndexError(f"a label is outside the vocabulary of {zd.shape[1]}")
+        loss = _c_loss(lib, zd, y, grad_over_z=True)
         grad.copy_(torch.autograd.grad(z, hc, zd)[0])
         return loss.sum()
     if "p" not in bufs:
@@ -145,17 +139,23 @@ def _loss_kernels(z: torch.Tensor):
     return library()
 
 
+def _c_loss(lib, z: torch.Tensor, y: torch.Tensor, grad_over_z: bool) -> torch.Tensor:
+    """Each row's loss lse(z) − z[y] by the C kernel (z (n, vocab) contiguous bf16 or float32); with ``grad_over_z``
+    ∂L/∂z = softmax(z) − onehot(y) written over z. A label outside the vocabulary raises IndexError."""
+    loss = torch.empty(len(y))
+    if lib.ak_cross_entropy(z.data_ptr(), y.data_ptr(), len(y), z.shape[-1], int(z.dtype == torch.bfloat16),
+                            loss.data_ptr(), z.data_ptr() if grad_over_z else None, torch.get_num_threads()):
+        raise IndexError(f"a label is outside the vocabulary of {z.shape[-1]}")
+    return loss
+
+
 C_LOSS = True  # the C kernel where it takes the chunk (False: PyTorch's ops, as where there is no compiler)
 
 
 def _chunk_loss(head: Head, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     z = head(h)
     if not torch.is_grad_enabled() and (lib := _loss_kernels(z)) is not None:  # an evaluation: one pass in C, where
-        loss = torch.empty(len(y))  # F.cross_entropy would make a float32 copy and its log-softmax (2 × 67 MB here)
-        if lib.ak_cross_entropy(z.data_ptr(), y.data_ptr(), len(y), z.shape[-1], int(z.dtype == torch.bfloat16),
-                                loss.data_ptr(), None, torch.get_num_threads()):
-            raise IndexError(f"a label is outside the vocabulary of {z.shape[-1]}")
-        return loss.sum()
+        return _c_loss(lib, z, y, grad_over_z=False).sum()  # F.cross_entropy would copy z to float32 and log-softmax it
     return F.cross_entropy(z.float(), y, reduction="sum")
 
 
