@@ -38,6 +38,11 @@ beyond the memory available.
     python benchmarks/sizes.py [--sizes 1b,3b,qwen3-1.7b,moe] [--presets Q4_K_M,Q5_K_M,Q6_K,Q8_0,Q4_0] [--threads 2]
                                [--llama-bin DIR] [--work-dir DIR] [--quick] [--rounds N] [--timeout S] [--json FILE]
     attnkit bench sizes -- --sizes 1b --presets Q8_0 --quick --llama-bin /opt/llama.cpp/bin
+
+An AVX2 machine's paths on an AVX-512 one: build llama.cpp with ``-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON
+-DGGML_F16C=ON -DGGML_AVX512=OFF`` and run under ``ATTNKIT_MARCH=x86-64-v3 ATEN_CPU_CAPABILITY=avx2
+ONEDNN_MAX_CPU_ISA=AVX2`` (attnkit's kernels, its choices and PyTorch's all without AVX-512; recorded in the JSON's
+``machine.isa_env``).
 """
 
 from __future__ import annotations
@@ -75,7 +80,11 @@ GIB = 1 << 30
 def machine_info(threads: int) -> dict:
     info: dict = {"cpus": os.cpu_count(), "arch": platform.machine(), "python": platform.python_version(),
                   "threads": threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
-                  "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", "(unset)")}
+                  "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", "(unset)"),
+                  # a narrower build on this CPU (e.g. ATTNKIT_MARCH=x86-64-v3, ATEN_CPU_CAPABILITY=avx2,
+                  # ONEDNN_MAX_CPU_ISA=AVX2 with an AVX2 build of llama.cpp: an AVX2 machine's paths)
+                  "isa_env": {k: os.environ[k] for k in ("ATTNKIT_MARCH", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+                              if k in os.environ}}
     try:
         text = Path("/proc/cpuinfo").read_text()
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
@@ -477,7 +486,8 @@ def main() -> int:
 
     machine = machine_info(args.threads)
     print(f"machine: {machine.get('cpu')}, {machine['cpus']} CPUs, threads {args.threads}, "
-          f"OMP_WAIT_POLICY={machine['omp_wait_policy']}", file=sys.stderr)
+          f"OMP_WAIT_POLICY={machine['omp_wait_policy']}"
+          + "".join(f", {k}={v}" for k, v in machine["isa_env"].items()), file=sys.stderr)
     bw, bw_why = run_child("bandwidth", args, 300)
     bandwidth = bw["read_gb_s"] if bw else None
     print(f"read bandwidth: {bandwidth:.1f} GB/s" if bandwidth else f"bandwidth: {bw_why}", file=sys.stderr)

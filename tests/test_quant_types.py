@@ -194,6 +194,29 @@ def test_a_newer_amd_core_than_the_compiler_knows_is_tuned_generic() -> None:
         f.startswith("-mtune") for f in kernels.compile_flags("native"))
 
 
+def test_a_named_target_limits_the_cpu_flags_to_its_extensions(monkeypatch) -> None:
+    """$ATTNKIT_MARCH=x86-64-v3 on an AVX-512 machine: attnkit chooses its paths as on an AVX2 machine (no bf16
+    products, no 512-bit training kernels), matching the kernels that target builds."""
+    has = kernels.march_simd("x86-64-v3")
+    if has is None:
+        pytest.skip("no C compiler to ask")
+    assert {"avx2", "fma", "f16c"} <= has and not any(f.startswith("avx512") for f in has)
+    assert kernels.march_simd("no-such-target") is None
+    native_flags = kernels.cpu_flags()
+    try:
+        monkeypatch.setenv("ATTNKIT_MARCH", "x86-64-v3")
+        kernels.cpu_flags.cache_clear()
+        flags = kernels.cpu_flags()
+        assert not any(f.startswith(("avx512", "amx")) for f in flags) and "avx_vnni" not in flags
+        assert (native_flags - flags) <= {f for f in native_flags if f.startswith(("avx512", "amx")) or f == "avx_vnni"}
+        assert "avx2" in flags or "avx2" not in native_flags
+        assert not kernels.native_bf16()
+    finally:
+        monkeypatch.delenv("ATTNKIT_MARCH")
+        kernels.cpu_flags.cache_clear()
+    assert kernels.cpu_flags() == native_flags
+
+
 def _build(march: str) -> "kernels.ctypes.CDLL":
     """The kernels built for ``march`` with -Wall -Wextra -Werror (cached by source), loaded."""
     src = b"".join(p.read_bytes() for p in kernels.SOURCES + kernels.HEADERS)

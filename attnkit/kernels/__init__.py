@@ -34,13 +34,46 @@ def cache_dir() -> Path:
 
 @functools.cache
 def cpu_flags() -> frozenset[str]:
-    """The instruction-set flags /proc/cpuinfo lists for this CPU (empty where there is no such file)."""
+    """The instruction-set flags /proc/cpuinfo lists for this CPU (empty where there is no such file); where
+    ``$ATTNKIT_MARCH`` names a target other than ``native``, only the SIMD extensions that target has (as the C
+    compiler defines them: :func:`march_simd`), so that what attnkit chooses by the CPU (bf16 products, the 512-bit
+    training kernels) matches the kernels built — e.g. ``x86-64-v3`` measures an AVX2 machine's paths on this one."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             line = next((line for line in f if line.startswith("flags")), "")
     except OSError:
         return frozenset()
-    return frozenset(line.partition(":")[2].split())
+    flags = frozenset(line.partition(":")[2].split())
+    march = os.environ.get("ATTNKIT_MARCH")
+    if march and march != "native":
+        has = march_simd(march)
+        if has is not None:
+            flags = frozenset(f for f in flags if f in has or not (f in SIMD_MACROS.values() or f.startswith(("avx512", "amx"))))
+    return flags
+
+
+# the compiler's predefined macro for each SIMD extension, by its /proc/cpuinfo name
+SIMD_MACROS = {"__AVX__": "avx", "__AVX2__": "avx2", "__FMA__": "fma", "__F16C__": "f16c", "__AVXVNNI__": "avx_vnni",
+               "__AVX512F__": "avx512f", "__AVX512BW__": "avx512bw", "__AVX512VL__": "avx512vl",
+               "__AVX512DQ__": "avx512dq", "__AVX512CD__": "avx512cd", "__AVX512VNNI__": "avx512_vnni",
+               "__AVX512BF16__": "avx512_bf16", "__AVX512VBMI__": "avx512vbmi", "__AMX_TILE__": "amx_tile",
+               "__AMX_BF16__": "amx_bf16", "__AMX_INT8__": "amx_int8"}
+
+
+@functools.cache
+def march_simd(march: str) -> frozenset[str] | None:
+    """The SIMD extensions (/proc/cpuinfo names) the C compiler enables for ``-march=march``, or None where it
+    cannot say (no compiler, an unknown target)."""
+    cc = os.environ.get("CC", "cc")
+    try:
+        out = subprocess.run([cc, f"-march={march}", "-dM", "-E", "-x", "c", os.devnull], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    defined = {line.split()[1] for line in out.stdout.splitlines() if line.startswith("#define ")}
+    return frozenset(name for macro, name in SIMD_MACROS.items() if macro in defined)
 
 
 @functools.cache
