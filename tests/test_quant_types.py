@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from attnkit import kernels
-from attnkit.quant import native
+from attnkit.quant import native, ops
 from attnkit.quant.native import (BLOCK_TYPES, NATIVE_TYPES, GGUFBlockEmbedding, GGUFBlockLinear, has_x4,
                                   interleave, deinterleave)
 
@@ -241,6 +241,7 @@ def test_other_instruction_sets_build_cleanly_and_agree(march: str, flag: str | 
         pytest.skip(f"built; this CPU has no {flag} to run it")
     assert lib.ak_x4_available() == (march != "x86-64")  # AVX2 interleaves every type but Q6_K
     monkeypatch.setattr(native, "library", lambda: lib)
+    monkeypatch.setattr(ops, "library", lambda: lib)  # the operators' kernels too
     for kind, x4 in layouts():
         check_type(kind, x4, n=16, seed=5)
     kind, k = "Q6_K", 512  # batch invariance on this build too

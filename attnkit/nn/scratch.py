@@ -18,7 +18,9 @@ _BUFFERS: dict[str, torch.Tensor] = {}
 
 def reused(name: str, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A ``shape`` view of the buffer ``name`` of ``dtype`` (made or grown as needed; its contents are whatever the
-    last user left)."""
+    last user left). While ``torch.compile`` traces, a fresh tensor: a compiled graph owns its intermediates."""
+    if torch.compiler.is_compiling():
+        return torch.empty(shape, dtype=dtype)
     n = 1
     for s in shape:
         n *= int(s)

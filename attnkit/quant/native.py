@@ -28,6 +28,9 @@ one; Q4_K 1.15–1.2×, Q5_K ~1.08×); with AVX-512 VNNI (every type) groups of 
 (:func:`group_rows`): a load is 4 weights of each of 16 rows, gemm.c's panel as it lies, so the decode kernel needs
 no transposes and serves a batch of any size (docs/performance.md, session 23).
 ``blocks`` then holds that layout; :meth:`GGUFBlockLinear.row_blocks` gives GGUF's own.
+
+The layers reach the kernels through PyTorch operators (:mod:`attnkit.quant.ops`: ``torch.ops.attnkit.block_mm``,
+``block_dequantize``, ``block_rows``), so ``torch.compile`` traces a GGUF layer without a graph break.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from ..kernels import library, native_bf16
 from ..nn.fused import ConcatLinear
 from ..nn.scratch import release, reused
 from .frozen_grad import frozen_linear, tiled_product
+from .ops import block_dequantize, block_mm, block_rows
 from .row_kernel import current_rows
 from .weight_memory import empty_weights, empty_weights_like
 
@@ -91,7 +95,6 @@ BLOCK_TYPES = {t.name: t for t in (
 )}
 NATIVE_TYPES = frozenset(BLOCK_TYPES)
 X4_FLAG = 0x100  # the kernels' kind for a type's blocks with rows interleaved (in fours or sixteens): ggml id | X4_FLAG
-ACT_BLOCK_BYTES = 40  # the kernels' scratch for one block of 32 quantized activations
 
 
 def _kernels():
@@ -114,6 +117,14 @@ def _kernels():
     return lib
 
 
+@torch.compiler.assume_constant_result
+def _have_kernels() -> bool:
+    """Whether the C kernels are here (:func:`_kernels`), a constant to ``torch.compile``: the forward's one question
+    about the library, so that a compiled model traces through it to the operators of :mod:`attnkit.quant.ops`."""
+    return _kernels() is not None
+
+
+@torch.compiler.assume_constant_result
 def group_rows(kind: str) -> int:
     """Rows a group of ``kind``'s interleaved layout in the built kernels: 16 with AVX-512 VNNI (every type), 4 with
     AVX2."""
@@ -372,16 +383,14 @@ class GGUFBlockLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
         """The dense (out, in) weight in ``dtype`` (written into ``out`` when given: a reused buffer of that dtype)."""
-        lib = _kernels()
-        if lib is None or dtype not in (torch.float32, torch.bfloat16):
+        if not _have_kernels() or dtype not in (torch.float32, torch.bfloat16):
             return dequantize_reference(self.row_blocks(), self.kind, self.in_features).to(dtype)
         if out is None:
             out = torch.empty(self.out_features, self.in_features, dtype=dtype)
         if out.dtype != dtype or out.shape != (self.out_features, self.in_features) or not out.is_contiguous():
             raise ValueError(f"dequantize: out must be a contiguous {dtype} tensor of shape "
                              f"{(self.out_features, self.in_features)}, got {out.dtype} {tuple(out.shape)}")
-        lib.ak_dequantize(self.kernel_kind, self.blocks.data_ptr(), out.data_ptr(), int(dtype == torch.bfloat16),
-                          self.out_features, self.in_features, torch.get_num_threads())
+        block_dequantize(self.blocks, self.kernel_kind, out)
         return out
 
     def dequantize_rows(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
@@ -391,17 +400,14 @@ class GGUFBlockLinear(nn.Module):
                 or out.dtype not in (torch.float32, torch.bfloat16) or not out.is_contiguous():
             raise ValueError(f"dequantize_rows: rows [{start}, {stop}) of {self.out_features} into a contiguous float32 "
                              f"or bfloat16 ({stop - start}, {self.in_features}) tensor; got {out.dtype} {tuple(out.shape)}")
-        lib = _kernels()
-        if lib is None:
+        if not _have_kernels():
             rows = torch.arange(start, stop)
             return out.copy_(dequantize_reference(self.row_blocks(rows), self.kind, self.in_features))
         R = group_rows(self.kind) if self.interleaved else 1
         if start % R or stop % R:
             raise ValueError(f"dequantize_rows: interleaved {self.kind} blocks are cut at multiples of {R} rows, got "
                              f"[{start}, {stop})")
-        part = self.blocks[start:stop]
-        lib.ak_dequantize(self.kernel_kind, part.data_ptr(), out.data_ptr(), int(out.dtype == torch.bfloat16),
-                          stop - start, self.in_features, torch.get_num_threads())
+        block_dequantize(self.blocks[start:stop], self.kernel_kind, out)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -410,12 +416,11 @@ class GGUFBlockLinear(nn.Module):
         if x.requires_grad and torch.is_grad_enabled() and x.device.type == "cpu":  # QLoRA: only x gets a gradient
             return frozen_linear(self, x)
         x2 = x.reshape(-1, self.in_features)
-        lib = _kernels()
         path = self._path(x2)
-        if lib is None or x.device.type != "cpu" or x.requires_grad:
+        if not _have_kernels() or x.device.type != "cpu" or x.requires_grad:
             y = F.linear(x2, self.dequantize(x.dtype))
         elif path == "gemm":
-            y = self._kernel(lib, x2, gemm=True)  # a short prompt's rows too (TTFT −25% at 32 tokens), not an expert's
+            y = self._kernel(x2, gemm=True)  # a short prompt's rows too (TTFT −25% at 32 tokens), not an expert's
         elif path == "dense":
             rows = current_rows()
             dt = torch.bfloat16 if torch.bfloat16 in (x2.dtype, self.dense_dtype) else torch.float32
@@ -425,7 +430,7 @@ class GGUFBlockLinear(nn.Module):
                 y = F.linear(_batch_rows(x2.to(dt)),
                              self.dequantize(dt, out=_scratch(self.out_features, self.in_features, dt)))[:x2.shape[0]]
         else:
-            y = self._kernel(lib, x2)
+            y = self._kernel(x2)
         return self._finish(y.to(x.dtype), x.shape[:-1])
 
     def _path(self, x2: torch.Tensor) -> str:
@@ -446,8 +451,7 @@ class GGUFBlockLinear(nn.Module):
         "silu" (SwiGLU) or "gelu_tanh" (GeGLU). None where the forward would not take an integer kernel (a dense
         product, no kernels, gradients, a bias): the caller then multiplies and applies act itself."""
         act = {"silu": 0, "gelu_tanh": 1}.get(activation)
-        lib = _kernels()
-        if (act is None or lib is None or self.bias is not None or x.device.type != "cpu" or x.requires_grad
+        if (act is None or not _have_kernels() or self.bias is not None or x.device.type != "cpu" or x.requires_grad
                 or x.shape[-1] != self.in_features
                 or self.out_features % (2 * (group_rows(self.kind) if self.interleaved else 1))):
             return None
@@ -455,28 +459,20 @@ class GGUFBlockLinear(nn.Module):
         path = self._path(x2)
         if path == "dense":
             return None
-        h = self._kernel(lib, x2, gemm=path == "gemm", act=act)
+        h = self._kernel(x2, gemm=path == "gemm", act=act)
         return h.to(x.dtype).reshape(*x.shape[:-1], h.shape[1])
 
     def kernel_product(self, x: torch.Tensor) -> torch.Tensor:
         """x·Wᵀ (+ b) through the integer kernel (8-bit activations, a scale per weight block), any number of rows."""
-        lib = _kernels()
-        if lib is None or x.device.type != "cpu":
+        if not _have_kernels() or x.device.type != "cpu":
             raise RuntimeError("GGUFBlockLinear.kernel_product needs the C kernels and a CPU tensor")
-        return self._finish(self._kernel(lib, x.reshape(-1, self.in_features)).to(x.dtype), x.shape[:-1])
+        return self._finish(self._kernel(x.reshape(-1, self.in_features)).to(x.dtype), x.shape[:-1])
 
-    def _kernel(self, lib, x2: torch.Tensor, gemm: bool = False, act: int | None = None) -> torch.Tensor:
+    def _kernel(self, x2: torch.Tensor, gemm: bool = False, act: int | None = None) -> torch.Tensor:
         """(m, in) → (m, out) float32 through ak_gemv, or ak_gemm (kernels/gemm.c) with ``gemm``; with ``act`` (0
         SiLU, 1 GELU-tanh) the gated form (m, out / 2) = act(gate)·up of their epilogue (ak_gemv_gated, ak_gemm_gated)."""
         xf = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.float().contiguous()
-        m, n = xf.shape[0], self.out_features if act is None else self.out_features // 2
-        y = torch.empty(m, n)
-        fn = (lib.ak_gemm if gemm else lib.ak_gemv) if act is None else (lib.ak_gemm_gated if gemm else lib.ak_gemv_gated)
-        if m and fn(self.kernel_kind, self.blocks.data_ptr(), xf.data_ptr(), y.data_ptr(), m, n, self.in_features,
-                    _act_scratch(m * (self.in_features // 32) * ACT_BLOCK_BYTES), *(() if act is None else (act,)),
-                    torch.get_num_threads()):
-            raise RuntimeError(f"{fn.__name__} refused {self.kind} blocks of {self.out_features}×{self.in_features}")
-        return y
+        return block_mm(xf, self.blocks, self.kernel_kind, self.out_features, gemm, -1 if act is None else act)
 
     def _finish(self, y: torch.Tensor, lead: torch.Size) -> torch.Tensor:
         if self.bias is not None:
@@ -548,17 +544,13 @@ class GGUFBlockEmbedding(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         h = self.head[0]
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= h.out_features):
-            raise IndexError(f"token id out of range for a vocabulary of {h.out_features}")
         flat = idx.reshape(-1).to(torch.int64).contiguous()
-        lib = _kernels()
-        if lib is None:
+        if _have_kernels():  # only the rows asked for are decoded, in C, from the head's blocks in either layout
+            rows = block_rows(h.blocks, h.kernel_kind, h.out_features, h.in_features, flat)
+        else:
+            if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= h.out_features):
+                raise IndexError(f"token id out of range for a vocabulary of {h.out_features}")
             rows = dequantize_reference(h.row_blocks(flat), h.kind, h.in_features)
-        else:  # only the rows asked for are decoded, in C, from the head's blocks in either layout
-            rows = torch.empty(len(flat), h.in_features)
-            if lib.ak_dequantize_rows(h.kernel_kind, h.blocks.data_ptr(), flat.data_ptr(), len(flat), rows.data_ptr(),
-                                      h.out_features, h.in_features):
-                raise RuntimeError(f"ak_dequantize_rows refused {h.kind} blocks of {h.out_features}×{h.in_features}")
         return rows.view(*idx.shape, h.in_features)
 
     def extra_repr(self) -> str:
@@ -588,16 +580,6 @@ def release_scratch() -> None:
     that its steps never hold them next to their activations (products outside the engine go by tiles and should
     not grow them)."""
     release("dense.")
-
-
-_ACT: list[torch.Tensor] = []
-
-
-def _act_scratch(nbytes: int) -> int:
-    """Address of a reused buffer of at least ``nbytes`` for the quantized activations."""
-    if not _ACT or _ACT[0].numel() < nbytes:
-        _ACT[:] = [torch.empty(max(nbytes, 1 << 16), dtype=torch.uint8)]
-    return _ACT[0].data_ptr()
 
 
 def random_blocks(kind: str, n: int, k: int, seed: int = 0) -> torch.Tensor:

@@ -23,6 +23,8 @@ import contextvars
 from collections.abc import Iterator
 from typing import Literal, get_args
 
+import torch
+
 RowKind = Literal["prompt", "short-prompt", "generated"]
 # tokens: the integer kernel beat decoding the weights up to ~64 rows a layer on AVX-512 (docs/performance.md,
 # session 5); on AVX2 a 1B Q8_0 took 1.52 s (dense) vs 0.55 s (integer) for 32 tokens, 65 vs 52 tok/s at 512
@@ -45,5 +47,8 @@ def rows_are(kind: RowKind) -> Iterator[None]:
 
 
 def current_rows() -> RowKind | None:
-    """What the rows of the current pass are, or None outside the engine."""
+    """What the rows of the current pass are, or None outside the engine (and while ``torch.compile`` traces a
+    model: the engine runs its passes eagerly, so a compiled model is one used outside it)."""
+    if torch.compiler.is_compiling():
+        return None
     return _KIND.get()
