@@ -20,7 +20,8 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from attnkit import kernels
-from attnkit.quant import native, ops
+from attnkit.kernels import ops
+from attnkit.quant import native
 from attnkit.quant.native import (BLOCK_TYPES, NATIVE_TYPES, GGUFBlockEmbedding, GGUFBlockLinear, has_x4,
                                   interleave, deinterleave)
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..kernels import library
 from ..quant.native import GGUFBlockLinear
-from ..quant.ops import ACT_BLOCK_BYTES
+from ..kernels.ops import ACT_BLOCK_BYTES
 from .kv_format import KVFormat, kv_format
 from .kv_tail import KVTail
 from .lora import MultiLoraLinear

@@ -2,7 +2,8 @@
 block types: one kernel file per type or family, ``legacy.c`` (Q4_0, Q4_1, Q5_0, Q5_1), ``q8.c``, ``q4_k.c``
 (Q4_K, Q5_K), ``q6_k.c``), the prompt rows' integer matrix product (``gemm.c``), paged decode attention (``attention.c``), training attention's forward and backward (``train_attention.c``), the loss's softmax and its gradient (``cross_entropy.c``), a training step's SwiGLU and RMSNorm (``train_ops.c``), RoPE on a prompt's rows (``rope.c``), and a whole decode step of a Llama-family
 model built on them (``decode_step.c``, its mixture-of-experts FFN ``moe.c``). Beside them, :mod:`.allocator`: glibc's
-malloc policy for the process (keep freed activations for the engine's step loop, or give them back when training).
+malloc policy for the process (keep freed activations for the engine's step loop, or give them back when training);
+:mod:`.ops`: the GGUF products and RMSNorm as PyTorch operators (``torch.ops.attnkit.*``, for ``torch.compile``).
 
 Compiled once per machine with the system C compiler (``-O3 -march=native -fopenmp``, a few seconds; ``-mtune=generic``
 added where the compiler would tune a Zen 4/5 as a znver3: :func:`tune_override`; ``$ATTNKIT_MARCH`` overrides ``native``,

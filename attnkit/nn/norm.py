@@ -46,11 +46,11 @@ class RMSNorm(nn.Module):
         # under autocast the output is cast once here, to the dtype every product after it would cast it to (each
         # product's autocast would make, and its backward keep, a copy of its own)
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        if lib := _norm_kernels(xf, dt):  # one pass over each row in C
+        if _c_takes(xf, dt):  # one pass over each row in C
             if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
-                y, _ = _RMSNormC.apply(xf, w, self.eps, dt, lib)
-                return remember(y, _c_normed, xf, w, self.eps, dt, lib)  # (as below)
-            return _c_rmsnorm(xf.contiguous(), w.contiguous(), self.eps, dt, lib)[0]
+                y, _ = _RMSNormC.apply(xf, w, self.eps, dt)
+                return remember(y, _c_normed, xf, w, self.eps, dt)  # (as below)
+            return _c_rmsnorm(xf.contiguous(), w.contiguous(), self.eps, dt)[0]
         r = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(self.eps))  # (..., 1)
         y = _normed(xf, r, w, dt)
         # autograd keeps x and r for the norm's own backward: the output, which the next layer's adapters would
@@ -68,11 +68,11 @@ class _RMSNormC(torch.autograd.Function):
     (y, r), r = 1/√(mean(x²) + ε) per row, kept with x for the backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, eps: float, dtype: torch.dtype, lib):  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, eps: float, dtype: torch.dtype):  # type: ignore[override]
         xc, wc = x.contiguous(), w.detach().contiguous()
-        y, r = _c_rmsnorm(xc, wc, eps, dtype, lib)
+        y, r = _c_rmsnorm(xc, wc, eps, dtype)
         ctx.save_for_backward(xc, wc, r)
-        ctx.lib, ctx.w_grad = lib, w.requires_grad
+        ctx.w_grad = w.requires_grad
         ctx.mark_non_differentiable(r)
         return y, r
 
@@ -83,35 +83,38 @@ class _RMSNormC(torch.autograd.Function):
         dy = (dy if dy.dtype in (torch.bfloat16, torch.float32) else dy.float()).contiguous()
         dx = torch.empty_like(x)
         dw = torch.empty(d) if ctx.w_grad else None
-        if ctx.lib.ak_rmsnorm_backward(x.data_ptr(), w.data_ptr(), r.data_ptr(), dy.data_ptr(),
+        from ..kernels import train_kernels
+
+        if train_kernels().ak_rmsnorm_backward(x.data_ptr(), w.data_ptr(), r.data_ptr(), dy.data_ptr(),
                                        int(dy.dtype == torch.bfloat16), x.numel() // d, d, dx.data_ptr(),
                                        0 if dw is None else dw.data_ptr(), torch.get_num_threads()):
             raise RuntimeError("ak_rmsnorm_backward failed")
-        return dx, dw, None, None, None
+        return dx, dw, None, None
 
 
-def _norm_kernels(x: torch.Tensor, dtype: torch.dtype):
-    """The C kernels where they take this norm (CPU, float32 rows, output bf16 or float32), else None."""
-    if x.device.type != "cpu" or dtype not in (torch.bfloat16, torch.float32) or not x.numel():
-        return None
+def _c_takes(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the C kernels take this norm (CPU, float32 rows, output bf16 or float32, a build with them)."""
+    return x.device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and x.numel() > 0 and _have_kernels()
+
+
+@torch.compiler.assume_constant_result
+def _have_kernels() -> bool:
+    """Whether this build has the 512-bit training kernels (a constant to ``torch.compile``)."""
     from ..kernels import train_kernels
 
-    return train_kernels()
+    return train_kernels() is not None
 
 
-def _c_rmsnorm(xc: torch.Tensor, wc: torch.Tensor, eps: float, dtype: torch.dtype, lib) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, r) by the C forward, x and w contiguous float32."""
-    d = xc.shape[-1]
-    r = torch.empty(*xc.shape[:-1], 1)
-    y = torch.empty(xc.shape, dtype=dtype)
-    lib.ak_rmsnorm_forward(xc.data_ptr(), wc.data_ptr(), xc.numel() // d, d, eps, r.data_ptr(), 1, y.data_ptr(),
-                           int(dtype == torch.bfloat16), torch.get_num_threads())
-    return y, r
+def _c_rmsnorm(xc: torch.Tensor, wc: torch.Tensor, eps: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, r) by the C forward (the operator ``torch.ops.attnkit.rms_norm``), x and w contiguous float32."""
+    from ..kernels.ops import rms_norm
+
+    return rms_norm(xc, wc, eps, dtype)
 
 
-def _c_normed(xf: torch.Tensor, w: torch.Tensor, eps: float, dtype: torch.dtype, lib) -> torch.Tensor:
+def _c_normed(xf: torch.Tensor, w: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
     """The C forward's output again from x (the recompute of :mod:`.recompute`: the same operations, r included)."""
-    return _c_rmsnorm(xf.contiguous(), w.detach().contiguous(), eps, dtype, lib)[0]
+    return _c_rmsnorm(xf.contiguous(), w.detach().contiguous(), eps, dtype)[0]
 
 
 def make_norm(kind: str, dim: int, eps: float, offset: float = 0.0) -> nn.Module:

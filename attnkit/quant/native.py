@@ -29,8 +29,9 @@ one; Q4_K 1.15–1.2×, Q5_K ~1.08×); with AVX-512 VNNI (every type) groups of 
 no transposes and serves a batch of any size (docs/performance.md, session 23).
 ``blocks`` then holds that layout; :meth:`GGUFBlockLinear.row_blocks` gives GGUF's own.
 
-The layers reach the kernels through PyTorch operators (:mod:`attnkit.quant.ops`: ``torch.ops.attnkit.block_mm``,
-``block_dequantize``, ``block_rows``), so ``torch.compile`` traces a GGUF layer without a graph break.
+The layers reach the kernels through PyTorch operators (:mod:`attnkit.kernels.ops`: ``torch.ops.attnkit.block_mm``,
+``block_dequantize``, ``block_rows``), so ``torch.compile`` traces a GGUF layer, and a GGUF model, without a graph
+break.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from ..kernels import library, native_bf16
 from ..nn.fused import ConcatLinear
 from ..nn.scratch import release, reused
 from .frozen_grad import frozen_linear, tiled_product
-from .ops import block_dequantize, block_mm, block_rows
+from ..kernels.ops import block_dequantize, block_mm, block_rows
 from .row_kernel import current_rows
 from .weight_memory import empty_weights, empty_weights_like
 
@@ -120,7 +121,7 @@ def _kernels():
 @torch.compiler.assume_constant_result
 def _have_kernels() -> bool:
     """Whether the C kernels are here (:func:`_kernels`), a constant to ``torch.compile``: the forward's one question
-    about the library, so that a compiled model traces through it to the operators of :mod:`attnkit.quant.ops`."""
+    about the library, so that a compiled model traces through it to the operators of :mod:`attnkit.kernels.ops`."""
     return _kernels() is not None
 
 

@@ -1,6 +1,6 @@
-"""The GGUF kernels as PyTorch operators (attnkit.quant.ops): torch.library's own checks of each operator (schema,
-fake tensors, AOT dispatch), bad tensors refused before C reads them, and GGUF layers that torch.compile traces
-through in one graph with the eager layers' bits."""
+"""attnkit's kernels as PyTorch operators (attnkit.kernels.ops): torch.library's own checks of each operator (schema,
+fake tensors, AOT dispatch), bad tensors refused before C reads them, and GGUF layers and models that torch.compile
+traces in one graph with the eager bits."""
 
 from __future__ import annotations
 
@@ -82,9 +82,9 @@ def test_gguf_layers_compile_in_one_graph_with_the_eager_bits(kind: str) -> None
         assert torch.equal(torch.compile(emb, fullgraph=True, backend="aot_eager")(ids), emb(ids))
 
 
-def test_a_compiled_gguf_model_gives_the_eager_logits(tmp_path: Path) -> None:
-    """The whole model compiles (its other C kernels — norms, RoPE, attention — still break the graph: they are
-    called through ctypes) and its logits are the eager model's, on the integer kernel's rows and the dense ones."""
+def test_a_gguf_model_compiles_in_one_graph_with_the_eager_logits(tmp_path: Path) -> None:
+    """fullgraph=True over a whole Llama-family GGUF model (its GGUF products, quantized embedding and C RMSNorm all
+    operators), on the integer kernel's rows and the dense ones, under no_grad and inference_mode."""
     pytest.importorskip("transformers")
     sys.path.insert(0, str(Path(__file__).parent))
     from test_loading_gguf import tiny_hf, write_gguf
@@ -94,9 +94,32 @@ def test_a_compiled_gguf_model_gives_the_eager_logits(tmp_path: Path) -> None:
     torch._dynamo.reset()
     model = load_gguf_model(write_gguf(tmp_path / "m.gguf", tiny_hf("llama"), "Q4_K", arch="llama"), quantize="gguf")
     assert any(isinstance(m, GGUFBlockLinear) for m in model.modules())
-    compiled = torch.compile(model, backend="aot_eager")
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     g = torch.Generator().manual_seed(0)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            for n in (5, 12):
+                ids = torch.randint(0, model.cfg.vocab_size, (1, n), generator=g)
+                assert torch.equal(compiled(ids), model(ids))
+
+
+def test_rms_norm_operator_checks_and_matches_the_layer() -> None:
+    from attnkit.kernels import train_kernels
+    from attnkit.nn.norm import RMSNorm
+
+    if train_kernels() is None:
+        pytest.skip("no 512-bit training kernels here")
+    x, w = torch.randn(3, 5, 64), torch.randn(64)
+    for dt in (torch.float32, torch.bfloat16):
+        result = torch.library.opcheck(OPS.rms_norm.default, (x, w, 1e-5, dt))
+        assert all(v == "SUCCESS" for v in result.values()), result
+    norm = RMSNorm(64, eps=1e-5)
     with torch.no_grad():
-        for n in (5, 12):
-            ids = torch.randint(0, model.cfg.vocab_size, (1, n), generator=g)
-            assert torch.equal(compiled(ids), model(ids))
+        norm.weight.copy_(w)
+        y, r = OPS.rms_norm(x, w, 1e-5, torch.float32)
+        assert torch.equal(y, norm(x)) and r.shape == (3, 5, 1)
+        assert torch.allclose(r, torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-5))
+    with pytest.raises(ValueError, match=r"weight \(64,\) float32"):
+        OPS.rms_norm(x, torch.randn(63), 1e-5, torch.float32)
+    with pytest.raises(ValueError, match="out_dtype"):
+        OPS.rms_norm(x, w, 1e-5, torch.float16)

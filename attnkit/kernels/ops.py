@@ -1,5 +1,6 @@
-"""attnkit's GGUF block kernels as PyTorch operators (``torch.library``), so that ``torch.compile`` (and a later
-backend) sees each product as one operator with a declared schema and output shape, not as opaque Python.
+"""attnkit's C kernels as PyTorch operators (``torch.library``), so that ``torch.compile`` (and a later backend)
+sees each as one operator with a declared schema and output shape, not as opaque Python: the GGUF block products
+(attnkit.quant.native's layers) and RMSNorm's one pass a row (attnkit.nn.norm).
 
     torch.ops.attnkit.block_mm(x, blocks, kind, out_features, gemm=False, act=-1)   # y = x·Ŵᵀ, float32
     torch.ops.attnkit.block_dequantize(blocks, kind, out)                          # out ← Ŵ (float32 or bf16)
@@ -10,6 +11,8 @@ kernels' type id, with ``X4_FLAG`` for rows interleaved), Ŵ their dequantized (
 ``gemm`` the prompt rows' matrix product, ak_gemm); ``act`` ≥ 0 takes a fused [gate | up] weight and returns
 act(x·W_gateᵀ) ⊙ x·W_upᵀ (0 SiLU, 1 GELU-tanh: SwiGLU / GeGLU). Each checks its tensors against the block type
 before any C code reads them: a wrong size is a ValueError naming what was expected, never a read past a buffer.
+
+    torch.ops.attnkit.rms_norm(x, weight, eps, out_dtype)   # (y, r): y = x·r·w, r = 1/√(mean(x²) + ε) per row
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import functools
 
 import torch
 
-from ..kernels import library
+from . import library, train_kernels
 
 ACT_BLOCK_BYTES = 40  # the kernels' scratch for one block of 32 quantized activations
 
@@ -118,3 +121,31 @@ def block_rows(blocks: torch.Tensor, kind: int, out_features: int, in_features: 
 @block_rows.register_fake
 def _(blocks, kind, out_features, in_features, idx):
     return idx.new_empty(idx.shape[0], in_features, dtype=torch.float32)
+
+
+@torch.library.custom_op("attnkit::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm (Zhang & Sennrich 2019) over the last dimension of x (contiguous float32, CPU) with weight (d,)
+    float32: (y, r), y = x·r·w in ``out_dtype`` (float32 or bfloat16), r (..., 1) = 1/√(mean(x²) + ε) in float32
+    (kernels/train_ops.c: one pass over each row; needs the 512-bit training kernels, :func:`train_kernels`)."""
+    d = x.shape[-1] if x.dim() else 0
+    if (x.dtype != torch.float32 or not x.is_contiguous() or x.device.type != "cpu" or not d
+            or weight.shape != (d,) or weight.dtype != torch.float32 or not weight.is_contiguous()):
+        raise ValueError(f"rms_norm: x must be contiguous float32 on the CPU and weight ({d},) float32, got "
+                         f"{x.dtype} {tuple(x.shape)} and {weight.dtype} {tuple(weight.shape)}")
+    if out_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"rms_norm: out_dtype float32 or bfloat16, not {out_dtype}")
+    lib = train_kernels()
+    if lib is None:
+        raise RuntimeError("rms_norm: this build has no 512-bit training kernels (attnkit.kernels.train_kernels)")
+    r = torch.empty(*x.shape[:-1], 1)
+    y = torch.empty(x.shape, dtype=out_dtype)
+    if x.numel() and lib.ak_rmsnorm_forward(x.data_ptr(), weight.data_ptr(), x.numel() // d, d, eps, r.data_ptr(), 1,
+                                            y.data_ptr(), int(out_dtype == torch.bfloat16), torch.get_num_threads()):
+        raise RuntimeError("ak_rmsnorm_forward failed")
+    return y, r
+
+
+@rms_norm.register_fake
+def _(x, weight, eps, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(*x.shape[:-1], 1, dtype=torch.float32)
