@@ -123,3 +123,19 @@ def test_rms_norm_operator_checks_and_matches_the_layer() -> None:
         OPS.rms_norm(x, torch.randn(63), 1e-5, torch.float32)
     with pytest.raises(ValueError, match="out_dtype"):
         OPS.rms_norm(x, w, 1e-5, torch.float16)
+
+
+def test_the_operators_do_not_import_torch_dynamo() -> None:
+    """Calling them (and loading the GGUF layers and norms that use them) leaves torch._dynamo unimported: importing
+    it costs ~145 MB of resident memory in a process that never compiles (issue 14's peak-RSS goal)."""
+    import subprocess
+
+    code = ("import sys, torch\n"
+            "from attnkit.nn.norm import RMSNorm\n"
+            "from attnkit.quant.native import GGUFBlockEmbedding, GGUFBlockLinear, random_blocks\n"
+            "lay = GGUFBlockLinear(random_blocks('Q4_K', 64, 256, 0), 'Q4_K', 256)\n"
+            "with torch.inference_mode():\n"
+            "    lay(torch.randn(3, 256)); lay(torch.randn(12, 256)); GGUFBlockEmbedding(lay)(torch.tensor([1]))\n"
+            "    RMSNorm(256)(torch.randn(2, 256)); lay.dequantize()\n"
+            "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -12,7 +12,12 @@ kernels' type id, with ``X4_FLAG`` for rows interleaved), Ŵ their dequantized (
 act(x·W_gateᵀ) ⊙ x·W_upᵀ (0 SiLU, 1 GELU-tanh: SwiGLU / GeGLU). Each checks its tensors against the block type
 before any C code reads them: a wrong size is a ValueError naming what was expected, never a read past a buffer.
 
+    torch.ops.attnkit.block_rows(blocks, kind, out_features, in_features, idx)   # an embedding lookup
     torch.ops.attnkit.rms_norm(x, weight, eps, out_dtype)   # (y, r): y = x·r·w, r = 1/√(mean(x²) + ε) per row
+
+Registered with ``torch.library``'s schema API (define / impl / register_fake), not ``custom_op``: calling a
+``custom_op`` imports ``torch._dynamo``, ~145 MB of resident memory in every process that never compiles.
+The module-level functions below are the operators' Python faces (``block_mm(...)`` calls ``torch.ops.attnkit.block_mm``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,15 @@ import torch
 from . import library, train_kernels
 
 ACT_BLOCK_BYTES = 40  # the kernels' scratch for one block of 32 quantized activations
+
+_LIB = torch.library.Library("attnkit", "DEF")  # noqa: TOR901 (kept for the process: the operators live with it)
+
+
+def compile_constant(fn):
+    """Mark ``fn`` (no tensor arguments, a result fixed for the process) as a constant to ``torch.compile``: what
+    ``torch.compiler.assume_constant_result`` does, without importing ``torch._dynamo`` (see above)."""
+    fn._dynamo_marked_constant = True
+    return fn
 
 _ACT: list[torch.Tensor] = []
 
@@ -56,9 +70,8 @@ def _check_blocks(blocks: torch.Tensor, kind: int, rows: int, k: int, what: str)
                          f"in blocks of {elems}: {nbytes} bytes each), got {blocks.dtype} with {blocks.numel()} bytes")
 
 
-@torch.library.custom_op("attnkit::block_mm", mutates_args=())
-def block_mm(x: torch.Tensor, blocks: torch.Tensor, kind: int, out_features: int, gemm: bool = False,
-             act: int = -1) -> torch.Tensor:
+def _block_mm(x: torch.Tensor, blocks: torch.Tensor, kind: int, out_features: int, gemm: bool = False,
+              act: int = -1) -> torch.Tensor:
     """x (m, k) float32 · Ŵ (out_features, k)ᵀ → (m, out_features) float32; with act ≥ 0, (m, out_features / 2)."""
     if x.dim() != 2 or x.dtype != torch.float32 or not x.is_contiguous() or x.device.type != "cpu":
         raise ValueError(f"block_mm: x must be a contiguous 2-D float32 CPU tensor, got {x.dtype} {tuple(x.shape)}")
@@ -78,13 +91,11 @@ def block_mm(x: torch.Tensor, blocks: torch.Tensor, kind: int, out_features: int
     return y
 
 
-@block_mm.register_fake
-def _(x, blocks, kind, out_features, gemm=False, act=-1):
+def _block_mm_fake(x, blocks, kind, out_features, gemm=False, act=-1):
     return x.new_empty(x.shape[0], out_features if act < 0 else out_features // 2)
 
 
-@torch.library.custom_op("attnkit::block_dequantize", mutates_args=("out",))
-def block_dequantize(blocks: torch.Tensor, kind: int, out: torch.Tensor) -> None:
+def _block_dequantize(blocks: torch.Tensor, kind: int, out: torch.Tensor) -> None:
     """out (n, k) float32 or bfloat16 ← the weight the n rows of ``blocks`` hold (interleaved blocks: n a multiple
     of the group's rows)."""
     if out.dim() != 2 or out.dtype not in (torch.float32, torch.bfloat16) or not out.is_contiguous():
@@ -97,13 +108,11 @@ def block_dequantize(blocks: torch.Tensor, kind: int, out: torch.Tensor) -> None
         raise RuntimeError(f"ak_dequantize refused blocks of type {kind:#x}, {n}×{k}")
 
 
-@block_dequantize.register_fake
-def _(blocks, kind, out):
+def _block_dequantize_fake(blocks, kind, out):
     return None
 
 
-@torch.library.custom_op("attnkit::block_rows", mutates_args=())
-def block_rows(blocks: torch.Tensor, kind: int, out_features: int, in_features: int, idx: torch.Tensor) -> torch.Tensor:
+def _block_rows(blocks: torch.Tensor, kind: int, out_features: int, in_features: int, idx: torch.Tensor) -> torch.Tensor:
     """Rows ``idx`` (int64, 1-D) of the (out_features, in_features) weight as float32 (len(idx), in_features): an
     embedding lookup in a quantized table; only the rows asked for are decoded. IndexError for an id out of range."""
     if idx.dim() != 1 or idx.dtype != torch.int64 or not idx.is_contiguous():
@@ -118,13 +127,11 @@ def block_rows(blocks: torch.Tensor, kind: int, out_features: int, in_features: 
     return rows
 
 
-@block_rows.register_fake
-def _(blocks, kind, out_features, in_features, idx):
+def _block_rows_fake(blocks, kind, out_features, in_features, idx):
     return idx.new_empty(idx.shape[0], in_features, dtype=torch.float32)
 
 
-@torch.library.custom_op("attnkit::rms_norm", mutates_args=())
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm (Zhang & Sennrich 2019) over the last dimension of x (contiguous float32, CPU) with weight (d,)
     float32: (y, r), y = x·r·w in ``out_dtype`` (float32 or bfloat16), r (..., 1) = 1/√(mean(x²) + ε) in float32
     (kernels/train_ops.c: one pass over each row; needs the 512-bit training kernels, :func:`train_kernels`)."""
@@ -146,6 +153,24 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch
     return y, r
 
 
-@rms_norm.register_fake
-def _(x, weight, eps, out_dtype):
+def _rms_norm_fake(x, weight, eps, out_dtype):
     return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(*x.shape[:-1], 1, dtype=torch.float32)
+
+
+for _name, _schema, _impl, _fake in (
+        ("block_mm", "block_mm(Tensor x, Tensor blocks, int kind, int out_features, bool gemm=False, int act=-1) -> Tensor",
+         _block_mm, _block_mm_fake),
+        ("block_dequantize", "block_dequantize(Tensor blocks, int kind, Tensor(a!) out) -> ()",
+         _block_dequantize, _block_dequantize_fake),
+        ("block_rows", "block_rows(Tensor blocks, int kind, int out_features, int in_features, Tensor idx) -> Tensor",
+         _block_rows, _block_rows_fake),
+        ("rms_norm", "rms_norm(Tensor x, Tensor weight, float eps, ScalarType out_dtype) -> (Tensor, Tensor)",
+         _rms_norm, _rms_norm_fake)):
+    _LIB.define(_schema)
+    _LIB.impl(_name, _impl, "CPU")
+    torch.library.register_fake(f"attnkit::{_name}", _fake, lib=_LIB)
+
+block_mm = torch.ops.attnkit.block_mm
+block_dequantize = torch.ops.attnkit.block_dequantize
+block_rows = torch.ops.attnkit.block_rows
+rms_norm = torch.ops.attnkit.rms_norm

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.ops import compile_constant, rms_norm
 from .recompute import remember
 
 
@@ -97,7 +98,7 @@ def _c_takes(x: torch.Tensor, dtype: torch.dtype) -> bool:
     return x.device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and x.numel() > 0 and _have_kernels()
 
 
-@torch.compiler.assume_constant_result
+@compile_constant
 def _have_kernels() -> bool:
     """Whether this build has the 512-bit training kernels (a constant to ``torch.compile``)."""
     from ..kernels import train_kernels
@@ -107,8 +108,6 @@ def _have_kernels() -> bool:
 
 def _c_rmsnorm(xc: torch.Tensor, wc: torch.Tensor, eps: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, r) by the C forward (the operator ``torch.ops.attnkit.rms_norm``), x and w contiguous float32."""
-    from ..kernels.ops import rms_norm
-
     return rms_norm(xc, wc, eps, dtype)
 
 

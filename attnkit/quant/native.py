@@ -49,7 +49,7 @@ from ..kernels import library, native_bf16
 from ..nn.fused import ConcatLinear
 from ..nn.scratch import release, reused
 from .frozen_grad import frozen_linear, tiled_product
-from ..kernels.ops import block_dequantize, block_mm, block_rows
+from ..kernels.ops import block_dequantize, block_mm, block_rows, compile_constant
 from .row_kernel import current_rows
 from .weight_memory import empty_weights, empty_weights_like
 
@@ -118,14 +118,14 @@ def _kernels():
     return lib
 
 
-@torch.compiler.assume_constant_result
+@compile_constant
 def _have_kernels() -> bool:
     """Whether the C kernels are here (:func:`_kernels`), a constant to ``torch.compile``: the forward's one question
     about the library, so that a compiled model traces through it to the operators of :mod:`attnkit.kernels.ops`."""
     return _kernels() is not None
 
 
-@torch.compiler.assume_constant_result
+@compile_constant
 def group_rows(kind: str) -> int:
     """Rows a group of ``kind``'s interleaved layout in the built kernels: 16 with AVX-512 VNNI (every type), 4 with
     AVX2."""
