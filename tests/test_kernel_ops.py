@@ -63,9 +63,12 @@ def test_bad_tensors_are_refused_before_any_c_code_reads_them() -> None:
 
 
 @pytest.mark.parametrize("kind", ["Q4_K", "Q8_0"])
-def test_gguf_layers_compile_in_one_graph_with_the_eager_bits(kind: str) -> None:
+def test_gguf_layers_compile_in_one_graph_with_the_eager_bits(kind: str, monkeypatch) -> None:
     """fullgraph=True: no graph break in a layer's product (the integer kernel for a few rows, the tiled dense product
-    for more), in its gated form, or in an embedding lookup."""
+    for more — here in two tiles), in its gated form, or in an embedding lookup."""
+    from attnkit.quant import frozen_grad
+
+    monkeypatch.setattr(frozen_grad, "TILE_ELEMS", 64 * 512)  # 64 rows a tile: the 128-row layer in two
     torch._dynamo.reset()
     lay = layer(kind, n=128)
     emb = GGUFBlockEmbedding(lay)
