@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import subprocess
 import warnings
 
@@ -203,8 +204,11 @@ def test_a_named_target_limits_the_cpu_flags_to_its_extensions(monkeypatch) -> N
         pytest.skip("no C compiler to ask")
     assert {"avx2", "fma", "f16c"} <= has and not any(f.startswith("avx512") for f in has)
     assert kernels.march_simd("no-such-target") is None
-    native_flags = kernels.cpu_flags()
+    before, outer = kernels.cpu_flags(), os.environ.get("ATTNKIT_MARCH")  # (this run may itself name a target)
     try:
+        monkeypatch.setenv("ATTNKIT_MARCH", "native")
+        kernels.cpu_flags.cache_clear()
+        native_flags = kernels.cpu_flags()
         monkeypatch.setenv("ATTNKIT_MARCH", "x86-64-v3")
         kernels.cpu_flags.cache_clear()
         flags = kernels.cpu_flags()
@@ -213,9 +217,12 @@ def test_a_named_target_limits_the_cpu_flags_to_its_extensions(monkeypatch) -> N
         assert "avx2" in flags or "avx2" not in native_flags
         assert not kernels.native_bf16()
     finally:
-        monkeypatch.delenv("ATTNKIT_MARCH")
+        if outer is None:
+            monkeypatch.delenv("ATTNKIT_MARCH", raising=False)
+        else:
+            monkeypatch.setenv("ATTNKIT_MARCH", outer)
         kernels.cpu_flags.cache_clear()
-    assert kernels.cpu_flags() == native_flags
+    assert kernels.cpu_flags() == before
 
 
 def _build(march: str) -> "kernels.ctypes.CDLL":
