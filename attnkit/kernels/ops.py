@@ -31,7 +31,7 @@ from . import library, train_kernels
 
 ACT_BLOCK_BYTES = 40  # the kernels' scratch for one block of 32 quantized activations
 
-_LIB = torch.library.Library("attnkit", "DEF")  # noqa: TOR901 (kept for the process: the operators live with it)
+_LIB = torch.library.Library("attnkit", "DEF")  # kept for the process: the operators live as long as it does
 
 
 def compile_constant(fn):
@@ -39,6 +39,7 @@ def compile_constant(fn):
     ``torch.compiler.assume_constant_result`` does, without importing ``torch._dynamo`` (see above)."""
     fn._dynamo_marked_constant = True
     return fn
+
 
 _ACT: list[torch.Tensor] = []
 
@@ -118,13 +119,18 @@ def _block_rows(blocks: torch.Tensor, kind: int, out_features: int, in_features:
     if idx.dim() != 1 or idx.dtype != torch.int64 or not idx.is_contiguous():
         raise ValueError(f"block_rows: idx must be a contiguous 1-D int64 tensor, got {idx.dtype} {tuple(idx.shape)}")
     _check_blocks(blocks, kind, out_features, in_features, "block_rows")
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= out_features):
-        raise IndexError(f"token id out of range for a vocabulary of {out_features}")
+    check_ids(idx, out_features)
     rows = torch.empty(len(idx), in_features)
     if len(idx) and library().ak_dequantize_rows(kind, blocks.data_ptr(), idx.data_ptr(), len(idx), rows.data_ptr(),
                                                  out_features, in_features):
         raise RuntimeError(f"ak_dequantize_rows refused blocks of type {kind:#x}, {out_features}×{in_features}")
     return rows
+
+
+def check_ids(idx: torch.Tensor, n: int) -> None:
+    """IndexError unless every id in ``idx`` is in [0, n): the rows of an n-row table."""
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        raise IndexError(f"token id out of range for a vocabulary of {n}")
 
 
 def _block_rows_fake(blocks, kind, out_features, in_features, idx):

@@ -51,7 +51,7 @@ class RMSNorm(nn.Module):
             if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
                 y, _ = _RMSNormC.apply(xf, w, self.eps, dt)
                 return remember(y, _c_normed, xf, w, self.eps, dt)  # (as below)
-            return _c_rmsnorm(xf.contiguous(), w.contiguous(), self.eps, dt)[0]
+            return rms_norm(xf.contiguous(), w.contiguous(), self.eps, dt)[0]
         r = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(self.eps))  # (..., 1)
         y = _normed(xf, r, w, dt)
         # autograd keeps x and r for the norm's own backward: the output, which the next layer's adapters would
@@ -71,7 +71,7 @@ class _RMSNormC(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, eps: float, dtype: torch.dtype):  # type: ignore[override]
         xc, wc = x.contiguous(), w.detach().contiguous()
-        y, r = _c_rmsnorm(xc, wc, eps, dtype)
+        y, r = rms_norm(xc, wc, eps, dtype)
         ctx.save_for_backward(xc, wc, r)
         ctx.w_grad = w.requires_grad
         ctx.mark_non_differentiable(r)
@@ -106,14 +106,9 @@ def _have_kernels() -> bool:
     return train_kernels() is not None
 
 
-def _c_rmsnorm(xc: torch.Tensor, wc: torch.Tensor, eps: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, r) by the C forward (the operator ``torch.ops.attnkit.rms_norm``), x and w contiguous float32."""
-    return rms_norm(xc, wc, eps, dtype)
-
-
 def _c_normed(xf: torch.Tensor, w: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
     """The C forward's output again from x (the recompute of :mod:`.recompute`: the same operations, r included)."""
-    return _c_rmsnorm(xf.contiguous(), w.detach().contiguous(), eps, dtype)[0]
+    return rms_norm(xf.contiguous(), w.detach().contiguous(), eps, dtype)[0]
 
 
 def make_norm(kind: str, dim: int, eps: float, offset: float = 0.0) -> nn.Module:
