@@ -42,7 +42,8 @@ beyond the memory available.
 An AVX2 machine's paths on an AVX-512 one: build llama.cpp with ``-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON
 -DGGML_F16C=ON -DGGML_AVX512=OFF`` and run under ``ATTNKIT_MARCH=x86-64-v3 ATEN_CPU_CAPABILITY=avx2
 ONEDNN_MAX_CPU_ISA=AVX2`` (attnkit's kernels, its choices and PyTorch's all without AVX-512; recorded in the JSON's
-``machine.isa_env``).
+``machine.isa_env``). ``ATEN_CPU_CAPABILITY=avx2`` breaks torch.compile's inductor on an AVX-512 machine (NaN from a
+three-line function): fine here, where nothing is compiled, but leave it out for anything that compiles.
 """
 
 from __future__ import annotations
