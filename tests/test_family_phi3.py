@@ -307,6 +307,7 @@ def test_engine_and_c_step_match_the_model(tmp_path, phi3, phi4):
     from attnkit.engine import EngineConfig, LLMEngine, SamplingParams
     from attnkit.kernels import library
     from attnkit.nn.fused import fuse_for_inference
+    from attnkit.quant.row_kernel import rows_are
 
     if library() is None:
         pytest.skip("attnkit's C kernels are not built")
@@ -323,13 +324,15 @@ def test_engine_and_c_step_match_the_model(tmp_path, phi3, phi4):
                 if o.finished:
                     outs[tuple(o.prompt_token_ids)] = list(o.token_ids)
         assert engine.runner.native and engine.runner.native_reason is None
-        for p in prompts:  # the model's own KV-cache loop on the same blocks
-            ids, cache = list(p), model.new_cache()
+        for p in prompts:  # the model's own KV-cache loop on the same blocks, each row through the product the engine
+            ids, cache = list(p), model.new_cache()  # gives it (a short prompt's and a generated token's: integer)
             with torch.no_grad():
-                logits = model(torch.tensor([ids]), cache=cache, last_only=True)
+                with rows_are("short-prompt"):
+                    logits = model(torch.tensor([ids]), cache=cache, last_only=True)
                 for _ in range(8):
                     ids.append(int(logits[0, -1].argmax()))
-                    logits = model(torch.tensor([ids[-1:]]), cache=cache, last_only=True)
+                    with rows_are("generated"):
+                        logits = model(torch.tensor([ids[-1:]]), cache=cache, last_only=True)
             assert outs[tuple(p)] == ids[len(p):]
 
 

@@ -15,6 +15,8 @@ from attnkit.quant.native import BLOCK_TYPES, GGUFBlockLinear, dequantize_refere
     set_dense_dtype
 from attnkit.quant.row_kernel import rows_are
 
+from q8_reference import product as kernel_reference
+
 KINDS = ["Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 
 
@@ -36,17 +38,6 @@ def _gemm(layer: GGUFBlockLinear, x: torch.Tensor, threads: int = 2) -> torch.Te
     return y
 
 
-def _quantized_activations(x: np.ndarray, group: int) -> np.ndarray:
-    """x as the kernels quantize it (kernels.c quantize_row): per group of 32 or 256, d = max|x| / 127 and
-    q = round-half-even(x · (1/d)) in float32; returned as d·q in float64."""
-    m, k = x.shape
-    g = x.astype(np.float32).reshape(m, k // group, group)
-    d = (np.abs(g).max(axis=-1, keepdims=True) / np.float32(127)).astype(np.float32)
-    inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0).astype(np.float32)
-    q = np.rint((g * inv).astype(np.float32))
-    return (q.astype(np.float64) * d.astype(np.float64)).reshape(m, k)
-
-
 SHORT_UNITS = [(kind, k) for kind in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1") for k in (576, 96)]
 
 
@@ -56,8 +47,7 @@ def test_gemm_equals_gguf_weights_times_quantized_activations(kind: str, k: int)
     default SmolLM2-135M's 576-wide layers)."""
     layer = _gemm_layer(kind, n=48, k=k, seed=1)
     x = torch.randn(11, k, generator=torch.Generator().manual_seed(2))
-    w = dequantize_reference(layer.row_blocks(), kind, k).double().numpy()
-    ref = _quantized_activations(x.numpy(), BLOCK_TYPES[kind].block_elems) @ w.T
+    ref = kernel_reference(x.numpy(), layer.row_blocks().numpy(), kind, k)
     y = _gemm(layer, x).double().numpy()
     assert np.abs(y - ref).max() <= 2e-5 * np.abs(ref).max()
     # and the decode kernel (same activation quantization) agrees within float rounding
@@ -85,11 +75,10 @@ def test_gemm_is_exact_at_the_extremes_of_its_integer_sums(kind: str) -> None:
     layer = GGUFBlockLinear(torch.from_numpy(b.reshape(n, -1)), kind, k)
     if not layer.gemm_shape():
         pytest.skip(f"this build has no integer prompt product for {kind}")
-    w = dequantize_reference(layer.row_blocks(), kind, k).double().numpy()
     x = torch.ones(3, k)
     x[1] = -1.0
     x[2, ::2] = -1.0
-    ref = _quantized_activations(x.numpy(), t.block_elems) @ w.T
+    ref = kernel_reference(x.numpy(), layer.row_blocks().numpy(), kind, k)
     y = _gemm(layer, x).double().numpy()
     assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
 
@@ -173,6 +162,5 @@ def test_generated_rows_get_the_same_bits_from_any_batch(kind: str) -> None:
     batch = layer.kernel_product(x)  # 21 rows: the matrix product
     for rows in ([0], [1, 2], [3, 4, 5], [6, 7, 8, 9], list(range(10, 21))):
         assert torch.equal(layer.kernel_product(x[rows]), batch[rows])
-    w = dequantize_reference(layer.row_blocks(), kind, 512).double().numpy()
-    ref = _quantized_activations(x.numpy(), BLOCK_TYPES[kind].block_elems) @ w.T
+    ref = kernel_reference(x.numpy(), layer.row_blocks().numpy(), kind, 512)
     assert np.abs(batch.double().numpy() - ref).max() <= 2e-5 * np.abs(ref).max()

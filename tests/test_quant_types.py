@@ -23,6 +23,8 @@ from gguf.quants import dequantize
 from attnkit import kernels
 from attnkit.kernels import ops
 from attnkit.quant import native
+from q8_reference import product as kernel_reference, q8_activations
+
 from attnkit.quant.native import (BLOCK_TYPES, NATIVE_TYPES, GGUFBlockEmbedding, GGUFBlockLinear, has_x4,
                                   interleave, deinterleave)
 
@@ -36,15 +38,6 @@ def random_blocks(kind: str, n: int, k: int, seed: int = 0) -> np.ndarray:
 
 def reference(blocks: np.ndarray, kind: str, k: int) -> torch.Tensor:
     return torch.from_numpy(dequantize(blocks, GGMLQuantizationType[kind]).reshape(len(blocks), k))
-
-
-def act_rounded(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """x rounded as the kernels round it for kind's products: per group of the weights' block (32 values, or 256
-    for the K-quants, as llama.cpp's q8_0 / q8_K), d = max|x| / 127, q = rint(x / d), x ≈ d·q."""
-    b = x.reshape(len(x), -1, BLOCK_TYPES[kind].block_elems)
-    d = b.abs().amax(-1, keepdim=True) / 127
-    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
-    return (torch.round(b * inv) * d).reshape(x.shape)
 
 
 def width(kind: str) -> int:
@@ -74,8 +67,8 @@ def check_type(kind: str, x4: bool, n: int = 80, seed: int = 0) -> None:
     assert same_bits(GGUFBlockEmbedding(layer)(ids), ref[ids])
     x = torch.randn(5, k, generator=torch.Generator().manual_seed(seed))
     y = layer.kernel_product(x)
-    exact = act_rounded(x, kind) @ ref.T  # the same product in float64-free float32: only summation order differs
-    assert ((y - exact).norm() / exact.norm()).item() < 2e-6
+    exact = torch.from_numpy(kernel_reference(x.numpy(), blocks, kind, k))  # only summation order differs
+    assert ((y.double() - exact).norm() / exact.norm()).item() < 2e-6
     tol = 0.012 if BLOCK_TYPES[kind].block_elems == 32 else 0.02  # 8-bit activations, one scale per 32 / 256 values
     assert ((y - x @ ref.T).norm() / (x @ ref.T).norm()).item() < tol
 
@@ -84,6 +77,34 @@ def check_type(kind: str, x4: bool, n: int = 80, seed: int = 0) -> None:
 @pytest.mark.parametrize("kind,x4", layouts())
 def test_decoding_products_and_embedding_rows(kind: str, x4: bool) -> None:
     check_type(kind, x4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", TYPES)
+def test_activation_rows_are_llama_cpps_q8_blocks(kind: str) -> None:
+    """The 8-bit activation rows every product reads are llama.cpp's own (x86 quantize_row_q8_0 / q8_1 / q8_K)
+    bit for bit — quants, fp16 d (and q8_1's fp16 s) of the 32-weight types, float d of the K-quants — so that a GGUF
+    file's products round as in llama.cpp: rows of outliers, exact halves, zeros and tiny values included."""
+    lib = kernels.library()
+    k = width(kind)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(6, k, generator=g) * torch.tensor([1e-3, 1.0, 30.0, 1.0, 1.0, 1e-6])[:, None]
+    x[3, :32] = 0.0  # an all-zero block: d = 0, q = 0
+    x[3, 32:64] = torch.arange(32) - 15.5  # x · 127 / 16 at halves: ties to even
+    x[4, 5] = 500.0  # an outlier sets its block's (or super-block's) scale
+    x = x.contiguous()
+    scratch = torch.zeros(len(x) * (k // 32) * 40, dtype=torch.uint8)
+    assert lib.ak_quantize_act(BLOCK_TYPES[kind].ggml_id, x.data_ptr(), len(x), k, scratch.data_ptr()) == 0
+    rows = scratch.view(len(x), -1)
+    q = rows[:, :k].view(torch.int8).numpy()
+    d = rows[:, k:k + k // 32 * 4].contiguous().view(torch.float32).numpy()
+    s = rows[:, k + k // 32 * 4:].contiguous().view(torch.float32).numpy()
+    want_q, want_d, want_s = q8_activations(x.numpy(), BLOCK_TYPES[kind].block_elems)
+    assert np.array_equal(q, want_q) and np.array_equal(d, want_d.astype(np.float32))
+    if kind in ("Q4_1", "Q5_1"):  # q8_1's s; the others' s is d·Σq (exact for the 32-weight types' fp16 d)
+        assert np.array_equal(s, want_s.astype(np.float32))
+    else:
+        assert np.array_equal(s, (d * q.reshape(len(x), -1, 32).sum(-1).astype(np.float32)).astype(np.float32))
 
 
 @needs_kernel
@@ -252,6 +273,12 @@ def test_other_instruction_sets_build_cleanly_and_agree(march: str, flag: str | 
     monkeypatch.setattr(ops, "library", lambda: lib)  # the operators' kernels too
     for kind, x4 in layouts():
         check_type(kind, x4, n=16, seed=5)
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(7)) * torch.tensor([1e-4, 1.0, 40.0])[:, None]
+    for kind in TYPES:  # the activation rows: llama.cpp's, bit for bit, in every build (round_to_half's C path)
+        ours, native_rows = (torch.zeros(3 * 512 // 32 * 40, dtype=torch.uint8) for _ in range(2))
+        for library, rows in ((lib, ours), (kernels.library(), native_rows)):
+            assert library.ak_quantize_act(BLOCK_TYPES[kind].ggml_id, x.data_ptr(), 3, 512, rows.data_ptr()) == 0
+        assert torch.equal(ours, native_rows), kind
     kind, k = "Q6_K", 512  # batch invariance on this build too
     layer = GGUFBlockLinear(torch.from_numpy(random_blocks(kind, 8, k, 6)), kind, k)
     x = torch.randn(9, k)

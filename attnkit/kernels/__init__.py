@@ -173,6 +173,7 @@ def load(so: Path) -> ctypes.CDLL:
     lib.ak_gemm.argtypes = lib.ak_gemv.argtypes  # the prompt rows' product (gemm.c)
     lib.ak_gemv_gated.argtypes = [i, vp, vp, vp, i, i, i, vp, i, i]  # act(gate)·up of a fused gate/up
     lib.ak_gemm_gated.argtypes = lib.ak_gemv_gated.argtypes
+    lib.ak_quantize_act.argtypes = [i, vp, i, i, vp]  # activation rows as the products quantize them
     lib.ak_gemm_available.argtypes = [i]
     lib.ak_gemm_takes.argtypes = [i, i, i]
     lib.ak_dequantize.argtypes = [i, vp, vp, i, i, i, i]

@@ -19,7 +19,8 @@
 #endif
 
 /* ---- activations: each row of x quantized per block of 32, x ≈ d·q (q int8, d = max|x|/127 over the weights'
- * block: 32 values, or 256 for the K-quants, where the 8 blocks of a super-block share one d), s = d·Σq.
+ * block: 32 values, or 256 for the K-quants, where the 8 blocks of a super-block share one d), s = d·Σq; d and s
+ * as llama.cpp's q8_0 / q8_1 store them (in fp16) for the 32-weight types, in float for the K-quants (q8_K).
  * One row of k inputs takes 40·k/32 bytes of scratch, laid out as qs[k] int8, d[k/32], s[k/32] float (so that
  * 64 consecutive quants are one load and the scales of a super-block are contiguous). */
 typedef struct { float d, s; int8_t qs[32]; } block_q8x; /* its size is what one block of 32 takes */
@@ -82,6 +83,8 @@ typedef struct {
     ak_panel_fn panel; /* interleaved blocks → the prompt product's panels (NULL: none, or the K-quants' decode kernel) */
     int panel_mode;    /* AK_PANEL_*: the arithmetic of the type's interleaved product */
     int x4_rows;       /* rows a group of the interleaved layout: 16 with AVX-512 VNNI (gemm.c's panel), 4 with AVX2 */
+    int act_q8_1;      /* the activations' s as llama.cpp's q8_1 (the type's vec_dot_type) holds it, fp16(d·Σq); else
+                        * (q8_0, q8_K) d·Σq with the block's d as stored: Q4_1 and Q5_1 (w = d·q + m) multiply m by it */
 } ak_type;
 /* the rows of one interleaved group of t's blocks (dot_x4 multiplies one group) */
 static inline int ak_group_rows(const ak_type *t) { return t->x4_rows ? t->x4_rows : 4; }
@@ -108,6 +111,28 @@ static inline float half_to_float(uint16_t h) {
     } else if (exp == 31) bits = sign | 0x7f800000 | (man << 13);
     else bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
     float f; memcpy(&f, &bits, 4); return f;
+#endif
+}
+
+/* f rounded to the nearest half (ties to even) and widened back: GGML_FP32_TO_FP16 then to float (F16C's
+ * vcvtps2ph, or the FP16 library's bit arithmetic, which gives the same bits for finite f) */
+static inline float round_to_half(float f) {
+#ifdef __F16C__
+    return _cvtsh_ss(_cvtss_sh(f, 0));
+#else
+    float base = (fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
+    uint32_t w, bias, bits;
+    memcpy(&w, &f, 4);
+    const uint32_t shl1 = w + w, sign = w & 0x80000000u;
+    bias = shl1 & 0xff000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    bias = (bias >> 1) + 0x07800000u;
+    float b;
+    memcpy(&b, &bias, 4);
+    base = b + base;
+    memcpy(&bits, &base, 4);
+    const uint16_t h = (uint16_t)((sign >> 16) | (shl1 > 0xff000000u ? 0x7e00u : ((bits >> 13) & 0x7c00u) + (bits & 0x0fffu)));
+    return half_to_float(h);
 #endif
 }
 

@@ -86,11 +86,16 @@ int ak_x4_available(void) {
 
 int ak_act_block_bytes(void) { return (int)sizeof(block_q8x); }
 
-/* activation row r of x (k floats, k % g == 0) → its blocks in scratch (act_row): per group of g = 32 or 256
- * values (the weights' block: llama.cpp's q8_0 and q8_K), q = round-to-nearest-even(x / d), d = max|x| / 127 over
- * the group, written as the d of each of its blocks of 32, and s = d·Σq per block of 32. Every build computes
- * the same values (max and products are exact or identically rounded; cvtps rounds as lrintf). */
-static void quantize_row(const float *x, void *scratch, int r, int k, int g) {
+/* activation row r of x (k floats, k % g == 0) → its blocks in scratch (act_row), as llama.cpp's x86
+ * quantize_row_q8_0 / q8_1 (t's block g = 32) and q8_K (g = 256) make them: per group, q = round-to-nearest-even(x ·
+ * 127 / max|x|); for g = 32, d = fp16(max|x| / 127) and s = d·Σq (q8_0) or fp16(max|x| / 127 · Σq) (q8_1, where
+ * t->act_q8_1): those formats hold d and s in half precision, and so a GGUF file multiplies here as in llama.cpp
+ * (the default model's perplexity moved 0.5% with this rounding; docs/quantization.md, session 31); for g = 256,
+ * d = 1 / (127 / max|x|) in float, written as the d of each block of 32, and s = d·Σq per block of 32. Every build
+ * computes the same values (max and products are exact or identically rounded; cvtps rounds as lrintf; round_to_half
+ * as vcvtps2ph). */
+static void quantize_row(const float *x, void *scratch, int r, int k, const ak_type *t) {
+    const int g = t->block_elems;
     const ak_act a = act_row(scratch, r, k);
     int8_t *qs = (int8_t *)a.qs;
     float *ds = (float *)a.d, *ss = (float *)a.s;
@@ -110,7 +115,7 @@ static void quantize_row(const float *x, void *scratch, int r, int k, int g) {
         amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
 #endif
         for (; i < g; i++) amax = fmaxf(amax, fabsf(x[g0 + i]));
-        const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+        const float id = amax > 0.f ? 127.f / amax : 0.f, d = g == 32 ? amax / 127.f : amax > 0.f ? 1.f / id : 0.f;
         for (int b = g0 / 32; b < (g0 + g) / 32; b++) {
             const float *xb = x + 32 * b;
 #if defined(__AVX512F__)
@@ -132,7 +137,8 @@ static void quantize_row(const float *x, void *scratch, int r, int k, int g) {
             int sum = 0;
             for (int j = 0; j < 32; j++) { int q = (int)lrintf(xb[j] * id); qs[32 * b + j] = (int8_t)q; sum += q; }
 #endif
-            ds[b] = d, ss[b] = d * (float)sum;
+            ds[b] = g == 32 ? round_to_half(d) : d; /* the half's product with an int of < 2^13 is exact */
+            ss[b] = t->act_q8_1 ? round_to_half(d * (float)sum) : ds[b] * (float)sum;
         }
     }
 }
@@ -174,7 +180,7 @@ static int gemv(int kind, const void *w, const float *x, float *y, int m, int n,
     const size_t gbytes = (size_t)R * nb * t->block_bytes;
     const ak_dot_fn dot = x4 ? t->dot_x4 : t->dot;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && m >= 8)
-    for (int r = 0; r < m; r++) quantize_row(x + (size_t)r * k, scratch, r, k, t->block_elems); /* each on its own */
+    for (int r = 0; r < m; r++) quantize_row(x + (size_t)r * k, scratch, r, k, t); /* each on its own */
     static __thread int32_t *off4; /* −offset · sums of 4 quants, for the types that want them (grown, kept) */
     static __thread size_t off4_cap;
     const int want_off4 = x4 && t->offset;
@@ -257,7 +263,7 @@ int ak_gemv_gated(int kind, const void *w, const float *x, float *h, int m, int 
 int ak_quantize_act(int kind, const float *x, int m, int k, void *scratch) {
     const ak_type *t = find_type(kind);
     if (!t || k % t->block_elems) return 1;
-    for (int r = 0; r < m; r++) quantize_row(x + (size_t)r * k, scratch, r, k, t->block_elems);
+    for (int r = 0; r < m; r++) quantize_row(x + (size_t)r * k, scratch, r, k, t);
     return 0;
 }
 

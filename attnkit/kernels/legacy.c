@@ -293,7 +293,7 @@ AK_INLINE void panel(const uint8_t *w, int u, int nb, ak_panel *P, const int MIN
     LEGACY_X4(name, MIN, HIGH)                                                                               \
     LEGACY_PANEL(name, MIN, HIGH)                                                                            \
     const ak_type ak_type_##name = {ID, 32, BB(MIN, HIGH), name##_to_float, name##_dot, X4(name##_dot_x4),  \
-                                    FIELDS(MIN, HIGH), 0, name##_to_float_x4, PANEL(name), AK_PANEL_L32, X4_ROWS};
+                                    FIELDS(MIN, HIGH), 0, name##_to_float_x4, PANEL(name), AK_PANEL_L32, X4_ROWS, MIN};
 #if defined(AK_X4) || defined(AK_AVX2)
 #define LEGACY_X4(name, MIN, HIGH)                                                                                \
     AK_INLINE void name##_x4(const uint8_t *w, int nb, const ak_act *x, const int M, float *y, size_t ys) {      \

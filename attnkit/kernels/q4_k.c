@@ -337,7 +337,7 @@ AK_INLINE void x4(const uint8_t *w, int nb, const ak_act *x, const int M, float 
     KTYPE_X4(name, HIGH)                                                                                  \
     const ak_type ak_type_##name = {ID, 256, SB(HIGH), name##_to_float, name##_dot, X4(name##_dot_x4),   \
                                     {{0, 2, 2}, {2, 2, 2}, {4, 12, 4}, {16, HIGH ? 32 : 0, QS_GRANULE}, {16 + 32 * HIGH, 128, QS_GRANULE}, {0, 0, 0}}, \
-                                    0, NULL, NULL, AK_PANEL_MIN, X4_ROWS};
+                                    0, NULL, NULL, AK_PANEL_MIN, X4_ROWS, 0};
 
 KTYPE(q4_k, AK_Q4_K, 0)
 KTYPE(q5_k, AK_Q5_K, 1)

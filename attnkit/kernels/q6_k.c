@@ -193,4 +193,4 @@ static void q6_k_panel(const uint8_t *w, int u, int nb, ak_panel *P) {
 #endif
 
 const ak_type ak_type_q6_k = {AK_Q6_K, 256, 210, q6_k_to_float, q6_k_dot, q6_k_dot_x4, Q6_K_X4_FIELDS,
-                              32, NULL, Q6_K_PANEL, AK_PANEL_K16, Q6_K_X4_ROWS};
+                              32, NULL, Q6_K_PANEL, AK_PANEL_K16, Q6_K_X4_ROWS, 0};

@@ -159,4 +159,4 @@ static void q8_0_dot_x4(const uint8_t *w, int nb, const ak_act *x, int M, float 
 #endif
 
 const ak_type ak_type_q8_0 = {AK_Q8_0, 32, 34, q8_0_to_float, q8_0_dot, q8_0_dot_x4, {{0, 2, 2}, {2, 32, Q8_0_QS_GRANULE}, {0, 0, 0}},
-                              Q8_0_OFFSET, Q8_0_TO_FLOAT_X4, Q8_0_PANEL, AK_PANEL_B32, Q8_0_X4_ROWS};
+                              Q8_0_OFFSET, Q8_0_TO_FLOAT_X4, Q8_0_PANEL, AK_PANEL_B32, Q8_0_X4_ROWS, 0};
