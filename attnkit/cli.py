@@ -23,6 +23,7 @@ _COMMAND_MODULES = (
     "attnkit.serve.cli",  # serve
     "attnkit.quant.cli",  # quantize
     "attnkit.quant.export_cli",  # export (merged GGUF, llama.cpp LoRA GGUF)
+    "attnkit.eval.cli",  # perplexity
 )
 
 

@@ -96,3 +96,46 @@ def test_shipped_text():
     assert "public domain" not in text  # the header paragraph is not scored
     with pytest.raises(ValueError, match="no shipped text 'nope'"):
         shipped_text("nope")
+
+
+def test_engine_perplexity_is_the_chunked_perplexity_of_the_model():
+    """llama-perplexity's chunks scored by the engine (prompt log-probabilities, chunked prefill over a paged
+    float32 K/V cache) equal the model's own chunked perplexity, with or without a BOS in each chunk."""
+    from attnkit.engine import EngineConfig
+    from attnkit.engine.llm import LLM
+    from attnkit.eval.perplexity import chunked_perplexity, engine_perplexity
+
+    m = tiny_llama(vocab=50)
+    llm = LLM.from_model(m, None, EngineConfig(kv_cache_dtype="float32", block_size=8, max_num_batched_tokens=40),
+                         eos_ids=set())
+    for bos in (None, 3):
+        ours = engine_perplexity(llm, IDS, n_ctx=64, bos=bos)
+        ref = chunked_perplexity(m, IDS, n_ctx=64, bos=bos)
+        assert ours.n_tokens == ref.n_tokens == 4 * 31
+        assert ours.ppl == pytest.approx(ref.ppl, rel=1e-5)
+        assert 0 < ours.ppl_std_err < ours.ppl
+    with pytest.raises(ValueError, match="at least one chunk"):
+        engine_perplexity(llm, IDS[:50], n_ctx=64)
+
+
+def test_the_perplexity_command(tmp_path, capsys):
+    """``attnkit perplexity``: llama-perplexity's figure for the embedded default through the engine; a text
+    shorter than one chunk, or one that cannot be read, is a clear error."""
+    import json
+
+    from attnkit.cli import main
+    from attnkit.engine.llm import LLM
+    from attnkit.eval.perplexity import engine_perplexity
+
+    assert main(["perplexity", "--ctx", "256", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    llm = LLM()
+    want = engine_perplexity(llm, llm.tokenizer.encode(shipped_text()), 256)
+    assert out["ppl"] == want.ppl and out["tokens_scored"] == want.n_tokens and out["chunks"] == 13
+    assert 5 < out["ppl"] < 60 and out["ppl_std_err"] > 0
+    short = tmp_path / "short.txt"
+    short.write_text("Four score and seven years ago.")
+    assert main(["perplexity", "--file", str(short)]) == 2
+    assert "fewer than one chunk of --ctx 512" in capsys.readouterr().err
+    assert main(["perplexity", "--file", str(tmp_path / "missing.txt")]) == 2
+    assert "cannot read" in capsys.readouterr().err

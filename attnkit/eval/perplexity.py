@@ -36,6 +36,12 @@ class Perplexity:
     ppl: float
     nll: float  # mean negative log-likelihood per scored token (nats)
     n_tokens: int  # tokens scored
+    nll_std_err: float | None = None  # the standard error of the mean NLL, where the scorer kept each token's
+
+    @property
+    def ppl_std_err(self) -> float | None:
+        """PPL's uncertainty to first order, PPL · σ(mean NLL) (llama-perplexity's "±")."""
+        return None if self.nll_std_err is None else self.ppl * self.nll_std_err
 
 
 def _ids(ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
@@ -80,19 +86,39 @@ def chunked_perplexity(model: nn.Module, ids: Sequence[int] | torch.Tensor, n_ct
     (its first token replaced by ``bos`` when the model's vocabulary adds one), and only the second half of
     each chunk is scored: the tokens n_ctx/2 + 1 … n_ctx − 1, each with at least n_ctx/2 tokens of context.
     """
-    x = _ids(ids)
-    chunks = x.numel() // n_ctx
-    if chunks < 1 or n_ctx < 4:
-        raise ValueError(f"need at least one chunk of n_ctx >= 4 tokens; got {x.numel()} tokens, n_ctx={n_ctx}")
     first, total, n = n_ctx // 2, 0.0, 0
-    for c in range(chunks):
-        chunk = x[c * n_ctx:(c + 1) * n_ctx].clone()
-        if bos is not None:
-            chunk[0] = bos
+    for chunk in _chunks(_ids(ids), n_ctx, bos):
         logits = model(chunk[None])[0].float()  # (n_ctx, vocab)
         total += float(F.cross_entropy(logits[first:-1], chunk[first + 1:], reduction="sum"))
         n += n_ctx - 1 - first
     return Perplexity(math.exp(total / n), total / n, n)
+
+
+def _chunks(x: torch.Tensor, n_ctx: int, bos: int | None) -> list[torch.Tensor]:
+    chunks = x.numel() // n_ctx
+    if chunks < 1 or n_ctx < 4:
+        raise ValueError(f"need at least one chunk of n_ctx >= 4 tokens; got {x.numel()} tokens, n_ctx={n_ctx}")
+    out = [x[c * n_ctx:(c + 1) * n_ctx].clone() for c in range(chunks)]
+    if bos is not None:
+        for chunk in out:
+            chunk[0] = bos
+    return out
+
+
+def engine_perplexity(llm, ids: Sequence[int] | torch.Tensor, n_ctx: int = 512, bos: int | None = None) -> Perplexity:
+    """:func:`chunked_perplexity` scored by an attnkit engine (an ``LLM``): each chunk one request whose prompt
+    log-probabilities the engine records (``SamplingParams(prompt_logprobs=0)``), all chunks in one batch — the
+    engine's own products, attention and K/V cache (float16 by default, as llama.cpp's), at its prefill speed."""
+    from ..engine.sampling_params import SamplingParams
+
+    chunks = _chunks(_ids(ids), n_ctx, bos)
+    outs = llm.generate([c.tolist() for c in chunks], SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0))
+    first = n_ctx // 2
+    nll = torch.tensor([-out.prompt_logprobs[i][int(chunk[i])]  # prompt_logprobs: [None, {token_1: log p}, ...]
+                        for chunk, out in zip(chunks, outs) for i in range(first + 1, n_ctx)], dtype=torch.float64)
+    mean = float(nll.mean())
+    err = float(nll.std() / math.sqrt(len(nll))) if len(nll) > 1 else None
+    return Perplexity(math.exp(mean), mean, len(nll), err)
 
 
 @dataclass(frozen=True)
