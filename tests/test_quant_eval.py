@@ -139,3 +139,41 @@ def test_the_perplexity_command(tmp_path, capsys):
     assert "fewer than one chunk of --ctx 512" in capsys.readouterr().err
     assert main(["perplexity", "--file", str(tmp_path / "missing.txt")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_chunked_divergence_is_llama_perplexitys_kl_over_the_scored_tokens():
+    from attnkit.eval import chunked_divergence
+
+    a = tiny_llama(vocab=50)
+    b = tiny_llama(vocab=50, seed=1)
+    same = chunked_divergence(a, a, IDS, n_ctx=64)
+    assert same.kl == 0.0 and same.top1 == 1.0 and same.n_tokens == 4 * 31
+    d = chunked_divergence(b, a, IDS, n_ctx=64)  # KL(P_a ‖ P_b) on the second half of each chunk
+    kl, top = [], []
+    with torch.no_grad():
+        for c in range(4):
+            chunk = IDS[c * 64:(c + 1) * 64]
+            la = torch.log_softmax(a(chunk[None])[0, 32:-1].double(), -1)
+            lb = torch.log_softmax(b(chunk[None])[0, 32:-1].double(), -1)
+            kl.append((la.exp() * (la - lb)).sum(-1))
+            top.append(la.argmax(-1) == lb.argmax(-1))
+    kl = torch.cat(kl)
+    assert d.kl == pytest.approx(float(kl.mean()), rel=1e-9) and d.kl > 0
+    assert d.top1 == pytest.approx(float(torch.cat(top).double().mean()))
+    assert d.kl_p99 == pytest.approx(float(torch.quantile(kl, 0.99)), rel=1e-9) and d.kl_std_err > 0
+
+
+def test_the_perplexity_command_against_a_base(capsys):
+    """--kl-base: the default model against itself diverges by nothing; a base that is not there is named."""
+    import json
+
+    from attnkit.cli import main
+    from attnkit.loading import defaults
+
+    assert main(["perplexity", "--kl-base", "/nonexistent/base.gguf"]) == 2
+    assert "/nonexistent/base.gguf" in capsys.readouterr().err
+
+    assert main(["perplexity", "--ctx", "512", "--json", "--kl-base", str(defaults.default_chat_model())]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kl"]["kld"] == 0.0 and out["kl"]["same_top"] == 1.0 and out["kl"]["ln_ppl_ratio"] == 0.0
+    assert out["kl"]["base_ppl"] == pytest.approx(out["ppl"], rel=0.02) and out["kl"]["tokens"] == 1530

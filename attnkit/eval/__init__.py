@@ -1,8 +1,8 @@
 """Evaluation helpers: perplexity over a shipped public-domain text (``attnkit perplexity``: llama-perplexity's chunks,
 through the engine); KL divergence and greedy agreement between two models."""
 
-from .perplexity import (Agreement, Divergence, Perplexity, chunked_perplexity, divergence, engine_perplexity,
-                         greedy_agreement, greedy_tokens, perplexity, shipped_text)
+from .perplexity import (Agreement, ChunkedDivergence, Divergence, Perplexity, chunked_divergence, chunked_perplexity,
+                         divergence, engine_perplexity, greedy_agreement, greedy_tokens, perplexity, shipped_text)
 
-__all__ = ["Agreement", "Divergence", "Perplexity", "chunked_perplexity", "divergence", "engine_perplexity",
-           "greedy_agreement", "greedy_tokens", "perplexity", "shipped_text"]
+__all__ = ["Agreement", "ChunkedDivergence", "Divergence", "Perplexity", "chunked_divergence", "chunked_perplexity",
+           "divergence", "engine_perplexity", "greedy_agreement", "greedy_tokens", "perplexity", "shipped_text"]

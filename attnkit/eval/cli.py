@@ -24,6 +24,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-c", "--ctx", type=int, default=512, help="tokens a chunk (llama-perplexity's -c; default 512)")
     p.add_argument("--bos", action="store_true",
                    help="put the model's BOS token first in every chunk (llama.cpp does where the vocabulary adds one)")
+    p.add_argument("--kl-base", default=None, metavar="MODEL",
+                   help="also score the KL divergence of --model's token distributions from this model's (e.g. the F16 "
+                        "or HF original of a quantized file: llama-perplexity's --kl-divergence), and its own PPL")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     InferenceOptions.add_flags(p)
     p.set_defaults(func=run_perplexity)
@@ -61,10 +64,36 @@ def run_perplexity(args: argparse.Namespace) -> int:
     result = {"model": str(llm.path), "ppl": p.ppl, "ppl_std_err": p.ppl_std_err, "nll": p.nll,
               "tokens_scored": p.n_tokens, "chunks": chunks, "ctx": args.ctx, "load_s": round(load_s, 2),
               "score_s": round(score_s, 2), "tokens_per_s": round(chunks * args.ctx / score_s, 1)}
+    if args.kl_base is not None:
+        result["kl"] = _divergence(args, opts, llm, ids, bos)
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{chunks} chunks of {args.ctx} tokens, {p.n_tokens} scored, {result['tokens_per_s']} tokens/s "
               f"(load {load_s:.1f} s)", file=sys.stderr)
         print(f"PPL = {p.ppl:.4f} +/- {p.ppl_std_err or 0:.5f}")
+        if "kl" in result:
+            k = result["kl"]
+            print(f"PPL(base) = {k['base_ppl']:.4f}; ln(PPL/PPL(base)) = {k['ln_ppl_ratio']:.6f}\n"
+                  f"Mean KLD = {k['kld']:.6f} +/- {k['kld_std_err']:.6f}; 99% KLD = {k['kld_p99']:.6f}; "
+                  f"same top token = {100 * k['same_top']:.2f}%")
     return 0
+
+
+def _divergence(args: argparse.Namespace, opts: InferenceOptions, llm, ids: list[int], bos: int | None) -> dict:
+    """--kl-base: the base model loaded as --model is; both models' distributions outside the engine, each row
+    through the product the engine gives a prompt's rows."""
+    from ..quant.row_kernel import rows_are
+    from .perplexity import chunked_divergence, chunked_perplexity
+
+    base = opts.load(args.kl_base)
+    if base.tokenizer is not None and base.tokenizer.encode("Four score and seven years ago") != \
+            llm.tokenizer.encode("Four score and seven years ago"):
+        raise ValueError(f"--kl-base {args.kl_base}: its tokenizer differs from --model's; KL needs the same tokens")
+    model = llm.engine.runner.model
+    with rows_are("prompt"):
+        d = chunked_divergence(model, base.model, ids, args.ctx, bos)
+        base_ppl = chunked_perplexity(base.model, ids, args.ctx, bos)
+        ppl = chunked_perplexity(model, ids, args.ctx, bos)
+    return {"base": str(args.kl_base), "base_ppl": base_ppl.ppl, "ln_ppl_ratio": ppl.nll - base_ppl.nll, "kld": d.kl,
+            "kld_std_err": d.kl_std_err, "kld_p99": d.kl_p99, "same_top": d.top1, "tokens": d.n_tokens}

@@ -145,6 +145,32 @@ def divergence(model_a: nn.Module, model_b: nn.Module, ids: Sequence[int] | torc
 
 
 @dataclass(frozen=True)
+class ChunkedDivergence:
+    kl: float  # mean KL(P_base ‖ P_model) per scored token, nats
+    kl_std_err: float
+    kl_p99: float  # the 99th percentile of the per-token KL
+    top1: float  # fraction of scored tokens where the two models' most likely next token is the same
+    n_tokens: int
+
+
+@torch.inference_mode()
+def chunked_divergence(model: nn.Module, base: nn.Module, ids: Sequence[int] | torch.Tensor, n_ctx: int = 512,
+                       bos: int | None = None) -> ChunkedDivergence:
+    """How far ``model``'s next-token distributions are from ``base``'s over the tokens :func:`chunked_perplexity`
+    scores: llama-perplexity's ``--kl-divergence`` statistics (a quantized file against its float original)."""
+    kls, same = [], 0
+    first = n_ctx // 2
+    for chunk in _chunks(_ids(ids), n_ctx, bos):
+        lb = torch.log_softmax(base(chunk[None])[0, first:-1].double(), -1)  # (n_ctx − 1 − first, vocab)
+        lm = torch.log_softmax(model(chunk[None])[0, first:-1].double(), -1)
+        kls.append((lb.exp() * (lb - lm)).sum(-1).clamp(min=0.0))
+        same += int((lb.argmax(-1) == lm.argmax(-1)).sum())
+    kl = torch.cat(kls)
+    err = float(kl.std() / math.sqrt(len(kl))) if len(kl) > 1 else 0.0
+    return ChunkedDivergence(float(kl.mean()), err, float(torch.quantile(kl, 0.99)), same / len(kl), len(kl))
+
+
+@dataclass(frozen=True)
 class Agreement:
     rate: float  # fraction of the n positions where model B's greedy token is model A's
     prefix: int  # tokens the two greedy continuations share before they first differ
