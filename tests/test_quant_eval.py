@@ -161,6 +161,10 @@ def test_chunked_divergence_is_llama_perplexitys_kl_over_the_scored_tokens():
     assert d.kl == pytest.approx(float(kl.mean()), rel=1e-9) and d.kl > 0
     assert d.top1 == pytest.approx(float(torch.cat(top).double().mean()))
     assert d.kl_p99 == pytest.approx(float(torch.quantile(kl, 0.99)), rel=1e-9) and d.kl_std_err > 0
+    from attnkit.eval import chunked_perplexity  # the NLLs the same logits give: each model's chunked perplexity
+
+    assert d.nll == pytest.approx(chunked_perplexity(b, IDS, n_ctx=64).nll, rel=1e-6)
+    assert d.base_nll == pytest.approx(chunked_perplexity(a, IDS, n_ctx=64).nll, rel=1e-6)
 
 
 def test_the_perplexity_command_against_a_base(capsys):

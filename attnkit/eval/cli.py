@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -81,10 +82,10 @@ def run_perplexity(args: argparse.Namespace) -> int:
 
 
 def _divergence(args: argparse.Namespace, opts: InferenceOptions, llm, ids: list[int], bos: int | None) -> dict:
-    """--kl-base: the base model loaded as --model is; both models' distributions outside the engine, each row
-    through the product the engine gives a prompt's rows."""
+    """--kl-base: the base model loaded as --model is; both models' distributions outside the engine (float32
+    attention), each row through the product the engine gives a prompt's rows; the PPL ratio from those same logits."""
     from ..quant.row_kernel import rows_are
-    from .perplexity import chunked_divergence, chunked_perplexity
+    from .perplexity import chunked_divergence
 
     base = opts.load(args.kl_base)
     if base.tokenizer is not None and base.tokenizer.encode("Four score and seven years ago") != \
@@ -93,7 +94,5 @@ def _divergence(args: argparse.Namespace, opts: InferenceOptions, llm, ids: list
     model = llm.engine.runner.model
     with rows_are("prompt"):
         d = chunked_divergence(model, base.model, ids, args.ctx, bos)
-        base_ppl = chunked_perplexity(base.model, ids, args.ctx, bos)
-        ppl = chunked_perplexity(model, ids, args.ctx, bos)
-    return {"base": str(args.kl_base), "base_ppl": base_ppl.ppl, "ln_ppl_ratio": ppl.nll - base_ppl.nll, "kld": d.kl,
-            "kld_std_err": d.kl_std_err, "kld_p99": d.kl_p99, "same_top": d.top1, "tokens": d.n_tokens}
+    return {"base": str(args.kl_base), "base_ppl": math.exp(d.base_nll), "ln_ppl_ratio": d.nll - d.base_nll,
+            "kld": d.kl, "kld_std_err": d.kl_std_err, "kld_p99": d.kl_p99, "same_top": d.top1, "tokens": d.n_tokens}

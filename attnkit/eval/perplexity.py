@@ -151,6 +151,8 @@ class ChunkedDivergence:
     kl_p99: float  # the 99th percentile of the per-token KL
     top1: float  # fraction of scored tokens where the two models' most likely next token is the same
     n_tokens: int
+    nll: float  # the model's mean NLL of the scored tokens (its chunked_perplexity's), from the same logits
+    base_nll: float  # the base's
 
 
 @torch.inference_mode()
@@ -158,16 +160,20 @@ def chunked_divergence(model: nn.Module, base: nn.Module, ids: Sequence[int] | t
                        bos: int | None = None) -> ChunkedDivergence:
     """How far ``model``'s next-token distributions are from ``base``'s over the tokens :func:`chunked_perplexity`
     scores: llama-perplexity's ``--kl-divergence`` statistics (a quantized file against its float original)."""
-    kls, same = [], 0
+    kls, same, nll, base_nll = [], 0, 0.0, 0.0
     first = n_ctx // 2
     for chunk in _chunks(_ids(ids), n_ctx, bos):
         lb = torch.log_softmax(base(chunk[None])[0, first:-1].double(), -1)  # (n_ctx − 1 − first, vocab)
         lm = torch.log_softmax(model(chunk[None])[0, first:-1].double(), -1)
         kls.append((lb.exp() * (lb - lm)).sum(-1).clamp(min=0.0))
         same += int((lb.argmax(-1) == lm.argmax(-1)).sum())
+        targets = chunk[first + 1:, None]
+        nll -= float(lm.gather(1, targets).sum())
+        base_nll -= float(lb.gather(1, targets).sum())
     kl = torch.cat(kls)
-    err = float(kl.std() / math.sqrt(len(kl))) if len(kl) > 1 else 0.0
-    return ChunkedDivergence(float(kl.mean()), err, float(torch.quantile(kl, 0.99)), same / len(kl), len(kl))
+    n = len(kl)
+    err = float(kl.std() / math.sqrt(n)) if n > 1 else 0.0
+    return ChunkedDivergence(float(kl.mean()), err, float(torch.quantile(kl, 0.99)), same / n, n, nll / n, base_nll / n)
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ int ak_act_block_bytes(void) { return (int)sizeof(block_q8x); }
  * quantize_row_q8_0 / q8_1 (t's block g = 32) and q8_K (g = 256) make them: per group, q = round-to-nearest-even(x ·
  * 127 / max|x|); for g = 32, d = fp16(max|x| / 127) and s = d·Σq (q8_0) or fp16(max|x| / 127 · Σq) (q8_1, where
  * t->act_q8_1): those formats hold d and s in half precision, and so a GGUF file multiplies here as in llama.cpp
- * (the default model's perplexity moved 0.5% with this rounding; docs/quantization.md, session 31); for g = 256,
+ * (the default model's perplexity moved 0.4% with this rounding; docs/quantization.md, session 31); for g = 256,
  * d = 1 / (127 / max|x|) in float, written as the d of each block of 32, and s = d·Σq per block of 32. Every build
  * computes the same values (max and products are exact or identically rounded; cvtps rounds as lrintf; round_to_half
  * as vcvtps2ph). */
@@ -115,7 +115,8 @@ static void quantize_row(const float *x, void *scratch, int r, int k, const ak_t
         amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
 #endif
         for (; i < g; i++) amax = fmaxf(amax, fabsf(x[g0 + i]));
-        const float id = amax > 0.f ? 127.f / amax : 0.f, d = g == 32 ? amax / 127.f : amax > 0.f ? 1.f / id : 0.f;
+        const float id = amax > 0.f ? 127.f / amax : 0.f;
+        const float d = g == 32 ? amax / 127.f : id > 0.f ? 1.f / id : 0.f; /* q8_0/q8_1's d; q8_K's 1 / iscale */
         for (int b = g0 / 32; b < (g0 + g) / 32; b++) {
             const float *xb = x + 32 * b;
 #if defined(__AVX512F__)
