@@ -178,11 +178,12 @@ def main() -> int:
         t_ours = time.perf_counter() - t0
         with rows_are("generated"), float16_attention():  # every row through the integer kernel
             arithmetic = chunked_perplexity(llm.engine.runner.model, ids, args.ctx)
-        t1 = time.perf_counter()
-        base = work / f"{path.stem}.kld"  # llama.cpp's log-probabilities of this file, for the divergences
-        theirs, _ = llama_perplexity(scorer, path, text_file, args.ctx, args.threads,
-                                     ("--kl-divergence-base", str(base))) if scorer else (None, {})
+        t1 = time.perf_counter()  # timed as a user runs it: no log-probabilities written
+        theirs, _ = llama_perplexity(scorer, path, text_file, args.ctx, args.threads) if scorer else (None, {})
         t_theirs = time.perf_counter() - t1 if theirs is not None else None
+        base = work / f"{path.stem}.kld"  # llama.cpp's log-probabilities of this file, for the divergences
+        if theirs is not None:
+            llama_perplexity(scorer, path, text_file, args.ctx, args.threads, ("--kl-divergence-base", str(base)))
         alt, alt_kl = llama_perplexity(alt_scorer, path, text_file, args.ctx, args.threads,
                                        ("--kl-divergence", "--kl-divergence-base", str(base))) \
             if alt_scorer and theirs is not None else (None, {})
